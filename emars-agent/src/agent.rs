@@ -1,0 +1,260 @@
+//! The daemon: start-up (hierarchy, probes, scan of existing cgroups, store reconciliation),
+//! then the event loop, the API server and housekeeping, until a signal stops it.
+
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    api::{self, ApiState},
+    cgroupfs::{self, CgroupVersion, MemoryHierarchy},
+    config::Config,
+    events,
+    model::AgentInfo,
+    probes::Probes,
+    registry::Registry,
+    store::Store,
+    tracker::Tracker,
+};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Wall-clock ms of a kernel timestamp (bpf_ktime_get_ns is CLOCK_MONOTONIC).
+fn wall_ms_of(ts_ns: u64) -> u64 {
+    let age_ms = monotonic_ns().saturating_sub(ts_ns) / 1_000_000;
+    now_ms().saturating_sub(age_ms)
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let hierarchy = MemoryHierarchy::detect(config.cgroup.mode, config.cgroup.mount.as_deref())
+        .context("finding the memory cgroup hierarchy")?;
+    let registry = Registry::new(&config.cgroup.roots).context("compiling cgroup rules")?;
+    let roots = registry.roots();
+    for root in &roots {
+        ensure_root(&hierarchy, root)?;
+    }
+    let store = Store::open(&config.store.path)
+        .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+
+    // Attach before scanning, so no cgroup created in between is missed.
+    let mut probes =
+        Probes::load(&hierarchy, &config.probes, &roots).context("loading eBPF programs")?;
+    let ring = probes.take_events()?;
+
+    let info = Arc::new(RwLock::new(AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        kernel: kernel_release(),
+        cgroup_mode: hierarchy.version.as_str().into(),
+        memory_hierarchy: hierarchy.mount.display().to_string(),
+        roots: roots.iter().map(|r| hierarchy.dir(r).display().to_string()).collect(),
+        features: probes.report.features.clone(),
+        programs: probes.report.programs.clone(),
+        fallbacks: probes.report.fallbacks.clone(),
+        events_received: 0,
+        events_lost: 0,
+        started_at_ms: now_ms(),
+    }));
+    for f in &probes.report.fallbacks {
+        tracing::warn!("fallback: {f}");
+    }
+
+    let mut tracker = Tracker::new(hierarchy, registry, store.clone());
+    scan_existing(&mut tracker, &mut probes, &store, &roots)?;
+
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("binding the API to {}", config.api.listen))?;
+    tracing::info!("API listening on http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_state = ApiState {
+        store: store.clone(),
+        info: info.clone(),
+    };
+    let mut api_stop = stop_rx.clone();
+    let api_task = tokio::spawn(api::serve(listener, api_state, async move {
+        let _ = api_stop.changed().await;
+    }));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let retention = Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
+    let result = event_loop(ring, &mut tracker, &probes, &info, &store, retention, stop_rx).await;
+    if let Err(e) = store.flush() {
+        tracing::error!("flushing the store: {e}");
+    }
+    match api_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("API server: {e}"),
+        Err(e) => tracing::error!("API task: {e}"),
+    }
+    result
+}
+
+async fn event_loop(
+    ring: RingBuf<MapData>,
+    tracker: &mut Tracker,
+    probes: &Probes,
+    info: &RwLock<AgentInfo>,
+    store: &Store,
+    retention: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
+    let mut decode_errors = 0u64;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for kernel events")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    match events::decode(&item) {
+                        Ok(t) => tracker.apply(t.event, wall_ms_of(t.ts_ns)),
+                        Err(e) => {
+                            decode_errors += 1;
+                            tracing::error!("bad event record: {e}");
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let lost = probes.events_lost();
+                if let Ok(mut i) = info.write() {
+                    if lost > i.events_lost {
+                        tracing::warn!("{} kernel events lost (ring buffer full)", lost - i.events_lost);
+                    }
+                    i.events_received = tracker.stats.events;
+                    i.events_lost = lost;
+                    i.programs = probes.program_stats();
+                }
+                if last_prune.elapsed() >= Duration::from_secs(3600) {
+                    last_prune = std::time::Instant::now();
+                    match store.prune(now_ms(), retention) {
+                        Ok(r) => tracing::debug!(?r, "retention"),
+                        Err(e) => tracing::error!("retention: {e}"),
+                    }
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    if decode_errors > 0 {
+        tracing::warn!("{decode_errors} undecodable event records");
+    }
+    Ok(())
+}
+
+/// Creates a missing watched root: it is EMARS's own, so a platform can start creating
+/// instances in it. On v2, enables the memory controller for its children.
+fn ensure_root(h: &MemoryHierarchy, root: &str) -> anyhow::Result<()> {
+    let dir = h.dir(root);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating watched root {}", dir.display()))?;
+    tracing::info!("created watched root {}", dir.display());
+    if h.version == CgroupVersion::V2 {
+        let ctl = dir.join("cgroup.subtree_control");
+        std::fs::write(&ctl, "+memory")
+            .with_context(|| format!("enabling the memory controller in {}", ctl.display()))?;
+    }
+    Ok(())
+}
+
+/// Registers cgroups that existed before the agent started, resuming their store records.
+fn scan_existing(
+    tracker: &mut Tracker,
+    probes: &mut Probes,
+    store: &Store,
+    roots: &[String],
+) -> anyhow::Result<()> {
+    let stale = store.live_instances().context("reading live instances")?;
+    let h = tracker.hierarchy().clone();
+    let mut found = 0usize;
+    for root in roots {
+        let dirs = match cgroupfs::descendants(&h.dir(root)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("scanning {root}: {e}");
+                continue;
+            }
+        };
+        for dir in dirs {
+            // Any of these may vanish under us: skip, never fail start-up.
+            let (Some(rel), Ok(id)) = (h.rel_path(&dir), cgroupfs::cgroup_id(&dir)) else {
+                continue;
+            };
+            let usage = h.usage(&dir).unwrap_or(0);
+            let peak = h.peak(&dir).ok().flatten().unwrap_or(usage);
+            if let Err(e) = probes.watch(id, usage, peak) {
+                tracing::warn!("watching {}: {e}", dir.display());
+                continue;
+            }
+            for tid in h.tids(&dir).unwrap_or_default() {
+                let _ = probes.track_task(tid, id);
+            }
+            let resumed = stale
+                .iter()
+                .find(|r| r.cgroup_id == id && Path::new(&r.cgroup_path) == dir)
+                .cloned();
+            let started = resumed
+                .as_ref()
+                .map(|r| r.started_at_ms)
+                .unwrap_or_else(|| created_ms(&dir));
+            tracker.add_cgroup(id, &rel, started, resumed);
+            found += 1;
+        }
+    }
+    tracker.close_vanished(stale, now_ms());
+    tracing::info!(
+        "watching {found} existing cgroups, {} live instances",
+        tracker.live_count()
+    );
+    Ok(())
+}
+
+/// Best estimate of when a pre-existing cgroup was created: its directory's ctime.
+fn created_ms(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .map(|m| (m.ctime() as u64) * 1000 + (m.ctime_nsec() as u64) / 1_000_000)
+        .unwrap_or_else(|_| now_ms())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

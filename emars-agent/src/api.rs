@@ -1,0 +1,855 @@
+//! The local HTTP API (axum): what the agent knows, as JSON.
+//!
+//! | method | path                                   | answer                                              |
+//! |--------|----------------------------------------|-----------------------------------------------------|
+//! | GET    | `/healthz`                             | `{"ok": true}`                                      |
+//! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
+//! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
+//! | GET    | `/v1/functions/{name}`                 | [`FunctionDetail`]: the summary's fields + `"hours"` |
+//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceRecord…]}` |
+//! | POST   | `/v1/functions/{name}/invocations`     | `{"function", "count", "at_ms"}`                    |
+//! | GET    | `/v1/export`                           | `{"generated_at_ms", "functions": [FunctionConfig…]}` |
+//!
+//! Every error, including unknown routes (404), wrong methods (405, with `Allow`) and rejected
+//! bodies (400/413/415), is `{"error": "<what was wrong, with the value>", "status": <code>}`.
+//! A function name that does not satisfy [`valid_function_name`] is a 400 on every route.
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
+use crate::registry::valid_function_name;
+use crate::store::{Store, StoreError};
+
+/// Largest accepted request body.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Largest `count` of one invocations report.
+pub const MAX_INVOCATIONS_PER_REPORT: u64 = 1_000_000_000;
+/// Largest `limit` of the instances listing.
+pub const MAX_INSTANCES_LIMIT: u64 = 10_000;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    /// Updated by the agent as programs attach and events arrive.
+    pub info: Arc<RwLock<AgentInfo>>,
+}
+
+/// GET /v1/functions/{name}: the [`FunctionSummary`] fields flattened at the top level, plus
+/// `"hours"`, the function's hour buckets, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDetail {
+    #[serde(flatten)]
+    pub summary: FunctionSummary,
+    pub hours: Vec<HourBucket>,
+}
+
+/// GET /v1/functions/{name}/instances: oldest first. `?live=true` keeps only live instances,
+/// `?live=false` only ended ones; `?limit=N` (1..=10000) keeps the newest N (after `live`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancesResponse {
+    pub function: String,
+    pub instances: Vec<InstanceRecord>,
+}
+
+/// GET /v1/functions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionsResponse {
+    pub functions: Vec<FunctionSummary>,
+}
+
+/// GET /v1/export: the paper's per-function config {requests, max memory}.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportResponse {
+    pub generated_at_ms: u64,
+    pub functions: Vec<FunctionConfig>,
+}
+
+/// Body of POST /v1/functions/{name}/invocations. Unknown fields are refused so that a typo
+/// (`"atms"`) is not silently ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvocationsReport {
+    /// 1..=1_000_000_000.
+    pub count: u64,
+    /// Unix ms the invocations belong to; now when absent.
+    #[serde(default)]
+    pub at_ms: Option<u64>,
+}
+
+/// Answer of POST /v1/functions/{name}/invocations (200).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationsAccepted {
+    pub function: String,
+    pub count: u64,
+    pub at_ms: u64,
+}
+
+/// An error answer: `{"error": message, "status": code}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(error = %message, "API request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.message, "status": self.status.as_u16()});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // Only reachable if the store's rule is stricter than the API's.
+            StoreError::InvalidName { .. } => ApiError::bad_request(e.to_string()),
+            _ => ApiError::internal(format!("store error: {e}")),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "request body must be JSON: expected header `Content-Type: application/json`",
+            ),
+            // axum answers 422 for well-formed JSON of the wrong shape; we say 400.
+            JsonRejection::JsonDataError(e) => ApiError::bad_request(format!(
+                "invalid request body: {} (expected {{\"count\": 1..={MAX_INVOCATIONS_PER_REPORT}, \"at_ms\": optional unix ms}})",
+                source_text(&e)
+            )),
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::bad_request(format!("malformed JSON body: {}", source_text(&e)))
+            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than the {BODY_LIMIT}-byte limit"),
+            ),
+            other => ApiError::new(other.status(), other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::new(r.status(), format!("bad path: {}", r.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad_request(format!("bad query string: {}", r.body_text()))
+    }
+}
+
+/// The innermost cause of an error, without axum's generic prefix.
+fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The API's routes, with JSON 404/405 fallbacks and the body limit.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/info", get(info))
+        .route("/v1/functions", get(list_functions))
+        .route("/v1/functions/{name}", get(get_function))
+        .route("/v1/functions/{name}/instances", get(list_instances))
+        .route("/v1/functions/{name}/invocations", post(post_invocations))
+        .route("/v1/export", get(export))
+        // Applies to the routes added above, so it must come after them.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then finishes open requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "API listening");
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs a blocking store call off the async workers.
+async fn blocking<T, F>(f: F) -> ApiResult<T>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(format!("store task failed: {e}"))),
+    }
+}
+
+/// The function name of the path, checked against [`valid_function_name`].
+fn function_name(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    let Path(name) = path?;
+    if valid_function_name(&name) {
+        Ok(name)
+    } else {
+        let shown: String = name.chars().take(140).collect();
+        let more = if shown.len() < name.len() { "…" } else { "" };
+        Err(ApiError::bad_request(format!(
+            "invalid function name {shown:?}{more} ({} bytes): expected 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+            name.len()
+        )))
+    }
+}
+
+fn unknown_function(name: &str) -> ApiError {
+    ApiError::not_found(format!("unknown function {name:?}"))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"ok": true}))
+}
+
+async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
+    // A writer that panicked leaves plain data behind; reading it is still fine.
+    let info = state
+        .info
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    Json(info)
+}
+
+async fn list_functions(State(state): State<ApiState>) -> ApiResult<Json<FunctionsResponse>> {
+    let functions = blocking(move || state.store.functions()).await?;
+    Ok(Json(FunctionsResponse { functions }))
+}
+
+async fn get_function(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<FunctionDetail>> {
+    let name = function_name(path)?;
+    let lookup = name.clone();
+    let found = blocking(move || {
+        let Some(summary) = state.store.function(&lookup)? else {
+            return Ok(None);
+        };
+        let hours = state.store.hours(&lookup)?;
+        Ok(Some(FunctionDetail { summary, hours }))
+    })
+    .await?;
+    found.map(Json).ok_or_else(|| unknown_function(&name))
+}
+
+/// Parsed `?live=…&limit=…`.
+#[derive(Debug, Default, PartialEq)]
+struct InstancesQuery {
+    live: Option<bool>,
+    limit: Option<usize>,
+}
+
+fn parse_instances_query(pairs: &[(String, String)]) -> ApiResult<InstancesQuery> {
+    let mut q = InstancesQuery::default();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "live" => {
+                if q.live.is_some() {
+                    return Err(ApiError::bad_request("query parameter `live` given twice"));
+                }
+                q.live = Some(match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "query parameter `live` must be true or false, got {value:?}"
+                        )))
+                    }
+                });
+            }
+            "limit" => {
+                if q.limit.is_some() {
+                    return Err(ApiError::bad_request("query parameter `limit` given twice"));
+                }
+                let n = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_INSTANCES_LIMIT).contains(n))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "query parameter `limit` must be an integer in 1..={MAX_INSTANCES_LIMIT}, got {value:?}"
+                        ))
+                    })?;
+                q.limit = Some(n);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (expected `live` or `limit`)"
+                )))
+            }
+        }
+    }
+    Ok(q)
+}
+
+async fn list_instances(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<InstancesResponse>> {
+    let name = function_name(path)?;
+    let Query(pairs) = query?;
+    let q = parse_instances_query(&pairs)?;
+    let lookup = name.clone();
+    let found = blocking(move || {
+        let all = state.store.instances(&lookup)?;
+        // No instances: either a function known only through invocations, or unknown.
+        if all.is_empty() && state.store.function(&lookup)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(all))
+    })
+    .await?;
+    let Some(mut instances) = found else {
+        return Err(unknown_function(&name));
+    };
+    if let Some(live) = q.live {
+        instances.retain(|i| i.is_live() == live);
+    }
+    if let Some(limit) = q.limit {
+        let skip = instances.len().saturating_sub(limit);
+        instances.drain(..skip);
+    }
+    Ok(Json(InstancesResponse {
+        function: name,
+        instances,
+    }))
+}
+
+async fn post_invocations(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<InvocationsReport>, JsonRejection>,
+) -> ApiResult<Json<InvocationsAccepted>> {
+    let name = function_name(path)?;
+    let Json(report) = body?;
+    if !(1..=MAX_INVOCATIONS_PER_REPORT).contains(&report.count) {
+        return Err(ApiError::bad_request(format!(
+            "`count` must be in 1..={MAX_INVOCATIONS_PER_REPORT}, got {}",
+            report.count
+        )));
+    }
+    let at_ms = report.at_ms.unwrap_or_else(now_ms);
+    let count = report.count;
+    let function = name.clone();
+    blocking(move || state.store.add_invocations(&function, count, at_ms)).await?;
+    tracing::debug!(function = %name, count, at_ms, "invocations reported");
+    Ok(Json(InvocationsAccepted {
+        function: name,
+        count,
+        at_ms,
+    }))
+}
+
+async fn export(State(state): State<ApiState>) -> ApiResult<Json<ExportResponse>> {
+    let functions = blocking(move || state.store.export()).await?;
+    Ok(Json(ExportResponse {
+        generated_at_ms: now_ms(),
+        functions,
+    }))
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Client, ClientError};
+    use crate::model::{Limits, PeakSource};
+    use std::net::SocketAddr;
+    use std::thread::JoinHandle;
+
+    const HOUR: u64 = 3_600_000;
+    const T0: u64 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
+
+    /// A real server on 127.0.0.1:0 over a real store, on its own runtime thread.
+    struct TestServer {
+        addr: SocketAddr,
+        store: Store,
+        info: Arc<RwLock<AgentInfo>>,
+        shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<JoinHandle<std::io::Result<()>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        fn start() -> TestServer {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(&dir.path().join("db")).expect("open store");
+            let info = Arc::new(RwLock::new(AgentInfo {
+                version: "0.1.0".into(),
+                kernel: "6.1.0-test".into(),
+                cgroup_mode: "v2".into(),
+                ..AgentInfo::default()
+            }));
+            let state = ApiState {
+                store: store.clone(),
+                info: info.clone(),
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let _ = addr_tx.send(listener.local_addr()?);
+                    serve(listener, state, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                })
+            });
+            let addr = addr_rx.recv().expect("server address");
+            TestServer {
+                addr,
+                store,
+                info,
+                shutdown: Some(tx),
+                thread: Some(thread),
+                _dir: dir,
+            }
+        }
+
+        fn client(&self) -> Client {
+            Client::new(&self.addr.to_string())
+        }
+
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{}", self.addr, path)
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            if let Some(tx) = self.shutdown.take() {
+                let _ = tx.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn rec(
+        function: &str,
+        instance: &str,
+        start: u64,
+        end: Option<u64>,
+        peak: u64,
+    ) -> InstanceRecord {
+        InstanceRecord {
+            function: function.into(),
+            instance: instance.into(),
+            cgroup_id: start / 1000,
+            cgroup_path: format!("/sys/fs/cgroup/fns/{function}/{instance}"),
+            started_at_ms: start,
+            ended_at_ms: end,
+            execs: 2,
+            peak_bytes: peak,
+            peak_source: PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Limits {
+                max_bytes: Some(256 << 20),
+                high_bytes: None,
+            },
+        }
+    }
+
+    fn seeded() -> TestServer {
+        let s = TestServer::start();
+        s.store
+            .put_instance(&rec("fn-a", "i1", T0, Some(T0 + 1000), 10 << 20))
+            .unwrap();
+        s.store
+            .put_instance(&rec("fn-a", "i2", T0 + 2000, Some(T0 + 3000), 30 << 20))
+            .unwrap();
+        s.store
+            .put_instance(&rec("fn-a", "i3", T0 + 4000, None, 20 << 20))
+            .unwrap();
+        s.store
+            .put_instance(&rec("fn-b", "j1", T0 + HOUR, None, 5 << 20))
+            .unwrap();
+        s
+    }
+
+    /// Status and parsed JSON body of a raw request, error or not; checks the content type.
+    fn raw(resp: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+        let resp = match resp {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("transport error: {e}"),
+        };
+        let status = resp.status();
+        assert_eq!(resp.content_type(), "application/json", "status {status}");
+        let v: serde_json::Value = resp.into_json().expect("JSON body");
+        (status, v)
+    }
+
+    fn expect_api_err(r: Result<serde_json::Value, ClientError>, status: u16, needle: &str) {
+        match r {
+            Err(ClientError::Api { status: s, message }) => {
+                assert_eq!(s, status, "{message}");
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            }
+            other => panic!("expected API error {status}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn healthz_and_info() {
+        let s = TestServer::start();
+        let c = s.client();
+        assert_eq!(c.get("/healthz").unwrap(), json!({"ok": true}));
+        s.info.write().unwrap().events_received = 42;
+        let v = c.get("/v1/info").unwrap();
+        let info: AgentInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(info.kernel, "6.1.0-test");
+        assert_eq!(info.events_received, 42);
+        assert_eq!(c.info().unwrap(), info);
+    }
+
+    #[test]
+    fn functions_list_and_detail() {
+        let s = seeded();
+        s.store.add_invocations("fn-a", 7, T0 + 10).unwrap();
+        let c = s.client();
+        let v = c.get("/v1/functions").unwrap();
+        let list: FunctionsResponse = serde_json::from_value(v).unwrap();
+        let names: Vec<_> = list.functions.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["fn-a", "fn-b"]);
+        let a = &list.functions[0];
+        assert_eq!((a.instances, a.live_instances, a.execs), (3, 1, 6));
+        assert_eq!(a.peak_bytes, 30 << 20);
+        assert_eq!(a.invocations, 7);
+
+        let v = c.get("/v1/functions/fn-a").unwrap();
+        assert_eq!(v["name"], "fn-a");
+        assert_eq!(v["instances"], 3);
+        let detail: FunctionDetail = serde_json::from_value(v).unwrap();
+        assert_eq!(&detail.summary, a);
+        assert_eq!(detail.hours.len(), 1);
+        assert_eq!(detail.hours[0].hour_start_ms, T0);
+        assert_eq!(detail.hours[0].invocations, 7);
+
+        let (summary, hours, instances) = c.function("fn-a").unwrap();
+        assert_eq!(summary, detail.summary);
+        assert_eq!(hours, detail.hours);
+        assert_eq!(instances.len(), 3);
+
+        expect_api_err(c.get("/v1/functions/nope"), 404, "\"nope\"");
+        expect_api_err(c.get("/v1/functions/a%2Fb"), 400, "\"a/b\"");
+        let long = "x".repeat(200);
+        expect_api_err(c.get(&format!("/v1/functions/{long}")), 400, "200 bytes");
+    }
+
+    #[test]
+    fn instances_filters() {
+        let s = seeded();
+        let c = s.client();
+        let get = |q: &str| -> InstancesResponse {
+            serde_json::from_value(c.get(&format!("/v1/functions/fn-a/instances{q}")).unwrap())
+                .unwrap()
+        };
+        let ids = |r: &InstancesResponse| -> Vec<String> {
+            r.instances.iter().map(|i| i.instance.clone()).collect()
+        };
+        let all = get("");
+        assert_eq!(all.function, "fn-a");
+        assert_eq!(ids(&all), ["i1", "i2", "i3"]);
+        assert_eq!(
+            all.instances[0],
+            rec("fn-a", "i1", T0, Some(T0 + 1000), 10 << 20)
+        );
+        assert_eq!(ids(&get("?live=true")), ["i3"]);
+        assert_eq!(ids(&get("?live=false")), ["i1", "i2"]);
+        assert_eq!(ids(&get("?limit=2")), ["i2", "i3"]);
+        assert_eq!(ids(&get("?live=false&limit=1")), ["i2"]);
+        assert_eq!(ids(&get("?limit=10000")).len(), 3);
+
+        expect_api_err(c.get("/v1/functions/fn-a/instances?limit=0"), 400, "\"0\"");
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?limit=10001"),
+            400,
+            "10001",
+        );
+        expect_api_err(c.get("/v1/functions/fn-a/instances?limit=x"), 400, "limit");
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?live=yes"),
+            400,
+            "\"yes\"",
+        );
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?lve=true"),
+            400,
+            "\"lve\"",
+        );
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?live=true&live=false"),
+            400,
+            "twice",
+        );
+        expect_api_err(c.get("/v1/functions/nope/instances"), 404, "\"nope\"");
+
+        // Known only through invocations: an empty list, not a 404.
+        s.store.add_invocations("fn-c", 1, T0).unwrap();
+        assert!(get_c(&c).instances.is_empty());
+        fn get_c(c: &Client) -> InstancesResponse {
+            serde_json::from_value(c.get("/v1/functions/fn-c/instances").unwrap()).unwrap()
+        }
+    }
+
+    #[test]
+    fn invocations_post_then_get() {
+        let s = seeded();
+        let c = s.client();
+        let v = c
+            .post(
+                "/v1/functions/fn-a/invocations",
+                &json!({"count": 5, "at_ms": T0 + 5}),
+            )
+            .unwrap();
+        assert_eq!(v, json!({"function": "fn-a", "count": 5, "at_ms": T0 + 5}));
+        c.post(
+            "/v1/functions/fn-a/invocations",
+            &json!({"count": 3, "at_ms": T0 + HOUR}),
+        )
+        .unwrap();
+        // Unknown but valid: accepted, and the function becomes known. No at_ms: now.
+        let v = c
+            .post("/v1/functions/new.fn:v1/invocations", &json!({"count": 1}))
+            .unwrap();
+        assert!(v["at_ms"].as_u64().unwrap() > T0);
+
+        let detail: FunctionDetail =
+            serde_json::from_value(c.get("/v1/functions/fn-a").unwrap()).unwrap();
+        assert_eq!(detail.summary.invocations, 8);
+        let per_hour: Vec<_> = detail
+            .hours
+            .iter()
+            .map(|h| (h.hour_start_ms, h.invocations))
+            .collect();
+        assert_eq!(per_hour, [(T0, 5), (T0 + HOUR, 3)]);
+        let v = c.get("/v1/functions/new.fn:v1").unwrap();
+        assert_eq!(v["invocations"], 1);
+    }
+
+    #[test]
+    fn invocations_rejections() {
+        let s = seeded();
+        let c = s.client();
+        let path = "/v1/functions/fn-a/invocations";
+        expect_api_err(c.post(path, &json!({"count": 0})), 400, "got 0");
+        expect_api_err(
+            c.post(path, &json!({"count": 1_000_000_001u64})),
+            400,
+            "1000000001",
+        );
+        expect_api_err(c.post(path, &json!({"count": -1})), 400, "-1");
+        expect_api_err(c.post(path, &json!({"count": "5"})), 400, "invalid type");
+        expect_api_err(c.post(path, &json!({})), 400, "missing field `count`");
+        expect_api_err(c.post(path, &json!({"count": 1, "atms": 5})), 400, "atms");
+        expect_api_err(
+            c.post("/v1/functions/a%2Fb/invocations", &json!({"count": 1})),
+            400,
+            "\"a/b\"",
+        );
+        let long = "y".repeat(200);
+        expect_api_err(
+            c.post(
+                &format!("/v1/functions/{long}/invocations"),
+                &json!({"count": 1}),
+            ),
+            400,
+            "invalid function name",
+        );
+
+        let url = s.url(path);
+        let (st, v) = raw(ureq::post(&url)
+            .set("Content-Type", "application/json")
+            .send_string("{\"count\": "));
+        assert_eq!((st, v["status"].as_u64()), (400, Some(400)));
+        assert!(
+            v["error"].as_str().unwrap().contains("malformed JSON"),
+            "{v}"
+        );
+
+        let (st, v) = raw(ureq::post(&url)
+            .set("Content-Type", "text/plain")
+            .send_string("{\"count\": 1}"));
+        assert_eq!((st, v["status"].as_u64()), (415, Some(415)));
+        assert!(v["error"].as_str().unwrap().contains("Content-Type"), "{v}");
+
+        let (st, _) = raw(ureq::post(&url).call());
+        assert_eq!(st, 415);
+
+        let big = format!("{{\"count\": 1, \"pad\": \"{}\"}}", "z".repeat(BODY_LIMIT));
+        let (st, v) = raw(ureq::post(&url)
+            .set("Content-Type", "application/json")
+            .send_string(&big));
+        assert_eq!((st, v["status"].as_u64()), (413, Some(413)));
+
+        // Nothing of the above was recorded.
+        let v = c.get("/v1/functions/fn-a").unwrap();
+        assert_eq!(v["invocations"], 0);
+    }
+
+    #[test]
+    fn export_content() {
+        let s = seeded();
+        let c = s.client();
+        c.post(
+            "/v1/functions/fn-b/invocations",
+            &json!({"count": 40, "at_ms": T0}),
+        )
+        .unwrap();
+        c.post(
+            "/v1/functions/fn-b/invocations",
+            &json!({"count": 9, "at_ms": T0 + HOUR}),
+        )
+        .unwrap();
+        let v = c.get("/v1/export").unwrap();
+        let e: ExportResponse = serde_json::from_value(v).unwrap();
+        assert!(e.generated_at_ms > T0);
+        assert_eq!(
+            e.functions,
+            [
+                FunctionConfig {
+                    function: "fn-a".into(),
+                    requests_per_hour: 0,
+                    max_memory_bytes: 30 << 20,
+                },
+                FunctionConfig {
+                    function: "fn-b".into(),
+                    requests_per_hour: 40,
+                    max_memory_bytes: 5 << 20,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_routes_and_methods() {
+        let s = TestServer::start();
+        let c = s.client();
+        expect_api_err(c.get("/nope"), 404, "GET /nope");
+        expect_api_err(
+            c.get("/v1/functions/fn-a/other"),
+            404,
+            "/v1/functions/fn-a/other",
+        );
+        expect_api_err(c.post("/v1/info", &json!({})), 405, "POST");
+        expect_api_err(c.get("/v1/functions/fn-a/invocations"), 405, "GET");
+
+        let resp = ureq::delete(&s.url("/v1/functions")).call();
+        let Err(ureq::Error::Status(405, r)) = resp else {
+            panic!("expected 405");
+        };
+        assert_eq!(r.header("allow"), Some("GET,HEAD"));
+        let (st, v) = raw(Ok(r));
+        assert_eq!((st, v["status"].as_u64()), (405, Some(405)));
+    }
+
+    #[test]
+    fn store_error_is_500() {
+        let e = ApiError::from(StoreError::Db(sled::Error::Unsupported("boom".into())));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("boom"));
+    }
+
+    #[test]
+    fn query_parsing() {
+        let p = |v: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = v
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            parse_instances_query(&pairs)
+        };
+        assert_eq!(p(&[]).unwrap(), InstancesQuery::default());
+        assert_eq!(
+            p(&[("live", "true"), ("limit", "5")]).unwrap(),
+            InstancesQuery {
+                live: Some(true),
+                limit: Some(5)
+            }
+        );
+        assert!(p(&[("limit", "-1")]).is_err());
+        assert!(p(&[("limit", "")]).is_err());
+    }
+}

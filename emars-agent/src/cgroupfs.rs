@@ -1,0 +1,328 @@
+//! Readers of the memory controller's cgroupfs files, for cgroup v1 (memory hierarchy) and v2.
+//!
+//! Every error carries the path it concerns; a cgroup that vanished mid-read is
+//! [`CgroupfsError::Gone`], which callers treat as a normal end of life, not a failure.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use crate::{config::CgroupMode, model::Limits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupfsError {
+    #[error("cgroup {path} is gone")]
+    Gone { path: PathBuf },
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("unexpected content {content:?} in {path}")]
+    Parse { path: PathBuf, content: String },
+    #[error("no memory controller found: {0}")]
+    NoMemoryController(String),
+}
+
+impl CgroupfsError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        // ENODEV: the kernfs node was removed while its file was open.
+        match source.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) => Self::Gone {
+                path: path.to_owned(),
+            },
+            _ => Self::Io {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, CgroupfsError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    }
+}
+
+/// The hierarchy that holds the memory controller.
+#[derive(Debug, Clone)]
+pub struct MemoryHierarchy {
+    pub version: CgroupVersion,
+    /// Where it is mounted, e.g. /sys/fs/cgroup/memory (v1) or /sys/fs/cgroup (v2).
+    pub mount: PathBuf,
+    /// Kernel hierarchy id as the cgroup tracepoints report it (0 for cgroup2).
+    pub hierarchy_id: i32,
+}
+
+/// Values of v1 limits at or above this mean "unlimited" (PAGE_COUNTER_MAX rounded to pages).
+const V1_UNLIMITED: u64 = 1 << 62;
+
+impl MemoryHierarchy {
+    /// Finds the memory controller: v2 if the unified hierarchy has it, else the v1 memory
+    /// hierarchy, unless `mode` forces one.
+    pub fn detect(mode: CgroupMode, mount_override: Option<&Path>) -> Result<Self> {
+        let mounts = procfs::process::Process::myself()
+            .and_then(|p| p.mountinfo())
+            .map_err(|e| CgroupfsError::NoMemoryController(format!("/proc/self/mountinfo: {e}")))?;
+        let mut v1 = None;
+        let mut v2 = None;
+        for m in mounts.0 {
+            match m.fs_type.as_str() {
+                "cgroup2" => {
+                    let ctl = m.mount_point.join("cgroup.controllers");
+                    let has_memory = fs::read_to_string(&ctl)
+                        .map(|s| s.split_whitespace().any(|c| c == "memory"))
+                        .unwrap_or(false);
+                    if has_memory && v2.is_none() {
+                        v2 = Some(m.mount_point);
+                    }
+                }
+                "cgroup" if m.super_options.contains_key("memory") && v1.is_none() => {
+                    v1 = Some(m.mount_point);
+                }
+                _ => {}
+            }
+        }
+        let v1 = v1.map(|mount| (CgroupVersion::V1, mount));
+        let v2 = v2.map(|mount| (CgroupVersion::V2, mount));
+        let (version, mount) = match mode {
+            CgroupMode::Auto => v2.or(v1),
+            CgroupMode::V1 => v1,
+            CgroupMode::V2 => v2,
+        }
+        .ok_or_else(|| {
+            CgroupfsError::NoMemoryController(format!(
+                "mode {mode:?}: no cgroup hierarchy with the memory controller is mounted"
+            ))
+        })?;
+        let mount = mount_override.map(Path::to_owned).unwrap_or(mount);
+        let hierarchy_id = match version {
+            CgroupVersion::V2 => 0,
+            CgroupVersion::V1 => v1_hierarchy_id()?,
+        };
+        Ok(Self {
+            version,
+            mount,
+            hierarchy_id,
+        })
+    }
+
+    /// Absolute directory of a cgroup given as the kernel reports it ("/emars/fn/1").
+    pub fn dir(&self, rel_path: &str) -> PathBuf {
+        self.mount.join(rel_path.trim_start_matches('/'))
+    }
+
+    /// The kernel-style relative path of an absolute cgroup directory.
+    pub fn rel_path(&self, dir: &Path) -> Option<String> {
+        let rel = dir.strip_prefix(&self.mount).ok()?;
+        Some(format!("/{}", rel.to_str()?))
+    }
+
+    fn file(&self, v1: &'static str, v2: &'static str) -> &'static str {
+        match self.version {
+            CgroupVersion::V1 => v1,
+            CgroupVersion::V2 => v2,
+        }
+    }
+
+    /// Bytes charged to the cgroup now.
+    pub fn usage(&self, dir: &Path) -> Result<u64> {
+        read_u64(&dir.join(self.file("memory.usage_in_bytes", "memory.current")))
+    }
+
+    /// The kernel's own high watermark: v1 memory.max_usage_in_bytes, v2 memory.peak
+    /// (since 5.19; `Ok(None)` when the kernel has no such file).
+    pub fn peak(&self, dir: &Path) -> Result<Option<u64>> {
+        let path = dir.join(self.file("memory.max_usage_in_bytes", "memory.peak"));
+        match read_u64(&path) {
+            Ok(v) => Ok(Some(v)),
+            Err(CgroupfsError::Gone { .. }) if dir.exists() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hard and soft limits in force.
+    pub fn limits(&self, dir: &Path) -> Result<Limits> {
+        let (max, high) = match self.version {
+            CgroupVersion::V1 => (
+                "memory.limit_in_bytes",
+                "memory.soft_limit_in_bytes",
+            ),
+            CgroupVersion::V2 => ("memory.max", "memory.high"),
+        };
+        Ok(Limits {
+            max_bytes: read_limit(&dir.join(max))?,
+            high_bytes: read_limit(&dir.join(high))?,
+        })
+    }
+
+    /// OOM kills the kernel counted in this cgroup (v1 memory.oom_control, v2 memory.events).
+    pub fn oom_kills(&self, dir: &Path) -> Result<u64> {
+        let path = dir.join(self.file("memory.oom_control", "memory.events"));
+        let text = read(&path)?;
+        Ok(keyed_value(&text, "oom_kill").unwrap_or(0))
+    }
+
+    /// Thread ids of every task in the cgroup (v1 `tasks`; v2 threads of `cgroup.procs`).
+    pub fn tids(&self, dir: &Path) -> Result<Vec<u32>> {
+        let procs = match self.version {
+            CgroupVersion::V1 => return read_ids(&dir.join("tasks")),
+            CgroupVersion::V2 => read_ids(&dir.join("cgroup.procs"))?,
+        };
+        let mut tids = Vec::with_capacity(procs.len());
+        for pid in procs {
+            match fs::read_dir(format!("/proc/{pid}/task")) {
+                Ok(entries) => tids.extend(
+                    entries
+                        .flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()),
+                ),
+                // The process exited between the two reads.
+                Err(_) => continue,
+            }
+        }
+        Ok(tids)
+    }
+
+    /// The memory cgroup of a task, relative to the hierarchy ("/emars/fn/1").
+    pub fn cgroup_of(&self, pid: u32) -> Option<String> {
+        let proc = procfs::process::Process::new(pid as i32).ok()?;
+        let groups = proc.cgroups().ok()?;
+        groups
+            .0
+            .into_iter()
+            .find(|g| match self.version {
+                CgroupVersion::V2 => g.hierarchy == 0,
+                CgroupVersion::V1 => g.controllers.iter().any(|c| c == "memory"),
+            })
+            .map(|g| g.pathname)
+    }
+}
+
+/// The cgroup id the kernel uses for a cgroup directory: its inode number.
+pub fn cgroup_id(dir: &Path) -> Result<u64> {
+    fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|e| CgroupfsError::io(dir, e))
+}
+
+/// Every cgroup directory below `dir` (not `dir` itself), parents before children.
+pub fn descendants(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            // Removed while we walked: skip it, not an error.
+            Err(e) if d != dir && matches!(e.raw_os_error(), Some(libc::ENOENT)) => continue,
+            Err(e) => return Err(CgroupfsError::io(&d, e)),
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.push(entry.path());
+                stack.push(entry.path());
+            }
+        }
+    }
+    out.sort_by_key(|p| p.components().count());
+    Ok(out)
+}
+
+fn v1_hierarchy_id() -> Result<i32> {
+    let ctls = procfs::cgroups()
+        .map_err(|e| CgroupfsError::NoMemoryController(format!("/proc/cgroups: {e}")))?;
+    ctls.0
+        .iter()
+        .find(|c| c.name == "memory" && c.enabled && c.hierarchy != 0)
+        .map(|c| c.hierarchy as i32)
+        .ok_or_else(|| {
+            CgroupfsError::NoMemoryController("/proc/cgroups: memory not on a v1 hierarchy".into())
+        })
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| CgroupfsError::io(path, e))
+}
+
+fn read_u64(path: &Path) -> Result<u64> {
+    let text = read(path)?;
+    text.trim().parse().map_err(|_| CgroupfsError::Parse {
+        path: path.to_owned(),
+        content: text,
+    })
+}
+
+/// "max" (v2) or a v1 value near PAGE_COUNTER_MAX means no limit.
+fn read_limit(path: &Path) -> Result<Option<u64>> {
+    let text = read(path)?;
+    let t = text.trim();
+    if t == "max" {
+        return Ok(None);
+    }
+    let v: u64 = t.parse().map_err(|_| CgroupfsError::Parse {
+        path: path.to_owned(),
+        content: text.clone(),
+    })?;
+    Ok((v < V1_UNLIMITED).then_some(v))
+}
+
+fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    Ok(read(path)?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+/// Value of `key` in a "key value" per line file (memory.events, memory.oom_control).
+fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_values() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed_value(v1, "oom_kill"), Some(3));
+        let v2 = "low 0\nhigh 0\nmax 5\noom 2\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(keyed_value(v2, "oom_kill"), Some(1));
+        assert_eq!(keyed_value(v2, "missing"), None);
+    }
+
+    #[test]
+    fn limits_parse_and_vanish() {
+        let dir = std::env::temp_dir().join(format!("emars-cgfs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("memory.max"), "max\n").unwrap();
+        fs::write(dir.join("memory.high"), "1048576\n").unwrap();
+        let h = MemoryHierarchy {
+            version: CgroupVersion::V2,
+            mount: dir.clone(),
+            hierarchy_id: 0,
+        };
+        let l = h.limits(&dir).unwrap();
+        assert_eq!(l.max_bytes, None);
+        assert_eq!(l.high_bytes, Some(1 << 20));
+        fs::write(dir.join("memory.current"), "garbage").unwrap();
+        assert!(matches!(h.usage(&dir), Err(CgroupfsError::Parse { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(h.usage(&dir), Err(CgroupfsError::Gone { .. })));
+        assert_eq!(h.rel_path(&dir.join("a/b")).as_deref(), Some("/a/b"));
+    }
+}

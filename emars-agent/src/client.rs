@@ -1,0 +1,775 @@
+//! The CLI side of the API: a small blocking client and the human-readable renderings used by
+//! `emars info`, `emars functions` and `emars function NAME`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::model::{AgentInfo, FunctionSummary, HourBucket, InstanceRecord, PeakSource};
+
+/// Hour buckets shown by [`render_function`] (the most recent ones).
+pub const SHOWN_HOURS: usize = 24;
+/// Instances shown by [`render_function`] (the most recent ones).
+pub const SHOWN_INSTANCES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the EMARS agent at {addr}: {source} (is the agent running? start it with `emars agent`)"
+    )]
+    Connect {
+        addr: String,
+        source: Box<ureq::Transport>,
+    },
+    #[error("the agent answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("cannot decode the agent's answer to {path}: {source}")]
+    Decode {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Blocking client of the agent's HTTP API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// `addr` is `host:port` or a URL (`http://127.0.0.1:9750`); a trailing `/` is ignored.
+    pub fn new(addr: &str) -> Client {
+        let addr = addr.trim().trim_end_matches('/');
+        let base = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .build();
+        Client { base, agent }
+    }
+
+    /// Base URL requests go to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// GET `path` (starting with `/`); a non-2xx answer is [`ClientError::Api`].
+    pub fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.answer(path, self.agent.get(&self.url(path)).call())
+    }
+
+    /// POST `body` as JSON to `path`; a non-2xx answer is [`ClientError::Api`].
+    pub fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.answer(path, self.agent.post(&self.url(path)).send_json(body))
+    }
+
+    /// GET /v1/info.
+    pub fn info(&self) -> Result<AgentInfo, ClientError> {
+        self.get_typed("/v1/info")
+    }
+
+    /// GET /v1/functions.
+    pub fn functions(&self) -> Result<Vec<FunctionSummary>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            functions: Vec<FunctionSummary>,
+        }
+        Ok(self.get_typed::<List>("/v1/functions")?.functions)
+    }
+
+    /// GET /v1/functions/{name} and its instances: what [`render_function`] takes.
+    pub fn function(
+        &self,
+        name: &str,
+    ) -> Result<(FunctionSummary, Vec<HourBucket>, Vec<InstanceRecord>), ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Detail {
+            #[serde(flatten)]
+            summary: FunctionSummary,
+            hours: Vec<HourBucket>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Instances {
+            instances: Vec<InstanceRecord>,
+        }
+        let seg = encode_segment(name);
+        let d: Detail = self.get_typed(&format!("/v1/functions/{seg}"))?;
+        let i: Instances = self.get_typed(&format!("/v1/functions/{seg}/instances"))?;
+        Ok((d.summary, d.hours, i.instances))
+    }
+
+    fn get_typed<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        serde_json::from_value(self.get(path)?).map_err(|source| ClientError::Decode {
+            path: path.to_string(),
+            source,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn answer(
+        &self,
+        path: &str,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let decode = |source| ClientError::Decode {
+            path: path.to_string(),
+            source,
+        };
+        match result {
+            Ok(resp) => serde_json::from_reader(resp.into_reader()).map_err(decode),
+            Err(ureq::Error::Status(status, resp)) => Err(ClientError::Api {
+                status,
+                message: error_message(resp),
+            }),
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Connect {
+                addr: self.base.clone(),
+                source: Box::new(t),
+            }),
+        }
+    }
+}
+
+/// The `"error"` of an API error body, else the body text (bounded), else the status text.
+fn error_message(resp: ureq::Response) -> String {
+    let status_text = resp.status_text().to_string();
+    let body = resp.into_string().unwrap_or_default();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+        if let Some(msg) = v.get("error").and_then(|e| e.as_str()) {
+            return msg.to_string();
+        }
+    }
+    let body = body.trim();
+    if body.is_empty() {
+        status_text
+    } else {
+        clean(&body.chars().take(500).collect::<String>())
+    }
+}
+
+/// Percent-encodes everything but unreserved characters, for use as one path segment.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// `b` in B below 1 KiB, else in KiB/MiB/GiB/TiB/PiB with one decimal: `1536` → `"1.5 KiB"`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut value = b as f64 / 1024.0;
+    let mut unit = 0;
+    // Compare the rounded value so that 1023.96 KiB shows as "1.0 MiB", not "1024.0 KiB".
+    while (value * 10.0).round() / 10.0 >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `ms` (unix milliseconds) as `YYYY-MM-DD HH:MM:SS` UTC; `-` for 0 (never).
+pub fn format_time_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_string();
+    }
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Text from the agent with control characters escaped, so it cannot drive the terminal.
+fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Column alignment of [`table`].
+#[derive(Clone, Copy, PartialEq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// An aligned text table: two spaces between columns, no trailing spaces.
+fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|(h, _)| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, ((cell, (_, align)), w)) in row.iter().zip(headers).zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = w.saturating_sub(cell.chars().count());
+            match align {
+                Align::Left => {
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+                Align::Right => {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                    line.push_str(cell);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn opt_u64(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// Agent status for `emars info`.
+pub fn render_info(v: &AgentInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "EMARS agent {}", clean(&v.version));
+    let _ = writeln!(
+        out,
+        "  started:          {} UTC",
+        format_time_ms(v.started_at_ms)
+    );
+    let _ = writeln!(out, "  kernel:           {}", clean(&v.kernel));
+    let _ = writeln!(
+        out,
+        "  cgroup mode:      {} (memory hierarchy at {})",
+        clean(&v.cgroup_mode),
+        clean(&v.memory_hierarchy)
+    );
+    if v.roots.is_empty() {
+        let _ = writeln!(out, "  watched roots:    none");
+    }
+    for (i, root) in v.roots.iter().enumerate() {
+        let label = if i == 0 { "watched roots:" } else { "" };
+        let _ = writeln!(out, "  {label:<16}  {}", clean(root));
+    }
+    let _ = write!(
+        out,
+        "  events:           {} received, {} lost",
+        v.events_received, v.events_lost
+    );
+    if v.events_lost > 0 {
+        out.push_str(" (ring buffer was full: some kernel events were dropped)");
+    }
+    out.push('\n');
+
+    out.push_str("\nprograms:\n");
+    if v.programs.is_empty() {
+        out.push_str("  none loaded\n");
+    } else {
+        let rows: Vec<Vec<String>> = v
+            .programs
+            .iter()
+            .map(|p| {
+                vec![
+                    clean(&p.name),
+                    clean(&p.tracepoint),
+                    if p.attached { "✓" } else { "✗" }.to_string(),
+                    opt_u64(p.run_count),
+                    opt_u64(p.run_time_ns),
+                    p.error.as_deref().map_or_else(String::new, clean),
+                ]
+            })
+            .collect();
+        let t = table(
+            &[
+                ("NAME", Align::Left),
+                ("TRACEPOINT", Align::Left),
+                ("ATTACHED", Align::Left),
+                ("RUNS", Align::Right),
+                ("RUN NS", Align::Right),
+                ("ERROR", Align::Left),
+            ],
+            &rows,
+        );
+        for line in t.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+
+    out.push_str("\nfeatures:\n");
+    if v.features.is_empty() {
+        out.push_str("  none probed\n");
+    }
+    for (name, present) in &v.features {
+        let mark = if *present { "✓" } else { "✗" };
+        let _ = writeln!(out, "  {mark} {}", clean(name));
+    }
+
+    out.push_str("\nfallbacks:\n");
+    if v.fallbacks.is_empty() {
+        out.push_str("  none\n");
+    }
+    for f in &v.fallbacks {
+        let _ = writeln!(out, "  - {}", clean(f));
+    }
+    out
+}
+
+/// Table of functions for `emars functions`.
+pub fn render_functions(v: &[FunctionSummary]) -> String {
+    if v.is_empty() {
+        return "no functions recorded yet\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|f| {
+            vec![
+                clean(&f.name),
+                f.instances.to_string(),
+                f.live_instances.to_string(),
+                f.execs.to_string(),
+                f.invocations.to_string(),
+                f.oom_kills.to_string(),
+                human_bytes(f.peak_bytes),
+                human_bytes(f.peak_percentiles.p50),
+                human_bytes(f.peak_percentiles.p95),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("NAME", Align::Left),
+            ("INSTANCES", Align::Right),
+            ("LIVE", Align::Right),
+            ("EXECS", Align::Right),
+            ("INVOCATIONS", Align::Right),
+            ("OOM", Align::Right),
+            ("PEAK", Align::Right),
+            ("P50", Align::Right),
+            ("P95", Align::Right),
+        ],
+        &rows,
+    )
+}
+
+fn peak_source(s: PeakSource) -> &'static str {
+    match s {
+        PeakSource::None => "none",
+        PeakSource::KernelWatermark => "watermark",
+        PeakSource::ChargeEvents => "charge events",
+    }
+}
+
+/// One function for `emars function NAME`: the summary, the last [`SHOWN_HOURS`] hour
+/// buckets (oldest first) and the last [`SHOWN_INSTANCES`] instances (newest first).
+/// `hours` and `instances` are expected oldest first, as the API returns them.
+pub fn render_function(
+    s: &FunctionSummary,
+    hours: &[HourBucket],
+    instances: &[InstanceRecord],
+) -> String {
+    let mut out = String::new();
+    let p = &s.peak_percentiles;
+    let _ = writeln!(out, "function {}", clean(&s.name));
+    let _ = writeln!(
+        out,
+        "  instances:    {} ({} live)",
+        s.instances, s.live_instances
+    );
+    let _ = writeln!(out, "  execs:        {}", s.execs);
+    let _ = writeln!(out, "  invocations:  {} (platform-reported)", s.invocations);
+    let _ = writeln!(out, "  OOM kills:    {}", s.oom_kills);
+    let _ = writeln!(out, "  peak:         {}", human_bytes(s.peak_bytes));
+    let _ = writeln!(
+        out,
+        "  percentiles:  p50 {}  p90 {}  p95 {}  p99 {}",
+        human_bytes(p.p50),
+        human_bytes(p.p90),
+        human_bytes(p.p95),
+        human_bytes(p.p99)
+    );
+    let _ = writeln!(
+        out,
+        "  first seen:   {} UTC",
+        format_time_ms(s.first_seen_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  last seen:    {} UTC",
+        format_time_ms(s.last_seen_ms)
+    );
+
+    out.push('\n');
+    if hours.is_empty() {
+        out.push_str("hours: none recorded\n");
+    } else {
+        let shown = &hours[hours.len().saturating_sub(SHOWN_HOURS)..];
+        let _ = writeln!(out, "hours (UTC), last {} of {}:", shown.len(), hours.len());
+        let rows: Vec<Vec<String>> = shown
+            .iter()
+            .map(|h| {
+                let mut t = format_time_ms(h.hour_start_ms);
+                t.truncate(16); // drop the seconds: "YYYY-MM-DD HH:MM"
+                vec![
+                    t,
+                    h.instances_started.to_string(),
+                    h.execs.to_string(),
+                    h.invocations.to_string(),
+                    h.oom_kills.to_string(),
+                    human_bytes(h.peak_bytes),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                ("HOUR", Align::Left),
+                ("STARTED", Align::Right),
+                ("EXECS", Align::Right),
+                ("INVOCATIONS", Align::Right),
+                ("OOM", Align::Right),
+                ("PEAK", Align::Right),
+            ],
+            &rows,
+        ));
+    }
+
+    out.push('\n');
+    if instances.is_empty() {
+        out.push_str("instances: none recorded\n");
+    } else {
+        let n = instances.len().min(SHOWN_INSTANCES);
+        let _ = writeln!(
+            out,
+            "recent instances, newest first ({n} of {}):",
+            instances.len()
+        );
+        let rows: Vec<Vec<String>> = instances
+            .iter()
+            .rev()
+            .take(n)
+            .map(|i| {
+                vec![
+                    clean(&i.instance),
+                    i.cgroup_id.to_string(),
+                    format_time_ms(i.started_at_ms),
+                    i.ended_at_ms
+                        .map_or_else(|| "live".to_string(), format_time_ms),
+                    i.execs.to_string(),
+                    human_bytes(i.peak_bytes),
+                    peak_source(i.peak_source).to_string(),
+                    i.oom_kills.to_string(),
+                    i.limits
+                        .max_bytes
+                        .map_or_else(|| "none".to_string(), human_bytes),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                ("INSTANCE", Align::Left),
+                ("CGROUP ID", Align::Right),
+                ("STARTED", Align::Left),
+                ("ENDED", Align::Left),
+                ("EXECS", Align::Right),
+                ("PEAK", Align::Right),
+                ("SOURCE", Align::Left),
+                ("OOM", Align::Right),
+                ("LIMIT", Align::Right),
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Limits, PeakPercentiles, ProgramStatus};
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 20), "10.0 MiB");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(5 << 40), "5.0 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(format_time_ms(0), "-");
+        assert_eq!(format_time_ms(1), "1970-01-01 00:00:00");
+        assert_eq!(format_time_ms(1_700_000_000_123), "2023-11-14 22:13:20");
+        assert_eq!(format_time_ms(951_825_600_000), "2000-02-29 12:00:00");
+    }
+
+    #[test]
+    fn new_accepts_host_port_and_url() {
+        assert_eq!(
+            Client::new("127.0.0.1:9750").base(),
+            "http://127.0.0.1:9750"
+        );
+        assert_eq!(
+            Client::new("http://localhost:1/").base(),
+            "http://localhost:1"
+        );
+    }
+
+    #[test]
+    fn segment_encoding() {
+        assert_eq!(encode_segment("fn-a.b_c:1"), "fn-a.b_c:1");
+        assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn connect_error_says_how_to_start() {
+        // Bind then drop to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = Client::new(&format!("127.0.0.1:{port}"))
+            .get("/healthz")
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+        assert!(err.to_string().contains("emars agent"), "{err}");
+    }
+
+    #[test]
+    fn functions_table() {
+        let f = |name: &str, peak: u64| FunctionSummary {
+            name: name.into(),
+            instances: 12,
+            live_instances: 3,
+            execs: 40,
+            invocations: 1000,
+            oom_kills: 1,
+            peak_bytes: peak,
+            peak_percentiles: PeakPercentiles {
+                p50: 1536,
+                p90: 2048,
+                p95: 3 << 20,
+                p99: peak,
+            },
+            first_seen_ms: 1,
+            last_seen_ms: 2,
+        };
+        let out = render_functions(&[f("a", 512 << 20), f("long-function-name", 2 << 30)]);
+        let expected = "\
+NAME                INSTANCES  LIVE  EXECS  INVOCATIONS  OOM       PEAK      P50      P95
+a                          12     3     40         1000    1  512.0 MiB  1.5 KiB  3.0 MiB
+long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB  3.0 MiB
+";
+        assert_eq!(out, expected);
+        assert_eq!(render_functions(&[]), "no functions recorded yet\n");
+    }
+
+    #[test]
+    fn info_text() {
+        let mut info = AgentInfo {
+            version: "0.1.0".into(),
+            kernel: "6.1.0".into(),
+            cgroup_mode: "v2".into(),
+            memory_hierarchy: "/sys/fs/cgroup".into(),
+            roots: vec!["/sys/fs/cgroup/a".into(), "/sys/fs/cgroup/b".into()],
+            programs: vec![
+                ProgramStatus {
+                    name: "on_exec".into(),
+                    tracepoint: "sched:sched_process_exec".into(),
+                    attached: true,
+                    error: None,
+                    run_count: Some(7),
+                    run_time_ns: Some(900),
+                },
+                ProgramStatus {
+                    name: "on_charge".into(),
+                    tracepoint: "memcg:memcg_charge".into(),
+                    attached: false,
+                    error: Some("tracepoint not found".into()),
+                    run_count: None,
+                    run_time_ns: None,
+                },
+            ],
+            fallbacks: vec!["no memcg tracepoints: peak from watermark reads".into()],
+            events_received: 123,
+            events_lost: 4,
+            started_at_ms: 1_700_000_000_000,
+            ..AgentInfo::default()
+        };
+        info.features.insert("btf".into(), true);
+        info.features.insert("memory.peak\x1b[31m".into(), false);
+        let out = render_info(&info);
+        assert!(out.starts_with("EMARS agent 0.1.0\n"), "{out}");
+        assert!(
+            out.contains("  started:          2023-11-14 22:13:20 UTC\n"),
+            "{out}"
+        );
+        assert!(out.contains("kernel:           6.1.0\n"), "{out}");
+        assert!(
+            out.contains("v2 (memory hierarchy at /sys/fs/cgroup)"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "  watched roots:    /sys/fs/cgroup/a\n                    /sys/fs/cgroup/b\n"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("123 received, 4 lost (ring buffer"), "{out}");
+        assert!(
+            out.contains(
+                "  NAME       TRACEPOINT                ATTACHED  RUNS  RUN NS  ERROR\n  \
+on_exec    sched:sched_process_exec  ✓            7     900\n  \
+on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not found\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("  ✓ btf\n  ✗ memory.peak\\u{1b}[31m\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  - no memcg tracepoints: peak from watermark reads\n"),
+            "{out}"
+        );
+
+        let empty = render_info(&AgentInfo::default());
+        assert!(empty.contains("watched roots:    none"), "{empty}");
+        assert!(empty.contains("programs:\n  none loaded\n"), "{empty}");
+        assert!(empty.contains("fallbacks:\n  none\n"), "{empty}");
+    }
+
+    #[test]
+    fn function_text() {
+        let t0 = 1_699_999_200_000; // 2023-11-14 22:00:00 UTC
+        let s = FunctionSummary {
+            name: "fn-a".into(),
+            instances: 2,
+            live_instances: 1,
+            execs: 4,
+            invocations: 9,
+            oom_kills: 0,
+            peak_bytes: 30 << 20,
+            peak_percentiles: PeakPercentiles {
+                p50: 10 << 20,
+                p90: 30 << 20,
+                p95: 30 << 20,
+                p99: 30 << 20,
+            },
+            first_seen_ms: t0,
+            last_seen_ms: t0 + 5000,
+        };
+        let hours = [HourBucket {
+            hour_start_ms: t0,
+            instances_started: 2,
+            execs: 4,
+            invocations: 9,
+            oom_kills: 0,
+            peak_bytes: 30 << 20,
+        }];
+        let inst = |name: &str, start: u64, end: Option<u64>, peak: u64| InstanceRecord {
+            function: "fn-a".into(),
+            instance: name.into(),
+            cgroup_id: 77,
+            cgroup_path: "/x".into(),
+            started_at_ms: start,
+            ended_at_ms: end,
+            execs: 2,
+            peak_bytes: peak,
+            peak_source: PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Limits {
+                max_bytes: Some(256 << 20),
+                high_bytes: None,
+            },
+        };
+        let instances = [
+            inst("i1", t0, Some(t0 + 1000), 10 << 20),
+            inst("i2", t0 + 2000, None, 30 << 20),
+        ];
+        let out = render_function(&s, &hours, &instances);
+        let expected = "\
+function fn-a
+  instances:    2 (1 live)
+  execs:        4
+  invocations:  9 (platform-reported)
+  OOM kills:    0
+  peak:         30.0 MiB
+  percentiles:  p50 10.0 MiB  p90 30.0 MiB  p95 30.0 MiB  p99 30.0 MiB
+  first seen:   2023-11-14 22:00:00 UTC
+  last seen:    2023-11-14 22:00:05 UTC
+
+hours (UTC), last 1 of 1:
+HOUR              STARTED  EXECS  INVOCATIONS  OOM      PEAK
+2023-11-14 22:00        2      4            9    0  30.0 MiB
+
+recent instances, newest first (2 of 2):
+INSTANCE  CGROUP ID  STARTED              ENDED                EXECS      PEAK  SOURCE     OOM      LIMIT
+i2               77  2023-11-14 22:00:02  live                     2  30.0 MiB  watermark    0  256.0 MiB
+i1               77  2023-11-14 22:00:00  2023-11-14 22:00:01      2  10.0 MiB  watermark    0  256.0 MiB
+";
+        assert_eq!(out, expected);
+
+        let bare = render_function(&s, &[], &[]);
+        assert!(
+            bare.ends_with("hours: none recorded\n\ninstances: none recorded\n"),
+            "{bare}"
+        );
+    }
+}

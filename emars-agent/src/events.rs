@@ -1,0 +1,141 @@
+//! Decoding of the ring buffer records sent by emars-ebpf.
+
+use emars_common::{Event, EventKind};
+
+/// A kernel event, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    CgroupMkdir { id: u64, path: String, level: i32 },
+    /// `peak`/`usage`: the in-kernel charge-event figures at removal (0 without memcg events).
+    CgroupRmdir { id: u64, path: String, peak: u64, usage: u64 },
+    TaskAttach { id: u64, pid: u32 },
+    Exec { id: u64, pid: u32, filename: String },
+    Exit { id: u64, pid: u32 },
+    MemPeak { id: u64, peak: u64 },
+    /// `id` is 0 when the kernel side did not know the victim's cgroup.
+    OomVictim { id: u64, pid: u32 },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+}
+
+/// A decoded event and its kernel timestamp (CLOCK_MONOTONIC ns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timed {
+    pub ts_ns: u64,
+    pub event: KernelEvent,
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked; Event is plain data; read_unaligned copes with any alignment.
+    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let name = || {
+        let n = (ev.name_len as usize).min(ev.name.len());
+        String::from_utf8_lossy(&ev.name[..n]).into_owned()
+    };
+    let kind = EventKind::from_u32(ev.kind).ok_or(DecodeError::Kind(ev.kind))?;
+    let id = ev.cgroup_id;
+    let event = match kind {
+        EventKind::CgroupMkdir => KernelEvent::CgroupMkdir {
+            id,
+            path: name(),
+            level: ev.level,
+        },
+        EventKind::CgroupRmdir => KernelEvent::CgroupRmdir {
+            id,
+            path: name(),
+            peak: ev.value,
+            usage: ev.aux,
+        },
+        EventKind::TaskAttach => KernelEvent::TaskAttach { id, pid: ev.pid },
+        EventKind::Exec => KernelEvent::Exec {
+            id,
+            pid: ev.pid,
+            filename: name(),
+        },
+        EventKind::Exit => KernelEvent::Exit { id, pid: ev.pid },
+        EventKind::MemPeak => KernelEvent::MemPeak { id, peak: ev.value },
+        EventKind::OomVictim => KernelEvent::OomVictim { id, pid: ev.pid },
+    };
+    Ok(Timed {
+        ts_ns: ev.ts_ns,
+        event,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emars_common::EVENT_NAME_LEN;
+
+    fn raw(kind: u32, name: &str) -> Vec<u8> {
+        let mut ev = Event {
+            kind,
+            pid: 42,
+            cgroup_id: 7,
+            value: 1 << 20,
+            aux: 5,
+            ts_ns: 99,
+            hierarchy: 4,
+            level: 2,
+            _pad: 0,
+            name_len: name.len() as u32,
+            name: [0; EVENT_NAME_LEN],
+        };
+        ev.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: Event is plain data.
+        unsafe {
+            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_each_kind() {
+        let t = decode(&raw(1, "/emars/f/1")).unwrap();
+        assert_eq!(t.ts_ns, 99);
+        assert_eq!(
+            t.event,
+            KernelEvent::CgroupMkdir {
+                id: 7,
+                path: "/emars/f/1".into(),
+                level: 2
+            }
+        );
+        assert_eq!(
+            decode(&raw(2, "/x")).unwrap().event,
+            KernelEvent::CgroupRmdir {
+                id: 7,
+                path: "/x".into(),
+                peak: 1 << 20,
+                usage: 5
+            }
+        );
+        assert_eq!(
+            decode(&raw(6, "")).unwrap().event,
+            KernelEvent::MemPeak { id: 7, peak: 1 << 20 }
+        );
+        assert_eq!(decode(&raw(99, "")), Err(DecodeError::Kind(99)));
+        assert_eq!(decode(&[0u8; 8]), Err(DecodeError::Short(8)));
+    }
+
+    #[test]
+    fn name_len_is_clamped() {
+        let mut b = raw(4, "/bin/sh");
+        // Corrupt name_len to something huge: must not read past the array.
+        let off = std::mem::offset_of!(Event, name_len);
+        b[off..off + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&b).unwrap().event,
+            KernelEvent::Exec { .. }
+        ));
+    }
+}

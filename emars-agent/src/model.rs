@@ -1,0 +1,215 @@
+//! The data model: what EMARS knows about instances (one container cgroup each) and
+//! functions (all instances that run the same code). Shared by the store, the API and the CLI.
+
+use serde::{Deserialize, Serialize};
+
+/// Where an instance's peak figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PeakSource {
+    /// Nothing measured yet.
+    #[default]
+    None,
+    /// The kernel's own watermark file (v2 memory.peak, v1 memory.max_usage_in_bytes).
+    KernelWatermark,
+    /// The in-kernel sum of memcg charge events (eBPF), used when the cgroup was gone before
+    /// its watermark could be read.
+    ChargeEvents,
+}
+
+/// Limits in force on an instance's cgroup when last seen (bytes; None = unlimited/unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    /// v2 memory.max, v1 memory.limit_in_bytes.
+    pub max_bytes: Option<u64>,
+    /// v2 memory.high, v1 memory.soft_limit_in_bytes.
+    pub high_bytes: Option<u64>,
+}
+
+/// One container instance: a cgroup that a registry rule mapped to a function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub function: String,
+    pub instance: String,
+    /// Kernel cgroup id (inode of the cgroup directory in the memory hierarchy).
+    pub cgroup_id: u64,
+    /// Absolute path of the cgroup directory.
+    pub cgroup_path: String,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+    /// None while the cgroup exists.
+    pub ended_at_ms: Option<u64>,
+    /// Successful execve() calls by tasks of this cgroup.
+    pub execs: u64,
+    /// Peak memory of the cgroup in bytes.
+    pub peak_bytes: u64,
+    pub peak_source: PeakSource,
+    /// Processes of this cgroup chosen as OOM victims.
+    pub oom_kills: u64,
+    pub limits: Limits,
+}
+
+impl InstanceRecord {
+    pub fn is_live(&self) -> bool {
+        self.ended_at_ms.is_none()
+    }
+}
+
+/// Percentiles of the instance peaks of one function (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeakPercentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p95: u64,
+    pub p99: u64,
+}
+
+/// What EMARS knows of one function, aggregated over its retained instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionSummary {
+    pub name: String,
+    pub instances: u64,
+    pub live_instances: u64,
+    pub execs: u64,
+    /// Invocations reported by the platform through the API.
+    pub invocations: u64,
+    pub oom_kills: u64,
+    /// Peak of the instance peaks (bytes).
+    pub peak_bytes: u64,
+    pub peak_percentiles: PeakPercentiles,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// One hour of one function: the paper's workload model (requests) and memory model (peak)
+/// at hour granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HourBucket {
+    /// Start of the hour, unix ms (a multiple of 3_600_000).
+    pub hour_start_ms: u64,
+    pub instances_started: u64,
+    pub execs: u64,
+    pub invocations: u64,
+    pub oom_kills: u64,
+    /// Highest instance peak observed during this hour (bytes).
+    pub peak_bytes: u64,
+}
+
+/// A change to add into an hour bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HourDelta {
+    pub instances_started: u64,
+    pub execs: u64,
+    pub invocations: u64,
+    pub oom_kills: u64,
+    /// Taken as a max, not added.
+    pub peak_bytes: u64,
+}
+
+/// The paper's per-function config: {requests, max memory}, exported by GET /v1/export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionConfig {
+    pub function: String,
+    /// Busiest hour's requests (invocations reported by the platform, else execs).
+    pub requests_per_hour: u64,
+    /// Peak of instance peaks (bytes).
+    pub max_memory_bytes: u64,
+}
+
+/// One eBPF program as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    /// "category:name" of the tracepoint.
+    pub tracepoint: String,
+    pub attached: bool,
+    /// Why not, when not attached.
+    pub error: Option<String>,
+    /// From bpf_stats when enabled (kernel.bpf_stats_enabled or BPF_ENABLE_STATS).
+    pub run_count: Option<u64>,
+    pub run_time_ns: Option<u64>,
+}
+
+/// GET /v1/info.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AgentInfo {
+    pub version: String,
+    pub kernel: String,
+    /// "v1" (memory controller on a v1 hierarchy) or "v2".
+    pub cgroup_mode: String,
+    /// Mount point of the hierarchy that holds the memory controller.
+    pub memory_hierarchy: String,
+    /// Watched cgroup roots (absolute paths).
+    pub roots: Vec<String>,
+    /// Facts probed at start-up (tracepoints present, BTF, memory.peak, ...).
+    pub features: std::collections::BTreeMap<String, bool>,
+    pub programs: Vec<ProgramStatus>,
+    /// Human-readable fallbacks in use, e.g. "no memcg tracepoints: peak from watermark reads".
+    pub fallbacks: Vec<String>,
+    pub events_received: u64,
+    /// Events the kernel could not queue (ring buffer full); never silent.
+    pub events_lost: u64,
+    pub started_at_ms: u64,
+}
+
+/// Nearest-rank percentile of an ascending slice: the smallest value such that at least `p`
+/// percent of the values are at or below it (rank = ceil(p/100 · n), clamped to 1..=n).
+/// `p` is in percent (50.0 = median). An empty slice gives 0.
+pub fn nearest_rank(sorted: &[u64], p: f64) -> u64 {
+    let n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    // For integer p, p·n is exact in f64, so the ceil never rounds across an integer.
+    let rank = (p * n as f64 / 100.0).ceil();
+    let rank = if rank.is_nan() || rank < 1.0 {
+        1
+    } else {
+        (rank as usize).min(n)
+    };
+    sorted[rank - 1]
+}
+
+impl PeakPercentiles {
+    /// p50/p90/p95/p99 by nearest rank over an ascending slice (all zero when empty).
+    pub fn from_sorted(sorted: &[u64]) -> Self {
+        PeakPercentiles {
+            p50: nearest_rank(sorted, 50.0),
+            p90: nearest_rank(sorted, 90.0),
+            p95: nearest_rank(sorted, 95.0),
+            p99: nearest_rank(sorted, 99.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod percentile_tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_edges() {
+        assert_eq!(nearest_rank(&[], 50.0), 0);
+        assert_eq!(nearest_rank(&[7], 0.0), 7);
+        assert_eq!(nearest_rank(&[7], 99.0), 7);
+        assert_eq!(nearest_rank(&[1, 2], 50.0), 1);
+        assert_eq!(nearest_rank(&[1, 2], 51.0), 2);
+        assert_eq!(nearest_rank(&[1, 2, 3], 100.0), 3);
+        assert_eq!(nearest_rank(&[1, 2, 3], 150.0), 3);
+        assert_eq!(nearest_rank(&[1, 2, 3], f64::NAN), 1);
+    }
+
+    #[test]
+    fn percentiles_of_1_to_100() {
+        let v: Vec<u64> = (1..=100).collect();
+        let p = PeakPercentiles::from_sorted(&v);
+        assert_eq!((p.p50, p.p90, p.p95, p.p99), (50, 90, 95, 99));
+        // n = 10: p95 and p99 both round up to the maximum.
+        let v: Vec<u64> = (1..=10).collect();
+        let p = PeakPercentiles::from_sorted(&v);
+        assert_eq!((p.p50, p.p90, p.p95, p.p99), (5, 9, 10, 10));
+        assert_eq!(
+            PeakPercentiles::from_sorted(&[]),
+            PeakPercentiles::default()
+        );
+    }
+}

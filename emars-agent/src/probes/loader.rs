@@ -1,0 +1,418 @@
+//! Loads the eBPF programs, fills their configuration from the running kernel, attaches every
+//! program it can and reports what it attached and what it fell back to.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use emars_common::{
+    counter, names, AttachTpOffsets, CgroupTpOffsets, MemState, MemcgTpOffsets, ProbeConfig,
+    WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
+};
+
+use super::{
+    memcg_items::{usage_items, UsageItem},
+    tracefs::{Format, Tracefs, TracefsError},
+};
+use crate::{
+    cgroupfs::{CgroupVersion, MemoryHierarchy},
+    config::ProbesConfig,
+    model::ProgramStatus,
+};
+
+/// The eBPF object built by build.rs (aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/emars"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("watched root {root:?} is longer than {max} bytes")]
+    RootTooLong { root: String, max: usize },
+    #[error("more than {MAX_ROOTS} watched roots")]
+    TooManyRoots,
+}
+
+/// One program of emars-ebpf and the tracepoint it belongs on.
+struct Spec {
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    /// Charge-event programs: optional, with a fallback when absent.
+    memcg: bool,
+}
+
+const SPECS: &[Spec] = &[
+    spec("cgroup_mkdir", "cgroup", "cgroup_mkdir", false),
+    spec("cgroup_rmdir", "cgroup", "cgroup_rmdir", false),
+    spec("cgroup_attach_task", "cgroup", "cgroup_attach_task", false),
+    spec("sched_process_fork", "sched", "sched_process_fork", false),
+    spec("sched_process_exec", "sched", "sched_process_exec", false),
+    spec("sched_process_exit", "sched", "sched_process_exit", false),
+    spec("oom_mark_victim", "oom", "mark_victim", false),
+    spec("memcg_mod_memcg_state", "memcg", "mod_memcg_state", true),
+    spec(
+        "memcg_mod_memcg_lruvec_state",
+        "memcg",
+        "mod_memcg_lruvec_state",
+        true,
+    ),
+];
+
+const fn spec(
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    memcg: bool,
+) -> Spec {
+    Spec {
+        program,
+        category,
+        tracepoint,
+        memcg,
+    }
+}
+
+/// What start-up found and did; shown by GET /v1/info.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeReport {
+    pub features: BTreeMap<String, bool>,
+    pub programs: Vec<ProgramStatus>,
+    pub fallbacks: Vec<String>,
+    pub usage_items: Vec<UsageItem>,
+}
+
+impl ProbeReport {
+    pub fn attached(&self, program: &str) -> bool {
+        self.programs
+            .iter()
+            .any(|p| p.name == program && p.attached)
+    }
+
+    /// True when charge events keep peaks current (both memcg programs attached).
+    pub fn charge_events(&self) -> bool {
+        self.attached("memcg_mod_memcg_state") && self.attached("memcg_mod_memcg_lruvec_state")
+    }
+}
+
+/// The loaded programs and the maps the agent talks to.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub report: ProbeReport,
+    watched: HashMap<MapData, u64, MemState>,
+    tasks: HashMap<MapData, u32, u64>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
+    ProbeError::Map {
+        name,
+        message: e.to_string(),
+    }
+}
+
+impl Probes {
+    /// Loads and attaches. `roots` are watched roots relative to the hierarchy ("/emars").
+    pub fn load(
+        hierarchy: &MemoryHierarchy,
+        cfg: &ProbesConfig,
+        roots: &[String],
+    ) -> Result<Probes, ProbeError> {
+        let tracefs = Tracefs::find_or_mount()?;
+        let mut report = ProbeReport::default();
+        let mut config = ProbeConfig {
+            mem_hierarchy: hierarchy.hierarchy_id,
+            current_cgroup_is_memcg: u32::from(hierarchy.version == CgroupVersion::V2),
+            peak_step_bytes: cfg.peak_step_bytes,
+            ..Default::default()
+        };
+        // Offsets per tracepoint; a tracepoint whose format cannot be used is reported, not fatal.
+        let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
+        for s in SPECS {
+            let present = tracefs.exists(s.category, s.tracepoint);
+            report
+                .features
+                .insert(format!("tracepoint {}:{}", s.category, s.tracepoint), present);
+            let r = tracefs
+                .format(s.category, s.tracepoint)
+                .and_then(|f| fill_offsets(&mut config, s.program, &f));
+            if let Err(e) = r {
+                unusable.insert(s.program, e.to_string());
+            }
+        }
+
+        let btf = Path::new("/sys/kernel/btf/vmlinux");
+        report.features.insert("btf".into(), btf.exists());
+        // SAFETY: sysconf has no preconditions.
+        let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as u64,
+            _ => 4096,
+        };
+        match usage_items(btf, hierarchy.version == CgroupVersion::V1, page_size) {
+            Ok(items) => report.usage_items = items,
+            Err(e) => {
+                for s in SPECS.iter().filter(|s| s.memcg) {
+                    unusable
+                        .entry(s.program)
+                        .or_insert_with(|| format!("memcg stat items unknown: {e}"));
+                }
+            }
+        }
+        let peak_file = match hierarchy.version {
+            CgroupVersion::V1 => "memory.max_usage_in_bytes",
+            CgroupVersion::V2 => "memory.peak",
+        };
+        report.features.insert(
+            format!("{peak_file} (kernel watermark)"),
+            hierarchy.mount.join(peak_file).exists()
+                || std::fs::read_dir(&hierarchy.mount)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.path().join(peak_file).exists()),
+        );
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::CONFIG, &config, true)
+            .map_max_entries(names::EVENTS, cfg.ring_buffer_bytes)
+            .load(EBPF_OBJECT)?;
+
+        fill_watch_roots(&mut ebpf, hierarchy.hierarchy_id, roots)?;
+        {
+            let map = ebpf
+                .map_mut(names::ITEM_UNITS)
+                .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
+            let mut units: Array<&mut MapData, u64> =
+                Array::try_from(map).map_err(|e| map_err(names::ITEM_UNITS, e))?;
+            for it in &report.usage_items {
+                units
+                    .set(it.item, it.unit, 0)
+                    .map_err(|e| map_err(names::ITEM_UNITS, e))?;
+            }
+        }
+
+        for s in SPECS {
+            let mut status = ProgramStatus {
+                name: s.program.into(),
+                tracepoint: format!("{}:{}", s.category, s.tracepoint),
+                attached: false,
+                error: None,
+                run_count: None,
+                run_time_ns: None,
+            };
+            if cfg.disable.iter().any(|d| d == s.program) {
+                status.error = Some("disabled by config (probes.disable)".into());
+            } else if let Some(why) = unusable.get(s.program) {
+                status.error = Some(why.clone());
+            } else if let Err(e) = attach(&mut ebpf, s) {
+                status.error = Some(e);
+            } else {
+                status.attached = true;
+            }
+            if let Some(e) = &status.error {
+                tracing::warn!(program = s.program, "not attached: {e}");
+            }
+            report.programs.push(status);
+        }
+        if !report.charge_events() {
+            report.fallbacks.push(format!(
+                "no memcg charge events: peaks come from the kernel watermark ({peak_file}) read on \
+                 exec/exit events; a cgroup removed within microseconds of its last exit may \
+                 keep an earlier reading"
+            ));
+        }
+        if !report.attached("cgroup_mkdir") {
+            report
+                .fallbacks
+                .push("no cgroup_mkdir: new cgroups are found when their first task execs".into());
+        }
+        if !report.attached("cgroup_attach_task") || !report.attached("sched_process_fork") {
+            report.fallbacks.push(
+                "task tracking incomplete: exec and OOM events are attributed via /proc/PID/cgroup"
+                    .into(),
+            );
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| map_err(name, "missing"))
+        };
+        let watched = HashMap::try_from(take(&mut ebpf, names::WATCHED)?)
+            .map_err(|e| map_err(names::WATCHED, e))?;
+        let tasks = HashMap::try_from(take(&mut ebpf, names::TASKS)?)
+            .map_err(|e| map_err(names::TASKS, e))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, names::COUNTERS)?)
+            .map_err(|e| map_err(names::COUNTERS, e))?;
+        Ok(Probes {
+            ebpf,
+            report,
+            watched,
+            tasks,
+            counters,
+        })
+    }
+
+    /// The event ring buffer; taken once by the event loop.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or_else(|| map_err(names::EVENTS, "already taken"))?;
+        RingBuf::try_from(map).map_err(|e| map_err(names::EVENTS, e))
+    }
+
+    /// Starts tracking a cgroup that existed before the agent (mkdir already tracks new ones).
+    /// Does not overwrite state the kernel side already keeps.
+    pub fn watch(&mut self, id: u64, usage: u64, peak: u64) -> Result<(), ProbeError> {
+        let state = MemState {
+            usage: usage as i64,
+            peak: peak.max(usage) as i64,
+            reported: peak.max(usage) as i64,
+        };
+        // BPF_NOEXIST: a cgroup the kernel side already tracks keeps its exact state.
+        match self.watched.insert(id, state, 1) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_err(names::WATCHED, e)),
+        }
+    }
+
+    /// The kernel-side state of a watched cgroup.
+    pub fn mem_state(&self, id: u64) -> Option<MemState> {
+        self.watched.get(&id, 0).ok()
+    }
+
+    pub fn unwatch(&mut self, id: u64) {
+        let _ = self.watched.remove(&id);
+    }
+
+    /// Records a task of a watched cgroup (seeding for tasks that existed before the agent).
+    pub fn track_task(&mut self, tid: u32, id: u64) -> Result<(), ProbeError> {
+        self.tasks
+            .insert(tid, id, 0)
+            .map_err(|e| map_err(names::TASKS, e))
+    }
+
+    /// Sum over CPUs of one `COUNTERS` slot.
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn events_lost(&self) -> u64 {
+        self.counter(counter::LOST)
+    }
+
+    /// Current program statuses with bpf_stats figures (non-zero only while stats are enabled).
+    pub fn program_stats(&self) -> Vec<ProgramStatus> {
+        let mut out = self.report.programs.clone();
+        for p in &mut out {
+            if !p.attached {
+                continue;
+            }
+            if let Some(Ok(info)) = self.ebpf.program(&p.name).map(|prog| prog.info()) {
+                p.run_count = Some(info.run_count());
+                p.run_time_ns = Some(info.run_time().as_nanos() as u64);
+            }
+        }
+        out
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(s.program)
+        .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load().map_err(|e| format!("load: {e}"))?;
+    prog.attach(s.category, s.tracepoint)
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok(())
+}
+
+fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), TracefsError> {
+    let cgroup = |f: &Format| -> Result<CgroupTpOffsets, TracefsError> {
+        Ok(CgroupTpOffsets {
+            root: f.offset("root", &[4])?,
+            level: f.offset("level", &[4])?,
+            id: f.offset("id", &[8])?,
+            path: f.offset("path", &[4])?,
+        })
+    };
+    let memcg = |f: &Format| -> Result<MemcgTpOffsets, TracefsError> {
+        Ok(MemcgTpOffsets {
+            id: f.offset("id", &[8])?,
+            item: f.offset("item", &[4])?,
+            val: f.offset("val", &[4])?,
+            _pad: 0,
+        })
+    };
+    match program {
+        "cgroup_mkdir" => c.mkdir = cgroup(f)?,
+        "cgroup_rmdir" => c.rmdir = cgroup(f)?,
+        "cgroup_attach_task" => {
+            c.attach = AttachTpOffsets {
+                root: f.offset("dst_root", &[4])?,
+                level: f.offset("dst_level", &[4])?,
+                id: f.offset("dst_id", &[8])?,
+                pid: f.offset("pid", &[4])?,
+                path: f.offset("dst_path", &[4])?,
+                _pad: 0,
+            }
+        }
+        "sched_process_fork" => {
+            c.fork_parent_pid = f.offset("parent_pid", &[4])?;
+            c.fork_child_pid = f.offset("child_pid", &[4])?;
+        }
+        "sched_process_exec" => {
+            c.exec_pid = f.offset("pid", &[4])?;
+            c.exec_filename = f.offset("filename", &[4])?;
+        }
+        "sched_process_exit" => c.exit_pid = f.offset("pid", &[4])?,
+        "oom_mark_victim" => c.oom_pid = f.offset("pid", &[4])?,
+        "memcg_mod_memcg_state" => c.memcg_state = memcg(f)?,
+        "memcg_mod_memcg_lruvec_state" => c.memcg_lruvec = memcg(f)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn fill_watch_roots(ebpf: &mut Ebpf, hierarchy: i32, roots: &[String]) -> Result<(), ProbeError> {
+    if roots.len() > MAX_ROOTS as usize {
+        return Err(ProbeError::TooManyRoots);
+    }
+    let map = ebpf
+        .map_mut(names::WATCH_ROOTS)
+        .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
+    let mut arr: Array<&mut MapData, WatchRoot> =
+        Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+    for (i, root) in roots.iter().enumerate() {
+        let bytes = root.as_bytes();
+        if bytes.len() >= ROOT_PREFIX_LEN {
+            return Err(ProbeError::RootTooLong {
+                root: root.clone(),
+                max: ROOT_PREFIX_LEN - 1,
+            });
+        }
+        let mut w = WatchRoot::EMPTY;
+        w.hierarchy = hierarchy;
+        w.len = bytes.len() as u32;
+        w.prefix[..bytes.len()].copy_from_slice(bytes);
+        arr.set(i as u32, w, 0)
+            .map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,1019 @@
+//! The on-disk store: a [sled] database holding instance records, hourly buckets and the set of
+//! known functions, so that EMARS keeps its history across restarts.
+//!
+//! # Layout
+//!
+//! One sled database (a directory) with four trees. Every value is JSON (serde_json). Numbers
+//! inside keys are unsigned 64-bit big-endian, so a key-ordered scan is a time-ordered scan.
+//! `·` below is concatenation.
+//!
+//! | tree        | key                                                              | value                                  |
+//! |-------------|------------------------------------------------------------------|----------------------------------------|
+//! | `instances` | name · `0x00` · `started_at_ms` (u64 BE) · `cgroup_id` (u64 BE)  | [`InstanceRecord`]                     |
+//! | `hours`     | name · `0x00` · `hour_start_ms` (u64 BE)                         | [`HourBucket`]                         |
+//! | `functions` | name                                                             | `{"first_seen_ms":…,"last_seen_ms":…}` |
+//! | `meta`      | `schema_version`                                                 | `1`                                    |
+//!
+//! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
+//!
+//! Function names are UTF-8, non-empty and never contain `0x00`, so the prefix
+//! `name · 0x00` selects exactly one function's entries (`"a"` never matches `"ab"`), oldest
+//! first. An instance is identified by `(function, started_at_ms, cgroup_id)`: cgroup ids (inode
+//! numbers) can be reused after a cgroup is removed, the start time tells the two apart.
+//!
+//! `functions` lists every function the store has heard of, whether through an instance, an
+//! hour bucket or platform-reported invocations; [`Store::prune`] never removes these entries.
+//!
+//! On open, `meta/schema_version` is written if absent; a version newer than
+//! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaTooNew`]) rather than misread.
+//!
+//! # Errors
+//!
+//! A value that does not decode is reported as [`StoreError::Corrupt`] with the tree and a
+//! readable rendering of the key (`function/started_at_ms/cgroup_id` for instances,
+//! `function/hour_start_ms` for hours); the store never panics on bad data.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
+};
+
+/// Schema version this build writes and understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Length of an hour bucket in milliseconds.
+pub const HOUR_MS: u64 = 3_600_000;
+
+const TREE_INSTANCES: &str = "instances";
+const TREE_HOURS: &str = "hours";
+const TREE_FUNCTIONS: &str = "functions";
+const TREE_META: &str = "meta";
+const KEY_SCHEMA_VERSION: &str = "schema_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "store at {path} has schema version {found}, this build understands up to {supported}"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("store database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt value in tree `{tree}` at key {key}: {source}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode value for tree `{tree}` at key {key}: {source}")]
+    Encode {
+        tree: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("invalid function name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+}
+
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PruneReport {
+    pub instances_removed: u64,
+    pub hours_removed: u64,
+}
+
+/// Value of the `functions` tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct FunctionRecord {
+    first_seen_ms: u64,
+    #[serde(default)]
+    last_seen_ms: u64,
+}
+
+/// Handle to the store. Cloning is cheap (sled handles are reference-counted) and all clones
+/// see the same data; it is `Send + Sync`.
+#[derive(Clone)]
+pub struct Store {
+    path: Arc<Path>,
+    db: sled::Db,
+    instances: sled::Tree,
+    hours: sled::Tree,
+    functions: sled::Tree,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in directory `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = sled::open(path).map_err(open_err)?;
+        let instances = db.open_tree(TREE_INSTANCES).map_err(open_err)?;
+        let hours = db.open_tree(TREE_HOURS).map_err(open_err)?;
+        let functions = db.open_tree(TREE_FUNCTIONS).map_err(open_err)?;
+        let meta = db.open_tree(TREE_META).map_err(open_err)?;
+
+        match meta.get(KEY_SCHEMA_VERSION)? {
+            None => {
+                meta.insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_string().as_bytes())?;
+            }
+            Some(raw) => {
+                let found: u32 = decode(TREE_META, KEY_SCHEMA_VERSION, &raw)?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew {
+                        path: path.to_path_buf(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+
+        Ok(Store {
+            path: Arc::from(path),
+            db,
+            instances,
+            hours,
+            functions,
+        })
+    }
+
+    /// Directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Inserts or replaces the record identified by `(function, started_at_ms, cgroup_id)`.
+    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        validate_name(&rec.function)?;
+        let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
+        self.touch_function(&rec.function, rec.started_at_ms, last)?;
+        let key = instance_key(&rec.function, rec.started_at_ms, rec.cgroup_id);
+        let value = encode(TREE_INSTANCES, &key, rec)?;
+        self.instances.insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn instance(
+        &self,
+        function: &str,
+        started_at_ms: u64,
+        cgroup_id: u64,
+    ) -> Result<Option<InstanceRecord>, StoreError> {
+        validate_name(function)?;
+        let key = instance_key(function, started_at_ms, cgroup_id);
+        match self.instances.get(&key)? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(decode(TREE_INSTANCES, &display_key(&key), &raw)?)),
+        }
+    }
+
+    /// All retained instances of `function`, oldest first (by start time, then cgroup id).
+    pub fn instances(&self, function: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        validate_name(function)?;
+        scan(&self.instances, TREE_INSTANCES, &prefix(function))
+    }
+
+    /// Instances of every function that have not ended, in key order. After a restart the
+    /// agent checks these against the cgroups that still exist.
+    pub fn live_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let all: Vec<InstanceRecord> = scan(&self.instances, TREE_INSTANCES, &[])?;
+        Ok(all.into_iter().filter(InstanceRecord::is_live).collect())
+    }
+
+    /// Merges `delta` into the bucket of the hour containing `at_ms`: counters add,
+    /// `peak_bytes` takes the max. Safe against concurrent callers (compare-and-swap loop).
+    pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
+        validate_name(function)?;
+        self.touch_function(function, at_ms, at_ms)?;
+        let hour_start_ms = at_ms - at_ms % HOUR_MS;
+        let key = hour_key(function, hour_start_ms);
+        update_json(&self.hours, TREE_HOURS, &key, |old: Option<HourBucket>| {
+            let mut b = old.unwrap_or(HourBucket {
+                hour_start_ms,
+                ..HourBucket::default()
+            });
+            apply_delta(&mut b, &delta);
+            b
+        })
+    }
+
+    /// Hour buckets of `function`, oldest first.
+    pub fn hours(&self, function: &str) -> Result<Vec<HourBucket>, StoreError> {
+        validate_name(function)?;
+        scan(&self.hours, TREE_HOURS, &prefix(function))
+    }
+
+    /// Records `count` invocations reported by the platform at `at_ms`. The function becomes
+    /// known even if no instance of it was seen yet (also when `count` is 0).
+    pub fn add_invocations(
+        &self,
+        function: &str,
+        count: u64,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.add_hour(
+            function,
+            at_ms,
+            HourDelta {
+                invocations: count,
+                ..HourDelta::default()
+            },
+        )
+    }
+
+    /// Names of all known functions, sorted (byte order).
+    pub fn function_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        for item in self.functions.iter() {
+            let (key, _) = item?;
+            // Keys were written from &str; a non-UTF-8 key can only come from outside.
+            let name = String::from_utf8(key.to_vec()).map_err(|e| StoreError::Corrupt {
+                tree: TREE_FUNCTIONS,
+                key: display_key(&key),
+                source: serde::de::Error::custom(e),
+            })?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// Aggregate of one function over its retained data; None if the function is unknown.
+    ///
+    /// `first_seen_ms` is the earliest time ever recorded for the function (it survives
+    /// pruning); `last_seen_ms` is the latest of the recorded activity times, instance
+    /// start/end times and the start of any hour bucket.
+    pub fn function(&self, name: &str) -> Result<Option<FunctionSummary>, StoreError> {
+        validate_name(name)?;
+        let record: FunctionRecord = match self.functions.get(name.as_bytes())? {
+            None => return Ok(None),
+            Some(raw) => decode(TREE_FUNCTIONS, name, &raw)?,
+        };
+        let instances = self.instances(name)?;
+        let hours = self.hours(name)?;
+        Ok(Some(summarize(name, &record, &instances, &hours)))
+    }
+
+    /// Summaries of all known functions, sorted by name.
+    pub fn functions(&self) -> Result<Vec<FunctionSummary>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.function_names()? {
+            // A function removed between the two reads is simply skipped.
+            if let Some(s) = self.function(&name)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The paper's per-function config, one entry per known function, sorted by name.
+    ///
+    /// `requests_per_hour` is the busiest retained hour's platform-reported invocations when
+    /// any retained hour has some, else the busiest hour's execs; `max_memory_bytes` is the
+    /// peak of the retained instance peaks.
+    pub fn export(&self) -> Result<Vec<FunctionConfig>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.function_names()? {
+            let hours = self.hours(&name)?;
+            let max_invocations = hours.iter().map(|h| h.invocations).max().unwrap_or(0);
+            let requests_per_hour = if max_invocations > 0 {
+                max_invocations
+            } else {
+                hours.iter().map(|h| h.execs).max().unwrap_or(0)
+            };
+            let instances = self.instances(&name)?;
+            let max_memory_bytes = instances.iter().map(|i| i.peak_bytes).max().unwrap_or(0);
+            out.push(FunctionConfig {
+                function: name,
+                requests_per_hour,
+                max_memory_bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes ended instances with `ended_at_ms < now_ms - retention` and hour buckets whose
+    /// whole hour lies before that cutoff. Live instances are never deleted, nor are the
+    /// entries of the `functions` tree.
+    pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = now_ms.saturating_sub(retention_ms);
+        let mut report = PruneReport::default();
+
+        for item in self.instances.iter() {
+            let (key, raw) = item?;
+            let rec: InstanceRecord = decode(TREE_INSTANCES, &display_key(&key), &raw)?;
+            if matches!(rec.ended_at_ms, Some(end) if end < cutoff) {
+                // Only delete the value we judged: a concurrent put_instance wins.
+                if self
+                    .instances
+                    .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
+                    .is_ok()
+                {
+                    report.instances_removed += 1;
+                }
+            }
+        }
+
+        for item in self.hours.iter() {
+            let (key, raw) = item?;
+            let bucket: HourBucket = decode(TREE_HOURS, &display_key(&key), &raw)?;
+            if bucket.hour_start_ms.saturating_add(HOUR_MS) <= cutoff
+                && self
+                    .hours
+                    .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
+                    .is_ok()
+            {
+                report.hours_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes all buffered changes to disk (sled also flushes on its own every 500 ms).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Widens the function's first/last-seen range, creating the entry if needed.
+    fn touch_function(&self, name: &str, first_ms: u64, last_ms: u64) -> Result<(), StoreError> {
+        update_json(
+            &self.functions,
+            TREE_FUNCTIONS,
+            name.as_bytes(),
+            |old: Option<FunctionRecord>| match old {
+                None => FunctionRecord {
+                    first_seen_ms: first_ms,
+                    last_seen_ms: last_ms,
+                },
+                Some(r) => FunctionRecord {
+                    first_seen_ms: r.first_seen_ms.min(first_ms),
+                    last_seen_ms: r.last_seen_ms.max(last_ms),
+                },
+            },
+        )
+    }
+
+    #[cfg(test)]
+    fn raw_tree(&self, name: &str) -> sled::Tree {
+        self.db.open_tree(name).expect("open tree")
+    }
+}
+
+fn summarize(
+    name: &str,
+    record: &FunctionRecord,
+    instances: &[InstanceRecord],
+    hours: &[HourBucket],
+) -> FunctionSummary {
+    let mut peaks: Vec<u64> = instances
+        .iter()
+        .map(|i| i.peak_bytes)
+        .filter(|&p| p > 0)
+        .collect();
+    peaks.sort_unstable();
+
+    let first_seen_ms = instances
+        .iter()
+        .map(|i| i.started_at_ms)
+        .fold(record.first_seen_ms, u64::min);
+    let last_seen_ms = instances
+        .iter()
+        .map(|i| i.ended_at_ms.unwrap_or(0).max(i.started_at_ms))
+        .chain(hours.iter().map(|h| h.hour_start_ms))
+        .fold(record.last_seen_ms, u64::max);
+
+    FunctionSummary {
+        name: name.to_string(),
+        instances: instances.len() as u64,
+        live_instances: instances.iter().filter(|i| i.is_live()).count() as u64,
+        execs: instances
+            .iter()
+            .map(|i| i.execs)
+            .fold(0, u64::saturating_add),
+        invocations: hours
+            .iter()
+            .map(|h| h.invocations)
+            .fold(0, u64::saturating_add),
+        oom_kills: instances
+            .iter()
+            .map(|i| i.oom_kills)
+            .fold(0, u64::saturating_add),
+        peak_bytes: peaks.last().copied().unwrap_or(0),
+        peak_percentiles: PeakPercentiles::from_sorted(&peaks),
+        first_seen_ms,
+        last_seen_ms,
+    }
+}
+
+fn apply_delta(b: &mut HourBucket, d: &HourDelta) {
+    b.instances_started = b.instances_started.saturating_add(d.instances_started);
+    b.execs = b.execs.saturating_add(d.execs);
+    b.invocations = b.invocations.saturating_add(d.invocations);
+    b.oom_kills = b.oom_kills.saturating_add(d.oom_kills);
+    b.peak_bytes = b.peak_bytes.max(d.peak_bytes);
+}
+
+fn validate_name(name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name.contains('\0') {
+        "contains a NUL byte"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidName {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+fn prefix(function: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(function.len() + 17);
+    k.extend_from_slice(function.as_bytes());
+    k.push(0);
+    k
+}
+
+fn instance_key(function: &str, started_at_ms: u64, cgroup_id: u64) -> Vec<u8> {
+    let mut k = prefix(function);
+    k.extend_from_slice(&started_at_ms.to_be_bytes());
+    k.extend_from_slice(&cgroup_id.to_be_bytes());
+    k
+}
+
+fn hour_key(function: &str, hour_start_ms: u64) -> Vec<u8> {
+    let mut k = prefix(function);
+    k.extend_from_slice(&hour_start_ms.to_be_bytes());
+    k
+}
+
+/// Human-readable key for error messages: `function/n1/n2…`, or escaped bytes when the key does
+/// not follow the schema.
+fn display_key(key: &[u8]) -> String {
+    let Some(nul) = key.iter().position(|&b| b == 0) else {
+        return String::from_utf8_lossy(key).into_owned();
+    };
+    let (name, rest) = (&key[..nul], &key[nul + 1..]);
+    match std::str::from_utf8(name) {
+        Ok(name) if rest.len() % 8 == 0 => {
+            let mut s = name.to_string();
+            for chunk in rest.chunks_exact(8) {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(chunk);
+                s.push('/');
+                s.push_str(&u64::from_be_bytes(n).to_string());
+            }
+            s
+        }
+        _ => key.escape_ascii().to_string(),
+    }
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|source| StoreError::Corrupt {
+        tree,
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(tree: &'static str, key: &[u8], value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        tree,
+        key: display_key(key),
+        source,
+    })
+}
+
+/// Decodes every value under `prefix`, in key order.
+fn scan<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    prefix: &[u8],
+) -> Result<Vec<T>, StoreError> {
+    tree.scan_prefix(prefix)
+        .map(|item| {
+            let (key, raw) = item?;
+            decode(name, &display_key(&key), &raw)
+        })
+        .collect()
+}
+
+/// Read-modify-write of one JSON value, atomic against concurrent writers of the same key.
+/// Unlike sled's `update_and_fetch`, a corrupt old value surfaces as an error instead of
+/// having to be swallowed inside the closure. Skips the write when nothing changes.
+fn update_json<T, F>(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: &[u8],
+    mut f: F,
+) -> Result<(), StoreError>
+where
+    T: Serialize + DeserializeOwned + PartialEq,
+    F: FnMut(Option<T>) -> T,
+{
+    loop {
+        let old_raw = tree.get(key)?;
+        let old: Option<T> = match &old_raw {
+            Some(raw) => Some(decode(name, &display_key(key), raw)?),
+            None => None,
+        };
+        let unchanged_probe = old.as_ref().map(|o| serde_json::to_vec(o).ok());
+        let new = f(old);
+        let new_raw = encode(name, key, &new)?;
+        if matches!(&unchanged_probe, Some(Some(o)) if *o == new_raw) {
+            return Ok(());
+        }
+        if tree.compare_and_swap(key, old_raw, Some(new_raw))?.is_ok() {
+            return Ok(());
+        }
+        // Another writer got in between: re-read and re-apply.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Limits, PeakSource};
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn rec(function: &str, started: u64, cgroup: u64) -> InstanceRecord {
+        InstanceRecord {
+            function: function.to_string(),
+            instance: format!("{function}-{cgroup}"),
+            cgroup_id: cgroup,
+            cgroup_path: format!("/sys/fs/cgroup/test/{function}/{cgroup}"),
+            started_at_ms: started,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::None,
+            oom_kills: 0,
+            limits: Limits::default(),
+        }
+    }
+
+    fn open_tmp() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn store_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Store>();
+    }
+
+    #[test]
+    fn put_instance_upserts() {
+        let (_d, s) = open_tmp();
+        let mut r = rec("f", 1000, 7);
+        s.put_instance(&r).unwrap();
+        assert_eq!(s.instance("f", 1000, 7).unwrap(), Some(r.clone()));
+        r.peak_bytes = 5 * MIB;
+        r.ended_at_ms = Some(2000);
+        r.peak_source = PeakSource::KernelWatermark;
+        s.put_instance(&r).unwrap();
+        assert_eq!(s.instance("f", 1000, 7).unwrap(), Some(r.clone()));
+        assert_eq!(s.instances("f").unwrap(), vec![r]);
+        // Same cgroup id, other start time: a different instance (inode reuse).
+        assert_eq!(s.instance("f", 1001, 7).unwrap(), None);
+        assert_eq!(s.instance("g", 1000, 7).unwrap(), None);
+    }
+
+    #[test]
+    fn instances_are_oldest_first_and_per_function() {
+        let (_d, s) = open_tmp();
+        // Inserted out of order; start times straddle a byte boundary to check BE encoding.
+        for (t, c) in [(300, 1), (1, 9), (256, 2), (300, 0), (u64::MAX, 3)] {
+            s.put_instance(&rec("f", t, c)).unwrap();
+        }
+        s.put_instance(&rec("fa", 2, 2)).unwrap();
+        s.put_instance(&rec("e", 2, 2)).unwrap();
+        let got: Vec<(u64, u64)> = s
+            .instances("f")
+            .unwrap()
+            .iter()
+            .map(|r| (r.started_at_ms, r.cgroup_id))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, 9), (256, 2), (300, 0), (300, 1), (u64::MAX, 3)]
+        );
+        assert_eq!(s.instances("fa").unwrap().len(), 1);
+        assert!(s.instances("nope").unwrap().is_empty());
+    }
+
+    #[test]
+    fn live_instances_across_functions() {
+        let (_d, s) = open_tmp();
+        let mut ended = rec("a", 10, 1);
+        ended.ended_at_ms = Some(20);
+        s.put_instance(&ended).unwrap();
+        s.put_instance(&rec("a", 11, 2)).unwrap();
+        s.put_instance(&rec("b", 5, 3)).unwrap();
+        let live: Vec<(String, u64)> = s
+            .live_instances()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.function, r.cgroup_id))
+            .collect();
+        assert_eq!(live, vec![("a".to_string(), 2), ("b".to_string(), 3)]);
+    }
+
+    #[test]
+    fn add_hour_merges_sum_and_max() {
+        let (_d, s) = open_tmp();
+        let h = 5 * HOUR_MS;
+        let d = |execs, peak| HourDelta {
+            instances_started: 1,
+            execs,
+            invocations: 2,
+            oom_kills: 1,
+            peak_bytes: peak,
+        };
+        s.add_hour("f", h + 1, d(3, 10)).unwrap();
+        s.add_hour("f", h + HOUR_MS - 1, d(4, 30)).unwrap();
+        s.add_hour("f", h + 2, d(5, 20)).unwrap();
+        s.add_hour("f", h + HOUR_MS, d(1, 1)).unwrap(); // next hour
+        s.add_hour("f", h - 1, d(1, 1)).unwrap(); // previous hour
+        let hours = s.hours("f").unwrap();
+        assert_eq!(hours.len(), 3);
+        assert_eq!(
+            hours[1],
+            HourBucket {
+                hour_start_ms: h,
+                instances_started: 3,
+                execs: 12,
+                invocations: 6,
+                oom_kills: 3,
+                peak_bytes: 30,
+            }
+        );
+        assert_eq!(hours[0].hour_start_ms, h - HOUR_MS);
+        assert_eq!(hours[2].hour_start_ms, h + HOUR_MS);
+    }
+
+    #[test]
+    fn add_hour_concurrent_is_exact() {
+        let (_d, s) = open_tmp();
+        let threads = 8u64;
+        let per = 200u64;
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let s = s.clone();
+                scope.spawn(move || {
+                    for i in 0..per {
+                        let delta = HourDelta {
+                            execs: 1,
+                            invocations: 2,
+                            peak_bytes: t * 1000 + i,
+                            ..HourDelta::default()
+                        };
+                        s.add_hour("f", HOUR_MS + i, delta).unwrap();
+                    }
+                });
+            }
+        });
+        let hours = s.hours("f").unwrap();
+        assert_eq!(hours.len(), 1);
+        assert_eq!(hours[0].execs, threads * per);
+        assert_eq!(hours[0].invocations, 2 * threads * per);
+        assert_eq!(hours[0].peak_bytes, (threads - 1) * 1000 + per - 1);
+        let f = s.function("f").unwrap().unwrap();
+        assert_eq!(
+            (f.first_seen_ms, f.last_seen_ms),
+            (HOUR_MS, HOUR_MS + per - 1)
+        );
+    }
+
+    #[test]
+    fn add_invocations_makes_function_known() {
+        let (_d, s) = open_tmp();
+        assert_eq!(s.function("api").unwrap(), None);
+        assert!(s.function_names().unwrap().is_empty());
+        s.add_invocations("api", 42, 7 * HOUR_MS + 5).unwrap();
+        s.add_invocations("zero", 0, 9).unwrap();
+        assert_eq!(s.function_names().unwrap(), vec!["api", "zero"]);
+        let f = s.function("api").unwrap().unwrap();
+        assert_eq!(f.instances, 0);
+        assert_eq!(f.live_instances, 0);
+        assert_eq!(f.invocations, 42);
+        assert_eq!(f.peak_bytes, 0);
+        assert_eq!(f.peak_percentiles, PeakPercentiles::default());
+        assert_eq!(
+            (f.first_seen_ms, f.last_seen_ms),
+            (7 * HOUR_MS + 5, 7 * HOUR_MS + 5)
+        );
+        assert_eq!(s.functions().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        let (_d, s) = open_tmp();
+        for bad in ["", "a\0b"] {
+            assert!(matches!(
+                s.add_invocations(bad, 1, 0),
+                Err(StoreError::InvalidName { .. })
+            ));
+            assert!(matches!(
+                s.put_instance(&rec(bad, 1, 1)),
+                Err(StoreError::InvalidName { .. })
+            ));
+            assert!(matches!(
+                s.instances(bad),
+                Err(StoreError::InvalidName { .. })
+            ));
+        }
+        assert!(s.function_names().unwrap().is_empty());
+    }
+
+    /// 100 instances with peaks 1..=100 MiB (shuffled), plus zero-peak ones that must not count.
+    fn fill_known_set(s: &Store) {
+        for i in 0..100u64 {
+            let peak = ((i * 37) % 100 + 1) * MIB; // a permutation of 1..=100
+            let mut r = rec("f", 1_000 + i, i);
+            r.peak_bytes = peak;
+            r.execs = 2;
+            r.oom_kills = u64::from(i % 10 == 0);
+            if i < 97 {
+                r.ended_at_ms = Some(5_000 + i);
+            }
+            s.put_instance(&r).unwrap();
+        }
+        let mut unmeasured = rec("f", 500, 1000); // live, never measured
+        unmeasured.execs = 1;
+        s.put_instance(&unmeasured).unwrap();
+    }
+
+    #[test]
+    fn summary_numbers_and_percentiles() {
+        let (_d, s) = open_tmp();
+        fill_known_set(&s);
+        s.add_hour(
+            "f",
+            0,
+            HourDelta {
+                execs: 200,
+                ..HourDelta::default()
+            },
+        )
+        .unwrap();
+        s.add_invocations("f", 7, HOUR_MS).unwrap();
+        let f = s.function("f").unwrap().unwrap();
+        assert_eq!(f.name, "f");
+        assert_eq!(f.instances, 101);
+        assert_eq!(f.live_instances, 4);
+        assert_eq!(f.execs, 201);
+        assert_eq!(f.oom_kills, 10);
+        assert_eq!(f.invocations, 7);
+        assert_eq!(f.peak_bytes, 100 * MIB);
+        assert_eq!(
+            f.peak_percentiles,
+            PeakPercentiles {
+                p50: 50 * MIB,
+                p90: 90 * MIB,
+                p95: 95 * MIB,
+                p99: 99 * MIB,
+            }
+        );
+        assert_eq!(f.first_seen_ms, 0); // the add_hour at t=0
+        assert_eq!(f.last_seen_ms, HOUR_MS); // the invocations, later than any instance end
+    }
+
+    #[test]
+    fn export_prefers_invocations_else_execs() {
+        let (_d, s) = open_tmp();
+        fill_known_set(&s);
+        let execs = |n| HourDelta {
+            execs: n,
+            ..HourDelta::default()
+        };
+        // "f": execs only → busiest hour's execs.
+        s.add_hour("f", 0, execs(10)).unwrap();
+        s.add_hour("f", HOUR_MS, execs(30)).unwrap();
+        s.add_hour("f", 2 * HOUR_MS, execs(20)).unwrap();
+        // "g": invocations reported → busiest hour's invocations even though execs are higher.
+        s.add_hour("g", 0, execs(1000)).unwrap();
+        s.add_invocations("g", 5, 10).unwrap();
+        s.add_invocations("g", 9, HOUR_MS).unwrap();
+        let mut r = rec("g", 1, 1);
+        r.peak_bytes = 3 * MIB;
+        s.put_instance(&r).unwrap();
+        // "h": known, nothing measured.
+        s.add_invocations("h", 0, 0).unwrap();
+        assert_eq!(
+            s.export().unwrap(),
+            vec![
+                FunctionConfig {
+                    function: "f".into(),
+                    requests_per_hour: 30,
+                    max_memory_bytes: 100 * MIB,
+                },
+                FunctionConfig {
+                    function: "g".into(),
+                    requests_per_hour: 9,
+                    max_memory_bytes: 3 * MIB,
+                },
+                FunctionConfig {
+                    function: "h".into(),
+                    requests_per_hour: 0,
+                    max_memory_bytes: 0,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn prune_keeps_live_and_recent() {
+        let (_d, s) = open_tmp();
+        let day = 24 * HOUR_MS;
+        // Half past the hour, so the cutoff falls inside an hour bucket.
+        let now = 10 * day + HOUR_MS / 2;
+        let retention = Duration::from_millis(2 * day);
+        let cutoff = now - 2 * day;
+        let cutoff_hour = cutoff - cutoff % HOUR_MS;
+
+        let mut old = rec("f", 0, 1);
+        old.ended_at_ms = Some(cutoff - 1);
+        let mut at_cutoff = rec("f", 1, 2);
+        at_cutoff.ended_at_ms = Some(cutoff);
+        let old_live = rec("f", 2, 3); // started long ago, still running
+        let mut recent = rec("f", cutoff + 5, 4);
+        recent.ended_at_ms = Some(now - 1);
+        for r in [&old, &at_cutoff, &old_live, &recent] {
+            s.put_instance(r).unwrap();
+        }
+        let one = HourDelta {
+            execs: 1,
+            ..HourDelta::default()
+        };
+        s.add_hour("f", 0, one).unwrap(); // old
+        s.add_hour("f", cutoff_hour - 1, one).unwrap(); // the hour before the cutoff: old
+        s.add_hour("f", cutoff_hour, one).unwrap(); // contains the cutoff: partly recent, kept
+        s.add_hour("f", now, one).unwrap();
+
+        let report = s.prune(now, retention).unwrap();
+        assert_eq!(report.instances_removed, 1);
+        assert_eq!(report.hours_removed, 2);
+        let left: Vec<u64> = s
+            .instances("f")
+            .unwrap()
+            .iter()
+            .map(|r| r.cgroup_id)
+            .collect();
+        assert_eq!(left, vec![2, 3, 4]);
+        let hours: Vec<u64> = s
+            .hours("f")
+            .unwrap()
+            .iter()
+            .map(|h| h.hour_start_ms)
+            .collect();
+        assert_eq!(hours, vec![cutoff_hour, now - HOUR_MS / 2]);
+        // The function itself stays known; a second prune finds nothing.
+        assert_eq!(s.function_names().unwrap(), vec!["f"]);
+        assert_eq!(s.prune(now, retention).unwrap(), PruneReport::default());
+        // A retention longer than all time removes nothing.
+        assert_eq!(
+            s.prune(now, Duration::from_secs(u64::MAX)).unwrap(),
+            PruneReport::default()
+        );
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/db");
+        let (summaries, export, live, hours) = {
+            let s = Store::open(&path).unwrap();
+            fill_known_set(&s);
+            s.add_invocations("f", 3, HOUR_MS).unwrap();
+            s.add_invocations("other", 1, 2 * HOUR_MS).unwrap();
+            s.flush().unwrap();
+            (
+                s.functions().unwrap(),
+                s.export().unwrap(),
+                s.live_instances().unwrap(),
+                s.hours("f").unwrap(),
+            )
+        };
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.functions().unwrap(), summaries);
+        assert_eq!(s.export().unwrap(), export);
+        assert_eq!(s.live_instances().unwrap(), live);
+        assert_eq!(s.hours("f").unwrap(), hours);
+        assert_eq!(s.instances("f").unwrap().len(), 101);
+        assert_eq!(s.function_names().unwrap(), vec!["f", "other"]);
+    }
+
+    #[test]
+    fn survives_reopen_without_explicit_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_instance(&rec("f", 1, 1)).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.instances("f").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn corrupt_value_is_an_error_not_a_panic() {
+        let (_d, s) = open_tmp();
+        s.put_instance(&rec("f", 1, 1)).unwrap();
+        s.add_hour("f", HOUR_MS, HourDelta::default()).unwrap();
+        s.raw_tree(TREE_INSTANCES)
+            .insert(instance_key("f", 2, 9), &b"\xffnot json"[..])
+            .unwrap();
+        let is_corrupt_instance = |e: StoreError| match e {
+            StoreError::Corrupt { tree, key, .. } => tree == TREE_INSTANCES && key == "f/2/9",
+            _ => false,
+        };
+        assert!(is_corrupt_instance(s.instance("f", 2, 9).unwrap_err()));
+        assert!(is_corrupt_instance(s.instances("f").unwrap_err()));
+        assert!(is_corrupt_instance(s.live_instances().unwrap_err()));
+        assert!(is_corrupt_instance(s.function("f").unwrap_err()));
+        assert!(is_corrupt_instance(
+            s.prune(u64::MAX, Duration::ZERO).unwrap_err()
+        ));
+        // The good record is still readable by key.
+        assert!(s.instance("f", 1, 1).unwrap().is_some());
+
+        // A corrupt bucket makes add_hour fail instead of overwriting it silently.
+        s.raw_tree(TREE_HOURS)
+            .insert(hour_key("f", HOUR_MS), &b"{"[..])
+            .unwrap();
+        let err = s.add_hour("f", HOUR_MS, HourDelta::default()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { tree: "hours", key, .. } if key == &format!("f/{HOUR_MS}")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("hours"), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.raw_tree(TREE_META)
+                .insert(KEY_SCHEMA_VERSION, &b"2"[..])
+                .unwrap();
+            s.flush().unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::SchemaTooNew {
+                found: 2,
+                supported: 1,
+                path: p,
+            }) => {
+                assert_eq!(p, path)
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn open_error_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = Store::open(&file.join("db")).unwrap_err();
+        assert!(matches!(err, StoreError::CreateDir { .. }), "{err}");
+        assert!(err.to_string().contains("plain-file"), "{err}");
+    }
+}

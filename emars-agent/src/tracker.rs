@@ -1,0 +1,258 @@
+//! Turns kernel events into instance records: the cgroup table says which cgroup is which
+//! instance of which function; every change is written through to the store at once, so a
+//! restart loses nothing that was seen.
+
+use std::collections::HashMap;
+
+use crate::{
+    cgroupfs::{CgroupfsError, MemoryHierarchy},
+    events::KernelEvent,
+    model::{HourDelta, InstanceRecord, Limits, PeakSource},
+    registry::{CgroupTable, Registry},
+    store::{Store, StoreError},
+};
+
+/// Counters of what the tracker did, for /v1/info and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrackerStats {
+    pub events: u64,
+    pub watermark_reads: u64,
+    /// Cgroups that were gone when we went to read them (normal for short instances).
+    pub vanished_reads: u64,
+    pub store_errors: u64,
+}
+
+pub struct Tracker {
+    hierarchy: MemoryHierarchy,
+    registry: Registry,
+    store: Store,
+    table: CgroupTable,
+    /// Live instances by cgroup id.
+    live: HashMap<u64, InstanceRecord>,
+    pub stats: TrackerStats,
+}
+
+impl Tracker {
+    pub fn new(hierarchy: MemoryHierarchy, registry: Registry, store: Store) -> Self {
+        Self {
+            hierarchy,
+            registry,
+            store,
+            table: CgroupTable::default(),
+            live: HashMap::new(),
+            stats: TrackerStats::default(),
+        }
+    }
+
+    pub fn hierarchy(&self) -> &MemoryHierarchy {
+        &self.hierarchy
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Registers a cgroup (from a mkdir event or the start-up scan). `resumed` is the record
+    /// of the same instance kept in the store before a restart.
+    pub fn add_cgroup(
+        &mut self,
+        id: u64,
+        rel_path: &str,
+        started_at_ms: u64,
+        resumed: Option<InstanceRecord>,
+    ) {
+        if self.table.get(id).is_some() {
+            return;
+        }
+        let identity = self.registry.classify(rel_path);
+        self.table
+            .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
+        let Some(identity) = identity else {
+            return;
+        };
+        let dir = self.hierarchy.dir(rel_path);
+        let limits = self.hierarchy.limits(&dir).unwrap_or(Limits::default());
+        let fresh = resumed.is_none();
+        let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
+            function: identity.function.clone(),
+            instance: identity.instance.clone(),
+            cgroup_id: id,
+            cgroup_path: dir.display().to_string(),
+            started_at_ms,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::None,
+            oom_kills: 0,
+            limits,
+        });
+        rec.limits = limits;
+        self.refresh_watermark(&mut rec);
+        if fresh {
+            let delta = HourDelta {
+                instances_started: 1,
+                ..Default::default()
+            };
+            self.add_hour(&rec.function, started_at_ms, delta);
+        }
+        self.save(&rec);
+        self.live.insert(id, rec);
+    }
+
+    /// Applies one kernel event; `at_ms` is its wall-clock time.
+    pub fn apply(&mut self, event: KernelEvent, at_ms: u64) {
+        self.stats.events += 1;
+        match event {
+            KernelEvent::CgroupMkdir { id, path, .. } => self.add_cgroup(id, &path, at_ms, None),
+            KernelEvent::CgroupRmdir { id, peak, .. } => self.end(id, peak, at_ms),
+            KernelEvent::TaskAttach { .. } => {}
+            KernelEvent::Exec { id, pid, .. } => {
+                let Some(id) = self.resolve(id, pid, at_ms) else {
+                    return;
+                };
+                self.update(id, at_ms, |rec| {
+                    rec.execs += 1;
+                    HourDelta {
+                        execs: 1,
+                        ..Default::default()
+                    }
+                });
+            }
+            KernelEvent::Exit { id, .. } => self.refresh(id),
+            KernelEvent::MemPeak { id, peak } => {
+                if let Some(rec) = self.live.get_mut(&id) {
+                    if peak > rec.peak_bytes {
+                        rec.peak_bytes = peak;
+                        rec.peak_source = PeakSource::ChargeEvents;
+                    }
+                }
+                self.refresh(id);
+            }
+            KernelEvent::OomVictim { id, pid } => {
+                let Some(id) = self.resolve(id, pid, at_ms) else {
+                    tracing::debug!(pid, "OOM victim outside watched cgroups");
+                    return;
+                };
+                tracing::warn!(pid, cgroup = id, "OOM kill in a watched instance");
+                self.update(id, at_ms, |rec| {
+                    rec.oom_kills += 1;
+                    HourDelta {
+                        oom_kills: 1,
+                        ..Default::default()
+                    }
+                });
+            }
+        }
+    }
+
+    /// The watched cgroup of an event: the kernel's id if it knows the cgroup, else the
+    /// task's cgroup from /proc (kernels or hosts where task tracking is incomplete).
+    fn resolve(&mut self, id: u64, pid: u32, at_ms: u64) -> Option<u64> {
+        if id != 0 && self.table.get(id).is_some() {
+            return Some(id);
+        }
+        let rel = self.hierarchy.cgroup_of(pid)?;
+        if let Some(known) = self.table.by_path(&rel) {
+            return Some(known);
+        }
+        if !self.registry.is_under_root(&rel) {
+            return None;
+        }
+        let new_id = crate::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
+        self.add_cgroup(new_id, &rel, at_ms, None);
+        Some(new_id)
+    }
+
+    fn update(&mut self, id: u64, at_ms: u64, f: impl FnOnce(&mut InstanceRecord) -> HourDelta) {
+        let Some(mut rec) = self.live.remove(&id) else {
+            return;
+        };
+        let delta = f(&mut rec);
+        self.add_hour(&rec.function, at_ms, delta);
+        self.save(&rec);
+        self.live.insert(id, rec);
+    }
+
+    /// Re-reads the kernel watermark of a live instance and saves it if it grew.
+    fn refresh(&mut self, id: u64) {
+        let Some(mut rec) = self.live.remove(&id) else {
+            return;
+        };
+        let before = (rec.peak_bytes, rec.peak_source);
+        self.refresh_watermark(&mut rec);
+        if (rec.peak_bytes, rec.peak_source) != before {
+            self.save(&rec);
+        }
+        self.live.insert(id, rec);
+    }
+
+    fn refresh_watermark(&mut self, rec: &mut InstanceRecord) {
+        self.stats.watermark_reads += 1;
+        let dir = std::path::Path::new(&rec.cgroup_path);
+        match self.hierarchy.peak(dir) {
+            Ok(Some(w)) if w >= rec.peak_bytes => {
+                rec.peak_bytes = w;
+                rec.peak_source = PeakSource::KernelWatermark;
+            }
+            Ok(_) => {}
+            Err(CgroupfsError::Gone { .. }) => self.stats.vanished_reads += 1,
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+
+    /// The cgroup was removed: close the instance with the kernel side's final peak.
+    fn end(&mut self, id: u64, kernel_peak: u64, at_ms: u64) {
+        self.table.remove(id);
+        let Some(mut rec) = self.live.remove(&id) else {
+            return;
+        };
+        if kernel_peak > rec.peak_bytes {
+            rec.peak_bytes = kernel_peak;
+            rec.peak_source = PeakSource::ChargeEvents;
+        }
+        rec.ended_at_ms = Some(at_ms.max(rec.started_at_ms));
+        let delta = HourDelta {
+            peak_bytes: rec.peak_bytes,
+            ..Default::default()
+        };
+        self.add_hour(&rec.function, at_ms, delta);
+        self.save(&rec);
+    }
+
+    /// Closes store records of instances whose cgroup disappeared while the agent was down.
+    pub fn close_vanished(&mut self, stale: Vec<InstanceRecord>, now_ms: u64) {
+        for mut rec in stale {
+            if self.live.contains_key(&rec.cgroup_id) {
+                continue;
+            }
+            rec.ended_at_ms = Some(now_ms.max(rec.started_at_ms));
+            tracing::info!(
+                function = rec.function,
+                instance = rec.instance,
+                "instance ended while the agent was down"
+            );
+            self.save(&rec);
+        }
+    }
+
+    fn add_hour(&mut self, function: &str, at_ms: u64, delta: HourDelta) {
+        if let Err(e) = self.store.add_hour(function, at_ms, delta) {
+            self.store_error(e);
+        }
+    }
+
+    fn save(&mut self, rec: &InstanceRecord) {
+        if let Err(e) = self.store.put_instance(rec) {
+            self.store_error(e);
+        }
+    }
+
+    fn store_error(&mut self, e: StoreError) {
+        self.stats.store_errors += 1;
+        tracing::error!("store: {e}");
+    }
+}

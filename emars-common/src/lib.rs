@@ -1,0 +1,190 @@
+//! Types shared by the eBPF programs (emars-ebpf) and the agent (emars-agent).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side writes it into maps and the ring
+//! buffer, the user side reads it byte for byte. The `user` feature adds `aya::Pod` impls.
+#![no_std]
+
+/// Bytes of a cgroup path or exec filename carried in an [`Event`].
+pub const EVENT_NAME_LEN: usize = 256;
+/// Bytes of a watched-root prefix (path relative to the hierarchy root, e.g. `/emars`).
+pub const ROOT_PREFIX_LEN: usize = 128;
+/// Watched roots the kernel side compares mkdir paths against.
+pub const MAX_ROOTS: u32 = 8;
+/// Entries of the memcg item → byte-unit table; covers node_stat_item and memcg_stat_item.
+pub const MAX_MEMCG_ITEMS: u32 = 128;
+
+/// Map and global names, shared so the loader cannot drift from the programs.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const WATCH_ROOTS: &str = "WATCH_ROOTS";
+    pub const WATCHED: &str = "WATCHED";
+    pub const TASKS: &str = "TASKS";
+    pub const ITEM_UNITS: &str = "ITEM_UNITS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// What an [`Event`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A cgroup was created under a watched root; it is now tracked in `WATCHED`.
+    CgroupMkdir = 1,
+    /// A watched cgroup was removed; `value` = final in-kernel peak, `aux` = final usage.
+    CgroupRmdir = 2,
+    /// A task moved into a watched cgroup (memory hierarchy).
+    TaskAttach = 3,
+    /// A task of a watched cgroup called execve; `name` = filename.
+    Exec = 4,
+    /// A thread-group leader of a watched cgroup exited.
+    Exit = 5,
+    /// A watched cgroup's in-kernel usage reached a new high-water step; `value` = peak, `aux` = usage.
+    MemPeak = 6,
+    /// A task of a watched cgroup was chosen as OOM victim.
+    OomVictim = 7,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::CgroupMkdir,
+            2 => Self::CgroupRmdir,
+            3 => Self::TaskAttach,
+            4 => Self::Exec,
+            5 => Self::Exit,
+            6 => Self::MemPeak,
+            7 => Self::OomVictim,
+            _ => return None,
+        })
+    }
+}
+
+/// One record of the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub kind: u32,
+    pub pid: u32,
+    /// cgroup id in the memory hierarchy: the inode of the cgroup directory.
+    pub cgroup_id: u64,
+    pub value: u64,
+    pub aux: u64,
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub hierarchy: i32,
+    pub level: i32,
+    pub _pad: u32,
+    /// Valid bytes of `name` (without the NUL).
+    pub name_len: u32,
+    pub name: [u8; EVENT_NAME_LEN],
+}
+
+/// A watched root: mkdirs below it in hierarchy `hierarchy` start being tracked in the kernel,
+/// before any task can be attached, so no charge of a new instance is missed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WatchRoot {
+    pub hierarchy: i32,
+    /// Bytes of `prefix` in use; 0 = empty slot.
+    pub len: u32,
+    pub prefix: [u8; ROOT_PREFIX_LEN],
+}
+
+impl WatchRoot {
+    pub const EMPTY: WatchRoot = WatchRoot {
+        hierarchy: 0,
+        len: 0,
+        prefix: [0; ROOT_PREFIX_LEN],
+    };
+}
+
+/// Per watched cgroup memory state, kept by the memcg tracepoint programs.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct MemState {
+    /// Sum of charged bytes seen through memcg stat events (anon + file + kernel + sock).
+    pub usage: i64,
+    /// Highest `usage` seen.
+    pub peak: i64,
+    /// `peak` when the last MemPeak event was sent.
+    pub reported: i64,
+}
+
+/// Indexes of the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Ring buffer reservations that failed: events lost.
+    pub const LOST: u32 = 0;
+    /// Task table inserts that failed.
+    pub const TASK_TABLE_FULL: u32 = 1;
+    /// Watched table inserts that failed.
+    pub const WATCH_TABLE_FULL: u32 = 2;
+    /// memcg stat events seen for watched cgroups.
+    pub const MEMCG_EVENTS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Start-up configuration of the programs, written into their read-only `CONFIG` global.
+/// Offsets come from the tracefs format files of the running kernel; nothing is baked in.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ProbeConfig {
+    /// Hierarchy id holding the memory controller (0 = cgroup2).
+    pub mem_hierarchy: i32,
+    /// 1 when bpf_get_current_cgroup_id() names the memory cgroup (pure cgroup v2).
+    pub current_cgroup_is_memcg: u32,
+    /// Minimum growth of the peak between two MemPeak events.
+    pub peak_step_bytes: u64,
+    pub mkdir: CgroupTpOffsets,
+    pub rmdir: CgroupTpOffsets,
+    pub attach: AttachTpOffsets,
+    pub fork_parent_pid: u32,
+    pub fork_child_pid: u32,
+    pub exec_pid: u32,
+    pub exec_filename: u32,
+    pub exit_pid: u32,
+    pub oom_pid: u32,
+    pub memcg_state: MemcgTpOffsets,
+    pub memcg_lruvec: MemcgTpOffsets,
+}
+
+/// Field offsets of cgroup:cgroup_mkdir / cgroup_rmdir.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CgroupTpOffsets {
+    pub root: u32,
+    pub level: u32,
+    pub id: u32,
+    pub path: u32,
+}
+
+/// Field offsets of cgroup:cgroup_attach_task.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct AttachTpOffsets {
+    pub root: u32,
+    pub level: u32,
+    pub id: u32,
+    pub pid: u32,
+    pub path: u32,
+    pub _pad: u32,
+}
+
+/// Field offsets of memcg:mod_memcg_state / mod_memcg_lruvec_state.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct MemcgTpOffsets {
+    pub id: u32,
+    pub item: u32,
+    pub val: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) plain integers/arrays with no padding holes that the
+    // kernel could misread (explicit _pad fields keep the layout fixed).
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::WatchRoot {}
+    unsafe impl aya::Pod for super::MemState {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}

@@ -1,0 +1,483 @@
+//! EMARS kernel probes: tracepoints only (no kprobes, no CO-RE), every field offset from the
+//! `CONFIG` global that the agent fills from the tracefs format files of the running kernel.
+//!
+//! Lifecycle (mkdir/rmdir/attach/fork/exec/exit/OOM) is sent to userspace as events; memcg charge
+//! events are filtered to the watched cgroups and aggregated here, so a charge storm costs one
+//! hash lookup per event and sends only new high-water steps.
+#![no_std]
+#![no_main]
+// atomic_xadd: core's AtomicI64::fetch_add is not offered for the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    ptr::read_volatile,
+};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext,
+};
+use emars_common::{
+    counter, Event, EventKind, MemState, ProbeConfig, WatchRoot, EVENT_NAME_LEN, MAX_MEMCG_ITEMS,
+    MAX_ROOTS, ROOT_PREFIX_LEN,
+};
+
+#[no_mangle]
+static CONFIG: ProbeConfig = ProbeConfig {
+    mem_hierarchy: 0,
+    current_cgroup_is_memcg: 0,
+    peak_step_bytes: 1 << 20,
+    mkdir: emars_common::CgroupTpOffsets {
+        root: 0,
+        level: 0,
+        id: 0,
+        path: 0,
+    },
+    rmdir: emars_common::CgroupTpOffsets {
+        root: 0,
+        level: 0,
+        id: 0,
+        path: 0,
+    },
+    attach: emars_common::AttachTpOffsets {
+        root: 0,
+        level: 0,
+        id: 0,
+        pid: 0,
+        path: 0,
+        _pad: 0,
+    },
+    fork_parent_pid: 0,
+    fork_child_pid: 0,
+    exec_pid: 0,
+    exec_filename: 0,
+    exit_pid: 0,
+    oom_pid: 0,
+    memcg_state: emars_common::MemcgTpOffsets {
+        id: 0,
+        item: 0,
+        val: 0,
+        _pad: 0,
+    },
+    memcg_lruvec: emars_common::MemcgTpOffsets {
+        id: 0,
+        item: 0,
+        val: 0,
+        _pad: 0,
+    },
+};
+
+/// Size is set by the loader (config `probes.ring_buffer_bytes`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static WATCH_ROOTS: Array<WatchRoot> = Array::with_max_entries(MAX_ROOTS, 0);
+
+/// Watched cgroups (memory hierarchy id → state). Filled here at mkdir and by the agent for
+/// cgroups that existed before it started.
+#[map]
+static WATCHED: HashMap<u64, MemState> = HashMap::with_max_entries(65536, 0);
+
+/// Task (pid) → watched memory cgroup id. Needed because on a hybrid host
+/// bpf_get_current_cgroup_id() names the (empty) v2 cgroup, not the v1 memory cgroup.
+#[map]
+static TASKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(131072, 0);
+
+/// memcg stat item → bytes per unit (0 = not part of usage). Filled by the agent from BTF.
+#[map]
+static ITEM_UNITS: Array<u64> = Array::with_max_entries(MAX_MEMCG_ITEMS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn cfg() -> &'static ProbeConfig {
+    &CONFIG
+}
+
+#[inline(always)]
+fn cfg_u32(field: &u32) -> usize {
+    // SAFETY: reading our own global; volatile so the compiler does not fold the zero default.
+    unsafe { read_volatile(field) as usize }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; offsets come from the format files.
+    unsafe { ctx.read_at::<T>(offset) }.ok()
+}
+
+/// Copies a `__data_loc char[]` field into `dst`; returns the bytes copied (without NUL).
+#[inline(always)]
+fn read_data_loc(ctx: &TracePointContext, field_offset: usize, dst: &mut [u8]) -> u32 {
+    let Some(loc) = read::<u32>(ctx, field_offset) else {
+        return 0;
+    };
+    let off = (loc & 0xffff) as usize;
+    // SAFETY: the string lies inside the tracepoint record; the helper bounds the copy.
+    let src = unsafe { (ctx.as_ptr() as *const u8).add(off) };
+    match unsafe { bpf_probe_read_kernel_str_bytes(src, dst) } {
+        Ok(s) => s.len() as u32,
+        Err(_) => 0,
+    }
+}
+
+/// Reserves an event with the common fields filled; the caller fills the rest and submits.
+#[inline(always)]
+fn reserve(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            let ev = entry.as_mut_ptr();
+            // SAFETY: the entry is ours until submit/discard.
+            unsafe {
+                (*ev).kind = kind as u32;
+                (*ev).pid = 0;
+                (*ev).cgroup_id = 0;
+                (*ev).value = 0;
+                (*ev).aux = 0;
+                (*ev).ts_ns = bpf_ktime_get_ns();
+                (*ev).hierarchy = 0;
+                (*ev).level = 0;
+                (*ev)._pad = 0;
+                (*ev).name_len = 0;
+            }
+            Some(entry)
+        }
+        None => {
+            bump(counter::LOST);
+            None
+        }
+    }
+}
+
+/// Sends a small event (no name).
+#[inline(always)]
+fn emit(kind: EventKind, pid: u32, cgroup_id: u64, value: u64, aux: u64) {
+    if let Some(mut entry) = reserve(kind) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: as in reserve().
+        unsafe {
+            (*ev).pid = pid;
+            (*ev).cgroup_id = cgroup_id;
+            (*ev).value = value;
+            (*ev).aux = aux;
+        }
+        entry.submit(0);
+    }
+}
+
+/// True when `path[..len]` lies strictly below a watched root of `hierarchy`.
+#[inline(always)]
+fn under_watched_root(hierarchy: i32, path: &[u8; EVENT_NAME_LEN], len: u32) -> bool {
+    let mut i = 0;
+    while i < MAX_ROOTS {
+        if let Some(root) = WATCH_ROOTS.get(i) {
+            let rlen = root.len as usize;
+            if rlen > 0
+                && rlen < ROOT_PREFIX_LEN
+                && root.hierarchy == hierarchy
+                && (len as usize) > rlen
+                && prefix_eq(&root.prefix, path, rlen)
+                && path[rlen & (EVENT_NAME_LEN - 1)] == b'/'
+            {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn prefix_eq(prefix: &[u8; ROOT_PREFIX_LEN], path: &[u8; EVENT_NAME_LEN], len: usize) -> bool {
+    let mut j = 0;
+    while j < ROOT_PREFIX_LEN {
+        if j >= len {
+            return true;
+        }
+        if prefix[j] != path[j] {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
+#[tracepoint]
+pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(hierarchy) = read::<i32>(&ctx, cfg_u32(&c.mkdir.root)) else {
+        return 0;
+    };
+    // SAFETY: reading our own global.
+    if hierarchy != unsafe { read_volatile(&c.mem_hierarchy) } {
+        return 0;
+    }
+    let Some(id) = read::<u64>(&ctx, cfg_u32(&c.mkdir.id)) else {
+        return 0;
+    };
+    let level = read::<i32>(&ctx, cfg_u32(&c.mkdir.level)).unwrap_or(0);
+    let Some(mut entry) = reserve(EventKind::CgroupMkdir) else {
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: the entry is ours until submit/discard.
+    let name = unsafe { &mut (*ev).name };
+    let len = read_data_loc(&ctx, cfg_u32(&c.mkdir.path), name);
+    if !under_watched_root(hierarchy, name, len) {
+        entry.discard(0);
+        return 0;
+    }
+    // Track from the first byte: no task can be in the cgroup yet.
+    if WATCHED.insert(id, MemState::default(), 0).is_err() {
+        bump(counter::WATCH_TABLE_FULL);
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*ev).cgroup_id = id;
+        (*ev).hierarchy = hierarchy;
+        (*ev).level = level;
+        (*ev).name_len = len;
+    }
+    entry.submit(0);
+    0
+}
+
+#[tracepoint]
+pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(hierarchy) = read::<i32>(&ctx, cfg_u32(&c.rmdir.root)) else {
+        return 0;
+    };
+    // SAFETY: reading our own global.
+    if hierarchy != unsafe { read_volatile(&c.mem_hierarchy) } {
+        return 0;
+    }
+    let Some(id) = read::<u64>(&ctx, cfg_u32(&c.rmdir.id)) else {
+        return 0;
+    };
+    // SAFETY: value copied out before the delete below.
+    let Some(state) = (unsafe { WATCHED.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = WATCHED.remove(&id);
+    if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: the entry is ours until submit.
+        unsafe {
+            (*ev).cgroup_id = id;
+            (*ev).hierarchy = hierarchy;
+            (*ev).level = read::<i32>(&ctx, cfg_u32(&c.rmdir.level)).unwrap_or(0);
+            (*ev).value = state.peak.max(0) as u64;
+            (*ev).aux = state.usage.max(0) as u64;
+            let len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut (*ev).name);
+            (*ev).name_len = len;
+        }
+        entry.submit(0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cgroup_attach_task(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(hierarchy) = read::<i32>(&ctx, cfg_u32(&c.attach.root)) else {
+        return 0;
+    };
+    // SAFETY: reading our own global.
+    if hierarchy != unsafe { read_volatile(&c.mem_hierarchy) } {
+        return 0;
+    }
+    let (Some(id), Some(pid)) = (
+        read::<u64>(&ctx, cfg_u32(&c.attach.id)),
+        read::<i32>(&ctx, cfg_u32(&c.attach.pid)),
+    ) else {
+        return 0;
+    };
+    let pid = pid as u32;
+    if WATCHED.get_ptr(&id).is_none() {
+        // Moved out of (or never in) a watched cgroup.
+        let _ = TASKS.remove(&pid);
+        return 0;
+    }
+    if TASKS.insert(pid, id, 0).is_err() {
+        bump(counter::TASK_TABLE_FULL);
+    }
+    emit(EventKind::TaskAttach, pid, id, 0, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(parent) = read::<i32>(&ctx, cfg_u32(&c.fork_parent_pid)) else {
+        return 0;
+    };
+    let parent = parent as u32;
+    // SAFETY: value copied out immediately.
+    let Some(id) = (unsafe { TASKS.get(&parent) }).copied() else {
+        return 0;
+    };
+    if let Some(child) = read::<i32>(&ctx, cfg_u32(&c.fork_child_pid)) {
+        if TASKS.insert(child as u32, id, 0).is_err() {
+            bump(counter::TASK_TABLE_FULL);
+        }
+    }
+    0
+}
+
+/// The watched memory cgroup of `pid`, if any.
+#[inline(always)]
+fn task_cgroup(pid: u32) -> Option<u64> {
+    // SAFETY: value copied out immediately.
+    if let Some(id) = unsafe { TASKS.get(&pid) } {
+        return Some(*id);
+    }
+    // SAFETY: reading our own global.
+    if unsafe { read_volatile(&cfg().current_cgroup_is_memcg) } != 0 {
+        // SAFETY: plain helper call.
+        let id = unsafe { bpf_get_current_cgroup_id() };
+        if WATCHED.get_ptr(&id).is_some() {
+            return Some(id);
+        }
+    }
+    None
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(pid) = read::<i32>(&ctx, cfg_u32(&c.exec_pid)) else {
+        return 0;
+    };
+    let pid = pid as u32;
+    let Some(id) = task_cgroup(pid) else {
+        return 0;
+    };
+    if let Some(mut entry) = reserve(EventKind::Exec) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: the entry is ours until submit.
+        unsafe {
+            (*ev).pid = pid;
+            (*ev).cgroup_id = id;
+            let len = read_data_loc(&ctx, cfg_u32(&c.exec_filename), &mut (*ev).name);
+            (*ev).name_len = len;
+        }
+        entry.submit(0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(pid) = read::<i32>(&ctx, cfg_u32(&c.exit_pid)) else {
+        return 0;
+    };
+    let pid = pid as u32;
+    let Some(id) = task_cgroup(pid) else {
+        return 0;
+    };
+    let _ = TASKS.remove(&pid);
+    // Threads exit too; only a thread-group leader's exit is worth an event.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == pid {
+        emit(EventKind::Exit, pid, id, 0, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
+    let c = cfg();
+    let Some(pid) = read::<i32>(&ctx, cfg_u32(&c.oom_pid)) else {
+        return 0;
+    };
+    let pid = pid as u32;
+    // SAFETY: value copied out immediately.
+    let id = unsafe { TASKS.get(&pid) }.copied().unwrap_or(0);
+    // Unknown victims are still sent (cgroup 0): the agent resolves them via /proc or drops them.
+    emit(EventKind::OomVictim, pid, id, 0, 0);
+    0
+}
+
+#[inline(always)]
+fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_off: usize) -> u32 {
+    let Some(id) = read::<u64>(ctx, id_off) else {
+        return 0;
+    };
+    // The one cost paid by every charge event on the host: a hash miss for unwatched cgroups.
+    let Some(state) = WATCHED.get_ptr_mut(&id) else {
+        return 0;
+    };
+    let (Some(item), Some(val)) = (read::<i32>(ctx, item_off), read::<i32>(ctx, val_off)) else {
+        return 0;
+    };
+    if item < 0 || item as u32 >= MAX_MEMCG_ITEMS {
+        return 0;
+    }
+    let unit = match ITEM_UNITS.get(item as u32) {
+        Some(u) if *u != 0 => *u as i64,
+        _ => return 0,
+    };
+    bump(counter::MEMCG_EVENTS);
+    let delta = val as i64 * unit;
+    // SAFETY: `state` points into the map value; fields are 8-byte aligned i64.
+    unsafe {
+        // BPF_ATOMIC add: charges of one cgroup arrive on several CPUs at once.
+        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*state).usage, delta);
+        let now = read_volatile(&raw const (*state).usage);
+        if now > (*state).peak {
+            // A racing CPU may overwrite with a slightly smaller value; the next charge repairs it.
+            (*state).peak = now;
+            let reported = (*state).reported;
+            let step = read_volatile(&cfg().peak_step_bytes) as i64;
+            // Relative step: at most ~64 events per doubling, whatever the size.
+            let step = if reported / 64 > step { reported / 64 } else { step };
+            if now >= reported + step {
+                (*state).reported = now;
+                emit(EventKind::MemPeak, 0, id, now as u64, now as u64);
+            }
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn memcg_mod_memcg_state(ctx: TracePointContext) -> u32 {
+    let o = &cfg().memcg_state;
+    on_memcg_stat(&ctx, cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val))
+}
+
+#[tracepoint]
+pub fn memcg_mod_memcg_lruvec_state(ctx: TracePointContext) -> u32 {
+    let o = &cfg().memcg_lruvec;
+    on_memcg_stat(&ctx, cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

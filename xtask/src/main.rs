@@ -1,0 +1,185 @@
+//! Developer tasks for EMARS: `cargo xtask setup|build|run|test|bench`.
+
+mod agent;
+mod cmd;
+mod setup;
+mod suite;
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::cmd::{exit_code, is_root, which, Cmd};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "EMARS developer tasks",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs (nightly + rust-src, bpf-linker, apt packages). Idempotent.
+    Setup(SetupArgs),
+    /// Setup, then build the `emars` binary (the eBPF programs are built by its build.rs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+        #[command(flatten)]
+        setup: SetupArgs,
+    },
+    /// Setup, build, then run `emars agent ARGS...` as root (via sudo -E if needed).
+    Run {
+        /// Build and run the release binary.
+        #[arg(long)]
+        release: bool,
+        #[command(flatten)]
+        setup: SetupArgs,
+        /// Arguments for `emars agent`, e.g. `-- --demo`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, fmt check, clippy, build, unit tests, integration tests (as root).
+    Test {
+        /// Build the `emars` binary under test with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Only run tests whose name contains STR (unit and integration).
+        #[arg(long, value_name = "STR")]
+        filter: Option<String>,
+        #[command(flatten)]
+        setup: SetupArgs,
+    },
+    /// Setup, build, then run the benchmark (emars-bench) with EMARS_BIN set.
+    Bench {
+        /// Benchmark the release build of the agent.
+        #[arg(long)]
+        release: bool,
+        #[command(flatten)]
+        setup: SetupArgs,
+        /// Arguments for emars-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct SetupArgs {
+    /// Rebuild and reinstall bpf-linker even if the installed one works.
+    #[arg(long)]
+    reinstall_bpf_linker: bool,
+    /// Install bpf-linker into this `cargo install --root` instead (testing).
+    #[arg(long, value_name = "DIR", hide = true)]
+    bpf_linker_root: Option<PathBuf>,
+}
+
+impl From<SetupArgs> for setup::Options {
+    fn from(a: SetupArgs) -> Self {
+        setup::Options {
+            reinstall_bpf_linker: a.reinstall_bpf_linker,
+            bpf_linker_root: a.bpf_linker_root,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            cmd::flush_stdout();
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Setup(s) => {
+            setup::run(&s.into())?;
+        }
+        Command::Build { release, setup: s } => {
+            setup::run(&s.into())?;
+            agent::build(release, "emars build")?;
+        }
+        Command::Run {
+            release,
+            setup: s,
+            args,
+        } => {
+            setup::run(&s.into())?;
+            let bin = agent::build(release, "emars run")?;
+            return run_agent(&bin, &args);
+        }
+        Command::Test {
+            release,
+            filter,
+            setup: s,
+        } => {
+            suite::run(&suite::Options {
+                release,
+                filter,
+                setup: s.into(),
+            })?;
+        }
+        Command::Bench {
+            release,
+            setup: s,
+            args,
+        } => {
+            setup::run(&s.into())?;
+            let bin = agent::build(release, "emars bench")?;
+            if !is_root() {
+                println!("emars bench: warning: not root; benchmarks that load eBPF programs will fail or skip");
+            }
+            let status = agent::cargo_in_root()?
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "emars-tests",
+                    "--bin",
+                    "emars-bench",
+                    "--",
+                ])
+                .args(&args)
+                .env("EMARS_BIN", &bin)
+                .log("emars bench")
+                .status()?;
+            return Ok(pass_through(exit_code(status)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replaces this process with `emars agent ARGS...`, as root.
+fn run_agent(bin: &std::path::Path, args: &[OsString]) -> Result<ExitCode> {
+    let cmd = if is_root() {
+        Cmd::new(bin).arg("agent").args(args)
+    } else {
+        let sudo = which("sudo").ok_or_else(|| {
+            anyhow!(
+                "the agent must run as root (it loads eBPF programs) and sudo is not available; \
+                 run as root: {} agent",
+                bin.display()
+            )
+        })?;
+        println!("emars run: not root; running the agent through sudo -E");
+        Cmd::new(sudo).arg("-E").arg(bin).arg("agent").args(args)
+    };
+    let err = cmd.log("emars run").exec();
+    Err(err).context("starting the agent")
+}
+
+fn pass_through(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
