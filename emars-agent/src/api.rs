@@ -616,6 +616,7 @@ mod tests {
         expect_api_err(c.get("/v1/functions/a%2Fb"), 400, "\"a/b\"");
         let long = "x".repeat(200);
         expect_api_err(c.get(&format!("/v1/functions/{long}")), 400, "200 bytes");
+        expect_api_err(c.get("/v1/functions/%FF"), 400, "bad path");
     }
 
     #[test]
@@ -815,6 +816,11 @@ mod tests {
         );
         expect_api_err(c.post("/v1/info", &json!({})), 405, "POST");
         expect_api_err(c.get("/v1/functions/fn-a/invocations"), 405, "GET");
+
+        let (st, v) = raw(ureq::get(&s.url("/v2/x")).call());
+        assert_eq!((st, v["status"].as_u64()), (404, Some(404)));
+        let head = ureq::head(&s.url("/healthz")).call().unwrap();
+        assert_eq!(head.status(), 200);
 
         let resp = ureq::delete(&s.url("/v1/functions")).call();
         let Err(ureq::Error::Status(405, r)) = resp else {

@@ -309,3 +309,384 @@ impl ProbesConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_parts(err: ConfigError) -> (String, String, String) {
+        match err {
+            ConfigError::Invalid { key, value, reason } => (key, value, reason),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn parse_message(err: ConfigError) -> String {
+        match err {
+            ConfigError::Parse { message, .. } => message,
+            other => panic!("expected Parse, got {other:?}"),
+        }
+    }
+
+    fn assert_invalid(toml: &str, key: &str, value: &str) -> String {
+        let err = Config::from_toml_str(toml).unwrap_err();
+        let shown = err.to_string();
+        let (k, v, reason) = invalid_parts(err);
+        assert_eq!((k.as_str(), v.as_str()), (key, value), "{toml}");
+        assert!(shown.contains(key) && shown.contains(value), "{shown}");
+        reason
+    }
+
+    #[test]
+    fn embedded_default_is_the_default() {
+        let parsed = Config::from_toml_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+        assert_eq!(Config::embedded_default(), Config::default());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.api.listen, "127.0.0.1:9750".parse().unwrap());
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/emars/store"));
+        assert_eq!(c.store.retention_days, 14);
+        assert_eq!(c.cgroup.mode, CgroupMode::Auto);
+        assert_eq!(c.cgroup.mount, None);
+        assert_eq!(c.cgroup.roots.len(), 1);
+        assert_eq!(c.cgroup.roots[0].path, "/emars");
+        assert_eq!(
+            c.cgroup.roots[0].rules,
+            vec![RuleConfig {
+                pattern: Some("{function}/{instance}".into()),
+                ..RuleConfig::default()
+            }]
+        );
+        assert!(c.probes.disable.is_empty());
+        assert_eq!(c.probes.peak_step_bytes, 1 << 20);
+        assert_eq!(c.probes.ring_buffer_bytes, 4 << 20);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_document_and_empty_sections_are_the_default() {
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+        let sections = "[api]\n[store]\n[cgroup]\n[probes]\n";
+        assert_eq!(Config::from_toml_str(sections).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let toml = r#"
+[api]
+listen = "[::1]:8000"
+[store]
+path = "/srv/emars"
+retention_days = 3650
+[cgroup]
+mode = "v1"
+mount = "/sys/fs/cgroup/memory"
+[[cgroup.roots]]
+path = "docker"
+[[cgroup.roots.rules]]
+regex = '(?P<id>[0-9a-f]{64})'
+function = "docker"
+instance = "{id}"
+[[cgroup.roots]]
+path = "/emars/"
+[probes]
+disable = ["memcg_mod_memcg_lruvec_state", "oom_mark_victim"]
+peak_step_bytes = 4096
+ring_buffer_bytes = 65536
+"#;
+        let c = Config::from_toml_str(toml).unwrap();
+        assert_eq!(c.api.listen, "[::1]:8000".parse().unwrap());
+        assert_eq!(c.store.path, PathBuf::from("/srv/emars"));
+        assert_eq!(c.store.retention_days, 3650);
+        assert_eq!(c.cgroup.mode, CgroupMode::V1);
+        assert_eq!(
+            c.cgroup.mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/memory"))
+        );
+        // Root paths are normalised to the kernel's form.
+        assert_eq!(c.cgroup.roots[0].path, "/docker");
+        assert_eq!(c.cgroup.roots[1].path, "/emars");
+        assert!(c.cgroup.roots[1].rules.is_empty());
+        assert_eq!(
+            c.cgroup.roots[0].rules[0].function.as_deref(),
+            Some("docker")
+        );
+        assert_eq!(
+            c.probes.disable,
+            vec!["memcg_mod_memcg_lruvec_state", "oom_mark_victim"]
+        );
+        assert_eq!(c.probes.peak_step_bytes, 4096);
+        assert_eq!(c.probes.ring_buffer_bytes, 65536);
+        for (text, mode) in [
+            ("auto", CgroupMode::Auto),
+            ("v1", CgroupMode::V1),
+            ("v2", CgroupMode::V2),
+        ] {
+            let c = Config::from_toml_str(&format!("[cgroup]\nmode = \"{text}\"")).unwrap();
+            assert_eq!(c.cgroup.mode, mode);
+        }
+    }
+
+    #[test]
+    fn serialised_config_round_trips() {
+        let toml = r#"
+[cgroup]
+mount = "/sys/fs/cgroup"
+[[cgroup.roots]]
+path = "/system.slice"
+[[cgroup.roots.rules]]
+pattern = "docker-{id}.scope"
+function = "docker"
+instance = "{id}"
+"#;
+        for config in [Config::default(), Config::from_toml_str(toml).unwrap()] {
+            let text = toml::to_string_pretty(&config).unwrap();
+            assert_eq!(Config::from_toml_str(&text).unwrap(), config, "{text}");
+        }
+    }
+
+    #[test]
+    fn invalid_message_names_key_and_value() {
+        let err = Config::from_toml_str("[store]\nretention_days = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value \"0\" for store.retention_days: must be between 1 and 3650"
+        );
+    }
+
+    #[test]
+    fn store_values_are_checked() {
+        assert_invalid(
+            "[store]\nretention_days = 3651",
+            "store.retention_days",
+            "3651",
+        );
+        assert_invalid("[store]\nretention_days = 0", "store.retention_days", "0");
+        assert!(Config::from_toml_str("[store]\nretention_days = 1").is_ok());
+        let reason = assert_invalid(
+            "[store]\npath = \"relative/store\"",
+            "store.path",
+            "relative/store",
+        );
+        assert!(reason.contains("absolute"), "{reason}");
+        assert_invalid("[store]\npath = \"\"", "store.path", "");
+    }
+
+    #[test]
+    fn cgroup_values_are_checked() {
+        assert_invalid(
+            "[cgroup]\nmount = \"sys/fs/cgroup\"",
+            "cgroup.mount",
+            "sys/fs/cgroup",
+        );
+        assert_invalid("[cgroup]\nroots = []", "cgroup.roots", "[]");
+        assert_invalid(
+            "[[cgroup.roots]]\npath = \"/\"",
+            "cgroup.roots[0].path",
+            "/",
+        );
+        assert_invalid(
+            "[[cgroup.roots]]\npath = \"/a/../b\"",
+            "cgroup.roots[0].path",
+            "/a/../b",
+        );
+        assert_invalid(
+            "[[cgroup.roots]]\npath = \"/emars\"\n[[cgroup.roots]]\npath = \"/emars/x\"",
+            "cgroup.roots[1].path",
+            "/emars/x",
+        );
+        // The value reported is the one written, even when only its normalised form overlaps.
+        assert_invalid(
+            "[[cgroup.roots]]\npath = \"/emars\"\n[[cgroup.roots]]\npath = \"emars\"",
+            "cgroup.roots[1].path",
+            "/emars",
+        );
+        let nine: String = (0..9)
+            .map(|i| format!("[[cgroup.roots]]\npath = \"/r{i}\"\n"))
+            .collect();
+        assert_invalid(&nine, "cgroup.roots", "9 roots");
+    }
+
+    #[test]
+    fn rule_values_are_checked_with_their_full_key() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/ok"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "{function}/{instance}"
+[[cgroup.roots.rules]]
+regex = "(unclosed"
+"#;
+        let reason = assert_invalid(toml, "cgroup.roots[1].rules[1].regex", "(unclosed");
+        assert!(reason.contains("unclosed group"), "{reason}");
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "docker-{id}.scope"
+"#;
+        let reason = assert_invalid(toml, "cgroup.roots[0].rules[0].function", "{function}");
+        assert!(reason.contains("it captures {id}"), "{reason}");
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "{function}/{id"
+"#;
+        assert_invalid(toml, "cgroup.roots[0].rules[0].pattern", "{function}/{id");
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "{function}/{instance}"
+regex = "(?P<function>.+)"
+"#;
+        assert_invalid(toml, "cgroup.roots[0].rules[0].regex", "(?P<function>.+)");
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+function = "docker"
+"#;
+        assert_invalid(
+            toml,
+            "cgroup.roots[0].rules[0]",
+            "{ function = \"docker\" }",
+        );
+    }
+
+    #[test]
+    fn probe_values_are_checked() {
+        assert_invalid(
+            "[probes]\npeak_step_bytes = 4095",
+            "probes.peak_step_bytes",
+            "4095",
+        );
+        assert_invalid(
+            "[probes]\npeak_step_bytes = 0",
+            "probes.peak_step_bytes",
+            "0",
+        );
+        for bad in ["0", "65535", "100000", "32768", "536870912", "3145728"] {
+            assert_invalid(
+                &format!("[probes]\nring_buffer_bytes = {bad}"),
+                "probes.ring_buffer_bytes",
+                bad,
+            );
+        }
+        for good in ["65536", "268435456", "1048576"] {
+            assert!(
+                Config::from_toml_str(&format!("[probes]\nring_buffer_bytes = {good}")).is_ok()
+            );
+        }
+        assert_invalid("[probes]\ndisable = [\"\"]", "probes.disable[0]", "");
+        assert_invalid("[probes]\ndisable = [\"a b\"]", "probes.disable[0]", "a b");
+        let reason = assert_invalid(
+            "[probes]\ndisable = [\"x\", \"y\", \"x\"]",
+            "probes.disable[2]",
+            "x",
+        );
+        assert!(reason.contains("twice"), "{reason}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        for (toml, key) in [
+            ("retention_days = 3", "retention_days"),
+            ("[apu]\nlisten = \"127.0.0.1:1\"", "apu"),
+            ("[api]\nport = 80", "port"),
+            ("[store]\nretention = 3", "retention"),
+            ("[cgroup]\nroot = \"/emars\"", "root"),
+            ("[[cgroup.roots]]\npath = \"/e\"\nrule = 1", "rule"),
+            (
+                "[[cgroup.roots]]\npath = \"/e\"\n[[cgroup.roots.rules]]\npattern = \"{function}/{instance}\"\nfuncton = \"x\"",
+                "funct",
+            ),
+            ("[probes]\ndisabled = []", "disabled"),
+        ] {
+            let message = parse_message(Config::from_toml_str(toml).unwrap_err());
+            assert!(
+                message.contains(&format!("unknown field `{key}")),
+                "{toml}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_syntax_are_parse_errors() {
+        for (toml, fragment) in [
+            ("[store]\nretention_days = \"14\"", "retention_days"),
+            ("[store]\nretention_days = -1", "retention_days"),
+            (
+                "[probes]\nring_buffer_bytes = 5000000000",
+                "ring_buffer_bytes",
+            ),
+            ("[api]\nlisten = \"localhost\"", "listen"),
+            ("[cgroup]\nmode = \"v3\"", "v3"),
+            ("[[cgroup.roots]]\nrules = []", "path"),
+            ("[store\n", "line 1"),
+        ] {
+            let message = parse_message(Config::from_toml_str(toml).unwrap_err());
+            assert!(message.contains(fragment), "{toml}: {message}");
+            assert!(!message.ends_with('\n'));
+        }
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "emars-config-test-{}-{name}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn load_reads_and_reports_the_path() {
+        let good = temp_file("good", "[store]\nretention_days = 30\n");
+        assert_eq!(Config::load(&good).unwrap().store.retention_days, 30);
+        std::fs::remove_file(&good).unwrap();
+
+        let bad = temp_file("bad", "[store]\nretention = 30\n");
+        let err = Config::load(&bad).unwrap_err();
+        assert!(
+            err.to_string().contains(&bad.display().to_string()),
+            "{err}"
+        );
+        match err {
+            ConfigError::Parse { path, message } => {
+                assert_eq!(path.as_deref(), Some(bad.as_path()));
+                assert!(message.contains("retention"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(&bad).unwrap();
+
+        let missing = std::env::temp_dir().join("emars-config-test-does-not-exist.toml");
+        let err = Config::load(&missing).unwrap_err();
+        assert!(err.to_string().contains("does-not-exist"), "{err}");
+        match err {
+            ConfigError::Read { path, source } => {
+                assert_eq!(path, missing);
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_error_without_path() {
+        let err = Config::from_toml_str("nope").unwrap_err();
+        assert!(err.to_string().starts_with("invalid config: "), "{err}");
+    }
+}

@@ -55,8 +55,9 @@ pub(crate) fn normalize_root_path(path: &str) -> Result<String, String> {
         p.pop();
     }
     if p == "/" {
-        return Err("a root cannot be the whole hierarchy: name a sub-directory such as /emars"
-            .to_string());
+        return Err(
+            "a root cannot be the whole hierarchy: name a sub-directory such as /emars".to_string(),
+        );
     }
     if p.contains("//") {
         return Err("has an empty path component (\"//\")".to_string());
@@ -69,7 +70,7 @@ pub(crate) fn normalize_root_path(path: &str) -> Result<String, String> {
     }
     if p.len() > emars_common::ROOT_PREFIX_LEN {
         return Err(format!(
-            "is {} bytes long; the kernel-side root table holds at most {}",
+            "is {} bytes long; the kernel-side root table holds prefixes of at most {} bytes",
             p.len(),
             emars_common::ROOT_PREFIX_LEN
         ));
@@ -160,7 +161,9 @@ fn compile_pattern(pattern: &str) -> Result<(Regex, Vec<String>), String> {
                         "uses {{{name}}} twice: a placeholder captures one value"
                     ));
                 }
-                re.push_str(&format!("(?P<{name}>[^/]+)"));
+                re.push_str("(?P<");
+                re.push_str(&name);
+                re.push_str(">[^/]+)");
                 names.push(name);
             }
         }
@@ -177,15 +180,18 @@ fn compile_regex(source: &str) -> Result<(Regex, Vec<String>), String> {
     }
     if source.starts_with('/') || source.starts_with("^/") {
         return Err(
-            "matches the path relative to the root, which has no leading '/': drop it"
-                .to_string(),
+            "matches the path relative to the root, which has no leading '/': drop it".to_string(),
         );
     }
     // Compiled alone first so that the error points into the user's text, not our wrapper.
     Regex::new(source).map_err(|e| e.to_string())?;
     // The group keeps an alternation such as `a|b` anchored as a whole.
     let regex = Regex::new(&format!("^(?:{source})$")).map_err(|e| e.to_string())?;
-    let names = regex.capture_names().flatten().map(str::to_string).collect();
+    let names = regex
+        .capture_names()
+        .flatten()
+        .map(str::to_string)
+        .collect();
     Ok((regex, names))
 }
 
@@ -246,7 +252,7 @@ impl Template {
             MAX_INSTANCE_NAME_LEN
         };
         if literal_len > max {
-            return Err(format!("is longer than the {max}-character limit"));
+            return Err(format!("has more than {max} bytes of fixed text"));
         }
         Ok(Template { tokens })
     }
@@ -297,10 +303,16 @@ impl Rule {
                 ))
             }
         };
-        let function_text = rule.function.as_deref().unwrap_or(DEFAULT_FUNCTION_TEMPLATE);
+        let function_text = rule
+            .function
+            .as_deref()
+            .unwrap_or(DEFAULT_FUNCTION_TEMPLATE);
         let function = Template::compile(function_text, &captures, true)
             .map_err(|reason| invalid(format!("{key}.function"), function_text, reason))?;
-        let instance_text = rule.instance.as_deref().unwrap_or(DEFAULT_INSTANCE_TEMPLATE);
+        let instance_text = rule
+            .instance
+            .as_deref()
+            .unwrap_or(DEFAULT_INSTANCE_TEMPLATE);
         let instance = Template::compile(instance_text, &captures, false)
             .map_err(|reason| invalid(format!("{key}.instance"), instance_text, reason))?;
         Ok(Rule {
@@ -310,16 +322,12 @@ impl Rule {
         })
     }
 
-    /// `Some(None)`: the rule matched but produced an unusable name.
-    fn apply(&self, rest: &str) -> Option<Option<Identity>> {
-        let caps = self.matcher.captures(rest)?;
-        let function = self.function.render(&caps);
-        let instance = self.instance.render(&caps);
-        if valid_function_name(&function) && valid_instance_name(&instance) {
-            Some(Some(Identity { function, instance }))
-        } else {
-            Some(None)
-        }
+    /// None when the templates give an unusable name.
+    fn identity(&self, caps: &Captures<'_>) -> Option<Identity> {
+        let function = self.function.render(caps);
+        let instance = self.instance.render(caps);
+        (valid_function_name(&function) && valid_instance_name(&instance))
+            .then_some(Identity { function, instance })
     }
 }
 
@@ -439,7 +447,11 @@ impl Registry {
         if rest.is_empty() {
             return None;
         }
-        root.rules.iter().find_map(|rule| rule.apply(rest)).flatten()
+        let (rule, caps) = root
+            .rules
+            .iter()
+            .find_map(|rule| rule.matcher.captures(rest).map(|caps| (rule, caps)))?;
+        rule.identity(&caps)
     }
 
     /// The root containing `rel_path`, and the rest of the path below it without its leading
@@ -548,5 +560,790 @@ impl CgroupTable {
     /// Entries in ascending id order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &CgroupEntry)> {
         self.by_id.iter().map(|(id, entry)| (*id, entry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const DOC: &str = include_str!("../../docs/config.md");
+    const CID: &str = "328d87fcf413c999c8ddaae1861ccaeeda33d0a30bf8087923f14646a7e94b3f";
+    const POD_UID: &str = "40001696-c377-4e56-9483-ae8e45533bae";
+    const POD_UID_SYSTEMD: &str = "40001696_c377_4e56_9483_ae8e45533bae";
+
+    fn registry(toml: &str) -> Registry {
+        let config = Config::from_toml_str(toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        Registry::new(&config.cgroup.roots).unwrap()
+    }
+
+    fn ident(function: &str, instance: &str) -> Option<Identity> {
+        Some(Identity {
+            function: function.to_string(),
+            instance: instance.to_string(),
+        })
+    }
+
+    /// The example must appear verbatim as a TOML block of docs/config.md, and classify each
+    /// sample path as the docs' table says.
+    fn check_example(toml: &str, cases: &[(String, Option<Identity>)]) {
+        assert!(
+            DOC.contains(&format!("```toml\n{toml}```")),
+            "docs/config.md no longer shows this example:\n{toml}"
+        );
+        let reg = registry(toml);
+        for (path, want) in cases {
+            assert_eq!(&reg.classify(path), want, "classify({path:?})");
+        }
+    }
+
+    fn case(path: impl Into<String>, want: Option<Identity>) -> (String, Option<Identity>) {
+        (path.into(), want)
+    }
+
+    fn roots(toml_roots: &[(&str, &[&str])]) -> Vec<RootConfig> {
+        toml_roots
+            .iter()
+            .map(|(path, patterns)| RootConfig {
+                path: path.to_string(),
+                rules: patterns
+                    .iter()
+                    .map(|p| RuleConfig {
+                        pattern: Some(p.to_string()),
+                        ..RuleConfig::default()
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn invalid_key(err: ConfigError) -> (String, String, String) {
+        match err {
+            ConfigError::Invalid { key, value, reason } => (key, value, reason),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    const EX_DEFAULT: &str = r#"[[cgroup.roots]]
+path = "/emars"
+
+[[cgroup.roots.rules]]
+pattern = "{function}/{instance}"
+"#;
+
+    #[test]
+    fn example_default_layout() {
+        check_example(
+            EX_DEFAULT,
+            &[
+                case("/emars/hello_world/1", ident("hello_world", "1")),
+                case("/emars/mem_alloc/7f3a", ident("mem_alloc", "7f3a")),
+                case("/emars", None),
+                case("/emars/hello_world", None),
+                case("/emars/hello_world/1/worker", None),
+                case("/emars/bad name/1", None),
+                case("/emarsx/hello_world/1", None),
+                // docker run --cgroup-parent=/emars/hello_world (cgroupfs driver)
+                case(
+                    format!("/emars/hello_world/{CID}"),
+                    ident("hello_world", CID),
+                ),
+            ],
+        );
+        // The written-out example is exactly the built-in default.
+        let config = Config::from_toml_str(EX_DEFAULT).unwrap();
+        assert_eq!(config.cgroup, Config::default().cgroup);
+    }
+
+    const EX_DOCKER_CGROUPFS: &str = r#"[[cgroup.roots]]
+path = "/docker"
+
+[[cgroup.roots.rules]]
+regex = '(?P<id>[0-9a-f]{64})'
+function = "docker"
+instance = "{id}"
+"#;
+
+    #[test]
+    fn example_docker_cgroupfs() {
+        check_example(
+            EX_DOCKER_CGROUPFS,
+            &[
+                case(format!("/docker/{CID}"), ident("docker", CID)),
+                case("/docker/buildkit", None),
+                case(format!("/docker/{CID}/sub"), None),
+                case(format!("/docker/{}", &CID[..63]), None),
+            ],
+        );
+    }
+
+    const EX_DOCKER_SYSTEMD: &str = r#"[[cgroup.roots]]
+path = "/system.slice"
+
+[[cgroup.roots.rules]]
+pattern = "docker-{id}.scope"
+function = "docker"
+instance = "{id}"
+"#;
+
+    #[test]
+    fn example_docker_systemd() {
+        check_example(
+            EX_DOCKER_SYSTEMD,
+            &[
+                case(
+                    format!("/system.slice/docker-{CID}.scope"),
+                    ident("docker", CID),
+                ),
+                case("/system.slice/docker.service", None),
+                case("/system.slice/sshd.service", None),
+                case("/system.slice", None),
+            ],
+        );
+    }
+
+    const EX_K8S_SYSTEMD: &str = r#"[[cgroup.roots]]
+path = "/kubepods.slice"
+
+[[cgroup.roots.rules]]
+pattern = "kubepods-{qos}.slice/kubepods-*-pod{pod}.slice/cri-containerd-{container}.scope"
+function = "k8s-{qos}"
+instance = "{container}"
+
+[[cgroup.roots.rules]]
+pattern = "kubepods-pod{pod}.slice/cri-containerd-{container}.scope"
+function = "k8s-guaranteed"
+instance = "{container}"
+"#;
+
+    #[test]
+    fn example_kubernetes_systemd() {
+        let u = POD_UID_SYSTEMD;
+        check_example(
+            EX_K8S_SYSTEMD,
+            &[
+                case(
+                    format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"),
+                    ident("k8s-burstable", CID),
+                ),
+                case(
+                    format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"),
+                    ident("k8s-besteffort", CID),
+                ),
+                case(
+                    format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"),
+                    ident("k8s-guaranteed", CID),
+                ),
+                case(
+                    format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
+                    None,
+                ),
+                case("/kubepods.slice/kubepods-burstable.slice", None),
+            ],
+        );
+    }
+
+    const EX_K8S_CGROUPFS: &str = r#"[[cgroup.roots]]
+path = "/kubepods"
+
+[[cgroup.roots.rules]]
+pattern = "{qos}/pod{pod}/{container}"
+function = "k8s-{qos}"
+instance = "{container}"
+
+[[cgroup.roots.rules]]
+pattern = "pod{pod}/{container}"
+function = "k8s-guaranteed"
+instance = "{container}"
+"#;
+
+    #[test]
+    fn example_kubernetes_cgroupfs() {
+        let u = POD_UID;
+        check_example(
+            EX_K8S_CGROUPFS,
+            &[
+                case(
+                    format!("/kubepods/burstable/pod{u}/{CID}"),
+                    ident("k8s-burstable", CID),
+                ),
+                case(
+                    format!("/kubepods/besteffort/pod{u}/{CID}"),
+                    ident("k8s-besteffort", CID),
+                ),
+                case(
+                    format!("/kubepods/pod{u}/{CID}"),
+                    ident("k8s-guaranteed", CID),
+                ),
+                case(format!("/kubepods/burstable/pod{u}"), None),
+            ],
+        );
+    }
+
+    const EX_OPENLAMBDA: &str = r#"[[cgroup.roots]]
+path = "/default-ol-sandboxes"
+
+[[cgroup.roots.rules]]
+pattern = "cg-{n}"
+function = "openlambda"
+instance = "cg-{n}"
+"#;
+
+    #[test]
+    fn example_openlambda_fixed_name() {
+        check_example(
+            EX_OPENLAMBDA,
+            &[
+                case("/default-ol-sandboxes/cg-7", ident("openlambda", "cg-7")),
+                case("/default-ol-sandboxes", None),
+            ],
+        );
+    }
+
+    const EX_OPENLAMBDA_WORKERS: &str = r#"[[cgroup.roots]]
+path = "/hello_world-ol-sandboxes"
+
+[[cgroup.roots.rules]]
+regex = 'cg-(?P<n>[0-9]+)'
+function = "hello_world"
+instance = "cg-{n}"
+
+[[cgroup.roots]]
+path = "/mem_alloc-ol-sandboxes"
+
+[[cgroup.roots.rules]]
+regex = 'cg-(?P<n>[0-9]+)'
+function = "mem_alloc"
+instance = "cg-{n}"
+"#;
+
+    #[test]
+    fn example_openlambda_one_root_per_worker() {
+        check_example(
+            EX_OPENLAMBDA_WORKERS,
+            &[
+                case(
+                    "/hello_world-ol-sandboxes/cg-12",
+                    ident("hello_world", "cg-12"),
+                ),
+                case("/mem_alloc-ol-sandboxes/cg-3", ident("mem_alloc", "cg-3")),
+                case("/hello_world-ol-sandboxes/cg-x", None),
+            ],
+        );
+    }
+
+    const EX_OPENLAMBDA_CAPTURE: &str = r#"[[cgroup.roots]]
+path = "/default-ol-sandboxes"
+
+[[cgroup.roots.rules]]
+pattern = "cg-{function}-{n}"
+instance = "cg-{n}"
+"#;
+
+    #[test]
+    fn example_openlambda_function_from_capture() {
+        check_example(
+            EX_OPENLAMBDA_CAPTURE,
+            &[
+                case(
+                    "/default-ol-sandboxes/cg-mem-alloc-4",
+                    ident("mem-alloc", "cg-4"),
+                ),
+                case(
+                    "/default-ol-sandboxes/cg-hello_world-12",
+                    ident("hello_world", "cg-12"),
+                ),
+                case("/default-ol-sandboxes/cg-7", None),
+            ],
+        );
+    }
+
+    #[test]
+    fn documented_error_messages_are_the_real_ones() {
+        let err = Config::from_toml_str("[store]\nretention_days = 0\n").unwrap_err();
+        assert!(DOC.contains(&err.to_string()), "{err}");
+        let err = Config::from_toml_str(
+            "[[cgroup.roots]]\npath = \"/docker\"\n[[cgroup.roots.rules]]\nregex = '(?P<id>[0-9a-f]{64})'\n",
+        )
+        .unwrap_err();
+        assert!(DOC.contains(&err.to_string()), "{err}");
+        let err = Config::from_toml_str(
+            "[[cgroup.roots]]\npath = \"/docker\"\n[[cgroup.roots.rules]]\nregex = '(?P<id>[0-9a-f]{64}'\n",
+        )
+        .unwrap_err();
+        let shown = err.to_string();
+        let head = shown.split("regex parse error").next().unwrap();
+        assert!(
+            DOC.contains(&format!("{head}regex parse error: ...")),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[store]\nretention = 3\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown field `retention`, expected `path` or `retention_days`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn roots_are_normalised_and_matched_on_component_boundaries() {
+        let reg = Registry::new(&roots(&[("emars/", &[]), ("/other", &[])])).unwrap();
+        assert_eq!(
+            reg.roots(),
+            vec!["/emars".to_string(), "/other".to_string()]
+        );
+        assert!(reg.is_under_root("/emars"));
+        assert!(reg.is_under_root("/emars/fn"));
+        assert!(reg.is_under_root("/emars/fn/1/deeper"));
+        assert!(reg.is_under_root("/other/x"));
+        assert!(!reg.is_under_root("/emarsx"));
+        assert!(!reg.is_under_root("/emarsx/fn/1"));
+        assert!(!reg.is_under_root("/emar"));
+        assert!(!reg.is_under_root("/"));
+        assert!(!reg.is_under_root(""));
+        assert!(!reg.is_under_root("/system.slice/emars"));
+        // Tolerates a missing leading '/' and a trailing '/'.
+        assert!(reg.is_under_root("emars/fn/1"));
+        assert_eq!(reg.classify("emars/fn/1/"), ident("fn", "1"));
+        assert_eq!(reg.classify("/emarsx/fn/1"), None);
+        assert_eq!(reg.classify("/other/fn/1"), ident("fn", "1"));
+    }
+
+    #[test]
+    fn nested_root_paths_work() {
+        let reg = Registry::new(&roots(&[("/a/b/c", &["{function}/{instance}"])])).unwrap();
+        assert!(reg.is_under_root("/a/b/c/x"));
+        assert!(!reg.is_under_root("/a/b"));
+        assert_eq!(reg.classify("/a/b/c/x/1"), ident("x", "1"));
+    }
+
+    #[test]
+    fn first_matching_rule_decides() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/emars"
+[[cgroup.roots.rules]]
+pattern = "special/{instance}"
+function = "special"
+[[cgroup.roots.rules]]
+pattern = "{function}/{instance}"
+[[cgroup.roots.rules]]
+pattern = "{function}"
+instance = "only"
+"#;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/emars/special/1"), ident("special", "1"));
+        assert_eq!(reg.classify("/emars/other/1"), ident("other", "1"));
+        assert_eq!(reg.classify("/emars/solo"), ident("solo", "only"));
+        assert_eq!(reg.classify("/emars/a/b/c"), None);
+    }
+
+    #[test]
+    fn first_match_with_invalid_name_is_none_not_the_next_rule() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/emars"
+[[cgroup.roots.rules]]
+pattern = "{function}/{instance}"
+[[cgroup.roots.rules]]
+pattern = "*/{instance}"
+function = "fallback"
+"#;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/emars/bad!name/1"), None);
+    }
+
+    #[test]
+    fn produced_names_are_validated_without_panics() {
+        let reg = Registry::new(&roots(&[("/emars", &[])])).unwrap();
+        let long = "f".repeat(MAX_FUNCTION_NAME_LEN);
+        assert_eq!(reg.classify(&format!("/emars/{long}/1")), ident(&long, "1"));
+        assert_eq!(reg.classify(&format!("/emars/{long}x/1")), None);
+        for bad in ["a b", "a/b", "é", "a\u{0}b", "a{b}", "fn*"] {
+            assert_eq!(reg.classify(&format!("/emars/{bad}/1")), None, "{bad:?}");
+        }
+        assert_eq!(reg.classify("/emars/fn/bad\ninstance"), None);
+        let long_instance = "i".repeat(MAX_INSTANCE_NAME_LEN + 1);
+        assert_eq!(reg.classify(&format!("/emars/fn/{long_instance}")), None);
+        // Non-ASCII instances are fine: they are opaque labels.
+        assert_eq!(reg.classify("/emars/fn/é"), ident("fn", "é"));
+    }
+
+    #[test]
+    fn optional_regex_group_renders_empty_and_empty_function_is_none() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '(?:(?P<function>[a-z]+)-)?(?P<instance>[0-9]+)'
+"#;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/r/abc-12"), ident("abc", "12"));
+        assert_eq!(reg.classify("/r/12"), None);
+    }
+
+    #[test]
+    fn star_matches_within_one_segment_only() {
+        let reg = Registry::new(&roots(&[("/r", &["*-{instance}.scope"])]));
+        // No {function} capture: the default function template is refused.
+        let (key, value, _) = invalid_key(reg.unwrap_err());
+        assert_eq!(key, "cgroup.roots[0].rules[0].function");
+        assert_eq!(value, "{function}");
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "*{function}.d/x*"
+instance = "i"
+"#;
+        let reg = registry(toml);
+        // The star comes first, so it takes all it can and leaves one character.
+        assert_eq!(reg.classify("/r/abc.d/x"), ident("c", "i"));
+        assert_eq!(reg.classify("/r/abc.d/xyz"), ident("c", "i"));
+        assert_eq!(reg.classify("/r/a/bc.d/x"), None);
+    }
+
+    #[test]
+    fn pattern_literals_are_not_regex() {
+        let reg = Registry::new(&roots(&[("/r", &["a.b+({function})/{instance}"])])).unwrap();
+        assert_eq!(reg.classify("/r/a.b+(fn)/1"), ident("fn", "1"));
+        assert_eq!(reg.classify("/r/aXbb(fn)/1"), None);
+    }
+
+    #[test]
+    fn regex_is_anchored_even_with_alternation() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '(?P<function>a)|(?P<instance>b)'
+function = "f{function}"
+instance = "i{instance}"
+"#;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/r/a"), ident("fa", "i"));
+        assert_eq!(reg.classify("/r/b"), ident("f", "ib"));
+        assert_eq!(reg.classify("/r/ab"), None);
+        assert_eq!(reg.classify("/r/xa"), None);
+        assert_eq!(reg.classify("/r/bx"), None);
+
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '^(?P<function>[a-z]+)/(?P<instance>\d+)$'
+"#;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/r/fn/12"), ident("fn", "12"));
+        assert_eq!(reg.classify("/r/fn/12/x"), None);
+
+        // The shorter group syntax works too.
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '(?<function>[a-z]+)/(?<instance>\d+)'
+"#;
+        assert_eq!(registry(toml).classify("/r/fn/12"), ident("fn", "12"));
+    }
+
+    #[test]
+    fn root_path_errors_name_the_key_and_value() {
+        let cases: &[(&str, &str)] = &[
+            ("/", "whole hierarchy"),
+            ("", "whole hierarchy"),
+            ("//", "whole hierarchy"),
+            ("/a//b", "empty path component"),
+            ("/a/../b", "\"..\""),
+            ("/a/./b", "\"..\""),
+            ("/a\nb", "control"),
+        ];
+        for (path, reason_part) in cases {
+            let err = Registry::new(&roots(&[("/ok", &[]), (path, &[])])).unwrap_err();
+            let (key, value, reason) = invalid_key(err);
+            assert_eq!(key, "cgroup.roots[1].path", "{path:?}");
+            assert_eq!(&value, path);
+            assert!(reason.contains(reason_part), "{path:?}: {reason}");
+        }
+        let long = format!("/{}", "x".repeat(emars_common::ROOT_PREFIX_LEN));
+        let (key, _, reason) = invalid_key(Registry::new(&roots(&[(&long, &[])])).unwrap_err());
+        assert_eq!(key, "cgroup.roots[0].path");
+        assert!(reason.contains("128"), "{reason}");
+        let fits = format!("/{}", "x".repeat(emars_common::ROOT_PREFIX_LEN - 1));
+        assert!(Registry::new(&roots(&[(&fits, &[])])).is_ok());
+    }
+
+    #[test]
+    fn overlapping_roots_are_refused() {
+        for (a, b) in [
+            ("/emars", "/emars/fn"),
+            ("/emars/fn", "/emars"),
+            ("/emars", "emars/"),
+            ("/a/b", "/a/b/c/d"),
+        ] {
+            let err = Registry::new(&roots(&[(a, &[]), (b, &[])])).unwrap_err();
+            let (key, value, reason) = invalid_key(err);
+            assert_eq!(key, "cgroup.roots[1].path");
+            assert_eq!(value, b);
+            assert!(reason.contains("overlaps cgroup.roots[0].path"), "{reason}");
+        }
+        // Sharing a prefix of characters is not overlapping.
+        assert!(Registry::new(&roots(&[("/emars", &[]), ("/emarsx", &[])])).is_ok());
+        assert!(Registry::new(&roots(&[("/a/b", &[]), ("/a/c", &[])])).is_ok());
+    }
+
+    #[test]
+    fn root_count_is_bounded() {
+        let (key, value, _) = invalid_key(Registry::new(&[]).unwrap_err());
+        assert_eq!((key.as_str(), value.as_str()), ("cgroup.roots", "[]"));
+        let names: Vec<String> = (0..=emars_common::MAX_ROOTS)
+            .map(|i| format!("/r{i}"))
+            .collect();
+        let many: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &[][..])).collect();
+        let (key, value, _) = invalid_key(Registry::new(&roots(&many)).unwrap_err());
+        assert_eq!(key, "cgroup.roots");
+        assert_eq!(value, "9 roots");
+        assert!(Registry::new(&roots(&many[..8])).is_ok());
+    }
+
+    /// (pattern, expected fragment of the reason)
+    #[test]
+    fn pattern_errors_name_the_key_and_value() {
+        let cases: &[(&str, &str)] = &[
+            ("", "must not be empty"),
+            ("/{function}/{instance}", "leading '/'"),
+            ("{function}/{instance}/", "end with '/'"),
+            ("{function}//{instance}", "empty path segment"),
+            ("{function/{instance}", "not a placeholder"),
+            ("{function}/{instance", "without a closing"),
+            ("{function}}/{instance}", "without an opening"),
+            ("{1st}/{function}/{instance}", "not a placeholder"),
+            ("{}/{function}/{instance}", "not a placeholder"),
+            ("{fn-name}/{function}/{instance}", "not a placeholder"),
+            ("{function}/{function}/{instance}", "twice"),
+        ];
+        for (pattern, reason_part) in cases {
+            let err = Registry::new(&roots(&[("/r", &[pattern])])).unwrap_err();
+            let (key, value, reason) = invalid_key(err);
+            assert_eq!(key, "cgroup.roots[0].rules[0].pattern", "{pattern:?}");
+            assert_eq!(&value, pattern);
+            assert!(reason.contains(reason_part), "{pattern:?}: {reason}");
+        }
+    }
+
+    fn rule_error(rule: RuleConfig) -> (String, String, String) {
+        let root = RootConfig {
+            path: "/r".into(),
+            rules: vec![
+                RuleConfig {
+                    pattern: Some("ok/{function}/{instance}".into()),
+                    ..RuleConfig::default()
+                },
+                rule,
+            ],
+        };
+        invalid_key(Registry::new(&[root]).unwrap_err())
+    }
+
+    #[test]
+    fn regex_errors_name_the_key_and_value() {
+        for (regex, reason_part) in [
+            ("(unclosed", "unclosed group"),
+            ("(?P<function>a", "unclosed group"),
+            ("(?P<x>a)(?P<x>b)", "duplicate"),
+            ("", "must not be empty"),
+            ("/(?P<function>.+)/(?P<instance>.+)", "leading '/'"),
+            ("^/(?P<function>.+)/(?P<instance>.+)", "leading '/'"),
+        ] {
+            let (key, value, reason) = rule_error(RuleConfig {
+                regex: Some(regex.into()),
+                ..RuleConfig::default()
+            });
+            assert_eq!(key, "cgroup.roots[0].rules[1].regex", "{regex:?}");
+            assert_eq!(value, regex);
+            assert!(reason.contains(reason_part), "{regex:?}: {reason}");
+        }
+    }
+
+    #[test]
+    fn a_rule_has_exactly_one_of_pattern_or_regex() {
+        let (key, value, reason) = rule_error(RuleConfig {
+            pattern: Some("{function}/{instance}".into()),
+            regex: Some("(?P<function>.+)".into()),
+            ..RuleConfig::default()
+        });
+        assert_eq!(key, "cgroup.roots[0].rules[1].regex");
+        assert_eq!(value, "(?P<function>.+)");
+        assert!(reason.contains("exactly one"), "{reason}");
+
+        let (key, value, reason) = rule_error(RuleConfig {
+            function: Some("docker".into()),
+            ..RuleConfig::default()
+        });
+        assert_eq!(key, "cgroup.roots[0].rules[1]");
+        assert_eq!(value, "{ function = \"docker\" }");
+        assert!(reason.contains("pattern or a regex"), "{reason}");
+
+        let (_, value, _) = rule_error(RuleConfig::default());
+        assert_eq!(value, "{}");
+    }
+
+    #[test]
+    fn template_errors_name_the_key_and_value() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            // (function, instance, failing key suffix, reason fragment)
+            ("{app}", "{instance}", "function", "uses {app}"),
+            ("{function}", "{pod}", "instance", "uses {pod}"),
+            ("", "{instance}", "function", "must not be empty"),
+            ("{function}", "", "instance", "must not be empty"),
+            ("my fn", "{instance}", "function", "' ' cannot appear"),
+            (
+                "fn/{function}",
+                "{instance}",
+                "function",
+                "'/' cannot appear",
+            ),
+            ("é{function}", "{instance}", "function", "'é' cannot appear"),
+            ("{function", "{instance}", "function", "without a closing"),
+            (
+                "{function}",
+                "{instance}}",
+                "instance",
+                "without an opening",
+            ),
+            ("{function}", "a\tb{instance}", "instance", "control"),
+            ("x*", "{instance}", "function", "'*' cannot appear"),
+        ];
+        for (function, instance, which, reason_part) in cases {
+            let (key, value, reason) = rule_error(RuleConfig {
+                pattern: Some("{function}/{instance}".into()),
+                function: Some(function.to_string()),
+                instance: Some(instance.to_string()),
+                ..RuleConfig::default()
+            });
+            assert_eq!(key, format!("cgroup.roots[0].rules[1].{which}"));
+            let want = if *which == "function" {
+                function
+            } else {
+                instance
+            };
+            assert_eq!(&value, want);
+            assert!(
+                reason.contains(reason_part),
+                "{function:?} {instance:?}: {reason}"
+            );
+        }
+        let long = "f".repeat(MAX_FUNCTION_NAME_LEN + 1);
+        let (key, _, reason) = rule_error(RuleConfig {
+            pattern: Some("{instance}".into()),
+            function: Some(long),
+            ..RuleConfig::default()
+        });
+        assert_eq!(key, "cgroup.roots[0].rules[1].function");
+        assert!(reason.contains("128"), "{reason}");
+    }
+
+    #[test]
+    fn template_error_lists_the_captures() {
+        let (_, _, reason) = rule_error(RuleConfig {
+            regex: Some("(?P<app>[a-z]+)-(?P<n>[0-9]+)".into()),
+            ..RuleConfig::default()
+        });
+        assert!(reason.contains("it captures {app}, {n}"), "{reason}");
+        let (_, _, reason) = rule_error(RuleConfig {
+            pattern: Some("fixed".into()),
+            ..RuleConfig::default()
+        });
+        assert!(reason.contains("it captures nothing"), "{reason}");
+    }
+
+    #[test]
+    fn fixed_templates_and_composite_templates() {
+        let toml = r##"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '(?P<app>[a-z]+)_(?P<fn>[a-z]+)/(?P<i>\d+)'
+function = "{app}-{fn}"
+instance = "#{i}"
+"##;
+        let reg = registry(toml);
+        assert_eq!(reg.classify("/r/shop_cart/3"), ident("shop-cart", "#3"));
+    }
+
+    #[test]
+    fn valid_function_names() {
+        for ok in ["a", "hello_world", "A.b:c-d_9", &"x".repeat(128)] {
+            assert!(valid_function_name(ok), "{ok:?}");
+        }
+        for bad in ["", "a b", "a/b", "é", "a\n", "a{b}", "a*", &"x".repeat(129)] {
+            assert!(!valid_function_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn registry_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Registry>();
+        assert_send_sync::<CgroupTable>();
+    }
+
+    #[test]
+    fn cgroup_table_indexes_by_id_and_path() {
+        let mut table = CgroupTable::default();
+        assert!(table.is_empty());
+        table.insert(10, "/emars/a/1".into(), ident("a", "1"), 100);
+        table.insert(11, "/emars/a".into(), None, 90);
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.by_path("/emars/a/1"), Some(10));
+        assert_eq!(table.by_path("/emars/a"), Some(11));
+        assert_eq!(table.by_path("/emars/b"), None);
+        assert_eq!(table.get(10).unwrap().identity, ident("a", "1"));
+        assert_eq!(table.get(10).unwrap().started_at_ms, 100);
+        table.get_mut(11).unwrap().started_at_ms = 95;
+        assert_eq!(table.get(11).unwrap().started_at_ms, 95);
+        let ids: Vec<u64> = table.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![10, 11]);
+
+        let removed = table.remove(10).unwrap();
+        assert_eq!(removed.rel_path, "/emars/a/1");
+        assert_eq!(table.by_path("/emars/a/1"), None);
+        assert!(table.get(10).is_none());
+        assert!(table.remove(10).is_none());
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn cgroup_table_reinsert_moves_the_path_index() {
+        let mut table = CgroupTable::default();
+        table.insert(1, "/emars/a/1".into(), None, 0);
+        // Same id, new path (a rename): the old path no longer resolves.
+        table.insert(1, "/emars/a/2".into(), None, 0);
+        assert_eq!(table.by_path("/emars/a/1"), None);
+        assert_eq!(table.by_path("/emars/a/2"), Some(1));
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn cgroup_table_recreated_path_keeps_the_old_entry_until_removed() {
+        let mut table = CgroupTable::default();
+        table.insert(1, "/emars/a/1".into(), ident("a", "1"), 0);
+        // Removed and re-created under a new id before the removal was seen.
+        table.insert(2, "/emars/a/1".into(), ident("a", "1"), 5);
+        assert_eq!(table.by_path("/emars/a/1"), Some(2));
+        assert_eq!(table.len(), 2);
+        // Removing the stale id must not unlink the live one's path.
+        assert_eq!(table.remove(1).unwrap().id, 1);
+        assert_eq!(table.by_path("/emars/a/1"), Some(2));
+    }
+
+    #[test]
+    fn cgroup_table_by_path_ignores_paths_edited_in_place() {
+        let mut table = CgroupTable::default();
+        table.insert(1, "/emars/a/1".into(), None, 0);
+        table.get_mut(1).unwrap().rel_path = "/elsewhere".into();
+        assert_eq!(table.by_path("/emars/a/1"), None);
     }
 }

@@ -182,9 +182,9 @@ impl Tracker {
         let Some(mut rec) = self.live.remove(&id) else {
             return;
         };
-        let before = (rec.peak_bytes, rec.peak_source);
+        let before = (rec.peak_bytes, rec.peak_source, rec.limits);
         self.refresh_watermark(&mut rec);
-        if (rec.peak_bytes, rec.peak_source) != before {
+        if (rec.peak_bytes, rec.peak_source, rec.limits) != before {
             self.save(&rec);
         }
         self.live.insert(id, rec);
@@ -193,6 +193,10 @@ impl Tracker {
     fn refresh_watermark(&mut self, rec: &mut InstanceRecord) {
         self.stats.watermark_reads += 1;
         let dir = std::path::Path::new(&rec.cgroup_path);
+        // Limits may be set after mkdir (by the platform, or later by EMARS): keep them current.
+        if let Ok(limits) = self.hierarchy.limits(dir) {
+            rec.limits = limits;
+        }
         match self.hierarchy.peak(dir) {
             Ok(Some(w)) if w >= rec.peak_bytes => {
                 rec.peak_bytes = w;

@@ -1,1 +1,478 @@
+//! Test harness for EMARS: real cgroups under a root of our own, real workload processes, the
+//! real agent binary with its real store and HTTP API. Nothing of the kernel path is mocked.
+//!
+//! Tests that need root call [`require_root`]; without root they print a loud SKIPPED line, and
+//! when `EMARS_TEST_ROOT_REQUIRED=1` (as `cargo xtask test` sets it under root/CI) they fail.
 
+use std::{
+    ffi::CString,
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub const MIB: u64 = 1 << 20;
+
+/// True when the test may use the kernel. Prints why not, loudly, otherwise.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("EMARS_TEST_ROOT_REQUIRED").as_deref() == Ok("1") {
+        panic!("{test} needs root (EMARS_TEST_ROOT_REQUIRED=1)");
+    }
+    eprintln!("\n*** SKIPPED {test}: needs root (real cgroups and eBPF) ***\n");
+    false
+}
+
+/// Which cgroup version holds the memory controller here, found independently of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    pub version: Version,
+    pub mount: PathBuf,
+}
+
+impl Hierarchy {
+    pub fn detect() -> Result<Self> {
+        let mounts = fs::read_to_string("/proc/self/mounts")?;
+        let mut v1 = None;
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 {
+                continue;
+            }
+            match f[2] {
+                "cgroup2" => {
+                    let ctl = Path::new(f[1]).join("cgroup.controllers");
+                    if fs::read_to_string(ctl)
+                        .map(|s| s.split_whitespace().any(|c| c == "memory"))
+                        .unwrap_or(false)
+                    {
+                        return Ok(Self {
+                            version: Version::V2,
+                            mount: f[1].into(),
+                        });
+                    }
+                }
+                "cgroup" if f[3].split(',').any(|o| o == "memory") => v1 = Some(f[1].to_owned()),
+                _ => {}
+            }
+        }
+        let mount = v1.ok_or_else(|| anyhow!("no memory cgroup hierarchy mounted"))?;
+        Ok(Self {
+            version: Version::V1,
+            mount: mount.into(),
+        })
+    }
+
+    /// The kernel's high watermark of a cgroup, read straight from cgroupfs.
+    pub fn watermark(&self, dir: &Path) -> Result<u64> {
+        let f = match self.version {
+            Version::V1 => "memory.max_usage_in_bytes",
+            Version::V2 => "memory.peak",
+        };
+        read_u64(&dir.join(f))
+    }
+
+    /// Sets a hard limit (v1 memory.limit_in_bytes, v2 memory.max) on one of our cgroups.
+    pub fn set_limit(&self, dir: &Path, bytes: u64) -> Result<()> {
+        let f = match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        };
+        let p = dir.join(f);
+        fs::write(&p, bytes.to_string()).with_context(|| format!("writing {}", p.display()))?;
+        if self.version == Version::V2 {
+            // No swap for the test cgroup, so the limit really kills.
+            let _ = fs::write(dir.join("memory.swap.max"), "0");
+        }
+        Ok(())
+    }
+}
+
+pub fn read_u64(p: &Path) -> Result<u64> {
+    let s = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("parsing {s:?} from {}", p.display()))
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A cgroup subtree of our own (`/emars-test-<pid>-<n>` in the memory hierarchy), removed on drop
+/// with everything below it. Never touches anything outside it.
+pub struct TestRoot {
+    pub hierarchy: Hierarchy,
+    /// Path relative to the hierarchy, as the agent's config wants it ("/emars-test-1-0").
+    pub rel: String,
+    pub dir: PathBuf,
+}
+
+impl TestRoot {
+    pub fn new() -> Result<Self> {
+        let hierarchy = Hierarchy::detect()?;
+        let rel = format!(
+            "/emars-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = hierarchy.mount.join(&rel[1..]);
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let root = Self {
+            hierarchy,
+            rel,
+            dir,
+        };
+        root.enable_memory(&root.dir)?;
+        Ok(root)
+    }
+
+    fn enable_memory(&self, dir: &Path) -> Result<()> {
+        if self.hierarchy.version == Version::V2 {
+            let p = dir.join("cgroup.subtree_control");
+            fs::write(&p, "+memory").with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Creates `<root>/<function>` (once) and returns its path.
+    pub fn function_dir(&self, function: &str) -> Result<PathBuf> {
+        let d = self.dir.join(function);
+        if !d.is_dir() {
+            fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+            self.enable_memory(&d)?;
+        }
+        Ok(d)
+    }
+
+    /// Creates the instance cgroup `<root>/<function>/<instance>`.
+    pub fn instance_dir(&self, function: &str, instance: &str) -> Result<PathBuf> {
+        let d = self.function_dir(function)?.join(instance);
+        fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(d)
+    }
+}
+
+impl Drop for TestRoot {
+    fn drop(&mut self) {
+        remove_tree(&self.dir);
+    }
+}
+
+/// Kills what is left in a cgroup tree and removes it, children first.
+pub fn remove_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_tree(&e.path());
+        }
+    }
+    for _ in 0..50 {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: signalling a pid of our own test cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("warning: could not remove {}", dir.display());
+}
+
+/// The workload binary (tests/src/bin/emars-alloc.rs).
+pub fn alloc_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_ALLOC_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-alloc")
+}
+
+/// The agent binary: $EMARS_BIN, else target/<profile>/emars next to this test binary.
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars")
+}
+
+fn sibling_bin(name: &str) -> PathBuf {
+    // Test binaries live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_owned).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Runs `emars-alloc` inside `cgroup` from its first instruction (joined before exec).
+pub fn spawn_alloc(cgroup: &Path, mib: u64, hold_ms: u64, chain: u32) -> Result<Child> {
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args([
+        "--mib",
+        &mib.to_string(),
+        "--hold-ms",
+        &hold_ms.to_string(),
+        "--chain",
+        &chain.to_string(),
+    ]);
+    spawn_in(cgroup, cmd)
+}
+
+/// Spawns `cmd` with its process already inside `cgroup` before exec.
+pub fn spawn_in(cgroup: &Path, mut cmd: Command) -> Result<Child> {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    // SAFETY: only open/write/close between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n < 0 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd.stdout(Stdio::null());
+    cmd.spawn()
+        .with_context(|| format!("spawning {:?} in {}", cmd, cgroup.display()))
+}
+
+/// Runs a workload to completion in `cgroup`.
+pub fn run_alloc(cgroup: &Path, mib: u64, hold_ms: u64, chain: u32) -> Result<ExitStatus> {
+    Ok(spawn_alloc(cgroup, mib, hold_ms, chain)?.wait()?)
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running agent with its own config, store and port. Killed on drop.
+pub struct Agent {
+    child: Child,
+    pub addr: String,
+    pub store: PathBuf,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Starts an agent watching `root` with a fresh store.
+    pub fn start(root: &TestRoot) -> Result<Agent> {
+        let tmp = tempfile::tempdir()?;
+        let store = tmp.path().join("store");
+        Self::start_with(root, &store, "", Some(tmp))
+    }
+
+    /// Starts an agent on a given store; `extra` is appended to the generated config.
+    pub fn start_with(
+        root: &TestRoot,
+        store: &Path,
+        extra: &str,
+        tmp: Option<tempfile::TempDir>,
+    ) -> Result<Agent> {
+        let dir = store
+            .parent()
+            .ok_or_else(|| anyhow!("store path has no parent"))?;
+        let config_path = dir.join(format!("config-{}.toml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let config = format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+            store.display(),
+            root.rel
+        );
+        fs::write(&config_path, config)?;
+        let mut child = Command::new(agent_bin())
+            .args(["agent", "--config"])
+            .arg(&config_path)
+            .env("EMARS_LOG", "info,emars_agent=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin().display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("API listening on http://") {
+                    let addr = line[i + "API listening on http://".len()..].trim().to_owned();
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut l) = log2.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let l = log.lock().map(|l| l.clone()).unwrap_or_default();
+                bail!("agent did not start listening within 60 s; its log:\n{l}");
+            }
+        };
+        Ok(Agent {
+            child,
+            addr,
+            store: store.to_owned(),
+            config_path,
+            log,
+            _tmp: tmp,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// GET returning (status, JSON body).
+    pub fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let resp = match ureq::get(&self.url(path)).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => bail!("GET {path}: {e}"),
+        };
+        let status = resp.status();
+        let body: Value = resp.into_json().context("decoding JSON")?;
+        Ok((status, body))
+    }
+
+    /// GET that must succeed.
+    pub fn get_ok(&self, path: &str) -> Result<Value> {
+        let (status, body) = self.get(path)?;
+        if status != 200 {
+            bail!("GET {path} → {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// POST raw bytes with a content type, returning (status, JSON body).
+    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Value)> {
+        let resp = match ureq::post(&self.url(path))
+            .set("Content-Type", content_type)
+            .send_bytes(body)
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => bail!("POST {path}: {e}"),
+        };
+        let status = resp.status();
+        let body: Value = resp.into_json().context("decoding JSON")?;
+        Ok((status, body))
+    }
+
+    /// The instances of a function, or an empty list while it is unknown.
+    pub fn instances(&self, function: &str) -> Result<Vec<Value>> {
+        let (status, body) = self.get(&format!("/v1/functions/{function}/instances"))?;
+        match status {
+            200 => Ok(body["instances"].as_array().cloned().unwrap_or_default()),
+            404 => Ok(Vec::new()),
+            s => bail!("instances of {function}: {s} {body}"),
+        }
+    }
+
+    /// Waits until `function` has `n` ended instances and returns them.
+    pub fn wait_ended(&self, function: &str, n: usize) -> Result<Vec<Value>> {
+        wait_for(Duration::from_secs(10), || {
+            let list = self.instances(function).ok()?;
+            let ended: Vec<Value> = list
+                .into_iter()
+                .filter(|i| !i["ended_at_ms"].is_null())
+                .collect();
+            (ended.len() >= n).then_some(ended)
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "{function}: fewer than {n} ended instances after 10 s: {:?}\nagent log:\n{}",
+                self.instances(function).ok(),
+                self.log()
+            )
+        })
+    }
+
+    /// Stops the agent with SIGTERM (as an operator would) and waits for it.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Ok(self.child.wait()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+    }
+}
+
+/// Bytes of a JSON number field.
+pub fn u64_of(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// |a - b| within max(2 %, 1 MiB) — the accuracy EMARS promises against the kernel watermark.
+pub fn close_to_watermark(reported: u64, watermark: u64) -> bool {
+    let tol = (watermark / 50).max(MIB);
+    reported.abs_diff(watermark) <= tol
+}

@@ -30,6 +30,14 @@ impl Cmd {
         }
     }
 
+    /// Like [`Cmd::new`], but shown as `shown` in logs (e.g. `cargo` for the
+    /// full path of the running cargo).
+    pub fn named(program: impl AsRef<OsStr>, shown: &str) -> Self {
+        let mut cmd = Self::new(program);
+        cmd.program = shown.into();
+        cmd
+    }
+
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.inner.arg(arg.as_ref());
         self.args.push(arg.as_ref().to_os_string());

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::cmd::{is_root, which, Cmd};
 
 /// Debian packages the project needs at build or test time.
-pub const APT_PACKAGES: &[&str] = &["python3", "hello"];
+pub const APT_PACKAGES: &[&str] = &["python3"];
 
 /// Components of the default (stable) toolchain used by `cargo xtask test`.
 const STABLE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];

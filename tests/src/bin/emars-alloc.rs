@@ -1,0 +1,44 @@
+//! A workload with a known memory profile: optionally re-execs itself `--chain` times (to make a
+//! known number of execs), then allocates `--mib` MiB, touches every page, holds it `--hold-ms`,
+//! and exits. Used by the integration tests and the benchmark.
+
+use std::{env, hint::black_box, os::unix::process::CommandExt, process::Command, time::Duration};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number, got {v:?}"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() {
+    let chain = arg("--chain", 0);
+    let mib = arg("--mib", 0);
+    let hold_ms = arg("--hold-ms", 0);
+    if chain > 0 {
+        let err = Command::new("/proc/self/exe")
+            .args([
+                "--chain",
+                &(chain - 1).to_string(),
+                "--mib",
+                &mib.to_string(),
+                "--hold-ms",
+                &hold_ms.to_string(),
+            ])
+            .exec();
+        panic!("re-exec failed: {err}");
+    }
+    let mut buf = vec![0u8; (mib as usize) << 20];
+    // Touch every page so the memory is really charged to the cgroup.
+    for i in (0..buf.len()).step_by(4096) {
+        buf[i] = 1;
+    }
+    black_box(&buf);
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    black_box(&buf);
+}

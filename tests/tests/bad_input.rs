@@ -1,0 +1,150 @@
+//! Bad input gets a clear error and loses nothing: bad configs, bad API requests, cgroups that
+//! vanish while the agent reads them.
+
+use std::{fs, process::Command, time::Duration};
+
+use emars_tests::*;
+
+fn check_config(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("bad.toml");
+    fs::write(&p, text).expect("write config");
+    let out = Command::new(agent_bin())
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .expect("run emars check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A bad config is refused with an error that names the key and the value.
+#[test]
+fn bad_config_names_key_and_value() {
+    let cases = [
+        ("[store]\nretention_days = 0\n", &["store.retention_days", "0"][..]),
+        (
+            "[[cgroup.roots]]\npath = \"/x\"\n[[cgroup.roots.rules]]\nregex = \"(unclosed\"\n",
+            &["regex", "(unclosed"][..],
+        ),
+        ("[api]\nlisten = \"not-an-address\"\n", &["listen", "not-an-address"][..]),
+        ("[probes]\nbogus_key = 1\n", &["bogus_key"][..]),
+        (
+            "[[cgroup.roots]]\npath = \"/\"\n",
+            &["cgroup.roots[0].path", "/"][..],
+        ),
+    ];
+    for (text, needles) in cases {
+        let (ok, err) = check_config(text);
+        assert!(!ok, "config accepted:\n{text}");
+        for n in needles {
+            assert!(err.contains(n), "error for\n{text}\ndoes not name {n:?}: {err}");
+        }
+    }
+    let (ok, err) = check_config("[store]\nretention_days = 7\n");
+    assert!(ok, "a good config is accepted: {err}");
+}
+
+/// The agent itself refuses to start on a bad config, with the same clear error.
+#[test]
+fn agent_refuses_bad_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("bad.toml");
+    fs::write(&p, "[store]\nretention_days = 99999\n").expect("write");
+    let out = Command::new(agent_bin())
+        .args(["agent", "--config"])
+        .arg(&p)
+        .output()
+        .expect("run emars agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store.retention_days") && err.contains("99999"), "{err}");
+}
+
+/// Bad API requests get 4xx with a JSON error; unknown functions 404; nothing is recorded.
+#[test]
+fn bad_api_requests() -> anyhow::Result<()> {
+    if !require_root("bad_api_requests") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    let (s, b) = agent.get("/v1/functions/nope")?;
+    assert_eq!(s, 404, "{b}");
+    assert!(b["error"].as_str().is_some_and(|e| e.contains("nope")), "{b}");
+    let (s, _) = agent.get("/v1/functions/nope/instances")?;
+    assert_eq!(s, 404);
+    let (s, _) = agent.get("/v1/no-such-route")?;
+    assert_eq!(s, 404);
+    let inv = "/v1/functions/okfn/invocations";
+    for (ct, body, want) in [
+        ("application/json", &b"{not json"[..], 400),
+        ("application/json", br#"{"count": 0}"#, 400),
+        ("application/json", br#"{"count": -3}"#, 400),
+        ("application/json", br#"{"count": "many"}"#, 400),
+        ("application/json", br#"{}"#, 400),
+        ("text/plain", br#"{"count": 1}"#, 415),
+    ] {
+        let (s, b) = agent.post_raw(inv, ct, body)?;
+        assert_eq!(s, want, "{} → {b}", String::from_utf8_lossy(body));
+        assert!(b["error"].is_string(), "JSON error body: {b}");
+    }
+    let long = "x".repeat(300);
+    let (s, _) = agent.post_raw(
+        &format!("/v1/functions/{long}/invocations"),
+        "application/json",
+        br#"{"count": 1}"#,
+    )?;
+    assert_eq!(s, 400);
+    // None of the bad requests created anything.
+    let (s, _) = agent.get("/v1/functions/okfn")?;
+    assert_eq!(s, 404);
+    let (s, _) = agent.post_raw(inv, "application/json", br#"{"count": 5}"#)?;
+    assert!(s == 200 || s == 202);
+    let f = agent.get_ok("/v1/functions/okfn")?;
+    assert_eq!(f["invocations"], 5);
+    let export = agent.get_ok("/v1/export")?;
+    assert!(export["functions"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c["function"] == "okfn")));
+    Ok(())
+}
+
+/// Cgroups that appear and vanish as fast as the kernel allows, some with processes in them,
+/// do not crash the agent, and every instance that ran ends up recorded and closed.
+#[test]
+fn vanishing_cgroups_do_not_crash() -> anyhow::Result<()> {
+    if !require_root("vanishing_cgroups_do_not_crash") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    let n = 200;
+    for i in 0..n {
+        let dir = root.instance_dir("churn", &format!("c{i}"))?;
+        if i % 10 == 0 {
+            run_alloc(&dir, 4, 0, 0)?;
+        }
+        fs::remove_dir(&dir)?;
+    }
+    // Nested cgroups below an instance, removed bottom-up at once.
+    let dir = root.instance_dir("churn", "nested")?;
+    fs::create_dir(dir.join("inner"))?;
+    fs::remove_dir(dir.join("inner"))?;
+    fs::remove_dir(&dir)?;
+    let ended = agent.wait_ended("churn", n + 1)?;
+    assert_eq!(ended.len(), n + 1);
+    let ran: Vec<_> = ended.iter().filter(|r| u64_of(r, "execs") == 1).collect();
+    assert_eq!(ran.len(), n / 10, "every instance that ran one process counted one exec");
+    for r in ran {
+        assert!(u64_of(r, "peak_bytes") >= 4 * MIB, "{r}");
+    }
+    let (s, info) = agent.get("/v1/info")?;
+    assert_eq!(s, 200);
+    assert_eq!(info["events_lost"], 0, "no events lost: {info}");
+    // Still alive and answering after the storm.
+    assert!(wait_for(Duration::from_secs(2), || agent.get("/healthz").ok()).is_some());
+    Ok(())
+}
