@@ -71,7 +71,10 @@ pub async fn run(
         kernel: kernel_release(),
         cgroup_mode: hierarchy.version.as_str().into(),
         memory_hierarchy: hierarchy.mount.display().to_string(),
-        roots: roots.iter().map(|r| hierarchy.dir(r).display().to_string()).collect(),
+        roots: roots
+            .iter()
+            .map(|r| hierarchy.dir(r).display().to_string())
+            .collect(),
         features: probes.report.features.clone(),
         programs: probes.report.programs.clone(),
         fallbacks: probes.report.fallbacks.clone(),
@@ -105,7 +108,16 @@ pub async fn run(
     });
 
     let retention = Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
-    let result = event_loop(ring, &mut tracker, &probes, &info, &store, retention, stop_rx).await;
+    let result = event_loop(
+        ring,
+        &mut tracker,
+        &probes,
+        &info,
+        &store,
+        retention,
+        stop_rx,
+    )
+    .await;
     if let Err(e) = store.flush() {
         tracing::error!("flushing the store: {e}");
     }

@@ -155,10 +155,7 @@ impl MemoryHierarchy {
     /// Hard and soft limits in force.
     pub fn limits(&self, dir: &Path) -> Result<Limits> {
         let (max, high) = match self.version {
-            CgroupVersion::V1 => (
-                "memory.limit_in_bytes",
-                "memory.soft_limit_in_bytes",
-            ),
+            CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
             CgroupVersion::V2 => ("memory.max", "memory.high"),
         };
         Ok(Limits {

@@ -499,7 +499,7 @@ instance = "{id}"
             "cgroup.roots[1].path",
             "/emars/x",
         );
-        // The value reported is the one written, even when only its normalised form overlaps.
+        // Root paths are normalised before validation, so the value shown is the normalised one.
         assert_invalid(
             "[[cgroup.roots]]\npath = \"/emars\"\n[[cgroup.roots]]\npath = \"emars\"",
             "cgroup.roots[1].path",

@@ -5,15 +5,40 @@ use emars_common::{Event, EventKind};
 /// A kernel event, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
-    CgroupMkdir { id: u64, path: String, level: i32 },
+    CgroupMkdir {
+        id: u64,
+        path: String,
+        level: i32,
+    },
     /// `peak`/`usage`: the in-kernel charge-event figures at removal (0 without memcg events).
-    CgroupRmdir { id: u64, path: String, peak: u64, usage: u64 },
-    TaskAttach { id: u64, pid: u32 },
-    Exec { id: u64, pid: u32, filename: String },
-    Exit { id: u64, pid: u32 },
-    MemPeak { id: u64, peak: u64 },
+    CgroupRmdir {
+        id: u64,
+        path: String,
+        peak: u64,
+        usage: u64,
+    },
+    TaskAttach {
+        id: u64,
+        pid: u32,
+    },
+    Exec {
+        id: u64,
+        pid: u32,
+        filename: String,
+    },
+    Exit {
+        id: u64,
+        pid: u32,
+    },
+    MemPeak {
+        id: u64,
+        peak: u64,
+    },
     /// `id` is 0 when the kernel side did not know the victim's cgroup.
-    OomVictim { id: u64, pid: u32 },
+    OomVictim {
+        id: u64,
+        pid: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -121,7 +146,10 @@ mod tests {
         );
         assert_eq!(
             decode(&raw(6, "")).unwrap().event,
-            KernelEvent::MemPeak { id: 7, peak: 1 << 20 }
+            KernelEvent::MemPeak {
+                id: 7,
+                peak: 1 << 20
+            }
         );
         assert_eq!(decode(&raw(99, "")), Err(DecodeError::Kind(99)));
         assert_eq!(decode(&[0u8; 8]), Err(DecodeError::Short(8)));

@@ -11,7 +11,11 @@ use emars_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "emars", version, about = "Event-driven memory right-sizing for serverless functions")]
+#[command(
+    name = "emars",
+    version,
+    about = "Event-driven memory right-sizing for serverless functions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,12 @@ struct Cli {
 #[derive(clap::Args)]
 struct ClientArgs {
     /// Address of the agent's API.
-    #[arg(long, env = "EMARS_ADDR", default_value = "127.0.0.1:9750", global = true)]
+    #[arg(
+        long,
+        env = "EMARS_ADDR",
+        default_value = "127.0.0.1:9750",
+        global = true
+    )]
     addr: String,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -118,7 +127,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { path } => {
             let cfg = Config::load(&path)?;
-            println!("{}", toml::to_string_pretty(&cfg).context("printing the config")?);
+            println!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("printing the config")?
+            );
             eprintln!("{}: ok", path.display());
             Ok(())
         }
@@ -141,7 +153,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = api.get(&path)?;
             let instances = api.get(&format!("{path}/instances?limit=20"))?;
             if c.json {
-                let both = serde_json::json!({"function": summary, "instances": instances["instances"]});
+                let both =
+                    serde_json::json!({"function": summary, "instances": instances["instances"]});
                 println!("{}", serde_json::to_string_pretty(&both)?);
                 return Ok(());
             }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use crate::{
     cgroupfs::{CgroupfsError, MemoryHierarchy},
     events::KernelEvent,
-    model::{HourDelta, InstanceRecord, Limits, PeakSource},
+    model::{HourDelta, InstanceRecord, PeakSource},
     registry::{CgroupTable, Registry},
     store::{Store, StoreError},
 };
@@ -75,7 +75,7 @@ impl Tracker {
             return;
         };
         let dir = self.hierarchy.dir(rel_path);
-        let limits = self.hierarchy.limits(&dir).unwrap_or(Limits::default());
+        let limits = self.hierarchy.limits(&dir).unwrap_or_default();
         let fresh = resumed.is_none();
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),

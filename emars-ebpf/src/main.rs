@@ -450,7 +450,11 @@ fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_of
             let reported = (*state).reported;
             let step = read_volatile(&cfg().peak_step_bytes) as i64;
             // Relative step: at most ~64 events per doubling, whatever the size.
-            let step = if reported / 64 > step { reported / 64 } else { step };
+            let step = if reported / 64 > step {
+                reported / 64
+            } else {
+                step
+            };
             if now >= reported + step {
                 (*state).reported = now;
                 emit(EventKind::MemPeak, 0, id, now as u64, now as u64);

@@ -312,7 +312,10 @@ impl Agent {
         let dir = store
             .parent()
             .ok_or_else(|| anyhow!("store path has no parent"))?;
-        let config_path = dir.join(format!("config-{}.toml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let config_path = dir.join(format!(
+            "config-{}.toml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let config = format!(
             "[api]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
             store.display(),
@@ -335,7 +338,9 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("API listening on http://") {
-                    let addr = line[i + "API listening on http://".len()..].trim().to_owned();
+                    let addr = line[i + "API listening on http://".len()..]
+                        .trim()
+                        .to_owned();
                     let _ = tx.send(addr);
                 }
                 if let Ok(mut l) = log2.lock() {
@@ -436,12 +441,24 @@ impl Agent {
         })
     }
 
+    /// Freezes the agent (SIGSTOP): the kernel keeps queueing events, the agent reads nothing.
+    pub fn pause(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// Stops the agent with SIGTERM (as an operator would) and waits for it.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()
     }
 
     fn terminate(&mut self) -> Result<ExitStatus> {
+        self.resume();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -468,7 +485,9 @@ impl Drop for Agent {
 
 /// Bytes of a JSON number field.
 pub fn u64_of(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 /// |a - b| within max(2 %, 1 MiB) — the accuracy EMARS promises against the kernel watermark.

@@ -24,12 +24,18 @@ fn check_config(text: &str) -> (bool, String) {
 #[test]
 fn bad_config_names_key_and_value() {
     let cases = [
-        ("[store]\nretention_days = 0\n", &["store.retention_days", "0"][..]),
+        (
+            "[store]\nretention_days = 0\n",
+            &["store.retention_days", "0"][..],
+        ),
         (
             "[[cgroup.roots]]\npath = \"/x\"\n[[cgroup.roots.rules]]\nregex = \"(unclosed\"\n",
             &["regex", "(unclosed"][..],
         ),
-        ("[api]\nlisten = \"not-an-address\"\n", &["listen", "not-an-address"][..]),
+        (
+            "[api]\nlisten = \"not-an-address\"\n",
+            &["listen", "not-an-address"][..],
+        ),
         ("[probes]\nbogus_key = 1\n", &["bogus_key"][..]),
         (
             "[[cgroup.roots]]\npath = \"/\"\n",
@@ -40,7 +46,10 @@ fn bad_config_names_key_and_value() {
         let (ok, err) = check_config(text);
         assert!(!ok, "config accepted:\n{text}");
         for n in needles {
-            assert!(err.contains(n), "error for\n{text}\ndoes not name {n:?}: {err}");
+            assert!(
+                err.contains(n),
+                "error for\n{text}\ndoes not name {n:?}: {err}"
+            );
         }
     }
     let (ok, err) = check_config("[store]\nretention_days = 7\n");
@@ -60,7 +69,10 @@ fn agent_refuses_bad_config() {
         .expect("run emars agent");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("store.retention_days") && err.contains("99999"), "{err}");
+    assert!(
+        err.contains("store.retention_days") && err.contains("99999"),
+        "{err}"
+    );
 }
 
 /// Bad API requests get 4xx with a JSON error; unknown functions 404; nothing is recorded.
@@ -73,7 +85,10 @@ fn bad_api_requests() -> anyhow::Result<()> {
     let agent = Agent::start(&root)?;
     let (s, b) = agent.get("/v1/functions/nope")?;
     assert_eq!(s, 404, "{b}");
-    assert!(b["error"].as_str().is_some_and(|e| e.contains("nope")), "{b}");
+    assert!(
+        b["error"].as_str().is_some_and(|e| e.contains("nope")),
+        "{b}"
+    );
     let (s, _) = agent.get("/v1/functions/nope/instances")?;
     assert_eq!(s, 404);
     let (s, _) = agent.get("/v1/no-such-route")?;
@@ -137,7 +152,11 @@ fn vanishing_cgroups_do_not_crash() -> anyhow::Result<()> {
     let ended = agent.wait_ended("churn", n + 1)?;
     assert_eq!(ended.len(), n + 1);
     let ran: Vec<_> = ended.iter().filter(|r| u64_of(r, "execs") == 1).collect();
-    assert_eq!(ran.len(), n / 10, "every instance that ran one process counted one exec");
+    assert_eq!(
+        ran.len(),
+        n / 10,
+        "every instance that ran one process counted one exec"
+    );
     for r in ran {
         assert!(u64_of(r, "peak_bytes") >= 4 * MIB, "{r}");
     }

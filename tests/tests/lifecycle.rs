@@ -58,13 +58,21 @@ fn peaks_match_kernel_watermark() -> anyhow::Result<()> {
 
 /// A platform that removes the cgroup the moment its last process exits (no sleep between
 /// exit and rmdir) still gets an exact peak: the kernel side hands it over with the rmdir.
+/// The agent is frozen meanwhile and high-water steps are off, so no watermark read and no
+/// interim step can supply the figure: only the in-kernel handover can.
 #[test]
 fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
     if !require_root("peak_survives_immediate_rmdir") {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let agent = Agent::start(&root)?;
+    let tmp = tempfile::tempdir()?;
+    let agent = Agent::start_with(
+        &root,
+        &tmp.path().join("store"),
+        "\n[probes]\npeak_step_bytes = 17179869184\n",
+        None,
+    )?;
     let info = agent.get_ok("/v1/info")?;
     let charge_events = info["programs"].as_array().is_some_and(|p| {
         p.iter()
@@ -81,6 +89,7 @@ fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
     }
     let n = 12;
     let mut expected = Vec::new();
+    agent.pause();
     for i in 0..n {
         let inst = format!("fast-{i}");
         let dir = root.instance_dir("burst", &inst)?;
@@ -91,6 +100,7 @@ fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
         fs::remove_dir(&dir)?;
         expected.push((inst, wm));
     }
+    agent.resume();
     let ended = agent.wait_ended("burst", n as usize)?;
     for (inst, wm) in &expected {
         let rec = ended
@@ -251,7 +261,10 @@ fn oom_kill_is_recorded() -> anyhow::Result<()> {
     let dir = root.instance_dir("hungry", "h1")?;
     root.hierarchy.set_limit(&dir, 32 * MIB)?;
     let status = run_alloc(&dir, 128, 0, 0)?;
-    assert!(!status.success(), "the workload should have been OOM-killed");
+    assert!(
+        !status.success(),
+        "the workload should have been OOM-killed"
+    );
     fs::remove_dir(&dir)?;
     let ended = agent.wait_ended("hungry", 1)?;
     assert_eq!(u64_of(&ended[0], "oom_kills"), 1, "{:?}", ended[0]);

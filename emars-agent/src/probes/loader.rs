@@ -137,9 +137,10 @@ impl Probes {
         let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
         for s in SPECS {
             let present = tracefs.exists(s.category, s.tracepoint);
-            report
-                .features
-                .insert(format!("tracepoint {}:{}", s.category, s.tracepoint), present);
+            report.features.insert(
+                format!("tracepoint {}:{}", s.category, s.tracepoint),
+                present,
+            );
             let r = tracefs
                 .format(s.category, s.tracepoint)
                 .and_then(|f| fill_offsets(&mut config, s.program, &f));

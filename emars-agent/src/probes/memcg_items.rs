@@ -9,7 +9,12 @@ use emars_common::MAX_MEMCG_ITEMS;
 /// Items whose sum tracks the memory page counter: user pages (anon mapped + page cache,
 /// which includes shmem and swap cache) and kernel memory charged to the cgroup (kmem, and
 /// socket buffers, which cgroup v1 charges to a separate counter).
-const USAGE_ITEMS_V2: &[&str] = &["NR_ANON_MAPPED", "NR_FILE_PAGES", "MEMCG_KMEM", "MEMCG_SOCK"];
+const USAGE_ITEMS_V2: &[&str] = &[
+    "NR_ANON_MAPPED",
+    "NR_FILE_PAGES",
+    "MEMCG_KMEM",
+    "MEMCG_SOCK",
+];
 const USAGE_ITEMS_V1: &[&str] = &["NR_ANON_MAPPED", "NR_FILE_PAGES", "MEMCG_KMEM"];
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +48,11 @@ fn unit_of(name: &str, page_size: u64) -> u64 {
 }
 
 /// Reads the usage items from BTF (normally /sys/kernel/btf/vmlinux).
-pub fn usage_items(btf_path: &Path, v1: bool, page_size: u64) -> Result<Vec<UsageItem>, ItemsError> {
+pub fn usage_items(
+    btf_path: &Path,
+    v1: bool,
+    page_size: u64,
+) -> Result<Vec<UsageItem>, ItemsError> {
     let err = |message: String| ItemsError::Btf {
         path: btf_path.display().to_string(),
         message,

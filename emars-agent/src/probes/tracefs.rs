@@ -89,7 +89,9 @@ impl Tracefs {
 
 fn mount_tracefs(path: &Path) -> io::Result<()> {
     let c = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
-    let target = c(path.to_str().ok_or_else(|| io::Error::other("non-UTF-8 path"))?)?;
+    let target = c(path
+        .to_str()
+        .ok_or_else(|| io::Error::other("non-UTF-8 path"))?)?;
     let fstype = c("tracefs")?;
     // SAFETY: plain mount(2) with valid NUL-terminated strings and no data.
     let rc = unsafe {
@@ -123,7 +125,7 @@ pub struct Format {
 }
 
 impl Format {
-    /// Parses lines like `field:__data_loc char[] path;	offset:24;	size:4;	signed:0;`.
+    /// Parses lines like `field:__data_loc char[] path; offset:24; size:4; signed:0;` (tab-separated).
     pub fn parse(tracepoint: &str, text: &str) -> Self {
         let mut fields = HashMap::new();
         for line in text.lines() {
@@ -195,8 +197,20 @@ mod tests {
     fn parses_fields() {
         let f = Format::parse("cgroup:cgroup_mkdir", MKDIR);
         assert_eq!(f.field("root").unwrap(), Field { offset: 8, size: 4 });
-        assert_eq!(f.field("id").unwrap(), Field { offset: 16, size: 8 });
-        assert_eq!(f.field("path").unwrap(), Field { offset: 24, size: 4 });
+        assert_eq!(
+            f.field("id").unwrap(),
+            Field {
+                offset: 16,
+                size: 8
+            }
+        );
+        assert_eq!(
+            f.field("path").unwrap(),
+            Field {
+                offset: 24,
+                size: 4
+            }
+        );
         assert_eq!(f.offset("id", &[8]).unwrap(), 16);
         assert!(f.offset("id", &[4]).is_err());
         assert!(matches!(f.field("nope"), Err(TracefsError::NoField { .. })));
