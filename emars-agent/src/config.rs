@@ -286,6 +286,16 @@ impl ProbesConfig {
             if self.disable[..i].contains(name) {
                 return Err(invalid(&key, name, "is listed twice"));
             }
+            if !emars_common::names::PROGRAMS.contains(&name.as_str()) {
+                return Err(invalid(
+                    &key,
+                    name,
+                    format!(
+                        "is not a program of EMARS; known: {}",
+                        emars_common::names::PROGRAMS.join(", ")
+                    ),
+                ));
+            }
         }
         if self.peak_step_bytes < MIN_PEAK_STEP_BYTES {
             return Err(invalid(
@@ -592,11 +602,17 @@ function = "docker"
         assert_invalid("[probes]\ndisable = [\"\"]", "probes.disable[0]", "");
         assert_invalid("[probes]\ndisable = [\"a b\"]", "probes.disable[0]", "a b");
         let reason = assert_invalid(
-            "[probes]\ndisable = [\"x\", \"y\", \"x\"]",
+            "[probes]\ndisable = [\"oom_mark_victim\", \"cgroup_mkdir\", \"oom_mark_victim\"]",
             "probes.disable[2]",
-            "x",
+            "oom_mark_victim",
         );
         assert!(reason.contains("twice"), "{reason}");
+        let reason = assert_invalid(
+            "[probes]\ndisable = [\"no_such_program\"]",
+            "probes.disable[0]",
+            "no_such_program",
+        );
+        assert!(reason.contains("memcg_mod_memcg_state"), "{reason}");
     }
 
     #[test]

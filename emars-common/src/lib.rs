@@ -22,6 +22,18 @@ pub mod names {
     pub const ITEM_UNITS: &str = "ITEM_UNITS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
+    /// Every program of emars-ebpf (the function names in emars-ebpf/src/main.rs).
+    pub const PROGRAMS: [&str; 9] = [
+        "cgroup_mkdir",
+        "cgroup_rmdir",
+        "cgroup_attach_task",
+        "sched_process_fork",
+        "sched_process_exec",
+        "sched_process_exit",
+        "oom_mark_victim",
+        "memcg_mod_memcg_state",
+        "memcg_mod_memcg_lruvec_state",
+    ];
 }
 
 /// What an [`Event`] reports.

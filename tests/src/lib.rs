@@ -368,6 +368,11 @@ impl Agent {
         })
     }
 
+    /// The agent's process id (for CPU accounting from /proc/PID/stat).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }

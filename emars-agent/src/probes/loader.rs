@@ -49,6 +49,7 @@ struct Spec {
     memcg: bool,
 }
 
+/// In the order they are attached; names as in `emars_common::names::PROGRAMS`.
 const SPECS: &[Spec] = &[
     spec("cgroup_mkdir", "cgroup", "cgroup_mkdir", false),
     spec("cgroup_rmdir", "cgroup", "cgroup_rmdir", false),
@@ -330,6 +331,16 @@ impl Probes {
         }
         out
     }
+}
+
+#[cfg(test)]
+#[test]
+fn specs_cover_every_program() {
+    let mut names: Vec<&str> = SPECS.iter().map(|s| s.program).collect();
+    let mut all = emars_common::names::PROGRAMS.to_vec();
+    names.sort_unstable();
+    all.sort_unstable();
+    assert_eq!(names, all);
 }
 
 fn attach(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
