@@ -270,8 +270,19 @@ pub fn run_alloc(cgroup: &Path, mib: u64, hold_ms: u64, chain: u32) -> Result<Ex
     Ok(spawn_alloc(cgroup, mib, hold_ms, chain)?.wait()?)
 }
 
-/// Polls `f` until it returns Some or `timeout` passes.
+/// Multiplier for every timeout of the suite: `EMARS_TEST_TIME_SCALE` (default 1). The VM matrix
+/// sets it, since a kernel under TCG emulation runs many times slower than the host.
+pub fn time_scale() -> u32 {
+    std::env::var("EMARS_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1)
+}
+
+/// Polls `f` until it returns Some or `timeout` (scaled by [`time_scale`]) passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let timeout = timeout * time_scale();
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -349,13 +360,13 @@ impl Agent {
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        let addr = match rx.recv_timeout(Duration::from_secs(60) * time_scale()) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let l = log.lock().map(|l| l.clone()).unwrap_or_default();
-                bail!("agent did not start listening within 60 s; its log:\n{l}");
+                bail!("agent did not start listening in time; its log:\n{l}");
             }
         };
         Ok(Agent {
@@ -439,7 +450,7 @@ impl Agent {
         })
         .ok_or_else(|| {
             anyhow!(
-                "{function}: fewer than {n} ended instances after 10 s: {:?}\nagent log:\n{}",
+                "{function}: fewer than {n} ended instances in time: {:?}\nagent log:\n{}",
                 self.instances(function).ok(),
                 self.log()
             )
@@ -466,7 +477,7 @@ impl Agent {
         self.resume();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
         loop {
             if let Some(s) = self.child.try_wait()? {
                 return Ok(s);
