@@ -188,7 +188,8 @@ pub struct MemcgTpOffsets {
     pub id: u32,
     pub item: u32,
     pub val: u32,
-    pub _pad: u32,
+    /// Bytes of `val`: `int` (4) up to 6.x, `long` (8) on 7.x.
+    pub val_size: u32,
 }
 
 #[cfg(feature = "user")]

@@ -26,8 +26,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use emars_common::{
-    counter, Event, EventKind, MemState, ProbeConfig, WatchRoot, EVENT_NAME_LEN, MAX_MEMCG_ITEMS,
-    MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, Event, EventKind, MemState, MemcgTpOffsets, ProbeConfig, WatchRoot, EVENT_NAME_LEN,
+    MAX_MEMCG_ITEMS, MAX_ROOTS, ROOT_PREFIX_LEN,
 };
 
 #[no_mangle]
@@ -65,13 +65,13 @@ static CONFIG: ProbeConfig = ProbeConfig {
         id: 0,
         item: 0,
         val: 0,
-        _pad: 0,
+        val_size: 0,
     },
     memcg_lruvec: emars_common::MemcgTpOffsets {
         id: 0,
         item: 0,
         val: 0,
-        _pad: 0,
+        val_size: 0,
     },
 };
 
@@ -419,7 +419,8 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_off: usize) -> u32 {
+fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
+    let (id_off, item_off, val_off) = (cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val));
     let Some(id) = read::<u64>(ctx, id_off) else {
         return 0;
     };
@@ -427,7 +428,12 @@ fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_of
     let Some(state) = WATCHED.get_ptr_mut(&id) else {
         return 0;
     };
-    let (Some(item), Some(val)) = (read::<i32>(ctx, item_off), read::<i32>(ctx, val_off)) else {
+    let val = if cfg_u32(&o.val_size) == 8 {
+        read::<i64>(ctx, val_off)
+    } else {
+        read::<i32>(ctx, val_off).map(i64::from)
+    };
+    let (Some(item), Some(val)) = (read::<i32>(ctx, item_off), val) else {
         return 0;
     };
     if item < 0 || item as u32 >= MAX_MEMCG_ITEMS {
@@ -438,7 +444,7 @@ fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_of
         _ => return 0,
     };
     bump(counter::MEMCG_EVENTS);
-    let delta = val as i64 * unit;
+    let delta = val * unit;
     // SAFETY: `state` points into the map value; fields are 8-byte aligned i64.
     unsafe {
         // BPF_ATOMIC add: charges of one cgroup arrive on several CPUs at once.
@@ -466,14 +472,12 @@ fn on_memcg_stat(ctx: &TracePointContext, id_off: usize, item_off: usize, val_of
 
 #[tracepoint]
 pub fn memcg_mod_memcg_state(ctx: TracePointContext) -> u32 {
-    let o = &cfg().memcg_state;
-    on_memcg_stat(&ctx, cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val))
+    on_memcg_stat(&ctx, &cfg().memcg_state)
 }
 
 #[tracepoint]
 pub fn memcg_mod_memcg_lruvec_state(ctx: TracePointContext) -> u32 {
-    let o = &cfg().memcg_lruvec;
-    on_memcg_stat(&ctx, cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val))
+    on_memcg_stat(&ctx, &cfg().memcg_lruvec)
 }
 
 #[cfg(not(test))]

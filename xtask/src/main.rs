@@ -4,6 +4,7 @@ mod agent;
 mod cmd;
 mod setup;
 mod suite;
+mod vm;
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
@@ -53,6 +54,26 @@ enum Command {
         #[arg(long)]
         release: bool,
         /// Only run tests whose name contains STR (unit and integration).
+        #[arg(long, value_name = "STR")]
+        filter: Option<String>,
+        #[command(flatten)]
+        setup: SetupArgs,
+    },
+    /// The integration suite in VMs on Debian kernels with pure cgroup v2 (qemu, TCG).
+    VmTest {
+        /// Kernels to test: 6.1, 6.12, 7.x or all (repeatable).
+        #[arg(long, default_value = "all")]
+        kernel: Vec<String>,
+        /// Limit per VM, in seconds.
+        #[arg(long, default_value_t = 1500)]
+        timeout: u64,
+        /// Multiplier of the suite's own timeouts in the emulated guest.
+        #[arg(long, default_value_t = 10)]
+        time_scale: u32,
+        /// Use KVM when a 20 s smoke boot succeeds (off by default: KVM hangs on these hosts).
+        #[arg(long)]
+        try_kvm: bool,
+        /// Only run guest tests whose name contains STR.
         #[arg(long, value_name = "STR")]
         filter: Option<String>,
         #[command(flatten)]
@@ -129,6 +150,23 @@ fn run(command: Command) -> Result<ExitCode> {
                 release,
                 filter,
                 setup: s.into(),
+            })?;
+        }
+        Command::VmTest {
+            kernel,
+            timeout,
+            time_scale,
+            try_kvm,
+            filter,
+            setup: s,
+        } => {
+            setup::run(&s.into())?;
+            vm::run(&vm::Options {
+                kernels: kernel,
+                timeout: std::time::Duration::from_secs(timeout),
+                time_scale,
+                try_kvm,
+                filter,
             })?;
         }
         Command::Bench {

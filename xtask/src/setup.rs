@@ -120,6 +120,23 @@ fn ensure_components(toolchain: Option<&str>, components: &[&str]) -> Result<()>
     Ok(())
 }
 
+/// `rustup target add TARGET` for the default toolchain, when missing.
+pub fn ensure_target(target: &str) -> Result<()> {
+    let installed = Cmd::new("rustup")
+        .args(["target", "list", "--installed"])
+        .read()?;
+    if installed.lines().any(|l| l.trim() == target) {
+        say(format!("target {target} ok"));
+        return Ok(());
+    }
+    say(format!("installing the {target} target..."));
+    Cmd::new("rustup")
+        .args(["target", "add", target])
+        .log("emars setup")
+        .run()
+        .with_context(|| format!("could not install the {target} target"))
+}
+
 fn ensure_nightly() -> Result<()> {
     let list = Cmd::new("rustup").args(["toolchain", "list"]).read()?;
     let present = list
@@ -395,7 +412,7 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
         .with_context(|| format!("cannot link {} -> {}", link.display(), target.display()))
 }
 
-fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+pub fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
     if packages.is_empty() {
         return Ok(());
     }

@@ -368,8 +368,8 @@ fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), Tr
         Ok(MemcgTpOffsets {
             id: f.offset("id", &[8])?,
             item: f.offset("item", &[4])?,
-            val: f.offset("val", &[4])?,
-            _pad: 0,
+            val: f.offset("val", &[4, 8])?,
+            val_size: f.field("val")?.size,
         })
     };
     match program {
