@@ -12,7 +12,9 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    api::{self, ApiState},
+    actuator::Actuator,
+    api::{self, ApiState, Predictive},
+    policy::Policy,
     cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     config::Config,
     events,
@@ -30,7 +32,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -81,12 +83,29 @@ pub async fn run(
         events_received: 0,
         events_lost: 0,
         started_at_ms: now_ms(),
+        enforcement: Default::default(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
     }
 
-    let mut tracker = Tracker::new(hierarchy, registry, store.clone());
+    let actuator = Arc::new(Actuator::new(
+        hierarchy.clone(),
+        &roots,
+        config.policy.headroom_bytes,
+    ));
+    let policy = Arc::new(Policy::new(
+        config.policy.clone(),
+        store.clone(),
+        actuator.host_memory(),
+    ));
+    // Recommendations are ready before the first new instance can ask for them.
+    policy
+        .compute_all(now_ms())
+        .context("computing recommendations")?;
+    tracing::info!("policy mode: {:?}", config.policy.mode);
+    let mut tracker = Tracker::new(hierarchy, registry, store.clone())
+        .with_policy(policy.clone(), actuator.clone());
     scan_existing(&mut tracker, &mut probes, &store, &roots)?;
 
     let listener = tokio::net::TcpListener::bind(config.api.listen)
@@ -97,6 +116,10 @@ pub async fn run(
     let api_state = ApiState {
         store: store.clone(),
         info: info.clone(),
+        predictive: Some(Predictive {
+            policy: policy.clone(),
+            actuator: actuator.clone(),
+        }),
     };
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api::serve(listener, api_state, async move {
@@ -108,16 +131,15 @@ pub async fn run(
     });
 
     let retention = Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
-    let result = event_loop(
-        ring,
-        &mut tracker,
-        &probes,
-        &info,
-        &store,
+    let ctx = LoopContext {
+        probes: &probes,
+        info: &info,
+        store: &store,
+        policy: &policy,
+        actuator: &actuator,
         retention,
-        stop_rx,
-    )
-    .await;
+    };
+    let result = event_loop(ring, &mut tracker, &ctx, stop_rx).await;
     if let Err(e) = store.flush() {
         tracing::error!("flushing the store: {e}");
     }
@@ -129,15 +151,36 @@ pub async fn run(
     result
 }
 
+/// What the event loop reads besides the ring buffer.
+struct LoopContext<'a> {
+    probes: &'a Probes,
+    info: &'a RwLock<AgentInfo>,
+    store: &'a Store,
+    policy: &'a Policy,
+    actuator: &'a Actuator,
+    retention: Duration,
+}
+
 async fn event_loop(
     ring: RingBuf<MapData>,
     tracker: &mut Tracker,
-    probes: &Probes,
-    info: &RwLock<AgentInfo>,
-    store: &Store,
-    retention: Duration,
+    ctx: &LoopContext<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let LoopContext {
+        probes,
+        info,
+        store,
+        policy,
+        actuator,
+        retention,
+    } = *ctx;
+    // The last generation survives restarts: a daily period is not reset by a restart.
+    let mut last_generation_ms = store
+        .generations::<crate::policy::Generation>(1)
+        .ok()
+        .and_then(|g| g.first().map(|g| g.generated_at_ms))
+        .unwrap_or(0);
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
@@ -151,7 +194,7 @@ async fn event_loop(
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
                     match events::decode(&item) {
-                        Ok(t) => tracker.apply(t.event, wall_ms_of(t.ts_ns)),
+                        Ok(t) => tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns),
                         Err(e) => {
                             decode_errors += 1;
                             tracing::error!("bad event record: {e}");
@@ -169,6 +212,22 @@ async fn event_loop(
                     i.events_received = tracker.stats.events;
                     i.events_lost = lost;
                     i.programs = probes.program_stats();
+                    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                    i.enforcement = crate::model::EnforcementInfo {
+                        mode: format!("{:?}", policy.mode()).to_lowercase(),
+                        new_instance_writes: tracker.stats.enforced,
+                        writes_ok: load(&actuator.stats.writes_ok),
+                        writes_failed: load(&actuator.stats.writes_failed),
+                        refusals: load(&actuator.stats.refusals),
+                        max_mkdir_to_write_us: tracker.stats.max_enforce_delay_us,
+                    };
+                }
+                let now = now_ms();
+                if now.saturating_sub(last_generation_ms) >= policy.period().as_millis() as u64 {
+                    last_generation_ms = now;
+                    if let Err(e) = policy.generate("period", now) {
+                        tracing::error!("generating the per-function config: {e}");
+                    }
                 }
                 if last_prune.elapsed() >= Duration::from_secs(3600) {
                     last_prune = std::time::Instant::now();
@@ -245,7 +304,7 @@ fn scan_existing(
                 .as_ref()
                 .map(|r| r.started_at_ms)
                 .unwrap_or_else(|| created_ms(&dir));
-            tracker.add_cgroup(id, &rel, started, resumed);
+            tracker.add_cgroup(id, &rel, started, resumed, None);
             found += 1;
         }
     }

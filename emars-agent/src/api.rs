@@ -9,6 +9,13 @@
 //! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceRecord…]}` |
 //! | POST   | `/v1/functions/{name}/invocations`     | `{"function", "count", "at_ms"}`                    |
 //! | GET    | `/v1/export`                           | `{"generated_at_ms", "functions": [FunctionConfig…]}` |
+//! | GET    | `/v1/functions/{name}/recommendation`  | [`Recommendation`]: the numbers and the inputs behind them |
+//! | GET    | `/v1/recommendations`                  | `{"mode", "recommendations": [Recommendation…]}`    |
+//! | POST   | `/v1/recommendations/generate`         | a new [`Generation`], kept and exported             |
+//! | GET    | `/v1/generations?limit=N&function=F`   | `{"generations": [Generation…]}`, newest first      |
+//! | POST   | `/v1/apply`                            | `{"writes": [AuditRecord…]}`: one-shot enforcement  |
+//! | GET    | `/v1/audit?limit=N`                    | `{"audit": [AuditRecord…]}`, newest first           |
+//! | POST   | `/v1/functions/{name}/instances/{instance}/limits` | `{"max_bytes", "high_bytes"}` → [`AuditRecord`]; 422 when refused |
 //!
 //! Every error, including unknown routes (404), wrong methods (405, with `Allow`) and rejected
 //! bodies (400/413/415), is `{"error": "<what was wrong, with the value>", "status": <code>}`.
@@ -27,7 +34,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest};
 use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
+use crate::policy::{audit_record, Generation, Policy};
+use crate::recommend::Recommendation;
 use crate::registry::valid_function_name;
 use crate::store::{Store, StoreError};
 
@@ -44,6 +54,15 @@ pub struct ApiState {
     pub store: Store,
     /// Updated by the agent as programs attach and events arrive.
     pub info: Arc<RwLock<AgentInfo>>,
+    /// Recommendations and the cgroup writer; None in API-only tests (503 on those routes).
+    pub predictive: Option<Predictive>,
+}
+
+/// What the predictive routes need.
+#[derive(Clone)]
+pub struct Predictive {
+    pub policy: Arc<Policy>,
+    pub actuator: Arc<Actuator>,
 }
 
 /// GET /v1/functions/{name}: the [`FunctionSummary`] fields flattened at the top level, plus
@@ -200,6 +219,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/functions/{name}/instances", get(list_instances))
         .route("/v1/functions/{name}/invocations", post(post_invocations))
         .route("/v1/export", get(export))
+        .route("/v1/functions/{name}/recommendation", get(get_recommendation))
+        .route("/v1/recommendations", get(list_recommendations))
+        .route("/v1/recommendations/generate", post(generate))
+        .route("/v1/generations", get(list_generations))
+        .route("/v1/apply", post(apply_all))
+        .route("/v1/audit", get(list_audit))
+        .route(
+            "/v1/functions/{name}/instances/{instance}/limits",
+            post(set_limits),
+        )
         // Applies to the routes added above, so it must come after them.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -413,6 +442,185 @@ async fn export(State(state): State<ApiState>) -> ApiResult<Json<ExportResponse>
     }))
 }
 
+fn predictive(state: &ApiState) -> ApiResult<Predictive> {
+    state.predictive.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "predictive mode is not running in this process",
+        )
+    })
+}
+
+/// `?limit=N` (1..=10000, default 100) and, where allowed, `?function=NAME`.
+fn limit_and_function(
+    pairs: &[(String, String)],
+    allow_function: bool,
+) -> ApiResult<(usize, Option<String>)> {
+    let mut limit = 100usize;
+    let mut function = None;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "query parameter `limit` must be an integer in 1..=10000, got {v:?}"
+                        ))
+                    })?
+            }
+            "function" if allow_function => {
+                if !valid_function_name(v) {
+                    return Err(ApiError::bad_request(format!("invalid function name {v:?}")));
+                }
+                function = Some(v.clone());
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    Ok((limit, function))
+}
+
+async fn get_recommendation(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Recommendation>> {
+    let name = function_name(path)?;
+    let p = predictive(&state)?;
+    let lookup = name.clone();
+    let store = state.store.clone();
+    let found = blocking(move || {
+        if store.function(&lookup)?.is_none() {
+            return Ok(Err(unknown_function(&lookup)));
+        }
+        Ok(p.policy.compute(&lookup, now_ms())?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "function {lookup:?} has no measured instance peak yet and no pinned limit"
+            ))
+        }))
+    })
+    .await?;
+    found.map(Json)
+}
+
+async fn list_recommendations(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    let p = predictive(&state)?;
+    let mode = format!("{:?}", p.policy.mode()).to_lowercase();
+    let recs = blocking(move || p.policy.compute_all(now_ms())).await?;
+    Ok(Json(json!({"mode": mode, "recommendations": recs})))
+}
+
+async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
+    let p = predictive(&state)?;
+    match tokio::task::spawn_blocking(move || p.policy.generate("on_demand", now_ms())).await {
+        Ok(Ok(g)) => Ok(Json(g)),
+        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+        Err(e) => Err(ApiError::internal(format!("generation task failed: {e}"))),
+    }
+}
+
+async fn list_generations(
+    State(state): State<ApiState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(pairs) = query?;
+    let (limit, function) = limit_and_function(&pairs, true)?;
+    let store = state.store.clone();
+    let mut gens: Vec<Generation> = blocking(move || store.generations(limit)).await?;
+    if let Some(f) = &function {
+        for g in &mut gens {
+            g.functions.retain(|c| &c.function == f);
+        }
+    }
+    Ok(Json(json!({"generations": gens})))
+}
+
+async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    let p = predictive(&state)?;
+    let store = state.store.clone();
+    let writes = blocking(move || {
+        let writes = p.policy.apply_all(&p.actuator, now_ms())?;
+        for w in &writes {
+            store.append_audit(w.at_ms, w)?;
+        }
+        Ok(writes)
+    })
+    .await?;
+    Ok(Json(json!({"writes": writes})))
+}
+
+async fn list_audit(
+    State(state): State<ApiState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(pairs) = query?;
+    let (limit, _) = limit_and_function(&pairs, false)?;
+    let store = state.store.clone();
+    let audit: Vec<AuditRecord> = blocking(move || store.audit(limit)).await?;
+    Ok(Json(json!({"audit": audit})))
+}
+
+/// Body of POST /v1/functions/{name}/instances/{instance}/limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub high_bytes: Option<u64>,
+}
+
+async fn set_limits(
+    State(state): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<LimitsBody>, JsonRejection>,
+) -> ApiResult<Json<AuditRecord>> {
+    let Path((name, instance)) = path?;
+    if !valid_function_name(&name) {
+        return Err(ApiError::bad_request(format!("invalid function name {name:?}")));
+    }
+    let Json(b) = body?;
+    let p = predictive(&state)?;
+    let store = state.store.clone();
+    let outcome = blocking(move || {
+        let live = store
+            .instances(&name)?
+            .into_iter()
+            .rev()
+            .find(|i| i.instance == instance && i.is_live());
+        let Some(inst) = live else {
+            return Ok(Err(ApiError::not_found(format!(
+                "no live instance {instance:?} of function {name:?}"
+            ))));
+        };
+        let req = LimitRequest {
+            max_bytes: b.max_bytes,
+            high_bytes: b.high_bytes,
+        };
+        let result = p
+            .actuator
+            .apply(std::path::Path::new(&inst.cgroup_path), req, BelowUsage::Refuse);
+        let rec = audit_record(&inst, "api", req, &result, None, now_ms());
+        store.append_audit(rec.at_ms, &rec)?;
+        Ok(match result {
+            Ok(_) => Ok(rec),
+            Err(e) if e.is_refusal() => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
+            Err(crate::actuator::ActuatorError::Cgroup(crate::cgroupfs::CgroupfsError::Gone { .. })) => {
+                Err(ApiError::not_found(format!("instance {instance:?} of {name:?} is gone")))
+            }
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        })
+    })
+    .await?;
+    outcome.map(Json)
+}
+
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
 }
@@ -458,6 +666,7 @@ mod tests {
             let state = ApiState {
                 store: store.clone(),
                 info: info.clone(),
+                predictive: None,
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();

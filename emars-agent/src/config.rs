@@ -66,6 +66,198 @@ pub struct Config {
     pub store: StoreConfig,
     pub cgroup: CgroupConfig,
     pub probes: ProbesConfig,
+    pub policy: PolicyConfig,
+}
+
+/// Whether the agent writes limits into cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforceMode {
+    /// Recommend only; write nothing.
+    #[default]
+    Observe,
+    /// Write each function's limits into new instance cgroups as they appear.
+    Enforce,
+}
+
+pub const DEFAULT_PERIOD_SECS: u64 = 86_400;
+pub const MIN_PERIOD_SECS: u64 = 60;
+pub const DEFAULT_EXPORT_DIR: &str = "/var/lib/emars/export";
+pub const DEFAULT_HEADROOM_BYTES: u64 = 8 << 20;
+
+/// Predictive mode: recommendations, the periodic config generator and enforcement.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub mode: EnforceMode,
+    /// Seconds between two generated per-function configs (the paper: once a day).
+    pub period_secs: u64,
+    /// Where each generated config is exported as emars-config.toml and emars-config.json.
+    pub export_dir: PathBuf,
+    /// A limit is never set below an instance's current usage plus this many bytes.
+    pub headroom_bytes: u64,
+    /// Policy for every function without an entry in `functions`.
+    pub defaults: FunctionPolicy,
+    /// Per-function overrides (with `name`); unset keys fall back to `defaults`.
+    pub functions: Vec<FunctionPolicy>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            mode: EnforceMode::Observe,
+            period_secs: DEFAULT_PERIOD_SECS,
+            export_dir: PathBuf::from(DEFAULT_EXPORT_DIR),
+            headroom_bytes: DEFAULT_HEADROOM_BYTES,
+            defaults: FunctionPolicy::default(),
+            functions: Vec::new(),
+        }
+    }
+}
+
+/// Recommender knobs of one function; `None` = inherit (from `policy.defaults`, then built-in).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FunctionPolicy {
+    /// The function, in `policy.functions` entries only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Percentile of instance peaks the limit covers, in percent (0, 100].
+    pub percentile: Option<f64>,
+    /// Fraction added on top of the percentile, e.g. 0.15.
+    pub margin: Option<f64>,
+    /// memory.high as a fraction of memory.max, (0, 1].
+    pub high_fraction: Option<f64>,
+    pub floor_bytes: Option<u64>,
+    pub ceiling_bytes: Option<u64>,
+    /// Half-life of a peak sample's weight, in hours.
+    pub half_life_hours: Option<f64>,
+    /// User-pinned limits: they always win over the recommendation.
+    pub pin_max_bytes: Option<u64>,
+    pub pin_high_bytes: Option<u64>,
+}
+
+impl FunctionPolicy {
+    /// `self` over `base`, key by key.
+    pub fn or(&self, base: &FunctionPolicy) -> FunctionPolicy {
+        FunctionPolicy {
+            name: self.name.clone(),
+            percentile: self.percentile.or(base.percentile),
+            margin: self.margin.or(base.margin),
+            high_fraction: self.high_fraction.or(base.high_fraction),
+            floor_bytes: self.floor_bytes.or(base.floor_bytes),
+            ceiling_bytes: self.ceiling_bytes.or(base.ceiling_bytes),
+            half_life_hours: self.half_life_hours.or(base.half_life_hours),
+            pin_max_bytes: self.pin_max_bytes.or(base.pin_max_bytes),
+            pin_high_bytes: self.pin_high_bytes.or(base.pin_high_bytes),
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let k = |f: &str| format!("{key}.{f}");
+        if let Some(p) = self.percentile {
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(invalid(&k("percentile"), p, "must be in (0, 100]"));
+            }
+        }
+        if let Some(m) = self.margin {
+            if !(0.0..=10.0).contains(&m) {
+                return Err(invalid(&k("margin"), m, "must be between 0 and 10"));
+            }
+        }
+        if let Some(h) = self.high_fraction {
+            if !(h > 0.0 && h <= 1.0) {
+                return Err(invalid(&k("high_fraction"), h, "must be in (0, 1]"));
+            }
+        }
+        if let Some(h) = self.half_life_hours {
+            if !(h > 0.0 && h <= 24.0 * 365.0) {
+                return Err(invalid(&k("half_life_hours"), h, "must be in (0, 8760]"));
+            }
+        }
+        if let (Some(f), Some(c)) = (self.floor_bytes, self.ceiling_bytes) {
+            if f > c {
+                return Err(invalid(
+                    &k("floor_bytes"),
+                    f,
+                    format!("must not exceed ceiling_bytes ({c})"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("floor_bytes", self.floor_bytes),
+            ("ceiling_bytes", self.ceiling_bytes),
+            ("pin_max_bytes", self.pin_max_bytes),
+            ("pin_high_bytes", self.pin_high_bytes),
+        ] {
+            if let Some(v) = v {
+                if v < 4096 {
+                    return Err(invalid(&k(name), v, "must be at least 4096 (one page)"));
+                }
+            }
+        }
+        if let (Some(h), Some(m)) = (self.pin_high_bytes, self.pin_max_bytes) {
+            if h > m {
+                return Err(invalid(
+                    &k("pin_high_bytes"),
+                    h,
+                    format!("must not exceed pin_max_bytes ({m})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PolicyConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.period_secs < MIN_PERIOD_SECS {
+            return Err(invalid(
+                "policy.period_secs",
+                self.period_secs,
+                format!("must be at least {MIN_PERIOD_SECS}"),
+            ));
+        }
+        if !self.export_dir.is_absolute() {
+            return Err(invalid(
+                "policy.export_dir",
+                self.export_dir.display(),
+                "must be an absolute path",
+            ));
+        }
+        if let Some(n) = &self.defaults.name {
+            return Err(invalid(
+                "policy.defaults.name",
+                n,
+                "names belong in [[policy.functions]] entries",
+            ));
+        }
+        self.defaults.validate("policy.defaults")?;
+        for (i, f) in self.functions.iter().enumerate() {
+            let key = format!("policy.functions[{i}]");
+            let name = f.name.as_deref().unwrap_or("");
+            if !crate::registry::valid_function_name(name) {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    name,
+                    "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+                ));
+            }
+            if self.functions[..i].iter().any(|o| o.name == f.name) {
+                return Err(invalid(&format!("{key}.name"), name, "is listed twice"));
+            }
+            f.or(&self.defaults).validate(&key)?;
+        }
+        Ok(())
+    }
+
+    /// The effective policy of a function.
+    pub fn for_function(&self, name: &str) -> FunctionPolicy {
+        match self.functions.iter().find(|f| f.name.as_deref() == Some(name)) {
+            Some(f) => f.or(&self.defaults),
+            None => self.defaults.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -210,7 +402,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store.validate()?;
         self.cgroup.validate()?;
-        self.probes.validate()
+        self.probes.validate()?;
+        self.policy.validate()
     }
 
     fn parse(s: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -704,5 +897,34 @@ function = "docker"
     fn parse_error_without_path() {
         let err = Config::from_toml_str("nope").unwrap_err();
         assert!(err.to_string().starts_with("invalid config: "), "{err}");
+    }
+
+    #[test]
+    fn policy_section() {
+        let c = Config::from_toml_str(
+            "[policy]\nmode = \"enforce\"\nperiod_secs = 600\n[policy.defaults]\npercentile = 99.0\n\
+             [[policy.functions]]\nname = \"f\"\npin_max_bytes = 67108864\nmargin = 0.3\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy.mode, EnforceMode::Enforce);
+        let f = c.policy.for_function("f");
+        assert_eq!(f.percentile, Some(99.0));
+        assert_eq!(f.margin, Some(0.3));
+        assert_eq!(f.pin_max_bytes, Some(64 << 20));
+        assert_eq!(c.policy.for_function("other").pin_max_bytes, None);
+        assert_invalid("[policy]\nperiod_secs = 5", "policy.period_secs", "5");
+        assert_invalid("[policy.defaults]\npercentile = 0.0", "policy.defaults.percentile", "0");
+        assert_invalid(
+            "[[policy.functions]]\nname = \"a/b\"",
+            "policy.functions[0].name",
+            "a/b",
+        );
+        assert_invalid(
+            "[[policy.functions]]\nname = \"f\"\npin_max_bytes = 8192\npin_high_bytes = 16384",
+            "policy.functions[0].pin_high_bytes",
+            "16384",
+        );
+        assert!(Config::from_toml_str("[policy]\nmode = \"sometimes\"").is_err());
+        assert!(Config::from_toml_str("[[policy.functions]]\nname = \"f\"\nbogus = 1").is_err());
     }
 }

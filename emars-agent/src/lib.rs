@@ -1,14 +1,28 @@
-//! EMARS agent: kernel probes → events → cgroup/function registry → model → store → API/CLI.
+//! EMARS agent. The modules follow the pipeline:
+//! kernel probes (`probes`) → events (`events`) → cgroup/function registry (`registry`,
+//! `cgroupfs`) → model (`model`, `tracker`) → store (`store`) → policy (`recommend`, `policy`)
+//! → actuator (`actuator`) → API/CLI (`api`, `client`); `agent` wires them into the daemon.
+
+pub mod probes;
+
+pub mod events;
+
+pub mod cgroupfs;
+pub mod config;
+pub mod registry;
+
+pub mod model;
+pub mod tracker;
+
+pub mod store;
+
+pub mod policy;
+pub mod recommend;
+
+pub mod actuator;
+
+pub mod api;
+pub mod client;
 
 pub mod agent;
-pub mod api;
-pub mod cgroupfs;
-pub mod client;
-pub mod config;
 pub mod demo;
-pub mod events;
-pub mod model;
-pub mod probes;
-pub mod registry;
-pub mod store;
-pub mod tracker;

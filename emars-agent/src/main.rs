@@ -69,6 +69,46 @@ enum Command {
     },
     /// The per-function config {requests, max memory} (JSON).
     Export(ClientArgs),
+    /// Recommended limits (all functions, or one with the inputs behind the numbers).
+    Recommend {
+        function: Option<String>,
+        /// Generate and export a new per-function config now, as the period would.
+        #[arg(long)]
+        generate: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One-shot enforcement: write each function's recommended limits into its live instances.
+    Apply(ClientArgs),
+    /// Every limit write, newest first, with old and new values.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Generated configs, newest first (how a function's config changed).
+    Generations {
+        #[arg(long)]
+        function: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set one live instance's limits by hand (refused below its usage plus headroom).
+    SetLimit {
+        function: String,
+        instance: String,
+        /// memory.max / memory.limit_in_bytes, bytes.
+        #[arg(long)]
+        max: Option<u64>,
+        /// memory.high / memory.soft_limit_in_bytes, bytes.
+        #[arg(long)]
+        high: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Report invocations of a function (for platforms that count requests).
     Invocations {
         name: String,
@@ -171,6 +211,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
+        Command::Recommend {
+            function,
+            generate,
+            client: c,
+        } => {
+            let api = Client::new(&c.addr);
+            let v = match (&function, generate) {
+                (_, true) => api.post("/v1/recommendations/generate", &serde_json::json!({}))?,
+                (Some(f), false) => api.get(&format!("/v1/functions/{}/recommendation", urlencode(f)))?,
+                (None, false) => api.get("/v1/recommendations")?,
+            };
+            if c.json || generate {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list = match v.get("recommendations") {
+                    Some(l) => l.as_array().cloned().unwrap_or_default(),
+                    None => vec![v.clone()],
+                };
+                print!("{}", render_recommendations(&list, function.is_some()));
+            }
+            Ok(())
+        }
+        Command::Apply(c) => {
+            let v = Client::new(&c.addr).post("/v1/apply", &serde_json::json!({}))?;
+            print_audit(&v["writes"], c.json)
+        }
+        Command::Audit { limit, client: c } => {
+            let v = Client::new(&c.addr).get(&format!("/v1/audit?limit={limit}"))?;
+            print_audit(&v["audit"], c.json)
+        }
+        Command::Generations {
+            function,
+            limit,
+            client: c,
+        } => {
+            let mut path = format!("/v1/generations?limit={limit}");
+            if let Some(f) = &function {
+                path.push_str(&format!("&function={}", urlencode(f)));
+            }
+            let v = Client::new(&c.addr).get(&path)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::SetLimit {
+            function,
+            instance,
+            max,
+            high,
+            client: c,
+        } => {
+            let path = format!(
+                "/v1/functions/{}/instances/{}/limits",
+                urlencode(&function),
+                urlencode(&instance)
+            );
+            let body = serde_json::json!({"max_bytes": max, "high_bytes": high});
+            let v = Client::new(&c.addr).post(&path, &body)?;
+            print_audit(&serde_json::json!([v]), c.json)
+        }
         Command::Invocations {
             name,
             count,
@@ -182,6 +281,76 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn render_recommendations(list: &[serde_json::Value], detail: bool) -> String {
+    use client::human_bytes;
+    let b = |v: &serde_json::Value| human_bytes(v.as_u64().unwrap_or(0));
+    let mut out = format!(
+        "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4} {:>7}\n",
+        "FUNCTION", "MAX", "HIGH", "P(PCT)", "SAMPLES", "OOM", "CONF", "PINNED"
+    );
+    for r in list {
+        out.push_str(&format!(
+            "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4.2} {:>7}\n",
+            r["function"].as_str().unwrap_or("?"),
+            b(&r["max_bytes"]),
+            b(&r["high_bytes"]),
+            b(&r["percentile_bytes"]),
+            r["samples"],
+            r["oom_kills"],
+            r["confidence"].as_f64().unwrap_or(0.0),
+            if r["pinned"] == true { "yes" } else { "no" },
+        ));
+    }
+    if detail {
+        if let Some(r) = list.first() {
+            out.push_str(&format!(
+                "\nP{} of instance peaks = {}, + margin {} → max {}; high = max x fraction, not \
+                 below the median peak ({}); OOM bump: {}; clamped by: {}; half-life {} h\n",
+                r["percentile"],
+                b(&r["percentile_bytes"]),
+                r["margin"],
+                b(&r["max_bytes"]),
+                b(&r["p50_bytes"]),
+                r["oom_bump_bytes"].as_u64().map_or("none".into(), human_bytes),
+                r["clamped_by"].as_str().unwrap_or("nothing"),
+                r["half_life_hours"],
+            ));
+        }
+    }
+    out
+}
+
+fn print_audit(list: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+        return Ok(());
+    }
+    let lim = |v: &serde_json::Value| {
+        v.as_u64()
+            .map_or_else(|| "-".to_owned(), client::human_bytes)
+    };
+    println!(
+        "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  OUTCOME",
+        "TIME", "FUNCTION", "INSTANCE", "REASON", "OLD MAX", "NEW MAX", "OLD HIGH", "NEW HIGH", "DELAY"
+    );
+    for a in list.as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  {}",
+            client::format_time_ms(a["at_ms"].as_u64().unwrap_or(0)),
+            a["function"].as_str().unwrap_or("?"),
+            a["instance"].as_str().unwrap_or("?"),
+            a["reason"].as_str().unwrap_or("?"),
+            lim(&a["old"]["max_bytes"]),
+            lim(&a["new"]["max_bytes"]),
+            lim(&a["old"]["high_bytes"]),
+            lim(&a["new"]["high_bytes"]),
+            a["delay_us"].as_u64().map_or("-".into(), |d| format!("{d}us")),
+            a["outcome"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
 }
 
 fn show(

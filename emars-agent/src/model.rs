@@ -150,6 +150,24 @@ pub struct AgentInfo {
     /// Events the kernel could not queue (ring buffer full); never silent.
     pub events_lost: u64,
     pub started_at_ms: u64,
+    /// Predictive mode and the cgroup writer's counters.
+    #[serde(default)]
+    pub enforcement: EnforcementInfo,
+}
+
+/// GET /v1/info → "enforcement".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EnforcementInfo {
+    /// "observe" or "enforce".
+    pub mode: String,
+    /// Limits written into new instances at mkdir.
+    pub new_instance_writes: u64,
+    /// Writes of any kind (new instances, apply, API) that succeeded / failed / were refused.
+    pub writes_ok: u64,
+    pub writes_failed: u64,
+    pub refusals: u64,
+    /// Largest delay from a cgroup's mkdir to its limits being written, microseconds.
+    pub max_mkdir_to_write_us: u64,
 }
 
 /// Nearest-rank percentile of an ascending slice: the smallest value such that at least `p`

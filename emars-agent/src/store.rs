@@ -13,6 +13,8 @@
 //! | `hours`     | name · `0x00` · `hour_start_ms` (u64 BE)                         | [`HourBucket`]                         |
 //! | `functions` | name                                                             | `{"first_seen_ms":…,"last_seen_ms":…}` |
 //! | `meta`      | `schema_version`                                                 | `1`                                    |
+//! | `audit`     | `at_ms` (u64 BE) · sequence (u64 BE)                             | `AuditRecord` (every limit write)      |
+//! | `generations` | `generated_at_ms` (u64 BE) · sequence (u64 BE)                 | `Generation` (each generated config)   |
 //!
 //! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
 //!
@@ -55,6 +57,8 @@ const TREE_INSTANCES: &str = "instances";
 const TREE_HOURS: &str = "hours";
 const TREE_FUNCTIONS: &str = "functions";
 const TREE_META: &str = "meta";
+const TREE_AUDIT: &str = "audit";
+const TREE_GENERATIONS: &str = "generations";
 const KEY_SCHEMA_VERSION: &str = "schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +120,8 @@ pub struct Store {
     instances: sled::Tree,
     hours: sled::Tree,
     functions: sled::Tree,
+    audit: sled::Tree,
+    generations: sled::Tree,
 }
 
 impl fmt::Debug for Store {
@@ -140,6 +146,8 @@ impl Store {
         let hours = db.open_tree(TREE_HOURS).map_err(open_err)?;
         let functions = db.open_tree(TREE_FUNCTIONS).map_err(open_err)?;
         let meta = db.open_tree(TREE_META).map_err(open_err)?;
+        let audit = db.open_tree(TREE_AUDIT).map_err(open_err)?;
+        let generations = db.open_tree(TREE_GENERATIONS).map_err(open_err)?;
 
         match meta.get(KEY_SCHEMA_VERSION)? {
             None => {
@@ -163,7 +171,45 @@ impl Store {
             instances,
             hours,
             functions,
+            audit,
+            generations,
         })
+    }
+
+    /// Appends a record of a limit write (kept like everything else, pruned by retention).
+    pub fn append_audit<T: Serialize>(&self, at_ms: u64, rec: &T) -> Result<(), StoreError> {
+        self.append_log(&self.audit, TREE_AUDIT, at_ms, rec)
+    }
+
+    /// The newest `limit` audit records, newest first.
+    pub fn audit<T: DeserializeOwned>(&self, limit: usize) -> Result<Vec<T>, StoreError> {
+        read_log(&self.audit, TREE_AUDIT, limit)
+    }
+
+    /// Appends a generated per-function config; every generation is kept.
+    pub fn append_generation<T: Serialize>(&self, at_ms: u64, gen: &T) -> Result<(), StoreError> {
+        self.append_log(&self.generations, TREE_GENERATIONS, at_ms, gen)
+    }
+
+    /// The newest `limit` generations, newest first.
+    pub fn generations<T: DeserializeOwned>(&self, limit: usize) -> Result<Vec<T>, StoreError> {
+        read_log(&self.generations, TREE_GENERATIONS, limit)
+    }
+
+    fn append_log<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+        at_ms: u64,
+        rec: &T,
+    ) -> Result<(), StoreError> {
+        // The sequence number keeps two records of the same millisecond apart.
+        let seq = self.db.generate_id()?;
+        let mut key = at_ms.to_be_bytes().to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        let value = encode(name, &key, rec)?;
+        tree.insert(key, value)?;
+        Ok(())
     }
 
     /// Directory the store lives in.
@@ -497,6 +543,20 @@ fn display_key(key: &[u8]) -> String {
         }
         _ => key.escape_ascii().to_string(),
     }
+}
+
+fn read_log<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    limit: usize,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for item in tree.iter().rev().take(limit) {
+        let (k, v) = item?;
+        let at = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        out.push(decode(name, &format!("{}", at.unwrap_or(0)), &v)?);
+    }
+    Ok(out)
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, raw: &[u8]) -> Result<T, StoreError> {

@@ -2,9 +2,11 @@
 //! instance of which function; every change is written through to the store at once, so a
 //! restart loses nothing that was seen.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    actuator::Actuator,
+    policy::Policy,
     cgroupfs::{CgroupfsError, MemoryHierarchy},
     events::KernelEvent,
     model::{HourDelta, InstanceRecord, PeakSource},
@@ -20,6 +22,11 @@ pub struct TrackerStats {
     /// Cgroups that were gone when we went to read them (normal for short instances).
     pub vanished_reads: u64,
     pub store_errors: u64,
+    /// Limit writes into new instances (enforce mode) and how many failed.
+    pub enforced: u64,
+    pub enforce_failures: u64,
+    /// Largest mkdir → limits-written delay seen, in microseconds.
+    pub max_enforce_delay_us: u64,
 }
 
 pub struct Tracker {
@@ -29,6 +36,8 @@ pub struct Tracker {
     table: CgroupTable,
     /// Live instances by cgroup id.
     live: HashMap<u64, InstanceRecord>,
+    /// Predictive mode: recommendations to refresh, and to write into new instances.
+    policy: Option<(Arc<Policy>, Arc<Actuator>)>,
     pub stats: TrackerStats,
 }
 
@@ -40,8 +49,14 @@ impl Tracker {
             store,
             table: CgroupTable::default(),
             live: HashMap::new(),
+            policy: None,
             stats: TrackerStats::default(),
         }
+    }
+
+    pub fn with_policy(mut self, policy: Arc<Policy>, actuator: Arc<Actuator>) -> Self {
+        self.policy = Some((policy, actuator));
+        self
     }
 
     pub fn hierarchy(&self) -> &MemoryHierarchy {
@@ -58,12 +73,15 @@ impl Tracker {
 
     /// Registers a cgroup (from a mkdir event or the start-up scan). `resumed` is the record
     /// of the same instance kept in the store before a restart.
+    /// `mkdir_ts_ns`: the kernel time of the mkdir, for a cgroup that was just created
+    /// (enforce mode writes its function's limits at once).
     pub fn add_cgroup(
         &mut self,
         id: u64,
         rel_path: &str,
         started_at_ms: u64,
         resumed: Option<InstanceRecord>,
+        mkdir_ts_ns: Option<u64>,
     ) {
         if self.table.get(id).is_some() {
             return;
@@ -91,6 +109,9 @@ impl Tracker {
             limits,
         });
         rec.limits = limits;
+        if let Some(ts) = mkdir_ts_ns {
+            self.enforce(&mut rec, ts, started_at_ms);
+        }
         self.refresh_watermark(&mut rec);
         if fresh {
             let delta = HourDelta {
@@ -103,11 +124,59 @@ impl Tracker {
         self.live.insert(id, rec);
     }
 
-    /// Applies one kernel event; `at_ms` is its wall-clock time.
-    pub fn apply(&mut self, event: KernelEvent, at_ms: u64) {
+    /// Writes the function's recommended limits into a new instance (enforce mode).
+    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: u64, now_ms: u64) {
+        let Some((policy, actuator)) = &self.policy else {
+            return;
+        };
+        let Some(audit) = policy.enforce_new_instance(actuator, rec, mkdir_ts_ns, now_ms) else {
+            return;
+        };
+        if audit.outcome == "ok" {
+            self.stats.enforced += 1;
+            rec.limits = audit.new;
+            tracing::info!(
+                function = rec.function,
+                instance = rec.instance,
+                max = ?audit.new.max_bytes,
+                high = ?audit.new.high_bytes,
+                delay_us = ?audit.delay_us,
+                "limits written"
+            );
+        } else {
+            self.stats.enforce_failures += 1;
+            tracing::warn!(
+                function = rec.function,
+                instance = rec.instance,
+                "limits not written: {}",
+                audit.outcome
+            );
+        }
+        self.stats.max_enforce_delay_us = self
+            .stats
+            .max_enforce_delay_us
+            .max(audit.delay_us.unwrap_or(0));
+        if let Err(e) = self.store.append_audit(audit.at_ms, &audit) {
+            self.store_error(e);
+        }
+    }
+
+    /// Recomputes a function's recommendation (an instance ended, or was OOM-killed).
+    fn recompute(&mut self, function: &str, now_ms: u64) {
+        if let Some((policy, _)) = &self.policy {
+            if let Err(e) = policy.compute(function, now_ms) {
+                self.store_error(e);
+            }
+        }
+    }
+
+    /// Applies one kernel event; `at_ms` is its wall-clock time, `ts_ns` its kernel time.
+    pub fn apply(&mut self, event: KernelEvent, at_ms: u64, ts_ns: u64) {
         self.stats.events += 1;
         match event {
-            KernelEvent::CgroupMkdir { id, path, .. } => self.add_cgroup(id, &path, at_ms, None),
+            KernelEvent::CgroupMkdir { id, path, .. } => {
+                self.add_cgroup(id, &path, at_ms, None, Some(ts_ns))
+            }
             KernelEvent::CgroupRmdir { id, peak, .. } => self.end(id, peak, at_ms),
             KernelEvent::TaskAttach { .. } => {}
             KernelEvent::Exec { id, pid, .. } => {
@@ -145,6 +214,10 @@ impl Tracker {
                         ..Default::default()
                     }
                 });
+                // An OOM raises the function's recommendation at once, not at the next period.
+                if let Some(f) = self.live.get(&id).map(|r| r.function.clone()) {
+                    self.recompute(&f, at_ms);
+                }
             }
         }
     }
@@ -163,7 +236,7 @@ impl Tracker {
             return None;
         }
         let new_id = crate::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
-        self.add_cgroup(new_id, &rel, at_ms, None);
+        self.add_cgroup(new_id, &rel, at_ms, None, None);
         Some(new_id)
     }
 
@@ -225,6 +298,7 @@ impl Tracker {
         };
         self.add_hour(&rec.function, at_ms, delta);
         self.save(&rec);
+        self.recompute(&rec.function, at_ms);
     }
 
     /// Closes store records of instances whose cgroup disappeared while the agent was down.

@@ -190,12 +190,16 @@ fn under_watched_root(hierarchy: i32, path: &[u8; EVENT_NAME_LEN], len: u32) -> 
     while i < MAX_ROOTS {
         if let Some(root) = WATCH_ROOTS.get(i) {
             let rlen = root.len as usize;
+            // A second, volatile read keeps the mask in the code: older verifiers (6.1) cannot
+            // carry the `rlen < ROOT_PREFIX_LEN` bound to the index on their own.
+            // SAFETY: reading a field of a map value we hold a reference to.
+            let idx = unsafe { read_volatile(&root.len) } as usize & (ROOT_PREFIX_LEN - 1);
             if rlen > 0
                 && rlen < ROOT_PREFIX_LEN
                 && root.hierarchy == hierarchy
                 && (len as usize) > rlen
                 && prefix_eq(&root.prefix, path, rlen)
-                && path[rlen & (EVENT_NAME_LEN - 1)] == b'/'
+                && path[idx] == b'/'
             {
                 return true;
             }

@@ -547,6 +547,22 @@ fn storm(w: &mut Warnings) -> Result<Storm> {
     Ok(s)
 }
 
+/// Flags a machine so busy that wall-time figures say more about it than about EMARS.
+fn check_noise(baseline: &[Duration], w: &mut Warnings) {
+    let Some(s) = spread(baseline.iter().map(|b| b.as_secs_f64()).collect()) else {
+        return;
+    };
+    if s.min > 0.0 && s.max / s.min > 1.5 {
+        w.warn(format!(
+            "baseline rounds vary {:.1}× ({:.3}–{:.3} s): the machine was busy, so the wall-time \
+             overhead is unreliable (CPU and bpf_stats figures are not affected as much)",
+            s.max / s.min,
+            s.min,
+            s.max
+        ));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Statistics and printing
 // ---------------------------------------------------------------------------------------------
@@ -764,6 +780,13 @@ fn print_churn(opts: &Opts, baseline: &[Duration], rounds: &[AgentRound]) -> Chu
                 .collect(),
         ),
         ring_per_ctr: spread(rounds.iter().map(|a| a.ring_events as f64 / n).collect()),
+        paired_ratio: spread(
+            baseline
+                .iter()
+                .zip(rounds)
+                .map(|(b, a)| a.wall.as_secs_f64() / b.as_secs_f64())
+                .collect(),
+        ),
     };
     println!("  medians (range):");
     println!(
@@ -771,6 +794,10 @@ fn print_churn(opts: &Opts, baseline: &[Duration], rounds: &[AgentRound]) -> Chu
         show(s.baseline_ms, 2),
         show(s.agent_ms, 2),
         s.ratio().map_or("-".into(), |r| format!("{r:.3}"))
+    );
+    println!(
+        "    paired ratio         {} (agent round / the baseline just before it)",
+        show(s.paired_ratio, 3)
     );
     println!(
         "    agent CPU            {} ms per container, {} % of one core over the round",
@@ -797,6 +824,7 @@ struct ChurnSummary {
     cpu_ms: Option<Spread>,
     core_pct: Option<Spread>,
     ring_per_ctr: Option<Spread>,
+    paired_ratio: Option<Spread>,
 }
 
 impl ChurnSummary {
@@ -991,14 +1019,15 @@ fn run(opts: &Opts) -> Result<()> {
     print_header(opts, &hierarchy, &stats.previous);
     let mut w = Warnings::default();
 
-    {
-        let root = TestRoot::new()?;
-        churn(&root, FUNCTION, "warmup", WARMUP_CONTAINERS, opts.mib)?;
-    }
     let idle = {
         let root = TestRoot::new()?;
         idle_rates(&root)?
     };
+    // Right before the rounds, so the first baseline does not pay for the idle agent's exit.
+    {
+        let root = TestRoot::new()?;
+        churn(&root, FUNCTION, "warmup", WARMUP_CONTAINERS, opts.mib)?;
+    }
 
     println!("Rounds");
     let n = opts.containers as f64;
@@ -1028,6 +1057,7 @@ fn run(opts: &Opts) -> Result<()> {
         info = last;
     }
     println!();
+    check_noise(&baseline, &mut w);
     let storm = storm(&mut w)?;
 
     print_program_costs(opts, &rounds, &info, &idle);

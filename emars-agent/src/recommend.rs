@@ -1,0 +1,1287 @@
+//! Predictive mode: per-function memory limits recommended from the history of instance peaks,
+//! in the manner of the Kubernetes Vertical Pod Autoscaler but sized for serverless functions.
+//!
+//! Pure computation: no I/O, no clock. The caller passes the samples (one per instance, from
+//! the store), the policy and the current time.
+//!
+//! # Method
+//!
+//! 1. Every instance peak goes into a [`DecayingHistogram`] (exponential buckets, the first
+//!    ending at 1 MiB, each 5% wider than the one before, up to at least 1 TiB) with the weight
+//!    `2^((t - ref) / half_life)`. An OOM-killed instance's peak is censored (the kernel killed
+//!    it at its limit), so it is replaced by [`oom_bump`]`(max(limit, peak))`, VPA's OOM rule.
+//! 2. `percentile_bytes` = the histogram's `percentile` (the upper edge of the bucket where the
+//!    cumulative weight reaches it); `max_bytes = percentile_bytes · (1 + margin)`.
+//! 3. OOM at once: the most recent OOM-killed instance younger than one half-life lifts
+//!    `max_bytes` to at least its bumped value (`oom_bump_bytes`), whatever the percentile; VPA
+//!    lets a single OOM sample drown in the histogram.
+//! 4. Then the floor, the ceiling and the host memory, in that order (`clamped_by` names the
+//!    last one that changed the value).
+//! 5. `high_bytes = max(max_bytes · high_fraction, p50_bytes)`, strictly below `max_bytes`.
+//! 6. Pins replace the field they name and always win, except that nothing is ever above the
+//!    host memory.
+//!
+//! Computed byte values are rounded up to a multiple of [`PAGE_BYTES`]; clamps (ceiling, host
+//! memory) are rounded down, so a rounded result never exceeds them. Pinned values are kept
+//! exactly as the user wrote them.
+//!
+//! # Reference time
+//!
+//! Only relative weights matter to a percentile, so the histogram uses the newest sample as its
+//! reference: its weight is 1, older ones are smaller, and no history, however old, underflows
+//! to an empty histogram. `effective_samples` is the sum of the weights relative to `now`
+//! (`2^((t - now) / half_life)`), which is what the confidence grows with. A sample stamped in
+//! the future (clock skew) counts as taken at `now`.
+
+use std::{sync::OnceLock, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// Results are multiples of the page size (the kernel rounds limits down to pages anyway).
+pub const PAGE_BYTES: u64 = 4096;
+const MIB: u64 = 1 << 20;
+/// Upper edge of the first histogram bucket.
+pub const FIRST_BUCKET_BYTES: u64 = MIB;
+/// Each bucket is this fraction wider than the one before it.
+pub const BUCKET_GROWTH: f64 = 0.05;
+/// The last bucket's upper edge is at least this (1 TiB); larger values land in it.
+pub const MAX_TRACKED_BYTES: u64 = 1 << 40;
+/// VPA's OOM rule: the bumped value is at least this much above the limit/peak...
+pub const OOM_BUMP_MIN_BYTES: u64 = 100 * MIB;
+/// ...and at least this multiple of it.
+pub const OOM_BUMP_RATIO: f64 = 1.2;
+
+/// Per-function policy (the lead maps config into this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyParams {
+    /// Percentile of instance peaks, in percent; valid (0, 100].
+    pub percentile: f64,
+    /// Fraction added on top of the percentile; valid [0, 10].
+    pub margin: f64,
+    /// memory.high = max_bytes · high_fraction (but never below the P50 peak); valid (0, 1].
+    pub high_fraction: f64,
+    /// Serverless functions are small: VPA's 250 MiB floor would dominate them.
+    pub floor_bytes: u64,
+    pub ceiling_bytes: Option<u64>,
+    pub half_life: Duration,
+    /// User-pinned limits always win ("user parameters given higher priority").
+    pub pin_max_bytes: Option<u64>,
+    pub pin_high_bytes: Option<u64>,
+    /// Effective (decayed) samples for confidence 1.0.
+    pub confidence_samples: f64,
+}
+
+impl Default for PolicyParams {
+    fn default() -> Self {
+        PolicyParams {
+            percentile: 95.0,
+            margin: 0.15,
+            high_fraction: 0.9,
+            floor_bytes: 16 * MIB,
+            ceiling_bytes: None,
+            half_life: Duration::from_secs(24 * 3600),
+            pin_max_bytes: None,
+            pin_high_bytes: None,
+            confidence_samples: 20.0,
+        }
+    }
+}
+
+impl PolicyParams {
+    /// Checks every field; the error names the first bad field and its value.
+    pub fn validate(&self) -> Result<(), String> {
+        fn bad(field: &str, value: impl std::fmt::Display, why: &str) -> Result<(), String> {
+            Err(format!("{field} = {value}: {why}"))
+        }
+        if !(self.percentile > 0.0 && self.percentile <= 100.0) {
+            return bad("percentile", self.percentile, "must be in (0, 100]");
+        }
+        if !(0.0..=10.0).contains(&self.margin) {
+            return bad("margin", self.margin, "must be between 0 and 10");
+        }
+        if !(self.high_fraction > 0.0 && self.high_fraction <= 1.0) {
+            return bad("high_fraction", self.high_fraction, "must be in (0, 1]");
+        }
+        if self.half_life.is_zero() {
+            return bad("half_life", format!("{:?}", self.half_life), "must be > 0");
+        }
+        if !(self.confidence_samples > 0.0 && self.confidence_samples.is_finite()) {
+            return bad(
+                "confidence_samples",
+                self.confidence_samples,
+                "must be finite and > 0",
+            );
+        }
+        for (field, v) in [
+            ("floor_bytes", Some(self.floor_bytes)),
+            ("ceiling_bytes", self.ceiling_bytes),
+            ("pin_max_bytes", self.pin_max_bytes),
+            ("pin_high_bytes", self.pin_high_bytes),
+        ] {
+            if let Some(v) = v {
+                if v < PAGE_BYTES {
+                    return bad(field, v, "must be at least 4096 (one page)");
+                }
+            }
+        }
+        if let Some(c) = self.ceiling_bytes {
+            if self.floor_bytes > c {
+                return bad(
+                    "floor_bytes",
+                    self.floor_bytes,
+                    &format!("must not exceed ceiling_bytes ({c})"),
+                );
+            }
+        }
+        if let (Some(h), Some(m)) = (self.pin_high_bytes, self.pin_max_bytes) {
+            if h > m {
+                return bad(
+                    "pin_high_bytes",
+                    h,
+                    &format!("must not exceed pin_max_bytes ({m})"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One instance's outcome, from the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// When the instance ran (unix ms); its age sets its weight.
+    pub at_ms: u64,
+    pub peak_bytes: u64,
+    pub oom_killed: bool,
+    /// memory.max in force on the instance, when known.
+    pub limit_bytes: Option<u64>,
+}
+
+/// The recommendation and the inputs behind it (served as JSON by
+/// GET /v1/functions/{name}/recommendation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    pub function: String,
+    /// memory.max (v2) / memory.limit_in_bytes (v1).
+    pub max_bytes: u64,
+    /// memory.high (v2) / memory.soft_limit_in_bytes (v1); below `max_bytes` unless pinned.
+    pub high_bytes: u64,
+    /// 0..=1: `min(1, effective_samples / confidence_samples)`.
+    pub confidence: f64,
+    /// Instances considered.
+    pub samples: u64,
+    /// Sum of the samples' weights relative to `computed_at_ms`.
+    pub effective_samples: f64,
+    /// The policy's percentile, in percent.
+    pub percentile: f64,
+    /// The histogram's `percentile` (a bucket upper edge); 0 without samples.
+    pub percentile_bytes: u64,
+    /// The histogram's median (a bucket upper edge); 0 without samples.
+    pub p50_bytes: u64,
+    pub margin: f64,
+    /// OOM-killed instances considered.
+    pub oom_kills: u64,
+    /// When a recent OOM raised `max_bytes` above `percentile_bytes · (1 + margin)`: the
+    /// bumped value it was raised to.
+    pub oom_bump_bytes: Option<u64>,
+    /// A pin set `max_bytes` or `high_bytes`.
+    pub pinned: bool,
+    /// "floor" | "ceiling" | "host_memory": the last bound that changed `max_bytes`.
+    pub clamped_by: Option<String>,
+    pub half_life_hours: f64,
+    pub computed_at_ms: u64,
+}
+
+/// VPA's OOM rule: `max(x + 100 MiB, x · 1.2)`.
+pub fn oom_bump(x: u64) -> u64 {
+    x.saturating_add(OOM_BUMP_MIN_BYTES)
+        .max(f64_to_bytes(x as f64 * OOM_BUMP_RATIO))
+}
+
+/// A sample's weight relative to `ref_ms`: `2^((at_ms - ref_ms) / half_life)`. A zero
+/// half-life means no memory at all: 1 at or after `ref_ms`, 0 before.
+pub fn decay_weight(at_ms: u64, ref_ms: u64, half_life: Duration) -> f64 {
+    let half_life_ms = half_life.as_secs_f64() * 1000.0;
+    if half_life_ms <= 0.0 {
+        return if at_ms >= ref_ms { 1.0 } else { 0.0 };
+    }
+    ((at_ms as f64 - ref_ms as f64) / half_life_ms).exp2()
+}
+
+/// Rounds up to a multiple of [`PAGE_BYTES`] (saturating at the largest one).
+pub fn page_up(bytes: u64) -> u64 {
+    bytes
+        .div_ceil(PAGE_BYTES)
+        .checked_mul(PAGE_BYTES)
+        .unwrap_or(u64::MAX - (PAGE_BYTES - 1))
+}
+
+/// Rounds down to a multiple of [`PAGE_BYTES`].
+pub fn page_down(bytes: u64) -> u64 {
+    bytes - bytes % PAGE_BYTES
+}
+
+/// Ceil of a non-negative float as bytes; NaN and negatives give 0, overflow saturates.
+fn f64_to_bytes(x: f64) -> u64 {
+    // `as` saturates and maps NaN to 0.
+    x.ceil() as u64
+}
+
+/// Upper edges of the histogram buckets, ascending; bucket `i` holds `[edge(i-1), edge(i))`.
+fn bucket_edges() -> &'static [u64] {
+    static EDGES: OnceLock<Vec<u64>> = OnceLock::new();
+    EDGES.get_or_init(|| {
+        // Bucket i spans FIRST · 1.05^i: its upper edge is FIRST · (1.05^(i+1) - 1) / 0.05.
+        let mut edges = Vec::with_capacity(256);
+        let mut i = 1;
+        loop {
+            let growth = (1.0 + BUCKET_GROWTH).powi(i);
+            let upper = (FIRST_BUCKET_BYTES as f64 * (growth - 1.0) / BUCKET_GROWTH).round() as u64;
+            edges.push(upper);
+            if upper >= MAX_TRACKED_BYTES {
+                break edges;
+            }
+            i += 1;
+        }
+    })
+}
+
+/// A histogram of byte values with exponentially growing buckets and real-valued (decayed)
+/// weights, after VPA's `DecayingHistogram`. The caller computes the weights (see
+/// [`decay_weight`]); the histogram only adds them up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecayingHistogram {
+    weights: Vec<f64>,
+    total: f64,
+}
+
+impl Default for DecayingHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecayingHistogram {
+    pub fn new() -> Self {
+        DecayingHistogram {
+            weights: vec![0.0; bucket_edges().len()],
+            total: 0.0,
+        }
+    }
+
+    /// Number of buckets (the first ends at 1 MiB, the last at or above 1 TiB).
+    pub fn bucket_count() -> usize {
+        bucket_edges().len()
+    }
+
+    /// Upper edge of bucket `index` (clamped to the last bucket).
+    pub fn bucket_upper_edge(index: usize) -> u64 {
+        let edges = bucket_edges();
+        edges[index.min(edges.len() - 1)]
+    }
+
+    /// Bucket of `value`: the first whose upper edge is above it; values beyond the last edge
+    /// go to the last bucket.
+    pub fn bucket_of(value: u64) -> usize {
+        let edges = bucket_edges();
+        edges
+            .partition_point(|&edge| edge <= value)
+            .min(edges.len() - 1)
+    }
+
+    /// Adds `weight` to `value`'s bucket; weights that are not finite and positive (including
+    /// ones that underflowed to 0) are ignored.
+    pub fn add(&mut self, value: u64, weight: f64) {
+        if !(weight > 0.0 && weight.is_finite()) {
+            return;
+        }
+        self.weights[Self::bucket_of(value)] += weight;
+        self.total += weight;
+    }
+
+    pub fn total_weight(&self) -> f64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total <= 0.0
+    }
+
+    /// The upper edge of the first bucket where the cumulative weight reaches `p` percent of
+    /// the total (`p` is clamped to [0, 100]; NaN counts as 100). `p = 0` gives the lowest
+    /// non-empty bucket, `p = 100` the highest. An empty histogram gives 0.
+    pub fn percentile(&self, p: f64) -> u64 {
+        if self.is_empty() {
+            return 0;
+        }
+        let p = if p.is_nan() {
+            100.0
+        } else {
+            p.clamp(0.0, 100.0)
+        };
+        let threshold = self.total * p / 100.0;
+        let mut sum = 0.0;
+        let mut highest = 0;
+        for (i, &w) in self.weights.iter().enumerate() {
+            if w > 0.0 {
+                sum += w;
+                highest = i;
+                if sum >= threshold {
+                    return Self::bucket_upper_edge(i);
+                }
+            }
+        }
+        // Rounding left the running sum a hair below the threshold (p near 100).
+        Self::bucket_upper_edge(highest)
+    }
+}
+
+/// The value a sample contributes: its peak, or for an OOM-killed instance (whose peak is cut
+/// off at its limit) VPA's bump of `max(limit, peak)`.
+fn sample_value(s: &Sample) -> u64 {
+    if s.oom_killed {
+        oom_bump(s.limit_bytes.unwrap_or(0).max(s.peak_bytes))
+    } else {
+        s.peak_bytes
+    }
+}
+
+/// Recommends limits for `function` from its instances' `samples` (any order). `params` should
+/// have passed [`PolicyParams::validate`]; out-of-range values are not rejected here but give
+/// well-defined results (e.g. a NaN margin counts as a zero-size limit, which the floor lifts).
+/// `host_memory_bytes` is the host's RAM (0 = unknown: no host clamp). Returns `None` when there
+/// are no samples and nothing is pinned.
+pub fn recommend(
+    function: &str,
+    samples: &[Sample],
+    params: &PolicyParams,
+    now_ms: u64,
+    host_memory_bytes: u64,
+) -> Option<Recommendation> {
+    if samples.is_empty() && params.pin_max_bytes.is_none() && params.pin_high_bytes.is_none() {
+        return None;
+    }
+    let half_life = params.half_life;
+    let half_life_ms = half_life.as_secs_f64() * 1000.0;
+
+    // The histogram, relative to the newest sample; the OOM that may bump at once.
+    let ref_ms = samples.iter().map(|s| s.at_ms.min(now_ms)).max();
+    let mut hist = DecayingHistogram::new();
+    let mut oom_kills = 0;
+    let mut recent_oom: Option<(u64, u64)> = None; // (at_ms, bumped value)
+    for s in samples {
+        let at_ms = s.at_ms.min(now_ms);
+        let value = sample_value(s);
+        hist.add(
+            value,
+            decay_weight(at_ms, ref_ms.unwrap_or(now_ms), half_life),
+        );
+        if s.oom_killed {
+            oom_kills += 1;
+            let young = ((now_ms - at_ms) as f64) < half_life_ms;
+            // Most recent first; among equally recent ones, the larger bump.
+            if young && recent_oom.is_none_or(|r| (at_ms, value) > r) {
+                recent_oom = Some((at_ms, value));
+            }
+        }
+    }
+    let effective_samples = match ref_ms {
+        Some(r) => hist.total_weight() * decay_weight(r, now_ms, half_life),
+        None => 0.0,
+    };
+    let percentile_bytes = hist.percentile(params.percentile);
+    let p50_bytes = hist.percentile(50.0);
+
+    // memory.max: percentile · (1 + margin), OOM at once, floor, ceiling, host.
+    let mut clamped_by: Option<&str> = None;
+    let mut oom_bump_bytes = None;
+    let mut max_bytes = if samples.is_empty() {
+        0
+    } else {
+        page_up(f64_to_bytes(
+            percentile_bytes as f64 * (1.0 + params.margin),
+        ))
+    };
+    if let Some((_, bumped)) = recent_oom {
+        let bumped = page_up(bumped);
+        if bumped > max_bytes {
+            max_bytes = bumped;
+            oom_bump_bytes = Some(bumped);
+        }
+    }
+    let floor = page_up(params.floor_bytes);
+    if max_bytes < floor {
+        max_bytes = floor;
+        clamped_by = Some("floor");
+    }
+    if let Some(ceiling) = params.ceiling_bytes {
+        let ceiling = page_down(ceiling).max(PAGE_BYTES);
+        if max_bytes > ceiling {
+            max_bytes = ceiling;
+            clamped_by = Some("ceiling");
+        }
+    }
+    let host_cap = (host_memory_bytes > 0).then(|| page_down(host_memory_bytes).max(PAGE_BYTES));
+    let clamp_host = |bytes: u64, clamped_by: &mut Option<&str>| match host_cap {
+        Some(cap) if bytes > cap => {
+            *clamped_by = Some("host_memory");
+            cap
+        }
+        _ => bytes,
+    };
+    max_bytes = clamp_host(max_bytes, &mut clamped_by);
+
+    // A pinned max replaces all of the above (except the host clamp).
+    if let Some(pin) = params.pin_max_bytes {
+        clamped_by = None;
+        oom_bump_bytes = None;
+        max_bytes = clamp_host(pin, &mut clamped_by);
+    }
+
+    // memory.high.
+    let high_bytes = match params.pin_high_bytes {
+        Some(pin) => {
+            let mut ignored = None;
+            let high = clamp_host(pin, &mut ignored);
+            // A kill below the user's throttle point would make the pin meaningless: an
+            // unpinned max is lifted to it.
+            if params.pin_max_bytes.is_none() && max_bytes < high {
+                max_bytes = high;
+                clamped_by = None;
+                oom_bump_bytes = None;
+            }
+            high
+        }
+        None => {
+            let high =
+                page_up(f64_to_bytes(max_bytes as f64 * params.high_fraction).max(p50_bytes));
+            if high < max_bytes {
+                high
+            } else {
+                // Strictly below max; a one-page max has no room below it.
+                match page_down(max_bytes - 1) {
+                    0 => max_bytes,
+                    below => below,
+                }
+            }
+        }
+    };
+
+    let confidence = (effective_samples / params.confidence_samples).clamp(0.0, 1.0);
+    Some(Recommendation {
+        function: function.to_string(),
+        max_bytes,
+        high_bytes,
+        confidence: if confidence.is_nan() { 0.0 } else { confidence },
+        samples: samples.len() as u64,
+        effective_samples,
+        percentile: params.percentile,
+        percentile_bytes,
+        p50_bytes,
+        margin: params.margin,
+        oom_kills,
+        oom_bump_bytes,
+        pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
+        clamped_by: clamped_by.map(str::to_string),
+        half_life_hours: half_life.as_secs_f64() / 3600.0,
+        computed_at_ms: now_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR_MS: u64 = 3_600_000;
+    const DAY_MS: u64 = 24 * HOUR_MS;
+    const GIB: u64 = 1 << 30;
+    /// A "now" far enough from 0 that samples days old do not underflow the u64 clock.
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn peak(at_ms: u64, peak_bytes: u64) -> Sample {
+        Sample {
+            at_ms,
+            peak_bytes,
+            oom_killed: false,
+            limit_bytes: None,
+        }
+    }
+
+    fn oom(at_ms: u64, peak_bytes: u64, limit_bytes: Option<u64>) -> Sample {
+        Sample {
+            at_ms,
+            peak_bytes,
+            oom_killed: true,
+            limit_bytes,
+        }
+    }
+
+    /// `n` samples spread evenly over `center ± spread` (a fraction), one a minute up to `at_ms`.
+    fn spread(n: u64, center: u64, spread: f64, at_ms: u64) -> Vec<Sample> {
+        (0..n)
+            .map(|i| {
+                let x = if n == 1 {
+                    0.0
+                } else {
+                    2.0 * i as f64 / (n - 1) as f64 - 1.0
+                };
+                peak(
+                    at_ms - (n - 1 - i) * 60_000,
+                    (center as f64 * (1.0 + spread * x)) as u64,
+                )
+            })
+            .collect()
+    }
+
+    fn rec(samples: &[Sample], params: &PolicyParams) -> Recommendation {
+        recommend("f", samples, params, NOW, 0).expect("a recommendation")
+    }
+
+    // ---- histogram ----
+
+    #[test]
+    fn bucket_edges_grow_five_percent() {
+        let n = DecayingHistogram::bucket_count();
+        assert_eq!(DecayingHistogram::bucket_upper_edge(0), MIB);
+        assert!(DecayingHistogram::bucket_upper_edge(n - 1) >= MAX_TRACKED_BYTES);
+        assert!(DecayingHistogram::bucket_upper_edge(n - 2) < MAX_TRACKED_BYTES);
+        assert!((200..260).contains(&n), "{n} buckets");
+        let mut prev_lo = 0u64;
+        let mut prev_width = 0u64;
+        for i in 0..n {
+            let hi = DecayingHistogram::bucket_upper_edge(i);
+            let width = hi - prev_lo;
+            if i > 0 {
+                let ratio = width as f64 / prev_width as f64;
+                assert!((ratio - 1.05).abs() < 1e-3, "bucket {i}: ratio {ratio}");
+            }
+            prev_lo = hi;
+            prev_width = width;
+        }
+        assert_eq!(DecayingHistogram::bucket_upper_edge(usize::MAX), prev_lo);
+    }
+
+    #[test]
+    fn bucket_of_is_consistent_with_edges() {
+        for v in [
+            0,
+            1,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            80 * MIB,
+            3 * GIB,
+            1 << 40,
+            u64::MAX,
+        ] {
+            let b = DecayingHistogram::bucket_of(v);
+            let hi = DecayingHistogram::bucket_upper_edge(b);
+            if b + 1 < DecayingHistogram::bucket_count() {
+                assert!(v < hi, "{v} in bucket {b} with upper edge {hi}");
+            }
+            if b > 0 {
+                assert!(v >= DecayingHistogram::bucket_upper_edge(b - 1));
+            }
+        }
+        assert_eq!(DecayingHistogram::bucket_of(0), 0);
+        assert_eq!(DecayingHistogram::bucket_of(MIB - 1), 0);
+        assert_eq!(DecayingHistogram::bucket_of(MIB), 1);
+        assert_eq!(
+            DecayingHistogram::bucket_of(u64::MAX),
+            DecayingHistogram::bucket_count() - 1
+        );
+    }
+
+    #[test]
+    fn empty_histogram() {
+        let mut h = DecayingHistogram::new();
+        assert!(h.is_empty());
+        assert_eq!(h.percentile(50.0), 0);
+        // Weights that are not positive and finite are ignored.
+        h.add(10 * MIB, 0.0);
+        h.add(10 * MIB, -1.0);
+        h.add(10 * MIB, f64::NAN);
+        h.add(10 * MIB, f64::INFINITY);
+        h.add(10 * MIB, 2f64.powi(-2000)); // underflows to 0
+        assert!(h.is_empty());
+        assert_eq!(h.total_weight(), 0.0);
+        assert_eq!(h.percentile(100.0), 0);
+    }
+
+    #[test]
+    fn single_sample_gives_its_bucket_upper_edge() {
+        let v = 80 * MIB;
+        let mut h = DecayingHistogram::new();
+        h.add(v, 0.25);
+        let edge = DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(v));
+        assert!(edge > v && (edge as f64) < v as f64 * 1.06, "edge {edge}");
+        for p in [0.0, 1.0, 50.0, 95.0, 100.0, f64::NAN, -5.0, 150.0] {
+            assert_eq!(h.percentile(p), edge, "p = {p}");
+        }
+        assert_eq!(h.total_weight(), 0.25);
+    }
+
+    #[test]
+    fn all_weight_in_one_bucket() {
+        let mut h = DecayingHistogram::new();
+        let lo = DecayingHistogram::bucket_upper_edge(99);
+        let hi = DecayingHistogram::bucket_upper_edge(100);
+        for i in 0..1000 {
+            h.add(lo + (hi - lo - 1) * i / 999, 1.0);
+        }
+        assert_eq!(h.percentile(0.0), hi);
+        assert_eq!(h.percentile(0.1), hi);
+        assert_eq!(h.percentile(100.0), hi);
+        assert_eq!(h.total_weight(), 1000.0);
+    }
+
+    #[test]
+    fn percentile_walks_cumulative_weight() {
+        let mut h = DecayingHistogram::new();
+        let (a, b, c) = (10 * MIB, 100 * MIB, GIB);
+        h.add(a, 1.0);
+        h.add(b, 2.0);
+        h.add(c, 1.0);
+        let edge = |v| DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(v));
+        assert_eq!(h.percentile(0.0), edge(a));
+        assert_eq!(h.percentile(25.0), edge(a));
+        assert_eq!(h.percentile(25.1), edge(b));
+        assert_eq!(h.percentile(75.0), edge(b));
+        assert_eq!(h.percentile(75.1), edge(c));
+        assert_eq!(h.percentile(100.0), edge(c));
+    }
+
+    #[test]
+    fn percentile_100_survives_rounding() {
+        // Many tiny weights: the bucket-by-bucket sum need not equal the running total.
+        let mut h = DecayingHistogram::new();
+        for i in 0..10_000u64 {
+            h.add(MIB + i * 37 * 1024, 0.1 + (i % 7) as f64 * 1e-9);
+        }
+        h.add(5 * GIB, 1e-3);
+        let top = DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(5 * GIB));
+        assert_eq!(h.percentile(100.0), top);
+        assert!(h.percentile(99.999) < top);
+    }
+
+    #[test]
+    fn values_beyond_one_tib_land_in_the_last_bucket() {
+        let mut h = DecayingHistogram::new();
+        h.add(4 << 40, 1.0);
+        assert_eq!(
+            h.percentile(50.0),
+            DecayingHistogram::bucket_upper_edge(usize::MAX)
+        );
+    }
+
+    #[test]
+    fn decay_weight_halves_per_half_life() {
+        let hl = Duration::from_secs(24 * 3600);
+        assert_eq!(decay_weight(NOW, NOW, hl), 1.0);
+        assert_eq!(decay_weight(NOW - DAY_MS, NOW, hl), 0.5);
+        assert_eq!(decay_weight(NOW - 3 * DAY_MS, NOW, hl), 0.125);
+        assert_eq!(decay_weight(NOW + DAY_MS, NOW, hl), 2.0);
+        assert_eq!(decay_weight(0, NOW, hl), 0.0); // ~54 years: underflows
+        assert_eq!(decay_weight(NOW - 1, NOW, Duration::ZERO), 0.0);
+        assert_eq!(decay_weight(NOW, NOW, Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn oom_bump_is_vpa_rule() {
+        assert_eq!(oom_bump(64 * MIB), 164 * MIB);
+        assert_eq!(oom_bump(0), 100 * MIB);
+        assert_eq!(oom_bump(GIB), (GIB as f64 * 1.2).ceil() as u64);
+        assert_eq!(oom_bump(500 * MIB), 600 * MIB); // both rules agree at 500 MiB
+        assert_eq!(oom_bump(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn page_rounding() {
+        assert_eq!(page_up(0), 0);
+        assert_eq!(page_up(1), 4096);
+        assert_eq!(page_up(4096), 4096);
+        assert_eq!(page_up(4097), 8192);
+        assert_eq!(page_up(u64::MAX), u64::MAX - 4095);
+        assert_eq!(page_down(4095), 0);
+        assert_eq!(page_down(8191), 4096);
+    }
+
+    // ---- recommend ----
+
+    #[test]
+    fn empty_gives_none() {
+        assert_eq!(
+            recommend("f", &[], &PolicyParams::default(), NOW, GIB),
+            None
+        );
+    }
+
+    #[test]
+    fn known_peaks() {
+        let samples = spread(50, 80 * MIB, 0.02, NOW);
+        let top = samples.iter().map(|s| s.peak_bytes).max().unwrap();
+        let r = rec(&samples, &PolicyParams::default());
+        assert!(
+            r.max_bytes >= top && r.max_bytes as f64 <= 80.0 * MIB as f64 * 1.25,
+            "max {} MiB",
+            r.max_bytes as f64 / MIB as f64
+        );
+        assert!(r.high_bytes < r.max_bytes);
+        assert!(r.high_bytes >= r.p50_bytes);
+        assert!(r.p50_bytes >= 80 * MIB && r.p50_bytes <= r.percentile_bytes);
+        assert_eq!(r.max_bytes % PAGE_BYTES, 0);
+        assert_eq!(r.high_bytes % PAGE_BYTES, 0);
+        // Every number is explainable from the others.
+        assert_eq!(
+            r.max_bytes,
+            page_up((r.percentile_bytes as f64 * 1.15).ceil() as u64)
+        );
+        assert_eq!(
+            r.high_bytes,
+            page_up(((r.max_bytes as f64 * 0.9).ceil() as u64).max(r.p50_bytes))
+        );
+        assert_eq!(r.samples, 50);
+        assert_eq!(r.oom_kills, 0);
+        assert_eq!(r.oom_bump_bytes, None);
+        assert_eq!(r.clamped_by, None);
+        assert!(!r.pinned);
+        assert_eq!(r.percentile, 95.0);
+        assert_eq!(r.margin, 0.15);
+        assert_eq!(r.half_life_hours, 24.0);
+        assert_eq!(r.computed_at_ms, NOW);
+        assert_eq!(r.function, "f");
+    }
+
+    #[test]
+    fn percentile_is_respected() {
+        // 90 instances at 50 MiB, 10 at 200 MiB, all now (no decay): P90 sees only the small
+        // ones, P95 the big.
+        let mut samples: Vec<Sample> = (0..90).map(|_| peak(NOW, 50 * MIB)).collect();
+        samples.extend((0..10).map(|_| peak(NOW, 200 * MIB)));
+        let p90 = rec(
+            &samples,
+            &PolicyParams {
+                percentile: 90.0,
+                ..Default::default()
+            },
+        );
+        assert!(p90.max_bytes < 70 * MIB, "{}", p90.max_bytes);
+        let p95 = rec(&samples, &PolicyParams::default());
+        assert!(p95.max_bytes > 200 * MIB);
+        // P50 sits on the small ones: high = 0.9 · max.
+        assert!(p95.p50_bytes < 55 * MIB);
+    }
+
+    #[test]
+    fn decay_old_big_samples_lose_to_recent_small_ones() {
+        let mut samples = spread(50, 500 * MIB, 0.0, NOW - 5 * DAY_MS);
+        samples.extend(spread(50, 100 * MIB, 0.0, NOW));
+        let r = rec(&samples, &PolicyParams::default());
+        // Big ones weigh 2^-5 each: 50/32 of 51.6, about 3% < 5%.
+        assert!(r.max_bytes < 130 * MIB, "{}", r.max_bytes);
+        // One half-life ago they would still win.
+        let mut samples = spread(50, 500 * MIB, 0.0, NOW - DAY_MS);
+        samples.extend(spread(50, 100 * MIB, 0.0, NOW));
+        let r = rec(&samples, &PolicyParams::default());
+        assert!(r.max_bytes > 500 * MIB, "{}", r.max_bytes);
+        // A shorter half-life forgets faster.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                half_life: Duration::from_secs(4 * 3600),
+                ..Default::default()
+            },
+        );
+        assert!(r.max_bytes < 130 * MIB, "{}", r.max_bytes);
+    }
+
+    #[test]
+    fn ancient_history_still_recommends() {
+        // 10 years old: weights relative to now underflow, relative to the newest do not.
+        let samples = spread(30, 80 * MIB, 0.0, NOW - 3650 * DAY_MS);
+        let r = rec(&samples, &PolicyParams::default());
+        assert!(r.max_bytes >= 80 * MIB && r.max_bytes < 100 * MIB);
+        assert_eq!(r.effective_samples, 0.0);
+        assert_eq!(r.confidence, 0.0);
+    }
+
+    #[test]
+    fn oom_raises_at_once() {
+        let mut samples = spread(100, 20 * MIB, 0.05, NOW - HOUR_MS);
+        let before = rec(&samples, &PolicyParams::default());
+        assert!(before.max_bytes < 30 * MIB);
+        samples.push(oom(NOW - 60_000, 64 * MIB, Some(64 * MIB)));
+        let r = rec(&samples, &PolicyParams::default());
+        assert!(r.max_bytes >= 164 * MIB, "{}", r.max_bytes);
+        assert_eq!(r.oom_bump_bytes, Some(164 * MIB));
+        assert_eq!(r.max_bytes, 164 * MIB);
+        assert_eq!(r.oom_kills, 1);
+        assert!(r.high_bytes < r.max_bytes);
+        // The percentile alone would not have moved: one sample in 101.
+        assert_eq!(r.percentile_bytes, before.percentile_bytes);
+    }
+
+    #[test]
+    fn oom_uses_limit_or_peak_whichever_is_larger() {
+        let base = spread(50, 10 * MIB, 0.0, NOW - HOUR_MS);
+        let mut s = base.clone();
+        s.push(oom(NOW, 300 * MIB, Some(200 * MIB)));
+        assert_eq!(
+            rec(&s, &PolicyParams::default()).oom_bump_bytes,
+            Some(400 * MIB)
+        );
+        let mut s = base.clone();
+        s.push(oom(NOW, 30 * MIB, None));
+        assert_eq!(
+            rec(&s, &PolicyParams::default()).oom_bump_bytes,
+            Some(130 * MIB)
+        );
+        let mut s = base;
+        s.push(oom(NOW, 600 * MIB, Some(GIB)));
+        assert_eq!(
+            rec(&s, &PolicyParams::default()).oom_bump_bytes,
+            Some(page_up(oom_bump(GIB)))
+        );
+    }
+
+    #[test]
+    fn most_recent_young_oom_counts() {
+        let mut samples = spread(50, 10 * MIB, 0.0, NOW - 2 * HOUR_MS);
+        samples.push(oom(NOW - 2 * HOUR_MS, 500 * MIB, Some(500 * MIB)));
+        samples.push(oom(NOW - HOUR_MS, 64 * MIB, Some(64 * MIB)));
+        let r = rec(&samples, &PolicyParams::default());
+        assert_eq!(r.oom_bump_bytes, Some(164 * MIB));
+        assert_eq!(r.oom_kills, 2);
+    }
+
+    #[test]
+    fn old_oom_does_not_bump_at_once() {
+        let mut samples = spread(100, 20 * MIB, 0.05, NOW);
+        samples.push(oom(NOW - DAY_MS - 1, 64 * MIB, Some(64 * MIB)));
+        let r = rec(&samples, &PolicyParams::default());
+        assert_eq!(r.oom_bump_bytes, None);
+        assert!(r.max_bytes < 30 * MIB);
+        assert_eq!(r.oom_kills, 1);
+        // Still a sample of the histogram: at P100 it shows.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                percentile: 100.0,
+                ..Default::default()
+            },
+        );
+        assert!(r.percentile_bytes >= 164 * MIB);
+    }
+
+    #[test]
+    fn oom_below_the_percentile_is_not_reported_as_a_bump() {
+        let mut samples = spread(100, 400 * MIB, 0.0, NOW);
+        samples.push(oom(NOW, 10 * MIB, Some(10 * MIB)));
+        let r = rec(&samples, &PolicyParams::default());
+        assert_eq!(r.oom_bump_bytes, None);
+        assert!(r.max_bytes > 400 * MIB);
+    }
+
+    #[test]
+    fn pins_win() {
+        let samples = spread(50, 80 * MIB, 0.02, NOW);
+        // Pinned max, computed high.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                pin_max_bytes: Some(GIB),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, GIB);
+        assert!(r.pinned);
+        assert_eq!(r.high_bytes, page_up((GIB as f64 * 0.9) as u64));
+        // Both pinned, even equal, even exotic: kept exactly.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                pin_max_bytes: Some(100_000_000),
+                pin_high_bytes: Some(100_000_000),
+                ..Default::default()
+            },
+        );
+        assert_eq!((r.max_bytes, r.high_bytes), (100_000_000, 100_000_000));
+        // A pin wins over an OOM bump, the floor and the ceiling.
+        let mut s = samples.clone();
+        s.push(oom(NOW, 64 * MIB, Some(64 * MIB)));
+        let r = rec(
+            &s,
+            &PolicyParams {
+                pin_max_bytes: Some(8 * MIB),
+                ceiling_bytes: Some(4 * MIB),
+                floor_bytes: 4 * MIB,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, 8 * MIB);
+        assert_eq!(r.oom_bump_bytes, None);
+        assert_eq!(r.clamped_by, None);
+        assert!(r.high_bytes < r.max_bytes);
+        // Pinned max below the P50: high still strictly below max.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                pin_max_bytes: Some(40 * MIB + 123),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, 40 * MIB + 123);
+        assert_eq!(r.high_bytes, 40 * MIB);
+    }
+
+    #[test]
+    fn pinned_high_alone() {
+        let samples = spread(50, 80 * MIB, 0.02, NOW);
+        let computed = rec(&samples, &PolicyParams::default());
+        // Below the computed max: max untouched.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                pin_high_bytes: Some(50 * MIB),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, computed.max_bytes);
+        assert_eq!(r.high_bytes, 50 * MIB);
+        assert!(r.pinned);
+        // Above it: max lifted to it.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                pin_high_bytes: Some(GIB),
+                ..Default::default()
+            },
+        );
+        assert_eq!((r.max_bytes, r.high_bytes), (GIB, GIB));
+    }
+
+    #[test]
+    fn pins_without_samples() {
+        let r = recommend(
+            "f",
+            &[],
+            &PolicyParams {
+                pin_max_bytes: Some(256 * MIB),
+                ..Default::default()
+            },
+            NOW,
+            0,
+        )
+        .expect("pinned");
+        assert_eq!(r.max_bytes, 256 * MIB);
+        assert!(r.high_bytes < r.max_bytes);
+        assert_eq!((r.samples, r.percentile_bytes, r.p50_bytes), (0, 0, 0));
+        assert_eq!(r.confidence, 0.0);
+        assert_eq!(r.effective_samples, 0.0);
+        let r = recommend(
+            "f",
+            &[],
+            &PolicyParams {
+                pin_high_bytes: Some(128 * MIB),
+                ..Default::default()
+            },
+            NOW,
+            0,
+        )
+        .expect("pinned");
+        assert_eq!((r.max_bytes, r.high_bytes), (128 * MIB, 128 * MIB));
+    }
+
+    #[test]
+    fn pins_never_exceed_host_memory() {
+        let samples = spread(10, 80 * MIB, 0.0, NOW);
+        let host = 2 * GIB + 100; // not a page multiple
+        let r = recommend(
+            "f",
+            &samples,
+            &PolicyParams {
+                pin_max_bytes: Some(8 * GIB),
+                pin_high_bytes: Some(4 * GIB),
+                ..Default::default()
+            },
+            NOW,
+            host,
+        )
+        .unwrap();
+        assert_eq!(r.max_bytes, 2 * GIB);
+        assert_eq!(r.high_bytes, 2 * GIB);
+        assert_eq!(r.clamped_by.as_deref(), Some("host_memory"));
+    }
+
+    #[test]
+    fn floor_clamps() {
+        let samples = spread(30, 2 * MIB, 0.1, NOW);
+        let r = rec(&samples, &PolicyParams::default());
+        assert_eq!(r.max_bytes, 16 * MIB);
+        assert_eq!(r.clamped_by.as_deref(), Some("floor"));
+        assert!(r.high_bytes < r.max_bytes);
+        assert_eq!(r.high_bytes, page_up((16.0 * MIB as f64 * 0.9) as u64));
+        // VPA's floor.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                floor_bytes: 250 * MIB,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, 250 * MIB);
+        // A floor that is not a page multiple is rounded up.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                floor_bytes: 10_000_000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, page_up(10_000_000));
+    }
+
+    #[test]
+    fn floor_yields_to_a_larger_oom_bump() {
+        let mut samples = spread(30, 2 * MIB, 0.1, NOW);
+        samples.push(oom(NOW, 16 * MIB, Some(16 * MIB)));
+        let r = rec(&samples, &PolicyParams::default());
+        assert_eq!(r.max_bytes, 116 * MIB);
+        assert_eq!(r.oom_bump_bytes, Some(116 * MIB));
+        assert_eq!(r.clamped_by, None);
+    }
+
+    #[test]
+    fn ceiling_clamps() {
+        let samples = spread(30, 3 * GIB, 0.1, NOW);
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                ceiling_bytes: Some(2 * GIB + 5),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, 2 * GIB);
+        assert_eq!(r.clamped_by.as_deref(), Some("ceiling"));
+        // High: P50 is above max, so just below max.
+        assert_eq!(r.high_bytes, 2 * GIB - PAGE_BYTES);
+        // The ceiling also caps an OOM bump.
+        let mut s = spread(30, 10 * MIB, 0.0, NOW);
+        s.push(oom(NOW, 64 * MIB, Some(64 * MIB)));
+        let r = rec(
+            &s,
+            &PolicyParams {
+                ceiling_bytes: Some(100 * MIB),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, 100 * MIB);
+        assert_eq!(r.oom_bump_bytes, Some(164 * MIB));
+        assert_eq!(r.clamped_by.as_deref(), Some("ceiling"));
+    }
+
+    #[test]
+    fn host_memory_clamps() {
+        let samples = spread(30, 3 * GIB, 0.1, NOW);
+        let r = recommend(
+            "f",
+            &samples,
+            &PolicyParams {
+                ceiling_bytes: Some(8 * GIB),
+                ..Default::default()
+            },
+            NOW,
+            GIB + 1,
+        )
+        .unwrap();
+        assert_eq!(r.max_bytes, GIB);
+        assert_eq!(r.clamped_by.as_deref(), Some("host_memory"));
+        assert!(r.high_bytes < r.max_bytes);
+        // Host 0 = unknown: no clamp.
+        let r = recommend("f", &samples, &PolicyParams::default(), NOW, 0).unwrap();
+        assert!(r.max_bytes > 3 * GIB);
+        assert_eq!(r.clamped_by, None);
+    }
+
+    #[test]
+    fn confidence_grows_with_history() {
+        let p = PolicyParams::default();
+        let c = |n| rec(&spread(n, 80 * MIB, 0.0, NOW), &p).confidence;
+        let (c1, c5, c10, c20, c40) = (c(1), c(5), c(10), c(20), c(40));
+        assert!((c1 - 0.05).abs() < 1e-3, "{c1}");
+        assert!(c1 < c5 && c5 < c10 && c10 < c20);
+        assert!((c20 - 1.0).abs() < 1e-3 || c20 < 1.0);
+        assert!(c20 > 0.99);
+        assert_eq!(c40, 1.0);
+        // The same history a day older is worth half.
+        let old = rec(&spread(10, 80 * MIB, 0.0, NOW - DAY_MS), &p);
+        assert!((old.effective_samples - c10 * 20.0 / 2.0).abs() < 1e-3);
+        assert!((old.confidence - c10 / 2.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn high_stays_strictly_below_max() {
+        // All peaks equal, no margin, high_fraction 1: high would equal max.
+        let samples = spread(20, 80 * MIB, 0.0, NOW);
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                margin: 0.0,
+                high_fraction: 1.0,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.max_bytes, page_up(r.percentile_bytes));
+        assert_eq!(r.high_bytes, r.max_bytes - PAGE_BYTES);
+        // A small high_fraction: P50 holds high up.
+        let r = rec(
+            &samples,
+            &PolicyParams {
+                high_fraction: 0.1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.high_bytes, page_up(r.p50_bytes));
+    }
+
+    #[test]
+    fn future_samples_count_as_now() {
+        let samples = spread(20, 80 * MIB, 0.0, NOW + 10 * DAY_MS);
+        let r = rec(&samples, &PolicyParams::default());
+        assert!((r.effective_samples - 20.0).abs() < 1e-9);
+        assert_eq!(r.confidence, 1.0);
+    }
+
+    #[test]
+    fn order_of_samples_does_not_matter() {
+        let mut samples = spread(40, 80 * MIB, 0.3, NOW);
+        samples.push(oom(NOW - HOUR_MS, 90 * MIB, Some(90 * MIB)));
+        let a = rec(&samples, &PolicyParams::default());
+        samples.reverse();
+        let b = rec(&samples, &PolicyParams::default());
+        assert_eq!(a.max_bytes, b.max_bytes);
+        assert_eq!(a.high_bytes, b.high_bytes);
+        assert_eq!(a.oom_bump_bytes, b.oom_bump_bytes);
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        assert_eq!(PolicyParams::default().validate(), Ok(()));
+        let cases: Vec<(PolicyParams, &str)> = vec![
+            (
+                PolicyParams {
+                    percentile: 0.0,
+                    ..Default::default()
+                },
+                "percentile = 0",
+            ),
+            (
+                PolicyParams {
+                    percentile: 100.5,
+                    ..Default::default()
+                },
+                "percentile = 100.5",
+            ),
+            (
+                PolicyParams {
+                    percentile: f64::NAN,
+                    ..Default::default()
+                },
+                "percentile = NaN",
+            ),
+            (
+                PolicyParams {
+                    margin: -0.1,
+                    ..Default::default()
+                },
+                "margin = -0.1",
+            ),
+            (
+                PolicyParams {
+                    high_fraction: 0.0,
+                    ..Default::default()
+                },
+                "high_fraction = 0",
+            ),
+            (
+                PolicyParams {
+                    high_fraction: 1.5,
+                    ..Default::default()
+                },
+                "high_fraction = 1.5",
+            ),
+            (
+                PolicyParams {
+                    half_life: Duration::ZERO,
+                    ..Default::default()
+                },
+                "half_life = 0ns",
+            ),
+            (
+                PolicyParams {
+                    confidence_samples: 0.0,
+                    ..Default::default()
+                },
+                "confidence_samples = 0",
+            ),
+            (
+                PolicyParams {
+                    floor_bytes: 100,
+                    ..Default::default()
+                },
+                "floor_bytes = 100",
+            ),
+            (
+                PolicyParams {
+                    ceiling_bytes: Some(8 * MIB),
+                    ..Default::default()
+                },
+                "floor_bytes = 16777216",
+            ),
+            (
+                PolicyParams {
+                    pin_max_bytes: Some(0),
+                    ..Default::default()
+                },
+                "pin_max_bytes = 0",
+            ),
+            (
+                PolicyParams {
+                    pin_max_bytes: Some(MIB),
+                    pin_high_bytes: Some(2 * MIB),
+                    ..Default::default()
+                },
+                "pin_high_bytes = 2097152",
+            ),
+        ];
+        for (p, want) in cases {
+            let err = p.validate().expect_err(want);
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+        // Boundaries that are valid.
+        let ok = PolicyParams {
+            percentile: 100.0,
+            margin: 0.0,
+            high_fraction: 1.0,
+            floor_bytes: 4096,
+            ceiling_bytes: Some(4096),
+            pin_max_bytes: Some(MIB),
+            pin_high_bytes: Some(MIB),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let r = rec(&spread(20, 80 * MIB, 0.1, NOW), &PolicyParams::default());
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"max_bytes\":"));
+        assert!(json.contains("\"clamped_by\":null"));
+        let back: Recommendation = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let p = PolicyParams::default();
+        let back: PolicyParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+}

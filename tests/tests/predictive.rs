@@ -1,0 +1,270 @@
+//! Predictive mode end to end: recommendations from real instance peaks, limits written into
+//! new instance cgroups in enforce mode, OOM bumps, pins, safety refusals, generated configs.
+
+use std::{fs, path::Path, time::Duration};
+
+use emars_tests::*;
+use serde_json::Value;
+
+/// The hard and soft limit files of a cgroup, as the kernel shows them (None = unlimited).
+fn limits(h: &Hierarchy, dir: &Path) -> (Option<u64>, Option<u64>) {
+    let (max, high) = match h.version {
+        Version::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
+        Version::V2 => ("memory.max", "memory.high"),
+    };
+    let read = |f: &str| {
+        let s = fs::read_to_string(dir.join(f)).unwrap_or_default();
+        s.trim().parse::<u64>().ok().filter(|v| *v < 1 << 62)
+    };
+    (read(max), read(high))
+}
+
+fn start(root: &TestRoot, policy: &str) -> anyhow::Result<(Agent, tempfile::TempDir)> {
+    let tmp = tempfile::tempdir()?;
+    let extra = format!(
+        "\n[policy]\nexport_dir = \"{}\"\n{policy}\n",
+        tmp.path().join("export").display()
+    );
+    let agent = Agent::start_with(root, &tmp.path().join("store"), &extra, None)?;
+    Ok((agent, tmp))
+}
+
+/// Runs `n` instances of `function` peaking at about `mib` MiB; returns their watermarks.
+fn history(root: &TestRoot, agent: &Agent, function: &str, n: usize, mib: u64) -> anyhow::Result<Vec<u64>> {
+    let mut wms = Vec::new();
+    for i in 0..n {
+        let dir = root.instance_dir(function, &format!("h{i}"))?;
+        run_alloc(&dir, mib, 0, 0)?;
+        wms.push(root.hierarchy.watermark(&dir)?);
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(function, n)?;
+    Ok(wms)
+}
+
+fn recommendation(agent: &Agent, function: &str) -> anyhow::Result<Value> {
+    agent.get_ok(&format!("/v1/functions/{function}/recommendation"))
+}
+
+/// Instances peaking at ~80 MiB → memory.max within [peak, peak x 1.25], memory.high below it.
+#[test]
+fn recommendation_fits_known_peaks() -> anyhow::Result<()> {
+    if !require_root("recommendation_fits_known_peaks") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, _tmp) = start(&root, "")?;
+    let wms = history(&root, &agent, "eighty", 8, 80)?;
+    let peak = *wms.iter().max().unwrap_or(&0);
+    let r = recommendation(&agent, "eighty")?;
+    let max = u64_of(&r, "max_bytes");
+    let high = u64_of(&r, "high_bytes");
+    assert!(
+        max >= peak && max as f64 <= peak as f64 * 1.25,
+        "max {max} not in [{peak}, {peak} x 1.25]: {r}"
+    );
+    assert!(high < max, "high {high} below max {max}");
+    assert_eq!(u64_of(&r, "samples"), 8);
+    assert!(r["confidence"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(r["pinned"], false);
+    // Unknown function: 404 with a clear error.
+    let (s, b) = agent.get("/v1/functions/nobody/recommendation")?;
+    assert_eq!(s, 404, "{b}");
+    Ok(())
+}
+
+/// Enforce mode: a new instance of a known function gets its limits written at mkdir,
+/// before anything runs in it; every write is in the audit log with old and new values.
+#[test]
+fn enforce_writes_limits_into_new_instances() -> anyhow::Result<()> {
+    if !require_root("enforce_writes_limits_into_new_instances") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, _tmp) = start(&root, "mode = \"enforce\"")?;
+    history(&root, &agent, "sized", 5, 24)?;
+    let r = recommendation(&agent, "sized")?;
+    let (want_max, want_high) = (u64_of(&r, "max_bytes"), u64_of(&r, "high_bytes"));
+
+    let dir = root.instance_dir("sized", "new1")?;
+    let got = wait_for(Duration::from_secs(2), || {
+        let l = limits(&root.hierarchy, &dir);
+        (l.0 == Some(want_max)).then_some(l)
+    });
+    let got = got.ok_or_else(|| {
+        anyhow::anyhow!(
+            "limits not written: {:?} (want {want_max}/{want_high})\n{}",
+            limits(&root.hierarchy, &dir),
+            agent.log()
+        )
+    })?;
+    assert_eq!(got.1, Some(want_high));
+    // The instance then runs under them.
+    assert!(run_alloc(&dir, 16, 0, 0)?.success());
+    fs::remove_dir(&dir)?;
+
+    let audit = agent.get_ok("/v1/audit")?;
+    let w = audit["audit"]
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["instance"] == "new1").cloned())
+        .ok_or_else(|| anyhow::anyhow!("no audit record: {audit}"))?;
+    assert_eq!(w["reason"], "new_instance");
+    assert_eq!(w["outcome"], "ok");
+    assert_eq!(w["new"]["max_bytes"], want_max);
+    assert!(w["old"]["max_bytes"].is_null(), "was unlimited: {w}");
+    assert!(w["delay_us"].as_u64().is_some());
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["enforcement"]["mode"], "enforce");
+    // Instances of a function without history are left alone.
+    let other = root.instance_dir("unknown_fn", "u1")?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(limits(&root.hierarchy, &other).0, None);
+    Ok(())
+}
+
+/// Observe mode (the default) writes nothing.
+#[test]
+fn observe_mode_writes_nothing() -> anyhow::Result<()> {
+    if !require_root("observe_mode_writes_nothing") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, _tmp) = start(&root, "")?;
+    history(&root, &agent, "watched", 3, 8)?;
+    let dir = root.instance_dir("watched", "n")?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(limits(&root.hierarchy, &dir), (None, None));
+    let audit = agent.get_ok("/v1/audit")?;
+    assert_eq!(audit["audit"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+/// An OOM kill raises the recommendation at once (VPA's rule: max(+100 MiB, x1.2)).
+#[test]
+fn oom_bumps_recommendation_at_once() -> anyhow::Result<()> {
+    if !require_root("oom_bumps_recommendation_at_once") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, _tmp) = start(&root, "")?;
+    history(&root, &agent, "spiky", 6, 8)?;
+    let before = u64_of(&recommendation(&agent, "spiky")?, "max_bytes");
+    let dir = root.instance_dir("spiky", "boom")?;
+    root.hierarchy.set_limit(&dir, 32 * MIB)?;
+    assert!(!run_alloc(&dir, 96, 0, 0)?.success(), "should be OOM-killed");
+    let after = wait_for(Duration::from_secs(5), || {
+        let r = recommendation(&agent, "spiky").ok()?;
+        (u64_of(&r, "oom_kills") >= 1).then_some(r)
+    })
+    .ok_or_else(|| anyhow::anyhow!("OOM not seen:\n{}", agent.log()))?;
+    let max = u64_of(&after, "max_bytes");
+    assert!(max >= 32 * MIB + 100 * MIB, "bumped to {max} (was {before}): {after}");
+    assert!(after["oom_bump_bytes"].as_u64().is_some());
+    fs::remove_dir(&dir)?;
+    Ok(())
+}
+
+/// A user-pinned limit wins over the recommendation, and is what enforce mode writes.
+#[test]
+fn pinned_limit_wins() -> anyhow::Result<()> {
+    if !require_root("pinned_limit_wins") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let policy = "mode = \"enforce\"\n[[policy.functions]]\nname = \"pinned\"\npin_max_bytes = 209715200\npin_high_bytes = 104857600\n";
+    let (agent, _tmp) = start(&root, policy)?;
+    history(&root, &agent, "pinned", 3, 8)?;
+    let r = recommendation(&agent, "pinned")?;
+    assert_eq!(u64_of(&r, "max_bytes"), 200 * MIB, "{r}");
+    assert_eq!(u64_of(&r, "high_bytes"), 100 * MIB);
+    assert_eq!(r["pinned"], true);
+    let dir = root.instance_dir("pinned", "p")?;
+    let got = wait_for(Duration::from_secs(2), || {
+        let l = limits(&root.hierarchy, &dir);
+        (l.0 == Some(200 * MIB)).then_some(l)
+    });
+    assert!(got.is_some(), "{:?}", limits(&root.hierarchy, &dir));
+    Ok(())
+}
+
+/// A request to set a limit below what the instance uses now is refused with a clear error and
+/// changes nothing; a sane request is written; both are audited.
+#[test]
+fn limit_below_usage_is_refused() -> anyhow::Result<()> {
+    if !require_root("limit_below_usage_is_refused") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, _tmp) = start(&root, "")?;
+    let dir = root.instance_dir("busy", "b1")?;
+    let mut child = spawn_alloc(&dir, 48, 4000, 0)?;
+    wait_for(Duration::from_secs(5), || {
+        let r = agent.instances("busy").ok()?.into_iter().next()?;
+        (u64_of(&r, "peak_bytes") >= 48 * MIB).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("instance not seen"))?;
+    let path = "/v1/functions/busy/instances/b1/limits";
+    let (s, b) = agent.post_raw(path, "application/json", br#"{"max_bytes": 16777216}"#)?;
+    assert_eq!(s, 422, "{b}");
+    let msg = b["error"].as_str().unwrap_or("");
+    assert!(msg.contains("below the current usage"), "{msg}");
+    assert_eq!(limits(&root.hierarchy, &dir).0, None, "nothing written");
+    let (s, b) = agent.post_raw(path, "application/json", br#"{"max_bytes": 134217728}"#)?;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(limits(&root.hierarchy, &dir).0, Some(128 * MIB));
+    let (s, _) = agent.post_raw(
+        "/v1/functions/busy/instances/nope/limits",
+        "application/json",
+        br#"{"max_bytes": 134217728}"#,
+    )?;
+    assert_eq!(s, 404);
+    let (s, _) = agent.post_raw(path, "application/json", br#"{"max_bytes": "lots"}"#)?;
+    assert_eq!(s, 400);
+    let audit = agent.get_ok("/v1/audit")?;
+    let outcomes: Vec<&str> = audit["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{audit}");
+    assert!(outcomes.iter().any(|o| *o == "ok"));
+    assert!(outcomes.iter().any(|o| o.contains("refused")));
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// On demand, the generator keeps a generation per call and exports TOML and JSON files.
+#[test]
+fn generations_are_kept_and_exported() -> anyhow::Result<()> {
+    if !require_root("generations_are_kept_and_exported") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let (agent, tmp) = start(&root, "")?;
+    history(&root, &agent, "gen", 3, 12)?;
+    agent.post_raw(
+        "/v1/functions/gen/invocations",
+        "application/json",
+        br#"{"count": 30}"#,
+    )?;
+    // The first generation runs at start-up (no earlier one): make two more on demand.
+    for _ in 0..2 {
+        let (s, g) = agent.post_raw("/v1/recommendations/generate", "application/json", b"{}")?;
+        assert_eq!(s, 200, "{g}");
+    }
+    let gens = agent.get_ok("/v1/generations?function=gen")?;
+    let list = gens["generations"].as_array().cloned().unwrap_or_default();
+    assert!(list.len() >= 2, "{gens}");
+    let newest = &list[0]["functions"][0];
+    assert_eq!(newest["function"], "gen");
+    assert_eq!(newest["requests_per_hour"], 30);
+    assert!(u64_of(newest, "memory_max_bytes") >= 12 * MIB);
+    let export = tmp.path().join("export");
+    let json: Value = serde_json::from_str(&fs::read_to_string(export.join("emars-config.json"))?)?;
+    assert_eq!(json["functions"][0]["function"], "gen");
+    let toml = fs::read_to_string(export.join("emars-config.toml"))?;
+    assert!(toml.contains("function = \"gen\""), "{toml}");
+    Ok(())
+}
