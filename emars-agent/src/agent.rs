@@ -14,11 +14,11 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     actuator::Actuator,
     api::{self, ApiState, Predictive},
-    policy::Policy,
     cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     config::Config,
     events,
     model::AgentInfo,
+    policy::Policy,
     probes::Probes,
     registry::Registry,
     store::Store,

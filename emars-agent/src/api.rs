@@ -219,7 +219,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/functions/{name}/instances", get(list_instances))
         .route("/v1/functions/{name}/invocations", post(post_invocations))
         .route("/v1/export", get(export))
-        .route("/v1/functions/{name}/recommendation", get(get_recommendation))
+        .route(
+            "/v1/functions/{name}/recommendation",
+            get(get_recommendation),
+        )
         .route("/v1/recommendations", get(list_recommendations))
         .route("/v1/recommendations/generate", post(generate))
         .route("/v1/generations", get(list_generations))
@@ -473,7 +476,9 @@ fn limit_and_function(
             }
             "function" if allow_function => {
                 if !valid_function_name(v) {
-                    return Err(ApiError::bad_request(format!("invalid function name {v:?}")));
+                    return Err(ApiError::bad_request(format!(
+                        "invalid function name {v:?}"
+                    )));
                 }
                 function = Some(v.clone());
             }
@@ -583,7 +588,9 @@ async fn set_limits(
 ) -> ApiResult<Json<AuditRecord>> {
     let Path((name, instance)) = path?;
     if !valid_function_name(&name) {
-        return Err(ApiError::bad_request(format!("invalid function name {name:?}")));
+        return Err(ApiError::bad_request(format!(
+            "invalid function name {name:?}"
+        )));
     }
     let Json(b) = body?;
     let p = predictive(&state)?;
@@ -603,17 +610,24 @@ async fn set_limits(
             max_bytes: b.max_bytes,
             high_bytes: b.high_bytes,
         };
-        let result = p
-            .actuator
-            .apply(std::path::Path::new(&inst.cgroup_path), req, BelowUsage::Refuse);
+        let result = p.actuator.apply(
+            std::path::Path::new(&inst.cgroup_path),
+            req,
+            BelowUsage::Refuse,
+        );
         let rec = audit_record(&inst, "api", req, &result, None, now_ms());
         store.append_audit(rec.at_ms, &rec)?;
         Ok(match result {
             Ok(_) => Ok(rec),
-            Err(e) if e.is_refusal() => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
-            Err(crate::actuator::ActuatorError::Cgroup(crate::cgroupfs::CgroupfsError::Gone { .. })) => {
-                Err(ApiError::not_found(format!("instance {instance:?} of {name:?} is gone")))
-            }
+            Err(e) if e.is_refusal() => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                e.to_string(),
+            )),
+            Err(crate::actuator::ActuatorError::Cgroup(crate::cgroupfs::CgroupfsError::Gone {
+                ..
+            })) => Err(ApiError::not_found(format!(
+                "instance {instance:?} of {name:?} is gone"
+            ))),
             Err(e) => Err(ApiError::internal(e.to_string())),
         })
     })

@@ -253,7 +253,11 @@ impl PolicyConfig {
 
     /// The effective policy of a function.
     pub fn for_function(&self, name: &str) -> FunctionPolicy {
-        match self.functions.iter().find(|f| f.name.as_deref() == Some(name)) {
+        match self
+            .functions
+            .iter()
+            .find(|f| f.name.as_deref() == Some(name))
+        {
             Some(f) => f.or(&self.defaults),
             None => self.defaults.clone(),
         }
@@ -913,7 +917,11 @@ function = "docker"
         assert_eq!(f.pin_max_bytes, Some(64 << 20));
         assert_eq!(c.policy.for_function("other").pin_max_bytes, None);
         assert_invalid("[policy]\nperiod_secs = 5", "policy.period_secs", "5");
-        assert_invalid("[policy.defaults]\npercentile = 0.0", "policy.defaults.percentile", "0");
+        assert_invalid(
+            "[policy.defaults]\npercentile = 0.0",
+            "policy.defaults.percentile",
+            "0",
+        );
         assert_invalid(
             "[[policy.functions]]\nname = \"a/b\"",
             "policy.functions[0].name",

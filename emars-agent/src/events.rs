@@ -10,12 +10,13 @@ pub enum KernelEvent {
         path: String,
         level: i32,
     },
-    /// `peak`/`usage`: the in-kernel charge-event figures at removal (0 without memcg events).
+    /// `peak`: the in-kernel charge-event peak (0 without memcg events); `watermark`: the
+    /// kernel's own watermark read as the cgroup went away (0 when the kernel layout is unknown).
     CgroupRmdir {
         id: u64,
         path: String,
         peak: u64,
-        usage: u64,
+        watermark: u64,
     },
     TaskAttach {
         id: u64,
@@ -78,7 +79,7 @@ pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
             id,
             path: name(),
             peak: ev.value,
-            usage: ev.aux,
+            watermark: ev.aux,
         },
         EventKind::TaskAttach => KernelEvent::TaskAttach { id, pid: ev.pid },
         EventKind::Exec => KernelEvent::Exec {
@@ -141,7 +142,7 @@ mod tests {
                 id: 7,
                 path: "/x".into(),
                 peak: 1 << 20,
-                usage: 5
+                watermark: 5
             }
         );
         assert_eq!(

@@ -219,7 +219,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let api = Client::new(&c.addr);
             let v = match (&function, generate) {
                 (_, true) => api.post("/v1/recommendations/generate", &serde_json::json!({}))?,
-                (Some(f), false) => api.get(&format!("/v1/functions/{}/recommendation", urlencode(f)))?,
+                (Some(f), false) => {
+                    api.get(&format!("/v1/functions/{}/recommendation", urlencode(f)))?
+                }
                 (None, false) => api.get("/v1/recommendations")?,
             };
             if c.json || generate {
@@ -313,7 +315,9 @@ fn render_recommendations(list: &[serde_json::Value], detail: bool) -> String {
                 r["margin"],
                 b(&r["max_bytes"]),
                 b(&r["p50_bytes"]),
-                r["oom_bump_bytes"].as_u64().map_or("none".into(), human_bytes),
+                r["oom_bump_bytes"]
+                    .as_u64()
+                    .map_or("none".into(), human_bytes),
                 r["clamped_by"].as_str().unwrap_or("nothing"),
                 r["half_life_hours"],
             ));
@@ -333,7 +337,15 @@ fn print_audit(list: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     };
     println!(
         "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  OUTCOME",
-        "TIME", "FUNCTION", "INSTANCE", "REASON", "OLD MAX", "NEW MAX", "OLD HIGH", "NEW HIGH", "DELAY"
+        "TIME",
+        "FUNCTION",
+        "INSTANCE",
+        "REASON",
+        "OLD MAX",
+        "NEW MAX",
+        "OLD HIGH",
+        "NEW HIGH",
+        "DELAY"
     );
     for a in list.as_array().into_iter().flatten() {
         println!(
@@ -346,7 +358,9 @@ fn print_audit(list: &serde_json::Value, json: bool) -> anyhow::Result<()> {
             lim(&a["new"]["max_bytes"]),
             lim(&a["old"]["high_bytes"]),
             lim(&a["new"]["high_bytes"]),
-            a["delay_us"].as_u64().map_or("-".into(), |d| format!("{d}us")),
+            a["delay_us"]
+                .as_u64()
+                .map_or("-".into(), |d| format!("{d}us")),
             a["outcome"].as_str().unwrap_or("?"),
         );
     }

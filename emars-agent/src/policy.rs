@@ -116,10 +116,20 @@ impl Policy {
 
     /// Recomputes a function's recommendation from the store (None: nothing measured, nothing
     /// pinned).
-    pub fn compute(&self, function: &str, now_ms: u64) -> Result<Option<Recommendation>, StoreError> {
+    pub fn compute(
+        &self,
+        function: &str,
+        now_ms: u64,
+    ) -> Result<Option<Recommendation>, StoreError> {
         let instances = self.store.instances(function)?;
         let params = params_of(&self.config.for_function(function));
-        let rec = recommend(function, &samples_of(&instances), &params, now_ms, self.host_memory);
+        let rec = recommend(
+            function,
+            &samples_of(&instances),
+            &params,
+            now_ms,
+            self.host_memory,
+        );
         if let Ok(mut c) = self.cache.write() {
             match &rec {
                 Some(r) => {
@@ -162,11 +172,22 @@ impl Policy {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(actuator, rec, &r, "new_instance", Some(delay_start_ns), now_ms))
+        Some(self.write(
+            actuator,
+            rec,
+            &r,
+            "new_instance",
+            Some(delay_start_ns),
+            now_ms,
+        ))
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
-    pub fn apply_all(&self, actuator: &Actuator, now_ms: u64) -> Result<Vec<AuditRecord>, StoreError> {
+    pub fn apply_all(
+        &self,
+        actuator: &Actuator,
+        now_ms: u64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         self.compute_all(now_ms)?;
         let mut out = Vec::new();
         for inst in self.store.live_instances()? {
@@ -191,7 +212,8 @@ impl Policy {
             high_bytes: Some(r.high_bytes),
         };
         let result = actuator.apply(Path::new(&inst.cgroup_path), req, BelowUsage::Raise);
-        let delay_us = delay_start_ns.map(|t| crate::agent::monotonic_ns().saturating_sub(t) / 1000);
+        let delay_us =
+            delay_start_ns.map(|t| crate::agent::monotonic_ns().saturating_sub(t) / 1000);
         audit_record(inst, reason, req, &result, delay_us, now_ms)
     }
 
@@ -239,7 +261,8 @@ impl Policy {
             move |source| PolicyError::Export { path, source }
         };
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let json = serde_json::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
         let toml = toml::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
         for (name, text) in [("emars-config.json", json), ("emars-config.toml", toml)] {
             let path = dir.join(name);

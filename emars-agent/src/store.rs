@@ -553,7 +553,10 @@ fn read_log<T: DeserializeOwned>(
     let mut out = Vec::new();
     for item in tree.iter().rev().take(limit) {
         let (k, v) = item?;
-        let at = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let at = k
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes);
         out.push(decode(name, &format!("{}", at.unwrap_or(0)), &v)?);
     }
     Ok(out)

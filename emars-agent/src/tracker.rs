@@ -6,10 +6,10 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     actuator::Actuator,
-    policy::Policy,
     cgroupfs::{CgroupfsError, MemoryHierarchy},
     events::KernelEvent,
     model::{HourDelta, InstanceRecord, PeakSource},
+    policy::Policy,
     registry::{CgroupTable, Registry},
     store::{Store, StoreError},
 };
@@ -177,7 +177,12 @@ impl Tracker {
             KernelEvent::CgroupMkdir { id, path, .. } => {
                 self.add_cgroup(id, &path, at_ms, None, Some(ts_ns))
             }
-            KernelEvent::CgroupRmdir { id, peak, .. } => self.end(id, peak, at_ms),
+            KernelEvent::CgroupRmdir {
+                id,
+                peak,
+                watermark,
+                ..
+            } => self.end(id, peak, watermark, at_ms),
             KernelEvent::TaskAttach { .. } => {}
             KernelEvent::Exec { id, pid, .. } => {
                 let Some(id) = self.resolve(id, pid, at_ms) else {
@@ -281,13 +286,17 @@ impl Tracker {
         }
     }
 
-    /// The cgroup was removed: close the instance with the kernel side's final peak.
-    fn end(&mut self, id: u64, kernel_peak: u64, at_ms: u64) {
+    /// The cgroup was removed: close the instance with the kernel side's final figures — the
+    /// exact watermark when the kernel layout is known, else the charge-event peak.
+    fn end(&mut self, id: u64, kernel_peak: u64, watermark: u64, at_ms: u64) {
         self.table.remove(id);
         let Some(mut rec) = self.live.remove(&id) else {
             return;
         };
-        if kernel_peak > rec.peak_bytes {
+        if watermark > 0 {
+            rec.peak_bytes = watermark;
+            rec.peak_source = PeakSource::KernelWatermark;
+        } else if kernel_peak > rec.peak_bytes {
             rec.peak_bytes = kernel_peak;
             rec.peak_source = PeakSource::ChargeEvents;
         }

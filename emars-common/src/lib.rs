@@ -23,8 +23,9 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     /// Every program of emars-ebpf (the function names in emars-ebpf/src/main.rs).
-    pub const PROGRAMS: [&str; 9] = [
+    pub const PROGRAMS: [&str; 10] = [
         "cgroup_mkdir",
+        "raw_cgroup_rmdir",
         "cgroup_rmdir",
         "cgroup_attach_task",
         "sched_process_fork",
@@ -42,7 +43,8 @@ pub mod names {
 pub enum EventKind {
     /// A cgroup was created under a watched root; it is now tracked in `WATCHED`.
     CgroupMkdir = 1,
-    /// A watched cgroup was removed; `value` = final in-kernel peak, `aux` = final usage.
+    /// A watched cgroup was removed; `value` = final in-kernel charge-event peak, `aux` = the
+    /// kernel's own watermark read at removal (0 = not available on this kernel).
     CgroupRmdir = 2,
     /// A task moved into a watched cgroup (memory hierarchy).
     TaskAttach = 3,
@@ -157,6 +159,34 @@ pub struct ProbeConfig {
     pub oom_pid: u32,
     pub memcg_state: MemcgTpOffsets,
     pub memcg_lruvec: MemcgTpOffsets,
+    pub layout: KernelLayout,
+}
+
+/// Where the kernel keeps a memory cgroup's high watermark, read from the running kernel's BTF
+/// at start-up (never baked in). Lets the raw cgroup_rmdir program read the exact watermark as
+/// the cgroup goes away, on kernels without memcg tracepoints too.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct KernelLayout {
+    /// 0 = unknown: the raw rmdir program then only reports the in-kernel estimate.
+    pub valid: u32,
+    /// enum cgroup_subsys_id: memory_cgrp_id.
+    pub memory_cgrp_id: u32,
+    /// struct cgroup: kn, root, subsys[].
+    pub cgroup_kn: u32,
+    pub cgroup_root: u32,
+    pub cgroup_subsys: u32,
+    /// struct kernfs_node: id (the cgroup id).
+    pub kernfs_node_id: u32,
+    /// struct cgroup_root: hierarchy_id.
+    pub root_hierarchy_id: u32,
+    /// struct mem_cgroup: css, memory (a struct page_counter).
+    pub memcg_css: u32,
+    pub memcg_memory: u32,
+    /// struct page_counter: watermark (pages).
+    pub page_counter_watermark: u32,
+    pub _pad: u32,
+    pub page_size: u64,
 }
 
 /// Field offsets of cgroup:cgroup_mkdir / cgroup_rmdir.

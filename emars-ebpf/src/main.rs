@@ -18,11 +18,11 @@ use core::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use emars_common::{
@@ -72,6 +72,20 @@ static CONFIG: ProbeConfig = ProbeConfig {
         item: 0,
         val: 0,
         val_size: 0,
+    },
+    layout: emars_common::KernelLayout {
+        valid: 0,
+        memory_cgrp_id: 0,
+        cgroup_kn: 0,
+        cgroup_root: 0,
+        cgroup_subsys: 0,
+        kernfs_node_id: 0,
+        root_hierarchy_id: 0,
+        memcg_css: 0,
+        memcg_memory: 0,
+        page_counter_watermark: 0,
+        _pad: 0,
+        page_size: 4096,
     },
 };
 
@@ -290,9 +304,84 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
             (*ev).hierarchy = hierarchy;
             (*ev).level = read::<i32>(&ctx, cfg_u32(&c.rmdir.level)).unwrap_or(0);
             (*ev).value = state.peak.max(0) as u64;
-            (*ev).aux = state.usage.max(0) as u64;
+            (*ev).aux = 0;
             let len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut (*ev).name);
             (*ev).name_len = len;
+        }
+        entry.submit(0);
+    }
+    0
+}
+
+/// Reads a kernel value at `base + off`.
+#[inline(always)]
+fn kread<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
+}
+
+/// The kernel's own high watermark of a cgroup's memory counter, in bytes.
+#[inline(always)]
+fn memcg_watermark(cgrp: u64) -> Option<u64> {
+    let l = &cfg().layout;
+    if cfg_u32(&l.valid) == 0 {
+        return None;
+    }
+    let slot = cfg_u32(&l.cgroup_subsys) as u64 + 8 * cfg_u32(&l.memory_cgrp_id) as u64;
+    let css: u64 = kread(cgrp, slot as u32)?;
+    let memcg = css.checked_sub(cfg_u32(&l.memcg_css) as u64)?;
+    let off = cfg_u32(&l.memcg_memory) + cfg_u32(&l.page_counter_watermark);
+    let pages: u64 = kread(memcg, off as u32)?;
+    // SAFETY: reading our own global.
+    Some(pages * unsafe { read_volatile(&l.page_size) })
+}
+
+/// Raw cgroup_rmdir: has the `struct cgroup *`, so besides the charge-event estimate it hands
+/// over the kernel's exact watermark before the cgroup is gone. Preferred over cgroup_rmdir.
+#[raw_tracepoint(tracepoint = "cgroup_rmdir")]
+pub fn raw_cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
+    let c = cfg();
+    let l = &c.layout;
+    let cgrp: u64 = ctx.arg(0);
+    let Some(root) = kread::<u64>(cgrp, cfg_u32(&l.cgroup_root) as u32) else {
+        return 0;
+    };
+    let Some(hierarchy) = kread::<i32>(root, cfg_u32(&l.root_hierarchy_id) as u32) else {
+        return 0;
+    };
+    // SAFETY: reading our own global.
+    if hierarchy != unsafe { read_volatile(&c.mem_hierarchy) } {
+        return 0;
+    }
+    let Some(kn) = kread::<u64>(cgrp, cfg_u32(&l.cgroup_kn) as u32) else {
+        return 0;
+    };
+    let Some(id) = kread::<u64>(kn, cfg_u32(&l.kernfs_node_id) as u32) else {
+        return 0;
+    };
+    // SAFETY: value copied out before the delete below.
+    let Some(state) = (unsafe { WATCHED.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = WATCHED.remove(&id);
+    let watermark = memcg_watermark(cgrp).unwrap_or(0);
+    if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
+        let ev = entry.as_mut_ptr();
+        let path: u64 = ctx.arg(1);
+        // SAFETY: the entry is ours until submit.
+        unsafe {
+            (*ev).cgroup_id = id;
+            (*ev).hierarchy = hierarchy;
+            (*ev).value = state.peak.max(0) as u64;
+            (*ev).aux = watermark;
+            (*ev).name_len =
+                match bpf_probe_read_kernel_str_bytes(path as *const u8, &mut (*ev).name) {
+                    Ok(s) => s.len() as u32,
+                    Err(_) => 0,
+                };
         }
         entry.submit(0);
     }

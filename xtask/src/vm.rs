@@ -425,7 +425,9 @@ fn qemu(vmlinuz: &Path, initramfs: &Path, accel: &str, append: &str) -> Command 
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", accel]);
     c.args(["-cpu", if accel == "kvm" { "host" } else { "max" }]);
-    c.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"]);
+    // One vCPU: under multi-threaded TCG a 6.12 guest hit a double fault in the slab
+    // allocator's cmpxchg16b during fork storms; one vCPU keeps emulation single-threaded.
+    c.args(["-m", "2048", "-smp", "1", "-nographic", "-no-reboot"]);
     c.args(["-nodefaults", "-serial", "stdio"]);
     c.arg("-kernel").arg(vmlinuz);
     c.arg("-initrd").arg(initramfs);

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use emars_common::{
@@ -52,6 +52,7 @@ struct Spec {
 /// In the order they are attached; names as in `emars_common::names::PROGRAMS`.
 const SPECS: &[Spec] = &[
     spec("cgroup_mkdir", "cgroup", "cgroup_mkdir", false),
+    spec("raw_cgroup_rmdir", "raw", "cgroup_rmdir", false),
     spec("cgroup_rmdir", "cgroup", "cgroup_rmdir", false),
     spec("cgroup_attach_task", "cgroup", "cgroup_attach_task", false),
     spec("sched_process_fork", "sched", "sched_process_fork", false),
@@ -136,7 +137,7 @@ impl Probes {
         };
         // Offsets per tracepoint; a tracepoint whose format cannot be used is reported, not fatal.
         let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
-        for s in SPECS {
+        for s in SPECS.iter().filter(|s| s.category != "raw") {
             let present = tracefs.exists(s.category, s.tracepoint);
             report.features.insert(
                 format!("tracepoint {}:{}", s.category, s.tracepoint),
@@ -157,6 +158,20 @@ impl Probes {
             n if n > 0 => n as u64,
             _ => 4096,
         };
+        match super::memcg_items::kernel_layout(btf, page_size) {
+            Ok(layout) => {
+                config.layout = layout;
+                report
+                    .features
+                    .insert("kernel watermark at rmdir (BTF layout)".into(), true);
+            }
+            Err(e) => {
+                report
+                    .features
+                    .insert("kernel watermark at rmdir (BTF layout)".into(), false);
+                unusable.insert("raw_cgroup_rmdir", format!("kernel layout unknown: {e}"));
+            }
+        }
         match usage_items(btf, hierarchy.version == CgroupVersion::V1, page_size) {
             Ok(items) => report.usage_items = items,
             Err(e) => {
@@ -201,6 +216,18 @@ impl Probes {
         }
 
         for s in SPECS {
+            // One rmdir program is enough: the raw one when it attached.
+            if s.program == "cgroup_rmdir" && report.attached("raw_cgroup_rmdir") {
+                report.programs.push(ProgramStatus {
+                    name: s.program.into(),
+                    tracepoint: format!("{}:{}", s.category, s.tracepoint),
+                    attached: false,
+                    error: Some("not needed: raw_cgroup_rmdir is attached".into()),
+                    run_count: None,
+                    run_time_ns: None,
+                });
+                continue;
+            }
             let mut status = ProgramStatus {
                 name: s.program.into(),
                 tracepoint: format!("{}:{}", s.category, s.tracepoint),
@@ -223,12 +250,17 @@ impl Probes {
             }
             report.programs.push(status);
         }
-        if !report.charge_events() {
-            report.fallbacks.push(format!(
-                "no memcg charge events: peaks come from the kernel watermark ({peak_file}) read on \
-                 exec/exit events; a cgroup removed within microseconds of its last exit may \
-                 keep an earlier reading"
-            ));
+        match (report.charge_events(), report.attached("raw_cgroup_rmdir")) {
+            (true, _) => {}
+            (false, true) => report.fallbacks.push(format!(
+                "no memcg charge events: live peaks come from the kernel watermark ({peak_file}) \
+                 read on exec/exit events; final peaks are exact (read in the kernel at rmdir)"
+            )),
+            (false, false) => report.fallbacks.push(format!(
+                "no memcg charge events and no raw cgroup_rmdir: peaks come from the kernel \
+                 watermark ({peak_file}) read on exec/exit events; a cgroup removed within \
+                 microseconds of its last exit may keep an earlier reading"
+            )),
         }
         if !report.attached("cgroup_mkdir") {
             report
@@ -344,6 +376,17 @@ fn specs_cover_every_program() {
 }
 
 fn attach(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
+    if s.category == "raw" {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(s.program)
+            .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load().map_err(|e| format!("load: {e}"))?;
+        prog.attach(s.tracepoint)
+            .map_err(|e| format!("attach: {e}"))?;
+        return Ok(());
+    }
     let prog: &mut TracePoint = ebpf
         .program_mut(s.program)
         .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?

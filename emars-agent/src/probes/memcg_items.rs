@@ -121,3 +121,99 @@ mod tests {
         assert!(kmem.item > anon.item);
     }
 }
+
+/// Byte offset of `member` in `struct_name`, looking through anonymous structs and unions.
+fn member_offset(btf: &btf_rs::Btf, struct_name: &str, member: &str) -> Result<u32, String> {
+    let types = btf
+        .resolve_types_by_name(struct_name)
+        .map_err(|e| format!("struct {struct_name}: {e}"))?;
+    let s = types
+        .iter()
+        .find_map(|t| match t {
+            btf_rs::Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| format!("no struct {struct_name} in BTF"))?;
+    find_member(btf, s, member, 0)
+        .ok_or_else(|| format!("struct {struct_name} has no member {member}"))
+}
+
+fn find_member(btf: &btf_rs::Btf, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
+    for m in &s.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        let bits = base_bits + m.bit_offset();
+        if name == member {
+            return (bits % 8 == 0).then_some(bits / 8);
+        }
+        if name.is_empty() {
+            if let Ok(btf_rs::Type::Struct(inner) | btf_rs::Type::Union(inner)) =
+                btf.resolve_chained_type(m)
+            {
+                if let Some(off) = find_member(btf, &inner, member, bits) {
+                    return Some(off);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The kernel structure layout the raw rmdir program needs, from BTF.
+pub fn kernel_layout(
+    btf_path: &Path,
+    page_size: u64,
+) -> Result<emars_common::KernelLayout, ItemsError> {
+    let err = |message: String| ItemsError::Btf {
+        path: btf_path.display().to_string(),
+        message,
+    };
+    let btf = btf_rs::Btf::from_file(btf_path).map_err(|e| err(e.to_string()))?;
+    let off = |s: &str, m: &str| member_offset(&btf, s, m).map_err(err);
+    let mut memory_cgrp_id = None;
+    for t in btf
+        .resolve_types_by_name("cgroup_subsys_id")
+        .map_err(|e| err(format!("enum cgroup_subsys_id: {e}")))?
+    {
+        if let btf_rs::Type::Enum(e) = t {
+            memory_cgrp_id = e
+                .members
+                .iter()
+                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == "memory_cgrp_id"))
+                .map(|m| m.val());
+        }
+    }
+    Ok(emars_common::KernelLayout {
+        valid: 1,
+        memory_cgrp_id: memory_cgrp_id
+            .ok_or_else(|| ItemsError::Missing("memory_cgrp_id".into()))?,
+        cgroup_kn: off("cgroup", "kn")?,
+        cgroup_root: off("cgroup", "root")?,
+        cgroup_subsys: off("cgroup", "subsys")?,
+        kernfs_node_id: off("kernfs_node", "id")?,
+        root_hierarchy_id: off("cgroup_root", "hierarchy_id")?,
+        memcg_css: off("mem_cgroup", "css")?,
+        memcg_memory: off("mem_cgroup", "memory")?,
+        page_counter_watermark: off("page_counter", "watermark")?,
+        _pad: 0,
+        page_size,
+    })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn running_kernel_layout() {
+        let p = Path::new("/sys/kernel/btf/vmlinux");
+        if !p.exists() {
+            eprintln!("SKIPPED running_kernel_layout: no {}", p.display());
+            return;
+        }
+        let l = kernel_layout(p, 4096).unwrap();
+        assert_eq!(l.valid, 1);
+        // css is the first member of struct mem_cgroup on every kernel EMARS supports.
+        assert_eq!(l.memcg_css, 0);
+        assert!(l.memcg_memory > 0 && l.cgroup_subsys > 0);
+    }
+}
