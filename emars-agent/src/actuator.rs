@@ -275,3 +275,178 @@ pub fn host_memory_bytes() -> u64 {
         .map(|m| m.mem_total)
         .unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The safety rules on a fake cgroupfs in a temp dir (plain files stand in for the kernel's;
+    //! the real kernel path is covered by tests/tests/predictive.rs).
+    use super::*;
+
+    struct Fake {
+        _tmp: tempfile::TempDir,
+        act: Actuator,
+        inst: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn fake(version: CgroupVersion, usage: u64) -> Fake {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().to_owned();
+        let inst = mount.join("emars/fn/i1");
+        let outside = mount.join("other/x");
+        for d in [&inst, &outside] {
+            fs::create_dir_all(d).unwrap();
+            let (usage_f, max_f, high_f, unlimited) = match version {
+                CgroupVersion::V1 => (
+                    "memory.usage_in_bytes",
+                    "memory.limit_in_bytes",
+                    "memory.soft_limit_in_bytes",
+                    "9223372036854771712",
+                ),
+                CgroupVersion::V2 => ("memory.current", "memory.max", "memory.high", "max"),
+            };
+            fs::write(d.join(usage_f), usage.to_string()).unwrap();
+            fs::write(d.join(max_f), unlimited).unwrap();
+            fs::write(d.join(high_f), unlimited).unwrap();
+        }
+        let h = MemoryHierarchy {
+            version,
+            mount,
+            hierarchy_id: 0,
+        };
+        let mut act = Actuator::new(h, &["/emars".to_owned()], 8 << 20);
+        act.host_memory = 1 << 30;
+        Fake {
+            _tmp: tmp,
+            act,
+            inst,
+            outside,
+        }
+    }
+
+    fn req(max: u64, high: u64) -> LimitRequest {
+        LimitRequest {
+            max_bytes: Some(max),
+            high_bytes: Some(high),
+        }
+    }
+
+    #[test]
+    fn writes_v2_and_v1_files() {
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let a = f
+            .act
+            .apply(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
+            .unwrap();
+        assert_eq!(a.old, Limits::default());
+        assert_eq!(a.new.max_bytes, Some(64 << 20));
+        assert_eq!(
+            fs::read_to_string(f.inst.join("memory.max")).unwrap(),
+            "67108864"
+        );
+        assert_eq!(
+            fs::read_to_string(f.inst.join("memory.high")).unwrap(),
+            "50331648"
+        );
+        let f = fake(CgroupVersion::V1, 10 << 20);
+        f.act
+            .apply(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
+            .unwrap();
+        let v = fs::read_to_string(f.inst.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(v, "67108864");
+        assert_eq!(f.act.stats.writes_ok.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn never_outside_the_roots() {
+        let f = fake(CgroupVersion::V2, 0);
+        let e = f
+            .act
+            .apply(&f.outside, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(
+            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
+            "{e:?}"
+        );
+        // Escapes through ".." are resolved before the check.
+        let sneaky = f.inst.join("../../../other/x");
+        let e = f
+            .act
+            .apply(&sneaky, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(
+            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
+            "{e:?}"
+        );
+        // The root itself is not an instance.
+        let root = f.inst.parent().unwrap().parent().unwrap().to_owned();
+        let e = f
+            .act
+            .apply(&root, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(
+            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
+            "{e:?}"
+        );
+        assert_eq!(
+            fs::read_to_string(f.outside.join("memory.max")).unwrap(),
+            "max"
+        );
+        assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn never_below_usage_plus_headroom() {
+        let f = fake(CgroupVersion::V2, 100 << 20);
+        let e = f
+            .act
+            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Refuse);
+        let msg = e
+            .as_ref()
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(msg.contains("below the current usage"), "{msg}");
+        assert_eq!(
+            fs::read_to_string(f.inst.join("memory.max")).unwrap(),
+            "max"
+        );
+        // Automatic enforcement raises instead, and says so.
+        let a = f
+            .act
+            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise)
+            .unwrap();
+        assert!(a.raised);
+        assert_eq!(a.new.max_bytes, Some((100 << 20) + (8 << 20)));
+    }
+
+    #[test]
+    fn never_above_host_memory_or_inconsistent() {
+        let f = fake(CgroupVersion::V2, 0);
+        let e = f
+            .act
+            .apply(&f.inst, req(2 << 30, 1 << 20), BelowUsage::Raise);
+        assert!(matches!(e, Err(ActuatorError::AboveHost { .. })), "{e:?}");
+        let e = f
+            .act
+            .apply(&f.inst, req(16 << 20, 32 << 20), BelowUsage::Refuse);
+        assert!(
+            matches!(e, Err(ActuatorError::HighAboveMax { .. })),
+            "{e:?}"
+        );
+        let e = f
+            .act
+            .apply(&f.inst, LimitRequest::default(), BelowUsage::Refuse);
+        assert!(matches!(e, Err(ActuatorError::Empty)));
+    }
+
+    #[test]
+    fn vanished_cgroup_is_an_error_not_a_crash() {
+        let f = fake(CgroupVersion::V2, 0);
+        fs::remove_dir_all(&f.inst).unwrap();
+        let e = f
+            .act
+            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(
+            matches!(e, Err(ActuatorError::Cgroup(CgroupfsError::Gone { .. }))),
+            "{e:?}"
+        );
+        assert_eq!(f.act.stats.writes_failed.load(Ordering::Relaxed), 1);
+    }
+}
