@@ -126,6 +126,8 @@ pub struct FunctionPolicy {
     pub percentile: Option<f64>,
     /// Fraction added on top of the percentile, e.g. 0.15.
     pub margin: Option<f64>,
+    /// Extra margin while history is thin: margin + this × (1 − confidence).
+    pub low_confidence_margin: Option<f64>,
     /// memory.high as a fraction of memory.max, (0, 1].
     pub high_fraction: Option<f64>,
     pub floor_bytes: Option<u64>,
@@ -144,6 +146,7 @@ impl FunctionPolicy {
             name: self.name.clone(),
             percentile: self.percentile.or(base.percentile),
             margin: self.margin.or(base.margin),
+            low_confidence_margin: self.low_confidence_margin.or(base.low_confidence_margin),
             high_fraction: self.high_fraction.or(base.high_fraction),
             floor_bytes: self.floor_bytes.or(base.floor_bytes),
             ceiling_bytes: self.ceiling_bytes.or(base.ceiling_bytes),
@@ -163,6 +166,15 @@ impl FunctionPolicy {
         if let Some(m) = self.margin {
             if !(0.0..=10.0).contains(&m) {
                 return Err(invalid(&k("margin"), m, "must be between 0 and 10"));
+            }
+        }
+        if let Some(m) = self.low_confidence_margin {
+            if !(0.0..=10.0).contains(&m) {
+                return Err(invalid(
+                    &k("low_confidence_margin"),
+                    m,
+                    "must be between 0 and 10",
+                ));
             }
         }
         if let Some(h) = self.high_fraction {

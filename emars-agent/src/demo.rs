@@ -34,6 +34,15 @@ pub fn spawn(cfg: &Config) -> anyhow::Result<()> {
         .context("the demo needs a watched root in cgroup.roots")?;
     let root = h.dir(&root.path);
     let python = which("python3").context("the demo runs Python functions: python3 not found")?;
+    // Wrappers such as pyenv's shims exec many programs per run; count the interpreter's only.
+    let python = Command::new(&python)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| PathBuf::from(s.trim()))
+        .filter(|p| p.is_file())
+        .unwrap_or(python);
     std::thread::Builder::new()
         .name("emars-demo".into())
         .spawn(move || demo_loop(&h, &root, &python))

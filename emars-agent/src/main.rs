@@ -299,8 +299,8 @@ fn render_recommendations(list: &[serde_json::Value], detail: bool) -> String {
             b(&r["max_bytes"]),
             b(&r["high_bytes"]),
             b(&r["percentile_bytes"]),
-            r["samples"],
-            r["oom_kills"],
+            r["samples"].as_u64().unwrap_or(0),
+            r["oom_kills"].as_u64().unwrap_or(0),
             r["confidence"].as_f64().unwrap_or(0.0),
             if r["pinned"] == true { "yes" } else { "no" },
         ));

@@ -83,6 +83,7 @@ pub fn params_of(p: &FunctionPolicy) -> PolicyParams {
     PolicyParams {
         percentile: p.percentile.unwrap_or(d.percentile),
         margin: p.margin.unwrap_or(d.margin),
+        low_confidence_margin: p.low_confidence_margin.unwrap_or(d.low_confidence_margin),
         high_fraction: p.high_fraction.unwrap_or(d.high_fraction),
         floor_bytes: p.floor_bytes.unwrap_or(d.floor_bytes),
         ceiling_bytes: p.ceiling_bytes.or(d.ceiling_bytes),

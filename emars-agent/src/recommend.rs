@@ -58,6 +58,10 @@ pub struct PolicyParams {
     pub percentile: f64,
     /// Fraction added on top of the percentile; valid [0, 10].
     pub margin: f64,
+    /// Extra margin while history is thin: the margin used is
+    /// `margin + low_confidence_margin · (1 − confidence)` (VPA widens its upper bound with
+    /// low confidence the same way); valid [0, 10].
+    pub low_confidence_margin: f64,
     /// memory.high = max_bytes · high_fraction (but never below the P50 peak); valid (0, 1].
     pub high_fraction: f64,
     /// Serverless functions are small: VPA's 250 MiB floor would dominate them.
@@ -76,6 +80,7 @@ impl Default for PolicyParams {
         PolicyParams {
             percentile: 95.0,
             margin: 0.15,
+            low_confidence_margin: 0.25,
             high_fraction: 0.9,
             floor_bytes: 16 * MIB,
             ceiling_bytes: None,
@@ -98,6 +103,13 @@ impl PolicyParams {
         }
         if !(0.0..=10.0).contains(&self.margin) {
             return bad("margin", self.margin, "must be between 0 and 10");
+        }
+        if !(0.0..=10.0).contains(&self.low_confidence_margin) {
+            return bad(
+                "low_confidence_margin",
+                self.low_confidence_margin,
+                "must be between 0 and 10",
+            );
         }
         if !(self.high_fraction > 0.0 && self.high_fraction <= 1.0) {
             return bad("high_fraction", self.high_fraction, "must be in (0, 1]");
@@ -392,15 +404,18 @@ pub fn recommend(
     let percentile_bytes = hist.percentile(params.percentile);
     let p50_bytes = hist.percentile(50.0);
 
+    let confidence = (effective_samples / params.confidence_samples).clamp(0.0, 1.0);
+    let confidence = if confidence.is_nan() { 0.0 } else { confidence };
+    // Thin history: the next peak can beat the few seen so far by more than the margin.
+    let margin = params.margin + params.low_confidence_margin * (1.0 - confidence);
+
     // memory.max: percentile · (1 + margin), OOM at once, floor, ceiling, host.
     let mut clamped_by: Option<&str> = None;
     let mut oom_bump_bytes = None;
     let mut max_bytes = if samples.is_empty() {
         0
     } else {
-        page_up(f64_to_bytes(
-            percentile_bytes as f64 * (1.0 + params.margin),
-        ))
+        page_up(f64_to_bytes(percentile_bytes as f64 * (1.0 + margin)))
     };
     if let Some((_, bumped)) = recent_oom {
         let bumped = page_up(bumped);
@@ -467,18 +482,17 @@ pub fn recommend(
         }
     };
 
-    let confidence = (effective_samples / params.confidence_samples).clamp(0.0, 1.0);
     Some(Recommendation {
         function: function.to_string(),
         max_bytes,
         high_bytes,
-        confidence: if confidence.is_nan() { 0.0 } else { confidence },
+        confidence,
         samples: samples.len() as u64,
         effective_samples,
         percentile: params.percentile,
         percentile_bytes,
         p50_bytes,
-        margin: params.margin,
+        margin,
         oom_kills,
         oom_bump_bytes,
         pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
@@ -796,10 +810,28 @@ mod tests {
     }
 
     #[test]
+    fn thin_history_gets_more_margin() {
+        let p = PolicyParams::default();
+        let few = rec(&spread(2, 80 * MIB, 0.0, NOW), &p);
+        let many = rec(&spread(40, 80 * MIB, 0.0, NOW), &p);
+        assert_eq!(many.confidence, 1.0);
+        assert!((many.margin - p.margin).abs() < 1e-9, "{}", many.margin);
+        let want = p.margin + p.low_confidence_margin * (1.0 - few.confidence);
+        assert!((few.margin - want).abs() < 1e-9, "{} vs {want}", few.margin);
+        assert!(few.max_bytes > many.max_bytes);
+        // Full confidence: the VPA-like bound of the issue, [peak, peak x 1.25].
+        assert!(many.max_bytes >= 80 * MIB && many.max_bytes as f64 <= 80.0 * MIB as f64 * 1.25);
+    }
+
+    #[test]
     fn ancient_history_still_recommends() {
         // 10 years old: weights relative to now underflow, relative to the newest do not.
         let samples = spread(30, 80 * MIB, 0.0, NOW - 3650 * DAY_MS);
-        let r = rec(&samples, &PolicyParams::default());
+        let p = PolicyParams {
+            low_confidence_margin: 0.0,
+            ..Default::default()
+        };
+        let r = rec(&samples, &p);
         assert!(r.max_bytes >= 80 * MIB && r.max_bytes < 100 * MIB);
         assert_eq!(r.effective_samples, 0.0);
         assert_eq!(r.confidence, 0.0);
@@ -1127,6 +1159,7 @@ mod tests {
             &samples,
             &PolicyParams {
                 margin: 0.0,
+                low_confidence_margin: 0.0,
                 high_fraction: 1.0,
                 ..Default::default()
             },

@@ -60,7 +60,8 @@ fn recommendation_fits_known_peaks() -> anyhow::Result<()> {
     }
     let root = TestRoot::new()?;
     let (agent, _tmp) = start(&root, "")?;
-    let wms = history(&root, &agent, "eighty", 8, 80)?;
+    // 20 instances: full confidence, so no low-confidence widening of the margin.
+    let wms = history(&root, &agent, "eighty", 20, 80)?;
     let peak = *wms.iter().max().unwrap_or(&0);
     let r = recommendation(&agent, "eighty")?;
     let max = u64_of(&r, "max_bytes");
@@ -70,7 +71,7 @@ fn recommendation_fits_known_peaks() -> anyhow::Result<()> {
         "max {max} not in [{peak}, {peak} x 1.25]: {r}"
     );
     assert!(high < max, "high {high} below max {max}");
-    assert_eq!(u64_of(&r, "samples"), 8);
+    assert_eq!(u64_of(&r, "samples"), 20);
     assert!(r["confidence"].as_f64().unwrap_or(0.0) > 0.0);
     assert_eq!(r["pinned"], false);
     // Unknown function: 404 with a clear error.
@@ -239,7 +240,7 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
         .filter_map(|a| a["outcome"].as_str())
         .collect();
     assert_eq!(outcomes.len(), 2, "{audit}");
-    assert!(outcomes.iter().any(|o| *o == "ok"));
+    assert!(outcomes.contains(&"ok"));
     assert!(outcomes.iter().any(|o| o.contains("refused")));
     child.kill()?;
     child.wait()?;

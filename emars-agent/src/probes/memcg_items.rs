@@ -143,7 +143,7 @@ fn find_member(btf: &btf_rs::Btf, s: &btf_rs::Struct, member: &str, base_bits: u
         let name = btf.resolve_name(m).unwrap_or_default();
         let bits = base_bits + m.bit_offset();
         if name == member {
-            return (bits % 8 == 0).then_some(bits / 8);
+            return bits.is_multiple_of(8).then_some(bits / 8);
         }
         if name.is_empty() {
             if let Ok(btf_rs::Type::Struct(inner) | btf_rs::Type::Union(inner)) =
