@@ -101,6 +101,9 @@ pub enum StoreError {
 pub struct PruneReport {
     pub instances_removed: u64,
     pub hours_removed: u64,
+    /// Audit records older than the retention (generations are kept: they are the history of
+    /// each function's config, and small).
+    pub audit_removed: u64,
 }
 
 /// Value of the `functions` tree.
@@ -401,6 +404,17 @@ impl Store {
                 report.hours_removed += 1;
             }
         }
+
+        // Audit keys start with at_ms (BE): everything before the cutoff is one range.
+        let old: Vec<_> = self
+            .audit
+            .range(..cutoff.to_be_bytes().to_vec())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in old {
+            self.audit.remove(key)?;
+            report.audit_removed += 1;
+        }
         Ok(report)
     }
 
@@ -621,6 +635,33 @@ where
             return Ok(());
         }
         // Another writer got in between: re-read and re-apply.
+    }
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn audit_is_newest_first_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        for (at, n) in [(1_000u64, 1u64), (2_000, 2), (2_000, 3), (9_000_000, 4)] {
+            store.append_audit(at, &n).unwrap();
+        }
+        let all: Vec<u64> = store.audit(10).unwrap();
+        assert_eq!(all, vec![4, 3, 2, 1]);
+        assert_eq!(store.audit::<u64>(2).unwrap(), vec![4, 3]);
+        let r = store
+            .prune(9_000_000, Duration::from_millis(8_000_000))
+            .unwrap();
+        assert_eq!(r.audit_removed, 3);
+        assert_eq!(store.audit::<u64>(10).unwrap(), vec![4]);
+        store.append_generation(5, &"g").unwrap();
+        assert_eq!(
+            store.generations::<String>(5).unwrap(),
+            vec!["g".to_string()]
+        );
     }
 }
 

@@ -427,7 +427,14 @@ fn qemu(vmlinuz: &Path, initramfs: &Path, accel: &str, append: &str) -> Command 
     // cx16=off: Debian's qemu 7.2 TCG mis-emulates cmpxchg16b as 6.12's SLUB uses it (a
     // double fault in kmem_cache_alloc within seconds of fork/mkdir churn, with -cpu max and
     // Skylake alike, one vCPU or two); without cx16 the kernel takes its locked path.
-    c.args(["-cpu", if accel == "kvm" { "host" } else { "max,cx16=off" }]);
+    c.args([
+        "-cpu",
+        if accel == "kvm" {
+            "host"
+        } else {
+            "max,cx16=off"
+        },
+    ]);
     c.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"]);
     c.args(["-nodefaults", "-serial", "stdio"]);
     c.arg("-kernel").arg(vmlinuz);
