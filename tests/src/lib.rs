@@ -91,6 +91,15 @@ impl Hierarchy {
         read_u64(&dir.join(f))
     }
 
+    /// Bytes charged to a cgroup now (v1 memory.usage_in_bytes, v2 memory.current).
+    pub fn usage(&self, dir: &Path) -> Result<u64> {
+        let f = match self.version {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        };
+        read_u64(&dir.join(f))
+    }
+
     /// Sets a hard limit (v1 memory.limit_in_bytes, v2 memory.max) on one of our cgroups.
     pub fn set_limit(&self, dir: &Path, bytes: u64) -> Result<()> {
         let f = match self.version {

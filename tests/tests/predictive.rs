@@ -209,12 +209,14 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
     let root = TestRoot::new()?;
     let (agent, _tmp) = start(&root, "")?;
     let dir = root.instance_dir("busy", "b1")?;
-    let mut child = spawn_alloc(&dir, 48, 4000, 0)?;
+    let mut child = spawn_alloc(&dir, 48, 60_000, 0)?;
+    // The workload holds 48 MiB (read from the kernel, not the agent), and the agent knows
+    // the instance.
     wait_for(Duration::from_secs(5), || {
-        let r = agent.instances("busy").ok()?.into_iter().next()?;
-        (u64_of(&r, "peak_bytes") >= 48 * MIB).then_some(())
+        let known = !agent.instances("busy").ok()?.is_empty();
+        (known && root.hierarchy.usage(&dir).ok()? >= 48 * MIB).then_some(())
     })
-    .ok_or_else(|| anyhow::anyhow!("instance not seen"))?;
+    .ok_or_else(|| anyhow::anyhow!("instance not running with 48 MiB"))?;
     let path = "/v1/functions/busy/instances/b1/limits";
     let (s, b) = agent.post_raw(path, "application/json", br#"{"max_bytes": 16777216}"#)?;
     assert_eq!(s, 422, "{b}");
