@@ -76,6 +76,8 @@ struct Outcome {
     total: Duration,
     attached: Vec<String>,
     not_attached: Vec<String>,
+    /// Not attached because another program does its job (cgroup_rmdir when raw rmdir is on).
+    not_needed: Vec<String>,
     fallbacks: usize,
     passed: u64,
     failed: u64,
@@ -165,6 +167,7 @@ fn failed(kernel: &str, why: String) -> Outcome {
         total: Duration::ZERO,
         attached: Vec::new(),
         not_attached: Vec::new(),
+        not_needed: Vec::new(),
         fallbacks: 0,
         passed: 0,
         failed: 0,
@@ -580,12 +583,18 @@ fn boot(
     })?;
     let mut attached = Vec::new();
     let mut not_attached = Vec::new();
+    let mut not_needed = Vec::new();
     let mut fallbacks = 0;
     if let Some(info) = &c.info {
         for p in info["programs"].as_array().into_iter().flatten() {
             let n = p["name"].as_str().unwrap_or("?").to_owned();
             if p["attached"] == true {
                 attached.push(n);
+            } else if p["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("not needed"))
+            {
+                not_needed.push(n);
             } else {
                 not_attached.push(n);
             }
@@ -599,6 +608,7 @@ fn boot(
         total: start.elapsed(),
         attached,
         not_attached,
+        not_needed,
         fallbacks,
         passed: c.counts.0,
         failed: c.counts.1,
@@ -634,6 +644,9 @@ fn print_table(outcomes: &[Outcome]) {
         );
         if !o.not_attached.is_empty() {
             println!("       not attached: {}", o.not_attached.join(", "));
+        }
+        if !o.not_needed.is_empty() {
+            println!("       not needed:   {}", o.not_needed.join(", "));
         }
     }
     println!();
