@@ -514,19 +514,9 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
     let (id_off, item_off, val_off) = (cfg_u32(&o.id), cfg_u32(&o.item), cfg_u32(&o.val));
-    let Some(id) = read::<u64>(ctx, id_off) else {
-        return 0;
-    };
-    // The one cost paid by every charge event on the host: a hash miss for unwatched cgroups.
-    let Some(state) = WATCHED.get_ptr_mut(&id) else {
-        return 0;
-    };
-    let val = if cfg_u32(&o.val_size) == 8 {
-        read::<i64>(ctx, val_off)
-    } else {
-        read::<i32>(ctx, val_off).map(i64::from)
-    };
-    let (Some(item), Some(val)) = (read::<i32>(ctx, item_off), val) else {
+    // Most stat updates of a page fault are items outside the usage sum (LRU moves, events):
+    // an array lookup drops them before the hash lookup.
+    let Some(item) = read::<i32>(ctx, item_off) else {
         return 0;
     };
     if item < 0 || item as u32 >= MAX_MEMCG_ITEMS {
@@ -535,6 +525,21 @@ fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
     let unit = match ITEM_UNITS.get(item as u32) {
         Some(u) if *u != 0 => *u as i64,
         _ => return 0,
+    };
+    let Some(id) = read::<u64>(ctx, id_off) else {
+        return 0;
+    };
+    // The cost every charge of a watched item pays on the host: a hash miss for unwatched cgroups.
+    let Some(state) = WATCHED.get_ptr_mut(&id) else {
+        return 0;
+    };
+    let val = if cfg_u32(&o.val_size) == 8 {
+        read::<i64>(ctx, val_off)
+    } else {
+        read::<i32>(ctx, val_off).map(i64::from)
+    };
+    let Some(val) = val else {
+        return 0;
     };
     bump(counter::MEMCG_EVENTS);
     let delta = val * unit;
