@@ -21,12 +21,26 @@ pub enum CgroupfsError {
     Parse { path: PathBuf, content: String },
     #[error("no memory controller found: {0}")]
     NoMemoryController(String),
+    /// The cgroup exists but has no memory files: on v2 its parent's cgroup.subtree_control
+    /// lacks "+memory".
+    #[error("{path} is missing: the memory controller is not enabled for this cgroup (on cgroup v2, write +memory to its parent's cgroup.subtree_control)")]
+    ControllerOff { path: PathBuf },
 }
 
 impl CgroupfsError {
     fn io(path: &Path, source: io::Error) -> Self {
         // ENODEV: the kernfs node was removed while its file was open.
         match source.raw_os_error() {
+            // A missing file in a cgroup that still exists: the controller is off there.
+            Some(libc::ENOENT)
+                if path
+                    .parent()
+                    .is_some_and(|d| d.join("cgroup.procs").exists()) =>
+            {
+                Self::ControllerOff {
+                    path: path.to_owned(),
+                }
+            }
             Some(libc::ENOENT) | Some(libc::ENODEV) => Self::Gone {
                 path: path.to_owned(),
             },
@@ -147,7 +161,14 @@ impl MemoryHierarchy {
         let path = dir.join(self.file("memory.max_usage_in_bytes", "memory.peak"));
         match read_u64(&path) {
             Ok(v) => Ok(Some(v)),
-            Err(CgroupfsError::Gone { .. }) if dir.exists() => Ok(None),
+            // Controller on, watermark file absent: a kernel before 5.19 (v2).
+            Err(CgroupfsError::ControllerOff { .. })
+                if dir
+                    .join(self.file("memory.usage_in_bytes", "memory.current"))
+                    .exists() =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -316,6 +337,11 @@ mod tests {
         let l = h.limits(&dir).unwrap();
         assert_eq!(l.max_bytes, None);
         assert_eq!(l.high_bytes, Some(1 << 20));
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert!(matches!(
+            h.oom_kills(&dir),
+            Err(CgroupfsError::ControllerOff { .. })
+        ));
         fs::write(dir.join("memory.current"), "garbage").unwrap();
         assert!(matches!(h.usage(&dir), Err(CgroupfsError::Parse { .. })));
         fs::remove_dir_all(&dir).unwrap();

@@ -93,7 +93,15 @@ impl Tracker {
             return;
         };
         let dir = self.hierarchy.dir(rel_path);
-        let limits = self.hierarchy.limits(&dir).unwrap_or_default();
+        let limits = match self.hierarchy.limits(&dir) {
+            Ok(l) => l,
+            // Said once per instance; its reads stay quiet (debug) afterwards.
+            Err(e @ CgroupfsError::ControllerOff { .. }) => {
+                tracing::warn!("{e}");
+                Default::default()
+            }
+            Err(_) => Default::default(),
+        };
         let fresh = resumed.is_none();
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),
@@ -282,6 +290,7 @@ impl Tracker {
             }
             Ok(_) => {}
             Err(CgroupfsError::Gone { .. }) => self.stats.vanished_reads += 1,
+            Err(e @ CgroupfsError::ControllerOff { .. }) => tracing::debug!("{e}"),
             Err(e) => tracing::warn!("{e}"),
         }
     }
