@@ -23,7 +23,7 @@ pub enum ActuatorError {
     #[error("{path} is not inside a watched root; EMARS only writes to cgroups it manages")]
     OutsideRoots { path: PathBuf },
     #[error(
-        "refused: memory.max {requested} bytes is below the current usage {usage} bytes plus \
+        "refused: a limit of {requested} bytes is below the current usage {usage} bytes plus \
          headroom {headroom} bytes of {path}"
     )]
     BelowUsage {
@@ -186,6 +186,25 @@ impl Actuator {
                     }
                     BelowUsage::Raise => {
                         new.max_bytes = Some(floor);
+                        raised = true;
+                    }
+                }
+            }
+        }
+        // memory.high below usage would throttle the instance at once: same floor as max.
+        if let Some(high) = req.high_bytes {
+            if high < floor {
+                match on_below {
+                    BelowUsage::Refuse => {
+                        return Err(ActuatorError::BelowUsage {
+                            path: dir.to_owned(),
+                            requested: high,
+                            usage,
+                            headroom: self.headroom,
+                        })
+                    }
+                    BelowUsage::Raise => {
+                        new.high_bytes = Some(floor);
                         raised = true;
                     }
                 }
@@ -407,6 +426,16 @@ mod tests {
             fs::read_to_string(f.inst.join("memory.max")).unwrap(),
             "max"
         );
+        // memory.high below usage is refused too: it would throttle the instance at once.
+        let e = f.act.apply(
+            &f.inst,
+            LimitRequest {
+                max_bytes: None,
+                high_bytes: Some(1 << 20),
+            },
+            BelowUsage::Refuse,
+        );
+        assert!(matches!(e, Err(ActuatorError::BelowUsage { .. })), "{e:?}");
         // Automatic enforcement raises instead, and says so.
         let a = f
             .act

@@ -82,6 +82,7 @@ pub async fn run(
         fallbacks: probes.report.fallbacks.clone(),
         events_received: 0,
         events_lost: 0,
+        instances_reconciled: 0,
         started_at_ms: now_ms(),
         enforcement: Default::default(),
     }));
@@ -99,10 +100,11 @@ pub async fn run(
         store.clone(),
         actuator.host_memory(),
     ));
-    // Recommendations are ready before the first new instance can ask for them.
-    policy
-        .compute_all(now_ms())
-        .context("computing recommendations")?;
+    // Recommendations are ready before the first new instance can ask for them. A store that
+    // cannot be read fully is said, not fatal: the agent still tracks new instances.
+    if let Err(e) = policy.compute_all(now_ms()) {
+        tracing::error!("computing recommendations at start-up: {e}");
+    }
     tracing::info!("policy mode: {:?}", config.policy.mode);
     let mut tracker = Tracker::new(hierarchy, registry, store.clone())
         .with_policy(policy.clone(), actuator.clone());
@@ -156,7 +158,7 @@ struct LoopContext<'a> {
     probes: &'a Probes,
     info: &'a RwLock<AgentInfo>,
     store: &'a Store,
-    policy: &'a Policy,
+    policy: &'a Arc<Policy>,
     actuator: &'a Actuator,
     retention: Duration,
 }
@@ -187,6 +189,8 @@ async fn event_loop(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
     let mut decode_errors = 0u64;
+    let mut ticks = 0u64;
+    let policy_handle = policy.clone();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -204,6 +208,12 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                let now = now_ms();
+                tracker.recompute_dirty(now);
+                ticks += 1;
+                if ticks % 10 == 0 {
+                    tracker.reconcile(now);
+                }
                 let lost = probes.events_lost();
                 if let Ok(mut i) = info.write() {
                     if lost > i.events_lost {
@@ -211,6 +221,7 @@ async fn event_loop(
                     }
                     i.events_received = tracker.stats.events;
                     i.events_lost = lost;
+                    i.instances_reconciled = tracker.stats.reconciled;
                     i.programs = probes.program_stats();
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     i.enforcement = crate::model::EnforcementInfo {
@@ -222,19 +233,23 @@ async fn event_loop(
                         max_mkdir_to_write_us: tracker.stats.max_enforce_delay_us,
                     };
                 }
-                let now = now_ms();
+                // Whole-store work runs off the event loop, which must keep draining the ring.
                 if now.saturating_sub(last_generation_ms) >= policy.period().as_millis() as u64 {
                     last_generation_ms = now;
-                    if let Err(e) = policy.generate("period", now) {
-                        tracing::error!("generating the per-function config: {e}");
-                    }
+                    let p = policy_handle.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = p.generate("period", now) {
+                            tracing::error!("generating the per-function config: {e}");
+                        }
+                    });
                 }
                 if last_prune.elapsed() >= Duration::from_secs(3600) {
                     last_prune = std::time::Instant::now();
-                    match store.prune(now_ms(), retention) {
+                    let st = store.clone();
+                    tokio::task::spawn_blocking(move || match st.prune(now, retention) {
                         Ok(r) => tracing::debug!(?r, "retention"),
                         Err(e) => tracing::error!("retention: {e}"),
-                    }
+                    });
                 }
             }
             _ = stop.changed() => break,
@@ -271,7 +286,10 @@ fn scan_existing(
     store: &Store,
     roots: &[String],
 ) -> anyhow::Result<()> {
-    let stale = store.live_instances().context("reading live instances")?;
+    let stale = store.live_instances().unwrap_or_else(|e| {
+        tracing::error!("reading the live instances of the last run: {e}");
+        Vec::new()
+    });
     let h = tracker.hierarchy().clone();
     let mut found = 0usize;
     for root in roots {

@@ -311,6 +311,27 @@ pub fn render_info(v: &AgentInfo) -> String {
         out.push_str(" (ring buffer was full: some kernel events were dropped)");
     }
     out.push('\n');
+    if v.instances_reconciled > 0 {
+        let _ = writeln!(
+            out,
+            "  reconciled:       {} instances closed without an rmdir event",
+            v.instances_reconciled
+        );
+    }
+    let e = &v.enforcement;
+    if !e.mode.is_empty() {
+        let _ = writeln!(
+            out,
+            "  policy:           {} mode; {} limit writes ok, {} failed, {} refused; {} into new \
+             instances, slowest mkdir → write {} µs",
+            clean(&e.mode),
+            e.writes_ok,
+            e.writes_failed,
+            e.refusals,
+            e.new_instance_writes,
+            e.max_mkdir_to_write_us
+        );
+    }
 
     out.push_str("\nprograms:\n");
     if v.programs.is_empty() {

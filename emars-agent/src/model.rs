@@ -149,6 +149,9 @@ pub struct AgentInfo {
     pub events_received: u64,
     /// Events the kernel could not queue (ring buffer full); never silent.
     pub events_lost: u64,
+    /// Instances closed because their cgroup vanished without an rmdir event reaching us.
+    #[serde(default)]
+    pub instances_reconciled: u64,
     pub started_at_ms: u64,
     /// Predictive mode and the cgroup writer's counters.
     #[serde(default)]

@@ -61,15 +61,19 @@ pub struct Policy {
     store: Store,
     host_memory: u64,
     cache: RwLock<HashMap<String, Recommendation>>,
+    /// One generation at a time: the periodic one and `emars recommend --generate` share the
+    /// export files.
+    generating: std::sync::Mutex<()>,
 }
 
-/// The recommender's samples: one per instance with a measured peak.
-pub fn samples_of(instances: &[InstanceRecord]) -> Vec<Sample> {
+/// The recommender's samples: one per instance with a measured peak or an OOM kill (its limit
+/// then says how much it needed at least). A live instance counts as of now.
+pub fn samples_of(instances: &[InstanceRecord], now_ms: u64) -> Vec<Sample> {
     instances
         .iter()
-        .filter(|r| r.peak_bytes > 0)
+        .filter(|r| r.peak_bytes > 0 || r.oom_kills > 0)
         .map(|r| Sample {
-            at_ms: r.ended_at_ms.unwrap_or(r.started_at_ms),
+            at_ms: r.ended_at_ms.unwrap_or(now_ms.max(r.started_at_ms)),
             peak_bytes: r.peak_bytes,
             oom_killed: r.oom_kills > 0,
             limit_bytes: r.limits.max_bytes,
@@ -104,6 +108,7 @@ impl Policy {
             store,
             host_memory,
             cache: RwLock::new(HashMap::new()),
+            generating: std::sync::Mutex::new(()),
         }
     }
 
@@ -126,7 +131,7 @@ impl Policy {
         let params = params_of(&self.config.for_function(function));
         let rec = recommend(
             function,
-            &samples_of(&instances),
+            &samples_of(&instances, now_ms),
             &params,
             now_ms,
             self.host_memory,
@@ -220,6 +225,10 @@ impl Policy {
 
     /// Generates and keeps a config for every function, and exports it as TOML and JSON.
     pub fn generate(&self, trigger: &str, now_ms: u64) -> Result<Generation, PolicyError> {
+        let _one_at_a_time = self
+            .generating
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let recs: HashMap<String, Recommendation> = self
             .compute_all(now_ms)?
             .into_iter()

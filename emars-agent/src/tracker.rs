@@ -2,7 +2,11 @@
 //! instance of which function; every change is written through to the store at once, so a
 //! restart loses nothing that was seen.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+    sync::Arc,
+};
 
 use crate::{
     actuator::Actuator,
@@ -27,6 +31,8 @@ pub struct TrackerStats {
     pub enforce_failures: u64,
     /// Largest mkdir → limits-written delay seen, in microseconds.
     pub max_enforce_delay_us: u64,
+    /// Instances closed by reconciliation because their rmdir event never came (ring full).
+    pub reconciled: u64,
 }
 
 pub struct Tracker {
@@ -38,6 +44,8 @@ pub struct Tracker {
     live: HashMap<u64, InstanceRecord>,
     /// Predictive mode: recommendations to refresh, and to write into new instances.
     policy: Option<(Arc<Policy>, Arc<Actuator>)>,
+    /// Functions with an instance ended since their recommendation was last computed.
+    dirty: HashSet<String>,
     pub stats: TrackerStats,
 }
 
@@ -50,6 +58,7 @@ impl Tracker {
             table: CgroupTable::default(),
             live: HashMap::new(),
             policy: None,
+            dirty: HashSet::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -203,6 +212,7 @@ impl Tracker {
                         ..Default::default()
                     }
                 });
+                self.refresh(id);
             }
             KernelEvent::Exit { id, .. } => self.refresh(id),
             KernelEvent::MemPeak { id, peak } => {
@@ -227,7 +237,9 @@ impl Tracker {
                         ..Default::default()
                     }
                 });
-                // An OOM raises the function's recommendation at once, not at the next period.
+                // An OOM raises the function's recommendation at once, not at the next period;
+                // with the peak as the kernel has it now.
+                self.refresh(id);
                 if let Some(f) = self.live.get(&id).map(|r| r.function.clone()) {
                     self.recompute(&f, at_ms);
                 }
@@ -316,7 +328,37 @@ impl Tracker {
         };
         self.add_hour(&rec.function, at_ms, delta);
         self.save(&rec);
-        self.recompute(&rec.function, at_ms);
+        // Recomputed on the next tick, not here: the event loop must keep draining the ring.
+        self.dirty.insert(rec.function);
+    }
+
+    /// Recomputes the recommendations of functions whose instances ended since last time.
+    pub fn recompute_dirty(&mut self, now_ms: u64) {
+        for f in std::mem::take(&mut self.dirty) {
+            self.recompute(&f, now_ms);
+        }
+    }
+
+    /// Closes live instances whose cgroup is gone (or replaced) although no rmdir event came:
+    /// the safety net for events lost to a full ring buffer. Returns how many it closed.
+    pub fn reconcile(&mut self, now_ms: u64) -> usize {
+        let gone: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|(id, rec)| {
+                std::fs::metadata(&rec.cgroup_path).map_or(true, |m| m.ino() != **id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            tracing::warn!(
+                cgroup = id,
+                "instance ended without an rmdir event (events lost?)"
+            );
+            self.end(*id, 0, 0, now_ms);
+            self.stats.reconciled += 1;
+        }
+        gone.len()
     }
 
     /// Closes store records of instances whose cgroup disappeared while the agent was down.

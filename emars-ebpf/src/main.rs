@@ -113,6 +113,10 @@ static ITEM_UNITS: Array<u64> = Array::with_max_entries(MAX_MEMCG_ITEMS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Per-CPU room to build an event before deciding to keep it (larger than the BPF stack).
+#[map]
+static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn cfg() -> &'static ProbeConfig {
     &CONFIG
@@ -252,29 +256,34 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let level = read::<i32>(&ctx, cfg_u32(&c.mkdir.level)).unwrap_or(0);
-    let Some(mut entry) = reserve(EventKind::CgroupMkdir) else {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: the entry is ours until submit/discard.
-    let name = unsafe { &mut (*ev).name };
-    let len = read_data_loc(&ctx, cfg_u32(&c.mkdir.path), name);
-    if !under_watched_root(hierarchy, name, len) {
-        entry.discard(0);
+    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU for this tracepoint.
+    let ev = unsafe { &mut *ev };
+    let len = read_data_loc(&ctx, cfg_u32(&c.mkdir.path), &mut ev.name);
+    if !under_watched_root(hierarchy, &ev.name, len) {
         return 0;
     }
-    // Track from the first byte: no task can be in the cgroup yet.
+    // Track from the first byte (no task can be in the cgroup yet), and before sending: a full
+    // ring buffer loses the event, never the tracking.
     if WATCHED.insert(id, MemState::default(), 0).is_err() {
         bump(counter::WATCH_TABLE_FULL);
     }
-    // SAFETY: as above.
-    unsafe {
-        (*ev).cgroup_id = id;
-        (*ev).hierarchy = hierarchy;
-        (*ev).level = level;
-        (*ev).name_len = len;
+    ev.kind = EventKind::CgroupMkdir as u32;
+    ev.pid = 0;
+    ev.cgroup_id = id;
+    ev.value = 0;
+    ev.aux = 0;
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.hierarchy = hierarchy;
+    ev.level = level;
+    ev._pad = 0;
+    ev.name_len = len;
+    if EVENTS.output::<Event>(&*ev, 0).is_err() {
+        bump(counter::LOST);
     }
-    entry.submit(0);
     0
 }
 
@@ -424,8 +433,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let parent = parent as u32;
-    // SAFETY: value copied out immediately.
-    let Some(id) = (unsafe { TASKS.get(&parent) }).copied() else {
+    // cgroup_attach_task reports a moved process's leader only: a thread of it that forks is
+    // found through its thread group id.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: values copied out immediately.
+    let found = unsafe { TASKS.get(&parent).or_else(|| TASKS.get(&tgid)) }.copied();
+    let Some(id) = found else {
         return 0;
     };
     if let Some(child) = read::<i32>(&ctx, cfg_u32(&c.fork_child_pid)) {
@@ -448,6 +461,8 @@ fn task_cgroup(pid: u32) -> Option<u64> {
         // SAFETY: plain helper call.
         let id = unsafe { bpf_get_current_cgroup_id() };
         if WATCHED.get_ptr(&id).is_some() {
+            // Remember it: tasks that entered without an attach event (clone3 into a cgroup).
+            let _ = TASKS.insert(pid, id, 0);
             return Some(id);
         }
     }
@@ -549,7 +564,9 @@ fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
         atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*state).usage, delta);
         let now = read_volatile(&raw const (*state).usage);
         if now > (*state).peak {
-            // A racing CPU may overwrite with a slightly smaller value; the next charge repairs it.
+            // Not atomic with the add: two CPUs charging at once may leave the peak one delta
+            // short until the next higher charge. The exact watermark comes at rmdir
+            // (raw_cgroup_rmdir) and from cgroupfs reads; this figure only bridges.
             (*state).peak = now;
             let reported = (*state).reported;
             let step = read_volatile(&cfg().peak_step_bytes) as i64;

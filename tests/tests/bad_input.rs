@@ -167,3 +167,49 @@ fn vanishing_cgroups_do_not_crash() -> anyhow::Result<()> {
     assert!(wait_for(Duration::from_secs(2), || agent.get("/healthz").ok()).is_some());
     Ok(())
 }
+
+/// A full ring buffer is never silent: lost events are counted, and instances whose rmdir was
+/// lost are closed by reconciliation instead of staying "live" forever.
+#[test]
+fn lost_events_are_counted_and_reconciled() -> anyhow::Result<()> {
+    if !require_root("lost_events_are_counted_and_reconciled") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    // 64 KiB holds about 200 events: freeze the agent and make 400 mkdirs, then 400 rmdirs.
+    let agent = Agent::start_with(
+        &root,
+        &tmp.path().join("store"),
+        "\n[probes]\nring_buffer_bytes = 65536\n",
+        None,
+    )?;
+    agent.pause();
+    let mut dirs = Vec::new();
+    for i in 0..400 {
+        dirs.push(root.instance_dir("flood", &format!("f{i}"))?);
+    }
+    for d in &dirs {
+        fs::remove_dir(d)?;
+    }
+    agent.resume();
+    let info = wait_for(Duration::from_secs(5), || {
+        let (_, i) = agent.get("/v1/info").ok()?;
+        (i["events_lost"].as_u64()? > 0).then_some(i)
+    })
+    .ok_or_else(|| anyhow::anyhow!("events lost not reported:\n{}", agent.log()))?;
+    assert!(info["events_lost"].as_u64().unwrap_or(0) >= 400, "{info}");
+    // Every instance the agent heard of is closed, by its rmdir or by reconciliation.
+    let closed = wait_for(Duration::from_secs(20), || {
+        let list = agent.instances("flood").ok()?;
+        (!list.is_empty() && list.iter().all(|r| !r["ended_at_ms"].is_null())).then_some(list)
+    })
+    .ok_or_else(|| anyhow::anyhow!("instances left live:\n{}", agent.log()))?;
+    let (_, info) = agent.get("/v1/info")?;
+    assert_eq!(
+        info["instances_reconciled"].as_u64(),
+        Some(closed.len() as u64),
+        "{info}"
+    );
+    Ok(())
+}

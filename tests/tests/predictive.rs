@@ -222,6 +222,11 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
     assert_eq!(s, 422, "{b}");
     let msg = b["error"].as_str().unwrap_or("");
     assert!(msg.contains("below the current usage"), "{msg}");
+    let (s, b) = agent.post_raw(path, "application/json", br#"{"high_bytes": 1048576}"#)?;
+    assert_eq!(
+        s, 422,
+        "memory.high below usage would throttle at once: {b}"
+    );
     assert_eq!(limits(&root.hierarchy, &dir).0, None, "nothing written");
     let (s, b) = agent.post_raw(path, "application/json", br#"{"max_bytes": 134217728}"#)?;
     assert_eq!(s, 200, "{b}");
@@ -241,7 +246,7 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
         .flatten()
         .filter_map(|a| a["outcome"].as_str())
         .collect();
-    assert_eq!(outcomes.len(), 2, "{audit}");
+    assert_eq!(outcomes.len(), 3, "{audit}");
     assert!(outcomes.contains(&"ok"));
     assert!(outcomes.iter().any(|o| o.contains("refused")));
     child.kill()?;
