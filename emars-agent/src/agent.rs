@@ -211,7 +211,7 @@ async fn event_loop(
                 let now = now_ms();
                 tracker.recompute_dirty(now);
                 ticks += 1;
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     tracker.reconcile(now);
                 }
                 let lost = probes.events_lost();
