@@ -301,10 +301,10 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // SAFETY: value copied out before the delete below.
-    let Some(state) = (unsafe { WATCHED.get(&id) }).copied() else {
+    let Some(state) = (unsafe { WATCHED.get(id) }).copied() else {
         return 0;
     };
-    let _ = WATCHED.remove(&id);
+    let _ = WATCHED.remove(id);
     if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
         let ev = entry.as_mut_ptr();
         // SAFETY: the entry is ours until submit.
@@ -372,10 +372,10 @@ pub fn raw_cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     // SAFETY: value copied out before the delete below.
-    let Some(state) = (unsafe { WATCHED.get(&id) }).copied() else {
+    let Some(state) = (unsafe { WATCHED.get(id) }).copied() else {
         return 0;
     };
-    let _ = WATCHED.remove(&id);
+    let _ = WATCHED.remove(id);
     let watermark = memcg_watermark(cgrp).unwrap_or(0);
     if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
         let ev = entry.as_mut_ptr();
@@ -414,9 +414,9 @@ pub fn cgroup_attach_task(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let pid = pid as u32;
-    if WATCHED.get_ptr(&id).is_none() {
+    if WATCHED.get_ptr(id).is_none() {
         // Moved out of (or never in) a watched cgroup.
-        let _ = TASKS.remove(&pid);
+        let _ = TASKS.remove(pid);
         return 0;
     }
     if TASKS.insert(pid, id, 0).is_err() {
@@ -437,7 +437,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     // found through its thread group id.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: values copied out immediately.
-    let found = unsafe { TASKS.get(&parent).or_else(|| TASKS.get(&tgid)) }.copied();
+    let found = unsafe { TASKS.get(parent).or_else(|| TASKS.get(tgid)) }.copied();
     let Some(id) = found else {
         return 0;
     };
@@ -453,14 +453,14 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn task_cgroup(pid: u32) -> Option<u64> {
     // SAFETY: value copied out immediately.
-    if let Some(id) = unsafe { TASKS.get(&pid) } {
+    if let Some(id) = unsafe { TASKS.get(pid) } {
         return Some(*id);
     }
     // SAFETY: reading our own global.
     if unsafe { read_volatile(&cfg().current_cgroup_is_memcg) } != 0 {
         // SAFETY: plain helper call.
         let id = unsafe { bpf_get_current_cgroup_id() };
-        if WATCHED.get_ptr(&id).is_some() {
+        if WATCHED.get_ptr(id).is_some() {
             // Remember it: tasks that entered without an attach event (clone3 into a cgroup).
             let _ = TASKS.insert(pid, id, 0);
             return Some(id);
@@ -503,7 +503,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let Some(id) = task_cgroup(pid) else {
         return 0;
     };
-    let _ = TASKS.remove(&pid);
+    let _ = TASKS.remove(pid);
     // Threads exit too; only a thread-group leader's exit is worth an event.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tgid == pid {
@@ -520,7 +520,7 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
     };
     let pid = pid as u32;
     // SAFETY: value copied out immediately.
-    let id = unsafe { TASKS.get(&pid) }.copied().unwrap_or(0);
+    let id = unsafe { TASKS.get(pid) }.copied().unwrap_or(0);
     // Unknown victims are still sent (cgroup 0): the agent resolves them via /proc or drops them.
     emit(EventKind::OomVictim, pid, id, 0, 0);
     0
@@ -545,7 +545,7 @@ fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
         return 0;
     };
     // The cost every charge of a watched item pays on the host: a hash miss for unwatched cgroups.
-    let Some(state) = WATCHED.get_ptr_mut(&id) else {
+    let Some(state) = WATCHED.get_ptr_mut(id) else {
         return 0;
     };
     let val = if cfg_u32(&o.val_size) == 8 {

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::{
     agent,
-    cmd::{describe, is_root},
+    cmd::{describe, is_root, Cmd},
     setup,
 };
 
@@ -198,6 +198,7 @@ const STEPS: &[&str] = &[
     "setup",
     "fmt",
     "clippy",
+    "clippy (eBPF)",
     "build",
     "unit tests",
     "integration tests",
@@ -240,6 +241,27 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
             .args(["clippy", "--workspace"])
             .args(&exclude)
             .args(["--all-targets", "--", "-D", "warnings"])
+            .log(PREFIX)
+            .run()
+    })?;
+
+    // The eBPF crate, with nightly for its own target, in a target dir of its own so the
+    // host build's artifacts are not invalidated.
+    runner.step("clippy (eBPF)", |_| {
+        let target_dir = agent::metadata()?.target_dir.join("clippy-ebpf");
+        Cmd::new("cargo")
+            .args(["+nightly", "clippy", "-p", "emars-ebpf"])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .args(["--", "-D", "warnings"])
+            .current_dir(agent::workspace_root()?)
             .log(PREFIX)
             .run()
     })?;
