@@ -317,9 +317,16 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent watching `root` with a fresh store.
     pub fn start(root: &TestRoot) -> Result<Agent> {
+        Self::start_configured(root, "")
+    }
+
+    /// Starts an agent with a fresh store and `extra` appended to its config; `{dir}` in
+    /// `extra` stands for the agent's own temporary directory (for export dirs and the like).
+    pub fn start_configured(root: &TestRoot, extra: &str) -> Result<Agent> {
         let tmp = tempfile::tempdir()?;
         let store = tmp.path().join("store");
-        Self::start_with(root, &store, "", Some(tmp))
+        let extra = extra.replace("{dir}", &tmp.path().display().to_string());
+        Self::start_with(root, &store, &extra, Some(tmp))
     }
 
     /// Starts an agent on a given store; `extra` is appended to the generated config.

@@ -176,14 +176,8 @@ fn lost_events_are_counted_and_reconciled() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let tmp = tempfile::tempdir()?;
     // 64 KiB holds about 200 events: freeze the agent and make 400 mkdirs, then 400 rmdirs.
-    let agent = Agent::start_with(
-        &root,
-        &tmp.path().join("store"),
-        "\n[probes]\nring_buffer_bytes = 65536\n",
-        None,
-    )?;
+    let agent = Agent::start_configured(&root, "\n[probes]\nring_buffer_bytes = 65536\n")?;
     agent.pause();
     let mut dirs = Vec::new();
     for i in 0..400 {

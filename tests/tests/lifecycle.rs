@@ -66,13 +66,7 @@ fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let tmp = tempfile::tempdir()?;
-    let agent = Agent::start_with(
-        &root,
-        &tmp.path().join("store"),
-        "\n[probes]\npeak_step_bytes = 17179869184\n",
-        None,
-    )?;
+    let agent = Agent::start_configured(&root, "\n[probes]\npeak_step_bytes = 17179869184\n")?;
     let info = agent.get_ok("/v1/info")?;
     let attached = |name: &str| {
         info["programs"]

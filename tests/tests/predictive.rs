@@ -19,14 +19,11 @@ fn limits(h: &Hierarchy, dir: &Path) -> (Option<u64>, Option<u64>) {
     (read(max), read(high))
 }
 
-fn start(root: &TestRoot, policy: &str) -> anyhow::Result<(Agent, tempfile::TempDir)> {
-    let tmp = tempfile::tempdir()?;
-    let extra = format!(
-        "\n[policy]\nexport_dir = \"{}\"\n{policy}\n",
-        tmp.path().join("export").display()
-    );
-    let agent = Agent::start_with(root, &tmp.path().join("store"), &extra, None)?;
-    Ok((agent, tmp))
+fn start(root: &TestRoot, policy: &str) -> anyhow::Result<Agent> {
+    Agent::start_configured(
+        root,
+        &format!("\n[policy]\nexport_dir = \"{{dir}}/export\"\n{policy}\n"),
+    )
 }
 
 /// Runs `n` instances of `function` peaking at about `mib` MiB; returns their watermarks.
@@ -59,7 +56,7 @@ fn recommendation_fits_known_peaks() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, _tmp) = start(&root, "")?;
+    let agent = start(&root, "")?;
     // 20 instances: full confidence, so no low-confidence widening of the margin.
     let wms = history(&root, &agent, "eighty", 20, 80)?;
     let peak = *wms.iter().max().unwrap_or(&0);
@@ -88,7 +85,7 @@ fn enforce_writes_limits_into_new_instances() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, _tmp) = start(&root, "mode = \"enforce\"")?;
+    let agent = start(&root, "mode = \"enforce\"")?;
     history(&root, &agent, "sized", 5, 24)?;
     let r = recommendation(&agent, "sized")?;
     let (want_max, want_high) = (u64_of(&r, "max_bytes"), u64_of(&r, "high_bytes"));
@@ -136,7 +133,7 @@ fn observe_mode_writes_nothing() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, _tmp) = start(&root, "")?;
+    let agent = start(&root, "")?;
     history(&root, &agent, "watched", 3, 8)?;
     let dir = root.instance_dir("watched", "n")?;
     std::thread::sleep(Duration::from_millis(300));
@@ -153,7 +150,7 @@ fn oom_bumps_recommendation_at_once() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, _tmp) = start(&root, "")?;
+    let agent = start(&root, "")?;
     history(&root, &agent, "spiky", 6, 8)?;
     let before = u64_of(&recommendation(&agent, "spiky")?, "max_bytes");
     let dir = root.instance_dir("spiky", "boom")?;
@@ -184,7 +181,7 @@ fn pinned_limit_wins() -> anyhow::Result<()> {
     }
     let root = TestRoot::new()?;
     let policy = "mode = \"enforce\"\n[[policy.functions]]\nname = \"pinned\"\npin_max_bytes = 209715200\npin_high_bytes = 104857600\n";
-    let (agent, _tmp) = start(&root, policy)?;
+    let agent = start(&root, policy)?;
     history(&root, &agent, "pinned", 3, 8)?;
     let r = recommendation(&agent, "pinned")?;
     assert_eq!(u64_of(&r, "max_bytes"), 200 * MIB, "{r}");
@@ -207,7 +204,7 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, _tmp) = start(&root, "")?;
+    let agent = start(&root, "")?;
     let dir = root.instance_dir("busy", "b1")?;
     let mut child = spawn_alloc(&dir, 48, 60_000, 0)?;
     // The workload holds 48 MiB (read from the kernel, not the agent), and the agent knows
@@ -261,7 +258,7 @@ fn generations_are_kept_and_exported() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let (agent, tmp) = start(&root, "")?;
+    let agent = start(&root, "")?;
     history(&root, &agent, "gen", 3, 12)?;
     agent.post_raw(
         "/v1/functions/gen/invocations",
@@ -280,7 +277,11 @@ fn generations_are_kept_and_exported() -> anyhow::Result<()> {
     assert_eq!(newest["function"], "gen");
     assert_eq!(newest["requests_per_hour"], 30);
     assert!(u64_of(newest, "memory_max_bytes") >= 12 * MIB);
-    let export = tmp.path().join("export");
+    let export = agent
+        .store
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("store has no parent"))?
+        .join("export");
     let json: Value = serde_json::from_str(&fs::read_to_string(export.join("emars-config.json"))?)?;
     assert_eq!(json["functions"][0]["function"], "gen");
     let toml = fs::read_to_string(export.join("emars-config.toml"))?;

@@ -1104,12 +1104,10 @@ fn limit_file(h: &Hierarchy) -> &'static str {
 
 fn enforcement(n: usize) -> Result<Enforcement> {
     let root = TestRoot::new()?;
-    let tmp = tempfile::tempdir()?;
-    let extra = format!(
-        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{}\"\n",
-        tmp.path().join("export").display()
-    );
-    let agent = Agent::start_with(&root, &tmp.path().join("store"), &extra, None)?;
+    let agent = Agent::start_configured(
+        &root,
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{dir}/export\"\n",
+    )?;
     // History, so the function has a recommendation.
     for i in 0..3 {
         let dir = root.instance_dir("enforced", &format!("h{i}"))?;
