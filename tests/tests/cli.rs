@@ -1,0 +1,88 @@
+//! The `emars` CLI against a real agent: what a user types, and what comes back.
+
+use std::{fs, process::Command};
+
+use emars_tests::*;
+
+fn emars(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .args(["--addr", &agent.addr])
+        .output()
+        .expect("run emars");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
+    if !require_root("cli_reports_what_the_api_knows") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    for i in 0..3 {
+        let dir = root.instance_dir("clifn", &format!("c{i}"))?;
+        run_alloc(&dir, 20, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("clifn", 3)?;
+
+    let (ok, out, err) = emars(&agent, &["info"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("cgroup mode") && out.contains("cgroup_mkdir"),
+        "{out}"
+    );
+
+    let (ok, out, err) = emars(&agent, &["functions"]);
+    assert!(ok, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("clifn"))
+        .unwrap_or_else(|| panic!("no clifn row:\n{out}"));
+    assert!(
+        line.split_whitespace().nth(1) == Some("3"),
+        "3 instances: {line}"
+    );
+
+    let (ok, out, err) = emars(&agent, &["functions", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["functions"][0]["name"], "clifn");
+
+    let (ok, out, err) = emars(&agent, &["function", "clifn"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("instances:") && out.contains("c2"), "{out}");
+
+    let (ok, out, err) = emars(&agent, &["recommend", "clifn", "--json"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(u64_of(&r, "max_bytes") >= 20 * MIB, "{r}");
+
+    let (ok, out, err) = emars(&agent, &["invocations", "clifn", "7"]);
+    assert!(ok, "{err}: {out}");
+    let (ok, out, _) = emars(&agent, &["export"]);
+    assert!(ok && out.contains("\"requests_per_hour\": 7"), "{out}");
+
+    // Unknown function: non-zero exit and an error that says what was wrong.
+    let (ok, _, err) = emars(&agent, &["function", "nobody"]);
+    assert!(!ok);
+    assert!(err.contains("nobody") && err.contains("404"), "{err}");
+    Ok(())
+}
+
+/// Without an agent, the CLI says so and how to start one.
+#[test]
+fn cli_without_agent_says_so() {
+    let out = Command::new(agent_bin())
+        .args(["functions", "--addr", "127.0.0.1:1"])
+        .output()
+        .expect("run emars");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("emars agent"), "{err}");
+}
