@@ -308,11 +308,11 @@ fn render_recommendations(list: &[serde_json::Value], detail: bool) -> String {
     if detail {
         if let Some(r) = list.first() {
             out.push_str(&format!(
-                "\nP{:.0} of instance peaks = {}, + margin {} → max {}; high = max x fraction, not \
+                "\nP{:.0} of instance peaks = {}, + margin {:.2} → max {}; high = max x fraction, not \
                  below the median peak ({}); OOM bump: {}; clamped by: {}; half-life {} h\n",
                 r["percentile"].as_f64().unwrap_or(0.0),
                 b(&r["percentile_bytes"]),
-                format!("{:.2}", r["margin"].as_f64().unwrap_or(0.0)),
+                r["margin"].as_f64().unwrap_or(0.0),
                 b(&r["max_bytes"]),
                 b(&r["p50_bytes"]),
                 r["oom_bump_bytes"]
