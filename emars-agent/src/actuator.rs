@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cgroupfs::{CgroupVersion, CgroupfsError, MemoryHierarchy},
+    cgroupfs::{CgroupfsError, MemoryHierarchy},
     model::Limits,
 };
 
@@ -171,45 +171,29 @@ impl Actuator {
         let old = self.hierarchy.limits(dir)?;
         let usage = self.hierarchy.usage(dir)?;
         let floor = usage.saturating_add(self.headroom).min(self.host_memory);
-        let mut new = req;
         let mut raised = false;
-        if let Some(max) = req.max_bytes {
-            if max < floor {
-                match on_below {
-                    BelowUsage::Refuse => {
-                        return Err(ActuatorError::BelowUsage {
-                            path: dir.to_owned(),
-                            requested: max,
-                            usage,
-                            headroom: self.headroom,
-                        })
-                    }
+        // Neither limit below usage + headroom: a low max kills, a low high throttles at once.
+        let mut floored = |requested: Option<u64>| -> Result<Option<u64>, ActuatorError> {
+            match requested {
+                Some(v) if v < floor => match on_below {
+                    BelowUsage::Refuse => Err(ActuatorError::BelowUsage {
+                        path: dir.to_owned(),
+                        requested: v,
+                        usage,
+                        headroom: self.headroom,
+                    }),
                     BelowUsage::Raise => {
-                        new.max_bytes = Some(floor);
                         raised = true;
+                        Ok(Some(floor))
                     }
-                }
+                },
+                other => Ok(other),
             }
-        }
-        // memory.high below usage would throttle the instance at once: same floor as max.
-        if let Some(high) = req.high_bytes {
-            if high < floor {
-                match on_below {
-                    BelowUsage::Refuse => {
-                        return Err(ActuatorError::BelowUsage {
-                            path: dir.to_owned(),
-                            requested: high,
-                            usage,
-                            headroom: self.headroom,
-                        })
-                    }
-                    BelowUsage::Raise => {
-                        new.high_bytes = Some(floor);
-                        raised = true;
-                    }
-                }
-            }
-        }
+        };
+        let mut new = LimitRequest {
+            max_bytes: floored(req.max_bytes)?,
+            high_bytes: floored(req.high_bytes)?,
+        };
         if let (Some(high), Some(max)) = (new.high_bytes, new.max_bytes) {
             if high > max {
                 if raised {
@@ -219,10 +203,7 @@ impl Actuator {
                 }
             }
         }
-        let (max_file, high_file) = match self.hierarchy.version {
-            CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
-            CgroupVersion::V2 => ("memory.max", "memory.high"),
-        };
+        let (max_file, high_file) = self.hierarchy.limit_files();
         // The kernel keeps no order between the two files (v1 soft limit and v2 high may
         // exceed the hard limit), so max first: it is the one that protects the host.
         for (file, value) in [(max_file, new.max_bytes), (high_file, new.high_bytes)] {
@@ -300,6 +281,7 @@ mod tests {
     //! The safety rules on a fake cgroupfs in a temp dir (plain files stand in for the kernel's;
     //! the real kernel path is covered by tests/tests/predictive.rs).
     use super::*;
+    use crate::cgroupfs::CgroupVersion;
 
     struct Fake {
         _tmp: tempfile::TempDir,

@@ -173,12 +173,18 @@ impl MemoryHierarchy {
         }
     }
 
-    /// Hard and soft limits in force.
-    pub fn limits(&self, dir: &Path) -> Result<Limits> {
-        let (max, high) = match self.version {
+    /// The hard and soft limit files: v1 memory.limit_in_bytes / memory.soft_limit_in_bytes,
+    /// v2 memory.max / memory.high.
+    pub fn limit_files(&self) -> (&'static str, &'static str) {
+        match self.version {
             CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
             CgroupVersion::V2 => ("memory.max", "memory.high"),
-        };
+        }
+    }
+
+    /// Hard and soft limits in force.
+    pub fn limits(&self, dir: &Path) -> Result<Limits> {
+        let (max, high) = self.limit_files();
         Ok(Limits {
             max_bytes: read_limit(&dir.join(max))?,
             high_bytes: read_limit(&dir.join(high))?,

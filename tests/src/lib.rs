@@ -100,13 +100,17 @@ impl Hierarchy {
         read_u64(&dir.join(f))
     }
 
+    /// The hard and soft limit files (v1 limit_in_bytes / soft_limit_in_bytes, v2 max / high).
+    pub fn limit_files(&self) -> (&'static str, &'static str) {
+        match self.version {
+            Version::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
+            Version::V2 => ("memory.max", "memory.high"),
+        }
+    }
+
     /// Sets a hard limit (v1 memory.limit_in_bytes, v2 memory.max) on one of our cgroups.
     pub fn set_limit(&self, dir: &Path, bytes: u64) -> Result<()> {
-        let f = match self.version {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
-        };
-        let p = dir.join(f);
+        let p = dir.join(self.limit_files().0);
         fs::write(&p, bytes.to_string()).with_context(|| format!("writing {}", p.display()))?;
         if self.version == Version::V2 {
             // No swap for the test cgroup, so the limit really kills.

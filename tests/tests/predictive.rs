@@ -8,10 +8,7 @@ use serde_json::Value;
 
 /// The hard and soft limit files of a cgroup, as the kernel shows them (None = unlimited).
 fn limits(h: &Hierarchy, dir: &Path) -> (Option<u64>, Option<u64>) {
-    let (max, high) = match h.version {
-        Version::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
-        Version::V2 => ("memory.max", "memory.high"),
-    };
+    let (max, high) = h.limit_files();
     let read = |f: &str| {
         let s = fs::read_to_string(dir.join(f)).unwrap_or_default();
         s.trim().parse::<u64>().ok().filter(|v| *v < 1 << 62)

@@ -1095,13 +1095,6 @@ struct Enforcement {
     missed: usize,
 }
 
-fn limit_file(h: &Hierarchy) -> &'static str {
-    match h.version {
-        Version::V1 => "memory.limit_in_bytes",
-        Version::V2 => "memory.max",
-    }
-}
-
 fn enforcement(n: usize) -> Result<Enforcement> {
     let root = TestRoot::new()?;
     let agent = Agent::start_configured(
@@ -1115,7 +1108,7 @@ fn enforcement(n: usize) -> Result<Enforcement> {
         remove_cgroup(&dir)?;
     }
     thread::sleep(Duration::from_millis(500));
-    let file = limit_file(&root.hierarchy);
+    let file = root.hierarchy.limit_files().0;
     let unlimited = |v: &str| v.trim() == "max" || v.trim().len() >= 18;
     let (mut observed, mut direct) = (Vec::new(), Vec::new());
     let mut missed = 0;
