@@ -1,12 +1,19 @@
 //! The cgroup writer: puts memory limits into instance cgroups, and only there.
 //!
-//! Safety rules, checked on every write: the cgroup lies strictly inside a watched root; a limit
-//! is never below the instance's current usage plus headroom and never above host memory; every
-//! attempt, failed or not, is recorded with the old and new values. A failed write (cgroup gone,
-//! EBUSY, EINVAL) is an error value, never a crash.
+//! Safety rules, checked on every write:
+//! - writes happen only when the policy mode allows them (never in observe mode);
+//! - the cgroup lies strictly inside a watched root, reached without symlinks, and is the very
+//!   cgroup the agent recorded (its inode is the recorded cgroup id: a cgroup removed and
+//!   recreated under the same path is another instance and is not written);
+//! - the directory is opened once and every file is read and written through that handle;
+//! - a limit is never below the instance's usage plus headroom (checked again right before each
+//!   file is written) and never above host memory;
+//! - the intent is in the audit log, on disk, before the first byte is written (no durable
+//!   audit, no write), and the outcome (ok, partial, failed) replaces it afterwards.
+//!
+//! A failed write (cgroup gone, EBUSY, EINVAL) is an error value, never a crash.
 
 use std::{
-    fs, io,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -14,14 +21,29 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cgroupfs::{CgroupfsError, MemoryHierarchy},
-    model::Limits,
+    cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
+    model::{InstanceRecord, Limits},
+    store::{Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActuatorError {
+    #[error(
+        "refused: the agent is in observe mode, which writes no limits; set policy.mode = \
+         \"enforce\" in the agent's config to allow limit writes"
+    )]
+    ObserveMode,
     #[error("{path} is not inside a watched root; EMARS only writes to cgroups it manages")]
     OutsideRoots { path: PathBuf },
+    #[error(
+        "refused: {path} is no longer the instance's cgroup (recorded cgroup id {expected}, \
+         found {found}): it was removed and created again"
+    )]
+    Replaced {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error(
         "refused: a limit of {requested} bytes is below the current usage {usage} bytes plus \
          headroom {headroom} bytes of {path}"
@@ -38,13 +60,18 @@ pub enum ActuatorError {
     HighAboveMax { high: u64, max: u64 },
     #[error("nothing to write: give max_bytes and/or high_bytes")]
     Empty,
+    #[error(
+        "not written: the audit record of the write could not be made durable ({source}); \
+         EMARS writes no limit that its audit log would not show"
+    )]
+    AuditNotDurable { source: StoreError },
     #[error(transparent)]
     Cgroup(#[from] CgroupfsError),
     #[error("writing {value} to {path}: {source}")]
     Write {
         path: PathBuf,
         value: u64,
-        source: io::Error,
+        source: std::io::Error,
     },
 }
 
@@ -53,12 +80,14 @@ impl ActuatorError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Self::OutsideRoots { .. }
+            Self::ObserveMode
+                | Self::OutsideRoots { .. }
+                | Self::Replaced { .. }
                 | Self::BelowUsage { .. }
                 | Self::AboveHost { .. }
                 | Self::HighAboveMax { .. }
                 | Self::Empty
-        )
+        ) || matches!(self, Self::Cgroup(CgroupfsError::OutsideRoot { .. }))
     }
 }
 
@@ -71,6 +100,23 @@ pub enum BelowUsage {
     Refuse,
 }
 
+/// Values of [`AuditRecord::outcome`].
+pub mod outcome {
+    /// Intent recorded, outcome not yet: the write is under way.
+    pub const PENDING: &str = "pending";
+    /// Every requested file was written.
+    pub const OK: &str = "ok";
+    /// Some files were written (see `written`), then a write failed (see `error`).
+    pub const PARTIAL: &str = "partial";
+    /// Nothing was written: the write failed.
+    pub const FAILED: &str = "failed";
+    /// Nothing was written: a safety rule refused it.
+    pub const REFUSED: &str = "refused";
+    /// The agent stopped between intent and outcome; `written` holds what a restarted agent
+    /// found in the limit files.
+    pub const INTERRUPTED: &str = "interrupted";
+}
+
 /// One write attempt, as kept in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -78,18 +124,32 @@ pub struct AuditRecord {
     pub function: String,
     pub instance: String,
     pub cgroup_path: String,
+    #[serde(default)]
+    pub cgroup_id: u64,
     /// "new_instance", "apply" or "api".
     pub reason: String,
     pub old: Limits,
     /// What was (or would have been) written.
     pub new: Limits,
+    /// What reached the kernel: a file left out here was not written.
+    #[serde(default)]
+    pub written: Limits,
     pub usage_bytes: Option<u64>,
     /// Microseconds from the kernel's mkdir event to the completed write (new instances).
     pub delay_us: Option<u64>,
     /// True when the request was raised to usage + headroom.
     pub raised: bool,
-    /// "ok", or the error.
+    /// One of [`outcome`]'s values (records of older versions may hold an error text).
     pub outcome: String,
+    /// Why the write failed or was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AuditRecord {
+    pub fn is_ok(&self) -> bool {
+        self.outcome == outcome::OK
+    }
 }
 
 /// Counters of the actuator, for /v1/info.
@@ -98,14 +158,23 @@ pub struct ActuatorStats {
     pub writes_ok: AtomicU64,
     pub writes_failed: AtomicU64,
     pub refusals: AtomicU64,
+    /// Audit records that could not be stored (the write was then not made, or its outcome
+    /// is missing from the log).
+    pub audit_errors: AtomicU64,
 }
 
 pub struct Actuator {
     hierarchy: MemoryHierarchy,
-    roots: Vec<PathBuf>,
+    /// Kernel-style watched roots ("/emars").
+    roots: Vec<String>,
     host_memory: u64,
     headroom: u64,
+    writes_allowed: bool,
+    audit: Store,
     pub stats: ActuatorStats,
+    /// Test seam: writes to this file fail with EINVAL, as the kernel's may.
+    #[cfg(test)]
+    fail_writes_to: Option<&'static str>,
 }
 
 /// The request of one write.
@@ -115,135 +184,11 @@ pub struct LimitRequest {
     pub high_bytes: Option<u64>,
 }
 
-impl Actuator {
-    /// `roots` are kernel-style paths relative to the hierarchy ("/emars").
-    pub fn new(hierarchy: MemoryHierarchy, roots: &[String], headroom: u64) -> Self {
-        let roots = roots.iter().map(|r| hierarchy.dir(r)).collect();
-        Self {
-            hierarchy,
-            roots,
-            host_memory: host_memory_bytes(),
-            headroom,
-            stats: ActuatorStats::default(),
-        }
-    }
-
-    pub fn host_memory(&self) -> u64 {
-        self.host_memory
-    }
-
-    /// Writes limits into an instance cgroup. Returns the audit record of what was done;
-    /// the caller stores it (failed attempts too: see [`Actuator::failed_record`]).
-    pub fn apply(
-        &self,
-        dir: &Path,
-        req: LimitRequest,
-        on_below: BelowUsage,
-    ) -> Result<Applied, ActuatorError> {
-        let r = self.try_apply(dir, req, on_below);
-        let counter = match &r {
-            Ok(_) => &self.stats.writes_ok,
-            Err(e) if e.is_refusal() => &self.stats.refusals,
-            Err(_) => &self.stats.writes_failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        r
-    }
-
-    fn try_apply(
-        &self,
-        dir: &Path,
-        req: LimitRequest,
-        on_below: BelowUsage,
-    ) -> Result<Applied, ActuatorError> {
-        if req.max_bytes.is_none() && req.high_bytes.is_none() {
-            return Err(ActuatorError::Empty);
-        }
-        self.check_inside(dir)?;
-        for v in [req.max_bytes, req.high_bytes].into_iter().flatten() {
-            if v > self.host_memory {
-                return Err(ActuatorError::AboveHost {
-                    requested: v,
-                    host: self.host_memory,
-                });
-            }
-        }
-        let old = self.hierarchy.limits(dir)?;
-        let usage = self.hierarchy.usage(dir)?;
-        let floor = usage.saturating_add(self.headroom).min(self.host_memory);
-        let mut raised = false;
-        // Neither limit below usage + headroom: a low max kills, a low high throttles at once.
-        let mut floored = |requested: Option<u64>| -> Result<Option<u64>, ActuatorError> {
-            match requested {
-                Some(v) if v < floor => match on_below {
-                    BelowUsage::Refuse => Err(ActuatorError::BelowUsage {
-                        path: dir.to_owned(),
-                        requested: v,
-                        usage,
-                        headroom: self.headroom,
-                    }),
-                    BelowUsage::Raise => {
-                        raised = true;
-                        Ok(Some(floor))
-                    }
-                },
-                other => Ok(other),
-            }
-        };
-        let mut new = LimitRequest {
-            max_bytes: floored(req.max_bytes)?,
-            high_bytes: floored(req.high_bytes)?,
-        };
-        if let (Some(high), Some(max)) = (new.high_bytes, new.max_bytes) {
-            if high > max {
-                if raised {
-                    new.high_bytes = Some(max);
-                } else {
-                    return Err(ActuatorError::HighAboveMax { high, max });
-                }
-            }
-        }
-        let (max_file, high_file) = self.hierarchy.limit_files();
-        // The kernel keeps no order between the two files (v1 soft limit and v2 high may
-        // exceed the hard limit), so max first: it is the one that protects the host.
-        for (file, value) in [(max_file, new.max_bytes), (high_file, new.high_bytes)] {
-            if let Some(v) = value {
-                write_value(&dir.join(file), v)?;
-            }
-        }
-        Ok(Applied {
-            old,
-            new: Limits {
-                max_bytes: new.max_bytes.or(old.max_bytes),
-                high_bytes: new.high_bytes.or(old.high_bytes),
-            },
-            usage,
-            raised,
-        })
-    }
-
-    /// The cgroup must be strictly below a watched root, after resolving symlinks and "..".
-    fn check_inside(&self, dir: &Path) -> Result<(), ActuatorError> {
-        let outside = || ActuatorError::OutsideRoots {
-            path: dir.to_owned(),
-        };
-        let real = fs::canonicalize(dir).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ActuatorError::Cgroup(CgroupfsError::Gone {
-                path: dir.to_owned(),
-            }),
-            _ => outside(),
-        })?;
-        let inside = self.roots.iter().any(|root| {
-            fs::canonicalize(root)
-                .map(|r| real.starts_with(&r) && real != r)
-                .unwrap_or(false)
-        });
-        if inside {
-            Ok(())
-        } else {
-            Err(outside())
-        }
-    }
+/// The result of one write attempt and its audit record (already stored).
+#[derive(Debug)]
+pub struct Written {
+    pub audit: AuditRecord,
+    pub result: Result<Applied, ActuatorError>,
 }
 
 /// What a successful write did.
@@ -255,17 +200,368 @@ pub struct Applied {
     pub raised: bool,
 }
 
-fn write_value(path: &Path, value: u64) -> Result<(), ActuatorError> {
-    fs::write(path, value.to_string()).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) | Some(libc::ENODEV) => ActuatorError::Cgroup(CgroupfsError::Gone {
+/// A checked request, ready to be written into an opened cgroup.
+struct Plan {
+    dir: CgroupDir,
+    old: Limits,
+    usage: u64,
+    new: LimitRequest,
+    raised: bool,
+}
+
+impl Actuator {
+    /// `roots` are kernel-style paths relative to the hierarchy ("/emars"); `writes_allowed`
+    /// is false in observe mode; every attempt is audited in `audit`.
+    pub fn new(
+        hierarchy: MemoryHierarchy,
+        roots: &[String],
+        headroom: u64,
+        writes_allowed: bool,
+        audit: Store,
+    ) -> Self {
+        Self {
+            hierarchy,
+            roots: roots.to_vec(),
+            host_memory: host_memory_bytes(),
+            headroom,
+            writes_allowed,
+            audit,
+            stats: ActuatorStats::default(),
+            #[cfg(test)]
+            fail_writes_to: None,
+        }
+    }
+
+    pub fn host_memory(&self) -> u64 {
+        self.host_memory
+    }
+
+    pub fn writes_allowed(&self) -> bool {
+        self.writes_allowed
+    }
+
+    /// Writes limits into a live instance's cgroup, audited before and after; `reason` says who
+    /// asked ("new_instance", "apply", "api"), `delay_start_ns` the kernel time of its mkdir.
+    pub fn write(
+        &self,
+        inst: &InstanceRecord,
+        req: LimitRequest,
+        on_below: BelowUsage,
+        reason: &str,
+        delay_start_ns: Option<u64>,
+    ) -> Written {
+        let mut audit = AuditRecord {
+            at_ms: crate::agent::now_ms(),
+            function: inst.function.clone(),
+            instance: inst.instance.clone(),
+            cgroup_path: inst.cgroup_path.clone(),
+            cgroup_id: inst.cgroup_id,
+            reason: reason.to_owned(),
+            old: inst.limits,
+            new: Limits {
+                max_bytes: req.max_bytes,
+                high_bytes: req.high_bytes,
+            },
+            written: Limits::default(),
+            usage_bytes: None,
+            delay_us: None,
+            raised: false,
+            outcome: outcome::PENDING.to_owned(),
+            error: None,
+        };
+        let plan = match self.plan(inst, req, on_below) {
+            Ok(p) => p,
+            Err(e) => {
+                self.count(&e);
+                audit.outcome = if e.is_refusal() {
+                    outcome::REFUSED
+                } else {
+                    outcome::FAILED
+                }
+                .to_owned();
+                audit.error = Some(e.to_string());
+                // Nothing was written, so the record needs no durability of its own.
+                if let Err(se) = self.audit.append_audit(audit.at_ms, &audit) {
+                    self.audit_error(&se);
+                }
+                return Written {
+                    audit,
+                    result: Err(e),
+                };
+            }
+        };
+        audit.old = plan.old;
+        audit.new = Limits {
+            max_bytes: plan.new.max_bytes,
+            high_bytes: plan.new.high_bytes,
+        };
+        audit.usage_bytes = Some(plan.usage);
+        audit.raised = plan.raised;
+        let key = match self.audit.append_audit_durable(audit.at_ms, &audit) {
+            Ok(k) => k,
+            Err(source) => {
+                self.audit_error(&source);
+                let e = ActuatorError::AuditNotDurable { source };
+                self.count(&e);
+                audit.outcome = outcome::FAILED.to_owned();
+                audit.error = Some(e.to_string());
+                return Written {
+                    audit,
+                    result: Err(e),
+                };
+            }
+        };
+        let result = self.carry_out(plan, on_below, &mut audit);
+        audit.delay_us =
+            delay_start_ns.map(|t| crate::agent::monotonic_ns().saturating_sub(t) / 1000);
+        match &result {
+            Ok(_) => audit.outcome = outcome::OK.to_owned(),
+            Err(e) => {
+                self.count(e);
+                let nothing = audit.written == Limits::default();
+                audit.outcome = match (nothing, e.is_refusal()) {
+                    (false, _) => outcome::PARTIAL,
+                    (true, true) => outcome::REFUSED,
+                    (true, false) => outcome::FAILED,
+                }
+                .to_owned();
+                audit.error = Some(e.to_string());
+            }
+        }
+        if result.is_ok() {
+            self.stats.writes_ok.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(se) = self.audit.complete_audit(&key, &audit) {
+            self.audit_error(&se);
+        }
+        Written { audit, result }
+    }
+
+    fn count(&self, e: &ActuatorError) {
+        let counter = if e.is_refusal() {
+            &self.stats.refusals
+        } else {
+            &self.stats.writes_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn audit_error(&self, e: &StoreError) {
+        self.stats.audit_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("audit log: {e}");
+    }
+
+    /// Every check that needs no write: mode, place, identity, bounds.
+    fn plan(
+        &self,
+        inst: &InstanceRecord,
+        req: LimitRequest,
+        on_below: BelowUsage,
+    ) -> Result<Plan, ActuatorError> {
+        if !self.writes_allowed {
+            return Err(ActuatorError::ObserveMode);
+        }
+        if req.max_bytes.is_none() && req.high_bytes.is_none() {
+            return Err(ActuatorError::Empty);
+        }
+        let dir = self.open_instance(inst)?;
+        for v in [req.max_bytes, req.high_bytes].into_iter().flatten() {
+            if v > self.host_memory {
+                return Err(ActuatorError::AboveHost {
+                    requested: v,
+                    host: self.host_memory,
+                });
+            }
+        }
+        let old = dir.limits()?;
+        let usage = dir.usage()?;
+        let mut raised = false;
+        let mut new = LimitRequest {
+            max_bytes: self.floored(&dir, req.max_bytes, usage, on_below, &mut raised)?,
+            high_bytes: self.floored(&dir, req.high_bytes, usage, on_below, &mut raised)?,
+        };
+        if let (Some(high), Some(max)) = (new.high_bytes, new.max_bytes) {
+            if high > max {
+                if raised {
+                    new.high_bytes = Some(max);
+                } else {
+                    return Err(ActuatorError::HighAboveMax { high, max });
+                }
+            }
+        }
+        Ok(Plan {
+            dir,
+            old,
+            usage,
+            new,
+            raised,
+        })
+    }
+
+    /// The instance's cgroup, opened inside its watched root and checked to be the recorded one.
+    fn open_instance(&self, inst: &InstanceRecord) -> Result<CgroupDir, ActuatorError> {
+        let path = Path::new(&inst.cgroup_path);
+        let outside = || ActuatorError::OutsideRoots {
             path: path.to_owned(),
-        }),
-        _ => ActuatorError::Write {
-            path: path.to_owned(),
-            value,
-            source,
-        },
-    })
+        };
+        let rel = self.hierarchy.rel_path(path).ok_or_else(outside)?;
+        let root = self
+            .roots
+            .iter()
+            .find(|r| {
+                rel.strip_prefix(r.as_str())
+                    .is_some_and(|t| t.starts_with('/'))
+            })
+            .ok_or_else(outside)?;
+        let dir = self.hierarchy.open_below(root, &rel)?;
+        let found = dir.id()?;
+        if found != inst.cgroup_id {
+            return Err(ActuatorError::Replaced {
+                path: path.to_owned(),
+                expected: inst.cgroup_id,
+                found,
+            });
+        }
+        Ok(dir)
+    }
+
+    /// A requested limit against the floor usage + headroom: kept, raised, or refused.
+    fn floored(
+        &self,
+        dir: &CgroupDir,
+        requested: Option<u64>,
+        usage: u64,
+        on_below: BelowUsage,
+        raised: &mut bool,
+    ) -> Result<Option<u64>, ActuatorError> {
+        let floor = usage.saturating_add(self.headroom).min(self.host_memory);
+        match requested {
+            Some(v) if v < floor => match on_below {
+                BelowUsage::Refuse => Err(ActuatorError::BelowUsage {
+                    path: dir.path().to_owned(),
+                    requested: v,
+                    usage,
+                    headroom: self.headroom,
+                }),
+                BelowUsage::Raise => {
+                    *raised = true;
+                    Ok(Some(floor))
+                }
+            },
+            other => Ok(other),
+        }
+    }
+
+    /// Writes the plan, max first (the kernel keeps no order between the two files, and max is
+    /// the one that protects the host), checking the floor again right before each file:
+    /// usage can grow between the plan and the write.
+    fn carry_out(
+        &self,
+        plan: Plan,
+        on_below: BelowUsage,
+        audit: &mut AuditRecord,
+    ) -> Result<Applied, ActuatorError> {
+        let Plan {
+            dir,
+            old,
+            mut usage,
+            new,
+            mut raised,
+        } = plan;
+        let (max_file, high_file) = self.hierarchy.limit_files();
+        let mut max_now = new.max_bytes.or(old.max_bytes);
+        for (file, value, is_max) in [
+            (max_file, new.max_bytes, true),
+            (high_file, new.high_bytes, false),
+        ] {
+            let Some(v) = value else { continue };
+            usage = dir.usage()?;
+            let mut v = self
+                .floored(&dir, Some(v), usage, on_below, &mut raised)?
+                .unwrap_or(v);
+            if !is_max && raised {
+                // A raised high never goes above the max in force.
+                v = max_now.map_or(v, |m| v.min(m));
+            }
+            #[cfg(test)]
+            if self.fail_writes_to == Some(file) {
+                return Err(ActuatorError::Write {
+                    path: dir.path().join(file),
+                    value: v,
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                });
+            }
+            dir.write(file, v)
+                .map_err(|source| match source.raw_os_error() {
+                    Some(libc::ENOENT) | Some(libc::ENODEV) => {
+                        ActuatorError::Cgroup(CgroupfsError::Gone {
+                            path: dir.path().to_owned(),
+                        })
+                    }
+                    _ => ActuatorError::Write {
+                        path: dir.path().join(file),
+                        value: v,
+                        source,
+                    },
+                })?;
+            if is_max {
+                audit.written.max_bytes = Some(v);
+                max_now = Some(v);
+            } else {
+                audit.written.high_bytes = Some(v);
+            }
+        }
+        audit.raised = raised;
+        audit.usage_bytes = Some(usage);
+        Ok(Applied {
+            old,
+            new: Limits {
+                max_bytes: audit.written.max_bytes.or(old.max_bytes),
+                high_bytes: audit.written.high_bytes.or(old.high_bytes),
+            },
+            usage,
+            raised,
+        })
+    }
+
+    /// At start-up: closes the audit records of writes the last run did not finish, with what
+    /// the instance's limit files hold now (when its cgroup is still the same one).
+    pub fn close_interrupted(&self) -> Result<u64, StoreError> {
+        self.audit.close_interrupted_audit(|mut rec: AuditRecord| {
+            rec.outcome = outcome::INTERRUPTED.to_owned();
+            let now = self
+                .hierarchy
+                .rel_path(Path::new(&rec.cgroup_path))
+                .and_then(|rel| {
+                    let root = self.roots.iter().find(|r| rel.starts_with(r.as_str()))?;
+                    let dir = self.hierarchy.open_below(root, &rel).ok()?;
+                    (dir.id().ok()? == rec.cgroup_id).then(|| dir.limits().ok())?
+                });
+            rec.error = Some(match now {
+                Some(l) => {
+                    rec.written = Limits {
+                        max_bytes: rec
+                            .new
+                            .max_bytes
+                            .filter(|_| l.max_bytes == rec.new.max_bytes),
+                        high_bytes: rec
+                            .new
+                            .high_bytes
+                            .filter(|_| l.high_bytes == rec.new.high_bytes),
+                    };
+                    format!(
+                        "the agent stopped before recording the outcome; at restart the cgroup \
+                         held max {:?}, high {:?}",
+                        l.max_bytes, l.high_bytes
+                    )
+                }
+                None => "the agent stopped before recording the outcome; the cgroup was gone \
+                         at restart"
+                    .to_owned(),
+            });
+            rec
+        })
+    }
 }
 
 /// MemTotal from /proc/meminfo (bytes); u64::MAX if unreadable, so no limit is refused for it.
@@ -279,49 +575,100 @@ pub fn host_memory_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     //! The safety rules on a fake cgroupfs in a temp dir (plain files stand in for the kernel's;
-    //! the real kernel path is covered by tests/tests/predictive.rs).
+    //! the real kernel path is covered by tests/tests/predictive.rs and security.rs).
+    use std::{fs, os::unix::fs::MetadataExt};
+
     use super::*;
     use crate::cgroupfs::CgroupVersion;
+    use crate::model::PeakSource;
 
     struct Fake {
-        _tmp: tempfile::TempDir,
+        tmp: tempfile::TempDir,
         act: Actuator,
+        store: Store,
         inst: PathBuf,
         outside: PathBuf,
     }
 
-    fn fake(version: CgroupVersion, usage: u64) -> Fake {
+    fn files(version: CgroupVersion) -> (&'static str, &'static str, &'static str, &'static str) {
+        match version {
+            CgroupVersion::V1 => (
+                "memory.usage_in_bytes",
+                "memory.limit_in_bytes",
+                "memory.soft_limit_in_bytes",
+                "9223372036854771712",
+            ),
+            CgroupVersion::V2 => ("memory.current", "memory.max", "memory.high", "max"),
+        }
+    }
+
+    fn fake_dir(d: &Path, version: CgroupVersion, usage: u64) {
+        fs::create_dir_all(d).unwrap();
+        let (usage_f, max_f, high_f, unlimited) = files(version);
+        fs::write(d.join(usage_f), usage.to_string()).unwrap();
+        fs::write(d.join(max_f), unlimited).unwrap();
+        fs::write(d.join(high_f), unlimited).unwrap();
+    }
+
+    fn fake_with(version: CgroupVersion, usage: u64, writes_allowed: bool) -> Fake {
         let tmp = tempfile::tempdir().unwrap();
-        let mount = tmp.path().to_owned();
+        let mount = tmp.path().join("cg");
         let inst = mount.join("emars/fn/i1");
         let outside = mount.join("other/x");
         for d in [&inst, &outside] {
-            fs::create_dir_all(d).unwrap();
-            let (usage_f, max_f, high_f, unlimited) = match version {
-                CgroupVersion::V1 => (
-                    "memory.usage_in_bytes",
-                    "memory.limit_in_bytes",
-                    "memory.soft_limit_in_bytes",
-                    "9223372036854771712",
-                ),
-                CgroupVersion::V2 => ("memory.current", "memory.max", "memory.high", "max"),
-            };
-            fs::write(d.join(usage_f), usage.to_string()).unwrap();
-            fs::write(d.join(max_f), unlimited).unwrap();
-            fs::write(d.join(high_f), unlimited).unwrap();
+            fake_dir(d, version, usage);
         }
         let h = MemoryHierarchy {
             version,
             mount,
             hierarchy_id: 0,
         };
-        let mut act = Actuator::new(h, &["/emars".to_owned()], 8 << 20);
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let mut act = Actuator::new(
+            h,
+            &["/emars".to_owned()],
+            8 << 20,
+            writes_allowed,
+            store.clone(),
+        );
         act.host_memory = 1 << 30;
         Fake {
-            _tmp: tmp,
+            tmp,
             act,
+            store,
             inst,
             outside,
+        }
+    }
+
+    fn fake(version: CgroupVersion, usage: u64) -> Fake {
+        fake_with(version, usage, true)
+    }
+
+    /// The agent's record of the instance in `dir`, as the tracker would have it.
+    fn record(dir: &Path) -> InstanceRecord {
+        InstanceRecord {
+            function: "fn".into(),
+            instance: "i1".into(),
+            cgroup_id: fs::metadata(dir).map(|m| m.ino()).unwrap_or(7),
+            cgroup_path: dir.display().to_string(),
+            started_at_ms: 1,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Limits::default(),
+        }
+    }
+
+    impl Fake {
+        fn write(&self, dir: &Path, req: LimitRequest, on_below: BelowUsage) -> Written {
+            self.act.write(&record(dir), req, on_below, "api", None)
+        }
+
+        fn audit(&self) -> Vec<AuditRecord> {
+            self.store.audit(100).unwrap()
         }
     }
 
@@ -332,132 +679,168 @@ mod tests {
         }
     }
 
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap()
+    }
+
     #[test]
-    fn writes_v2_and_v1_files() {
+    fn writes_v2_and_v1_files_and_audits_them() {
         let f = fake(CgroupVersion::V2, 10 << 20);
-        let a = f
-            .act
-            .apply(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
-            .unwrap();
+        let w = f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse);
+        let a = w.result.unwrap();
         assert_eq!(a.old, Limits::default());
         assert_eq!(a.new.max_bytes, Some(64 << 20));
-        assert_eq!(
-            fs::read_to_string(f.inst.join("memory.max")).unwrap(),
-            "67108864"
-        );
-        assert_eq!(
-            fs::read_to_string(f.inst.join("memory.high")).unwrap(),
-            "50331648"
-        );
+        assert_eq!(read(&f.inst.join("memory.max")), "67108864");
+        assert_eq!(read(&f.inst.join("memory.high")), "50331648");
+        assert_eq!(f.audit(), vec![w.audit.clone()]);
+        assert_eq!(w.audit.outcome, outcome::OK);
+        assert_eq!(w.audit.written, a.new);
         let f = fake(CgroupVersion::V1, 10 << 20);
-        f.act
-            .apply(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
+        f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
+            .result
             .unwrap();
-        let v = fs::read_to_string(f.inst.join("memory.limit_in_bytes")).unwrap();
-        assert_eq!(v, "67108864");
+        assert_eq!(read(&f.inst.join("memory.limit_in_bytes")), "67108864");
         assert_eq!(f.act.stats.writes_ok.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn observe_mode_writes_nothing() {
+        let f = fake_with(CgroupVersion::V2, 0, false);
+        let w = f.write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(matches!(w.result, Err(ActuatorError::ObserveMode)), "{w:?}");
+        assert!(w.audit.error.unwrap_or_default().contains("policy.mode"));
+        assert_eq!(read(&f.inst.join("memory.max")), "max");
     }
 
     #[test]
     fn never_outside_the_roots() {
         let f = fake(CgroupVersion::V2, 0);
-        let e = f
-            .act
-            .apply(&f.outside, req(64 << 20, 32 << 20), BelowUsage::Raise);
-        assert!(
-            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
-            "{e:?}"
-        );
-        // Escapes through ".." are resolved before the check.
-        let sneaky = f.inst.join("../../../other/x");
-        let e = f
-            .act
-            .apply(&sneaky, req(64 << 20, 32 << 20), BelowUsage::Raise);
-        assert!(
-            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
-            "{e:?}"
-        );
+        let refused = |dir: &Path| {
+            let w = f.write(dir, req(64 << 20, 32 << 20), BelowUsage::Raise);
+            assert!(w.result.as_ref().is_err_and(|e| e.is_refusal()), "{w:?}");
+            assert_eq!(w.audit.outcome, outcome::REFUSED);
+        };
+        refused(&f.outside);
+        // Escapes through ".." are refused before anything is opened.
+        refused(&f.inst.join("../../../other/x"));
         // The root itself is not an instance.
-        let root = f.inst.parent().unwrap().parent().unwrap().to_owned();
-        let e = f
-            .act
-            .apply(&root, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        refused(&f.inst.parent().unwrap().parent().unwrap().to_owned());
+        // A symlink inside the root that leads out of it is not followed.
+        let link = f.inst.parent().unwrap().join("link");
+        std::os::unix::fs::symlink(&f.outside, &link).unwrap();
+        refused(&link);
+        assert_eq!(read(&f.outside.join("memory.max")), "max");
+        assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_recreated_cgroup_is_not_the_recorded_instance() {
+        let f = fake(CgroupVersion::V2, 0);
+        let recorded = record(&f.inst);
+        // A placeholder keeps the old inode number from being reused at once.
+        let keep = f.tmp.path().join("keep");
+        fs::rename(&f.inst, &keep).unwrap();
+        fake_dir(&f.inst, CgroupVersion::V2, 0);
+        let w = f.act.write(
+            &recorded,
+            req(64 << 20, 32 << 20),
+            BelowUsage::Raise,
+            "api",
+            None,
+        );
         assert!(
-            matches!(e, Err(ActuatorError::OutsideRoots { .. })),
-            "{e:?}"
+            matches!(w.result, Err(ActuatorError::Replaced { .. })),
+            "{w:?}"
         );
-        assert_eq!(
-            fs::read_to_string(f.outside.join("memory.max")).unwrap(),
-            "max"
-        );
-        assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 3);
+        assert_eq!(read(&f.inst.join("memory.max")), "max");
+        assert_eq!(read(&keep.join("memory.max")), "max");
     }
 
     #[test]
     fn never_below_usage_plus_headroom() {
         let f = fake(CgroupVersion::V2, 100 << 20);
-        let e = f
-            .act
-            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Refuse);
-        let msg = e
-            .as_ref()
+        let w = f.write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Refuse);
+        let msg = w
+            .result
             .map(|_| String::new())
             .unwrap_or_else(|e| e.to_string());
         assert!(msg.contains("below the current usage"), "{msg}");
-        assert_eq!(
-            fs::read_to_string(f.inst.join("memory.max")).unwrap(),
-            "max"
-        );
+        assert_eq!(read(&f.inst.join("memory.max")), "max");
         // memory.high below usage is refused too: it would throttle the instance at once.
-        let e = f.act.apply(
-            &f.inst,
-            LimitRequest {
-                max_bytes: None,
-                high_bytes: Some(1 << 20),
-            },
-            BelowUsage::Refuse,
-        );
-        assert!(matches!(e, Err(ActuatorError::BelowUsage { .. })), "{e:?}");
+        let high_only = LimitRequest {
+            max_bytes: None,
+            high_bytes: Some(1 << 20),
+        };
+        let w = f.write(&f.inst, high_only, BelowUsage::Refuse);
+        assert!(matches!(w.result, Err(ActuatorError::BelowUsage { .. })));
         // Automatic enforcement raises instead, and says so.
-        let a = f
-            .act
-            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise)
-            .unwrap();
-        assert!(a.raised);
+        let w = f.write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        let a = w.result.unwrap();
+        assert!(a.raised && w.audit.raised);
         assert_eq!(a.new.max_bytes, Some((100 << 20) + (8 << 20)));
     }
 
     #[test]
     fn never_above_host_memory_or_inconsistent() {
         let f = fake(CgroupVersion::V2, 0);
-        let e = f
-            .act
-            .apply(&f.inst, req(2 << 30, 1 << 20), BelowUsage::Raise);
-        assert!(matches!(e, Err(ActuatorError::AboveHost { .. })), "{e:?}");
-        let e = f
-            .act
-            .apply(&f.inst, req(16 << 20, 32 << 20), BelowUsage::Refuse);
-        assert!(
-            matches!(e, Err(ActuatorError::HighAboveMax { .. })),
-            "{e:?}"
-        );
-        let e = f
-            .act
-            .apply(&f.inst, LimitRequest::default(), BelowUsage::Refuse);
-        assert!(matches!(e, Err(ActuatorError::Empty)));
+        let w = f.write(&f.inst, req(2 << 30, 1 << 20), BelowUsage::Raise);
+        assert!(matches!(w.result, Err(ActuatorError::AboveHost { .. })));
+        let w = f.write(&f.inst, req(16 << 20, 32 << 20), BelowUsage::Refuse);
+        assert!(matches!(w.result, Err(ActuatorError::HighAboveMax { .. })));
+        let w = f.write(&f.inst, LimitRequest::default(), BelowUsage::Refuse);
+        assert!(matches!(w.result, Err(ActuatorError::Empty)));
     }
 
     #[test]
     fn vanished_cgroup_is_an_error_not_a_crash() {
         let f = fake(CgroupVersion::V2, 0);
+        let rec = record(&f.inst);
         fs::remove_dir_all(&f.inst).unwrap();
-        let e = f
-            .act
-            .apply(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
-        assert!(
-            matches!(e, Err(ActuatorError::Cgroup(CgroupfsError::Gone { .. }))),
-            "{e:?}"
+        let w = f.act.write(
+            &rec,
+            req(64 << 20, 32 << 20),
+            BelowUsage::Raise,
+            "api",
+            None,
         );
+        assert!(
+            matches!(
+                w.result,
+                Err(ActuatorError::Cgroup(CgroupfsError::Gone { .. }))
+            ),
+            "{w:?}"
+        );
+        assert_eq!(w.audit.outcome, outcome::FAILED);
         assert_eq!(f.act.stats.writes_failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_partial_write_is_recorded_as_exactly_that() {
+        let mut f = fake(CgroupVersion::V2, 0);
+        // The kernel refuses memory.high: max is written, high is not.
+        f.act.fail_writes_to = Some("memory.high");
+        let w = f.write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
+        assert!(w.result.is_err(), "{w:?}");
+        assert_eq!(w.audit.outcome, outcome::PARTIAL);
+        assert_eq!(w.audit.written.max_bytes, Some(64 << 20));
+        assert_eq!(w.audit.written.high_bytes, None);
+        assert_eq!(f.audit()[0], w.audit);
+    }
+
+    #[test]
+    fn interrupted_writes_are_closed_at_restart() {
+        let f = fake(CgroupVersion::V2, 0);
+        let mut rec = f
+            .write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise)
+            .audit;
+        // As if the agent died between the write and its outcome.
+        rec.outcome = outcome::PENDING.to_owned();
+        rec.written = Limits::default();
+        f.store.append_audit_durable(rec.at_ms, &rec).unwrap();
+        assert_eq!(f.act.close_interrupted().unwrap(), 1);
+        let closed = &f.audit()[0];
+        assert_eq!(closed.outcome, outcome::INTERRUPTED);
+        assert_eq!(closed.written.max_bytes, Some(64 << 20));
+        assert_eq!(f.act.close_interrupted().unwrap(), 0);
     }
 }

@@ -13,7 +13,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     actuator::Actuator,
-    api::{self, ApiState, Predictive},
+    api::{self, guard::Guard, server::Bounds, token::Token, ApiState, Predictive},
     cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     config::Config,
     events,
@@ -94,7 +94,16 @@ pub async fn run(
         hierarchy.clone(),
         &roots,
         config.policy.headroom_bytes,
+        config.policy.mode == crate::config::EnforceMode::Enforce,
+        store.clone(),
     ));
+    match actuator.close_interrupted() {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!("{n} limit writes of the last run were interrupted (see /v1/audit)")
+        }
+        Err(e) => tracing::error!("closing interrupted audit records: {e}"),
+    }
     let policy = Arc::new(Policy::new(
         config.policy.clone(),
         store.clone(),
@@ -110,10 +119,14 @@ pub async fn run(
         .with_policy(policy.clone(), actuator.clone());
     scan_existing(&mut tracker, &mut probes, &store, &roots)?;
 
+    let token = Token::load_or_create(&config.api.token_file)?;
+    raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("binding the API to {}", config.api.listen))?;
-    tracing::info!("API listening on http://{}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    tracing::info!("API listening on http://{local}");
+    let guard = Arc::new(Guard::new(token, local, &config.api.allowed_hosts));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api_state = ApiState {
         store: store.clone(),
@@ -122,11 +135,18 @@ pub async fn run(
             policy: policy.clone(),
             actuator: actuator.clone(),
         }),
+        retention_ms: u64::from(config.store.retention_days) * 86_400_000,
     };
     let mut api_stop = stop_rx.clone();
-    let api_task = tokio::spawn(api::serve(listener, api_state, async move {
-        let _ = api_stop.changed().await;
-    }));
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        api_state,
+        guard,
+        Bounds::default(),
+        async move {
+            let _ = api_stop.changed().await;
+        },
+    ));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -230,6 +250,7 @@ async fn event_loop(
                         writes_ok: load(&actuator.stats.writes_ok),
                         writes_failed: load(&actuator.stats.writes_failed),
                         refusals: load(&actuator.stats.refusals),
+                        audit_errors: load(&actuator.stats.audit_errors),
                         max_mkdir_to_write_us: tracker.stats.max_enforce_delay_us,
                     };
                 }
@@ -259,6 +280,19 @@ async fn event_loop(
         tracing::warn!("{decode_errors} undecodable event records");
     }
     Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one: the API's connection cap is far
+/// below either, and cgroup writes must never run short.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::debug!("raising RLIMIT_NOFILE: {e}");
+        }
+    }
 }
 
 /// Creates a missing watched root: it is EMARS's own, so a platform can start creating

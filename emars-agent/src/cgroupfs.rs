@@ -5,9 +5,11 @@
 
 use std::{
     fs, io,
-    os::unix::fs::MetadataExt,
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::{config::CgroupMode, model::Limits};
 
@@ -19,6 +21,8 @@ pub enum CgroupfsError {
     Io { path: PathBuf, source: io::Error },
     #[error("unexpected content {content:?} in {path}")]
     Parse { path: PathBuf, content: String },
+    #[error("{path} is not strictly inside the watched root {root} (or is reached through a symlink); EMARS only writes to cgroups it manages")]
+    OutsideRoot { path: PathBuf, root: PathBuf },
     #[error("no memory controller found: {0}")]
     NoMemoryController(String),
     /// The cgroup exists but has no memory files: on v2 its parent's cgroup.subtree_control
@@ -176,10 +180,7 @@ impl MemoryHierarchy {
     /// The hard and soft limit files: v1 memory.limit_in_bytes / memory.soft_limit_in_bytes,
     /// v2 memory.max / memory.high.
     pub fn limit_files(&self) -> (&'static str, &'static str) {
-        match self.version {
-            CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
-            CgroupVersion::V2 => ("memory.max", "memory.high"),
-        }
+        limit_files(self.version)
     }
 
     /// Hard and soft limits in force.
@@ -234,6 +235,127 @@ impl MemoryHierarchy {
     }
 }
 
+/// An instance cgroup directory opened once, below a watched root, without following symlinks;
+/// its files are read and written through this handle, so a path swapped after the open cannot
+/// redirect a write.
+#[derive(Debug)]
+pub struct CgroupDir {
+    fd: OwnedFd,
+    path: PathBuf,
+    version: CgroupVersion,
+}
+
+impl MemoryHierarchy {
+    /// Opens `rel` (a path below the watched root `root`, both kernel-style: "/emars",
+    /// "/emars/fn/1") strictly inside that root: no symlink, no "." or ".." and no empty
+    /// component on the way, and not the root itself.
+    pub fn open_below(&self, root: &str, rel: &str) -> Result<CgroupDir> {
+        let path = self.dir(rel);
+        let outside = || CgroupfsError::OutsideRoot {
+            path: path.clone(),
+            root: self.dir(root),
+        };
+        let inner = rel
+            .strip_prefix(root)
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|r| !r.is_empty())
+            .ok_or_else(outside)?;
+        if inner
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(outside());
+        }
+        let root_dir = self.dir(root);
+        let root_fd = rustix::fs::open(
+            &root_dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupfsError::io(&root_dir, e.into()))?;
+        let fd = rustix::fs::openat2(
+            &root_fd,
+            inner,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| match e {
+            // ELOOP: a symlink on the way; EXDEV: an escape from the root.
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => {
+                outside()
+            }
+            e => CgroupfsError::io(&path, e.into()),
+        })?;
+        Ok(CgroupDir {
+            fd,
+            path,
+            version: self.version,
+        })
+    }
+}
+
+impl CgroupDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory's inode number: the kernel's cgroup id.
+    pub fn id(&self) -> Result<u64> {
+        rustix::fs::fstat(&self.fd)
+            .map(|st| st.st_ino)
+            .map_err(|e| CgroupfsError::io(&self.path, e.into()))
+    }
+
+    fn file(&self, v1: &'static str, v2: &'static str) -> &'static str {
+        match self.version {
+            CgroupVersion::V1 => v1,
+            CgroupVersion::V2 => v2,
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<String> {
+        let path = self.path.join(name);
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupfsError::io(&path, e.into()))?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut fs::File::from(fd), &mut text)
+            .map_err(|e| CgroupfsError::io(&path, e))?;
+        Ok(text)
+    }
+
+    /// Bytes charged to the cgroup now.
+    pub fn usage(&self) -> Result<u64> {
+        let name = self.file("memory.usage_in_bytes", "memory.current");
+        parse_u64(&self.path.join(name), self.read(name)?)
+    }
+
+    /// Hard and soft limits in force.
+    pub fn limits(&self) -> Result<Limits> {
+        let (max, high) = limit_files(self.version);
+        Ok(Limits {
+            max_bytes: parse_limit(&self.path.join(max), self.read(max)?)?,
+            high_bytes: parse_limit(&self.path.join(high), self.read(high)?)?,
+        })
+    }
+
+    /// Writes `value` into the cgroup's file `name` (never through a symlink).
+    pub fn write(&self, name: &str, value: u64) -> io::Result<()> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        io::Write::write_all(&mut fs::File::from(fd), value.to_string().as_bytes())
+    }
+}
+
 /// The cgroup id the kernel uses for a cgroup directory: its inode number.
 pub fn cgroup_id(dir: &Path) -> Result<u64> {
     fs::metadata(dir)
@@ -280,25 +402,33 @@ fn read(path: &Path) -> Result<String> {
 }
 
 fn read_u64(path: &Path) -> Result<u64> {
-    let text = read(path)?;
+    parse_u64(path, read(path)?)
+}
+
+fn parse_u64(path: &Path, text: String) -> Result<u64> {
     text.trim().parse().map_err(|_| CgroupfsError::Parse {
         path: path.to_owned(),
         content: text,
     })
 }
 
-/// "max" (v2) or a v1 value near PAGE_COUNTER_MAX means no limit.
 fn read_limit(path: &Path) -> Result<Option<u64>> {
-    let text = read(path)?;
-    let t = text.trim();
-    if t == "max" {
+    parse_limit(path, read(path)?)
+}
+
+/// "max" (v2) or a v1 value near PAGE_COUNTER_MAX means no limit.
+fn parse_limit(path: &Path, text: String) -> Result<Option<u64>> {
+    if text.trim() == "max" {
         return Ok(None);
     }
-    let v: u64 = t.parse().map_err(|_| CgroupfsError::Parse {
-        path: path.to_owned(),
-        content: text.clone(),
-    })?;
-    Ok((v < V1_UNLIMITED).then_some(v))
+    Ok(Some(parse_u64(path, text)?).filter(|v| *v < V1_UNLIMITED))
+}
+
+fn limit_files(version: CgroupVersion) -> (&'static str, &'static str) {
+    match version {
+        CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
+        CgroupVersion::V2 => ("memory.max", "memory.high"),
+    }
 }
 
 fn read_ids(path: &Path) -> Result<Vec<u32>> {

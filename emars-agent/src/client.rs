@@ -36,6 +36,9 @@ pub enum ClientError {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// The write token, when this user could read it; where it was looked for.
+    token: Option<String>,
+    token_file: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -51,7 +54,25 @@ impl Client {
             .timeout_connect(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .build();
-        Client { base, agent }
+        Client {
+            base,
+            agent,
+            token: None,
+            token_file: None,
+        }
+    }
+
+    /// Sends the write token of `path` with every write, if this user may read it (root).
+    pub fn with_token_file(mut self, path: &std::path::Path) -> Client {
+        self.token = crate::api::token::read_for_client(path);
+        self.token_file = Some(path.to_owned());
+        self
+    }
+
+    /// Sends `token` with every write.
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.to_owned());
+        self
     }
 
     /// Base URL requests go to.
@@ -70,7 +91,29 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        self.answer(path, self.agent.post(&self.url(path)).send_json(body))
+        let mut req = self.agent.post(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let r = self.answer(path, req.send_json(body));
+        match (r, &self.token, &self.token_file) {
+            (
+                Err(ClientError::Api {
+                    status: 401,
+                    message,
+                }),
+                None,
+                Some(file),
+            ) => Err(ClientError::Api {
+                status: 401,
+                message: format!(
+                    "{message} (this user cannot read {}: run the command as root, or pass \
+                         --token-file)",
+                    file.display()
+                ),
+            }),
+            (r, _, _) => r,
+        }
     }
 
     /// GET /v1/info.

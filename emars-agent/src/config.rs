@@ -279,15 +279,64 @@ impl PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address of the HTTP API. Loopback by default: the API accepts writes.
+    /// Address of the HTTP API. Loopback by default.
     pub listen: SocketAddr,
+    /// The write token: generated at first start, readable by root only; every write request
+    /// must present it.
+    pub token_file: PathBuf,
+    /// Must be true to listen on a non-loopback address (writes stay token-only).
+    pub allow_remote: bool,
+    /// Host names besides localhost/127.0.0.1/[::1] that requests may carry in their Host
+    /// header (the names of this host, when `allow_remote` is set).
+    pub allowed_hosts: Vec<String>,
 }
+
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/emars/api-token";
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_LISTEN_PORT)),
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
+            allow_remote: false,
+            allowed_hosts: Vec::new(),
         }
+    }
+}
+
+impl ApiConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.allow_remote {
+            return Err(invalid(
+                "api.listen",
+                self.listen,
+                "is not a loopback address: the API would be reachable from other hosts; set \
+                 api.allow_remote = true to allow it (writes still need the token of \
+                 api.token_file), or listen on 127.0.0.1",
+            ));
+        }
+        if !self.token_file.is_absolute() {
+            return Err(invalid(
+                "api.token_file",
+                self.token_file.display(),
+                "must be an absolute path",
+            ));
+        }
+        for (i, h) in self.allowed_hosts.iter().enumerate() {
+            let ok = !h.is_empty()
+                && h.len() <= 253
+                && !h.contains(':')
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !ok {
+                return Err(invalid(
+                    &format!("api.allowed_hosts[{i}]"),
+                    h,
+                    "must be a host name or IPv4 address without port (letters, digits, '.', '-')",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -416,6 +465,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.api.validate()?;
         self.store.validate()?;
         self.cgroup.validate()?;
         self.probes.validate()?;

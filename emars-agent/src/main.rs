@@ -34,6 +34,20 @@ struct ClientArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// The agent's write token (api.token_file), read when this user may (root); writes need it.
+    #[arg(
+        long,
+        env = "EMARS_TOKEN_FILE",
+        default_value = emars_agent::config::DEFAULT_TOKEN_FILE,
+        global = true
+    )]
+    token_file: PathBuf,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Client {
+        Client::new(&self.addr).with_token_file(&self.token_file)
+    }
 }
 
 #[derive(Subcommand)]
@@ -188,7 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(client::render_functions(&list))
         }),
         Command::Function { name, client: c } => {
-            let api = Client::new(&c.addr);
+            let api = c.client();
             let path = format!("/v1/functions/{}", urlencode(&name));
             let summary = api.get(&path)?;
             let instances = api.get(&format!("{path}/instances?limit=20"))?;
@@ -207,7 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Export(c) => {
-            let v = Client::new(&c.addr).get("/v1/export")?;
+            let v = c.client().get("/v1/export")?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
@@ -216,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             generate,
             client: c,
         } => {
-            let api = Client::new(&c.addr);
+            let api = c.client();
             let v = match (&function, generate) {
                 (_, true) => api.post("/v1/recommendations/generate", &serde_json::json!({}))?,
                 (Some(f), false) => {
@@ -236,11 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Apply(c) => {
-            let v = Client::new(&c.addr).post("/v1/apply", &serde_json::json!({}))?;
+            let v = c.client().post("/v1/apply", &serde_json::json!({}))?;
             print_audit(&v["writes"], c.json)
         }
         Command::Audit { limit, client: c } => {
-            let v = Client::new(&c.addr).get(&format!("/v1/audit?limit={limit}"))?;
+            let v = c.client().get(&format!("/v1/audit?limit={limit}"))?;
             print_audit(&v["audit"], c.json)
         }
         Command::Generations {
@@ -252,7 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(f) = &function {
                 path.push_str(&format!("&function={}", urlencode(f)));
             }
-            let v = Client::new(&c.addr).get(&path)?;
+            let v = c.client().get(&path)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
@@ -269,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 urlencode(&instance)
             );
             let body = serde_json::json!({"max_bytes": max, "high_bytes": high});
-            let v = Client::new(&c.addr).post(&path, &body)?;
+            let v = c.client().post(&path, &body)?;
             print_audit(&serde_json::json!([v]), c.json)
         }
         Command::Invocations {
@@ -278,7 +292,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client: c,
         } => {
             let path = format!("/v1/functions/{}/invocations", urlencode(&name));
-            let v = Client::new(&c.addr).post(&path, &serde_json::json!({ "count": count }))?;
+            let v = c
+                .client()
+                .post(&path, &serde_json::json!({ "count": count }))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
@@ -372,7 +388,7 @@ fn show(
     path: &str,
     render: impl FnOnce(serde_json::Value) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
-    let v = Client::new(&c.addr).get(path)?;
+    let v = c.client().get(path)?;
     if c.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

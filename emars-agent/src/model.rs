@@ -169,6 +169,9 @@ pub struct EnforcementInfo {
     pub writes_ok: u64,
     pub writes_failed: u64,
     pub refusals: u64,
+    /// Audit records that could not be stored (a write without a durable intent is not made).
+    #[serde(default)]
+    pub audit_errors: u64,
     /// Largest delay from a cgroup's mkdir to its limits being written, microseconds.
     pub max_mkdir_to_write_us: u64,
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
     config::{EnforceMode, FunctionPolicy, PolicyConfig},
-    model::{InstanceRecord, Limits},
+    model::InstanceRecord,
     recommend::{recommend, PolicyParams, Recommendation, Sample},
     store::{Store, StoreError},
 };
@@ -54,6 +54,12 @@ pub enum PolicyError {
     },
     #[error("encoding the exported config: {0}")]
     Encode(String),
+    #[error("busy: the same operation is already running; try again when it is done")]
+    Busy,
+    #[error(
+        "refused: the agent is in observe mode, which writes no limits; set policy.mode = \"enforce\" in the agent's config to allow limit writes"
+    )]
+    ObserveMode,
 }
 
 pub struct Policy {
@@ -64,6 +70,8 @@ pub struct Policy {
     /// One generation at a time: the periodic one and `emars recommend --generate` share the
     /// export files.
     generating: std::sync::Mutex<()>,
+    /// One `apply` at a time: it walks every live instance.
+    applying: std::sync::Mutex<()>,
 }
 
 /// The recommender's samples: one per instance with a measured peak or an OOM kill (its limit
@@ -109,6 +117,7 @@ impl Policy {
             host_memory,
             cache: RwLock::new(HashMap::new()),
             generating: std::sync::Mutex::new(()),
+            applying: std::sync::Mutex::new(()),
         }
     }
 
@@ -172,33 +181,30 @@ impl Policy {
         actuator: &Actuator,
         rec: &InstanceRecord,
         delay_start_ns: u64,
-        now_ms: u64,
     ) -> Option<AuditRecord> {
         if self.config.mode != EnforceMode::Enforce {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(
-            actuator,
-            rec,
-            &r,
-            "new_instance",
-            Some(delay_start_ns),
-            now_ms,
-        ))
+        Some(self.write(actuator, rec, &r, "new_instance", Some(delay_start_ns)))
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
+    /// Refused in observe mode, which writes nothing.
     pub fn apply_all(
         &self,
         actuator: &Actuator,
         now_ms: u64,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
+    ) -> Result<Vec<AuditRecord>, PolicyError> {
+        if self.config.mode != EnforceMode::Enforce {
+            return Err(PolicyError::ObserveMode);
+        }
+        let _one_at_a_time = one_at_a_time(&self.applying)?;
         self.compute_all(now_ms)?;
         let mut out = Vec::new();
         for inst in self.store.live_instances()? {
             if let Some(r) = self.cached(&inst.function) {
-                out.push(self.write(actuator, &inst, &r, "apply", None, now_ms));
+                out.push(self.write(actuator, &inst, &r, "apply", None));
             }
         }
         Ok(out)
@@ -211,24 +217,19 @@ impl Policy {
         r: &Recommendation,
         reason: &str,
         delay_start_ns: Option<u64>,
-        now_ms: u64,
     ) -> AuditRecord {
         let req = LimitRequest {
             max_bytes: Some(r.max_bytes),
             high_bytes: Some(r.high_bytes),
         };
-        let result = actuator.apply(Path::new(&inst.cgroup_path), req, BelowUsage::Raise);
-        let delay_us =
-            delay_start_ns.map(|t| crate::agent::monotonic_ns().saturating_sub(t) / 1000);
-        audit_record(inst, reason, req, &result, delay_us, now_ms)
+        actuator
+            .write(inst, req, BelowUsage::Raise, reason, delay_start_ns)
+            .audit
     }
 
     /// Generates and keeps a config for every function, and exports it as TOML and JSON.
     pub fn generate(&self, trigger: &str, now_ms: u64) -> Result<Generation, PolicyError> {
-        let _one_at_a_time = self
-            .generating
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = one_at_a_time(&self.generating)?;
         let recs: HashMap<String, Recommendation> = self
             .compute_all(now_ms)?
             .into_iter()
@@ -271,53 +272,48 @@ impl Policy {
             move |source| PolicyError::Export { path, source }
         };
         fs::create_dir_all(dir).map_err(io(dir))?;
+        // The directory itself must not be a symlink planted to redirect root's writes.
+        if fs::symlink_metadata(dir)
+            .map_err(io(dir))?
+            .file_type()
+            .is_symlink()
+        {
+            return Err(PolicyError::Export {
+                path: dir.clone(),
+                source: std::io::Error::other("is a symbolic link; refusing to write through it"),
+            });
+        }
         let json =
             serde_json::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
         let toml = toml::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
         for (name, text) in [("emars-config.json", json), ("emars-config.toml", toml)] {
             let path = dir.join(name);
-            let tmp = dir.join(format!(".{name}.tmp"));
-            // Write then rename: a platform reading the file never sees half of it.
-            fs::write(&tmp, text).map_err(io(&tmp))?;
-            fs::rename(&tmp, &path).map_err(io(&path))?;
+            // An unpredictable name, created exclusively (O_EXCL: a planted file or symlink
+            // makes it fail, never followed), then renamed over the target (rename replaces a
+            // symlink there instead of following it): a platform never sees half a file.
+            let mut tmp = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .tempfile_in(dir)
+                .map_err(io(dir))?;
+            std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(io(tmp.path()))?;
+            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+            tmp.persist(&path).map_err(|e| PolicyError::Export {
+                path: path.clone(),
+                source: e.error,
+            })?;
         }
         Ok(())
     }
 }
 
-/// The audit record of one write attempt.
-pub fn audit_record(
-    inst: &InstanceRecord,
-    reason: &str,
-    req: LimitRequest,
-    result: &Result<crate::actuator::Applied, crate::actuator::ActuatorError>,
-    delay_us: Option<u64>,
-    now_ms: u64,
-) -> AuditRecord {
-    let (old, new, usage, raised, outcome) = match result {
-        Ok(a) => (a.old, a.new, Some(a.usage), a.raised, "ok".to_owned()),
-        Err(e) => (
-            inst.limits,
-            Limits {
-                max_bytes: req.max_bytes,
-                high_bytes: req.high_bytes,
-            },
-            None,
-            false,
-            e.to_string(),
-        ),
-    };
-    AuditRecord {
-        at_ms: now_ms,
-        function: inst.function.clone(),
-        instance: inst.instance.clone(),
-        cgroup_path: inst.cgroup_path.clone(),
-        reason: reason.to_owned(),
-        old,
-        new,
-        usage_bytes: usage,
-        delay_us,
-        raised,
-        outcome,
+/// The lock of an expensive operation; a second caller is told (busy), not queued.
+fn one_at_a_time(
+    lock: &std::sync::Mutex<()>,
+) -> Result<std::sync::MutexGuard<'_, ()>, PolicyError> {
+    match lock.try_lock() {
+        Ok(g) => Ok(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => Err(PolicyError::Busy),
     }
 }

@@ -14,6 +14,7 @@
 //! | `functions` | name                                                             | `{"first_seen_ms":…,"last_seen_ms":…}` |
 //! | `meta`      | `schema_version`                                                 | `1`                                    |
 //! | `audit`     | `at_ms` (u64 BE) · sequence (u64 BE)                             | `AuditRecord` (every limit write)      |
+//! | `audit_pending` | the `audit` key of a write whose outcome is not recorded yet     | empty                                  |
 //! | `generations` | `generated_at_ms` (u64 BE) · sequence (u64 BE)                 | `Generation` (each generated config)   |
 //!
 //! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
@@ -59,6 +60,10 @@ const TREE_FUNCTIONS: &str = "functions";
 const TREE_META: &str = "meta";
 const TREE_AUDIT: &str = "audit";
 const TREE_GENERATIONS: &str = "generations";
+const TREE_AUDIT_PENDING: &str = "audit_pending";
+
+/// Key of a log record (audit, generations): `at_ms` (u64 BE) · sequence (u64 BE).
+pub type AuditKey = [u8; 16];
 const KEY_SCHEMA_VERSION: &str = "schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,7 @@ pub struct Store {
     hours: sled::Tree,
     functions: sled::Tree,
     audit: sled::Tree,
+    audit_pending: sled::Tree,
     generations: sled::Tree,
 }
 
@@ -140,6 +146,12 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
+        // The store holds every function's history and the audit: root's eyes only.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|source| StoreError::CreateDir {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -150,6 +162,7 @@ impl Store {
         let functions = db.open_tree(TREE_FUNCTIONS).map_err(open_err)?;
         let meta = db.open_tree(TREE_META).map_err(open_err)?;
         let audit = db.open_tree(TREE_AUDIT).map_err(open_err)?;
+        let audit_pending = db.open_tree(TREE_AUDIT_PENDING).map_err(open_err)?;
         let generations = db.open_tree(TREE_GENERATIONS).map_err(open_err)?;
 
         match meta.get(KEY_SCHEMA_VERSION)? {
@@ -175,13 +188,64 @@ impl Store {
             hours,
             functions,
             audit,
+            audit_pending,
             generations,
         })
     }
 
-    /// Appends a record of a limit write (kept like everything else, pruned by retention).
-    pub fn append_audit<T: Serialize>(&self, at_ms: u64, rec: &T) -> Result<(), StoreError> {
+    /// Appends an audit record that needs no durability of its own (a refusal: nothing was
+    /// written); it reaches the disk with sled's next periodic flush.
+    pub fn append_audit<T: Serialize>(&self, at_ms: u64, rec: &T) -> Result<AuditKey, StoreError> {
         self.append_log(&self.audit, TREE_AUDIT, at_ms, rec)
+    }
+
+    /// Records the intent of a limit write and returns only once it is on disk (fsync), so that
+    /// no write can happen that the audit does not show, even after `kill -9`. Until
+    /// [`Store::complete_audit`] replaces it, the record is also listed as pending, and a
+    /// restarted agent marks it as interrupted ([`Store::close_interrupted_audit`]).
+    pub fn append_audit_durable<T: Serialize>(
+        &self,
+        at_ms: u64,
+        rec: &T,
+    ) -> Result<AuditKey, StoreError> {
+        let key = self.append_audit(at_ms, rec)?;
+        self.audit_pending.insert(key, &[])?;
+        self.db.flush()?;
+        Ok(key)
+    }
+
+    /// Replaces a pending audit record by its outcome, durably.
+    pub fn complete_audit<T: Serialize>(&self, key: &AuditKey, rec: &T) -> Result<(), StoreError> {
+        let value = encode(TREE_AUDIT, key, rec)?;
+        self.audit.insert(key, value)?;
+        self.audit_pending.remove(key)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// At start-up: every audit record still pending (the agent stopped between intent and
+    /// outcome) is passed to `close`, which says what is known now, and is no longer pending.
+    /// Returns how many there were.
+    pub fn close_interrupted_audit<T, F>(&self, mut close: F) -> Result<u64, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(T) -> T,
+    {
+        let mut n = 0;
+        for item in self.audit_pending.iter() {
+            let (key, _) = item?;
+            if let Some(raw) = self.audit.get(&key)? {
+                let rec: T = decode(TREE_AUDIT, &format!("{key:?}"), &raw)?;
+                self.audit
+                    .insert(&key, encode(TREE_AUDIT, &key, &close(rec))?)?;
+                n += 1;
+            }
+            self.audit_pending.remove(&key)?;
+        }
+        if n > 0 {
+            self.db.flush()?;
+        }
+        Ok(n)
     }
 
     /// The newest `limit` audit records, newest first.
@@ -192,6 +256,7 @@ impl Store {
     /// Appends a generated per-function config; every generation is kept.
     pub fn append_generation<T: Serialize>(&self, at_ms: u64, gen: &T) -> Result<(), StoreError> {
         self.append_log(&self.generations, TREE_GENERATIONS, at_ms, gen)
+            .map(drop)
     }
 
     /// The newest `limit` generations, newest first.
@@ -205,14 +270,15 @@ impl Store {
         name: &'static str,
         at_ms: u64,
         rec: &T,
-    ) -> Result<(), StoreError> {
+    ) -> Result<AuditKey, StoreError> {
         // The sequence number keeps two records of the same millisecond apart.
         let seq = self.db.generate_id()?;
-        let mut key = at_ms.to_be_bytes().to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&at_ms.to_be_bytes());
+        key[8..].copy_from_slice(&seq.to_be_bytes());
         let value = encode(name, &key, rec)?;
         tree.insert(key, value)?;
-        Ok(())
+        Ok(key)
     }
 
     /// Directory the store lives in.

@@ -127,7 +127,7 @@ impl Tracker {
         });
         rec.limits = limits;
         if let Some(ts) = mkdir_ts_ns {
-            self.enforce(&mut rec, ts, started_at_ms);
+            self.enforce(&mut rec, ts);
         }
         self.refresh_watermark(&mut rec);
         if fresh {
@@ -142,14 +142,14 @@ impl Tracker {
     }
 
     /// Writes the function's recommended limits into a new instance (enforce mode).
-    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: u64, now_ms: u64) {
+    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: u64) {
         let Some((policy, actuator)) = &self.policy else {
             return;
         };
-        let Some(audit) = policy.enforce_new_instance(actuator, rec, mkdir_ts_ns, now_ms) else {
+        let Some(audit) = policy.enforce_new_instance(actuator, rec, mkdir_ts_ns) else {
             return;
         };
-        if audit.outcome == "ok" {
+        if audit.is_ok() {
             self.stats.enforced += 1;
             rec.limits = audit.new;
             tracing::info!(
@@ -165,17 +165,15 @@ impl Tracker {
             tracing::warn!(
                 function = rec.function,
                 instance = rec.instance,
-                "limits not written: {}",
-                audit.outcome
+                "limits not written ({}): {}",
+                audit.outcome,
+                audit.error.as_deref().unwrap_or("")
             );
         }
         self.stats.max_enforce_delay_us = self
             .stats
             .max_enforce_delay_us
             .max(audit.delay_us.unwrap_or(0));
-        if let Err(e) = self.store.append_audit(audit.at_ms, &audit) {
-            self.store_error(e);
-        }
     }
 
     /// Recomputes a function's recommendation (an instance ended, or was OOM-killed).

@@ -20,6 +20,15 @@
 //! Every error, including unknown routes (404), wrong methods (405, with `Allow`) and rejected
 //! bodies (400/413/415), is `{"error": "<what was wrong, with the value>", "status": <code>}`.
 //! A function name that does not satisfy [`valid_function_name`] is a 400 on every route.
+//!
+//! Before any route: [`guard`] refuses foreign Host headers and cross-site requests (403) and
+//! every write without the token (401) or without a JSON content type (415); [`server`] bounds
+//! connections and time. Writes in observe mode are 409, as is an expensive operation while
+//! another one runs.
+
+pub mod guard;
+pub mod server;
+pub mod token;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -30,13 +39,14 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest};
+use crate::actuator::{Actuator, ActuatorError, AuditRecord, BelowUsage, LimitRequest};
+use crate::cgroupfs::CgroupfsError;
 use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
-use crate::policy::{audit_record, Generation, Policy};
+use crate::policy::{Generation, Policy, PolicyError};
 use crate::recommend::Recommendation;
 use crate::registry::valid_function_name;
 use crate::store::{Store, StoreError};
@@ -47,6 +57,8 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub const MAX_INVOCATIONS_PER_REPORT: u64 = 1_000_000_000;
 /// Largest `limit` of the instances listing.
 pub const MAX_INSTANCES_LIMIT: u64 = 10_000;
+/// How far into the future a reported `at_ms` may lie (clocks of platform and host differ).
+pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -56,6 +68,8 @@ pub struct ApiState {
     pub info: Arc<RwLock<AgentInfo>>,
     /// Recommendations and the cgroup writer; None in API-only tests (503 on those routes).
     pub predictive: Option<Predictive>,
+    /// The store's retention: reported invocations older than this are refused.
+    pub retention_ms: u64,
 }
 
 /// What the predictive routes need.
@@ -209,8 +223,8 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The API's routes, with JSON 404/405 fallbacks and the body limit.
-pub fn router(state: ApiState) -> Router {
+/// The API's routes, with JSON 404/405 fallbacks and the body limit, behind the guard.
+pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/info", get(info))
@@ -236,6 +250,8 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost, so it also covers the fallbacks and every route added later.
+        .layer(middleware::from_fn_with_state(guard, guard::layer))
         .with_state(state)
 }
 
@@ -243,14 +259,14 @@ pub fn router(state: ApiState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
+    guard: Arc<guard::Guard>,
+    bounds: server::Bounds,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "API listening");
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router(state, guard), bounds, shutdown).await
 }
 
 fn now_ms() -> u64 {
@@ -425,7 +441,16 @@ async fn post_invocations(
             report.count
         )));
     }
-    let at_ms = report.at_ms.unwrap_or_else(now_ms);
+    let now = now_ms();
+    let at_ms = report.at_ms.unwrap_or(now);
+    let oldest = now.saturating_sub(state.retention_ms);
+    if at_ms < oldest || at_ms > now.saturating_add(MAX_FUTURE_MS) {
+        return Err(ApiError::bad_request(format!(
+            "`at_ms` {at_ms} is out of range: it must lie within the retention (not before \
+             {oldest}) and at most {} s ahead of the agent's clock ({now})",
+            MAX_FUTURE_MS / 1000
+        )));
+    }
     let count = report.count;
     let function = name.clone();
     blocking(move || state.store.add_invocations(&function, count, at_ms)).await?;
@@ -525,7 +550,7 @@ async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> 
     let p = predictive(&state)?;
     match tokio::task::spawn_blocking(move || p.policy.generate("on_demand", now_ms())).await {
         Ok(Ok(g)) => Ok(Json(g)),
-        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+        Ok(Err(e)) => Err(ApiError::from(e)),
         Err(e) => Err(ApiError::internal(format!("generation task failed: {e}"))),
     }
 }
@@ -548,15 +573,14 @@ async fn list_generations(
 
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
     let p = predictive(&state)?;
-    let store = state.store.clone();
-    let writes = blocking(move || {
-        let writes = p.policy.apply_all(&p.actuator, now_ms())?;
-        for w in &writes {
-            store.append_audit(w.at_ms, w)?;
-        }
-        Ok(writes)
+    let writes = match tokio::task::spawn_blocking(move || {
+        p.policy.apply_all(&p.actuator, now_ms())
     })
-    .await?;
+    .await
+    {
+        Ok(r) => r?,
+        Err(e) => return Err(ApiError::internal(format!("apply task failed: {e}"))),
+    };
     Ok(Json(json!({"writes": writes})))
 }
 
@@ -594,6 +618,9 @@ async fn set_limits(
     }
     let Json(b) = body?;
     let p = predictive(&state)?;
+    if !p.actuator.writes_allowed() {
+        return Err(ApiError::from(ActuatorError::ObserveMode));
+    }
     let store = state.store.clone();
     let outcome = blocking(move || {
         let live = store
@@ -610,29 +637,41 @@ async fn set_limits(
             max_bytes: b.max_bytes,
             high_bytes: b.high_bytes,
         };
-        let result = p.actuator.apply(
-            std::path::Path::new(&inst.cgroup_path),
-            req,
-            BelowUsage::Refuse,
-        );
-        let rec = audit_record(&inst, "api", req, &result, None, now_ms());
-        store.append_audit(rec.at_ms, &rec)?;
-        Ok(match result {
-            Ok(_) => Ok(rec),
-            Err(e) if e.is_refusal() => Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                e.to_string(),
-            )),
-            Err(crate::actuator::ActuatorError::Cgroup(crate::cgroupfs::CgroupfsError::Gone {
-                ..
-            })) => Err(ApiError::not_found(format!(
-                "instance {instance:?} of {name:?} is gone"
-            ))),
-            Err(e) => Err(ApiError::internal(e.to_string())),
+        let w = p
+            .actuator
+            .write(&inst, req, BelowUsage::Refuse, "api", None);
+        Ok(match w.result {
+            Ok(_) => Ok(w.audit),
+            Err(e) => Err(ApiError::from(e)),
         })
     })
     .await?;
     outcome.map(Json)
+}
+
+impl From<ActuatorError> for ApiError {
+    fn from(e: ActuatorError) -> Self {
+        let status = match &e {
+            ActuatorError::ObserveMode | ActuatorError::Replaced { .. } => StatusCode::CONFLICT,
+            e if e.is_refusal() => StatusCode::UNPROCESSABLE_ENTITY,
+            ActuatorError::Cgroup(CgroupfsError::Gone { .. }) => StatusCode::NOT_FOUND,
+            ActuatorError::AuditNotDurable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => return ApiError::internal(e.to_string()),
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::ObserveMode | PolicyError::Busy => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            PolicyError::Store(e) => ApiError::from(e),
+            e => ApiError::internal(e.to_string()),
+        }
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -660,6 +699,7 @@ mod tests {
     /// A real server on 127.0.0.1:0 over a real store, on its own runtime thread.
     struct TestServer {
         addr: SocketAddr,
+        token: String,
         store: Store,
         info: Arc<RwLock<AgentInfo>>,
         shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -681,7 +721,10 @@ mod tests {
                 store: store.clone(),
                 info: info.clone(),
                 predictive: None,
+                retention_ms: 3650 * 86_400_000,
             };
+            let token = token::Token::load_or_create(&dir.path().join("token")).expect("token");
+            let token_text = token.as_str().to_owned();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
             let thread = std::thread::spawn(move || {
@@ -691,16 +734,25 @@ mod tests {
                     .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    let _ = addr_tx.send(listener.local_addr()?);
-                    serve(listener, state, async move {
-                        let _ = rx.await;
-                    })
+                    let addr = listener.local_addr()?;
+                    let _ = addr_tx.send(addr);
+                    let guard = Arc::new(guard::Guard::new(token, addr, &[]));
+                    serve(
+                        listener,
+                        state,
+                        guard,
+                        server::Bounds::default(),
+                        async move {
+                            let _ = rx.await;
+                        },
+                    )
                     .await
                 })
             });
             let addr = addr_rx.recv().expect("server address");
             TestServer {
                 addr,
+                token: token_text,
                 store,
                 info,
                 shutdown: Some(tx),
@@ -710,7 +762,12 @@ mod tests {
         }
 
         fn client(&self) -> Client {
-            Client::new(&self.addr.to_string())
+            Client::new(&self.addr.to_string()).with_token(&self.token)
+        }
+
+        /// A raw POST carrying the write token.
+        fn post(&self, path: &str) -> ureq::Request {
+            ureq::post(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token))
         }
 
         fn url(&self, path: &str) -> String {
@@ -963,8 +1020,8 @@ mod tests {
             "invalid function name",
         );
 
-        let url = s.url(path);
-        let (st, v) = raw(ureq::post(&url)
+        let (st, v) = raw(s
+            .post(path)
             .set("Content-Type", "application/json")
             .send_string("{\"count\": "));
         assert_eq!((st, v["status"].as_u64()), (400, Some(400)));
@@ -973,17 +1030,24 @@ mod tests {
             "{v}"
         );
 
-        let (st, v) = raw(ureq::post(&url)
+        let (st, v) = raw(s
+            .post(path)
             .set("Content-Type", "text/plain")
             .send_string("{\"count\": 1}"));
         assert_eq!((st, v["status"].as_u64()), (415, Some(415)));
         assert!(v["error"].as_str().unwrap().contains("Content-Type"), "{v}");
 
-        let (st, _) = raw(ureq::post(&url).call());
+        let (st, _) = raw(s.post(path).call());
         assert_eq!(st, 415);
+        // Without the token, nothing else is looked at.
+        let (st, v) = raw(ureq::post(&s.url(path))
+            .set("Content-Type", "application/json")
+            .send_string("{\"count\": 1}"));
+        assert_eq!(st, 401, "{v}");
 
         let big = format!("{{\"count\": 1, \"pad\": \"{}\"}}", "z".repeat(BODY_LIMIT));
-        let (st, v) = raw(ureq::post(&url)
+        let (st, v) = raw(s
+            .post(path)
             .set("Content-Type", "application/json")
             .send_string(&big));
         assert_eq!((st, v["status"].as_u64()), (413, Some(413)));
@@ -1045,7 +1109,11 @@ mod tests {
         let head = ureq::head(&s.url("/healthz")).call().unwrap();
         assert_eq!(head.status(), 200);
 
-        let resp = ureq::delete(&s.url("/v1/functions")).call();
+        let (st, _) = raw(ureq::delete(&s.url("/v1/functions")).call());
+        assert_eq!(st, 401, "writes of any method need the token first");
+        let resp = ureq::delete(&s.url("/v1/functions"))
+            .set("Authorization", &format!("Bearer {}", s.token))
+            .call();
         let Err(ureq::Error::Status(405, r)) = resp else {
             panic!("expected 405");
         };
