@@ -59,7 +59,8 @@ pub(crate) fn normalize_root_path(path: &str) -> Result<String, String> {
             "a root cannot be the whole hierarchy: name a sub-directory such as /emars".to_string(),
         );
     }
-    if p.contains("//") {
+    // A second trailing '/' ("/a//") is an empty component too: only one is dropped.
+    if p.contains("//") || p.ends_with('/') {
         return Err("has an empty path component (\"//\")".to_string());
     }
     if p.split('/').any(|c| c == "." || c == "..") {
@@ -1056,6 +1057,8 @@ regex = '(?<function>[a-z]+)/(?<instance>\d+)'
             ("", "whole hierarchy"),
             ("//", "whole hierarchy"),
             ("/a//b", "empty path component"),
+            ("/a//", "empty path component"),
+            ("a///", "empty path component"),
             ("/a/../b", "\"..\""),
             ("/a/./b", "\"..\""),
             ("/a\nb", "control"),
@@ -1073,6 +1076,15 @@ regex = '(?<function>[a-z]+)/(?<instance>\d+)'
         assert!(reason.contains("128"), "{reason}");
         let fits = format!("/{}", "x".repeat(emars_common::ROOT_PREFIX_LEN - 1));
         assert!(Registry::new(&roots(&[(&fits, &[])])).is_ok());
+    }
+
+    #[test]
+    fn normalised_root_paths_normalise_to_themselves() {
+        // check-config prints the normalised config, which must load back unchanged.
+        for path in ["/emars", "emars", "/emars/", "a/b/", "/a/b"] {
+            let once = normalize_root_path(path).unwrap();
+            assert_eq!(normalize_root_path(&once).as_deref(), Ok(once.as_str()));
+        }
     }
 
     #[test]

@@ -210,7 +210,13 @@ impl Store {
     ) -> Result<AuditKey, StoreError> {
         let key = self.append_audit(at_ms, rec)?;
         self.audit_pending.insert(key, &[])?;
-        self.db.flush()?;
+        if let Err(e) = self.db.flush() {
+            // Not durable, so the write will not happen: the record must not claim it might
+            // have (best effort; the store is failing).
+            let _ = self.audit.remove(key);
+            let _ = self.audit_pending.remove(key);
+            return Err(e.into());
+        }
         Ok(key)
     }
 

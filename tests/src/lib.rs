@@ -314,6 +314,9 @@ pub struct Agent {
     pub addr: String,
     pub store: PathBuf,
     pub config_path: PathBuf,
+    /// The agent's write token (root-only file) and its content.
+    pub token_file: PathBuf,
+    pub token: String,
     log: Arc<Mutex<String>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -347,8 +350,10 @@ impl Agent {
             "config-{}.toml",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        let token_file = dir.join("api-token");
         let config = format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+            token_file.display(),
             store.display(),
             root.rel
         );
@@ -389,11 +394,17 @@ impl Agent {
                 bail!("agent did not start listening in time; its log:\n{l}");
             }
         };
+        let token = fs::read_to_string(&token_file)
+            .with_context(|| format!("reading the agent's token {}", token_file.display()))?
+            .trim()
+            .to_owned();
         Ok(Agent {
             child,
             addr,
             store: store.to_owned(),
             config_path,
+            token_file,
+            token,
             log,
             _tmp: tmp,
         })
@@ -433,15 +444,35 @@ impl Agent {
         Ok(body)
     }
 
-    /// POST raw bytes with a content type, returning (status, JSON body).
+    /// POST raw bytes with a content type and the write token (as root's CLI sends it),
+    /// returning (status, JSON body).
     pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Value)> {
-        let resp = match ureq::post(&self.url(path))
-            .set("Content-Type", content_type)
-            .send_bytes(body)
-        {
+        let auth = format!("Bearer {}", self.token);
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", content_type), ("Authorization", &auth)],
+            body,
+        )
+    }
+
+    /// Any request with exactly the given headers (the Host header is ureq's own unless given),
+    /// returning (status, JSON body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(u16, Value)> {
+        let mut req = ureq::request(method, &self.url(path));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let resp = match req.send_bytes(body) {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => bail!("POST {path}: {e}"),
+            Err(e) => bail!("{method} {path}: {e}"),
         };
         let status = resp.status();
         let body: Value = resp.into_json().context("decoding JSON")?;
@@ -488,6 +519,13 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
     }
 
+    /// Kills the agent with SIGKILL (no chance to flush anything) and waits for it.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        self.resume();
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+
     /// Stops the agent with SIGTERM (as an operator would) and waits for it.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()
@@ -530,4 +568,37 @@ pub fn u64_of(v: &Value, key: &str) -> u64 {
 pub fn close_to_watermark(reported: u64, watermark: u64) -> bool {
     let tol = (watermark / 50).max(MIB);
     reported.abs_diff(watermark) <= tol
+}
+
+/// The unprivileged user the security tests act as.
+pub const NOBODY: u32 = 65534;
+
+/// A copy of `bin` that user `nobody` may run (the build tree may sit in root's home), in a
+/// temporary directory removed on drop.
+pub fn copy_for_nobody(bin: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+    let name = bin
+        .file_name()
+        .ok_or_else(|| anyhow!("{} has no file name", bin.display()))?;
+    let copy = dir.path().join(name);
+    fs::copy(bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))?;
+    Ok((dir, copy))
+}
+
+/// Runs `cmd` as user and group `nobody` (supplementary groups dropped); returns (success,
+/// stdout, stderr).
+pub fn run_as_nobody(mut cmd: Command) -> Result<(bool, String, String)> {
+    use std::os::unix::process::CommandExt as _;
+    cmd.uid(NOBODY).gid(NOBODY).current_dir("/");
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?} as nobody"))?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }

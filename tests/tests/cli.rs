@@ -8,6 +8,8 @@ fn emars(agent: &Agent, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(agent_bin())
         .args(args)
         .args(["--addr", &agent.addr])
+        .arg("--token-file")
+        .arg(&agent.token_file)
         .output()
         .expect("run emars");
     (

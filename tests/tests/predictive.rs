@@ -133,7 +133,27 @@ fn observe_mode_writes_nothing() -> anyhow::Result<()> {
     let agent = start(&root, "")?;
     history(&root, &agent, "watched", 3, 8)?;
     let dir = root.instance_dir("watched", "n")?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the agent to know the new instance: it has then passed the point where enforce
+    // mode would have written its limits.
+    wait_for(Duration::from_secs(5), || {
+        let live = agent.instances("watched").ok()?;
+        live.iter().any(|i| i["instance"] == "n").then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("instance n not seen:\n{}", agent.log()))?;
+    assert_eq!(limits(&root.hierarchy, &dir), (None, None));
+    // Nor do the explicit write commands, even with the token: 409, naming the setting.
+    for (path, body) in [
+        ("/v1/apply", &b"{}"[..]),
+        (
+            "/v1/functions/watched/instances/n/limits",
+            br#"{"max_bytes": 536870912}"#,
+        ),
+    ] {
+        let (s, b) = agent.post_raw(path, "application/json", body)?;
+        assert_eq!(s, 409, "{path}: {b}");
+        let msg = b["error"].as_str().unwrap_or("");
+        assert!(msg.contains("policy.mode = \"enforce\""), "{msg}");
+    }
     assert_eq!(limits(&root.hierarchy, &dir), (None, None));
     let audit = agent.get_ok("/v1/audit")?;
     assert_eq!(audit["audit"].as_array().map(Vec::len), Some(0));
@@ -201,7 +221,7 @@ fn limit_below_usage_is_refused() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let agent = start(&root, "")?;
+    let agent = start(&root, "mode = \"enforce\"")?;
     let dir = root.instance_dir("busy", "b1")?;
     let mut child = spawn_alloc(&dir, 48, 60_000, 0)?;
     // The workload holds 48 MiB (read from the kernel, not the agent), and the agent knows

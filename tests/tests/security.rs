@@ -1,0 +1,638 @@
+//! The write path as an attacker would try it: an unprivileged local user, a web page in a
+//! browser on the host, a cgroup swapped under the agent, symlinks planted where the agent
+//! writes, a full disk under the audit log, `kill -9` right after a write, clients that never
+//! finish their requests. Real agent, real users, real cgroups.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::TcpStream,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context};
+use emars_tests::*;
+use serde_json::Value;
+
+/// The hard and soft limit files of a cgroup as raw text (what must not change).
+fn limit_text(h: &Hierarchy, dir: &Path) -> (String, String) {
+    let (max, high) = h.limit_files();
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    (read(max), read(high))
+}
+
+fn start(root: &TestRoot, policy: &str) -> anyhow::Result<Agent> {
+    Agent::start_configured(
+        root,
+        &format!("\n[policy]\nexport_dir = \"{{dir}}/export\"\nmode = \"enforce\"\n{policy}\n"),
+    )
+}
+
+/// A function with a known recommendation, and a live instance of it holding `mib` MiB.
+fn live_instance(
+    root: &TestRoot,
+    agent: &Agent,
+    function: &str,
+    mib: u64,
+) -> anyhow::Result<(PathBuf, std::process::Child)> {
+    let dir = root.instance_dir(function, "live")?;
+    let child = spawn_alloc(&dir, mib, 120_000, 0)?;
+    wait_for(Duration::from_secs(5), || {
+        let known = agent
+            .instances(function)
+            .ok()?
+            .iter()
+            .any(|i| i["instance"] == "live" && i["ended_at_ms"].is_null());
+        (known && root.hierarchy.usage(&dir).ok()? >= mib * MIB).then_some(())
+    })
+    .ok_or_else(|| anyhow!("instance not running with {mib} MiB:\n{}", agent.log()))?;
+    Ok((dir, child))
+}
+
+fn audit_len(agent: &Agent) -> anyhow::Result<usize> {
+    let a = agent.get_ok("/v1/audit")?;
+    Ok(a["audit"].as_array().map_or(0, Vec::len))
+}
+
+/// Every write route of the API, with a body it would accept from root.
+const WRITES: [(&str, &str, &str); 5] = [
+    ("POST", "/v1/apply", "{}"),
+    ("POST", "/v1/recommendations/generate", "{}"),
+    ("POST", "/v1/functions/sec/invocations", r#"{"count": 1}"#),
+    (
+        "POST",
+        "/v1/functions/sec/instances/live/limits",
+        r#"{"max_bytes": 67108864}"#,
+    ),
+    // Methods and routes that do not exist yet are refused before anything else.
+    ("DELETE", "/v1/functions/sec", ""),
+];
+
+/// As `nobody`: the CLI's write commands and raw requests to every write route are refused;
+/// the live instance's limit files and the audit log are unchanged.
+#[test]
+fn nobody_cannot_write() -> anyhow::Result<()> {
+    if !require_root("nobody_cannot_write") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    let (dir, mut child) = live_instance(&root, &agent, "sec", 16)?;
+    let before = limit_text(&root.hierarchy, &dir);
+    let audit_before = audit_len(&agent)?;
+
+    // The token is root's alone.
+    let mode = fs::metadata(&agent.token_file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "token file mode {mode:o}");
+    let store_mode = fs::metadata(&agent.store)?.permissions().mode() & 0o777;
+    assert_eq!(store_mode, 0o700, "store mode {store_mode:o}");
+
+    let (_keep, cli) = copy_for_nobody(&agent_bin())?;
+    let commands: [&[&str]; 4] = [
+        &["apply"],
+        &["set-limit", "sec", "live", "--max", "67108864"],
+        &["recommend", "--generate"],
+        &["invocations", "sec", "3"],
+    ];
+    for args in commands {
+        let mut cmd = Command::new(&cli);
+        cmd.args(args)
+            .args(["--addr", &agent.addr, "--token-file"])
+            .arg(&agent.token_file);
+        let (ok, out, err) = run_as_nobody(cmd)?;
+        assert!(!ok, "{args:?} succeeded as nobody: {out}");
+        assert!(
+            err.contains("401") && err.contains("cannot read"),
+            "{args:?}: {err}"
+        );
+    }
+    // The same user can still read.
+    let mut cmd = Command::new(&cli);
+    cmd.args(["functions", "--addr", &agent.addr]);
+    let (ok, out, err) = run_as_nobody(cmd)?;
+    assert!(ok && out.contains("sec"), "{out}{err}");
+
+    // Raw requests without the token, or with a wrong one, on every write route.
+    for (method, path, body) in WRITES {
+        for auth in [None, Some("Bearer 0000"), Some("Basic cm9vdDpyb290")] {
+            let mut headers = vec![("Content-Type", "application/json")];
+            if let Some(a) = auth {
+                headers.push(("Authorization", a));
+            }
+            let (s, b) = agent.request(method, path, &headers, body.as_bytes())?;
+            assert_eq!(s, 401, "{method} {path} with {auth:?}: {b}");
+        }
+    }
+    assert_eq!(limit_text(&root.hierarchy, &dir), before);
+    assert_eq!(audit_len(&agent)?, audit_before);
+    let f = agent.get_ok("/v1/functions/sec")?;
+    assert_eq!(f["invocations"], 0, "no invocation was recorded");
+
+    // Root, with the token, may.
+    let (s, b) = agent.post_raw(WRITES[3].1, "application/json", WRITES[3].2.as_bytes())?;
+    assert_eq!(s, 200, "{b}");
+    assert_ne!(limit_text(&root.hierarchy, &dir), before);
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// What a web page can make a browser send: a cross-origin form POST, a rebound Host name, a
+/// cross-site fetch. Refused on every route, with the token or without.
+#[test]
+fn browser_requests_are_refused() -> anyhow::Result<()> {
+    if !require_root("browser_requests_are_refused") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    let (dir, mut child) = live_instance(&root, &agent, "sec", 16)?;
+    let before = limit_text(&root.hierarchy, &dir);
+    let auth = format!("Bearer {}", agent.token);
+    let port = agent.addr.rsplit(':').next().unwrap_or("0").to_owned();
+    let evil_host = format!("evil.example:{port}");
+    let own_host = format!("127.0.0.1:{port}");
+    let own_origin = format!("http://{own_host}");
+    let limits = "/v1/functions/sec/instances/live/limits";
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str, u16)> = vec![
+        // A plain HTML form: urlencoded, cross-origin, body-less route.
+        (
+            "POST",
+            "/v1/apply",
+            vec![
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", "http://evil.example"),
+                ("Sec-Fetch-Site", "cross-site"),
+            ],
+            "",
+            403,
+        ),
+        // The same form, even if it somehow carried the token.
+        (
+            "POST",
+            "/v1/apply",
+            vec![
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", "http://evil.example"),
+                ("Authorization", &auth),
+            ],
+            "",
+            403,
+        ),
+        // text/plain is what a no-preflight fetch can send; refused even same-origin.
+        (
+            "POST",
+            limits,
+            vec![("Content-Type", "text/plain"), ("Authorization", &auth)],
+            r#"{"max_bytes": 67108864}"#,
+            415,
+        ),
+        // DNS rebinding: a page at evil.example:PORT resolved to 127.0.0.1.
+        (
+            "POST",
+            limits,
+            vec![
+                ("Host", &evil_host),
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
+            r#"{"max_bytes": 67108864}"#,
+            403,
+        ),
+        ("GET", "/v1/functions", vec![("Host", &evil_host)], "", 403),
+        (
+            "GET",
+            "/v1/audit",
+            vec![("Origin", "http://evil.example")],
+            "",
+            403,
+        ),
+        (
+            "GET",
+            "/v1/info",
+            vec![("Sec-Fetch-Site", "cross-site")],
+            "",
+            403,
+        ),
+        // The agent's own origin is fine.
+        (
+            "GET",
+            "/v1/info",
+            vec![
+                ("Host", &own_host),
+                ("Origin", &own_origin),
+                ("Sec-Fetch-Site", "same-origin"),
+            ],
+            "",
+            200,
+        ),
+    ];
+    for (method, path, headers, body, want) in cases {
+        let (s, b) = agent.request(method, path, &headers, body.as_bytes())?;
+        assert_eq!(s, want, "{method} {path} {headers:?}: {b}");
+        if want != 200 {
+            assert!(b["error"].is_string(), "{b}");
+        }
+    }
+    assert_eq!(limit_text(&root.hierarchy, &dir), before);
+    assert_eq!(audit_len(&agent)?, 0);
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Listening beyond loopback needs `api.allow_remote = true`; the error names both keys.
+#[test]
+fn non_loopback_listen_needs_explicit_consent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("c.toml");
+    fs::write(&cfg, "[api]\nlisten = \"0.0.0.0:9750\"\n")?;
+    let out = Command::new(agent_bin())
+        .args(["check-config"])
+        .arg(&cfg)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("api.listen") && err.contains("api.allow_remote"),
+        "{err}"
+    );
+    fs::write(
+        &cfg,
+        "[api]\nlisten = \"0.0.0.0:9750\"\nallow_remote = true\nallowed_hosts = [\"node-1.example\"]\n",
+    )?;
+    let out = Command::new(agent_bin())
+        .args(["check-config"])
+        .arg(&cfg)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A cgroup removed and created again under the same path between the agent's record and the
+/// write is another cgroup: it is not written, and the audit says why. The mkdir/rmdir programs
+/// are off so the agent keeps its old record (as when events are lost) until reconciliation.
+#[test]
+fn recreated_cgroup_is_not_written() -> anyhow::Result<()> {
+    if !require_root("recreated_cgroup_is_not_written") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let dir = root.instance_dir("swap", "i1")?;
+    let marker = root.instance_dir("swap", "marker")?;
+    let agent = start(
+        &root,
+        "[probes]\ndisable = [\"cgroup_mkdir\", \"raw_cgroup_rmdir\", \"cgroup_rmdir\"]\n",
+    )?;
+    let old_id = wait_for(Duration::from_secs(5), || {
+        let list = agent.instances("swap").ok()?;
+        list.iter()
+            .find(|i| i["instance"] == "i1" && i["ended_at_ms"].is_null())
+            .map(|i| u64_of(i, "cgroup_id"))
+    })
+    .ok_or_else(|| anyhow!("i1 not registered at start-up:\n{}", agent.log()))?;
+    // Right after a reconciliation pass (every 10 s), so the agent's record stays stale
+    // while the swap and the write happen: a throwaway cgroup's removal marks the pass.
+    let reconciled = |a: &Agent| {
+        a.get_ok("/v1/info")
+            .map(|i| u64_of(&i, "instances_reconciled"))
+            .unwrap_or(0)
+    };
+    let n0 = reconciled(&agent);
+    fs::remove_dir(&marker)?;
+    wait_for(Duration::from_secs(15), || {
+        (reconciled(&agent) > n0).then_some(())
+    })
+    .ok_or_else(|| anyhow!("no reconciliation pass:\n{}", agent.log()))?;
+
+    fs::remove_dir(&dir)?;
+    let dir = root.instance_dir("swap", "i1")?;
+    let new_id = fs::metadata(&dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+    assert_ne!(new_id, old_id);
+    let before = limit_text(&root.hierarchy, &dir);
+    let (s, b) = agent.post_raw(
+        "/v1/functions/swap/instances/i1/limits",
+        "application/json",
+        br#"{"max_bytes": 134217728}"#,
+    )?;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("created again")),
+        "{b}"
+    );
+    assert_eq!(limit_text(&root.hierarchy, &dir), before);
+    let audit = agent.get_ok("/v1/audit")?;
+    let rec = &audit["audit"][0];
+    assert_eq!(rec["outcome"], "refused", "{audit}");
+    assert_eq!(rec["cgroup_id"], old_id);
+    Ok(())
+}
+
+/// Symlinks planted where the exporter writes are replaced or refused, never followed.
+#[test]
+fn export_never_follows_planted_symlinks() -> anyhow::Result<()> {
+    if !require_root("export_never_follows_planted_symlinks") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let victims = tempfile::tempdir()?;
+    let victim = |n: &str| victims.path().join(n);
+    let agent = start(&root, "")?;
+    let export = agent
+        .store
+        .parent()
+        .ok_or_else(|| anyhow!("store has no parent"))?
+        .join("export");
+    fs::create_dir_all(&export)?;
+    // The agent of the last version wrote through fixed temporary names; plant links at
+    // those and at the targets themselves.
+    let names = [
+        ".emars-config.json.tmp",
+        ".emars-config.toml.tmp",
+        "emars-config.json",
+        "emars-config.toml",
+    ];
+    for n in names {
+        fs::write(victim(n), "precious")?;
+        let _ = fs::remove_file(export.join(n));
+        std::os::unix::fs::symlink(victim(n), export.join(n))?;
+    }
+    let (s, b) = wait_for(Duration::from_secs(10), || {
+        let r = agent
+            .post_raw("/v1/recommendations/generate", "application/json", b"{}")
+            .ok()?;
+        (r.0 != 409).then_some(r)
+    })
+    .ok_or_else(|| anyhow!("generation busy for 10 s"))?;
+    assert_eq!(s, 200, "{b}");
+    for n in names {
+        assert_eq!(fs::read_to_string(victim(n))?, "precious", "{n} followed");
+    }
+    for n in &names[2..] {
+        let meta = fs::symlink_metadata(export.join(n))?;
+        assert!(meta.file_type().is_file(), "{n} is not a regular file now");
+    }
+    let json: Value = serde_json::from_str(&fs::read_to_string(export.join(names[2]))?)?;
+    assert_eq!(json["trigger"], "on_demand");
+    drop(agent);
+
+    // The export directory itself planted as a link: refused with a clear error.
+    let linked = tempfile::tempdir()?;
+    let target = victims.path().join("dir");
+    fs::create_dir(&target)?;
+    std::os::unix::fs::symlink(&target, linked.path().join("export"))?;
+    let agent = Agent::start_configured(
+        &root,
+        &format!(
+            "\n[policy]\nexport_dir = \"{}\"\n",
+            linked.path().join("export").display()
+        ),
+    )?;
+    // The start-up generation may be running (409 while it does).
+    let (s, b) = wait_for(Duration::from_secs(10), || {
+        let r = agent
+            .post_raw("/v1/recommendations/generate", "application/json", b"{}")
+            .ok()?;
+        (r.0 != 409).then_some(r)
+    })
+    .ok_or_else(|| anyhow!("generation busy for 10 s"))?;
+    assert_eq!(s, 500, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("symbolic link")),
+        "{b}"
+    );
+    assert_eq!(fs::read_dir(&target)?.count(), 0, "nothing written there");
+    Ok(())
+}
+
+/// A tmpfs of our own, unmounted on drop.
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> anyhow::Result<Tmpfs> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("fs");
+        fs::create_dir(&path)?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "mounting a tmpfs at {}", path.display());
+        Ok(Tmpfs(path, dir))
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) -> anyhow::Result<PathBuf> {
+        let p = self.0.join("filler");
+        let mut f = fs::File::create(&p)?;
+        let block = vec![0xa5u8; 64 << 10];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Fill the last partial page too.
+        while f.write(&[0u8]).is_ok_and(|n| n == 1) {}
+        Ok(p)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// With the store on a full disk, the intent of a write cannot be made durable, so nothing is
+/// written: 503, limit files unchanged.
+#[test]
+fn full_store_refuses_limit_writes() -> anyhow::Result<()> {
+    if !require_root("full_store_refuses_limit_writes") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmpfs = Tmpfs::mount("64m")?;
+    let store = tmpfs.0.join("store");
+    let agent = Agent::start_with(
+        &root,
+        &store,
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"/nonexistent-emars-export\"\n",
+        None,
+    )?;
+    let (dir, mut child) = live_instance(&root, &agent, "full", 16)?;
+    let before = limit_text(&root.hierarchy, &dir);
+    let filler = tmpfs.fill()?;
+    // The store's last page may still hold a record or two: write until the disk is needed.
+    let mut last = before;
+    let mut refused = None;
+    let mut written = Vec::new();
+    for i in 0..500u64 {
+        let max = (128 + i) * MIB;
+        let body = format!("{{\"max_bytes\": {max}}}");
+        let (s, b) = agent.post_raw(
+            "/v1/functions/full/instances/live/limits",
+            "application/json",
+            body.as_bytes(),
+        )?;
+        let now = limit_text(&root.hierarchy, &dir);
+        if s != 200 {
+            assert_eq!(s, 503, "{b}");
+            assert_eq!(now, last, "a write without a durable audit record");
+            refused = Some(b);
+            break;
+        }
+        assert_eq!(now.0.trim(), max.to_string());
+        written.push(max);
+        last = now;
+    }
+    let b = refused.ok_or_else(|| anyhow!("500 writes went through on a full disk"))?;
+    assert!(
+        b["error"].as_str().is_some_and(|e| e.contains("durable")),
+        "{b}"
+    );
+    // Counted in /v1/info (refreshed every second).
+    wait_for(Duration::from_secs(3), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        (u64_of(&info["enforcement"], "audit_errors") >= 1).then_some(())
+    })
+    .ok_or_else(|| anyhow!("audit error not counted in /v1/info"))?;
+    // Every write that did happen is in the audit of a restarted agent (kill -9: nothing is
+    // flushed on the way out), as ok or as interrupted with what the cgroup held.
+    agent.kill()?;
+    fs::remove_file(filler)?;
+    let agent = Agent::start_with(
+        &root,
+        &store,
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"/nonexistent-emars-export\"\n",
+        None,
+    )?;
+    let audit = agent.get_ok("/v1/audit?limit=1000")?;
+    let recorded: Vec<u64> = audit["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["new"]["max_bytes"].as_u64())
+        .collect();
+    for max in &written {
+        assert!(
+            recorded.contains(max),
+            "write of {max} happened but is not in the audit: {recorded:?}"
+        );
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// `kill -9` right after a write is answered: the restarted agent's audit shows the write.
+#[test]
+fn write_survives_kill_9_in_the_audit() -> anyhow::Result<()> {
+    if !require_root("write_survives_kill_9_in_the_audit") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let extra = "\n[policy]\nmode = \"enforce\"\nexport_dir = \"/nonexistent-emars-export\"\n";
+    let agent = Agent::start_with(&root, &store, extra, None)?;
+    let (dir, mut child) = live_instance(&root, &agent, "k9", 16)?;
+    let (s, b) = agent.post_raw(
+        "/v1/functions/k9/instances/live/limits",
+        "application/json",
+        br#"{"max_bytes": 201326592}"#,
+    )?;
+    assert_eq!(s, 200, "{b}");
+    agent.kill()?;
+    assert_eq!(
+        limit_text(&root.hierarchy, &dir).0.trim(),
+        "201326592",
+        "the write happened"
+    );
+    let agent = Agent::start_with(&root, &store, extra, None)?;
+    let audit = agent.get_ok("/v1/audit")?;
+    let rec = audit["audit"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["instance"] == "live").cloned())
+        .ok_or_else(|| anyhow!("write lost from the audit after kill -9: {audit}"))?;
+    assert_eq!(rec["outcome"], "ok", "{rec}");
+    assert_eq!(rec["written"]["max_bytes"], 201326592u64);
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Clients that open connections and never finish a request cannot exhaust the agent's
+/// descriptors: the count stays under the cap, limits are still written at mkdir, and the API
+/// answers again once their header deadline has passed.
+#[test]
+fn slow_clients_cannot_starve_the_agent() -> anyhow::Result<()> {
+    if !require_root("slow_clients_cannot_starve_the_agent") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    // A function with a recommendation, so a new instance gets limits at mkdir.
+    for i in 0..3 {
+        let d = root.instance_dir("slow", &format!("h{i}"))?;
+        run_alloc(&d, 12, 0, 0)?;
+        fs::remove_dir(&d)?;
+    }
+    agent.wait_ended("slow", 3)?;
+    let fds = || fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count());
+    let base = fds()?;
+    let mut conns = Vec::new();
+    for _ in 0..400 {
+        let mut c = TcpStream::connect(&agent.addr).context("connecting")?;
+        // Half a request line, never finished.
+        c.write_all(b"GET /v1/info HTTP/1.1\r\nHost: 127")?;
+        conns.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held = fds()?;
+    assert!(
+        held <= base + 128 + 8,
+        "agent holds {held} descriptors (was {base}) with 400 idle clients"
+    );
+    // Cgroup writes do not wait for the API.
+    let dir = root.instance_dir("slow", "new")?;
+    let (max_file, _) = root.hierarchy.limit_files();
+    let written = wait_for(Duration::from_secs(3), || {
+        let t = fs::read_to_string(dir.join(max_file)).ok()?;
+        t.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v < 1 << 40)
+            .map(|_| ())
+    });
+    assert!(
+        written.is_some(),
+        "no limit written while the API was saturated:\n{}",
+        agent.log()
+    );
+    // The API answers again within a few header deadlines.
+    let t0 = Instant::now();
+    let answered = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .get(&agent.url("/healthz"))
+        .call()
+        .map(|r| r.status());
+    assert_eq!(answered.ok(), Some(200), "after {:?}", t0.elapsed());
+    drop(conns);
+    Ok(())
+}
