@@ -317,3 +317,43 @@ fn one_at_a_time(
         Err(std::sync::TryLockError::WouldBlock) => Err(PolicyError::Busy),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: EnforceMode) -> (tempfile::TempDir, Policy) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let config = PolicyConfig {
+            mode,
+            export_dir: dir.path().join("export"),
+            ..PolicyConfig::default()
+        };
+        (dir, Policy::new(config, store, 1 << 30))
+    }
+
+    #[test]
+    fn expensive_operations_run_one_at_a_time() {
+        let (_dir, p) = policy(EnforceMode::Enforce);
+        let held = p.generating.lock().unwrap();
+        assert!(matches!(p.generate("on_demand", 1), Err(PolicyError::Busy)));
+        drop(held);
+        assert!(p.generate("on_demand", 1).is_ok());
+    }
+
+    #[test]
+    fn apply_is_refused_in_observe_mode() {
+        let (dir, p) = policy(EnforceMode::Observe);
+        let h = crate::cgroupfs::MemoryHierarchy {
+            version: crate::cgroupfs::CgroupVersion::V2,
+            mount: dir.path().join("cg"),
+            hierarchy_id: 0,
+        };
+        let store = Store::open(&dir.path().join("store2")).unwrap();
+        let act = Actuator::new(h, &["/emars".into()], 0, false, store);
+        let e = p.apply_all(&act, 1).unwrap_err();
+        assert!(matches!(e, PolicyError::ObserveMode), "{e}");
+        assert!(e.to_string().contains("policy.mode = \"enforce\""));
+    }
+}

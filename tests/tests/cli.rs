@@ -70,6 +70,19 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     let (ok, out, _) = emars(&agent, &["export"]);
     assert!(ok && out.contains("\"requests_per_hour\": 7"), "{out}");
 
+    // Observe mode (this agent's): the write commands are refused, naming the setting.
+    for args in [
+        &["apply"][..],
+        &["set-limit", "clifn", "c0", "--max", "67108864"],
+    ] {
+        let (ok, out, err) = emars(&agent, args);
+        assert!(!ok, "{args:?}: {out}");
+        assert!(
+            err.contains("409") && err.contains("policy.mode = \"enforce\""),
+            "{args:?}: {err}"
+        );
+    }
+
     // Unknown function: non-zero exit and an error that says what was wrong.
     let (ok, _, err) = emars(&agent, &["function", "nobody"]);
     assert!(!ok);
