@@ -167,6 +167,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(s) = store {
                 cfg.store.path = s;
             }
+            // The overrides obey the same rules as the file (a non-loopback --listen needs
+            // api.allow_remote, a relative --store is refused).
+            cfg.validate()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -273,6 +273,21 @@ fn non_loopback_listen_needs_explicit_consent() -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The command-line override obeys the same rule.
+    let mut agent = Command::new(agent_bin())
+        .args(["agent", "--listen", "0.0.0.0:0", "--store"])
+        .arg(dir.path().join("store"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let exited = wait_for(Duration::from_secs(10), || agent.try_wait().ok().flatten());
+    if exited.is_none() {
+        agent.kill()?;
+    }
+    let out = agent.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(exited.is_some(), "the agent started on 0.0.0.0: {err}");
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("api.allow_remote"), "{err}");
     Ok(())
 }
 
