@@ -352,6 +352,18 @@ fn recreated_cgroup_is_not_written() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// POST /v1/recommendations/generate once no other generation runs (the start-up one may:
+/// 409 while it does); (status, body).
+fn generate(agent: &Agent) -> anyhow::Result<(u16, Value)> {
+    wait_for(Duration::from_secs(10), || {
+        let r = agent
+            .post_raw("/v1/recommendations/generate", "application/json", b"{}")
+            .ok()?;
+        (r.0 != 409).then_some(r)
+    })
+    .ok_or_else(|| anyhow!("generation busy for 10 s"))
+}
+
 /// Symlinks planted where the exporter writes are replaced or refused, never followed.
 #[test]
 fn export_never_follows_planted_symlinks() -> anyhow::Result<()> {
@@ -381,13 +393,7 @@ fn export_never_follows_planted_symlinks() -> anyhow::Result<()> {
         let _ = fs::remove_file(export.join(n));
         std::os::unix::fs::symlink(victim(n), export.join(n))?;
     }
-    let (s, b) = wait_for(Duration::from_secs(10), || {
-        let r = agent
-            .post_raw("/v1/recommendations/generate", "application/json", b"{}")
-            .ok()?;
-        (r.0 != 409).then_some(r)
-    })
-    .ok_or_else(|| anyhow!("generation busy for 10 s"))?;
+    let (s, b) = generate(&agent)?;
     assert_eq!(s, 200, "{b}");
     for n in names {
         assert_eq!(fs::read_to_string(victim(n))?, "precious", "{n} followed");
@@ -412,14 +418,7 @@ fn export_never_follows_planted_symlinks() -> anyhow::Result<()> {
             linked.path().join("export").display()
         ),
     )?;
-    // The start-up generation may be running (409 while it does).
-    let (s, b) = wait_for(Duration::from_secs(10), || {
-        let r = agent
-            .post_raw("/v1/recommendations/generate", "application/json", b"{}")
-            .ok()?;
-        (r.0 != 409).then_some(r)
-    })
-    .ok_or_else(|| anyhow!("generation busy for 10 s"))?;
+    let (s, b) = generate(&agent)?;
     assert_eq!(s, 500, "{b}");
     assert!(
         b["error"]
