@@ -110,7 +110,10 @@ mod tests {
     fn running_kernel_has_the_items() {
         let p = Path::new("/sys/kernel/btf/vmlinux");
         if !p.exists() {
-            eprintln!("SKIPPED running_kernel_has_the_items: no {}", p.display());
+            crate::skip_kernel_test(
+                "running_kernel_has_the_items",
+                &format!("no {}", p.display()),
+            );
             return;
         }
         let items = usage_items(p, false, 4096).unwrap();
@@ -207,7 +210,7 @@ mod layout_tests {
     fn running_kernel_layout() {
         let p = Path::new("/sys/kernel/btf/vmlinux");
         if !p.exists() {
-            eprintln!("SKIPPED running_kernel_layout: no {}", p.display());
+            crate::skip_kernel_test("running_kernel_layout", &format!("no {}", p.display()));
             return;
         }
         let l = kernel_layout(p, 4096).unwrap();

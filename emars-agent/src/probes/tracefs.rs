@@ -234,7 +234,7 @@ mod tests {
                 let f = t.format("sched", "sched_process_exec").unwrap();
                 assert!(f.field("pid").is_ok());
             }
-            Err(e) => eprintln!("SKIPPED reads_the_running_kernel: {e}"),
+            Err(e) => crate::skip_kernel_test("reads_the_running_kernel", &e),
         }
     }
 }
