@@ -601,6 +601,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// What the kernel sees: dual MIT/GPL counts as GPL-compatible (emars-ebpf is MIT OR GPL-2.0).
 #[link_section = "license"]
 #[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -14,7 +14,7 @@ use emars_common::{
 };
 
 use super::{
-    memcg_items::{usage_items, UsageItem},
+    memcg_items::{KernelBtf, UsageItem},
     tracefs::{Format, Tracefs, TracefsError},
 };
 use crate::{
@@ -158,7 +158,13 @@ impl Probes {
             n if n > 0 => n as u64,
             _ => 4096,
         };
-        match super::memcg_items::kernel_layout(btf, page_size) {
+        // Parsed once for both the structure layout and the stat items.
+        let parsed = KernelBtf::load(btf);
+        match parsed
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.kernel_layout(page_size).map_err(|e| e.to_string()))
+        {
             Ok(layout) => {
                 config.layout = layout;
                 report
@@ -172,7 +178,12 @@ impl Probes {
                 unusable.insert("raw_cgroup_rmdir", format!("kernel layout unknown: {e}"));
             }
         }
-        match usage_items(btf, hierarchy.version == CgroupVersion::V1, page_size) {
+        let v1 = hierarchy.version == CgroupVersion::V1;
+        match parsed
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.usage_items(v1, page_size).map_err(|e| e.to_string()))
+        {
             Ok(items) => report.usage_items = items,
             Err(e) => {
                 for s in SPECS.iter().filter(|s| s.memcg) {
