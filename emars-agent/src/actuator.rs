@@ -724,7 +724,7 @@ mod tests {
         // Escapes through ".." are refused before anything is opened.
         refused(&f.inst.join("../../../other/x"));
         // The root itself is not an instance.
-        refused(&f.inst.parent().unwrap().parent().unwrap().to_owned());
+        refused(f.inst.parent().unwrap().parent().unwrap());
         // A symlink inside the root that leads out of it is not followed.
         let link = f.inst.parent().unwrap().join("link");
         std::os::unix::fs::symlink(&f.outside, &link).unwrap();

@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{AgentInfo, FunctionSummary, HourBucket, InstanceRecord, PeakSource};
+use crate::api::wire::{
+    AgentInfo, AuditRecord, ErrorBody, FunctionDetail, FunctionSummary, FunctionsResponse,
+    HourBucket, InstanceRecord, InstancesResponse, Recommendation,
+};
+use crate::model::PeakSource;
 
 /// Hour buckets shown by [`render_function`] (the most recent ones).
 pub const SHOWN_HOURS: usize = 24;
@@ -116,46 +120,46 @@ impl Client {
         }
     }
 
+    /// GET `path`, decoded as the wire type `T`.
+    pub fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        decode_as(path, self.get(path)?)
+    }
+
+    /// POST `body` to `path`, the answer decoded as the wire type `T`.
+    pub fn post_as<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_value(body).map_err(|source| ClientError::Decode {
+            path: path.to_string(),
+            source,
+        })?;
+        decode_as(path, self.post(path, &body)?)
+    }
+
     /// GET /v1/info.
     pub fn info(&self) -> Result<AgentInfo, ClientError> {
-        self.get_typed("/v1/info")
+        self.get_as("/v1/info")
     }
 
     /// GET /v1/functions.
     pub fn functions(&self) -> Result<Vec<FunctionSummary>, ClientError> {
-        #[derive(serde::Deserialize)]
-        struct List {
-            functions: Vec<FunctionSummary>,
-        }
-        Ok(self.get_typed::<List>("/v1/functions")?.functions)
+        Ok(self.get_as::<FunctionsResponse>("/v1/functions")?.functions)
     }
 
-    /// GET /v1/functions/{name} and its instances: what [`render_function`] takes.
+    /// GET /v1/functions/{name} and its newest `limit` instances: what [`render_function`]
+    /// takes.
     pub fn function(
         &self,
         name: &str,
-    ) -> Result<(FunctionSummary, Vec<HourBucket>, Vec<InstanceRecord>), ClientError> {
-        #[derive(serde::Deserialize)]
-        struct Detail {
-            #[serde(flatten)]
-            summary: FunctionSummary,
-            hours: Vec<HourBucket>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Instances {
-            instances: Vec<InstanceRecord>,
-        }
+        limit: Option<usize>,
+    ) -> Result<(FunctionDetail, Vec<InstanceRecord>), ClientError> {
         let seg = encode_segment(name);
-        let d: Detail = self.get_typed(&format!("/v1/functions/{seg}"))?;
-        let i: Instances = self.get_typed(&format!("/v1/functions/{seg}/instances"))?;
-        Ok((d.summary, d.hours, i.instances))
-    }
-
-    fn get_typed<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        serde_json::from_value(self.get(path)?).map_err(|source| ClientError::Decode {
-            path: path.to_string(),
-            source,
-        })
+        let d: FunctionDetail = self.get_as(&format!("/v1/functions/{seg}"))?;
+        let q = limit.map_or_else(String::new, |n| format!("?limit={n}"));
+        let i: InstancesResponse = self.get_as(&format!("/v1/functions/{seg}/instances{q}"))?;
+        Ok((d, i.instances))
     }
 
     fn url(&self, path: &str) -> String {
@@ -185,14 +189,19 @@ impl Client {
     }
 }
 
+fn decode_as<T: DeserializeOwned>(path: &str, v: serde_json::Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|source| ClientError::Decode {
+        path: path.to_string(),
+        source,
+    })
+}
+
 /// The `"error"` of an API error body, else the body text (bounded), else the status text.
 fn error_message(resp: ureq::Response) -> String {
     let status_text = resp.status_text().to_string();
     let body = resp.into_string().unwrap_or_default();
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-        if let Some(msg) = v.get("error").and_then(|e| e.as_str()) {
-            return msg.to_string();
-        }
+    if let Ok(e) = serde_json::from_str::<ErrorBody>(&body) {
+        return e.error;
     }
     let body = body.trim();
     if body.is_empty() {
@@ -592,6 +601,82 @@ pub fn render_function(
             ],
             &rows,
         ));
+    }
+    out
+}
+
+/// `emars recommend`: one line per function; with `detail`, the inputs behind the first one.
+pub fn render_recommendations(list: &[Recommendation], detail: bool) -> String {
+    let mut out = format!(
+        "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4} {:>7}\n",
+        "FUNCTION", "MAX", "HIGH", "P(PCT)", "SAMPLES", "OOM", "CONF", "PINNED"
+    );
+    for r in list {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4.2} {:>7}",
+            r.function,
+            human_bytes(r.max_bytes),
+            human_bytes(r.high_bytes),
+            human_bytes(r.percentile_bytes),
+            r.samples,
+            r.oom_kills,
+            r.confidence,
+            if r.pinned { "yes" } else { "no" },
+        );
+    }
+    if let (true, Some(r)) = (detail, list.first()) {
+        let _ = writeln!(
+            out,
+            "\nP{:.0} of instance peaks = {}, + margin {:.2} → max {}; high = max x fraction, not \
+             below the median peak ({}); OOM bump: {}; clamped by: {}; half-life {} h",
+            r.percentile,
+            human_bytes(r.percentile_bytes),
+            r.margin,
+            human_bytes(r.max_bytes),
+            human_bytes(r.p50_bytes),
+            r.oom_bump_bytes.map_or("none".into(), human_bytes),
+            r.clamped_by.as_deref().unwrap_or("nothing"),
+            r.half_life_hours,
+        );
+    }
+    out
+}
+
+/// `emars audit`, `apply`, `set-limit`: one line per write attempt.
+pub fn render_audit(list: &[AuditRecord]) -> String {
+    let lim = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_bytes);
+    let mut out = format!(
+        "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  OUTCOME\n",
+        "TIME",
+        "FUNCTION",
+        "INSTANCE",
+        "REASON",
+        "OLD MAX",
+        "NEW MAX",
+        "OLD HIGH",
+        "NEW HIGH",
+        "DELAY"
+    );
+    for a in list {
+        let outcome = match &a.error {
+            Some(e) => format!("{}: {e}", a.outcome),
+            None => a.outcome.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  {}",
+            format_time_ms(a.at_ms),
+            a.function,
+            a.instance,
+            a.reason,
+            lim(a.old.max_bytes),
+            lim(a.new.max_bytes),
+            lim(a.old.high_bytes),
+            lim(a.new.high_bytes),
+            a.delay_us.map_or("-".into(), |d| format!("{d}us")),
+            clean(&outcome),
+        );
     }
     out
 }

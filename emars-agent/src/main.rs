@@ -5,9 +5,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use emars_agent::{
+    api::wire::{
+        AuditRecord, AuditResponse, ExportResponse, FunctionDetail, FunctionsResponse, Generation,
+        GenerationsResponse, InstanceRecord, InvocationsAccepted, InvocationsReport, LimitsBody,
+        Recommendation, RecommendationsResponse, WritesResponse,
+    },
     client::{self, Client},
     config::Config,
-    model::{AgentInfo, FunctionSummary, HourBucket, InstanceRecord},
 };
 
 #[derive(Parser)]
@@ -195,70 +199,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", emars_agent::config::DEFAULT_CONFIG_TOML);
             Ok(())
         }
-        Command::Info(c) => show(&c, "/v1/info", |v| {
-            let info: AgentInfo = serde_json::from_value(v)?;
-            Ok(client::render_info(&info))
-        }),
-        Command::Functions(c) => show(&c, "/v1/functions", |v| {
-            let list: Vec<FunctionSummary> =
-                serde_json::from_value(v.get("functions").cloned().unwrap_or_default())?;
-            Ok(client::render_functions(&list))
-        }),
+        Command::Info(c) => show(&c, &c.client().info()?, client::render_info),
+        Command::Functions(c) => {
+            let list: FunctionsResponse = c.client().get_as("/v1/functions")?;
+            show(&c, &list, |l| client::render_functions(&l.functions))
+        }
         Command::Function { name, client: c } => {
-            let api = c.client();
-            let path = format!("/v1/functions/{}", urlencode(&name));
-            let summary = api.get(&path)?;
-            let instances = api.get(&format!("{path}/instances?limit=20"))?;
-            if c.json {
-                let both =
-                    serde_json::json!({"function": summary, "instances": instances["instances"]});
-                println!("{}", serde_json::to_string_pretty(&both)?);
-                return Ok(());
+            let (detail, instances) = c.client().function(&name, Some(client::SHOWN_INSTANCES))?;
+            #[derive(serde::Serialize)]
+            struct View<'a> {
+                function: &'a FunctionDetail,
+                instances: &'a [InstanceRecord],
             }
-            let s: FunctionSummary = serde_json::from_value(summary.clone())?;
-            let hours: Vec<HourBucket> =
-                serde_json::from_value(summary.get("hours").cloned().unwrap_or_default())?;
-            let inst: Vec<InstanceRecord> =
-                serde_json::from_value(instances.get("instances").cloned().unwrap_or_default())?;
-            print!("{}", client::render_function(&s, &hours, &inst));
-            Ok(())
+            let view = View {
+                function: &detail,
+                instances: &instances,
+            };
+            show(&c, &view, |v| {
+                client::render_function(&v.function.summary, &v.function.hours, v.instances)
+            })
         }
-        Command::Export(c) => {
-            let v = c.client().get("/v1/export")?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
-        }
+        Command::Export(c) => print_json(&c.client().get_as::<ExportResponse>("/v1/export")?),
         Command::Recommend {
             function,
             generate,
             client: c,
         } => {
             let api = c.client();
-            let v = match (&function, generate) {
-                (_, true) => api.post("/v1/recommendations/generate", &serde_json::json!({}))?,
-                (Some(f), false) => {
-                    api.get(&format!("/v1/functions/{}/recommendation", urlencode(f)))?
-                }
-                (None, false) => api.get("/v1/recommendations")?,
-            };
-            if c.json || generate {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                let list = match v.get("recommendations") {
-                    Some(l) => l.as_array().cloned().unwrap_or_default(),
-                    None => vec![v.clone()],
-                };
-                print!("{}", render_recommendations(&list, function.is_some()));
+            if generate {
+                let g: Generation = api.post_as("/v1/recommendations/generate", &Empty {})?;
+                return print_json(&g);
             }
-            Ok(())
+            // --json prints the API's answer: one recommendation, or all with the mode.
+            match &function {
+                Some(f) => {
+                    let r: Recommendation = api.get_as(&format!(
+                        "/v1/functions/{}/recommendation",
+                        client::encode_segment(f)
+                    ))?;
+                    show(&c, &r, |r| {
+                        client::render_recommendations(std::slice::from_ref(r), true)
+                    })
+                }
+                None => {
+                    let all: RecommendationsResponse = api.get_as("/v1/recommendations")?;
+                    show(&c, &all, |a| {
+                        client::render_recommendations(&a.recommendations, false)
+                    })
+                }
+            }
         }
         Command::Apply(c) => {
-            let v = c.client().post("/v1/apply", &serde_json::json!({}))?;
-            print_audit(&v["writes"], c.json)
+            let w: WritesResponse = c.client().post_as("/v1/apply", &Empty {})?;
+            show(&c, &w.writes, |l| client::render_audit(l))
         }
         Command::Audit { limit, client: c } => {
-            let v = c.client().get(&format!("/v1/audit?limit={limit}"))?;
-            print_audit(&v["audit"], c.json)
+            let a: AuditResponse = c.client().get_as(&format!("/v1/audit?limit={limit}"))?;
+            show(&c, &a.audit, |l| client::render_audit(l))
         }
         Command::Generations {
             function,
@@ -267,11 +264,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut path = format!("/v1/generations?limit={limit}");
             if let Some(f) = &function {
-                path.push_str(&format!("&function={}", urlencode(f)));
+                path.push_str(&format!("&function={}", client::encode_segment(f)));
             }
-            let v = c.client().get(&path)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
+            print_json(&c.client().get_as::<GenerationsResponse>(&path)?)
         }
         Command::SetLimit {
             function,
@@ -282,134 +277,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let path = format!(
                 "/v1/functions/{}/instances/{}/limits",
-                urlencode(&function),
-                urlencode(&instance)
+                client::encode_segment(&function),
+                client::encode_segment(&instance)
             );
-            let body = serde_json::json!({"max_bytes": max, "high_bytes": high});
-            let v = c.client().post(&path, &body)?;
-            print_audit(&serde_json::json!([v]), c.json)
+            let body = LimitsBody {
+                max_bytes: max,
+                high_bytes: high,
+            };
+            let rec: AuditRecord = c.client().post_as(&path, &body)?;
+            show(&c, &[rec][..], client::render_audit)
         }
         Command::Invocations {
             name,
             count,
             client: c,
         } => {
-            let path = format!("/v1/functions/{}/invocations", urlencode(&name));
-            let v = c
-                .client()
-                .post(&path, &serde_json::json!({ "count": count }))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
+            let path = format!(
+                "/v1/functions/{}/invocations",
+                client::encode_segment(&name)
+            );
+            let body = InvocationsReport { count, at_ms: None };
+            print_json(&c.client().post_as::<InvocationsAccepted>(&path, &body)?)
         }
     }
 }
 
-fn render_recommendations(list: &[serde_json::Value], detail: bool) -> String {
-    use client::human_bytes;
-    let b = |v: &serde_json::Value| human_bytes(v.as_u64().unwrap_or(0));
-    let mut out = format!(
-        "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4} {:>7}\n",
-        "FUNCTION", "MAX", "HIGH", "P(PCT)", "SAMPLES", "OOM", "CONF", "PINNED"
-    );
-    for r in list {
-        out.push_str(&format!(
-            "{:<24} {:>10} {:>10} {:>10} {:>8} {:>5} {:>4.2} {:>7}\n",
-            r["function"].as_str().unwrap_or("?"),
-            b(&r["max_bytes"]),
-            b(&r["high_bytes"]),
-            b(&r["percentile_bytes"]),
-            r["samples"].as_u64().unwrap_or(0),
-            r["oom_kills"].as_u64().unwrap_or(0),
-            r["confidence"].as_f64().unwrap_or(0.0),
-            if r["pinned"] == true { "yes" } else { "no" },
-        ));
-    }
-    if detail {
-        if let Some(r) = list.first() {
-            out.push_str(&format!(
-                "\nP{:.0} of instance peaks = {}, + margin {:.2} → max {}; high = max x fraction, not \
-                 below the median peak ({}); OOM bump: {}; clamped by: {}; half-life {} h\n",
-                r["percentile"].as_f64().unwrap_or(0.0),
-                b(&r["percentile_bytes"]),
-                r["margin"].as_f64().unwrap_or(0.0),
-                b(&r["max_bytes"]),
-                b(&r["p50_bytes"]),
-                r["oom_bump_bytes"]
-                    .as_u64()
-                    .map_or("none".into(), human_bytes),
-                r["clamped_by"].as_str().unwrap_or("nothing"),
-                r["half_life_hours"],
-            ));
-        }
-    }
-    out
-}
+/// The body of a write that needs no arguments: `{}`.
+#[derive(serde::Serialize)]
+struct Empty {}
 
-fn print_audit(list: &serde_json::Value, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(list)?);
-        return Ok(());
-    }
-    let lim = |v: &serde_json::Value| {
-        v.as_u64()
-            .map_or_else(|| "-".to_owned(), client::human_bytes)
-    };
-    println!(
-        "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  OUTCOME",
-        "TIME",
-        "FUNCTION",
-        "INSTANCE",
-        "REASON",
-        "OLD MAX",
-        "NEW MAX",
-        "OLD HIGH",
-        "NEW HIGH",
-        "DELAY"
-    );
-    for a in list.as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:<16} {:<14} {:<12} {:>10} {:>10} {:>10} {:>10} {:>8}  {}",
-            client::format_time_ms(a["at_ms"].as_u64().unwrap_or(0)),
-            a["function"].as_str().unwrap_or("?"),
-            a["instance"].as_str().unwrap_or("?"),
-            a["reason"].as_str().unwrap_or("?"),
-            lim(&a["old"]["max_bytes"]),
-            lim(&a["new"]["max_bytes"]),
-            lim(&a["old"]["high_bytes"]),
-            lim(&a["new"]["high_bytes"]),
-            a["delay_us"]
-                .as_u64()
-                .map_or("-".into(), |d| format!("{d}us")),
-            a["outcome"].as_str().unwrap_or("?"),
-        );
-    }
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn show(
+/// The API's answer as a table, or as JSON with `--json`.
+fn show<T: serde::Serialize + ?Sized>(
     c: &ClientArgs,
-    path: &str,
-    render: impl FnOnce(serde_json::Value) -> anyhow::Result<String>,
+    v: &T,
+    render: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
-    let v = c.client().get(path)?;
     if c.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&v)
     } else {
-        print!("{}", render(v)?);
+        print!("{}", render(v));
+        Ok(())
     }
-    Ok(())
-}
-
-/// Percent-encodes a path segment (function names are plain, but be safe with user input).
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 async fn shutdown_signal() {

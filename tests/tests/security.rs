@@ -157,7 +157,9 @@ fn browser_requests_are_refused() -> anyhow::Result<()> {
     let own_host = format!("127.0.0.1:{port}");
     let own_origin = format!("http://{own_host}");
     let limits = "/v1/functions/sec/instances/live/limits";
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str, u16)> = vec![
+    // (method, path, headers, body, expected status)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str, u16);
+    let cases: Vec<Case> = vec![
         // A plain HTML form: urlencoded, cross-origin, body-less route.
         (
             "POST",

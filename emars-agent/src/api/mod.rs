@@ -29,6 +29,9 @@
 pub mod guard;
 pub mod server;
 pub mod token;
+pub mod wire;
+
+pub use wire::*;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -40,14 +43,10 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::actuator::{Actuator, ActuatorError, AuditRecord, BelowUsage, LimitRequest};
+use crate::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::cgroupfs::CgroupfsError;
-use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
-use crate::policy::{Generation, Policy, PolicyError};
-use crate::recommend::Recommendation;
+use crate::policy::{Policy, PolicyError};
 use crate::registry::valid_function_name;
 use crate::store::{Store, StoreError};
 
@@ -77,56 +76,6 @@ pub struct ApiState {
 pub struct Predictive {
     pub policy: Arc<Policy>,
     pub actuator: Arc<Actuator>,
-}
-
-/// GET /v1/functions/{name}: the [`FunctionSummary`] fields flattened at the top level, plus
-/// `"hours"`, the function's hour buckets, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FunctionDetail {
-    #[serde(flatten)]
-    pub summary: FunctionSummary,
-    pub hours: Vec<HourBucket>,
-}
-
-/// GET /v1/functions/{name}/instances: oldest first. `?live=true` keeps only live instances,
-/// `?live=false` only ended ones; `?limit=N` (1..=10000) keeps the newest N (after `live`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstancesResponse {
-    pub function: String,
-    pub instances: Vec<InstanceRecord>,
-}
-
-/// GET /v1/functions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FunctionsResponse {
-    pub functions: Vec<FunctionSummary>,
-}
-
-/// GET /v1/export: the paper's per-function config {requests, max memory}.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExportResponse {
-    pub generated_at_ms: u64,
-    pub functions: Vec<FunctionConfig>,
-}
-
-/// Body of POST /v1/functions/{name}/invocations. Unknown fields are refused so that a typo
-/// (`"atms"`) is not silently ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InvocationsReport {
-    /// 1..=1_000_000_000.
-    pub count: u64,
-    /// Unix ms the invocations belong to; now when absent.
-    #[serde(default)]
-    pub at_ms: Option<u64>,
-}
-
-/// Answer of POST /v1/functions/{name}/invocations (200).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InvocationsAccepted {
-    pub function: String,
-    pub count: u64,
-    pub at_ms: u64,
 }
 
 /// An error answer: `{"error": message, "status": code}`.
@@ -161,7 +110,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": self.message, "status": self.status.as_u16()});
+        let body = ErrorBody {
+            error: self.message,
+            status: self.status.as_u16(),
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -307,8 +259,8 @@ fn unknown_function(name: &str) -> ApiError {
     ApiError::not_found(format!("unknown function {name:?}"))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"ok": true}))
+async fn healthz() -> Json<Health> {
+    Json(Health { ok: true })
 }
 
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
@@ -539,11 +491,16 @@ async fn get_recommendation(
     found.map(Json)
 }
 
-async fn list_recommendations(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+async fn list_recommendations(
+    State(state): State<ApiState>,
+) -> ApiResult<Json<RecommendationsResponse>> {
     let p = predictive(&state)?;
     let mode = format!("{:?}", p.policy.mode()).to_lowercase();
     let recs = blocking(move || p.policy.compute_all(now_ms())).await?;
-    Ok(Json(json!({"mode": mode, "recommendations": recs})))
+    Ok(Json(RecommendationsResponse {
+        mode,
+        recommendations: recs,
+    }))
 }
 
 async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
@@ -558,7 +515,7 @@ async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> 
 async fn list_generations(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<GenerationsResponse>> {
     let Query(pairs) = query?;
     let (limit, function) = limit_and_function(&pairs, true)?;
     let store = state.store.clone();
@@ -568,10 +525,10 @@ async fn list_generations(
             g.functions.retain(|c| &c.function == f);
         }
     }
-    Ok(Json(json!({"generations": gens})))
+    Ok(Json(GenerationsResponse { generations: gens }))
 }
 
-async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
     let p = predictive(&state)?;
     let writes = match tokio::task::spawn_blocking(move || {
         p.policy.apply_all(&p.actuator, now_ms())
@@ -581,28 +538,18 @@ async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<serde_json::
         Ok(r) => r?,
         Err(e) => return Err(ApiError::internal(format!("apply task failed: {e}"))),
     };
-    Ok(Json(json!({"writes": writes})))
+    Ok(Json(WritesResponse { writes }))
 }
 
 async fn list_audit(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<AuditResponse>> {
     let Query(pairs) = query?;
     let (limit, _) = limit_and_function(&pairs, false)?;
     let store = state.store.clone();
     let audit: Vec<AuditRecord> = blocking(move || store.audit(limit)).await?;
-    Ok(Json(json!({"audit": audit})))
-}
-
-/// Body of POST /v1/functions/{name}/instances/{instance}/limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsBody {
-    #[serde(default)]
-    pub max_bytes: Option<u64>,
-    #[serde(default)]
-    pub high_bytes: Option<u64>,
+    Ok(Json(AuditResponse { audit }))
 }
 
 async fn set_limits(
@@ -690,6 +637,7 @@ mod tests {
     use super::*;
     use crate::client::{Client, ClientError};
     use crate::model::{Limits, PeakSource};
+    use serde_json::json;
     use std::net::SocketAddr;
     use std::thread::JoinHandle;
 
@@ -887,10 +835,11 @@ mod tests {
         assert_eq!(detail.hours[0].hour_start_ms, T0);
         assert_eq!(detail.hours[0].invocations, 7);
 
-        let (summary, hours, instances) = c.function("fn-a").unwrap();
-        assert_eq!(summary, detail.summary);
-        assert_eq!(hours, detail.hours);
+        let (d, instances) = c.function("fn-a", None).unwrap();
+        assert_eq!(d, detail);
         assert_eq!(instances.len(), 3);
+        let (_, newest) = c.function("fn-a", Some(1)).unwrap();
+        assert_eq!(newest.len(), 1);
 
         expect_api_err(c.get("/v1/functions/nope"), 404, "\"nope\"");
         expect_api_err(c.get("/v1/functions/a%2Fb"), 400, "\"a/b\"");

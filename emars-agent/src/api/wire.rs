@@ -1,0 +1,109 @@
+//! The API's request and response bodies: one definition for the server ([`super`]) and the
+//! CLI ([`crate::client`]), so that neither renders or parses untyped JSON.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::actuator::AuditRecord;
+pub use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
+pub use crate::policy::Generation;
+pub use crate::recommend::Recommendation;
+
+/// GET /healthz.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What was wrong, with the value.
+    pub error: String,
+    pub status: u16,
+}
+
+/// GET /v1/functions/{name}: the [`FunctionSummary`] fields flattened at the top level, plus
+/// `"hours"`, the function's hour buckets, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDetail {
+    #[serde(flatten)]
+    pub summary: FunctionSummary,
+    pub hours: Vec<HourBucket>,
+}
+
+/// GET /v1/functions/{name}/instances: oldest first. `?live=true` keeps only live instances,
+/// `?live=false` only ended ones; `?limit=N` (1..=10000) keeps the newest N (after `live`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancesResponse {
+    pub function: String,
+    pub instances: Vec<InstanceRecord>,
+}
+
+/// GET /v1/functions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionsResponse {
+    pub functions: Vec<FunctionSummary>,
+}
+
+/// GET /v1/export: the paper's per-function config {requests, max memory}.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportResponse {
+    pub generated_at_ms: u64,
+    pub functions: Vec<FunctionConfig>,
+}
+
+/// Body of POST /v1/functions/{name}/invocations. Unknown fields are refused so that a typo
+/// (`"atms"`) is not silently ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvocationsReport {
+    /// 1..=1_000_000_000.
+    pub count: u64,
+    /// Unix ms the invocations belong to; now when absent.
+    #[serde(default)]
+    pub at_ms: Option<u64>,
+}
+
+/// Answer of POST /v1/functions/{name}/invocations (200).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationsAccepted {
+    pub function: String,
+    pub count: u64,
+    pub at_ms: u64,
+}
+
+/// Body of POST /v1/functions/{name}/instances/{instance}/limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub high_bytes: Option<u64>,
+}
+
+/// GET /v1/recommendations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecommendationsResponse {
+    /// "observe" or "enforce".
+    pub mode: String,
+    pub recommendations: Vec<Recommendation>,
+}
+
+/// GET /v1/generations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationsResponse {
+    pub generations: Vec<Generation>,
+}
+
+/// POST /v1/apply: one audit record per write attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WritesResponse {
+    pub writes: Vec<AuditRecord>,
+}
+
+/// GET /v1/audit: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditResponse {
+    pub audit: Vec<AuditRecord>,
+}
