@@ -11,6 +11,7 @@ pub mod cgroupfs;
 pub mod config;
 pub mod registry;
 
+pub mod live;
 pub mod model;
 pub mod tracker;
 

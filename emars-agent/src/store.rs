@@ -38,15 +38,14 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
-    FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
-};
+use crate::live::{apply_delta, LiveModel};
+use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord};
 
 /// Schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -131,6 +130,8 @@ pub struct Store {
     audit: sled::Tree,
     audit_pending: sled::Tree,
     generations: sled::Tree,
+    /// Summaries, hour buckets and export answered from memory, kept in step with every write.
+    live: Arc<Mutex<LiveModel>>,
 }
 
 impl fmt::Debug for Store {
@@ -181,7 +182,7 @@ impl Store {
             }
         }
 
-        Ok(Store {
+        let store = Store {
             path: Arc::from(path),
             db,
             instances,
@@ -190,7 +191,59 @@ impl Store {
             audit,
             audit_pending,
             generations,
-        })
+            live: Arc::default(),
+        };
+        store.load_live()?;
+        Ok(store)
+    }
+
+    /// Builds the live model from the trees (once, at open). A value that does not decode is
+    /// left out of the aggregates and said, not fatal: reading it directly still reports it
+    /// as corrupt.
+    fn load_live(&self) -> Result<(), StoreError> {
+        let mut live = self.live();
+        let mut corrupt = 0u64;
+        let mut skip = |e: StoreError| {
+            corrupt += 1;
+            tracing::error!("{e}; left out of the summaries");
+        };
+        for item in self.functions.iter() {
+            let (key, raw) = item?;
+            match decode::<FunctionRecord>(TREE_FUNCTIONS, &display_key(&key), &raw) {
+                Ok(r) => live.seen(
+                    &String::from_utf8_lossy(&key),
+                    r.first_seen_ms,
+                    r.last_seen_ms,
+                ),
+                Err(e) => skip(e),
+            }
+        }
+        for item in self.instances.iter() {
+            let (key, raw) = item?;
+            match decode::<InstanceRecord>(TREE_INSTANCES, &display_key(&key), &raw) {
+                Ok(rec) => live.put_instance(None, &rec),
+                Err(e) => skip(e),
+            }
+        }
+        for item in self.hours.iter() {
+            let (key, raw) = item?;
+            match decode::<HourBucket>(TREE_HOURS, &display_key(&key), &raw) {
+                Ok(b) => live.put_hour(&function_of_key(&key), b),
+                Err(e) => skip(e),
+            }
+        }
+        if corrupt > 0 {
+            tracing::warn!(
+                "{corrupt} corrupt records in the store at {}",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn live(&self) -> MutexGuard<'_, LiveModel> {
+        // The model holds plain aggregates: one left by a panicked writer is still usable.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends an audit record that needs no durability of its own (a refusal: nothing was
@@ -295,11 +348,21 @@ impl Store {
     /// Inserts or replaces the record identified by `(function, started_at_ms, cgroup_id)`.
     pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
         validate_name(&rec.function)?;
+        // Held across the write, so the model sees writes in the order the trees do.
+        let mut live = self.live();
         let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
-        self.touch_function(&rec.function, rec.started_at_ms, last)?;
+        self.touch_function(&mut live, &rec.function, rec.started_at_ms, last)?;
         let key = instance_key(&rec.function, rec.started_at_ms, rec.cgroup_id);
         let value = encode(TREE_INSTANCES, &key, rec)?;
-        self.instances.insert(key, value)?;
+        let old = match self.instances.insert(&key, value)? {
+            Some(raw) => Some(decode::<InstanceRecord>(
+                TREE_INSTANCES,
+                &display_key(&key),
+                &raw,
+            )?),
+            None => None,
+        };
+        live.put_instance(old.as_ref(), rec);
         Ok(())
     }
 
@@ -334,23 +397,26 @@ impl Store {
     /// `peak_bytes` takes the max. Safe against concurrent callers (compare-and-swap loop).
     pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
         validate_name(function)?;
-        self.touch_function(function, at_ms, at_ms)?;
+        let mut live = self.live();
+        self.touch_function(&mut live, function, at_ms, at_ms)?;
         let hour_start_ms = at_ms - at_ms % HOUR_MS;
         let key = hour_key(function, hour_start_ms);
-        update_json(&self.hours, TREE_HOURS, &key, |old: Option<HourBucket>| {
+        let b = update_json(&self.hours, TREE_HOURS, &key, |old: Option<HourBucket>| {
             let mut b = old.unwrap_or(HourBucket {
                 hour_start_ms,
                 ..HourBucket::default()
             });
             apply_delta(&mut b, &delta);
             b
-        })
+        })?;
+        live.put_hour(function, b);
+        Ok(())
     }
 
-    /// Hour buckets of `function`, oldest first.
+    /// Hour buckets of `function`, oldest first (from memory).
     pub fn hours(&self, function: &str) -> Result<Vec<HourBucket>, StoreError> {
         validate_name(function)?;
-        scan(&self.hours, TREE_HOURS, &prefix(function))
+        Ok(self.live().hours(function))
     }
 
     /// Records `count` invocations reported by the platform at `at_ms`. The function becomes
@@ -373,46 +439,23 @@ impl Store {
 
     /// Names of all known functions, sorted (byte order).
     pub fn function_names(&self) -> Result<Vec<String>, StoreError> {
-        let mut names = Vec::new();
-        for item in self.functions.iter() {
-            let (key, _) = item?;
-            // Keys were written from &str; a non-UTF-8 key can only come from outside.
-            let name = String::from_utf8(key.to_vec()).map_err(|e| StoreError::Corrupt {
-                tree: TREE_FUNCTIONS,
-                key: display_key(&key),
-                source: serde::de::Error::custom(e),
-            })?;
-            names.push(name);
-        }
-        Ok(names)
+        Ok(self.live().names())
     }
 
     /// Aggregate of one function over its retained data; None if the function is unknown.
+    /// Answered from memory, in time that does not grow with the function's history.
     ///
     /// `first_seen_ms` is the earliest time ever recorded for the function (it survives
     /// pruning); `last_seen_ms` is the latest of the recorded activity times, instance
     /// start/end times and the start of any hour bucket.
     pub fn function(&self, name: &str) -> Result<Option<FunctionSummary>, StoreError> {
         validate_name(name)?;
-        let record: FunctionRecord = match self.functions.get(name.as_bytes())? {
-            None => return Ok(None),
-            Some(raw) => decode(TREE_FUNCTIONS, name, &raw)?,
-        };
-        let instances = self.instances(name)?;
-        let hours = self.hours(name)?;
-        Ok(Some(summarize(name, &record, &instances, &hours)))
+        Ok(self.live().summary(name))
     }
 
-    /// Summaries of all known functions, sorted by name.
+    /// Summaries of all known functions, sorted by name (from memory).
     pub fn functions(&self) -> Result<Vec<FunctionSummary>, StoreError> {
-        let mut out = Vec::new();
-        for name in self.function_names()? {
-            // A function removed between the two reads is simply skipped.
-            if let Some(s) = self.function(&name)? {
-                out.push(s);
-            }
-        }
-        Ok(out)
+        Ok(self.live().summaries())
     }
 
     /// The paper's per-function config, one entry per known function, sorted by name.
@@ -421,24 +464,7 @@ impl Store {
     /// any retained hour has some, else the busiest hour's execs; `max_memory_bytes` is the
     /// peak of the retained instance peaks.
     pub fn export(&self) -> Result<Vec<FunctionConfig>, StoreError> {
-        let mut out = Vec::new();
-        for name in self.function_names()? {
-            let hours = self.hours(&name)?;
-            let max_invocations = hours.iter().map(|h| h.invocations).max().unwrap_or(0);
-            let requests_per_hour = if max_invocations > 0 {
-                max_invocations
-            } else {
-                hours.iter().map(|h| h.execs).max().unwrap_or(0)
-            };
-            let instances = self.instances(&name)?;
-            let max_memory_bytes = instances.iter().map(|i| i.peak_bytes).max().unwrap_or(0);
-            out.push(FunctionConfig {
-                function: name,
-                requests_per_hour,
-                max_memory_bytes,
-            });
-        }
-        Ok(out)
+        Ok(self.live().export())
     }
 
     /// Deletes ended instances with `ended_at_ms < now_ms - retention` and hour buckets whose
@@ -454,11 +480,13 @@ impl Store {
             let rec: InstanceRecord = decode(TREE_INSTANCES, &display_key(&key), &raw)?;
             if matches!(rec.ended_at_ms, Some(end) if end < cutoff) {
                 // Only delete the value we judged: a concurrent put_instance wins.
+                let mut live = self.live();
                 if self
                     .instances
                     .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
                     .is_ok()
                 {
+                    live.remove_instance(&rec);
                     report.instances_removed += 1;
                 }
             }
@@ -467,12 +495,16 @@ impl Store {
         for item in self.hours.iter() {
             let (key, raw) = item?;
             let bucket: HourBucket = decode(TREE_HOURS, &display_key(&key), &raw)?;
-            if bucket.hour_start_ms.saturating_add(HOUR_MS) <= cutoff
-                && self
-                    .hours
-                    .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
-                    .is_ok()
+            if bucket.hour_start_ms.saturating_add(HOUR_MS) > cutoff {
+                continue;
+            }
+            let mut live = self.live();
+            if self
+                .hours
+                .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
+                .is_ok()
             {
+                live.remove_hour(&function_of_key(&key), bucket.hour_start_ms);
                 report.hours_removed += 1;
             }
         }
@@ -497,7 +529,14 @@ impl Store {
     }
 
     /// Widens the function's first/last-seen range, creating the entry if needed.
-    fn touch_function(&self, name: &str, first_ms: u64, last_ms: u64) -> Result<(), StoreError> {
+    fn touch_function(
+        &self,
+        live: &mut LiveModel,
+        name: &str,
+        first_ms: u64,
+        last_ms: u64,
+    ) -> Result<(), StoreError> {
+        live.seen(name, first_ms, last_ms);
         update_json(
             &self.functions,
             TREE_FUNCTIONS,
@@ -513,6 +552,7 @@ impl Store {
                 },
             },
         )
+        .map(drop)
     }
 
     #[cfg(test)]
@@ -521,58 +561,10 @@ impl Store {
     }
 }
 
-fn summarize(
-    name: &str,
-    record: &FunctionRecord,
-    instances: &[InstanceRecord],
-    hours: &[HourBucket],
-) -> FunctionSummary {
-    let mut peaks: Vec<u64> = instances
-        .iter()
-        .map(|i| i.peak_bytes)
-        .filter(|&p| p > 0)
-        .collect();
-    peaks.sort_unstable();
-
-    let first_seen_ms = instances
-        .iter()
-        .map(|i| i.started_at_ms)
-        .fold(record.first_seen_ms, u64::min);
-    let last_seen_ms = instances
-        .iter()
-        .map(|i| i.ended_at_ms.unwrap_or(0).max(i.started_at_ms))
-        .chain(hours.iter().map(|h| h.hour_start_ms))
-        .fold(record.last_seen_ms, u64::max);
-
-    FunctionSummary {
-        name: name.to_string(),
-        instances: instances.len() as u64,
-        live_instances: instances.iter().filter(|i| i.is_live()).count() as u64,
-        execs: instances
-            .iter()
-            .map(|i| i.execs)
-            .fold(0, u64::saturating_add),
-        invocations: hours
-            .iter()
-            .map(|h| h.invocations)
-            .fold(0, u64::saturating_add),
-        oom_kills: instances
-            .iter()
-            .map(|i| i.oom_kills)
-            .fold(0, u64::saturating_add),
-        peak_bytes: peaks.last().copied().unwrap_or(0),
-        peak_percentiles: PeakPercentiles::from_sorted(&peaks),
-        first_seen_ms,
-        last_seen_ms,
-    }
-}
-
-fn apply_delta(b: &mut HourBucket, d: &HourDelta) {
-    b.instances_started = b.instances_started.saturating_add(d.instances_started);
-    b.execs = b.execs.saturating_add(d.execs);
-    b.invocations = b.invocations.saturating_add(d.invocations);
-    b.oom_kills = b.oom_kills.saturating_add(d.oom_kills);
-    b.peak_bytes = b.peak_bytes.max(d.peak_bytes);
+/// The function name of an `instances` or `hours` key (`name · 0x00 · …`).
+fn function_of_key(key: &[u8]) -> String {
+    let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+    String::from_utf8_lossy(&key[..end]).into_owned()
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
@@ -686,7 +678,7 @@ fn update_json<T, F>(
     name: &'static str,
     key: &[u8],
     mut f: F,
-) -> Result<(), StoreError>
+) -> Result<T, StoreError>
 where
     T: Serialize + DeserializeOwned + PartialEq,
     F: FnMut(Option<T>) -> T,
@@ -701,10 +693,10 @@ where
         let new = f(old);
         let new_raw = encode(name, key, &new)?;
         if matches!(&unchanged_probe, Some(Some(o)) if *o == new_raw) {
-            return Ok(());
+            return Ok(new);
         }
         if tree.compare_and_swap(key, old_raw, Some(new_raw))?.is_ok() {
-            return Ok(());
+            return Ok(new);
         }
         // Another writer got in between: re-read and re-apply.
     }
@@ -740,7 +732,7 @@ mod audit_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Limits, PeakSource};
+    use crate::model::{Limits, PeakPercentiles, PeakSource};
 
     const MIB: u64 = 1024 * 1024;
 
@@ -764,6 +756,55 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db")).expect("open");
         (dir, store)
+    }
+
+    /// The live model's answers equal a fresh summary of the trees: after live updates,
+    /// repeated writes of the same record, ends, invocations and pruning, and after a reopen
+    /// (which builds the model from the trees alone).
+    #[test]
+    fn live_model_matches_the_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        for i in 0..30u64 {
+            let f = if i % 3 == 0 { "a" } else { "b" };
+            let mut r = rec(f, 1000 + i * HOUR_MS / 4, i);
+            r.execs = 1;
+            s.put_instance(&r).unwrap();
+            r.peak_bytes = (i + 1) * MIB;
+            r.execs = 2;
+            s.put_instance(&r).unwrap();
+            if i % 5 != 0 {
+                r.ended_at_ms = Some(r.started_at_ms + 10);
+                r.oom_kills = i % 2;
+                s.put_instance(&r).unwrap();
+                // The same ended record again: counted once.
+                s.put_instance(&r).unwrap();
+            }
+            s.add_invocations(f, i, r.started_at_ms).unwrap();
+        }
+        s.prune(1000 + 4 * HOUR_MS, Duration::from_millis(2 * HOUR_MS))
+            .unwrap();
+        let live = s.functions().unwrap();
+        let export = s.export().unwrap();
+        let hours = s.hours("b").unwrap();
+        assert_eq!(live.len(), 2);
+        let b = &live[1];
+        assert_eq!(b.live_instances, 4, "{b:?}");
+        assert!(b.instances > b.live_instances && b.execs == 2 * b.instances);
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.functions().unwrap(), live);
+        assert_eq!(s.export().unwrap(), export);
+        assert_eq!(s.hours("b").unwrap(), hours);
+        // And both agree with the records themselves.
+        let recs = s.instances("b").unwrap();
+        assert_eq!(b.instances, recs.len() as u64);
+        assert_eq!(b.oom_kills, recs.iter().map(|r| r.oom_kills).sum::<u64>());
+        assert_eq!(
+            b.peak_bytes,
+            recs.iter().map(|r| r.peak_bytes).max().unwrap()
+        );
     }
 
     #[test]
@@ -1141,10 +1182,11 @@ mod tests {
         assert!(is_corrupt_instance(s.instance("f", 2, 9).unwrap_err()));
         assert!(is_corrupt_instance(s.instances("f").unwrap_err()));
         assert!(is_corrupt_instance(s.live_instances().unwrap_err()));
-        assert!(is_corrupt_instance(s.function("f").unwrap_err()));
         assert!(is_corrupt_instance(
             s.prune(u64::MAX, Duration::ZERO).unwrap_err()
         ));
+        // Summaries come from memory, where the corrupt value never was.
+        assert_eq!(s.function("f").unwrap().map(|f| f.instances), Some(1));
         // The good record is still readable by key.
         assert!(s.instance("f", 1, 1).unwrap().is_some());
 

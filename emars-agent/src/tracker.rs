@@ -143,6 +143,12 @@ impl Tracker {
 
     /// Writes the function's recommended limits into a new instance (enforce mode).
     fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: u64) {
+        // Instances of this function that ended since the last tick are not in its
+        // recommendation yet: bring it up to date first, or this instance would get a stale
+        // one (or none, for a function whose first instances just ended).
+        if self.dirty.remove(&rec.function) {
+            self.recompute(&rec.function, rec.started_at_ms);
+        }
         let Some((policy, actuator)) = &self.policy else {
             return;
         };

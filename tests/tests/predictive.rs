@@ -128,6 +128,27 @@ fn enforce_writes_limits_into_new_instances() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new instance that arrives right after its function's first instances ended (before the
+/// agent's next periodic recompute) still gets limits: none is left unenforced.
+#[test]
+fn instance_right_after_history_gets_limits() -> anyhow::Result<()> {
+    if !require_root("instance_right_after_history_gets_limits") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "mode = \"enforce\"")?;
+    // No GET of the recommendation in between: that would compute it on the side.
+    history(&root, &agent, "quick", 3, 12)?;
+    let dir = root.instance_dir("quick", "next")?;
+    let got = wait_for(Duration::from_secs(2), || limits(&root.hierarchy, &dir).0);
+    assert!(
+        got.is_some(),
+        "no limits for an instance made right after the history:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
 /// Observe mode (the default) writes nothing.
 #[test]
 fn observe_mode_writes_nothing() -> anyhow::Result<()> {
