@@ -1,0 +1,288 @@
+//! Read latency of the API against the size of the history: the same requests against a small
+//! store (100 functions x 1 day) and a large one (F functions x D days), side by side in one
+//! run, over real HTTP and a real sled store filled through the store's own write path.
+//!
+//! ```sh
+//! cargo run --release -p emars-tests --bin emars-bench-api -- [--functions F] [--days D]
+//!     [--per-day N] [--requests R]
+//! ```
+//!
+//! Prints per store: records, fill time, start-up (open, which builds the live model), bytes on
+//! disk per instance record, and p50/p99/max of GET /v1/functions and GET /v1/functions/{name}.
+//! Needs no root and no kernel features.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use emars_agent::{
+    api::{self, guard::Guard, server::Bounds, token::Token, ApiState},
+    model::{AgentInfo, HourDelta, InstanceRecord, Limits, PeakSource},
+    store::{Store, HOUR_MS},
+};
+
+const USAGE: &str = "usage: emars-bench-api [--functions F] [--days D] [--per-day N] [--requests R]
+  --functions F   functions of the large store (default 1000)
+  --days D        days of history of the large store (default 30)
+  --per-day N     instances per function per day (default 10)
+  --requests R    GETs of each kind per store (default 200)";
+
+struct Opts {
+    functions: u64,
+    days: u64,
+    per_day: u64,
+    requests: usize,
+}
+
+fn main() {
+    match parse().and_then(|o| run(&o)) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("emars-bench-api: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        functions: 1000,
+        days: 30,
+        per_day: 10,
+        requests: 200,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = || -> Result<u64> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|v| *v > 0)
+                .with_context(|| format!("{a} needs a positive number\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--functions" => o.functions = num()?,
+            "--days" => o.days = num()?,
+            "--per-day" => o.per_day = num()?,
+            "--requests" => o.requests = num()? as usize,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+/// What one store size measured.
+struct Row {
+    label: String,
+    records: u64,
+    fill: Duration,
+    open: Duration,
+    bytes_per_record: f64,
+    list: Vec<Duration>,
+    one: Vec<Duration>,
+}
+
+fn run(o: &Opts) -> Result<()> {
+    let sizes = [(100, 1), (o.functions, o.days)];
+    let mut rows = Vec::new();
+    for (functions, days) in sizes {
+        rows.push(measure(functions, days, o)?);
+    }
+    println!(
+        "\n{:<22} {:>10} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
+        "store",
+        "records",
+        "fill s",
+        "open s",
+        "B/record",
+        "GET /v1/functions p50/p99/max",
+        "GET /v1/functions/{n} p50/p99/max"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.0}  {:>28}  {:>28}",
+            r.label,
+            r.records,
+            r.fill.as_secs_f64(),
+            r.open.as_secs_f64(),
+            r.bytes_per_record,
+            triple(&r.list),
+            triple(&r.one),
+        );
+    }
+    let (small, large) = (&rows[0], &rows[1]);
+    println!(
+        "\nlarge / small: records {:.0}x, GET /v1/functions p99 {:.2}x, GET /v1/functions/{{name}} p99 {:.2}x",
+        large.records as f64 / small.records as f64,
+        ms(pct(&large.list, 99.0)) / ms(pct(&small.list, 99.0)),
+        ms(pct(&large.one, 99.0)) / ms(pct(&small.one, 99.0)),
+    );
+    Ok(())
+}
+
+fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let label = format!("{functions} fn x {days} d");
+    eprintln!("filling {label} ({} records) ...", functions * days * o.per_day);
+    let t0 = Instant::now();
+    let records = fill(&path, functions, days, o.per_day)?;
+    let fill = t0.elapsed();
+    let t0 = Instant::now();
+    let store = Store::open(&path)?;
+    let open = t0.elapsed();
+    let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
+
+    let (addr, _server) = serve(store, dir.path())?;
+    let http = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build();
+    let get = |p: &str| -> Result<Duration> {
+        let t = Instant::now();
+        let r = http.get(&format!("http://{addr}{p}")).call()?;
+        let _ = r.into_string()?;
+        Ok(t.elapsed())
+    };
+    let mut list = Vec::with_capacity(o.requests);
+    let mut one = Vec::with_capacity(o.requests);
+    for i in 0..o.requests {
+        list.push(get("/v1/functions")?);
+        one.push(get(&format!("/v1/functions/f{}", (i as u64 * 7919) % functions))?);
+    }
+    Ok(Row {
+        label,
+        records,
+        fill,
+        open,
+        bytes_per_record,
+        list,
+        one,
+    })
+}
+
+/// Writes `per_day` ended instances per function per day, and one hour bucket per instance,
+/// through the store's own write path, ending now.
+fn fill(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
+    let store = Store::open(path)?;
+    let now = emars_agent::agent::now_ms();
+    let start = now - days * 24 * HOUR_MS;
+    let step = 24 * HOUR_MS / per_day;
+    let mut n = 0;
+    for f in 0..functions {
+        let name = format!("f{f}");
+        for i in 0..days * per_day {
+            let started = start + i * step + f % step;
+            let rec = InstanceRecord {
+                function: name.clone(),
+                instance: format!("i{i}"),
+                cgroup_id: 1_000_000 + n,
+                cgroup_path: format!("/sys/fs/cgroup/emars/{name}/i{i}"),
+                started_at_ms: started,
+                ended_at_ms: Some(started + 1500),
+                execs: 1,
+                peak_bytes: (16 + (i * 37 + f) % 200) << 20,
+                peak_source: PeakSource::KernelWatermark,
+                oom_kills: 0,
+                limits: Limits::default(),
+            };
+            store.put_instance(&rec)?;
+            store.add_hour(
+                &name,
+                started,
+                HourDelta {
+                    instances_started: 1,
+                    execs: 1,
+                    peak_bytes: rec.peak_bytes,
+                    ..HourDelta::default()
+                },
+            )?;
+            n += 1;
+        }
+    }
+    store.flush()?;
+    Ok(n)
+}
+
+/// The real API router and server on 127.0.0.1:0, on a runtime of its own.
+fn serve(store: Store, dir: &Path) -> Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    let token = Token::load_or_create(&dir.join("token"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+                return;
+            };
+            let Ok(addr) = listener.local_addr() else {
+                return;
+            };
+            let state = ApiState {
+                store,
+                info: Arc::new(RwLock::new(AgentInfo::default())),
+                predictive: None,
+                retention_ms: 3650 * 86_400_000,
+            };
+            let guard = Arc::new(Guard::new(token, addr, &[]));
+            let _ = tx.send(addr);
+            let _ = api::serve(
+                listener,
+                state,
+                guard,
+                Bounds::default(),
+                std::future::pending(),
+            )
+            .await;
+        });
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the API server did not start")?;
+    Ok((addr, handle))
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let i = ((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len().max(1)) - 1;
+    s.get(i).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn triple(v: &[Duration]) -> String {
+    format!(
+        "{:.2} / {:.2} / {:.2} ms",
+        ms(pct(v, 50.0)),
+        ms(pct(v, 99.0)),
+        ms(pct(v, 100.0))
+    )
+}
