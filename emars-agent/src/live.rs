@@ -199,6 +199,25 @@ impl LiveModel {
             .collect()
     }
 
+    /// Functions with nothing retained (no instance, no hour bucket) last seen before
+    /// `cutoff_ms`.
+    pub fn forgotten(&self, cutoff_ms: u64) -> Vec<String> {
+        self.functions
+            .iter()
+            .filter(|(_, f)| {
+                f.live.is_empty()
+                    && f.ended == 0
+                    && f.hours.is_empty()
+                    && f.last_seen_ms < cutoff_ms
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn remove_function(&mut self, name: &str) {
+        self.functions.remove(name);
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.functions.keys().cloned().collect()
     }

@@ -25,7 +25,8 @@
 //! numbers) can be reused after a cgroup is removed, the start time tells the two apart.
 //!
 //! `functions` lists every function the store has heard of, whether through an instance, an
-//! hour bucket or platform-reported invocations; [`Store::prune`] never removes these entries.
+//! hour bucket or platform-reported invocations; [`Store::prune`] removes an entry only once
+//! nothing of the function is retained and it was last seen before the retention.
 //!
 //! On open, `meta/schema_version` is written if absent; a version newer than
 //! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaTooNew`]) rather than misread.
@@ -105,9 +106,13 @@ pub enum StoreError {
 pub struct PruneReport {
     pub instances_removed: u64,
     pub hours_removed: u64,
-    /// Audit records older than the retention (generations are kept: they are the history of
-    /// each function's config, and small).
+    /// Audit records older than the retention.
     pub audit_removed: u64,
+    /// Generations older than the retention (the newest one is always kept: it carries the
+    /// period across restarts).
+    pub generations_removed: u64,
+    /// Functions with nothing retained and not seen within the retention.
+    pub functions_removed: u64,
 }
 
 /// Value of the `functions` tree.
@@ -518,6 +523,23 @@ impl Store {
         for key in old {
             self.audit.remove(key)?;
             report.audit_removed += 1;
+        }
+        let newest = self.generations.last()?.map(|(k, _)| k);
+        let old: Vec<_> = self
+            .generations
+            .range(..cutoff.to_be_bytes().to_vec())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in old.into_iter().filter(|k| Some(k) != newest.as_ref()) {
+            self.generations.remove(key)?;
+            report.generations_removed += 1;
+        }
+
+        let mut live = self.live();
+        for name in live.forgotten(cutoff) {
+            self.functions.remove(name.as_bytes())?;
+            live.remove_function(&name);
+            report.functions_removed += 1;
         }
         Ok(report)
     }
@@ -1119,7 +1141,8 @@ mod tests {
             .map(|h| h.hour_start_ms)
             .collect();
         assert_eq!(hours, vec![cutoff_hour, now - HOUR_MS / 2]);
-        // The function itself stays known; a second prune finds nothing.
+        // The function itself stays known (it has retained data); a second prune finds
+        // nothing.
         assert_eq!(s.function_names().unwrap(), vec!["f"]);
         assert_eq!(s.prune(now, retention).unwrap(), PruneReport::default());
         // A retention longer than all time removes nothing.
@@ -1127,6 +1150,33 @@ mod tests {
             s.prune(now, Duration::from_secs(u64::MAX)).unwrap(),
             PruneReport::default()
         );
+    }
+
+    #[test]
+    fn prune_forgets_functions_and_generations_past_retention() {
+        let (_d, s) = open_tmp();
+        let day = 24 * HOUR_MS;
+        let now = 30 * day;
+        let retention = Duration::from_millis(7 * day);
+        let mut gone = rec("gone", day, 1);
+        gone.ended_at_ms = Some(day + 10);
+        s.put_instance(&gone).unwrap();
+        s.add_invocations("gone", 3, day).unwrap();
+        let mut kept = rec("kept", now - day, 2);
+        kept.ended_at_ms = Some(now - day + 10);
+        s.put_instance(&kept).unwrap();
+        for at in [day, 2 * day, now - day] {
+            s.append_generation(at, &at).unwrap();
+        }
+        let r = s.prune(now, retention).unwrap();
+        assert_eq!((r.functions_removed, r.generations_removed), (1, 2));
+        assert_eq!(s.function_names().unwrap(), vec!["kept"]);
+        assert_eq!(s.function("gone").unwrap(), None);
+        assert_eq!(s.generations::<u64>(10).unwrap(), vec![now - day]);
+        // The newest generation stays even when it is old: it carries the period.
+        let r = s.prune(now + 30 * day, retention).unwrap();
+        assert_eq!(r.generations_removed, 0);
+        assert_eq!(s.generations::<u64>(10).unwrap(), vec![now - day]);
     }
 
     #[test]
