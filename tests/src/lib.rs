@@ -489,6 +489,22 @@ impl Agent {
         }
     }
 
+    /// Waits until the agent knows `instance` of `function` as live, and returns its record.
+    pub fn wait_live(&self, function: &str, instance: &str) -> Result<Value> {
+        wait_for(Duration::from_secs(5), || {
+            self.instances(function)
+                .ok()?
+                .into_iter()
+                .find(|i| i["instance"] == instance && i["ended_at_ms"].is_null())
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "{function}/{instance} not seen live:\nagent log:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// Waits until `function` has `n` ended instances and returns them.
     pub fn wait_ended(&self, function: &str, n: usize) -> Result<Vec<Value>> {
         wait_for(Duration::from_secs(10), || {

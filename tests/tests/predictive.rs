@@ -119,11 +119,7 @@ fn enforce_writes_limits_into_new_instances() -> anyhow::Result<()> {
     // Instances of a function without history are left alone.
     let other = root.instance_dir("unknown_fn", "u1")?;
     // Once the agent knows u1 it has passed the point where it would have written limits.
-    wait_for(Duration::from_secs(5), || {
-        let live = agent.instances("unknown_fn").ok()?;
-        live.iter().any(|i| i["instance"] == "u1").then_some(())
-    })
-    .ok_or_else(|| anyhow::anyhow!("instance u1 not seen:\n{}", agent.log()))?;
+    agent.wait_live("unknown_fn", "u1")?;
     assert_eq!(limits(&root.hierarchy, &other).0, None);
     Ok(())
 }
@@ -161,11 +157,7 @@ fn observe_mode_writes_nothing() -> anyhow::Result<()> {
     let dir = root.instance_dir("watched", "n")?;
     // Wait for the agent to know the new instance: it has then passed the point where enforce
     // mode would have written its limits.
-    wait_for(Duration::from_secs(5), || {
-        let live = agent.instances("watched").ok()?;
-        live.iter().any(|i| i["instance"] == "n").then_some(())
-    })
-    .ok_or_else(|| anyhow::anyhow!("instance n not seen:\n{}", agent.log()))?;
+    agent.wait_live("watched", "n")?;
     assert_eq!(limits(&root.hierarchy, &dir), (None, None));
     // Nor do the explicit write commands, even with the token: 409, naming the setting.
     for (path, body) in [

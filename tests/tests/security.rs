@@ -40,15 +40,11 @@ fn live_instance(
 ) -> anyhow::Result<(PathBuf, std::process::Child)> {
     let dir = root.instance_dir(function, "live")?;
     let child = spawn_alloc(&dir, mib, 120_000, 0)?;
+    agent.wait_live(function, "live")?;
     wait_for(Duration::from_secs(5), || {
-        let known = agent
-            .instances(function)
-            .ok()?
-            .iter()
-            .any(|i| i["instance"] == "live" && i["ended_at_ms"].is_null());
-        (known && root.hierarchy.usage(&dir).ok()? >= mib * MIB).then_some(())
+        (root.hierarchy.usage(&dir).ok()? >= mib * MIB).then_some(())
     })
-    .ok_or_else(|| anyhow!("instance not running with {mib} MiB:\n{}", agent.log()))?;
+    .ok_or_else(|| anyhow!("instance not running with {mib} MiB"))?;
     Ok((dir, child))
 }
 
@@ -308,13 +304,7 @@ fn recreated_cgroup_is_not_written() -> anyhow::Result<()> {
         &root,
         "[probes]\ndisable = [\"cgroup_mkdir\", \"raw_cgroup_rmdir\", \"cgroup_rmdir\"]\n",
     )?;
-    let old_id = wait_for(Duration::from_secs(5), || {
-        let list = agent.instances("swap").ok()?;
-        list.iter()
-            .find(|i| i["instance"] == "i1" && i["ended_at_ms"].is_null())
-            .map(|i| u64_of(i, "cgroup_id"))
-    })
-    .ok_or_else(|| anyhow!("i1 not registered at start-up:\n{}", agent.log()))?;
+    let old_id = u64_of(&agent.wait_live("swap", "i1")?, "cgroup_id");
     // Right after a reconciliation pass (every 10 s), so the agent's record stays stale
     // while the swap and the write happen: a throwaway cgroup's removal marks the pass.
     let reconciled = |a: &Agent| {

@@ -131,7 +131,10 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let label = format!("{functions} fn x {days} d");
-    eprintln!("filling {label} ({} records) ...", functions * days * o.per_day);
+    eprintln!(
+        "filling {label} ({} records) ...",
+        functions * days * o.per_day
+    );
     let t0 = Instant::now();
     let records = fill(&path, functions, days, o.per_day)?;
     let fill = t0.elapsed();
@@ -154,7 +157,10 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let mut one = Vec::with_capacity(o.requests);
     for i in 0..o.requests {
         list.push(get("/v1/functions")?);
-        one.push(get(&format!("/v1/functions/f{}", (i as u64 * 7919) % functions))?);
+        one.push(get(&format!(
+            "/v1/functions/f{}",
+            (i as u64 * 7919) % functions
+        ))?);
     }
     Ok(Row {
         label,
