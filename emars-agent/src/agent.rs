@@ -22,7 +22,7 @@ use crate::{
     probes::Probes,
     registry::Registry,
     store::Store,
-    tracker::Tracker,
+    tracker::{Found, Tracker},
 };
 
 pub fn now_ms() -> u64 {
@@ -63,6 +63,9 @@ pub async fn run(
     let store = Store::open(&config.store.path)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
 
+    // Cgroups created from here on are new instances, whether their mkdir event or the scan
+    // below reports them first.
+    let agent_start_ms = now_ms();
     // Attach before scanning, so no cgroup created in between is missed.
     let mut probes =
         Probes::load(&hierarchy, &config.probes, &roots).context("loading eBPF programs")?;
@@ -117,7 +120,7 @@ pub async fn run(
     tracing::info!("policy mode: {:?}", config.policy.mode);
     let mut tracker = Tracker::new(hierarchy, registry, store.clone())
         .with_policy(policy.clone(), actuator.clone());
-    scan_existing(&mut tracker, &mut probes, &store, &roots)?;
+    scan_existing(&mut tracker, &mut probes, &store, &roots, agent_start_ms)?;
 
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
@@ -319,6 +322,7 @@ fn scan_existing(
     probes: &mut Probes,
     store: &Store,
     roots: &[String],
+    agent_start_ms: u64,
 ) -> anyhow::Result<()> {
     let stale = store.live_instances().unwrap_or_else(|e| {
         tracing::error!("reading the live instances of the last run: {e}");
@@ -356,7 +360,14 @@ fn scan_existing(
                 .as_ref()
                 .map(|r| r.started_at_ms)
                 .unwrap_or_else(|| created_ms(&dir));
-            tracker.add_cgroup(id, &rel, started, resumed, None);
+            let new_since_start = resumed.is_none() && started >= agent_start_ms;
+            tracker.add_cgroup(
+                id,
+                &rel,
+                started,
+                resumed,
+                Found::Existing { new_since_start },
+            );
             found += 1;
         }
     }

@@ -176,17 +176,18 @@ impl Policy {
 
     /// Writes a function's recommended limits into a new instance (enforce mode only).
     /// Returns the audit record, also when the write failed; None when there is nothing to do.
+    /// `delay_start_ns`: the kernel time of its mkdir, when known.
     pub fn enforce_new_instance(
         &self,
         actuator: &Actuator,
         rec: &InstanceRecord,
-        delay_start_ns: u64,
+        delay_start_ns: Option<u64>,
     ) -> Option<AuditRecord> {
         if self.config.mode != EnforceMode::Enforce {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(actuator, rec, &r, "new_instance", Some(delay_start_ns)))
+        Some(self.write(actuator, rec, &r, "new_instance", delay_start_ns))
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.

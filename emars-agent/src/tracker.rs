@@ -18,6 +18,18 @@ use crate::{
     store::{Store, StoreError},
 };
 
+/// How the tracker learned of a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Its mkdir event, with the kernel time of the mkdir.
+    Mkdir { ts_ns: u64 },
+    /// Later, from one of its tasks (the mkdir event was lost or not sent).
+    Late,
+    /// At start-up, already there; `new_since_start`: created after the agent started (in the
+    /// window between attaching the programs and the scan).
+    Existing { new_since_start: bool },
+}
+
 /// Counters of what the tracker did, for /v1/info and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrackerStats {
@@ -81,16 +93,15 @@ impl Tracker {
     }
 
     /// Registers a cgroup (from a mkdir event or the start-up scan). `resumed` is the record
-    /// of the same instance kept in the store before a restart.
-    /// `mkdir_ts_ns`: the kernel time of the mkdir, for a cgroup that was just created
-    /// (enforce mode writes its function's limits at once).
+    /// of the same instance kept in the store before a restart. `found` says how the cgroup
+    /// was learned of, and so whether enforce mode writes its function's limits now.
     pub fn add_cgroup(
         &mut self,
         id: u64,
         rel_path: &str,
         started_at_ms: u64,
         resumed: Option<InstanceRecord>,
-        mkdir_ts_ns: Option<u64>,
+        found: Found,
     ) {
         if self.table.get(id).is_some() {
             return;
@@ -126,7 +137,12 @@ impl Tracker {
             limits,
         });
         rec.limits = limits;
-        if let Some(ts) = mkdir_ts_ns {
+        let enforce = match found {
+            Found::Mkdir { ts_ns } => Some(Some(ts_ns)),
+            Found::Late => Some(None),
+            Found::Existing { new_since_start } => (new_since_start && fresh).then_some(None),
+        };
+        if let Some(ts) = enforce {
             self.enforce(&mut rec, ts);
         }
         self.refresh_watermark(&mut rec);
@@ -142,11 +158,17 @@ impl Tracker {
     }
 
     /// Writes the function's recommended limits into a new instance (enforce mode).
-    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: u64) {
+    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: Option<u64>) {
         // Instances of this function that ended since the last tick are not in its
         // recommendation yet: bring it up to date first, or this instance would get a stale
         // one (or none, for a function whose first instances just ended).
-        if self.dirty.remove(&rec.function) {
+        let unknown = self
+            .policy
+            .as_ref()
+            .is_some_and(|(p, _)| p.cached(&rec.function).is_none());
+        // The same for a function without a recommendation yet (its first instance, or one
+        // whose limits are pinned in the config).
+        if self.dirty.remove(&rec.function) || unknown {
             self.recompute(&rec.function, rec.started_at_ms);
         }
         let Some((policy, actuator)) = &self.policy else {
@@ -196,7 +218,7 @@ impl Tracker {
         self.stats.events += 1;
         match event {
             KernelEvent::CgroupMkdir { id, path, .. } => {
-                self.add_cgroup(id, &path, at_ms, None, Some(ts_ns))
+                self.add_cgroup(id, &path, at_ms, None, Found::Mkdir { ts_ns })
             }
             KernelEvent::CgroupRmdir {
                 id,
@@ -265,7 +287,8 @@ impl Tracker {
             return None;
         }
         let new_id = crate::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
-        self.add_cgroup(new_id, &rel, at_ms, None, None);
+        // Its mkdir event was lost or never sent (program off): a new instance all the same.
+        self.add_cgroup(new_id, &rel, at_ms, None, Found::Late);
         Some(new_id)
     }
 

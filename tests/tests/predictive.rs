@@ -145,6 +145,77 @@ fn instance_right_after_history_gets_limits() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Instances created while the agent starts (some before its scan, some after) all get their
+/// function's limits, here pinned, so even the very first instance of the function has them.
+#[test]
+fn instances_made_during_start_up_get_limits() -> anyhow::Result<()> {
+    if !require_root("instances_made_during_start_up_get_limits") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let maker = {
+        let (stop, base) = (stop.clone(), root.function_dir("boot")?);
+        std::thread::spawn(move || {
+            let mut made = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && made.len() < 2000 {
+                let d = base.join(format!("i{}", made.len()));
+                if fs::create_dir(&d).is_ok() {
+                    made.push(d);
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            made
+        })
+    };
+    let agent = start(
+        &root,
+        "mode = \"enforce\"\n[[policy.functions]]\nname = \"boot\"\npin_max_bytes = 209715200\npin_high_bytes = 104857600\n",
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let made = maker
+        .join()
+        .map_err(|_| anyhow::anyhow!("maker thread panicked"))?;
+    let started = u64_of(&agent.get_ok("/v1/info")?, "started_at_ms");
+    let after: Vec<_> = made
+        .iter()
+        .filter(|d| {
+            fs::metadata(d)
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.ctime() as u64) * 1000 + (m.ctime_nsec() as u64) / 1_000_000 > started
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        after.len() > 10,
+        "{} of {} made after start-up",
+        after.len(),
+        made.len()
+    );
+    let missing = wait_for(Duration::from_secs(5), || {
+        let m: Vec<_> = after
+            .iter()
+            .filter(|d| limits(&root.hierarchy, d).0 != Some(200 * MIB))
+            .collect();
+        m.is_empty().then_some(())
+    });
+    let left: Vec<_> = after
+        .iter()
+        .filter(|d| limits(&root.hierarchy, d).0 != Some(200 * MIB))
+        .collect();
+    assert!(
+        missing.is_some(),
+        "{} of {} instances made after start-up have no limits: {:?}",
+        left.len(),
+        after.len(),
+        left.iter().take(5).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 /// Observe mode (the default) writes nothing.
 #[test]
 fn observe_mode_writes_nothing() -> anyhow::Result<()> {
