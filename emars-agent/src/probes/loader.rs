@@ -274,9 +274,13 @@ impl Probes {
             )),
         }
         if !report.attached("cgroup_mkdir") {
-            report
-                .fallbacks
-                .push("no cgroup_mkdir: new cgroups are found when their first task execs".into());
+            // The kernel side starts watching a cgroup at its mkdir: without it, the programs
+            // filter out every cgroup created later (measured: none of them is recorded).
+            report.fallbacks.push(
+                "no cgroup_mkdir: only the cgroups found at start-up are tracked; cgroups \
+                 created later are not"
+                    .into(),
+            );
         }
         if !report.attached("cgroup_attach_task") || !report.attached("sched_process_fork") {
             report.fallbacks.push(
