@@ -88,6 +88,7 @@ pub async fn run(
         instances_reconciled: 0,
         started_at_ms: now_ms(),
         enforcement: Default::default(),
+        kernel_counters: Default::default(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -245,6 +246,11 @@ async fn event_loop(
                     i.events_received = tracker.stats.events;
                     i.events_lost = lost;
                     i.instances_reconciled = tracker.stats.reconciled;
+                    i.kernel_counters = crate::model::KernelCounters {
+                        paths_truncated: tracker.stats.paths_truncated,
+                        paths_unresolved: tracker.stats.paths_unresolved,
+                        ..probes.kernel_counters()
+                    };
                     i.programs = probes.program_stats();
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     i.enforcement = crate::model::EnforcementInfo {

@@ -363,6 +363,17 @@ pub fn cgroup_id(dir: &Path) -> Result<u64> {
         .map_err(|e| CgroupfsError::io(dir, e))
 }
 
+/// The cgroup directory below `dir` (or `dir` itself) whose id is `id`, if any.
+pub fn find_by_id(dir: &Path, id: u64) -> Option<PathBuf> {
+    if cgroup_id(dir).ok()? == id {
+        return Some(dir.to_owned());
+    }
+    descendants(dir)
+        .ok()?
+        .into_iter()
+        .find(|d| cgroup_id(d).is_ok_and(|i| i == id))
+}
+
 /// Every cgroup directory below `dir` (not `dir` itself), parents before children.
 pub fn descendants(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();

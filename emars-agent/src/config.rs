@@ -432,7 +432,15 @@ pub struct ProbesConfig {
     pub peak_step_bytes: u64,
     /// Size of the kernel → agent ring buffer.
     pub ring_buffer_bytes: u32,
+    /// Capacity of the kernel's table of watched cgroups (live instances at once).
+    pub max_watched_cgroups: u32,
+    /// Capacity of the kernel's task → cgroup table (tasks in watched cgroups at once).
+    pub max_tasks: u32,
 }
+
+pub const DEFAULT_MAX_WATCHED_CGROUPS: u32 = 65_536;
+pub const DEFAULT_MAX_TASKS: u32 = 131_072;
+pub const TABLE_ENTRIES_RANGE: RangeInclusive<u32> = 1..=(1 << 24);
 
 impl Default for ProbesConfig {
     fn default() -> Self {
@@ -440,6 +448,8 @@ impl Default for ProbesConfig {
             disable: Vec::new(),
             peak_step_bytes: DEFAULT_PEAK_STEP_BYTES,
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+            max_watched_cgroups: DEFAULT_MAX_WATCHED_CGROUPS,
+            max_tasks: DEFAULT_MAX_TASKS,
         }
     }
 }
@@ -574,6 +584,18 @@ impl ProbesConfig {
                     RING_BUFFER_BYTES_RANGE.end()
                 ),
             ));
+        }
+        for (key, v) in [
+            ("probes.max_watched_cgroups", self.max_watched_cgroups),
+            ("probes.max_tasks", self.max_tasks),
+        ] {
+            if !TABLE_ENTRIES_RANGE.contains(&v) {
+                return Err(invalid(
+                    key,
+                    v,
+                    format!("must be between 1 and {}", TABLE_ENTRIES_RANGE.end()),
+                ));
+            }
         }
         Ok(())
     }

@@ -9,6 +9,8 @@ pub enum KernelEvent {
         id: u64,
         path: String,
         level: i32,
+        /// The path filled the event's buffer: it may be cut short.
+        truncated: bool,
     },
     /// `peak`: the in-kernel charge-event peak (0 without memcg events); `watermark`: the
     /// kernel's own watermark read as the cgroup went away (0 when the kernel layout is unknown).
@@ -74,6 +76,8 @@ pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
             id,
             path: name(),
             level: ev.level,
+            // The kernel copies at most EVENT_NAME_LEN - 1 bytes and a NUL.
+            truncated: ev.name_len as usize >= ev.name.len() - 1,
         },
         EventKind::CgroupRmdir => KernelEvent::CgroupRmdir {
             id,
@@ -113,10 +117,13 @@ mod tests {
             hierarchy: 4,
             level: 2,
             _pad: 0,
-            name_len: name.len() as u32,
+            name_len: 0,
             name: [0; EVENT_NAME_LEN],
         };
-        ev.name[..name.len()].copy_from_slice(name.as_bytes());
+        // As the kernel copies: at most EVENT_NAME_LEN - 1 bytes and a NUL.
+        let n = name.len().min(EVENT_NAME_LEN - 1);
+        ev.name_len = n as u32;
+        ev.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         // SAFETY: Event is plain data.
         unsafe {
             std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
@@ -133,9 +140,20 @@ mod tests {
             KernelEvent::CgroupMkdir {
                 id: 7,
                 path: "/emars/f/1".into(),
-                level: 2
+                level: 2,
+                truncated: false,
             }
         );
+        let long = format!("/emars/f/{}", "x".repeat(300));
+        let t = decode(&raw(1, &long)).unwrap();
+        let KernelEvent::CgroupMkdir {
+            path, truncated, ..
+        } = t.event
+        else {
+            panic!("not a mkdir: {t:?}");
+        };
+        assert!(truncated);
+        assert_eq!(path.len(), emars_common::EVENT_NAME_LEN - 1);
         assert_eq!(
             decode(&raw(2, "/x")).unwrap().event,
             KernelEvent::CgroupRmdir {

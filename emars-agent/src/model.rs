@@ -156,6 +156,26 @@ pub struct AgentInfo {
     /// Predictive mode and the cgroup writer's counters.
     #[serde(default)]
     pub enforcement: EnforcementInfo,
+    /// What the kernel side could not do (full tables), and paths the agent had to recover.
+    #[serde(default)]
+    pub kernel_counters: KernelCounters,
+}
+
+/// GET /v1/info → "kernel_counters": conditions that would otherwise go unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct KernelCounters {
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
+    /// Tasks not tracked: the task table (probes.max_tasks) was full.
+    pub task_table_full: u64,
+    /// Cgroups not watched in the kernel: the table (probes.max_watched_cgroups) was full.
+    pub watch_table_full: u64,
+    /// Cgroup paths longer than an event carries; the agent looked them up by cgroup id.
+    #[serde(default)]
+    pub paths_truncated: u64,
+    /// Of those, paths it could not find (the cgroup was not tracked rather than misnamed).
+    #[serde(default)]
+    pub paths_unresolved: u64,
 }
 
 /// GET /v1/info → "enforcement".

@@ -38,6 +38,9 @@ pub struct TrackerStats {
     /// Cgroups that were gone when we went to read them (normal for short instances).
     pub vanished_reads: u64,
     pub store_errors: u64,
+    /// Paths cut short in their event, and those not found by id.
+    pub paths_truncated: u64,
+    pub paths_unresolved: u64,
     /// Limit writes into new instances (enforce mode) and how many failed.
     pub enforced: u64,
     pub enforce_failures: u64,
@@ -217,7 +220,20 @@ impl Tracker {
     pub fn apply(&mut self, event: KernelEvent, at_ms: u64, ts_ns: u64) {
         self.stats.events += 1;
         match event {
-            KernelEvent::CgroupMkdir { id, path, .. } => {
+            KernelEvent::CgroupMkdir {
+                id,
+                path,
+                truncated,
+                ..
+            } => {
+                let path = if truncated {
+                    match self.full_path(id, &path) {
+                        Some(p) => p,
+                        None => return,
+                    }
+                } else {
+                    path
+                };
                 self.add_cgroup(id, &path, at_ms, None, Found::Mkdir { ts_ns })
             }
             KernelEvent::CgroupRmdir {
@@ -271,6 +287,24 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// The whole path of a cgroup whose event carried a cut-short path: looked up by id below
+    /// the last complete directory of what the event carried. None (and counted) when it
+    /// cannot be found: an untracked cgroup beats one filed under a wrong name.
+    fn full_path(&mut self, id: u64, cut: &str) -> Option<String> {
+        self.stats.paths_truncated += 1;
+        let parent = cut.rsplit_once('/').map_or("/", |(p, _)| p);
+        let found = crate::cgroupfs::find_by_id(&self.hierarchy.dir(parent), id)
+            .and_then(|d| self.hierarchy.rel_path(&d));
+        if found.is_none() {
+            self.stats.paths_unresolved += 1;
+            tracing::warn!(
+                cgroup = id,
+                "cgroup path longer than an event carries, and not found: {cut}…"
+            );
+        }
+        found
     }
 
     /// The watched cgroup of an event: the kernel's id if it knows the cgroup, else the

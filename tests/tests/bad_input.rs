@@ -220,3 +220,60 @@ fn lost_events_are_counted_and_reconciled() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A cgroup path longer than a kernel event carries is not filed under a cut-short name: the
+/// agent finds the cgroup by id and records the whole instance name, and counts it.
+#[test]
+fn long_cgroup_paths_are_not_misattributed() -> anyhow::Result<()> {
+    if !require_root("long_cgroup_paths_are_not_misattributed") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    let name = format!("long-{}", "n".repeat(245));
+    let dir = root.instance_dir("longfn", &name)?;
+    // An event carries EVENT_NAME_LEN - 1 = 255 bytes of path.
+    assert!(
+        root.rel.len() + "/longfn/".len() + name.len() > 255,
+        "the path must exceed what an event carries"
+    );
+    run_alloc(&dir, 8, 0, 0)?;
+    fs::remove_dir(&dir)?;
+    let ended = agent.wait_ended("longfn", 1)?;
+    assert_eq!(ended[0]["instance"], name.as_str());
+    let info = agent.get_ok("/v1/info")?;
+    wait_for(Duration::from_secs(3), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        (u64_of(&info["kernel_counters"], "paths_truncated") == 1).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("truncation not counted: {info}"))?;
+    Ok(())
+}
+
+/// A full kernel table is counted in /v1/info, and its size follows the config.
+#[test]
+fn full_watch_table_is_counted() -> anyhow::Result<()> {
+    if !require_root("full_watch_table_is_counted") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(&root, "\n[probes]\nmax_watched_cgroups = 2\n")?;
+    // The kernel watches every cgroup below the root, the function's directory too: five
+    // inserts into a table of two.
+    for i in 0..4 {
+        root.instance_dir("full", &format!("i{i}"))?;
+    }
+    let counted = wait_for(Duration::from_secs(3), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        let n = u64_of(&info["kernel_counters"], "watch_table_full");
+        (n == 3).then_some(n)
+    });
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(
+        counted,
+        Some(3),
+        "5 cgroups into a table of 2: {}",
+        info["kernel_counters"]
+    );
+    Ok(())
+}

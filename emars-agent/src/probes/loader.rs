@@ -20,7 +20,7 @@ use super::{
 use crate::{
     cgroupfs::{CgroupVersion, MemoryHierarchy},
     config::ProbesConfig,
-    model::ProgramStatus,
+    model::{KernelCounters, ProgramStatus},
 };
 
 /// The eBPF object built by build.rs (aya-build).
@@ -210,6 +210,8 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CONFIG, &config, true)
             .map_max_entries(names::EVENTS, cfg.ring_buffer_bytes)
+            .map_max_entries(names::WATCHED, cfg.max_watched_cgroups)
+            .map_max_entries(names::TASKS, cfg.max_tasks)
             .load(EBPF_OBJECT)?;
 
         fill_watch_roots(&mut ebpf, hierarchy.hierarchy_id, roots)?;
@@ -362,6 +364,16 @@ impl Probes {
 
     pub fn events_lost(&self) -> u64 {
         self.counter(counter::LOST)
+    }
+
+    /// What the kernel side counted but could not do.
+    pub fn kernel_counters(&self) -> KernelCounters {
+        KernelCounters {
+            events_lost: self.counter(counter::LOST),
+            task_table_full: self.counter(counter::TASK_TABLE_FULL),
+            watch_table_full: self.counter(counter::WATCH_TABLE_FULL),
+            ..KernelCounters::default()
+        }
     }
 
     /// Current program statuses with bpf_stats figures (non-zero only while stats are enabled).
