@@ -1,7 +1,8 @@
-//! Developer tasks for EMARS: `cargo xtask setup|build|run|test|bench`.
+//! Developer tasks for EMARS: `cargo xtask setup|build|run|test|bench|fuzz`.
 
 mod agent;
 mod cmd;
+mod fuzz;
 mod setup;
 mod suite;
 mod vm;
@@ -48,7 +49,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Setup, fmt check, clippy, build, unit tests, integration tests (as root).
+    /// Setup, fmt check, clippy, build, unit tests, integration tests (as root), a short fuzz run.
     Test {
         /// Build the `emars` binary under test with the release profile.
         #[arg(long)]
@@ -89,6 +90,17 @@ enum Command {
         /// Arguments for emars-bench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Setup, then run the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer); fails on any finding.
+    Fuzz {
+        /// Run only this target (repeatable); default: every target.
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// Time budget per target, in seconds.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        #[command(flatten)]
+        setup: SetupArgs,
     },
 }
 
@@ -194,6 +206,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 .log("emars bench")
                 .status()?;
             return Ok(pass_through(exit_code(status)));
+        }
+        Command::Fuzz {
+            targets,
+            seconds,
+            setup: s,
+        } => {
+            setup::run(&s.into())?;
+            fuzz::run(&fuzz::Options { targets, seconds })?;
         }
     }
     Ok(ExitCode::SUCCESS)

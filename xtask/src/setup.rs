@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cmd::{is_root, which, Cmd};
 
-/// Debian packages the project needs at build or test time.
-pub const APT_PACKAGES: &[&str] = &["python3"];
+/// Debian packages the project needs at build or test time (g++: libFuzzer, for the fuzz targets).
+pub const APT_PACKAGES: &[&str] = &["python3", "g++"];
 
 /// Components of the default (stable) toolchain used by `cargo xtask test`.
 const STABLE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
@@ -43,6 +43,7 @@ pub fn run(opts: &Options) -> Result<()> {
     ));
     ensure_components(Some(NIGHTLY), &["rust-src"])?;
     ensure_bpf_linker(&nightly, opts)?;
+    ensure_cargo_fuzz()?;
     ensure_apt_packages(APT_PACKAGES)?;
     say("done");
     Ok(())
@@ -284,6 +285,20 @@ fn ensure_bpf_linker(nightly: &Nightly, opts: &Options) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the fuzz step of `cargo xtask test`.
+fn ensure_cargo_fuzz() -> Result<()> {
+    if let Some(version) = Cmd::new("cargo").args(["fuzz", "--version"]).probe() {
+        say(format!("{} ok", version.trim()));
+        return Ok(());
+    }
+    say("installing cargo-fuzz (cargo install cargo-fuzz --locked)...");
+    Cmd::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .log("emars setup")
+        .run()
+        .context("could not install cargo-fuzz")
 }
 
 fn find_bpf_linker() -> Result<Option<PathBuf>> {

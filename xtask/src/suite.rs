@@ -1,5 +1,6 @@
-//! `cargo xtask test`: setup, format check, clippy, build, unit tests and
-//! the integration suite, with a summary table at the end.
+//! `cargo xtask test`: setup, format check, clippy, build, unit tests, the
+//! integration suite and a short run of every fuzz target, with a summary
+//! table at the end.
 
 use std::{
     path::PathBuf,
@@ -11,10 +12,13 @@ use anyhow::{anyhow, bail, Result};
 use crate::{
     agent,
     cmd::{describe, is_root, Cmd},
-    setup,
+    fuzz, setup,
 };
 
 const PREFIX: &str = "emars test";
+/// Budget per fuzz target: enough to catch shallow panics and hangs on every CI run;
+/// `cargo xtask fuzz` runs longer.
+const FUZZ_SECONDS: u64 = 20;
 
 pub struct Options {
     pub release: bool,
@@ -202,6 +206,7 @@ const STEPS: &[&str] = &[
     "build",
     "unit tests",
     "integration tests",
+    "fuzz",
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -229,7 +234,15 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
             .args(["fmt", "--all", "--", "--check"])
             .log(PREFIX)
             .run()
-            .map_err(|e| e.context("the tree is not formatted: run `cargo fmt --all`"))
+            .map_err(|e| e.context("the tree is not formatted: run `cargo fmt --all`"))?;
+        // fuzz/ is a workspace of its own.
+        agent::cargo_in_root()?
+            .args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
+            .log(PREFIX)
+            .run()
+            .map_err(|e| {
+                e.context("fuzz/ is not formatted: run `cargo fmt --manifest-path fuzz/Cargo.toml`")
+            })
     })?;
 
     // emars-ebpf only builds for the BPF target: leave it out of host-side
@@ -289,6 +302,21 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
             cmd = cmd.env("EMARS_TEST_ROOT_REQUIRED", "1");
         }
         run_tests(cmd.log(PREFIX), counts)
+    })?;
+
+    runner.step("fuzz", |_| {
+        let mut targets = fuzz::list_targets()?;
+        if let Some(filter) = &opts.filter {
+            targets.retain(|t| t.contains(filter.as_str()));
+            if targets.is_empty() {
+                println!("{PREFIX}: no fuzz target matches --filter {filter:?}");
+                return Ok(());
+            }
+        }
+        fuzz::run(&fuzz::Options {
+            targets,
+            seconds: FUZZ_SECONDS,
+        })
     })?;
     Ok(())
 }
