@@ -191,18 +191,18 @@ fn run(command: Command) -> Result<ExitCode> {
             if !is_root() {
                 println!("emars bench: warning: not root; benchmarks that load eBPF programs will fail or skip");
             }
-            let status = agent::cargo_in_root()?
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "emars-tests",
-                    "--bin",
-                    "emars-bench",
-                    "--",
-                ])
+            // The bench and the workload it runs (emars-alloc), both built here: a fresh
+            // clone has neither.
+            agent::cargo_in_root()?
+                .args(["build", "--release", "-p", "emars-tests", "--bins"])
+                .log("emars bench")
+                .run()
+                .context("building the benchmark binaries failed")?;
+            let dir = agent::metadata()?.target_dir.join("release");
+            let status = Cmd::new(dir.join("emars-bench"))
                 .args(&args)
                 .env("EMARS_BIN", &bin)
+                .env("EMARS_ALLOC_BIN", dir.join("emars-alloc"))
                 .log("emars bench")
                 .status()?;
             return Ok(pass_through(exit_code(status)));

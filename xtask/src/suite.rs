@@ -289,6 +289,10 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
         if let Some(filter) = &opts.filter {
             cmd = cmd.arg("--").arg(filter);
         }
+        // Unit tests that read the running kernel (BTF, tracefs) must run, not skip, as root.
+        if root {
+            cmd = cmd.env("EMARS_TEST_ROOT_REQUIRED", "1");
+        }
         run_tests(cmd.log(PREFIX), counts)
     })?;
 
