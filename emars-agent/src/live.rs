@@ -27,13 +27,30 @@ struct FunctionState {
     ended_peaks: BTreeMap<u64, u64>,
     hours: BTreeMap<u64, HourBucket>,
     invocations: u64,
-    /// The summary as last computed; None after any change.
+    /// The summary as last computed, and its JSON; None after any change.
     summary: Option<FunctionSummary>,
+    summary_json: Option<String>,
 }
 
 impl FunctionState {
-    fn add(&mut self, rec: &InstanceRecord, sign: i8) {
+    fn changed(&mut self) {
         self.summary = None;
+        self.summary_json = None;
+    }
+
+    /// The summary as JSON, kept until the next change: the list of every function is then a
+    /// concatenation, not a serialisation of thousands of summaries.
+    fn summary_json(&mut self, name: &str) -> &str {
+        if self.summary_json.is_none() {
+            let s = self.summary(name);
+            // A summary of plain numbers and a string always serialises.
+            self.summary_json = Some(serde_json::to_string(&s).unwrap_or_default());
+        }
+        self.summary_json.as_deref().unwrap_or("{}")
+    }
+
+    fn add(&mut self, rec: &InstanceRecord, sign: i8) {
+        self.changed();
         let key = (rec.started_at_ms, rec.cgroup_id);
         if rec.is_live() {
             if sign > 0 {
@@ -122,7 +139,7 @@ impl LiveModel {
     /// The function's first/last-seen range, as the store's `functions` tree has it.
     pub fn seen(&mut self, name: &str, first_ms: u64, last_ms: u64) {
         let f = self.function(name);
-        f.summary = None;
+        f.changed();
         if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
             f.first_seen_ms = first_ms;
         } else {
@@ -150,7 +167,7 @@ impl LiveModel {
     /// An hour bucket as written.
     pub fn put_hour(&mut self, function: &str, bucket: HourBucket) {
         let f = self.function(function);
-        f.summary = None;
+        f.changed();
         let old = f.hours.insert(bucket.hour_start_ms, bucket);
         f.invocations = f
             .invocations
@@ -162,7 +179,7 @@ impl LiveModel {
     pub fn remove_hour(&mut self, function: &str, hour_start_ms: u64) {
         if let Some(f) = self.functions.get_mut(function) {
             if let Some(b) = f.hours.remove(&hour_start_ms) {
-                f.summary = None;
+                f.changed();
                 f.invocations = f.invocations.saturating_sub(b.invocations);
             }
         }
@@ -183,6 +200,20 @@ impl LiveModel {
             .iter_mut()
             .map(|(name, f)| f.summary(name))
             .collect()
+    }
+
+    /// `{"functions": [summary, …]}` (GET /v1/functions), sorted by name.
+    pub fn summaries_json(&mut self) -> String {
+        let mut out = String::with_capacity(64 + self.functions.len() * 320);
+        out.push_str("{\"functions\":[");
+        for (i, (name, f)) in self.functions.iter_mut().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(f.summary_json(name));
+        }
+        out.push_str("]}");
+        out
     }
 
     pub fn hours(&self, name: &str) -> Vec<HourBucket> {

@@ -463,6 +463,11 @@ impl Store {
         Ok(self.live().summaries())
     }
 
+    /// The same as the JSON body of GET /v1/functions, from per-function JSON kept in memory.
+    pub fn functions_json(&self) -> String {
+        self.live().summaries_json()
+    }
+
     /// The paper's per-function config, one entry per known function, sorted by name.
     ///
     /// `requests_per_hour` is the busiest retained hour's platform-reported invocations when
@@ -827,6 +832,24 @@ mod tests {
             b.peak_bytes,
             recs.iter().map(|r| r.peak_bytes).max().unwrap()
         );
+    }
+
+    #[test]
+    fn functions_json_is_the_list_serialised() {
+        let (_d, s) = open_tmp();
+        assert_eq!(s.functions_json(), r#"{"functions":[]}"#);
+        for (f, i) in [("b", 1), ("a", 2), ("b", 3)] {
+            let mut r = rec(f, i, i);
+            r.peak_bytes = i * MIB;
+            s.put_instance(&r).unwrap();
+        }
+        let typed = serde_json::json!({ "functions": s.functions().unwrap() });
+        let cached: serde_json::Value = serde_json::from_str(&s.functions_json()).unwrap();
+        assert_eq!(cached, typed);
+        // A change shows in the next answer.
+        s.add_invocations("a", 5, 10).unwrap();
+        let cached: serde_json::Value = serde_json::from_str(&s.functions_json()).unwrap();
+        assert_eq!(cached["functions"][0]["invocations"], 5);
     }
 
     #[test]

@@ -273,9 +273,17 @@ async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
     Json(info)
 }
 
-async fn list_functions(State(state): State<ApiState>) -> ApiResult<Json<FunctionsResponse>> {
-    let functions = blocking(move || state.store.functions()).await?;
-    Ok(Json(FunctionsResponse { functions }))
+/// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
+async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
+    let body = blocking(move || Ok(state.store.functions_json())).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn get_function(
