@@ -166,8 +166,9 @@ pub async fn run(
         retention,
     };
     let result = event_loop(ring, &mut tracker, &ctx, stop_rx).await;
-    if let Err(e) = store.flush() {
-        tracing::error!("flushing the store: {e}");
+    // The next start loads the live model from here instead of scanning every record.
+    if let Err(e) = store.checkpoint() {
+        tracing::error!("writing the store's checkpoint: {e}");
     }
     match api_task.await {
         Ok(Ok(())) => {}

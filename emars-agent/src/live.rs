@@ -8,16 +8,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
 };
 
-/// One function's aggregates.
-#[derive(Debug, Default)]
+/// One function's aggregates (serialised into the store's checkpoint, caches left out).
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct FunctionState {
     first_seen_ms: u64,
     last_seen_ms: u64,
     /// Live instances by (started_at_ms, cgroup_id): (execs, oom_kills, peak_bytes).
+    #[serde(with = "live_entries")]
     live: HashMap<(u64, u64), (u64, u64, u64)>,
     /// Ended, retained instances: their count, execs and OOM kills summed.
     ended: u64,
@@ -28,8 +31,29 @@ struct FunctionState {
     hours: BTreeMap<u64, HourBucket>,
     invocations: u64,
     /// The summary as last computed, and its JSON; None after any change.
+    #[serde(skip)]
     summary: Option<FunctionSummary>,
+    #[serde(skip)]
     summary_json: Option<String>,
+}
+
+/// JSON maps need string keys: the live instances travel as a list of entries.
+mod live_entries {
+    use std::collections::HashMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Live = HashMap<(u64, u64), (u64, u64, u64)>;
+
+    pub fn serialize<S: Serializer>(m: &Live, s: S) -> Result<S::Ok, S::Error> {
+        m.iter().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Live, D::Error> {
+        Ok(Vec::<((u64, u64), (u64, u64, u64))>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
 }
 
 impl FunctionState {
@@ -126,7 +150,7 @@ impl FunctionState {
 }
 
 /// Every known function's aggregates, by name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LiveModel {
     functions: BTreeMap<String, FunctionState>,
 }

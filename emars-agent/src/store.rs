@@ -13,6 +13,7 @@
 //! | `hours`     | name · `0x00` · `hour_start_ms` (u64 BE)                         | [`HourBucket`]                         |
 //! | `functions` | name                                                             | `{"first_seen_ms":…,"last_seen_ms":…}` |
 //! | `meta`      | `schema_version`                                                 | `1`                                    |
+//! | `meta`      | `live_checkpoint`, `clean`                                       | the live model at the last clean close; `1` while nothing was written since |
 //! | `audit`     | `at_ms` (u64 BE) · sequence (u64 BE)                             | `AuditRecord` (every limit write)      |
 //! | `audit_pending` | the `audit` key of a write whose outcome is not recorded yet     | empty                                  |
 //! | `generations` | `generated_at_ms` (u64 BE) · sequence (u64 BE)                 | `Generation` (each generated config)   |
@@ -65,6 +66,23 @@ const TREE_AUDIT_PENDING: &str = "audit_pending";
 /// Key of a log record (audit, generations): `at_ms` (u64 BE) · sequence (u64 BE).
 pub type AuditKey = [u8; 16];
 const KEY_SCHEMA_VERSION: &str = "schema_version";
+/// The live model as of the last clean close, and whether nothing was written since.
+const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
+const KEY_CLEAN: &str = "clean";
+/// Format of the checkpoint; another one is ignored (the model is rebuilt from the trees).
+const CHECKPOINT_VERSION: u32 = 1;
+
+#[derive(Deserialize)]
+struct Checkpoint {
+    version: u32,
+    model: LiveModel,
+}
+
+#[derive(Serialize)]
+struct CheckpointRef<'a> {
+    version: u32,
+    model: &'a LiveModel,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -137,6 +155,9 @@ pub struct Store {
     generations: sled::Tree,
     /// Summaries, hour buckets and export answered from memory, kept in step with every write.
     live: Arc<Mutex<LiveModel>>,
+    meta: sled::Tree,
+    /// True when the model came from the checkpoint rather than a scan of the trees.
+    from_checkpoint: bool,
 }
 
 impl fmt::Debug for Store {
@@ -187,7 +208,7 @@ impl Store {
             }
         }
 
-        let store = Store {
+        let mut store = Store {
             path: Arc::from(path),
             db,
             instances,
@@ -197,9 +218,63 @@ impl Store {
             audit_pending,
             generations,
             live: Arc::default(),
+            meta,
+            from_checkpoint: false,
         };
-        store.load_live()?;
+        store.from_checkpoint = store.load_checkpoint();
+        if !store.from_checkpoint {
+            store.load_live()?;
+        }
+        // From here on the checkpoint is stale until the next clean close; durably so before
+        // any write, or a crash could leave a checkpoint that misses later writes.
+        store.meta.insert(KEY_CLEAN, &b"0"[..])?;
+        store.db.flush()?;
         Ok(store)
+    }
+
+    /// The live model from the checkpoint of the last clean close, if there is a valid one.
+    fn load_checkpoint(&self) -> bool {
+        let clean = matches!(self.meta.get(KEY_CLEAN), Ok(Some(v)) if v.as_ref() == b"1");
+        if !clean {
+            return false;
+        }
+        let Ok(Some(raw)) = self.meta.get(KEY_LIVE_CHECKPOINT) else {
+            return false;
+        };
+        match serde_json::from_slice::<Checkpoint>(&raw) {
+            Ok(c) if c.version == CHECKPOINT_VERSION => {
+                *self.live() = c.model;
+                true
+            }
+            Ok(c) => {
+                tracing::info!("checkpoint of version {} ignored: rebuilding", c.version);
+                false
+            }
+            Err(e) => {
+                tracing::warn!("unreadable checkpoint ({e}): rebuilding from the records");
+                false
+            }
+        }
+    }
+
+    /// Writes the live model as the checkpoint the next open starts from, and marks the store
+    /// clean. Called at a clean shutdown; any write after it makes the next open rebuild.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let live = self.live();
+        let c = CheckpointRef {
+            version: CHECKPOINT_VERSION,
+            model: &live,
+        };
+        let raw = encode(TREE_META, KEY_LIVE_CHECKPOINT.as_bytes(), &c)?;
+        self.meta.insert(KEY_LIVE_CHECKPOINT, raw)?;
+        self.meta.insert(KEY_CLEAN, &b"1"[..])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether this open took the live model from a checkpoint (else it scanned the records).
+    pub fn opened_from_checkpoint(&self) -> bool {
+        self.from_checkpoint
     }
 
     /// Builds the live model from the trees (once, at open). A value that does not decode is
@@ -832,6 +907,45 @@ mod tests {
             b.peak_bytes,
             recs.iter().map(|r| r.peak_bytes).max().unwrap()
         );
+    }
+
+    /// A clean close leaves a checkpoint the next open starts from; a write after it (and no
+    /// clean close, as after kill -9) makes the next open rebuild from the records.
+    #[test]
+    fn checkpoint_after_clean_close_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut r = rec("f", 1, 1);
+        {
+            let s = Store::open(&path).unwrap();
+            assert!(!s.opened_from_checkpoint());
+            s.put_instance(&r).unwrap();
+            r.ended_at_ms = Some(5);
+            r.peak_bytes = 3 * MIB;
+            s.put_instance(&r).unwrap();
+            s.add_invocations("f", 4, 2).unwrap();
+            s.checkpoint().unwrap();
+        }
+        let before = {
+            let s = Store::open(&path).unwrap();
+            assert!(s.opened_from_checkpoint());
+            let live = (
+                s.functions().unwrap(),
+                s.export().unwrap(),
+                s.hours("f").unwrap(),
+            );
+            // Written after the checkpoint, then "killed" (no checkpoint).
+            s.put_instance(&rec("f", 9, 2)).unwrap();
+            live
+        };
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint(), "a stale checkpoint was used");
+        let f = &s.functions().unwrap()[0];
+        assert_eq!((f.instances, f.live_instances), (2, 1));
+        assert_eq!(f.peak_bytes, before.0[0].peak_bytes);
+        assert_eq!(f.invocations, 4);
+        assert_eq!(s.export().unwrap(), before.1);
+        assert_eq!(s.hours("f").unwrap(), before.2);
     }
 
     #[test]
