@@ -400,7 +400,13 @@ impl Actuator {
 
     /// The instance's cgroup, opened inside its watched root and checked to be the recorded one.
     fn open_instance(&self, inst: &InstanceRecord) -> Result<CgroupDir, ActuatorError> {
-        let path = Path::new(&inst.cgroup_path);
+        self.open_recorded(&inst.cgroup_path, inst.cgroup_id)
+    }
+
+    /// `cgroup_path` opened strictly inside a watched root, refused unless its id is
+    /// `cgroup_id` (a cgroup removed and created again is another one).
+    fn open_recorded(&self, cgroup_path: &str, cgroup_id: u64) -> Result<CgroupDir, ActuatorError> {
+        let path = Path::new(cgroup_path);
         let outside = || ActuatorError::OutsideRoots {
             path: path.to_owned(),
         };
@@ -415,10 +421,10 @@ impl Actuator {
             .ok_or_else(outside)?;
         let dir = self.hierarchy.open_below(root, &rel)?;
         let found = dir.id()?;
-        if found != inst.cgroup_id {
+        if found != cgroup_id {
             return Err(ActuatorError::Replaced {
                 path: path.to_owned(),
-                expected: inst.cgroup_id,
+                expected: cgroup_id,
                 found,
             });
         }
@@ -530,13 +536,9 @@ impl Actuator {
         self.audit.close_interrupted_audit(|mut rec: AuditRecord| {
             rec.outcome = outcome::INTERRUPTED.to_owned();
             let now = self
-                .hierarchy
-                .rel_path(Path::new(&rec.cgroup_path))
-                .and_then(|rel| {
-                    let root = self.roots.iter().find(|r| rel.starts_with(r.as_str()))?;
-                    let dir = self.hierarchy.open_below(root, &rel).ok()?;
-                    (dir.id().ok()? == rec.cgroup_id).then(|| dir.limits().ok())?
-                });
+                .open_recorded(&rec.cgroup_path, rec.cgroup_id)
+                .ok()
+                .and_then(|dir| dir.limits().ok());
             rec.error = Some(match now {
                 Some(l) => {
                     rec.written = Limits {

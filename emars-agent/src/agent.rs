@@ -115,7 +115,10 @@ pub async fn run(
     ));
     // Recommendations are ready before the first new instance can ask for them. A store that
     // cannot be read fully is said, not fatal: the agent still tracks new instances.
-    if let Err(e) = policy.compute_all(now_ms()) {
+    if let Err(e) = policy
+        .compute_all(now_ms())
+        .and_then(|_| policy.compute_configured(now_ms()))
+    {
         tracing::error!("computing recommendations at start-up: {e}");
     }
     tracing::info!("policy mode: {:?}", config.policy.mode);

@@ -169,6 +169,20 @@ impl Policy {
         Ok(out)
     }
 
+    /// Recommends for the functions the config names (pins): they have limits before their
+    /// first instance is ever seen, which `compute_all` (known functions only) cannot give.
+    pub fn compute_configured(&self, now_ms: u64) -> Result<(), StoreError> {
+        for f in self
+            .config
+            .functions
+            .iter()
+            .filter_map(|f| f.name.as_deref())
+        {
+            self.compute(f, now_ms)?;
+        }
+        Ok(())
+    }
+
     /// The last computed recommendation (the hot path of enforcement: no store access).
     pub fn cached(&self, function: &str) -> Option<Recommendation> {
         self.cache.read().ok()?.get(function).cloned()

@@ -164,14 +164,9 @@ impl Tracker {
     fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: Option<u64>) {
         // Instances of this function that ended since the last tick are not in its
         // recommendation yet: bring it up to date first, or this instance would get a stale
-        // one (or none, for a function whose first instances just ended).
-        let unknown = self
-            .policy
-            .as_ref()
-            .is_some_and(|(p, _)| p.cached(&rec.function).is_none());
-        // The same for a function without a recommendation yet (its first instance, or one
-        // whose limits are pinned in the config).
-        if self.dirty.remove(&rec.function) || unknown {
+        // one (or none, for a function whose first instances just ended). Pinned functions
+        // have theirs from start-up (Policy::compute_configured).
+        if self.dirty.remove(&rec.function) {
             self.recompute(&rec.function, rec.started_at_ms);
         }
         let Some((policy, actuator)) = &self.policy else {
