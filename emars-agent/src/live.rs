@@ -173,12 +173,23 @@ impl LiveModel {
     }
 
     /// An instance record written: `old` is the version it replaced, if any.
+    /// A live version needs no `old`: the model holds it (see [`LiveModel::is_live`]).
     pub fn put_instance(&mut self, old: Option<&InstanceRecord>, new: &InstanceRecord) {
         let f = self.function(&new.function);
         if let Some(old) = old {
             f.add(old, -1);
+        } else if f.live.remove(&(new.started_at_ms, new.cgroup_id)).is_some() {
+            f.changed();
         }
         f.add(new, 1);
+    }
+
+    /// Whether the model holds `rec`'s instance as live: rewriting it then needs no decoding
+    /// of the version it replaces (the common case: a live instance's peak grew).
+    pub fn is_live(&self, rec: &InstanceRecord) -> bool {
+        self.functions
+            .get(&rec.function)
+            .is_some_and(|f| f.live.contains_key(&(rec.started_at_ms, rec.cgroup_id)))
     }
 
     /// An instance record removed (retention).

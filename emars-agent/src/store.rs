@@ -444,12 +444,12 @@ impl Store {
         let key = instance_key(&rec.function, rec.started_at_ms, rec.cgroup_id);
         let value = encode(TREE_INSTANCES, &key, rec)?;
         let old = match self.instances.insert(&key, value)? {
-            Some(raw) => Some(decode::<InstanceRecord>(
+            Some(raw) if !live.is_live(rec) => Some(decode::<InstanceRecord>(
                 TREE_INSTANCES,
                 &display_key(&key),
                 &raw,
             )?),
-            None => None,
+            _ => None,
         };
         live.put_instance(old.as_ref(), rec);
         Ok(())
