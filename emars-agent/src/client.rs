@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::api::wire::{
-    AgentInfo, AuditRecord, ErrorBody, FunctionDetail, FunctionSummary, FunctionsResponse,
-    HourBucket, InstanceRecord, InstancesResponse, Recommendation,
+    AgentInfo, AuditRecord, ErrorBody, FunctionDetail, FunctionSummary, HourBucket, InstanceRecord,
+    InstancesResponse, Recommendation,
 };
 use crate::model::PeakSource;
 
@@ -141,11 +141,6 @@ impl Client {
     /// GET /v1/info.
     pub fn info(&self) -> Result<AgentInfo, ClientError> {
         self.get_as("/v1/info")
-    }
-
-    /// GET /v1/functions.
-    pub fn functions(&self) -> Result<Vec<FunctionSummary>, ClientError> {
-        Ok(self.get_as::<FunctionsResponse>("/v1/functions")?.functions)
     }
 
     /// GET /v1/functions/{name} and its newest `limit` instances: what [`render_function`]
