@@ -1,5 +1,6 @@
 //! The live per-function model: what the store holds, aggregated in memory, so that function
-//! summaries, hour buckets and the exported config are answered without reading the history.
+//! summaries, hour buckets, recommendations' samples and the exported config are answered
+//! without reading the history.
 //!
 //! The store keeps it in step with every write (instance records, hour buckets, pruning) and
 //! builds it once when it opens. An instance record counts by its latest version: the store
@@ -13,21 +14,43 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
 };
+use crate::recommend::Sample;
+
+/// Identity of an instance record in the store: (started_at_ms, cgroup_id).
+pub type InstanceKey = (u64, u64);
+
+/// What the model keeps of a live instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Live {
+    execs: u64,
+    oom_kills: u64,
+    peak_bytes: u64,
+    limit_bytes: Option<u64>,
+}
+
+/// What the model keeps of an ended, retained instance: 32 bytes, so that a history of
+/// millions of instances fits in a few tens of MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Ended {
+    started_at_ms: u64,
+    cgroup_id: u64,
+    ended_at_ms: u64,
+    peak_bytes: u64,
+}
 
 /// One function's aggregates (serialised into the store's checkpoint, caches left out).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct FunctionState {
     first_seen_ms: u64,
     last_seen_ms: u64,
-    /// Live instances by (started_at_ms, cgroup_id): (execs, oom_kills, peak_bytes).
-    #[serde(with = "live_entries")]
-    live: HashMap<(u64, u64), (u64, u64, u64)>,
-    /// Ended, retained instances: their count, execs and OOM kills summed.
-    ended: u64,
+    live: HashMap<InstanceKey, Live>,
+    /// Ended, retained instances, ordered by (started_at_ms, cgroup_id).
+    ended: Vec<Ended>,
+    /// Their execs and OOM kills summed.
     ended_execs: u64,
     ended_oom_kills: u64,
-    /// Peaks (> 0) of the ended instances, as a multiset: peak → count.
-    ended_peaks: BTreeMap<u64, u64>,
+    /// Ended instances with OOM kills: the memory.max they had (the recommender bumps it).
+    ended_oom: BTreeMap<InstanceKey, Option<u64>>,
     hours: BTreeMap<u64, HourBucket>,
     invocations: u64,
     /// The summary as last computed, and its JSON; None after any change.
@@ -35,25 +58,6 @@ struct FunctionState {
     summary: Option<FunctionSummary>,
     #[serde(skip)]
     summary_json: Option<String>,
-}
-
-/// JSON maps need string keys: the live instances travel as a list of entries.
-mod live_entries {
-    use std::collections::HashMap;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    type Live = HashMap<(u64, u64), (u64, u64, u64)>;
-
-    pub fn serialize<S: Serializer>(m: &Live, s: S) -> Result<S::Ok, S::Error> {
-        m.iter().collect::<Vec<_>>().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Live, D::Error> {
-        Ok(Vec::<((u64, u64), (u64, u64, u64))>::deserialize(d)?
-            .into_iter()
-            .collect())
-    }
 }
 
 impl FunctionState {
@@ -76,53 +80,72 @@ impl FunctionState {
     fn add(&mut self, rec: &InstanceRecord, sign: i8) {
         self.changed();
         let key = (rec.started_at_ms, rec.cgroup_id);
-        if rec.is_live() {
+        let Some(ended_at_ms) = rec.ended_at_ms else {
             if sign > 0 {
-                self.live
-                    .insert(key, (rec.execs, rec.oom_kills, rec.peak_bytes));
+                let live = Live {
+                    execs: rec.execs,
+                    oom_kills: rec.oom_kills,
+                    peak_bytes: rec.peak_bytes,
+                    limit_bytes: rec.limits.max_bytes,
+                };
+                self.live.insert(key, live);
             } else {
                 self.live.remove(&key);
             }
             return;
-        }
-        let add = |v: &mut u64, d: u64| {
-            *v = if sign > 0 {
-                v.saturating_add(d)
-            } else {
-                v.saturating_sub(d)
-            }
         };
-        add(&mut self.ended, 1);
-        add(&mut self.ended_execs, rec.execs);
-        add(&mut self.ended_oom_kills, rec.oom_kills);
-        if rec.peak_bytes > 0 {
-            let n = self.ended_peaks.entry(rec.peak_bytes).or_insert(0);
-            add(n, 1);
-            if *n == 0 {
-                self.ended_peaks.remove(&rec.peak_bytes);
+        // Mostly at or near the end: instances end roughly in the order they started.
+        let pos = self
+            .ended
+            .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id));
+        if sign > 0 {
+            let e = Ended {
+                started_at_ms: rec.started_at_ms,
+                cgroup_id: rec.cgroup_id,
+                ended_at_ms,
+                peak_bytes: rec.peak_bytes,
+            };
+            match pos {
+                Ok(i) => self.ended[i] = e,
+                Err(i) => self.ended.insert(i, e),
             }
+            self.ended_execs = self.ended_execs.saturating_add(rec.execs);
+            self.ended_oom_kills = self.ended_oom_kills.saturating_add(rec.oom_kills);
+            if rec.oom_kills > 0 {
+                self.ended_oom.insert(key, rec.limits.max_bytes);
+            }
+        } else {
+            if let Ok(i) = pos {
+                self.ended.remove(i);
+            }
+            self.sub_counts(rec);
         }
+    }
+
+    fn sub_counts(&mut self, rec: &InstanceRecord) {
+        self.ended_execs = self.ended_execs.saturating_sub(rec.execs);
+        self.ended_oom_kills = self.ended_oom_kills.saturating_sub(rec.oom_kills);
+        self.ended_oom.remove(&(rec.started_at_ms, rec.cgroup_id));
     }
 
     fn summary(&mut self, name: &str) -> FunctionSummary {
         if let Some(s) = &self.summary {
             return s.clone();
         }
-        let live_peaks = self.live.values().map(|v| v.2).filter(|p| *p > 0);
-        let mut peaks: Vec<u64> = live_peaks.collect();
-        for (peak, n) in &self.ended_peaks {
-            peaks.extend(std::iter::repeat_n(*peak, *n as usize));
-        }
+        let live_peaks = self.live.values().map(|v| v.peak_bytes);
+        let ended_peaks = self.ended.iter().map(|e| e.peak_bytes);
+        let mut peaks: Vec<u64> = live_peaks.chain(ended_peaks).filter(|p| *p > 0).collect();
         peaks.sort_unstable();
-        let sum =
-            |f: fn(&(u64, u64, u64)) -> u64| self.live.values().map(f).fold(0, u64::saturating_add);
+        let live_sum = |f: fn(&Live) -> u64| self.live.values().map(f).fold(0, u64::saturating_add);
         let s = FunctionSummary {
             name: name.to_owned(),
-            instances: self.ended + self.live.len() as u64,
+            instances: self.ended.len() as u64 + self.live.len() as u64,
             live_instances: self.live.len() as u64,
-            execs: self.ended_execs.saturating_add(sum(|v| v.0)),
+            execs: self.ended_execs.saturating_add(live_sum(|v| v.execs)),
             invocations: self.invocations,
-            oom_kills: self.ended_oom_kills.saturating_add(sum(|v| v.1)),
+            oom_kills: self
+                .ended_oom_kills
+                .saturating_add(live_sum(|v| v.oom_kills)),
             peak_bytes: peaks.last().copied().unwrap_or(0),
             peak_percentiles: PeakPercentiles::from_sorted(&peaks),
             first_seen_ms: self.first_seen_ms,
@@ -132,11 +155,34 @@ impl FunctionState {
         s
     }
 
+    /// The recommender's samples: every retained instance with a peak or an OOM kill, ended
+    /// ones at their end, live ones at `now_ms`.
+    fn samples(&self, now_ms: u64) -> Vec<Sample> {
+        let ended = self.ended.iter().filter_map(|e| {
+            let oom = self.ended_oom.get(&(e.started_at_ms, e.cgroup_id));
+            (e.peak_bytes > 0 || oom.is_some()).then(|| Sample {
+                at_ms: e.ended_at_ms,
+                peak_bytes: e.peak_bytes,
+                oom_killed: oom.is_some(),
+                limit_bytes: oom.copied().flatten(),
+            })
+        });
+        let live = self.live.iter().filter_map(|(k, l)| {
+            (l.peak_bytes > 0 || l.oom_kills > 0).then(|| Sample {
+                at_ms: now_ms.max(k.0),
+                peak_bytes: l.peak_bytes,
+                oom_killed: l.oom_kills > 0,
+                limit_bytes: l.limit_bytes,
+            })
+        });
+        ended.chain(live).collect()
+    }
+
     fn export(&self, name: &str) -> FunctionConfig {
         let max = |f: fn(&HourBucket) -> u64| self.hours.values().map(f).max().unwrap_or(0);
         let invocations = max(|h| h.invocations);
-        let live_peak = self.live.values().map(|v| v.2).max().unwrap_or(0);
-        let ended_peak = self.ended_peaks.keys().next_back().copied().unwrap_or(0);
+        let live_peak = self.live.values().map(|v| v.peak_bytes).max();
+        let ended_peak = self.ended.iter().map(|e| e.peak_bytes).max();
         FunctionConfig {
             function: name.to_owned(),
             requests_per_hour: if invocations > 0 {
@@ -144,7 +190,7 @@ impl FunctionState {
             } else {
                 max(|h| h.execs)
             },
-            max_memory_bytes: live_peak.max(ended_peak),
+            max_memory_bytes: live_peak.max(ended_peak).unwrap_or(0),
         }
     }
 }
@@ -157,19 +203,34 @@ pub struct LiveModel {
 
 impl LiveModel {
     fn function(&mut self, name: &str) -> &mut FunctionState {
-        self.functions.entry(name.to_owned()).or_default()
+        if !self.functions.contains_key(name) {
+            self.functions.insert(name.to_owned(), FunctionState::default());
+        }
+        self.functions.get_mut(name).expect("inserted above")
     }
 
-    /// The function's first/last-seen range, as the store's `functions` tree has it.
-    pub fn seen(&mut self, name: &str, first_ms: u64, last_ms: u64) {
+    /// Widens the function's first/last-seen range; true when the function is new or its
+    /// first-seen time moved (the store persists those two, the rest is derived at open).
+    pub fn seen(&mut self, name: &str, first_ms: u64, last_ms: u64) -> bool {
         let f = self.function(name);
         f.changed();
-        if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
-            f.first_seen_ms = first_ms;
+        let new = f.first_seen_ms == 0 && f.last_seen_ms == 0;
+        let first = if new {
+            first_ms
         } else {
-            f.first_seen_ms = f.first_seen_ms.min(first_ms);
-        }
+            f.first_seen_ms.min(first_ms)
+        };
+        let moved = new || first != f.first_seen_ms;
+        f.first_seen_ms = first;
         f.last_seen_ms = f.last_seen_ms.max(last_ms);
+        moved
+    }
+
+    /// The function's (first_seen_ms, last_seen_ms).
+    pub fn seen_range(&self, name: &str) -> Option<(u64, u64)> {
+        self.functions
+            .get(name)
+            .map(|f| (f.first_seen_ms, f.last_seen_ms))
     }
 
     /// An instance record written: `old` is the version it replaced, if any.
@@ -192,11 +253,25 @@ impl LiveModel {
             .is_some_and(|f| f.live.contains_key(&(rec.started_at_ms, rec.cgroup_id)))
     }
 
-    /// An instance record removed (retention).
-    pub fn remove_instance(&mut self, rec: &InstanceRecord) {
-        if let Some(f) = self.functions.get_mut(&rec.function) {
-            f.add(rec, -1);
+    /// Instance records removed (retention), all of one function: one pass over its history,
+    /// however many there are.
+    pub fn remove_instances(&mut self, function: &str, recs: &[InstanceRecord]) {
+        let Some(f) = self.functions.get_mut(function) else {
+            return;
+        };
+        f.changed();
+        let mut gone = std::collections::HashSet::with_capacity(recs.len());
+        for rec in recs {
+            let key = (rec.started_at_ms, rec.cgroup_id);
+            if rec.is_live() {
+                f.live.remove(&key);
+            } else {
+                f.sub_counts(rec);
+                gone.insert(key);
+            }
         }
+        f.ended
+            .retain(|e| !gone.contains(&(e.started_at_ms, e.cgroup_id)));
     }
 
     /// An hour bucket as written.
@@ -210,6 +285,19 @@ impl LiveModel {
             .saturating_add(bucket.invocations);
     }
 
+    /// Merges `delta` into the function's bucket of the hour starting at `hour_start_ms` and
+    /// returns the bucket as it is now (for the store to write: no read of the old one).
+    pub fn add_hour(&mut self, function: &str, hour_start_ms: u64, delta: &HourDelta) -> HourBucket {
+        let f = self.function(function);
+        let mut b = f.hours.get(&hour_start_ms).copied().unwrap_or(HourBucket {
+            hour_start_ms,
+            ..HourBucket::default()
+        });
+        apply_delta(&mut b, delta);
+        self.put_hour(function, b);
+        b
+    }
+
     /// An hour bucket removed (retention).
     pub fn remove_hour(&mut self, function: &str, hour_start_ms: u64) {
         if let Some(f) = self.functions.get_mut(function) {
@@ -218,6 +306,15 @@ impl LiveModel {
                 f.invocations = f.invocations.saturating_sub(b.invocations);
             }
         }
+    }
+
+    /// Hour buckets of every function that start before `cutoff_ms`: (function, hour start).
+    pub fn hours_before(&self, cutoff_ms: u64) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (name, f) in &self.functions {
+            out.extend(f.hours.range(..cutoff_ms).map(|(h, _)| (name.clone(), *h)));
+        }
+        out
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -251,6 +348,41 @@ impl LiveModel {
         out
     }
 
+    /// The recommender's samples of a function (empty when it is unknown).
+    pub fn samples(&self, name: &str, now_ms: u64) -> Vec<Sample> {
+        self.functions
+            .get(name)
+            .map(|f| f.samples(now_ms))
+            .unwrap_or_default()
+    }
+
+    /// Keys of a function's retained instances (only live or only ended ones when `live`
+    /// says so), oldest first.
+    pub fn instance_keys(&self, name: &str, live: Option<bool>) -> Vec<InstanceKey> {
+        let Some(f) = self.functions.get(name) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<InstanceKey> = Vec::new();
+        if live != Some(true) {
+            keys.extend(f.ended.iter().map(|e| (e.started_at_ms, e.cgroup_id)));
+        }
+        if live != Some(false) {
+            keys.extend(f.live.keys().copied());
+        }
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Keys of every live instance: (function, key).
+    pub fn live_keys(&self) -> Vec<(String, InstanceKey)> {
+        let mut out = Vec::new();
+        for (name, f) in &self.functions {
+            out.extend(f.live.keys().map(|k| (name.clone(), *k)));
+        }
+        out.sort_unstable();
+        out
+    }
+
     pub fn hours(&self, name: &str) -> Vec<HourBucket> {
         self.functions
             .get(name)
@@ -272,7 +404,7 @@ impl LiveModel {
             .iter()
             .filter(|(_, f)| {
                 f.live.is_empty()
-                    && f.ended == 0
+                    && f.ended.is_empty()
                     && f.hours.is_empty()
                     && f.last_seen_ms < cutoff_ms
             })
@@ -286,6 +418,13 @@ impl LiveModel {
 
     pub fn names(&self) -> Vec<String> {
         self.functions.keys().cloned().collect()
+    }
+
+    /// Gives back the spare capacity left by building the model (after a load).
+    pub fn shrink(&mut self) {
+        for f in self.functions.values_mut() {
+            f.ended.shrink_to_fit();
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
     config::{EnforceMode, FunctionPolicy, PolicyConfig},
     model::InstanceRecord,
-    recommend::{recommend, PolicyParams, Recommendation, Sample},
+    recommend::{recommend, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
 
@@ -74,21 +74,6 @@ pub struct Policy {
     applying: std::sync::Mutex<()>,
 }
 
-/// The recommender's samples: one per instance with a measured peak or an OOM kill (its limit
-/// then says how much it needed at least). A live instance counts as of now.
-pub fn samples_of(instances: &[InstanceRecord], now_ms: u64) -> Vec<Sample> {
-    instances
-        .iter()
-        .filter(|r| r.peak_bytes > 0 || r.oom_kills > 0)
-        .map(|r| Sample {
-            at_ms: r.ended_at_ms.unwrap_or(now_ms.max(r.started_at_ms)),
-            peak_bytes: r.peak_bytes,
-            oom_killed: r.oom_kills > 0,
-            limit_bytes: r.limits.max_bytes,
-        })
-        .collect()
-}
-
 /// The recommender's parameters for a function's effective policy (built-in defaults below).
 pub fn params_of(p: &FunctionPolicy) -> PolicyParams {
     let d = PolicyParams::default();
@@ -129,18 +114,18 @@ impl Policy {
         Duration::from_secs(self.config.period_secs)
     }
 
-    /// Recomputes a function's recommendation from the store (None: nothing measured, nothing
-    /// pinned).
+    /// Recomputes a function's recommendation from the live model's samples (None: nothing
+    /// measured, nothing pinned). Reads no history from disk.
     pub fn compute(
         &self,
         function: &str,
         now_ms: u64,
     ) -> Result<Option<Recommendation>, StoreError> {
-        let instances = self.store.instances(function)?;
+        let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
         let rec = recommend(
             function,
-            &samples_of(&instances, now_ms),
+            &samples,
             &params,
             now_ms,
             self.host_memory,

@@ -1,43 +1,64 @@
-//! The on-disk store: a [sled] database holding instance records, hourly buckets and the set of
-//! known functions, so that EMARS keeps its history across restarts.
+//! The on-disk store: a [sled] database holding instance records, hourly buckets, the set of
+//! known functions, the audit and the generated configs, so that EMARS keeps its history
+//! across restarts.
 //!
-//! # Layout
+//! The store persists; it is not queried on the hot path. Every read the API and the policy
+//! make (summaries, hours, recommendation samples, which instances a function has) is
+//! answered by the live model ([`crate::live`]) that the store keeps in step with every write
+//! and builds once at open. sled is read at open, for instance records by key (a function's
+//! instance list, the live instances at start-up) and for the audit and generation logs.
 //!
-//! One sled database (a directory) with four trees. Every value is JSON (serde_json). Numbers
-//! inside keys are unsigned 64-bit big-endian, so a key-ordered scan is a time-ordered scan.
-//! `·` below is concatenation.
+//! # Layout (schema 2)
 //!
-//! | tree        | key                                                              | value                                  |
-//! |-------------|------------------------------------------------------------------|----------------------------------------|
-//! | `instances` | name · `0x00` · `started_at_ms` (u64 BE) · `cgroup_id` (u64 BE)  | [`InstanceRecord`]                     |
-//! | `hours`     | name · `0x00` · `hour_start_ms` (u64 BE)                         | [`HourBucket`]                         |
-//! | `functions` | name                                                             | `{"first_seen_ms":…,"last_seen_ms":…}` |
-//! | `meta`      | `schema_version`                                                 | `1`                                    |
-//! | `meta`      | `live_checkpoint`, `clean`                                       | the live model at the last clean close; `1` while nothing was written since |
-//! | `audit`     | `at_ms` (u64 BE) · sequence (u64 BE)                             | `AuditRecord` (every limit write)      |
-//! | `audit_pending` | the `audit` key of a write whose outcome is not recorded yet     | empty                                  |
-//! | `generations` | `generated_at_ms` (u64 BE) · sequence (u64 BE)                 | `Generation` (each generated config)   |
+//! Numbers inside keys are big-endian, so a key-ordered scan is a time-ordered scan: new
+//! records land at the right edge of their tree (cheap for sled, and retention drops a
+//! prefix). `·` below is concatenation.
+//!
+//! | tree           | key                                                  | value                                     |
+//! |----------------|------------------------------------------------------|-------------------------------------------|
+//! | `instance_log` | `started_at_ms` (u64) · `cgroup_id` (u64)            | `0x02` · postcard [`StoredInstance`]      |
+//! | `hour_log`     | hours since the epoch (u32) · function id (u32)      | `0x02` · postcard [`StoredHour`]          |
+//! | `strings`      | id (u32)                                             | a function name or a cgroup parent path   |
+//! | `functions`    | name                                                 | `{"first_seen_ms":…,"last_seen_ms":…}`    |
+//! | `meta`         | `schema_version`                                     | `2`                                       |
+//! | `meta`         | `live_checkpoint`, `clean`                           | the live model at the last clean close; `1` while nothing was written since |
+//! | `audit`        | `at_ms` (u64) · sequence (u64)                       | `AuditRecord` JSON (every limit write)    |
+//! | `audit_pending`| the `audit` key of a write whose outcome is not recorded yet | empty                             |
+//! | `generations`  | `generated_at_ms` (u64) · sequence (u64)             | `Generation` JSON (each generated config) |
+//! | `quarantine`   | tree name · `0x00` · key                             | a value that did not decode, kept aside   |
+//!
+//! A record names its function and its cgroup's parent directory by id (`strings`): both
+//! repeat across thousands of records, so a record is a few tens of bytes
+//! ([`StoredInstance`]). Strings are never removed (one per function and per parent
+//! directory ever seen).
 //!
 //! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
+//! Function names are UTF-8, non-empty and never contain `0x00`. An instance is identified by
+//! `(function, started_at_ms, cgroup_id)`: cgroup ids (inode numbers) can be reused after a
+//! cgroup is removed, the start time tells the two apart.
 //!
-//! Function names are UTF-8, non-empty and never contain `0x00`, so the prefix
-//! `name · 0x00` selects exactly one function's entries (`"a"` never matches `"ab"`), oldest
-//! first. An instance is identified by `(function, started_at_ms, cgroup_id)`: cgroup ids (inode
-//! numbers) can be reused after a cgroup is removed, the start time tells the two apart.
+//! `functions` lists every function the store has heard of with its first-seen time, which
+//! survives pruning; its last-seen time is written at checkpoints and pruning, and at open
+//! the later of it and the retained records' times counts. [`Store::prune`] removes an entry
+//! only once nothing of the function is retained and it was last seen before the retention.
 //!
-//! `functions` lists every function the store has heard of, whether through an instance, an
-//! hour bucket or platform-reported invocations; [`Store::prune`] removes an entry only once
-//! nothing of the function is retained and it was last seen before the retention.
+//! # Versions and migration
 //!
-//! On open, `meta/schema_version` is written if absent; a version newer than
-//! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaTooNew`]) rather than misread.
+//! `meta/schema_version` says which layout the trees follow. Schema 1 (JSON values in
+//! `instances` and `hours`, keyed by function name first) is migrated at open: every record
+//! is rewritten into the schema 2 trees, then the old trees are dropped and the version set,
+//! in that order, so an interrupted migration simply runs again. A version newer than
+//! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaTooNew`]) rather than misread. Values
+//! carry their own format byte (`0x02`), so a later format can be read beside this one.
 //!
 //! # Errors
 //!
 //! A value that does not decode is reported as [`StoreError::Corrupt`] with the tree and a
-//! readable rendering of the key (`function/started_at_ms/cgroup_id` for instances,
-//! `function/hour_start_ms` for hours); the store never panics on bad data.
+//! readable rendering of the key (`started_at_ms/cgroup_id` for instances); the store never
+//! panics on bad data. At open, such a value is left out of the live model and copied to
+//! `quarantine` (nothing is lost when a later write reuses its key).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,11 +67,14 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::live::{apply_delta, LiveModel};
-use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord};
+use crate::live::{InstanceKey, LiveModel};
+use crate::model::{
+    FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, Limits, PeakSource,
+};
+use crate::recommend::Sample;
 
 /// Schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// sled's page cache.
 const STORE_CACHE_BYTES: u64 = 64 << 20;
@@ -58,13 +82,21 @@ const STORE_CACHE_BYTES: u64 = 64 << 20;
 /// Length of an hour bucket in milliseconds.
 pub const HOUR_MS: u64 = 3_600_000;
 
-const TREE_INSTANCES: &str = "instances";
-const TREE_HOURS: &str = "hours";
+const TREE_LOG: &str = "instance_log";
+const TREE_HOUR_LOG: &str = "hour_log";
+const TREE_STRINGS: &str = "strings";
 const TREE_FUNCTIONS: &str = "functions";
 const TREE_META: &str = "meta";
 const TREE_AUDIT: &str = "audit";
 const TREE_GENERATIONS: &str = "generations";
 const TREE_AUDIT_PENDING: &str = "audit_pending";
+const TREE_QUARANTINE: &str = "quarantine";
+/// Schema 1's trees, migrated and dropped at open.
+const TREE_V1_INSTANCES: &str = "instances";
+const TREE_V1_HOURS: &str = "hours";
+
+/// Format byte in front of every schema 2 record value.
+const FORMAT_V2: u8 = 2;
 
 /// Key of a log record (audit, generations): `at_ms` (u64 BE) · sequence (u64 BE).
 pub type AuditKey = [u8; 16];
@@ -72,20 +104,9 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 /// The live model as of the last clean close, and whether nothing was written since.
 const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
 const KEY_CLEAN: &str = "clean";
-/// Format of the checkpoint; another one is ignored (the model is rebuilt from the trees).
-const CHECKPOINT_VERSION: u32 = 1;
-
-#[derive(Deserialize)]
-struct Checkpoint {
-    version: u32,
-    model: LiveModel,
-}
-
-#[derive(Serialize)]
-struct CheckpointRef<'a> {
-    version: u32,
-    model: &'a LiveModel,
-}
+/// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
+/// from the records).
+const CHECKPOINT_FORMAT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,17 +127,17 @@ pub enum StoreError {
     },
     #[error("store database error: {0}")]
     Db(#[from] sled::Error),
-    #[error("corrupt value in tree `{tree}` at key {key}: {source}")]
+    #[error("corrupt value in tree `{tree}` at key {key}: {reason}")]
     Corrupt {
         tree: &'static str,
         key: String,
-        source: serde_json::Error,
+        reason: String,
     },
-    #[error("cannot encode value for tree `{tree}` at key {key}: {source}")]
+    #[error("cannot encode value for tree `{tree}` at key {key}: {reason}")]
     Encode {
         tree: &'static str,
         key: String,
-        source: serde_json::Error,
+        reason: String,
     },
     #[error("invalid function name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
@@ -144,23 +165,69 @@ struct FunctionRecord {
     last_seen_ms: u64,
 }
 
+/// An instance record as `instance_log` holds it (after the format byte, in postcard:
+/// integers are varints). Its start time and cgroup id are the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInstance {
+    /// `strings` id of the function name.
+    function: u32,
+    /// `strings` id of the cgroup's parent directory.
+    parent: u32,
+    /// Last component of the cgroup path.
+    leaf: String,
+    /// The instance name when it is not the last path component.
+    instance: Option<String>,
+    /// Run time (ended_at_ms - started_at_ms); None while live.
+    ran_ms: Option<u64>,
+    execs: u64,
+    peak_bytes: u64,
+    peak_source: u8,
+    oom_kills: u64,
+    max_bytes: Option<u64>,
+    high_bytes: Option<u64>,
+}
+
+/// An hour bucket as `hour_log` holds it; the hour and the function are the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredHour {
+    instances_started: u64,
+    execs: u64,
+    invocations: u64,
+    oom_kills: u64,
+    peak_bytes: u64,
+}
+
+/// Function names and cgroup parent paths by id, both ways.
+#[derive(Debug, Default)]
+struct Strings {
+    ids: HashMap<Arc<str>, u32>,
+    by_id: HashMap<u32, Arc<str>>,
+    next: u32,
+}
+
 /// Handle to the store. Cloning is cheap (sled handles are reference-counted) and all clones
 /// see the same data; it is `Send + Sync`.
 #[derive(Clone)]
 pub struct Store {
     path: Arc<Path>,
     db: sled::Db,
-    instances: sled::Tree,
-    hours: sled::Tree,
+    log: sled::Tree,
+    hour_log: sled::Tree,
+    strings_tree: sled::Tree,
     functions: sled::Tree,
     audit: sled::Tree,
     audit_pending: sled::Tree,
     generations: sled::Tree,
-    /// Summaries, hour buckets and export answered from memory, kept in step with every write.
+    quarantine: sled::Tree,
+    /// The one source of reads, kept in step with every write. Lock order: `live`, then
+    /// `strings`.
     live: Arc<Mutex<LiveModel>>,
+    strings: Arc<Mutex<Strings>>,
     meta: sled::Tree,
-    /// True when the model came from the checkpoint rather than a scan of the trees.
+    /// True when the model came from the checkpoint rather than a scan of the records.
     from_checkpoint: bool,
+    /// Values left out at open because they did not decode (copied to `quarantine`).
+    corrupt_at_open: u64,
 }
 
 impl fmt::Debug for Store {
@@ -170,7 +237,7 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in directory `path`.
+    /// Opens (creating if needed) the store in directory `path`, migrating an older schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
             path: path.to_path_buf(),
@@ -186,27 +253,19 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        // Reads are answered from the live model, so sled's page cache serves writes and the
-        // per-function scans only: 64 MiB instead of sled's default 1 GiB keeps the agent small.
+        // Reads are answered from the live model, so sled's page cache serves writes and
+        // point reads only: 64 MiB instead of sled's default 1 GiB keeps the agent small.
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(STORE_CACHE_BYTES)
             .open()
             .map_err(open_err)?;
-        let instances = db.open_tree(TREE_INSTANCES).map_err(open_err)?;
-        let hours = db.open_tree(TREE_HOURS).map_err(open_err)?;
-        let functions = db.open_tree(TREE_FUNCTIONS).map_err(open_err)?;
-        let meta = db.open_tree(TREE_META).map_err(open_err)?;
-        let audit = db.open_tree(TREE_AUDIT).map_err(open_err)?;
-        let audit_pending = db.open_tree(TREE_AUDIT_PENDING).map_err(open_err)?;
-        let generations = db.open_tree(TREE_GENERATIONS).map_err(open_err)?;
-
-        match meta.get(KEY_SCHEMA_VERSION)? {
-            None => {
-                meta.insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_string().as_bytes())?;
-            }
+        let tree = |name: &str| db.open_tree(name).map_err(open_err);
+        let meta = tree(TREE_META)?;
+        let found = match meta.get(KEY_SCHEMA_VERSION)? {
+            None => None,
             Some(raw) => {
-                let found: u32 = decode(TREE_META, KEY_SCHEMA_VERSION, &raw)?;
+                let found: u32 = decode_json(TREE_META, KEY_SCHEMA_VERSION, &raw)?;
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::SchemaTooNew {
                         path: path.to_path_buf(),
@@ -214,23 +273,36 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
+                Some(found)
             }
-        }
-
+        };
         let mut store = Store {
             path: Arc::from(path),
+            log: tree(TREE_LOG)?,
+            hour_log: tree(TREE_HOUR_LOG)?,
+            strings_tree: tree(TREE_STRINGS)?,
+            functions: tree(TREE_FUNCTIONS)?,
+            audit: tree(TREE_AUDIT)?,
+            audit_pending: tree(TREE_AUDIT_PENDING)?,
+            generations: tree(TREE_GENERATIONS)?,
+            quarantine: tree(TREE_QUARANTINE)?,
             db,
-            instances,
-            hours,
-            functions,
-            audit,
-            audit_pending,
-            generations,
             live: Arc::default(),
+            strings: Arc::default(),
             meta,
             from_checkpoint: false,
+            corrupt_at_open: 0,
         };
-        store.from_checkpoint = store.load_checkpoint();
+        store.load_strings()?;
+        if found == Some(1) {
+            store.migrate_v1()?;
+        }
+        if found != Some(SCHEMA_VERSION) {
+            store
+                .meta
+                .insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_string().as_bytes())?;
+        }
+        store.from_checkpoint = found == Some(SCHEMA_VERSION) && store.load_checkpoint();
         if !store.from_checkpoint {
             store.load_live()?;
         }
@@ -239,6 +311,95 @@ impl Store {
         store.meta.insert(KEY_CLEAN, &b"0"[..])?;
         store.db.flush()?;
         Ok(store)
+    }
+
+    fn load_strings(&self) -> Result<(), StoreError> {
+        let mut s = self.strings();
+        for item in self.strings_tree.iter() {
+            let (key, raw) = item?;
+            let id = u32_of(&key);
+            let text: Arc<str> = Arc::from(String::from_utf8_lossy(&raw).as_ref());
+            s.ids.insert(text.clone(), id);
+            s.by_id.insert(id, text);
+            s.next = s.next.max(id.saturating_add(1));
+        }
+        Ok(())
+    }
+
+    /// The id of `text`, added to `strings` if new.
+    fn intern(&self, text: &str) -> Result<u32, StoreError> {
+        let mut s = self.strings();
+        if let Some(id) = s.ids.get(text) {
+            return Ok(*id);
+        }
+        let id = s.next;
+        // Written before any record that uses it: sled recovers writes in order.
+        self.strings_tree.insert(id.to_be_bytes(), text.as_bytes())?;
+        let text: Arc<str> = Arc::from(text);
+        s.ids.insert(text.clone(), id);
+        s.by_id.insert(id, text);
+        s.next = id + 1;
+        Ok(id)
+    }
+
+    fn string(&self, id: u32) -> Option<Arc<str>> {
+        self.strings().by_id.get(&id).cloned()
+    }
+
+    fn strings(&self) -> MutexGuard<'_, Strings> {
+        self.strings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Schema 1 → 2: every record rewritten into the new trees, then the old trees dropped.
+    /// Values that do not decode are kept in `quarantine`.
+    fn migrate_v1(&mut self) -> Result<(), StoreError> {
+        let old_instances = self.db.open_tree(TREE_V1_INSTANCES)?;
+        let old_hours = self.db.open_tree(TREE_V1_HOURS)?;
+        let (mut moved, mut kept_aside) = (0u64, 0u64);
+        for item in old_instances.iter() {
+            let (key, raw) = item?;
+            match decode_json::<InstanceRecord>(TREE_V1_INSTANCES, &v1_display_key(&key), &raw) {
+                Ok(rec) if validate_name(&rec.function).is_ok() => {
+                    let value = self.encode_instance(&rec)?;
+                    self.log
+                        .insert(log_key(rec.started_at_ms, rec.cgroup_id), value)?;
+                    moved += 1;
+                }
+                _ => {
+                    self.quarantine
+                        .insert(quarantine_key(TREE_V1_INSTANCES, &key), raw)?;
+                    kept_aside += 1;
+                }
+            }
+        }
+        for item in old_hours.iter() {
+            let (key, raw) = item?;
+            let name = v1_function_of_key(&key);
+            match decode_json::<HourBucket>(TREE_V1_HOURS, &v1_display_key(&key), &raw) {
+                Ok(b) if validate_name(&name).is_ok() => {
+                    let id = self.intern(&name)?;
+                    self.hour_log
+                        .insert(hour_log_key(b.hour_start_ms, id), encode_hour(&b))?;
+                    moved += 1;
+                }
+                _ => {
+                    self.quarantine
+                        .insert(quarantine_key(TREE_V1_HOURS, &key), raw)?;
+                    kept_aside += 1;
+                }
+            }
+        }
+        // The checkpoint of schema 1 describes the old trees' model: rebuilt below.
+        self.meta.remove(KEY_LIVE_CHECKPOINT)?;
+        self.db.flush()?;
+        self.db.drop_tree(TREE_V1_INSTANCES)?;
+        self.db.drop_tree(TREE_V1_HOURS)?;
+        tracing::info!(
+            "store at {}: schema 1 migrated to {SCHEMA_VERSION} ({moved} records, {kept_aside} \
+             unreadable ones kept in `{TREE_QUARANTINE}`)",
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// The live model from the checkpoint of the last clean close, if there is a valid one.
@@ -250,80 +411,105 @@ impl Store {
         let Ok(Some(raw)) = self.meta.get(KEY_LIVE_CHECKPOINT) else {
             return false;
         };
-        match serde_json::from_slice::<Checkpoint>(&raw) {
-            Ok(c) if c.version == CHECKPOINT_VERSION => {
-                *self.live() = c.model;
-                true
-            }
-            Ok(c) => {
-                tracing::info!("checkpoint of version {} ignored: rebuilding", c.version);
-                false
-            }
-            Err(e) => {
-                tracing::warn!("unreadable checkpoint ({e}): rebuilding from the records");
+        match raw.split_first() {
+            Some((&CHECKPOINT_FORMAT, body)) => match postcard::from_bytes::<LiveModel>(body) {
+                Ok(model) => {
+                    *self.live() = model;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("unreadable checkpoint ({e}): rebuilding from the records");
+                    false
+                }
+            },
+            _ => {
+                tracing::info!("checkpoint of another format ignored: rebuilding");
                 false
             }
         }
     }
 
-    /// Writes the live model as the checkpoint the next open starts from, and marks the store
-    /// clean. Called at a clean shutdown; any write after it makes the next open rebuild.
+    /// Writes the live model as the checkpoint the next open starts from, with every
+    /// function's last-seen time, and marks the store clean. Called at a clean shutdown; any
+    /// write after it makes the next open rebuild.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         let live = self.live();
-        let c = CheckpointRef {
-            version: CHECKPOINT_VERSION,
-            model: &live,
-        };
-        let raw = encode(TREE_META, KEY_LIVE_CHECKPOINT.as_bytes(), &c)?;
+        for name in live.names() {
+            self.write_function(&live, &name)?;
+        }
+        let mut raw = vec![CHECKPOINT_FORMAT];
+        postcard::to_io(&*live, &mut raw).map_err(|e| StoreError::Encode {
+            tree: TREE_META,
+            key: KEY_LIVE_CHECKPOINT.to_owned(),
+            reason: e.to_string(),
+        })?;
         self.meta.insert(KEY_LIVE_CHECKPOINT, raw)?;
         self.meta.insert(KEY_CLEAN, &b"1"[..])?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// Whether this open took the live model from a checkpoint (else it scanned the records).
+    /// Whether this open took the live model from a checkpoint (else it read the records).
     pub fn opened_from_checkpoint(&self) -> bool {
         self.from_checkpoint
     }
 
-    /// Builds the live model from the trees (once, at open). A value that does not decode is
-    /// left out of the aggregates and said, not fatal: reading it directly still reports it
-    /// as corrupt.
-    fn load_live(&self) -> Result<(), StoreError> {
-        let mut live = self.live();
-        let mut corrupt = 0u64;
-        let mut skip = |e: StoreError| {
-            corrupt += 1;
-            tracing::error!("{e}; left out of the summaries");
-        };
-        for item in self.functions.iter() {
-            let (key, raw) = item?;
-            match decode::<FunctionRecord>(TREE_FUNCTIONS, &display_key(&key), &raw) {
-                Ok(r) => live.seen(
-                    &String::from_utf8_lossy(&key),
-                    r.first_seen_ms,
-                    r.last_seen_ms,
-                ),
-                Err(e) => skip(e),
+    /// Values that did not decode at open (left out of the model, kept in `quarantine`).
+    pub fn corrupt_at_open(&self) -> u64 {
+        self.corrupt_at_open
+    }
+
+    /// Builds the live model from the records (once, at open). A value that does not decode
+    /// is left out, copied to `quarantine` and said, not fatal.
+    fn load_live(&mut self) -> Result<(), StoreError> {
+        let mut corrupt = Vec::new();
+        {
+            let mut live = self.live();
+            for item in self.functions.iter() {
+                let (key, raw) = item?;
+                match decode_json::<FunctionRecord>(TREE_FUNCTIONS, &display_text(&key), &raw) {
+                    Ok(r) => {
+                        live.seen(
+                            &String::from_utf8_lossy(&key),
+                            r.first_seen_ms,
+                            r.last_seen_ms,
+                        );
+                    }
+                    Err(e) => corrupt.push((TREE_FUNCTIONS, key, raw, e)),
+                }
             }
-        }
-        for item in self.instances.iter() {
-            let (key, raw) = item?;
-            match decode::<InstanceRecord>(TREE_INSTANCES, &display_key(&key), &raw) {
-                Ok(rec) => live.put_instance(None, &rec),
-                Err(e) => skip(e),
+            for item in self.log.iter() {
+                let (key, raw) = item?;
+                match self.decode_instance(&key, &raw) {
+                    Ok(rec) => {
+                        let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
+                        live.seen(&rec.function, rec.started_at_ms, last);
+                        live.put_instance(None, &rec);
+                    }
+                    Err(e) => corrupt.push((TREE_LOG, key, raw, e)),
+                }
             }
-        }
-        for item in self.hours.iter() {
-            let (key, raw) = item?;
-            match decode::<HourBucket>(TREE_HOURS, &display_key(&key), &raw) {
-                Ok(b) => live.put_hour(&function_of_key(&key), b),
-                Err(e) => skip(e),
+            for item in self.hour_log.iter() {
+                let (key, raw) = item?;
+                match self.decode_hour(&key, &raw) {
+                    Ok((name, b)) => {
+                        live.seen(&name, b.hour_start_ms, b.hour_start_ms);
+                        live.put_hour(&name, b);
+                    }
+                    Err(e) => corrupt.push((TREE_HOUR_LOG, key, raw, e)),
+                }
             }
+            live.shrink();
         }
-        if corrupt > 0 {
+        for (tree, key, raw, e) in &corrupt {
+            tracing::error!("{e}; left out of the model and kept in `{TREE_QUARANTINE}`");
+            self.quarantine.insert(quarantine_key(tree, key), raw)?;
+        }
+        self.corrupt_at_open = corrupt.len() as u64;
+        if !corrupt.is_empty() {
             tracing::warn!(
-                "{corrupt} corrupt records in the store at {}",
+                "{} corrupt records in the store at {}",
+                corrupt.len(),
                 self.path.display()
             );
         }
@@ -364,7 +550,7 @@ impl Store {
 
     /// Replaces a pending audit record by its outcome, durably.
     pub fn complete_audit<T: Serialize>(&self, key: &AuditKey, rec: &T) -> Result<(), StoreError> {
-        let value = encode(TREE_AUDIT, key, rec)?;
+        let value = encode_json(TREE_AUDIT, key, rec)?;
         self.audit.insert(key, value)?;
         self.audit_pending.remove(key)?;
         self.db.flush()?;
@@ -383,9 +569,9 @@ impl Store {
         for item in self.audit_pending.iter() {
             let (key, _) = item?;
             if let Some(raw) = self.audit.get(&key)? {
-                let rec: T = decode(TREE_AUDIT, &format!("{key:?}"), &raw)?;
+                let rec: T = decode_json(TREE_AUDIT, &format!("{key:?}"), &raw)?;
                 self.audit
-                    .insert(&key, encode(TREE_AUDIT, &key, &close(rec))?)?;
+                    .insert(&key, encode_json(TREE_AUDIT, &key, &close(rec))?)?;
                 n += 1;
             }
             self.audit_pending.remove(&key)?;
@@ -424,7 +610,7 @@ impl Store {
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&at_ms.to_be_bytes());
         key[8..].copy_from_slice(&seq.to_be_bytes());
-        let value = encode(name, &key, rec)?;
+        let value = encode_json(name, &key, rec)?;
         tree.insert(key, value)?;
         Ok(key)
     }
@@ -440,18 +626,26 @@ impl Store {
         // Held across the write, so the model sees writes in the order the trees do.
         let mut live = self.live();
         let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
-        self.touch_function(&mut live, &rec.function, rec.started_at_ms, last)?;
-        let key = instance_key(&rec.function, rec.started_at_ms, rec.cgroup_id);
-        let value = encode(TREE_INSTANCES, &key, rec)?;
-        let old = match self.instances.insert(&key, value)? {
-            Some(raw) if !live.is_live(rec) => Some(decode::<InstanceRecord>(
-                TREE_INSTANCES,
-                &display_key(&key),
-                &raw,
-            )?),
+        if live.seen(&rec.function, rec.started_at_ms, last) {
+            self.write_function(&live, &rec.function)?;
+        }
+        let key = log_key(rec.started_at_ms, rec.cgroup_id);
+        let value = self.encode_instance(rec)?;
+        let old = match self.log.insert(key, value)? {
+            // A live version is in the model: no need to decode the one replaced. One that
+            // does not decode was never counted (it is in quarantine since the open).
+            Some(raw) if !live.is_live(rec) => self.decode_instance(&key, &raw).ok(),
             _ => None,
         };
-        live.put_instance(old.as_ref(), rec);
+        match old {
+            // The same cgroup at the same millisecond, filed under another function (a
+            // renamed rule): the other function no longer has it.
+            Some(old) if old.function != rec.function => {
+                live.remove_instances(&old.function, std::slice::from_ref(&old));
+                live.put_instance(None, rec);
+            }
+            old => live.put_instance(old.as_ref(), rec),
+        }
         Ok(())
     }
 
@@ -462,43 +656,68 @@ impl Store {
         cgroup_id: u64,
     ) -> Result<Option<InstanceRecord>, StoreError> {
         validate_name(function)?;
-        let key = instance_key(function, started_at_ms, cgroup_id);
-        match self.instances.get(&key)? {
+        let key = log_key(started_at_ms, cgroup_id);
+        match self.log.get(key)? {
             None => Ok(None),
-            Some(raw) => Ok(Some(decode(TREE_INSTANCES, &display_key(&key), &raw)?)),
+            Some(raw) => {
+                let rec = self.decode_instance(&key, &raw)?;
+                Ok((rec.function == function).then_some(rec))
+            }
         }
     }
 
     /// All retained instances of `function`, oldest first (by start time, then cgroup id).
     pub fn instances(&self, function: &str) -> Result<Vec<InstanceRecord>, StoreError> {
-        validate_name(function)?;
-        scan(&self.instances, TREE_INSTANCES, &prefix(function))
+        self.instances_page(function, None, usize::MAX)
     }
 
-    /// Instances of every function that have not ended, in key order. After a restart the
-    /// agent checks these against the cgroups that still exist.
+    /// The newest `limit` retained instances of `function` (only live or only ended ones when
+    /// `live` says so), oldest first. The model says which; only those are read.
+    pub fn instances_page(
+        &self,
+        function: &str,
+        live: Option<bool>,
+        limit: usize,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        validate_name(function)?;
+        let keys = self.live().instance_keys(function, live);
+        let skip = keys.len().saturating_sub(limit);
+        self.read_instances(keys[skip..].iter().map(|k| (function, *k)))
+    }
+
+    /// Instances of every function that have not ended, by function then start. After a
+    /// restart the agent checks these against the cgroups that still exist.
     pub fn live_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let all: Vec<InstanceRecord> = scan(&self.instances, TREE_INSTANCES, &[])?;
-        Ok(all.into_iter().filter(InstanceRecord::is_live).collect())
+        let keys = self.live().live_keys();
+        self.read_instances(keys.iter().map(|(f, k)| (f.as_str(), *k)))
+    }
+
+    fn read_instances<'a>(
+        &self,
+        keys: impl Iterator<Item = (&'a str, InstanceKey)>,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (function, (started, cgroup)) in keys {
+            if let Some(rec) = self.instance(function, started, cgroup)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 
     /// Merges `delta` into the bucket of the hour containing `at_ms`: counters add,
-    /// `peak_bytes` takes the max. Safe against concurrent callers (compare-and-swap loop).
+    /// `peak_bytes` takes the max. The bucket comes from the model, so the write reads nothing.
     pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
         validate_name(function)?;
         let mut live = self.live();
-        self.touch_function(&mut live, function, at_ms, at_ms)?;
+        if live.seen(function, at_ms, at_ms) {
+            self.write_function(&live, function)?;
+        }
         let hour_start_ms = at_ms - at_ms % HOUR_MS;
-        let key = hour_key(function, hour_start_ms);
-        let b = update_json(&self.hours, TREE_HOURS, &key, |old: Option<HourBucket>| {
-            let mut b = old.unwrap_or(HourBucket {
-                hour_start_ms,
-                ..HourBucket::default()
-            });
-            apply_delta(&mut b, &delta);
-            b
-        })?;
-        live.put_hour(function, b);
+        let b = live.add_hour(function, hour_start_ms, &delta);
+        let id = self.intern(function)?;
+        self.hour_log
+            .insert(hour_log_key(hour_start_ms, id), encode_hour(&b))?;
         Ok(())
     }
 
@@ -552,6 +771,13 @@ impl Store {
         self.live().summaries_json()
     }
 
+    /// The recommender's samples of `function` (from memory): every retained instance with a
+    /// peak or an OOM kill, ended ones at their end, live ones at `now_ms`.
+    pub fn samples(&self, function: &str, now_ms: u64) -> Result<Vec<Sample>, StoreError> {
+        validate_name(function)?;
+        Ok(self.live().samples(function, now_ms))
+    }
+
     /// The paper's per-function config, one entry per known function, sorted by name.
     ///
     /// `requests_per_hour` is the busiest retained hour's platform-reported invocations when
@@ -562,45 +788,40 @@ impl Store {
     }
 
     /// Deletes ended instances with `ended_at_ms < now_ms - retention` and hour buckets whose
-    /// whole hour lies before that cutoff. Live instances are never deleted, nor are the
-    /// entries of the `functions` tree.
+    /// whole hour lies before that cutoff, then functions with nothing retained that were last
+    /// seen before it. Live instances are never deleted. Reads only the records that started
+    /// before the cutoff (the log is in start order).
     pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
         let mut report = PruneReport::default();
 
-        for item in self.instances.iter() {
+        // Held throughout: a concurrent put_instance of a record judged here waits, and its
+        // write then stands.
+        let mut live = self.live();
+        let mut gone: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        for item in self.log.range(..log_key(cutoff, 0)) {
             let (key, raw) = item?;
-            let rec: InstanceRecord = decode(TREE_INSTANCES, &display_key(&key), &raw)?;
+            let rec = self.decode_instance(&key, &raw)?;
             if matches!(rec.ended_at_ms, Some(end) if end < cutoff) {
-                // Only delete the value we judged: a concurrent put_instance wins.
-                let mut live = self.live();
-                if self
-                    .instances
-                    .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
-                    .is_ok()
-                {
-                    live.remove_instance(&rec);
-                    report.instances_removed += 1;
-                }
+                self.log.remove(&key)?;
+                report.instances_removed += 1;
+                gone.entry(rec.function.clone()).or_default().push(rec);
             }
         }
+        for (function, recs) in &gone {
+            live.remove_instances(function, recs);
+        }
 
-        for item in self.hours.iter() {
-            let (key, raw) = item?;
-            let bucket: HourBucket = decode(TREE_HOURS, &display_key(&key), &raw)?;
-            if bucket.hour_start_ms.saturating_add(HOUR_MS) > cutoff {
+        let cutoff_hour = cutoff.saturating_sub(HOUR_MS - 1);
+        for (function, hour_start_ms) in live.hours_before(cutoff_hour) {
+            if hour_start_ms.saturating_add(HOUR_MS) > cutoff {
                 continue;
             }
-            let mut live = self.live();
-            if self
-                .hours
-                .compare_and_swap(&key, Some(&raw), None::<&[u8]>)?
-                .is_ok()
-            {
-                live.remove_hour(&function_of_key(&key), bucket.hour_start_ms);
-                report.hours_removed += 1;
-            }
+            let id = self.intern(&function)?;
+            self.hour_log.remove(hour_log_key(hour_start_ms, id))?;
+            live.remove_hour(&function, hour_start_ms);
+            report.hours_removed += 1;
         }
 
         // Audit keys start with at_ms (BE): everything before the cutoff is one range.
@@ -624,11 +845,15 @@ impl Store {
             report.generations_removed += 1;
         }
 
-        let mut live = self.live();
         for name in live.forgotten(cutoff) {
             self.functions.remove(name.as_bytes())?;
             live.remove_function(&name);
             report.functions_removed += 1;
+        }
+        // Last-seen times move with every event and are written here and at checkpoints
+        // only; an open after a crash takes the later of these and the records' times.
+        for name in gone.keys().filter(|n| live.contains(n)) {
+            self.write_function(&live, name)?;
         }
         Ok(report)
     }
@@ -639,31 +864,129 @@ impl Store {
         Ok(())
     }
 
-    /// Widens the function's first/last-seen range, creating the entry if needed.
-    fn touch_function(
-        &self,
-        live: &mut LiveModel,
-        name: &str,
-        first_ms: u64,
-        last_ms: u64,
-    ) -> Result<(), StoreError> {
-        live.seen(name, first_ms, last_ms);
-        update_json(
-            &self.functions,
-            TREE_FUNCTIONS,
-            name.as_bytes(),
-            |old: Option<FunctionRecord>| match old {
-                None => FunctionRecord {
-                    first_seen_ms: first_ms,
-                    last_seen_ms: last_ms,
-                },
-                Some(r) => FunctionRecord {
-                    first_seen_ms: r.first_seen_ms.min(first_ms),
-                    last_seen_ms: r.last_seen_ms.max(last_ms),
-                },
+    /// Persists the function's first/last-seen range as the model has it.
+    fn write_function(&self, live: &LiveModel, name: &str) -> Result<(), StoreError> {
+        let Some((first_seen_ms, last_seen_ms)) = live.seen_range(name) else {
+            return Ok(());
+        };
+        let r = FunctionRecord {
+            first_seen_ms,
+            last_seen_ms,
+        };
+        let raw = encode_json(TREE_FUNCTIONS, name.as_bytes(), &r)?;
+        self.functions.insert(name.as_bytes(), raw)?;
+        Ok(())
+    }
+
+    fn encode_instance(&self, rec: &InstanceRecord) -> Result<Vec<u8>, StoreError> {
+        let (parent, leaf) = match rec.cgroup_path.rsplit_once('/') {
+            Some((p, l)) => (p, l),
+            None => ("", rec.cgroup_path.as_str()),
+        };
+        let stored = StoredInstance {
+            function: self.intern(&rec.function)?,
+            parent: self.intern(parent)?,
+            leaf: leaf.to_owned(),
+            instance: (rec.instance != leaf).then(|| rec.instance.clone()),
+            ran_ms: rec.ended_at_ms.map(|e| e.saturating_sub(rec.started_at_ms)),
+            execs: rec.execs,
+            peak_bytes: rec.peak_bytes,
+            peak_source: match rec.peak_source {
+                PeakSource::None => 0,
+                PeakSource::KernelWatermark => 1,
+                PeakSource::ChargeEvents => 2,
             },
-        )
-        .map(drop)
+            oom_kills: rec.oom_kills,
+            max_bytes: rec.limits.max_bytes,
+            high_bytes: rec.limits.high_bytes,
+        };
+        let mut out = vec![FORMAT_V2];
+        postcard::to_io(&stored, &mut out).map_err(|e| StoreError::Encode {
+            tree: TREE_LOG,
+            key: format!("{}/{}", rec.started_at_ms, rec.cgroup_id),
+            reason: e.to_string(),
+        })?;
+        Ok(out)
+    }
+
+    fn decode_instance(&self, key: &[u8], raw: &[u8]) -> Result<InstanceRecord, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree: TREE_LOG,
+            key: display_numbers(key),
+            reason,
+        };
+        let (started_at_ms, cgroup_id) = match key.len() {
+            16 => (u64_of(&key[..8]), u64_of(&key[8..])),
+            n => return Err(corrupt(format!("key of {n} bytes, not 16"))),
+        };
+        let s: StoredInstance = match raw.split_first() {
+            Some((&FORMAT_V2, body)) => {
+                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
+            }
+            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
+            None => return Err(corrupt("empty value".into())),
+        };
+        let string = |id| {
+            self.string(id)
+                .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))
+        };
+        let function = string(s.function)?.to_string();
+        let parent = string(s.parent)?;
+        let peak_source = match s.peak_source {
+            0 => PeakSource::None,
+            1 => PeakSource::KernelWatermark,
+            2 => PeakSource::ChargeEvents,
+            n => return Err(corrupt(format!("unknown peak source {n}"))),
+        };
+        Ok(InstanceRecord {
+            function,
+            instance: s.instance.unwrap_or_else(|| s.leaf.clone()),
+            cgroup_id,
+            cgroup_path: format!("{parent}/{}", s.leaf),
+            started_at_ms,
+            ended_at_ms: s.ran_ms.map(|r| started_at_ms.saturating_add(r)),
+            execs: s.execs,
+            peak_bytes: s.peak_bytes,
+            peak_source,
+            oom_kills: s.oom_kills,
+            limits: Limits {
+                max_bytes: s.max_bytes,
+                high_bytes: s.high_bytes,
+            },
+        })
+    }
+
+    fn decode_hour(&self, key: &[u8], raw: &[u8]) -> Result<(String, HourBucket), StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree: TREE_HOUR_LOG,
+            key: display_numbers(key),
+            reason,
+        };
+        if key.len() != 8 {
+            return Err(corrupt(format!("key of {} bytes, not 8", key.len())));
+        }
+        let (hour, id) = (u32_of(&key[..4]), u32_of(&key[4..]));
+        let s: StoredHour = match raw.split_first() {
+            Some((&FORMAT_V2, body)) => {
+                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
+            }
+            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
+            None => return Err(corrupt("empty value".into())),
+        };
+        let name = self
+            .string(id)
+            .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
+        Ok((
+            name.to_string(),
+            HourBucket {
+                hour_start_ms: u64::from(hour) * HOUR_MS,
+                instances_started: s.instances_started,
+                execs: s.execs,
+                invocations: s.invocations,
+                oom_kills: s.oom_kills,
+                peak_bytes: s.peak_bytes,
+            },
+        ))
     }
 
     #[cfg(test)]
@@ -672,10 +995,52 @@ impl Store {
     }
 }
 
-/// The function name of an `instances` or `hours` key (`name · 0x00 · …`).
-fn function_of_key(key: &[u8]) -> String {
-    let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
-    String::from_utf8_lossy(&key[..end]).into_owned()
+fn encode_hour(b: &HourBucket) -> Vec<u8> {
+    let s = StoredHour {
+        instances_started: b.instances_started,
+        execs: b.execs,
+        invocations: b.invocations,
+        oom_kills: b.oom_kills,
+        peak_bytes: b.peak_bytes,
+    };
+    let mut out = vec![FORMAT_V2];
+    // Plain integers into a Vec: postcard cannot fail here.
+    let _ = postcard::to_io(&s, &mut out);
+    out
+}
+
+fn log_key(started_at_ms: u64, cgroup_id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&started_at_ms.to_be_bytes());
+    k[8..].copy_from_slice(&cgroup_id.to_be_bytes());
+    k
+}
+
+fn hour_log_key(hour_start_ms: u64, function_id: u32) -> [u8; 8] {
+    // u32 hours since the epoch last until the year 491,937.
+    let hour = u32::try_from(hour_start_ms / HOUR_MS).unwrap_or(u32::MAX);
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&hour.to_be_bytes());
+    k[4..].copy_from_slice(&function_id.to_be_bytes());
+    k
+}
+
+fn quarantine_key(tree: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = tree.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+fn u64_of(b: &[u8]) -> u64 {
+    let mut n = [0u8; 8];
+    let len = b.len().min(8);
+    n[8 - len..].copy_from_slice(&b[..len]);
+    u64::from_be_bytes(n)
+}
+
+fn u32_of(b: &[u8]) -> u32 {
+    u32::try_from(u64_of(&b[..b.len().min(4)])).unwrap_or(u32::MAX)
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
@@ -692,46 +1057,35 @@ fn validate_name(name: &str) -> Result<(), StoreError> {
     })
 }
 
-fn prefix(function: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(function.len() + 17);
-    k.extend_from_slice(function.as_bytes());
-    k.push(0);
-    k
-}
-
-fn instance_key(function: &str, started_at_ms: u64, cgroup_id: u64) -> Vec<u8> {
-    let mut k = prefix(function);
-    k.extend_from_slice(&started_at_ms.to_be_bytes());
-    k.extend_from_slice(&cgroup_id.to_be_bytes());
-    k
-}
-
-fn hour_key(function: &str, hour_start_ms: u64) -> Vec<u8> {
-    let mut k = prefix(function);
-    k.extend_from_slice(&hour_start_ms.to_be_bytes());
-    k
-}
-
-/// Human-readable key for error messages: `function/n1/n2…`, or escaped bytes when the key does
-/// not follow the schema.
-fn display_key(key: &[u8]) -> String {
-    let Some(nul) = key.iter().position(|&b| b == 0) else {
-        return String::from_utf8_lossy(key).into_owned();
-    };
-    let (name, rest) = (&key[..nul], &key[nul + 1..]);
-    match std::str::from_utf8(name) {
-        Ok(name) if rest.len() % 8 == 0 => {
-            let mut s = name.to_string();
-            for chunk in rest.chunks_exact(8) {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(chunk);
-                s.push('/');
-                s.push_str(&u64::from_be_bytes(n).to_string());
-            }
-            s
-        }
+/// A key of big-endian numbers as `n1/n2…`.
+fn display_numbers(key: &[u8]) -> String {
+    match key.len() {
+        16 => format!("{}/{}", u64_of(&key[..8]), u64_of(&key[8..])),
+        8 => format!("{}/{}", u32_of(&key[..4]), u32_of(&key[4..])),
         _ => key.escape_ascii().to_string(),
     }
+}
+
+fn display_text(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// Schema 1: the function name of an `instances` or `hours` key (`name · 0x00 · …`).
+fn v1_function_of_key(key: &[u8]) -> String {
+    let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+    String::from_utf8_lossy(&key[..end]).into_owned()
+}
+
+/// Schema 1: `function/n1/n2…`.
+fn v1_display_key(key: &[u8]) -> String {
+    let Some(nul) = key.iter().position(|&b| b == 0) else {
+        return display_text(key);
+    };
+    format!(
+        "{}/{}",
+        String::from_utf8_lossy(&key[..nul]),
+        display_numbers(&key[nul + 1..])
+    )
 }
 
 fn read_log<T: DeserializeOwned>(
@@ -742,75 +1096,34 @@ fn read_log<T: DeserializeOwned>(
     let mut out = Vec::new();
     for item in tree.iter().rev().take(limit) {
         let (k, v) = item?;
-        let at = k
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes);
-        out.push(decode(name, &format!("{}", at.unwrap_or(0)), &v)?);
+        let at = k.get(..8).map(u64_of);
+        out.push(decode_json(name, &format!("{}", at.unwrap_or(0)), &v)?);
     }
     Ok(out)
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, raw: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|source| StoreError::Corrupt {
+fn decode_json<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &str,
+    raw: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
         tree,
         key: key.to_string(),
-        source,
+        reason: e.to_string(),
     })
 }
 
-fn encode<T: Serialize>(tree: &'static str, key: &[u8], value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
-        tree,
-        key: display_key(key),
-        source,
-    })
-}
-
-/// Decodes every value under `prefix`, in key order.
-fn scan<T: DeserializeOwned>(
-    tree: &sled::Tree,
-    name: &'static str,
-    prefix: &[u8],
-) -> Result<Vec<T>, StoreError> {
-    tree.scan_prefix(prefix)
-        .map(|item| {
-            let (key, raw) = item?;
-            decode(name, &display_key(&key), &raw)
-        })
-        .collect()
-}
-
-/// Read-modify-write of one JSON value, atomic against concurrent writers of the same key.
-/// Unlike sled's `update_and_fetch`, a corrupt old value surfaces as an error instead of
-/// having to be swallowed inside the closure. Skips the write when nothing changes.
-fn update_json<T, F>(
-    tree: &sled::Tree,
-    name: &'static str,
+fn encode_json<T: Serialize>(
+    tree: &'static str,
     key: &[u8],
-    mut f: F,
-) -> Result<T, StoreError>
-where
-    T: Serialize + DeserializeOwned + PartialEq,
-    F: FnMut(Option<T>) -> T,
-{
-    loop {
-        let old_raw = tree.get(key)?;
-        let old: Option<T> = match &old_raw {
-            Some(raw) => Some(decode(name, &display_key(key), raw)?),
-            None => None,
-        };
-        let unchanged_probe = old.as_ref().map(|o| serde_json::to_vec(o).ok());
-        let new = f(old);
-        let new_raw = encode(name, key, &new)?;
-        if matches!(&unchanged_probe, Some(Some(o)) if *o == new_raw) {
-            return Ok(new);
-        }
-        if tree.compare_and_swap(key, old_raw, Some(new_raw))?.is_ok() {
-            return Ok(new);
-        }
-        // Another writer got in between: re-read and re-apply.
-    }
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode {
+        tree,
+        key: display_numbers(key),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -1006,7 +1319,7 @@ mod tests {
             s.put_instance(&rec("f", t, c)).unwrap();
         }
         s.put_instance(&rec("fa", 2, 2)).unwrap();
-        s.put_instance(&rec("e", 2, 2)).unwrap();
+        s.put_instance(&rec("e", 2, 4)).unwrap();
         let got: Vec<(u64, u64)> = s
             .instances("f")
             .unwrap()
@@ -1365,37 +1678,42 @@ mod tests {
 
     #[test]
     fn corrupt_value_is_an_error_not_a_panic() {
-        let (_d, s) = open_tmp();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
         s.put_instance(&rec("f", 1, 1)).unwrap();
         s.add_hour("f", HOUR_MS, HourDelta::default()).unwrap();
-        s.raw_tree(TREE_INSTANCES)
-            .insert(instance_key("f", 2, 9), &b"\xffnot json"[..])
+        let bad_key = log_key(2, 9);
+        s.raw_tree(TREE_LOG)
+            .insert(bad_key, &b"\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..])
             .unwrap();
-        let is_corrupt_instance = |e: StoreError| match e {
-            StoreError::Corrupt { tree, key, .. } => tree == TREE_INSTANCES && key == "f/2/9",
-            _ => false,
-        };
-        assert!(is_corrupt_instance(s.instance("f", 2, 9).unwrap_err()));
-        assert!(is_corrupt_instance(s.instances("f").unwrap_err()));
-        assert!(is_corrupt_instance(s.live_instances().unwrap_err()));
-        assert!(is_corrupt_instance(
-            s.prune(u64::MAX, Duration::ZERO).unwrap_err()
-        ));
-        // Summaries come from memory, where the corrupt value never was.
+        s.raw_tree(TREE_HOUR_LOG)
+            .insert(hour_log_key(2 * HOUR_MS, 0), &b"{"[..])
+            .unwrap();
+        let err = s.log.get(bad_key).unwrap().map(|raw| s.decode_instance(&bad_key, &raw));
+        match err {
+            Some(Err(StoreError::Corrupt { tree, key, .. })) => {
+                assert_eq!((tree, key.as_str()), (TREE_LOG, "2/9"))
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        drop(s);
+        // At open: left out of the model, kept aside, counted; the good records stay.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.corrupt_at_open(), 2);
         assert_eq!(s.function("f").unwrap().map(|f| f.instances), Some(1));
-        // The good record is still readable by key.
+        assert_eq!(s.hours("f").unwrap().len(), 1);
         assert!(s.instance("f", 1, 1).unwrap().is_some());
-
-        // A corrupt bucket makes add_hour fail instead of overwriting it silently.
-        s.raw_tree(TREE_HOURS)
-            .insert(hour_key("f", HOUR_MS), &b"{"[..])
-            .unwrap();
-        let err = s.add_hour("f", HOUR_MS, HourDelta::default()).unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Corrupt { tree: "hours", key, .. } if key == &format!("f/{HOUR_MS}")),
-            "{err}"
-        );
-        assert!(err.to_string().contains("hours"), "{err}");
+        let kept: Vec<_> = s.raw_tree(TREE_QUARANTINE).iter().keys().collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        // A write over the corrupt key works, and the raw value is still in quarantine.
+        s.put_instance(&rec("f", 2, 9)).unwrap();
+        assert!(s.instance("f", 2, 9).unwrap().is_some());
+        assert!(s
+            .raw_tree(TREE_QUARANTINE)
+            .get(quarantine_key(TREE_LOG, &bad_key))
+            .unwrap()
+            .is_some());
     }
 
     #[test]
@@ -1405,20 +1723,140 @@ mod tests {
         {
             let s = Store::open(&path).unwrap();
             s.raw_tree(TREE_META)
-                .insert(KEY_SCHEMA_VERSION, &b"2"[..])
+                .insert(KEY_SCHEMA_VERSION, &b"3"[..])
                 .unwrap();
             s.flush().unwrap();
         }
         match Store::open(&path) {
             Err(StoreError::SchemaTooNew {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 path: p,
             }) => {
                 assert_eq!(p, path)
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
+    }
+
+    /// A store as schema 1 wrote it (JSON values keyed by function name first), written with
+    /// sled directly, opens as schema 2 with every record and bucket, and the unreadable one
+    /// kept aside.
+    #[test]
+    fn schema_1_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut recs = Vec::new();
+        {
+            let db = sled::open(&path).unwrap();
+            let meta = db.open_tree(TREE_META).unwrap();
+            meta.insert(KEY_SCHEMA_VERSION, &b"1"[..]).unwrap();
+            meta.insert(KEY_CLEAN, &b"1"[..]).unwrap();
+            meta.insert(KEY_LIVE_CHECKPOINT, &br#"{"version":1,"model":{}}"#[..])
+                .unwrap();
+            let inst = db.open_tree(TREE_V1_INSTANCES).unwrap();
+            let hours = db.open_tree(TREE_V1_HOURS).unwrap();
+            let funcs = db.open_tree(TREE_FUNCTIONS).unwrap();
+            for (i, f) in ["a", "b", "a", "c"].iter().enumerate() {
+                let i = i as u64;
+                let mut r = rec(f, 1000 + i, 10 + i);
+                r.peak_bytes = (i + 1) * MIB;
+                r.execs = i;
+                r.instance = format!("custom-{i}"); // not the path's last component
+                r.limits.max_bytes = Some(64 * MIB);
+                if i != 3 {
+                    r.ended_at_ms = Some(2000 + i);
+                    r.oom_kills = i % 2;
+                    r.peak_source = PeakSource::ChargeEvents;
+                }
+                let mut key = f.as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(&r.started_at_ms.to_be_bytes());
+                key.extend_from_slice(&r.cgroup_id.to_be_bytes());
+                inst.insert(key, serde_json::to_vec(&r).unwrap()).unwrap();
+                let b = HourBucket {
+                    hour_start_ms: 5 * HOUR_MS,
+                    instances_started: 1,
+                    execs: i,
+                    invocations: 0,
+                    oom_kills: 0,
+                    peak_bytes: r.peak_bytes,
+                };
+                let mut key = f.as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(&b.hour_start_ms.to_be_bytes());
+                hours.insert(key, serde_json::to_vec(&b).unwrap()).unwrap();
+                let fr = FunctionRecord {
+                    first_seen_ms: 1000,
+                    last_seen_ms: 2000,
+                };
+                funcs
+                    .insert(f.as_bytes(), serde_json::to_vec(&fr).unwrap())
+                    .unwrap();
+                recs.push(r);
+            }
+            inst.insert(&b"z\0garbage"[..], &b"not json"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint(), "a schema 1 checkpoint was used");
+        for r in &recs {
+            assert_eq!(
+                s.instance(&r.function, r.started_at_ms, r.cgroup_id).unwrap().as_ref(),
+                Some(r)
+            );
+        }
+        assert_eq!(s.instances("a").unwrap(), vec![recs[0].clone(), recs[2].clone()]);
+        assert_eq!(s.function_names().unwrap(), vec!["a", "b", "c"]);
+        let a = s.function("a").unwrap().unwrap();
+        assert_eq!((a.instances, a.oom_kills, a.peak_bytes), (2, 0, 3 * MIB));
+        assert_eq!(s.function("b").unwrap().unwrap().oom_kills, 1);
+        assert_eq!(s.hours("c").unwrap()[0].peak_bytes, 4 * MIB);
+        assert_eq!(s.live_instances().unwrap(), vec![recs[3].clone()]);
+        let kept: Vec<_> = s.raw_tree(TREE_QUARANTINE).iter().keys().collect();
+        assert_eq!(kept.len(), 1);
+        let names = s.db.tree_names();
+        assert!(!names.iter().any(|n| n.as_ref() == TREE_V1_INSTANCES.as_bytes()));
+        drop(s);
+        // Opened again: schema 2 as it is, nothing migrated twice.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.instances("a").unwrap().len(), 2);
+        assert_eq!(s.function("a").unwrap().unwrap().instances, 2);
+    }
+
+    /// The model's samples are what the records say (the recommender reads no records).
+    #[test]
+    fn samples_match_the_records() {
+        let (_d, s) = open_tmp();
+        fill_known_set(&s);
+        let mut oom = rec("f", 9_000, 500);
+        oom.oom_kills = 1;
+        oom.limits.max_bytes = Some(40 * MIB);
+        oom.ended_at_ms = Some(9_500);
+        s.put_instance(&oom).unwrap();
+        let now = 20_000;
+        let from_records = |recs: &[InstanceRecord]| -> Vec<(u64, u64, bool, Option<u64>)> {
+            let mut v: Vec<_> = recs
+                .iter()
+                .filter(|r| r.peak_bytes > 0 || r.oom_kills > 0)
+                .map(|r| {
+                    let at = r.ended_at_ms.unwrap_or(now.max(r.started_at_ms));
+                    (at, r.peak_bytes, r.oom_kills > 0, r.limits.max_bytes)
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut model: Vec<_> = s
+            .samples("f", now)
+            .unwrap()
+            .iter()
+            .map(|x| (x.at_ms, x.peak_bytes, x.oom_killed, x.limit_bytes))
+            .collect();
+        model.sort_unstable();
+        let expected = from_records(&s.instances("f").unwrap());
+        assert_eq!(expected.len(), 101);
+        assert_eq!(model, expected);
     }
 
     #[test]

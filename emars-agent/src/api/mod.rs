@@ -364,24 +364,20 @@ async fn list_instances(
     let q = parse_instances_query(&pairs)?;
     let lookup = name.clone();
     let found = blocking(move || {
-        let all = state.store.instances(&lookup)?;
+        // Only the records asked for are read (the model knows which they are).
+        let page = state
+            .store
+            .instances_page(&lookup, q.live, q.limit.unwrap_or(usize::MAX))?;
         // No instances: either a function known only through invocations, or unknown.
-        if all.is_empty() && state.store.function(&lookup)?.is_none() {
+        if page.is_empty() && state.store.function(&lookup)?.is_none() {
             return Ok(None);
         }
-        Ok(Some(all))
+        Ok(Some(page))
     })
     .await?;
-    let Some(mut instances) = found else {
+    let Some(instances) = found else {
         return Err(unknown_function(&name));
     };
-    if let Some(live) = q.live {
-        instances.retain(|i| i.is_live() == live);
-    }
-    if let Some(limit) = q.limit {
-        let skip = instances.len().saturating_sub(limit);
-        instances.drain(..skip);
-    }
     Ok(Json(InstancesResponse {
         function: name,
         instances,
@@ -579,7 +575,7 @@ async fn set_limits(
     let store = state.store.clone();
     let outcome = blocking(move || {
         let live = store
-            .instances(&name)?
+            .instances_page(&name, Some(true), usize::MAX)?
             .into_iter()
             .rev()
             .find(|i| i.instance == instance && i.is_live());

@@ -8,9 +8,11 @@
 //! ```
 //!
 //! Prints per store: records, fill time, start-up (open, which builds the live model: "open"
-//! after a kill -9 reads every record, "clean" after a clean stop loads the checkpoint), bytes
-//! on disk per instance record, and p50/p99/max of GET /v1/functions and
-//! GET /v1/functions/{name}.
+//! after a kill -9 reads every record, "clean" after a clean stop loads the checkpoint), the
+//! peak RSS of a process that opened the store (as the agent does), bytes on disk per instance
+//! record, and p50/p99/max of GET /v1/functions and GET /v1/functions/{name}. Each open runs
+//! in a fresh process (this binary with `--open PATH`), so that its RSS and time are those of
+//! an agent starting on that store.
 //! Needs no root and no kernel features.
 
 use std::{
@@ -41,6 +43,14 @@ struct Opts {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--open" {
+        if let Err(e) = open_child(Path::new(&args[2])) {
+            eprintln!("emars-bench-api --open: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     match parse().and_then(|o| run(&o)) {
         Ok(()) => {}
         Err(e) => {
@@ -87,6 +97,7 @@ struct Row {
     fill: Duration,
     open: Duration,
     open_clean: Duration,
+    rss_mb: f64,
     bytes_per_record: f64,
     list: Vec<Duration>,
     one: Vec<Duration>,
@@ -99,24 +110,26 @@ fn run(o: &Opts) -> Result<()> {
         rows.push(measure(functions, days, o)?);
     }
     println!(
-        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
+        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
         "store",
         "records",
         "fill s",
         "open s",
         "clean s",
+        "RSS MB",
         "B/record",
         "GET /v1/functions p50/p99/max",
         "GET /v1/functions/{n} p50/p99/max"
     );
     for r in &rows {
         println!(
-            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0}  {:>28}  {:>28}",
+            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0} {:>9.0}  {:>28}  {:>28}",
             r.label,
             r.records,
             r.fill.as_secs_f64(),
             r.open.as_secs_f64(),
             r.open_clean.as_secs_f64(),
+            r.rss_mb,
             r.bytes_per_record,
             triple(&r.list),
             triple(&r.one),
@@ -133,8 +146,16 @@ fn run(o: &Opts) -> Result<()> {
 }
 
 fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("store");
+    let tmp = tempfile::tempdir()?;
+    // EMARS_BENCH_KEEP=1 leaves the stores behind (for profiling an open with `--open PATH`).
+    let (root, _removed_at_end) = if std::env::var_os("EMARS_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("keeping {}", kept.display());
+        (kept, None)
+    } else {
+        (tmp.path().to_path_buf(), Some(tmp))
+    };
+    let path = root.join("store");
     let label = format!("{functions} fn x {days} d");
     eprintln!(
         "filling {label} ({} records) ...",
@@ -143,22 +164,21 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let t0 = Instant::now();
     let records = fill(&path, functions, days, o.per_day)?;
     let fill = t0.elapsed();
-    // Start-up after a kill -9 (no checkpoint: every record is read) ...
-    let t0 = Instant::now();
-    let store = Store::open(&path)?;
-    let open = t0.elapsed();
-    // ... and after a clean stop (the live model comes from the checkpoint).
-    store.checkpoint()?;
-    drop(store);
-    let t0 = Instant::now();
-    let store = Store::open(&path)?;
-    let open_clean = t0.elapsed();
-    if !store.opened_from_checkpoint() {
+    let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
+    // Start-up after a kill -9 (no checkpoint: every record is read), which then stops
+    // cleanly ...
+    let (open, from_checkpoint, rss_mb) = open_in_child(&path)?;
+    if from_checkpoint {
+        bail!("the store opened from a checkpoint after an unclean stop");
+    }
+    // ... and after that clean stop (the live model comes from the checkpoint).
+    let (open_clean, from_checkpoint, _) = open_in_child(&path)?;
+    if !from_checkpoint {
         bail!("the store did not open from its checkpoint");
     }
-    let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
+    let store = Store::open(&path)?;
 
-    let (addr, _server) = serve(store, dir.path())?;
+    let (addr, _server) = serve(store, &root)?;
     let http = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
         .build();
@@ -183,53 +203,104 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         fill,
         open,
         open_clean,
+        rss_mb,
         bytes_per_record,
         list,
         one,
     })
 }
 
-/// Writes `per_day` ended instances per function per day, and one hour bucket per instance,
-/// through the store's own write path, ending now.
+/// Writes `per_day` instances per function per day as the agent does, in time order across
+/// functions: the record when the instance starts (live, with its start-hour bucket), again
+/// when it ends (with its peak and the end-hour bucket), ending now. Stops without a
+/// checkpoint, as a kill -9 would.
 fn fill(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
     let store = Store::open(path)?;
     let now = emars_agent::agent::now_ms();
     let start = now - days * 24 * HOUR_MS;
     let step = 24 * HOUR_MS / per_day;
     let mut n = 0;
-    for f in 0..functions {
-        let name = format!("f{f}");
-        for i in 0..days * per_day {
+    for i in 0..days * per_day {
+        for f in 0..functions {
+            let name = format!("f{f}");
             let started = start + i * step + f % step;
-            let rec = InstanceRecord {
+            let mut rec = InstanceRecord {
                 function: name.clone(),
                 instance: format!("i{i}"),
                 cgroup_id: 1_000_000 + n,
-                cgroup_path: format!("/sys/fs/cgroup/emars/{name}/i{i}"),
+                cgroup_path: format!("/sys/fs/cgroup/memory/emars/{name}/i{i}"),
                 started_at_ms: started,
-                ended_at_ms: Some(started + 1500),
+                ended_at_ms: None,
                 execs: 1,
-                peak_bytes: (16 + (i * 37 + f) % 200) << 20,
-                peak_source: PeakSource::KernelWatermark,
+                peak_bytes: 0,
+                peak_source: PeakSource::None,
                 oom_kills: 0,
-                limits: Limits::default(),
+                limits: Limits {
+                    max_bytes: Some(256 << 20),
+                    high_bytes: Some(230 << 20),
+                },
             };
             store.put_instance(&rec)?;
-            store.add_hour(
-                &name,
-                started,
-                HourDelta {
-                    instances_started: 1,
-                    execs: 1,
-                    peak_bytes: rec.peak_bytes,
-                    ..HourDelta::default()
-                },
-            )?;
+            let start_delta = HourDelta {
+                instances_started: 1,
+                execs: 1,
+                ..HourDelta::default()
+            };
+            store.add_hour(&name, started, start_delta)?;
+            rec.ended_at_ms = Some(started + 1500);
+            rec.peak_bytes = (16 + (i * 37 + f) % 200) << 20;
+            rec.peak_source = PeakSource::KernelWatermark;
+            store.put_instance(&rec)?;
+            let end_delta = HourDelta {
+                peak_bytes: rec.peak_bytes,
+                ..HourDelta::default()
+            };
+            store.add_hour(&name, started + 1500, end_delta)?;
             n += 1;
         }
     }
     store.flush()?;
     Ok(n)
+}
+
+/// `--open PATH`: opens the store as the agent does, stops cleanly, and prints the open time,
+/// whether it came from the checkpoint, and the process's peak RSS.
+fn open_child(path: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    let store = Store::open(path)?;
+    let open = t0.elapsed();
+    let from_checkpoint = store.opened_from_checkpoint();
+    // The agent answers from the model at once: build the cached list as the first GET would.
+    let _ = store.functions_json();
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    store.checkpoint()?;
+    println!("{} {} {}", open.as_secs_f64(), from_checkpoint, hwm_kb);
+    Ok(())
+}
+
+fn open_in_child(path: &Path) -> Result<(Duration, bool, f64)> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("--open")
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut f = text.split_whitespace();
+    let (Some(secs), Some(cp), Some(kb)) = (f.next(), f.next(), f.next()) else {
+        bail!("unexpected output of --open: {text}");
+    };
+    Ok((
+        Duration::from_secs_f64(secs.parse()?),
+        cp == "true",
+        kb.parse::<f64>()? / 1024.0,
+    ))
 }
 
 /// The real API router and server on 127.0.0.1:0, on a runtime of its own.
