@@ -15,6 +15,7 @@ use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
 };
 use crate::recommend::Sample;
+use crate::store::HOUR_MS;
 
 /// Identity of an instance record in the store: (started_at_ms, cgroup_id).
 pub type InstanceKey = (u64, u64);
@@ -28,14 +29,20 @@ struct Live {
     limit_bytes: Option<u64>,
 }
 
+/// Where the store keeps an ended record: in the tail (not sealed into a block yet).
+pub const IN_TAIL: u32 = u32::MAX;
+
 /// What the model keeps of an ended, retained instance: 32 bytes, so that a history of
 /// millions of instances fits in a few tens of MB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Ended {
     started_at_ms: u64,
     cgroup_id: u64,
-    ended_at_ms: u64,
     peak_bytes: u64,
+    /// Run time; `u32::MAX` (49.7 days or more): the end is in `long_runs`.
+    ran_ms: u32,
+    /// The store's block holding the record, or [`IN_TAIL`].
+    block: u32,
 }
 
 /// One function's aggregates (serialised into the store's checkpoint, caches left out).
@@ -46,12 +53,14 @@ struct FunctionState {
     live: HashMap<InstanceKey, Live>,
     /// Ended, retained instances, ordered by (started_at_ms, cgroup_id).
     ended: Vec<Ended>,
+    /// End times of the ended instances that ran for 49.7 days or more.
+    long_runs: HashMap<InstanceKey, u64>,
     /// Their execs and OOM kills summed.
     ended_execs: u64,
     ended_oom_kills: u64,
     /// Ended instances with OOM kills: the memory.max they had (the recommender bumps it).
     ended_oom: BTreeMap<InstanceKey, Option<u64>>,
-    hours: BTreeMap<u64, HourBucket>,
+    hours: HourSeries,
     invocations: u64,
     /// The summary as last computed, and its JSON; None after any change.
     #[serde(skip)]
@@ -99,11 +108,17 @@ impl FunctionState {
             .ended
             .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id));
         if sign > 0 {
+            let ran = ended_at_ms.saturating_sub(rec.started_at_ms);
+            let ran_ms = u32::try_from(ran).unwrap_or(u32::MAX);
+            if ran_ms == u32::MAX {
+                self.long_runs.insert(key, ended_at_ms);
+            }
             let e = Ended {
                 started_at_ms: rec.started_at_ms,
                 cgroup_id: rec.cgroup_id,
-                ended_at_ms,
                 peak_bytes: rec.peak_bytes,
+                ran_ms,
+                block: IN_TAIL,
             };
             match pos {
                 Ok(i) => self.ended[i] = e,
@@ -125,7 +140,24 @@ impl FunctionState {
     fn sub_counts(&mut self, rec: &InstanceRecord) {
         self.ended_execs = self.ended_execs.saturating_sub(rec.execs);
         self.ended_oom_kills = self.ended_oom_kills.saturating_sub(rec.oom_kills);
-        self.ended_oom.remove(&(rec.started_at_ms, rec.cgroup_id));
+        let key = (rec.started_at_ms, rec.cgroup_id);
+        self.ended_oom.remove(&key);
+        self.long_runs.remove(&key);
+    }
+
+    fn ended_at(&self, e: &Ended) -> u64 {
+        if e.ran_ms == u32::MAX {
+            if let Some(end) = self.long_runs.get(&(e.started_at_ms, e.cgroup_id)) {
+                return *end;
+            }
+        }
+        e.started_at_ms.saturating_add(u64::from(e.ran_ms))
+    }
+
+    fn find(&self, key: InstanceKey) -> Option<usize> {
+        self.ended
+            .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id))
+            .ok()
     }
 
     fn summary(&mut self, name: &str) -> FunctionSummary {
@@ -161,7 +193,7 @@ impl FunctionState {
         let ended = self.ended.iter().filter_map(|e| {
             let oom = self.ended_oom.get(&(e.started_at_ms, e.cgroup_id));
             (e.peak_bytes > 0 || oom.is_some()).then(|| Sample {
-                at_ms: e.ended_at_ms,
+                at_ms: self.ended_at(e),
                 peak_bytes: e.peak_bytes,
                 oom_killed: oom.is_some(),
                 limit_bytes: oom.copied().flatten(),
@@ -179,7 +211,7 @@ impl FunctionState {
     }
 
     fn export(&self, name: &str) -> FunctionConfig {
-        let max = |f: fn(&HourBucket) -> u64| self.hours.values().map(f).max().unwrap_or(0);
+        let max = |f: fn(&HourBucket) -> u64| self.hours.values().map(|b| f(&b)).max().unwrap_or(0);
         let invocations = max(|h| h.invocations);
         let live_peak = self.live.values().map(|v| v.peak_bytes).max();
         let ended_peak = self.ended.iter().map(|e| e.peak_bytes).max();
@@ -204,7 +236,8 @@ pub struct LiveModel {
 impl LiveModel {
     fn function(&mut self, name: &str) -> &mut FunctionState {
         if !self.functions.contains_key(name) {
-            self.functions.insert(name.to_owned(), FunctionState::default());
+            self.functions
+                .insert(name.to_owned(), FunctionState::default());
         }
         self.functions.get_mut(name).expect("inserted above")
     }
@@ -278,7 +311,7 @@ impl LiveModel {
     pub fn put_hour(&mut self, function: &str, bucket: HourBucket) {
         let f = self.function(function);
         f.changed();
-        let old = f.hours.insert(bucket.hour_start_ms, bucket);
+        let old = f.hours.insert(bucket);
         f.invocations = f
             .invocations
             .saturating_sub(old.map_or(0, |b| b.invocations))
@@ -287,9 +320,14 @@ impl LiveModel {
 
     /// Merges `delta` into the function's bucket of the hour starting at `hour_start_ms` and
     /// returns the bucket as it is now (for the store to write: no read of the old one).
-    pub fn add_hour(&mut self, function: &str, hour_start_ms: u64, delta: &HourDelta) -> HourBucket {
+    pub fn add_hour(
+        &mut self,
+        function: &str,
+        hour_start_ms: u64,
+        delta: &HourDelta,
+    ) -> HourBucket {
         let f = self.function(function);
-        let mut b = f.hours.get(&hour_start_ms).copied().unwrap_or(HourBucket {
+        let mut b = f.hours.get(hour_start_ms).unwrap_or(HourBucket {
             hour_start_ms,
             ..HourBucket::default()
         });
@@ -301,18 +339,26 @@ impl LiveModel {
     /// An hour bucket removed (retention).
     pub fn remove_hour(&mut self, function: &str, hour_start_ms: u64) {
         if let Some(f) = self.functions.get_mut(function) {
-            if let Some(b) = f.hours.remove(&hour_start_ms) {
+            if let Some(b) = f.hours.remove(hour_start_ms) {
                 f.changed();
                 f.invocations = f.invocations.saturating_sub(b.invocations);
             }
         }
     }
 
+    /// Every function's bucket of the hour starting at `hour_start_ms`.
+    pub fn buckets_of_hour(&self, hour_start_ms: u64) -> Vec<(String, HourBucket)> {
+        self.functions
+            .iter()
+            .filter_map(|(name, f)| f.hours.get(hour_start_ms).map(|b| (name.clone(), b)))
+            .collect()
+    }
+
     /// Hour buckets of every function that start before `cutoff_ms`: (function, hour start).
     pub fn hours_before(&self, cutoff_ms: u64) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (name, f) in &self.functions {
-            out.extend(f.hours.range(..cutoff_ms).map(|(h, _)| (name.clone(), *h)));
+            out.extend(f.hours.starts_before(cutoff_ms).map(|h| (name.clone(), h)));
         }
         out
     }
@@ -373,6 +419,24 @@ impl LiveModel {
         keys
     }
 
+    /// Where the store keeps the ended record `key` of `function` (a block, or [`IN_TAIL`]);
+    /// None when the model has no such ended record.
+    pub fn ended_block(&self, name: &str, key: InstanceKey) -> Option<u32> {
+        let f = self.functions.get(name)?;
+        f.find(key).map(|i| f.ended[i].block)
+    }
+
+    /// Records that ended records moved into `block`.
+    pub fn set_block(&mut self, name: &str, keys: &[InstanceKey], block: u32) {
+        if let Some(f) = self.functions.get_mut(name) {
+            for k in keys {
+                if let Some(i) = f.find(*k) {
+                    f.ended[i].block = block;
+                }
+            }
+        }
+    }
+
     /// Keys of every live instance: (function, key).
     pub fn live_keys(&self) -> Vec<(String, InstanceKey)> {
         let mut out = Vec::new();
@@ -386,7 +450,7 @@ impl LiveModel {
     pub fn hours(&self, name: &str) -> Vec<HourBucket> {
         self.functions
             .get(name)
-            .map(|f| f.hours.values().copied().collect())
+            .map(|f| f.hours.values().collect())
             .unwrap_or_default()
     }
 
@@ -424,7 +488,101 @@ impl LiveModel {
     pub fn shrink(&mut self) {
         for f in self.functions.values_mut() {
             f.ended.shrink_to_fit();
+            f.hours.shrink();
         }
+    }
+}
+
+/// A function's hour buckets in 32 bytes each (a `BTreeMap<u64, HourBucket>` took ~70): at 10k
+/// functions x 30 days they are most of the model. Counters saturate at 4 billion per hour.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HourSeries(Vec<CompactHour>);
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct CompactHour {
+    /// Hours since the epoch.
+    hour: u32,
+    instances_started: u32,
+    execs: u32,
+    invocations: u32,
+    oom_kills: u32,
+    peak_bytes: u64,
+}
+
+impl CompactHour {
+    fn of(b: &HourBucket) -> Self {
+        let c = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        CompactHour {
+            hour: c(b.hour_start_ms / HOUR_MS),
+            instances_started: c(b.instances_started),
+            execs: c(b.execs),
+            invocations: c(b.invocations),
+            oom_kills: c(b.oom_kills),
+            peak_bytes: b.peak_bytes,
+        }
+    }
+
+    fn bucket(&self) -> HourBucket {
+        HourBucket {
+            hour_start_ms: u64::from(self.hour) * HOUR_MS,
+            instances_started: u64::from(self.instances_started),
+            execs: u64::from(self.execs),
+            invocations: u64::from(self.invocations),
+            oom_kills: u64::from(self.oom_kills),
+            peak_bytes: self.peak_bytes,
+        }
+    }
+}
+
+impl HourSeries {
+    fn find(&self, hour_start_ms: u64) -> Result<usize, usize> {
+        let hour = u32::try_from(hour_start_ms / HOUR_MS).unwrap_or(u32::MAX);
+        // Mostly the newest hour: look there first.
+        match self.0.last() {
+            Some(last) if last.hour == hour => Ok(self.0.len() - 1),
+            Some(last) if last.hour < hour => Err(self.0.len()),
+            _ => self.0.binary_search_by_key(&hour, |h| h.hour),
+        }
+    }
+
+    fn get(&self, hour_start_ms: u64) -> Option<HourBucket> {
+        self.find(hour_start_ms).ok().map(|i| self.0[i].bucket())
+    }
+
+    /// Inserts or replaces the bucket of its hour; returns the one replaced.
+    fn insert(&mut self, b: HourBucket) -> Option<HourBucket> {
+        let c = CompactHour::of(&b);
+        match self.find(b.hour_start_ms) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i], c).bucket()),
+            Err(i) => {
+                self.0.insert(i, c);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, hour_start_ms: u64) -> Option<HourBucket> {
+        let i = self.find(hour_start_ms).ok()?;
+        Some(self.0.remove(i).bucket())
+    }
+
+    fn values(&self) -> impl Iterator<Item = HourBucket> + '_ {
+        self.0.iter().map(CompactHour::bucket)
+    }
+
+    fn starts_before(&self, cutoff_ms: u64) -> impl Iterator<Item = u64> + '_ {
+        self.0
+            .iter()
+            .map(|h| u64::from(h.hour) * HOUR_MS)
+            .take_while(move |h| *h < cutoff_ms)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn shrink(&mut self) {
+        self.0.shrink_to_fit();
     }
 }
 

@@ -123,13 +123,7 @@ impl Policy {
     ) -> Result<Option<Recommendation>, StoreError> {
         let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
-        let rec = recommend(
-            function,
-            &samples,
-            &params,
-            now_ms,
-            self.host_memory,
-        );
+        let rec = recommend(function, &samples, &params, now_ms, self.host_memory);
         if let Ok(mut c) = self.cache.write() {
             match &rec {
                 Some(r) => {

@@ -58,7 +58,7 @@
 //! panics on bad data. At open, such a value is left out of the live model and copied to
 //! `quarantine` (nothing is lost when a later write reuses its key).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,23 +67,27 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::live::{InstanceKey, LiveModel};
+use crate::live::{InstanceKey, LiveModel, IN_TAIL};
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, Limits, PeakSource,
 };
 use crate::recommend::Sample;
+use sled::Transactional;
 
 /// Schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// sled's page cache.
-const STORE_CACHE_BYTES: u64 = 64 << 20;
+const STORE_CACHE_BYTES: u64 = 32 << 20;
 
 /// Length of an hour bucket in milliseconds.
 pub const HOUR_MS: u64 = 3_600_000;
 
-const TREE_LOG: &str = "instance_log";
-const TREE_HOUR_LOG: &str = "hour_log";
+const TREE_LIVE: &str = "instances_live";
+const TREE_TAIL: &str = "instances_tail";
+const TREE_BLOCKS: &str = "instance_blocks";
+const TREE_HOURS_OPEN: &str = "hours_open";
+const TREE_HOUR_BLOCKS: &str = "hour_blocks";
 const TREE_STRINGS: &str = "strings";
 const TREE_FUNCTIONS: &str = "functions";
 const TREE_META: &str = "meta";
@@ -97,6 +101,9 @@ const TREE_V1_HOURS: &str = "hours";
 
 /// Format byte in front of every schema 2 record value.
 const FORMAT_V2: u8 = 2;
+
+/// Ended records per block: the tail is sealed into one sled value when it has this many.
+pub const BLOCK_RECORDS: usize = 128;
 
 /// Key of a log record (audit, generations): `at_ms` (u64 BE) · sequence (u64 BE).
 pub type AuditKey = [u8; 16];
@@ -211,17 +218,20 @@ struct Strings {
 pub struct Store {
     path: Arc<Path>,
     db: sled::Db,
-    log: sled::Tree,
-    hour_log: sled::Tree,
+    live_tree: sled::Tree,
+    tail: sled::Tree,
+    blocks: sled::Tree,
+    hours_open: sled::Tree,
+    hour_blocks: sled::Tree,
     strings_tree: sled::Tree,
     functions: sled::Tree,
     audit: sled::Tree,
     audit_pending: sled::Tree,
     generations: sled::Tree,
     quarantine: sled::Tree,
-    /// The one source of reads, kept in step with every write. Lock order: `live`, then
+    /// The one source of reads, kept in step with every write. Lock order: `state`, then
     /// `strings`.
-    live: Arc<Mutex<LiveModel>>,
+    state: Arc<Mutex<State>>,
     strings: Arc<Mutex<Strings>>,
     meta: sled::Tree,
     /// True when the model came from the checkpoint rather than a scan of the records.
@@ -254,7 +264,7 @@ impl Store {
             source,
         };
         // Reads are answered from the live model, so sled's page cache serves writes and
-        // point reads only: 64 MiB instead of sled's default 1 GiB keeps the agent small.
+        // point reads only: 32 MiB instead of sled's default 1 GiB keeps the agent small.
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(STORE_CACHE_BYTES)
@@ -278,8 +288,11 @@ impl Store {
         };
         let mut store = Store {
             path: Arc::from(path),
-            log: tree(TREE_LOG)?,
-            hour_log: tree(TREE_HOUR_LOG)?,
+            live_tree: tree(TREE_LIVE)?,
+            tail: tree(TREE_TAIL)?,
+            blocks: tree(TREE_BLOCKS)?,
+            hours_open: tree(TREE_HOURS_OPEN)?,
+            hour_blocks: tree(TREE_HOUR_BLOCKS)?,
             strings_tree: tree(TREE_STRINGS)?,
             functions: tree(TREE_FUNCTIONS)?,
             audit: tree(TREE_AUDIT)?,
@@ -287,7 +300,7 @@ impl Store {
             generations: tree(TREE_GENERATIONS)?,
             quarantine: tree(TREE_QUARANTINE)?,
             db,
-            live: Arc::default(),
+            state: Arc::default(),
             strings: Arc::default(),
             meta,
             from_checkpoint: false,
@@ -334,7 +347,8 @@ impl Store {
         }
         let id = s.next;
         // Written before any record that uses it: sled recovers writes in order.
-        self.strings_tree.insert(id.to_be_bytes(), text.as_bytes())?;
+        self.strings_tree
+            .insert(id.to_be_bytes(), text.as_bytes())?;
         let text: Arc<str> = Arc::from(text);
         s.ids.insert(text.clone(), id);
         s.by_id.insert(id, text);
@@ -351,18 +365,28 @@ impl Store {
     }
 
     /// Schema 1 → 2: every record rewritten into the new trees, then the old trees dropped.
-    /// Values that do not decode are kept in `quarantine`.
+    /// Schema 1 → 2: every record written again through the schema 2 write path, then the old
+    /// trees dropped. Values that do not decode are kept in `quarantine`. The model built on
+    /// the way is thrown away: the open builds it from the new trees as always.
     fn migrate_v1(&mut self) -> Result<(), StoreError> {
         let old_instances = self.db.open_tree(TREE_V1_INSTANCES)?;
         let old_hours = self.db.open_tree(TREE_V1_HOURS)?;
         let (mut moved, mut kept_aside) = (0u64, 0u64);
+        // First-seen times survive pruning: start from them, so the writes below keep them.
+        for item in self.functions.iter() {
+            let (key, raw) = item?;
+            if let Ok(r) = serde_json::from_slice::<FunctionRecord>(&raw) {
+                let name = String::from_utf8_lossy(&key);
+                self.state()
+                    .model
+                    .seen(&name, r.first_seen_ms, r.last_seen_ms);
+            }
+        }
         for item in old_instances.iter() {
             let (key, raw) = item?;
             match decode_json::<InstanceRecord>(TREE_V1_INSTANCES, &v1_display_key(&key), &raw) {
                 Ok(rec) if validate_name(&rec.function).is_ok() => {
-                    let value = self.encode_instance(&rec)?;
-                    self.log
-                        .insert(log_key(rec.started_at_ms, rec.cgroup_id), value)?;
+                    self.put_instance(&rec)?;
                     moved += 1;
                 }
                 _ => {
@@ -377,9 +401,14 @@ impl Store {
             let name = v1_function_of_key(&key);
             match decode_json::<HourBucket>(TREE_V1_HOURS, &v1_display_key(&key), &raw) {
                 Ok(b) if validate_name(&name).is_ok() => {
-                    let id = self.intern(&name)?;
-                    self.hour_log
-                        .insert(hour_log_key(b.hour_start_ms, id), encode_hour(&b))?;
+                    let delta = HourDelta {
+                        instances_started: b.instances_started,
+                        execs: b.execs,
+                        invocations: b.invocations,
+                        oom_kills: b.oom_kills,
+                        peak_bytes: b.peak_bytes,
+                    };
+                    self.add_hour(&name, b.hour_start_ms, delta)?;
                     moved += 1;
                 }
                 _ => {
@@ -389,11 +418,12 @@ impl Store {
                 }
             }
         }
-        // The checkpoint of schema 1 describes the old trees' model: rebuilt below.
+        // The checkpoint of schema 1 describes the old trees' model.
         self.meta.remove(KEY_LIVE_CHECKPOINT)?;
         self.db.flush()?;
         self.db.drop_tree(TREE_V1_INSTANCES)?;
         self.db.drop_tree(TREE_V1_HOURS)?;
+        *self.state() = State::default();
         tracing::info!(
             "store at {}: schema 1 migrated to {SCHEMA_VERSION} ({moved} records, {kept_aside} \
              unreadable ones kept in `{TREE_QUARANTINE}`)",
@@ -412,9 +442,9 @@ impl Store {
             return false;
         };
         match raw.split_first() {
-            Some((&CHECKPOINT_FORMAT, body)) => match postcard::from_bytes::<LiveModel>(body) {
-                Ok(model) => {
-                    *self.live() = model;
+            Some((&CHECKPOINT_FORMAT, body)) => match postcard::from_bytes::<State>(body) {
+                Ok(state) => {
+                    *self.state() = state;
                     true
                 }
                 Err(e) => {
@@ -433,12 +463,12 @@ impl Store {
     /// function's last-seen time, and marks the store clean. Called at a clean shutdown; any
     /// write after it makes the next open rebuild.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let live = self.live();
-        for name in live.names() {
-            self.write_function(&live, &name)?;
+        let st = self.state();
+        for name in st.model.names() {
+            self.write_function(&st.model, &name)?;
         }
         let mut raw = vec![CHECKPOINT_FORMAT];
-        postcard::to_io(&*live, &mut raw).map_err(|e| StoreError::Encode {
+        postcard::to_io(&*st, &mut raw).map_err(|e| StoreError::Encode {
             tree: TREE_META,
             key: KEY_LIVE_CHECKPOINT.to_owned(),
             reason: e.to_string(),
@@ -459,17 +489,18 @@ impl Store {
         self.corrupt_at_open
     }
 
-    /// Builds the live model from the records (once, at open). A value that does not decode
-    /// is left out, copied to `quarantine` and said, not fatal.
+    /// Builds the live model and the index from the records (once, at open). A value that
+    /// does not decode is left out, copied to `quarantine` and said, not fatal.
     fn load_live(&mut self) -> Result<(), StoreError> {
         let mut corrupt = Vec::new();
         {
-            let mut live = self.live();
+            let mut st = self.state();
+            let st = &mut *st;
             for item in self.functions.iter() {
                 let (key, raw) = item?;
                 match decode_json::<FunctionRecord>(TREE_FUNCTIONS, &display_text(&key), &raw) {
                     Ok(r) => {
-                        live.seen(
+                        st.model.seen(
                             &String::from_utf8_lossy(&key),
                             r.first_seen_ms,
                             r.last_seen_ms,
@@ -478,32 +509,105 @@ impl Store {
                     Err(e) => corrupt.push((TREE_FUNCTIONS, key, raw, e)),
                 }
             }
-            for item in self.log.iter() {
+            let add = |model: &mut LiveModel, rec: &InstanceRecord| {
+                let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
+                model.seen(&rec.function, rec.started_at_ms, last);
+                model.put_instance(None, rec);
+            };
+            for item in self.blocks.iter() {
                 let (key, raw) = item?;
-                match self.decode_instance(&key, &raw) {
-                    Ok(rec) => {
-                        let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
-                        live.seen(&rec.function, rec.started_at_ms, last);
-                        live.put_instance(None, &rec);
+                let seq = u64_of(&key);
+                let entries = match decode_block(&raw) {
+                    Ok(e) => e,
+                    Err(reason) => {
+                        let e = StoreError::Corrupt {
+                            tree: TREE_BLOCKS,
+                            key: seq.to_string(),
+                            reason,
+                        };
+                        corrupt.push((TREE_BLOCKS, key, raw, e));
+                        continue;
                     }
-                    Err(e) => corrupt.push((TREE_LOG, key, raw, e)),
+                };
+                let mut keys_by_fn: HashMap<String, Vec<InstanceKey>> = HashMap::new();
+                let mut info = BlockInfo {
+                    min_ended: u64::MAX,
+                    max_ended: 0,
+                };
+                for e in entries {
+                    let (started, cgroup) = (e.started_at_ms, e.cgroup_id);
+                    match self.record_of(started, cgroup, e.record, TREE_BLOCKS) {
+                        Ok(rec) => {
+                            let end = rec.ended_at_ms.unwrap_or(started);
+                            info.min_ended = info.min_ended.min(end);
+                            info.max_ended = info.max_ended.max(end);
+                            add(&mut st.model, &rec);
+                            keys_by_fn
+                                .entry(rec.function)
+                                .or_default()
+                                .push((started, cgroup));
+                        }
+                        // A record naming a string that is not there: said, block kept.
+                        Err(e) => tracing::error!("{e}; left out of the model"),
+                    }
+                }
+                for (function, keys) in keys_by_fn {
+                    st.model.set_block(&function, &keys, block_id(seq));
+                }
+                st.index.blocks.insert(seq, info);
+                st.index.next_block = st.index.next_block.max(seq + 1);
+            }
+            for (tree, name) in [(&self.tail, TREE_TAIL), (&self.live_tree, TREE_LIVE)] {
+                for item in tree.iter() {
+                    let (key, raw) = item?;
+                    match self.decode_instance(&key, &raw) {
+                        Ok(rec) => {
+                            add(&mut st.model, &rec);
+                            if name == TREE_TAIL {
+                                st.index
+                                    .tail
+                                    .insert((rec.started_at_ms, rec.cgroup_id), rec.function);
+                            }
+                        }
+                        Err(e) => corrupt.push((name, key, raw, e)),
+                    }
                 }
             }
-            for item in self.hour_log.iter() {
+            for item in self.hour_blocks.iter() {
+                let (key, raw) = item?;
+                let hour = u64::from(u32_of(&key)) * HOUR_MS;
+                match self.decode_hour_block(hour, &raw) {
+                    Ok(buckets) => {
+                        for (name, b) in buckets {
+                            st.model.seen(&name, hour, hour);
+                            st.model.put_hour(&name, b);
+                        }
+                        st.index.sealed_hours.insert(hour);
+                        st.index.newest_hour = st.index.newest_hour.max(hour);
+                    }
+                    Err(e) => corrupt.push((TREE_HOUR_BLOCKS, key, raw, e)),
+                }
+            }
+            for item in self.hours_open.iter() {
                 let (key, raw) = item?;
                 match self.decode_hour(&key, &raw) {
-                    Ok((name, b)) => {
-                        live.seen(&name, b.hour_start_ms, b.hour_start_ms);
-                        live.put_hour(&name, b);
+                    Ok((name, id, b)) => {
+                        st.model.seen(&name, b.hour_start_ms, b.hour_start_ms);
+                        st.model.put_hour(&name, b);
+                        st.index.open_hours.insert((b.hour_start_ms, id));
+                        st.index.newest_hour = st.index.newest_hour.max(b.hour_start_ms);
                     }
-                    Err(e) => corrupt.push((TREE_HOUR_LOG, key, raw, e)),
+                    Err(e) => corrupt.push((TREE_HOURS_OPEN, key, raw, e)),
                 }
             }
-            live.shrink();
+            st.model.shrink();
         }
         for (tree, key, raw, e) in &corrupt {
-            tracing::error!("{e}; left out of the model and kept in `{TREE_QUARANTINE}`");
+            tracing::error!("{e}; left out of the model and moved to `{TREE_QUARANTINE}`");
             self.quarantine.insert(quarantine_key(tree, key), raw)?;
+            if let Some(t) = self.tree_named(tree) {
+                t.remove(key)?;
+            }
         }
         self.corrupt_at_open = corrupt.len() as u64;
         if !corrupt.is_empty() {
@@ -514,11 +618,6 @@ impl Store {
             );
         }
         Ok(())
-    }
-
-    fn live(&self) -> MutexGuard<'_, LiveModel> {
-        // The model holds plain aggregates: one left by a panicked writer is still usable.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends an audit record that needs no durability of its own (a refusal: nothing was
@@ -621,32 +720,194 @@ impl Store {
     }
 
     /// Inserts or replaces the record identified by `(function, started_at_ms, cgroup_id)`.
+    /// A live record goes to `instances_live`; an ended one leaves it for the tail, which is
+    /// sealed into a block every [`BLOCK_RECORDS`] records.
     pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
         validate_name(&rec.function)?;
         // Held across the write, so the model sees writes in the order the trees do.
-        let mut live = self.live();
+        let mut st = self.state();
         let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
-        if live.seen(&rec.function, rec.started_at_ms, last) {
-            self.write_function(&live, &rec.function)?;
+        if st.model.seen(&rec.function, rec.started_at_ms, last) {
+            self.write_function(&st.model, &rec.function)?;
         }
         let key = log_key(rec.started_at_ms, rec.cgroup_id);
+        let ikey = (rec.started_at_ms, rec.cgroup_id);
         let value = self.encode_instance(rec)?;
-        let old = match self.log.insert(key, value)? {
-            // A live version is in the model: no need to decode the one replaced. One that
-            // does not decode was never counted (it is in quarantine since the open).
-            Some(raw) if !live.is_live(rec) => self.decode_instance(&key, &raw).ok(),
-            _ => None,
+        // The version replaced, when the model does not hold it as live: the same record
+        // ended before (written again), or the same key under another function.
+        let old = if st.model.is_live(rec) {
+            None
+        } else {
+            self.find_ended(&st, &rec.function, ikey)?
         };
-        match old {
-            // The same cgroup at the same millisecond, filed under another function (a
-            // renamed rule): the other function no longer has it.
-            Some(old) if old.function != rec.function => {
-                live.remove_instances(&old.function, std::slice::from_ref(&old));
-                live.put_instance(None, rec);
+        if let Some((old_rec, block)) = &old {
+            if *block != IN_TAIL {
+                self.remove_from_block(&mut st, u64::from(*block), &[ikey])?;
             }
-            old => live.put_instance(old.as_ref(), rec),
+            if old_rec.function != rec.function {
+                self.tail.remove(key)?;
+                st.index.tail.remove(&ikey);
+            }
+        }
+        if rec.is_live() {
+            self.live_tree.insert(key, value)?;
+        } else {
+            self.tail.insert(key, value)?;
+            self.live_tree.remove(key)?;
+            st.index.tail.insert(ikey, rec.function.clone());
+        }
+        match old {
+            Some((old, _)) if old.function != rec.function => {
+                st.model
+                    .remove_instances(&old.function, std::slice::from_ref(&old));
+                st.model.put_instance(None, rec);
+            }
+            old => st.model.put_instance(old.as_ref().map(|(r, _)| r), rec),
+        }
+        if st.index.tail.len() >= BLOCK_RECORDS {
+            self.seal_tail(&mut st)?;
         }
         Ok(())
+    }
+
+    /// The ended record `key` wherever it is kept (tail or block), with its block.
+    fn find_ended(
+        &self,
+        st: &State,
+        function: &str,
+        key: InstanceKey,
+    ) -> Result<Option<(InstanceRecord, u32)>, StoreError> {
+        let raw_key = log_key(key.0, key.1);
+        if let Some(raw) = self.tail.get(raw_key)? {
+            // One that does not decode was never counted (it is in quarantine since the open).
+            return Ok(self
+                .decode_instance(&raw_key, &raw)
+                .ok()
+                .map(|r| (r, IN_TAIL)));
+        }
+        let Some(block) = st.model.ended_block(function, key) else {
+            return Ok(None);
+        };
+        let recs = self.read_block(u64::from(block))?;
+        Ok(recs
+            .into_iter()
+            .find(|r| (r.started_at_ms, r.cgroup_id) == key)
+            .map(|r| (r, block)))
+    }
+
+    /// Moves every tail record into a new block, atomically (a crash leaves them in one place
+    /// or the other, never both).
+    fn seal_tail(&self, st: &mut State) -> Result<(), StoreError> {
+        let mut entries = Vec::with_capacity(st.index.tail.len());
+        let mut unsealable = Vec::new();
+        let mut keys_by_fn: HashMap<String, Vec<InstanceKey>> = HashMap::new();
+        let (mut min_end, mut max_end) = (u64::MAX, 0u64);
+        for (ikey, function) in &st.index.tail {
+            let raw_key = log_key(ikey.0, ikey.1);
+            let Some(stored) = self
+                .tail
+                .get(raw_key)?
+                .and_then(|raw| decode_stored(&raw).ok())
+            else {
+                // Gone, or in quarantine since the open: left where it is, not sealed.
+                unsealable.push(*ikey);
+                continue;
+            };
+            let end = ikey.0.saturating_add(stored.ran_ms.unwrap_or(0));
+            min_end = min_end.min(end);
+            max_end = max_end.max(end);
+            entries.push(BlockEntry {
+                started_at_ms: ikey.0,
+                cgroup_id: ikey.1,
+                record: stored,
+            });
+            keys_by_fn.entry(function.clone()).or_default().push(*ikey);
+        }
+        for k in unsealable {
+            st.index.tail.remove(&k);
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let seq = st.index.next_block;
+        let value = encode_block(&entries)?;
+        (&self.blocks, &self.tail)
+            .transaction(|(blocks, tail)| {
+                blocks.insert(&seq.to_be_bytes(), value.as_slice())?;
+                for e in &entries {
+                    tail.remove(&log_key(e.started_at_ms, e.cgroup_id))?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        st.index.next_block = seq + 1;
+        st.index.blocks.insert(
+            seq,
+            BlockInfo {
+                min_ended: min_end,
+                max_ended: max_end,
+            },
+        );
+        for e in &entries {
+            st.index.tail.remove(&(e.started_at_ms, e.cgroup_id));
+        }
+        let block = block_id(seq);
+        for (function, keys) in keys_by_fn {
+            st.model.set_block(&function, &keys, block);
+        }
+        Ok(())
+    }
+
+    /// Rewrites block `seq` without the records `keys` (removed when none is left).
+    fn remove_from_block(
+        &self,
+        st: &mut State,
+        seq: u64,
+        keys: &[InstanceKey],
+    ) -> Result<(), StoreError> {
+        let entries = self.read_block_entries(seq)?;
+        let kept: Vec<BlockEntry> = entries
+            .into_iter()
+            .filter(|e| !keys.contains(&(e.started_at_ms, e.cgroup_id)))
+            .collect();
+        self.write_block(st, seq, &kept)
+    }
+
+    fn write_block(&self, st: &mut State, seq: u64, kept: &[BlockEntry]) -> Result<(), StoreError> {
+        if kept.is_empty() {
+            self.blocks.remove(seq.to_be_bytes())?;
+            st.index.blocks.remove(&seq);
+            return Ok(());
+        }
+        self.blocks.insert(seq.to_be_bytes(), encode_block(kept)?)?;
+        let ends = kept
+            .iter()
+            .map(|e| e.started_at_ms.saturating_add(e.record.ran_ms.unwrap_or(0)));
+        let info = BlockInfo {
+            min_ended: ends.clone().min().unwrap_or(0),
+            max_ended: ends.max().unwrap_or(0),
+        };
+        st.index.blocks.insert(seq, info);
+        Ok(())
+    }
+
+    fn read_block_entries(&self, seq: u64) -> Result<Vec<BlockEntry>, StoreError> {
+        let key = seq.to_be_bytes();
+        match self.blocks.get(key)? {
+            None => Ok(Vec::new()),
+            Some(raw) => decode_block(&raw).map_err(|reason| StoreError::Corrupt {
+                tree: TREE_BLOCKS,
+                key: seq.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    fn read_block(&self, seq: u64) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.read_block_entries(seq)?
+            .into_iter()
+            .map(|e| self.record_of(e.started_at_ms, e.cgroup_id, e.record, TREE_BLOCKS))
+            .collect()
     }
 
     pub fn instance(
@@ -657,13 +918,21 @@ impl Store {
     ) -> Result<Option<InstanceRecord>, StoreError> {
         validate_name(function)?;
         let key = log_key(started_at_ms, cgroup_id);
-        match self.log.get(key)? {
-            None => Ok(None),
-            Some(raw) => {
+        for tree in [&self.live_tree, &self.tail] {
+            if let Some(raw) = tree.get(key)? {
                 let rec = self.decode_instance(&key, &raw)?;
-                Ok((rec.function == function).then_some(rec))
+                return Ok((rec.function == function).then_some(rec));
             }
         }
+        let st = self.state();
+        let Some(block) = st.model.ended_block(function, (started_at_ms, cgroup_id)) else {
+            return Ok(None);
+        };
+        drop(st);
+        Ok(self
+            .read_block(u64::from(block))?
+            .into_iter()
+            .find(|r| r.started_at_ms == started_at_ms && r.cgroup_id == cgroup_id))
     }
 
     /// All retained instances of `function`, oldest first (by start time, then cgroup id).
@@ -672,7 +941,8 @@ impl Store {
     }
 
     /// The newest `limit` retained instances of `function` (only live or only ended ones when
-    /// `live` says so), oldest first. The model says which; only those are read.
+    /// `live` says so), oldest first. The model says which and where they are; each block
+    /// holding some is read once.
     pub fn instances_page(
         &self,
         function: &str,
@@ -680,25 +950,48 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<InstanceRecord>, StoreError> {
         validate_name(function)?;
-        let keys = self.live().instance_keys(function, live);
+        let st = self.state();
+        let keys = st.model.instance_keys(function, live);
         let skip = keys.len().saturating_sub(limit);
-        self.read_instances(keys[skip..].iter().map(|k| (function, *k)))
+        let located: Vec<(InstanceKey, Option<u32>)> = keys[skip..]
+            .iter()
+            .map(|k| (*k, st.model.ended_block(function, *k)))
+            .collect();
+        drop(st);
+        let mut blocks: HashMap<u32, HashMap<InstanceKey, InstanceRecord>> = HashMap::new();
+        let mut out = Vec::with_capacity(located.len());
+        for (key, block) in located {
+            match block {
+                Some(b) if b != IN_TAIL => {
+                    if !blocks.contains_key(&b) {
+                        let recs = self.read_block(u64::from(b))?;
+                        let by_key = recs
+                            .into_iter()
+                            .map(|r| ((r.started_at_ms, r.cgroup_id), r))
+                            .collect();
+                        blocks.insert(b, by_key);
+                    }
+                    if let Some(r) = blocks.get_mut(&b).and_then(|m| m.remove(&key)) {
+                        out.push(r);
+                    }
+                }
+                _ => {
+                    if let Some(r) = self.instance(function, key.0, key.1)? {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Instances of every function that have not ended, by function then start. After a
     /// restart the agent checks these against the cgroups that still exist.
     pub fn live_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let keys = self.live().live_keys();
-        self.read_instances(keys.iter().map(|(f, k)| (f.as_str(), *k)))
-    }
-
-    fn read_instances<'a>(
-        &self,
-        keys: impl Iterator<Item = (&'a str, InstanceKey)>,
-    ) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut out = Vec::new();
+        let keys = self.state().model.live_keys();
+        let mut out = Vec::with_capacity(keys.len());
         for (function, (started, cgroup)) in keys {
-            if let Some(rec) = self.instance(function, started, cgroup)? {
+            if let Some(rec) = self.instance(&function, started, cgroup)? {
                 out.push(rec);
             }
         }
@@ -706,25 +999,90 @@ impl Store {
     }
 
     /// Merges `delta` into the bucket of the hour containing `at_ms`: counters add,
-    /// `peak_bytes` takes the max. The bucket comes from the model, so the write reads nothing.
+    /// `peak_bytes` takes the max. The bucket comes from the model, so the write reads
+    /// nothing, except for an hour already sealed into its block (a late report).
     pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
         validate_name(function)?;
-        let mut live = self.live();
-        if live.seen(function, at_ms, at_ms) {
-            self.write_function(&live, function)?;
+        let mut st = self.state();
+        if st.model.seen(function, at_ms, at_ms) {
+            self.write_function(&st.model, function)?;
         }
         let hour_start_ms = at_ms - at_ms % HOUR_MS;
-        let b = live.add_hour(function, hour_start_ms, &delta);
+        let b = st.model.add_hour(function, hour_start_ms, &delta);
         let id = self.intern(function)?;
-        self.hour_log
-            .insert(hour_log_key(hour_start_ms, id), encode_hour(&b))?;
+        if st.index.sealed_hours.contains(&hour_start_ms) {
+            self.write_hour_block(&st, hour_start_ms)?;
+        } else {
+            self.hours_open
+                .insert(hour_log_key(hour_start_ms, id), encode_hour(&b))?;
+            st.index.open_hours.insert((hour_start_ms, id));
+        }
+        if hour_start_ms > st.index.newest_hour {
+            st.index.newest_hour = hour_start_ms;
+            // The hour before stays open for late events; older ones are sealed.
+            self.seal_hours(&mut st, hour_start_ms.saturating_sub(HOUR_MS))?;
+        }
+        Ok(())
+    }
+
+    /// Seals every open hour that starts before `before_ms` into its block, atomically.
+    fn seal_hours(&self, st: &mut State, before_ms: u64) -> Result<(), StoreError> {
+        let hours: BTreeSet<u64> = st
+            .index
+            .open_hours
+            .range(..(before_ms, 0))
+            .map(|(h, _)| *h)
+            .collect();
+        for hour in hours {
+            let ids: Vec<u32> = st
+                .index
+                .open_hours
+                .range((hour, 0)..=(hour, u32::MAX))
+                .map(|(_, id)| *id)
+                .collect();
+            let value = self.hour_block_value(st, hour)?;
+            (&self.hour_blocks, &self.hours_open)
+                .transaction(|(blocks, open)| {
+                    blocks.insert(&hour_block_key(hour), value.as_slice())?;
+                    for id in &ids {
+                        open.remove(&hour_log_key(hour, *id))?;
+                    }
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            for id in ids {
+                st.index.open_hours.remove(&(hour, id));
+            }
+            st.index.sealed_hours.insert(hour);
+        }
+        Ok(())
+    }
+
+    /// The block of `hour`: every function's bucket of that hour, from the model.
+    fn hour_block_value(&self, st: &State, hour: u64) -> Result<Vec<u8>, StoreError> {
+        let mut entries = Vec::new();
+        for (name, b) in st.model.buckets_of_hour(hour) {
+            entries.push((self.intern(&name)?, stored_hour(&b)));
+        }
+        let mut out = vec![FORMAT_V2];
+        postcard::to_io(&entries, &mut out).map_err(|e| StoreError::Encode {
+            tree: TREE_HOUR_BLOCKS,
+            key: hour.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(out)
+    }
+
+    fn write_hour_block(&self, st: &State, hour: u64) -> Result<(), StoreError> {
+        let value = self.hour_block_value(st, hour)?;
+        self.hour_blocks.insert(hour_block_key(hour), value)?;
         Ok(())
     }
 
     /// Hour buckets of `function`, oldest first (from memory).
     pub fn hours(&self, function: &str) -> Result<Vec<HourBucket>, StoreError> {
         validate_name(function)?;
-        Ok(self.live().hours(function))
+        Ok(self.state().model.hours(function))
     }
 
     /// Records `count` invocations reported by the platform at `at_ms`. The function becomes
@@ -747,7 +1105,7 @@ impl Store {
 
     /// Names of all known functions, sorted (byte order).
     pub fn function_names(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self.live().names())
+        Ok(self.state().model.names())
     }
 
     /// Aggregate of one function over its retained data; None if the function is unknown.
@@ -758,24 +1116,24 @@ impl Store {
     /// start/end times and the start of any hour bucket.
     pub fn function(&self, name: &str) -> Result<Option<FunctionSummary>, StoreError> {
         validate_name(name)?;
-        Ok(self.live().summary(name))
+        Ok(self.state().model.summary(name))
     }
 
     /// Summaries of all known functions, sorted by name (from memory).
     pub fn functions(&self) -> Result<Vec<FunctionSummary>, StoreError> {
-        Ok(self.live().summaries())
+        Ok(self.state().model.summaries())
     }
 
     /// The same as the JSON body of GET /v1/functions, from per-function JSON kept in memory.
     pub fn functions_json(&self) -> String {
-        self.live().summaries_json()
+        self.state().model.summaries_json()
     }
 
     /// The recommender's samples of `function` (from memory): every retained instance with a
     /// peak or an OOM kill, ended ones at their end, live ones at `now_ms`.
     pub fn samples(&self, function: &str, now_ms: u64) -> Result<Vec<Sample>, StoreError> {
         validate_name(function)?;
-        Ok(self.live().samples(function, now_ms))
+        Ok(self.state().model.samples(function, now_ms))
     }
 
     /// The paper's per-function config, one entry per known function, sorted by name.
@@ -784,44 +1142,83 @@ impl Store {
     /// any retained hour has some, else the busiest hour's execs; `max_memory_bytes` is the
     /// peak of the retained instance peaks.
     pub fn export(&self) -> Result<Vec<FunctionConfig>, StoreError> {
-        Ok(self.live().export())
+        Ok(self.state().model.export())
     }
 
     /// Deletes ended instances with `ended_at_ms < now_ms - retention` and hour buckets whose
     /// whole hour lies before that cutoff, then functions with nothing retained that were last
-    /// seen before it. Live instances are never deleted. Reads only the records that started
-    /// before the cutoff (the log is in start order).
+    /// seen before it. Live instances are never deleted. Whole blocks go without being read
+    /// (except to take their records out of the model); only a block that straddles the
+    /// cutoff is rewritten.
     pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
         let mut report = PruneReport::default();
 
-        // Held throughout: a concurrent put_instance of a record judged here waits, and its
-        // write then stands.
-        let mut live = self.live();
+        // Held throughout: a concurrent put_instance waits, and its write then stands.
+        let mut st = self.state();
         let mut gone: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
-        for item in self.log.range(..log_key(cutoff, 0)) {
-            let (key, raw) = item?;
-            let rec = self.decode_instance(&key, &raw)?;
+        let old_blocks: Vec<(u64, BlockInfo)> = st
+            .index
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.min_ended < cutoff)
+            .map(|(s, b)| (*s, *b))
+            .collect();
+        for (seq, _) in old_blocks {
+            let entries = self.read_block_entries(seq)?;
+            let (old, kept): (Vec<BlockEntry>, Vec<BlockEntry>) =
+                entries.into_iter().partition(|e| {
+                    e.started_at_ms.saturating_add(e.record.ran_ms.unwrap_or(0)) < cutoff
+                });
+            for e in old {
+                let rec = self.record_of(e.started_at_ms, e.cgroup_id, e.record, TREE_BLOCKS)?;
+                gone.entry(rec.function.clone()).or_default().push(rec);
+            }
+            self.write_block(&mut st, seq, &kept)?;
+        }
+        let tail_keys: Vec<InstanceKey> = st.index.tail.keys().copied().collect();
+        for ikey in tail_keys {
+            let key = log_key(ikey.0, ikey.1);
+            let Some(raw) = self.tail.get(key)? else {
+                continue;
+            };
+            let Ok(rec) = self.decode_instance(&key, &raw) else {
+                continue;
+            };
             if matches!(rec.ended_at_ms, Some(end) if end < cutoff) {
-                self.log.remove(&key)?;
-                report.instances_removed += 1;
+                self.tail.remove(key)?;
+                st.index.tail.remove(&ikey);
                 gone.entry(rec.function.clone()).or_default().push(rec);
             }
         }
         for (function, recs) in &gone {
-            live.remove_instances(function, recs);
+            report.instances_removed += recs.len() as u64;
+            st.model.remove_instances(function, recs);
         }
 
-        let cutoff_hour = cutoff.saturating_sub(HOUR_MS - 1);
-        for (function, hour_start_ms) in live.hours_before(cutoff_hour) {
-            if hour_start_ms.saturating_add(HOUR_MS) > cutoff {
-                continue;
+        // Hours entirely before the cutoff: the open ones by key, the sealed ones by block.
+        let last_old_hour = cutoff.checked_sub(HOUR_MS).map(|c| c - c % HOUR_MS);
+        if let Some(last_old) = last_old_hour {
+            let open: Vec<(u64, u32)> = st
+                .index
+                .open_hours
+                .range(..=(last_old, u32::MAX))
+                .copied()
+                .collect();
+            for (hour, id) in open {
+                self.hours_open.remove(hour_log_key(hour, id))?;
+                st.index.open_hours.remove(&(hour, id));
             }
-            let id = self.intern(&function)?;
-            self.hour_log.remove(hour_log_key(hour_start_ms, id))?;
-            live.remove_hour(&function, hour_start_ms);
-            report.hours_removed += 1;
+            let sealed: Vec<u64> = st.index.sealed_hours.range(..=last_old).copied().collect();
+            for hour in sealed {
+                self.hour_blocks.remove(hour_block_key(hour))?;
+                st.index.sealed_hours.remove(&hour);
+            }
+            for (function, hour) in st.model.hours_before(last_old + 1) {
+                st.model.remove_hour(&function, hour);
+                report.hours_removed += 1;
+            }
         }
 
         // Audit keys start with at_ms (BE): everything before the cutoff is one range.
@@ -845,15 +1242,15 @@ impl Store {
             report.generations_removed += 1;
         }
 
-        for name in live.forgotten(cutoff) {
+        for name in st.model.forgotten(cutoff) {
             self.functions.remove(name.as_bytes())?;
-            live.remove_function(&name);
+            st.model.remove_function(&name);
             report.functions_removed += 1;
         }
         // Last-seen times move with every event and are written here and at checkpoints
         // only; an open after a crash takes the later of these and the records' times.
-        for name in gone.keys().filter(|n| live.contains(n)) {
-            self.write_function(&live, name)?;
+        for name in gone.keys().filter(|n| st.model.contains(n)) {
+            self.write_function(&st.model, name)?;
         }
         Ok(report)
     }
@@ -864,9 +1261,22 @@ impl Store {
         Ok(())
     }
 
+    /// The tree of a record kind by its name (for moving a corrupt value aside).
+    fn tree_named(&self, name: &str) -> Option<&sled::Tree> {
+        match name {
+            TREE_FUNCTIONS => Some(&self.functions),
+            TREE_BLOCKS => Some(&self.blocks),
+            TREE_TAIL => Some(&self.tail),
+            TREE_LIVE => Some(&self.live_tree),
+            TREE_HOUR_BLOCKS => Some(&self.hour_blocks),
+            TREE_HOURS_OPEN => Some(&self.hours_open),
+            _ => None,
+        }
+    }
+
     /// Persists the function's first/last-seen range as the model has it.
-    fn write_function(&self, live: &LiveModel, name: &str) -> Result<(), StoreError> {
-        let Some((first_seen_ms, last_seen_ms)) = live.seen_range(name) else {
+    fn write_function(&self, model: &LiveModel, name: &str) -> Result<(), StoreError> {
+        let Some((first_seen_ms, last_seen_ms)) = model.seen_range(name) else {
             return Ok(());
         };
         let r = FunctionRecord {
@@ -902,29 +1312,38 @@ impl Store {
         };
         let mut out = vec![FORMAT_V2];
         postcard::to_io(&stored, &mut out).map_err(|e| StoreError::Encode {
-            tree: TREE_LOG,
+            tree: TREE_LIVE,
             key: format!("{}/{}", rec.started_at_ms, rec.cgroup_id),
             reason: e.to_string(),
         })?;
         Ok(out)
     }
 
+    /// A live or tail record (key: start · cgroup id).
     fn decode_instance(&self, key: &[u8], raw: &[u8]) -> Result<InstanceRecord, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
-            tree: TREE_LOG,
+            tree: TREE_LIVE,
             key: display_numbers(key),
             reason,
         };
-        let (started_at_ms, cgroup_id) = match key.len() {
-            16 => (u64_of(&key[..8]), u64_of(&key[8..])),
-            n => return Err(corrupt(format!("key of {n} bytes, not 16"))),
-        };
-        let s: StoredInstance = match raw.split_first() {
-            Some((&FORMAT_V2, body)) => {
-                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
-            }
-            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
-            None => return Err(corrupt("empty value".into())),
+        if key.len() != 16 {
+            return Err(corrupt(format!("key of {} bytes, not 16", key.len())));
+        }
+        let stored = decode_stored(raw).map_err(corrupt)?;
+        self.record_of(u64_of(&key[..8]), u64_of(&key[8..]), stored, TREE_LIVE)
+    }
+
+    fn record_of(
+        &self,
+        started_at_ms: u64,
+        cgroup_id: u64,
+        s: StoredInstance,
+        tree: &'static str,
+    ) -> Result<InstanceRecord, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree,
+            key: format!("{started_at_ms}/{cgroup_id}"),
+            reason,
         };
         let string = |id| {
             self.string(id)
@@ -956,9 +1375,10 @@ impl Store {
         })
     }
 
-    fn decode_hour(&self, key: &[u8], raw: &[u8]) -> Result<(String, HourBucket), StoreError> {
+    /// An open hour bucket: (function, its id, bucket).
+    fn decode_hour(&self, key: &[u8], raw: &[u8]) -> Result<(String, u32, HourBucket), StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
-            tree: TREE_HOUR_LOG,
+            tree: TREE_HOURS_OPEN,
             key: display_numbers(key),
             reason,
         };
@@ -978,15 +1398,42 @@ impl Store {
             .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
         Ok((
             name.to_string(),
-            HourBucket {
-                hour_start_ms: u64::from(hour) * HOUR_MS,
-                instances_started: s.instances_started,
-                execs: s.execs,
-                invocations: s.invocations,
-                oom_kills: s.oom_kills,
-                peak_bytes: s.peak_bytes,
-            },
+            id,
+            bucket_of(u64::from(hour) * HOUR_MS, &s),
         ))
+    }
+
+    fn decode_hour_block(
+        &self,
+        hour_start_ms: u64,
+        raw: &[u8],
+    ) -> Result<Vec<(String, HourBucket)>, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree: TREE_HOUR_BLOCKS,
+            key: hour_start_ms.to_string(),
+            reason,
+        };
+        let entries: Vec<(u32, StoredHour)> = match raw.split_first() {
+            Some((&FORMAT_V2, body)) => {
+                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
+            }
+            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
+            None => return Err(corrupt("empty value".into())),
+        };
+        entries
+            .into_iter()
+            .map(|(id, s)| {
+                let name = self
+                    .string(id)
+                    .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
+                Ok((name.to_string(), bucket_of(hour_start_ms, &s)))
+            })
+            .collect()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The model holds plain aggregates: one left by a panicked writer is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     #[cfg(test)]
@@ -995,18 +1442,115 @@ impl Store {
     }
 }
 
-fn encode_hour(b: &HourBucket) -> Vec<u8> {
-    let s = StoredHour {
+/// The live model and where the store keeps what it holds: one lock, so that the two never
+/// disagree. Saved whole in the checkpoint.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    model: LiveModel,
+    index: LogIndex,
+}
+
+/// Where the records are: blocks and their end-time range, the tail, the open and the
+/// sealed hours.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LogIndex {
+    next_block: u64,
+    blocks: BTreeMap<u64, BlockInfo>,
+    /// Ended records not sealed into a block yet, with their function.
+    tail: BTreeMap<InstanceKey, String>,
+    /// (hour start, function id) of the buckets in `hours_open`.
+    open_hours: BTreeSet<(u64, u32)>,
+    /// Hours whose buckets are in `hour_blocks`.
+    sealed_hours: BTreeSet<u64>,
+    newest_hour: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct BlockInfo {
+    min_ended: u64,
+    max_ended: u64,
+}
+
+/// One record in a block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BlockEntry {
+    started_at_ms: u64,
+    cgroup_id: u64,
+    record: StoredInstance,
+}
+
+/// The model's 32-bit name of block `seq` (4 billion blocks of [`BLOCK_RECORDS`] records).
+fn block_id(seq: u64) -> u32 {
+    u32::try_from(seq).unwrap_or(IN_TAIL - 1).min(IN_TAIL - 1)
+}
+
+fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
+        }
+    }
+}
+
+fn decode_stored(raw: &[u8]) -> Result<StoredInstance, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
+        None => Err("empty value".into()),
+    }
+}
+
+fn encode_block(entries: &[BlockEntry]) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT_V2];
+    postcard::to_io(entries, &mut out).map_err(|e| StoreError::Encode {
+        tree: TREE_BLOCKS,
+        key: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+fn decode_block(raw: &[u8]) -> Result<Vec<BlockEntry>, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
+        None => Err("empty value".into()),
+    }
+}
+
+fn stored_hour(b: &HourBucket) -> StoredHour {
+    StoredHour {
         instances_started: b.instances_started,
         execs: b.execs,
         invocations: b.invocations,
         oom_kills: b.oom_kills,
         peak_bytes: b.peak_bytes,
-    };
+    }
+}
+
+fn bucket_of(hour_start_ms: u64, s: &StoredHour) -> HourBucket {
+    HourBucket {
+        hour_start_ms,
+        instances_started: s.instances_started,
+        execs: s.execs,
+        invocations: s.invocations,
+        oom_kills: s.oom_kills,
+        peak_bytes: s.peak_bytes,
+    }
+}
+
+fn encode_hour(b: &HourBucket) -> Vec<u8> {
     let mut out = vec![FORMAT_V2];
     // Plain integers into a Vec: postcard cannot fail here.
-    let _ = postcard::to_io(&s, &mut out);
+    let _ = postcard::to_io(&stored_hour(b), &mut out);
     out
+}
+
+fn hour_block_key(hour_start_ms: u64) -> [u8; 4] {
+    u32::try_from(hour_start_ms / HOUR_MS)
+        .unwrap_or(u32::MAX)
+        .to_be_bytes()
 }
 
 fn log_key(started_at_ms: u64, cgroup_id: u64) -> [u8; 16] {
@@ -1684,16 +2228,18 @@ mod tests {
         s.put_instance(&rec("f", 1, 1)).unwrap();
         s.add_hour("f", HOUR_MS, HourDelta::default()).unwrap();
         let bad_key = log_key(2, 9);
-        s.raw_tree(TREE_LOG)
-            .insert(bad_key, &b"\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..])
+        s.raw_tree(TREE_LIVE)
+            .insert(
+                bad_key,
+                &b"\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..],
+            )
             .unwrap();
-        s.raw_tree(TREE_HOUR_LOG)
+        s.raw_tree(TREE_HOURS_OPEN)
             .insert(hour_log_key(2 * HOUR_MS, 0), &b"{"[..])
             .unwrap();
-        let err = s.log.get(bad_key).unwrap().map(|raw| s.decode_instance(&bad_key, &raw));
-        match err {
-            Some(Err(StoreError::Corrupt { tree, key, .. })) => {
-                assert_eq!((tree, key.as_str()), (TREE_LOG, "2/9"))
+        match s.instance("f", 2, 9) {
+            Err(StoreError::Corrupt { tree, key, .. }) => {
+                assert_eq!((tree, key.as_str()), (TREE_LIVE, "2/9"))
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
@@ -1711,7 +2257,7 @@ mod tests {
         assert!(s.instance("f", 2, 9).unwrap().is_some());
         assert!(s
             .raw_tree(TREE_QUARANTINE)
-            .get(quarantine_key(TREE_LOG, &bad_key))
+            .get(quarantine_key(TREE_LIVE, &bad_key))
             .unwrap()
             .is_some());
     }
@@ -1799,14 +2345,22 @@ mod tests {
             db.flush().unwrap();
         }
         let s = Store::open(&path).unwrap();
-        assert!(!s.opened_from_checkpoint(), "a schema 1 checkpoint was used");
+        assert!(
+            !s.opened_from_checkpoint(),
+            "a schema 1 checkpoint was used"
+        );
         for r in &recs {
             assert_eq!(
-                s.instance(&r.function, r.started_at_ms, r.cgroup_id).unwrap().as_ref(),
+                s.instance(&r.function, r.started_at_ms, r.cgroup_id)
+                    .unwrap()
+                    .as_ref(),
                 Some(r)
             );
         }
-        assert_eq!(s.instances("a").unwrap(), vec![recs[0].clone(), recs[2].clone()]);
+        assert_eq!(
+            s.instances("a").unwrap(),
+            vec![recs[0].clone(), recs[2].clone()]
+        );
         assert_eq!(s.function_names().unwrap(), vec!["a", "b", "c"]);
         let a = s.function("a").unwrap().unwrap();
         assert_eq!((a.instances, a.oom_kills, a.peak_bytes), (2, 0, 3 * MIB));
@@ -1816,7 +2370,9 @@ mod tests {
         let kept: Vec<_> = s.raw_tree(TREE_QUARANTINE).iter().keys().collect();
         assert_eq!(kept.len(), 1);
         let names = s.db.tree_names();
-        assert!(!names.iter().any(|n| n.as_ref() == TREE_V1_INSTANCES.as_bytes()));
+        assert!(!names
+            .iter()
+            .any(|n| n.as_ref() == TREE_V1_INSTANCES.as_bytes()));
         drop(s);
         // Opened again: schema 2 as it is, nothing migrated twice.
         let s = Store::open(&path).unwrap();
@@ -1857,6 +2413,145 @@ mod tests {
         let expected = from_records(&s.instances("f").unwrap());
         assert_eq!(expected.len(), 101);
         assert_eq!(model, expected);
+    }
+
+    /// Several blocks' worth of instances of three functions, ending out of order: sealed
+    /// into blocks as they end; reads, a rewrite of a sealed record, an open after a crash
+    /// and one from the checkpoint, and pruning across blocks all agree with what was written.
+    #[test]
+    fn blocks_hold_ended_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let mut written: BTreeMap<(u64, u64), InstanceRecord> = BTreeMap::new();
+        let n = 3 * BLOCK_RECORDS as u64 + 17;
+        for i in 0..n {
+            let f = ["a", "b", "c"][(i % 3) as usize];
+            let mut r = rec(f, 1_000 + i * 10, i);
+            r.execs = i % 4;
+            s.put_instance(&r).unwrap();
+            r.peak_bytes = (i + 1) * MIB;
+            if i % 7 != 0 {
+                r.ended_at_ms = Some(r.started_at_ms + 5 + (i % 3) * 1_000);
+                r.oom_kills = u64::from(i % 11 == 0);
+                r.limits.max_bytes = Some(512 * MIB);
+            }
+            s.put_instance(&r).unwrap();
+            written.insert((r.started_at_ms, r.cgroup_id), r);
+        }
+        assert!(s.state().index.blocks.len() >= 2, "nothing was sealed");
+        let check = |s: &Store, written: &BTreeMap<(u64, u64), InstanceRecord>| {
+            for f in ["a", "b", "c"] {
+                let expected: Vec<InstanceRecord> = written
+                    .values()
+                    .filter(|r| r.function == f)
+                    .cloned()
+                    .collect();
+                assert_eq!(s.instances(f).unwrap(), expected, "instances of {f}");
+                let summary = s.function(f).unwrap().unwrap();
+                assert_eq!(summary.instances, expected.len() as u64);
+                assert_eq!(
+                    summary.oom_kills,
+                    expected.iter().map(|r| r.oom_kills).sum::<u64>()
+                );
+                assert_eq!(summary.execs, expected.iter().map(|r| r.execs).sum::<u64>());
+            }
+        };
+        check(&s, &written);
+        // A sealed record written again (its peak corrected): counted once, read back new.
+        let (k, mut first) = written
+            .iter()
+            .find(|(_, r)| !r.is_live())
+            .map(|(k, r)| (*k, r.clone()))
+            .unwrap();
+        assert_ne!(
+            s.state().model.ended_block(&first.function, k),
+            Some(IN_TAIL)
+        );
+        first.peak_bytes = 999 * MIB;
+        first.execs = 7;
+        s.put_instance(&first).unwrap();
+        written.insert(k, first.clone());
+        check(&s, &written);
+        // The newest few ended ones of a function, read without the rest.
+        let ended_a: Vec<InstanceRecord> = written
+            .values()
+            .filter(|r| r.function == "a" && !r.is_live())
+            .cloned()
+            .collect();
+        assert_eq!(
+            s.instances_page("a", Some(false), 5).unwrap(),
+            ended_a[ended_a.len() - 5..].to_vec()
+        );
+        let summaries = s.functions().unwrap();
+        drop(s);
+        // After a crash (no checkpoint): rebuilt from blocks, tail and live records.
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint());
+        check(&s, &written);
+        assert_eq!(s.functions().unwrap(), summaries);
+        s.checkpoint().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert!(s.opened_from_checkpoint());
+        check(&s, &written);
+        // Pruning with a cutoff in the middle of the blocks.
+        let cutoff = 1_000 + (3 * n / 4) * 10;
+        let now = cutoff + 1_000_000;
+        let report = s.prune(now, Duration::from_millis(1_000_000)).unwrap();
+        let before = written.len();
+        written.retain(|_, r| r.ended_at_ms.is_none_or(|e| e >= cutoff));
+        assert_eq!(report.instances_removed, (before - written.len()) as u64);
+        assert!(report.instances_removed > BLOCK_RECORDS as u64);
+        check(&s, &written);
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        check(&s, &written);
+    }
+
+    /// Hour buckets move from `hours_open` into one block per hour once two newer hours have
+    /// begun; a late report into a sealed hour rewrites its block; reopen and pruning agree.
+    #[test]
+    fn hours_are_sealed_per_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let one = |execs| HourDelta {
+            execs,
+            ..HourDelta::default()
+        };
+        for h in 0..6u64 {
+            for f in ["a", "b"] {
+                s.add_hour(f, h * HOUR_MS + 10, one(h + 1)).unwrap();
+            }
+        }
+        {
+            let st = s.state();
+            assert_eq!(st.index.sealed_hours.len(), 4, "{:?}", st.index);
+            assert_eq!(st.index.open_hours.len(), 4);
+        }
+        s.add_invocations("a", 9, HOUR_MS + 5).unwrap(); // hour 1 is sealed
+        let hours_a = s.hours("a").unwrap();
+        assert_eq!(hours_a[1].invocations, 9);
+        assert_eq!(hours_a[1].execs, 2);
+        let hours_b = s.hours("b").unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.hours("a").unwrap(), hours_a);
+        assert_eq!(s.hours("b").unwrap(), hours_b);
+        let report = s
+            .prune(5 * HOUR_MS, Duration::from_millis(2 * HOUR_MS))
+            .unwrap();
+        assert_eq!(report.hours_removed, 6); // hours 0, 1, 2 of both
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let left: Vec<u64> = s
+            .hours("a")
+            .unwrap()
+            .iter()
+            .map(|b| b.hour_start_ms)
+            .collect();
+        assert_eq!(left, vec![3 * HOUR_MS, 4 * HOUR_MS, 5 * HOUR_MS]);
     }
 
     #[test]
