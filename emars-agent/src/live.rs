@@ -103,10 +103,14 @@ impl FunctionState {
             }
             return;
         };
-        // Mostly at or near the end: instances end roughly in the order they started.
-        let pos = self
-            .ended
-            .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id));
+        // Mostly at the end: instances end roughly in the order they started.
+        let pos = match self.ended.last() {
+            Some(l) if (l.started_at_ms, l.cgroup_id) < key => Err(self.ended.len()),
+            None => Err(0),
+            _ => self
+                .ended
+                .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id)),
+        };
         if sign > 0 {
             let ran = ended_at_ms.saturating_sub(rec.started_at_ms);
             let ran_ms = u32::try_from(ran).unwrap_or(u32::MAX);
@@ -199,14 +203,16 @@ impl FunctionState {
                 limit_bytes: oom.copied().flatten(),
             })
         });
-        let live = self.live.iter().filter_map(|(k, l)| {
-            (l.peak_bytes > 0 || l.oom_kills > 0).then(|| Sample {
+        let live = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.peak_bytes > 0 || l.oom_kills > 0)
+            .map(|(k, l)| Sample {
                 at_ms: now_ms.max(k.0),
                 peak_bytes: l.peak_bytes,
                 oom_killed: l.oom_kills > 0,
                 limit_bytes: l.limit_bytes,
-            })
-        });
+            });
         ended.chain(live).collect()
     }
 
@@ -276,6 +282,22 @@ impl LiveModel {
             f.changed();
         }
         f.add(new, 1);
+    }
+
+    /// Records read at open, all of one function (one lookup of the function for all).
+    pub fn load_instances(&mut self, name: &str, recs: &[InstanceRecord]) {
+        let f = self.function(name);
+        for rec in recs {
+            let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
+            f.first_seen_ms = if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
+                rec.started_at_ms
+            } else {
+                f.first_seen_ms.min(rec.started_at_ms)
+            };
+            f.last_seen_ms = f.last_seen_ms.max(last);
+            f.live.remove(&(rec.started_at_ms, rec.cgroup_id));
+            f.add(rec, 1);
+        }
     }
 
     /// Whether the model holds `rec`'s instance as live: rewriting it then needs no decoding

@@ -11,26 +11,36 @@
 //! # Layout (schema 2)
 //!
 //! Numbers inside keys are big-endian, so a key-ordered scan is a time-ordered scan: new
-//! records land at the right edge of their tree (cheap for sled, and retention drops a
-//! prefix). `·` below is concatenation.
+//! records land at the right edge of their tree (cheap for sled). `·` is concatenation.
 //!
-//! | tree           | key                                                  | value                                     |
-//! |----------------|------------------------------------------------------|-------------------------------------------|
-//! | `instance_log` | `started_at_ms` (u64) · `cgroup_id` (u64)            | `0x02` · postcard [`StoredInstance`]      |
-//! | `hour_log`     | hours since the epoch (u32) · function id (u32)      | `0x02` · postcard [`StoredHour`]          |
-//! | `strings`      | id (u32)                                             | a function name or a cgroup parent path   |
-//! | `functions`    | name                                                 | `{"first_seen_ms":…,"last_seen_ms":…}`    |
-//! | `meta`         | `schema_version`                                     | `2`                                       |
-//! | `meta`         | `live_checkpoint`, `clean`                           | the live model at the last clean close; `1` while nothing was written since |
-//! | `audit`        | `at_ms` (u64) · sequence (u64)                       | `AuditRecord` JSON (every limit write)    |
-//! | `audit_pending`| the `audit` key of a write whose outcome is not recorded yet | empty                             |
-//! | `generations`  | `generated_at_ms` (u64) · sequence (u64)             | `Generation` JSON (each generated config) |
-//! | `quarantine`   | tree name · `0x00` · key                             | a value that did not decode, kept aside   |
+//! | tree              | key                                              | value                                          |
+//! |-------------------|--------------------------------------------------|------------------------------------------------|
+//! | `instances_live`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | `0x02` · postcard [`StoredInstance`]           |
+//! | `instances_tail`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | the same, for an ended record not sealed yet   |
+//! | `instance_blocks` | sequence (u64)                                   | `0x02` · postcard list of (start, cgroup id, [`StoredInstance`]) |
+//! | `hours_open`      | hours since the epoch (u32) · function id (u32)  | `0x02` · postcard `StoredHour`                 |
+//! | `hour_blocks`     | hours since the epoch (u32)                      | `0x02` · postcard list of (function id, `StoredHour`) |
+//! | `strings`         | id (u32)                                         | a function name or a cgroup parent path        |
+//! | `functions`       | name                                             | `{"first_seen_ms":…,"last_seen_ms":…}`         |
+//! | `meta`            | `schema_version`                                 | `2`                                            |
+//! | `meta`            | `live_checkpoint`, `clean`                       | model and index at the last clean close; `1` while nothing was written since |
+//! | `audit`           | `at_ms` (u64) · sequence (u64)                   | `AuditRecord` JSON (every limit write)         |
+//! | `audit_pending`   | the `audit` key of a write whose outcome is not recorded yet | empty                              |
+//! | `generations`     | `generated_at_ms` (u64) · sequence (u64)         | `Generation` JSON (each generated config)      |
+//! | `quarantine`      | tree name · `0x00` · key                         | a value that did not decode, moved aside       |
+//!
+//! An instance's record lives in `instances_live` while it runs (rewritten as its peak grows),
+//! then in `instances_tail` once it ends; every [`BLOCK_RECORDS`] ended records are moved into
+//! one block in a single sled transaction (a crash leaves them in one place or the other).
+//! One sled value per 128 records instead of one each is what brings a record down to about
+//! 100 bytes on disk. Hour buckets work the same way: `hours_open` while their hour (or the
+//! one after it) is current, then one block per hour; a late report into a sealed hour
+//! rewrites its block. Retention drops whole blocks and rewrites the one that straddles the
+//! cutoff. The model knows which block holds each ended record, so reading one is one get.
 //!
 //! A record names its function and its cgroup's parent directory by id (`strings`): both
-//! repeat across thousands of records, so a record is a few tens of bytes
-//! ([`StoredInstance`]). Strings are never removed (one per function and per parent
-//! directory ever seen).
+//! repeat across thousands of records. Strings are never removed (one per function and per
+//! parent directory ever seen).
 //!
 //! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
 //! Function names are UTF-8, non-empty and never contain `0x00`. An instance is identified by
@@ -55,7 +65,7 @@
 //!
 //! A value that does not decode is reported as [`StoreError::Corrupt`] with the tree and a
 //! readable rendering of the key (`started_at_ms/cgroup_id` for instances); the store never
-//! panics on bad data. At open, such a value is left out of the live model and copied to
+//! panics on bad data. At open, such a value is left out of the live model and moved to
 //! `quarantine` (nothing is lost when a later write reuses its key).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -113,7 +123,7 @@ const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
 const KEY_CLEAN: &str = "clean";
 /// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
 /// from the records).
-const CHECKPOINT_FORMAT: u8 = 2;
+const CHECKPOINT_FORMAT: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,7 +182,7 @@ struct FunctionRecord {
     last_seen_ms: u64,
 }
 
-/// An instance record as `instance_log` holds it (after the format byte, in postcard:
+/// An instance record as the store holds it (after the format byte, in postcard:
 /// integers are varints). Its start time and cgroup id are the key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredInstance {
@@ -194,7 +204,7 @@ pub struct StoredInstance {
     high_bytes: Option<u64>,
 }
 
-/// An hour bucket as `hour_log` holds it; the hour and the function are the key.
+/// An hour bucket as the store holds it; the hour and the function are its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredHour {
     instances_started: u64,
@@ -249,6 +259,16 @@ impl fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the store in directory `path`, migrating an older schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens the store and builds the model from the records even when a checkpoint is valid
+    /// (what an open after a crash does): for benchmarks and consistency checks.
+    pub fn open_rebuilding(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, use_checkpoint: bool) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
             path: path.to_path_buf(),
             source,
@@ -315,7 +335,8 @@ impl Store {
                 .meta
                 .insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_string().as_bytes())?;
         }
-        store.from_checkpoint = found == Some(SCHEMA_VERSION) && store.load_checkpoint();
+        store.from_checkpoint =
+            use_checkpoint && found == Some(SCHEMA_VERSION) && store.load_checkpoint();
         if !store.from_checkpoint {
             store.load_live()?;
         }
@@ -529,29 +550,35 @@ impl Store {
                         continue;
                     }
                 };
-                let mut keys_by_fn: HashMap<String, Vec<InstanceKey>> = HashMap::new();
+                let mut by_fn: HashMap<u32, Vec<InstanceRecord>> = HashMap::new();
                 let mut info = BlockInfo {
                     min_ended: u64::MAX,
                     max_ended: 0,
                 };
-                for e in entries {
-                    let (started, cgroup) = (e.started_at_ms, e.cgroup_id);
-                    match self.record_of(started, cgroup, e.record, TREE_BLOCKS) {
-                        Ok(rec) => {
-                            let end = rec.ended_at_ms.unwrap_or(started);
-                            info.min_ended = info.min_ended.min(end);
-                            info.max_ended = info.max_ended.max(end);
-                            add(&mut st.model, &rec);
-                            keys_by_fn
-                                .entry(rec.function)
-                                .or_default()
-                                .push((started, cgroup));
+                {
+                    let strings = self.strings();
+                    for e in entries {
+                        let (started, cgroup, fid) =
+                            (e.started_at_ms, e.cgroup_id, e.record.function);
+                        match build_record(&strings, started, cgroup, e.record, TREE_BLOCKS) {
+                            Ok(rec) => {
+                                let end = rec.ended_at_ms.unwrap_or(started);
+                                info.min_ended = info.min_ended.min(end);
+                                info.max_ended = info.max_ended.max(end);
+                                by_fn.entry(fid).or_default().push(rec);
+                            }
+                            // A record naming a string that is not there: said, block kept.
+                            Err(e) => tracing::error!("{e}; left out of the model"),
                         }
-                        // A record naming a string that is not there: said, block kept.
-                        Err(e) => tracing::error!("{e}; left out of the model"),
                     }
                 }
-                for (function, keys) in keys_by_fn {
+                for recs in by_fn.values() {
+                    let function = recs[0].function.clone();
+                    st.model.load_instances(&function, recs);
+                    let keys: Vec<InstanceKey> = recs
+                        .iter()
+                        .map(|r| (r.started_at_ms, r.cgroup_id))
+                        .collect();
                     st.model.set_block(&function, &keys, block_id(seq));
                 }
                 st.index.blocks.insert(seq, info);
@@ -751,6 +778,10 @@ impl Store {
         }
         if rec.is_live() {
             self.live_tree.insert(key, value)?;
+            // An ended record written as live again (the agent adopting it back): one copy.
+            if st.index.tail.remove(&ikey).is_some() {
+                self.tail.remove(key)?;
+            }
         } else {
             self.tail.insert(key, value)?;
             self.live_tree.remove(key)?;
@@ -963,13 +994,13 @@ impl Store {
         for (key, block) in located {
             match block {
                 Some(b) if b != IN_TAIL => {
-                    if !blocks.contains_key(&b) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = blocks.entry(b) {
                         let recs = self.read_block(u64::from(b))?;
-                        let by_key = recs
-                            .into_iter()
-                            .map(|r| ((r.started_at_ms, r.cgroup_id), r))
-                            .collect();
-                        blocks.insert(b, by_key);
+                        slot.insert(
+                            recs.into_iter()
+                                .map(|r| ((r.started_at_ms, r.cgroup_id), r))
+                                .collect(),
+                        );
                     }
                     if let Some(r) = blocks.get_mut(&b).and_then(|m| m.remove(&key)) {
                         out.push(r);
@@ -1340,39 +1371,7 @@ impl Store {
         s: StoredInstance,
         tree: &'static str,
     ) -> Result<InstanceRecord, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            tree,
-            key: format!("{started_at_ms}/{cgroup_id}"),
-            reason,
-        };
-        let string = |id| {
-            self.string(id)
-                .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))
-        };
-        let function = string(s.function)?.to_string();
-        let parent = string(s.parent)?;
-        let peak_source = match s.peak_source {
-            0 => PeakSource::None,
-            1 => PeakSource::KernelWatermark,
-            2 => PeakSource::ChargeEvents,
-            n => return Err(corrupt(format!("unknown peak source {n}"))),
-        };
-        Ok(InstanceRecord {
-            function,
-            instance: s.instance.unwrap_or_else(|| s.leaf.clone()),
-            cgroup_id,
-            cgroup_path: format!("{parent}/{}", s.leaf),
-            started_at_ms,
-            ended_at_ms: s.ran_ms.map(|r| started_at_ms.saturating_add(r)),
-            execs: s.execs,
-            peak_bytes: s.peak_bytes,
-            peak_source,
-            oom_kills: s.oom_kills,
-            limits: Limits {
-                max_bytes: s.max_bytes,
-                high_bytes: s.high_bytes,
-            },
-        })
+        build_record(&self.strings(), started_at_ms, cgroup_id, s, tree)
     }
 
     /// An open hour bucket: (function, its id, bucket).
@@ -1477,6 +1476,51 @@ struct BlockEntry {
     started_at_ms: u64,
     cgroup_id: u64,
     record: StoredInstance,
+}
+
+/// The record a [`StoredInstance`] keyed by `(started_at_ms, cgroup_id)` stands for.
+fn build_record(
+    strings: &Strings,
+    started_at_ms: u64,
+    cgroup_id: u64,
+    s: StoredInstance,
+    tree: &'static str,
+) -> Result<InstanceRecord, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        tree,
+        key: format!("{started_at_ms}/{cgroup_id}"),
+        reason,
+    };
+    let string = |id| {
+        strings
+            .by_id
+            .get(&id)
+            .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))
+    };
+    let function = string(s.function)?.to_string();
+    let parent = string(s.parent)?;
+    let peak_source = match s.peak_source {
+        0 => PeakSource::None,
+        1 => PeakSource::KernelWatermark,
+        2 => PeakSource::ChargeEvents,
+        n => return Err(corrupt(format!("unknown peak source {n}"))),
+    };
+    Ok(InstanceRecord {
+        function,
+        instance: s.instance.unwrap_or_else(|| s.leaf.clone()),
+        cgroup_id,
+        cgroup_path: format!("{parent}/{}", s.leaf),
+        started_at_ms,
+        ended_at_ms: s.ran_ms.map(|r| started_at_ms.saturating_add(r)),
+        execs: s.execs,
+        peak_bytes: s.peak_bytes,
+        peak_source,
+        oom_kills: s.oom_kills,
+        limits: Limits {
+            max_bytes: s.max_bytes,
+            high_bytes: s.high_bytes,
+        },
+    })
 }
 
 /// The model's 32-bit name of block `seq` (4 billion blocks of [`BLOCK_RECORDS`] records).

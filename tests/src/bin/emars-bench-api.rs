@@ -44,8 +44,9 @@ struct Opts {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() == 3 && args[1] == "--open" {
-        if let Err(e) = open_child(Path::new(&args[2])) {
+    if (3..=4).contains(&args.len()) && args[1] == "--open" {
+        let rebuild = args.get(3).is_some_and(|a| a == "--rebuild");
+        if let Err(e) = open_child(Path::new(&args[2]), rebuild) {
             eprintln!("emars-bench-api --open: {e:#}");
             std::process::exit(1);
         }
@@ -265,9 +266,13 @@ fn fill(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
 
 /// `--open PATH`: opens the store as the agent does, stops cleanly, and prints the open time,
 /// whether it came from the checkpoint, and the process's peak RSS.
-fn open_child(path: &Path) -> Result<()> {
+fn open_child(path: &Path, rebuild: bool) -> Result<()> {
     let t0 = Instant::now();
-    let store = Store::open(path)?;
+    let store = if rebuild {
+        Store::open_rebuilding(path)?
+    } else {
+        Store::open(path)?
+    };
     let open = t0.elapsed();
     let from_checkpoint = store.opened_from_checkpoint();
     // The agent answers from the model at once: build the cached list as the first GET would.
