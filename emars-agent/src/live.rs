@@ -7,7 +7,7 @@
 //! hands over the version it replaced, whose contribution is taken back first, so writing the
 //! same record twice never counts it twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,18 @@ struct Live {
     oom_kills: u64,
     peak_bytes: u64,
     limit_bytes: Option<u64>,
+}
+
+/// What the model takes of an ended record read at open.
+#[derive(Debug, Clone, Copy)]
+pub struct EndedRecord {
+    pub key: InstanceKey,
+    pub ended_at_ms: u64,
+    pub peak_bytes: u64,
+    pub execs: u64,
+    pub oom_kills: u64,
+    /// memory.max in force (the recommender's bump of an OOM-killed instance needs it).
+    pub limit_bytes: Option<u64>,
 }
 
 /// Where the store keeps an ended record: in the tail (not sealed into a block yet).
@@ -233,10 +245,27 @@ impl FunctionState {
     }
 }
 
-/// Every known function's aggregates, by name.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Every known function's aggregates, by name. A hash map for the lookup on every write (a
+/// B-tree of 10k names cost a dozen string compares each, a third of a start-up's time), and the
+/// names in order beside it for the lists.
+#[derive(Debug, Default)]
 pub struct LiveModel {
-    functions: BTreeMap<String, FunctionState>,
+    functions: HashMap<String, FunctionState>,
+    order: BTreeSet<String>,
+}
+
+impl Serialize for LiveModel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.functions.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for LiveModel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let functions = HashMap::<String, FunctionState>::deserialize(d)?;
+        let order = functions.keys().cloned().collect();
+        Ok(LiveModel { functions, order })
+    }
 }
 
 impl LiveModel {
@@ -244,8 +273,16 @@ impl LiveModel {
         if !self.functions.contains_key(name) {
             self.functions
                 .insert(name.to_owned(), FunctionState::default());
+            self.order.insert(name.to_owned());
         }
         self.functions.get_mut(name).expect("inserted above")
+    }
+
+    /// The functions in name order.
+    fn sorted(&self) -> impl Iterator<Item = (&String, &FunctionState)> {
+        self.order
+            .iter()
+            .filter_map(|n| self.functions.get(n).map(|f| (n, f)))
     }
 
     /// Widens the function's first/last-seen range; true when the function is new or its
@@ -263,6 +300,25 @@ impl LiveModel {
         f.first_seen_ms = first;
         f.last_seen_ms = f.last_seen_ms.max(last_ms);
         moved
+    }
+
+    /// How many ended instances and hour buckets the function retains.
+    pub fn sizes(&self, name: &str) -> (u64, u64) {
+        self.functions
+            .get(name)
+            .map_or((0, 0), |f| (f.ended.len() as u64, f.hours.0.len() as u64))
+    }
+
+    /// Makes room for `ended` ended instances and `hours` hour buckets (a hint: at open, from
+    /// the sizes last written; capped so a corrupt hint cannot exhaust memory).
+    pub fn reserve(&mut self, name: &str, ended: u64, hours: u64) {
+        const CAP: u64 = 1 << 24;
+        let f = self.function(name);
+        f.ended
+            .reserve(usize::try_from(ended.min(CAP)).unwrap_or(0));
+        f.hours
+            .0
+            .reserve(usize::try_from(hours.min(CAP)).unwrap_or(0));
     }
 
     /// The function's (first_seen_ms, last_seen_ms).
@@ -284,19 +340,47 @@ impl LiveModel {
         f.add(new, 1);
     }
 
-    /// Records read at open, all of one function (one lookup of the function for all).
-    pub fn load_instances(&mut self, name: &str, recs: &[InstanceRecord]) {
+    /// Ended records read from one store block at open, all of one function: one lookup of
+    /// the function for all, and no strings built.
+    pub fn load_block(&mut self, name: &str, block: u32, recs: &[EndedRecord]) {
         let f = self.function(name);
-        for rec in recs {
-            let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
+        f.changed();
+        for r in recs {
+            let (started, cgroup) = r.key;
             f.first_seen_ms = if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
-                rec.started_at_ms
+                started
             } else {
-                f.first_seen_ms.min(rec.started_at_ms)
+                f.first_seen_ms.min(started)
             };
-            f.last_seen_ms = f.last_seen_ms.max(last);
-            f.live.remove(&(rec.started_at_ms, rec.cgroup_id));
-            f.add(rec, 1);
+            f.last_seen_ms = f.last_seen_ms.max(r.ended_at_ms.max(started));
+            f.live.remove(&r.key);
+            let ran_ms = u32::try_from(r.ended_at_ms.saturating_sub(started)).unwrap_or(u32::MAX);
+            if ran_ms == u32::MAX {
+                f.long_runs.insert(r.key, r.ended_at_ms);
+            }
+            let e = Ended {
+                started_at_ms: started,
+                cgroup_id: cgroup,
+                peak_bytes: r.peak_bytes,
+                ran_ms,
+                block,
+            };
+            let pos = match f.ended.last() {
+                Some(l) if (l.started_at_ms, l.cgroup_id) < r.key => Err(f.ended.len()),
+                None => Err(0),
+                _ => f
+                    .ended
+                    .binary_search_by_key(&r.key, |e| (e.started_at_ms, e.cgroup_id)),
+            };
+            match pos {
+                Ok(i) => f.ended[i] = e,
+                Err(i) => f.ended.insert(i, e),
+            }
+            f.ended_execs = f.ended_execs.saturating_add(r.execs);
+            f.ended_oom_kills = f.ended_oom_kills.saturating_add(r.oom_kills);
+            if r.oom_kills > 0 {
+                f.ended_oom.insert(r.key, r.limit_bytes);
+            }
         }
     }
 
@@ -327,6 +411,25 @@ impl LiveModel {
         }
         f.ended
             .retain(|e| !gone.contains(&(e.started_at_ms, e.cgroup_id)));
+    }
+
+    /// An hour bucket read at open: one lookup of the function for the bucket and its
+    /// first/last-seen range.
+    pub fn load_hour(&mut self, function: &str, bucket: HourBucket) {
+        let at = bucket.hour_start_ms;
+        let f = self.function(function);
+        f.first_seen_ms = if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
+            at
+        } else {
+            f.first_seen_ms.min(at)
+        };
+        f.last_seen_ms = f.last_seen_ms.max(at);
+        f.changed();
+        let old = f.hours.insert(bucket);
+        f.invocations = f
+            .invocations
+            .saturating_sub(old.map_or(0, |b| b.invocations))
+            .saturating_add(bucket.invocations);
     }
 
     /// An hour bucket as written.
@@ -396,9 +499,10 @@ impl LiveModel {
 
     /// Every function's summary, sorted by name.
     pub fn summaries(&mut self) -> Vec<FunctionSummary> {
-        self.functions
-            .iter_mut()
-            .map(|(name, f)| f.summary(name))
+        let functions = &mut self.functions;
+        self.order
+            .iter()
+            .filter_map(|name| functions.get_mut(name).map(|f| f.summary(name)))
             .collect()
     }
 
@@ -406,10 +510,15 @@ impl LiveModel {
     pub fn summaries_json(&mut self) -> String {
         let mut out = String::with_capacity(64 + self.functions.len() * 320);
         out.push_str("{\"functions\":[");
-        for (i, (name, f)) in self.functions.iter_mut().enumerate() {
-            if i > 0 {
+        let mut first = true;
+        for name in &self.order {
+            let Some(f) = self.functions.get_mut(name) else {
+                continue;
+            };
+            if !first {
                 out.push(',');
             }
+            first = false;
             out.push_str(f.summary_json(name));
         }
         out.push_str("]}");
@@ -477,17 +586,13 @@ impl LiveModel {
     }
 
     pub fn export(&self) -> Vec<FunctionConfig> {
-        self.functions
-            .iter()
-            .map(|(name, f)| f.export(name))
-            .collect()
+        self.sorted().map(|(name, f)| f.export(name)).collect()
     }
 
     /// Functions with nothing retained (no instance, no hour bucket) last seen before
     /// `cutoff_ms`.
     pub fn forgotten(&self, cutoff_ms: u64) -> Vec<String> {
-        self.functions
-            .iter()
+        self.sorted()
             .filter(|(_, f)| {
                 f.live.is_empty()
                     && f.ended.is_empty()
@@ -500,10 +605,11 @@ impl LiveModel {
 
     pub fn remove_function(&mut self, name: &str) {
         self.functions.remove(name);
+        self.order.remove(name);
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.functions.keys().cloned().collect()
+        self.order.iter().cloned().collect()
     }
 
     /// Gives back the spare capacity left by building the model (after a load).

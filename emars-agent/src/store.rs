@@ -77,7 +77,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::live::{InstanceKey, LiveModel, IN_TAIL};
+use crate::live::{EndedRecord, InstanceKey, LiveModel, IN_TAIL};
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, Limits, PeakSource,
 };
@@ -123,7 +123,7 @@ const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
 const KEY_CLEAN: &str = "clean";
 /// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
 /// from the records).
-const CHECKPOINT_FORMAT: u8 = 3;
+const CHECKPOINT_FORMAT: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -180,6 +180,17 @@ struct FunctionRecord {
     first_seen_ms: u64,
     #[serde(default)]
     last_seen_ms: u64,
+    /// Retained ended instances and hour buckets when last written (checkpoints, pruning):
+    /// an open reserves that much, instead of growing each list by doubling (which left the
+    /// rebuild of a 3M-record store at twice the model's size).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    ended: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    hours: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An instance record as the store holds it (after the format byte, in postcard:
@@ -285,11 +296,23 @@ impl Store {
         };
         // Reads are answered from the live model, so sled's page cache serves writes and
         // point reads only: 32 MiB instead of sled's default 1 GiB keeps the agent small.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
-            .cache_capacity(STORE_CACHE_BYTES)
-            .open()
-            .map_err(open_err)?;
+            .cache_capacity(STORE_CACHE_BYTES);
+        // The file lock of a handle just dropped (this process's, or an agent still exiting
+        // while its successor starts) is released by sled's flusher thread a moment later.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && tries < 40 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other.map_err(open_err)?,
+            }
+        };
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         let meta = tree(TREE_META)?;
         let found = match meta.get(KEY_SCHEMA_VERSION)? {
@@ -521,11 +544,9 @@ impl Store {
                 let (key, raw) = item?;
                 match decode_json::<FunctionRecord>(TREE_FUNCTIONS, &display_text(&key), &raw) {
                     Ok(r) => {
-                        st.model.seen(
-                            &String::from_utf8_lossy(&key),
-                            r.first_seen_ms,
-                            r.last_seen_ms,
-                        );
+                        let name = String::from_utf8_lossy(&key);
+                        st.model.seen(&name, r.first_seen_ms, r.last_seen_ms);
+                        st.model.reserve(&name, r.ended, r.hours);
                     }
                     Err(e) => corrupt.push((TREE_FUNCTIONS, key, raw, e)),
                 }
@@ -550,36 +571,35 @@ impl Store {
                         continue;
                     }
                 };
-                let mut by_fn: HashMap<u32, Vec<InstanceRecord>> = HashMap::new();
+                let mut by_fn: HashMap<u32, Vec<EndedRecord>> = HashMap::new();
                 let mut info = BlockInfo {
                     min_ended: u64::MAX,
                     max_ended: 0,
                 };
-                {
-                    let strings = self.strings();
-                    for e in entries {
-                        let (started, cgroup, fid) =
-                            (e.started_at_ms, e.cgroup_id, e.record.function);
-                        match build_record(&strings, started, cgroup, e.record, TREE_BLOCKS) {
-                            Ok(rec) => {
-                                let end = rec.ended_at_ms.unwrap_or(started);
-                                info.min_ended = info.min_ended.min(end);
-                                info.max_ended = info.max_ended.max(end);
-                                by_fn.entry(fid).or_default().push(rec);
-                            }
-                            // A record naming a string that is not there: said, block kept.
-                            Err(e) => tracing::error!("{e}; left out of the model"),
-                        }
-                    }
+                for e in &entries {
+                    let end = e.started_at_ms.saturating_add(e.record.ran_ms.unwrap_or(0));
+                    info.min_ended = info.min_ended.min(end);
+                    info.max_ended = info.max_ended.max(end);
+                    by_fn.entry(e.record.function).or_default().push(EndedRecord {
+                        key: (e.started_at_ms, e.cgroup_id),
+                        ended_at_ms: end,
+                        peak_bytes: e.record.peak_bytes,
+                        execs: e.record.execs,
+                        oom_kills: e.record.oom_kills,
+                        limit_bytes: e.record.max_bytes,
+                    });
                 }
-                for recs in by_fn.values() {
-                    let function = recs[0].function.clone();
-                    st.model.load_instances(&function, recs);
-                    let keys: Vec<InstanceKey> = recs
-                        .iter()
-                        .map(|r| (r.started_at_ms, r.cgroup_id))
-                        .collect();
-                    st.model.set_block(&function, &keys, block_id(seq));
+                for (fid, recs) in by_fn {
+                    let Some(function) = self.string(fid) else {
+                        // A record naming a string that is not there: said, block kept.
+                        tracing::error!(
+                            "block {seq}: {} records name function id {fid}, which is not in \
+                             `{TREE_STRINGS}`; left out of the model",
+                            recs.len()
+                        );
+                        continue;
+                    };
+                    st.model.load_block(&function, block_id(seq), &recs);
                 }
                 st.index.blocks.insert(seq, info);
                 st.index.next_block = st.index.next_block.max(seq + 1);
@@ -606,8 +626,7 @@ impl Store {
                 match self.decode_hour_block(hour, &raw) {
                     Ok(buckets) => {
                         for (name, b) in buckets {
-                            st.model.seen(&name, hour, hour);
-                            st.model.put_hour(&name, b);
+                            st.model.load_hour(&name, b);
                         }
                         st.index.sealed_hours.insert(hour);
                         st.index.newest_hour = st.index.newest_hour.max(hour);
@@ -628,6 +647,11 @@ impl Store {
                 }
             }
             st.model.shrink();
+        }
+        // The load freed many small buffers: give them back rather than keep them as RSS.
+        // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
+        unsafe {
+            libc::malloc_trim(0);
         }
         for (tree, key, raw, e) in &corrupt {
             tracing::error!("{e}; left out of the model and moved to `{TREE_QUARANTINE}`");
@@ -1278,10 +1302,10 @@ impl Store {
             st.model.remove_function(&name);
             report.functions_removed += 1;
         }
-        // Last-seen times move with every event and are written here and at checkpoints
-        // only; an open after a crash takes the later of these and the records' times.
-        for name in gone.keys().filter(|n| st.model.contains(n)) {
-            self.write_function(&st.model, name)?;
+        // Last-seen times and sizes move with every event and are written here and at
+        // checkpoints only; an open after a crash takes the later of these and the records'.
+        for name in st.model.names() {
+            self.write_function(&st.model, &name)?;
         }
         Ok(report)
     }
@@ -1310,9 +1334,12 @@ impl Store {
         let Some((first_seen_ms, last_seen_ms)) = model.seen_range(name) else {
             return Ok(());
         };
+        let (ended, hours) = model.sizes(name);
         let r = FunctionRecord {
             first_seen_ms,
             last_seen_ms,
+            ended,
+            hours,
         };
         let raw = encode_json(TREE_FUNCTIONS, name.as_bytes(), &r)?;
         self.functions.insert(name.as_bytes(), raw)?;
@@ -1406,7 +1433,7 @@ impl Store {
         &self,
         hour_start_ms: u64,
         raw: &[u8],
-    ) -> Result<Vec<(String, HourBucket)>, StoreError> {
+    ) -> Result<Vec<(Arc<str>, HourBucket)>, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             tree: TREE_HOUR_BLOCKS,
             key: hour_start_ms.to_string(),
@@ -1419,13 +1446,14 @@ impl Store {
             Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
             None => return Err(corrupt("empty value".into())),
         };
+        let strings = self.strings();
         entries
             .into_iter()
             .map(|(id, s)| {
-                let name = self
-                    .string(id)
-                    .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
-                Ok((name.to_string(), bucket_of(hour_start_ms, &s)))
+                let name = strings.by_id.get(&id).cloned().ok_or_else(|| {
+                    corrupt(format!("string id {id} is not in `{TREE_STRINGS}`"))
+                })?;
+                Ok((name, bucket_of(hour_start_ms, &s)))
             })
             .collect()
     }
@@ -2379,6 +2407,8 @@ mod tests {
                 let fr = FunctionRecord {
                     first_seen_ms: 1000,
                     last_seen_ms: 2000,
+                    ended: 0,
+                    hours: 0,
                 };
                 funcs
                     .insert(f.as_bytes(), serde_json::to_vec(&fr).unwrap())
