@@ -4,7 +4,7 @@
 use std::{
     path::Path,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -12,41 +12,19 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    actuator::Actuator,
     api::{self, guard::Guard, server::Bounds, token::Token, ApiState, Predictive},
-    cgroupfs::{self, CgroupVersion, MemoryHierarchy},
+    clock::{now_ms, wall_ms_of},
     config::Config,
-    events,
+    kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
+    kernel::events,
+    kernel::probes::Probes,
+    model::registry::Registry,
+    model::tracker::{Found, Tracker},
     model::AgentInfo,
+    policy::actuator::Actuator,
     policy::Policy,
-    probes::Probes,
-    registry::Registry,
     store::Store,
-    tracker::{Found, Tracker},
 };
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Wall-clock ms of a kernel timestamp (bpf_ktime_get_ns is CLOCK_MONOTONIC).
-fn wall_ms_of(ts_ns: u64) -> u64 {
-    let age_ms = monotonic_ns().saturating_sub(ts_ns) / 1_000_000;
-    now_ms().saturating_sub(age_ms)
-}
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{normalize_root_path, Registry, DEFAULT_PATTERN};
+pub use crate::kernel::cgroupfs::CgroupMode;
+pub use crate::kernel::probes::ProbesConfig;
+use crate::model::registry::{normalize_root_path, InvalidRule, Registry, DEFAULT_PATTERN};
+pub use crate::model::registry::{RootConfig, RuleConfig};
+pub use crate::policy::{EnforceMode, FunctionPolicy, PolicyConfig};
 
 /// The embedded default configuration, fully commented.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
@@ -51,6 +55,16 @@ pub enum ConfigError {
     },
 }
 
+impl From<InvalidRule> for ConfigError {
+    fn from(e: InvalidRule) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
+}
+
 fn invalid(key: &str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -69,38 +83,10 @@ pub struct Config {
     pub policy: PolicyConfig,
 }
 
-/// Whether the agent writes limits into cgroups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EnforceMode {
-    /// Recommend only; write nothing.
-    #[default]
-    Observe,
-    /// Write each function's limits into new instance cgroups as they appear.
-    Enforce,
-}
-
 pub const DEFAULT_PERIOD_SECS: u64 = 86_400;
 pub const MIN_PERIOD_SECS: u64 = 60;
 pub const DEFAULT_EXPORT_DIR: &str = "/var/lib/emars/export";
 pub const DEFAULT_HEADROOM_BYTES: u64 = 8 << 20;
-
-/// Predictive mode: recommendations, the periodic config generator and enforcement.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PolicyConfig {
-    pub mode: EnforceMode,
-    /// Seconds between two generated per-function configs (the paper: once a day).
-    pub period_secs: u64,
-    /// Where each generated config is exported as emars-config.toml and emars-config.json.
-    pub export_dir: PathBuf,
-    /// A limit is never set below an instance's current usage plus this many bytes.
-    pub headroom_bytes: u64,
-    /// Policy for every function without an entry in `functions`.
-    pub defaults: FunctionPolicy,
-    /// Per-function overrides (with `name`); unset keys fall back to `defaults`.
-    pub functions: Vec<FunctionPolicy>,
-}
 
 impl Default for PolicyConfig {
     fn default() -> Self {
@@ -113,30 +99,6 @@ impl Default for PolicyConfig {
             functions: Vec::new(),
         }
     }
-}
-
-/// Recommender knobs of one function; `None` = inherit (from `policy.defaults`, then built-in).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FunctionPolicy {
-    /// The function, in `policy.functions` entries only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Percentile of instance peaks the limit covers, in percent (0, 100].
-    pub percentile: Option<f64>,
-    /// Fraction added on top of the percentile, e.g. 0.15.
-    pub margin: Option<f64>,
-    /// Extra margin while history is thin: margin + this × (1 − confidence).
-    pub low_confidence_margin: Option<f64>,
-    /// memory.high as a fraction of memory.max, (0, 1].
-    pub high_fraction: Option<f64>,
-    pub floor_bytes: Option<u64>,
-    pub ceiling_bytes: Option<u64>,
-    /// Half-life of a peak sample's weight, in hours.
-    pub half_life_hours: Option<f64>,
-    /// User-pinned limits: they always win over the recommendation.
-    pub pin_max_bytes: Option<u64>,
-    pub pin_high_bytes: Option<u64>,
 }
 
 impl FunctionPolicy {
@@ -248,7 +210,7 @@ impl PolicyConfig {
         for (i, f) in self.functions.iter().enumerate() {
             let key = format!("policy.functions[{i}]");
             let name = f.name.as_deref().unwrap_or("");
-            if !crate::registry::valid_function_name(name) {
+            if !crate::model::registry::valid_function_name(name) {
                 return Err(invalid(
                     &format!("{key}.name"),
                     name,
@@ -359,17 +321,6 @@ impl Default for StoreConfig {
     }
 }
 
-/// Which cgroup version holds the memory controller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupMode {
-    /// Detect from /proc/self/mountinfo.
-    #[default]
-    Auto,
-    V1,
-    V2,
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CgroupConfig {
@@ -394,48 +345,6 @@ impl Default for CgroupConfig {
             }],
         }
     }
-}
-
-/// A watched sub-tree of the memory hierarchy and the rules that name its cgroups.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RootConfig {
-    /// Relative to the hierarchy root, as the kernel reports it: `/emars`. Normalised at load.
-    pub path: String,
-    /// Tried in order; empty means the default rule `{function}/{instance}`.
-    #[serde(default)]
-    pub rules: Vec<RuleConfig>,
-}
-
-/// How to read a function and an instance out of a path below a root (see docs/config.md).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pattern: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub regex: Option<String>,
-    /// Template; None means `{function}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub function: Option<String>,
-    /// Template; None means `{instance}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProbesConfig {
-    /// eBPF programs not to attach, by name (as listed by GET /v1/info).
-    pub disable: Vec<String>,
-    /// Growth of a cgroup's in-kernel peak between two peak events.
-    pub peak_step_bytes: u64,
-    /// Size of the kernel → agent ring buffer.
-    pub ring_buffer_bytes: u32,
-    /// Capacity of the kernel's table of watched cgroups (live instances at once).
-    pub max_watched_cgroups: u32,
-    /// Capacity of the kernel's task → cgroup table (tasks in watched cgroups at once).
-    pub max_tasks: u32,
 }
 
 pub const DEFAULT_MAX_WATCHED_CGROUPS: u32 = 65_536;
@@ -537,7 +446,9 @@ impl CgroupConfig {
                 ));
             }
         }
-        Registry::new(&self.roots).map(drop)
+        Registry::new(&self.roots)
+            .map(drop)
+            .map_err(ConfigError::from)
     }
 }
 

@@ -1,32 +1,23 @@
-//! EMARS agent. The modules follow the pipeline:
-//! kernel probes (`probes`) → events (`events`) → cgroup/function registry (`registry`,
-//! `cgroupfs`) → model (`model`, `tracker`) → store (`store`) → policy (`recommend`, `policy`)
-//! → actuator (`actuator`) → API/CLI (`api`, `client`); `agent` wires them into the daemon.
+//! EMARS agent. The folders follow the pipeline, and imports point down it:
+//!
+//! `kernel` (eBPF probes, ring-buffer events, cgroup files) → `model` (registry: which cgroup is
+//! which function; tracker: instances from events; live: the in-memory model every read comes
+//! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
+//! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `api`
+//! (HTTP server, wire types) → `cli` (client, demo). `clock` and `config` sit beside them:
+//! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
-pub mod probes;
-
-pub mod events;
-
-pub mod cgroupfs;
+pub mod clock;
 pub mod config;
-pub mod registry;
-
-pub mod live;
-pub mod model;
-pub mod tracker;
-
-pub mod store;
-
-pub mod policy;
-pub mod recommend;
-
-pub mod actuator;
 
 pub mod api;
-pub mod client;
+pub mod cli;
+pub mod kernel;
+pub mod model;
+pub mod policy;
+pub mod store;
 
 pub mod agent;
-pub mod demo;
 
 /// For unit tests that read the running kernel: a loud SKIPPED line in the form the summaries
 /// count, or a failure where the kernel features are required (`EMARS_TEST_ROOT_REQUIRED=1`,

@@ -10,7 +10,7 @@ use emars_agent::{
         GenerationsResponse, InstanceRecord, InvocationsAccepted, InvocationsReport, LimitsBody,
         Recommendation, RecommendationsResponse, WritesResponse,
     },
-    client::{self, Client},
+    cli::client::{self, Client},
     config::Config,
 };
 
@@ -181,7 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async move {
                 if demo {
-                    emars_agent::demo::spawn(&cfg)?;
+                    emars_agent::cli::demo::spawn(&cfg)?;
                 }
                 emars_agent::agent::run(cfg, shutdown_signal()).await
             })

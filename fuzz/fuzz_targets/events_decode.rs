@@ -2,7 +2,7 @@
 //! crash the agent, whatever its length or contents.
 #![no_main]
 
-use emars_agent::events::{decode, DecodeError};
+use emars_agent::kernel::events::{decode, DecodeError};
 use emars_common::Event;
 use libfuzzer_sys::fuzz_target;
 

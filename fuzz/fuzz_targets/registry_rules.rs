@@ -7,7 +7,7 @@
 
 use arbitrary::Arbitrary;
 use emars_agent::config::{RootConfig, RuleConfig};
-use emars_agent::registry::{valid_function_name, Registry, MAX_INSTANCE_NAME_LEN};
+use emars_agent::model::registry::{valid_function_name, Registry, MAX_INSTANCE_NAME_LEN};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]

@@ -33,9 +33,9 @@ pub mod wire;
 
 pub use wire::*;
 
+use crate::clock::now_ms;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -44,10 +44,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 
-use crate::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
-use crate::cgroupfs::CgroupfsError;
+use crate::kernel::cgroupfs::CgroupfsError;
+use crate::model::registry::valid_function_name;
+use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::policy::{Policy, PolicyError};
-use crate::registry::valid_function_name;
 use crate::store::{Store, StoreError};
 
 /// Largest accepted request body.
@@ -219,13 +219,6 @@ pub async fn serve(
         tracing::info!(%addr, "API listening");
     }
     server::serve(listener, router(state, guard), bounds, shutdown).await
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Runs a blocking store call off the async workers.
@@ -639,7 +632,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{Client, ClientError};
+    use crate::cli::client::{Client, ClientError};
     use crate::model::{Limits, PeakSource};
     use serde_json::json;
     use std::net::SocketAddr;

@@ -1,12 +1,12 @@
 //! The API's request and response bodies: one definition for the server ([`super`]) and the
-//! CLI ([`crate::client`]), so that neither renders or parses untyped JSON.
+//! CLI ([`crate::cli::client`]), so that neither renders or parses untyped JSON.
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::actuator::AuditRecord;
 pub use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
+pub use crate::policy::actuator::AuditRecord;
+pub use crate::policy::recommend::Recommendation;
 pub use crate::policy::Generation;
-pub use crate::recommend::Recommendation;
 
 /// GET /healthz.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -217,7 +217,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
 /// checkpoint, as a kill -9 would.
 fn fill(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
     let store = Store::open(path)?;
-    let now = emars_agent::agent::now_ms();
+    let now = emars_agent::clock::now_ms();
     let start = now - days * 24 * HOUR_MS;
     let step = 24 * HOUR_MS / per_day;
     let mut n = 0;

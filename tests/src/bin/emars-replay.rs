@@ -68,7 +68,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use emars_agent::recommend::{
+use emars_agent::policy::recommend::{
     decay_weight, oom_bump, page_up, recommend, DecayingHistogram, PolicyParams, Sample,
 };
 

@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Sample;
+use crate::model::HOUR_MS;
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
 };
-use crate::recommend::Sample;
-use crate::store::HOUR_MS;
 
 /// Identity of an instance record in the store: (started_at_ms, cgroup_id).
 pub type InstanceKey = (u64, u64);

@@ -35,6 +35,7 @@
 
 use std::{sync::OnceLock, time::Duration};
 
+pub use crate::model::Sample;
 use serde::{Deserialize, Serialize};
 
 /// Results are multiples of the page size (the kernel rounds limits down to pages anyway).
@@ -156,17 +157,6 @@ impl PolicyParams {
         }
         Ok(())
     }
-}
-
-/// One instance's outcome, from the store.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
-    /// When the instance ran (unix ms); its age sets its weight.
-    pub at_ms: u64,
-    pub peak_bytes: u64,
-    pub oom_killed: bool,
-    /// memory.max in force on the instance, when known.
-    pub limit_bytes: Option<u64>,
 }
 
 /// The recommendation and the inputs behind it (served as JSON by

@@ -8,9 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use regex::{Captures, Regex};
-use serde::Serialize;
-
-use crate::config::{ConfigError, RootConfig, RuleConfig};
+use serde::{Deserialize, Serialize};
 
 /// Longest function name; it ends up in API URLs and store keys.
 pub const MAX_FUNCTION_NAME_LEN: usize = 128;
@@ -283,7 +281,7 @@ struct Rule {
 
 impl Rule {
     /// `key` is the rule's config key, e.g. `cgroup.roots[0].rules[1]`.
-    fn compile(rule: &RuleConfig, key: &str) -> Result<Rule, ConfigError> {
+    fn compile(rule: &RuleConfig, key: &str) -> Result<Rule, InvalidRule> {
         let (matcher, captures) = match (&rule.pattern, &rule.regex) {
             (Some(pattern), None) => compile_pattern(pattern)
                 .map_err(|reason| invalid(format!("{key}.pattern"), pattern, reason))?,
@@ -332,8 +330,18 @@ impl Rule {
     }
 }
 
-fn invalid(key: String, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+/// A rule or root that cannot be used: `key` is the dotted config key
+/// (`cgroup.roots[0].rules[1].regex`), so the config's error can name it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value \"{value}\" for {key}: {reason}")]
+pub struct InvalidRule {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+fn invalid(key: String, value: &str, reason: impl Into<String>) -> InvalidRule {
+    InvalidRule {
         key,
         value: value.to_string(),
         reason: reason.into(),
@@ -373,7 +381,7 @@ pub struct Registry {
 
 impl Registry {
     /// Validates and compiles the roots; errors name the config key (`cgroup.roots[i]...`).
-    pub fn new(roots: &[RootConfig]) -> Result<Registry, ConfigError> {
+    pub fn new(roots: &[RootConfig]) -> Result<Registry, InvalidRule> {
         if roots.is_empty() {
             return Err(invalid(
                 "cgroup.roots".to_string(),
@@ -567,9 +575,9 @@ impl CgroupTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, ConfigError};
 
-    const DOC: &str = include_str!("../../docs/config.md");
+    const DOC: &str = include_str!("../../../docs/config.md");
     const CID: &str = "328d87fcf413c999c8ddaae1861ccaeeda33d0a30bf8087923f14646a7e94b3f";
     const POD_UID: &str = "40001696-c377-4e56-9483-ae8e45533bae";
     const POD_UID_SYSTEMD: &str = "40001696_c377_4e56_9483_ae8e45533bae";
@@ -619,8 +627,8 @@ mod tests {
             .collect()
     }
 
-    fn invalid_key(err: ConfigError) -> (String, String, String) {
-        match err {
+    fn invalid_key(err: impl Into<ConfigError>) -> (String, String, String) {
+        match err.into() {
             ConfigError::Invalid { key, value, reason } => (key, value, reason),
             other => panic!("expected Invalid, got {other:?}"),
         }
@@ -1358,4 +1366,31 @@ instance = "#{i}"
         table.get_mut(1).unwrap().rel_path = "/elsewhere".into();
         assert_eq!(table.by_path("/emars/a/1"), None);
     }
+}
+
+/// A watched sub-tree of the memory hierarchy and the rules that name its cgroups.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootConfig {
+    /// Relative to the hierarchy root, as the kernel reports it: `/emars`. Normalised at load.
+    pub path: String,
+    /// Tried in order; empty means the default rule `{function}/{instance}`.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// How to read a function and an instance out of a path below a root (see docs/config.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// Template; None means `{function}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// Template; None means `{instance}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }

@@ -1,6 +1,14 @@
 //! The data model: what EMARS knows about instances (one container cgroup each) and
 //! functions (all instances that run the same code). Shared by the store, the API and the CLI.
+//! Below it: `registry` (which cgroup is which instance of which function), `tracker`
+//! (instances from kernel events) and `live` (the in-memory model every read comes from).
 
+pub mod live;
+pub mod registry;
+pub mod tracker;
+
+pub use crate::kernel::cgroupfs::Limits;
+pub use crate::kernel::probes::{KernelCounters, ProgramStatus};
 use serde::{Deserialize, Serialize};
 
 /// Where an instance's peak figure came from.
@@ -15,15 +23,6 @@ pub enum PeakSource {
     /// The in-kernel sum of memcg charge events (eBPF), used when the cgroup was gone before
     /// its watermark could be read.
     ChargeEvents,
-}
-
-/// Limits in force on an instance's cgroup when last seen (bytes; None = unlimited/unknown).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Limits {
-    /// v2 memory.max, v1 memory.limit_in_bytes.
-    pub max_bytes: Option<u64>,
-    /// v2 memory.high, v1 memory.soft_limit_in_bytes.
-    pub high_bytes: Option<u64>,
 }
 
 /// One container instance: a cgroup that a registry rule mapped to a function.
@@ -116,20 +115,6 @@ pub struct FunctionConfig {
     pub max_memory_bytes: u64,
 }
 
-/// One eBPF program as the agent sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgramStatus {
-    pub name: String,
-    /// "category:name" of the tracepoint.
-    pub tracepoint: String,
-    pub attached: bool,
-    /// Why not, when not attached.
-    pub error: Option<String>,
-    /// From bpf_stats when enabled (kernel.bpf_stats_enabled or BPF_ENABLE_STATS).
-    pub run_count: Option<u64>,
-    pub run_time_ns: Option<u64>,
-}
-
 /// GET /v1/info.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AgentInfo {
@@ -159,23 +144,6 @@ pub struct AgentInfo {
     /// What the kernel side could not do (full tables), and paths the agent had to recover.
     #[serde(default)]
     pub kernel_counters: KernelCounters,
-}
-
-/// GET /v1/info → "kernel_counters": conditions that would otherwise go unseen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct KernelCounters {
-    /// Events the ring buffer had no room for.
-    pub events_lost: u64,
-    /// Tasks not tracked: the task table (probes.max_tasks) was full.
-    pub task_table_full: u64,
-    /// Cgroups not watched in the kernel: the table (probes.max_watched_cgroups) was full.
-    pub watch_table_full: u64,
-    /// Cgroup paths longer than an event carries; the agent looked them up by cgroup id.
-    #[serde(default)]
-    pub paths_truncated: u64,
-    /// Of those, paths it could not find (the cgroup was not tracked rather than misnamed).
-    #[serde(default)]
-    pub paths_unresolved: u64,
 }
 
 /// GET /v1/info → "enforcement".
@@ -257,3 +225,17 @@ mod percentile_tests {
         );
     }
 }
+
+/// One instance's outcome, from the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// When the instance ran (unix ms); its age sets its weight.
+    pub at_ms: u64,
+    pub peak_bytes: u64,
+    pub oom_killed: bool,
+    /// memory.max in force on the instance, when known.
+    pub limit_bytes: Option<u64>,
+}
+
+/// Length of an hour bucket in milliseconds.
+pub const HOUR_MS: u64 = 3_600_000;

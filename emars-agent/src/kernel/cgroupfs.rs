@@ -11,7 +11,7 @@ use std::{
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
-use crate::{config::CgroupMode, model::Limits};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupfsError {
@@ -495,4 +495,24 @@ mod tests {
         assert!(matches!(h.usage(&dir), Err(CgroupfsError::Gone { .. })));
         assert_eq!(h.rel_path(&dir.join("a/b")).as_deref(), Some("/a/b"));
     }
+}
+
+/// Limits in force on an instance's cgroup when last seen (bytes; None = unlimited/unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    /// v2 memory.max, v1 memory.limit_in_bytes.
+    pub max_bytes: Option<u64>,
+    /// v2 memory.high, v1 memory.soft_limit_in_bytes.
+    pub high_bytes: Option<u64>,
+}
+
+/// Which cgroup version holds the memory controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Detect from /proc/self/mountinfo.
+    #[default]
+    Auto,
+    V1,
+    V2,
 }

@@ -1,6 +1,10 @@
 //! Predictive mode: per-function recommendations from the store's instance peaks, the periodic
 //! config generator (the paper's daily {requests, max memory} file, kept per generation), and
-//! the enforcement decisions the actuator carries out.
+//! the enforcement decisions the actuator carries out. Below it: `recommend` (the rule) and
+//! `actuator` (the only cgroup writer, audit before write).
+
+pub mod actuator;
+pub mod recommend;
 
 use std::{
     collections::HashMap,
@@ -13,10 +17,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
-    config::{EnforceMode, FunctionPolicy, PolicyConfig},
     model::InstanceRecord,
-    recommend::{recommend, PolicyParams, Recommendation},
+    policy::actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
+    policy::recommend::{recommend, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
 
@@ -339,8 +342,8 @@ mod tests {
     #[test]
     fn apply_is_refused_in_observe_mode() {
         let (dir, p) = policy(EnforceMode::Observe);
-        let h = crate::cgroupfs::MemoryHierarchy {
-            version: crate::cgroupfs::CgroupVersion::V2,
+        let h = crate::kernel::cgroupfs::MemoryHierarchy {
+            version: crate::kernel::cgroupfs::CgroupVersion::V2,
             mount: dir.path().join("cg"),
             hierarchy_id: 0,
         };
@@ -350,4 +353,56 @@ mod tests {
         assert!(matches!(e, PolicyError::ObserveMode), "{e}");
         assert!(e.to_string().contains("policy.mode = \"enforce\""));
     }
+}
+
+/// Whether the agent writes limits into cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforceMode {
+    /// Recommend only; write nothing.
+    #[default]
+    Observe,
+    /// Write each function's limits into new instance cgroups as they appear.
+    Enforce,
+}
+
+/// Recommender knobs of one function; `None` = inherit (from `policy.defaults`, then built-in).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FunctionPolicy {
+    /// The function, in `policy.functions` entries only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Percentile of instance peaks the limit covers, in percent (0, 100].
+    pub percentile: Option<f64>,
+    /// Fraction added on top of the percentile, e.g. 0.15.
+    pub margin: Option<f64>,
+    /// Extra margin while history is thin: margin + this × (1 − confidence).
+    pub low_confidence_margin: Option<f64>,
+    /// memory.high as a fraction of memory.max, (0, 1].
+    pub high_fraction: Option<f64>,
+    pub floor_bytes: Option<u64>,
+    pub ceiling_bytes: Option<u64>,
+    /// Half-life of a peak sample's weight, in hours.
+    pub half_life_hours: Option<f64>,
+    /// User-pinned limits: they always win over the recommendation.
+    pub pin_max_bytes: Option<u64>,
+    pub pin_high_bytes: Option<u64>,
+}
+
+/// Predictive mode: recommendations, the periodic config generator and enforcement.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub mode: EnforceMode,
+    /// Seconds between two generated per-function configs (the paper: once a day).
+    pub period_secs: u64,
+    /// Where each generated config is exported as emars-config.toml and emars-config.json.
+    pub export_dir: PathBuf,
+    /// A limit is never set below an instance's current usage plus this many bytes.
+    pub headroom_bytes: u64,
+    /// Policy for every function without an entry in `functions`.
+    pub defaults: FunctionPolicy,
+    /// Per-function overrides (with `name`); unset keys fall back to `defaults`.
+    pub functions: Vec<FunctionPolicy>,
 }

@@ -4,7 +4,7 @@
 //!
 //! The store persists; it is not queried on the hot path. Every read the API and the policy
 //! make (summaries, hours, recommendation samples, which instances a function has) is
-//! answered by the live model ([`crate::live`]) that the store keeps in step with every write
+//! answered by the live model ([`crate::model::live`]) that the store keeps in step with every write
 //! and builds once at open. sled is read at open, for instance records by key (a function's
 //! instance list, the live instances at start-up) and for the audit and generation logs.
 //!
@@ -77,11 +77,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::live::{EndedRecord, InstanceKey, LiveModel, IN_TAIL};
+use crate::model::live::{EndedRecord, InstanceKey, LiveModel, IN_TAIL};
+use crate::model::Sample;
+pub use crate::model::HOUR_MS;
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, Limits, PeakSource,
 };
-use crate::recommend::Sample;
 use sled::Transactional;
 
 /// Schema version this build writes and understands.
@@ -89,9 +90,6 @@ pub const SCHEMA_VERSION: u32 = 2;
 
 /// sled's page cache.
 const STORE_CACHE_BYTES: u64 = 32 << 20;
-
-/// Length of an hour bucket in milliseconds.
-pub const HOUR_MS: u64 = 3_600_000;
 
 const TREE_LIVE: &str = "instances_live";
 const TREE_TAIL: &str = "instances_tail";
@@ -580,14 +578,17 @@ impl Store {
                     let end = e.started_at_ms.saturating_add(e.record.ran_ms.unwrap_or(0));
                     info.min_ended = info.min_ended.min(end);
                     info.max_ended = info.max_ended.max(end);
-                    by_fn.entry(e.record.function).or_default().push(EndedRecord {
-                        key: (e.started_at_ms, e.cgroup_id),
-                        ended_at_ms: end,
-                        peak_bytes: e.record.peak_bytes,
-                        execs: e.record.execs,
-                        oom_kills: e.record.oom_kills,
-                        limit_bytes: e.record.max_bytes,
-                    });
+                    by_fn
+                        .entry(e.record.function)
+                        .or_default()
+                        .push(EndedRecord {
+                            key: (e.started_at_ms, e.cgroup_id),
+                            ended_at_ms: end,
+                            peak_bytes: e.record.peak_bytes,
+                            execs: e.record.execs,
+                            oom_kills: e.record.oom_kills,
+                            limit_bytes: e.record.max_bytes,
+                        });
                 }
                 for (fid, recs) in by_fn {
                     let Some(function) = self.string(fid) else {
@@ -1450,9 +1451,10 @@ impl Store {
         entries
             .into_iter()
             .map(|(id, s)| {
-                let name = strings.by_id.get(&id).cloned().ok_or_else(|| {
-                    corrupt(format!("string id {id} is not in `{TREE_STRINGS}`"))
-                })?;
+                let name =
+                    strings.by_id.get(&id).cloned().ok_or_else(|| {
+                        corrupt(format!("string id {id} is not in `{TREE_STRINGS}`"))
+                    })?;
                 Ok((name, bucket_of(hour_start_ms, &s)))
             })
             .collect()

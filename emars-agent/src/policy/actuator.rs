@@ -21,7 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
+    kernel::cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
     model::{InstanceRecord, Limits},
     store::{Store, StoreError},
 };
@@ -251,7 +251,7 @@ impl Actuator {
         delay_start_ns: Option<u64>,
     ) -> Written {
         let mut audit = AuditRecord {
-            at_ms: crate::agent::now_ms(),
+            at_ms: crate::clock::now_ms(),
             function: inst.function.clone(),
             instance: inst.instance.clone(),
             cgroup_path: inst.cgroup_path.clone(),
@@ -313,7 +313,7 @@ impl Actuator {
         };
         let result = self.carry_out(plan, on_below, &mut audit);
         audit.delay_us =
-            delay_start_ns.map(|t| crate::agent::monotonic_ns().saturating_sub(t) / 1000);
+            delay_start_ns.map(|t| crate::clock::monotonic_ns().saturating_sub(t) / 1000);
         match &result {
             Ok(_) => audit.outcome = outcome::OK.to_owned(),
             Err(e) => {
@@ -581,7 +581,7 @@ mod tests {
     use std::{fs, os::unix::fs::MetadataExt};
 
     use super::*;
-    use crate::cgroupfs::CgroupVersion;
+    use crate::kernel::cgroupfs::CgroupVersion;
     use crate::model::PeakSource;
 
     struct Fake {

@@ -16,12 +16,9 @@ use emars_common::{
 use super::{
     memcg_items::{KernelBtf, UsageItem},
     tracefs::{Format, Tracefs, TracefsError},
+    KernelCounters, ProbesConfig, ProgramStatus,
 };
-use crate::{
-    cgroupfs::{CgroupVersion, MemoryHierarchy},
-    config::ProbesConfig,
-    model::{KernelCounters, ProgramStatus},
-};
+use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 
 /// The eBPF object built by build.rs (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/emars"));

@@ -9,12 +9,12 @@ use std::{
 };
 
 use crate::{
-    actuator::Actuator,
-    cgroupfs::{CgroupfsError, MemoryHierarchy},
-    events::KernelEvent,
+    kernel::cgroupfs::{CgroupfsError, MemoryHierarchy},
+    kernel::events::KernelEvent,
+    model::registry::{CgroupTable, Registry},
     model::{HourDelta, InstanceRecord, PeakSource},
+    policy::actuator::Actuator,
     policy::Policy,
-    registry::{CgroupTable, Registry},
     store::{Store, StoreError},
 };
 
@@ -290,7 +290,7 @@ impl Tracker {
     fn full_path(&mut self, id: u64, cut: &str) -> Option<String> {
         self.stats.paths_truncated += 1;
         let parent = cut.rsplit_once('/').map_or("/", |(p, _)| p);
-        let found = crate::cgroupfs::find_by_id(&self.hierarchy.dir(parent), id)
+        let found = crate::kernel::cgroupfs::find_by_id(&self.hierarchy.dir(parent), id)
             .and_then(|d| self.hierarchy.rel_path(&d));
         if found.is_none() {
             self.stats.paths_unresolved += 1;
@@ -315,7 +315,7 @@ impl Tracker {
         if !self.registry.is_under_root(&rel) {
             return None;
         }
-        let new_id = crate::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
+        let new_id = crate::kernel::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
         // Its mkdir event was lost or never sent (program off): a new instance all the same.
         self.add_cgroup(new_id, &rel, at_ms, None, Found::Late);
         Some(new_id)

@@ -12,8 +12,8 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    cgroupfs::{CgroupVersion, MemoryHierarchy},
     config::Config,
+    kernel::cgroupfs::{CgroupVersion, MemoryHierarchy},
 };
 
 const FUNCTIONS: &[(&str, &str)] = &[

@@ -1,0 +1,55 @@
+//! Kernel probes: tracefs formats, memcg stat items from BTF, and the eBPF loader.
+
+pub mod loader;
+pub mod memcg_items;
+pub mod tracefs;
+
+use serde::{Deserialize, Serialize};
+
+pub use loader::{ProbeError, ProbeReport, Probes};
+
+/// One eBPF program as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    /// "category:name" of the tracepoint.
+    pub tracepoint: String,
+    pub attached: bool,
+    /// Why not, when not attached.
+    pub error: Option<String>,
+    /// From bpf_stats when enabled (kernel.bpf_stats_enabled or BPF_ENABLE_STATS).
+    pub run_count: Option<u64>,
+    pub run_time_ns: Option<u64>,
+}
+
+/// GET /v1/info → "kernel_counters": conditions that would otherwise go unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct KernelCounters {
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
+    /// Tasks not tracked: the task table (probes.max_tasks) was full.
+    pub task_table_full: u64,
+    /// Cgroups not watched in the kernel: the table (probes.max_watched_cgroups) was full.
+    pub watch_table_full: u64,
+    /// Cgroup paths longer than an event carries; the agent looked them up by cgroup id.
+    #[serde(default)]
+    pub paths_truncated: u64,
+    /// Of those, paths it could not find (the cgroup was not tracked rather than misnamed).
+    #[serde(default)]
+    pub paths_unresolved: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbesConfig {
+    /// eBPF programs not to attach, by name (as listed by GET /v1/info).
+    pub disable: Vec<String>,
+    /// Growth of a cgroup's in-kernel peak between two peak events.
+    pub peak_step_bytes: u64,
+    /// Size of the kernel → agent ring buffer.
+    pub ring_buffer_bytes: u32,
+    /// Capacity of the kernel's table of watched cgroups (live instances at once).
+    pub max_watched_cgroups: u32,
+    /// Capacity of the kernel's task → cgroup table (tasks in watched cgroups at once).
+    pub max_tasks: u32,
+}
