@@ -22,6 +22,7 @@ use crate::{
     model::tracker::{Found, Tracker},
     model::AgentInfo,
     policy::actuator::Actuator,
+    policy::enforcer::Enforcer,
     policy::Policy,
     store::Store,
 };
@@ -100,9 +101,16 @@ pub async fn run(
         tracing::error!("computing recommendations at start-up: {e}");
     }
     tracing::info!("policy mode: {:?}", config.policy.mode);
-    let mut tracker = Tracker::new(hierarchy, registry, store.clone())
-        .with_policy(policy.clone(), actuator.clone());
-    scan_existing(&mut tracker, &mut probes, &store, &roots, agent_start_ms)?;
+    let mut tracker = Tracker::new(hierarchy, registry);
+    let mut enforcer = Enforcer::new(store.clone()).with_policy(policy.clone(), actuator.clone());
+    scan_existing(
+        &mut tracker,
+        &mut enforcer,
+        &mut probes,
+        &store,
+        &roots,
+        agent_start_ms,
+    )?;
 
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
@@ -146,7 +154,7 @@ pub async fn run(
         actuator: &actuator,
         retention,
     };
-    let result = event_loop(ring, &mut tracker, &ctx, stop_rx).await;
+    let result = event_loop(ring, &mut tracker, &mut enforcer, &ctx, stop_rx).await;
     // The next start loads the live model from here instead of scanning every record.
     if let Err(e) = store.checkpoint() {
         tracing::error!("writing the store's checkpoint: {e}");
@@ -172,6 +180,7 @@ struct LoopContext<'a> {
 async fn event_loop(
     ring: RingBuf<MapData>,
     tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
     ctx: &LoopContext<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -204,7 +213,10 @@ async fn event_loop(
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
                     match events::decode(&item) {
-                        Ok(t) => tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns),
+                        Ok(t) => {
+                            let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+                            enforcer.run(tracker, effects);
+                        }
                         Err(e) => {
                             decode_errors += 1;
                             tracing::error!("bad event record: {e}");
@@ -215,10 +227,12 @@ async fn event_loop(
             }
             _ = tick.tick() => {
                 let now = now_ms();
-                tracker.recompute_dirty(now);
+                let effects = tracker.recompute_dirty(now);
+                enforcer.run(tracker, effects);
                 ticks += 1;
                 if ticks.is_multiple_of(10) {
-                    tracker.reconcile(now);
+                    let effects = tracker.reconcile(now);
+                    enforcer.run(tracker, effects);
                 }
                 let lost = probes.events_lost();
                 if let Ok(mut i) = info.write() {
@@ -237,12 +251,12 @@ async fn event_loop(
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     i.enforcement = crate::model::EnforcementInfo {
                         mode: format!("{:?}", policy.mode()).to_lowercase(),
-                        new_instance_writes: tracker.stats.enforced,
+                        new_instance_writes: enforcer.stats.enforced,
                         writes_ok: load(&actuator.stats.writes_ok),
                         writes_failed: load(&actuator.stats.writes_failed),
                         refusals: load(&actuator.stats.refusals),
                         audit_errors: load(&actuator.stats.audit_errors),
-                        max_mkdir_to_write_us: tracker.stats.max_enforce_delay_us,
+                        max_mkdir_to_write_us: enforcer.stats.max_enforce_delay_us,
                     };
                 }
                 // Whole-store work runs off the event loop, which must keep draining the ring.
@@ -307,6 +321,7 @@ fn ensure_root(h: &MemoryHierarchy, root: &str) -> anyhow::Result<()> {
 /// Registers cgroups that existed before the agent started, resuming their store records.
 fn scan_existing(
     tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
     probes: &mut Probes,
     store: &Store,
     roots: &[String],
@@ -316,7 +331,7 @@ fn scan_existing(
         tracing::error!("reading the live instances of the last run: {e}");
         Vec::new()
     });
-    let h = tracker.hierarchy().clone();
+    let h = tracker.cgroups().clone();
     let mut found = 0usize;
     for root in roots {
         let dirs = match cgroupfs::descendants(&h.dir(root)) {
@@ -349,17 +364,19 @@ fn scan_existing(
                 .map(|r| r.started_at_ms)
                 .unwrap_or_else(|| created_ms(&dir));
             let new_since_start = resumed.is_none() && started >= agent_start_ms;
-            tracker.add_cgroup(
+            let effects = tracker.add_cgroup(
                 id,
                 &rel,
                 started,
                 resumed,
                 Found::Existing { new_since_start },
             );
+            enforcer.run(tracker, effects);
             found += 1;
         }
     }
-    tracker.close_vanished(stale, now_ms());
+    let effects = tracker.close_vanished(stale, now_ms());
+    enforcer.run(tracker, effects);
     tracing::info!(
         "watching {found} existing cgroups, {} live instances",
         tracker.live_count()

@@ -1,22 +1,89 @@
-//! Turns kernel events into instance records: the cgroup table says which cgroup is which
-//! instance of which function; every change is written through to the store at once, so a
-//! restart loses nothing that was seen.
+//! Turns kernel events into instance records: a state machine. [`Tracker::apply`] takes an
+//! event and returns [`Effect`]s (save this record, add to that hour, enforce limits on this
+//! new instance, recompute that function) for the stage that owns the store and the actuator
+//! to carry out (`policy::enforcer`). The tracker writes nothing itself; what it reads about
+//! cgroups (limits, watermarks, which cgroup a task is in) goes through [`Cgroups`], so its
+//! logic is tested without root against a table of cgroups.
 
 use std::{
-    collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt,
-    sync::Arc,
+    collections::{HashMap, HashSet, VecDeque},
+    path::{Path, PathBuf},
 };
 
 use crate::{
-    kernel::cgroupfs::{CgroupfsError, MemoryHierarchy},
-    kernel::events::KernelEvent,
-    model::registry::{CgroupTable, Registry},
-    model::{HourDelta, InstanceRecord, PeakSource},
-    policy::actuator::Actuator,
-    policy::Policy,
-    store::{Store, StoreError},
+    kernel::{
+        cgroupfs::{self, CgroupfsError, Limits, MemoryHierarchy},
+        events::KernelEvent,
+    },
+    model::{
+        registry::{CgroupTable, Registry},
+        HourDelta, InstanceRecord, PeakSource,
+    },
 };
+
+/// What the tracker reads about cgroups. [`MemoryHierarchy`] reads the real files.
+pub trait Cgroups {
+    /// Absolute directory of a path relative to the hierarchy root.
+    fn dir(&self, rel_path: &str) -> PathBuf;
+    /// The path relative to the hierarchy root of a directory under it.
+    fn rel_path(&self, dir: &Path) -> Option<String>;
+    fn limits(&self, dir: &Path) -> Result<Limits, CgroupfsError>;
+    /// The kernel's watermark (v2 memory.peak, v1 memory.max_usage_in_bytes).
+    fn peak(&self, dir: &Path) -> Result<Option<u64>, CgroupfsError>;
+    /// The cgroup (relative path) of a process, from /proc.
+    fn cgroup_of(&self, pid: u32) -> Option<String>;
+    /// The id (directory inode) of a cgroup.
+    fn cgroup_id(&self, dir: &Path) -> Option<u64>;
+    /// The directory with cgroup id `id` below `dir`.
+    fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf>;
+}
+
+impl Cgroups for MemoryHierarchy {
+    fn dir(&self, rel_path: &str) -> PathBuf {
+        MemoryHierarchy::dir(self, rel_path)
+    }
+    fn rel_path(&self, dir: &Path) -> Option<String> {
+        MemoryHierarchy::rel_path(self, dir)
+    }
+    fn limits(&self, dir: &Path) -> Result<Limits, CgroupfsError> {
+        MemoryHierarchy::limits(self, dir)
+    }
+    fn peak(&self, dir: &Path) -> Result<Option<u64>, CgroupfsError> {
+        MemoryHierarchy::peak(self, dir)
+    }
+    fn cgroup_of(&self, pid: u32) -> Option<String> {
+        MemoryHierarchy::cgroup_of(self, pid)
+    }
+    fn cgroup_id(&self, dir: &Path) -> Option<u64> {
+        cgroupfs::cgroup_id(dir).ok()
+    }
+    fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf> {
+        cgroupfs::find_by_id(dir, id)
+    }
+}
+
+/// What the tracker asks the rest of the agent to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Persist this version of the record.
+    Save(InstanceRecord),
+    /// Add to a function's hour bucket.
+    AddHour {
+        function: String,
+        at_ms: u64,
+        delta: HourDelta,
+    },
+    /// Bring a function's recommendation up to date (an OOM kill, instances that ended, or a
+    /// new instance of a function with instances ended since the last computation).
+    Recompute { function: String, at_ms: u64 },
+    /// A new instance: write its function's limits if the mode says so, and answer with
+    /// [`Tracker::enforced`] before the next event (the record is saved then, with the limits
+    /// it got).
+    Enforce {
+        record: InstanceRecord,
+        mkdir_ts_ns: Option<u64>,
+    },
+}
 
 /// How the tracker learned of a cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,61 +97,48 @@ pub enum Found {
     Existing { new_since_start: bool },
 }
 
-/// Counters of what the tracker did, for /v1/info and tests.
+/// Counters of what the tracker saw, for /v1/info and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrackerStats {
     pub events: u64,
     pub watermark_reads: u64,
     /// Cgroups that were gone when we went to read them (normal for short instances).
     pub vanished_reads: u64,
-    pub store_errors: u64,
     /// Paths cut short in their event, and those not found by id.
     pub paths_truncated: u64,
     pub paths_unresolved: u64,
-    /// Limit writes into new instances (enforce mode) and how many failed.
-    pub enforced: u64,
-    pub enforce_failures: u64,
-    /// Largest mkdir → limits-written delay seen, in microseconds.
-    pub max_enforce_delay_us: u64,
     /// Instances closed by reconciliation because their rmdir event never came (ring full).
     pub reconciled: u64,
 }
 
-pub struct Tracker {
-    hierarchy: MemoryHierarchy,
+pub struct Tracker<C: Cgroups = MemoryHierarchy> {
+    cgroups: C,
     registry: Registry,
-    store: Store,
     table: CgroupTable,
     /// Live instances by cgroup id.
     live: HashMap<u64, InstanceRecord>,
-    /// Predictive mode: recommendations to refresh, and to write into new instances.
-    policy: Option<(Arc<Policy>, Arc<Actuator>)>,
     /// Functions with an instance ended since their recommendation was last computed.
     dirty: HashSet<String>,
+    /// New instances whose enforcement has not been answered yet.
+    awaiting: HashSet<u64>,
     pub stats: TrackerStats,
 }
 
-impl Tracker {
-    pub fn new(hierarchy: MemoryHierarchy, registry: Registry, store: Store) -> Self {
+impl<C: Cgroups> Tracker<C> {
+    pub fn new(cgroups: C, registry: Registry) -> Self {
         Self {
-            hierarchy,
+            cgroups,
             registry,
-            store,
             table: CgroupTable::default(),
             live: HashMap::new(),
-            policy: None,
             dirty: HashSet::new(),
+            awaiting: HashSet::new(),
             stats: TrackerStats::default(),
         }
     }
 
-    pub fn with_policy(mut self, policy: Arc<Policy>, actuator: Arc<Actuator>) -> Self {
-        self.policy = Some((policy, actuator));
-        self
-    }
-
-    pub fn hierarchy(&self) -> &MemoryHierarchy {
-        &self.hierarchy
+    pub fn cgroups(&self) -> &C {
+        &self.cgroups
     }
 
     pub fn registry(&self) -> &Registry {
@@ -97,7 +151,7 @@ impl Tracker {
 
     /// Registers a cgroup (from a mkdir event or the start-up scan). `resumed` is the record
     /// of the same instance kept in the store before a restart. `found` says how the cgroup
-    /// was learned of, and so whether enforce mode writes its function's limits now.
+    /// was learned of, and so whether its function's limits are to be enforced now.
     pub fn add_cgroup(
         &mut self,
         id: u64,
@@ -105,26 +159,18 @@ impl Tracker {
         started_at_ms: u64,
         resumed: Option<InstanceRecord>,
         found: Found,
-    ) {
+    ) -> Vec<Effect> {
+        let mut out = Vec::new();
         if self.table.get(id).is_some() {
-            return;
+            return out;
         }
         let identity = self.registry.classify(rel_path);
         self.table
             .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
         let Some(identity) = identity else {
-            return;
+            return out;
         };
-        let dir = self.hierarchy.dir(rel_path);
-        let limits = match self.hierarchy.limits(&dir) {
-            Ok(l) => l,
-            // Said once per instance; its reads stay quiet (debug) afterwards.
-            Err(e @ CgroupfsError::ControllerOff { .. }) => {
-                tracing::warn!("{e}");
-                Default::default()
-            }
-            Err(_) => Default::default(),
-        };
+        let dir = self.cgroups.dir(rel_path);
         let fresh = resumed.is_none();
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),
@@ -137,83 +183,68 @@ impl Tracker {
             peak_bytes: 0,
             peak_source: PeakSource::None,
             oom_kills: 0,
-            limits,
+            limits: Limits::default(),
         });
-        rec.limits = limits;
         let enforce = match found {
             Found::Mkdir { ts_ns } => Some(Some(ts_ns)),
             Found::Late => Some(None),
             Found::Existing { new_since_start } => (new_since_start && fresh).then_some(None),
         };
-        if let Some(ts) = enforce {
-            self.enforce(&mut rec, ts);
-        }
-        self.refresh_watermark(&mut rec);
-        if fresh {
-            let delta = HourDelta {
-                instances_started: 1,
-                ..Default::default()
-            };
-            self.add_hour(&rec.function, started_at_ms, delta);
-        }
-        self.save(&rec);
-        self.live.insert(id, rec);
-    }
-
-    /// Writes the function's recommended limits into a new instance (enforce mode).
-    fn enforce(&mut self, rec: &mut InstanceRecord, mkdir_ts_ns: Option<u64>) {
-        // Instances of this function that ended since the last tick are not in its
-        // recommendation yet: bring it up to date first, or this instance would get a stale
-        // one (or none, for a function whose first instances just ended). Pinned functions
-        // have theirs from start-up (Policy::compute_configured).
-        if self.dirty.remove(&rec.function) {
-            self.recompute(&rec.function, rec.started_at_ms);
-        }
-        let Some((policy, actuator)) = &self.policy else {
-            return;
-        };
-        let Some(audit) = policy.enforce_new_instance(actuator, rec, mkdir_ts_ns) else {
-            return;
-        };
-        if audit.is_ok() {
-            self.stats.enforced += 1;
-            rec.limits = audit.new;
-            tracing::info!(
-                function = rec.function,
-                instance = rec.instance,
-                max = ?audit.new.max_bytes,
-                high = ?audit.new.high_bytes,
-                delay_us = ?audit.delay_us,
-                "limits written"
-            );
-        } else {
-            self.stats.enforce_failures += 1;
-            tracing::warn!(
-                function = rec.function,
-                instance = rec.instance,
-                "limits not written ({}): {}",
-                audit.outcome,
-                audit.error.as_deref().unwrap_or("")
-            );
-        }
-        self.stats.max_enforce_delay_us = self
-            .stats
-            .max_enforce_delay_us
-            .max(audit.delay_us.unwrap_or(0));
-    }
-
-    /// Recomputes a function's recommendation (an instance ended, or was OOM-killed).
-    fn recompute(&mut self, function: &str, now_ms: u64) {
-        if let Some((policy, _)) = &self.policy {
-            if let Err(e) = policy.compute(function, now_ms) {
-                self.store_error(e);
+        if let Some(mkdir_ts_ns) = enforce {
+            // Instances of this function that ended since the last tick are not in its
+            // recommendation yet: bring it up to date first, or this instance would get a
+            // stale one (or none, for a function whose first instances just ended).
+            if self.dirty.remove(&rec.function) {
+                out.push(Effect::Recompute {
+                    function: rec.function.clone(),
+                    at_ms: rec.started_at_ms,
+                });
             }
+            // Limits first: the platform's process may start allocating at once.
+            out.push(Effect::Enforce {
+                record: rec.clone(),
+                mkdir_ts_ns,
+            });
         }
+        self.refresh_watermark(&mut rec, true);
+        if fresh {
+            out.push(Effect::AddHour {
+                function: rec.function.clone(),
+                at_ms: started_at_ms,
+                delta: HourDelta {
+                    instances_started: 1,
+                    ..Default::default()
+                },
+            });
+        }
+        if enforce.is_some() {
+            self.awaiting.insert(id);
+        } else {
+            out.push(Effect::Save(rec.clone()));
+        }
+        self.live.insert(id, rec);
+        out
+    }
+
+    /// The answer to an [`Effect::Enforce`]: the limits written (None: nothing written). The
+    /// record is saved now, with them.
+    pub fn enforced(&mut self, id: u64, written: Option<Limits>) -> Vec<Effect> {
+        if !self.awaiting.remove(&id) {
+            return Vec::new();
+        }
+        let Some(rec) = self.live.get_mut(&id) else {
+            return Vec::new();
+        };
+        if let Some(l) = written {
+            rec.limits = l;
+        }
+        vec![Effect::Save(rec.clone())]
     }
 
     /// Applies one kernel event; `at_ms` is its wall-clock time, `ts_ns` its kernel time.
-    pub fn apply(&mut self, event: KernelEvent, at_ms: u64, ts_ns: u64) {
+    pub fn apply(&mut self, event: KernelEvent, at_ms: u64, ts_ns: u64) -> Vec<Effect> {
         self.stats.events += 1;
+        let mut out = Vec::new();
         match event {
             KernelEvent::CgroupMkdir {
                 id,
@@ -224,34 +255,34 @@ impl Tracker {
                 let path = if truncated {
                     match self.full_path(id, &path) {
                         Some(p) => p,
-                        None => return,
+                        None => return out,
                     }
                 } else {
                     path
                 };
-                self.add_cgroup(id, &path, at_ms, None, Found::Mkdir { ts_ns })
+                out = self.add_cgroup(id, &path, at_ms, None, Found::Mkdir { ts_ns });
             }
             KernelEvent::CgroupRmdir {
                 id,
                 peak,
                 watermark,
                 ..
-            } => self.end(id, peak, watermark, at_ms),
+            } => self.end(id, peak, watermark, at_ms, &mut out),
             KernelEvent::TaskAttach { .. } => {}
             KernelEvent::Exec { id, pid, .. } => {
-                let Some(id) = self.resolve(id, pid, at_ms) else {
-                    return;
+                let Some(id) = self.resolve(id, pid, at_ms, &mut out) else {
+                    return out;
                 };
-                self.update(id, at_ms, |rec| {
+                self.update(id, at_ms, &mut out, |rec| {
                     rec.execs += 1;
                     HourDelta {
                         execs: 1,
                         ..Default::default()
                     }
                 });
-                self.refresh(id);
+                self.refresh(id, &mut out);
             }
-            KernelEvent::Exit { id, .. } => self.refresh(id),
+            KernelEvent::Exit { id, .. } => self.refresh(id, &mut out),
             KernelEvent::MemPeak { id, peak } => {
                 if let Some(rec) = self.live.get_mut(&id) {
                     if peak > rec.peak_bytes {
@@ -259,15 +290,15 @@ impl Tracker {
                         rec.peak_source = PeakSource::ChargeEvents;
                     }
                 }
-                self.refresh(id);
+                self.refresh(id, &mut out);
             }
             KernelEvent::OomVictim { id, pid } => {
-                let Some(id) = self.resolve(id, pid, at_ms) else {
+                let Some(id) = self.resolve(id, pid, at_ms, &mut out) else {
                     tracing::debug!(pid, "OOM victim outside watched cgroups");
-                    return;
+                    return out;
                 };
                 tracing::warn!(pid, cgroup = id, "OOM kill in a watched instance");
-                self.update(id, at_ms, |rec| {
+                self.update(id, at_ms, &mut out, |rec| {
                     rec.oom_kills += 1;
                     HourDelta {
                         oom_kills: 1,
@@ -276,12 +307,13 @@ impl Tracker {
                 });
                 // An OOM raises the function's recommendation at once, not at the next period;
                 // with the peak as the kernel has it now.
-                self.refresh(id);
+                self.refresh(id, &mut out);
                 if let Some(f) = self.live.get(&id).map(|r| r.function.clone()) {
-                    self.recompute(&f, at_ms);
+                    out.push(Effect::Recompute { function: f, at_ms });
                 }
             }
         }
+        out
     }
 
     /// The whole path of a cgroup whose event carried a cut-short path: looked up by id below
@@ -290,8 +322,10 @@ impl Tracker {
     fn full_path(&mut self, id: u64, cut: &str) -> Option<String> {
         self.stats.paths_truncated += 1;
         let parent = cut.rsplit_once('/').map_or("/", |(p, _)| p);
-        let found = crate::kernel::cgroupfs::find_by_id(&self.hierarchy.dir(parent), id)
-            .and_then(|d| self.hierarchy.rel_path(&d));
+        let found = self
+            .cgroups
+            .find_by_id(&self.cgroups.dir(parent), id)
+            .and_then(|d| self.cgroups.rel_path(&d));
         if found.is_none() {
             self.stats.paths_unresolved += 1;
             tracing::warn!(
@@ -304,54 +338,68 @@ impl Tracker {
 
     /// The watched cgroup of an event: the kernel's id if it knows the cgroup, else the
     /// task's cgroup from /proc (kernels or hosts where task tracking is incomplete).
-    fn resolve(&mut self, id: u64, pid: u32, at_ms: u64) -> Option<u64> {
+    fn resolve(&mut self, id: u64, pid: u32, at_ms: u64, out: &mut Vec<Effect>) -> Option<u64> {
         if id != 0 && self.table.get(id).is_some() {
             return Some(id);
         }
-        let rel = self.hierarchy.cgroup_of(pid)?;
+        let rel = self.cgroups.cgroup_of(pid)?;
         if let Some(known) = self.table.by_path(&rel) {
             return Some(known);
         }
         if !self.registry.is_under_root(&rel) {
             return None;
         }
-        let new_id = crate::kernel::cgroupfs::cgroup_id(&self.hierarchy.dir(&rel)).ok()?;
+        let new_id = self.cgroups.cgroup_id(&self.cgroups.dir(&rel))?;
         // Its mkdir event was lost or never sent (program off): a new instance all the same.
-        self.add_cgroup(new_id, &rel, at_ms, None, Found::Late);
+        out.extend(self.add_cgroup(new_id, &rel, at_ms, None, Found::Late));
         Some(new_id)
     }
 
-    fn update(&mut self, id: u64, at_ms: u64, f: impl FnOnce(&mut InstanceRecord) -> HourDelta) {
-        let Some(mut rec) = self.live.remove(&id) else {
+    fn update(
+        &mut self,
+        id: u64,
+        at_ms: u64,
+        out: &mut Vec<Effect>,
+        f: impl FnOnce(&mut InstanceRecord) -> HourDelta,
+    ) {
+        let Some(rec) = self.live.get_mut(&id) else {
             return;
         };
-        let delta = f(&mut rec);
-        self.add_hour(&rec.function, at_ms, delta);
-        self.save(&rec);
-        self.live.insert(id, rec);
+        let delta = f(rec);
+        out.push(Effect::AddHour {
+            function: rec.function.clone(),
+            at_ms,
+            delta,
+        });
+        out.push(Effect::Save(rec.clone()));
     }
 
     /// Re-reads the kernel watermark of a live instance and saves it if it grew.
-    fn refresh(&mut self, id: u64) {
+    fn refresh(&mut self, id: u64, out: &mut Vec<Effect>) {
         let Some(mut rec) = self.live.remove(&id) else {
             return;
         };
         let before = (rec.peak_bytes, rec.peak_source, rec.limits);
-        self.refresh_watermark(&mut rec);
+        self.refresh_watermark(&mut rec, false);
         if (rec.peak_bytes, rec.peak_source, rec.limits) != before {
-            self.save(&rec);
+            out.push(Effect::Save(rec.clone()));
         }
         self.live.insert(id, rec);
     }
 
-    fn refresh_watermark(&mut self, rec: &mut InstanceRecord) {
+    /// `first`: the instance was just registered (a controller that is off is said then, and
+    /// quietly afterwards).
+    fn refresh_watermark(&mut self, rec: &mut InstanceRecord, first: bool) {
         self.stats.watermark_reads += 1;
-        let dir = std::path::Path::new(&rec.cgroup_path);
+        let dir = Path::new(&rec.cgroup_path);
         // Limits may be set after mkdir (by the platform, or later by EMARS): keep them current.
-        if let Ok(limits) = self.hierarchy.limits(dir) {
-            rec.limits = limits;
+        match self.cgroups.limits(dir) {
+            Ok(limits) => rec.limits = limits,
+            // Said once per instance; its reads stay quiet (debug) afterwards.
+            Err(e @ CgroupfsError::ControllerOff { .. }) if first => tracing::warn!("{e}"),
+            Err(_) => {}
         }
-        match self.hierarchy.peak(dir) {
+        match self.cgroups.peak(dir) {
             Ok(Some(w)) if w >= rec.peak_bytes => {
                 rec.peak_bytes = w;
                 rec.peak_source = PeakSource::KernelWatermark;
@@ -365,8 +413,16 @@ impl Tracker {
 
     /// The cgroup was removed: close the instance with the kernel side's final figures — the
     /// exact watermark when the kernel layout is known, else the charge-event peak.
-    fn end(&mut self, id: u64, kernel_peak: u64, watermark: u64, at_ms: u64) {
+    fn end(
+        &mut self,
+        id: u64,
+        kernel_peak: u64,
+        watermark: u64,
+        at_ms: u64,
+        out: &mut Vec<Effect>,
+    ) {
         self.table.remove(id);
+        self.awaiting.remove(&id);
         let Some(mut rec) = self.live.remove(&id) else {
             return;
         };
@@ -378,47 +434,57 @@ impl Tracker {
             rec.peak_source = PeakSource::ChargeEvents;
         }
         rec.ended_at_ms = Some(at_ms.max(rec.started_at_ms));
-        let delta = HourDelta {
-            peak_bytes: rec.peak_bytes,
-            ..Default::default()
-        };
-        self.add_hour(&rec.function, at_ms, delta);
-        self.save(&rec);
+        out.push(Effect::AddHour {
+            function: rec.function.clone(),
+            at_ms,
+            delta: HourDelta {
+                peak_bytes: rec.peak_bytes,
+                ..Default::default()
+            },
+        });
         // Recomputed on the next tick, not here: the event loop must keep draining the ring.
-        self.dirty.insert(rec.function);
+        self.dirty.insert(rec.function.clone());
+        out.push(Effect::Save(rec));
     }
 
     /// Recomputes the recommendations of functions whose instances ended since last time.
-    pub fn recompute_dirty(&mut self, now_ms: u64) {
-        for f in std::mem::take(&mut self.dirty) {
-            self.recompute(&f, now_ms);
-        }
+    pub fn recompute_dirty(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut functions: Vec<String> = self.dirty.drain().collect();
+        functions.sort_unstable();
+        functions
+            .into_iter()
+            .map(|function| Effect::Recompute {
+                function,
+                at_ms: now_ms,
+            })
+            .collect()
     }
 
     /// Closes live instances whose cgroup is gone (or replaced) although no rmdir event came:
-    /// the safety net for events lost to a full ring buffer. Returns how many it closed.
-    pub fn reconcile(&mut self, now_ms: u64) -> usize {
-        let gone: Vec<u64> = self
+    /// the safety net for events lost to a full ring buffer.
+    pub fn reconcile(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut gone: Vec<u64> = self
             .live
             .iter()
-            .filter(|(id, rec)| {
-                std::fs::metadata(&rec.cgroup_path).map_or(true, |m| m.ino() != **id)
-            })
+            .filter(|(id, rec)| self.cgroups.cgroup_id(Path::new(&rec.cgroup_path)) != Some(**id))
             .map(|(id, _)| *id)
             .collect();
-        for id in &gone {
+        gone.sort_unstable();
+        let mut out = Vec::new();
+        for id in gone {
             tracing::warn!(
                 cgroup = id,
                 "instance ended without an rmdir event (events lost?)"
             );
-            self.end(*id, 0, 0, now_ms);
+            self.end(id, 0, 0, now_ms, &mut out);
             self.stats.reconciled += 1;
         }
-        gone.len()
+        out
     }
 
     /// Closes store records of instances whose cgroup disappeared while the agent was down.
-    pub fn close_vanished(&mut self, stale: Vec<InstanceRecord>, now_ms: u64) {
+    pub fn close_vanished(&mut self, stale: Vec<InstanceRecord>, now_ms: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
         for mut rec in stale {
             if self.live.contains_key(&rec.cgroup_id) {
                 continue;
@@ -429,24 +495,360 @@ impl Tracker {
                 instance = rec.instance,
                 "instance ended while the agent was down"
             );
-            self.save(&rec);
+            out.push(Effect::Save(rec));
+        }
+        out
+    }
+}
+
+/// Runs effects in order: the stage that owns the store and the actuator hands each one to
+/// `run`, which may answer with more (an enforcement's outcome), handled in turn.
+pub fn drain<C: Cgroups>(
+    tracker: &mut Tracker<C>,
+    effects: Vec<Effect>,
+    mut run: impl FnMut(&mut Tracker<C>, Effect) -> Vec<Effect>,
+) {
+    let mut queue: VecDeque<Effect> = effects.into();
+    while let Some(e) = queue.pop_front() {
+        let more = run(tracker, e);
+        for (i, m) in more.into_iter().enumerate() {
+            queue.insert(i, m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine alone: a table of cgroups stands in for the files (the integration
+    //! tests run the same code against real cgroups and real eBPF events).
+
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::model::registry::RootConfig;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Cgroups by relative path: (id, limits, watermark); processes by pid.
+    #[derive(Default)]
+    struct Table {
+        cgroups: RefCell<HashMap<String, (u64, Limits, u64)>>,
+        procs: HashMap<u32, String>,
+    }
+
+    impl Table {
+        fn add(&self, rel: &str, id: u64) {
+            self.cgroups
+                .borrow_mut()
+                .insert(rel.to_owned(), (id, Limits::default(), 0));
+        }
+        fn set_peak(&self, rel: &str, peak: u64) {
+            if let Some(c) = self.cgroups.borrow_mut().get_mut(rel) {
+                c.2 = peak;
+            }
+        }
+        fn remove(&self, rel: &str) {
+            self.cgroups.borrow_mut().remove(rel);
+        }
+        fn rel(dir: &Path) -> String {
+            dir.to_string_lossy().trim_start_matches("/cg").to_owned()
         }
     }
 
-    fn add_hour(&mut self, function: &str, at_ms: u64, delta: HourDelta) {
-        if let Err(e) = self.store.add_hour(function, at_ms, delta) {
-            self.store_error(e);
+    impl Cgroups for &Table {
+        fn dir(&self, rel_path: &str) -> PathBuf {
+            PathBuf::from(format!("/cg{rel_path}"))
+        }
+        fn rel_path(&self, dir: &Path) -> Option<String> {
+            Some(Table::rel(dir))
+        }
+        fn limits(&self, dir: &Path) -> Result<Limits, CgroupfsError> {
+            let c = self.cgroups.borrow();
+            c.get(&Table::rel(dir))
+                .map(|c| c.1)
+                .ok_or(CgroupfsError::Gone {
+                    path: dir.to_path_buf(),
+                })
+        }
+        fn peak(&self, dir: &Path) -> Result<Option<u64>, CgroupfsError> {
+            let c = self.cgroups.borrow();
+            c.get(&Table::rel(dir))
+                .map(|c| Some(c.2))
+                .ok_or(CgroupfsError::Gone {
+                    path: dir.to_path_buf(),
+                })
+        }
+        fn cgroup_of(&self, pid: u32) -> Option<String> {
+            self.procs.get(&pid).cloned()
+        }
+        fn cgroup_id(&self, dir: &Path) -> Option<u64> {
+            self.cgroups.borrow().get(&Table::rel(dir)).map(|c| c.0)
+        }
+        fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf> {
+            let under = Table::rel(dir);
+            self.cgroups
+                .borrow()
+                .iter()
+                .find(|(rel, c)| c.0 == id && rel.starts_with(&under))
+                .map(|(rel, _)| self.dir(rel))
         }
     }
 
-    fn save(&mut self, rec: &InstanceRecord) {
-        if let Err(e) = self.store.put_instance(rec) {
-            self.store_error(e);
+    fn tracker(table: &Table) -> Tracker<&Table> {
+        let registry = Registry::new(&[RootConfig {
+            path: "/emars".into(),
+            rules: Vec::new(),
+        }])
+        .unwrap();
+        Tracker::new(table, registry)
+    }
+
+    fn mkdir(id: u64, path: &str) -> KernelEvent {
+        KernelEvent::CgroupMkdir {
+            id,
+            path: path.into(),
+            level: 3,
+            truncated: false,
         }
     }
 
-    fn store_error(&mut self, e: StoreError) {
-        self.stats.store_errors += 1;
-        tracing::error!("store: {e}");
+    fn saved(effects: &[Effect]) -> Vec<&InstanceRecord> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Save(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A new instance: limits first (nothing saved until the enforcement is answered), then
+    /// the record with the limits it got.
+    #[test]
+    fn mkdir_enforces_before_saving() {
+        let table = Table::default();
+        table.add("/emars/fn/i1", 10);
+        let mut t = tracker(&table);
+        let fx = t.apply(mkdir(10, "/emars/fn/i1"), 1_000, 77);
+        match fx.as_slice() {
+            [Effect::Enforce {
+                record,
+                mkdir_ts_ns: Some(77),
+            }, Effect::AddHour {
+                function,
+                at_ms: 1_000,
+                delta,
+            }] => {
+                assert_eq!(
+                    (record.function.as_str(), record.instance.as_str()),
+                    ("fn", "i1")
+                );
+                assert_eq!(function, "fn");
+                assert_eq!(delta.instances_started, 1);
+            }
+            other => panic!("unexpected effects {other:?}"),
+        }
+        let limits = Limits {
+            max_bytes: Some(64 * MIB),
+            high_bytes: Some(60 * MIB),
+        };
+        let fx = t.enforced(10, Some(limits));
+        assert_eq!(saved(&fx).len(), 1);
+        assert_eq!(saved(&fx)[0].limits, limits);
+        // Answered once: a second answer does nothing.
+        assert!(t.enforced(10, None).is_empty());
+    }
+
+    /// Instances of a function that ended since the last tick make its next new instance
+    /// recompute the recommendation before the limits are written; the tick recomputes the
+    /// others, once.
+    #[test]
+    fn ended_instances_recompute_before_the_next_enforcement() {
+        let table = Table::default();
+        table.add("/emars/fn/a", 1);
+        table.add("/emars/gn/b", 2);
+        let mut t = tracker(&table);
+        for (id, p) in [(1, "/emars/fn/a"), (2, "/emars/gn/b")] {
+            t.apply(mkdir(id, p), 0, 0);
+            t.enforced(id, None);
+        }
+        table.set_peak("/emars/fn/a", 5 * MIB);
+        for (id, p) in [(1, "/emars/fn/a"), (2, "/emars/gn/b")] {
+            let fx = t.apply(
+                KernelEvent::CgroupRmdir {
+                    id,
+                    path: p.into(),
+                    peak: 0,
+                    watermark: 7 * MIB,
+                },
+                50,
+                0,
+            );
+            let s = saved(&fx);
+            assert_eq!(s.len(), 1);
+            assert_eq!((s[0].ended_at_ms, s[0].peak_bytes), (Some(50), 7 * MIB));
+            assert_eq!(s[0].peak_source, PeakSource::KernelWatermark);
+            table.remove(p);
+        }
+        table.add("/emars/fn/c", 3);
+        let fx = t.apply(mkdir(3, "/emars/fn/c"), 60, 0);
+        assert!(
+            matches!(&fx[..2], [Effect::Recompute { function, .. }, Effect::Enforce { .. }] if function == "fn"),
+            "{fx:?}"
+        );
+        assert_eq!(
+            t.recompute_dirty(70),
+            vec![Effect::Recompute {
+                function: "gn".into(),
+                at_ms: 70
+            }]
+        );
+        assert!(t.recompute_dirty(80).is_empty());
+    }
+
+    /// Execs count and save; a watermark that grew is saved, one that did not is not; an OOM
+    /// kill saves, counts and recomputes at once.
+    #[test]
+    fn execs_peaks_and_oom_kills() {
+        let table = Table::default();
+        table.add("/emars/fn/i", 5);
+        let mut t = tracker(&table);
+        t.apply(mkdir(5, "/emars/fn/i"), 0, 0);
+        t.enforced(5, None);
+        let exec = KernelEvent::Exec {
+            id: 5,
+            pid: 100,
+            filename: "/bin/x".into(),
+        };
+        let fx = t.apply(exec.clone(), 10, 0);
+        assert_eq!(saved(&fx)[0].execs, 1);
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::AddHour { delta, at_ms: 10, .. } if delta.execs == 1)));
+        // Nothing grew: an exit saves nothing.
+        assert!(t
+            .apply(KernelEvent::Exit { id: 5, pid: 100 }, 11, 0)
+            .is_empty());
+        table.set_peak("/emars/fn/i", 9 * MIB);
+        let fx = t.apply(
+            KernelEvent::MemPeak {
+                id: 5,
+                peak: 8 * MIB,
+            },
+            12,
+            0,
+        );
+        let s = saved(&fx);
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].peak_bytes, s[0].peak_source),
+            (9 * MIB, PeakSource::KernelWatermark)
+        );
+        let fx = t.apply(KernelEvent::OomVictim { id: 5, pid: 100 }, 13, 0);
+        assert_eq!(saved(&fx)[0].oom_kills, 1);
+        assert!(
+            matches!(fx.last(), Some(Effect::Recompute { function, at_ms: 13 }) if function == "fn")
+        );
+    }
+
+    /// An event from a task of a cgroup whose mkdir was never seen registers it late (and
+    /// enforces); a cut-short path is found by id; a cgroup gone without an rmdir is closed by
+    /// reconciliation; one that existed before the agent is saved without enforcement.
+    #[test]
+    fn late_truncated_reconciled_and_existing() {
+        let mut table = Table::default();
+        table.procs.insert(42, "/emars/fn/late".into());
+        table.add("/emars/fn/late", 20);
+        table.add("/emars/fn/a-very-long-instance-name", 21);
+        table.add("/emars/fn/old", 22);
+        let mut t = tracker(&table);
+        let fx = t.apply(
+            KernelEvent::Exec {
+                id: 0,
+                pid: 42,
+                filename: "x".into(),
+            },
+            5,
+            0,
+        );
+        assert!(
+            matches!(&fx[0], Effect::Enforce { record, mkdir_ts_ns: None } if record.instance == "late"),
+            "{fx:?}"
+        );
+        assert_eq!(saved(&t.enforced(20, None))[0].execs, 1);
+
+        let fx = t.apply(
+            KernelEvent::CgroupMkdir {
+                id: 21,
+                path: "/emars/fn/a-very".into(),
+                level: 3,
+                truncated: true,
+            },
+            6,
+            0,
+        );
+        assert!(
+            matches!(&fx[0], Effect::Enforce { record, .. } if record.instance == "a-very-long-instance-name"),
+            "{fx:?}"
+        );
+        assert_eq!(t.stats.paths_truncated, 1);
+        let fx = t.apply(
+            KernelEvent::CgroupMkdir {
+                id: 99,
+                path: "/emars/fn/gon".into(),
+                level: 3,
+                truncated: true,
+            },
+            6,
+            0,
+        );
+        assert!(fx.is_empty());
+        assert_eq!(t.stats.paths_unresolved, 1);
+
+        let fx = t.add_cgroup(
+            22,
+            "/emars/fn/old",
+            1,
+            None,
+            Found::Existing {
+                new_since_start: false,
+            },
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Enforce { .. })));
+        assert_eq!(saved(&fx).len(), 1);
+
+        table.remove("/emars/fn/late");
+        let fx = t.reconcile(100);
+        let s = saved(&fx);
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].instance.as_str(), s[0].ended_at_ms),
+            ("late", Some(100))
+        );
+        assert_eq!(t.stats.reconciled, 1);
+        assert_eq!(t.live_count(), 2);
+    }
+
+    /// Effects answered with more are run in order, the answer first.
+    #[test]
+    fn drain_runs_answers_before_the_rest() {
+        let table = Table::default();
+        table.add("/emars/fn/i", 1);
+        let mut t = tracker(&table);
+        let fx = t.apply(mkdir(1, "/emars/fn/i"), 0, 0);
+        let mut order = Vec::new();
+        drain(&mut t, fx, |t, e| {
+            order.push(match &e {
+                Effect::Enforce { .. } => "enforce",
+                Effect::Save(_) => "save",
+                Effect::AddHour { .. } => "hour",
+                Effect::Recompute { .. } => "recompute",
+            });
+            match e {
+                Effect::Enforce { record, .. } => t.enforced(record.cgroup_id, None),
+                _ => Vec::new(),
+            }
+        });
+        assert_eq!(order, vec!["enforce", "save", "hour"]);
     }
 }

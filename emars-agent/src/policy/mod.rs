@@ -4,6 +4,7 @@
 //! `actuator` (the only cgroup writer, audit before write).
 
 pub mod actuator;
+pub mod enforcer;
 pub mod recommend;
 
 use std::{
