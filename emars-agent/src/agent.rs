@@ -202,6 +202,8 @@ async fn event_loop(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut drain = tokio::time::interval(RING_DRAIN);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
     let mut decode_errors = 0u64;
     let mut ticks = 0u64;
@@ -210,20 +212,13 @@ async fn event_loop(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for kernel events")?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    match events::decode(&item) {
-                        Ok(t) => {
-                            let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
-                            enforcer.run(tracker, effects);
-                        }
-                        Err(e) => {
-                            decode_errors += 1;
-                            tracing::error!("bad event record: {e}");
-                        }
-                    }
-                }
+                drain_ring(guard.get_inner_mut(), tracker, enforcer, &mut decode_errors);
                 guard.clear_ready();
+            }
+            // Events that do not wake the agent (exec, exit, attach, peak steps) are read
+            // here, or with the next one that does.
+            _ = drain.tick() => {
+                drain_ring(ring.get_mut(), tracker, enforcer, &mut decode_errors);
             }
             _ = tick.tick() => {
                 let now = now_ms();
@@ -231,6 +226,17 @@ async fn event_loop(
                 enforcer.run(tracker, effects);
                 ticks += 1;
                 if ticks.is_multiple_of(10) {
+                    // Audit records reach sled's own log, and the journal that made them
+                    // durable meanwhile is emptied (a flush: off the event loop).
+                    let st = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = st.settle_audit() {
+                            tracing::error!("settling the audit journal: {e}");
+                        }
+                    });
+                    // Rmdir events still in the ring first: reconciliation must not close an
+                    // instance whose exact end is waiting there.
+                    drain_ring(ring.get_mut(), tracker, enforcer, &mut decode_errors);
                     let effects = tracker.reconcile(now);
                     enforcer.run(tracker, effects);
                 }
@@ -285,6 +291,31 @@ async fn event_loop(
         tracing::warn!("{decode_errors} undecodable event records");
     }
     Ok(())
+}
+
+/// How often the agent reads the ring buffer without being woken: the bound on how late an
+/// exec, exit, peak step or rmdir is seen (mkdir and OOM kills wake it at once).
+const RING_DRAIN: Duration = Duration::from_millis(100);
+
+/// Applies every record waiting in the ring buffer.
+fn drain_ring(
+    rb: &mut RingBuf<MapData>,
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    decode_errors: &mut u64,
+) {
+    while let Some(item) = rb.next() {
+        match events::decode(&item) {
+            Ok(t) => {
+                let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+                enforcer.run(tracker, effects);
+            }
+            Err(e) => {
+                *decode_errors += 1;
+                tracing::error!("bad event record: {e}");
+            }
+        }
+    }
 }
 
 /// Raises the soft limit on open descriptors to the hard one: the API's connection cap is far

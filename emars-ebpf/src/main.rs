@@ -185,6 +185,24 @@ fn reserve(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Eve
     }
 }
 
+/// `BPF_RB_NO_WAKEUP` / `BPF_RB_FORCE_WAKEUP`: ring-buffer submit flags.
+const RB_NO_WAKEUP: u64 = 1;
+const RB_FORCE_WAKEUP: u64 = 2;
+
+/// Whether an event wakes the agent. A wake-up costs the kernel an irq_work and the agent a
+/// context switch, inside the platform's own syscall (measured: exec 9.5 → 0.7 µs, exit 10.8
+/// → 1.8 µs without it). Only a new cgroup (its limits are due at once) and an OOM kill are
+/// worth that; the rest wait in the ring for the next of those or the agent's own drain
+/// (every 100 ms). Forced, not adaptive: after unwoken records the kernel's adaptive rule would
+/// not wake the agent either.
+#[inline(always)]
+fn wake(kind: EventKind) -> u64 {
+    match kind {
+        EventKind::CgroupMkdir | EventKind::OomVictim => RB_FORCE_WAKEUP,
+        _ => RB_NO_WAKEUP,
+    }
+}
+
 /// Sends a small event (no name).
 #[inline(always)]
 fn emit(kind: EventKind, pid: u32, cgroup_id: u64, value: u64, aux: u64) {
@@ -197,7 +215,7 @@ fn emit(kind: EventKind, pid: u32, cgroup_id: u64, value: u64, aux: u64) {
             (*ev).value = value;
             (*ev).aux = aux;
         }
-        entry.submit(0);
+        entry.submit(wake(kind));
     }
 }
 
@@ -281,7 +299,10 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
     ev.level = level;
     ev._pad = 0;
     ev.name_len = len;
-    if EVENTS.output::<Event>(&*ev, 0).is_err() {
+    if EVENTS
+        .output::<Event>(&*ev, wake(EventKind::CgroupMkdir))
+        .is_err()
+    {
         bump(counter::LOST);
     }
     0
@@ -317,7 +338,7 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
             let len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut (*ev).name);
             (*ev).name_len = len;
         }
-        entry.submit(0);
+        entry.submit(wake(EventKind::CgroupRmdir));
     }
     0
 }
@@ -392,7 +413,7 @@ pub fn raw_cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
                     Err(_) => 0,
                 };
         }
-        entry.submit(0);
+        entry.submit(wake(EventKind::CgroupRmdir));
     }
     0
 }
@@ -488,7 +509,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             let len = read_data_loc(&ctx, cfg_u32(&c.exec_filename), &mut (*ev).name);
             (*ev).name_len = len;
         }
-        entry.submit(0);
+        entry.submit(wake(EventKind::Exec));
     }
     0
 }

@@ -68,6 +68,8 @@
 //! panics on bad data. At open, such a value is left out of the live model and moved to
 //! `quarantine` (nothing is lost when a later write reuses its key).
 
+pub mod journal;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -109,6 +111,9 @@ const TREE_V1_HOURS: &str = "hours";
 
 /// Format byte in front of every schema 2 record value.
 const FORMAT_V2: u8 = 2;
+
+/// The audit journal is emptied (after a flush of sled) once it holds this much.
+const JOURNAL_SETTLE_BYTES: u64 = 1 << 20;
 
 /// Ended records per block: the tail is sealed into one sled value when it has this many.
 pub const BLOCK_RECORDS: usize = 128;
@@ -156,6 +161,11 @@ pub enum StoreError {
     },
     #[error("invalid function name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    #[error("cannot write the audit journal {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What [`Store::prune`] deleted.
@@ -252,6 +262,8 @@ pub struct Store {
     /// `strings`.
     state: Arc<Mutex<State>>,
     strings: Arc<Mutex<Strings>>,
+    /// Makes audit records durable without flushing sled (see [`journal`]).
+    journal: Arc<Mutex<journal::Journal>>,
     meta: sled::Tree,
     /// True when the model came from the checkpoint rather than a scan of the records.
     from_checkpoint: bool,
@@ -327,7 +339,13 @@ impl Store {
                 Some(found)
             }
         };
+        let (journal, journaled) =
+            journal::Journal::open(path).map_err(|source| StoreError::CreateDir {
+                path: path.join(journal::JOURNAL_FILE),
+                source,
+            })?;
         let mut store = Store {
+            journal: Arc::new(Mutex::new(journal)),
             path: Arc::from(path),
             live_tree: tree(TREE_LIVE)?,
             tail: tree(TREE_TAIL)?,
@@ -347,6 +365,7 @@ impl Store {
             from_checkpoint: false,
             corrupt_at_open: 0,
         };
+        store.replay_journal(journaled)?;
         store.load_strings()?;
         if found == Some(1) {
             store.migrate_v1()?;
@@ -517,6 +536,8 @@ impl Store {
         })?;
         self.meta.insert(KEY_LIVE_CHECKPOINT, raw)?;
         self.meta.insert(KEY_CLEAN, &b"1"[..])?;
+        drop(st);
+        self.settle_audit()?;
         self.db.flush()?;
         Ok(())
     }
@@ -678,34 +699,104 @@ impl Store {
         self.append_log(&self.audit, TREE_AUDIT, at_ms, rec)
     }
 
-    /// Records the intent of a limit write and returns only once it is on disk (fsync), so that
-    /// no write can happen that the audit does not show, even after `kill -9`. Until
-    /// [`Store::complete_audit`] replaces it, the record is also listed as pending, and a
+    /// Records the intent of a limit write and returns only once it is on disk, so that no
+    /// write can happen that the audit does not show, even after `kill -9`: the record goes to
+    /// sled and, durably, to the audit journal (one `O_DSYNC` write, not a flush of sled).
+    /// Until [`Store::complete_audit`] replaces it, the record is also listed as pending, and a
     /// restarted agent marks it as interrupted ([`Store::close_interrupted_audit`]).
     pub fn append_audit_durable<T: Serialize>(
         &self,
         at_ms: u64,
         rec: &T,
     ) -> Result<AuditKey, StoreError> {
+        let mut journal = self.journal();
         let key = self.append_audit(at_ms, rec)?;
         self.audit_pending.insert(key, &[])?;
-        if let Err(e) = self.db.flush() {
+        let value = encode_json(TREE_AUDIT, &key, rec)?;
+        if let Err(e) = journal.append(&journal::Entry::new(&key, true, &value)) {
             // Not durable, so the write will not happen: the record must not claim it might
-            // have (best effort; the store is failing).
+            // have (best effort; the disk is failing).
             let _ = self.audit.remove(key);
             let _ = self.audit_pending.remove(key);
-            return Err(e.into());
+            return Err(StoreError::Journal {
+                path: journal.path().to_path_buf(),
+                source: e,
+            });
         }
+        self.settle_if_large(&mut journal)?;
         Ok(key)
     }
 
-    /// Replaces a pending audit record by its outcome, durably.
+    /// Replaces a pending audit record by its outcome, durably (journal).
     pub fn complete_audit<T: Serialize>(&self, key: &AuditKey, rec: &T) -> Result<(), StoreError> {
+        let mut journal = self.journal();
         let value = encode_json(TREE_AUDIT, key, rec)?;
-        self.audit.insert(key, value)?;
+        self.audit.insert(key, value.as_slice())?;
         self.audit_pending.remove(key)?;
-        self.db.flush()?;
+        journal
+            .append(&journal::Entry::new(key, false, &value))
+            .map_err(|source| StoreError::Journal {
+                path: journal.path().to_path_buf(),
+                source,
+            })?;
         Ok(())
+    }
+
+    /// Flushes sled and empties the audit journal, whose records sled now holds durably.
+    /// Called periodically by the agent and at a clean stop; cheap when nothing was audited.
+    pub fn settle_audit(&self) -> Result<(), StoreError> {
+        let mut journal = self.journal();
+        if journal.bytes == 0 {
+            return Ok(());
+        }
+        self.db.flush()?;
+        journal.reset().map_err(|source| StoreError::Journal {
+            path: journal.path().to_path_buf(),
+            source,
+        })
+    }
+
+    fn settle_if_large(&self, journal: &mut journal::Journal) -> Result<(), StoreError> {
+        if journal.bytes < JOURNAL_SETTLE_BYTES {
+            return Ok(());
+        }
+        self.db.flush()?;
+        journal.reset().map_err(|source| StoreError::Journal {
+            path: journal.path().to_path_buf(),
+            source,
+        })
+    }
+
+    /// At open: the journal's records into the `audit` tree (what sled lost in a crash comes
+    /// back, pending or complete as the journal last said), then flushed and the journal
+    /// emptied.
+    fn replay_journal(&self, entries: Vec<journal::Entry>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for e in &entries {
+            let Some(key) = e.key_bytes() else {
+                continue;
+            };
+            self.audit.insert(key, e.value.as_bytes())?;
+            if e.pending {
+                self.audit_pending.insert(key, &[])?;
+            } else {
+                self.audit_pending.remove(key)?;
+            }
+        }
+        self.db.flush()?;
+        let mut journal = self.journal();
+        journal.reset().map_err(|source| StoreError::Journal {
+            path: journal.path().to_path_buf(),
+            source,
+        })?;
+        tracing::info!("{} audit journal entries replayed", entries.len());
+        Ok(())
+    }
+
+    fn journal(&self) -> MutexGuard<'_, journal::Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// At start-up: every audit record still pending (the agent stopped between intent and
@@ -1313,6 +1404,7 @@ impl Store {
 
     /// Writes all buffered changes to disk (sled also flushes on its own every 500 ms).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.settle_audit()?;
         self.db.flush()?;
         Ok(())
     }
@@ -1747,6 +1839,48 @@ fn encode_json<T: Serialize>(
 #[cfg(test)]
 mod audit_tests {
     use super::*;
+
+    /// An intent made durable by the journal alone (sled lost it in a crash) is back after
+    /// the next open, still pending, so that the restart closes it as interrupted; one whose
+    /// outcome was journaled comes back complete.
+    #[test]
+    fn journal_brings_back_what_sled_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (k1, k2) = {
+            let store = Store::open(&path).unwrap();
+            let k1 = store.append_audit_durable(1_000, &"intent-1").unwrap();
+            let k2 = store.append_audit_durable(2_000, &"intent-2").unwrap();
+            store.complete_audit(&k2, &"done-2").unwrap();
+            // What a crash before sled's flush would leave: none of it in sled.
+            store.audit.remove(k1).unwrap();
+            store.audit.remove(k2).unwrap();
+            store.audit_pending.remove(k1).unwrap();
+            store.db.flush().unwrap();
+            assert!(store.journal().bytes > 0);
+            (k1, k2)
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.journal().bytes, 0, "the journal was not emptied");
+        assert_eq!(
+            store.audit::<String>(10).unwrap(),
+            vec!["done-2", "intent-1"]
+        );
+        assert!(store.audit_pending.contains_key(k1).unwrap());
+        assert!(!store.audit_pending.contains_key(k2).unwrap());
+        let closed = store
+            .close_interrupted_audit(|r: String| format!("{r}: interrupted"))
+            .unwrap();
+        assert_eq!(closed, 1);
+        assert_eq!(
+            store.audit::<String>(10).unwrap(),
+            vec!["done-2", "intent-1: interrupted"]
+        );
+        // Settled: sled has it all, the journal is empty.
+        store.append_audit_durable(3_000, &"intent-3").unwrap();
+        store.settle_audit().unwrap();
+        assert_eq!(store.journal().bytes, 0);
+    }
 
     #[test]
     fn audit_is_newest_first_and_pruned() {
