@@ -745,11 +745,18 @@ impl Store {
     /// Flushes sled and empties the audit journal, whose records sled now holds durably.
     /// Called periodically by the agent and at a clean stop; cheap when nothing was audited.
     pub fn settle_audit(&self) -> Result<(), StoreError> {
-        let mut journal = self.journal();
-        if journal.bytes == 0 {
+        let mark = self.journal().bytes;
+        if mark == 0 {
             return Ok(());
         }
+        // The flush runs without the journal's lock, so limit writes meanwhile do not wait
+        // for it; the journal is emptied only if none came in (else at the next settle, or
+        // when it reaches JOURNAL_SETTLE_BYTES).
         self.db.flush()?;
+        let mut journal = self.journal();
+        if journal.bytes != mark {
+            return Ok(());
+        }
         journal.reset().map_err(|source| StoreError::Journal {
             path: journal.path().to_path_buf(),
             source,
