@@ -670,7 +670,9 @@ impl Store {
             }
             st.model.shrink();
         }
-        // The load freed many small buffers: give them back rather than keep them as RSS.
+        // The load freed many small buffers: give them back rather than keep them as RSS
+        // (glibc; musl's allocator returns memory on its own).
+        #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
         unsafe {
             libc::malloc_trim(0);
