@@ -19,7 +19,7 @@ use crate::{
     kernel::events,
     kernel::probes::Probes,
     model::registry::Registry,
-    model::tracker::{Found, Tracker},
+    model::tracker::{mkdirs_first, Found, Tracker},
     model::AgentInfo,
     policy::actuator::Actuator,
     policy::enforcer::Enforcer,
@@ -304,17 +304,19 @@ fn drain_ring(
     enforcer: &mut Enforcer,
     decode_errors: &mut u64,
 ) {
+    let mut batch = Vec::new();
     while let Some(item) = rb.next() {
         match events::decode(&item) {
-            Ok(t) => {
-                let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
-                enforcer.run(tracker, effects);
-            }
+            Ok(t) => batch.push(t),
             Err(e) => {
                 *decode_errors += 1;
                 tracing::error!("bad event record: {e}");
             }
         }
+    }
+    for t in mkdirs_first(batch) {
+        let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+        enforcer.run(tracker, effects);
     }
 }
 

@@ -44,6 +44,21 @@ pub enum KernelEvent {
     },
 }
 
+impl KernelEvent {
+    /// The cgroup the event is about (0: not known to the kernel side).
+    pub fn cgroup_id(&self) -> u64 {
+        match self {
+            KernelEvent::CgroupMkdir { id, .. }
+            | KernelEvent::CgroupRmdir { id, .. }
+            | KernelEvent::TaskAttach { id, .. }
+            | KernelEvent::Exec { id, .. }
+            | KernelEvent::Exit { id, .. }
+            | KernelEvent::MemPeak { id, .. }
+            | KernelEvent::OomVictim { id, .. } => *id,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {0} bytes is shorter than an event")]

@@ -501,6 +501,27 @@ impl<C: Cgroups> Tracker<C> {
     }
 }
 
+/// The order to apply a batch of events read from the ring: every mkdir first (its limits are
+/// due at once, and exec/exit/rmdir records that did not wake the agent may be queued ahead of
+/// it), unless an earlier event in the batch is about the same cgroup id (an inode reused after
+/// an rmdir still queued): then it keeps its place. The rest keep their order.
+pub fn mkdirs_first(batch: Vec<crate::kernel::events::Timed>) -> Vec<crate::kernel::events::Timed> {
+    let mut seen = HashSet::new();
+    let mut first = Vec::new();
+    let mut rest = Vec::with_capacity(batch.len());
+    for t in batch {
+        let id = t.event.cgroup_id();
+        if matches!(t.event, KernelEvent::CgroupMkdir { .. }) && !seen.contains(&id) {
+            first.push(t);
+        } else {
+            seen.insert(id);
+            rest.push(t);
+        }
+    }
+    first.extend(rest);
+    first
+}
+
 /// Runs effects in order: the stage that owns the store and the actuator hands each one to
 /// `run`, which may answer with more (an enforcement's outcome), handled in turn.
 pub fn drain<C: Cgroups>(
@@ -827,6 +848,49 @@ mod tests {
         );
         assert_eq!(t.stats.reconciled, 1);
         assert_eq!(t.live_count(), 2);
+    }
+
+    /// A mkdir moves ahead of queued events about other cgroups, not ahead of one about its
+    /// own id (a reused inode whose rmdir is still queued).
+    #[test]
+    fn mkdirs_go_first_unless_their_id_came_before() {
+        use crate::kernel::events::Timed;
+        let ev = |event| Timed { ts_ns: 0, event };
+        let exit = |id| KernelEvent::Exit { id, pid: 1 };
+        let rmdir = |id| KernelEvent::CgroupRmdir {
+            id,
+            path: String::new(),
+            peak: 0,
+            watermark: 0,
+        };
+        let batch = vec![
+            ev(exit(1)),
+            ev(rmdir(1)),
+            ev(rmdir(2)),
+            ev(mkdir(3, "/emars/f/c")),
+            ev(mkdir(2, "/emars/f/reused")),
+            ev(exit(3)),
+        ];
+        let order: Vec<(u64, bool)> = mkdirs_first(batch)
+            .iter()
+            .map(|t| {
+                (
+                    t.event.cgroup_id(),
+                    matches!(t.event, KernelEvent::CgroupMkdir { .. }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (3, true),
+                (1, false),
+                (1, false),
+                (2, false),
+                (2, true),
+                (3, false)
+            ]
+        );
     }
 
     /// Effects answered with more are run in order, the answer first.
