@@ -663,3 +663,114 @@ fn slow_clients_cannot_starve_the_agent() -> anyhow::Result<()> {
     drop(conns);
     Ok(())
 }
+
+/// `kill -9` at a different moment of container churn, again and again (50 times on a host,
+/// 10 under emulation), on one store: the agent starts on it every time, and every limit a
+/// new instance was seen to get is in the audit afterwards (as written, or as interrupted
+/// when the agent died between the write and its outcome).
+#[test]
+fn store_and_audit_survive_repeated_kill_9_during_churn() -> anyhow::Result<()> {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    };
+    if !require_root("store_and_audit_survive_repeated_kill_9_during_churn") {
+        return Ok(());
+    }
+    let rounds = if time_scale() > 1 { 10 } else { 50 };
+    let root = Arc::new(TestRoot::new()?);
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let extra = format!(
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{}/export\"\n",
+        tmp.path().display()
+    );
+    // History, so that the function has a recommendation and its new instances get limits.
+    let agent = Agent::start_with(&root, &store, &extra, None)?;
+    for i in 0..3 {
+        let d = root.instance_dir("k9churn", &format!("h{i}"))?;
+        run_alloc(&d, 12, 0, 0)?;
+        fs::remove_dir(&d)?;
+    }
+    agent.wait_ended("k9churn", 3)?;
+    drop(agent);
+
+    let (max_file, _) = root.hierarchy.limit_files();
+    let limited = |t: &str| {
+        let t = t.trim();
+        t != "max" && t.len() < 18 && !t.is_empty()
+    };
+    let seen_limited: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut churned = 0usize;
+    for round in 0..rounds {
+        let agent = Agent::start_with(&root, &store, &extra, None)
+            .with_context(|| format!("start {round} after kill -9"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (root, stop, seen) = (root.clone(), stop.clone(), seen_limited.clone());
+            std::thread::spawn(move || -> anyhow::Result<usize> {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("r{round}-{n}");
+                    let d = root.instance_dir("k9churn", &name)?;
+                    std::thread::sleep(Duration::from_millis(3));
+                    if limited(&fs::read_to_string(d.join(max_file)).unwrap_or_default()) {
+                        seen.lock().map_err(|_| anyhow!("poisoned"))?.push(name);
+                    }
+                    fs::remove_dir(&d)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        };
+        // A different moment each round: 20 to 200 ms into the churn.
+        std::thread::sleep(Duration::from_millis(20 + (round as u64 * 37) % 180));
+        agent.kill()?;
+        stop.store(true, Ordering::Relaxed);
+        churned += churn
+            .join()
+            .map_err(|_| anyhow!("churn thread panicked"))??;
+    }
+    let seen = seen_limited
+        .lock()
+        .map_err(|_| anyhow!("poisoned"))?
+        .clone();
+    assert!(
+        !seen.is_empty(),
+        "no instance got limits during {churned} created in {rounds} rounds"
+    );
+    let agent = Agent::start_with(&root, &store, &extra, None)?;
+    let audit = agent.get_ok("/v1/audit?limit=10000")?;
+    let recorded: std::collections::HashMap<String, String> = audit["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["function"] == "k9churn" && r["reason"] == "new_instance")
+        .filter_map(|r| {
+            Some((
+                r["instance"].as_str()?.to_owned(),
+                r["outcome"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    for name in &seen {
+        let outcome = recorded.get(name).ok_or_else(|| {
+            anyhow!(
+                "instance {name} got limits but its write is not in the audit \
+                 ({} of {} seen limited are)",
+                seen.iter().filter(|n| recorded.contains_key(*n)).count(),
+                seen.len()
+            )
+        })?;
+        assert!(
+            outcome == "ok" || outcome == "interrupted",
+            "{name}: outcome {outcome}"
+        );
+    }
+    eprintln!(
+        "{rounds} kill -9 rounds, {churned} instances churned, {} got limits, all {} in the audit",
+        seen.len(),
+        seen.len()
+    );
+    Ok(())
+}
