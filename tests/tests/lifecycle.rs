@@ -208,15 +208,17 @@ fn restart_keeps_everything() -> anyhow::Result<()> {
     // One instance keeps running across the restart.
     let live_dir = root.instance_dir("persist", "survivor")?;
     let mut child = spawn_alloc(&live_dir, 20, 2500, 0)?;
+    // Seen with its exec counted: exec events reach the agent with its next drain (up to
+    // 100 ms after the mkdir that woke it), and the snapshot below must include it.
     wait_for(Duration::from_secs(5), || {
         agent
             .instances("persist")
             .ok()?
             .iter()
-            .any(|r| r["instance"] == "survivor")
+            .any(|r| r["instance"] == "survivor" && r["execs"].as_u64() >= Some(1))
             .then_some(())
     })
-    .ok_or_else(|| anyhow::anyhow!("survivor not seen"))?;
+    .ok_or_else(|| anyhow::anyhow!("survivor not seen with its exec"))?;
     let before_fn = agent.get_ok("/v1/functions/persist")?;
     let before_inst = agent.instances("persist")?;
     assert!(agent.stop()?.success(), "agent exits cleanly on SIGTERM");
