@@ -115,42 +115,83 @@ impl FunctionState {
             }
             return;
         };
-        // Mostly at the end: instances end roughly in the order they started.
-        let pos = match self.ended.last() {
-            Some(l) if (l.started_at_ms, l.cgroup_id) < key => Err(self.ended.len()),
-            None => Err(0),
-            _ => self
-                .ended
-                .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id)),
-        };
         if sign > 0 {
-            let ran = ended_at_ms.saturating_sub(rec.started_at_ms);
-            let ran_ms = u32::try_from(ran).unwrap_or(u32::MAX);
-            if ran_ms == u32::MAX {
-                self.long_runs.insert(key, ended_at_ms);
-            }
-            let e = Ended {
-                started_at_ms: rec.started_at_ms,
-                cgroup_id: rec.cgroup_id,
-                peak_bytes: rec.peak_bytes,
-                ran_ms,
-                block: IN_TAIL,
-            };
-            match pos {
-                Ok(i) => self.ended[i] = e,
-                Err(i) => self.ended.insert(i, e),
-            }
-            self.ended_execs = self.ended_execs.saturating_add(rec.execs);
-            self.ended_oom_kills = self.ended_oom_kills.saturating_add(rec.oom_kills);
-            if rec.oom_kills > 0 {
-                self.ended_oom.insert(key, rec.limits.max_bytes);
-            }
+            self.insert_ended(
+                &EndedRecord {
+                    key,
+                    ended_at_ms,
+                    peak_bytes: rec.peak_bytes,
+                    execs: rec.execs,
+                    oom_kills: rec.oom_kills,
+                    limit_bytes: rec.limits.max_bytes,
+                },
+                IN_TAIL,
+            );
         } else {
-            if let Ok(i) = pos {
+            if let Some(i) = self.find(key) {
                 self.ended.remove(i);
             }
             self.sub_counts(rec);
         }
+    }
+
+    /// Adds an ended record (or replaces the entry of the same key) and its counts.
+    fn insert_ended(&mut self, r: &EndedRecord, block: u32) {
+        let (started_at_ms, cgroup_id) = r.key;
+        let ran_ms = u32::try_from(r.ended_at_ms.saturating_sub(started_at_ms)).unwrap_or(u32::MAX);
+        if ran_ms == u32::MAX {
+            self.long_runs.insert(r.key, r.ended_at_ms);
+        }
+        let e = Ended {
+            started_at_ms,
+            cgroup_id,
+            peak_bytes: r.peak_bytes,
+            ran_ms,
+            block,
+        };
+        // Mostly at the end: instances end roughly in the order they started.
+        let pos = match self.ended.last() {
+            Some(l) if (l.started_at_ms, l.cgroup_id) < r.key => Err(self.ended.len()),
+            None => Err(0),
+            _ => self
+                .ended
+                .binary_search_by_key(&r.key, |e| (e.started_at_ms, e.cgroup_id)),
+        };
+        match pos {
+            Ok(i) => self.ended[i] = e,
+            Err(i) => self.ended.insert(i, e),
+        }
+        self.ended_execs = self.ended_execs.saturating_add(r.execs);
+        self.ended_oom_kills = self.ended_oom_kills.saturating_add(r.oom_kills);
+        if r.oom_kills > 0 {
+            self.ended_oom.insert(r.key, r.limit_bytes);
+        }
+    }
+
+    /// Widens the first/last-seen range; true when the function is new or its first-seen
+    /// time moved.
+    fn widen_seen(&mut self, first_ms: u64, last_ms: u64) -> bool {
+        self.changed();
+        let new = self.first_seen_ms == 0 && self.last_seen_ms == 0;
+        let first = if new {
+            first_ms
+        } else {
+            self.first_seen_ms.min(first_ms)
+        };
+        let moved = new || first != self.first_seen_ms;
+        self.first_seen_ms = first;
+        self.last_seen_ms = self.last_seen_ms.max(last_ms);
+        moved
+    }
+
+    /// Inserts or replaces the bucket of its hour, keeping the invocation sum.
+    fn put_hour(&mut self, bucket: HourBucket) {
+        self.changed();
+        let old = self.hours.insert(bucket);
+        self.invocations = self
+            .invocations
+            .saturating_sub(old.map_or(0, |b| b.invocations))
+            .saturating_add(bucket.invocations);
     }
 
     fn sub_counts(&mut self, rec: &InstanceRecord) {
@@ -288,18 +329,7 @@ impl LiveModel {
     /// Widens the function's first/last-seen range; true when the function is new or its
     /// first-seen time moved (the store persists those two, the rest is derived at open).
     pub fn seen(&mut self, name: &str, first_ms: u64, last_ms: u64) -> bool {
-        let f = self.function(name);
-        f.changed();
-        let new = f.first_seen_ms == 0 && f.last_seen_ms == 0;
-        let first = if new {
-            first_ms
-        } else {
-            f.first_seen_ms.min(first_ms)
-        };
-        let moved = new || first != f.first_seen_ms;
-        f.first_seen_ms = first;
-        f.last_seen_ms = f.last_seen_ms.max(last_ms);
-        moved
+        self.function(name).widen_seen(first_ms, last_ms)
     }
 
     /// How many ended instances and hour buckets the function retains.
@@ -344,43 +374,10 @@ impl LiveModel {
     /// the function for all, and no strings built.
     pub fn load_block(&mut self, name: &str, block: u32, recs: &[EndedRecord]) {
         let f = self.function(name);
-        f.changed();
         for r in recs {
-            let (started, cgroup) = r.key;
-            f.first_seen_ms = if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
-                started
-            } else {
-                f.first_seen_ms.min(started)
-            };
-            f.last_seen_ms = f.last_seen_ms.max(r.ended_at_ms.max(started));
+            f.widen_seen(r.key.0, r.ended_at_ms.max(r.key.0));
             f.live.remove(&r.key);
-            let ran_ms = u32::try_from(r.ended_at_ms.saturating_sub(started)).unwrap_or(u32::MAX);
-            if ran_ms == u32::MAX {
-                f.long_runs.insert(r.key, r.ended_at_ms);
-            }
-            let e = Ended {
-                started_at_ms: started,
-                cgroup_id: cgroup,
-                peak_bytes: r.peak_bytes,
-                ran_ms,
-                block,
-            };
-            let pos = match f.ended.last() {
-                Some(l) if (l.started_at_ms, l.cgroup_id) < r.key => Err(f.ended.len()),
-                None => Err(0),
-                _ => f
-                    .ended
-                    .binary_search_by_key(&r.key, |e| (e.started_at_ms, e.cgroup_id)),
-            };
-            match pos {
-                Ok(i) => f.ended[i] = e,
-                Err(i) => f.ended.insert(i, e),
-            }
-            f.ended_execs = f.ended_execs.saturating_add(r.execs);
-            f.ended_oom_kills = f.ended_oom_kills.saturating_add(r.oom_kills);
-            if r.oom_kills > 0 {
-                f.ended_oom.insert(r.key, r.limit_bytes);
-            }
+            f.insert_ended(r, block);
         }
     }
 
@@ -416,31 +413,14 @@ impl LiveModel {
     /// An hour bucket read at open: one lookup of the function for the bucket and its
     /// first/last-seen range.
     pub fn load_hour(&mut self, function: &str, bucket: HourBucket) {
-        let at = bucket.hour_start_ms;
         let f = self.function(function);
-        f.first_seen_ms = if f.first_seen_ms == 0 && f.last_seen_ms == 0 {
-            at
-        } else {
-            f.first_seen_ms.min(at)
-        };
-        f.last_seen_ms = f.last_seen_ms.max(at);
-        f.changed();
-        let old = f.hours.insert(bucket);
-        f.invocations = f
-            .invocations
-            .saturating_sub(old.map_or(0, |b| b.invocations))
-            .saturating_add(bucket.invocations);
+        f.widen_seen(bucket.hour_start_ms, bucket.hour_start_ms);
+        f.put_hour(bucket);
     }
 
     /// An hour bucket as written.
     pub fn put_hour(&mut self, function: &str, bucket: HourBucket) {
-        let f = self.function(function);
-        f.changed();
-        let old = f.hours.insert(bucket);
-        f.invocations = f
-            .invocations
-            .saturating_sub(old.map_or(0, |b| b.invocations))
-            .saturating_add(bucket.invocations);
+        self.function(function).put_hour(bucket);
     }
 
     /// Merges `delta` into the function's bucket of the hour starting at `hour_start_ms` and
@@ -457,7 +437,7 @@ impl LiveModel {
             ..HourBucket::default()
         });
         apply_delta(&mut b, delta);
-        self.put_hour(function, b);
+        f.put_hour(b);
         b
     }
 
@@ -486,10 +466,6 @@ impl LiveModel {
             out.extend(f.hours.starts_before(cutoff_ms).map(|h| (name.clone(), h)));
         }
         out
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.functions.contains_key(name)
     }
 
     pub fn summary(&mut self, name: &str) -> Option<FunctionSummary> {

@@ -578,7 +578,7 @@ impl Store {
             for item in self.blocks.iter() {
                 let (key, raw) = item?;
                 let seq = u64_of(&key);
-                let entries = match decode_block(&raw) {
+                let entries = match decode_v2::<Vec<BlockEntry>>(&raw) {
                     Ok(e) => e,
                     Err(reason) => {
                         let e = StoreError::Corrupt {
@@ -720,10 +720,7 @@ impl Store {
             // have (best effort; the disk is failing).
             let _ = self.audit.remove(key);
             let _ = self.audit_pending.remove(key);
-            return Err(StoreError::Journal {
-                path: journal.path().to_path_buf(),
-                source: e,
-            });
+            return Err(journal_error(&journal, e));
         }
         self.settle_if_large(&mut journal)?;
         Ok(key)
@@ -737,10 +734,7 @@ impl Store {
         self.audit_pending.remove(key)?;
         journal
             .append(&journal::Entry::new(key, false, &value))
-            .map_err(|source| StoreError::Journal {
-                path: journal.path().to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| journal_error(&journal, source))?;
         Ok(())
     }
 
@@ -759,10 +753,9 @@ impl Store {
         if journal.bytes != mark {
             return Ok(());
         }
-        journal.reset().map_err(|source| StoreError::Journal {
-            path: journal.path().to_path_buf(),
-            source,
-        })
+        journal
+            .reset()
+            .map_err(|source| journal_error(&journal, source))
     }
 
     fn settle_if_large(&self, journal: &mut journal::Journal) -> Result<(), StoreError> {
@@ -770,10 +763,9 @@ impl Store {
             return Ok(());
         }
         self.db.flush()?;
-        journal.reset().map_err(|source| StoreError::Journal {
-            path: journal.path().to_path_buf(),
-            source,
-        })
+        journal
+            .reset()
+            .map_err(|source| journal_error(journal, source))
     }
 
     /// At open: the journal's records into the `audit` tree (what sled lost in a crash comes
@@ -796,10 +788,9 @@ impl Store {
         }
         self.db.flush()?;
         let mut journal = self.journal();
-        journal.reset().map_err(|source| StoreError::Journal {
-            path: journal.path().to_path_buf(),
-            source,
-        })?;
+        journal
+            .reset()
+            .map_err(|source| journal_error(&journal, source))?;
         tracing::info!("{} audit journal entries replayed", entries.len());
         Ok(())
     }
@@ -933,13 +924,16 @@ impl Store {
         function: &str,
         key: InstanceKey,
     ) -> Result<Option<(InstanceRecord, u32)>, StoreError> {
-        let raw_key = log_key(key.0, key.1);
-        if let Some(raw) = self.tail.get(raw_key)? {
-            // One that does not decode was never counted (it is in quarantine since the open).
-            return Ok(self
-                .decode_instance(&raw_key, &raw)
-                .ok()
-                .map(|r| (r, IN_TAIL)));
+        // The index knows the tail: a new instance (the common write) reads nothing.
+        if st.index.tail.contains_key(&key) {
+            let raw_key = log_key(key.0, key.1);
+            if let Some(raw) = self.tail.get(raw_key)? {
+                // One that does not decode was never counted (it is in quarantine).
+                return Ok(self
+                    .decode_instance(&raw_key, &raw)
+                    .ok()
+                    .map(|r| (r, IN_TAIL)));
+            }
         }
         let Some(block) = st.model.ended_block(function, key) else {
             return Ok(None);
@@ -963,7 +957,7 @@ impl Store {
             let Some(stored) = self
                 .tail
                 .get(raw_key)?
-                .and_then(|raw| decode_stored(&raw).ok())
+                .and_then(|raw| decode_v2::<StoredInstance>(&raw).ok())
             else {
                 // Gone, or in quarantine since the open: left where it is, not sealed.
                 unsealable.push(*ikey);
@@ -1051,7 +1045,7 @@ impl Store {
         let key = seq.to_be_bytes();
         match self.blocks.get(key)? {
             None => Ok(Vec::new()),
-            Some(raw) => decode_block(&raw).map_err(|reason| StoreError::Corrupt {
+            Some(raw) => decode_v2::<Vec<BlockEntry>>(&raw).map_err(|reason| StoreError::Corrupt {
                 tree: TREE_BLOCKS,
                 key: seq.to_string(),
                 reason,
@@ -1489,7 +1483,7 @@ impl Store {
         if key.len() != 16 {
             return Err(corrupt(format!("key of {} bytes, not 16", key.len())));
         }
-        let stored = decode_stored(raw).map_err(corrupt)?;
+        let stored = decode_v2::<StoredInstance>(raw).map_err(corrupt)?;
         self.record_of(u64_of(&key[..8]), u64_of(&key[8..]), stored, TREE_LIVE)
     }
 
@@ -1514,13 +1508,7 @@ impl Store {
             return Err(corrupt(format!("key of {} bytes, not 8", key.len())));
         }
         let (hour, id) = (u32_of(&key[..4]), u32_of(&key[4..]));
-        let s: StoredHour = match raw.split_first() {
-            Some((&FORMAT_V2, body)) => {
-                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
-            }
-            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
-            None => return Err(corrupt("empty value".into())),
-        };
+        let s: StoredHour = decode_v2(raw).map_err(corrupt)?;
         let name = self
             .string(id)
             .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
@@ -1541,13 +1529,7 @@ impl Store {
             key: hour_start_ms.to_string(),
             reason,
         };
-        let entries: Vec<(u32, StoredHour)> = match raw.split_first() {
-            Some((&FORMAT_V2, body)) => {
-                postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?
-            }
-            Some((b, _)) => return Err(corrupt(format!("unknown format byte {b:#04x}"))),
-            None => return Err(corrupt("empty value".into())),
-        };
+        let entries: Vec<(u32, StoredHour)> = decode_v2(raw).map_err(corrupt)?;
         let strings = self.strings();
         entries
             .into_iter()
@@ -1668,7 +1650,15 @@ fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
     }
 }
 
-fn decode_stored(raw: &[u8]) -> Result<StoredInstance, String> {
+fn journal_error(journal: &journal::Journal, source: std::io::Error) -> StoreError {
+    StoreError::Journal {
+        path: journal.path().to_path_buf(),
+        source,
+    }
+}
+
+/// A schema 2 value: the format byte, then postcard.
+fn decode_v2<T: DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
     match raw.split_first() {
         Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
         Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
@@ -1684,14 +1674,6 @@ fn encode_block(entries: &[BlockEntry]) -> Result<Vec<u8>, StoreError> {
         reason: e.to_string(),
     })?;
     Ok(out)
-}
-
-fn decode_block(raw: &[u8]) -> Result<Vec<BlockEntry>, String> {
-    match raw.split_first() {
-        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
-        Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
-        None => Err("empty value".into()),
-    }
 }
 
 fn stored_hour(b: &HourBucket) -> StoredHour {
