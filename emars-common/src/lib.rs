@@ -73,10 +73,13 @@ impl EventKind {
     }
 }
 
-/// One record of the `EVENTS` ring buffer.
+/// The fixed part of every record of the `EVENTS` ring buffer. A record is this header,
+/// followed by `name_len + 1` bytes of name (path or filename and its NUL) for the kinds that
+/// carry one: records are as long as what they carry (56 bytes for most), so the ring holds
+/// several times more of them while the agent is down.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Event {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
     pub kind: u32,
     pub pid: u32,
     /// cgroup id in the memory hierarchy: the inode of the cgroup directory.
@@ -88,8 +91,19 @@ pub struct Event {
     pub hierarchy: i32,
     pub level: i32,
     pub _pad: u32,
-    /// Valid bytes of `name` (without the NUL).
+    /// Valid bytes of the name that follows (without the NUL); 0 for kinds without one.
     pub name_len: u32,
+}
+
+/// Bytes of an [`EventHeader`]: the shortest record.
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// A header and room for the longest name: where the kernel side builds a named record before
+/// sending its used part.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub head: EventHeader,
     pub name: [u8; EVENT_NAME_LEN],
 }
 
@@ -134,7 +148,10 @@ pub mod counter {
     pub const WATCH_TABLE_FULL: u32 = 2;
     /// memcg stat events seen for watched cgroups.
     pub const MEMCG_EVENTS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Peak steps not sent because the ring was over half full (the agent away or behind):
+    /// the other half is kept for the lifecycle events that make instance records.
+    pub const PEAKS_HELD: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Start-up configuration of the programs, written into their read-only `CONFIG` global.
@@ -226,6 +243,7 @@ pub struct MemcgTpOffsets {
 mod pod {
     // SAFETY: all of these are repr(C) plain integers/arrays with no padding holes that the
     // kernel could misread (explicit _pad fields keep the layout fixed).
+    unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::WatchRoot {}
     unsafe impl aya::Pod for super::MemState {}

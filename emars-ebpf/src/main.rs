@@ -26,8 +26,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use emars_common::{
-    counter, Event, EventKind, MemState, MemcgTpOffsets, ProbeConfig, WatchRoot, EVENT_NAME_LEN,
-    MAX_MEMCG_ITEMS, MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, Event, EventHeader, EventKind, MemState, MemcgTpOffsets, ProbeConfig, WatchRoot,
+    EVENT_HEADER_LEN, EVENT_NAME_LEN, MAX_MEMCG_ITEMS, MAX_ROOTS, ROOT_PREFIX_LEN,
 };
 
 #[no_mangle]
@@ -157,37 +157,51 @@ fn read_data_loc(ctx: &TracePointContext, field_offset: usize, dst: &mut [u8]) -
     }
 }
 
-/// Reserves an event with the common fields filled; the caller fills the rest and submits.
+/// A header with the common fields filled.
 #[inline(always)]
-fn reserve(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            let ev = entry.as_mut_ptr();
-            // SAFETY: the entry is ours until submit/discard.
-            unsafe {
-                (*ev).kind = kind as u32;
-                (*ev).pid = 0;
-                (*ev).cgroup_id = 0;
-                (*ev).value = 0;
-                (*ev).aux = 0;
-                (*ev).ts_ns = bpf_ktime_get_ns();
-                (*ev).hierarchy = 0;
-                (*ev).level = 0;
-                (*ev)._pad = 0;
-                (*ev).name_len = 0;
-            }
-            Some(entry)
-        }
-        None => {
-            bump(counter::LOST);
-            None
-        }
+fn header(kind: EventKind, pid: u32, cgroup_id: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        pid,
+        cgroup_id,
+        value: 0,
+        aux: 0,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        hierarchy: 0,
+        level: 0,
+        _pad: 0,
+        name_len: 0,
+    }
+}
+
+/// This CPU's scratch event, for a record with a name.
+#[inline(always)]
+fn scratch() -> Option<&'static mut Event> {
+    let ev = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; tracepoint programs do not nest on one CPU.
+    Some(unsafe { &mut *ev })
+}
+
+/// Sends the used part of a named record: the header and `name_len` bytes and the NUL.
+#[inline(always)]
+fn send_named(ev: &Event, kind: EventKind) {
+    // Masked so the verifier sees the size bounded by the scratch buffer (name_len is at most
+    // EVENT_NAME_LEN - 1: the string helper keeps a byte for the NUL).
+    let n = EVENT_HEADER_LEN + (ev.head.name_len as usize & (EVENT_NAME_LEN - 1)) + 1;
+    // SAFETY: n <= size_of::<Event>(); the bytes lie inside `ev`.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const Event).cast::<u8>(), n) };
+    if EVENTS.output::<[u8]>(bytes, wake(kind)).is_err() {
+        bump(counter::LOST);
     }
 }
 
 /// `BPF_RB_NO_WAKEUP` / `BPF_RB_FORCE_WAKEUP`: ring-buffer submit flags.
 const RB_NO_WAKEUP: u64 = 1;
 const RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query` flags: bytes not yet consumed, and the ring's size.
+const RB_AVAIL_DATA: u64 = 0;
+const RB_RING_SIZE: u64 = 1;
 
 /// Whether an event wakes the agent. A wake-up costs the kernel an irq_work and the agent a
 /// context switch, inside the platform's own syscall (measured: exec 9.5 → 0.7 µs, exit 10.8
@@ -203,19 +217,14 @@ fn wake(kind: EventKind) -> u64 {
     }
 }
 
-/// Sends a small event (no name).
+/// Sends a record without a name: the header alone.
 #[inline(always)]
 fn emit(kind: EventKind, pid: u32, cgroup_id: u64, value: u64, aux: u64) {
-    if let Some(mut entry) = reserve(kind) {
-        let ev = entry.as_mut_ptr();
-        // SAFETY: as in reserve().
-        unsafe {
-            (*ev).pid = pid;
-            (*ev).cgroup_id = cgroup_id;
-            (*ev).value = value;
-            (*ev).aux = aux;
-        }
-        entry.submit(wake(kind));
+    let mut head = header(kind, pid, cgroup_id);
+    head.value = value;
+    head.aux = aux;
+    if EVENTS.output::<EventHeader>(&head, wake(kind)).is_err() {
+        bump(counter::LOST);
     }
 }
 
@@ -274,11 +283,9 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let level = read::<i32>(&ctx, cfg_u32(&c.mkdir.level)).unwrap_or(0);
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+    let Some(ev) = scratch() else {
         return 0;
     };
-    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU for this tracepoint.
-    let ev = unsafe { &mut *ev };
     let len = read_data_loc(&ctx, cfg_u32(&c.mkdir.path), &mut ev.name);
     if !under_watched_root(hierarchy, &ev.name, len) {
         return 0;
@@ -288,23 +295,11 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
     if WATCHED.insert(id, MemState::default(), 0).is_err() {
         bump(counter::WATCH_TABLE_FULL);
     }
-    ev.kind = EventKind::CgroupMkdir as u32;
-    ev.pid = 0;
-    ev.cgroup_id = id;
-    ev.value = 0;
-    ev.aux = 0;
-    // SAFETY: plain helper call.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.hierarchy = hierarchy;
-    ev.level = level;
-    ev._pad = 0;
-    ev.name_len = len;
-    if EVENTS
-        .output::<Event>(&*ev, wake(EventKind::CgroupMkdir))
-        .is_err()
-    {
-        bump(counter::LOST);
-    }
+    ev.head = header(EventKind::CgroupMkdir, 0, id);
+    ev.head.hierarchy = hierarchy;
+    ev.head.level = level;
+    ev.head.name_len = len;
+    send_named(ev, EventKind::CgroupMkdir);
     0
 }
 
@@ -326,20 +321,15 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = WATCHED.remove(id);
-    if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
-        let ev = entry.as_mut_ptr();
-        // SAFETY: the entry is ours until submit.
-        unsafe {
-            (*ev).cgroup_id = id;
-            (*ev).hierarchy = hierarchy;
-            (*ev).level = read::<i32>(&ctx, cfg_u32(&c.rmdir.level)).unwrap_or(0);
-            (*ev).value = state.peak.max(0) as u64;
-            (*ev).aux = 0;
-            let len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut (*ev).name);
-            (*ev).name_len = len;
-        }
-        entry.submit(wake(EventKind::CgroupRmdir));
-    }
+    let Some(ev) = scratch() else {
+        return 0;
+    };
+    ev.head = header(EventKind::CgroupRmdir, 0, id);
+    ev.head.hierarchy = hierarchy;
+    ev.head.level = read::<i32>(&ctx, cfg_u32(&c.rmdir.level)).unwrap_or(0);
+    ev.head.value = state.peak.max(0) as u64;
+    ev.head.name_len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut ev.name);
+    send_named(ev, EventKind::CgroupRmdir);
     0
 }
 
@@ -398,23 +388,21 @@ pub fn raw_cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
     };
     let _ = WATCHED.remove(id);
     let watermark = memcg_watermark(cgrp).unwrap_or(0);
-    if let Some(mut entry) = reserve(EventKind::CgroupRmdir) {
-        let ev = entry.as_mut_ptr();
-        let path: u64 = ctx.arg(1);
-        // SAFETY: the entry is ours until submit.
-        unsafe {
-            (*ev).cgroup_id = id;
-            (*ev).hierarchy = hierarchy;
-            (*ev).value = state.peak.max(0) as u64;
-            (*ev).aux = watermark;
-            (*ev).name_len =
-                match bpf_probe_read_kernel_str_bytes(path as *const u8, &mut (*ev).name) {
-                    Ok(s) => s.len() as u32,
-                    Err(_) => 0,
-                };
-        }
-        entry.submit(wake(EventKind::CgroupRmdir));
-    }
+    let Some(ev) = scratch() else {
+        return 0;
+    };
+    let path: u64 = ctx.arg(1);
+    ev.head = header(EventKind::CgroupRmdir, 0, id);
+    ev.head.hierarchy = hierarchy;
+    ev.head.value = state.peak.max(0) as u64;
+    ev.head.aux = watermark;
+    // SAFETY: the helper bounds the copy and checks the address.
+    ev.head.name_len =
+        match unsafe { bpf_probe_read_kernel_str_bytes(path as *const u8, &mut ev.name) } {
+            Ok(s) => s.len() as u32,
+            Err(_) => 0,
+        };
+    send_named(ev, EventKind::CgroupRmdir);
     0
 }
 
@@ -500,17 +488,12 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let Some(id) = task_cgroup(pid) else {
         return 0;
     };
-    if let Some(mut entry) = reserve(EventKind::Exec) {
-        let ev = entry.as_mut_ptr();
-        // SAFETY: the entry is ours until submit.
-        unsafe {
-            (*ev).pid = pid;
-            (*ev).cgroup_id = id;
-            let len = read_data_loc(&ctx, cfg_u32(&c.exec_filename), &mut (*ev).name);
-            (*ev).name_len = len;
-        }
-        entry.submit(wake(EventKind::Exec));
-    }
+    let Some(ev) = scratch() else {
+        return 0;
+    };
+    ev.head = header(EventKind::Exec, pid, id);
+    ev.head.name_len = read_data_loc(&ctx, cfg_u32(&c.exec_filename), &mut ev.name);
+    send_named(ev, EventKind::Exec);
     0
 }
 
@@ -598,8 +581,15 @@ fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
                 step
             };
             if now >= reported + step {
-                (*state).reported = now;
-                emit(EventKind::MemPeak, 0, id, now as u64, now as u64);
+                // Over half full (the agent is away or behind): the rest of the ring is kept
+                // for the lifecycle events that make instance records. The final peak comes
+                // with the rmdir, and `reported` stays put, so the next charge sends it again.
+                if EVENTS.query(RB_AVAIL_DATA) > EVENTS.query(RB_RING_SIZE) / 2 {
+                    bump(counter::PEAKS_HELD);
+                } else {
+                    (*state).reported = now;
+                    emit(EventKind::MemPeak, 0, id, now as u64, now as u64);
+                }
             }
         }
     }

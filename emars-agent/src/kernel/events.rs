@@ -1,6 +1,6 @@
 //! Decoding of the ring buffer records sent by emars-ebpf.
 
-use emars_common::{Event, EventKind};
+use emars_common::{EventHeader, EventKind, EVENT_HEADER_LEN, EVENT_NAME_LEN};
 
 /// A kernel event, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,16 +74,17 @@ pub struct Timed {
     pub event: KernelEvent,
 }
 
+/// Decodes one record: an [`EventHeader`] and, for kinds with a name, the name after it.
 pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
-    if bytes.len() < std::mem::size_of::<Event>() {
+    if bytes.len() < EVENT_HEADER_LEN {
         return Err(DecodeError::Short(bytes.len()));
     }
-    // SAFETY: length checked; Event is plain data; read_unaligned copes with any alignment.
-    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let name = || {
-        let n = (ev.name_len as usize).min(ev.name.len());
-        String::from_utf8_lossy(&ev.name[..n]).into_owned()
-    };
+    // SAFETY: length checked; EventHeader is plain data; read_unaligned copes with any alignment.
+    let ev: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let tail = &bytes[EVENT_HEADER_LEN..];
+    // Never past the record, whatever name_len says.
+    let name_len = (ev.name_len as usize).min(tail.len());
+    let name = || String::from_utf8_lossy(&tail[..name_len]).into_owned();
     let kind = EventKind::from_u32(ev.kind).ok_or(DecodeError::Kind(ev.kind))?;
     let id = ev.cgroup_id;
     let event = match kind {
@@ -92,7 +93,7 @@ pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
             path: name(),
             level: ev.level,
             // The kernel copies at most EVENT_NAME_LEN - 1 bytes and a NUL.
-            truncated: ev.name_len as usize >= ev.name.len() - 1,
+            truncated: ev.name_len as usize >= EVENT_NAME_LEN - 1,
         },
         EventKind::CgroupRmdir => KernelEvent::CgroupRmdir {
             id,
@@ -119,10 +120,13 @@ pub fn decode(bytes: &[u8]) -> Result<Timed, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use emars_common::EVENT_NAME_LEN;
 
+    /// A record as the kernel side sends it: the header, then the name and its NUL (kinds
+    /// without a name send the header alone).
     fn raw(kind: u32, name: &str) -> Vec<u8> {
-        let mut ev = Event {
+        // As the kernel copies: at most EVENT_NAME_LEN - 1 bytes and a NUL.
+        let n = name.len().min(EVENT_NAME_LEN - 1);
+        let head = EventHeader {
             kind,
             pid: 42,
             cgroup_id: 7,
@@ -132,18 +136,18 @@ mod tests {
             hierarchy: 4,
             level: 2,
             _pad: 0,
-            name_len: 0,
-            name: [0; EVENT_NAME_LEN],
+            name_len: n as u32,
         };
-        // As the kernel copies: at most EVENT_NAME_LEN - 1 bytes and a NUL.
-        let n = name.len().min(EVENT_NAME_LEN - 1);
-        ev.name_len = n as u32;
-        ev.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        // SAFETY: Event is plain data.
-        unsafe {
-            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
+        // SAFETY: EventHeader is plain data.
+        let mut out = unsafe {
+            std::slice::from_raw_parts((&head as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
         }
-        .to_vec()
+        .to_vec();
+        if !name.is_empty() {
+            out.extend_from_slice(&name.as_bytes()[..n]);
+            out.push(0);
+        }
+        out
     }
 
     #[test]
@@ -168,7 +172,7 @@ mod tests {
             panic!("not a mkdir: {t:?}");
         };
         assert!(truncated);
-        assert_eq!(path.len(), emars_common::EVENT_NAME_LEN - 1);
+        assert_eq!(path.len(), EVENT_NAME_LEN - 1);
         assert_eq!(
             decode(&raw(2, "/x")).unwrap().event,
             KernelEvent::CgroupRmdir {
@@ -187,17 +191,21 @@ mod tests {
         );
         assert_eq!(decode(&raw(99, "")), Err(DecodeError::Kind(99)));
         assert_eq!(decode(&[0u8; 8]), Err(DecodeError::Short(8)));
+        // Records are as long as what they carry.
+        assert_eq!(raw(6, "").len(), EVENT_HEADER_LEN);
+        assert_eq!(raw(1, "/emars/f/1").len(), EVENT_HEADER_LEN + 11);
     }
 
     #[test]
     fn name_len_is_clamped() {
         let mut b = raw(4, "/bin/sh");
-        // Corrupt name_len to something huge: must not read past the array.
-        let off = std::mem::offset_of!(Event, name_len);
+        // Corrupt name_len to something huge: must not read past the record.
+        let off = std::mem::offset_of!(EventHeader, name_len);
         b[off..off + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            decode(&b).unwrap().event,
-            KernelEvent::Exec { .. }
-        ));
+        let KernelEvent::Exec { filename, .. } = decode(&b).unwrap().event else {
+            panic!("not an exec");
+        };
+        // The whole record after the header, NUL included, and nothing beyond it.
+        assert_eq!(filename, "/bin/sh\0");
     }
 }
