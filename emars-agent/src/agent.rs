@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -18,9 +17,10 @@ use crate::{
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     kernel::events,
     kernel::probes::Probes,
+    kernel::ring::EventRing,
     model::registry::Registry,
     model::tracker::{mkdirs_first, Found, Tracker},
-    model::AgentInfo,
+    model::{AgentInfo, InstanceRecord},
     policy::actuator::Actuator,
     policy::enforcer::Enforcer,
     policy::Policy,
@@ -48,7 +48,7 @@ pub async fn run(
     // Attach before scanning, so no cgroup created in between is missed.
     let mut probes =
         Probes::load(&hierarchy, &config.probes, &roots).context("loading eBPF programs")?;
-    let ring = probes.take_events()?;
+    let mut ring = probes.take_events()?;
 
     let info = Arc::new(RwLock::new(AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -68,6 +68,9 @@ pub async fn run(
         started_at_ms: now_ms(),
         enforcement: Default::default(),
         kernel_counters: Default::default(),
+        probes_pinned: probes.report.pinned.clone(),
+        probes_adopted: probes.report.adopted,
+        probes_unpinned: probes.report.unpinned.clone(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -103,14 +106,32 @@ pub async fn run(
     tracing::info!("policy mode: {:?}", config.policy.mode);
     let mut tracker = Tracker::new(hierarchy, registry);
     let mut enforcer = Enforcer::new(store.clone()).with_policy(policy.clone(), actuator.clone());
+    let mut stale = store.live_instances().unwrap_or_else(|e| {
+        tracing::error!("reading the live instances of the last run: {e}");
+        Vec::new()
+    });
+    let mut decode_errors = 0u64;
+    if probes.adopted() {
+        // The kernel side kept recording while no agent ran: the last run's live instances
+        // first, then what the ring holds (their ends with exact peaks, instances that came
+        // and went meanwhile), then the scan finds only what neither knows.
+        resume(&mut tracker, &mut enforcer, std::mem::take(&mut stale));
+        let n = drain_ring(&mut ring, &mut tracker, &mut enforcer, &mut decode_errors);
+        tracing::info!("read {n} events queued while no agent ran");
+    }
     scan_existing(
         &mut tracker,
         &mut enforcer,
         &mut probes,
-        &store,
+        stale,
         &roots,
         agent_start_ms,
     )?;
+    if probes.adopted() {
+        // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
+        let effects = tracker.reconcile(now_ms());
+        enforcer.run(&mut tracker, effects);
+    }
 
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
@@ -154,11 +175,30 @@ pub async fn run(
         actuator: &actuator,
         retention,
     };
-    let result = event_loop(ring, &mut tracker, &mut enforcer, &ctx, stop_rx).await;
+    let result = event_loop(
+        ring,
+        &mut tracker,
+        &mut enforcer,
+        &ctx,
+        stop_rx,
+        &mut decode_errors,
+    )
+    .await;
     // The next start loads the live model from here instead of scanning every record.
-    if let Err(e) = store.checkpoint() {
+    let saved = store.checkpoint();
+    if let Err(e) = &saved {
         tracing::error!("writing the store's checkpoint: {e}");
     }
+    if decode_errors > 0 {
+        tracing::warn!("{decode_errors} undecodable event records");
+    }
+    let result = result.map(|mut ring| {
+        // Saved: the kernel may reuse the room of everything read. (Unsaved, a pinned ring
+        // keeps it for the next agent.)
+        if saved.is_ok() {
+            ring.commit(ring.position());
+        }
+    });
     match api_task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("API server: {e}"),
@@ -177,13 +217,16 @@ struct LoopContext<'a> {
     retention: Duration,
 }
 
+/// Runs until `stop`; returns the ring, read to the end, for the caller to commit once the
+/// store is saved.
 async fn event_loop(
-    ring: RingBuf<MapData>,
+    ring: EventRing,
     tracker: &mut Tracker,
     enforcer: &mut Enforcer,
     ctx: &LoopContext<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+    decode_errors: &mut u64,
+) -> anyhow::Result<EventRing> {
     let LoopContext {
         probes,
         info,
@@ -205,20 +248,24 @@ async fn event_loop(
     let mut drain = tokio::time::interval(RING_DRAIN);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
-    let mut decode_errors = 0u64;
     let mut ticks = 0u64;
+    // The store flush under way and the ring position it makes durable.
+    let mut flushing: Option<(
+        u64,
+        tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+    )> = None;
     let policy_handle = policy.clone();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for kernel events")?;
-                drain_ring(guard.get_inner_mut(), tracker, enforcer, &mut decode_errors);
+                drain_ring(guard.get_inner_mut(), tracker, enforcer, decode_errors);
                 guard.clear_ready();
             }
             // Events that do not wake the agent (exec, exit, attach, peak steps) are read
             // here, or with the next one that does.
             _ = drain.tick() => {
-                drain_ring(ring.get_mut(), tracker, enforcer, &mut decode_errors);
+                drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
             }
             _ = tick.tick() => {
                 let now = now_ms();
@@ -236,7 +283,7 @@ async fn event_loop(
                     });
                     // Rmdir events still in the ring first: reconciliation must not close an
                     // instance whose exact end is waiting there.
-                    drain_ring(ring.get_mut(), tracker, enforcer, &mut decode_errors);
+                    drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
                     let effects = tracker.reconcile(now);
                     enforcer.run(tracker, effects);
                 }
@@ -284,38 +331,87 @@ async fn event_loop(
                     });
                 }
             }
+            // The records read before this flush began are durable now: their room goes back
+            // to the kernel. Until then a pinned ring keeps them for the next agent, should
+            // this one be killed.
+            flushed = async {
+                match flushing.as_mut() {
+                    Some((_, h)) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((pos, _)) = flushing.take() {
+                    match flushed {
+                        Ok(Ok(())) => {}
+                        // Holding the records back would fill the ring and lose new events:
+                        // they go back to the kernel all the same.
+                        Ok(Err(e)) => tracing::error!("flushing the store: {e}"),
+                        Err(e) => tracing::error!("store flush task: {e}"),
+                    }
+                    ring.get_mut().commit(pos);
+                }
+            }
             _ = stop.changed() => break,
         }
+        if flushing.is_none() && ring.get_ref().uncommitted() > 0 {
+            let pos = ring.get_ref().position();
+            let st = store.clone();
+            flushing = Some((pos, tokio::task::spawn_blocking(move || st.flush())));
+        }
     }
-    if decode_errors > 0 {
-        tracing::warn!("{decode_errors} undecodable event records");
+    if let Some((_, h)) = flushing.take() {
+        let _ = h.await;
     }
-    Ok(())
+    // What came in since the last drain: recorded now, saved by the caller's checkpoint.
+    let mut ring = ring.into_inner();
+    drain_ring(&mut ring, tracker, enforcer, decode_errors);
+    Ok(ring)
 }
 
 /// How often the agent reads the ring buffer without being woken: the bound on how late an
 /// exec, exit, peak step or rmdir is seen (mkdir and OOM kills wake it at once).
 const RING_DRAIN: Duration = Duration::from_millis(100);
 
-/// Applies every record waiting in the ring buffer.
+/// Applies every record waiting in the ring buffer (without giving their room back: see
+/// [`EventRing`]); returns how many were read.
 fn drain_ring(
-    rb: &mut RingBuf<MapData>,
+    ring: &mut EventRing,
     tracker: &mut Tracker,
     enforcer: &mut Enforcer,
     decode_errors: &mut u64,
-) {
+) -> usize {
     let mut batch = Vec::new();
-    while let Some(item) = rb.next() {
-        match events::decode(&item) {
-            Ok(t) => batch.push(t),
-            Err(e) => {
-                *decode_errors += 1;
-                tracing::error!("bad event record: {e}");
-            }
+    let n = ring.read(|rec| match events::decode(rec) {
+        Ok(t) => batch.push(t),
+        Err(e) => {
+            *decode_errors += 1;
+            tracing::error!("bad event record: {e}");
         }
-    }
+    });
     for t in mkdirs_first(batch) {
         let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+        enforcer.run(tracker, effects);
+    }
+    n
+}
+
+/// Puts the last run's live instances back into the tracker as they were saved, before the
+/// events queued meanwhile are applied to them.
+fn resume(tracker: &mut Tracker, enforcer: &mut Enforcer, stale: Vec<InstanceRecord>) {
+    for rec in stale {
+        let Some(rel) = tracker.cgroups().rel_path(Path::new(&rec.cgroup_path)) else {
+            continue;
+        };
+        let (id, started) = (rec.cgroup_id, rec.started_at_ms);
+        let effects = tracker.add_cgroup(
+            id,
+            &rel,
+            started,
+            Some(rec),
+            Found::Existing {
+                new_since_start: false,
+            },
+        );
         enforcer.run(tracker, effects);
     }
 }
@@ -356,14 +452,10 @@ fn scan_existing(
     tracker: &mut Tracker,
     enforcer: &mut Enforcer,
     probes: &mut Probes,
-    store: &Store,
+    stale: Vec<InstanceRecord>,
     roots: &[String],
     agent_start_ms: u64,
 ) -> anyhow::Result<()> {
-    let stale = store.live_instances().unwrap_or_else(|e| {
-        tracing::error!("reading the live instances of the last run: {e}");
-        Vec::new()
-    });
     let h = tracker.cgroups().clone();
     let mut found = 0usize;
     for root in roots {

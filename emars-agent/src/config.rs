@@ -359,9 +359,14 @@ impl Default for ProbesConfig {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             max_watched_cgroups: DEFAULT_MAX_WATCHED_CGROUPS,
             max_tasks: DEFAULT_MAX_TASKS,
+            pin: true,
+            pin_path: DEFAULT_PIN_PATH.into(),
         }
     }
 }
+
+/// Where the kernel side is pinned by default (bpffs).
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/emars";
 
 impl Config {
     /// Parses, normalises and validates a TOML document.
@@ -494,6 +499,13 @@ impl ProbesConfig {
                     RING_BUFFER_BYTES_RANGE.start(),
                     RING_BUFFER_BYTES_RANGE.end()
                 ),
+            ));
+        }
+        if self.pin && !self.pin_path.is_absolute() {
+            return Err(invalid(
+                "probes.pin_path",
+                self.pin_path.display(),
+                "must be an absolute path on bpffs (e.g. /sys/fs/bpf/emars)",
             ));
         }
         for (key, v) in [

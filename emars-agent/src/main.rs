@@ -71,6 +71,13 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
+    /// Remove the kernel side the agent leaves pinned in bpffs (it records while no agent runs);
+    /// refused while an agent runs. Needs root.
+    Unpin {
+        /// The agent's TOML config (for probes.pin_path); the default config without one.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Check a config file and print it with defaults filled in.
     CheckConfig { path: PathBuf },
     /// Print the embedded default config.
@@ -185,6 +192,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 emars_agent::agent::run(cfg, shutdown_signal()).await
             })
+        }
+        Command::Unpin { config } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::embedded_default(),
+            };
+            let base = &cfg.probes.pin_path;
+            let removed =
+                emars_agent::kernel::probes::pins::unpin_all(base).with_context(|| {
+                    format!("removing the pinned kernel side under {}", base.display())
+                })?;
+            if removed.is_empty() {
+                eprintln!("nothing pinned under {}", base.display());
+            }
+            for r in removed {
+                println!("removed {}/{r}: its programs are detached", base.display());
+            }
+            Ok(())
         }
         Command::CheckConfig { path } => {
             let cfg = Config::load(&path)?;

@@ -136,7 +136,14 @@ pub struct TestRoot {
     /// Path relative to the hierarchy, as the agent's config wants it ("/emars-test-1-0").
     pub rel: String,
     pub dir: PathBuf,
+    /// Where agents watching this root pin their kernel side (`probes.pin_path`): shared by
+    /// the agents a test restarts on this root, removed with it.
+    pub pin_path: PathBuf,
 }
+
+/// Under which the test roots' agents pin their kernel side; `cargo xtask test` empties it
+/// before a run (what a killed test run left).
+pub const TEST_PIN_BASE: &str = "/sys/fs/bpf/emars-test";
 
 impl TestRoot {
     pub fn new() -> Result<Self> {
@@ -148,10 +155,12 @@ impl TestRoot {
         );
         let dir = hierarchy.mount.join(&rel[1..]);
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pin_path = Path::new(TEST_PIN_BASE).join(&rel[1..]);
         let root = Self {
             hierarchy,
             rel,
             dir,
+            pin_path,
         };
         root.enable_memory(&root.dir)?;
         Ok(root)
@@ -186,6 +195,12 @@ impl TestRoot {
 impl Drop for TestRoot {
     fn drop(&mut self) {
         remove_tree(&self.dir);
+        // Unpinning detaches the programs its agents left recording.
+        if let Err(e) = fs::remove_dir_all(&self.pin_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("removing {}: {e}", self.pin_path.display());
+            }
+        }
     }
 }
 
@@ -351,6 +366,15 @@ impl Agent {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let token_file = dir.join("api-token");
+        // The root's own pin directory, in the [probes] table `extra` may already open.
+        let pin = format!("pin_path = \"{}\"\n", root.pin_path.display());
+        let extra = match extra.find("[probes]\n") {
+            Some(i) => {
+                let at = i + "[probes]\n".len();
+                format!("{}{pin}{}", &extra[..at], &extra[at..])
+            }
+            None => format!("{extra}\n[probes]\n{pin}"),
+        };
         let config = format!(
             "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
             token_file.display(),

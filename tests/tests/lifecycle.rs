@@ -274,3 +274,167 @@ fn oom_kill_is_recorded() -> anyhow::Result<()> {
     assert_eq!(u64_of(&f, "oom_kills"), 1);
     Ok(())
 }
+
+/// The kernel side stays pinned while no agent runs: instances that start and end while the
+/// agent is stopped (SIGTERM) or killed (kill -9, at different moments of a churn of real
+/// processes) are recorded by the next agent, each with the kernel's exact watermark; none is
+/// lost. Without pinning, the programs detach with the agent and those instances are never
+/// seen; without the commit after the store's flush, records read just before a kill -9 are.
+#[test]
+fn no_instance_lost_while_the_agent_is_down() -> anyhow::Result<()> {
+    use std::{
+        collections::BTreeMap,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+    };
+    if !require_root("no_instance_lost_while_the_agent_is_down") {
+        return Ok(());
+    }
+    let root = Arc::new(TestRoot::new()?);
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    // instance → the kernel's watermark, read with no task left, just before its rmdir.
+    let expected: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let run_one = |root: &TestRoot, name: &str, mib: u64| -> anyhow::Result<u64> {
+        let d = root.instance_dir("down", name)?;
+        run_alloc(&d, mib, 0, 0)?;
+        let wm = root.hierarchy.watermark(&d)?;
+        fs::remove_dir(&d)?;
+        Ok(wm)
+    };
+    let record = |name: String, wm: u64| {
+        if let Ok(mut e) = expected.lock() {
+            e.insert(name, wm);
+        }
+    };
+
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert!(
+        info["probes_pinned"].is_string(),
+        "kernel side not pinned: {}",
+        info["fallbacks"]
+    );
+    assert_eq!(info["probes_adopted"], false);
+    let exact = info["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["name"] == "raw_cgroup_rmdir" && p["attached"] == true);
+    for i in 0..2 {
+        record(format!("up{i}"), run_one(&root, &format!("up{i}"), 6 + i)?);
+    }
+    agent.wait_ended("down", 2)?;
+    // One instance runs across the stop and ends while no agent runs.
+    let across = root.instance_dir("down", "across")?;
+    let mut child = spawn_alloc(&across, 20, 300, 0)?;
+    agent.wait_live("down", "across")?;
+    assert!(agent.stop()?.success(), "agent exits cleanly on SIGTERM");
+
+    // Stopped: instances come and go.
+    child.wait()?;
+    record("across".into(), root.hierarchy.watermark(&across)?);
+    fs::remove_dir(&across)?;
+    for i in 0..5 {
+        record(
+            format!("stopped{i}"),
+            run_one(&root, &format!("stopped{i}"), 4 + 2 * i)?,
+        );
+    }
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], true, "not adopted: {info}");
+    let ended = agent.wait_ended("down", 8)?;
+    for r in &ended {
+        if r["instance"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("stopped"))
+        {
+            // Queued while no agent ran, applied once: exact exec counts.
+            assert_eq!(u64_of(r, "execs"), 1, "{r}");
+        }
+    }
+
+    // kill -9 at different moments of a churn that goes on while the agent is down.
+    let rounds = if time_scale() > 1 { 3 } else { 8 };
+    let mut agent = Some(agent);
+    for round in 0..rounds {
+        let a = match agent.take() {
+            Some(a) => a,
+            None => Agent::start_with(&root, &store, "", None)?,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (root, stop, expected) = (root.clone(), stop.clone(), expected.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("k{round}-{n}");
+                    let d = root.instance_dir("down", &name)?;
+                    run_alloc(&d, 2 + n % 7, 0, 0)?;
+                    let wm = root.hierarchy.watermark(&d)?;
+                    fs::remove_dir(&d)?;
+                    expected
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .insert(name, wm);
+                    n += 1;
+                }
+                Ok(())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(60 + (round * 53) % 250));
+        a.kill()?;
+        // Churn on while no agent runs.
+        std::thread::sleep(Duration::from_millis(150));
+        stop.store(true, Ordering::Relaxed);
+        churn
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+    }
+
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let expected = expected
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let ended = agent.wait_ended("down", expected.len())?;
+    let got: BTreeMap<String, u64> = ended
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["instance"].as_str()?.to_owned(),
+                r["peak_bytes"].as_u64()?,
+            ))
+        })
+        .collect();
+    let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} instances lost: {missing:?}",
+        missing.len(),
+        expected.len()
+    );
+    for (name, wm) in &expected {
+        let peak = got[name];
+        if exact {
+            assert_eq!(peak, *wm, "{name}: peak {peak}, kernel watermark {wm}");
+        } else {
+            assert!(
+                close_to_watermark(peak, *wm),
+                "{name}: peak {peak}, watermark {wm}"
+            );
+        }
+    }
+    let info = agent.get_ok("/v1/info")?;
+    eprintln!(
+        "{} instances, 1 stop and {rounds} kill -9 with churn while down: none lost, peaks \
+         {}; events lost in the kernel: {}",
+        expected.len(),
+        if exact { "exact" } else { "within tolerance" },
+        info["events_lost"]
+    );
+    Ok(())
+}

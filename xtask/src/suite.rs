@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
     agent,
@@ -297,6 +297,13 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
     })?;
 
     runner.step("integration tests", |counts| {
+        // Kernel sides pinned by the agents of a test run that was killed: detached here, or
+        // their programs would go on running (and cost) on this host.
+        let stale = std::path::Path::new("/sys/fs/bpf/emars-test");
+        if root && stale.is_dir() {
+            std::fs::remove_dir_all(stale)
+                .with_context(|| format!("removing stale pins under {}", stale.display()))?;
+        }
         let mut cmd = agent::cargo_in_root()?
             .args(["test", "-p", "emars-tests", "--"])
             .args(opts.filter.iter())

@@ -349,6 +349,26 @@ pub fn render_info(v: &AgentInfo) -> String {
         let label = if i == 0 { "watched roots:" } else { "" };
         let _ = writeln!(out, "  {label:<16}  {}", clean(root));
     }
+    match &v.probes_pinned {
+        Some(dir) => {
+            let _ = writeln!(
+                out,
+                "  kernel side:      pinned at {}{} (records while no agent runs)",
+                clean(dir),
+                if v.probes_adopted {
+                    ", adopted from the last run"
+                } else {
+                    ""
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  kernel side:      not pinned (detaches when the agent stops)"
+            );
+        }
+    }
     let _ = write!(
         out,
         "  events:           {} received, {} lost",

@@ -4,3 +4,4 @@
 pub mod cgroupfs;
 pub mod events;
 pub mod probes;
+pub mod ring;

@@ -144,6 +144,15 @@ pub struct AgentInfo {
     /// What the kernel side could not do (full tables), and paths the agent had to recover.
     #[serde(default)]
     pub kernel_counters: KernelCounters,
+    /// Where the kernel side is pinned in bpffs (null: not pinned, it detaches with the agent).
+    #[serde(default)]
+    pub probes_pinned: Option<String>,
+    /// True when this agent adopted a kernel side that kept recording while no agent ran.
+    #[serde(default)]
+    pub probes_adopted: bool,
+    /// Pinned sets of another version or other settings that start-up removed.
+    #[serde(default)]
+    pub probes_unpinned: Vec<String>,
 }
 
 /// GET /v1/info → "enforcement".

@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{links::FdLink, ProgramInfo, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use emars_common::{
@@ -15,10 +15,12 @@ use emars_common::{
 
 use super::{
     memcg_items::{KernelBtf, UsageItem},
+    pins::{self, PinDir},
     tracefs::{Format, Tracefs, TracefsError},
     KernelCounters, ProbesConfig, ProgramStatus,
 };
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
+use crate::kernel::ring::EventRing;
 
 /// The eBPF object built by build.rs (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/emars"));
@@ -35,6 +37,10 @@ pub enum ProbeError {
     RootTooLong { root: String, max: usize },
     #[error("more than {MAX_ROOTS} watched roots")]
     TooManyRoots,
+    #[error("pinned kernel side: {0}")]
+    Pin(#[from] pins::PinError),
+    #[error("adopting the pinned kernel side at {dir}: {message}")]
+    Adopt { dir: String, message: String },
 }
 
 /// One program of emars-ebpf and the tracepoint it belongs on.
@@ -86,6 +92,12 @@ pub struct ProbeReport {
     pub programs: Vec<ProgramStatus>,
     pub fallbacks: Vec<String>,
     pub usage_items: Vec<UsageItem>,
+    /// Where the kernel side is pinned (None: not pinned, it detaches with the agent).
+    pub pinned: Option<String>,
+    /// True when this agent adopted a set a previous agent left running.
+    pub adopted: bool,
+    /// Pinned sets of other versions or settings that start-up removed.
+    pub unpinned: Vec<String>,
 }
 
 impl ProbeReport {
@@ -103,11 +115,38 @@ impl ProbeReport {
 
 /// The loaded programs and the maps the agent talks to.
 pub struct Probes {
-    ebpf: Ebpf,
+    /// None when the programs were adopted from bpffs (their links keep them attached).
+    ebpf: Option<Ebpf>,
+    /// The pinned set and its lock, held for the agent's life.
+    _pins: Option<PinDir>,
+    /// Links taken out of `ebpf` to be pinned: held for the agent's life (an unpinned one
+    /// detaches its program when dropped).
+    _links: Vec<FdLink>,
     pub report: ProbeReport,
+    events: Option<MapData>,
     watched: HashMap<MapData, u64, MemState>,
     tasks: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+/// The maps a pinned set holds besides the programs: those the agent reads or writes.
+const PINNED_MAPS: [&str; 6] = [
+    names::EVENTS,
+    names::WATCHED,
+    names::TASKS,
+    names::COUNTERS,
+    names::WATCH_ROOTS,
+    names::ITEM_UNITS,
+];
+
+fn map_pin(name: &str) -> String {
+    format!("map_{name}")
+}
+fn prog_pin(name: &str) -> String {
+    format!("prog_{name}")
+}
+fn link_pin(name: &str) -> String {
+    format!("link_{name}")
 }
 
 fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
@@ -204,6 +243,40 @@ impl Probes {
                     .any(|e| e.path().join(peak_file).exists()),
         );
 
+        let identity = identity(&config, cfg, &report.usage_items);
+        let mut pins = None;
+        if cfg.pin {
+            let mut expected: Vec<String> = PINNED_MAPS.iter().map(|m| map_pin(m)).collect();
+            expected.push(pins::COMPLETE.into());
+            match PinDir::open(&cfg.pin_path, &identity, &expected) {
+                Ok(p) => {
+                    for r in &p.removed {
+                        tracing::warn!(
+                            "removed the pinned kernel side {r} under {}: another version or \
+                             other settings",
+                            cfg.pin_path.display()
+                        );
+                    }
+                    report.unpinned = p.removed.clone();
+                    pins = Some(p);
+                }
+                // Two agents must never read one ring.
+                Err(e @ pins::PinError::Busy(_)) => return Err(e.into()),
+                Err(e) => report.fallbacks.push(format!(
+                    "kernel side not pinned ({e}): it detaches when the agent stops, and \
+                     instances that start or end meanwhile are not recorded"
+                )),
+            }
+        }
+        let plan = Plan {
+            cfg,
+            unusable: &unusable,
+            peak_file,
+        };
+        if let Some(p) = pins.take_if(|p| p.complete) {
+            return adopt(p, report, &plan, hierarchy.hierarchy_id, roots);
+        }
+
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CONFIG, &config, true)
             .map_max_entries(names::EVENTS, cfg.ring_buffer_bytes)
@@ -211,7 +284,14 @@ impl Probes {
             .map_max_entries(names::TASKS, cfg.max_tasks)
             .load(EBPF_OBJECT)?;
 
-        fill_watch_roots(&mut ebpf, hierarchy.hierarchy_id, roots)?;
+        {
+            let map = ebpf
+                .map_mut(names::WATCH_ROOTS)
+                .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
+            let mut arr: Array<&mut MapData, WatchRoot> =
+                Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+            fill_watch_roots(&mut arr, hierarchy.hierarchy_id, roots)?;
+        }
         {
             let map = ebpf
                 .map_mut(names::ITEM_UNITS)
@@ -225,94 +305,81 @@ impl Probes {
             }
         }
 
+        let mut links = Vec::new();
         for s in SPECS {
-            // One rmdir program is enough: the raw one when it attached.
-            if s.program == "cgroup_rmdir" && report.attached("raw_cgroup_rmdir") {
-                report.programs.push(ProgramStatus {
-                    name: s.program.into(),
-                    tracepoint: format!("{}:{}", s.category, s.tracepoint),
-                    attached: false,
-                    error: Some("not needed: raw_cgroup_rmdir is attached".into()),
-                    run_count: None,
-                    run_time_ns: None,
-                });
-                continue;
-            }
-            let mut status = ProgramStatus {
-                name: s.program.into(),
-                tracepoint: format!("{}:{}", s.category, s.tracepoint),
-                attached: false,
-                error: None,
-                run_count: None,
-                run_time_ns: None,
-            };
-            if cfg.disable.iter().any(|d| d == s.program) {
-                status.error = Some("disabled by config (probes.disable)".into());
-            } else if let Some(why) = unusable.get(s.program) {
-                status.error = Some(why.clone());
-            } else if let Err(e) = attach(&mut ebpf, s) {
-                status.error = Some(e);
-            } else {
-                status.attached = true;
+            let mut status = plan.status(s, &report);
+            if status.error.is_none() {
+                match attach(&mut ebpf, s, pins.is_some()) {
+                    Ok(link) => {
+                        status.attached = true;
+                        links.extend(link.map(|l| (s.program, l)));
+                    }
+                    Err(e) => status.error = Some(e),
+                }
             }
             if let Some(e) = &status.error {
                 tracing::warn!(program = s.program, "not attached: {e}");
             }
             report.programs.push(status);
         }
-        match (report.charge_events(), report.attached("raw_cgroup_rmdir")) {
-            (true, _) => {}
-            (false, true) => report.fallbacks.push(format!(
-                "no memcg charge events: live peaks come from the kernel watermark ({peak_file}) \
-                 read on exec/exit events; final peaks are exact (read in the kernel at rmdir)"
-            )),
-            (false, false) => report.fallbacks.push(format!(
-                "no memcg charge events and no raw cgroup_rmdir: peaks come from the kernel \
-                 watermark ({peak_file}) read on exec/exit events; a cgroup removed within \
-                 microseconds of its last exit may keep an earlier reading"
-            )),
-        }
-        if !report.attached("cgroup_mkdir") {
-            // The kernel side starts watching a cgroup at its mkdir: without it, the programs
-            // filter out every cgroup created later (measured: none of them is recorded).
-            report.fallbacks.push(
-                "no cgroup_mkdir: only the cgroups found at start-up are tracked; cgroups \
-                 created later are not"
-                    .into(),
-            );
-        }
-        if !report.attached("cgroup_attach_task") || !report.attached("sched_process_fork") {
-            report.fallbacks.push(
-                "task tracking incomplete: exec and OOM events are attributed via /proc/PID/cgroup"
-                    .into(),
-            );
+        plan.fallbacks(&mut report);
+
+        let mut held = Vec::new();
+        if let Some(p) = &pins {
+            let (kept, pinned) = pin_all(&mut ebpf, p, links, &mut report);
+            held = kept;
+            match pinned {
+                Ok(dir) => {
+                    tracing::info!(
+                        "kernel side pinned at {dir}: it keeps recording while no agent runs"
+                    );
+                    report.pinned = Some(dir);
+                }
+                Err(e) => report.fallbacks.push(format!(
+                    "kernel side not pinned ({e}): it detaches when the agent stops"
+                )),
+            }
         }
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| map_err(name, "missing"))
         };
+        let events = take(&mut ebpf, names::EVENTS)?;
         let watched = HashMap::try_from(take(&mut ebpf, names::WATCHED)?)
             .map_err(|e| map_err(names::WATCHED, e))?;
         let tasks = HashMap::try_from(take(&mut ebpf, names::TASKS)?)
             .map_err(|e| map_err(names::TASKS, e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, names::COUNTERS)?)
             .map_err(|e| map_err(names::COUNTERS, e))?;
+        let events = match events {
+            Map::RingBuf(m) => m,
+            _ => return Err(map_err(names::EVENTS, "not a ring buffer")),
+        };
         Ok(Probes {
-            ebpf,
+            ebpf: Some(ebpf),
+            _pins: pins,
+            _links: held,
             report,
+            events: Some(events),
             watched,
             tasks,
             counters,
         })
     }
 
+    /// True when this agent took over a kernel side that kept recording while none ran: the
+    /// ring holds what happened meanwhile.
+    pub fn adopted(&self) -> bool {
+        self.report.adopted
+    }
+
     /// The event ring buffer; taken once by the event loop.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub fn take_events(&mut self) -> Result<EventRing, ProbeError> {
         let map = self
-            .ebpf
-            .take_map(names::EVENTS)
+            .events
+            .take()
             .ok_or_else(|| map_err(names::EVENTS, "already taken"))?;
-        RingBuf::try_from(map).map_err(|e| map_err(names::EVENTS, e))
+        EventRing::new(map).map_err(|e| map_err(names::EVENTS, e))
     }
 
     /// Starts tracking a cgroup that existed before the agent (mkdir already tracks new ones).
@@ -369,6 +436,7 @@ impl Probes {
             events_lost: self.counter(counter::LOST),
             task_table_full: self.counter(counter::TASK_TABLE_FULL),
             watch_table_full: self.counter(counter::WATCH_TABLE_FULL),
+            peaks_held: self.counter(counter::PEAKS_HELD),
             ..KernelCounters::default()
         }
     }
@@ -380,7 +448,14 @@ impl Probes {
             if !p.attached {
                 continue;
             }
-            if let Some(Ok(info)) = self.ebpf.program(&p.name).map(|prog| prog.info()) {
+            let info = match (&self.ebpf, &self.report.pinned) {
+                (Some(ebpf), _) => ebpf.program(&p.name).map(|prog| prog.info()),
+                (None, Some(dir)) => Some(ProgramInfo::from_pin(
+                    Path::new(dir).join(prog_pin(&p.name)),
+                )),
+                (None, None) => None,
+            };
+            if let Some(Ok(info)) = info {
                 p.run_count = Some(info.run_count());
                 p.run_time_ns = Some(info.run_time().as_nanos() as u64);
             }
@@ -399,27 +474,240 @@ fn specs_cover_every_program() {
     assert_eq!(names, all);
 }
 
-fn attach(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
+/// Loads and attaches one program; with `take`, hands its link over (to be pinned) instead of
+/// leaving it to the `Ebpf` object, which detaches its links when dropped.
+fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, String> {
+    let missing = || format!("program {} not in the eBPF object", s.program);
     if s.category == "raw" {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(s.program)
-            .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?
+            .ok_or_else(missing)?
             .try_into()
             .map_err(|e| format!("{e}"))?;
         prog.load().map_err(|e| format!("load: {e}"))?;
-        prog.attach(s.tracepoint)
+        let id = prog
+            .attach(s.tracepoint)
             .map_err(|e| format!("attach: {e}"))?;
-        return Ok(());
+        if !take {
+            return Ok(None);
+        }
+        let link = prog.take_link(id).map_err(|e| format!("link: {e}"))?;
+        return Ok(Some(FdLink::from(link)));
     }
     let prog: &mut TracePoint = ebpf
         .program_mut(s.program)
-        .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?
+        .ok_or_else(missing)?
         .try_into()
         .map_err(|e| format!("{e}"))?;
     prog.load().map_err(|e| format!("load: {e}"))?;
-    prog.attach(s.category, s.tracepoint)
+    let id = prog
+        .attach(s.category, s.tracepoint)
         .map_err(|e| format!("attach: {e}"))?;
-    Ok(())
+    if !take {
+        return Ok(None);
+    }
+    let link = prog.take_link(id).map_err(|e| format!("link: {e}"))?;
+    // A perf-event link (kernels >= 5.15): pinnable.
+    FdLink::try_from(link)
+        .map(Some)
+        .map_err(|e| format!("link: {e}"))
+}
+
+/// What decides a program's status besides attaching it: the settings and what the kernel
+/// lacks. The same for a fresh load and an adopted set.
+struct Plan<'a> {
+    cfg: &'a ProbesConfig,
+    unusable: &'a BTreeMap<&'static str, String>,
+    peak_file: &'static str,
+}
+
+impl Plan<'_> {
+    /// The status before attaching: an error when the program is not to be attached.
+    fn status(&self, s: &Spec, report: &ProbeReport) -> ProgramStatus {
+        let mut status = ProgramStatus {
+            name: s.program.into(),
+            tracepoint: format!("{}:{}", s.category, s.tracepoint),
+            attached: false,
+            error: None,
+            run_count: None,
+            run_time_ns: None,
+        };
+        if s.program == "cgroup_rmdir" && report.attached("raw_cgroup_rmdir") {
+            // One rmdir program is enough: the raw one when it attached.
+            status.error = Some("not needed: raw_cgroup_rmdir is attached".into());
+        } else if self.cfg.disable.iter().any(|d| d == s.program) {
+            status.error = Some("disabled by config (probes.disable)".into());
+        } else if let Some(why) = self.unusable.get(s.program) {
+            status.error = Some(why.clone());
+        }
+        status
+    }
+
+    /// What the agent does instead of the programs that are missing.
+    fn fallbacks(&self, report: &mut ProbeReport) {
+        let peak_file = self.peak_file;
+        match (report.charge_events(), report.attached("raw_cgroup_rmdir")) {
+            (true, _) => {}
+            (false, true) => report.fallbacks.push(format!(
+                "no memcg charge events: live peaks come from the kernel watermark ({peak_file}) \
+                 read on exec/exit events; final peaks are exact (read in the kernel at rmdir)"
+            )),
+            (false, false) => report.fallbacks.push(format!(
+                "no memcg charge events and no raw cgroup_rmdir: peaks come from the kernel \
+                 watermark ({peak_file}) read on exec/exit events; a cgroup removed within \
+                 microseconds of its last exit may keep an earlier reading"
+            )),
+        }
+        if !report.attached("cgroup_mkdir") {
+            // The kernel side starts watching a cgroup at its mkdir: without it, the programs
+            // filter out every cgroup created later (measured: none of them is recorded).
+            report.fallbacks.push(
+                "no cgroup_mkdir: only the cgroups found at start-up are tracked; cgroups \
+                 created later are not"
+                    .into(),
+            );
+        }
+        if !report.attached("cgroup_attach_task") || !report.attached("sched_process_fork") {
+            report.fallbacks.push(
+                "task tracking incomplete: exec and OOM events are attributed via /proc/PID/cgroup"
+                    .into(),
+            );
+        }
+    }
+}
+
+/// Names a pinned set: what the programs were built from and loaded with. Another version, other
+/// settings or another kernel's offsets make another name, and the old set is replaced.
+fn identity(config: &ProbeConfig, cfg: &ProbesConfig, items: &[UsageItem]) -> String {
+    let settings = format!(
+        "{config:?}|{}|{}|{}|{:?}|{:?}",
+        cfg.ring_buffer_bytes, cfg.max_watched_cgroups, cfg.max_tasks, cfg.disable, items
+    );
+    let h = pins::fnv1a(&[EBPF_OBJECT, settings.as_bytes()]);
+    // bpffs refuses dots in names.
+    format!("v{}-{h:016x}", env!("CARGO_PKG_VERSION").replace('.', "_"))
+}
+
+/// Pins the maps, programs and links of a fresh load into a staging directory and publishes
+/// it. A link whose pin fails is lost with its program (the kernel drops the link), so the
+/// program is then reported as not attached.
+fn pin_all(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    links: Vec<(&'static str, FdLink)>,
+    report: &mut ProbeReport,
+) -> (Vec<FdLink>, Result<String, String>) {
+    let mut held = Vec::new();
+    let staging = match pins.staging() {
+        Ok(d) => d,
+        Err(e) => {
+            held.extend(links.into_iter().map(|(_, l)| l));
+            return (held, Err(e.to_string()));
+        }
+    };
+    let mut failed = None;
+    for name in PINNED_MAPS {
+        let r = match ebpf.map(name) {
+            Some(m) => m
+                .pin(staging.join(map_pin(name)))
+                .map_err(|e| e.to_string()),
+            None => Err("missing".into()),
+        };
+        if let Err(e) = r {
+            failed.get_or_insert(format!("map {name}: {e}"));
+        }
+    }
+    for (name, link) in links {
+        if let Some(prog) = ebpf.program_mut(name) {
+            if let Err(e) = prog.pin(staging.join(prog_pin(name))) {
+                failed.get_or_insert(format!("program {name}: {e}"));
+            }
+        }
+        match link.pin(staging.join(link_pin(name))) {
+            Ok(p) => held.push(FdLink::from(p)),
+            Err(e) => {
+                failed.get_or_insert(format!("link of {name}: {e}"));
+                if let Some(st) = report.programs.iter_mut().find(|p| p.name == name) {
+                    st.attached = false;
+                    st.error = Some(format!("pinning its link: {e}"));
+                }
+            }
+        }
+    }
+    if let Some(e) = failed {
+        pins.discard(&staging);
+        return (held, Err(e));
+    }
+    // The ring buffer, pinned once more, is the marker.
+    let marker = |path: &Path| match ebpf.map(names::EVENTS) {
+        Some(m) => m.pin(path).map_err(|e| e.to_string()),
+        None => Err("missing".into()),
+    };
+    match pins.publish(marker) {
+        Ok(()) => (held, Ok(pins.dir().display().to_string())),
+        Err(e) => {
+            pins.discard(&staging);
+            (held, Err(format!("marking the set complete: {e}")))
+        }
+    }
+}
+
+/// Takes over a set a previous agent left pinned: its programs are attached and recording, its
+/// ring holds what happened since. The watched roots are written again (they may have changed).
+fn adopt(
+    pins: PinDir,
+    mut report: ProbeReport,
+    plan: &Plan<'_>,
+    hierarchy: i32,
+    roots: &[String],
+) -> Result<Probes, ProbeError> {
+    let dir = pins.dir();
+    let adopt_err = |message: String| ProbeError::Adopt {
+        dir: dir.display().to_string(),
+        message,
+    };
+    let open = |name: &'static str| {
+        MapData::from_pin(dir.join(map_pin(name))).map_err(|e| adopt_err(format!("{name}: {e}")))
+    };
+    let typed = |name: &'static str| {
+        open(name)
+            .and_then(|m| Map::from_map_data(m).map_err(|e| adopt_err(format!("{name}: {e}"))))
+    };
+    let mut arr: Array<MapData, WatchRoot> =
+        Array::try_from(typed(names::WATCH_ROOTS)?).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+    fill_watch_roots(&mut arr, hierarchy, roots)?;
+    for s in SPECS {
+        let mut status = plan.status(s, &report);
+        if dir.join(link_pin(s.program)).exists() {
+            status.attached = true;
+            status.error = None;
+        } else if status.error.is_none() {
+            status.error = Some("not attached when the pinned kernel side was loaded".into());
+        }
+        report.programs.push(status);
+    }
+    plan.fallbacks(&mut report);
+    report.adopted = true;
+    report.pinned = Some(dir.display().to_string());
+    tracing::info!(
+        "adopted the kernel side pinned at {}: it kept recording while no agent ran",
+        dir.display()
+    );
+    let watched =
+        HashMap::try_from(typed(names::WATCHED)?).map_err(|e| map_err(names::WATCHED, e))?;
+    let tasks = HashMap::try_from(typed(names::TASKS)?).map_err(|e| map_err(names::TASKS, e))?;
+    let counters =
+        PerCpuArray::try_from(typed(names::COUNTERS)?).map_err(|e| map_err(names::COUNTERS, e))?;
+    Ok(Probes {
+        ebpf: None,
+        events: Some(open(names::EVENTS)?),
+        _pins: Some(pins),
+        _links: Vec::new(),
+        report,
+        watched,
+        tasks,
+        counters,
+    })
 }
 
 fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), TracefsError> {
@@ -469,27 +757,30 @@ fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), Tr
     Ok(())
 }
 
-fn fill_watch_roots(ebpf: &mut Ebpf, hierarchy: i32, roots: &[String]) -> Result<(), ProbeError> {
+/// Writes every slot: the watched roots first, empty slots after (an adopted set may hold more
+/// roots than this configuration has).
+fn fill_watch_roots<T: std::borrow::BorrowMut<MapData>>(
+    arr: &mut Array<T, WatchRoot>,
+    hierarchy: i32,
+    roots: &[String],
+) -> Result<(), ProbeError> {
     if roots.len() > MAX_ROOTS as usize {
         return Err(ProbeError::TooManyRoots);
     }
-    let map = ebpf
-        .map_mut(names::WATCH_ROOTS)
-        .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
-    let mut arr: Array<&mut MapData, WatchRoot> =
-        Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
-    for (i, root) in roots.iter().enumerate() {
-        let bytes = root.as_bytes();
-        if bytes.len() >= ROOT_PREFIX_LEN {
-            return Err(ProbeError::RootTooLong {
-                root: root.clone(),
-                max: ROOT_PREFIX_LEN - 1,
-            });
-        }
+    for i in 0..MAX_ROOTS as usize {
         let mut w = WatchRoot::EMPTY;
-        w.hierarchy = hierarchy;
-        w.len = bytes.len() as u32;
-        w.prefix[..bytes.len()].copy_from_slice(bytes);
+        if let Some(root) = roots.get(i) {
+            let bytes = root.as_bytes();
+            if bytes.len() >= ROOT_PREFIX_LEN {
+                return Err(ProbeError::RootTooLong {
+                    root: root.clone(),
+                    max: ROOT_PREFIX_LEN - 1,
+                });
+            }
+            w.hierarchy = hierarchy;
+            w.len = bytes.len() as u32;
+            w.prefix[..bytes.len()].copy_from_slice(bytes);
+        }
         arr.set(i as u32, w, 0)
             .map_err(|e| map_err(names::WATCH_ROOTS, e))?;
     }

@@ -2,6 +2,7 @@
 
 pub mod loader;
 pub mod memcg_items;
+pub mod pins;
 pub mod tracefs;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,10 @@ pub struct KernelCounters {
     /// Of those, paths it could not find (the cgroup was not tracked rather than misnamed).
     #[serde(default)]
     pub paths_unresolved: u64,
+    /// Peak steps the kernel side held back while the ring was over half full (the final
+    /// peak of each instance still comes with its rmdir).
+    #[serde(default)]
+    pub peaks_held: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -52,4 +57,9 @@ pub struct ProbesConfig {
     pub max_watched_cgroups: u32,
     /// Capacity of the kernel's task → cgroup table (tasks in watched cgroups at once).
     pub max_tasks: u32,
+    /// Keep the kernel side pinned in bpffs, recording while no agent runs (a crash, a
+    /// restart, an upgrade); the next agent adopts it. `emars unpin` removes it.
+    pub pin: bool,
+    /// Where (on bpffs; mounted at /sys/fs/bpf when absent).
+    pub pin_path: std::path::PathBuf,
 }
