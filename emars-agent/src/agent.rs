@@ -19,7 +19,7 @@ use crate::{
     kernel::probes::Probes,
     kernel::ring::EventRing,
     model::registry::Registry,
-    model::tracker::{mkdirs_first, Found, Tracker},
+    model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
     model::{AgentInfo, InstanceRecord},
     policy::actuator::Actuator,
     policy::enforcer::Enforcer,
@@ -388,8 +388,14 @@ fn drain_ring(
             tracing::error!("bad event record: {e}");
         }
     });
+    let gone = gone_in_batch(&batch);
     for t in mkdirs_first(batch) {
-        let effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+        let came_and_went = matches!(t.event, events::KernelEvent::CgroupMkdir { id, .. }
+            if gone.contains(&(id, t.ts_ns)));
+        let mut effects = tracker.apply(t.event, wall_ms_of(t.ts_ns), t.ts_ns);
+        if came_and_went {
+            effects.retain(|e| !matches!(e, Effect::Enforce { .. }));
+        }
         enforcer.run(tracker, effects);
     }
     n

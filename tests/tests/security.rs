@@ -781,3 +781,120 @@ fn store_and_audit_survive_repeated_kill_9_during_churn() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// The kernel side pinned in bpffs: a set of another version is removed and said; a second
+/// agent on the same pins is refused (two agents never read one ring); an unprivileged user can
+/// neither remove the pins nor lock them; `emars unpin` is refused while the agent runs and
+/// removes them once it has stopped; other settings make a new set that replaces the old one.
+#[test]
+fn pinned_kernel_side_is_locked_versioned_and_removable() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root("pinned_kernel_side_is_locked_versioned_and_removable") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    // What an older version left.
+    let old = root.pin_path.join("v0_0_1-00000000deadbeef");
+    fs::create_dir_all(&old)?;
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(
+        info["probes_unpinned"],
+        serde_json::json!(["v0_0_1-00000000deadbeef"]),
+        "{info}"
+    );
+    assert!(!old.exists());
+    assert!(
+        agent
+            .log()
+            .contains("removed the pinned kernel side v0_0_1-00000000deadbeef"),
+        "{}",
+        agent.log()
+    );
+    let set = std::path::PathBuf::from(
+        info["probes_pinned"]
+            .as_str()
+            .ok_or_else(|| anyhow!("not pinned: {info}"))?,
+    );
+    assert!(set.join("link_cgroup_mkdir").exists());
+    let mode = fs::metadata(&root.pin_path)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "pin directory mode {mode:o}");
+
+    // A second agent on the same pins.
+    let tmp2 = tempfile::tempdir()?;
+    let second = Agent::start_with(&root, &tmp2.path().join("store"), "", None);
+    let err = format!(
+        "{:#}",
+        second
+            .err()
+            .ok_or_else(|| anyhow!("a second agent started"))?
+    );
+    assert!(err.contains("in use by another running agent"), "{err}");
+
+    // As nobody: refused.
+    let (keep, cli) = copy_for_nobody(&agent_bin())?;
+    let cfg = keep.path().join("pins.toml");
+    fs::write(
+        &cfg,
+        format!("[probes]\npin_path = \"{}\"\n", root.pin_path.display()),
+    )?;
+    fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644))?;
+    let mut cmd = Command::new(&cli);
+    cmd.arg("unpin").arg("--config").arg(&cfg);
+    let (ok, out, err) = run_as_nobody(cmd)?;
+    assert!(!ok, "unpin succeeded as nobody: {out}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(set.exists());
+
+    // As root while the agent runs: refused.
+    let unpin = || {
+        Command::new(agent_bin())
+            .arg("unpin")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+    };
+    let out = unpin()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "unpin went ahead under a running agent"
+    );
+    assert!(err.contains("in use by another running agent"), "{err}");
+    assert!(set.exists());
+    assert!(agent.stop()?.success());
+
+    // Other settings: a new set replaces this one.
+    let other = "\n[probes]\npeak_step_bytes = 2097152\n";
+    let agent = Agent::start_with(&root, &store, other, None)?;
+    let info = agent.get_ok("/v1/info")?;
+    let name = set
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert_eq!(info["probes_unpinned"], serde_json::json!([name]), "{info}");
+    assert_eq!(info["probes_adopted"], false);
+    assert_ne!(info["probes_pinned"].as_str(), set.to_str());
+    assert!(agent.stop()?.success());
+
+    // Stopped: unpin removes it, and the next agent starts afresh.
+    let out = unpin()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("removed") && said.contains("detached"),
+        "{said}"
+    );
+    assert_eq!(fs::read_dir(&root.pin_path)?.count(), 0);
+    let agent = Agent::start_with(&root, &store, other, None)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], false, "{info}");
+    assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
+    Ok(())
+}

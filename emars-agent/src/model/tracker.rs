@@ -522,6 +522,28 @@ pub fn mkdirs_first(batch: Vec<crate::kernel::events::Timed>) -> Vec<crate::kern
     first
 }
 
+/// The mkdirs of a batch whose cgroup is removed later in the same batch, as (cgroup id, kernel
+/// time): instances that came and went before the agent read of them (it was down, or behind).
+/// Their limits are not written: the cgroup is gone, and its path may already name another.
+pub fn gone_in_batch(batch: &[crate::kernel::events::Timed]) -> HashSet<(u64, u64)> {
+    let mut gone = HashSet::new();
+    let mut open: HashMap<u64, u64> = HashMap::new();
+    for t in batch {
+        match t.event {
+            KernelEvent::CgroupMkdir { id, .. } => {
+                open.insert(id, t.ts_ns);
+            }
+            KernelEvent::CgroupRmdir { id, .. } => {
+                if let Some(ts) = open.remove(&id) {
+                    gone.insert((id, ts));
+                }
+            }
+            _ => {}
+        }
+    }
+    gone
+}
+
 /// Runs effects in order: the stage that owns the store and the actuator hands each one to
 /// `run`, which may answer with more (an enforcement's outcome), handled in turn.
 pub fn drain<C: Cgroups>(
@@ -852,6 +874,28 @@ mod tests {
 
     /// A mkdir moves ahead of queued events about other cgroups, not ahead of one about its
     /// own id (a reused inode whose rmdir is still queued).
+    #[test]
+    fn instances_gone_within_a_batch_are_found() {
+        let t = |ts_ns, event| crate::kernel::events::Timed { ts_ns, event };
+        let rmdir = |id| KernelEvent::CgroupRmdir {
+            id,
+            path: String::new(),
+            peak: 0,
+            watermark: 0,
+        };
+        let batch = vec![
+            t(1, mkdir(5, "/r/f/a")),
+            t(2, mkdir(6, "/r/f/b")),
+            t(3, rmdir(5)),
+            // Id 5 reused by a new cgroup that stays.
+            t(4, mkdir(5, "/r/f/c")),
+            // An rmdir of a cgroup made before the batch.
+            t(5, rmdir(9)),
+        ];
+        let gone = gone_in_batch(&batch);
+        assert_eq!(gone, HashSet::from([(5, 1)]));
+    }
+
     #[test]
     fn mkdirs_go_first_unless_their_id_came_before() {
         use crate::kernel::events::Timed;

@@ -9,7 +9,10 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -30,6 +33,8 @@ pub enum PinError {
     NotBpffs(PathBuf),
     #[error("{0} is in use by another running agent (its lock is held)")]
     Busy(PathBuf),
+    #[error("{path} belongs to uid {owner}, not to the agent: remove it, or set probes.pin_path")]
+    NotOurs { path: PathBuf, owner: u32 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
@@ -58,6 +63,19 @@ impl PinDir {
     pub fn open(base: &Path, identity: &str, expected: &[String]) -> Result<PinDir, PinError> {
         ensure_bpffs(base)?;
         std::fs::create_dir_all(base).map_err(io(base))?;
+        // /sys/fs/bpf is often world-writable (sticky): a directory someone else made first
+        // is not ours to pin into.
+        let owner = std::fs::metadata(base).map_err(io(base))?.uid();
+        // SAFETY: geteuid has no preconditions.
+        if owner != unsafe { libc::geteuid() } {
+            return Err(PinError::NotOurs {
+                path: base.to_owned(),
+                owner,
+            });
+        }
+        // Ours alone: nobody else may open it, so nobody else can hold its lock (and keep
+        // the agent from starting) or reach the pinned objects by path.
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700)).map_err(io(base))?;
         let lock = lock(base)?;
         let mut removed = Vec::new();
         let mut complete = false;
