@@ -46,8 +46,13 @@ pub async fn run(
     // below reports them first.
     let agent_start_ms = now_ms();
     // Attach before scanning, so no cgroup created in between is missed.
-    let mut probes =
-        Probes::load(&hierarchy, &config.probes, &roots).context("loading eBPF programs")?;
+    let mut probes = Probes::load(
+        &hierarchy,
+        &config.probes,
+        &roots,
+        config.policy.mode == crate::config::EnforceMode::Enforce,
+    )
+    .context("loading eBPF programs")?;
     let mut ring = probes.take_events()?;
 
     let info = Arc::new(RwLock::new(AgentInfo {

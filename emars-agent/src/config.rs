@@ -355,6 +355,7 @@ impl Default for ProbesConfig {
     fn default() -> Self {
         ProbesConfig {
             disable: Vec::new(),
+            charge_events: Default::default(),
             peak_step_bytes: DEFAULT_PEAK_STEP_BYTES,
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             max_watched_cgroups: DEFAULT_MAX_WATCHED_CGROUPS,

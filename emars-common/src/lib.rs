@@ -163,6 +163,10 @@ pub struct ProbeConfig {
     pub mem_hierarchy: i32,
     /// 1 when bpf_get_current_cgroup_id() names the memory cgroup (pure cgroup v2).
     pub current_cgroup_is_memcg: u32,
+    /// 1 when a new cgroup wakes the agent at once (its limits are due: enforce mode); else
+    /// its record waits for the agent's next read, like the rest.
+    pub wake_on_mkdir: u32,
+    pub _pad0: u32,
     /// Minimum growth of the peak between two MemPeak events.
     pub peak_step_bytes: u64,
     pub mkdir: CgroupTpOffsets,

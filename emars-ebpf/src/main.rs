@@ -34,6 +34,8 @@ use emars_common::{
 static CONFIG: ProbeConfig = ProbeConfig {
     mem_hierarchy: 0,
     current_cgroup_is_memcg: 0,
+    wake_on_mkdir: 1,
+    _pad0: 0,
     peak_step_bytes: 1 << 20,
     mkdir: emars_common::CgroupTpOffsets {
         root: 0,
@@ -205,14 +207,18 @@ const RB_RING_SIZE: u64 = 1;
 
 /// Whether an event wakes the agent. A wake-up costs the kernel an irq_work and the agent a
 /// context switch, inside the platform's own syscall (measured: exec 9.5 → 0.7 µs, exit 10.8
-/// → 1.8 µs without it). Only a new cgroup (its limits are due at once) and an OOM kill are
-/// worth that; the rest wait in the ring for the next of those or the agent's own drain
-/// (every 100 ms). Forced, not adaptive: after unwoken records the kernel's adaptive rule would
-/// not wake the agent either.
+/// → 1.8 µs without it). Only a new cgroup when its limits are due at once (enforce mode) and
+/// an OOM kill are worth that; the rest wait in the ring for the next of those or the agent's
+/// own drain (every 100 ms). Forced, not adaptive: after unwoken records the kernel's adaptive
+/// rule would not wake the agent either.
 #[inline(always)]
 fn wake(kind: EventKind) -> u64 {
     match kind {
-        EventKind::CgroupMkdir | EventKind::OomVictim => RB_FORCE_WAKEUP,
+        // SAFETY: reading our own global.
+        EventKind::CgroupMkdir if unsafe { read_volatile(&cfg().wake_on_mkdir) } != 0 => {
+            RB_FORCE_WAKEUP
+        }
+        EventKind::OomVictim => RB_FORCE_WAKEUP,
         _ => RB_NO_WAKEUP,
     }
 }

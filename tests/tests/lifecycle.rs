@@ -62,11 +62,28 @@ fn peaks_match_kernel_watermark() -> anyhow::Result<()> {
 /// interim step can supply the figure: only the in-kernel handover can.
 #[test]
 fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
-    if !require_root("peak_survives_immediate_rmdir") {
+    immediate_rmdir("peak_survives_immediate_rmdir", "")
+}
+
+/// The same, with the raw rmdir program off: `charge_events = "auto"` then runs the memcg
+/// charge programs, and the peak they summed in the kernel comes with the rmdir instead.
+#[test]
+fn peak_survives_immediate_rmdir_on_charge_events() -> anyhow::Result<()> {
+    immediate_rmdir(
+        "peak_survives_immediate_rmdir_on_charge_events",
+        "disable = [\"raw_cgroup_rmdir\"]\n",
+    )
+}
+
+fn immediate_rmdir(test: &str, probes: &str) -> anyhow::Result<()> {
+    if !require_root(test) {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let agent = Agent::start_configured(&root, "\n[probes]\npeak_step_bytes = 17179869184\n")?;
+    let agent = Agent::start_configured(
+        &root,
+        &format!("\n[probes]\npeak_step_bytes = 17179869184\n{probes}"),
+    )?;
     let info = agent.get_ok("/v1/info")?;
     let attached = |name: &str| {
         info["programs"]
@@ -79,9 +96,9 @@ fn peak_survives_immediate_rmdir() -> anyhow::Result<()> {
         || (attached("memcg_mod_memcg_state") && attached("memcg_mod_memcg_lruvec_state"));
     if !handover {
         eprintln!(
-            "\n*** SKIPPED peak_survives_immediate_rmdir: this kernel allows neither the raw \
-             cgroup_rmdir program nor memcg charge tracepoints; the agent runs on its documented \
-             watermark fallback ({}) ***\n",
+            "\n*** SKIPPED {test}: this kernel allows neither the raw cgroup_rmdir program nor \
+             memcg charge tracepoints (or the test turned one off); the agent runs on its \
+             documented watermark fallback ({}) ***\n",
             info["fallbacks"]
         );
         return Ok(());
@@ -435,6 +452,73 @@ fn no_instance_lost_while_the_agent_is_down() -> anyhow::Result<()> {
         expected.len(),
         if exact { "exact" } else { "within tolerance" },
         info["events_lost"]
+    );
+    Ok(())
+}
+
+/// Charge events: off by default where the raw rmdir program hands over the exact watermark (the
+/// programs cost every memory stat update on the host), on by request, where a live instance's
+/// peak then follows its growth within the agent's next read, with no exec or exit to tell it.
+#[test]
+fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
+    if !require_root("charge_events_stream_live_peaks_when_asked") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let attached = |info: &serde_json::Value, name: &str| {
+        info["programs"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == name && p["attached"] == true))
+    };
+    let agent = Agent::start(&root)?;
+    let info = agent.get_ok("/v1/info")?;
+    if attached(&info, "raw_cgroup_rmdir") {
+        assert!(!attached(&info, "memcg_mod_memcg_state"), "{info}");
+        assert!(!attached(&info, "memcg_mod_memcg_lruvec_state"), "{info}");
+    }
+    drop(agent);
+
+    let agent = Agent::start_configured(&root, "\n[probes]\ncharge_events = \"on\"\n")?;
+    let info = agent.get_ok("/v1/info")?;
+    if info["features"]["tracepoint memcg:mod_memcg_lruvec_state"] != true {
+        eprintln!(
+            "\n*** SKIPPED charge_events_stream_live_peaks_when_asked: no memcg charge \
+             tracepoints on this kernel ({}) ***\n",
+            info["kernel"]
+        );
+        return Ok(());
+    }
+    assert!(attached(&info, "memcg_mod_memcg_lruvec_state"), "{info}");
+    assert!(attached(&info, "memcg_mod_memcg_state"), "{info}");
+    let dir = root.instance_dir("stream", "s1")?;
+    // Exec at once (the agent reads the watermark then: nothing yet), 1 s later 48 MiB, then
+    // 4 s of nothing: no exec or exit tells the agent of the growth.
+    let mut cmd = std::process::Command::new(alloc_bin());
+    cmd.args(["--delay-ms", "1000", "--mib", "48", "--hold-ms", "4000"]);
+    let mut child = spawn_in(&dir, cmd)?;
+    agent.wait_live("stream", "s1")?;
+    let events0 = u64_of(&agent.get_ok("/v1/info")?, "events_received");
+    let seen = wait_for(Duration::from_secs(3), || {
+        let r = agent.instances("stream").ok()?.into_iter().next()?;
+        (r["ended_at_ms"].is_null() && u64_of(&r, "peak_bytes") >= 48 * MIB).then_some(r)
+    });
+    let wm = root.hierarchy.watermark(&dir)?;
+    // It came from the kernel's peak steps (1 MiB each), not a reconciliation pass that
+    // happened to fall in the window: some 48 of them arrive (the count is published each s).
+    let steps = wait_for(Duration::from_secs(3), || {
+        let n = u64_of(&agent.get_ok("/v1/info").ok()?, "events_received") - events0;
+        (n >= 40).then_some(n)
+    });
+    child.kill()?;
+    child.wait()?;
+    let rec = seen.ok_or_else(|| anyhow::anyhow!("live peak did not follow:\n{}", agent.log()))?;
+    assert!(
+        u64_of(&rec, "peak_bytes") <= wm + MIB,
+        "{rec} vs watermark {wm}"
+    );
+    assert!(
+        steps.is_some(),
+        "no peak steps reached the agent during the growth"
     );
     Ok(())
 }

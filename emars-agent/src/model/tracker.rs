@@ -461,16 +461,27 @@ impl<C: Cgroups> Tracker<C> {
     }
 
     /// Closes live instances whose cgroup is gone (or replaced) although no rmdir event came:
-    /// the safety net for events lost to a full ring buffer.
+    /// the safety net for events lost to a full ring buffer. The others get their kernel
+    /// watermark read again: without charge events, what keeps a long-lived instance's peak
+    /// current between its execs and exits.
     pub fn reconcile(&mut self, now_ms: u64) -> Vec<Effect> {
-        let mut gone: Vec<u64> = self
-            .live
-            .iter()
-            .filter(|(id, rec)| self.cgroups.cgroup_id(Path::new(&rec.cgroup_path)) != Some(**id))
-            .map(|(id, _)| *id)
-            .collect();
+        let (mut gone, mut present): (Vec<u64>, Vec<u64>) = self.live.iter().fold(
+            (Vec::new(), Vec::new()),
+            |(mut gone, mut present), (id, rec)| {
+                if self.cgroups.cgroup_id(Path::new(&rec.cgroup_path)) == Some(*id) {
+                    present.push(*id);
+                } else {
+                    gone.push(*id);
+                }
+                (gone, present)
+            },
+        );
         gone.sort_unstable();
+        present.sort_unstable();
         let mut out = Vec::new();
+        for id in present {
+            self.refresh(id, &mut out);
+        }
         for id in gone {
             tracing::warn!(
                 cgroup = id,

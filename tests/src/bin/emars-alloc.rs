@@ -1,6 +1,6 @@
 //! A workload with a known memory profile: optionally re-execs itself `--chain` times (to make a
-//! known number of execs), then allocates `--mib` MiB, touches every page, holds it `--hold-ms`,
-//! and exits. Used by the integration tests and the benchmark.
+//! known number of execs), waits `--delay-ms`, then allocates `--mib` MiB, touches every page,
+//! holds it `--hold-ms`, and exits. Used by the integration tests and the benchmark.
 
 use std::{env, hint::black_box, os::unix::process::CommandExt, process::Command, time::Duration};
 
@@ -20,6 +20,7 @@ fn main() {
     let chain = arg("--chain", 0);
     let mib = arg("--mib", 0);
     let hold_ms = arg("--hold-ms", 0);
+    let delay_ms = arg("--delay-ms", 0);
     if chain > 0 {
         let err = Command::new("/proc/self/exe")
             .args([
@@ -29,10 +30,13 @@ fn main() {
                 &mib.to_string(),
                 "--hold-ms",
                 &hold_ms.to_string(),
+                "--delay-ms",
+                &delay_ms.to_string(),
             ])
             .exec();
         panic!("re-exec failed: {err}");
     }
+    std::thread::sleep(Duration::from_millis(delay_ms));
     let mut buf = vec![0u8; (mib as usize) << 20];
     // Touch every page so the memory is really charged to the cgroup.
     for i in (0..buf.len()).step_by(4096) {

@@ -17,7 +17,7 @@ use super::{
     memcg_items::{KernelBtf, UsageItem},
     pins::{self, PinDir},
     tracefs::{Format, Tracefs, TracefsError},
-    KernelCounters, ProbesConfig, ProgramStatus,
+    ChargeEvents, KernelCounters, ProbesConfig, ProgramStatus,
 };
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 use crate::kernel::ring::EventRing;
@@ -157,17 +157,20 @@ fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
 }
 
 impl Probes {
-    /// Loads and attaches. `roots` are watched roots relative to the hierarchy ("/emars").
+    /// Loads and attaches (or adopts a pinned set). `roots` are watched roots relative to the
+    /// hierarchy ("/emars"); `wake_on_mkdir`: new cgroups wake the agent (their limits are due).
     pub fn load(
         hierarchy: &MemoryHierarchy,
         cfg: &ProbesConfig,
         roots: &[String],
+        wake_on_mkdir: bool,
     ) -> Result<Probes, ProbeError> {
         let tracefs = Tracefs::find_or_mount()?;
         let mut report = ProbeReport::default();
         let mut config = ProbeConfig {
             mem_hierarchy: hierarchy.hierarchy_id,
             current_cgroup_is_memcg: u32::from(hierarchy.version == CgroupVersion::V2),
+            wake_on_mkdir: u32::from(wake_on_mkdir),
             peak_step_bytes: cfg.peak_step_bytes,
             ..Default::default()
         };
@@ -537,6 +540,18 @@ impl Plan<'_> {
             status.error = Some("not needed: raw_cgroup_rmdir is attached".into());
         } else if self.cfg.disable.iter().any(|d| d == s.program) {
             status.error = Some("disabled by config (probes.disable)".into());
+        } else if s.memcg && self.cfg.charge_events == ChargeEvents::Off {
+            status.error = Some("off by config (probes.charge_events = \"off\")".into());
+        } else if s.memcg
+            && self.cfg.charge_events == ChargeEvents::Auto
+            && report.attached("raw_cgroup_rmdir")
+        {
+            status.error = Some(
+                "not needed: raw_cgroup_rmdir hands over the kernel's exact watermark at rmdir \
+                 (probes.charge_events = \"on\" streams live peaks, at ~120 ns per memory stat \
+                 update on the whole host)"
+                    .into(),
+            );
         } else if let Some(why) = self.unusable.get(s.program) {
             status.error = Some(why.clone());
         }
@@ -550,7 +565,8 @@ impl Plan<'_> {
             (true, _) => {}
             (false, true) => report.fallbacks.push(format!(
                 "no memcg charge events: live peaks come from the kernel watermark ({peak_file}) \
-                 read on exec/exit events; final peaks are exact (read in the kernel at rmdir)"
+                 read on exec/exit events and every reconciliation (10 s); final peaks are exact \
+                 (read in the kernel at rmdir)"
             )),
             (false, false) => report.fallbacks.push(format!(
                 "no memcg charge events and no raw cgroup_rmdir: peaks come from the kernel \
@@ -579,9 +595,16 @@ impl Plan<'_> {
 /// Names a pinned set: what the programs were built from and loaded with. Another version, other
 /// settings or another kernel's offsets make another name, and the old set is replaced.
 fn identity(config: &ProbeConfig, cfg: &ProbesConfig, items: &[UsageItem]) -> String {
+    // Everything that decides what is loaded and attached: a set adopted under other settings
+    // would run other programs than this configuration asks for.
     let settings = format!(
-        "{config:?}|{}|{}|{}|{:?}|{:?}",
-        cfg.ring_buffer_bytes, cfg.max_watched_cgroups, cfg.max_tasks, cfg.disable, items
+        "{config:?}|{}|{}|{}|{:?}|{:?}|{:?}",
+        cfg.ring_buffer_bytes,
+        cfg.max_watched_cgroups,
+        cfg.max_tasks,
+        cfg.disable,
+        cfg.charge_events,
+        items
     );
     let h = pins::fnv1a(&[EBPF_OBJECT, settings.as_bytes()]);
     // bpffs refuses dots in names.
