@@ -5,11 +5,18 @@
 //!    kernel's bpf_stats, which it enables for the run (kernel.bpf_stats_enabled) and restores.
 //! 2. Agent CPU while containers start and stop, and the churn's wall time with the agent
 //!    against baseline rounds without any agent, alternated in the same process.
-//! 3. A charge storm: one container charging 512 MiB, page by page.
-//! 4. After every agent round: did the agent record every instance, with no event lost?
+//! 3. A charge storm: one container charging 512 MiB, page by page, with the memcg charge
+//!    programs on (`probes.charge_events = "on"`; the default leaves them off where the kernel's
+//!    watermark is read exactly at rmdir).
+//! 4. A function touching 1 GiB: its wall time without an agent, with the agent as configured
+//!    by default, and with the charge programs on, in turn.
+//! 5. Enforcement delay: mkdir to limits written, for new instances in enforce mode.
 //!
-//! Each agent round runs a fresh agent on a fresh cgroup root and stops it afterwards, so the
-//! baseline rounds in between run with no eBPF program attached at all.
+//! After every agent round: did the agent record every instance, with no event lost?
+//!
+//! Each agent round runs a fresh agent on a fresh cgroup root, stops it, and drops the root,
+//! which unpins the kernel side the agent left recording: the baseline rounds in between run
+//! with no eBPF program attached at all.
 //!
 //! ```text
 //! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
@@ -367,7 +374,12 @@ fn wait_recorded(agent: &Agent, function: &str, n: u64) -> Result<(u64, u64)> {
 
 /// Starts an agent on `root` and waits for its first info tick.
 fn start_agent(root: &TestRoot) -> Result<Agent> {
-    let agent = Agent::start(root)
+    start_agent_with(root, "")
+}
+
+/// The same with `extra` appended to its config.
+fn start_agent_with(root: &TestRoot, extra: &str) -> Result<Agent> {
+    let agent = Agent::start_configured(root, extra)
         .with_context(|| format!("the agent ({}) failed to start", agent_bin().display()))?;
     thread::sleep(INFO_SETTLE);
     Ok(agent)
@@ -488,11 +500,15 @@ struct Storm {
     watermark: u64,
 }
 
-/// Point 3: one container charging STORM_MIB page by page.
+/// The memcg charge programs, which `probes.charge_events = "auto"` leaves off where the raw
+/// rmdir program reads the exact watermark: asked for, to measure what they cost.
+const CHARGE_ON: &str = "\n[probes]\ncharge_events = \"on\"\n";
+
+/// Point 3: one container charging STORM_MIB page by page, with the charge programs on.
 fn storm(w: &mut Warnings) -> Result<Storm> {
     let root = TestRoot::new()?;
     root.function_dir(STORM_FUNCTION)?;
-    let agent = start_agent(&root)?;
+    let agent = start_agent_with(&root, CHARGE_ON)?;
     let before = snapshot(&agent)?;
     let cpu0 = cpu_time(agent.pid())?;
     let dir = root.instance_dir(STORM_FUNCTION, "s0")?;
@@ -545,6 +561,74 @@ fn storm(w: &mut Warnings) -> Result<Storm> {
         w.warn(format!("storm: {} kernel events LOST", s.lost));
     }
     Ok(s)
+}
+
+/// Point 4: one function touching BIG_MIB, timed without an agent, with the agent as
+/// configured by default, and with the charge programs on; the three in turn, each with a root
+/// of its own (dropping a root unpins what its agent left recording).
+const BIG_MIB: u64 = 1024;
+
+#[derive(Default)]
+struct Big {
+    base: Vec<f64>,
+    auto: Vec<f64>,
+    on: Vec<f64>,
+}
+
+fn big_function(reps: usize, w: &mut Warnings) -> Result<Big> {
+    let time_one = |root: &TestRoot, name: &str| -> Result<f64> {
+        let dir = root.instance_dir("big", name)?;
+        let t = Instant::now();
+        let status = run_alloc(&dir, BIG_MIB, 0, 0)?;
+        let s = t.elapsed().as_secs_f64();
+        remove_cgroup(&dir)?;
+        if !status.success() {
+            bail!("the {BIG_MIB} MiB workload failed: {status}");
+        }
+        Ok(s)
+    };
+    let mut big = Big::default();
+    for rep in 0..reps {
+        check_interrupted()?;
+        {
+            let root = TestRoot::new()?;
+            big.base.push(time_one(&root, &format!("b{rep}"))?);
+        }
+        for (extra, into) in [("", &mut big.auto), (CHARGE_ON, &mut big.on)] {
+            let root = TestRoot::new()?;
+            let agent = start_agent_with(&root, extra)?;
+            into.push(time_one(&root, &format!("a{rep}"))?);
+            stop_agent(agent, w)?;
+        }
+    }
+    Ok(big)
+}
+
+fn print_big(b: &Big) -> (f64, f64) {
+    let med = |v: &[f64]| spread(v.to_vec()).map_or(0.0, |s| s.median);
+    let (base, auto, on) = (med(&b.base), med(&b.auto), med(&b.on));
+    let pct = |x: f64| {
+        if base > 0.0 {
+            100.0 * (x / base - 1.0)
+        } else {
+            0.0
+        }
+    };
+    println!(
+        "4. A function touching {BIG_MIB} MiB ({} runs each, in turn; medians)",
+        b.base.len()
+    );
+    println!("  without an agent                     {base:.3} s");
+    println!(
+        "  agent, probes.charge_events = auto   {auto:.3} s ({:+.1} %)",
+        pct(auto)
+    );
+    println!(
+        "  agent, probes.charge_events = on     {on:.3} s ({:+.1} %)",
+        pct(on)
+    );
+    println!();
+    (pct(auto), pct(on))
 }
 
 /// Flags a machine so busy that wall-time figures say more about it than about EMARS.
@@ -838,7 +922,10 @@ fn is_memcg(name: &str) -> bool {
 }
 
 fn print_storm(s: &Storm) {
-    println!("3. Charge storm: 1 container, {STORM_MIB} MiB touched page by page");
+    println!(
+        "3. Charge storm: 1 container, {STORM_MIB} MiB touched page by page \
+         (probes.charge_events = \"on\")"
+    );
     println!(
         "  workload wall {:.3} s, agent CPU {:.0} ms",
         s.wall.as_secs_f64(),
@@ -1059,13 +1146,19 @@ fn run(opts: &Opts) -> Result<()> {
     println!();
     check_noise(&baseline, &mut w);
     let storm = storm(&mut w)?;
+    let big = big_function(5, &mut w)?;
 
     print_program_costs(opts, &rounds, &info, &idle);
     let churn = print_churn(opts, &baseline, &rounds);
     print_storm(&storm);
+    let (big_auto, big_on) = print_big(&big);
     let enf = enforcement(opts.containers.min(200))?;
     print_enforcement(&enf);
     print_summary(opts, &rounds, &info, &churn, &storm, &w);
+    println!(
+        "{BIG_MIB} MiB function: {big_auto:+.1} % with the agent (charge_events auto), \
+         {big_on:+.1} % with charge events on"
+    );
     println!(
         "enforce delay: mkdir → limits written {} µs median (agent audit), {} µs p99; \
          seen by the platform {} µs median vs {} µs for writing the files itself ({:.1}x)",
