@@ -320,8 +320,13 @@ impl Probes {
                     Err(e) => status.error = Some(e),
                 }
             }
-            if let Some(e) = &status.error {
-                tracing::warn!(program = s.program, "not attached: {e}");
+            match &status.error {
+                // Chosen, not a fault.
+                Some(e) if e.starts_with("not needed") || e.contains("by config") => {
+                    tracing::info!(program = s.program, "not attached: {e}")
+                }
+                Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
+                None => {}
             }
             report.programs.push(status);
         }
