@@ -113,7 +113,7 @@ const TREE_V1_HOURS: &str = "hours";
 const FORMAT_V2: u8 = 2;
 
 /// The audit journal is emptied (after a flush of sled) once it holds this much.
-const JOURNAL_SETTLE_BYTES: u64 = 1 << 20;
+const JOURNAL_SETTLE_BYTES: u64 = journal::CAPACITY / 2;
 
 /// Ended records per block: the tail is sealed into one sled value when it has this many.
 pub const BLOCK_RECORDS: usize = 128;
