@@ -254,6 +254,7 @@ async fn event_loop(
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
     let mut ticks = 0u64;
+    let mut last_flush = std::time::Instant::now();
     // The store flush under way and the ring position it makes durable.
     let mut flushing: Option<(
         u64,
@@ -358,8 +359,16 @@ async fn event_loop(
             }
             _ = stop.changed() => break,
         }
-        if flushing.is_none() && ring.get_ref().uncommitted() > 0 {
-            let pos = ring.get_ref().position();
+        // One flush a second (sooner if a quarter of the ring waits on it), for everything
+        // written meanwhile (sled has no flusher of its own here): each is a device cache
+        // flush, and an audit record's O_DSYNC write that meets one waits for it (measured:
+        // the mkdir-to-limits p99 went from 6.5 to 11 ms with a flush per read).
+        let r = ring.get_ref();
+        if flushing.is_none()
+            && (last_flush.elapsed() >= COMMIT_EVERY || r.uncommitted() > r.size() / 4)
+        {
+            last_flush = std::time::Instant::now();
+            let pos = r.position();
             let st = store.clone();
             flushing = Some((pos, tokio::task::spawn_blocking(move || st.flush())));
         }
@@ -372,6 +381,10 @@ async fn event_loop(
     drain_ring(&mut ring, tracker, enforcer, decode_errors);
     Ok(ring)
 }
+
+/// How often records read from the ring are made durable (a flush of the store) and their room
+/// given back to the kernel.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the agent reads the ring buffer without being woken: the bound on how late an
 /// exec, exit, peak step or rmdir is seen (mkdir and OOM kills wake it at once).

@@ -164,6 +164,11 @@ impl EventRing {
         }
     }
 
+    /// Bytes of the ring's data area.
+    pub fn size(&self) -> u64 {
+        self.mask + 1
+    }
+
     /// Read and not yet committed.
     pub fn uncommitted(&self) -> u64 {
         self.read_pos - self.committed

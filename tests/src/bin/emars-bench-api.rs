@@ -98,7 +98,10 @@ struct Row {
     fill: Duration,
     open: Duration,
     open_clean: Duration,
+    /// Peak RSS of a start after kill -9 (every record read).
     rss_mb: f64,
+    /// RSS once a clean start is done: what the agent holds from then on.
+    rss_after_mb: f64,
     bytes_per_record: f64,
     list: Vec<Duration>,
     one: Vec<Duration>,
@@ -111,12 +114,13 @@ fn run(o: &Opts) -> Result<()> {
         rows.push(measure(functions, days, o)?);
     }
     println!(
-        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
+        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
         "store",
         "records",
         "fill s",
         "open s",
         "clean s",
+        "peak MB",
         "RSS MB",
         "B/record",
         "GET /v1/functions p50/p99/max",
@@ -124,13 +128,14 @@ fn run(o: &Opts) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0} {:>9.0}  {:>28}  {:>28}",
+            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0} {:>9.0} {:>9.0}  {:>28}  {:>28}",
             r.label,
             r.records,
             r.fill.as_secs_f64(),
             r.open.as_secs_f64(),
             r.open_clean.as_secs_f64(),
             r.rss_mb,
+            r.rss_after_mb,
             r.bytes_per_record,
             triple(&r.list),
             triple(&r.one),
@@ -168,12 +173,12 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
     // Start-up after a kill -9 (no checkpoint: every record is read), which then stops
     // cleanly ...
-    let (open, from_checkpoint, rss_mb) = open_in_child(&path)?;
+    let (open, from_checkpoint, rss_mb, _) = open_in_child(&path)?;
     if from_checkpoint {
         bail!("the store opened from a checkpoint after an unclean stop");
     }
     // ... and after that clean stop (the live model comes from the checkpoint).
-    let (open_clean, from_checkpoint, _) = open_in_child(&path)?;
+    let (open_clean, from_checkpoint, _, rss_after_mb) = open_in_child(&path)?;
     if !from_checkpoint {
         bail!("the store did not open from its checkpoint");
     }
@@ -205,6 +210,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         open,
         open_clean,
         rss_mb,
+        rss_after_mb,
         bytes_per_record,
         list,
         one,
@@ -278,17 +284,28 @@ fn open_child(path: &Path, rebuild: bool) -> Result<()> {
     // The agent answers from the model at once: build the cached list as the first GET would.
     let _ = store.functions_json();
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
+    let kb = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {key} in /proc/self/status"))
+    };
+    // Peak during the open, and what stays once it is done (the agent's from then on).
+    let (hwm_kb, rss_kb) = (kb("VmHWM:")?, kb("VmRSS:")?);
     store.checkpoint()?;
-    println!("{} {} {}", open.as_secs_f64(), from_checkpoint, hwm_kb);
+    println!(
+        "{} {} {} {}",
+        open.as_secs_f64(),
+        from_checkpoint,
+        hwm_kb,
+        rss_kb
+    );
     Ok(())
 }
 
-fn open_in_child(path: &Path) -> Result<(Duration, bool, f64)> {
+/// (open time, from the checkpoint, peak RSS MB, RSS MB after the open).
+fn open_in_child(path: &Path) -> Result<(Duration, bool, f64, f64)> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .arg("--open")
         .arg(path)
@@ -298,13 +315,15 @@ fn open_in_child(path: &Path) -> Result<(Duration, bool, f64)> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut f = text.split_whitespace();
-    let (Some(secs), Some(cp), Some(kb)) = (f.next(), f.next(), f.next()) else {
+    let (Some(secs), Some(cp), Some(hwm), Some(rss)) = (f.next(), f.next(), f.next(), f.next())
+    else {
         bail!("unexpected output of --open: {text}");
     };
     Ok((
         Duration::from_secs_f64(secs.parse()?),
         cp == "true",
-        kb.parse::<f64>()? / 1024.0,
+        hwm.parse::<f64>()? / 1024.0,
+        rss.parse::<f64>()? / 1024.0,
     ))
 }
 
