@@ -121,7 +121,18 @@ pub async fn run(
         // first, then what the ring holds (their ends with exact peaks, instances that came
         // and went meanwhile), then the scan finds only what neither knows.
         resume(&mut tracker, &mut enforcer, std::mem::take(&mut stale));
-        let n = drain_ring(&mut ring, &mut tracker, &mut enforcer, &mut decode_errors);
+        // Records the last run read, applied and saved, but was killed before giving back.
+        let applied = store
+            .ring_mark()
+            .filter(|(id, _)| id == ring.identity())
+            .map_or(0, |(_, pos)| pos);
+        let n = drain_ring_after(
+            &mut ring,
+            &mut tracker,
+            &mut enforcer,
+            &mut decode_errors,
+            applied,
+        );
         tracing::info!("read {n} events queued while no agent ran");
     }
     scan_existing(
@@ -190,6 +201,11 @@ pub async fn run(
     )
     .await;
     // The next start loads the live model from here instead of scanning every record.
+    if let Ok(r) = &result {
+        if let Err(e) = store.set_ring_mark(r.identity(), r.position()) {
+            tracing::error!("noting the ring position in the store: {e}");
+        }
+    }
     let saved = store.checkpoint();
     if let Err(e) = &saved {
         tracing::error!("writing the store's checkpoint: {e}");
@@ -369,6 +385,10 @@ async fn event_loop(
         {
             last_flush = std::time::Instant::now();
             let pos = r.position();
+            // Durable with the effects it vouches for, or not at all.
+            if let Err(e) = store.set_ring_mark(r.identity(), pos) {
+                tracing::error!("noting the ring position in the store: {e}");
+            }
             let st = store.clone();
             flushing = Some((pos, tokio::task::spawn_blocking(move || st.flush())));
         }
@@ -398,8 +418,21 @@ fn drain_ring(
     enforcer: &mut Enforcer,
     decode_errors: &mut u64,
 ) -> usize {
+    drain_ring_after(ring, tracker, enforcer, decode_errors, 0)
+}
+
+/// The same, skipping the records before ring position `applied`: read by an agent that was
+/// killed after its store had saved their effects, before it gave their room back.
+fn drain_ring_after(
+    ring: &mut EventRing,
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    decode_errors: &mut u64,
+    applied: u64,
+) -> usize {
     let mut batch = Vec::new();
-    let n = ring.read(|rec| match events::decode(rec) {
+    let n = ring.read(|end, rec| match events::decode(rec) {
+        Ok(_) if end <= applied => {}
         Ok(t) => batch.push(t),
         Err(e) => {
             *decode_errors += 1;

@@ -71,6 +71,8 @@ pub struct EventRing {
     read_pos: u64,
     /// What the kernel has been told it may reuse.
     committed: u64,
+    /// This ring among all rings ever made: the boot and the kernel's map id.
+    identity: String,
 }
 
 // SAFETY: the mappings are owned by this value and only touched through &mut self (reads of
@@ -79,11 +81,11 @@ unsafe impl Send for EventRing {}
 
 impl EventRing {
     pub fn new(map: MapData) -> Result<Self, RingError> {
-        let size = u64::from(
-            map.info()
-                .map_err(|e| RingError::Info(e.to_string()))?
-                .max_entries(),
-        );
+        let info = map.info().map_err(|e| RingError::Info(e.to_string()))?;
+        let size = u64::from(info.max_entries());
+        // Positions count from 0 in each ring: a position means something only with the ring.
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let identity = format!("{}:{}", boot.trim(), info.id());
         // SAFETY: sysconf has no preconditions.
         let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
             n if n > 0 => n as usize,
@@ -103,6 +105,7 @@ impl EventRing {
             mask: size - 1,
             read_pos: 0,
             committed: 0,
+            identity,
         };
         // Where the last reader (this agent's predecessor, for a pinned ring) left off.
         ring.committed = ring.consumer_pos().load(Ordering::Acquire);
@@ -120,9 +123,9 @@ impl EventRing {
         unsafe { &*(self.producer.ptr as *const AtomicU64) }
     }
 
-    /// Hands every complete record not read yet to `f`, in ring order, without giving their
-    /// room back; returns how many were read.
-    pub fn read(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+    /// Hands every complete record not read yet to `f` with the position after it, in ring
+    /// order, without giving their room back; returns how many were read.
+    pub fn read(&mut self, mut f: impl FnMut(u64, &[u8])) -> usize {
         let produced = self.producer_pos().load(Ordering::Acquire);
         // SAFETY: the data pages follow the producer page.
         let data = unsafe { (self.producer.ptr as *const u8).add(self.page) };
@@ -137,15 +140,16 @@ impl EventRing {
                 break;
             }
             let len = head & !(BUSY | DISCARD);
+            let end = self.read_pos + (u64::from(len) + HEADER).next_multiple_of(8);
             if head & DISCARD == 0 {
                 // SAFETY: the record lies in the doubly mapped area, so it never wraps.
                 let rec = unsafe {
                     std::slice::from_raw_parts(data.add(off + HEADER as usize), len as usize)
                 };
-                f(rec);
+                f(end, rec);
                 n += 1;
             }
-            self.read_pos += (u64::from(len) + HEADER).next_multiple_of(8);
+            self.read_pos = end;
         }
         n
     }
@@ -162,6 +166,11 @@ impl EventRing {
             self.committed = pos;
             self.consumer_pos().store(pos, Ordering::Release);
         }
+    }
+
+    /// Which ring this is (boot id and map id): positions of another ring mean nothing here.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Bytes of the ring's data area.

@@ -124,6 +124,9 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 /// The live model as of the last clean close, and whether nothing was written since.
 const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
 const KEY_CLEAN: &str = "clean";
+/// The kernel event ring (its identity) and the position up to which the records here reflect
+/// its events.
+const KEY_RING_MARK: &str = "ring_mark";
 /// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
 /// from the records).
 const CHECKPOINT_FORMAT: u8 = 4;
@@ -545,6 +548,21 @@ impl Store {
         self.settle_audit()?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Notes that the records written so far reflect the events of ring `ring` up to `pos`:
+    /// written before each flush, so that a durable mark comes with durable effects, and a
+    /// restarted agent that reads those events again from a pinned ring skips them.
+    pub fn set_ring_mark(&self, ring: &str, pos: u64) -> Result<(), StoreError> {
+        let raw = encode_json(TREE_META, KEY_RING_MARK.as_bytes(), &(ring, pos))?;
+        self.meta.insert(KEY_RING_MARK, raw)?;
+        Ok(())
+    }
+
+    /// The last [`Store::set_ring_mark`] that reached the disk.
+    pub fn ring_mark(&self) -> Option<(String, u64)> {
+        let raw = self.meta.get(KEY_RING_MARK).ok()??;
+        serde_json::from_slice(&raw).ok()
     }
 
     /// Whether this open took the live model from a checkpoint (else it read the records).
