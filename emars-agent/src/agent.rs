@@ -295,14 +295,6 @@ async fn event_loop(
                 enforcer.run(tracker, effects);
                 ticks += 1;
                 if ticks.is_multiple_of(10) {
-                    // Audit records reach sled's own log, and the journal that made them
-                    // durable meanwhile is emptied (a flush: off the event loop).
-                    let st = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = st.settle_audit() {
-                            tracing::error!("settling the audit journal: {e}");
-                        }
-                    });
                     // Rmdir events still in the ring first: reconciliation must not close an
                     // instance whose exact end is waiting there.
                     drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
@@ -376,12 +368,17 @@ async fn event_loop(
             _ = stop.changed() => break,
         }
         // One flush a second (sooner if a quarter of the ring waits on it), for everything
-        // written meanwhile (sled has no flusher of its own here): each is a device cache
-        // flush, and an audit record's O_DSYNC write that meets one waits for it (measured:
-        // the mkdir-to-limits p99 went from 6.5 to 11 ms with a flush per read).
+        // written meanwhile (sled has no flusher of its own here), which also empties the
+        // audit journal: each is a device cache flush, and an audit record's O_DSYNC write
+        // that meets one waits for it (measured: the mkdir-to-limits p99 went from 6.5 to 11
+        // ms with a flush per read). So it waits for a pause in new instances, up to 5 s.
         let r = ring.get_ref();
+        let due = last_flush.elapsed();
+        let quiet = enforcer.stats.last_enforce.is_none_or(|t| t.elapsed() >= FLUSH_QUIET);
         if flushing.is_none()
-            && (last_flush.elapsed() >= COMMIT_EVERY || r.uncommitted() > r.size() / 4)
+            && ((due >= COMMIT_EVERY && quiet)
+                || due >= COMMIT_EVERY_AT_MOST
+                || r.uncommitted() > r.size() / 4)
         {
             last_flush = std::time::Instant::now();
             let pos = r.position();
@@ -403,8 +400,11 @@ async fn event_loop(
 }
 
 /// How often records read from the ring are made durable (a flush of the store) and their room
-/// given back to the kernel.
+/// given back to the kernel: once a second, in a pause of this long after the last limits
+/// written into a new instance, and at the latest after 5 s.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
+const FLUSH_QUIET: Duration = Duration::from_millis(50);
+const COMMIT_EVERY_AT_MOST: Duration = Duration::from_secs(5);
 
 /// How often the agent reads the ring buffer without being woken: the bound on how late an
 /// exec, exit, peak step or rmdir is seen (mkdir and OOM kills wake it at once).

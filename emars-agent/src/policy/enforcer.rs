@@ -19,6 +19,8 @@ pub struct EnforcerStats {
     pub enforce_failures: u64,
     /// Largest mkdir → limits-written delay seen, in microseconds.
     pub max_enforce_delay_us: u64,
+    /// When limits were last written into a new instance (the agent flushes in the pauses).
+    pub last_enforce: Option<std::time::Instant>,
 }
 
 pub struct Enforcer {
@@ -90,6 +92,7 @@ impl Enforcer {
     ) -> Option<crate::model::Limits> {
         let (policy, actuator) = self.policy.as_ref()?;
         let audit = policy.enforce_new_instance(actuator, rec, mkdir_ts_ns)?;
+        self.stats.last_enforce = Some(std::time::Instant::now());
         self.stats.max_enforce_delay_us = self
             .stats
             .max_enforce_delay_us

@@ -762,7 +762,7 @@ impl Store {
     }
 
     /// Flushes sled and empties the audit journal, whose records sled now holds durably.
-    /// Called periodically by the agent and at a clean stop; cheap when nothing was audited.
+    /// Part of every [`Store::flush`] and of a clean stop; cheap when nothing was audited.
     pub fn settle_audit(&self) -> Result<(), StoreError> {
         let mark = self.journal().bytes;
         if mark == 0 {
