@@ -374,7 +374,10 @@ async fn event_loop(
         // ms with a flush per read). So it waits for a pause in new instances, up to 5 s.
         let r = ring.get_ref();
         let due = last_flush.elapsed();
-        let quiet = enforcer.stats.last_enforce.is_none_or(|t| t.elapsed() >= FLUSH_QUIET);
+        let quiet = enforcer
+            .stats
+            .last_enforce
+            .is_none_or(|t| t.elapsed() >= FLUSH_QUIET);
         if flushing.is_none()
             && ((due >= COMMIT_EVERY && quiet)
                 || due >= COMMIT_EVERY_AT_MOST
