@@ -32,8 +32,14 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var("EMARS_TEST_ROOT_REQUIRED").as_deref() == Ok("1") {
         panic!("{test} needs root (EMARS_TEST_ROOT_REQUIRED=1)");
     }
-    eprintln!("\n*** SKIPPED {test}: needs root (real cgroups and eBPF) ***\n");
+    skipped(test, "needs root (real cgroups and eBPF)");
     false
+}
+
+/// Says loudly that `test` did not check what it is for, in the form the VM summary counts
+/// (on stdout, which the test harness passes on with --nocapture).
+pub fn skipped(test: &str, why: &str) {
+    println!("\n*** SKIPPED {test}: {why} ***\n");
 }
 
 /// Which cgroup version holds the memory controller here, found independently of the agent.

@@ -95,11 +95,14 @@ fn immediate_rmdir(test: &str, probes: &str) -> anyhow::Result<()> {
     let handover = attached("raw_cgroup_rmdir")
         || (attached("memcg_mod_memcg_state") && attached("memcg_mod_memcg_lruvec_state"));
     if !handover {
-        eprintln!(
-            "\n*** SKIPPED {test}: this kernel allows neither the raw cgroup_rmdir program nor \
-             memcg charge tracepoints (or the test turned one off); the agent runs on its \
-             documented watermark fallback ({}) ***\n",
-            info["fallbacks"]
+        skipped(
+            test,
+            &format!(
+                "this kernel allows neither the raw cgroup_rmdir program nor memcg charge \
+                 tracepoints (or the test turned one off); the agent runs on its documented \
+                 watermark fallback ({})",
+                info["fallbacks"]
+            ),
         );
         return Ok(());
     }
@@ -485,10 +488,12 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
     let agent = Agent::start_configured(&root, "\n[probes]\ncharge_events = \"on\"\n")?;
     let info = agent.get_ok("/v1/info")?;
     if info["features"]["tracepoint memcg:mod_memcg_lruvec_state"] != true {
-        eprintln!(
-            "\n*** SKIPPED charge_events_stream_live_peaks_when_asked: no memcg charge \
-             tracepoints on this kernel ({}) ***\n",
-            info["kernel"]
+        skipped(
+            "charge_events_stream_live_peaks_when_asked",
+            &format!(
+                "no memcg charge tracepoints on this kernel ({})",
+                info["kernel"]
+            ),
         );
         return Ok(());
     }
@@ -497,8 +502,17 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
     let dir = root.instance_dir("stream", "s1")?;
     // Exec at once (the agent reads the watermark then: nothing yet), 1 s later 48 MiB, then
     // 4 s of nothing: no exec or exit tells the agent of the growth.
+    // Scaled under emulation, where the agent may take longer than 1 s to see the exec.
+    let ms = |n: u32| (n * time_scale()).to_string();
     let mut cmd = std::process::Command::new(alloc_bin());
-    cmd.args(["--delay-ms", "1000", "--mib", "48", "--hold-ms", "4000"]);
+    cmd.args([
+        "--delay-ms",
+        &ms(1000),
+        "--mib",
+        "48",
+        "--hold-ms",
+        &ms(4000),
+    ]);
     let mut child = spawn_in(&dir, cmd)?;
     agent.wait_live("stream", "s1")?;
     let events0 = u64_of(&agent.get_ok("/v1/info")?, "events_received");

@@ -666,6 +666,15 @@ mod tests {
         }
     }
 
+    fn rmdir(id: u64) -> KernelEvent {
+        KernelEvent::CgroupRmdir {
+            id,
+            path: String::new(),
+            peak: 0,
+            watermark: 0,
+        }
+    }
+
     fn saved(effects: &[Effect]) -> Vec<&InstanceRecord> {
         effects
             .iter()
@@ -886,38 +895,10 @@ mod tests {
     /// A mkdir moves ahead of queued events about other cgroups, not ahead of one about its
     /// own id (a reused inode whose rmdir is still queued).
     #[test]
-    fn instances_gone_within_a_batch_are_found() {
-        let t = |ts_ns, event| crate::kernel::events::Timed { ts_ns, event };
-        let rmdir = |id| KernelEvent::CgroupRmdir {
-            id,
-            path: String::new(),
-            peak: 0,
-            watermark: 0,
-        };
-        let batch = vec![
-            t(1, mkdir(5, "/r/f/a")),
-            t(2, mkdir(6, "/r/f/b")),
-            t(3, rmdir(5)),
-            // Id 5 reused by a new cgroup that stays.
-            t(4, mkdir(5, "/r/f/c")),
-            // An rmdir of a cgroup made before the batch.
-            t(5, rmdir(9)),
-        ];
-        let gone = gone_in_batch(&batch);
-        assert_eq!(gone, HashSet::from([(5, 1)]));
-    }
-
-    #[test]
     fn mkdirs_go_first_unless_their_id_came_before() {
         use crate::kernel::events::Timed;
         let ev = |event| Timed { ts_ns: 0, event };
         let exit = |id| KernelEvent::Exit { id, pid: 1 };
-        let rmdir = |id| KernelEvent::CgroupRmdir {
-            id,
-            path: String::new(),
-            peak: 0,
-            watermark: 0,
-        };
         let batch = vec![
             ev(exit(1)),
             ev(rmdir(1)),
@@ -946,6 +927,23 @@ mod tests {
                 (3, false)
             ]
         );
+    }
+
+    /// The mkdirs whose cgroup an rmdir later in the same batch removes (no limits for them).
+    #[test]
+    fn instances_gone_within_a_batch_are_found() {
+        let t = |ts_ns, event| crate::kernel::events::Timed { ts_ns, event };
+        let batch = vec![
+            t(1, mkdir(5, "/r/f/a")),
+            t(2, mkdir(6, "/r/f/b")),
+            t(3, rmdir(5)),
+            // Id 5 reused by a new cgroup that stays.
+            t(4, mkdir(5, "/r/f/c")),
+            // An rmdir of a cgroup made before the batch.
+            t(5, rmdir(9)),
+        ];
+        let gone = gone_in_batch(&batch);
+        assert_eq!(gone, HashSet::from([(5, 1)]));
     }
 
     /// Effects answered with more are run in order, the answer first.
