@@ -521,11 +521,13 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
         (r["ended_at_ms"].is_null() && u64_of(&r, "peak_bytes") >= 48 * MIB).then_some(r)
     });
     let wm = root.hierarchy.watermark(&dir)?;
-    // It came from the kernel's peak steps (1 MiB each), not a reconciliation pass that
-    // happened to fall in the window: some 48 of them arrive (the count is published each s).
+    // It came from the kernel's peak steps, not a reconciliation pass that happened to fall in
+    // the window: 48 of them in 4 KiB pages (this host), 24 where the kernel hands out 2 MiB
+    // folios (the VMs); without them the instance makes some 5 events in all. The count is
+    // published once a second, so `events0` may still miss the first few.
     let steps = wait_for(Duration::from_secs(3), || {
         let n = u64_of(&agent.get_ok("/v1/info").ok()?, "events_received") - events0;
-        (n >= 40).then_some(n)
+        (n >= 16).then_some(n)
     });
     child.kill()?;
     child.wait()?;
@@ -536,7 +538,9 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
     );
     assert!(
         steps.is_some(),
-        "no peak steps reached the agent during the growth"
+        "no peak steps reached the agent during the growth: {} events before it, now {}\n{rec}",
+        events0,
+        agent.get_ok("/v1/info")?
     );
     Ok(())
 }
