@@ -190,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if demo {
                     emars_agent::cli::demo::spawn(&cfg)?;
                 }
-                emars_agent::agent::run(cfg, shutdown_signal()).await
+                emars_agent::agent::run(cfg, shutdown_signal()?).await
             })
         }
         Command::Unpin { config } => {
@@ -350,19 +350,18 @@ fn show<T: serde::Serialize + ?Sized>(
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns what resolves on either. Now, not
+/// when first polled: the agent announces that it listens before its tasks first run, and a
+/// stop sent right after would otherwise meet the default action and kill it uncleanly.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Cannot install handlers: run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
 }

@@ -282,3 +282,26 @@ fn full_watch_table_is_counted() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A stop that comes the moment the agent says it listens ends it cleanly, every time: its
+/// signal handlers are in place before it says so (they were installed when a task first ran,
+/// and a SIGTERM in between killed it by the default action; seen once in CI).
+#[test]
+fn stop_right_after_start_is_clean() -> anyhow::Result<()> {
+    if !require_root("stop_right_after_start_is_clean") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    for i in 0..10 {
+        let agent = Agent::start_with(&root, &store, "", None)?;
+        let log = agent.log();
+        let status = agent.stop()?;
+        assert!(
+            status.success(),
+            "start {i}: exit {status} on SIGTERM; log:\n{log}"
+        );
+    }
+    Ok(())
+}

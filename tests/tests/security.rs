@@ -879,7 +879,12 @@ fn pinned_kernel_side_is_locked_versioned_and_removable() -> anyhow::Result<()> 
     assert_eq!(info["probes_unpinned"], serde_json::json!([name]), "{info}");
     assert_eq!(info["probes_adopted"], false);
     assert_ne!(info["probes_pinned"].as_str(), set.to_str());
-    assert!(agent.stop()?.success());
+    let log = agent.log();
+    let status = agent.stop()?;
+    assert!(
+        status.success(),
+        "agent exit {status} on SIGTERM; its log:\n{log}"
+    );
 
     // Stopped: unpin removes it, and the next agent starts afresh.
     let out = unpin()?;
