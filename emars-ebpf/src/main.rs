@@ -187,13 +187,18 @@ fn scratch() -> Option<&'static mut Event> {
 
 /// Sends the used part of a named record: the header and `name_len` bytes and the NUL.
 #[inline(always)]
-fn send_named(ev: &Event, kind: EventKind) {
+fn send_named(ev: &Event, kind: EventKind, wake_now: bool) {
     // Masked so the verifier sees the size bounded by the scratch buffer (name_len is at most
     // EVENT_NAME_LEN - 1: the string helper keeps a byte for the NUL).
     let n = EVENT_HEADER_LEN + (ev.head.name_len as usize & (EVENT_NAME_LEN - 1)) + 1;
     // SAFETY: n <= size_of::<Event>(); the bytes lie inside `ev`.
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const Event).cast::<u8>(), n) };
-    if EVENTS.output::<[u8]>(bytes, wake(kind)).is_err() {
+    let flags = if wake_now {
+        RB_FORCE_WAKEUP
+    } else {
+        wake(kind)
+    };
+    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
         bump(counter::LOST);
     }
 }
@@ -305,7 +310,13 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
     ev.head.hierarchy = hierarchy;
     ev.head.level = level;
     ev.head.name_len = len;
-    send_named(ev, EventKind::CgroupMkdir);
+    // A path cut short is looked up by id below its last whole directory: while the cgroup
+    // still exists, so the agent is woken for it in observe mode too.
+    send_named(
+        ev,
+        EventKind::CgroupMkdir,
+        len as usize >= EVENT_NAME_LEN - 1,
+    );
     0
 }
 
@@ -335,7 +346,7 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
     ev.head.level = read::<i32>(&ctx, cfg_u32(&c.rmdir.level)).unwrap_or(0);
     ev.head.value = state.peak.max(0) as u64;
     ev.head.name_len = read_data_loc(&ctx, cfg_u32(&c.rmdir.path), &mut ev.name);
-    send_named(ev, EventKind::CgroupRmdir);
+    send_named(ev, EventKind::CgroupRmdir, false);
     0
 }
 
@@ -408,7 +419,7 @@ pub fn raw_cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
             Ok(s) => s.len() as u32,
             Err(_) => 0,
         };
-    send_named(ev, EventKind::CgroupRmdir);
+    send_named(ev, EventKind::CgroupRmdir, false);
     0
 }
 
@@ -499,7 +510,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     };
     ev.head = header(EventKind::Exec, pid, id);
     ev.head.name_len = read_data_loc(&ctx, cfg_u32(&c.exec_filename), &mut ev.name);
-    send_named(ev, EventKind::Exec);
+    send_named(ev, EventKind::Exec, false);
     0
 }
 

@@ -48,6 +48,8 @@ struct Summary {
     skipped: u64,
     /// Tests that printed a SKIPPED marker and have not finished yet.
     skipping: std::collections::HashSet<String>,
+    /// The test whose "test NAME ... " line came without its result yet.
+    running: Option<String>,
 }
 
 fn run() -> Result<Summary, String> {
@@ -120,23 +122,34 @@ fn run() -> Result<Summary, String> {
 }
 
 /// Tallies libtest's per-test lines and the harness's loud SKIPPED markers: a test that said
-/// it skipped and then returned "ok" counts as skipped, not passed.
+/// it skipped and then returned "ok" counts as skipped, not passed. With --nocapture and one
+/// thread, what a test prints lands between its "test NAME ... " and its result, which then
+/// stands on a line of its own.
 fn count(line: &str, s: &mut Summary) {
     if let Some(rest) = line.split("*** SKIPPED ").nth(1) {
         if let Some(name) = rest.split(':').next() {
             s.skipping.insert(name.trim().to_owned());
         }
-    } else if let Some(name) = line
+        return;
+    }
+    let (name, result) = match line
         .strip_prefix("test ")
-        .and_then(|l| l.strip_suffix(" ... ok"))
+        .and_then(|l| l.split_once(" ..."))
     {
-        if s.skipping.remove(name) {
-            s.skipped += 1;
-        } else {
-            s.passed += 1;
-        }
-    } else if line.starts_with("test ") && line.ends_with("... FAILED") {
-        s.failed += 1;
+        Some((name, result)) => (name.to_owned(), result.trim()),
+        None => match (s.running.take(), line.trim()) {
+            (Some(name), r @ ("ok" | "FAILED")) => (name, r),
+            (running, _) => {
+                s.running = running;
+                return;
+            }
+        },
+    };
+    match result {
+        "ok" if s.skipping.remove(&name) => s.skipped += 1,
+        "ok" => s.passed += 1,
+        "FAILED" => s.failed += 1,
+        _ => s.running = Some(name),
     }
 }
 
@@ -250,16 +263,26 @@ mod tests {
     fn a_test_that_said_it_skipped_counts_as_skipped_once() {
         let mut s = Summary::default();
         for line in [
+            "running 6 tests",
             "test a ... ok",
+            // What a test prints splits its line from its result.
+            "test b ... ",
             "",
             "*** SKIPPED b: no memcg tracepoints on this kernel (\"6.1\") ***",
             "",
-            "test b ... ok",
+            "ok",
             "test c ... FAILED",
-            "test d ... ok",
+            "test d ... 42 instances: none lost",
+            "ok",
+            "test e ... ",
+            "thread 'e' panicked at tests/x.rs:1:1:",
+            "FAILED",
+            "*** SKIPPED f: needs root ***",
+            "test f ... ok",
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
         ] {
             count(line, &mut s);
         }
-        assert_eq!((s.passed, s.failed, s.skipped), (2, 1, 1));
+        assert_eq!((s.passed, s.failed, s.skipped), (2, 2, 2));
     }
 }
