@@ -410,7 +410,8 @@ const FLUSH_QUIET: Duration = Duration::from_millis(50);
 const COMMIT_EVERY_AT_MOST: Duration = Duration::from_secs(5);
 
 /// How often the agent reads the ring buffer without being woken: the bound on how late an
-/// exec, exit, peak step or rmdir is seen (mkdir and OOM kills wake it at once).
+/// exec, exit, peak step, rmdir or (in observe mode) mkdir is seen; OOM kills, and mkdirs in
+/// enforce mode, wake it at once.
 const RING_DRAIN: Duration = Duration::from_millis(100);
 
 /// Applies every record waiting in the ring buffer (without giving their room back: see

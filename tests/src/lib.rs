@@ -603,6 +603,13 @@ impl Drop for Agent {
     }
 }
 
+/// Whether GET /v1/info (`info`) lists program `name` as attached.
+pub fn program_attached(info: &Value, name: &str) -> bool {
+    info["programs"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == name && p["attached"] == true))
+}
+
 /// Bytes of a JSON number field.
 pub fn u64_of(v: &Value, key: &str) -> u64 {
     v[key]

@@ -85,11 +85,7 @@ fn immediate_rmdir(test: &str, probes: &str) -> anyhow::Result<()> {
         &format!("\n[probes]\npeak_step_bytes = 17179869184\n{probes}"),
     )?;
     let info = agent.get_ok("/v1/info")?;
-    let attached = |name: &str| {
-        info["programs"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == name && p["attached"] == true))
-    };
+    let attached = |name: &str| program_attached(&info, name);
     // Either hand-over works: the exact watermark read by raw_cgroup_rmdir, or the charge-event
     // peak kept by the memcg programs.
     let handover = attached("raw_cgroup_rmdir")
@@ -338,11 +334,7 @@ fn no_instance_lost_while_the_agent_is_down() -> anyhow::Result<()> {
         info["fallbacks"]
     );
     assert_eq!(info["probes_adopted"], false);
-    let exact = info["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|p| p["name"] == "raw_cgroup_rmdir" && p["attached"] == true);
+    let exact = program_attached(&info, "raw_cgroup_rmdir");
     for i in 0..2 {
         record(format!("up{i}"), run_one(&root, &format!("up{i}"), 6 + i)?);
     }
@@ -476,16 +468,14 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = TestRoot::new()?;
-    let attached = |info: &serde_json::Value, name: &str| {
-        info["programs"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == name && p["attached"] == true))
-    };
     let agent = Agent::start(&root)?;
     let info = agent.get_ok("/v1/info")?;
-    if attached(&info, "raw_cgroup_rmdir") {
-        assert!(!attached(&info, "memcg_mod_memcg_state"), "{info}");
-        assert!(!attached(&info, "memcg_mod_memcg_lruvec_state"), "{info}");
+    if program_attached(&info, "raw_cgroup_rmdir") {
+        assert!(!program_attached(&info, "memcg_mod_memcg_state"), "{info}");
+        assert!(
+            !program_attached(&info, "memcg_mod_memcg_lruvec_state"),
+            "{info}"
+        );
     }
     drop(agent);
 
@@ -501,8 +491,11 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    assert!(attached(&info, "memcg_mod_memcg_lruvec_state"), "{info}");
-    assert!(attached(&info, "memcg_mod_memcg_state"), "{info}");
+    assert!(
+        program_attached(&info, "memcg_mod_memcg_lruvec_state"),
+        "{info}"
+    );
+    assert!(program_attached(&info, "memcg_mod_memcg_state"), "{info}");
     let dir = root.instance_dir("stream", "s1")?;
     // Exec at once (the agent reads the watermark then: nothing yet), 1 s later 48 MiB, then
     // 4 s of nothing: no exec or exit tells the agent of the growth.

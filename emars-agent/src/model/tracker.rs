@@ -465,24 +465,21 @@ impl<C: Cgroups> Tracker<C> {
     /// watermark read again: without charge events, what keeps a long-lived instance's peak
     /// current between its execs and exits.
     pub fn reconcile(&mut self, now_ms: u64) -> Vec<Effect> {
-        let (mut gone, mut present): (Vec<u64>, Vec<u64>) = self.live.iter().fold(
-            (Vec::new(), Vec::new()),
-            |(mut gone, mut present), (id, rec)| {
-                if self.cgroups.cgroup_id(Path::new(&rec.cgroup_path)) == Some(*id) {
-                    present.push(*id);
-                } else {
-                    gone.push(*id);
-                }
-                (gone, present)
-            },
-        );
+        let (mut present, mut gone): (Vec<_>, Vec<_>) = self
+            .live
+            .iter()
+            .map(|(id, rec)| {
+                let here = self.cgroups.cgroup_id(Path::new(&rec.cgroup_path)) == Some(*id);
+                (*id, here)
+            })
+            .partition(|(_, here)| *here);
         gone.sort_unstable();
         present.sort_unstable();
         let mut out = Vec::new();
-        for id in present {
+        for (id, _) in present {
             self.refresh(id, &mut out);
         }
-        for id in gone {
+        for (id, _) in gone {
             tracing::warn!(
                 cgroup = id,
                 "instance ended without an rmdir event (events lost?)"

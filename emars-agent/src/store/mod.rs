@@ -545,9 +545,7 @@ impl Store {
         self.meta.insert(KEY_LIVE_CHECKPOINT, raw)?;
         self.meta.insert(KEY_CLEAN, &b"1"[..])?;
         drop(st);
-        self.settle_audit()?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// Notes that the records written so far reflect the events of ring `ring` up to `pos`:
@@ -759,26 +757,6 @@ impl Store {
             .append(&journal::Entry::new(key, false, &value))
             .map_err(|source| journal_error(&journal, source))?;
         Ok(())
-    }
-
-    /// Flushes sled and empties the audit journal, whose records sled now holds durably.
-    /// Part of every [`Store::flush`] and of a clean stop; cheap when nothing was audited.
-    pub fn settle_audit(&self) -> Result<(), StoreError> {
-        let mark = self.journal().bytes;
-        if mark == 0 {
-            return Ok(());
-        }
-        // The flush runs without the journal's lock, so limit writes meanwhile do not wait
-        // for it; the journal is emptied only if none came in (else at the next settle, or
-        // when it reaches JOURNAL_SETTLE_BYTES).
-        self.db.flush()?;
-        let mut journal = self.journal();
-        if journal.bytes != mark {
-            return Ok(());
-        }
-        journal
-            .reset()
-            .map_err(|source| journal_error(&journal, source))
     }
 
     fn settle_if_large(&self, journal: &mut journal::Journal) -> Result<(), StoreError> {
@@ -1428,12 +1406,25 @@ impl Store {
         Ok(report)
     }
 
-    /// Writes all buffered changes to disk. The agent calls this once a second; sled has no
-    /// flusher of its own here, and flushes at drop.
+    /// Writes all buffered changes to disk (one flush of sled), then empties the audit
+    /// journal, whose records sled now holds durably. The agent calls this once a second and
+    /// at a clean stop; sled has no flusher of its own here, and flushes at drop.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.settle_audit()?;
+        let mark = self.journal().bytes;
+        // The flush runs without the journal's lock, so limit writes meanwhile do not wait
+        // for it; the journal is emptied only if none came in (else at the next flush, or
+        // when it reaches JOURNAL_SETTLE_BYTES).
         self.db.flush()?;
-        Ok(())
+        if mark == 0 {
+            return Ok(());
+        }
+        let mut journal = self.journal();
+        if journal.bytes != mark {
+            return Ok(());
+        }
+        journal
+            .reset()
+            .map_err(|source| journal_error(&journal, source))
     }
 
     /// The tree of a record kind by its name (for moving a corrupt value aside).
@@ -1893,7 +1884,7 @@ mod audit_tests {
         );
         // Settled: sled has it all, the journal is empty.
         store.append_audit_durable(3_000, &"intent-3").unwrap();
-        store.settle_audit().unwrap();
+        store.flush().unwrap();
         assert_eq!(store.journal().bytes, 0);
     }
 

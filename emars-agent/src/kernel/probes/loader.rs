@@ -310,7 +310,7 @@ impl Probes {
 
         let mut links = Vec::new();
         for s in SPECS {
-            let mut status = plan.status(s, &report);
+            let (mut status, chosen) = plan.status(s, &report);
             if status.error.is_none() {
                 match attach(&mut ebpf, s, pins.is_some()) {
                     Ok(link) => {
@@ -321,10 +321,7 @@ impl Probes {
                 }
             }
             match &status.error {
-                // Chosen, not a fault.
-                Some(e) if e.starts_with("not needed") || e.contains("by config") => {
-                    tracing::info!(program = s.program, "not attached: {e}")
-                }
+                Some(e) if chosen => tracing::info!(program = s.program, "not attached: {e}"),
                 Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
                 None => {}
             }
@@ -530,8 +527,9 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    /// The status before attaching: an error when the program is not to be attached.
-    fn status(&self, s: &Spec, report: &ProbeReport) -> ProgramStatus {
+    /// The status before attaching: an error when the program is not to be attached, and
+    /// whether that was chosen (settings, or not needed) rather than forced by the kernel.
+    fn status(&self, s: &Spec, report: &ProbeReport) -> (ProgramStatus, bool) {
         let mut status = ProgramStatus {
             name: s.program.into(),
             tracepoint: format!("{}:{}", s.category, s.tracepoint),
@@ -559,8 +557,10 @@ impl Plan<'_> {
             );
         } else if let Some(why) = self.unusable.get(s.program) {
             status.error = Some(why.clone());
+            return (status, false);
         }
-        status
+        let chosen = status.error.is_some();
+        (status, chosen)
     }
 
     /// What the agent does instead of the programs that are missing.
@@ -705,7 +705,7 @@ fn adopt(
         Array::try_from(typed(names::WATCH_ROOTS)?).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
     fill_watch_roots(&mut arr, hierarchy, roots)?;
     for s in SPECS {
-        let mut status = plan.status(s, &report);
+        let (mut status, _) = plan.status(s, &report);
         if dir.join(link_pin(s.program)).exists() {
             status.attached = true;
             status.error = None;
