@@ -76,6 +76,7 @@ pub async fn run(
         probes_pinned: probes.report.pinned.clone(),
         probes_adopted: probes.report.adopted,
         probes_unpinned: probes.report.unpinned.clone(),
+        model: Default::default(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");

@@ -258,11 +258,12 @@ async fn healthz() -> Json<Health> {
 
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
     // A writer that panicked leaves plain data behind; reading it is still fine.
-    let info = state
+    let mut info = state
         .info
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
+    info.model = state.store.footprint();
     Json(info)
 }
 
@@ -633,7 +634,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 mod tests {
     use super::*;
     use crate::cli::client::{Client, ClientError};
-    use crate::model::{Limits, PeakSource};
+    use crate::model::{Limits, ModelFootprint, PeakSource};
     use serde_json::json;
     use std::net::SocketAddr;
     use std::thread::JoinHandle;
@@ -807,6 +808,12 @@ mod tests {
         assert_eq!(info.kernel, "6.1.0-test");
         assert_eq!(info.events_received, 42);
         assert_eq!(c.info().unwrap(), info);
+        assert_eq!(info.model, ModelFootprint::default());
+        // The model's entries, counted as of the request.
+        let s = seeded();
+        let m = s.client().info().unwrap().model;
+        assert_eq!((m.functions, m.live, m.ended, m.hours), (2, 2, 2, 0));
+        assert!(m.bytes > 0, "{m:?}");
     }
 
     #[test]

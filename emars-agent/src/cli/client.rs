@@ -385,6 +385,17 @@ pub fn render_info(v: &AgentInfo) -> String {
             v.instances_reconciled
         );
     }
+    let m = &v.model;
+    let _ = writeln!(
+        out,
+        "  live model:       {} functions, {} live and {} ended instances, {} hour buckets \
+         ({:.1} MB)",
+        m.functions,
+        m.live,
+        m.ended,
+        m.hours,
+        m.bytes as f64 / 1e6
+    );
     let e = &v.enforcement;
     if !e.mode.is_empty() {
         let _ = writeln!(
@@ -814,6 +825,13 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
             events_received: 123,
             events_lost: 4,
             started_at_ms: 1_700_000_000_000,
+            model: crate::model::ModelFootprint {
+                functions: 3,
+                live: 2,
+                ended: 40,
+                hours: 9,
+                bytes: 2_500_000,
+            },
             ..AgentInfo::default()
         };
         info.features.insert("btf".into(), true);
@@ -836,6 +854,10 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
             "{out}"
         );
         assert!(out.contains("123 received, 4 lost (ring buffer"), "{out}");
+        assert!(
+            out.contains("3 functions, 2 live and 40 ended instances, 9 hour buckets (2.5 MB)"),
+            "{out}"
+        );
         assert!(
             out.contains(
                 "  NAME       TRACEPOINT                ATTACHED  RUNS  RUN NS  ERROR\n  \

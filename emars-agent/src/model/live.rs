@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::ModelFootprint as Footprint;
 use crate::model::Sample;
 use crate::model::HOUR_MS;
 use crate::model::{
@@ -586,6 +587,30 @@ impl LiveModel {
 
     pub fn names(&self) -> Vec<String> {
         self.order.iter().cloned().collect()
+    }
+
+    /// What the model holds and about how many bytes of heap that takes (the names, the
+    /// per-instance and per-hour entries, the cached summaries; allocator overhead left out).
+    pub fn footprint(&self) -> Footprint {
+        let mut fp = Footprint {
+            functions: self.functions.len() as u64,
+            ..Footprint::default()
+        };
+        let mut bytes = 0usize;
+        for (name, f) in &self.functions {
+            fp.live += f.live.len() as u64;
+            fp.ended += f.ended.len() as u64;
+            fp.hours += f.hours.0.len() as u64;
+            bytes += 2 * name.capacity()
+                + std::mem::size_of::<FunctionState>()
+                + f.live.capacity() * (std::mem::size_of::<(InstanceKey, Live)>() + 1)
+                + f.ended.capacity() * std::mem::size_of::<Ended>()
+                + f.hours.0.capacity() * std::mem::size_of::<CompactHour>()
+                + f.ended_oom.len() * std::mem::size_of::<(InstanceKey, Option<u64>)>()
+                + f.summary_json.as_ref().map_or(0, String::capacity);
+        }
+        fp.bytes = bytes as u64;
+        fp
     }
 
     /// Gives back the spare capacity left by building the model (after a load).

@@ -153,6 +153,21 @@ pub struct AgentInfo {
     /// Pinned sets of another version or other settings that start-up removed.
     #[serde(default)]
     pub probes_unpinned: Vec<String>,
+    /// What the live model holds in memory, as of this request.
+    #[serde(default)]
+    pub model: ModelFootprint,
+}
+
+/// GET /v1/info → "model": the live model's entries and their heap bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFootprint {
+    pub functions: u64,
+    pub live: u64,
+    pub ended: u64,
+    pub hours: u64,
+    /// Heap bytes of those entries, estimated from their sizes and capacities (allocator
+    /// overhead left out).
+    pub bytes: u64,
 }
 
 /// GET /v1/info → "enforcement".

@@ -23,7 +23,7 @@
 //! | `strings`         | id (u32)                                         | a function name or a cgroup parent path        |
 //! | `functions`       | name                                             | `{"first_seen_ms":…,"last_seen_ms":…}`         |
 //! | `meta`            | `schema_version`                                 | `2`                                            |
-//! | `meta`            | `live_checkpoint`, `clean`                       | model and index at the last clean close; `1` while nothing was written since |
+//! | `meta`            | `checkpoint_id`, `clean`                         | id of the checkpoint file the last clean close wrote; `1` while nothing was written since |
 //! | `audit`           | `at_ms` (u64) · sequence (u64)                   | `AuditRecord` JSON (every limit write)         |
 //! | `audit_pending`   | the `audit` key of a write whose outcome is not recorded yet | empty                              |
 //! | `generations`     | `generated_at_ms` (u64) · sequence (u64)         | `Generation` JSON (each generated config)      |
@@ -121,9 +121,16 @@ pub const BLOCK_RECORDS: usize = 128;
 /// Key of a log record (audit, generations): `at_ms` (u64 BE) · sequence (u64 BE).
 pub type AuditKey = [u8; 16];
 const KEY_SCHEMA_VERSION: &str = "schema_version";
-/// The live model as of the last clean close, and whether nothing was written since.
+/// Where schema 2 before checkpoint files kept the checkpoint (removed at open).
 const KEY_LIVE_CHECKPOINT: &str = "live_checkpoint";
+/// The id written into the checkpoint file of the last clean close, and whether nothing was
+/// written since.
+const KEY_CHECKPOINT_ID: &str = "checkpoint_id";
 const KEY_CLEAN: &str = "clean";
+/// The live model as of the last clean close: a file beside sled's, not a sled value. As one
+/// value of ~30 bytes per record it stayed in sled's cache after the open (88 MB at 3M
+/// records) and went through sled's log at every clean close.
+pub const CHECKPOINT_FILE: &str = "checkpoint";
 /// The kernel event ring (its identity) and the position up to which the records here reflect
 /// its events.
 const KEY_RING_MARK: &str = "ring_mark";
@@ -166,6 +173,11 @@ pub enum StoreError {
     InvalidName { name: String, reason: &'static str },
     #[error("cannot write the audit journal {path}: {source}")]
     Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the checkpoint {path}: {source}")]
+    Checkpoint {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -283,16 +295,16 @@ impl fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the store in directory `path`, migrating an older schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Self::open_with(path, true)
+        Self::open_with(path, Load::Checkpoint)
     }
 
     /// Opens the store and builds the model from the records even when a checkpoint is valid
     /// (what an open after a crash does): for benchmarks and consistency checks.
     pub fn open_rebuilding(path: &Path) -> Result<Store, StoreError> {
-        Self::open_with(path, false)
+        Self::open_with(path, Load::Records)
     }
 
-    fn open_with(path: &Path, use_checkpoint: bool) -> Result<Store, StoreError> {
+    fn open_with(path: &Path, load: Load) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
             path: path.to_path_buf(),
             source,
@@ -383,15 +395,65 @@ impl Store {
                 .meta
                 .insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_string().as_bytes())?;
         }
-        store.from_checkpoint =
-            use_checkpoint && found == Some(SCHEMA_VERSION) && store.load_checkpoint();
-        if !store.from_checkpoint {
-            store.load_live()?;
+        let current = found == Some(SCHEMA_VERSION);
+        match load {
+            Load::Checkpoint if current && store.load_checkpoint() => store.from_checkpoint = true,
+            Load::Checkpoint | Load::Records => {
+                store.load_live()?;
+                // Reading every block left sled's cache holding several times its capacity
+                // (measured: 145 MB over the model at 3M records), and the model's buffers
+                // interleaved with it. So sled is opened afresh, cold as after a clean close,
+                // and the model is moved over encoded, so that it is decoded into memory of
+                // its own once sled's is freed (keeping it as it was held 100 MB more).
+                if load == Load::Checkpoint {
+                    let encoded =
+                        postcard::to_allocvec(&*store.state()).map_err(|e| StoreError::Encode {
+                            tree: TREE_META,
+                            key: CHECKPOINT_FILE.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    let corrupt = store.corrupt_at_open;
+                    store.db.flush()?;
+                    drop(store);
+                    let reopened = Self::open_with(path, Load::Nothing)?;
+                    *reopened.state() =
+                        postcard::from_bytes(&encoded).map_err(|e| StoreError::Corrupt {
+                            tree: TREE_META,
+                            key: CHECKPOINT_FILE.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    drop(encoded);
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only releases free heap memory.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                    return Ok(Store {
+                        corrupt_at_open: corrupt,
+                        ..reopened
+                    });
+                }
+            }
+            Load::Nothing => {}
         }
         // From here on the checkpoint is stale until the next clean close; durably so before
         // any write, or a crash could leave a checkpoint that misses later writes.
         store.meta.insert(KEY_CLEAN, &b"0"[..])?;
+        if store.meta.remove(KEY_LIVE_CHECKPOINT)?.is_some() {
+            tracing::info!(
+                "store at {}: checkpoint moved to a file of its own",
+                path.display()
+            );
+        }
         store.db.flush()?;
+        // The load freed many buffers (records read, a checkpoint decoded, a first sled
+        // handle): give them back rather than keep them as RSS (glibc; musl's allocator
+        // returns memory on its own).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(store)
     }
 
@@ -501,28 +563,49 @@ impl Store {
         Ok(())
     }
 
-    /// The live model from the checkpoint of the last clean close, if there is a valid one.
+    /// The live model from the checkpoint of the last clean close, if there is a valid one:
+    /// the store is clean and the file carries the id the store noted when it was written.
     fn load_checkpoint(&self) -> bool {
         let clean = matches!(self.meta.get(KEY_CLEAN), Ok(Some(v)) if v.as_ref() == b"1");
+        let id = match self.meta.get(KEY_CHECKPOINT_ID) {
+            Ok(Some(v)) => v.to_vec(),
+            _ => return false,
+        };
         if !clean {
             return false;
         }
-        let Ok(Some(raw)) = self.meta.get(KEY_LIVE_CHECKPOINT) else {
+        let path = self.path.join(CHECKPOINT_FILE);
+        let raw = match std::fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {} ({e}): rebuilding from the records",
+                    path.display()
+                );
+                return false;
+            }
+        };
+        let Some((&format, rest)) = raw.split_first() else {
             return false;
         };
-        match raw.split_first() {
-            Some((&CHECKPOINT_FORMAT, body)) => match postcard::from_bytes::<State>(body) {
-                Ok(state) => {
-                    *self.state() = state;
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("unreadable checkpoint ({e}): rebuilding from the records");
-                    false
-                }
-            },
-            _ => {
-                tracing::info!("checkpoint of another format ignored: rebuilding");
+        if format != CHECKPOINT_FORMAT {
+            tracing::info!("checkpoint of another format ignored: rebuilding");
+            return false;
+        }
+        let Some(body) = rest.strip_prefix(id.as_slice()) else {
+            tracing::warn!(
+                "{} is not the last clean close's: rebuilding",
+                path.display()
+            );
+            return false;
+        };
+        match postcard::from_bytes::<State>(body) {
+            Ok(state) => {
+                *self.state() = state;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("unreadable checkpoint ({e}): rebuilding from the records");
                 false
             }
         }
@@ -536,15 +619,30 @@ impl Store {
         for name in st.model.names() {
             self.write_function(&st.model, &name)?;
         }
+        // A new id each time: a file left by an earlier close never passes for this one.
+        let id = self
+            .meta
+            .get(KEY_CHECKPOINT_ID)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes)
+            .wrapping_add(1)
+            .to_be_bytes();
         let mut raw = vec![CHECKPOINT_FORMAT];
+        raw.extend_from_slice(&id);
         postcard::to_io(&*st, &mut raw).map_err(|e| StoreError::Encode {
             tree: TREE_META,
-            key: KEY_LIVE_CHECKPOINT.to_owned(),
+            key: CHECKPOINT_FILE.to_owned(),
             reason: e.to_string(),
         })?;
-        self.meta.insert(KEY_LIVE_CHECKPOINT, raw)?;
-        self.meta.insert(KEY_CLEAN, &b"1"[..])?;
         drop(st);
+        let path = self.path.join(CHECKPOINT_FILE);
+        write_durably(&path, &raw).map_err(|source| StoreError::Checkpoint {
+            path: path.clone(),
+            source,
+        })?;
+        drop(raw);
+        self.meta.insert(KEY_CHECKPOINT_ID, &id[..])?;
+        self.meta.insert(KEY_CLEAN, &b"1"[..])?;
         self.flush()
     }
 
@@ -566,6 +664,11 @@ impl Store {
     /// Whether this open took the live model from a checkpoint (else it read the records).
     pub fn opened_from_checkpoint(&self) -> bool {
         self.from_checkpoint
+    }
+
+    /// What the live model holds.
+    pub fn footprint(&self) -> crate::model::ModelFootprint {
+        self.state().model.footprint()
     }
 
     /// Values that did not decode at open (left out of the model, kept in `quarantine`).
@@ -690,13 +793,6 @@ impl Store {
                 }
             }
             st.model.shrink();
-        }
-        // The load freed many small buffers: give them back rather than keep them as RSS
-        // (glibc; musl's allocator returns memory on its own).
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
-        unsafe {
-            libc::malloc_trim(0);
         }
         for (tree, key, raw, e) in &corrupt {
             tracing::error!("{e}; left out of the model and moved to `{TREE_QUARANTINE}`");
@@ -1606,6 +1702,39 @@ struct BlockEntry {
     record: StoredInstance,
 }
 
+/// Writes `path` whole or not at all: a temporary file, synced, renamed over it, and the
+/// directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// What an open builds the live model from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// The checkpoint of the last clean close, or the records when there is none.
+    Checkpoint,
+    /// The records, even when a checkpoint is valid.
+    Records,
+    /// Nothing (the caller installs a model it built).
+    Nothing,
+}
+
 /// The record a [`StoredInstance`] keyed by `(started_at_ms, cgroup_id)` stands for.
 fn build_record(
     strings: &Strings,
@@ -1987,6 +2116,44 @@ mod tests {
             b.peak_bytes,
             recs.iter().map(|r| r.peak_bytes).max().unwrap()
         );
+    }
+
+    /// The checkpoint is a file of its own: one an earlier clean close wrote never passes for
+    /// the last one's, and a checkpoint kept in sled by an older build is dropped at open.
+    #[test]
+    fn checkpoint_file_of_an_earlier_close_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let file = path.join(CHECKPOINT_FILE);
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_instance(&rec("f", 1, 1)).unwrap();
+            s.checkpoint().unwrap();
+        }
+        let first = std::fs::read(&file).unwrap();
+        {
+            let s = Store::open(&path).unwrap();
+            assert!(s.opened_from_checkpoint());
+            s.put_instance(&rec("f", 2, 2)).unwrap();
+            s.checkpoint().unwrap();
+        }
+        // The file of the first close put back: its id is not the store's.
+        std::fs::write(&file, &first).unwrap();
+        {
+            let s = Store::open(&path).unwrap();
+            assert!(
+                !s.opened_from_checkpoint(),
+                "an earlier close's checkpoint was used"
+            );
+            assert_eq!(s.functions().unwrap()[0].live_instances, 2);
+            s.checkpoint().unwrap();
+            // An older build's checkpoint value in sled.
+            s.meta.insert(KEY_LIVE_CHECKPOINT, &[0u8; 64][..]).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(s.opened_from_checkpoint());
+        assert_eq!(s.meta.get(KEY_LIVE_CHECKPOINT).unwrap(), None);
+        assert_eq!(s.functions().unwrap()[0].live_instances, 2);
     }
 
     /// A clean close leaves a checkpoint the next open starts from; a write after it (and no

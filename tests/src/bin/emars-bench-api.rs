@@ -100,6 +100,8 @@ struct Row {
     open_clean: Duration,
     /// Peak RSS of a start after kill -9 (every record read).
     rss_mb: f64,
+    /// RSS once that start is done.
+    rss_crash_mb: f64,
     /// RSS once a clean start is done: what the agent holds from then on.
     rss_after_mb: f64,
     bytes_per_record: f64,
@@ -114,7 +116,7 @@ fn run(o: &Opts) -> Result<()> {
         rows.push(measure(functions, days, o)?);
     }
     println!(
-        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
+        "\n{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>28}  {:>28}",
         "store",
         "records",
         "fill s",
@@ -122,19 +124,21 @@ fn run(o: &Opts) -> Result<()> {
         "clean s",
         "peak MB",
         "RSS MB",
+        "clean MB",
         "B/record",
         "GET /v1/functions p50/p99/max",
         "GET /v1/functions/{n} p50/p99/max"
     );
     for r in &rows {
         println!(
-            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0} {:>9.0} {:>9.0}  {:>28}  {:>28}",
+            "{:<22} {:>10} {:>9.2} {:>9.3} {:>9.3} {:>9.0} {:>9.0} {:>9.0} {:>9.0}  {:>28}  {:>28}",
             r.label,
             r.records,
             r.fill.as_secs_f64(),
             r.open.as_secs_f64(),
             r.open_clean.as_secs_f64(),
             r.rss_mb,
+            r.rss_crash_mb,
             r.rss_after_mb,
             r.bytes_per_record,
             triple(&r.list),
@@ -173,7 +177,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
     // Start-up after a kill -9 (no checkpoint: every record is read), which then stops
     // cleanly ...
-    let (open, from_checkpoint, rss_mb, _) = open_in_child(&path)?;
+    let (open, from_checkpoint, rss_mb, rss_crash_mb) = open_in_child(&path)?;
     if from_checkpoint {
         bail!("the store opened from a checkpoint after an unclean stop");
     }
@@ -210,6 +214,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         open,
         open_clean,
         rss_mb,
+        rss_crash_mb,
         rss_after_mb,
         bytes_per_record,
         list,
@@ -313,6 +318,7 @@ fn open_in_child(path: &Path) -> Result<(Duration, bool, f64, f64)> {
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr));
     }
+
     let text = String::from_utf8_lossy(&out.stdout);
     let mut f = text.split_whitespace();
     let (Some(secs), Some(cp), Some(hwm), Some(rss)) = (f.next(), f.next(), f.next(), f.next())
