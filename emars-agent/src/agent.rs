@@ -16,12 +16,14 @@ use crate::{
     config::Config,
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     kernel::events,
+    kernel::notify::Signal,
     kernel::probes::Probes,
     kernel::ring::EventRing,
     model::registry::Registry,
     model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
     model::{AgentInfo, InstanceRecord},
     policy::actuator::Actuator,
+    policy::burst::BurstGuard,
     policy::enforcer::Enforcer,
     policy::Policy,
     store::Store,
@@ -77,6 +79,7 @@ pub async fn run(
         probes_adopted: probes.report.adopted,
         probes_unpinned: probes.report.unpinned.clone(),
         model: Default::default(),
+        reactive: Default::default(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -110,8 +113,25 @@ pub async fn run(
         tracing::error!("computing recommendations at start-up: {e}");
     }
     tracing::info!("policy mode: {:?}", config.policy.mode);
+    // The burst guard writes limits: on only where writes are allowed.
+    let burst = if config.reactive.enabled && actuator.writes_allowed() {
+        match BurstGuard::new(config.reactive.clone(), hierarchy.clone()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!("reactive mode off: cannot set up the kernel's limit signals: {e}");
+                None
+            }
+        }
+    } else {
+        if config.reactive.enabled {
+            tracing::warn!("reactive.enabled needs policy.mode = \"enforce\": burst guard off");
+        }
+        None
+    };
     let mut tracker = Tracker::new(hierarchy, registry);
-    let mut enforcer = Enforcer::new(store.clone()).with_policy(policy.clone(), actuator.clone());
+    let mut enforcer = Enforcer::new(store.clone())
+        .with_policy(policy.clone(), actuator.clone())
+        .tracking_limits(burst.is_some());
     let mut stale = store.live_instances().unwrap_or_else(|e| {
         tracing::error!("reading the live instances of the last run: {e}");
         Vec::new()
@@ -165,6 +185,7 @@ pub async fn run(
         predictive: Some(Predictive {
             policy: policy.clone(),
             actuator: actuator.clone(),
+            reactive: config.reactive.clone(),
         }),
         retention_ms: u64::from(config.store.retention_days) * 86_400_000,
     };
@@ -196,6 +217,7 @@ pub async fn run(
         ring,
         &mut tracker,
         &mut enforcer,
+        burst,
         &ctx,
         stop_rx,
         &mut decode_errors,
@@ -245,6 +267,7 @@ async fn event_loop(
     ring: EventRing,
     tracker: &mut Tracker,
     enforcer: &mut Enforcer,
+    burst: Option<(BurstGuard, tokio::sync::mpsc::UnboundedReceiver<Signal>)>,
     ctx: &LoopContext<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     decode_errors: &mut u64,
@@ -278,8 +301,30 @@ async fn event_loop(
         tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
     )> = None;
     let policy_handle = policy.clone();
+    let (mut burst, mut signals) = match burst {
+        Some((b, rx)) => (Some(b), Some(rx)),
+        None => (None, None),
+    };
     loop {
+        if let Some(b) = burst.as_mut() {
+            b.sync(enforcer, tracker);
+        }
         tokio::select! {
+            // An instance nears its memory.max: before anything else.
+            biased;
+            Some(sig) = async {
+                match signals.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Rmdirs and new limits read first: the signal may be for either.
+                drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                if let Some(b) = burst.as_mut() {
+                    b.sync(enforcer, tracker);
+                    b.on_signal(sig, tracker, enforcer, policy, actuator);
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for kernel events")?;
                 drain_ring(guard.get_inner_mut(), tracker, enforcer, decode_errors);
@@ -317,6 +362,11 @@ async fn event_loop(
                     };
                     i.programs = probes.program_stats();
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                    if let Some(b) = burst.as_ref() {
+                        let admission = (i.reactive.admitted, i.reactive.refused);
+                        i.reactive = b.info();
+                        (i.reactive.admitted, i.reactive.refused) = admission;
+                    }
                     i.enforcement = crate::model::EnforcementInfo {
                         mode: format!("{:?}", policy.mode()).to_lowercase(),
                         new_instance_writes: enforcer.stats.enforced,
@@ -444,6 +494,9 @@ fn drain_ring_after(
             tracing::error!("bad event record: {e}");
         }
     });
+    if !batch.is_empty() {
+        tracing::trace!(events = batch.len(), "batch");
+    }
     let gone = gone_in_batch(&batch);
     for t in mkdirs_first(batch) {
         let came_and_went = matches!(t.event, events::KernelEvent::CgroupMkdir { id, .. }

@@ -15,6 +15,7 @@ pub use crate::kernel::cgroupfs::CgroupMode;
 pub use crate::kernel::probes::ProbesConfig;
 use crate::model::registry::{normalize_root_path, InvalidRule, Registry, DEFAULT_PATTERN};
 pub use crate::model::registry::{RootConfig, RuleConfig};
+pub use crate::policy::reactive::ReactiveConfig;
 pub use crate::policy::{EnforceMode, FunctionPolicy, PolicyConfig};
 
 /// The embedded default configuration, fully commented.
@@ -81,6 +82,7 @@ pub struct Config {
     pub cgroup: CgroupConfig,
     pub probes: ProbesConfig,
     pub policy: PolicyConfig,
+    pub reactive: ReactiveConfig,
 }
 
 pub const DEFAULT_PERIOD_SECS: u64 = 86_400;
@@ -394,7 +396,8 @@ impl Config {
         self.store.validate()?;
         self.cgroup.validate()?;
         self.probes.validate()?;
-        self.policy.validate()
+        self.policy.validate()?;
+        self.reactive.validate()
     }
 
     fn parse(s: &str, path: Option<&Path>) -> Result<Config, ConfigError> {

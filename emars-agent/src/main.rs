@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use emars_agent::{
     api::wire::{
-        AuditRecord, AuditResponse, ExportResponse, FunctionDetail, FunctionsResponse, Generation,
-        GenerationsResponse, InstanceRecord, InvocationsAccepted, InvocationsReport, LimitsBody,
-        Recommendation, RecommendationsResponse, WritesResponse,
+        Admission, AdmissionBody, AuditRecord, AuditResponse, ExportResponse, FunctionDetail,
+        FunctionsResponse, Generation, GenerationsResponse, InstanceRecord, InvocationsAccepted,
+        InvocationsReport, LimitsBody, Recommendation, RecommendationsResponse, WritesResponse,
     },
     cli::client::{self, Client},
     config::Config,
@@ -131,6 +131,12 @@ enum Command {
         /// memory.high / memory.soft_limit_in_bytes, bytes.
         #[arg(long)]
         high: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Whether a new instance of a function fits on this host now (exit status 1 when refused).
+    Admit {
+        function: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -273,6 +279,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 }
             }
+        }
+        Command::Admit {
+            function,
+            client: c,
+        } => {
+            let a: Admission = c.client().post_as(
+                "/v1/admission",
+                &AdmissionBody {
+                    function: function.clone(),
+                },
+            )?;
+            show(&c, &a, client::render_admission)?;
+            if !a.admit {
+                anyhow::bail!("{function}: not admitted");
+            }
+            Ok(())
         }
         Command::Apply(c) => {
             let w: WritesResponse = c.client().post_as("/v1/apply", &Empty {})?;

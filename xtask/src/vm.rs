@@ -43,7 +43,14 @@ pub const KERNELS: &[KernelSpec] = &[
 const APT_PACKAGES: &[&str] = &["qemu-system-x86"];
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// Integration test binaries run in the guest.
-const GUEST_TESTS: &[&str] = &["lifecycle", "bad_input", "predictive", "cli", "security"];
+const GUEST_TESTS: &[&str] = &[
+    "lifecycle",
+    "bad_input",
+    "predictive",
+    "reactive",
+    "cli",
+    "security",
+];
 
 pub struct Options {
     pub kernels: Vec<String>,

@@ -34,6 +34,7 @@ pub mod wire;
 pub use wire::*;
 
 use crate::clock::now_ms;
+use crate::policy::reactive::host_available_bytes;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 
@@ -76,6 +77,8 @@ pub struct ApiState {
 pub struct Predictive {
     pub policy: Arc<Policy>,
     pub actuator: Arc<Actuator>,
+    /// Admission's reserve and the burst guard's settings.
+    pub reactive: crate::policy::reactive::ReactiveConfig,
 }
 
 /// An error answer: `{"error": message, "status": code}`.
@@ -194,6 +197,7 @@ pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
         .route("/v1/generations", get(list_generations))
         .route("/v1/apply", post(apply_all))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/admission", post(admission))
         .route(
             "/v1/functions/{name}/instances/{instance}/limits",
             post(set_limits),
@@ -548,6 +552,36 @@ async fn list_audit(
     let store = state.store.clone();
     let audit: Vec<AuditRecord> = blocking(move || store.audit(limit)).await?;
     Ok(Json(AuditResponse { audit }))
+}
+
+/// Whether a new instance of a function fits ("Refuse"): its recommended memory.max against
+/// the host's available memory above the reserve; from the live recommendation and one read of
+/// /proc/meminfo, no store read and no cgroup scan.
+async fn admission(
+    State(state): State<ApiState>,
+    body: Result<Json<AdmissionBody>, JsonRejection>,
+) -> ApiResult<Json<Admission>> {
+    let Json(b) = body?;
+    if !valid_function_name(&b.function) {
+        return Err(ApiError::bad_request(format!(
+            "invalid function name {:?}",
+            b.function.chars().take(140).collect::<String>()
+        )));
+    }
+    let p = predictive(&state)?;
+    let predicted = p.policy.cached(&b.function).map(|r| r.max_bytes);
+    let available = host_available_bytes()
+        .ok_or_else(|| ApiError::internal("cannot read MemAvailable from /proc/meminfo"))?;
+    let answer = p.reactive.admit(predicted, available);
+    if let Ok(mut i) = state.info.write() {
+        if answer.admit {
+            i.reactive.admitted += 1;
+        } else {
+            i.reactive.refused += 1;
+        }
+    }
+    tracing::debug!(function = b.function, admit = answer.admit, "admission");
+    Ok(Json(answer))
 }
 
 async fn set_limits(

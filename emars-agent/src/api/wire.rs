@@ -72,6 +72,15 @@ pub struct InvocationsAccepted {
     pub at_ms: u64,
 }
 
+pub use crate::policy::reactive::Admission;
+
+/// Body of POST /v1/admission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionBody {
+    pub function: String,
+}
+
 /// Body of POST /v1/functions/{name}/instances/{instance}/limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -327,6 +327,19 @@ fn opt_u64(v: Option<u64>) -> String {
 }
 
 /// Agent status for `emars info`.
+/// `emars admit`: the answer in one line, then its figures.
+pub fn render_admission(a: &crate::api::wire::Admission) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    format!(
+        "{}: {}\n  predicted memory.max: {}\n  available above the reserve: {}\n",
+        if a.admit { "admit" } else { "refuse" },
+        clean(&a.reason),
+        a.predicted_bytes
+            .map_or_else(|| "none (no history)".to_owned(), mib),
+        mib(a.available_bytes)
+    )
+}
+
 pub fn render_info(v: &AgentInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "EMARS agent {}", clean(&v.version));

@@ -3,5 +3,6 @@
 
 pub mod cgroupfs;
 pub mod events;
+pub mod notify;
 pub mod probes;
 pub mod ring;

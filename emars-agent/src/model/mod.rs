@@ -156,6 +156,32 @@ pub struct AgentInfo {
     /// What the live model holds in memory, as of this request.
     #[serde(default)]
     pub model: ModelFootprint,
+    /// Reactive mode: the burst guard and admission.
+    #[serde(default)]
+    pub reactive: ReactiveInfo,
+}
+
+/// GET /v1/info → "reactive".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReactiveInfo {
+    /// The burst guard is on (`reactive.enabled` and enforce mode).
+    pub enabled: bool,
+    /// How the kernel signals an instance nearing its limit.
+    pub signal: String,
+    /// Instances watched now.
+    pub watched: u64,
+    /// Signals received, limits raised, raises not made (ceiling, host full, write failed).
+    pub signals: u64,
+    pub raises: u64,
+    pub denied: u64,
+    pub watch_errors: u64,
+    /// Kernel signal to limits written, over the last 1024 raises.
+    pub reaction_p50_us: Option<u64>,
+    pub reaction_p99_us: Option<u64>,
+    pub reaction_max_us: Option<u64>,
+    /// POST /v1/admission answers.
+    pub admitted: u64,
+    pub refused: u64,
 }
 
 /// GET /v1/info → "model": the live model's entries and their heap bytes.

@@ -162,14 +162,17 @@ impl<C: Cgroups> Tracker<C> {
     ) -> Vec<Effect> {
         let mut out = Vec::new();
         if self.table.get(id).is_some() {
+            tracing::debug!(id, rel_path, "cgroup known already");
             return out;
         }
         let identity = self.registry.classify(rel_path);
         self.table
             .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
         let Some(identity) = identity else {
+            tracing::debug!(id, rel_path, "cgroup watched, not an instance");
             return out;
         };
+        tracing::debug!(id, rel_path, ?found, "instance");
         let dir = self.cgroups.dir(rel_path);
         let fresh = resumed.is_none();
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
@@ -224,6 +227,23 @@ impl<C: Cgroups> Tracker<C> {
         }
         self.live.insert(id, rec);
         out
+    }
+
+    /// A live instance's record as the tracker has it.
+    pub fn live_record(&self, id: u64) -> Option<&InstanceRecord> {
+        self.live.get(&id)
+    }
+
+    /// Limits written into a live instance after its start (the reactive mode's raises): the
+    /// record is saved with them.
+    pub fn limits_changed(&mut self, id: u64, limits: Limits) -> Vec<Effect> {
+        match self.live.get_mut(&id) {
+            Some(rec) => {
+                rec.limits = limits;
+                vec![Effect::Save(rec.clone())]
+            }
+            None => Vec::new(),
+        }
     }
 
     /// The answer to an [`Effect::Enforce`]: the limits written (None: nothing written). The
@@ -424,6 +444,7 @@ impl<C: Cgroups> Tracker<C> {
         self.table.remove(id);
         self.awaiting.remove(&id);
         let Some(mut rec) = self.live.remove(&id) else {
+            tracing::debug!(id, "rmdir of a cgroup that is not a live instance");
             return;
         };
         if watermark > 0 {

@@ -28,6 +28,11 @@ pub struct Enforcer {
     /// Predictive mode: the recommendations and the writer of limits.
     policy: Option<(Arc<Policy>, Arc<Actuator>)>,
     pub stats: EnforcerStats,
+    /// Reactive mode: instances that got limits and instances that ended since the burst
+    /// guard last looked (kept only while it is on).
+    pub limits_written: Vec<(u64, crate::model::Limits)>,
+    pub ended: Vec<u64>,
+    track_limits: bool,
 }
 
 impl Enforcer {
@@ -36,7 +41,16 @@ impl Enforcer {
             store,
             policy: None,
             stats: EnforcerStats::default(),
+            limits_written: Vec::new(),
+            ended: Vec::new(),
+            track_limits: false,
         }
+    }
+
+    /// Keeps [`Enforcer::limits_written`] and [`Enforcer::ended`] for the burst guard.
+    pub fn tracking_limits(mut self, on: bool) -> Self {
+        self.track_limits = on;
+        self
     }
 
     pub fn with_policy(mut self, policy: Arc<Policy>, actuator: Arc<Actuator>) -> Self {
@@ -52,6 +66,9 @@ impl Enforcer {
     fn one<C: Cgroups>(&mut self, tracker: &mut Tracker<C>, effect: Effect) -> Vec<Effect> {
         match effect {
             Effect::Save(rec) => {
+                if self.track_limits && rec.ended_at_ms.is_some() {
+                    self.ended.push(rec.cgroup_id);
+                }
                 if let Err(e) = self.store.put_instance(&rec) {
                     self.store_error(e);
                 }
@@ -77,6 +94,9 @@ impl Enforcer {
                 mkdir_ts_ns,
             } => {
                 let written = self.enforce(&record, mkdir_ts_ns);
+                if let (true, Some(l)) = (self.track_limits, written) {
+                    self.limits_written.push((record.cgroup_id, l));
+                }
                 return tracker.enforced(record.cgroup_id, written);
             }
         }

@@ -4,7 +4,9 @@
 //! `actuator` (the only cgroup writer, audit before write).
 
 pub mod actuator;
+pub mod burst;
 pub mod enforcer;
+pub mod reactive;
 pub mod recommend;
 
 use std::{

@@ -1,5 +1,6 @@
 //! A workload with a known memory profile: optionally re-execs itself `--chain` times (to make a
-//! known number of execs), waits `--delay-ms`, then allocates `--mib` MiB, touches every page,
+//! known number of execs), waits `--delay-ms`, then allocates `--mib` MiB, touches every page
+//! (at `--rate-mib-s` MiB/s when given: a function growing, not jumping),
 //! holds it `--hold-ms`, and exits. Used by the integration tests and the benchmark.
 
 use std::{env, hint::black_box, os::unix::process::CommandExt, process::Command, time::Duration};
@@ -21,6 +22,7 @@ fn main() {
     let mib = arg("--mib", 0);
     let hold_ms = arg("--hold-ms", 0);
     let delay_ms = arg("--delay-ms", 0);
+    let rate = arg("--rate-mib-s", 0);
     if chain > 0 {
         let err = Command::new("/proc/self/exe")
             .args([
@@ -38,9 +40,17 @@ fn main() {
     }
     std::thread::sleep(Duration::from_millis(delay_ms));
     let mut buf = vec![0u8; (mib as usize) << 20];
-    // Touch every page so the memory is really charged to the cgroup.
+    // Touch every page so the memory is really charged to the cgroup; with --rate-mib-s, at
+    // that rate (a function growing as real ones do, not in one step).
+    let start = std::time::Instant::now();
     for i in (0..buf.len()).step_by(4096) {
         buf[i] = 1;
+        if rate > 0 && i % (1 << 20) == 0 {
+            let due = Duration::from_secs_f64(i as f64 / (1u64 << 20) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
     black_box(&buf);
     std::thread::sleep(Duration::from_millis(hold_ms));

@@ -1,0 +1,228 @@
+//! Kernel notifications that an instance nears its memory limit: the reactive mode's trigger,
+//! with no polling.
+//!
+//! - cgroup v1: a usage threshold (`cgroup.event_control` + an eventfd on
+//!   `memory.usage_in_bytes`); the kernel signals the eventfd when usage crosses it, either way.
+//! - cgroup v2: inotify on `memory.events`, which the kernel marks modified when its counters
+//!   move; `high` moves as soon as usage passes memory.high, the early-warning point that the
+//!   agent writes below memory.max.
+//!
+//! Each signal carries the cgroup id and the moment it was read, so that the time from the
+//! kernel's signal to the limit written can be measured.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rustix::fs::inotify;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::kernel::cgroupfs::CgroupVersion;
+
+/// An instance's limit watch fired.
+#[derive(Debug, Clone, Copy)]
+pub struct Signal {
+    pub cgroup_id: u64,
+    pub at: Instant,
+}
+
+enum Watch {
+    /// The task that owns the eventfd: aborting it closes the fd, which unregisters the
+    /// threshold in the kernel.
+    V1(JoinHandle<()>),
+    V2(i32),
+}
+
+/// The watches of every instance with limits, and the channel their signals arrive on.
+pub struct LimitSignals {
+    version: CgroupVersion,
+    tx: mpsc::UnboundedSender<Signal>,
+    watches: HashMap<u64, Watch>,
+    /// v2: the inotify descriptor (shared with its reader task) and watch descriptor → id.
+    inotify: Option<Arc<AsyncFd<OwnedFd>>>,
+    by_wd: Arc<Mutex<HashMap<i32, u64>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl LimitSignals {
+    /// Must be called inside a tokio runtime.
+    pub fn new(version: CgroupVersion) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Signal>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let by_wd: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
+        let (inotify, reader) = match version {
+            CgroupVersion::V1 => (None, None),
+            CgroupVersion::V2 => {
+                let fd =
+                    inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+                // SAFETY: the fd is owned by the AsyncFd and deregistered when it is dropped.
+                let fd = Arc::new(unsafe { AsyncFd::register(fd) }?);
+                let task = tokio::spawn(read_inotify(fd.clone(), by_wd.clone(), tx.clone()));
+                (Some(fd), Some(task))
+            }
+        };
+        Ok((
+            LimitSignals {
+                version,
+                tx,
+                watches: HashMap::new(),
+                inotify,
+                by_wd,
+                reader,
+            },
+            rx,
+        ))
+    }
+
+    /// How the kernel tells, for /v1/info.
+    pub fn method(&self) -> &'static str {
+        match self.version {
+            CgroupVersion::V1 => "v1 usage threshold (cgroup.event_control + eventfd)",
+            CgroupVersion::V2 => {
+                "v2 memory.events notifications (inotify; high counts past memory.high)"
+            }
+        }
+    }
+
+    pub fn watched(&self) -> usize {
+        self.watches.len()
+    }
+
+    /// Watches the instance in `dir` for usage reaching `trigger` bytes (v1; on v2 the kernel's
+    /// own memory.high is the trigger). Replaces an earlier watch of the same instance.
+    pub fn watch(&mut self, cgroup_id: u64, dir: &Path, trigger: u64) -> std::io::Result<()> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let efd = rustix::event::eventfd(
+                    0,
+                    rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+                )?;
+                let usage = std::fs::File::open(dir.join("memory.usage_in_bytes"))?;
+                let mut control = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.event_control"))?;
+                control.write_all(
+                    format!("{} {} {trigger}", efd.as_raw_fd(), usage.as_raw_fd()).as_bytes(),
+                )?;
+                // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
+                let afd = unsafe { AsyncFd::register(efd) }?;
+                let task = tokio::spawn(read_eventfd(afd, cgroup_id, self.tx.clone()));
+                if let Some(Watch::V1(old)) = self.watches.insert(cgroup_id, Watch::V1(task)) {
+                    old.abort();
+                }
+            }
+            CgroupVersion::V2 => {
+                if self.watches.contains_key(&cgroup_id) {
+                    return Ok(());
+                }
+                let Some(fd) = &self.inotify else {
+                    return Ok(());
+                };
+                let wd = inotify::add_watch(
+                    fd.get_ref().as_fd(),
+                    dir.join("memory.events"),
+                    inotify::WatchFlags::MODIFY,
+                )?;
+                self.by_wd
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(wd, cgroup_id);
+                self.watches.insert(cgroup_id, Watch::V2(wd));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops watching (the instance ended). A watch of a cgroup already removed is gone in the
+    /// kernel too; removing it here only frees its task or table entry.
+    pub fn unwatch(&mut self, cgroup_id: u64) {
+        match self.watches.remove(&cgroup_id) {
+            Some(Watch::V1(task)) => task.abort(),
+            Some(Watch::V2(wd)) => {
+                self.by_wd
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&wd);
+                if let Some(fd) = &self.inotify {
+                    // EINVAL: the kernel dropped it with the cgroup's files.
+                    let _ = inotify::remove_watch(fd.get_ref().as_fd(), wd);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for LimitSignals {
+    fn drop(&mut self) {
+        for (_, w) in self.watches.drain() {
+            if let Watch::V1(task) = w {
+                task.abort();
+            }
+        }
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+    }
+}
+
+async fn read_eventfd(afd: AsyncFd<OwnedFd>, cgroup_id: u64, tx: mpsc::UnboundedSender<Signal>) {
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        match rustix::io::read(afd.get_ref(), &mut buf) {
+            Ok(_) => {
+                let at = Instant::now();
+                if tx.send(Signal { cgroup_id, at }).is_err() {
+                    return;
+                }
+            }
+            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+            Err(_) => return,
+        }
+    }
+}
+
+async fn read_inotify(
+    fd: Arc<AsyncFd<OwnedFd>>,
+    by_wd: Arc<Mutex<HashMap<i32, u64>>>,
+    tx: mpsc::UnboundedSender<Signal>,
+) {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        let at = Instant::now();
+        let mut ids = Vec::new();
+        let mut reader = inotify::Reader::new(fd.get_ref(), &mut buf);
+        loop {
+            match reader.next() {
+                Ok(ev) => {
+                    let map = by_wd.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(id) = map.get(&ev.wd()) {
+                        ids.push(*id);
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => {
+                    guard.clear_ready();
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        ids.dedup();
+        for cgroup_id in ids {
+            if tx.send(Signal { cgroup_id, at }).is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The burst guard at run time: it watches every instance that got limits, and when the kernel
+//! signals that one nears its memory.max, raises its limits (audited, reason "burst") before
+//! the OOM killer acts. The decisions are [`ReactiveConfig`]'s; the signals `kernel/notify`'s.
+
+use std::collections::VecDeque;
+
+use crate::kernel::cgroupfs::MemoryHierarchy;
+use crate::kernel::notify::{LimitSignals, Signal};
+use crate::model::tracker::{Cgroups, Tracker};
+use crate::model::{Limits, ReactiveInfo};
+use crate::policy::actuator::{Actuator, BelowUsage, LimitRequest};
+use crate::policy::enforcer::Enforcer;
+use crate::policy::reactive::{host_available_bytes, ReactiveConfig};
+use crate::policy::Policy;
+
+/// Reaction times kept for the percentiles in /v1/info.
+const KEPT_REACTIONS: usize = 1024;
+
+pub struct BurstGuard {
+    config: ReactiveConfig,
+    hierarchy: MemoryHierarchy,
+    signals: LimitSignals,
+    /// Signals seen, raises written, raises not made (at the ceiling, host full, write failed).
+    signals_seen: u64,
+    raises: u64,
+    denied: u64,
+    watch_errors: u64,
+    /// Microseconds from the kernel's signal to the limit written, latest last.
+    reactions_us: VecDeque<u64>,
+}
+
+impl BurstGuard {
+    pub fn new(
+        config: ReactiveConfig,
+        hierarchy: MemoryHierarchy,
+    ) -> std::io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Signal>)> {
+        let (signals, rx) = LimitSignals::new(hierarchy.version)?;
+        Ok((
+            BurstGuard {
+                config,
+                hierarchy,
+                signals,
+                signals_seen: 0,
+                raises: 0,
+                denied: 0,
+                watch_errors: 0,
+                reactions_us: VecDeque::new(),
+            },
+            rx,
+        ))
+    }
+
+    /// Watches the instances that got limits since the last call and forgets those that ended.
+    pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &Tracker<C>) {
+        for id in enforcer.ended.drain(..) {
+            self.signals.unwatch(id);
+        }
+        for (id, limits) in std::mem::take(&mut enforcer.limits_written) {
+            let Some(rec) = tracker.live_record(id) else {
+                continue;
+            };
+            self.watch(id, &rec.cgroup_path.clone(), limits);
+        }
+    }
+
+    fn watch(&mut self, id: u64, dir: &str, limits: Limits) {
+        let Some(trigger) = self.config.trigger_bytes(limits) else {
+            return;
+        };
+        if let Err(e) = self.signals.watch(id, std::path::Path::new(dir), trigger) {
+            // A cgroup removed meanwhile; anything else is said once per instance.
+            if e.kind() != std::io::ErrorKind::NotFound {
+                self.watch_errors += 1;
+                tracing::warn!(cgroup = dir, "cannot watch for bursts: {e}");
+            }
+        }
+    }
+
+    /// One signal: when the instance's usage is at or past its early-warning point, its
+    /// limits are raised by a step.
+    pub fn on_signal<C: Cgroups>(
+        &mut self,
+        sig: Signal,
+        tracker: &mut Tracker<C>,
+        enforcer: &mut Enforcer,
+        policy: &Policy,
+        actuator: &Actuator,
+    ) {
+        self.signals_seen += 1;
+        let Some(rec) = tracker.live_record(sig.cgroup_id).cloned() else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(&rec.cgroup_path);
+        let (Ok(usage), Ok(limits)) = (self.hierarchy.usage(&dir), self.hierarchy.limits(&dir))
+        else {
+            return; // gone meanwhile
+        };
+        let Some(trigger) = self.config.trigger_bytes(limits) else {
+            return;
+        };
+        if usage < trigger {
+            return; // v1 signals a crossing downwards too; v2 other counters' moves
+        }
+        let recommended = policy
+            .cached(&rec.function)
+            .map(|r| r.max_bytes)
+            .or(limits.max_bytes)
+            .unwrap_or(0);
+        let ceiling = ((recommended as f64) * self.config.ceiling_factor) as u64;
+        let available = host_available_bytes().unwrap_or(0);
+        let new = match self.config.burst_raise(limits, usage, ceiling, available) {
+            Ok(l) => l,
+            Err(why) => {
+                self.denied += 1;
+                tracing::warn!(
+                    function = rec.function,
+                    instance = rec.instance,
+                    usage,
+                    "burst not helped: {why}"
+                );
+                return;
+            }
+        };
+        let mut current = rec.clone();
+        current.limits = limits;
+        let req = LimitRequest {
+            max_bytes: new.max_bytes,
+            high_bytes: new.high_bytes,
+        };
+        let written = actuator.write(&current, req, BelowUsage::Raise, "burst", None);
+        let us = sig.at.elapsed().as_micros() as u64;
+        match written.result {
+            Ok(applied) => {
+                self.raises += 1;
+                if self.reactions_us.len() == KEPT_REACTIONS {
+                    self.reactions_us.pop_front();
+                }
+                self.reactions_us.push_back(us);
+                tracing::info!(
+                    function = rec.function,
+                    instance = rec.instance,
+                    usage,
+                    old_max = ?limits.max_bytes,
+                    new_max = ?applied.new.max_bytes,
+                    reaction_us = us,
+                    "burst: limits raised"
+                );
+                let effects = tracker.limits_changed(sig.cgroup_id, applied.new);
+                enforcer.run(tracker, effects);
+                // v1 thresholds are fixed values: a new one at the new early-warning point.
+                self.watch(sig.cgroup_id, &rec.cgroup_path, applied.new);
+            }
+            Err(e) => {
+                self.denied += 1;
+                tracing::warn!(
+                    function = rec.function,
+                    instance = rec.instance,
+                    "burst raise failed: {e}"
+                );
+            }
+        }
+    }
+
+    pub fn info(&self) -> ReactiveInfo {
+        let mut sorted: Vec<u64> = self.reactions_us.iter().copied().collect();
+        sorted.sort_unstable();
+        let pct = |p: f64| -> Option<u64> {
+            if sorted.is_empty() {
+                return None;
+            }
+            let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+            sorted.get(i).copied()
+        };
+        ReactiveInfo {
+            enabled: true,
+            signal: self.signals.method().to_owned(),
+            watched: self.signals.watched() as u64,
+            signals: self.signals_seen,
+            raises: self.raises,
+            denied: self.denied,
+            watch_errors: self.watch_errors,
+            reaction_p50_us: pct(0.5),
+            reaction_p99_us: pct(0.99),
+            reaction_max_us: sorted.last().copied(),
+            ..ReactiveInfo::default()
+        }
+    }
+}

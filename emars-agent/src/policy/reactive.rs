@@ -1,0 +1,288 @@
+//! Reactive mode: the decisions, kept apart from the signals that trigger them
+//! (`kernel/notify.rs`) and the event loop that carries them out.
+//!
+//! - Burst guard: an instance whose usage reaches its early-warning point (memory.high on v2,
+//!   the same value as a usage threshold on v1) gets its limits raised by a step, up to its
+//!   function's ceiling and to what the host can spare above a reserve, before the OOM killer
+//!   acts. The rescued instance's peak is then recorded exactly (an OOM-killed one's is cut at
+//!   its limit), which is what teaches the function's next recommendation.
+//! - Admission ("Refuse"): whether a new instance of a function fits in what the host has
+//!   left, from the live recommendation and one read of the host's available memory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::model::Limits;
+
+pub const DEFAULT_TRIGGER_FRACTION: f64 = 0.9;
+pub const DEFAULT_STEP_FRACTION: f64 = 0.5;
+pub const DEFAULT_STEP_MIN_BYTES: u64 = 16 << 20;
+pub const DEFAULT_CEILING_FACTOR: f64 = 4.0;
+pub const DEFAULT_HOST_RESERVE_BYTES: u64 = 256 << 20;
+
+/// `[reactive]`: off by default; writes happen only where writes are allowed (enforce mode).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReactiveConfig {
+    /// The burst guard.
+    pub enabled: bool,
+    /// The early-warning point as a fraction of memory.max, where an instance has no
+    /// memory.high (v2) or soft limit (v1) below its max.
+    pub trigger_fraction: f64,
+    /// A raise adds this fraction of the current memory.max ...
+    pub step_fraction: f64,
+    /// ... and at least this many bytes.
+    pub step_min_bytes: u64,
+    /// No raise goes above the function's recommended memory.max times this.
+    pub ceiling_factor: f64,
+    /// Memory the host keeps available (MemAvailable) after a raise or an admitted instance.
+    pub host_reserve_bytes: u64,
+}
+
+impl Default for ReactiveConfig {
+    fn default() -> Self {
+        ReactiveConfig {
+            enabled: false,
+            trigger_fraction: DEFAULT_TRIGGER_FRACTION,
+            step_fraction: DEFAULT_STEP_FRACTION,
+            step_min_bytes: DEFAULT_STEP_MIN_BYTES,
+            ceiling_factor: DEFAULT_CEILING_FACTOR,
+            host_reserve_bytes: DEFAULT_HOST_RESERVE_BYTES,
+        }
+    }
+}
+
+impl ReactiveConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, v: f64, reason: &str| ConfigError::Invalid {
+            key: format!("reactive.{key}"),
+            value: v.to_string(),
+            reason: reason.to_owned(),
+        };
+        if !(self.trigger_fraction > 0.0 && self.trigger_fraction < 1.0) {
+            return Err(bad(
+                "trigger_fraction",
+                self.trigger_fraction,
+                "must be above 0 and below 1",
+            ));
+        }
+        if !(self.step_fraction > 0.0 && self.step_fraction <= 10.0) {
+            return Err(bad(
+                "step_fraction",
+                self.step_fraction,
+                "must be above 0 and at most 10",
+            ));
+        }
+        if !(self.ceiling_factor >= 1.0 && self.ceiling_factor <= 100.0) {
+            return Err(bad(
+                "ceiling_factor",
+                self.ceiling_factor,
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Usage at which an instance with these limits is helped.
+    pub fn trigger_bytes(&self, limits: Limits) -> Option<u64> {
+        let max = limits.max_bytes?;
+        Some(match limits.high_bytes {
+            Some(high) if high < max => high,
+            _ => (max as f64 * self.trigger_fraction) as u64,
+        })
+    }
+
+    /// The limits a burst gets: memory.max raised by a step (memory.high keeping its ratio),
+    /// bounded by `ceiling` and by `host_available` less the reserve. `Err` says why not.
+    pub fn burst_raise(
+        &self,
+        limits: Limits,
+        usage: u64,
+        ceiling: u64,
+        host_available: u64,
+    ) -> Result<Limits, NoRaise> {
+        let max = limits.max_bytes.ok_or(NoRaise::NoLimit)?;
+        if max >= ceiling {
+            return Err(NoRaise::AtCeiling { max, ceiling });
+        }
+        let spare = host_available.saturating_sub(self.host_reserve_bytes);
+        let step = ((max as f64 * self.step_fraction) as u64).max(self.step_min_bytes);
+        let new_max = max.saturating_add(step).min(ceiling).min(max + spare);
+        if new_max <= max.max(usage) {
+            return Err(NoRaise::HostFull {
+                available: host_available,
+                reserve: self.host_reserve_bytes,
+            });
+        }
+        let high = limits
+            .high_bytes
+            .filter(|h| *h < max)
+            .map(|h| (new_max as f64 * (h as f64 / max as f64)) as u64);
+        Ok(Limits {
+            max_bytes: Some(new_max),
+            high_bytes: high,
+        })
+    }
+
+    /// Whether an instance predicted to need `predicted` bytes fits in `available`.
+    pub fn admit(&self, predicted: Option<u64>, available: u64) -> Admission {
+        let room = available.saturating_sub(self.host_reserve_bytes);
+        match predicted {
+            None => Admission {
+                admit: true,
+                reason: "no history for this function: nothing to predict from".into(),
+                predicted_bytes: None,
+                available_bytes: room,
+            },
+            Some(p) if p <= room => Admission {
+                admit: true,
+                reason: "the predicted memory.max fits in what the host has available".into(),
+                predicted_bytes: Some(p),
+                available_bytes: room,
+            },
+            Some(p) => Admission {
+                admit: false,
+                reason: format!(
+                    "the predicted memory.max ({p} bytes) exceeds what the host has available \
+                     above its reserve ({room} bytes)"
+                ),
+                predicted_bytes: Some(p),
+                available_bytes: room,
+            },
+        }
+    }
+}
+
+/// Why a burst got no raise.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoRaise {
+    #[error("the instance has no memory.max")]
+    NoLimit,
+    #[error("memory.max {max} is at the function's ceiling {ceiling}")]
+    AtCeiling { max: u64, ceiling: u64 },
+    #[error("the host has {available} bytes available, {reserve} of them reserved")]
+    HostFull { available: u64, reserve: u64 },
+}
+
+/// POST /v1/admission's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    pub admit: bool,
+    pub reason: String,
+    /// The function's recommended memory.max; null without history.
+    pub predicted_bytes: Option<u64>,
+    /// What the host has available above its reserve.
+    pub available_bytes: u64,
+}
+
+/// The host's available memory (MemAvailable), in bytes: one read of /proc/meminfo.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn limits(max: u64, high: Option<u64>) -> Limits {
+        Limits {
+            max_bytes: Some(max),
+            high_bytes: high,
+        }
+    }
+
+    #[test]
+    fn trigger_is_high_or_a_fraction_of_max() {
+        let c = ReactiveConfig::default();
+        assert_eq!(
+            c.trigger_bytes(limits(100 * MIB, Some(80 * MIB))),
+            Some(80 * MIB)
+        );
+        assert_eq!(
+            c.trigger_bytes(limits(100 * MIB, None)),
+            Some((100.0 * MIB as f64 * 0.9) as u64)
+        );
+        assert_eq!(c.trigger_bytes(Limits::default()), None);
+    }
+
+    #[test]
+    fn a_burst_gets_a_step_bounded_by_ceiling_and_host() {
+        let c = ReactiveConfig::default();
+        let l = limits(100 * MIB, Some(90 * MIB));
+        // A step of half of max; high keeps its ratio.
+        let r = c
+            .burst_raise(l, 95 * MIB, 1000 * MIB, 10_000 * MIB)
+            .unwrap();
+        assert_eq!(r.max_bytes, Some(150 * MIB));
+        assert_eq!(r.high_bytes, Some(135 * MIB));
+        // The ceiling bounds it.
+        let r = c.burst_raise(l, 95 * MIB, 120 * MIB, 10_000 * MIB).unwrap();
+        assert_eq!(r.max_bytes, Some(120 * MIB));
+        assert_eq!(
+            c.burst_raise(limits(120 * MIB, None), 0, 120 * MIB, 10_000 * MIB),
+            Err(NoRaise::AtCeiling {
+                max: 120 * MIB,
+                ceiling: 120 * MIB
+            })
+        );
+        // So does what the host can spare above its reserve.
+        let r = c
+            .burst_raise(l, 95 * MIB, 1000 * MIB, 256 * MIB + 10 * MIB)
+            .unwrap();
+        assert_eq!(r.max_bytes, Some(110 * MIB));
+        assert!(matches!(
+            c.burst_raise(l, 95 * MIB, 1000 * MIB, 200 * MIB),
+            Err(NoRaise::HostFull { .. })
+        ));
+        // A small max gets the minimum step.
+        let r = c.burst_raise(limits(10 * MIB, None), 0, 1000 * MIB, 10_000 * MIB);
+        assert_eq!(r.unwrap().max_bytes, Some(26 * MIB));
+    }
+
+    #[test]
+    fn admission_compares_prediction_with_room_above_reserve() {
+        let c = ReactiveConfig::default();
+        let yes = c.admit(Some(100 * MIB), 1000 * MIB);
+        assert!(yes.admit, "{yes:?}");
+        assert_eq!(yes.available_bytes, 1000 * MIB - 256 * MIB);
+        let no = c.admit(Some(800 * MIB), 1000 * MIB);
+        assert!(!no.admit);
+        assert!(no.reason.contains("exceeds"), "{}", no.reason);
+        let unknown = c.admit(None, 0);
+        assert!(unknown.admit && unknown.predicted_bytes.is_none());
+    }
+
+    #[test]
+    fn config_checks_ranges() {
+        let c = ReactiveConfig {
+            trigger_fraction: 1.0,
+            ..ReactiveConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("trigger_fraction"));
+        let c = ReactiveConfig {
+            ceiling_factor: 0.5,
+            ..ReactiveConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ceiling_factor"));
+        ReactiveConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn host_available_is_read() {
+        assert!(host_available_bytes().unwrap_or(0) > 0);
+    }
+}

@@ -1,0 +1,218 @@
+//! Reactive mode against real cgroups, real eBPF, real processes and a real agent: the burst
+//! guard raises the limits of an instance that outgrows its prediction before the OOM killer
+//! acts (and only when it is on), and admission answers from the live recommendation.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use emars_tests::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn start(root: &TestRoot, reactive: &str) -> anyhow::Result<Agent> {
+    Agent::start_configured(
+        root,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{{dir}}/export\"\n\
+             [[policy.functions]]\nname = \"giant\"\npin_max_bytes = 1099511627776\n\
+             [reactive]\n{reactive}\n"
+        ),
+    )
+}
+
+fn max_limit(root: &TestRoot, dir: &Path) -> Option<u64> {
+    let (max, _) = root.hierarchy.limit_files();
+    fs::read_to_string(dir.join(max))
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v < 1 << 62)
+}
+
+/// Instances peaking at `mib` MiB, then one that grows to 1.5x the limit it was given, at 32
+/// MiB/s. Returns (the limit written at mkdir, whether the grower finished, its cgroup).
+fn burst(root: &TestRoot, agent: &Agent, mib: u64) -> anyhow::Result<(u64, bool)> {
+    for i in 0..5 {
+        let dir = root.instance_dir("bursty", &format!("h{i}"))?;
+        run_alloc(&dir, mib, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("bursty", 5)?;
+    let dir = root.instance_dir("bursty", "grower")?;
+    let max = wait_for(Duration::from_secs(5), || max_limit(root, &dir))
+        .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;
+    let grow = max * 3 / 2 / MIB;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", &grow.to_string(), "--rate-mib-s", "32"]);
+    let finished = spawn_in(&dir, cmd)?.wait()?.success();
+    fs::remove_dir(&dir)?;
+    Ok((max, finished))
+}
+
+/// The same workload twice, reactive off then on: off, the grower is OOM-killed at the limit
+/// it got at mkdir; on, the kernel's signal raises its limit in time, the raise is audited as
+/// "burst", and the instance's recorded peak (past its first limit) teaches the function.
+#[test]
+fn burst_is_rescued_only_when_reactive_is_on() -> anyhow::Result<()> {
+    if !require_root("burst_is_rescued_only_when_reactive_is_on") {
+        return Ok(());
+    }
+    let off_root = TestRoot::new()?;
+    let off = start(&off_root, "enabled = false")?;
+    let (max_off, finished_off) = burst(&off_root, &off, 24)?;
+    assert!(
+        !finished_off,
+        "reactive off: the grower should be OOM-killed at {max_off} bytes"
+    );
+    let info = off.get_ok("/v1/info")?;
+    assert_eq!(info["reactive"]["enabled"], false);
+    let audit = off.get_ok("/v1/audit")?;
+    let reasons: Vec<&str> = audit["audit"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["reason"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        !reasons.contains(&"burst"),
+        "reactive off wrote: {reasons:?}"
+    );
+    off.stop()?;
+    drop(off_root);
+
+    let root = TestRoot::new()?;
+    let agent = start(&root, "enabled = true")?;
+    let (max_on, finished_on) = burst(&root, &agent, 24)?;
+    assert!(
+        finished_on,
+        "reactive on: the grower was killed at {max_on} bytes:\n{}",
+        agent.log()
+    );
+    let ended = agent.wait_ended("bursty", 6)?;
+    let grower = ended
+        .iter()
+        .find(|i| i["instance"] == "grower")
+        .ok_or_else(|| anyhow::anyhow!("grower not recorded: {ended:?}"))?;
+    let peak = grower["peak_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        peak > max_on,
+        "peak {peak} not past the first limit {max_on}"
+    );
+    assert_eq!(grower["oom_kills"], 0);
+    let raised = grower["limits"]["max_bytes"].as_u64().unwrap_or(0);
+    assert!(raised > max_on, "record keeps the raised limit: {grower}");
+    let audit = agent.get_ok("/v1/audit")?;
+    let bursts: Vec<&Value> = audit["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|r| r["reason"] == "burst").collect())
+        .unwrap_or_default();
+    assert!(!bursts.is_empty(), "no burst in the audit: {audit}");
+    for b in &bursts {
+        assert_eq!(b["outcome"], "ok", "{b}");
+        assert_eq!(b["instance"], "grower", "{b}");
+        assert!(
+            b["new"]["max_bytes"].as_u64() > b["old"]["max_bytes"].as_u64(),
+            "{b}"
+        );
+    }
+    // /v1/info's counters follow within a tick.
+    let r = wait_for(Duration::from_secs(5), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        let r = info["reactive"].clone();
+        (r["raises"].as_u64() == Some(bursts.len() as u64) && r["watched"] == 0).then_some(r)
+    })
+    .ok_or_else(|| anyhow::anyhow!("info: {}", agent.get_ok("/v1/info").unwrap_or_default()))?;
+    assert_eq!(r["enabled"], true, "{r}");
+    assert_eq!(r["denied"], 0, "{r}");
+    let p99 = r["reaction_p99_us"].as_u64().unwrap_or(u64::MAX);
+    println!(
+        "burst: limit at mkdir {} MiB, peak {} MiB, {} raise(s), reaction p50 {} us, max {} us",
+        max_on / MIB,
+        peak / MIB,
+        bursts.len(),
+        r["reaction_p50_us"],
+        r["reaction_max_us"]
+    );
+    assert!(
+        p99 < 100_000 * u64::from(time_scale()),
+        "reaction p99 {p99} us"
+    );
+    Ok(())
+}
+
+/// Admission from the live recommendation: a function with history fits, one pinned at 1 TiB
+/// does not, one never seen is admitted with no prediction; bad requests are 400 and a caller
+/// without the token is refused.
+#[test]
+fn admission_admits_what_fits_and_refuses_what_does_not() -> anyhow::Result<()> {
+    if !require_root("admission_admits_what_fits_and_refuses_what_does_not") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    for i in 0..3 {
+        let dir = root.instance_dir("small", &format!("h{i}"))?;
+        run_alloc(&dir, 8, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("small", 3)?;
+    let asked = std::cell::Cell::new(0u64);
+    let ask = |f: &str| {
+        asked.set(asked.get() + 1);
+        let body = format!(r#"{{"function":"{f}"}}"#);
+        agent.post_raw("/v1/admission", "application/json", body.as_bytes())
+    };
+    // The recommendation of "small" is recomputed on the agent's next tick.
+    let small = wait_for(Duration::from_secs(5), || {
+        let (s, b) = ask("small").ok()?;
+        (s == 200 && b["predicted_bytes"].is_u64()).then_some(b)
+    })
+    .ok_or_else(|| anyhow::anyhow!("no prediction for small:\n{}", agent.log()))?;
+    assert_eq!(small["admit"], true, "{small}");
+    let predicted = small["predicted_bytes"].as_u64().unwrap_or(0);
+    assert!((8 * MIB..64 * MIB).contains(&predicted), "{small}");
+    assert!(small["available_bytes"].as_u64().unwrap_or(0) > predicted);
+
+    let (s, giant) = ask("giant")?;
+    assert_eq!(s, 200);
+    assert_eq!(giant["admit"], false, "{giant}");
+    // Pinned at 1 TiB, capped by the recommender at the host's memory: more than is available.
+    let giant_predicted = giant["predicted_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        giant_predicted > giant["available_bytes"].as_u64().unwrap_or(u64::MAX),
+        "{giant}"
+    );
+    assert!(
+        giant["reason"].as_str().unwrap_or("").contains("exceeds"),
+        "{giant}"
+    );
+
+    let (s, unknown) = ask("never-seen")?;
+    assert_eq!(s, 200);
+    assert_eq!(unknown["admit"], true);
+    assert!(unknown["predicted_bytes"].is_null(), "{unknown}");
+
+    let (s, b) = ask("bad name!")?;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = agent.post_raw("/v1/admission", "application/json", br#"{"fn":"x"}"#)?;
+    assert_eq!(s, 400, "{b}");
+    // Without the token (any local user): refused, and not counted.
+    let (s, b) = agent.request(
+        "POST",
+        "/v1/admission",
+        &[("Content-Type", "application/json")],
+        br#"{"function":"small"}"#,
+    )?;
+    assert_eq!(s, 401, "{b}");
+    // Every answered request counted: "small" (however often it was asked) and "never-seen"
+    // admitted, "giant" refused; the two bad ones and the refused caller not at all. (Counted
+    // as they are answered, not on the agent's tick.)
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["reactive"]["refused"], 1, "{}", info["reactive"]);
+    assert_eq!(
+        info["reactive"]["admitted"].as_u64(),
+        Some(asked.get() - 2),
+        "{}",
+        info["reactive"]
+    );
+    Ok(())
+}
