@@ -167,7 +167,11 @@ fn build(dir: PathBuf) -> Harness {
     let state = ApiState {
         store,
         info: Arc::new(RwLock::new(AgentInfo::default())),
-        predictive: Some(Predictive { policy, actuator }),
+        predictive: Some(Predictive {
+            policy,
+            actuator,
+            reactive: Default::default(),
+        }),
         retention_ms: 14 * 86_400_000,
     };
     let token = Token::load_or_create(&dir.join("token")).unwrap();
