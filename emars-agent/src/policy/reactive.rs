@@ -107,7 +107,10 @@ impl ReactiveConfig {
         }
         let spare = host_available.saturating_sub(self.host_reserve_bytes);
         let step = ((max as f64 * self.step_fraction) as u64).max(self.step_min_bytes);
-        let new_max = max.saturating_add(step).min(ceiling).min(max + spare);
+        let new_max = max
+            .saturating_add(step)
+            .min(ceiling)
+            .min(max.saturating_add(spare));
         if new_max <= max.max(usage) {
             return Err(NoRaise::HostFull {
                 available: host_available,
@@ -240,6 +243,12 @@ mod tests {
             c.burst_raise(l, 95 * MIB, 1000 * MIB, 200 * MIB),
             Err(NoRaise::HostFull { .. })
         ));
+        // A host with "everything" available (a simulation's) bounds nothing and overflows
+        // nothing.
+        let r = c
+            .burst_raise(limits(1 << 40, None), 0, 1 << 41, u64::MAX)
+            .unwrap();
+        assert_eq!(r.max_bytes, Some((1 << 40) + (1 << 39)));
         // A small max gets the minimum step.
         let r = c.burst_raise(limits(10 * MIB, None), 0, 1000 * MIB, 10_000 * MIB);
         assert_eq!(r.unwrap().max_bytes, Some(26 * MIB));

@@ -68,6 +68,8 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use emars_agent::model::Limits;
+use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
     decay_weight, oom_bump, page_up, recommend, DecayingHistogram, PolicyParams, Sample,
 };
@@ -101,10 +103,12 @@ const MEMORY_COLUMNS: [&str; 8] = [
     "AverageAllocatedMb_pct100",
 ];
 
-const USAGE: &str = "usage: emars-replay [--cap N] [--seed S] [--hour]
-  --cap N   instances per function at most (default 200; 0 = no cap)
-  --seed S  seed of the peak draws (default 2019)
-  --hour    replay the trace hour in real time (default: stretch it onto a simulated day)
+const USAGE: &str = "usage: emars-replay [--cap N] [--seed S] [--hour] [--host-gib G]
+  --cap N       instances per function at most (default 200; 0 = no cap)
+  --seed S      seed of the peak draws (default 2019)
+  --hour        replay the trace hour in real time (default: stretch it onto a simulated day)
+  --host-gib G  memory of the host in the second table (default: 1.25 x the memory the
+                instances really used at their busiest moment)
 Data: $EMARS_DATA_DIR, else <workspace>/../shared/data/azure2019.";
 
 fn main() {
@@ -122,6 +126,8 @@ struct Opts {
     cap: usize,
     seed: u64,
     real_hour: bool,
+    /// The host's memory for the second table; 0: sized from the workload (see `run`).
+    host_gib: f64,
 }
 
 impl Opts {
@@ -130,6 +136,7 @@ impl Opts {
             cap: DEFAULT_CAP,
             seed: DEFAULT_SEED,
             real_hour: false,
+            host_gib: 0.0,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -137,6 +144,7 @@ impl Opts {
                 "--cap" => o.cap = number(&a, args.next())?,
                 "--seed" => o.seed = number(&a, args.next())?,
                 "--hour" => o.real_hour = true,
+                "--host-gib" => o.host_gib = number(&a, args.next())?,
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -415,6 +423,10 @@ struct Policy {
     rule: Rule,
     /// None: at every instance; Some(ms): at the ticks of a grid of this period.
     period_ms: Option<u64>,
+    /// The agent's burst guard: an instance outgrowing its limit gets raises (the agent's own
+    /// `ReactiveConfig::burst_raise`, ceiling = its limit x `ceiling_factor`) until it fits
+    /// or no raise is left; the host is taken to have the memory.
+    reactive: Option<ReactiveConfig>,
 }
 
 impl Rule {
@@ -454,6 +466,7 @@ fn policies() -> Vec<Policy> {
             name: "static-256",
             rule: Rule::Static(STATIC_BYTES),
             period_ms: None,
+            reactive: None,
         },
         Policy {
             name: "vpa",
@@ -461,26 +474,59 @@ fn policies() -> Vec<Policy> {
                 floor_bytes: VPA_FLOOR_BYTES,
             },
             period_ms: Some(PERIODIC_MS),
+            reactive: None,
         },
         Policy {
             name: "vpa-nofloor",
             rule: Rule::Vpa { floor_bytes: 0 },
             period_ms: Some(PERIODIC_MS),
+            reactive: None,
         },
         Policy {
             name: "emars",
             rule: Rule::Emars(emars.clone()),
             period_ms: None,
+            reactive: None,
         },
         Policy {
             name: "emars-p99",
             rule: Rule::Emars(emars_p99),
             period_ms: None,
+            reactive: None,
         },
         Policy {
             name: "emars@10min",
-            rule: Rule::Emars(emars),
+            rule: Rule::Emars(emars.clone()),
             period_ms: Some(PERIODIC_MS),
+            reactive: None,
+        },
+        // Predictive limits with the burst guard behind them, and tighter predictive limits
+        // that lean on it.
+        Policy {
+            name: "emars+r",
+            rule: Rule::Emars(emars),
+            period_ms: None,
+            reactive: Some(ReactiveConfig::default()),
+        },
+        Policy {
+            name: "emars-p75+r",
+            rule: Rule::Emars(PolicyParams {
+                percentile: 75.0,
+                margin: 0.1,
+                ..PolicyParams::default()
+            }),
+            period_ms: None,
+            reactive: Some(ReactiveConfig::default()),
+        },
+        Policy {
+            name: "emars-p50+r",
+            rule: Rule::Emars(PolicyParams {
+                percentile: 50.0,
+                margin: 0.1,
+                ..PolicyParams::default()
+            }),
+            period_ms: None,
+            reactive: Some(ReactiveConfig::default()),
         },
     ]
 }
@@ -497,8 +543,92 @@ struct Tally {
     /// 20 and more.
     exceeded_by_history: [u64; 3],
     functions_exceeded: u64,
+    /// Instances whose peak exceeded their limit and that the burst guard's raises saved.
+    rescued: u64,
+    /// Every instance as the host sees it, for the host pass.
+    placed: Vec<Placed>,
     /// (limit - peak) / peak of the instances that fit.
     slack: Vec<f64>,
+}
+
+/// An instance on the host: its run, the limit it started with and the limit it held (raised
+/// by the burst guard, or the same); `killed` when its peak passed what it held.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    start_ms: u64,
+    end_ms: u64,
+    limit: u64,
+    held: u64,
+    killed: bool,
+}
+
+/// What a host of `capacity` bytes made of a policy's instances, in time order: an instance
+/// whose limit does not fit next to the limits held by those running is refused (the paper's
+/// Refuse: not started); a rescue that needs more than is free fails (the instance is
+/// OOM-killed at its first limit).
+#[derive(Debug, Default, Clone, Copy)]
+struct HostOutcome {
+    refused: u64,
+    rescues_failed: u64,
+    killed: u64,
+    peak_held: u64,
+    /// Sum of held limit x run time of the instances that ran, MiB·ms.
+    reserved_mib_ms: f64,
+}
+
+fn host_pass(placed: &mut [Placed], capacity: u64) -> HostOutcome {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    placed.sort_by_key(|p| p.start_ms);
+    let mut running: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new(); // (end, held)
+    let mut held = 0u64;
+    let mut out = HostOutcome::default();
+    for p in placed.iter() {
+        while let Some(Reverse((end, h))) = running.peek().copied() {
+            if end > p.start_ms {
+                break;
+            }
+            running.pop();
+            held -= h;
+        }
+        if held + p.limit > capacity {
+            out.refused += 1;
+            continue;
+        }
+        let mut take = p.held;
+        let mut killed = p.killed;
+        if p.held > p.limit && held + p.held > capacity {
+            out.rescues_failed += 1;
+            take = p.limit;
+            killed = true;
+        }
+        if killed {
+            out.killed += 1;
+        }
+        held += take;
+        out.peak_held = out.peak_held.max(held);
+        out.reserved_mib_ms += take as f64 / MIB_F * (p.end_ms - p.start_ms) as f64;
+        running.push(Reverse((p.end_ms, take)));
+    }
+    out
+}
+
+/// The limit a burst guard's raises reach for an instance peaking at `peak` that started with
+/// `limit`, or None when it is OOM-killed (no raise left below its peak).
+fn rescue(cfg: &ReactiveConfig, limit: u64, peak: u64) -> Option<u64> {
+    let ceiling = (limit as f64 * cfg.ceiling_factor) as u64;
+    let mut l = Limits {
+        max_bytes: Some(limit),
+        high_bytes: None,
+    };
+    loop {
+        let max = l.max_bytes?;
+        if peak <= max {
+            return Some(max);
+        }
+        let usage = cfg.trigger_bytes(l)?;
+        l = cfg.burst_raise(l, usage, ceiling, u64::MAX).ok()?;
+    }
 }
 
 /// Replays one function's instances through one policy.
@@ -532,10 +662,27 @@ fn replay(policy: &Policy, f: &Function, instances: &[Instance], tally: &mut Tal
                 }
             }
         };
+        // A rescued instance holds its raised limit, counted (pessimistically) for its whole
+        // run; it ends normally, so its true peak is learnt.
+        let rescued = match &policy.reactive {
+            Some(cfg) if inst.peak_bytes > limit => rescue(cfg, limit, inst.peak_bytes),
+            _ => None,
+        };
+        let held = rescued.unwrap_or(limit);
         tally.instances += 1;
-        tally.reserved_mib_ms += limit as f64 / MIB_F * f.duration_ms;
+        tally.reserved_mib_ms += held as f64 / MIB_F * f.duration_ms;
         tally.limits_mib += limit as f64 / MIB_F;
-        let sample = if inst.peak_bytes > limit {
+        if rescued.is_some() {
+            tally.rescued += 1;
+        }
+        tally.placed.push(Placed {
+            start_ms: inst.start_ms,
+            end_ms: inst.end_ms,
+            limit,
+            held,
+            killed: inst.peak_bytes > held,
+        });
+        let sample = if inst.peak_bytes > held {
             tally.exceeded += 1;
             tally.exceeded_by_history[match visible {
                 0 => 0,
@@ -552,7 +699,7 @@ fn replay(policy: &Policy, f: &Function, instances: &[Instance], tally: &mut Tal
         } else {
             tally
                 .slack
-                .push((limit - inst.peak_bytes) as f64 / inst.peak_bytes.max(1) as f64);
+                .push((held - inst.peak_bytes) as f64 / inst.peak_bytes.max(1) as f64);
             Sample {
                 at_ms: inst.end_ms,
                 peak_bytes: inst.peak_bytes,
@@ -590,6 +737,7 @@ fn run(opts: &Opts) -> Result<()> {
     let policies = policies();
     let mut tallies = vec![Tally::default(); policies.len()];
     let mut oracle_mib_ms = 0.0;
+    let mut oracle_placed = Vec::new();
     let mut oracle_limits_mib = 0.0;
     let mut invocations = 0u64;
     let mut total_instances = 0u64;
@@ -599,6 +747,13 @@ fn run(opts: &Opts) -> Result<()> {
         let insts = instances(f, index, opts);
         total_instances += insts.len() as u64;
         for inst in &insts {
+            oracle_placed.push(Placed {
+                start_ms: inst.start_ms,
+                end_ms: inst.end_ms,
+                limit: inst.peak_bytes,
+                held: inst.peak_bytes,
+                killed: false,
+            });
             oracle_mib_ms += inst.peak_bytes as f64 / MIB_F * f.duration_ms;
             oracle_limits_mib += inst.peak_bytes as f64 / MIB_F;
             total_duration_ms += f.duration_ms;
@@ -659,6 +814,7 @@ fn run(opts: &Opts) -> Result<()> {
                 exceed_pct: 100.0 * tally.exceeded as f64 / tally.instances.max(1) as f64,
                 exceeded_by_history: tally.exceeded_by_history,
                 functions_exceeded: tally.functions_exceeded,
+                rescued: tally.rescued,
                 slack_p50: nearest_rank(&tally.slack, 50.0),
                 slack_p95: nearest_rank(&tally.slack, 95.0),
             }
@@ -673,11 +829,12 @@ fn run(opts: &Opts) -> Result<()> {
         exceed_pct: 0.0,
         exceeded_by_history: [0; 3],
         functions_exceeded: 0,
+        rescued: 0,
         slack_p50: 0.0,
         slack_p95: 0.0,
     });
     println!(
-        "{:<12} {:>10} {:>6} {:>10} {:>6} {:>8} {:>15} {:>7} {:>9} {:>9}",
+        "{:<12} {:>10} {:>6} {:>10} {:>6} {:>8} {:>15} {:>7} {:>8} {:>9} {:>9}",
         "policy",
         "GiB·h resv",
         "ratio",
@@ -686,14 +843,15 @@ fn run(opts: &Opts) -> Result<()> {
         "exceed%",
         "kills 0/<20/20+",
         "fns exc",
+        "rescued",
         "slack p50",
         "slack p95"
     );
-    println!("{}", "-".repeat(104));
+    println!("{}", "-".repeat(113));
     for r in &rows {
         let [cold, learning, steady] = r.exceeded_by_history;
         println!(
-            "{:<12} {:>10.2} {:>6.3} {:>10.1} {:>6.3} {:>8.2} {:>15} {:>7} {:>8.1}% {:>8.1}%",
+            "{:<12} {:>10.2} {:>6.3} {:>10.1} {:>6.3} {:>8.2} {:>15} {:>7} {:>8} {:>8.1}% {:>8.1}%",
             r.name,
             r.reserved_gib_h,
             r.reserved_ratio,
@@ -702,6 +860,7 @@ fn run(opts: &Opts) -> Result<()> {
             r.exceed_pct,
             format!("{cold}/{learning}/{steady}"),
             r.functions_exceeded,
+            r.rescued,
             100.0 * r.slack_p50,
             100.0 * r.slack_p95
         );
@@ -711,7 +870,10 @@ fn run(opts: &Opts) -> Result<()> {
         "columns: GiB·h resv = sum of limit x average duration; Σlimit = plain sum of limits; \
          ratios to static-256;\n  exceed% = instances whose peak exceeds their limit (OOM \
          kill); kills 0/<20/20+ = those kills by the number of\n  outcomes the policy knew \
-         (none: cold default; fewer than 20; 20 or more); fns exc = functions with any;\n  slack = (limit - peak) / peak over the \
+         (none: cold default; fewer than 20; 20 or more); fns exc = functions with any;\n  \
+         rescued = instances past their limit that the burst guard's raises saved (+r policies; \
+         they hold the raised limit\n  for their whole run in GiB·h resv, and Σlimit counts the \
+         limit given at start);\n  slack = (limit - peak) / peak over the \
          instances that fit; oracle = limit equal to each instance's own peak."
     );
     println!();
@@ -719,6 +881,43 @@ fn run(opts: &Opts) -> Result<()> {
     let mean_peak_mib = oracle_limits_mib / total_instances.max(1) as f64;
     let mean_peak_by_time_mib = oracle_mib_ms / total_duration_ms.max(1.0);
     interpret(&rows, mean_peak_mib, mean_peak_by_time_mib);
+    println!();
+    // The same instances on one host: refusals and failed rescues when memory runs short.
+    let busiest = host_pass(&mut oracle_placed, u64::MAX).peak_held;
+    let capacity = if opts.host_gib > 0.0 {
+        (opts.host_gib * 1024.0 * MIB_F) as u64
+    } else {
+        busiest + busiest / 4
+    };
+    println!(
+        "on one host of {:.2} GiB (the instances' own peaks at their busiest moment: {:.2} GiB):",
+        capacity as f64 / 1024.0 / MIB_F,
+        busiest as f64 / 1024.0 / MIB_F
+    );
+    println!(
+        "{:<12} {:>10} {:>9} {:>8} {:>9} {:>15} {:>14}",
+        "policy", "GiB·h resv", "refused%", "killed%", "rescues", "rescues failed", "peak held GiB"
+    );
+    println!("{}", "-".repeat(84));
+    for (policy, tally) in policies.iter().zip(tallies.iter_mut()) {
+        let h = host_pass(&mut tally.placed, capacity);
+        let n = tally.instances.max(1) as f64;
+        println!(
+            "{:<12} {:>10.2} {:>9.2} {:>8.2} {:>9} {:>15} {:>14.2}",
+            policy.name,
+            h.reserved_mib_ms / 1024.0 / HOUR_MS as f64,
+            100.0 * h.refused as f64 / n,
+            100.0 * h.killed as f64 / n,
+            tally.rescued,
+            h.rescues_failed,
+            h.peak_held as f64 / 1024.0 / MIB_F
+        );
+    }
+    println!(
+        "  refused = not started: its limit did not fit next to the limits held by the running \
+         instances; killed% counts\n  kills among those that ran, a failed rescue included \
+         (no room left for the raise); GiB·h resv = of those that ran."
+    );
     println!();
     println!(
         "wall time {:.2} s (loading the CSVs {:.0} ms)",
@@ -745,6 +944,7 @@ struct Summary {
     exceed_pct: f64,
     exceeded_by_history: [u64; 3],
     functions_exceeded: u64,
+    rescued: u64,
     slack_p50: f64,
     slack_p95: f64,
 }
@@ -816,10 +1016,27 @@ fn interpret(rows: &[Summary], mean_peak_mib: f64, mean_peak_by_time_mib: f64) {
         learning(em99),
         em10.exceed_pct
     );
+    if let (Some(emr), Some(p50r)) = (get("emars+r"), get("emars-p50+r")) {
+        println!(
+            "  With the burst guard behind it (+r: raises of half the limit up to 4x the \
+             recommendation, as the agent makes them) EMARS kills {:.2}% instead of {:.2}%, \
+             {} instances rescued. It can then aim lower: at P50 x 1.1 it reserves {:.3} x \
+             VPA's GiB·h and kills {:.2}% ({} rescued), the rescued counted at their raised \
+             limit for their whole run.",
+            emr.exceed_pct,
+            em.exceed_pct,
+            emr.rescued,
+            p50r.reserved_ratio / vpa.reserved_ratio,
+            p50r.exceed_pct,
+            p50r.rescued
+        );
+    }
     println!(
         "  Caveats: peaks are drawn independently per instance from per-app memory that the \
          provider averaged per minute (no short spikes); every adaptive policy starts from the \
-         same 256 MiB cold default, so kills with no outcome known are nearly common to all."
+         same 256 MiB cold default, so kills with no outcome known are nearly common to all; a \
+         rescue assumes the raise lands before the instance reaches its limit (the agent's \
+         signal-to-write time is milliseconds; see emars-bench-reactive)."
     );
 }
 
@@ -866,6 +1083,7 @@ mod tests {
             cap: 200,
             seed: 1,
             real_hour: false,
+            host_gib: 0.0,
         };
         let insts = instances(&f, 0, &opts);
         assert_eq!(insts.len(), 200);
@@ -901,6 +1119,7 @@ mod tests {
             name: "emars",
             rule: Rule::Emars(PolicyParams::default()),
             period_ms: None,
+            reactive: None,
         };
         let mut t = Tally::default();
         replay(&policy, &f, &insts, &mut t);
@@ -926,5 +1145,41 @@ mod tests {
         .map_or(0, |r| r.max_bytes);
         let limit = (300 * MIB) as f64 * (1.0 + t.slack[0]);
         assert!((limit - want as f64).abs() < 1.0, "{limit} != {want}");
+    }
+
+    /// The burst guard's raises: 100 MiB -> 150 -> 225 -> ..., up to 4x; a peak past the
+    /// ceiling is killed.
+    #[test]
+    fn rescue_follows_the_agents_raises() {
+        let cfg = ReactiveConfig::default();
+        assert_eq!(rescue(&cfg, 100 * MIB, 90 * MIB), Some(100 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 140 * MIB), Some(150 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 200 * MIB), Some(225 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 400 * MIB), Some(400 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 401 * MIB), None);
+        // Above 256 MiB too (a raise is not bounded by a host taken as unbounded).
+        assert_eq!(rescue(&cfg, 512 * MIB, 700 * MIB), Some(768 * MIB));
+    }
+
+    /// On a host: an instance that does not fit is refused, a rescue without room fails and
+    /// kills, room comes back when instances end.
+    #[test]
+    fn host_pass_refuses_and_fails_rescues_without_room() {
+        let p = |start_ms, end_ms, limit, held| Placed {
+            start_ms,
+            end_ms,
+            limit: limit * MIB,
+            held: held * MIB,
+            killed: false,
+        };
+        let mut placed = vec![
+            p(0, 100, 60, 60),
+            p(10, 100, 30, 50), // fits at 30, not raised to 50 (60 + 50 > 100): killed
+            p(20, 100, 20, 20), // 60 + 30 + 20 > 100: refused
+            p(100, 200, 20, 90), // all ended: room for the raise
+        ];
+        let h = host_pass(&mut placed, 100 * MIB);
+        assert_eq!((h.refused, h.rescues_failed, h.killed), (1, 1, 1));
+        assert_eq!(h.peak_held, 90 * MIB);
     }
 }

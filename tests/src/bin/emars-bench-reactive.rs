@@ -1,0 +1,317 @@
+//! emars-bench-reactive: reactive mode on the real kernel with the real agent, side by side in
+//! one run. It prints a report; it is not a test.
+//!
+//! 1. Burst experiment: a function with a history of instances peaking at `--mib` MiB, then
+//!    `--growers` instances that each grow to 1.5x the limit the history predicts (the limit
+//!    written into the first of them at mkdir), at `--rate` MiB/s, `--parallel` at a time; once with `reactive.enabled = false` and once with
+//!    it on, on fresh roots, the same workload. Prints OOM kills, raises, raises denied and the
+//!    agent's signal-to-limit-written time (p50/p99/max over the raises).
+//! 2. Admission: POST /v1/admission paced at `--admission-rps` requests/s for
+//!    `--admission-secs` seconds over real HTTP (a connection per request, as a platform's
+//!    hook would make), for a known function: latency p50/p99/max and the answers.
+//!
+//! ```text
+//! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
+//! sudo EMARS_BIN=target/release/emars target/release/emars-bench-reactive [--growers N] ...
+//! ```
+
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use emars_tests::{alloc_bin, run_alloc, spawn_in, wait_for, Agent, Hierarchy, TestRoot, MIB};
+use serde_json::Value;
+
+const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [--mib M] [--rate R]
+    [--admission-rps Q] [--admission-secs S]
+  --growers N         instances that outgrow their limit, per mode (default 20)
+  --parallel P        growers at a time (default 2)
+  --mib M             peak of the history instances, MiB (default 24)
+  --rate R            growth rate of a grower, MiB/s (default 64)
+  --admission-rps Q   paced admission requests per second (default 1000)
+  --admission-secs S  seconds of admission requests (default 5)
+Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
+
+const FUNCTION: &str = "bursty";
+const HISTORY: usize = 5;
+
+struct Opts {
+    growers: usize,
+    parallel: usize,
+    mib: u64,
+    rate: u64,
+    admission_rps: u64,
+    admission_secs: u64,
+}
+
+fn main() {
+    match parse().and_then(|o| run(&o)) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("emars-bench-reactive: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        growers: 20,
+        parallel: 2,
+        mib: 24,
+        rate: 64,
+        admission_rps: 1000,
+        admission_secs: 5,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = || -> Result<u64> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|v| *v > 0)
+                .with_context(|| format!("{a} needs a positive number\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--growers" => o.growers = num()? as usize,
+            "--parallel" => o.parallel = num()? as usize,
+            "--mib" => o.mib = num()?,
+            "--rate" => o.rate = num()?,
+            "--admission-rps" => o.admission_rps = num()?,
+            "--admission-secs" => o.admission_secs = num()?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+fn start(root: &TestRoot, reactive: bool) -> Result<Agent> {
+    Agent::start_configured(
+        root,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{{dir}}/export\"\n\
+             [reactive]\nenabled = {reactive}\n"
+        ),
+    )
+}
+
+/// What one mode of the burst experiment gave.
+struct Burst {
+    label: &'static str,
+    growers: usize,
+    killed: usize,
+    /// Limits written at mkdir into the first and the last grower (the agent learns from the
+    /// first ones: an OOM kill bumps the recommendation, a rescue records the true peak).
+    first_limit: u64,
+    last_limit: u64,
+    target_mib: u64,
+    raises: u64,
+    denied: u64,
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+    max_us: Option<u64>,
+}
+
+fn limit_of(h: &Hierarchy, dir: &Path) -> Option<u64> {
+    let (max, _) = h.limit_files();
+    fs::read_to_string(dir.join(max))
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v < 1 << 62)
+}
+
+fn burst(o: &Opts, reactive: bool) -> Result<Burst> {
+    let root = TestRoot::new()?;
+    let agent = start(&root, reactive)?;
+    for i in 0..HISTORY {
+        let dir = root.instance_dir(FUNCTION, &format!("h{i}"))?;
+        if !run_alloc(&dir, o.mib, 0, 0)?.success() {
+            bail!("history instance {i} failed");
+        }
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(FUNCTION, HISTORY)?;
+    let mut killed = 0;
+    let mut first_limit = 0;
+    let mut last_limit = 0;
+    // Every grower needs 1.5x what the history predicts (the first grower's limit): the same
+    // burst in both modes, whatever the agent learns from the first ones.
+    let mut target_mib = 0;
+    let mut next = 0;
+    while next < o.growers {
+        let batch: Vec<usize> = (next..(next + o.parallel).min(o.growers)).collect();
+        next += batch.len();
+        let mut running = Vec::new();
+        for i in batch {
+            let dir = root.instance_dir(FUNCTION, &format!("g{i}"))?;
+            let limit = wait_for(Duration::from_secs(5), || limit_of(&root.hierarchy, &dir))
+                .with_context(|| format!("no limit written into g{i}"))?;
+            if first_limit == 0 {
+                first_limit = limit;
+                target_mib = limit * 3 / 2 / MIB;
+            }
+            last_limit = limit;
+            let mut cmd = Command::new(alloc_bin());
+            cmd.args([
+                "--mib",
+                &target_mib.to_string(),
+                "--rate-mib-s",
+                &o.rate.to_string(),
+            ]);
+            running.push((dir.clone(), spawn_in(&dir, cmd)?));
+        }
+        for (dir, mut child) in running {
+            if !child.wait()?.success() {
+                killed += 1;
+            }
+            fs::remove_dir(&dir)?;
+        }
+    }
+    agent.wait_ended(FUNCTION, HISTORY + o.growers)?;
+    // The counters follow on the agent's 1 s tick.
+    thread::sleep(Duration::from_millis(1200));
+    let info = agent.get_ok("/v1/info")?;
+    let r = &info["reactive"];
+    let n = |k: &str| r[k].as_u64();
+    let b = Burst {
+        label: if reactive {
+            "reactive on"
+        } else {
+            "reactive off"
+        },
+        growers: o.growers,
+        killed,
+        first_limit,
+        last_limit,
+        target_mib,
+        raises: n("raises").unwrap_or(0),
+        denied: n("denied").unwrap_or(0),
+        p50_us: n("reaction_p50_us"),
+        p99_us: n("reaction_p99_us"),
+        max_us: n("reaction_max_us"),
+    };
+    agent.stop()?;
+    Ok(b)
+}
+
+fn us(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v as f64 / 1000.0))
+}
+
+/// Admission latency at a paced rate, against an agent that knows the function.
+fn admission(o: &Opts) -> Result<(Vec<Duration>, u64, u64)> {
+    let root = TestRoot::new()?;
+    let agent = start(&root, false)?;
+    for i in 0..HISTORY {
+        let dir = root.instance_dir(FUNCTION, &format!("h{i}"))?;
+        run_alloc(&dir, o.mib, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(FUNCTION, HISTORY)?;
+    let body = format!(r#"{{"function":"{FUNCTION}"}}"#);
+    // Wait for the recommendation (the agent's next tick), so every answer has a prediction.
+    wait_for(Duration::from_secs(5), || {
+        let (s, b) = agent
+            .post_raw("/v1/admission", "application/json", body.as_bytes())
+            .ok()?;
+        (s == 200 && b["predicted_bytes"].is_u64()).then_some(())
+    })
+    .context("no prediction for the function")?;
+    let total = o.admission_rps * o.admission_secs;
+    let gap = Duration::from_secs(1) / o.admission_rps as u32;
+    let mut lat = Vec::with_capacity(total as usize);
+    let (mut admitted, mut refused) = (0, 0);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = gap * i as u32;
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            thread::sleep(wait);
+        }
+        let t = Instant::now();
+        let (s, b): (u16, Value) =
+            agent.post_raw("/v1/admission", "application/json", body.as_bytes())?;
+        lat.push(t.elapsed());
+        if s != 200 {
+            bail!("POST /v1/admission → {s}: {b}");
+        }
+        if b["admit"] == true {
+            admitted += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "  paced at {} requests/s, achieved {achieved:.0}/s",
+        o.admission_rps
+    );
+    agent.stop()?;
+    Ok((lat, admitted, refused))
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize]
+}
+
+fn run(o: &Opts) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root (real cgroups, eBPF)");
+    }
+    let h = Hierarchy::detect()?;
+    println!(
+        "emars-bench-reactive: cgroup {:?}, {} growers ({} at a time) to 1.5x the predicted limit at {} MiB/s, history at {} MiB",
+        h.version, o.growers, o.parallel, o.rate, o.mib
+    );
+    println!("\n1. Burst experiment (same workload, reactive off then on)\n");
+    let rows = [burst(o, false)?, burst(o, true)?];
+    println!(
+        "  {:<14} {:>8} {:>10} {:>9} {:>22} {:>7} {:>7}  {:>28}",
+        "mode",
+        "growers",
+        "OOM kills",
+        "need MiB",
+        "limit first/last MiB",
+        "raises",
+        "denied",
+        "signal→write p50/p99/max ms"
+    );
+    for r in &rows {
+        println!(
+            "  {:<14} {:>8} {:>10} {:>9} {:>22} {:>7} {:>7}  {:>28}",
+            r.label,
+            r.growers,
+            r.killed,
+            r.target_mib,
+            format!("{} / {}", r.first_limit / MIB, r.last_limit / MIB),
+            r.raises,
+            r.denied,
+            format!("{} / {} / {}", us(r.p50_us), us(r.p99_us), us(r.max_us))
+        );
+    }
+    println!("\n2. Admission (POST /v1/admission over HTTP)\n");
+    let (mut lat, admitted, refused) = admission(o)?;
+    lat.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "  {} requests: {admitted} admitted, {refused} refused; latency p50 {:.3} / p99 {:.3} / max {:.3} ms",
+        lat.len(),
+        ms(pct(&lat, 50.0)),
+        ms(pct(&lat, 99.0)),
+        ms(pct(&lat, 100.0))
+    );
+    Ok(())
+}
