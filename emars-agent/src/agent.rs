@@ -21,7 +21,7 @@ use crate::{
     kernel::ring::EventRing,
     model::registry::Registry,
     model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
-    model::{AgentInfo, InstanceRecord},
+    model::{AgentInfo, InstanceRecord, Limits},
     policy::actuator::Actuator,
     policy::burst::BurstGuard,
     policy::enforcer::Enforcer,
@@ -170,6 +170,8 @@ pub async fn run(
         enforcer.run(&mut tracker, effects);
     }
 
+    // Limits the API writes (apply, set-limit): the event loop keeps records and watches in step.
+    let (limits_tx, limits_rx) = tokio::sync::mpsc::unbounded_channel();
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(config.api.listen)
@@ -186,6 +188,8 @@ pub async fn run(
             policy: policy.clone(),
             actuator: actuator.clone(),
             reactive: config.reactive.clone(),
+            limits_written: Some(limits_tx),
+            admissions: Default::default(),
         }),
         retention_ms: u64::from(config.store.retention_days) * 86_400_000,
     };
@@ -217,7 +221,10 @@ pub async fn run(
         ring,
         &mut tracker,
         &mut enforcer,
-        burst,
+        LimitInputs {
+            burst,
+            api_limits: limits_rx,
+        },
         &ctx,
         stop_rx,
         &mut decode_errors,
@@ -251,6 +258,13 @@ pub async fn run(
     result
 }
 
+/// Where limits change besides new instances: the burst guard with its kernel signals (when
+/// reactive mode is on), and the limits the API wrote.
+struct LimitInputs {
+    burst: Option<(BurstGuard, tokio::sync::mpsc::UnboundedReceiver<Signal>)>,
+    api_limits: tokio::sync::mpsc::UnboundedReceiver<(u64, Limits)>,
+}
+
 /// What the event loop reads besides the ring buffer.
 struct LoopContext<'a> {
     probes: &'a Probes,
@@ -267,7 +281,7 @@ async fn event_loop(
     ring: EventRing,
     tracker: &mut Tracker,
     enforcer: &mut Enforcer,
-    burst: Option<(BurstGuard, tokio::sync::mpsc::UnboundedReceiver<Signal>)>,
+    inputs: LimitInputs,
     ctx: &LoopContext<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     decode_errors: &mut u64,
@@ -301,6 +315,10 @@ async fn event_loop(
         tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
     )> = None;
     let policy_handle = policy.clone();
+    let LimitInputs {
+        burst,
+        mut api_limits,
+    } = inputs;
     let (mut burst, mut signals) = match burst {
         Some((b, rx)) => (Some(b), Some(rx)),
         None => (None, None),
@@ -323,6 +341,15 @@ async fn event_loop(
                 if let Some(b) = burst.as_mut() {
                     b.sync(enforcer, tracker);
                     b.on_signal(sig, tracker, enforcer, policy, actuator);
+                }
+            }
+            // Limits the API wrote into a live instance: its record keeps them, and the burst
+            // guard watches it at its new early-warning point.
+            Some((id, limits)) = api_limits.recv() => {
+                let effects = tracker.limits_changed(id, limits);
+                enforcer.run(tracker, effects);
+                if let Some(b) = burst.as_mut() {
+                    b.watch_instance(tracker, id, limits);
                 }
             }
             guard = ring.readable_mut() => {

@@ -171,6 +171,8 @@ fn build(dir: PathBuf) -> Harness {
             policy,
             actuator,
             reactive: Default::default(),
+            limits_written: None,
+            admissions: Default::default(),
         }),
         retention_ms: 14 * 86_400_000,
     };

@@ -139,6 +139,44 @@ fn burst_is_rescued_only_when_reactive_is_on() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Limits written through the API (no history, so none at mkdir) are guarded as well: the
+/// instance, given 32 MiB by hand, grows to 48 MiB and is rescued.
+#[test]
+fn limits_set_through_the_api_are_guarded_too() -> anyhow::Result<()> {
+    if !require_root("limits_set_through_the_api_are_guarded_too") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "enabled = true")?;
+    let dir = root.instance_dir("handset", "h")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", "48", "--rate-mib-s", "32", "--delay-ms"]);
+    cmd.arg((2000 * time_scale()).to_string());
+    let mut child = spawn_in(&dir, cmd)?;
+    agent.wait_live("handset", "h")?;
+    let (s, b) = agent.post_raw(
+        "/v1/functions/handset/instances/h/limits",
+        "application/json",
+        br#"{"max_bytes": 33554432}"#,
+    )?;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(max_limit(&root, &dir), Some(32 * MIB));
+    let finished = child.wait()?.success();
+    assert!(
+        finished,
+        "killed at the limit set by hand:\n{}",
+        agent.log()
+    );
+    fs::remove_dir(&dir)?;
+    let audit = agent.get_ok("/v1/audit")?;
+    let bursts = audit["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|r| r["reason"] == "burst").count())
+        .unwrap_or(0);
+    assert!(bursts > 0, "{audit}");
+    Ok(())
+}
+
 /// Admission from the live recommendation: a function with history fits, one pinned at 1 TiB
 /// does not, one never seen is admitted with no prediction; bad requests are 400 and a caller
 /// without the token is refused.
@@ -206,6 +244,21 @@ fn admission_admits_what_fits_and_refuses_what_does_not() -> anyhow::Result<()> 
     // Every answered request counted: "small" (however often it was asked) and "never-seen"
     // admitted, "giant" refused; the two bad ones and the refused caller not at all. (Counted
     // as they are answered, not on the agent's tick.)
+    let per_function = agent.get_ok("/v1/admission")?;
+    assert_eq!(
+        per_function["functions"]["giant"],
+        serde_json::json!({"admitted": 0, "refused": 1}),
+        "{per_function}"
+    );
+    assert_eq!(
+        per_function["functions"]["small"]["admitted"].as_u64(),
+        Some(asked.get() - 3),
+        "{per_function}"
+    );
+    assert_eq!(
+        per_function["functions"].as_object().map(|o| o.len()),
+        Some(3)
+    );
     let info = agent.get_ok("/v1/info")?;
     assert_eq!(info["reactive"]["refused"], 1, "{}", info["reactive"]);
     assert_eq!(

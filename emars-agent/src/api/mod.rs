@@ -79,6 +79,22 @@ pub struct Predictive {
     pub actuator: Arc<Actuator>,
     /// Admission's reserve and the burst guard's settings.
     pub reactive: crate::policy::reactive::ReactiveConfig,
+    /// Limits written here (apply, set-limit) told to the agent's event loop, which keeps the
+    /// instance's record and the burst guard's watch in step with them.
+    pub limits_written: Option<tokio::sync::mpsc::UnboundedSender<(u64, crate::model::Limits)>>,
+    /// Admission answers per function since the agent started.
+    pub admissions: Arc<std::sync::Mutex<std::collections::BTreeMap<String, AdmissionCount>>>,
+}
+
+/// Functions whose admission answers are counted one by one; beyond, only the totals.
+const ADMISSION_FUNCTIONS: usize = 100_000;
+
+impl Predictive {
+    fn tell(&self, audit: &AuditRecord) {
+        if let (Some(tx), true) = (&self.limits_written, audit.is_ok()) {
+            let _ = tx.send((audit.cgroup_id, audit.new));
+        }
+    }
 }
 
 /// An error answer: `{"error": message, "status": code}`.
@@ -197,7 +213,7 @@ pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
         .route("/v1/generations", get(list_generations))
         .route("/v1/apply", post(apply_all))
         .route("/v1/audit", get(list_audit))
-        .route("/v1/admission", post(admission))
+        .route("/v1/admission", post(admission).get(admission_counts))
         .route(
             "/v1/functions/{name}/instances/{instance}/limits",
             post(set_limits),
@@ -532,14 +548,18 @@ async fn list_generations(
 
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
     let p = predictive(&state)?;
-    let writes = match tokio::task::spawn_blocking(move || {
-        p.policy.apply_all(&p.actuator, now_ms())
+    let writes = match tokio::task::spawn_blocking({
+        let p = p.clone();
+        move || p.policy.apply_all(&p.actuator, now_ms())
     })
     .await
     {
         Ok(r) => r?,
         Err(e) => return Err(ApiError::internal(format!("apply task failed: {e}"))),
     };
+    for w in &writes {
+        p.tell(w);
+    }
     Ok(Json(WritesResponse { writes }))
 }
 
@@ -580,8 +600,33 @@ async fn admission(
             i.reactive.refused += 1;
         }
     }
+    {
+        let mut counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
+        let room = counts.len() < ADMISSION_FUNCTIONS;
+        let c = match counts.get_mut(&b.function) {
+            Some(c) => Some(c),
+            None if room => Some(counts.entry(b.function.clone()).or_default()),
+            None => None,
+        };
+        if let Some(c) = c {
+            if answer.admit {
+                c.admitted += 1;
+            } else {
+                c.refused += 1;
+            }
+        }
+    }
     tracing::debug!(function = b.function, admit = answer.admit, "admission");
     Ok(Json(answer))
+}
+
+/// GET /v1/admission: the answers per function since the agent started.
+async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<AdmissionCounts>> {
+    let p = predictive(&state)?;
+    let counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(Json(AdmissionCounts {
+        functions: counts.iter().map(|(f, c)| (f.clone(), *c)).collect(),
+    }))
 }
 
 async fn set_limits(
@@ -619,6 +664,7 @@ async fn set_limits(
         let w = p
             .actuator
             .write(&inst, req, BelowUsage::Refuse, "api", None);
+        p.tell(&w.audit);
         Ok(match w.result {
             Ok(_) => Ok(w.audit),
             Err(e) => Err(ApiError::from(e)),

@@ -81,6 +81,19 @@ pub struct AdmissionBody {
     pub function: String,
 }
 
+/// One function's admission answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionCount {
+    pub admitted: u64,
+    pub refused: u64,
+}
+
+/// GET /v1/admission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionCounts {
+    pub functions: std::collections::BTreeMap<String, AdmissionCount>,
+}
+
 /// Body of POST /v1/functions/{name}/instances/{instance}/limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

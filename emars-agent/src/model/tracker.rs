@@ -234,12 +234,15 @@ impl<C: Cgroups> Tracker<C> {
         self.live.get(&id)
     }
 
-    /// Limits written into a live instance after its start (the reactive mode's raises): the
-    /// record is saved with them.
+    /// Limits written into a live instance after its start (reactive raises, the API): the
+    /// record is saved with them. A file left out of the write keeps its value.
     pub fn limits_changed(&mut self, id: u64, limits: Limits) -> Vec<Effect> {
         match self.live.get_mut(&id) {
             Some(rec) => {
-                rec.limits = limits;
+                rec.limits = Limits {
+                    max_bytes: limits.max_bytes.or(rec.limits.max_bytes),
+                    high_bytes: limits.high_bytes.or(rec.limits.high_bytes),
+                };
                 vec![Effect::Save(rec.clone())]
             }
             None => Vec::new(),

@@ -56,10 +56,15 @@ impl BurstGuard {
             self.signals.unwatch(id);
         }
         for (id, limits) in std::mem::take(&mut enforcer.limits_written) {
-            let Some(rec) = tracker.live_record(id) else {
-                continue;
-            };
-            self.watch(id, &rec.cgroup_path.clone(), limits);
+            self.watch_instance(tracker, id, limits);
+        }
+    }
+
+    /// Watches a live instance that has `limits` now (written at mkdir or through the API).
+    pub fn watch_instance<C: Cgroups>(&mut self, tracker: &Tracker<C>, id: u64, limits: Limits) {
+        if let Some(rec) = tracker.live_record(id) {
+            let dir = rec.cgroup_path.clone();
+            self.watch(id, &dir, limits);
         }
     }
 
