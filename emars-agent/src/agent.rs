@@ -115,7 +115,7 @@ pub async fn run(
     tracing::info!("policy mode: {:?}", config.policy.mode);
     // The burst guard writes limits: on only where writes are allowed.
     let burst = if config.reactive.enabled && actuator.writes_allowed() {
-        match BurstGuard::new(config.reactive.clone(), hierarchy.clone()) {
+        match BurstGuard::new(config.reactive.clone(), hierarchy.clone(), actuator.clone()) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::error!("reactive mode off: cannot set up the kernel's limit signals: {e}");
@@ -340,7 +340,7 @@ async fn event_loop(
                 drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
                 if let Some(b) = burst.as_mut() {
                     b.sync(enforcer, tracker);
-                    b.on_signal(sig, tracker, enforcer, policy, actuator);
+                    b.on_signal(sig, tracker, enforcer, policy);
                 }
             }
             // Limits the API wrote into a live instance: its record keeps them, and the burst
@@ -349,7 +349,7 @@ async fn event_loop(
                 let effects = tracker.limits_changed(id, limits);
                 enforcer.run(tracker, effects);
                 if let Some(b) = burst.as_mut() {
-                    b.watch_instance(tracker, id, limits);
+                    b.watch_instance(tracker, enforcer, id, limits);
                 }
             }
             guard = ring.readable_mut() => {

@@ -114,6 +114,17 @@ impl Hierarchy {
         }
     }
 
+    /// The hard limit in force (v1 memory.limit_in_bytes, v2 memory.max); None when unlimited
+    /// or unreadable.
+    pub fn max_limit(&self, dir: &Path) -> Option<u64> {
+        fs::read_to_string(dir.join(self.limit_files().0))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v < 1 << 62)
+    }
+
     /// Sets a hard limit (v1 memory.limit_in_bytes, v2 memory.max) on one of our cgroups.
     pub fn set_limit(&self, dir: &Path, bytes: u64) -> Result<()> {
         let p = dir.join(self.limit_files().0);

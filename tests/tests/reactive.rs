@@ -2,7 +2,7 @@
 //! guard raises the limits of an instance that outgrows its prediction before the OOM killer
 //! acts (and only when it is on), and admission answers from the live recommendation.
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{fs, process::Command, time::Duration};
 
 use emars_tests::*;
 use serde_json::Value;
@@ -20,16 +20,6 @@ fn start(root: &TestRoot, reactive: &str) -> anyhow::Result<Agent> {
     )
 }
 
-fn max_limit(root: &TestRoot, dir: &Path) -> Option<u64> {
-    let (max, _) = root.hierarchy.limit_files();
-    fs::read_to_string(dir.join(max))
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|v| *v < 1 << 62)
-}
-
 /// Instances peaking at `mib` MiB, then one that grows to 1.5x the limit it was given, at 32
 /// MiB/s. Returns (the limit written at mkdir, whether the grower finished, its cgroup).
 fn burst(root: &TestRoot, agent: &Agent, mib: u64) -> anyhow::Result<(u64, bool)> {
@@ -40,7 +30,7 @@ fn burst(root: &TestRoot, agent: &Agent, mib: u64) -> anyhow::Result<(u64, bool)
     }
     agent.wait_ended("bursty", 5)?;
     let dir = root.instance_dir("bursty", "grower")?;
-    let max = wait_for(Duration::from_secs(5), || max_limit(root, &dir))
+    let max = wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
         .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;
     let grow = max * 3 / 2 / MIB;
     let mut cmd = Command::new(alloc_bin());
@@ -160,7 +150,7 @@ fn limits_set_through_the_api_are_guarded_too() -> anyhow::Result<()> {
         br#"{"max_bytes": 33554432}"#,
     )?;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(max_limit(&root, &dir), Some(32 * MIB));
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(32 * MIB));
     let finished = child.wait()?.success();
     assert!(
         finished,

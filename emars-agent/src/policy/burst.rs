@@ -4,7 +4,9 @@
 
 use std::collections::VecDeque;
 
-use crate::kernel::cgroupfs::MemoryHierarchy;
+use std::sync::Arc;
+
+use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 use crate::kernel::notify::{LimitSignals, Signal};
 use crate::model::tracker::{Cgroups, Tracker};
 use crate::model::{Limits, ReactiveInfo};
@@ -19,6 +21,7 @@ const KEPT_REACTIONS: usize = 1024;
 pub struct BurstGuard {
     config: ReactiveConfig,
     hierarchy: MemoryHierarchy,
+    actuator: Arc<Actuator>,
     signals: LimitSignals,
     /// Signals seen, raises written, raises not made (at the ceiling, host full, write failed).
     signals_seen: u64,
@@ -33,12 +36,14 @@ impl BurstGuard {
     pub fn new(
         config: ReactiveConfig,
         hierarchy: MemoryHierarchy,
+        actuator: Arc<Actuator>,
     ) -> std::io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Signal>)> {
         let (signals, rx) = LimitSignals::new(hierarchy.version)?;
         Ok((
             BurstGuard {
                 config,
                 hierarchy,
+                actuator,
                 signals,
                 signals_seen: 0,
                 raises: 0,
@@ -51,21 +56,62 @@ impl BurstGuard {
     }
 
     /// Watches the instances that got limits since the last call and forgets those that ended.
-    pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &Tracker<C>) {
+    pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &mut Tracker<C>) {
         for id in enforcer.ended.drain(..) {
             self.signals.unwatch(id);
         }
         for (id, limits) in std::mem::take(&mut enforcer.limits_written) {
-            self.watch_instance(tracker, id, limits);
+            self.watch_instance(tracker, enforcer, id, limits);
         }
     }
 
     /// Watches a live instance that has `limits` now (written at mkdir or through the API).
-    pub fn watch_instance<C: Cgroups>(&mut self, tracker: &Tracker<C>, id: u64, limits: Limits) {
-        if let Some(rec) = tracker.live_record(id) {
-            let dir = rec.cgroup_path.clone();
-            self.watch(id, &dir, limits);
+    /// On cgroup v2 the kernel's early warning is memory.high: an instance with none below its
+    /// max gets one at the trigger point first (audited, reason "burst_arm"), or the first
+    /// signal would come at memory.max, when the OOM killer is already on its way.
+    pub fn watch_instance<C: Cgroups>(
+        &mut self,
+        tracker: &mut Tracker<C>,
+        enforcer: &mut Enforcer,
+        id: u64,
+        mut limits: Limits,
+    ) {
+        let Some(rec) = tracker.live_record(id).cloned() else {
+            return;
+        };
+        let unarmed = limits
+            .max_bytes
+            .is_some_and(|max| limits.high_bytes.is_none_or(|h| h >= max));
+        if self.hierarchy.version == CgroupVersion::V2 && unarmed {
+            let Some(trigger) = self.config.trigger_bytes(Limits {
+                high_bytes: None,
+                ..limits
+            }) else {
+                return;
+            };
+            let mut current = rec.clone();
+            current.limits = limits;
+            let req = LimitRequest {
+                max_bytes: None,
+                high_bytes: Some(trigger),
+            };
+            let w = self
+                .actuator
+                .write(&current, req, BelowUsage::Refuse, "burst_arm", None);
+            match w.result {
+                Ok(_) => {
+                    limits.high_bytes = Some(trigger);
+                    let effects = tracker.limits_changed(id, limits);
+                    enforcer.run(tracker, effects);
+                }
+                Err(e) => {
+                    // Usage already past the trigger: the next memory.events change (max)
+                    // still signals.
+                    tracing::debug!(cgroup = rec.cgroup_path, "memory.high not armed: {e}");
+                }
+            }
         }
+        self.watch(id, &rec.cgroup_path, limits);
     }
 
     fn watch(&mut self, id: u64, dir: &str, limits: Limits) {
@@ -89,7 +135,6 @@ impl BurstGuard {
         tracker: &mut Tracker<C>,
         enforcer: &mut Enforcer,
         policy: &Policy,
-        actuator: &Actuator,
     ) {
         self.signals_seen += 1;
         let Some(rec) = tracker.live_record(sig.cgroup_id).cloned() else {
@@ -132,7 +177,9 @@ impl BurstGuard {
             max_bytes: new.max_bytes,
             high_bytes: new.high_bytes,
         };
-        let written = actuator.write(&current, req, BelowUsage::Raise, "burst", None);
+        let written = self
+            .actuator
+            .write(&current, req, BelowUsage::Raise, "burst", None);
         let us = sig.at.elapsed().as_micros() as u64;
         match written.result {
             Ok(applied) => {

@@ -17,7 +17,6 @@
 
 use std::{
     fs,
-    path::Path,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -120,16 +119,6 @@ struct Burst {
     max_us: Option<u64>,
 }
 
-fn limit_of(h: &Hierarchy, dir: &Path) -> Option<u64> {
-    let (max, _) = h.limit_files();
-    fs::read_to_string(dir.join(max))
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|v| *v < 1 << 62)
-}
-
 fn burst(o: &Opts, reactive: bool) -> Result<Burst> {
     let root = TestRoot::new()?;
     let agent = start(&root, reactive)?;
@@ -154,7 +143,7 @@ fn burst(o: &Opts, reactive: bool) -> Result<Burst> {
         let mut running = Vec::new();
         for i in batch {
             let dir = root.instance_dir(FUNCTION, &format!("g{i}"))?;
-            let limit = wait_for(Duration::from_secs(5), || limit_of(&root.hierarchy, &dir))
+            let limit = wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
                 .with_context(|| format!("no limit written into g{i}"))?;
             if first_limit == 0 {
                 first_limit = limit;
