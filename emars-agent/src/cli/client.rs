@@ -409,6 +409,31 @@ pub fn render_info(v: &AgentInfo) -> String {
         m.hours,
         m.bytes as f64 / 1e6
     );
+    let r = &v.reactive;
+    let ms = |us: Option<u64>| {
+        us.map_or_else(|| "-".to_owned(), |u| format!("{:.2}", u as f64 / 1000.0))
+    };
+    if r.enabled {
+        let _ = writeln!(
+            out,
+            "  reactive:         on, {}; {} instances watched, {} raises, {} denied, signal → \
+             write p50/p99/max {} / {} / {} ms",
+            clean(&r.signal),
+            r.watched,
+            r.raises,
+            r.denied,
+            ms(r.reaction_p50_us),
+            ms(r.reaction_p99_us),
+            ms(r.reaction_max_us)
+        );
+    } else {
+        let _ = writeln!(out, "  reactive:         off");
+    }
+    let _ = writeln!(
+        out,
+        "  admission:        {} admitted, {} refused",
+        r.admitted, r.refused
+    );
     let e = &v.enforcement;
     if !e.mode.is_empty() {
         let _ = writeln!(
@@ -838,6 +863,18 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
             events_received: 123,
             events_lost: 4,
             started_at_ms: 1_700_000_000_000,
+            reactive: crate::model::ReactiveInfo {
+                enabled: true,
+                signal: "v2 memory.events".into(),
+                watched: 4,
+                raises: 7,
+                reaction_p50_us: Some(810),
+                reaction_p99_us: Some(1500),
+                reaction_max_us: Some(2000),
+                admitted: 9,
+                refused: 1,
+                ..Default::default()
+            },
             model: crate::model::ModelFootprint {
                 functions: 3,
                 live: 2,
@@ -869,6 +906,15 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
         assert!(out.contains("123 received, 4 lost (ring buffer"), "{out}");
         assert!(
             out.contains("3 functions, 2 live and 40 ended instances, 9 hour buckets (2.5 MB)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("on, v2 memory.events; 4 instances watched, 7 raises, 0 denied"),
+            "{out}"
+        );
+        assert!(out.contains("p50/p99/max 0.81 / 1.50 / 2.00 ms"), "{out}");
+        assert!(
+            out.contains("admission:        9 admitted, 1 refused"),
             "{out}"
         );
         assert!(
