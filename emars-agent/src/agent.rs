@@ -390,9 +390,7 @@ async fn event_loop(
                     i.programs = probes.program_stats();
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     if let Some(b) = burst.as_ref() {
-                        let admission = (i.reactive.admitted, i.reactive.refused);
-                        i.reactive = b.info();
-                        (i.reactive.admitted, i.reactive.refused) = admission;
+                        b.fill_info(&mut i.reactive);
                     }
                     i.enforcement = crate::model::EnforcementInfo {
                         mode: format!("{:?}", policy.mode()).to_lowercase(),

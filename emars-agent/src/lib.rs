@@ -4,11 +4,12 @@
 //! which function; tracker: instances from events; live: the in-memory model every read comes
 //! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
 //! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `api`
-//! (HTTP server, wire types) → `cli` (client, demo). `clock` and `config` sit beside them:
+//! (HTTP server, wire types) → `cli` (client, demo). `clock`, `files` and `config` sit beside them:
 //! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
 pub mod clock;
 pub mod config;
+pub mod files;
 
 pub mod api;
 pub mod cli;

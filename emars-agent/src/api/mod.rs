@@ -600,22 +600,16 @@ async fn admission(
             i.reactive.refused += 1;
         }
     }
-    {
-        let mut counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
-        let room = counts.len() < ADMISSION_FUNCTIONS;
-        let c = match counts.get_mut(&b.function) {
-            Some(c) => Some(c),
-            None if room => Some(counts.entry(b.function.clone()).or_default()),
-            None => None,
-        };
-        if let Some(c) = c {
-            if answer.admit {
-                c.admitted += 1;
-            } else {
-                c.refused += 1;
-            }
+    let mut counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
+    if counts.len() < ADMISSION_FUNCTIONS || counts.contains_key(&b.function) {
+        let c = counts.entry(b.function.clone()).or_default();
+        if answer.admit {
+            c.admitted += 1;
+        } else {
+            c.refused += 1;
         }
     }
+    drop(counts);
     tracing::debug!(function = b.function, admit = answer.admit, "admission");
     Ok(Json(answer))
 }

@@ -184,6 +184,15 @@ pub struct LimitRequest {
     pub high_bytes: Option<u64>,
 }
 
+impl From<Limits> for LimitRequest {
+    fn from(l: Limits) -> Self {
+        LimitRequest {
+            max_bytes: l.max_bytes,
+            high_bytes: l.high_bytes,
+        }
+    }
+}
+
 /// The result of one write attempt and its audit record (already stored).
 #[derive(Debug)]
 pub struct Written {

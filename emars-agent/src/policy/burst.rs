@@ -173,13 +173,9 @@ impl BurstGuard {
         };
         let mut current = rec.clone();
         current.limits = limits;
-        let req = LimitRequest {
-            max_bytes: new.max_bytes,
-            high_bytes: new.high_bytes,
-        };
         let written = self
             .actuator
-            .write(&current, req, BelowUsage::Raise, "burst", None);
+            .write(&current, new.into(), BelowUsage::Raise, "burst", None);
         let us = sig.at.elapsed().as_micros() as u64;
         match written.result {
             Ok(applied) => {
@@ -213,28 +209,24 @@ impl BurstGuard {
         }
     }
 
-    pub fn info(&self) -> ReactiveInfo {
+    /// Fills in the burst guard's part of `/v1/info` → `reactive` (the API counts admissions
+    /// into the same section).
+    pub fn fill_info(&self, info: &mut ReactiveInfo) {
         let mut sorted: Vec<u64> = self.reactions_us.iter().copied().collect();
         sorted.sort_unstable();
         let pct = |p: f64| -> Option<u64> {
-            if sorted.is_empty() {
-                return None;
-            }
-            let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-            sorted.get(i).copied()
+            let last = sorted.len().checked_sub(1)?;
+            sorted.get((last as f64 * p).round() as usize).copied()
         };
-        ReactiveInfo {
-            enabled: true,
-            signal: self.signals.method().to_owned(),
-            watched: self.signals.watched() as u64,
-            signals: self.signals_seen,
-            raises: self.raises,
-            denied: self.denied,
-            watch_errors: self.watch_errors,
-            reaction_p50_us: pct(0.5),
-            reaction_p99_us: pct(0.99),
-            reaction_max_us: sorted.last().copied(),
-            ..ReactiveInfo::default()
-        }
+        info.enabled = true;
+        info.signal = self.signals.method().to_owned();
+        info.watched = self.signals.watched() as u64;
+        info.signals = self.signals_seen;
+        info.raises = self.raises;
+        info.denied = self.denied;
+        info.watch_errors = self.watch_errors;
+        info.reaction_p50_us = pct(0.5);
+        info.reaction_p99_us = pct(0.99);
+        info.reaction_max_us = sorted.last().copied();
     }
 }

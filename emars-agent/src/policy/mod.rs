@@ -288,20 +288,8 @@ impl Policy {
         let toml = toml::to_string_pretty(g).map_err(|e| PolicyError::Encode(e.to_string()))?;
         for (name, text) in [("emars-config.json", json), ("emars-config.toml", toml)] {
             let path = dir.join(name);
-            // An unpredictable name, created exclusively (O_EXCL: a planted file or symlink
-            // makes it fail, never followed), then renamed over the target (rename replaces a
-            // symlink there instead of following it): a platform never sees half a file.
-            let mut tmp = tempfile::Builder::new()
-                .prefix(&format!(".{name}."))
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-                .tempfile_in(dir)
-                .map_err(io(dir))?;
-            std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(io(tmp.path()))?;
-            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-            tmp.persist(&path).map_err(|e| PolicyError::Export {
-                path: path.clone(),
-                source: e.error,
-            })?;
+            // A platform never sees half a file, and no planted symlink is followed.
+            crate::files::replace(&path, text.as_bytes(), 0o644).map_err(io(&path))?;
         }
         Ok(())
     }

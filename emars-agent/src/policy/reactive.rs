@@ -130,28 +130,28 @@ impl ReactiveConfig {
     /// Whether an instance predicted to need `predicted` bytes fits in `available`.
     pub fn admit(&self, predicted: Option<u64>, available: u64) -> Admission {
         let room = available.saturating_sub(self.host_reserve_bytes);
-        match predicted {
-            None => Admission {
-                admit: true,
-                reason: "no history for this function: nothing to predict from".into(),
-                predicted_bytes: None,
-                available_bytes: room,
-            },
-            Some(p) if p <= room => Admission {
-                admit: true,
-                reason: "the predicted memory.max fits in what the host has available".into(),
-                predicted_bytes: Some(p),
-                available_bytes: room,
-            },
-            Some(p) => Admission {
-                admit: false,
-                reason: format!(
+        let (admit, reason) = match predicted {
+            None => (
+                true,
+                "no history for this function: nothing to predict from".to_owned(),
+            ),
+            Some(p) if p <= room => (
+                true,
+                "the predicted memory.max fits in what the host has available".to_owned(),
+            ),
+            Some(p) => (
+                false,
+                format!(
                     "the predicted memory.max ({p} bytes) exceeds what the host has available \
                      above its reserve ({room} bytes)"
                 ),
-                predicted_bytes: Some(p),
-                available_bytes: room,
-            },
+            ),
+        };
+        Admission {
+            admit,
+            reason,
+            predicted_bytes: predicted,
+            available_bytes: room,
         }
     }
 }
@@ -178,13 +178,11 @@ pub struct Admission {
     pub available_bytes: u64,
 }
 
-/// The host's available memory (MemAvailable), in bytes: one read of /proc/meminfo.
+/// The host's available memory (MemAvailable), in bytes: one read of /proc/meminfo, through
+/// procfs as [`crate::policy::actuator::host_memory_bytes`] reads MemTotal.
 pub fn host_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    use procfs::Current as _;
+    procfs::Meminfo::current().ok()?.mem_available
 }
 
 #[cfg(test)]

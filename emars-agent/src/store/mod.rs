@@ -423,11 +423,7 @@ impl Store {
                             reason: e.to_string(),
                         })?;
                     drop(encoded);
-                    #[cfg(target_env = "gnu")]
-                    // SAFETY: malloc_trim only releases free heap memory.
-                    unsafe {
-                        libc::malloc_trim(0);
-                    }
+                    release_free_heap();
                     return Ok(Store {
                         corrupt_at_open: corrupt,
                         ..reopened
@@ -447,13 +443,8 @@ impl Store {
         }
         store.db.flush()?;
         // The load freed many buffers (records read, a checkpoint decoded, a first sled
-        // handle): give them back rather than keep them as RSS (glibc; musl's allocator
-        // returns memory on its own).
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // handle): give them back rather than keep them as RSS.
+        release_free_heap();
         Ok(store)
     }
 
@@ -636,7 +627,7 @@ impl Store {
         })?;
         drop(st);
         let path = self.path.join(CHECKPOINT_FILE);
-        write_durably(&path, &raw).map_err(|source| StoreError::Checkpoint {
+        crate::files::replace(&path, &raw, 0o600).map_err(|source| StoreError::Checkpoint {
             path: path.clone(),
             source,
         })?;
@@ -1702,26 +1693,14 @@ struct BlockEntry {
     record: StoredInstance,
 }
 
-/// Writes `path` whole or not at all: a temporary file, synced, renamed over it, and the
-/// directory synced.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+/// Gives freed heap memory back to the system (glibc keeps it as RSS otherwise; musl's
+/// allocator returns memory on its own).
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
     }
-    Ok(())
 }
 
 /// What an open builds the live model from.
