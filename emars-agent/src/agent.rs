@@ -16,7 +16,7 @@ use crate::{
     config::Config,
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     kernel::events,
-    kernel::notify::Signal,
+    kernel::notify::{PressureSignal, Signal},
     kernel::probes::Probes,
     kernel::ring::EventRing,
     model::registry::Registry,
@@ -25,6 +25,7 @@ use crate::{
     policy::actuator::Actuator,
     policy::burst::BurstGuard,
     policy::enforcer::Enforcer,
+    policy::squeeze::Squeezer,
     policy::Policy,
     store::Store,
 };
@@ -128,6 +129,24 @@ pub async fn run(
         }
         None
     };
+    // The squeeze writes holds too, and works on the burst guard's instances (those with
+    // limits): on only with it.
+    let squeeze = if config.reactive.squeeze && burst.is_some() {
+        let dirs: Vec<std::path::PathBuf> = roots.iter().map(|r| hierarchy.dir(r)).collect();
+        Some(Squeezer::new(
+            config.reactive.clone(),
+            hierarchy.clone(),
+            actuator.clone(),
+            &dirs,
+        ))
+    } else {
+        if config.reactive.squeeze {
+            tracing::warn!(
+                "reactive.squeeze needs reactive.enabled and policy.mode = \"enforce\": squeeze off"
+            );
+        }
+        None
+    };
     let mut tracker = Tracker::new(hierarchy, registry);
     let mut enforcer = Enforcer::new(store.clone())
         .with_policy(policy.clone(), actuator.clone())
@@ -223,6 +242,7 @@ pub async fn run(
         &mut enforcer,
         LimitInputs {
             burst,
+            squeeze,
             api_limits: limits_rx,
         },
         &ctx,
@@ -262,6 +282,10 @@ pub async fn run(
 /// reactive mode is on), and the limits the API wrote.
 struct LimitInputs {
     burst: Option<(BurstGuard, tokio::sync::mpsc::UnboundedReceiver<Signal>)>,
+    squeeze: Option<(
+        Squeezer,
+        tokio::sync::mpsc::UnboundedReceiver<PressureSignal>,
+    )>,
     api_limits: tokio::sync::mpsc::UnboundedReceiver<(u64, Limits)>,
 }
 
@@ -317,12 +341,19 @@ async fn event_loop(
     let policy_handle = policy.clone();
     let LimitInputs {
         burst,
+        squeeze,
         mut api_limits,
     } = inputs;
     let (mut burst, mut signals) = match burst {
         Some((b, rx)) => (Some(b), Some(rx)),
         None => (None, None),
     };
+    let (mut squeeze, mut pressure) = match squeeze {
+        Some((s, rx)) => (Some(s), Some(rx)),
+        None => (None, None),
+    };
+    let candidates =
+        |b: &Option<BurstGuard>| b.as_ref().map(|b| b.watched_ids()).unwrap_or_default();
     loop {
         if let Some(b) = burst.as_mut() {
             b.sync(enforcer, tracker);
@@ -338,9 +369,40 @@ async fn event_loop(
             } => {
                 // Rmdirs and new limits read first: the signal may be for either.
                 drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                // A squeezed instance that crossed its hold woke up: its hold goes first,
+                // then the burst guard judges it by the limits it really has.
+                if let Some(s) = squeeze.as_mut() {
+                    s.release(sig.cgroup_id, tracker, "the instance crossed its hold (memory.events)");
+                }
                 if let Some(b) = burst.as_mut() {
                     b.sync(enforcer, tracker);
                     b.on_signal(sig, tracker, enforcer, policy);
+                }
+            }
+            // The host or a watched root is under memory pressure.
+            Some(sig) = async {
+                match pressure.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                if let Some(b) = burst.as_mut() {
+                    b.sync(enforcer, tracker);
+                }
+                let ids = candidates(&burst);
+                if let Some(s) = squeeze.as_mut() {
+                    s.on_pressure(sig, &ids, tracker);
+                }
+            }
+            done = async {
+                match squeeze.as_mut() {
+                    Some(s) => s.squeezed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(s) = squeeze.as_mut() {
+                    s.record(done);
                 }
             }
             // Limits the API wrote into a live instance: its record keeps them, and the burst
@@ -363,6 +425,10 @@ async fn event_loop(
                 drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
             }
             _ = tick.tick() => {
+                if let Some(s) = squeeze.as_mut() {
+                    let ids = candidates(&burst);
+                    s.tick(&ids, tracker, std::time::Instant::now());
+                }
                 let now = now_ms();
                 let effects = tracker.recompute_dirty(now);
                 enforcer.run(tracker, effects);
@@ -391,6 +457,9 @@ async fn event_loop(
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     if let Some(b) = burst.as_ref() {
                         b.fill_info(&mut i.reactive);
+                    }
+                    if let Some(s) = squeeze.as_ref() {
+                        s.fill_info(&mut i.reactive);
                     }
                     i.enforcement = crate::model::EnforcementInfo {
                         mode: format!("{:?}", policy.mode()).to_lowercase(),

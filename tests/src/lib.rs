@@ -125,6 +125,27 @@ impl Hierarchy {
             .filter(|v| *v < 1 << 62)
     }
 
+    /// The soft limit in force (v1 memory.soft_limit_in_bytes, v2 memory.high); None when
+    /// unlimited or unreadable.
+    pub fn high_limit(&self, dir: &Path) -> Option<u64> {
+        fs::read_to_string(dir.join(self.limit_files().1))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v < 1 << 62)
+    }
+
+    /// Lifts the hard limit of one of our cgroups.
+    pub fn clear_limit(&self, dir: &Path) -> Result<()> {
+        let p = dir.join(self.limit_files().0);
+        let v = match self.version {
+            Version::V1 => "-1",
+            Version::V2 => "max",
+        };
+        fs::write(&p, v).with_context(|| format!("writing {}", p.display()))
+    }
+
     /// Sets a hard limit (v1 memory.limit_in_bytes, v2 memory.max) on one of our cgroups.
     pub fn set_limit(&self, dir: &Path, bytes: u64) -> Result<()> {
         let p = dir.join(self.limit_files().0);
@@ -313,6 +334,33 @@ pub fn spawn_in(cgroup: &Path, mut cmd: Command) -> Result<Child> {
 /// Runs a workload to completion in `cgroup`.
 pub fn run_alloc(cgroup: &Path, mib: u64, hold_ms: u64, chain: u32) -> Result<ExitStatus> {
     Ok(spawn_alloc(cgroup, mib, hold_ms, chain)?.wait()?)
+}
+
+/// A directory on a disk-backed filesystem, whose page cache the kernel can reclaim:
+/// `$EMARS_DISK_DIR` (the VM matrix mounts a disk there), else /var/tmp. None (with the reason)
+/// when it is tmpfs or ramfs, whose pages only swap could take.
+pub fn disk_dir() -> std::result::Result<PathBuf, String> {
+    let dir = PathBuf::from(std::env::var("EMARS_DISK_DIR").unwrap_or_else(|_| "/var/tmp".into()));
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed statfs to fill.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(format!(
+            "{}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let t = st.f_type as i64;
+    if t == TMPFS_MAGIC || t == RAMFS_MAGIC {
+        return Err(format!(
+            "{} is in memory (tmpfs/ramfs): its page cache cannot be reclaimed",
+            dir.display()
+        ));
+    }
+    Ok(dir)
 }
 
 /// Multiplier for every timeout of the suite: `EMARS_TEST_TIME_SCALE` (default 1). The VM matrix

@@ -259,3 +259,195 @@ fn admission_admits_what_fits_and_refuses_what_does_not() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// Idle instances holding page cache, then a busy one growing into a limit on their common
+/// parent: the kernel reclaims some of the idle cache for it either way. With the squeeze on,
+/// the pressure signal makes the agent take back the rest from each idle instance (audited
+/// "pressure", with the bytes) and hold it at its working set, and release the holds once
+/// pressure is gone; with it off, the idle instances keep most of their cache.
+#[test]
+fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
+    const TEST: &str = "pressure_squeezes_idle_instances_then_releases";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    let disk = match disk_dir() {
+        Ok(d) => d,
+        Err(why) => {
+            skipped(TEST, &format!("needs a disk-backed directory: {why}"));
+            return Ok(());
+        }
+    };
+    let settings = |squeeze: bool| {
+        format!(
+            "enabled = true\nsqueeze = {squeeze}\npressure_stall_ms = 5\npressure_window_ms = 500\n\
+             pressure_level_v1 = \"low\"\nidle_after_s = 1\nrelease_after_s = {}\n",
+            3 * time_scale()
+        )
+    };
+    // Squeeze off: what the kernel alone leaves the idle instances.
+    let off_root = TestRoot::new()?;
+    let off = start(&off_root, &settings(false))?;
+    let (kept_off, _) = pressure(&off_root, &off, &disk, false)?;
+    let audit = off.get_ok("/v1/audit")?;
+    assert!(
+        !audit.to_string().contains("\"pressure\""),
+        "squeeze off wrote: {audit}"
+    );
+    off.stop()?;
+    drop(off_root);
+
+    let root = TestRoot::new()?;
+    let agent = start(&root, &settings(true))?;
+    let (kept_on, holds) = pressure(&root, &agent, &disk, true)?;
+    println!("idle instances' usage after the busy one: squeeze off {kept_off:?} MiB, on {kept_on:?} MiB");
+    for (off, on) in kept_off.iter().zip(&kept_on) {
+        assert!(
+            *off >= 20,
+            "squeeze off: the kernel alone took nearly all: {kept_off:?}"
+        );
+        assert!(
+            *on <= 16,
+            "squeeze on: idle cache left: {kept_on:?}\n{}",
+            agent.log()
+        );
+    }
+    // Released once pressure is quiet: each hold back at what it was before the squeeze.
+    let audit = wait_for(Duration::from_secs(15), || {
+        let a = agent.get_ok("/v1/audit").ok()?;
+        let n = a["audit"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["reason"] == "release" && r["outcome"] == "ok")
+            .count();
+        (n == holds.len()).then_some(a)
+    })
+    .ok_or_else(|| anyhow::anyhow!("holds not released:\n{}", agent.log()))?;
+    for (dir, before) in &holds {
+        assert_eq!(
+            root.hierarchy.high_limit(dir),
+            *before,
+            "{} not put back: {audit}",
+            dir.display()
+        );
+    }
+    let info = agent.get_ok("/v1/info")?;
+    let r = &info["reactive"];
+    assert_eq!(r["squeeze"], true, "{r}");
+    assert_eq!(r["squeezes"], 3, "{r}");
+    assert_eq!(r["releases"], 3, "{r}");
+    assert_eq!(r["squeezed_now"], 0, "{r}");
+    println!(
+        "squeeze: {} pressure signals, {} MiB reclaimed, sources {}",
+        r["pressure_signals"],
+        r["reclaimed_bytes"].as_u64().unwrap_or(0) / MIB,
+        r["pressure_sources"]
+    );
+    Ok(())
+}
+
+/// Three idle instances of "idler" (8 MiB heap, 40 MiB of clean page cache, limits from
+/// history), then "busy" (no history, no limits) grows 64 MiB into a limit on the root set 24
+/// MiB above what is in use. Returns each idle instance's usage (MiB) once the busy one
+/// finished, and, when `squeeze`, each idle cgroup with its hold before the squeeze.
+#[allow(clippy::type_complexity)]
+fn pressure(
+    root: &TestRoot,
+    agent: &Agent,
+    disk: &std::path::Path,
+    squeeze: bool,
+) -> anyhow::Result<(Vec<u64>, Vec<(std::path::PathBuf, Option<u64>)>)> {
+    let idle_cmd = |hold_ms: u64| {
+        let mut c = Command::new(alloc_bin());
+        c.args(["--mib", "8", "--file-mib", "40", "--file-dir"]);
+        c.arg(disk);
+        c.args(["--hold-ms", &hold_ms.to_string()]);
+        c
+    };
+    for i in 0..3 {
+        let dir = root.instance_dir("idler", &format!("h{i}"))?;
+        let ok = spawn_in(&dir, idle_cmd(0))?.wait()?.success();
+        anyhow::ensure!(ok, "history instance h{i} failed");
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("idler", 3)?;
+    let mut idle = Vec::new();
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let dir = root.instance_dir("idler", &format!("i{i}"))?;
+        wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
+            .ok_or_else(|| anyhow::anyhow!("no limit at mkdir:\n{}", agent.log()))?;
+        children.push(spawn_in(&dir, idle_cmd(600_000))?);
+        idle.push(dir);
+    }
+    for dir in &idle {
+        wait_for(Duration::from_secs(10), || {
+            (root.hierarchy.usage(dir).ok()? >= 46 * MIB).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{} did not fill its cache", dir.display()))?;
+    }
+    if squeeze {
+        wait_for(Duration::from_secs(10), || {
+            let info = agent.get_ok("/v1/info").ok()?;
+            (info["reactive"]["idle_now"] == 3).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("instances not idle:\n{}", agent.log()))?;
+    }
+    let holds: Vec<_> = idle
+        .iter()
+        .map(|d| (d.clone(), root.hierarchy.high_limit(d)))
+        .collect();
+    let in_use = root.hierarchy.usage(&root.dir)?;
+    root.hierarchy.set_limit(&root.dir, in_use + 24 * MIB)?;
+    let busy = root.instance_dir("busy", "b")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", "64", "--rate-mib-s", "32", "--hold-ms", "500"]);
+    let finished = spawn_in(&busy, cmd)?.wait()?.success();
+    assert!(finished, "the busy instance was killed:\n{}", agent.log());
+    if squeeze {
+        let audit = wait_for(Duration::from_secs(10), || {
+            let a = agent.get_ok("/v1/audit").ok()?;
+            let n = a["audit"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["reason"] == "pressure" && r["reclaimed_bytes"].is_u64())
+                .count();
+            (n == 3).then_some(a)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no squeeze:\n{}", agent.log()))?;
+        for r in audit["audit"].as_array().into_iter().flatten() {
+            if r["reason"] != "pressure" {
+                continue;
+            }
+            assert_eq!(r["outcome"], "ok", "{r}");
+            assert_eq!(r["function"], "idler", "{r}");
+            assert!(r["signal"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+            if r["reclaim_requested_bytes"].is_u64() {
+                assert!(r["reclaimed_bytes"].as_u64() > Some(8 * MIB), "{r}");
+            } else {
+                // The hold: below what the instance had, as the test reads it now.
+                let dir = root
+                    .dir
+                    .join("idler")
+                    .join(r["instance"].as_str().unwrap_or(""));
+                assert_eq!(
+                    root.hierarchy.high_limit(&dir),
+                    r["written"]["high_bytes"].as_u64(),
+                    "{r}"
+                );
+            }
+        }
+    }
+    let kept = idle
+        .iter()
+        .map(|d| root.hierarchy.usage(d).map(|u| u / MIB))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    root.hierarchy.clear_limit(&root.dir)?;
+    fs::remove_dir(&busy)?;
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = fs::remove_file(disk.join(format!("emars-alloc-{}.cache", c.id())));
+    }
+    Ok((kept, holds))
+}

@@ -429,6 +429,23 @@ pub fn render_info(v: &AgentInfo) -> String {
     } else {
         let _ = writeln!(out, "  reactive:         off");
     }
+    if r.squeeze {
+        let _ = writeln!(
+            out,
+            "  squeeze:          {} pressure signals, {} squeezed ({} held now), {:.1} MB \
+             reclaimed, {} released, {} failed; watching {}",
+            r.pressure_signals,
+            r.squeezes,
+            r.squeezed_now,
+            r.reclaimed_bytes as f64 / 1e6,
+            r.releases,
+            r.squeeze_failed,
+            clean(&r.pressure_sources.join(", "))
+        );
+        for e in &r.pressure_errors {
+            let _ = writeln!(out, "  squeeze: not armed: {}", clean(e));
+        }
+    }
     let _ = writeln!(
         out,
         "  admission:        {} admitted, {} refused",
@@ -873,6 +890,14 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
                 reaction_max_us: Some(2000),
                 admitted: 9,
                 refused: 1,
+                squeeze: true,
+                pressure_sources: vec![
+                    "psi some 100000us/1000000us on /proc/pressure/memory".into()
+                ],
+                pressure_signals: 3,
+                squeezes: 2,
+                reclaimed_bytes: 96_000_000,
+                releases: 2,
                 ..Default::default()
             },
             model: crate::model::ModelFootprint {
@@ -913,6 +938,13 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
             "{out}"
         );
         assert!(out.contains("p50/p99/max 0.81 / 1.50 / 2.00 ms"), "{out}");
+        assert!(
+            out.contains(
+                "squeeze:          3 pressure signals, 2 squeezed (0 held now), 96.0 MB \
+                 reclaimed, 2 released, 0 failed; watching psi some"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("admission:        9 admitted, 1 refused"),
             "{out}"

@@ -199,6 +199,27 @@ impl MemoryHierarchy {
         Ok(keyed_value(&text, "oom_kill").unwrap_or(0))
     }
 
+    /// Page cache the kernel can reclaim without swap: file pages less shmem (v2 memory.stat
+    /// `file` - `shmem`, v1 `cache` - `shmem`).
+    pub fn reclaimable_file(&self, dir: &Path) -> Result<u64> {
+        let text = read(&dir.join("memory.stat"))?;
+        let file = keyed_value(&text, self.file("cache", "file")).unwrap_or(0);
+        Ok(file.saturating_sub(keyed_value(&text, "shmem").unwrap_or(0)))
+    }
+
+    /// CPU time (clock ticks, user + system) of the processes in the cgroup now: what tells an
+    /// idle instance (unchanged between two reads) from a busy one. Processes that exit take
+    /// their time with them, so only a change means anything, not its sign.
+    pub fn cpu_ticks(&self, dir: &Path) -> Result<u64> {
+        let mut ticks = 0u64;
+        for pid in read_ids(&dir.join("cgroup.procs"))? {
+            if let Ok(stat) = procfs::process::Process::new(pid as i32).and_then(|p| p.stat()) {
+                ticks = ticks.saturating_add(stat.utime).saturating_add(stat.stime);
+            }
+        }
+        Ok(ticks)
+    }
+
     /// Thread ids of every task in the cgroup (v1 `tasks`; v2 threads of `cgroup.procs`).
     pub fn tids(&self, dir: &Path) -> Result<Vec<u32>> {
         let procs = match self.version {
@@ -342,6 +363,20 @@ impl CgroupDir {
             max_bytes: parse_limit(&self.path.join(max), self.read(max)?)?,
             high_bytes: parse_limit(&self.path.join(high), self.read(high)?)?,
         })
+    }
+
+    /// Asks the kernel to reclaim from this cgroup: v2 `memory.reclaim` of `bytes` (EAGAIN
+    /// when it found less to take back, which is no error here); v1, which has no such file,
+    /// `memory.force_empty`, which takes back what it can of everything.
+    pub fn reclaim(&self, bytes: u64) -> io::Result<()> {
+        let r = match self.version {
+            CgroupVersion::V2 => self.write("memory.reclaim", bytes),
+            CgroupVersion::V1 => self.write("memory.force_empty", 0),
+        };
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+            other => other,
+        }
     }
 
     /// Writes `value` into the cgroup's file `name` (never through a symlink).

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -91,6 +92,11 @@ impl LimitSignals {
 
     pub fn watched(&self) -> usize {
         self.watches.len()
+    }
+
+    /// The instances watched now.
+    pub fn watched_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.watches.keys().copied()
     }
 
     /// Watches the instance in `dir` for usage reaching `trigger` bytes (v1; on v2 the kernel's
@@ -223,6 +229,196 @@ async fn read_inotify(
             if tx.send(Signal { cgroup_id, at }).is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// A pressure source fired: `source` indexes [`PressureSignals::sources`].
+#[derive(Debug, Clone, Copy)]
+pub struct PressureSignal {
+    pub source: usize,
+    pub at: Instant,
+}
+
+/// Where memory pressure is watched, for /v1/info and the audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PressureSource {
+    /// The file the kernel signals on.
+    pub path: std::path::PathBuf,
+    /// "psi some 100000us/1000000us" or "v1 memory.pressure_level medium".
+    pub kind: String,
+}
+
+impl PressureSource {
+    pub fn describe(&self) -> String {
+        format!("{} on {}", self.kind, self.path.display())
+    }
+}
+
+/// How stalls are told apart from noise (the PSI trigger's threshold and window) and, on
+/// cgroup v1, which memory.pressure_level is signalled.
+#[derive(Debug, Clone, Copy)]
+pub struct PressureThresholds {
+    pub stall_us: u64,
+    pub window_us: u64,
+    pub v1_level: &'static str,
+}
+
+/// Memory-pressure notifications, no polling:
+/// - PSI triggers (`some <stall> <window>` written into a pressure file, then POLLPRI) on the
+///   host's `/proc/pressure/memory` and, on cgroup v2, on each watched root's
+///   `memory.pressure`: the kernel wakes the agent when tasks stalled on memory for `stall` in
+///   any `window`;
+/// - cgroup v1 roots: `memory.pressure_level` through `cgroup.event_control` and an eventfd
+///   (vmpressure, signalled from the reclaim of the root or any cgroup below it).
+pub struct PressureSignals {
+    pub sources: Vec<PressureSource>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl PressureSignals {
+    /// Sets up every source it can; one that cannot be set up is returned with why, and the
+    /// others still work. Must be called inside a tokio runtime.
+    pub fn new(
+        version: CgroupVersion,
+        host_psi: Option<&Path>,
+        roots: &[std::path::PathBuf],
+        t: PressureThresholds,
+    ) -> (
+        Self,
+        mpsc::UnboundedReceiver<PressureSignal>,
+        Vec<(std::path::PathBuf, std::io::Error)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = PressureSignals {
+            sources: Vec::new(),
+            tasks: Vec::new(),
+        };
+        let mut errors = Vec::new();
+        let mut wanted: Vec<(std::path::PathBuf, bool)> = Vec::new();
+        if let Some(p) = host_psi {
+            wanted.push((p.to_owned(), true));
+        }
+        for r in roots {
+            match version {
+                CgroupVersion::V2 => wanted.push((r.join("memory.pressure"), true)),
+                CgroupVersion::V1 => wanted.push((r.clone(), false)),
+            }
+        }
+        for (path, psi) in wanted {
+            let source = s.sources.len();
+            let set_up = if psi {
+                psi_trigger(&path, t).map(|afd| {
+                    (
+                        format!("psi some {}us/{}us", t.stall_us, t.window_us),
+                        tokio::spawn(read_psi(afd, source, tx.clone())),
+                    )
+                })
+            } else {
+                v1_pressure_level(&path, t.v1_level).map(|afd| {
+                    (
+                        format!("v1 memory.pressure_level {}", t.v1_level),
+                        tokio::spawn(read_pressure_eventfd(afd, source, tx.clone())),
+                    )
+                })
+            };
+            match set_up {
+                Ok((kind, task)) => {
+                    let path = if psi {
+                        path
+                    } else {
+                        path.join("memory.pressure_level")
+                    };
+                    s.sources.push(PressureSource { path, kind });
+                    s.tasks.push(task);
+                }
+                Err(e) => errors.push((path, e)),
+            }
+        }
+        (s, rx, errors)
+    }
+}
+
+impl Drop for PressureSignals {
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Opens a PSI file and arms a trigger on it; the kernel keeps the trigger while the file
+/// stays open, and marks it POLLPRI each time the stall threshold is crossed in a window.
+fn psi_trigger(path: &Path, t: PressureThresholds) -> std::io::Result<AsyncFd<std::fs::File>> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    // The kernel parses the string up to its NUL.
+    f.write_all(format!("some {} {}\0", t.stall_us, t.window_us).as_bytes())?;
+    // SAFETY: the file is owned by the AsyncFd, which its task drops.
+    unsafe { AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY) }
+        .map_err(|e| e.into())
+}
+
+/// Registers `memory.pressure_level` of the v1 cgroup `dir` at `level` with an eventfd.
+fn v1_pressure_level(dir: &Path, level: &str) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let efd = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?;
+    let pl = std::fs::File::open(dir.join("memory.pressure_level"))?;
+    let mut control = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.event_control"))?;
+    control.write_all(format!("{} {} {level}", efd.as_raw_fd(), pl.as_raw_fd()).as_bytes())?;
+    // The registration holds its own reference to the eventfd; `pl` may close.
+    // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
+    unsafe { AsyncFd::register(efd) }.map_err(|e| e.into())
+}
+
+async fn read_psi(
+    afd: AsyncFd<std::fs::File>,
+    source: usize,
+    tx: mpsc::UnboundedSender<PressureSignal>,
+) {
+    loop {
+        let Ok(mut guard) = afd.ready(tokio::io::Interest::PRIORITY).await else {
+            return;
+        };
+        let at = Instant::now();
+        guard.clear_ready();
+        if tx.send(PressureSignal { source, at }).is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_pressure_eventfd(
+    afd: AsyncFd<OwnedFd>,
+    source: usize,
+    tx: mpsc::UnboundedSender<PressureSignal>,
+) {
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        match rustix::io::read(afd.get_ref(), &mut buf) {
+            Ok(_) => {
+                if tx
+                    .send(PressureSignal {
+                        source,
+                        at: Instant::now(),
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+            Err(_) => return,
         }
     }
 }

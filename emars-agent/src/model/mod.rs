@@ -182,6 +182,35 @@ pub struct ReactiveInfo {
     /// POST /v1/admission answers.
     pub admitted: u64,
     pub refused: u64,
+    /// The host-pressure squeeze is on (`reactive.squeeze`, with the burst guard).
+    #[serde(default)]
+    pub squeeze: bool,
+    /// Where pressure is watched ("psi some 100000us/1000000us on /proc/pressure/memory"),
+    /// and the sources that could not be set up, with why.
+    #[serde(default)]
+    pub pressure_sources: Vec<String>,
+    #[serde(default)]
+    pub pressure_errors: Vec<String>,
+    /// Pressure signals received; idle instances squeezed (held), held now; page cache
+    /// reclaimed from them; holds released; squeezes or releases that failed.
+    #[serde(default)]
+    pub pressure_signals: u64,
+    /// Candidates (instances with limits) idle at the last CPU sample.
+    #[serde(default)]
+    pub idle_now: u64,
+    #[serde(default)]
+    pub squeezes: u64,
+    #[serde(default)]
+    pub squeezed_now: u64,
+    #[serde(default)]
+    pub reclaimed_bytes: u64,
+    #[serde(default)]
+    pub releases: u64,
+    #[serde(default)]
+    pub squeeze_failed: u64,
+    /// First to last pressure signal of the last episode that ended (its holds released).
+    #[serde(default)]
+    pub last_pressure_episode_ms: Option<u64>,
 }
 
 /// GET /v1/info → "model": the live model's entries and their heap bytes.

@@ -144,6 +144,15 @@ pub struct AuditRecord {
     /// Why the write failed or was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The kernel signal that caused a reactive action ("psi some 100000us/1000000us on
+    /// /proc/pressure/memory", "memory.events").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// A reclaim (reason "pressure"): bytes asked for, and what usage fell by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_requested_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaimed_bytes: Option<u64>,
 }
 
 impl AuditRecord {
@@ -259,6 +268,19 @@ impl Actuator {
         reason: &str,
         delay_start_ns: Option<u64>,
     ) -> Written {
+        self.write_signalled(inst, req, on_below, reason, delay_start_ns, None)
+    }
+
+    /// [`Actuator::write`] for a reactive action, with the kernel signal that caused it.
+    pub fn write_signalled(
+        &self,
+        inst: &InstanceRecord,
+        req: LimitRequest,
+        on_below: BelowUsage,
+        reason: &str,
+        delay_start_ns: Option<u64>,
+        signal: Option<&str>,
+    ) -> Written {
         let mut audit = AuditRecord {
             at_ms: crate::clock::now_ms(),
             function: inst.function.clone(),
@@ -277,6 +299,9 @@ impl Actuator {
             raised: false,
             outcome: outcome::PENDING.to_owned(),
             error: None,
+            signal: signal.map(str::to_owned),
+            reclaim_requested_bytes: None,
+            reclaimed_bytes: None,
         };
         let plan = match self.plan(inst, req, on_below) {
             Ok(p) => p,
@@ -344,6 +369,106 @@ impl Actuator {
             self.audit_error(&se);
         }
         Written { audit, result }
+    }
+
+    /// Asks the kernel to reclaim `bytes` from a live instance (v2 memory.reclaim; v1
+    /// memory.force_empty, which takes what it can), audited before and after like a limit
+    /// write: same mode, place and identity checks. No limit changes, so nothing can be set
+    /// below usage; what usage fell by is in the record's `reclaimed_bytes`.
+    pub fn reclaim(
+        &self,
+        inst: &InstanceRecord,
+        bytes: u64,
+        reason: &str,
+        signal: Option<&str>,
+    ) -> Result<AuditRecord, ActuatorError> {
+        let mut audit = AuditRecord {
+            at_ms: crate::clock::now_ms(),
+            function: inst.function.clone(),
+            instance: inst.instance.clone(),
+            cgroup_path: inst.cgroup_path.clone(),
+            cgroup_id: inst.cgroup_id,
+            reason: reason.to_owned(),
+            old: inst.limits,
+            new: inst.limits,
+            written: Limits::default(),
+            usage_bytes: None,
+            delay_us: None,
+            raised: false,
+            outcome: outcome::PENDING.to_owned(),
+            error: None,
+            signal: signal.map(str::to_owned),
+            reclaim_requested_bytes: Some(bytes),
+            reclaimed_bytes: None,
+        };
+        let checked = (|| {
+            if !self.writes_allowed {
+                return Err(ActuatorError::ObserveMode);
+            }
+            let dir = self.open_instance(inst)?;
+            let usage = dir.usage()?;
+            Ok((dir, usage))
+        })();
+        let (dir, before) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                self.count(&e);
+                audit.outcome = if e.is_refusal() {
+                    outcome::REFUSED
+                } else {
+                    outcome::FAILED
+                }
+                .to_owned();
+                audit.error = Some(e.to_string());
+                if let Err(se) = self.audit.append_audit(audit.at_ms, &audit) {
+                    self.audit_error(&se);
+                }
+                return Err(e);
+            }
+        };
+        audit.usage_bytes = Some(before);
+        let key = self
+            .audit
+            .append_audit_durable(audit.at_ms, &audit)
+            .map_err(|source| {
+                self.audit_error(&source);
+                ActuatorError::AuditNotDurable { source }
+            })?;
+        let file = match self.hierarchy.version {
+            crate::kernel::cgroupfs::CgroupVersion::V1 => "memory.force_empty",
+            crate::kernel::cgroupfs::CgroupVersion::V2 => "memory.reclaim",
+        };
+        let result = dir
+            .reclaim(bytes)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ENODEV) => {
+                    ActuatorError::Cgroup(CgroupfsError::Gone {
+                        path: dir.path().to_owned(),
+                    })
+                }
+                _ => ActuatorError::Write {
+                    path: dir.path().join(file),
+                    value: bytes,
+                    source,
+                },
+            })
+            .and_then(|()| Ok(dir.usage()?));
+        match &result {
+            Ok(after) => {
+                audit.outcome = outcome::OK.to_owned();
+                audit.reclaimed_bytes = Some(before.saturating_sub(*after));
+                self.stats.writes_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.count(e);
+                audit.outcome = outcome::FAILED.to_owned();
+                audit.error = Some(e.to_string());
+            }
+        }
+        if let Err(se) = self.audit.complete_audit(&key, &audit) {
+            self.audit_error(&se);
+        }
+        result.map(|_| audit)
     }
 
     fn count(&self, e: &ActuatorError) {

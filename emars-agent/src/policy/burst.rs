@@ -55,6 +55,11 @@ impl BurstGuard {
         ))
     }
 
+    /// The instances watched now: those with limits, the squeeze's candidates.
+    pub fn watched_ids(&self) -> Vec<u64> {
+        self.signals.watched_ids().collect()
+    }
+
     /// Watches the instances that got limits since the last call and forgets those that ended.
     pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &mut Tracker<C>) {
         for id in enforcer.ended.drain(..) {

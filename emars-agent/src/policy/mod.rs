@@ -8,6 +8,7 @@ pub mod burst;
 pub mod enforcer;
 pub mod reactive;
 pub mod recommend;
+pub mod squeeze;
 
 use std::{
     collections::HashMap,

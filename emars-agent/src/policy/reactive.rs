@@ -19,6 +19,11 @@ pub const DEFAULT_STEP_FRACTION: f64 = 0.5;
 pub const DEFAULT_STEP_MIN_BYTES: u64 = 16 << 20;
 pub const DEFAULT_CEILING_FACTOR: f64 = 4.0;
 pub const DEFAULT_HOST_RESERVE_BYTES: u64 = 256 << 20;
+pub const DEFAULT_PRESSURE_STALL_MS: u64 = 100;
+pub const DEFAULT_PRESSURE_WINDOW_MS: u64 = 1000;
+pub const DEFAULT_IDLE_AFTER_S: u64 = 30;
+pub const DEFAULT_SQUEEZE_HEADROOM_BYTES: u64 = 4 << 20;
+pub const DEFAULT_RELEASE_AFTER_S: u64 = 30;
 
 /// `[reactive]`: off by default; writes happen only where writes are allowed (enforce mode).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -37,6 +42,23 @@ pub struct ReactiveConfig {
     pub ceiling_factor: f64,
     /// Memory the host keeps available (MemAvailable) after a raise or an admitted instance.
     pub host_reserve_bytes: u64,
+    /// Host-pressure squeeze: under memory pressure, idle instances give back their page
+    /// cache and are held near their working set (needs `enabled`).
+    pub squeeze: bool,
+    /// Pressure is tasks stalled on memory (PSI "some") for this long ...
+    pub pressure_stall_ms: u64,
+    /// ... within a window this long (the kernel takes 500 to 10,000 ms).
+    pub pressure_window_ms: u64,
+    /// cgroup v1 roots have no PSI: the memory.pressure_level signalled ("low", "medium",
+    /// "critical").
+    pub pressure_level_v1: String,
+    /// An instance whose processes used no CPU for this long is idle.
+    pub idle_after_s: u64,
+    /// A squeezed instance is held at its working set plus this (memory.high on v2, the soft
+    /// limit on v1), and is squeezed only when that frees more than this.
+    pub squeeze_headroom_bytes: u64,
+    /// Squeezes are released once no pressure was signalled for this long.
+    pub release_after_s: u64,
 }
 
 impl Default for ReactiveConfig {
@@ -48,6 +70,13 @@ impl Default for ReactiveConfig {
             step_min_bytes: DEFAULT_STEP_MIN_BYTES,
             ceiling_factor: DEFAULT_CEILING_FACTOR,
             host_reserve_bytes: DEFAULT_HOST_RESERVE_BYTES,
+            squeeze: false,
+            pressure_stall_ms: DEFAULT_PRESSURE_STALL_MS,
+            pressure_window_ms: DEFAULT_PRESSURE_WINDOW_MS,
+            pressure_level_v1: "medium".to_owned(),
+            idle_after_s: DEFAULT_IDLE_AFTER_S,
+            squeeze_headroom_bytes: DEFAULT_SQUEEZE_HEADROOM_BYTES,
+            release_after_s: DEFAULT_RELEASE_AFTER_S,
         }
     }
 }
@@ -80,7 +109,68 @@ impl ReactiveConfig {
                 "must be between 1 and 100",
             ));
         }
+        let bad_u = |key: &str, v: u64, reason: &str| ConfigError::Invalid {
+            key: format!("reactive.{key}"),
+            value: v.to_string(),
+            reason: reason.to_owned(),
+        };
+        if !(500..=10_000).contains(&self.pressure_window_ms) {
+            return Err(bad_u(
+                "pressure_window_ms",
+                self.pressure_window_ms,
+                "the kernel takes PSI windows of 500 to 10000 ms",
+            ));
+        }
+        if self.pressure_stall_ms == 0 || self.pressure_stall_ms > self.pressure_window_ms {
+            return Err(bad_u(
+                "pressure_stall_ms",
+                self.pressure_stall_ms,
+                "must be above 0 and at most pressure_window_ms",
+            ));
+        }
+        if self.pressure_level_v1_str().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "reactive.pressure_level_v1".to_owned(),
+                value: self.pressure_level_v1.clone(),
+                reason: "must be \"low\", \"medium\" or \"critical\"".to_owned(),
+            });
+        }
+        if self.idle_after_s == 0 {
+            return Err(bad_u("idle_after_s", 0, "must be at least 1"));
+        }
+        if self.release_after_s == 0 {
+            return Err(bad_u("release_after_s", 0, "must be at least 1"));
+        }
         Ok(())
+    }
+
+    /// The v1 pressure level as the kernel spells it, if it is one.
+    pub fn pressure_level_v1_str(&self) -> Option<&'static str> {
+        ["low", "medium", "critical"]
+            .into_iter()
+            .find(|l| *l == self.pressure_level_v1)
+    }
+
+    /// What a squeeze of an idle instance does, from what it holds now: `None` when it
+    /// would free no more than the headroom. Otherwise the bytes to reclaim (its reclaimable
+    /// page cache) and the hold (memory.high / soft limit) to set once they are back: the
+    /// rest plus headroom, never above the hold it has.
+    pub fn squeeze(&self, usage: u64, reclaimable: u64, limits: Limits) -> Option<Squeeze> {
+        let working_set = usage.saturating_sub(reclaimable);
+        let hold = working_set.saturating_add(self.squeeze_headroom_bytes);
+        let current_hold = limits
+            .high_bytes
+            .into_iter()
+            .chain(limits.max_bytes)
+            .min()
+            .unwrap_or(u64::MAX);
+        if reclaimable <= self.squeeze_headroom_bytes || hold >= current_hold {
+            return None;
+        }
+        Some(Squeeze {
+            reclaim_bytes: reclaimable,
+            hold_bytes: hold,
+        })
     }
 
     /// Usage at which an instance with these limits is helped.
@@ -156,6 +246,13 @@ impl ReactiveConfig {
     }
 }
 
+/// A squeeze's plan: reclaim this much, then hold the instance here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Squeeze {
+    pub reclaim_bytes: u64,
+    pub hold_bytes: u64,
+}
+
 /// Why a burst got no raise.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NoRaise {
@@ -195,6 +292,62 @@ mod tests {
         Limits {
             max_bytes: Some(max),
             high_bytes: high,
+        }
+    }
+
+    #[test]
+    fn a_squeeze_takes_the_page_cache_and_holds_the_rest() {
+        let c = ReactiveConfig::default(); // 4 MiB headroom
+                                           // 8 MiB anon + 48 MiB cache under a 100 MiB max with a 90 MiB high.
+        let l = limits(100 * MIB, Some(90 * MIB));
+        assert_eq!(
+            c.squeeze(56 * MIB, 48 * MIB, l),
+            Some(Squeeze {
+                reclaim_bytes: 48 * MIB,
+                hold_bytes: 12 * MIB
+            })
+        );
+        // Nothing worth taking: no more cache than the headroom.
+        assert_eq!(c.squeeze(12 * MIB, 4 * MIB, l), None);
+        // The hold would not be below what it has: no squeeze.
+        assert_eq!(
+            c.squeeze(56 * MIB, 48 * MIB, limits(100 * MIB, Some(10 * MIB))),
+            None
+        );
+        // No high: the max bounds the hold.
+        assert!(c
+            .squeeze(56 * MIB, 48 * MIB, limits(60 * MIB, None))
+            .is_some());
+        assert_eq!(c.squeeze(56 * MIB, 48 * MIB, limits(12 * MIB, None)), None);
+    }
+
+    #[test]
+    fn pressure_settings_are_checked() {
+        let ok = ReactiveConfig::default();
+        assert!(ok.validate().is_ok());
+        for bad in [
+            ReactiveConfig {
+                pressure_window_ms: 100,
+                ..ok.clone()
+            },
+            ReactiveConfig {
+                pressure_stall_ms: 0,
+                ..ok.clone()
+            },
+            ReactiveConfig {
+                pressure_stall_ms: 2000,
+                ..ok.clone()
+            },
+            ReactiveConfig {
+                pressure_level_v1: "high".into(),
+                ..ok.clone()
+            },
+            ReactiveConfig {
+                idle_after_s: 0,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
         }
     }
 

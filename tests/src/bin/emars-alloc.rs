@@ -1,7 +1,10 @@
 //! A workload with a known memory profile: optionally re-execs itself `--chain` times (to make a
 //! known number of execs), waits `--delay-ms`, then allocates `--mib` MiB, touches every page
 //! (at `--rate-mib-s` MiB/s when given: a function growing, not jumping),
-//! holds it `--hold-ms`, and exits. Used by the integration tests and the benchmark.
+//! holds it `--hold-ms`, and exits. With `--file-mib N` it first writes an N MiB file in
+//! `--file-dir` (default `$EMARS_DISK_DIR`, else /var/tmp) and syncs it, so the cgroup holds N
+//! MiB of clean page cache that the kernel can reclaim (removed at exit).
+//! Used by the integration tests and the benchmark.
 
 use std::{env, hint::black_box, os::unix::process::CommandExt, process::Command, time::Duration};
 
@@ -39,6 +42,8 @@ fn main() {
         panic!("re-exec failed: {err}");
     }
     std::thread::sleep(Duration::from_millis(delay_ms));
+    let file_mib = arg("--file-mib", 0);
+    let cache_file = (file_mib > 0).then(|| write_cache_file(file_mib));
     let mut buf = vec![0u8; (mib as usize) << 20];
     // Touch every page so the memory is really charged to the cgroup; with --rate-mib-s, at
     // that rate (a function growing as real ones do, not in one step).
@@ -55,4 +60,30 @@ fn main() {
     black_box(&buf);
     std::thread::sleep(Duration::from_millis(hold_ms));
     black_box(&buf);
+    if let Some(p) = cache_file {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Writes `mib` MiB to a new file and syncs it: clean page cache charged to this cgroup.
+fn write_cache_file(mib: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let dir = env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[0] == "--file-dir")
+        .map(|w| w[1].clone())
+        .or_else(|| env::var("EMARS_DISK_DIR").ok())
+        .unwrap_or_else(|| "/var/tmp".into());
+    let path = std::path::Path::new(&dir).join(format!("emars-alloc-{}.cache", std::process::id()));
+    let mut f =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&chunk)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("syncing {}: {e}", path.display()));
+    path
 }
