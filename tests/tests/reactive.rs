@@ -313,30 +313,26 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
         );
     }
     // Released once pressure is quiet: each hold back at what it was before the squeeze.
-    let audit = wait_for(Duration::from_secs(15), || {
-        let a = agent.get_ok("/v1/audit").ok()?;
-        let n = a["audit"]
-            .as_array()?
-            .iter()
-            .filter(|r| r["reason"] == "release" && r["outcome"] == "ok")
-            .count();
-        (n == holds.len()).then_some(a)
+    // (Pressure may come and go more than once under emulation: every squeeze is released.)
+    let r = wait_for(Duration::from_secs(15), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        let r = info["reactive"].clone();
+        let squeezes = r["squeezes"].as_u64()?;
+        (squeezes >= 3 && r["releases"].as_u64()? == squeezes && r["squeezed_now"] == 0)
+            .then_some(r)
     })
     .ok_or_else(|| anyhow::anyhow!("holds not released:\n{}", agent.log()))?;
     for (dir, before) in &holds {
         assert_eq!(
             root.hierarchy.high_limit(dir),
             *before,
-            "{} not put back: {audit}",
-            dir.display()
+            "{} not put back:\n{}",
+            dir.display(),
+            agent.log()
         );
     }
-    let info = agent.get_ok("/v1/info")?;
-    let r = &info["reactive"];
     assert_eq!(r["squeeze"], true, "{r}");
-    assert_eq!(r["squeezes"], 3, "{r}");
-    assert_eq!(r["releases"], 3, "{r}");
-    assert_eq!(r["squeezed_now"], 0, "{r}");
+    assert_eq!(r["squeeze_failed"], 0, "{r}");
     println!(
         "squeeze: {} pressure signals, {} MiB reclaimed, sources {}",
         r["pressure_signals"],
@@ -373,10 +369,16 @@ fn pressure(
     agent.wait_ended("idler", 3)?;
     let mut idle = Vec::new();
     let mut children = Vec::new();
+    let mut holds = Vec::new();
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("i{i}"))?;
-        wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
-            .ok_or_else(|| anyhow::anyhow!("no limit at mkdir:\n{}", agent.log()))?;
+        // The hold it got at mkdir (memory.high / soft limit), before any squeeze.
+        let high = wait_for(Duration::from_secs(5), || {
+            root.hierarchy.max_limit(&dir)?;
+            root.hierarchy.high_limit(&dir)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no limits at mkdir:\n{}", agent.log()))?;
+        holds.push((dir.clone(), Some(high)));
         children.push(spawn_in(&dir, idle_cmd(600_000))?);
         idle.push(dir);
     }
@@ -393,10 +395,6 @@ fn pressure(
         })
         .ok_or_else(|| anyhow::anyhow!("instances not idle:\n{}", agent.log()))?;
     }
-    let holds: Vec<_> = idle
-        .iter()
-        .map(|d| (d.clone(), root.hierarchy.high_limit(d)))
-        .collect();
     let in_use = root.hierarchy.usage(&root.dir)?;
     root.hierarchy.set_limit(&root.dir, in_use + 24 * MIB)?;
     let busy = root.instance_dir("busy", "b")?;
@@ -405,16 +403,19 @@ fn pressure(
     let finished = spawn_in(&busy, cmd)?.wait()?.success();
     assert!(finished, "the busy instance was killed:\n{}", agent.log());
     if squeeze {
+        // Every idle instance reclaimed (under emulation pressure may come early, while
+        // they fill their cache: then each is squeezed once it turns idle).
         let audit = wait_for(Duration::from_secs(10), || {
             let a = agent.get_ok("/v1/audit").ok()?;
-            let n = a["audit"]
+            let squeezed: std::collections::BTreeSet<String> = a["audit"]
                 .as_array()?
                 .iter()
                 .filter(|r| r["reason"] == "pressure" && r["reclaimed_bytes"].is_u64())
-                .count();
-            (n == 3).then_some(a)
+                .filter_map(|r| r["instance"].as_str().map(str::to_owned))
+                .collect();
+            (squeezed.len() == 3).then_some(a)
         })
-        .ok_or_else(|| anyhow::anyhow!("no squeeze:\n{}", agent.log()))?;
+        .ok_or_else(|| anyhow::anyhow!("not every idle instance squeezed:\n{}", agent.log()))?;
         for r in audit["audit"].as_array().into_iter().flatten() {
             if r["reason"] != "pressure" {
                 continue;
@@ -425,14 +426,9 @@ fn pressure(
             if r["reclaim_requested_bytes"].is_u64() {
                 assert!(r["reclaimed_bytes"].as_u64() > Some(8 * MIB), "{r}");
             } else {
-                // The hold: below what the instance had, as the test reads it now.
-                let dir = root
-                    .dir
-                    .join("idler")
-                    .join(r["instance"].as_str().unwrap_or(""));
-                assert_eq!(
-                    root.hierarchy.high_limit(&dir),
-                    r["written"]["high_bytes"].as_u64(),
+                // The hold: below the memory.high (soft limit) it had.
+                assert!(
+                    r["written"]["high_bytes"].as_u64() < r["old"]["high_bytes"].as_u64(),
                     "{r}"
                 );
             }

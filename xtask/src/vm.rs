@@ -40,7 +40,7 @@ pub const KERNELS: &[KernelSpec] = &[
     },
 ];
 
-const APT_PACKAGES: &[&str] = &["qemu-system-x86"];
+const APT_PACKAGES: &[&str] = &["qemu-system-x86", "e2fsprogs"];
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// Integration test binaries run in the guest.
 const GUEST_TESTS: &[&str] = &[
@@ -421,7 +421,7 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
         ino += 1;
         Builder::new(name).ino(ino).mode(mode).nlink(1)
     };
-    for d in ["bin", "dev", "proc", "sys", "tmp", "tests"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "tests", "disk"] {
         entry(d, 0o040755).write(&mut w, 0).finish()?;
     }
     // The kernel opens /dev/console for init before anything is mounted.
@@ -450,6 +450,21 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A fresh ext4 image for one boot (sparse, 512 MiB): the guest's disk, whose page cache the
+/// kernel can reclaim (the initramfs is tmpfs, which only swap could take).
+fn fresh_disk(cache: &Path, kernel: &str) -> Result<PathBuf> {
+    let img = cache.join(format!("disk-{kernel}.img"));
+    let f = fs::File::create(&img).with_context(|| format!("creating {}", img.display()))?;
+    f.set_len(512 << 20)?;
+    drop(f);
+    Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(&img)
+        .read()
+        .with_context(|| format!("mkfs.ext4 {}", img.display()))?;
+    Ok(img)
+}
+
 fn qemu(vmlinuz: &Path, initramfs: &Path, accel: &str, append: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", accel]);
@@ -466,6 +481,20 @@ fn qemu(vmlinuz: &Path, initramfs: &Path, accel: &str, append: &str) -> Command 
     ]);
     c.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"]);
     c.args(["-nodefaults", "-serial", "stdio"]);
+    if let Ok(disk) = cache_dir().and_then(|c| {
+        let kernel = vmlinuz
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fresh_disk(&c, &kernel)
+    }) {
+        c.arg("-drive").arg(format!(
+            "file={},if=none,id=disk,format=raw",
+            disk.display()
+        ));
+        c.args(["-device", "nvme,drive=disk,serial=emars"]);
+    }
     c.arg("-kernel").arg(vmlinuz);
     c.arg("-initrd").arg(initramfs);
     c.args(["-append", append]);
@@ -592,7 +621,7 @@ fn boot(
         log_path.display()
     ));
     let mut append = format!(
-        "console=ttyS0 panic=-1 quiet emars.scale={}",
+        "console=ttyS0 panic=-1 quiet psi=1 emars.scale={}",
         opts.time_scale
     );
     if let Some(f) = &opts.filter {

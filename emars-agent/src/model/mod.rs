@@ -211,6 +211,10 @@ pub struct ReactiveInfo {
     /// First to last pressure signal of the last episode that ended (its holds released).
     #[serde(default)]
     pub last_pressure_episode_ms: Option<u64>,
+    /// From the pressure signal to the last squeeze done (every idle instance reclaimed and
+    /// held).
+    #[serde(default)]
+    pub last_squeeze_ms: Option<u64>,
 }
 
 /// GET /v1/info → "model": the live model's entries and their heap bytes.

@@ -37,7 +37,14 @@ pub struct Done {
     id: u64,
     before: Limits,
     reclaimed: u64,
-    held: bool,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Held,
+    Failed,
+    /// Nothing worth taking: passed over for the rest of the episode.
+    Nothing,
 }
 
 pub struct Squeezer {
@@ -48,10 +55,18 @@ pub struct Squeezer {
     setup_errors: Vec<String>,
     activity: HashMap<u64, Activity>,
     squeezed: HashMap<u64, Held>,
+    /// Idle instances that had nothing worth taking in this episode.
+    passed_over: HashSet<u64>,
     /// The squeeze under way (reclaim takes the kernel milliseconds per instance: off the
     /// event loop).
     running: Option<JoinHandle<Vec<Done>>>,
+    /// When the signal that started the squeeze under way came.
+    running_since: Option<Instant>,
+    /// Milliseconds from that signal to the squeeze done (every idle instance), the last one.
+    last_squeeze_ms: Option<u64>,
     last_pressure: Option<Instant>,
+    /// The source of the last pressure signal, for the audit.
+    last_signal: String,
     episode_start: Option<Instant>,
     last_sample: Option<Instant>,
     signals: u64,
@@ -103,8 +118,12 @@ impl Squeezer {
                 setup_errors,
                 activity: HashMap::new(),
                 squeezed: HashMap::new(),
+                passed_over: HashSet::new(),
                 running: None,
+                running_since: None,
+                last_squeeze_ms: None,
                 last_pressure: None,
+                last_signal: String::new(),
                 episode_start: None,
                 last_sample: None,
                 signals: 0,
@@ -171,9 +190,15 @@ impl Squeezer {
             }
         }
         for id in woke {
+            self.passed_over.remove(&id);
             if self.is_squeezed(id) {
                 self.release(id, tracker, "the instance used CPU again");
             }
+        }
+        // Still under pressure (no release yet): instances that turned idle since the last
+        // signal are squeezed too.
+        if !force && self.last_pressure.is_some() {
+            self.start_squeeze(ids, tracker, now);
         }
     }
 
@@ -191,24 +216,37 @@ impl Squeezer {
         tracker: &mut Tracker<C>,
     ) {
         self.signals += 1;
-        let now = Instant::now();
         if self.episode_start.is_none() {
             self.episode_start = Some(sig.at);
         }
         self.last_pressure = Some(sig.at);
-        if self.running.is_some() {
-            return;
-        }
-        self.sample(ids, tracker, now, true);
-        let signal = self
+        self.last_signal = self
             .pressure
             .sources
             .get(sig.source)
             .map(|s| s.describe())
             .unwrap_or_default();
+        if self.running.is_some() {
+            return;
+        }
+        self.sample(ids, tracker, Instant::now(), true);
+        self.start_squeeze(ids, tracker, sig.at);
+    }
+
+    /// Squeezes, off the event loop, every idle candidate not squeezed yet.
+    fn start_squeeze<C: Cgroups>(&mut self, ids: &[u64], tracker: &mut Tracker<C>, at: Instant) {
+        if self.running.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let signal = self.last_signal.clone();
         let victims: Vec<InstanceRecord> = ids
             .iter()
-            .filter(|id| !self.is_squeezed(**id) && self.is_idle(**id, now))
+            .filter(|id| {
+                !self.is_squeezed(**id)
+                    && !self.passed_over.contains(*id)
+                    && self.is_idle(**id, now)
+            })
             .filter_map(|id| tracker.live_record(*id).cloned())
             .collect();
         if victims.is_empty() {
@@ -223,6 +261,7 @@ impl Squeezer {
             self.hierarchy.clone(),
             self.actuator.clone(),
         );
+        self.running_since = Some(at);
         self.running = Some(tokio::task::spawn_blocking(move || {
             victims
                 .into_iter()
@@ -248,13 +287,20 @@ impl Squeezer {
 
     /// Takes in what a squeeze did.
     pub fn record(&mut self, done: Vec<Done>) {
+        if let Some(t) = self.running_since.take() {
+            self.last_squeeze_ms = Some(t.elapsed().as_millis() as u64);
+        }
         for d in done {
             self.reclaimed_bytes += d.reclaimed;
-            if d.held {
-                self.squeezes += 1;
-                self.squeezed.insert(d.id, Held { before: d.before });
-            } else {
-                self.failed += 1;
+            match d.outcome {
+                Outcome::Held => {
+                    self.squeezes += 1;
+                    self.squeezed.insert(d.id, Held { before: d.before });
+                }
+                Outcome::Failed => self.failed += 1,
+                Outcome::Nothing => {
+                    self.passed_over.insert(d.id);
+                }
             }
         }
     }
@@ -271,6 +317,7 @@ impl Squeezer {
         if let (Some(first), Some(last)) = (self.episode_start.take(), self.last_pressure.take()) {
             self.last_episode_ms = Some(last.duration_since(first).as_millis() as u64);
         }
+        self.passed_over.clear();
         let held: Vec<u64> = self.squeezed.keys().copied().collect();
         for id in held {
             self.release(id, tracker, "no memory pressure since the squeeze");
@@ -341,11 +388,12 @@ impl Squeezer {
         info.releases = self.releases;
         info.squeeze_failed = self.failed;
         info.last_pressure_episode_ms = self.last_episode_ms;
+        info.last_squeeze_ms = self.last_squeeze_ms;
     }
 }
 
-/// Reclaims an idle instance's page cache and holds it near its working set; `None` when there
-/// was nothing worth taking or it is gone.
+/// Reclaims an idle instance's page cache and holds it near its working set; `None` when it is
+/// gone.
 fn squeeze_one(
     config: &ReactiveConfig,
     hierarchy: &MemoryHierarchy,
@@ -357,7 +405,14 @@ fn squeeze_one(
     let usage = hierarchy.usage(&dir).ok()?;
     let limits = hierarchy.limits(&dir).ok()?;
     let reclaimable = hierarchy.reclaimable_file(&dir).ok()?;
-    let plan = config.squeeze(usage, reclaimable, limits)?;
+    let Some(plan) = config.squeeze(usage, reclaimable, limits) else {
+        return Some(Done {
+            id: rec.cgroup_id,
+            before: limits,
+            reclaimed: 0,
+            outcome: Outcome::Nothing,
+        });
+    };
     rec.limits = limits;
     let reclaimed = match actuator.reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal)) {
         Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
@@ -371,7 +426,7 @@ fn squeeze_one(
         high_bytes: Some(plan.hold_bytes),
     };
     let w = actuator.write_signalled(&rec, req, BelowUsage::Raise, "pressure", None, Some(signal));
-    let held = match &w.result {
+    let outcome = match &w.result {
         Ok(a) => {
             tracing::info!(
                 function = rec.function,
@@ -380,17 +435,17 @@ fn squeeze_one(
                 hold = ?a.new.high_bytes,
                 "squeezed"
             );
-            true
+            Outcome::Held
         }
         Err(e) => {
             tracing::warn!(cgroup = rec.cgroup_path, "squeeze hold not written: {e}");
-            false
+            Outcome::Failed
         }
     };
     Some(Done {
         id: rec.cgroup_id,
         before: limits,
         reclaimed,
-        held,
+        outcome,
     })
 }

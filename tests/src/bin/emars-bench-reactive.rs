@@ -9,6 +9,13 @@
 //! 2. Admission: POST /v1/admission paced at `--admission-rps` requests/s for
 //!    `--admission-secs` seconds over real HTTP (a connection per request, as a platform's
 //!    hook would make), for a known function: latency p50/p99/max and the answers.
+//! 3. Pressure experiment: `--idle` idle instances, each holding 8 MiB of heap and
+//!    `--cache-mib` MiB of clean page cache (a file on disk, `$EMARS_DISK_DIR` or /var/tmp),
+//!    then a busy one (no limits) growing `--busy-mib` MiB at 128 MiB/s into a limit on their
+//!    common parent set 64 MiB above what is in use; squeeze off, then on, on fresh roots.
+//!    Prints whether the busy one finished, its run time, how often the parent hit its limit
+//!    and for how long (first to last hit), the idle instances' memory before and after, and
+//!    the agent's squeezes, bytes reclaimed and signal-to-squeeze-done time.
 //!
 //! ```text
 //! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
@@ -27,13 +34,16 @@ use emars_tests::{alloc_bin, run_alloc, spawn_in, wait_for, Agent, Hierarchy, Te
 use serde_json::Value;
 
 const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [--mib M] [--rate R]
-    [--admission-rps Q] [--admission-secs S]
+    [--admission-rps Q] [--admission-secs S] [--idle I] [--cache-mib C] [--busy-mib B]
   --growers N         instances that outgrow their limit, per mode (default 20)
   --parallel P        growers at a time (default 2)
   --mib M             peak of the history instances, MiB (default 24)
   --rate R            growth rate of a grower, MiB/s (default 64)
   --admission-rps Q   paced admission requests per second (default 1000)
   --admission-secs S  seconds of admission requests (default 5)
+  --idle I            idle instances in the pressure experiment (default 8)
+  --cache-mib C       page cache each idle instance holds, MiB (default 64)
+  --busy-mib B        what the busy instance grows to, MiB (default 256)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 const FUNCTION: &str = "bursty";
@@ -46,6 +56,9 @@ struct Opts {
     rate: u64,
     admission_rps: u64,
     admission_secs: u64,
+    idle: usize,
+    cache_mib: u64,
+    busy_mib: u64,
 }
 
 fn main() {
@@ -66,6 +79,9 @@ fn parse() -> Result<Opts> {
         rate: 64,
         admission_rps: 1000,
         admission_secs: 5,
+        idle: 8,
+        cache_mib: 64,
+        busy_mib: 256,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +98,9 @@ fn parse() -> Result<Opts> {
             "--rate" => o.rate = num()?,
             "--admission-rps" => o.admission_rps = num()?,
             "--admission-secs" => o.admission_secs = num()?,
+            "--idle" => o.idle = num()? as usize,
+            "--cache-mib" => o.cache_mib = num()?,
+            "--busy-mib" => o.busy_mib = num()?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -255,6 +274,158 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize]
 }
 
+/// What one mode of the pressure experiment gave.
+struct Pressure {
+    label: &'static str,
+    finished: bool,
+    busy_ms: u128,
+    limit_hits: u64,
+    pressure_ms: u128,
+    idle_before_mib: u64,
+    idle_after_mib: u64,
+    squeezes: u64,
+    reclaimed_mib: u64,
+    squeeze_ms: Option<u64>,
+    source: String,
+}
+
+/// The times a cgroup hit its hard limit (v1 memory.failcnt, v2 memory.events `max`).
+fn limit_hits(h: &Hierarchy, dir: &std::path::Path) -> u64 {
+    let (file, key) = match h.version {
+        emars_tests::Version::V1 => ("memory.failcnt", None),
+        emars_tests::Version::V2 => ("memory.events", Some("max")),
+    };
+    let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+    match key {
+        None => text.trim().parse().unwrap_or(0),
+        Some(k) => text
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+fn pressure(o: &Opts, squeeze: bool) -> Result<Pressure> {
+    let disk = emars_tests::disk_dir().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(
+        &root,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{{dir}}/export\"\n\
+             [reactive]\nenabled = true\nsqueeze = {squeeze}\npressure_stall_ms = 10\n\
+             pressure_level_v1 = \"low\"\nidle_after_s = 2\nrelease_after_s = 5\n"
+        ),
+    )?;
+    let idle_cmd = |hold_ms: u64| {
+        let mut c = Command::new(alloc_bin());
+        c.args([
+            "--mib",
+            "8",
+            "--file-mib",
+            &o.cache_mib.to_string(),
+            "--file-dir",
+        ]);
+        c.arg(&disk);
+        c.args(["--hold-ms", &hold_ms.to_string()]);
+        c
+    };
+    for i in 0..3 {
+        let dir = root.instance_dir("idler", &format!("h{i}"))?;
+        if !spawn_in(&dir, idle_cmd(0))?.wait()?.success() {
+            bail!("history instance {i} failed");
+        }
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("idler", 3)?;
+    let mut idle = Vec::new();
+    let mut children = Vec::new();
+    for i in 0..o.idle {
+        let dir = root.instance_dir("idler", &format!("i{i}"))?;
+        wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
+            .context("no limit written at mkdir")?;
+        children.push(spawn_in(&dir, idle_cmd(3_600_000))?);
+        idle.push(dir);
+    }
+    let full = (o.cache_mib + 6) * MIB;
+    for dir in &idle {
+        wait_for(Duration::from_secs(30), || {
+            (root.hierarchy.usage(dir).ok()? >= full).then_some(())
+        })
+        .context("an idle instance did not fill its cache")?;
+    }
+    // Idle for the agent: two samples of unchanged CPU time.
+    thread::sleep(Duration::from_secs(5));
+    let sum = |dirs: &[std::path::PathBuf]| -> u64 {
+        dirs.iter()
+            .filter_map(|d| root.hierarchy.usage(d).ok())
+            .sum::<u64>()
+            / MIB
+    };
+    let idle_before_mib = sum(&idle);
+    let in_use = root.hierarchy.usage(&root.dir)?;
+    root.hierarchy.set_limit(&root.dir, in_use + 64 * MIB)?;
+    let hits0 = limit_hits(&root.hierarchy, &root.dir);
+    let busy = root.instance_dir("busy", "b")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", &o.busy_mib.to_string(), "--rate-mib-s", "128"]);
+    let t0 = Instant::now();
+    let mut child = spawn_in(&busy, cmd)?;
+    // The bench (not the agent) samples the parent's limit hits to time the pressure.
+    let (mut last_hits, mut last_hit_at, mut first_hit_at) = (hits0, None, None);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        let h = limit_hits(&root.hierarchy, &root.dir);
+        if h > last_hits {
+            last_hits = h;
+            last_hit_at = Some(t0.elapsed());
+            first_hit_at.get_or_insert(t0.elapsed());
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let busy_ms = t0.elapsed().as_millis();
+    if squeeze {
+        wait_for(Duration::from_secs(10), || {
+            let i = agent.get_ok("/v1/info").ok()?;
+            (i["reactive"]["squeezes"].as_u64()? >= o.idle as u64).then_some(())
+        });
+    }
+    let idle_after_mib = sum(&idle);
+    let info = agent.get_ok("/v1/info")?;
+    let r = &info["reactive"];
+    let out = Pressure {
+        label: if squeeze { "squeeze on" } else { "squeeze off" },
+        finished: status.success(),
+        busy_ms,
+        limit_hits: last_hits - hits0,
+        pressure_ms: match (first_hit_at, last_hit_at) {
+            (Some(a), Some(b)) => (b - a).as_millis(),
+            _ => 0,
+        },
+        idle_before_mib,
+        idle_after_mib,
+        squeezes: r["squeezes"].as_u64().unwrap_or(0),
+        reclaimed_mib: r["reclaimed_bytes"].as_u64().unwrap_or(0) / MIB,
+        squeeze_ms: r["last_squeeze_ms"].as_u64(),
+        source: r["pressure_sources"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_owned(),
+    };
+    root.hierarchy.clear_limit(&root.dir)?;
+    fs::remove_dir(&busy)?;
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = fs::remove_file(disk.join(format!("emars-alloc-{}.cache", c.id())));
+    }
+    agent.stop()?;
+    Ok(out)
+}
+
 fn run(o: &Opts) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -302,5 +473,38 @@ fn run(o: &Opts) -> Result<()> {
         ms(pct(&lat, 99.0)),
         ms(pct(&lat, 100.0))
     );
+    println!(
+        "\n3. Pressure experiment ({} idle instances with 8 MiB heap + {} MiB page cache; a busy one \
+         grows to {} MiB at 128 MiB/s under a parent limit 64 MiB above use)\n",
+        o.idle, o.cache_mib, o.busy_mib
+    );
+    let rows = [pressure(o, false)?, pressure(o, true)?];
+    println!(
+        "  {:<12} {:>9} {:>8} {:>11} {:>12} {:>20} {:>9} {:>14} {:>17}",
+        "mode",
+        "busy ok",
+        "busy ms",
+        "limit hits",
+        "pressure ms",
+        "idle MiB before/after",
+        "squeezed",
+        "reclaimed MiB",
+        "signal→done ms"
+    );
+    for r in &rows {
+        println!(
+            "  {:<12} {:>9} {:>8} {:>11} {:>12} {:>20} {:>9} {:>14} {:>17}",
+            r.label,
+            r.finished,
+            r.busy_ms,
+            r.limit_hits,
+            r.pressure_ms,
+            format!("{} / {}", r.idle_before_mib, r.idle_after_mib),
+            r.squeezes,
+            r.reclaimed_mib,
+            r.squeeze_ms.map_or("-".into(), |v| v.to_string())
+        );
+    }
+    println!("  pressure signal (squeeze on): {}", rows[1].source);
     Ok(())
 }

@@ -62,6 +62,7 @@ fn run() -> Result<Summary, String> {
     fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory")
         .map_err(|e| format!("enabling the memory controller: {e}"))?;
     loopback_up()?;
+    let disk = mount_disk();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("EMARS-VM-KERNEL {}", kernel.trim());
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -83,6 +84,7 @@ fn run() -> Result<Summary, String> {
         ("EMARS_ALLOC_BIN", "/bin/emars-alloc"),
         ("EMARS_TEST_ROOT_REQUIRED", "1"),
         ("EMARS_TEST_TIME_SCALE", scale.as_str()),
+        ("EMARS_DISK_DIR", disk),
         ("RUST_BACKTRACE", "1"),
         ("NO_COLOR", "1"),
     ];
@@ -197,6 +199,28 @@ fn report_probes(env: &[(&str, &str)]) {
     match info {
         Some(i) => println!("EMARS-VM-INFO {i}"),
         None => println!("EMARS-VM-INFO {{\"error\":\"agent did not answer\"}}"),
+    }
+}
+
+/// The ext4 disk xtask attaches as NVMe (both built into Debian's cloud kernels), mounted at
+/// /disk: page cache that the kernel can reclaim, which the initramfs's tmpfs is not. Returns
+/// where the tests should put such files (/tmp, in memory, when there is no disk: the tests
+/// that need one then say they skipped).
+fn mount_disk() -> &'static str {
+    let dev = std::path::Path::new("/dev/nvme0n1");
+    let t = std::time::Instant::now();
+    while !dev.exists() && t.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match mount("/dev/nvme0n1", "/disk", "ext4", "") {
+        Ok(()) => {
+            println!("EMARS-VM: disk /dev/nvme0n1 mounted at /disk");
+            "/disk"
+        }
+        Err(e) => {
+            println!("EMARS-VM: no disk ({e}); tests that need one will skip");
+            "/tmp"
+        }
     }
 }
 
