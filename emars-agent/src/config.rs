@@ -99,6 +99,7 @@ impl Default for PolicyConfig {
             headroom_bytes: DEFAULT_HEADROOM_BYTES,
             defaults: FunctionPolicy::default(),
             functions: Vec::new(),
+            keepalive: Default::default(),
         }
     }
 }
@@ -187,6 +188,7 @@ impl FunctionPolicy {
 
 impl PolicyConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.keepalive.validate()?;
         if self.period_secs < MIN_PERIOD_SECS {
             return Err(invalid(
                 "policy.period_secs",

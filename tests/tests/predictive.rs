@@ -408,3 +408,100 @@ fn generations_are_kept_and_exported() -> anyhow::Result<()> {
     assert!(toml.contains("function = \"gen\""), "{toml}");
     Ok(())
 }
+
+/// GET /v1/functions/{name}/limits answers, from the live model, exactly what the agent writes
+/// into a new instance at mkdir; GET .../keepalive answers from the idle times between the
+/// function's uses: pre-warm at the bin of the shortest (5th percentile of 7), keep alive to
+/// the end of the bin of the longest (99th), each with 10% margin; with too few uses, the
+/// fixed window.
+#[test]
+fn limits_and_keepalive_answer_from_history() -> anyhow::Result<()> {
+    if !require_root("limits_and_keepalive_answer_from_history") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    // Test-sized bins: 200 ms (scaled) x 50.
+    let bin = 200 * u64::from(time_scale());
+    let agent = start(
+        &root,
+        &format!(
+            "mode = \"enforce\"\n[policy.keepalive]\nbin_ms = {bin}\nbins = 50\nmin_idle_times = 5\n"
+        ),
+    )?;
+    let (s, _) = agent.get("/v1/functions/nobody/limits")?;
+    assert_eq!(s, 404);
+    let (s, _) = agent.get("/v1/functions/nobody/keepalive")?;
+    assert_eq!(s, 404);
+    let (s, _) = agent.get("/v1/functions/bad%20name/limits")?;
+    assert_eq!(s, 400);
+    // Eight uses one after another, about three bins apart.
+    for i in 0..8 {
+        let dir = root.instance_dir("regular", &format!("u{i}"))?;
+        run_alloc(&dir, 16, 0, 0)?;
+        fs::remove_dir(&dir)?;
+        std::thread::sleep(Duration::from_millis(3 * bin + bin / 2));
+    }
+    let ended = agent.wait_ended("regular", 8)?;
+    let mut uses: Vec<(u64, u64)> = ended
+        .iter()
+        .filter_map(|i| Some((i["started_at_ms"].as_u64()?, i["ended_at_ms"].as_u64()?)))
+        .collect();
+    uses.sort_unstable();
+    assert_eq!(uses.len(), 8, "{ended:?}");
+    let gaps: Vec<u64> = uses.windows(2).map(|w| w[1].0 - w[0].1).collect();
+    let (shortest, longest) = (
+        *gaps.iter().min().unwrap_or(&0),
+        *gaps.iter().max().unwrap_or(&0),
+    );
+    let k = agent.get_ok("/v1/functions/regular/keepalive")?;
+    assert_eq!(k["idle_times"], 7, "{k}");
+    assert!(
+        k["basis"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("histogram")),
+        "{k}"
+    );
+    let prewarm = (shortest / bin * bin) as f64 * 0.9;
+    let until = ((longest / bin + 1) * bin) as f64 * 1.1;
+    assert_eq!(
+        k["prewarm_ms"].as_u64(),
+        Some(prewarm as u64),
+        "{k} gaps {gaps:?}"
+    );
+    assert_eq!(
+        k["prewarm_ms"]
+            .as_u64()
+            .zip(k["keepalive_ms"].as_u64())
+            .map(|(p, w)| p + w),
+        Some(until as u64),
+        "{k} gaps {gaps:?}"
+    );
+    // Two uses: one idle time, too few to judge; the fixed window (the default four hours).
+    for i in 0..2 {
+        let dir = root.instance_dir("rare", &format!("u{i}"))?;
+        run_alloc(&dir, 8, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("rare", 2)?;
+    let k = agent.get_ok("/v1/functions/rare/keepalive")?;
+    assert_eq!(k["prewarm_ms"], 0, "{k}");
+    assert_eq!(k["keepalive_ms"], 4 * 3_600_000, "{k}");
+    assert!(
+        k["basis"].as_str().is_some_and(|b| b.starts_with("fixed")),
+        "{k}"
+    );
+
+    // Limits: what a new instance gets at mkdir, as the kernel shows it.
+    let dir = root.instance_dir("regular", "new")?;
+    let (max, high) = wait_for(Duration::from_secs(5), || {
+        let (m, h) = limits(&root.hierarchy, &dir);
+        Some((m?, h?))
+    })
+    .ok_or_else(|| anyhow::anyhow!("no limits at mkdir:\n{}", agent.log()))?;
+    let l = agent.get_ok("/v1/functions/regular/limits")?;
+    assert_eq!(l["max_bytes"].as_u64(), Some(max), "{l}");
+    assert_eq!(l["high_bytes"].as_u64(), Some(high), "{l}");
+    assert_eq!(l["source"], "history", "{l}");
+    fs::remove_dir(&dir)?;
+    Ok(())
+}

@@ -208,6 +208,8 @@ pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
             "/v1/functions/{name}/recommendation",
             get(get_recommendation),
         )
+        .route("/v1/functions/{name}/limits", get(get_limits))
+        .route("/v1/functions/{name}/keepalive", get(get_keepalive))
         .route("/v1/recommendations", get(list_recommendations))
         .route("/v1/recommendations/generate", post(generate))
         .route("/v1/generations", get(list_generations))
@@ -507,6 +509,54 @@ async fn get_recommendation(
     })
     .await?;
     found.map(Json)
+}
+
+/// The limits a new instance gets, from the policy's cache: no store read, no computation.
+async fn get_limits(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<FunctionLimits>> {
+    let name = function_name(path)?;
+    let p = predictive(&state)?;
+    let Some(r) = p.policy.cached(&name) else {
+        return Err(ApiError::not_found(format!(
+            "no limits for {name:?}: the function is unknown, or has no measured instance peak \
+             yet and no pinned limit"
+        )));
+    };
+    let source = if r.pinned {
+        "pinned"
+    } else if r.oom_bump_bytes.is_some() {
+        "oom_bump"
+    } else {
+        "history"
+    };
+    Ok(Json(FunctionLimits {
+        function: name,
+        max_bytes: r.max_bytes,
+        high_bytes: r.high_bytes,
+        source: source.to_owned(),
+        confidence: r.confidence,
+        computed_at_ms: r.computed_at_ms,
+    }))
+}
+
+/// Keep-alive and pre-warm advice from the idle times between the function's uses.
+async fn get_keepalive(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<KeepAliveAdvice>> {
+    let name = function_name(path)?;
+    let p = predictive(&state)?;
+    let store = state.store.clone();
+    let lookup = name.clone();
+    let idle = blocking(move || store.idle_times(&lookup)).await?;
+    let idle = idle.ok_or_else(|| unknown_function(&name))?;
+    let advice = p.policy.keepalive().advise(&idle);
+    Ok(Json(KeepAliveAdvice {
+        function: name,
+        advice,
+    }))
 }
 
 async fn list_recommendations(

@@ -129,3 +129,26 @@ pub struct WritesResponse {
 pub struct AuditResponse {
     pub audit: Vec<AuditRecord>,
 }
+
+/// GET /v1/functions/{name}/limits: the limits a new instance of the function gets, from the
+/// live model (what the agent writes at mkdir or bind in enforce mode), for platforms that set
+/// limits themselves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionLimits {
+    pub function: String,
+    pub max_bytes: u64,
+    pub high_bytes: u64,
+    /// "pinned" (configured), "oom_bump" (raised after an OOM kill) or "history" (the
+    /// percentile of the retained instance peaks, with margin).
+    pub source: String,
+    pub confidence: f64,
+    pub computed_at_ms: u64,
+}
+
+/// GET /v1/functions/{name}/keepalive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeepAliveAdvice {
+    pub function: String,
+    #[serde(flatten)]
+    pub advice: crate::policy::keepalive::KeepAlive,
+}

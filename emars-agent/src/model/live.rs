@@ -203,6 +203,19 @@ impl FunctionState {
         self.long_runs.remove(&key);
     }
 
+    /// Idle times between uses: the gaps in which none of the function's retained instances
+    /// ran, oldest first (concurrent uses leave no gap; a live one has no end yet).
+    fn idle_times(&self) -> Vec<u64> {
+        let mut uses: Vec<(u64, u64)> = self
+            .ended
+            .iter()
+            .map(|e| (e.started_at_ms, self.ended_at(e)))
+            .chain(self.live.keys().map(|k| (k.0, u64::MAX)))
+            .collect();
+        uses.sort_unstable();
+        idle_gaps(uses)
+    }
+
     fn ended_at(&self, e: &Ended) -> u64 {
         if e.ran_ms == u32::MAX {
             if let Some(end) = self.long_runs.get(&(e.started_at_ms, e.cgroup_id)) {
@@ -502,6 +515,11 @@ impl LiveModel {
         out
     }
 
+    /// A function's idle times between uses (None when it is unknown).
+    pub fn idle_times(&self, name: &str) -> Option<Vec<u64>> {
+        self.functions.get(name).map(|f| f.idle_times())
+    }
+
     /// The recommender's samples of a function (empty when it is unknown).
     pub fn samples(&self, name: &str, now_ms: u64) -> Vec<Sample> {
         self.functions
@@ -716,10 +734,37 @@ impl HourSeries {
 }
 
 /// `b` after `d`: counters add, `peak_bytes` takes the max.
+/// The gaps in which none of a function's uses ran, from their (start, end) ordered by start:
+/// the idle times of the keep-alive policy. Concurrent uses leave no gap; a use still running
+/// ends at `u64::MAX`.
+pub fn idle_gaps(uses: impl IntoIterator<Item = (u64, u64)>) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut busy_until: Option<u64> = None;
+    for (start, end) in uses {
+        if let Some(b) = busy_until.filter(|b| start > *b) {
+            out.push(start - b);
+        }
+        busy_until = Some(busy_until.map_or(end, |b| b.max(end)));
+    }
+    out
+}
+
 pub fn apply_delta(b: &mut HourBucket, d: &HourDelta) {
     b.instances_started = b.instances_started.saturating_add(d.instances_started);
     b.execs = b.execs.saturating_add(d.execs);
     b.invocations = b.invocations.saturating_add(d.invocations);
     b.oom_kills = b.oom_kills.saturating_add(d.oom_kills);
     b.peak_bytes = b.peak_bytes.max(d.peak_bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn idle_gaps_are_where_no_use_ran() {
+        // 0-10 and 5-20 overlap; 30-40 comes after a 10 ms gap, 100-110 after 60.
+        let uses = [(0, 10), (5, 20), (30, 40), (100, 110)];
+        assert_eq!(super::idle_gaps(uses), vec![10, 60]);
+        assert!(super::idle_gaps([(0, u64::MAX), (5, 6)]).is_empty());
+        assert!(super::idle_gaps([]).is_empty());
+    }
 }

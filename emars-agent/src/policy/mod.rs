@@ -6,6 +6,7 @@
 pub mod actuator;
 pub mod burst;
 pub mod enforcer;
+pub mod keepalive;
 pub mod reactive;
 pub mod recommend;
 pub mod squeeze;
@@ -39,6 +40,12 @@ pub struct GeneratedConfig {
     pub memory_max_bytes: u64,
     pub confidence: f64,
     pub pinned: bool,
+    /// Reuse/Recycle advice (`[policy.keepalive]`): load a new instance this long after a use
+    /// ends (0: keep it loaded), and keep it this long from then.
+    #[serde(default)]
+    pub prewarm_ms: u64,
+    #[serde(default)]
+    pub keepalive_ms: u64,
 }
 
 /// A generated config: every function at one moment.
@@ -170,6 +177,11 @@ impl Policy {
     }
 
     /// The last computed recommendation (the hot path of enforcement: no store access).
+    /// The keep-alive settings (`[policy.keepalive]`).
+    pub fn keepalive(&self) -> &keepalive::KeepAliveConfig {
+        &self.config.keepalive
+    }
+
     pub fn cached(&self, function: &str) -> Option<Recommendation> {
         self.cache.read().ok()?.get(function).cloned()
     }
@@ -241,7 +253,11 @@ impl Policy {
             let Some(r) = recs.get(&fc.function) else {
                 continue;
             };
+            let idle = self.store.idle_times(&fc.function)?.unwrap_or_default();
+            let keep = self.config.keepalive.advise(&idle);
             functions.push(GeneratedConfig {
+                prewarm_ms: keep.prewarm_ms,
+                keepalive_ms: keep.keepalive_ms,
                 function: fc.function,
                 requests_per_hour: fc.requests_per_hour,
                 max_memory_bytes: fc.max_memory_bytes,
@@ -397,4 +413,6 @@ pub struct PolicyConfig {
     pub defaults: FunctionPolicy,
     /// Per-function overrides (with `name`); unset keys fall back to `defaults`.
     pub functions: Vec<FunctionPolicy>,
+    /// Keep-alive and pre-warm advice (Reuse/Recycle).
+    pub keepalive: keepalive::KeepAliveConfig,
 }

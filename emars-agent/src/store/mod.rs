@@ -1374,6 +1374,12 @@ impl Store {
         Ok(self.state().model.samples(function, now_ms))
     }
 
+    /// A function's idle times between uses, from memory (None when it is unknown).
+    pub fn idle_times(&self, function: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        validate_name(function)?;
+        Ok(self.state().model.idle_times(function))
+    }
+
     /// The paper's per-function config, one entry per known function, sorted by name.
     ///
     /// `requests_per_hour` is the busiest retained hour's platform-reported invocations when

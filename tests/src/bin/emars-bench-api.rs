@@ -10,7 +10,8 @@
 //! Prints per store: records, fill time, start-up (open, which builds the live model: "open"
 //! after a kill -9 reads every record, "clean" after a clean stop loads the checkpoint), the
 //! peak RSS of a process that opened the store (as the agent does), bytes on disk per instance
-//! record, and p50/p99/max of GET /v1/functions and GET /v1/functions/{name}. Each open runs
+//! record, and p50/p99/max of GET /v1/functions, GET /v1/functions/{name}, and of the
+//! platform-facing GET /v1/functions/{name}/limits and /keepalive. Each open runs
 //! in a fresh process (this binary with `--open PATH`), so that its RSS and time are those of
 //! an agent starting on that store.
 //! Needs no root and no kernel features.
@@ -24,8 +25,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use emars_agent::{
-    api::{self, guard::Guard, server::Bounds, token::Token, ApiState},
+    api::{self, guard::Guard, server::Bounds, token::Token, ApiState, Predictive},
+    kernel::cgroupfs::{CgroupVersion, MemoryHierarchy},
     model::{AgentInfo, HourDelta, InstanceRecord, Limits, PeakSource},
+    policy::{actuator::Actuator, Policy},
     store::{Store, HOUR_MS},
 };
 
@@ -107,6 +110,8 @@ struct Row {
     bytes_per_record: f64,
     list: Vec<Duration>,
     one: Vec<Duration>,
+    limits: Vec<Duration>,
+    keepalive: Vec<Duration>,
 }
 
 fn run(o: &Opts) -> Result<()> {
@@ -143,6 +148,18 @@ fn run(o: &Opts) -> Result<()> {
             r.bytes_per_record,
             triple(&r.list),
             triple(&r.one),
+        );
+    }
+    println!(
+        "\n{:<22} {:>34}  {:>34}",
+        "store", "GET .../{n}/limits p50/p99/max", "GET .../{n}/keepalive p50/p99/max"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:>34}  {:>34}",
+            r.label,
+            triple(&r.limits),
+            triple(&r.keepalive)
         );
     }
     let (small, large) = (&rows[0], &rows[1]);
@@ -188,7 +205,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     }
     let store = Store::open(&path)?;
 
-    let (addr, _server) = serve(store, &root)?;
+    let (addr, _server) = serve(store, &root, &root)?;
     let http = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
         .build();
@@ -200,12 +217,14 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     };
     let mut list = Vec::with_capacity(o.requests);
     let mut one = Vec::with_capacity(o.requests);
+    let mut limits = Vec::with_capacity(o.requests);
+    let mut keepalive = Vec::with_capacity(o.requests);
     for i in 0..o.requests {
+        let f = (i as u64 * 7919) % functions;
         list.push(get("/v1/functions")?);
-        one.push(get(&format!(
-            "/v1/functions/f{}",
-            (i as u64 * 7919) % functions
-        ))?);
+        one.push(get(&format!("/v1/functions/f{f}"))?);
+        limits.push(get(&format!("/v1/functions/f{f}/limits"))?);
+        keepalive.push(get(&format!("/v1/functions/f{f}/keepalive"))?);
     }
     Ok(Row {
         label,
@@ -219,6 +238,8 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         bytes_per_record,
         list,
         one,
+        limits,
+        keepalive,
     })
 }
 
@@ -334,8 +355,32 @@ fn open_in_child(path: &Path) -> Result<(Duration, bool, f64, f64)> {
 }
 
 /// The real API router and server on 127.0.0.1:0, on a runtime of its own.
-fn serve(store: Store, dir: &Path) -> Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+fn serve(
+    store: Store,
+    dir: &Path,
+    tmp: &Path,
+) -> Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let token = Token::load_or_create(&dir.join("token"))?;
+    // The policy as the agent runs it, in observe mode (the actuator writes nothing: its
+    // hierarchy is an empty directory), with every recommendation computed once, as at start.
+    let hierarchy = MemoryHierarchy {
+        version: CgroupVersion::V2,
+        mount: tmp.join("no-cgroups"),
+        hierarchy_id: 0,
+    };
+    let actuator = Arc::new(Actuator::new(
+        hierarchy,
+        &["/emars".to_string()],
+        8 << 20,
+        false,
+        store.clone(),
+    ));
+    let config = emars_agent::config::PolicyConfig {
+        export_dir: tmp.join("export"),
+        ..Default::default()
+    };
+    let policy = Arc::new(Policy::new(config, store.clone(), actuator.host_memory()));
+    policy.compute_all(emars_agent::clock::now_ms())?;
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
@@ -355,7 +400,13 @@ fn serve(store: Store, dir: &Path) -> Result<(SocketAddr, std::thread::JoinHandl
             let state = ApiState {
                 store,
                 info: Arc::new(RwLock::new(AgentInfo::default())),
-                predictive: None,
+                predictive: Some(Predictive {
+                    policy,
+                    actuator,
+                    reactive: Default::default(),
+                    limits_written: None,
+                    admissions: Default::default(),
+                }),
                 retention_ms: 3650 * 86_400_000,
             };
             let guard = Arc::new(Guard::new(token, addr, &[]));
