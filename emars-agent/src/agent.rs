@@ -81,6 +81,7 @@ pub async fn run(
         probes_unpinned: probes.report.unpinned.clone(),
         model: Default::default(),
         reactive: Default::default(),
+        per_use_peak: per_use_peak_method(&hierarchy, &roots),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -191,6 +192,7 @@ pub async fn run(
 
     // Limits the API writes (apply, set-limit): the event loop keeps records and watches in step.
     let (limits_tx, limits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(config.api.listen)
@@ -211,6 +213,7 @@ pub async fn run(
             admissions: Default::default(),
         }),
         retention_ms: u64::from(config.store.retention_days) * 86_400_000,
+        pool: Some(pool_tx),
     };
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api::serve(
@@ -244,6 +247,7 @@ pub async fn run(
             burst,
             squeeze,
             api_limits: limits_rx,
+            pool: pool_rx,
         },
         &ctx,
         stop_rx,
@@ -278,6 +282,60 @@ pub async fn run(
     result
 }
 
+/// How this kernel measures one use of a pooled cgroup. v2: a per-descriptor reset of a
+/// watched root's memory.peak, which changes nothing for any other reader; v1 is known
+/// without trying (its reset would clear the root's own watermark).
+fn per_use_peak_method(hierarchy: &MemoryHierarchy, roots: &[String]) -> String {
+    use crate::kernel::cgroupfs::{CgroupVersion, UsePeak};
+    match hierarchy.version {
+        CgroupVersion::V1 => UsePeak::V1.method().to_owned(),
+        CgroupVersion::V2 => roots
+            .iter()
+            .find_map(|r| hierarchy.reset_peak(&hierarchy.dir(r)).ok())
+            .map(|p| p.method().to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Carries out a bind or release and answers it.
+fn on_pool_command(cmd: crate::api::PoolCommand, tracker: &mut Tracker, enforcer: &mut Enforcer) {
+    use crate::api::PoolCommand;
+    // The request may name the directory or the path below the hierarchy.
+    let rel = |cgroup: &str| {
+        tracker
+            .cgroups()
+            .rel_path(std::path::Path::new(cgroup))
+            .unwrap_or_else(|| cgroup.trim_end_matches('/').to_owned())
+    };
+    match cmd {
+        PoolCommand::Bind { body, reply } => {
+            let answer = tracker
+                .bind(&rel(&body.cgroup), &body.function, &body.instance, now_ms())
+                .map(|(id, effects)| {
+                    enforcer.run(tracker, effects);
+                    id
+                })
+                .and_then(|id| {
+                    tracker.live_record(id).cloned().ok_or_else(|| {
+                        crate::api::BindError::NotFound {
+                            path: body.cgroup.clone(),
+                        }
+                    })
+                });
+            let _ = reply.send(answer);
+        }
+        PoolCommand::Release { body, reply } => {
+            let answer = tracker
+                .release(&rel(&body.cgroup), now_ms())
+                .map(|(rec, effects)| {
+                    enforcer.run(tracker, effects);
+                    rec
+                });
+            let _ = reply.send(answer);
+        }
+    }
+}
+
 /// Where limits change besides new instances: the burst guard with its kernel signals (when
 /// reactive mode is on), and the limits the API wrote.
 struct LimitInputs {
@@ -287,6 +345,8 @@ struct LimitInputs {
         tokio::sync::mpsc::UnboundedReceiver<PressureSignal>,
     )>,
     api_limits: tokio::sync::mpsc::UnboundedReceiver<(u64, Limits)>,
+    /// Binds and releases of pooled cgroups (POST /v1/bind, /v1/release).
+    pool: tokio::sync::mpsc::UnboundedReceiver<crate::api::PoolCommand>,
 }
 
 /// What the event loop reads besides the ring buffer.
@@ -343,6 +403,7 @@ async fn event_loop(
         burst,
         squeeze,
         mut api_limits,
+        mut pool,
     } = inputs;
     let (mut burst, mut signals) = match burst {
         Some((b, rx)) => (Some(b), Some(rx)),
@@ -412,6 +473,14 @@ async fn event_loop(
                 enforcer.run(tracker, effects);
                 if let Some(b) = burst.as_mut() {
                     b.watch_instance(tracker, enforcer, id, limits);
+                }
+            }
+            // A platform binds or releases a pooled cgroup: mkdirs and rmdirs read first.
+            Some(cmd) = pool.recv() => {
+                drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                on_pool_command(cmd, tracker, enforcer);
+                if let Some(b) = burst.as_mut() {
+                    b.sync(enforcer, tracker);
                 }
             }
             guard = ring.readable_mut() => {

@@ -175,6 +175,7 @@ fn build(dir: PathBuf) -> Harness {
             admissions: Default::default(),
         }),
         retention_ms: 14 * 86_400_000,
+        pool: None,
     };
     let token = Token::load_or_create(&dir.join("token")).unwrap();
     let token_text = token.as_str().to_string();

@@ -48,6 +48,7 @@ const GUEST_TESTS: &[&str] = &[
     "bad_input",
     "predictive",
     "reactive",
+    "binding",
     "cli",
     "security",
 ];

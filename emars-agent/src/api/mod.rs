@@ -47,6 +47,7 @@ use axum::{middleware, Json, Router};
 
 use crate::kernel::cgroupfs::CgroupfsError;
 use crate::model::registry::valid_function_name;
+pub use crate::model::tracker::BindError;
 use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
@@ -70,6 +71,22 @@ pub struct ApiState {
     pub predictive: Option<Predictive>,
     /// The store's retention: reported invocations older than this are refused.
     pub retention_ms: u64,
+    /// Bind and release of pooled cgroups, carried out by the agent's event loop (which owns
+    /// the tracker); None where no event loop runs (503 on those routes).
+    pub pool: Option<tokio::sync::mpsc::UnboundedSender<PoolCommand>>,
+}
+
+/// A bind or release for the event loop, with where to answer.
+#[derive(Debug)]
+pub enum PoolCommand {
+    Bind {
+        body: BindBody,
+        reply: tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>,
+    },
+    Release {
+        body: ReleaseBody,
+        reply: tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>,
+    },
 }
 
 /// What the predictive routes need.
@@ -216,6 +233,8 @@ pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
         .route("/v1/apply", post(apply_all))
         .route("/v1/audit", get(list_audit))
         .route("/v1/admission", post(admission).get(admission_counts))
+        .route("/v1/bind", post(bind))
+        .route("/v1/release", post(release))
         .route(
             "/v1/functions/{name}/instances/{instance}/limits",
             post(set_limits),
@@ -511,6 +530,54 @@ async fn get_recommendation(
     found.map(Json)
 }
 
+/// POST /v1/bind: a pooled cgroup now serves a function (a new instance record, its
+/// watermark reset, its limits written in enforce mode).
+async fn bind(
+    State(state): State<ApiState>,
+    body: Result<Json<BindBody>, JsonRejection>,
+) -> ApiResult<Json<InstanceRecord>> {
+    let Json(body) = body?;
+    pool_command(&state, |reply| PoolCommand::Bind { body, reply }).await
+}
+
+/// POST /v1/release: the use of a pooled cgroup ends; answers the closed record.
+async fn release(
+    State(state): State<ApiState>,
+    body: Result<Json<ReleaseBody>, JsonRejection>,
+) -> ApiResult<Json<InstanceRecord>> {
+    let Json(body) = body?;
+    pool_command(&state, |reply| PoolCommand::Release { body, reply }).await
+}
+
+async fn pool_command(
+    state: &ApiState,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>) -> PoolCommand,
+) -> ApiResult<Json<InstanceRecord>> {
+    let tx = state.pool.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no event loop runs in this process to bind cgroups",
+        )
+    })?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(make(reply))
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"))?;
+    let answer = answer
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"))?;
+    answer.map(Json).map_err(|e| {
+        let status = match &e {
+            BindError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BindError::NotFound { .. } => StatusCode::NOT_FOUND,
+            BindError::Outside { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            BindError::PathInstance { .. }
+            | BindError::AlreadyBound { .. }
+            | BindError::NotBound { .. } => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, e.to_string())
+    })
+}
+
 /// The limits a new instance gets, from the policy's cache: no store read, no computation.
 async fn get_limits(
     State(state): State<ApiState>,
@@ -792,6 +859,7 @@ mod tests {
                 info: info.clone(),
                 predictive: None,
                 retention_ms: 3650 * 86_400_000,
+                pool: None,
             };
             let token = token::Token::load_or_create(&dir.path().join("token")).expect("token");
             let token_text = token.as_str().to_owned();

@@ -152,3 +152,20 @@ pub struct KeepAliveAdvice {
     #[serde(flatten)]
     pub advice: crate::policy::keepalive::KeepAlive,
 }
+
+/// POST /v1/bind: `cgroup` (the directory, or its path below the hierarchy as the kernel
+/// shows it: "/pool/cg-3") now serves `function` as `instance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindBody {
+    pub cgroup: String,
+    pub function: String,
+    pub instance: String,
+}
+
+/// POST /v1/release: the use of `cgroup` ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    pub cgroup: String,
+}

@@ -561,6 +561,8 @@ fn peak_source(s: PeakSource) -> &'static str {
         PeakSource::None => "none",
         PeakSource::KernelWatermark => "watermark",
         PeakSource::ChargeEvents => "charge events",
+        PeakSource::UseWatermark => "use watermark",
+        PeakSource::LifetimeWatermark => "lifetime watermark (pooled, inexact)",
     }
 }
 

@@ -199,6 +199,55 @@ impl MemoryHierarchy {
         Ok(keyed_value(&text, "oom_kill").unwrap_or(0))
     }
 
+    /// Starts a use of a pooled cgroup: resets the kernel's watermark so that it measures
+    /// this use alone (v1: a write to memory.max_usage_in_bytes; v2 from 6.12: a write to
+    /// memory.peak resets it for that descriptor, which is kept to read it through). A v2
+    /// kernel before 6.12 has no reset: the lifetime watermark then stands in.
+    pub fn reset_peak(&self, dir: &Path) -> Result<UsePeak> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let path = dir.join("memory.max_usage_in_bytes");
+                fs::write(&path, "0").map_err(|e| CgroupfsError::io(&path, e))?;
+                Ok(UsePeak::V1)
+            }
+            CgroupVersion::V2 => {
+                let path = dir.join("memory.peak");
+                let opened = fs::OpenOptions::new().read(true).write(true).open(&path);
+                let mut f = match opened {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(CgroupfsError::io(&path, e))
+                    }
+                    Err(_) => return Ok(UsePeak::Lifetime),
+                };
+                match io::Write::write_all(&mut f, b"reset") {
+                    Ok(()) => Ok(UsePeak::V2(f)),
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                        Err(CgroupfsError::io(&path, e))
+                    }
+                    // EINVAL: memory.peak takes no writes before 6.12.
+                    Err(_) => Ok(UsePeak::Lifetime),
+                }
+            }
+        }
+    }
+
+    /// The peak of the use started by [`Self::reset_peak`], and whether it is exact.
+    pub fn use_peak(&self, dir: &Path, p: &mut UsePeak) -> Result<(u64, bool)> {
+        match p {
+            UsePeak::V1 => Ok((read_u64(&dir.join("memory.max_usage_in_bytes"))?, true)),
+            UsePeak::V2(f) => {
+                let path = dir.join("memory.peak");
+                let mut text = String::new();
+                io::Seek::seek(f, io::SeekFrom::Start(0))
+                    .and_then(|_| io::Read::read_to_string(f, &mut text))
+                    .map_err(|e| CgroupfsError::io(&path, e))?;
+                Ok((parse_u64(&path, text)?, true))
+            }
+            UsePeak::Lifetime => Ok((self.peak(dir)?.unwrap_or(0), false)),
+        }
+    }
+
     /// Page cache the kernel can reclaim without swap: file pages less shmem (v2 memory.stat
     /// `file` - `shmem`, v1 `cache` - `shmem`).
     pub fn reclaimable_file(&self, dir: &Path) -> Result<u64> {
@@ -253,6 +302,31 @@ impl MemoryHierarchy {
                 CgroupVersion::V1 => g.controllers.iter().any(|c| c == "memory"),
             })
             .map(|g| g.pathname)
+    }
+}
+
+/// How the peak of one use of a pooled cgroup is read (see [`MemoryHierarchy::reset_peak`]).
+#[derive(Debug)]
+pub enum UsePeak {
+    /// v1: memory.max_usage_in_bytes, reset at bind.
+    V1,
+    /// v2 (6.12+): memory.peak through the descriptor the reset was written to.
+    V2(fs::File),
+    /// v2 before 6.12: the cgroup's lifetime watermark (not exact for this use).
+    Lifetime,
+}
+
+impl UsePeak {
+    /// For /v1/info: how a kernel like this one measures a use.
+    pub fn method(&self) -> &'static str {
+        match self {
+            UsePeak::V1 => "v1 memory.max_usage_in_bytes reset at bind (exact)",
+            UsePeak::V2(_) => "v2 memory.peak reset per descriptor at bind (6.12+, exact)",
+            UsePeak::Lifetime => {
+                "none: memory.peak cannot be reset before kernel 6.12; a use's peak is the \
+                 cgroup's lifetime watermark (not exact)"
+            }
+        }
     }
 }
 

@@ -23,6 +23,12 @@ pub enum PeakSource {
     /// The in-kernel sum of memcg charge events (eBPF), used when the cgroup was gone before
     /// its watermark could be read.
     ChargeEvents,
+    /// One use of a pooled cgroup (POST /v1/bind): the kernel's watermark reset at bind (v1
+    /// memory.max_usage_in_bytes, v2 memory.peak through a descriptor, 6.12+), exact.
+    UseWatermark,
+    /// One use of a pooled cgroup on a kernel that cannot reset its watermark (v2 before
+    /// 6.12): the cgroup's lifetime watermark, which may include earlier uses. Not exact.
+    LifetimeWatermark,
 }
 
 /// One container instance: a cgroup that a registry rule mapped to a function.
@@ -159,6 +165,9 @@ pub struct AgentInfo {
     /// Reactive mode: the burst guard and admission.
     #[serde(default)]
     pub reactive: ReactiveInfo,
+    /// How the peak of one use of a pooled cgroup (POST /v1/bind) is measured here.
+    #[serde(default)]
+    pub per_use_peak: String,
 }
 
 /// GET /v1/info → "reactive".

@@ -37,7 +37,7 @@ fn is_function_byte(b: u8) -> bool {
 }
 
 /// Instances are opaque labels; they only need to be printable and bounded.
-fn valid_instance_name(name: &str) -> bool {
+pub fn valid_instance_name(name: &str) -> bool {
     (1..=MAX_INSTANCE_NAME_LEN).contains(&name.len()) && !name.chars().any(char::is_control)
 }
 

@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     kernel::{
-        cgroupfs::{self, CgroupfsError, Limits, MemoryHierarchy},
+        cgroupfs::{self, CgroupfsError, Limits, MemoryHierarchy, UsePeak},
         events::KernelEvent,
     },
     model::{
@@ -36,6 +36,14 @@ pub trait Cgroups {
     fn cgroup_id(&self, dir: &Path) -> Option<u64>;
     /// The directory with cgroup id `id` below `dir`.
     fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf>;
+    /// Starts a use of a pooled cgroup (its watermark reset where the kernel can).
+    fn reset_peak(&self, _dir: &Path) -> Result<UsePeak, CgroupfsError> {
+        Ok(UsePeak::Lifetime)
+    }
+    /// The peak of that use, and whether it is exact.
+    fn use_peak(&self, dir: &Path, _p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
+        Ok((self.peak(dir)?.unwrap_or(0), false))
+    }
 }
 
 impl Cgroups for MemoryHierarchy {
@@ -60,6 +68,39 @@ impl Cgroups for MemoryHierarchy {
     fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf> {
         cgroupfs::find_by_id(dir, id)
     }
+    fn reset_peak(&self, dir: &Path) -> Result<UsePeak, CgroupfsError> {
+        MemoryHierarchy::reset_peak(self, dir)
+    }
+    fn use_peak(&self, dir: &Path, p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
+        MemoryHierarchy::use_peak(self, dir, p)
+    }
+}
+
+/// Why a bind or release was refused (the API's 4xx).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path} is not inside a watched root; EMARS binds only cgroups it watches")]
+    Outside { path: String },
+    #[error("no cgroup {path}")]
+    NotFound { path: String },
+    #[error(
+        "{path} is an instance by the path rules ({function}/{instance}), not a pooled cgroup"
+    )]
+    PathInstance {
+        path: String,
+        function: String,
+        instance: String,
+    },
+    #[error("{path} is bound already (to {function}/{instance}); release it first")]
+    AlreadyBound {
+        path: String,
+        function: String,
+        instance: String,
+    },
+    #[error("{path} is not bound")]
+    NotBound { path: String },
 }
 
 /// What the tracker asks the rest of the agent to do, in order.
@@ -121,6 +162,8 @@ pub struct Tracker<C: Cgroups = MemoryHierarchy> {
     dirty: HashSet<String>,
     /// New instances whose enforcement has not been answered yet.
     awaiting: HashSet<u64>,
+    /// Pooled cgroups bound to a function (POST /v1/bind): how their use's peak is read.
+    bound: HashMap<u64, UsePeak>,
     pub stats: TrackerStats,
 }
 
@@ -133,6 +176,7 @@ impl<C: Cgroups> Tracker<C> {
             live: HashMap::new(),
             dirty: HashSet::new(),
             awaiting: HashSet::new(),
+            bound: HashMap::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -229,6 +273,158 @@ impl<C: Cgroups> Tracker<C> {
         out
     }
 
+    /// A pooled cgroup starts serving `function` as `instance` (POST /v1/bind): a new live
+    /// instance record, its watermark reset so that its peak is this use's, and its function's
+    /// limits due like a new instance's. Returns its cgroup id.
+    pub fn bind(
+        &mut self,
+        rel_path: &str,
+        function: &str,
+        instance: &str,
+        at_ms: u64,
+    ) -> Result<(u64, Vec<Effect>), BindError> {
+        if !crate::model::registry::valid_function_name(function) {
+            return Err(BindError::Invalid(format!(
+                "invalid function name {function:?}"
+            )));
+        }
+        if !crate::model::registry::valid_instance_name(instance) {
+            return Err(BindError::Invalid(format!(
+                "invalid instance name {instance:?}"
+            )));
+        }
+        let (id, dir) = self.pooled(rel_path)?;
+        if let Some(rec) = self.live.get(&id) {
+            let (function, instance) = (rec.function.clone(), rec.instance.clone());
+            let path = rel_path.to_owned();
+            return Err(if self.bound.contains_key(&id) {
+                BindError::AlreadyBound {
+                    path,
+                    function,
+                    instance,
+                }
+            } else {
+                BindError::PathInstance {
+                    path,
+                    function,
+                    instance,
+                }
+            });
+        }
+        let peak = self
+            .cgroups
+            .reset_peak(&dir)
+            .map_err(|_| BindError::NotFound {
+                path: rel_path.to_owned(),
+            })?;
+        let rec = InstanceRecord {
+            function: function.to_owned(),
+            instance: instance.to_owned(),
+            cgroup_id: id,
+            cgroup_path: dir.display().to_string(),
+            started_at_ms: at_ms,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::None,
+            oom_kills: 0,
+            limits: self.cgroups.limits(&dir).unwrap_or_default(),
+        };
+        tracing::info!(
+            function,
+            instance,
+            cgroup = rel_path,
+            method = peak.method(),
+            "bound"
+        );
+        let mut out = Vec::new();
+        if self.dirty.remove(function) {
+            out.push(Effect::Recompute {
+                function: function.to_owned(),
+                at_ms,
+            });
+        }
+        out.push(Effect::Enforce {
+            record: rec.clone(),
+            mkdir_ts_ns: None,
+        });
+        out.push(Effect::AddHour {
+            function: function.to_owned(),
+            at_ms,
+            delta: HourDelta {
+                instances_started: 1,
+                ..Default::default()
+            },
+        });
+        self.awaiting.insert(id);
+        self.bound.insert(id, peak);
+        self.live.insert(id, rec);
+        Ok((id, out))
+    }
+
+    /// The use of a pooled cgroup ends (POST /v1/release): its record is closed with the peak
+    /// of this use. Returns the closed record.
+    pub fn release(
+        &mut self,
+        rel_path: &str,
+        at_ms: u64,
+    ) -> Result<(InstanceRecord, Vec<Effect>), BindError> {
+        let (id, _) = self.pooled(rel_path)?;
+        if !self.bound.contains_key(&id) {
+            return Err(BindError::NotBound {
+                path: rel_path.to_owned(),
+            });
+        }
+        if let Some(mut rec) = self.live.remove(&id) {
+            self.refresh_watermark(&mut rec, false);
+            self.live.insert(id, rec);
+        }
+        let mut out = Vec::new();
+        self.close(id, at_ms, &mut out);
+        let rec = out
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::Save(r) if r.cgroup_id == id => Some(r.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| BindError::NotBound {
+                path: rel_path.to_owned(),
+            })?;
+        Ok((rec, out))
+    }
+
+    /// A cgroup below a watched root that exists (id, directory), for bind and release.
+    fn pooled(&mut self, rel_path: &str) -> Result<(u64, PathBuf), BindError> {
+        if rel_path.split('/').any(|c| c == "." || c == "..") || !rel_path.starts_with('/') {
+            return Err(BindError::Invalid(format!(
+                "cgroup {rel_path:?}: give the path below the hierarchy (\"/pool/cg-1\") or \
+                 the absolute directory, without . or .."
+            )));
+        }
+        if !self.registry.is_under_root(rel_path)
+            || self.registry.roots().iter().any(|r| r == rel_path)
+        {
+            return Err(BindError::Outside {
+                path: rel_path.to_owned(),
+            });
+        }
+        let dir = self.cgroups.dir(rel_path);
+        let id = self
+            .cgroups
+            .cgroup_id(&dir)
+            .ok_or_else(|| BindError::NotFound {
+                path: rel_path.to_owned(),
+            })?;
+        if self.table.get(id).is_none() {
+            // Created before the agent looked (or its mkdir is still in the ring).
+            let identity = self.registry.classify(rel_path);
+            self.table
+                .insert(id, rel_path.to_owned(), identity, crate::clock::now_ms());
+        }
+        Ok((id, dir))
+    }
+
     /// A live instance's record as the tracker has it.
     pub fn live_record(&self, id: u64) -> Option<&InstanceRecord> {
         self.live.get(&id)
@@ -306,6 +502,8 @@ impl<C: Cgroups> Tracker<C> {
                 self.refresh(id, &mut out);
             }
             KernelEvent::Exit { id, .. } => self.refresh(id, &mut out),
+            // The kernel side's charge peak spans a pooled cgroup's every use: not for a bound one.
+            KernelEvent::MemPeak { id, .. } if self.bound.contains_key(&id) => {}
             KernelEvent::MemPeak { id, peak } => {
                 if let Some(rec) = self.live.get_mut(&id) {
                     if peak > rec.peak_bytes {
@@ -422,6 +620,22 @@ impl<C: Cgroups> Tracker<C> {
             Err(e @ CgroupfsError::ControllerOff { .. }) if first => tracing::warn!("{e}"),
             Err(_) => {}
         }
+        if let Some(p) = self.bound.get_mut(&rec.cgroup_id) {
+            match self.cgroups.use_peak(dir, p) {
+                Ok((w, exact)) if w >= rec.peak_bytes => {
+                    rec.peak_bytes = w;
+                    rec.peak_source = if exact {
+                        PeakSource::UseWatermark
+                    } else {
+                        PeakSource::LifetimeWatermark
+                    };
+                }
+                Ok(_) => {}
+                Err(CgroupfsError::Gone { .. }) => self.stats.vanished_reads += 1,
+                Err(e) => tracing::debug!("{e}"),
+            }
+            return;
+        }
         match self.cgroups.peak(dir) {
             Ok(Some(w)) if w >= rec.peak_bytes => {
                 rec.peak_bytes = w;
@@ -445,18 +659,40 @@ impl<C: Cgroups> Tracker<C> {
         out: &mut Vec<Effect>,
     ) {
         self.table.remove(id);
-        self.awaiting.remove(&id);
-        let Some(mut rec) = self.live.remove(&id) else {
+        // A bound use removed with its cgroup: v1's watermark was reset at bind, so the
+        // kernel's is this use's; v2's spans every use, so the last reading of the use stands.
+        let bound = self.bound.get(&id).map(|p| matches!(p, UsePeak::V1));
+        let Some(rec) = self.live.get_mut(&id) else {
             tracing::debug!(id, "rmdir of a cgroup that is not a live instance");
+            self.awaiting.remove(&id);
+            self.bound.remove(&id);
             return;
         };
-        if watermark > 0 {
-            rec.peak_bytes = watermark;
-            rec.peak_source = PeakSource::KernelWatermark;
-        } else if kernel_peak > rec.peak_bytes {
-            rec.peak_bytes = kernel_peak;
-            rec.peak_source = PeakSource::ChargeEvents;
+        match bound {
+            None if watermark > 0 => {
+                rec.peak_bytes = watermark;
+                rec.peak_source = PeakSource::KernelWatermark;
+            }
+            None if kernel_peak > rec.peak_bytes => {
+                rec.peak_bytes = kernel_peak;
+                rec.peak_source = PeakSource::ChargeEvents;
+            }
+            Some(true) if watermark > 0 => {
+                rec.peak_bytes = watermark;
+                rec.peak_source = PeakSource::UseWatermark;
+            }
+            _ => {}
         }
+        self.close(id, at_ms, out);
+    }
+
+    /// Closes a live instance (its cgroup removed, or its use released).
+    fn close(&mut self, id: u64, at_ms: u64, out: &mut Vec<Effect>) {
+        self.awaiting.remove(&id);
+        self.bound.remove(&id);
+        let Some(mut rec) = self.live.remove(&id) else {
+            return;
+        };
         rec.ended_at_ms = Some(at_ms.max(rec.started_at_ms));
         out.push(Effect::AddHour {
             function: rec.function.clone(),
@@ -704,6 +940,78 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A pooled cgroup bound twice in a row: each use is an instance of its own, started at
+    /// bind, closed at release with that use's reading; wrong binds and releases say why.
+    #[test]
+    fn pooled_cgroup_uses_are_instances_of_their_own() {
+        let table = Table::default();
+        table.add("/emars/cg-1", 30);
+        table.add("/emars/fn/i1", 31);
+        let mut t = tracker(&table);
+        t.apply(mkdir(30, "/emars/cg-1"), 1_000, 1);
+        t.apply(mkdir(31, "/emars/fn/i1"), 1_000, 2);
+        t.enforced(31, None);
+        assert!(
+            t.live_record(30).is_none(),
+            "a pool slot is no instance by itself"
+        );
+        let (id, fx) = t.bind("/emars/cg-1", "fa", "a1", 2_000).unwrap();
+        assert_eq!(id, 30);
+        assert!(
+            matches!(
+                fx.as_slice(),
+                [
+                    Effect::Enforce {
+                        mkdir_ts_ns: None,
+                        ..
+                    },
+                    Effect::AddHour { .. }
+                ]
+            ),
+            "{fx:?}"
+        );
+        t.enforced(30, None);
+        assert!(matches!(
+            t.bind("/emars/cg-1", "fb", "b1", 2_100),
+            Err(BindError::AlreadyBound { .. })
+        ));
+        table.set_peak("/emars/cg-1", 100 * MIB);
+        let (a, fx) = t.release("/emars/cg-1", 3_000).unwrap();
+        assert_eq!(
+            (a.function.as_str(), a.peak_bytes, a.ended_at_ms),
+            ("fa", 100 * MIB, Some(3_000))
+        );
+        assert_eq!(a.peak_source, PeakSource::LifetimeWatermark);
+        assert_eq!(saved(&fx).len(), 1);
+        assert!(matches!(
+            t.release("/emars/cg-1", 3_100),
+            Err(BindError::NotBound { .. })
+        ));
+        // The slot lives on: bound again, then removed while bound.
+        t.bind("/emars/cg-1", "fb", "b1", 4_000).unwrap();
+        t.enforced(30, None);
+        let fx = t.apply(rmdir(30), 5_000, 3);
+        let b = saved(&fx);
+        assert_eq!(
+            (b[0].function.as_str(), b[0].ended_at_ms),
+            ("fb", Some(5_000))
+        );
+        for (path, want) in [
+            ("/emars/fn/i1", "path rules"),
+            ("/emars", "not inside"),
+            ("/other/x", "not inside"),
+            ("/emars/cg-9", "no cgroup"),
+            ("/emars/../x", "without . or .."),
+        ] {
+            let e = t.bind(path, "fc", "c1", 6_000).unwrap_err();
+            assert!(e.to_string().contains(want), "{path}: {e}");
+        }
+        assert!(matches!(
+            t.bind("/emars/cg-1", "bad name", "c1", 6_000),
+            Err(BindError::Invalid(_))
+        ));
     }
 
     /// A new instance: limits first (nothing saved until the enforcement is answered), then

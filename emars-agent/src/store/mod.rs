@@ -1567,6 +1567,8 @@ impl Store {
                 PeakSource::None => 0,
                 PeakSource::KernelWatermark => 1,
                 PeakSource::ChargeEvents => 2,
+                PeakSource::UseWatermark => 3,
+                PeakSource::LifetimeWatermark => 4,
             },
             oom_kills: rec.oom_kills,
             max_bytes: rec.limits.max_bytes,
@@ -1745,6 +1747,8 @@ fn build_record(
         0 => PeakSource::None,
         1 => PeakSource::KernelWatermark,
         2 => PeakSource::ChargeEvents,
+        3 => PeakSource::UseWatermark,
+        4 => PeakSource::LifetimeWatermark,
         n => return Err(corrupt(format!("unknown peak source {n}"))),
     };
     Ok(InstanceRecord {

@@ -408,6 +408,7 @@ fn serve(
                     admissions: Default::default(),
                 }),
                 retention_ms: 3650 * 86_400_000,
+                pool: None,
             };
             let guard = Arc::new(Guard::new(token, addr, &[]));
             let _ = tx.send(addr);
