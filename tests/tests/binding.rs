@@ -97,8 +97,8 @@ fn one_use(
 /// One pooled cgroup serves A (100 MiB), then B (20 MiB): each use's record has its own peak,
 /// equal to the kernel's watermark of that use; limits are written at bind in enforce mode.
 #[test]
-fn a_pooled_cgroup_reports_each_use_on_its_own() -> anyhow::Result<()> {
-    const TEST: &str = "a_pooled_cgroup_reports_each_use_on_its_own";
+fn each_bind_of_a_pooled_cgroup_is_an_instance_of_its_own() -> anyhow::Result<()> {
+    const TEST: &str = "each_bind_of_a_pooled_cgroup_is_an_instance_of_its_own";
     if !require_root(TEST) {
         return Ok(());
     }
