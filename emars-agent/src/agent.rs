@@ -298,7 +298,12 @@ fn per_use_peak_method(hierarchy: &MemoryHierarchy, roots: &[String]) -> String 
 }
 
 /// Carries out a bind or release and answers it.
-fn on_pool_command(cmd: crate::api::PoolCommand, tracker: &mut Tracker, enforcer: &mut Enforcer) {
+fn on_pool_command(
+    cmd: crate::api::PoolCommand,
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    actuator: &Actuator,
+) {
     use crate::api::PoolCommand;
     // The request may name the directory or the path below the hierarchy.
     let rel = |cgroup: &str| {
@@ -309,8 +314,33 @@ fn on_pool_command(cmd: crate::api::PoolCommand, tracker: &mut Tracker, enforcer
     };
     match cmd {
         PoolCommand::Bind { body, reply } => {
-            let answer = tracker
-                .bind(&rel(&body.cgroup), &body.function, &body.instance, now_ms())
+            let path = rel(&body.cgroup);
+            let dir = tracker.cgroups().dir(&path);
+            // The bind writes (the watermark reset): audited before, as every write is.
+            let intent = crate::model::InstanceRecord {
+                function: body.function.clone(),
+                instance: body.instance.clone(),
+                cgroup_id: cgroupfs::cgroup_id(&dir).unwrap_or(0),
+                cgroup_path: dir.display().to_string(),
+                started_at_ms: now_ms(),
+                ended_at_ms: None,
+                execs: 0,
+                peak_bytes: 0,
+                peak_source: Default::default(),
+                oom_kills: 0,
+                limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
+            };
+            let bound = match actuator.audited(&intent, "bind", || {
+                tracker.bind(&path, &body.function, &body.instance, now_ms())
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("bind not made: {e}");
+                    let _ = reply.send(Err(crate::api::BindError::Unavailable(e.to_string())));
+                    return;
+                }
+            };
+            let answer = bound
                 .map(|(id, effects)| {
                     enforcer.run(tracker, effects);
                     id
@@ -478,7 +508,7 @@ async fn event_loop(
             // A platform binds or releases a pooled cgroup: mkdirs and rmdirs read first.
             Some(cmd) = pool.recv() => {
                 drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
-                on_pool_command(cmd, tracker, enforcer);
+                on_pool_command(cmd, tracker, enforcer, actuator);
                 if let Some(b) = burst.as_mut() {
                     b.sync(enforcer, tracker);
                 }

@@ -230,6 +230,25 @@ fn bad_binds_are_refused_and_record_nothing() -> anyhow::Result<()> {
     );
     let (s, _) = post(&agent, "/v1/release", json!({"cgroup": slot_s}))?;
     assert_eq!(s, 200);
+    // Every bind that reached the agent was audited before anything was written: the eight
+    // above that got past the request's own checks (the 401 and the body without fields did
+    // not), one of them carried out.
+    let audit = agent.get_ok("/v1/audit")?;
+    let binds: Vec<&Value> = audit["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|r| r["reason"] == "bind").collect())
+        .unwrap_or_default();
+    assert_eq!(binds.len(), 8, "{audit}");
+    let ok: Vec<_> = binds.iter().filter(|r| r["outcome"] == "ok").collect();
+    assert_eq!(ok.len(), 1, "{audit}");
+    assert_eq!(ok[0]["cgroup_path"], slot_s.as_str(), "{audit}");
+    assert!(
+        binds
+            .iter()
+            .filter(|r| r["outcome"] != "ok")
+            .all(|r| r["outcome"] == "refused" && r["error"].is_string()),
+        "{audit}"
+    );
     fs::remove_dir(&path_instance)?;
     Ok(())
 }

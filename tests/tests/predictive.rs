@@ -476,6 +476,22 @@ fn limits_and_keepalive_answer_from_history() -> anyhow::Result<()> {
         Some(until as u64),
         "{k} gaps {gaps:?}"
     );
+    // The same advice goes out with the generated config, for platforms that read files.
+    let (s, g) = agent.post_raw("/v1/recommendations/generate", "application/json", b"{}")?;
+    assert_eq!(s, 200, "{g}");
+    let export = agent
+        .store
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("store has no parent"))?
+        .join("export");
+    let json: Value = serde_json::from_str(&fs::read_to_string(export.join("emars-config.json"))?)?;
+    let line = json["functions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["function"] == "regular"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("regular not exported: {json}"))?;
+    assert_eq!(line["prewarm_ms"], k["prewarm_ms"], "{line}");
+    assert_eq!(line["keepalive_ms"], k["keepalive_ms"], "{line}");
     // Two uses: one idle time, too few to judge; the fixed window (the default four hours).
     for i in 0..2 {
         let dir = root.instance_dir("rare", &format!("u{i}"))?;

@@ -573,6 +573,7 @@ async fn pool_command(
             BindError::PathInstance { .. }
             | BindError::AlreadyBound { .. }
             | BindError::NotBound { .. } => StatusCode::CONFLICT,
+            BindError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     })

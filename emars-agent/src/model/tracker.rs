@@ -101,6 +101,9 @@ pub enum BindError {
     },
     #[error("{path} is not bound")]
     NotBound { path: String },
+    /// The audit intent of the bind could not be made durable: nothing was done.
+    #[error("not bound: {0}")]
+    Unavailable(String),
 }
 
 /// What the tracker asks the rest of the agent to do, in order.

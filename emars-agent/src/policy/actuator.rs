@@ -471,6 +471,56 @@ impl Actuator {
         result.map(|_| audit)
     }
 
+    /// Audits a write that sets no limit (a bind's watermark reset): a durable intent
+    /// record with `reason` before `write` runs, its outcome after. Nothing runs when the
+    /// intent cannot be made durable. Allowed in observe mode: the platform asked for it, and
+    /// no limit changes.
+    pub fn audited<T, E: std::fmt::Display>(
+        &self,
+        inst: &InstanceRecord,
+        reason: &str,
+        write: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, ActuatorError> {
+        let mut audit = AuditRecord {
+            at_ms: crate::clock::now_ms(),
+            function: inst.function.clone(),
+            instance: inst.instance.clone(),
+            cgroup_path: inst.cgroup_path.clone(),
+            cgroup_id: inst.cgroup_id,
+            reason: reason.to_owned(),
+            old: inst.limits,
+            new: inst.limits,
+            written: Limits::default(),
+            usage_bytes: None,
+            delay_us: None,
+            raised: false,
+            outcome: outcome::PENDING.to_owned(),
+            error: None,
+            signal: None,
+            reclaim_requested_bytes: None,
+            reclaimed_bytes: None,
+        };
+        let key = self
+            .audit
+            .append_audit_durable(audit.at_ms, &audit)
+            .map_err(|source| {
+                self.audit_error(&source);
+                ActuatorError::AuditNotDurable { source }
+            })?;
+        let result = write();
+        match &result {
+            Ok(_) => audit.outcome = outcome::OK.to_owned(),
+            Err(e) => {
+                audit.outcome = outcome::REFUSED.to_owned();
+                audit.error = Some(e.to_string());
+            }
+        }
+        if let Err(se) = self.audit.complete_audit(&key, &audit) {
+            self.audit_error(&se);
+        }
+        Ok(result)
+    }
+
     fn count(&self, e: &ActuatorError) {
         let counter = if e.is_refusal() {
             &self.stats.refusals

@@ -17,6 +17,9 @@
 //!    and for how long (first to last hit), the idle instances' memory before and after, and
 //!    the agent's squeezes, bytes reclaimed and signal-to-squeeze-done time.
 //!
+//! 4. Pooled cgroups: `--binds` bind/release pairs on one pooled cgroup over real HTTP (the
+//!    cost a platform pays per use, or per invocation when it binds each): latency p50/p99/max.
+//!
 //! ```text
 //! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
 //! sudo EMARS_BIN=target/release/emars target/release/emars-bench-reactive [--growers N] ...
@@ -34,7 +37,7 @@ use emars_tests::{alloc_bin, run_alloc, spawn_in, wait_for, Agent, Hierarchy, Te
 use serde_json::Value;
 
 const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [--mib M] [--rate R]
-    [--admission-rps Q] [--admission-secs S] [--idle I] [--cache-mib C] [--busy-mib B]
+    [--admission-rps Q] [--admission-secs S] [--idle I] [--cache-mib C] [--busy-mib B] [--binds N]
   --growers N         instances that outgrow their limit, per mode (default 20)
   --parallel P        growers at a time (default 2)
   --mib M             peak of the history instances, MiB (default 24)
@@ -44,6 +47,7 @@ const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [-
   --idle I            idle instances in the pressure experiment (default 8)
   --cache-mib C       page cache each idle instance holds, MiB (default 64)
   --busy-mib B        what the busy instance grows to, MiB (default 256)
+  --binds N           bind/release pairs on a pooled cgroup (default 500)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 const FUNCTION: &str = "bursty";
@@ -59,6 +63,7 @@ struct Opts {
     idle: usize,
     cache_mib: u64,
     busy_mib: u64,
+    binds: usize,
 }
 
 fn main() {
@@ -82,6 +87,7 @@ fn parse() -> Result<Opts> {
         idle: 8,
         cache_mib: 64,
         busy_mib: 256,
+        binds: 500,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -101,6 +107,7 @@ fn parse() -> Result<Opts> {
             "--idle" => o.idle = num()? as usize,
             "--cache-mib" => o.cache_mib = num()?,
             "--busy-mib" => o.busy_mib = num()?,
+            "--binds" => o.binds = num()? as usize,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -426,6 +433,38 @@ fn pressure(o: &Opts, squeeze: bool) -> Result<Pressure> {
     Ok(out)
 }
 
+/// Bind and release latencies over HTTP, one pooled cgroup.
+fn binds(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let root = TestRoot::new()?;
+    let agent = start(&root, false)?;
+    let slot = root.dir.join("cg-1");
+    fs::create_dir(&slot)?;
+    let cgroup = slot.display().to_string();
+    let (mut bind, mut release) = (Vec::new(), Vec::new());
+    for i in 0..o.binds {
+        let body = serde_json::json!({"cgroup": cgroup, "function": "pooled", "instance": format!("u{i}")});
+        let t = Instant::now();
+        let (s, b) = agent.post_raw("/v1/bind", "application/json", body.to_string().as_bytes())?;
+        bind.push(t.elapsed());
+        if s != 200 {
+            bail!("bind: {s} {b}");
+        }
+        let body = serde_json::json!({ "cgroup": cgroup });
+        let t = Instant::now();
+        let (s, b) = agent.post_raw(
+            "/v1/release",
+            "application/json",
+            body.to_string().as_bytes(),
+        )?;
+        release.push(t.elapsed());
+        if s != 200 {
+            bail!("release: {s} {b}");
+        }
+    }
+    agent.stop()?;
+    Ok((bind, release))
+}
+
 fn run(o: &Opts) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -506,5 +545,19 @@ fn run(o: &Opts) -> Result<()> {
         );
     }
     println!("  pressure signal (squeeze on): {}", rows[1].source);
+    println!("\n4. Pooled cgroups (POST /v1/bind then /v1/release, one cgroup, over HTTP)\n");
+    let (mut bind, mut release) = binds(o)?;
+    bind.sort_unstable();
+    release.sort_unstable();
+    println!(
+        "  {} pairs: bind p50 {:.3} / p99 {:.3} / max {:.3} ms; release p50 {:.3} / p99 {:.3} / max {:.3} ms",
+        bind.len(),
+        ms(pct(&bind, 50.0)),
+        ms(pct(&bind, 99.0)),
+        ms(pct(&bind, 100.0)),
+        ms(pct(&release, 50.0)),
+        ms(pct(&release, 99.0)),
+        ms(pct(&release, 100.0))
+    );
     Ok(())
 }
