@@ -363,6 +363,30 @@ pub fn disk_dir() -> std::result::Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// `emars-alloc` holding `heap_mib` MiB of heap and `cache_mib` MiB of clean page cache (a
+/// synced file in `disk`) for `hold_ms`: an idle instance whose cache the kernel can reclaim.
+pub fn cache_holder(disk: &Path, heap_mib: u64, cache_mib: u64, hold_ms: u64) -> Command {
+    let mut c = Command::new(alloc_bin());
+    c.args([
+        "--mib",
+        &heap_mib.to_string(),
+        "--file-mib",
+        &cache_mib.to_string(),
+    ]);
+    c.arg("--file-dir").arg(disk);
+    c.args(["--hold-ms", &hold_ms.to_string()]);
+    c
+}
+
+/// Kills the cache holders and removes their files (a killed one cannot).
+pub fn stop_cache_holders(disk: &Path, children: Vec<Child>) {
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = fs::remove_file(disk.join(format!("emars-alloc-{}.cache", c.id())));
+    }
+}
+
 /// Multiplier for every timeout of the suite: `EMARS_TEST_TIME_SCALE` (default 1). The VM matrix
 /// sets it, since a kernel under TCG emulation runs many times slower than the host.
 pub fn time_scale() -> u32 {

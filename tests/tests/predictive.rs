@@ -16,6 +16,15 @@ fn limits(h: &Hierarchy, dir: &Path) -> (Option<u64>, Option<u64>) {
     (read(max), read(high))
 }
 
+/// Where `start` has the agent export its generated configs.
+fn export_dir(agent: &Agent) -> anyhow::Result<std::path::PathBuf> {
+    Ok(agent
+        .store
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("store has no parent"))?
+        .join("export"))
+}
+
 fn start(root: &TestRoot, policy: &str) -> anyhow::Result<Agent> {
     Agent::start_configured(
         root,
@@ -397,11 +406,7 @@ fn generations_are_kept_and_exported() -> anyhow::Result<()> {
     assert_eq!(newest["function"], "gen");
     assert_eq!(newest["requests_per_hour"], 30);
     assert!(u64_of(newest, "memory_max_bytes") >= 12 * MIB);
-    let export = agent
-        .store
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("store has no parent"))?
-        .join("export");
+    let export = export_dir(&agent)?;
     let json: Value = serde_json::from_str(&fs::read_to_string(export.join("emars-config.json"))?)?;
     assert_eq!(json["functions"][0]["function"], "gen");
     let toml = fs::read_to_string(export.join("emars-config.toml"))?;
@@ -479,11 +484,7 @@ fn limits_and_keepalive_answer_from_history() -> anyhow::Result<()> {
     // The same advice goes out with the generated config, for platforms that read files.
     let (s, g) = agent.post_raw("/v1/recommendations/generate", "application/json", b"{}")?;
     assert_eq!(s, 200, "{g}");
-    let export = agent
-        .store
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("store has no parent"))?
-        .join("export");
+    let export = export_dir(&agent)?;
     let json: Value = serde_json::from_str(&fs::read_to_string(export.join("emars-config.json"))?)?;
     let line = json["functions"]
         .as_array()

@@ -353,13 +353,7 @@ fn pressure(
     disk: &std::path::Path,
     squeeze: bool,
 ) -> anyhow::Result<(Vec<u64>, Vec<(std::path::PathBuf, Option<u64>)>)> {
-    let idle_cmd = |hold_ms: u64| {
-        let mut c = Command::new(alloc_bin());
-        c.args(["--mib", "8", "--file-mib", "40", "--file-dir"]);
-        c.arg(disk);
-        c.args(["--hold-ms", &hold_ms.to_string()]);
-        c
-    };
+    let idle_cmd = |hold_ms: u64| cache_holder(disk, 8, 40, hold_ms);
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("h{i}"))?;
         let ok = spawn_in(&dir, idle_cmd(0))?.wait()?.success();
@@ -440,10 +434,6 @@ fn pressure(
         .collect::<anyhow::Result<Vec<_>>>()?;
     root.hierarchy.clear_limit(&root.dir)?;
     fs::remove_dir(&busy)?;
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-        let _ = fs::remove_file(disk.join(format!("emars-alloc-{}.cache", c.id())));
-    }
+    stop_cache_holders(disk, children);
     Ok((kept, holds))
 }

@@ -104,20 +104,11 @@ impl LimitSignals {
     pub fn watch(&mut self, cgroup_id: u64, dir: &Path, trigger: u64) -> std::io::Result<()> {
         match self.version {
             CgroupVersion::V1 => {
-                let efd = rustix::event::eventfd(
-                    0,
-                    rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-                )?;
-                let usage = std::fs::File::open(dir.join("memory.usage_in_bytes"))?;
-                let mut control = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.event_control"))?;
-                control.write_all(
-                    format!("{} {} {trigger}", efd.as_raw_fd(), usage.as_raw_fd()).as_bytes(),
-                )?;
-                // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
-                let afd = unsafe { AsyncFd::register(efd) }?;
-                let task = tokio::spawn(read_eventfd(afd, cgroup_id, self.tx.clone()));
+                let afd = v1_event(dir, "memory.usage_in_bytes", &trigger.to_string())?;
+                let task = tokio::spawn(forward_eventfd(afd, self.tx.clone(), move |at| Signal {
+                    cgroup_id,
+                    at,
+                }));
                 if let Some(Watch::V1(old)) = self.watches.insert(cgroup_id, Watch::V1(task)) {
                     old.abort();
                 }
@@ -177,7 +168,13 @@ impl Drop for LimitSignals {
     }
 }
 
-async fn read_eventfd(afd: AsyncFd<OwnedFd>, cgroup_id: u64, tx: mpsc::UnboundedSender<Signal>) {
+/// Sends `make(moment)` each time the kernel signals the eventfd, until the receiver is gone
+/// (the task owns the eventfd: aborting it closes the fd, which unregisters the event).
+async fn forward_eventfd<T>(
+    afd: AsyncFd<OwnedFd>,
+    tx: mpsc::UnboundedSender<T>,
+    make: impl Fn(Instant) -> T,
+) {
     loop {
         let Ok(mut guard) = afd.readable().await else {
             return;
@@ -185,8 +182,7 @@ async fn read_eventfd(afd: AsyncFd<OwnedFd>, cgroup_id: u64, tx: mpsc::Unbounded
         let mut buf = [0u8; 8];
         match rustix::io::read(afd.get_ref(), &mut buf) {
             Ok(_) => {
-                let at = Instant::now();
-                if tx.send(Signal { cgroup_id, at }).is_err() {
+                if tx.send(make(Instant::now())).is_err() {
                     return;
                 }
             }
@@ -194,6 +190,23 @@ async fn read_eventfd(afd: AsyncFd<OwnedFd>, cgroup_id: u64, tx: mpsc::Unbounded
             Err(_) => return,
         }
     }
+}
+
+/// Registers a cgroup v1 notification through `cgroup.event_control`: an eventfd that the
+/// kernel signals about the file `file` of the cgroup `dir`, with `args` (a usage threshold,
+/// a pressure level). The registration holds its own reference to the file.
+fn v1_event(dir: &Path, file: &str, args: &str) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let efd = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?;
+    let target = std::fs::File::open(dir.join(file))?;
+    let mut control = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.event_control"))?;
+    control.write_all(format!("{} {} {args}", efd.as_raw_fd(), target.as_raw_fd()).as_bytes())?;
+    // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
+    unsafe { AsyncFd::register(efd) }.map_err(|e| e.into())
 }
 
 async fn read_inotify(
@@ -315,10 +328,13 @@ impl PressureSignals {
                     )
                 })
             } else {
-                v1_pressure_level(&path, t.v1_level).map(|afd| {
+                v1_event(&path, "memory.pressure_level", t.v1_level).map(|afd| {
                     (
                         format!("v1 memory.pressure_level {}", t.v1_level),
-                        tokio::spawn(read_pressure_eventfd(afd, source, tx.clone())),
+                        tokio::spawn(forward_eventfd(afd, tx.clone(), move |at| PressureSignal {
+                            source,
+                            at,
+                        })),
                     )
                 })
             };
@@ -362,22 +378,6 @@ fn psi_trigger(path: &Path, t: PressureThresholds) -> std::io::Result<AsyncFd<st
         .map_err(|e| e.into())
 }
 
-/// Registers `memory.pressure_level` of the v1 cgroup `dir` at `level` with an eventfd.
-fn v1_pressure_level(dir: &Path, level: &str) -> std::io::Result<AsyncFd<OwnedFd>> {
-    let efd = rustix::event::eventfd(
-        0,
-        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-    )?;
-    let pl = std::fs::File::open(dir.join("memory.pressure_level"))?;
-    let mut control = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("cgroup.event_control"))?;
-    control.write_all(format!("{} {} {level}", efd.as_raw_fd(), pl.as_raw_fd()).as_bytes())?;
-    // The registration holds its own reference to the eventfd; `pl` may close.
-    // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
-    unsafe { AsyncFd::register(efd) }.map_err(|e| e.into())
-}
-
 async fn read_psi(
     afd: AsyncFd<std::fs::File>,
     source: usize,
@@ -391,34 +391,6 @@ async fn read_psi(
         guard.clear_ready();
         if tx.send(PressureSignal { source, at }).is_err() {
             return;
-        }
-    }
-}
-
-async fn read_pressure_eventfd(
-    afd: AsyncFd<OwnedFd>,
-    source: usize,
-    tx: mpsc::UnboundedSender<PressureSignal>,
-) {
-    loop {
-        let Ok(mut guard) = afd.readable().await else {
-            return;
-        };
-        let mut buf = [0u8; 8];
-        match rustix::io::read(afd.get_ref(), &mut buf) {
-            Ok(_) => {
-                if tx
-                    .send(PressureSignal {
-                        source,
-                        at: Instant::now(),
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
-            Err(_) => return,
         }
     }
 }

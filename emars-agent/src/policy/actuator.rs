@@ -159,6 +159,30 @@ impl AuditRecord {
     pub fn is_ok(&self) -> bool {
         self.outcome == outcome::OK
     }
+
+    /// The intent of a write into `inst` (outcome pending, nothing written yet), new limits
+    /// as old until the write says otherwise.
+    fn intent(inst: &InstanceRecord, reason: &str, signal: Option<&str>) -> Self {
+        AuditRecord {
+            at_ms: crate::clock::now_ms(),
+            function: inst.function.clone(),
+            instance: inst.instance.clone(),
+            cgroup_path: inst.cgroup_path.clone(),
+            cgroup_id: inst.cgroup_id,
+            reason: reason.to_owned(),
+            old: inst.limits,
+            new: inst.limits,
+            written: Limits::default(),
+            usage_bytes: None,
+            delay_us: None,
+            raised: false,
+            outcome: outcome::PENDING.to_owned(),
+            error: None,
+            signal: signal.map(str::to_owned),
+            reclaim_requested_bytes: None,
+            reclaimed_bytes: None,
+        }
+    }
 }
 
 /// Counters of the actuator, for /v1/info.
@@ -282,26 +306,11 @@ impl Actuator {
         signal: Option<&str>,
     ) -> Written {
         let mut audit = AuditRecord {
-            at_ms: crate::clock::now_ms(),
-            function: inst.function.clone(),
-            instance: inst.instance.clone(),
-            cgroup_path: inst.cgroup_path.clone(),
-            cgroup_id: inst.cgroup_id,
-            reason: reason.to_owned(),
-            old: inst.limits,
             new: Limits {
                 max_bytes: req.max_bytes,
                 high_bytes: req.high_bytes,
             },
-            written: Limits::default(),
-            usage_bytes: None,
-            delay_us: None,
-            raised: false,
-            outcome: outcome::PENDING.to_owned(),
-            error: None,
-            signal: signal.map(str::to_owned),
-            reclaim_requested_bytes: None,
-            reclaimed_bytes: None,
+            ..AuditRecord::intent(inst, reason, signal)
         };
         let plan = match self.plan(inst, req, on_below) {
             Ok(p) => p,
@@ -383,23 +392,8 @@ impl Actuator {
         signal: Option<&str>,
     ) -> Result<AuditRecord, ActuatorError> {
         let mut audit = AuditRecord {
-            at_ms: crate::clock::now_ms(),
-            function: inst.function.clone(),
-            instance: inst.instance.clone(),
-            cgroup_path: inst.cgroup_path.clone(),
-            cgroup_id: inst.cgroup_id,
-            reason: reason.to_owned(),
-            old: inst.limits,
-            new: inst.limits,
-            written: Limits::default(),
-            usage_bytes: None,
-            delay_us: None,
-            raised: false,
-            outcome: outcome::PENDING.to_owned(),
-            error: None,
-            signal: signal.map(str::to_owned),
             reclaim_requested_bytes: Some(bytes),
-            reclaimed_bytes: None,
+            ..AuditRecord::intent(inst, reason, signal)
         };
         let checked = (|| {
             if !self.writes_allowed {
@@ -481,25 +475,7 @@ impl Actuator {
         reason: &str,
         write: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, ActuatorError> {
-        let mut audit = AuditRecord {
-            at_ms: crate::clock::now_ms(),
-            function: inst.function.clone(),
-            instance: inst.instance.clone(),
-            cgroup_path: inst.cgroup_path.clone(),
-            cgroup_id: inst.cgroup_id,
-            reason: reason.to_owned(),
-            old: inst.limits,
-            new: inst.limits,
-            written: Limits::default(),
-            usage_bytes: None,
-            delay_us: None,
-            raised: false,
-            outcome: outcome::PENDING.to_owned(),
-            error: None,
-            signal: None,
-            reclaim_requested_bytes: None,
-            reclaimed_bytes: None,
-        };
+        let mut audit = AuditRecord::intent(inst, reason, None);
         let key = self
             .audit
             .append_audit_durable(audit.at_ms, &audit)

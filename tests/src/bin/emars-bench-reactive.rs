@@ -323,19 +323,7 @@ fn pressure(o: &Opts, squeeze: bool) -> Result<Pressure> {
              pressure_level_v1 = \"low\"\nidle_after_s = 2\nrelease_after_s = 5\n"
         ),
     )?;
-    let idle_cmd = |hold_ms: u64| {
-        let mut c = Command::new(alloc_bin());
-        c.args([
-            "--mib",
-            "8",
-            "--file-mib",
-            &o.cache_mib.to_string(),
-            "--file-dir",
-        ]);
-        c.arg(&disk);
-        c.args(["--hold-ms", &hold_ms.to_string()]);
-        c
-    };
+    let idle_cmd = |hold_ms: u64| emars_tests::cache_holder(&disk, 8, o.cache_mib, hold_ms);
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("h{i}"))?;
         if !spawn_in(&dir, idle_cmd(0))?.wait()?.success() {
@@ -424,11 +412,7 @@ fn pressure(o: &Opts, squeeze: bool) -> Result<Pressure> {
     };
     root.hierarchy.clear_limit(&root.dir)?;
     fs::remove_dir(&busy)?;
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-        let _ = fs::remove_file(disk.join(format!("emars-alloc-{}.cache", c.id())));
-    }
+    emars_tests::stop_cache_holders(&disk, children);
     agent.stop()?;
     Ok(out)
 }
