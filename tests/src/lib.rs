@@ -4,6 +4,8 @@
 //! Tests that need root call [`require_root`]; without root they print a loud SKIPPED line, and
 //! when `EMARS_TEST_ROOT_REQUIRED=1` (as `cargo xtask test` sets it under root/CI) they fail.
 
+pub mod azure;
+
 use std::{
     ffi::CString,
     fs,

@@ -13,11 +13,16 @@ fn reference_platform_runs_both_modes_on_a_trace() -> anyhow::Result<()> {
         return Ok(());
     }
     let data = tempfile::tempdir()?;
-    // Two functions over four trace minutes: "0" steady, "1" bursty and larger.
-    let minutes = "1,2,3,4";
+    // Two functions over the sample's 60 minutes, of which four are replayed: "0" steady,
+    // "1" bursty and larger.
+    let minutes: Vec<String> = (1..=60).map(|m| m.to_string()).collect();
+    let quiet = ",0".repeat(56);
     fs::write(
         data.path().join("invocation_traces_public.csv"),
-        format!("HashFunction,Trigger,{minutes}\n0,http,4,4,4,4\n1,http,0,6,0,6\n"),
+        format!(
+            "HashFunction,Trigger,{}\n0,http,4,4,4,4{quiet}\n1,http,0,6,0,6{quiet}\n",
+            minutes.join(",")
+        ),
     )?;
     fs::write(
         data.path().join("memory_traces_public.csv"),

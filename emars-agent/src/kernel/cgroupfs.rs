@@ -439,13 +439,18 @@ impl CgroupDir {
         })
     }
 
+    /// The file [`Self::reclaim`] writes.
+    pub fn reclaim_file(&self) -> &'static str {
+        self.file("memory.force_empty", "memory.reclaim")
+    }
+
     /// Asks the kernel to reclaim from this cgroup: v2 `memory.reclaim` of `bytes` (EAGAIN
     /// when it found less to take back, which is no error here); v1, which has no such file,
     /// `memory.force_empty`, which takes back what it can of everything.
     pub fn reclaim(&self, bytes: u64) -> io::Result<()> {
         let r = match self.version {
-            CgroupVersion::V2 => self.write("memory.reclaim", bytes),
-            CgroupVersion::V1 => self.write("memory.force_empty", 0),
+            CgroupVersion::V2 => self.write(self.reclaim_file(), bytes),
+            CgroupVersion::V1 => self.write(self.reclaim_file(), 0),
         };
         match r {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),

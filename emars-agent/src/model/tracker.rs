@@ -383,14 +383,8 @@ impl<C: Cgroups> Tracker<C> {
             self.live.insert(id, rec);
         }
         let mut out = Vec::new();
-        self.close(id, at_ms, &mut out);
-        let rec = out
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                Effect::Save(r) if r.cgroup_id == id => Some(r.clone()),
-                _ => None,
-            })
+        let rec = self
+            .close(id, at_ms, &mut out)
             .ok_or_else(|| BindError::NotBound {
                 path: rel_path.to_owned(),
             })?;
@@ -689,13 +683,12 @@ impl<C: Cgroups> Tracker<C> {
         self.close(id, at_ms, out);
     }
 
-    /// Closes a live instance (its cgroup removed, or its use released).
-    fn close(&mut self, id: u64, at_ms: u64, out: &mut Vec<Effect>) {
+    /// Closes a live instance (its cgroup removed, or its use released); returns the record
+    /// as saved.
+    fn close(&mut self, id: u64, at_ms: u64, out: &mut Vec<Effect>) -> Option<InstanceRecord> {
         self.awaiting.remove(&id);
         self.bound.remove(&id);
-        let Some(mut rec) = self.live.remove(&id) else {
-            return;
-        };
+        let mut rec = self.live.remove(&id)?;
         rec.ended_at_ms = Some(at_ms.max(rec.started_at_ms));
         out.push(Effect::AddHour {
             function: rec.function.clone(),
@@ -707,7 +700,8 @@ impl<C: Cgroups> Tracker<C> {
         });
         // Recomputed on the next tick, not here: the event loop must keep draining the ring.
         self.dirty.insert(rec.function.clone());
-        out.push(Effect::Save(rec));
+        out.push(Effect::Save(rec.clone()));
+        Some(rec)
     }
 
     /// Recomputes the recommendations of functions whose instances ended since last time.

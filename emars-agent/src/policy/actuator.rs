@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     kernel::cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
     model::{InstanceRecord, Limits},
-    store::{Store, StoreError},
+    store::{AuditKey, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -315,18 +315,7 @@ impl Actuator {
         let plan = match self.plan(inst, req, on_below) {
             Ok(p) => p,
             Err(e) => {
-                self.count(&e);
-                audit.outcome = if e.is_refusal() {
-                    outcome::REFUSED
-                } else {
-                    outcome::FAILED
-                }
-                .to_owned();
-                audit.error = Some(e.to_string());
-                // Nothing was written, so the record needs no durability of its own.
-                if let Err(se) = self.audit.append_audit(audit.at_ms, &audit) {
-                    self.audit_error(&se);
-                }
+                self.not_attempted(&mut audit, &e);
                 return Written {
                     audit,
                     result: Err(e),
@@ -340,11 +329,9 @@ impl Actuator {
         };
         audit.usage_bytes = Some(plan.usage);
         audit.raised = plan.raised;
-        let key = match self.audit.append_audit_durable(audit.at_ms, &audit) {
+        let key = match self.durable_intent(&audit) {
             Ok(k) => k,
-            Err(source) => {
-                self.audit_error(&source);
-                let e = ActuatorError::AuditNotDurable { source };
+            Err(e) => {
                 self.count(&e);
                 audit.outcome = outcome::FAILED.to_owned();
                 audit.error = Some(e.to_string());
@@ -406,46 +393,16 @@ impl Actuator {
         let (dir, before) = match checked {
             Ok(c) => c,
             Err(e) => {
-                self.count(&e);
-                audit.outcome = if e.is_refusal() {
-                    outcome::REFUSED
-                } else {
-                    outcome::FAILED
-                }
-                .to_owned();
-                audit.error = Some(e.to_string());
-                if let Err(se) = self.audit.append_audit(audit.at_ms, &audit) {
-                    self.audit_error(&se);
-                }
+                self.not_attempted(&mut audit, &e);
                 return Err(e);
             }
         };
         audit.usage_bytes = Some(before);
-        let key = self
-            .audit
-            .append_audit_durable(audit.at_ms, &audit)
-            .map_err(|source| {
-                self.audit_error(&source);
-                ActuatorError::AuditNotDurable { source }
-            })?;
-        let file = match self.hierarchy.version {
-            crate::kernel::cgroupfs::CgroupVersion::V1 => "memory.force_empty",
-            crate::kernel::cgroupfs::CgroupVersion::V2 => "memory.reclaim",
-        };
+        let key = self.durable_intent(&audit)?;
+        let file = dir.reclaim_file();
         let result = dir
             .reclaim(bytes)
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) => {
-                    ActuatorError::Cgroup(CgroupfsError::Gone {
-                        path: dir.path().to_owned(),
-                    })
-                }
-                _ => ActuatorError::Write {
-                    path: dir.path().join(file),
-                    value: bytes,
-                    source,
-                },
-            })
+            .map_err(|source| write_error(&dir, file, bytes, source))
             .and_then(|()| Ok(dir.usage()?));
         match &result {
             Ok(after) => {
@@ -476,13 +433,7 @@ impl Actuator {
         write: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, ActuatorError> {
         let mut audit = AuditRecord::intent(inst, reason, None);
-        let key = self
-            .audit
-            .append_audit_durable(audit.at_ms, &audit)
-            .map_err(|source| {
-                self.audit_error(&source);
-                ActuatorError::AuditNotDurable { source }
-            })?;
+        let key = self.durable_intent(&audit)?;
         let result = write();
         match &result {
             Ok(_) => audit.outcome = outcome::OK.to_owned(),
@@ -495,6 +446,32 @@ impl Actuator {
             self.audit_error(&se);
         }
         Ok(result)
+    }
+
+    /// A write refused or failed before anything was written: counted, and recorded with
+    /// why (it needs no durability of its own: nothing changed).
+    fn not_attempted(&self, audit: &mut AuditRecord, e: &ActuatorError) {
+        self.count(e);
+        audit.outcome = if e.is_refusal() {
+            outcome::REFUSED
+        } else {
+            outcome::FAILED
+        }
+        .to_owned();
+        audit.error = Some(e.to_string());
+        if let Err(se) = self.audit.append_audit(audit.at_ms, audit) {
+            self.audit_error(&se);
+        }
+    }
+
+    /// Makes a write's intent durable before the write; nothing is written when it cannot be.
+    fn durable_intent(&self, audit: &AuditRecord) -> Result<AuditKey, ActuatorError> {
+        self.audit
+            .append_audit_durable(audit.at_ms, audit)
+            .map_err(|source| {
+                self.audit_error(&source);
+                ActuatorError::AuditNotDurable { source }
+            })
     }
 
     fn count(&self, e: &ActuatorError) {
@@ -658,18 +635,7 @@ impl Actuator {
                 });
             }
             dir.write(file, v)
-                .map_err(|source| match source.raw_os_error() {
-                    Some(libc::ENOENT) | Some(libc::ENODEV) => {
-                        ActuatorError::Cgroup(CgroupfsError::Gone {
-                            path: dir.path().to_owned(),
-                        })
-                    }
-                    _ => ActuatorError::Write {
-                        path: dir.path().join(file),
-                        value: v,
-                        source,
-                    },
-                })?;
+                .map_err(|source| write_error(&dir, file, v, source))?;
             if is_max {
                 audit.written.max_bytes = Some(v);
                 max_now = Some(v);
@@ -727,6 +693,20 @@ impl Actuator {
 }
 
 /// MemTotal from /proc/meminfo (bytes); u64::MAX if unreadable, so no limit is refused for it.
+/// A failed write into a cgroup file: the cgroup gone (removed meanwhile) or the kernel's no.
+fn write_error(dir: &CgroupDir, file: &str, value: u64, source: std::io::Error) -> ActuatorError {
+    match source.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENODEV) => ActuatorError::Cgroup(CgroupfsError::Gone {
+            path: dir.path().to_owned(),
+        }),
+        _ => ActuatorError::Write {
+            path: dir.path().join(file),
+            value,
+            source,
+        },
+    }
+}
+
 pub fn host_memory_bytes() -> u64 {
     use procfs::Current as _;
     procfs::Meminfo::current()

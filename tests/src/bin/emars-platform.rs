@@ -29,10 +29,10 @@
 //! (`invocation_traces_public.csv`, `memory_traces_public.csv`, `duration_traces_public.csv`).
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     fs,
     os::unix::process::ExitStatusExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::mpsc,
     thread,
@@ -40,6 +40,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
 use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
 use serde_json::{json, Value};
 
@@ -116,76 +117,14 @@ fn parse() -> Result<Opts> {
     Ok(o)
 }
 
-/// One function of the sample: invocations per trace minute, memory percentiles (MiB, the
-/// provider's per-minute averages), average duration (ms).
-struct Function {
-    name: String,
-    per_minute: Vec<u32>,
-    mem_pct: [f64; 8],
-    duration_ms: f64,
-}
-
-fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> = lines
-        .next()
-        .ok_or_else(|| anyhow!("{}: empty", path.display()))?
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .collect();
-    let rows = lines
-        .map(|l| l.split(',').map(|s| s.trim().to_owned()).collect())
-        .collect();
-    Ok((header, rows))
-}
-
-fn load(o: &Opts) -> Result<Vec<Function>> {
-    let (ih, inv) = read_csv(&o.data.join("invocation_traces_public.csv"))?;
-    let (mh, mem) = read_csv(&o.data.join("memory_traces_public.csv"))?;
-    let (dh, dur) = read_csv(&o.data.join("duration_traces_public.csv"))?;
-    let col = |h: &[String], name: &str| {
-        h.iter()
-            .position(|c| c == name)
-            .ok_or_else(|| anyhow!("no column {name}"))
-    };
-    let first_minute = col(&ih, "1")?;
-    let pct_cols: Vec<usize> = ["1", "5", "25", "50", "75", "95", "99", "100"]
-        .iter()
-        .map(|p| col(&mh, &format!("AverageAllocatedMb_pct{p}")))
-        .collect::<Result<_>>()?;
-    let avg = col(&dh, "Average")?;
-    let by_id = |rows: &[Vec<String>]| -> HashMap<String, Vec<String>> {
-        rows.iter()
-            .filter_map(|r| Some((r.first()?.clone(), r.clone())))
-            .collect()
-    };
-    let (mem, dur) = (by_id(&mem), by_id(&dur));
-    let mut out = Vec::new();
-    for r in &inv {
-        let id = &r[0];
-        let (Some(m), Some(d)) = (mem.get(id), dur.get(id)) else {
-            continue;
-        };
-        let per_minute: Vec<u32> = r[first_minute..]
-            .iter()
-            .take(o.minutes)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        let mut mem_pct = [0.0; 8];
-        for (i, c) in pct_cols.iter().enumerate() {
-            mem_pct[i] = m[*c].parse().context("memory percentile")?;
-        }
-        out.push(Function {
-            name: format!("az{id}"),
-            per_minute,
-            mem_pct,
-            duration_ms: d[avg].parse::<f64>().unwrap_or(1.0).max(1.0),
-        });
+/// The replayed functions of the sample: at most 20 invocations a minute (real processes on a
+/// small host), at least one in the replayed minutes; then K spread evenly from the busiest to
+/// the rarest, so that some keep their sandboxes warm and others come and go.
+fn pick(o: &Opts) -> Result<Vec<Function>> {
+    let mut out = azure::load(&o.data)?.functions;
+    for f in &mut out {
+        f.per_minute.truncate(o.minutes);
     }
-    // At most 20 invocations a minute (real processes on a small host), at least one in the
-    // replayed minutes; then K spread evenly from the busiest to the rarest, so that some
-    // keep their sandboxes warm and others come and go.
     out.retain(|f| f.per_minute.iter().all(|n| *n <= 20) && f.per_minute.iter().any(|n| *n > 0));
     out.sort_by_key(|f| std::cmp::Reverse(f.per_minute.iter().sum::<u32>()));
     if out.len() > o.functions {
@@ -201,9 +140,13 @@ fn load(o: &Opts) -> Result<Vec<Function>> {
             .collect();
     }
     if out.is_empty() {
-        bail!("no function in {}", o.data.display());
+        bail!("no function to replay in {}", o.data.display());
     }
     Ok(out)
+}
+
+fn name(f: &Function) -> String {
+    format!("az{}", f.id)
 }
 
 /// One invocation: when (ms of real time from the start), which function, how much memory
@@ -217,29 +160,12 @@ struct Invocation {
 }
 
 fn arrivals(o: &Opts, fs: &[Function]) -> Vec<Invocation> {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        // splitmix64: reproducible draws.
-        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let pts = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0];
+    let mut rng = SplitMix64(0x9e37_79b9_7f4a_7c15);
     let mut out = Vec::new();
     for (fi, f) in fs.iter().enumerate() {
         for (m, n) in f.per_minute.iter().enumerate() {
             for k in 0..*n {
-                let u = next();
-                // Piecewise-linear inverse CDF through the percentiles.
-                let mib = match pts.iter().position(|p| u <= *p) {
-                    Some(0) | None => f.mem_pct[if u <= 0.01 { 0 } else { 7 }],
-                    Some(i) => {
-                        let t = (u - pts[i - 1]) / (pts[i] - pts[i - 1]);
-                        f.mem_pct[i - 1] + t * (f.mem_pct[i] - f.mem_pct[i - 1])
-                    }
-                };
+                let mib = inverse_cdf(&f.memory_mib, rng.next_f64());
                 let at = (m as f64 + (k as f64 + 0.5) / *n as f64) * o.minute_ms as f64;
                 out.push(Invocation {
                     at_ms: at as u64,
@@ -347,7 +273,7 @@ impl Platform<'_> {
         if self.mode == Mode::OpenLambda {
             return fixed;
         }
-        let path = format!("/v1/functions/{}/keepalive", self.fs[function].name);
+        let path = format!("/v1/functions/{}/keepalive", name(&self.fs[function]));
         match self.agent.get(&path) {
             // The advice is in trace time.
             Ok((200, k)) => {
@@ -370,7 +296,7 @@ impl Platform<'_> {
         {
             return Ok(Some(i));
         }
-        let name = self.fs[function].name.clone();
+        let name = name(&self.fs[function]);
         if self.mode == Mode::Emars {
             let (s, a) = self.post("/v1/admission", json!({ "function": name }))?;
             if s != 200 {
@@ -577,7 +503,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
 fn agent_uses(agent: &Agent, fs: &[Function], uses: usize) -> Result<()> {
     let mut seen = 0;
     for f in fs {
-        let (s, v) = agent.get(&format!("/v1/functions/{}/instances", f.name))?;
+        let (s, v) = agent.get(&format!("/v1/functions/{}/instances", name(f)))?;
         if s == 200 {
             seen += v["instances"].as_array().map_or(0, |a| {
                 a.iter().filter(|i| i["ended_at_ms"].is_u64()).count()
@@ -595,7 +521,7 @@ fn run(o: &Opts) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (real cgroups, eBPF)");
     }
-    let fs = load(o)?;
+    let fs = pick(o)?;
     let invs = arrivals(o, &fs);
     println!(
         "emars-platform: {} functions, {} invocations over {} trace minutes ({} ms each), pool of {} cgroups, memory x {}",
