@@ -73,6 +73,7 @@ pub async fn run(
         events_received: 0,
         events_lost: 0,
         instances_reconciled: 0,
+        container_metadata: Default::default(),
         started_at_ms: now_ms(),
         enforcement: Default::default(),
         kernel_counters: Default::default(),
@@ -148,7 +149,8 @@ pub async fn run(
         }
         None
     };
-    let mut tracker = Tracker::new(hierarchy, registry);
+    let mut tracker =
+        Tracker::new(hierarchy, registry).with_metadata_wait_ms(config.cgroup.metadata_wait_ms);
     let mut enforcer = Enforcer::new(store.clone())
         .with_policy(policy.clone(), actuator.clone())
         .tracking_limits(burst.is_some());
@@ -529,6 +531,8 @@ async fn event_loop(
                     s.tick(&ids, tracker, std::time::Instant::now());
                 }
                 let now = now_ms();
+                let effects = tracker.settle_pending(now);
+                enforcer.run(tracker, effects);
                 let effects = tracker.recompute_dirty(now);
                 enforcer.run(tracker, effects);
                 ticks += 1;
@@ -547,6 +551,12 @@ async fn event_loop(
                     i.events_received = tracker.stats.events;
                     i.events_lost = lost;
                     i.instances_reconciled = tracker.stats.reconciled;
+                    i.container_metadata = crate::model::MetadataInfo {
+                        waiting: tracker.pending_count() as u64,
+                        waited: tracker.stats.metadata_waits,
+                        named_after_wait: tracker.stats.metadata_named,
+                        fallbacks: tracker.stats.metadata_fallbacks,
+                    };
                     i.kernel_counters = crate::model::KernelCounters {
                         paths_truncated: tracker.stats.paths_truncated,
                         paths_unresolved: tracker.stats.paths_unresolved,

@@ -332,14 +332,21 @@ pub struct CgroupConfig {
     /// Mount point of the hierarchy holding the memory controller; auto-detected when None.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mount: Option<PathBuf>,
+    /// How long a new cgroup whose rule reads its container's metadata file waits for the
+    /// runtime to write it, before the later rules decide.
+    pub metadata_wait_ms: u64,
     pub roots: Vec<RootConfig>,
 }
+
+/// Allowed `cgroup.metadata_wait_ms`.
+pub const METADATA_WAIT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 impl Default for CgroupConfig {
     fn default() -> Self {
         CgroupConfig {
             mode: CgroupMode::Auto,
             mount: None,
+            metadata_wait_ms: crate::model::tracker::DEFAULT_METADATA_WAIT_MS,
             roots: vec![RootConfig {
                 path: DEFAULT_ROOT.to_string(),
                 rules: vec![RuleConfig {
@@ -456,6 +463,17 @@ impl CgroupConfig {
                     "must be an absolute path, e.g. /sys/fs/cgroup",
                 ));
             }
+        }
+        if !METADATA_WAIT_MS_RANGE.contains(&self.metadata_wait_ms) {
+            return Err(invalid(
+                "cgroup.metadata_wait_ms",
+                self.metadata_wait_ms,
+                format!(
+                    "must be between {} and {}",
+                    METADATA_WAIT_MS_RANGE.start(),
+                    METADATA_WAIT_MS_RANGE.end()
+                ),
+            ));
         }
         Registry::new(&self.roots)
             .map(drop)

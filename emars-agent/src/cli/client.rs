@@ -398,6 +398,14 @@ pub fn render_info(v: &AgentInfo) -> String {
             v.instances_reconciled
         );
     }
+    let cm = &v.container_metadata;
+    if cm.waited > 0 || cm.waiting > 0 {
+        let _ = writeln!(
+            out,
+            "  container names:  {} from runtime metadata after a wait, {} by a later rule, {} waiting",
+            cm.named_after_wait, cm.fallbacks, cm.waiting
+        );
+    }
     let m = &v.model;
     let _ = writeln!(
         out,

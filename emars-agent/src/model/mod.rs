@@ -5,6 +5,7 @@
 
 pub mod live;
 pub mod registry;
+pub mod runtime;
 pub mod tracker;
 
 pub use crate::kernel::cgroupfs::Limits;
@@ -121,6 +122,21 @@ pub struct FunctionConfig {
     pub max_memory_bytes: u64,
 }
 
+/// GET /v1/info → `container_metadata`: cgroups whose rule reads the container runtime's
+/// metadata file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MetadataInfo {
+    /// Waiting for the file now.
+    pub waiting: u64,
+    /// Cgroups that had to wait for it (runc writes it after the mkdir).
+    pub waited: u64,
+    /// Named from the file's labels after a wait.
+    pub named_after_wait: u64,
+    /// Named by a later rule (or not an instance) because the file never came or lacked
+    /// the label.
+    pub fallbacks: u64,
+}
+
 /// GET /v1/info.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AgentInfo {
@@ -143,6 +159,9 @@ pub struct AgentInfo {
     /// Instances closed because their cgroup vanished without an rmdir event reaching us.
     #[serde(default)]
     pub instances_reconciled: u64,
+    /// Containers named from their runtime's metadata (rules with `metadata`).
+    #[serde(default)]
+    pub container_metadata: MetadataInfo,
     pub started_at_ms: u64,
     /// Predictive mode and the cgroup writer's counters.
     #[serde(default)]

@@ -5,10 +5,15 @@
 //! compiled once, at start-up, so that a bad rule stops the agent with a message naming the key
 //! instead of silently never matching.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use regex::{Captures, Regex};
 use serde::{Deserialize, Serialize};
+
+use crate::model::runtime::{Labels, MetadataRead};
 
 /// Longest function name; it ends up in API URLs and store keys.
 pub const MAX_FUNCTION_NAME_LEN: usize = 128;
@@ -24,6 +29,17 @@ const DEFAULT_INSTANCE_TEMPLATE: &str = "{instance}";
 pub struct Identity {
     pub function: String,
     pub instance: String,
+}
+
+/// What the rules make of a cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    Instance(Identity),
+    /// The first rule that can decide reads a container metadata file that is not there yet.
+    Pending {
+        file: PathBuf,
+    },
+    NotInstance,
 }
 
 /// True for 1..=128 characters of `[A-Za-z0-9._:-]`: safe in URLs, file names and store keys
@@ -85,6 +101,8 @@ enum Token {
     Placeholder(String),
     /// `*` in a pattern: any text inside one path segment.
     Star,
+    /// `{label:KEY}` in a template of a rule with `metadata`: the container's label KEY.
+    Label(String),
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -106,6 +124,19 @@ fn tokenize(text: &str, star: bool) -> Result<Vec<Token>, String> {
                     return Err("has a '{' without a closing '}'".to_string());
                 };
                 let name = &rest[..end];
+                if let Some(key) = name.strip_prefix("label:") {
+                    if key.is_empty() || key.chars().any(|c| c.is_control() || c == '{') {
+                        return Err(format!(
+                            "\"{{{name}}}\" names no label: write {{label:KEY}}"
+                        ));
+                    }
+                    if !literal.is_empty() {
+                        tokens.push(Token::Literal(std::mem::take(&mut literal)));
+                    }
+                    tokens.push(Token::Label(key.to_string()));
+                    rest = &rest[end + 1..];
+                    continue;
+                }
                 if !is_identifier(name) {
                     return Err(format!(
                         "\"{{{name}}}\" is not a placeholder: a placeholder is {{name}} with a \
@@ -165,6 +196,11 @@ fn compile_pattern(pattern: &str) -> Result<(Regex, Vec<String>), String> {
                 re.push_str(">[^/]+)");
                 names.push(name);
             }
+            Token::Label(key) => {
+                return Err(format!(
+                    "{{label:{key}}} belongs in a function or instance template, not a pattern"
+                ))
+            }
         }
     }
     re.push('$');
@@ -203,7 +239,13 @@ struct Template {
 impl Template {
     /// `is_function`: literal text must also be valid in a function name, so that a rule that
     /// could never yield a valid name is refused at load time.
-    fn compile(text: &str, captures: &[String], is_function: bool) -> Result<Template, String> {
+    /// `labels`: the rule reads the container's metadata, so `{label:KEY}` may appear.
+    fn compile(
+        text: &str,
+        captures: &[String],
+        is_function: bool,
+        labels: bool,
+    ) -> Result<Template, String> {
         if text.is_empty() {
             return Err("must not be empty".to_string());
         }
@@ -211,6 +253,12 @@ impl Template {
         let mut literal_len = 0;
         for token in &tokens {
             match token {
+                Token::Label(key) if !labels => {
+                    return Err(format!(
+                        "uses {{label:{key}}}, but the rule reads no container metadata: set \
+                         its metadata file"
+                    ));
+                }
                 Token::Placeholder(name) if !captures.contains(name) => {
                     let known = if captures.is_empty() {
                         "it captures nothing".to_string()
@@ -256,7 +304,8 @@ impl Template {
         Ok(Template { tokens })
     }
 
-    fn render(&self, caps: &Captures<'_>) -> String {
+    /// None when a label it names is not among `labels`.
+    fn render(&self, caps: &Captures<'_>, labels: Option<&Labels>) -> Option<String> {
         let mut out = String::new();
         for token in &self.tokens {
             match token {
@@ -266,10 +315,55 @@ impl Template {
                     out.push_str(caps.name(name).map_or("", |m| m.as_str()))
                 }
                 Token::Star => out.push('*'),
+                Token::Label(key) => out.push_str(labels?.get(key)?),
             }
         }
-        out
+        Some(out)
     }
+
+    /// The metadata file of a matched cgroup. None when a capture would leave the directory
+    /// the template names (a '/', "." or "..", or nothing).
+    fn render_path(&self, caps: &Captures<'_>) -> Option<PathBuf> {
+        let mut out = String::new();
+        for token in &self.tokens {
+            match token {
+                Token::Literal(text) => out.push_str(text),
+                Token::Placeholder(name) => {
+                    let value = caps.name(name)?.as_str();
+                    if value.is_empty() || value.contains('/') || value == "." || value == ".." {
+                        return None;
+                    }
+                    out.push_str(value);
+                }
+                Token::Star | Token::Label(_) => return None,
+            }
+        }
+        Some(PathBuf::from(out))
+    }
+}
+
+/// Checks a `metadata` template: an absolute file path over the rule's captures.
+fn compile_metadata(text: &str, captures: &[String]) -> Result<Template, String> {
+    if !text.starts_with('/') {
+        return Err("must be an absolute path, e.g. /run/runc/{id}/state.json".to_string());
+    }
+    if text.ends_with('/') {
+        return Err("must name a file, not a directory".to_string());
+    }
+    if text.split('/').any(|c| c == "." || c == "..") {
+        return Err("must not contain \".\" or \"..\" components".to_string());
+    }
+    let template = Template::compile(text, captures, false, false)?;
+    if !template
+        .tokens
+        .iter()
+        .any(|t| matches!(t, Token::Placeholder(_)))
+    {
+        return Err(
+            "names no capture: one file for every container cannot tell them apart".to_string(),
+        );
+    }
+    Ok(template)
 }
 
 #[derive(Debug)]
@@ -277,6 +371,8 @@ struct Rule {
     matcher: Regex,
     function: Template,
     instance: Template,
+    /// The container's metadata file, when the templates use its labels.
+    metadata: Option<Template>,
 }
 
 impl Rule {
@@ -302,29 +398,49 @@ impl Rule {
                 ))
             }
         };
+        let metadata = rule
+            .metadata
+            .as_deref()
+            .map(|text| {
+                compile_metadata(text, &captures)
+                    .map_err(|reason| invalid(format!("{key}.metadata"), text, reason))
+            })
+            .transpose()?;
+        let labels = metadata.is_some();
         let function_text = rule
             .function
             .as_deref()
             .unwrap_or(DEFAULT_FUNCTION_TEMPLATE);
-        let function = Template::compile(function_text, &captures, true)
+        let function = Template::compile(function_text, &captures, true, labels)
             .map_err(|reason| invalid(format!("{key}.function"), function_text, reason))?;
         let instance_text = rule
             .instance
             .as_deref()
             .unwrap_or(DEFAULT_INSTANCE_TEMPLATE);
-        let instance = Template::compile(instance_text, &captures, false)
+        let instance = Template::compile(instance_text, &captures, false, labels)
             .map_err(|reason| invalid(format!("{key}.instance"), instance_text, reason))?;
+        let uses_labels = [&function, &instance]
+            .iter()
+            .any(|t| t.tokens.iter().any(|t| matches!(t, Token::Label(_))));
+        if let (Some(text), false) = (&rule.metadata, uses_labels) {
+            return Err(invalid(
+                format!("{key}.metadata"),
+                text,
+                "is read for nothing: name a label in function or instance ({label:KEY})",
+            ));
+        }
         Ok(Rule {
             matcher,
             function,
             instance,
+            metadata,
         })
     }
 
-    /// None when the templates give an unusable name.
-    fn identity(&self, caps: &Captures<'_>) -> Option<Identity> {
-        let function = self.function.render(caps);
-        let instance = self.instance.render(caps);
+    /// None when the templates give an unusable name, or name a label `labels` lacks.
+    fn identity(&self, caps: &Captures<'_>, labels: Option<&Labels>) -> Option<Identity> {
+        let function = self.function.render(caps, labels)?;
+        let instance = self.instance.render(caps, labels)?;
         (valid_function_name(&function) && valid_instance_name(&instance))
             .then_some(Identity { function, instance })
     }
@@ -355,6 +471,7 @@ fn describe_rule(rule: &RuleConfig) -> String {
         ("regex", &rule.regex),
         ("function", &rule.function),
         ("instance", &rule.instance),
+        ("metadata", &rule.metadata),
     ]
     .into_iter()
     .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {v:?}")))
@@ -448,19 +565,60 @@ impl Registry {
         self.locate(rel_path).is_some()
     }
 
-    /// The identity given by the first rule of the containing root that matches. None for a
-    /// root itself, for paths outside all roots, when no rule matches, and when the first
-    /// matching rule yields an invalid function or instance name.
+    /// The identity a cgroup's path alone gives: rules that read container metadata are
+    /// passed over. See [`Registry::classify_with`].
     pub fn classify(&self, rel_path: &str) -> Option<Identity> {
-        let (root, rest) = self.locate(rel_path)?;
-        if rest.is_empty() {
-            return None;
+        match self.classify_with(rel_path, &mut |_| MetadataRead::Absent, false) {
+            Classified::Instance(identity) => Some(identity),
+            Classified::Pending { .. } | Classified::NotInstance => None,
         }
-        let (rule, caps) = root
-            .rules
-            .iter()
-            .find_map(|rule| rule.matcher.captures(rest).map(|caps| (rule, caps)))?;
-        rule.identity(&caps)
+    }
+
+    /// The identity given by the first rule of the containing root that matches. Not an
+    /// instance: a root itself, paths outside all roots, no rule matching, or a first
+    /// matching path rule that yields an invalid function or instance name.
+    ///
+    /// A rule with `metadata` reads the container's file through `read`: labels that give
+    /// a valid identity decide; a file that is unusable, or lacks a label the templates name,
+    /// passes to the next rule (the path rules behind it are the fallback). A file not there
+    /// yet gives [`Classified::Pending`] when `wait` is set (runc writes its state after the
+    /// cgroup's mkdir), else passes too.
+    pub fn classify_with(
+        &self,
+        rel_path: &str,
+        read: &mut dyn FnMut(&Path) -> MetadataRead,
+        wait: bool,
+    ) -> Classified {
+        let Some((root, rest)) = self.locate(rel_path) else {
+            return Classified::NotInstance;
+        };
+        if rest.is_empty() {
+            return Classified::NotInstance;
+        }
+        for rule in &root.rules {
+            let Some(caps) = rule.matcher.captures(rest) else {
+                continue;
+            };
+            let Some(file) = &rule.metadata else {
+                return rule
+                    .identity(&caps, None)
+                    .map_or(Classified::NotInstance, Classified::Instance);
+            };
+            let Some(path) = file.render_path(&caps) else {
+                continue;
+            };
+            match read(&path) {
+                MetadataRead::Labels(labels) => {
+                    if let Some(identity) = rule.identity(&caps, Some(&labels)) {
+                        return Classified::Instance(identity);
+                    }
+                }
+                MetadataRead::Absent if wait => return Classified::Pending { file: path },
+                MetadataRead::Absent => {}
+                MetadataRead::Unusable(why) => tracing::warn!("container metadata: {why}"),
+            }
+        }
+        Classified::NotInstance
     }
 
     /// The root containing `rel_path`, and the rest of the path below it without its leading
@@ -685,6 +843,154 @@ instance = "{id}"
                 case(format!("/docker/{}", &CID[..63]), None),
             ],
         );
+    }
+
+    const EX_DOCKER_METADATA: &str = r#"[[cgroup.roots]]
+path = "/docker"
+
+[[cgroup.roots.rules]]
+regex = '(?P<id>[0-9a-f]{64})'
+metadata = "/run/docker/runtime-runc/moby/{id}/state.json"
+function = "{label:io.kubernetes.container.name}"
+instance = "{id}"
+
+[[cgroup.roots.rules]]
+regex = '(?P<id>[0-9a-f]{64})'
+function = "docker"
+instance = "{id}"
+"#;
+
+    /// The metadata example of docs/config.md: labels name the function; a container without
+    /// the label, or whose file is unusable, falls to the path rule; one whose file is not
+    /// written yet waits (when asked to).
+    #[test]
+    fn example_docker_metadata() {
+        use crate::model::runtime::Labels;
+        assert!(DOC.contains(EX_DOCKER_METADATA), "docs/config.md lost the example");
+        let config = Config::from_toml_str(EX_DOCKER_METADATA).unwrap();
+        let reg = Registry::new(&config.cgroup.roots).unwrap();
+        let file = format!("/run/docker/runtime-runc/moby/{CID}/state.json");
+        let path = format!("/docker/{CID}");
+        let labels = |pairs: &[(&str, &str)]| {
+            let l: Labels = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            MetadataRead::Labels(l)
+        };
+        let with = |read: MetadataRead, wait: bool| {
+            let mut asked = Vec::new();
+            let got = reg.classify_with(
+                &path,
+                &mut |f| {
+                    asked.push(f.to_path_buf());
+                    read.clone()
+                },
+                wait,
+            );
+            assert_eq!(asked, vec![PathBuf::from(&file)]);
+            got
+        };
+        let named = labels(&[("io.kubernetes.container.name", "resize"), ("x", "y")]);
+        assert_eq!(
+            with(named, false),
+            Classified::Instance(Identity {
+                function: "resize".into(),
+                instance: CID.into()
+            })
+        );
+        let docker = Classified::Instance(Identity {
+            function: "docker".into(),
+            instance: CID.into(),
+        });
+        assert_eq!(with(labels(&[("x", "y")]), true), docker);
+        let bad_name = labels(&[("io.kubernetes.container.name", "a/b")]);
+        assert_eq!(with(bad_name, true), docker);
+        assert_eq!(with(MetadataRead::Unusable("fifo".into()), true), docker);
+        assert_eq!(with(MetadataRead::Absent, false), docker);
+        assert_eq!(
+            with(MetadataRead::Absent, true),
+            Classified::Pending {
+                file: PathBuf::from(&file)
+            }
+        );
+        // The path alone: the metadata rule is passed over.
+        assert_eq!(reg.classify(&path), ident("docker", CID));
+        assert_eq!(reg.classify("/docker/buildkit"), None);
+    }
+
+    #[test]
+    fn metadata_rules_are_checked_at_load() {
+        let rule = |metadata: &str, function: &str| {
+            let toml = format!(
+                "[[cgroup.roots]]\npath = \"/r\"\n[[cgroup.roots.rules]]\n\
+                 pattern = \"{{id}}\"\nmetadata = {metadata:?}\nfunction = {function:?}\n\
+                 instance = \"{{id}}\"\n"
+            );
+            let c: Config = toml::from_str(&toml).unwrap();
+            Registry::new(&c.cgroup.roots).map(drop).map_err(|e| {
+                let (key, _, reason) = invalid_key(e);
+                (key, reason)
+            })
+        };
+        assert_eq!(rule("/run/runc/{id}/state.json", "{label:fn}"), Ok(()));
+        let err = |m: &str, f: &str| rule(m, f).unwrap_err();
+        assert!(err("run/{id}.json", "{label:fn}").1.contains("absolute"));
+        assert!(err("/run/../{id}.json", "{label:fn}").1.contains(".."));
+        assert!(err("/run/state.json", "{label:fn}")
+            .1
+            .contains("names no capture"));
+        assert!(err("/run/{other}.json", "{label:fn}").1.contains("{other}"));
+        let (key, reason) = err("/run/{id}.json", "fixed");
+        assert_eq!(key, "cgroup.roots[0].rules[0].metadata");
+        assert!(reason.contains("read for nothing"), "{reason}");
+        assert!(err("/run/{id}.json", "{label:}")
+            .1
+            .contains("names no label"));
+        // A label without a metadata file to read it from.
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+pattern = "{id}"
+function = "{label:fn}"
+instance = "{id}"
+"#;
+        let c: Config = toml::from_str(toml).unwrap();
+        let (key, _, reason) = invalid_key(Registry::new(&c.cgroup.roots).unwrap_err());
+        assert_eq!(key, "cgroup.roots[0].rules[0].function");
+        assert!(reason.contains("reads no container metadata"), "{reason}");
+        // In a pattern, a label is refused.
+        let bad = Registry::new(&roots(&[("/r", &["{label:fn}/{instance}"])]));
+        assert!(invalid_key(bad.unwrap_err()).2.contains("not a pattern"));
+    }
+
+    /// A capture that would leave the directory the metadata template names is not looked up.
+    #[test]
+    fn metadata_path_captures_stay_in_their_segment() {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/r"
+[[cgroup.roots.rules]]
+regex = '(?P<id>.+)'
+metadata = "/run/runc/{id}/state.json"
+function = "{label:fn}"
+instance = "{id}"
+"#;
+        let reg = registry(toml);
+        for path in ["/r/a/b", "/r/..", "/r/a/../../etc"] {
+            let mut asked = false;
+            let got = reg.classify_with(
+                path,
+                &mut |_| {
+                    asked = true;
+                    MetadataRead::Absent
+                },
+                true,
+            );
+            assert_eq!(got, Classified::NotInstance, "{path}");
+            assert!(!asked, "{path} was looked up");
+        }
     }
 
     const EX_DOCKER_SYSTEMD: &str = r#"[[cgroup.roots]]
@@ -1393,4 +1699,8 @@ pub struct RuleConfig {
     /// Template; None means `{instance}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The container's metadata file (a template over the captures), whose labels the
+    /// function and instance templates may name as `{label:KEY}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
 }

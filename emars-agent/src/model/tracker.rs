@@ -16,7 +16,8 @@ use crate::{
         events::KernelEvent,
     },
     model::{
-        registry::{CgroupTable, Registry},
+        registry::{CgroupTable, Classified, Identity, Registry},
+        runtime::MetadataRead,
         HourDelta, InstanceRecord, PeakSource,
     },
 };
@@ -43,6 +44,10 @@ pub trait Cgroups {
     /// The peak of that use, and whether it is exact.
     fn use_peak(&self, dir: &Path, _p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
         Ok((self.peak(dir)?.unwrap_or(0), false))
+    }
+    /// A container's labels from its runtime's metadata file (rules with `metadata`).
+    fn metadata(&self, file: &Path) -> MetadataRead {
+        crate::model::runtime::read_labels(file)
     }
 }
 
@@ -141,6 +146,9 @@ pub enum Found {
     Existing { new_since_start: bool },
 }
 
+/// Default of `cgroup.metadata_wait_ms`.
+pub const DEFAULT_METADATA_WAIT_MS: u64 = 10_000;
+
 /// Counters of what the tracker saw, for /v1/info and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrackerStats {
@@ -153,6 +161,23 @@ pub struct TrackerStats {
     pub paths_unresolved: u64,
     /// Instances closed by reconciliation because their rmdir event never came (ring full).
     pub reconciled: u64,
+    /// Cgroups whose rule waited for the runtime's metadata file, and of those, the ones
+    /// named from it and the ones that fell back to the later rules (file absent too long).
+    pub metadata_waits: u64,
+    pub metadata_named: u64,
+    pub metadata_fallbacks: u64,
+}
+
+/// A cgroup whose rule waits for its container's metadata file (written by the runtime after
+/// the mkdir): its instance opens once the file is there, or the wait is over.
+#[derive(Debug, Clone)]
+struct Pending {
+    rel_path: String,
+    started_at_ms: u64,
+    found: Found,
+    file: PathBuf,
+    /// Execs seen while waiting, counted once the instance opens.
+    execs: u64,
 }
 
 pub struct Tracker<C: Cgroups = MemoryHierarchy> {
@@ -167,6 +192,10 @@ pub struct Tracker<C: Cgroups = MemoryHierarchy> {
     awaiting: HashSet<u64>,
     /// Pooled cgroups bound to a function (POST /v1/bind): how their use's peak is read.
     bound: HashMap<u64, UsePeak>,
+    /// Cgroups waiting for their container's metadata file, by id.
+    pending: HashMap<u64, Pending>,
+    /// How long a cgroup waits for its metadata file before the later rules decide.
+    metadata_wait_ms: u64,
     pub stats: TrackerStats,
 }
 
@@ -180,8 +209,16 @@ impl<C: Cgroups> Tracker<C> {
             dirty: HashSet::new(),
             awaiting: HashSet::new(),
             bound: HashMap::new(),
+            pending: HashMap::new(),
+            metadata_wait_ms: DEFAULT_METADATA_WAIT_MS,
             stats: TrackerStats::default(),
         }
+    }
+
+    /// How long a new cgroup whose rule reads container metadata waits for the file.
+    pub fn with_metadata_wait_ms(mut self, ms: u64) -> Self {
+        self.metadata_wait_ms = ms;
+        self
     }
 
     pub fn cgroups(&self) -> &C {
@@ -207,18 +244,63 @@ impl<C: Cgroups> Tracker<C> {
         resumed: Option<InstanceRecord>,
         found: Found,
     ) -> Vec<Effect> {
-        let mut out = Vec::new();
         if self.table.get(id).is_some() {
             tracing::debug!(id, rel_path, "cgroup known already");
-            return out;
+            return Vec::new();
         }
-        let identity = self.registry.classify(rel_path);
+        // A cgroup there before the agent (or resumed) has had its runtime's files written.
+        let wait = resumed.is_none()
+            && !matches!(
+                found,
+                Found::Existing {
+                    new_since_start: false
+                }
+            );
+        let cgroups = &self.cgroups;
+        let classified = self
+            .registry
+            .classify_with(rel_path, &mut |f| cgroups.metadata(f), wait);
+        let identity = match classified {
+            Classified::Instance(identity) => Some(identity),
+            Classified::Pending { file } => {
+                tracing::debug!(id, rel_path, file = %file.display(), "waiting for metadata");
+                self.stats.metadata_waits += 1;
+                self.table
+                    .insert(id, rel_path.to_owned(), None, started_at_ms);
+                self.pending.insert(
+                    id,
+                    Pending {
+                        rel_path: rel_path.to_owned(),
+                        started_at_ms,
+                        found,
+                        file,
+                        execs: 0,
+                    },
+                );
+                return Vec::new();
+            }
+            Classified::NotInstance => None,
+        };
         self.table
             .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
         let Some(identity) = identity else {
             tracing::debug!(id, rel_path, "cgroup watched, not an instance");
-            return out;
+            return Vec::new();
         };
+        self.open(id, rel_path, identity, started_at_ms, resumed, found)
+    }
+
+    /// Opens the live instance record of a classified cgroup.
+    fn open(
+        &mut self,
+        id: u64,
+        rel_path: &str,
+        identity: Identity,
+        started_at_ms: u64,
+        resumed: Option<InstanceRecord>,
+        found: Found,
+    ) -> Vec<Effect> {
+        let mut out = Vec::new();
         tracing::debug!(id, rel_path, ?found, "instance");
         let dir = self.cgroups.dir(rel_path);
         let fresh = resumed.is_none();
@@ -276,6 +358,86 @@ impl<C: Cgroups> Tracker<C> {
         out
     }
 
+    /// Classifies a cgroup waiting for its container's metadata again: the instance opens if
+    /// the file is there now, or, with `give_up`, by the later rules. True when it is a live
+    /// instance now.
+    fn settle(&mut self, id: u64, give_up: bool, out: &mut Vec<Effect>) -> bool {
+        let Some(p) = self.pending.remove(&id) else {
+            return false;
+        };
+        let (cgroups, mut labels_read) = (&self.cgroups, false);
+        let classified = self.registry.classify_with(
+            &p.rel_path,
+            &mut |f| {
+                let read = cgroups.metadata(f);
+                labels_read |= matches!(read, MetadataRead::Labels(_));
+                read
+            },
+            !give_up,
+        );
+        let identity = match classified {
+            Classified::Pending { .. } => {
+                self.pending.insert(id, p);
+                return false;
+            }
+            Classified::Instance(identity) => identity,
+            Classified::NotInstance => {
+                tracing::info!(cgroup = p.rel_path, file = %p.file.display(), "no metadata, and no later rule names it: not an instance");
+                self.stats.metadata_fallbacks += 1;
+                return false;
+            }
+        };
+        if labels_read {
+            self.stats.metadata_named += 1;
+        } else {
+            self.stats.metadata_fallbacks += 1;
+            tracing::info!(
+                cgroup = p.rel_path,
+                file = %p.file.display(),
+                function = identity.function,
+                "container metadata not there: named by a later rule"
+            );
+        }
+        if let Some(e) = self.table.get_mut(id) {
+            e.identity = Some(identity.clone());
+        }
+        out.extend(self.open(id, &p.rel_path, identity, p.started_at_ms, None, p.found));
+        if p.execs > 0 {
+            self.update(id, p.started_at_ms, out, |rec| {
+                rec.execs += p.execs;
+                HourDelta {
+                    execs: p.execs,
+                    ..Default::default()
+                }
+            });
+        }
+        true
+    }
+
+    /// Every cgroup waiting for metadata tries again; those that waited `metadata_wait_ms`
+    /// are decided by the later rules. Run on the agent's tick.
+    pub fn settle_pending(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut ids: Vec<(u64, bool)> = self
+            .pending
+            .iter()
+            .map(|(id, p)| {
+                let over = now_ms.saturating_sub(p.started_at_ms) >= self.metadata_wait_ms;
+                (*id, over)
+            })
+            .collect();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for (id, give_up) in ids {
+            self.settle(id, give_up, &mut out);
+        }
+        out
+    }
+
+    /// Cgroups waiting for their container's metadata now.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
     /// A pooled cgroup starts serving `function` as `instance` (POST /v1/bind): a new live
     /// instance record, its watermark reset so that its peak is this use's, and its function's
     /// limits due like a new instance's. Returns its cgroup id.
@@ -297,6 +459,8 @@ impl<C: Cgroups> Tracker<C> {
             )));
         }
         let (id, dir) = self.pooled(rel_path)?;
+        // The platform says what the cgroup runs: no need to wait for a runtime's file.
+        self.pending.remove(&id);
         if let Some(rec) = self.live.get(&id) {
             let (function, instance) = (rec.function.clone(), rec.instance.clone());
             let path = rel_path.to_owned();
@@ -483,12 +647,23 @@ impl<C: Cgroups> Tracker<C> {
                 peak,
                 watermark,
                 ..
-            } => self.end(id, peak, watermark, at_ms, &mut out),
+            } => {
+                // Gone before its metadata was read: named with what there is now.
+                self.settle(id, true, &mut out);
+                self.end(id, peak, watermark, at_ms, &mut out)
+            }
             KernelEvent::TaskAttach { .. } => {}
             KernelEvent::Exec { id, pid, .. } => {
                 let Some(id) = self.resolve(id, pid, at_ms, &mut out) else {
                     return out;
                 };
+                // runc has written its state by the time the container's program is exec'd.
+                if self.pending.contains_key(&id) && !self.settle(id, false, &mut out) {
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.execs += 1;
+                    }
+                    return out;
+                }
                 self.update(id, at_ms, &mut out, |rec| {
                     rec.execs += 1;
                     HourDelta {
@@ -498,10 +673,14 @@ impl<C: Cgroups> Tracker<C> {
                 });
                 self.refresh(id, &mut out);
             }
-            KernelEvent::Exit { id, .. } => self.refresh(id, &mut out),
+            KernelEvent::Exit { id, .. } => {
+                self.settle(id, false, &mut out);
+                self.refresh(id, &mut out)
+            }
             // The kernel side's charge peak spans a pooled cgroup's every use: not for a bound one.
             KernelEvent::MemPeak { id, .. } if self.bound.contains_key(&id) => {}
             KernelEvent::MemPeak { id, peak } => {
+                self.settle(id, false, &mut out);
                 if let Some(rec) = self.live.get_mut(&id) {
                     if peak > rec.peak_bytes {
                         rec.peak_bytes = peak;
@@ -515,6 +694,7 @@ impl<C: Cgroups> Tracker<C> {
                     tracing::debug!(pid, "OOM victim outside watched cgroups");
                     return out;
                 };
+                self.settle(id, false, &mut out);
                 tracing::warn!(pid, cgroup = id, "OOM kill in a watched instance");
                 self.update(id, at_ms, &mut out, |rec| {
                     rec.oom_kills += 1;
@@ -842,6 +1022,8 @@ mod tests {
     struct Table {
         cgroups: RefCell<HashMap<String, (u64, Limits, u64)>>,
         procs: HashMap<u32, String>,
+        /// Container metadata files and their labels.
+        meta: RefCell<HashMap<PathBuf, crate::model::runtime::Labels>>,
     }
 
     impl Table {
@@ -900,6 +1082,145 @@ mod tests {
                 .find(|(rel, c)| c.0 == id && rel.starts_with(&under))
                 .map(|(rel, _)| self.dir(rel))
         }
+        fn metadata(&self, file: &Path) -> MetadataRead {
+            self.meta
+                .borrow()
+                .get(file)
+                .cloned()
+                .map_or(MetadataRead::Absent, MetadataRead::Labels)
+        }
+    }
+
+    /// runc's layout: `/docker/<id>` named by the `fn` label of `/run/runc/<id>/state.json`,
+    /// else "docker".
+    fn runc_tracker(table: &Table) -> Tracker<&Table> {
+        let toml = r#"
+[[cgroup.roots]]
+path = "/docker"
+[[cgroup.roots.rules]]
+pattern = "{id}"
+metadata = "/run/runc/{id}/state.json"
+function = "{label:fn}"
+instance = "{id}"
+[[cgroup.roots.rules]]
+pattern = "{id}"
+function = "docker"
+instance = "{id}"
+"#;
+        let config = crate::config::Config::from_toml_str(toml).unwrap();
+        Tracker::new(table, Registry::new(&config.cgroup.roots).unwrap())
+            .with_metadata_wait_ms(5_000)
+    }
+
+    fn exec(id: u64) -> KernelEvent {
+        KernelEvent::Exec {
+            id,
+            pid: 1,
+            filename: "/bin/sh".into(),
+        }
+    }
+
+    fn label_file(table: &Table, id: &str, pairs: &[(&str, &str)]) {
+        table.meta.borrow_mut().insert(
+            PathBuf::from(format!("/run/runc/{id}/state.json")),
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+
+    /// A container's cgroup is made before runc writes its state: the instance opens when the
+    /// file is there (at an exec), with the execs seen meanwhile and its limits due from the
+    /// mkdir; without the file it waits, then the path rule names it; removed while waiting,
+    /// it is named with what there is then and closed with its exact peak.
+    #[test]
+    fn containers_wait_for_their_runtime_metadata() {
+        let table = Table::default();
+        for (rel, id) in [("/docker/aa", 40), ("/docker/bb", 41), ("/docker/cc", 42)] {
+            table.add(rel, id);
+        }
+        table.add("/docker/old", 43);
+        let mut t = runc_tracker(&table);
+        assert!(t.apply(mkdir(40, "/docker/aa"), 1_000, 7).is_empty());
+        assert_eq!(t.pending_count(), 1);
+        assert!(t.apply(exec(40), 1_010, 8).is_empty(), "no file yet");
+        assert!(t.live_record(40).is_none());
+        label_file(&table, "aa", &[("fn", "resize"), ("bundle", "/b/aa")]);
+        let fx = t.apply(exec(40), 1_020, 9);
+        let Some(Effect::Enforce {
+            record,
+            mkdir_ts_ns,
+        }) = fx.first()
+        else {
+            panic!("limits first: {fx:?}")
+        };
+        assert_eq!(
+            (record.function.as_str(), record.instance.as_str()),
+            ("resize", "aa")
+        );
+        assert_eq!((record.started_at_ms, *mkdir_ts_ns), (1_000, Some(7)));
+        t.enforced(40, None);
+        assert_eq!(t.live_record(40).unwrap().execs, 2, "both execs counted");
+        assert_eq!(t.pending_count(), 0);
+
+        // No file: waits its time out, then the path rule decides.
+        t.apply(mkdir(41, "/docker/bb"), 2_000, 10);
+        assert!(t.settle_pending(6_999).is_empty());
+        let fx = t.settle_pending(7_000);
+        assert!(
+            matches!(fx.first(), Some(Effect::Enforce { record, .. }) if record.function == "docker"),
+            "{fx:?}"
+        );
+        assert_eq!(t.live_record(41).unwrap().function, "docker");
+
+        // A file without the label: the path rule, at once (the file is there).
+        label_file(&table, "cc", &[("other", "x")]);
+        t.apply(mkdir(42, "/docker/cc"), 3_000, 11);
+        assert_eq!(t.live_record(42).unwrap().function, "docker");
+        assert_eq!(t.pending_count(), 0);
+
+        // Removed while waiting: named now, closed with the rmdir's watermark.
+        table.add("/docker/dd", 44);
+        t.apply(mkdir(44, "/docker/dd"), 4_000, 12);
+        label_file(&table, "dd", &[("fn", "short")]);
+        let fx = t.apply(
+            KernelEvent::CgroupRmdir {
+                id: 44,
+                path: String::new(),
+                peak: 0,
+                watermark: 9 * MIB,
+            },
+            4_050,
+            13,
+        );
+        let closed = saved(&fx);
+        let last = closed.last().expect("a closed record");
+        assert_eq!(
+            (last.function.as_str(), last.peak_bytes),
+            ("short", 9 * MIB)
+        );
+        assert_eq!(last.ended_at_ms, Some(4_050));
+
+        // There before the agent: its runtime's file is not waited for.
+        t.add_cgroup(
+            43,
+            "/docker/old",
+            500,
+            None,
+            Found::Existing {
+                new_since_start: false,
+            },
+        );
+        assert_eq!(t.live_record(43).unwrap().function, "docker");
+        assert_eq!(
+            (
+                t.stats.metadata_waits,
+                t.stats.metadata_named,
+                t.stats.metadata_fallbacks
+            ),
+            (3, 2, 1)
+        );
     }
 
     fn tracker(table: &Table) -> Tracker<&Table> {

@@ -1,0 +1,152 @@
+//! A container's labels, read from the files its OCI runtime keeps: what names the function
+//! when the cgroup path does not (Docker's `/docker/<id>`, Kubernetes' pod and container ids).
+//!
+//! Read once per new container, when a rule with `metadata` matches its cgroup (see
+//! docs/config.md). Three layouts are understood, and whatever a file holds of them is merged:
+//! - runc's `state.json` (`/run/runc/<id>/state.json`; Docker's
+//!   `/run/docker/runtime-runc/moby/<id>/state.json`; containerd's
+//!   `/run/containerd/runc/<namespace>/<id>/state.json`): `config.labels`, a list of `key=value`
+//!   into which runc copies the bundle's annotations and adds `bundle=<dir>`;
+//! - an OCI bundle's `config.json`, or the OCI state (`annotations`), which crun keeps as
+//!   `/run/crun/<id>/config.json`;
+//! - Docker's `config.v2.json` (`/var/lib/docker/containers/<id>/config.v2.json`):
+//!   `Config.Labels`.
+
+use std::{collections::BTreeMap, fs::File, io::Read, os::unix::fs::OpenOptionsExt, path::Path};
+
+/// A container's labels and annotations, by key.
+pub type Labels = BTreeMap<String, String>;
+
+/// Largest metadata file read (runc's state.json of a large spec is some tens of KiB).
+const MAX_METADATA_BYTES: u64 = 4 << 20;
+
+/// What reading a container's metadata file gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataRead {
+    Labels(Labels),
+    /// Not there (yet: runc writes its state after it creates the cgroup).
+    Absent,
+    /// There but unusable: not a regular file, too large, not JSON. Said, and treated as
+    /// absent for good.
+    Unusable(String),
+}
+
+/// Reads the labels in `path` without following it into anything but a regular file: the
+/// file is opened non-blocking, so a FIFO planted there cannot stall the agent.
+pub fn read_labels(path: &Path) -> MetadataRead {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return MetadataRead::Absent,
+        Err(e) => return MetadataRead::Unusable(format!("{}: {e}", path.display())),
+    };
+    match read_regular(file, path) {
+        Ok(text) => parse_labels(&text)
+            .map(MetadataRead::Labels)
+            .unwrap_or_else(|e| MetadataRead::Unusable(format!("{}: {e}", path.display()))),
+        Err(e) => MetadataRead::Unusable(e),
+    }
+}
+
+fn read_regular(file: File, path: &Path) -> Result<Vec<u8>, String> {
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if meta.len() > MAX_METADATA_BYTES {
+        return Err(format!(
+            "{}: {} bytes, more than the {MAX_METADATA_BYTES} read",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_METADATA_BYTES)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// The labels of one metadata document, from whichever of the known layouts it has. Later
+/// layouts do not overwrite a key an earlier one gave.
+pub fn parse_labels(text: &[u8]) -> Result<Labels, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
+    let mut labels = Labels::new();
+    // runc: config.labels = ["key=value", ...].
+    if let Some(list) = doc
+        .pointer("/config/labels")
+        .and_then(serde_json::Value::as_array)
+    {
+        for item in list.iter().filter_map(serde_json::Value::as_str) {
+            if let Some((k, v)) = item.split_once('=') {
+                labels.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+            }
+        }
+    }
+    // OCI config.json and state: annotations = {key: value}; Docker: Config.Labels.
+    for pointer in ["/annotations", "/Config/Labels"] {
+        if let Some(map) = doc.pointer(pointer).and_then(serde_json::Value::as_object) {
+            for (k, v) in map {
+                if let Some(v) = v.as_str() {
+                    labels.entry(k.clone()).or_insert_with(|| v.to_owned());
+                }
+            }
+        }
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_runc_state_oci_annotations_and_docker_labels() {
+        let runc = br#"{"id":"c1","config":{"labels":["io.kubernetes.container.name=resize",
+            "bundle=/run/b/c1","odd","k=v=w"]}}"#;
+        let l = parse_labels(runc).unwrap();
+        assert_eq!(l["io.kubernetes.container.name"], "resize");
+        assert_eq!(l["bundle"], "/run/b/c1");
+        assert_eq!(l["k"], "v=w");
+        assert!(!l.contains_key("odd"));
+
+        let oci = br#"{"ociVersion":"1.0.2","annotations":{"fn":"thumbnail","n":3}}"#;
+        let l = parse_labels(oci).unwrap();
+        assert_eq!(l["fn"], "thumbnail");
+        assert!(!l.contains_key("n"), "only string values are labels");
+
+        let docker = br#"{"Name":"/web","Config":{"Labels":{"com.example.fn":"web"}}}"#;
+        assert_eq!(parse_labels(docker).unwrap()["com.example.fn"], "web");
+
+        assert!(parse_labels(b"{not json").is_err());
+        assert_eq!(parse_labels(b"[]").unwrap(), Labels::new());
+    }
+
+    #[test]
+    fn absent_fifo_and_directory_are_told_apart() {
+        let dir = std::env::temp_dir().join(format!("emars-runtime-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(read_labels(&dir.join("none.json")), MetadataRead::Absent);
+        assert!(matches!(read_labels(&dir), MetadataRead::Unusable(e) if e.contains("regular")));
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Would block forever without O_NONBLOCK (no writer).
+        assert!(matches!(read_labels(&fifo), MetadataRead::Unusable(e) if e.contains("regular")));
+        let state = dir.join("state.json");
+        std::fs::write(&state, br#"{"config":{"labels":["fn=a"]}}"#).unwrap();
+        let MetadataRead::Labels(l) = read_labels(&state) else {
+            panic!("labels expected")
+        };
+        assert_eq!(l["fn"], "a");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
