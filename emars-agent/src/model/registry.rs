@@ -34,7 +34,10 @@ pub struct Identity {
 /// What the rules make of a cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classified {
+    /// Named by a path rule.
     Instance(Identity),
+    /// Named by a rule from the container's metadata.
+    Labelled(Identity),
     /// The first rule that can decide reads a container metadata file that is not there yet.
     Pending {
         file: PathBuf,
@@ -569,7 +572,7 @@ impl Registry {
     /// passed over. See [`Registry::classify_with`].
     pub fn classify(&self, rel_path: &str) -> Option<Identity> {
         match self.classify_with(rel_path, &mut |_| MetadataRead::Absent, false) {
-            Classified::Instance(identity) => Some(identity),
+            Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
             Classified::Pending { .. } | Classified::NotInstance => None,
         }
     }
@@ -610,7 +613,7 @@ impl Registry {
             match read(&path) {
                 MetadataRead::Labels(labels) => {
                     if let Some(identity) = rule.identity(&caps, Some(&labels)) {
-                        return Classified::Instance(identity);
+                        return Classified::Labelled(identity);
                     }
                 }
                 MetadataRead::Absent if wait => return Classified::Pending { file: path },
@@ -866,7 +869,10 @@ instance = "{id}"
     #[test]
     fn example_docker_metadata() {
         use crate::model::runtime::Labels;
-        assert!(DOC.contains(EX_DOCKER_METADATA), "docs/config.md lost the example");
+        assert!(
+            DOC.contains(EX_DOCKER_METADATA),
+            "docs/config.md lost the example"
+        );
         let config = Config::from_toml_str(EX_DOCKER_METADATA).unwrap();
         let reg = Registry::new(&config.cgroup.roots).unwrap();
         let file = format!("/run/docker/runtime-runc/moby/{CID}/state.json");
@@ -894,7 +900,7 @@ instance = "{id}"
         let named = labels(&[("io.kubernetes.container.name", "resize"), ("x", "y")]);
         assert_eq!(
             with(named, false),
-            Classified::Instance(Identity {
+            Classified::Labelled(Identity {
                 function: "resize".into(),
                 instance: CID.into()
             })

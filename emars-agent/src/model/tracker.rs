@@ -261,7 +261,7 @@ impl<C: Cgroups> Tracker<C> {
             .registry
             .classify_with(rel_path, &mut |f| cgroups.metadata(f), wait);
         let identity = match classified {
-            Classified::Instance(identity) => Some(identity),
+            Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
             Classified::Pending { file } => {
                 tracing::debug!(id, rel_path, file = %file.display(), "waiting for metadata");
                 self.stats.metadata_waits += 1;
@@ -365,29 +365,24 @@ impl<C: Cgroups> Tracker<C> {
         let Some(p) = self.pending.remove(&id) else {
             return false;
         };
-        let (cgroups, mut labels_read) = (&self.cgroups, false);
-        let classified = self.registry.classify_with(
-            &p.rel_path,
-            &mut |f| {
-                let read = cgroups.metadata(f);
-                labels_read |= matches!(read, MetadataRead::Labels(_));
-                read
-            },
-            !give_up,
-        );
-        let identity = match classified {
+        let cgroups = &self.cgroups;
+        let classified =
+            self.registry
+                .classify_with(&p.rel_path, &mut |f| cgroups.metadata(f), !give_up);
+        let (identity, labelled) = match classified {
             Classified::Pending { .. } => {
                 self.pending.insert(id, p);
                 return false;
             }
-            Classified::Instance(identity) => identity,
+            Classified::Labelled(identity) => (identity, true),
+            Classified::Instance(identity) => (identity, false),
             Classified::NotInstance => {
                 tracing::info!(cgroup = p.rel_path, file = %p.file.display(), "no metadata, and no later rule names it: not an instance");
                 self.stats.metadata_fallbacks += 1;
                 return false;
             }
         };
-        if labels_read {
+        if labelled {
             self.stats.metadata_named += 1;
         } else {
             self.stats.metadata_fallbacks += 1;
@@ -395,7 +390,7 @@ impl<C: Cgroups> Tracker<C> {
                 cgroup = p.rel_path,
                 file = %p.file.display(),
                 function = identity.function,
-                "container metadata not there: named by a later rule"
+                "container metadata not there, or without the label: named by a later rule"
             );
         }
         if let Some(e) = self.table.get_mut(id) {
@@ -1179,6 +1174,12 @@ instance = "{id}"
         t.apply(mkdir(42, "/docker/cc"), 3_000, 11);
         assert_eq!(t.live_record(42).unwrap().function, "docker");
         assert_eq!(t.pending_count(), 0);
+        // The same after a wait: a fallback, not a name from metadata.
+        table.add("/docker/ee", 45);
+        t.apply(mkdir(45, "/docker/ee"), 3_500, 12);
+        label_file(&table, "ee", &[("other", "x")]);
+        t.apply(exec(45), 3_600, 13);
+        assert_eq!(t.live_record(45).unwrap().function, "docker");
 
         // Removed while waiting: named now, closed with the rmdir's watermark.
         table.add("/docker/dd", 44);
@@ -1219,7 +1220,7 @@ instance = "{id}"
                 t.stats.metadata_named,
                 t.stats.metadata_fallbacks
             ),
-            (3, 2, 1)
+            (4, 2, 2)
         );
     }
 

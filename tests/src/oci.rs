@@ -1,0 +1,188 @@
+//! Real OCI containers for the tests: runc (installed by `cargo xtask setup`) running a busybox
+//! rootfs, with Docker's cgroupfs layout (`<parent>/<64-hex id>`) and Kubernetes-style
+//! annotations. Everything lives under a test root and temporary directories, and goes with
+//! the [`Runc`] value.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{wait_for, TestRoot};
+
+/// The static busybox of Debian's busybox-static package: the containers' only program.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// A runtime binary on PATH.
+pub fn find(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// runc with a state root and bundles of its own, creating containers below a test root.
+pub struct Runc {
+    bin: PathBuf,
+    /// `runc --root`: where each container's `state.json` goes.
+    state: tempfile::TempDir,
+    bundles: tempfile::TempDir,
+    /// The test root's path in the hierarchy: the containers' cgroup parent.
+    parent: String,
+    created: Vec<String>,
+}
+
+impl Runc {
+    /// None when runc or the static busybox is missing.
+    pub fn new(root: &TestRoot) -> Result<Option<Runc>> {
+        let Some(bin) = find("runc") else {
+            return Ok(None);
+        };
+        if !Path::new(BUSYBOX).is_file() {
+            return Ok(None);
+        }
+        let bundles = tempfile::tempdir()?;
+        let rootfs = bundles.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("bin"))?;
+        fs::copy(BUSYBOX, rootfs.join("bin/busybox"))?;
+        for tool in ["sh", "dd", "sleep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool))?;
+        }
+        Ok(Some(Runc {
+            bin,
+            state: tempfile::tempdir()?,
+            bundles,
+            parent: root.rel.clone(),
+            created: Vec::new(),
+        }))
+    }
+
+    /// Where runc keeps `<id>/state.json`.
+    pub fn state_root(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// The container's cgroup path in the hierarchy, as the kernel reports it.
+    pub fn cgroup(&self, id: &str) -> String {
+        format!("{}/{id}", self.parent)
+    }
+
+    fn runc(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--root").arg(self.state.path());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .runc()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running runc {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "runc {args:?}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates container `id` (runc makes its cgroup, then writes its state) running
+    /// `/bin/sh -c script`, with these annotations; it starts at [`Runc::start`].
+    pub fn create(&mut self, id: &str, annotations: &[(&str, &str)], script: &str) -> Result<()> {
+        let bundle = self.bundles.path().join(id);
+        fs::create_dir(&bundle)?;
+        let spec = Command::new(&self.bin)
+            .args(["spec", "--bundle"])
+            .arg(&bundle)
+            .status()?;
+        if !spec.success() {
+            bail!("runc spec: {spec}");
+        }
+        let path = bundle.join("config.json");
+        let mut config: Value = serde_json::from_slice(&fs::read(&path)?)?;
+        config["process"]["terminal"] = json!(false);
+        config["process"]["args"] = json!(["/bin/sh", "-c", script]);
+        config["root"] = json!({"path": self.bundles.path().join("rootfs"), "readonly": true});
+        config["linux"]["cgroupsPath"] = json!(self.cgroup(id));
+        config["annotations"] = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        let status = self
+            .runc()
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()?;
+        if !status.success() {
+            bail!("runc create {id}: {status}");
+        }
+        self.created.push(id.to_owned());
+        Ok(())
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        self.run(&["start", id]).map(drop)
+    }
+
+    /// `created`, `running` or `stopped`.
+    pub fn status(&self, id: &str) -> Result<String> {
+        let state: Value = serde_json::from_str(&self.run(&["state", id])?)?;
+        state["status"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("runc state {id}: no status in {state}"))
+    }
+
+    pub fn wait_stopped(&self, id: &str, timeout: Duration) -> Result<()> {
+        wait_for(timeout, || {
+            (self.status(id).ok()? == "stopped").then_some(())
+        })
+        .ok_or_else(|| anyhow!("container {id} did not stop in {timeout:?}"))
+    }
+
+    pub fn kill(&self, id: &str) -> Result<()> {
+        self.run(&["kill", id, "KILL"]).map(drop)
+    }
+
+    /// Removes the container: runc removes its cgroups (the agent sees the rmdir).
+    pub fn delete(&mut self, id: &str) -> Result<()> {
+        self.run(&["delete", "--force", id])?;
+        self.created.retain(|c| c != id);
+        Ok(())
+    }
+}
+
+impl Drop for Runc {
+    fn drop(&mut self) {
+        for id in std::mem::take(&mut self.created) {
+            let _ = self.run(&["delete", "--force", &id]);
+        }
+        // On a v1 or hybrid host runc made the parent in every controller's hierarchy; the
+        // test root removes the memory one, this the others (only ours: the unique name).
+        let Ok(mounts) = fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for m in mounts.flatten() {
+            let dir = m.path().join(self.parent.trim_start_matches('/'));
+            if dir.is_dir() {
+                crate::remove_tree(&dir);
+            }
+        }
+    }
+}
