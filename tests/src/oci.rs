@@ -1,7 +1,7 @@
-//! Real OCI containers for the tests: runc (installed by `cargo xtask setup`) running a busybox
-//! rootfs, with Docker's cgroupfs layout (`<parent>/<64-hex id>`) and Kubernetes-style
+//! Real OCI containers for the tests: runc or crun (installed by `cargo xtask setup`) running a
+//! busybox rootfs, with Docker's cgroupfs layout (`<parent>/<64-hex id>`) and Kubernetes-style
 //! annotations. Everything lives under a test root and temporary directories, and goes with
-//! the [`Runc`] value.
+//! the [`Oci`] value.
 
 use std::{
     fs,
@@ -27,10 +27,15 @@ pub fn find(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// runc with a state root and bundles of its own, creating containers below a test root.
-pub struct Runc {
+/// An OCI runtime (runc or crun) with a state root and bundles of its own, creating containers
+/// below a test root.
+pub struct Oci {
     bin: PathBuf,
-    /// `runc --root`: where each container's `state.json` goes.
+    /// crun: its cgroup manager is named (cgroupfs, as runc's default).
+    crun: bool,
+    /// The machine's root is the initramfs (the VMs), which cannot be pivoted away from.
+    no_pivot: bool,
+    /// `--root`: where the runtime keeps each container's state.
     state: tempfile::TempDir,
     bundles: tempfile::TempDir,
     /// The test root's path in the hierarchy: the containers' cgroup parent.
@@ -38,10 +43,23 @@ pub struct Runc {
     created: Vec<String>,
 }
 
-impl Runc {
-    /// None when runc or the static busybox is missing.
-    pub fn new(root: &TestRoot) -> Result<Option<Runc>> {
-        let Some(bin) = find("runc") else {
+/// True when `/` is the initramfs (rootfs), as in the VMs.
+fn root_is_initramfs() -> bool {
+    fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .filter(|l| l.split(' ').nth(1) == Some("/"))
+                .last()
+                .map(|l| l.split(' ').nth(2) == Some("rootfs"))
+        })
+        .unwrap_or(false)
+}
+
+impl Oci {
+    /// `runtime`: "runc" or "crun". None when it or the static busybox is missing.
+    pub fn new(root: &TestRoot, runtime: &str) -> Result<Option<Oci>> {
+        let Some(bin) = find(runtime) else {
             return Ok(None);
         };
         if !Path::new(BUSYBOX).is_file() {
@@ -54,8 +72,10 @@ impl Runc {
         for tool in ["sh", "dd", "sleep"] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool))?;
         }
-        Ok(Some(Runc {
+        Ok(Some(Oci {
             bin,
+            crun: runtime == "crun",
+            no_pivot: root_is_initramfs(),
             state: tempfile::tempdir()?,
             bundles,
             parent: root.rel.clone(),
@@ -63,9 +83,15 @@ impl Runc {
         }))
     }
 
-    /// Where runc keeps `<id>/state.json`.
+    /// Where the runtime keeps its state (runc: `<id>/state.json`).
     pub fn state_root(&self) -> &Path {
         self.state.path()
+    }
+
+    /// Where container `id`'s bundle (and its `config.json`) is: containerd's layout, a
+    /// directory per container id.
+    pub fn bundles(&self) -> &Path {
+        self.bundles.path()
     }
 
     /// The container's cgroup path in the hierarchy, as the kernel reports it.
@@ -73,22 +99,26 @@ impl Runc {
         format!("{}/{id}", self.parent)
     }
 
-    fn runc(&self) -> Command {
+    fn cli(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root").arg(self.state.path());
+        if self.crun {
+            c.arg("--cgroup-manager=cgroupfs");
+        }
         c
     }
 
     fn run(&self, args: &[&str]) -> Result<String> {
         let out = self
-            .runc()
+            .cli()
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running runc {args:?}"))?;
+            .with_context(|| format!("running {} {args:?}", self.bin.display()))?;
         if !out.status.success() {
             bail!(
-                "runc {args:?}: {}\n{}",
+                "{} {args:?}: {}\n{}",
+                self.bin.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -96,17 +126,17 @@ impl Runc {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Creates container `id` (runc makes its cgroup, then writes its state) running
+    /// Creates container `id` (the runtime makes its cgroup, then writes its state) running
     /// `/bin/sh -c script`, with these annotations; it starts at [`Runc::start`].
     pub fn create(&mut self, id: &str, annotations: &[(&str, &str)], script: &str) -> Result<()> {
         let bundle = self.bundles.path().join(id);
         fs::create_dir(&bundle)?;
         let spec = Command::new(&self.bin)
-            .args(["spec", "--bundle"])
-            .arg(&bundle)
+            .arg("spec")
+            .current_dir(&bundle)
             .status()?;
         if !spec.success() {
-            bail!("runc spec: {spec}");
+            bail!("{} spec: {spec}", self.bin.display());
         }
         let path = bundle.join("config.json");
         let mut config: Value = serde_json::from_slice(&fs::read(&path)?)?;
@@ -120,17 +150,19 @@ impl Runc {
             .collect::<serde_json::Map<_, _>>()
             .into();
         fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
-        let status = self
-            .runc()
-            .args(["create", "--bundle"])
-            .arg(&bundle)
+        let mut create = self.cli();
+        create.args(["create", "--bundle"]).arg(&bundle);
+        if self.no_pivot {
+            create.arg("--no-pivot");
+        }
+        let status = create
             .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .status()?;
         if !status.success() {
-            bail!("runc create {id}: {status}");
+            bail!("{} create {id}: {status}", self.bin.display());
         }
         self.created.push(id.to_owned());
         Ok(())
@@ -146,7 +178,7 @@ impl Runc {
         state["status"]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| anyhow!("runc state {id}: no status in {state}"))
+            .ok_or_else(|| anyhow!("state of {id}: no status in {state}"))
     }
 
     pub fn wait_stopped(&self, id: &str, timeout: Duration) -> Result<()> {
@@ -160,7 +192,7 @@ impl Runc {
         self.run(&["kill", id, "KILL"]).map(drop)
     }
 
-    /// Removes the container: runc removes its cgroups (the agent sees the rmdir).
+    /// Removes the container and its cgroups (the agent sees the rmdir).
     pub fn delete(&mut self, id: &str) -> Result<()> {
         self.run(&["delete", "--force", id])?;
         self.created.retain(|c| c != id);
@@ -168,12 +200,12 @@ impl Runc {
     }
 }
 
-impl Drop for Runc {
+impl Drop for Oci {
     fn drop(&mut self) {
         for id in std::mem::take(&mut self.created) {
             let _ = self.run(&["delete", "--force", &id]);
         }
-        // On a v1 or hybrid host runc made the parent in every controller's hierarchy; the
+        // On a v1 or hybrid host the runtime made the parent in every controller's hierarchy; the
         // test root removes the memory one, this the others (only ours: the unique name).
         let Ok(mounts) = fs::read_dir("/sys/fs/cgroup") else {
             return;

@@ -40,7 +40,16 @@ pub const KERNELS: &[KernelSpec] = &[
     },
 ];
 
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "e2fsprogs"];
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "e2fsprogs",
+    "runc",
+    "crun",
+    "busybox-static",
+];
+/// Host programs copied into the guest's /bin, with the shared libraries they load: the OCI
+/// runtimes the `runtime` tests run, and the static busybox of their containers' rootfs.
+const GUEST_HOST_PROGRAMS: &[&str] = &["runc", "crun", "busybox"];
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// Integration test binaries run in the guest.
 const GUEST_TESTS: &[&str] = &[
@@ -51,6 +60,7 @@ const GUEST_TESTS: &[&str] = &[
     "binding",
     "cli",
     "security",
+    "runtime",
 ];
 
 pub struct Options {
@@ -352,6 +362,47 @@ struct GuestBinaries {
     alloc: PathBuf,
     init: PathBuf,
     tests: Vec<(String, PathBuf)>,
+    /// Host files at their place in the guest (absolute path without the leading '/').
+    host_files: Vec<(String, PathBuf)>,
+}
+
+/// [`GUEST_HOST_PROGRAMS`] (into /bin) and the libraries `ldd` says they load (at the same
+/// paths in the guest), from this host's Debian packages.
+fn host_programs() -> Result<Vec<(String, PathBuf)>> {
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for name in GUEST_HOST_PROGRAMS {
+        let path = std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(name))
+                    .find(|p| p.is_file())
+            })
+            .ok_or_else(|| anyhow!("{name} is not installed (cargo xtask setup installs it)"))?;
+        files.push((format!("bin/{name}"), path.clone()));
+        let ldd = Command::new("ldd").arg(&path).output()?;
+        // A static binary: "not a dynamic executable", exit status 1.
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .lines()
+            .filter_map(ldd_library)
+        {
+            let rel = lib.trim_start_matches('/').to_owned();
+            if !files.iter().any(|(r, _)| *r == rel) {
+                files.push((rel, PathBuf::from(lib)));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The library path of one line of `ldd` output, if it names one.
+fn ldd_library(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let path = match line.split_once("=>") {
+        Some((_, rest)) => rest.trim(),
+        None => line,
+    };
+    let path = path.split(" (").next()?.trim();
+    path.starts_with('/').then_some(path)
 }
 
 fn build_guest_binaries() -> Result<GuestBinaries> {
@@ -408,10 +459,12 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         alloc: need(alloc, "emars-alloc")?,
         init: need(init, "emars-init")?,
         tests,
+        host_files: host_programs()?,
     })
 }
 
-/// Writes a newc cpio: /init, /bin/{emars,emars-alloc}, /tests/*, mount points, /dev/console.
+/// Writes a newc cpio: /init, /bin/{emars,emars-alloc}, /tests/*, mount points, /dev/console,
+/// and the host's OCI runtimes, busybox and their libraries.
 fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     use cpio::newc::{trailer, Builder};
     let mut w = std::io::BufWriter::new(
@@ -422,7 +475,28 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
         ino += 1;
         Builder::new(name).ino(ino).mode(mode).nlink(1)
     };
-    for d in ["bin", "dev", "proc", "sys", "tmp", "tests", "disk"] {
+    let mut dirs: Vec<String> = ["bin", "dev", "proc", "sys", "tmp", "tests", "disk"]
+        .map(String::from)
+        .to_vec();
+    // Parents of the host files (lib/x86_64-linux-gnu, lib64), each before what it holds.
+    for (rel, _) in &b.host_files {
+        let mut parent = String::new();
+        for part in rel
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, p)| p)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !dirs.contains(&parent) {
+                dirs.push(parent.clone());
+            }
+        }
+    }
+    for d in &dirs {
         entry(d, 0o040755).write(&mut w, 0).finish()?;
     }
     // The kernel opens /dev/console for init before anything is mounted.
@@ -438,6 +512,9 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     ];
     for (name, p) in &b.tests {
         files.push((format!("tests/{name}"), p));
+    }
+    for (rel, p) in &b.host_files {
+        files.push((rel.clone(), p));
     }
     for (name, path) in files {
         let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -711,6 +788,20 @@ fn print_table(outcomes: &[Outcome]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_ldd_lines() {
+        assert_eq!(
+            ldd_library("\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)"),
+            Some("/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        assert_eq!(
+            ldd_library("\t/lib64/ld-linux-x86-64.so.2 (0x00007f)"),
+            Some("/lib64/ld-linux-x86-64.so.2")
+        );
+        assert_eq!(ldd_library("\tlinux-vdso.so.1 (0x00007ffd)"), None);
+        assert_eq!(ldd_library("\tnot a dynamic executable"), None);
+    }
 
     #[test]
     fn finds_dependencies() {
