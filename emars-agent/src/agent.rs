@@ -574,6 +574,7 @@ async fn event_loop(
                         mode: format!("{:?}", policy.mode()).to_lowercase(),
                         new_instance_writes: enforcer.stats.enforced,
                         writes_ok: load(&actuator.stats.writes_ok),
+                        unchanged: load(&actuator.stats.unchanged),
                         writes_failed: load(&actuator.stats.writes_failed),
                         refusals: load(&actuator.stats.refusals),
                         audit_errors: load(&actuator.stats.audit_errors),

@@ -266,6 +266,9 @@ pub struct EnforcementInfo {
     pub new_instance_writes: u64,
     /// Writes of any kind (new instances, apply, API) that succeeded / failed / were refused.
     pub writes_ok: u64,
+    /// Writes not made: the limits asked for were in force already (no audit record).
+    #[serde(default)]
+    pub unchanged: u64,
     pub writes_failed: u64,
     pub refusals: u64,
     /// Audit records that could not be stored (a write without a durable intent is not made).

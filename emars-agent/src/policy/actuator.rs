@@ -115,6 +115,9 @@ pub mod outcome {
     /// The agent stopped between intent and outcome; `written` holds what a restarted agent
     /// found in the limit files.
     pub const INTERRUPTED: &str = "interrupted";
+    /// The limits asked for were in force already: nothing was written (and nothing is kept
+    /// in the audit log; counted as `unchanged` in GET /v1/info).
+    pub const UNCHANGED: &str = "unchanged";
 }
 
 /// One write attempt, as kept in the audit log.
@@ -156,8 +159,9 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// The limits asked for are in force: written, or there already.
     pub fn is_ok(&self) -> bool {
-        self.outcome == outcome::OK
+        self.outcome == outcome::OK || self.outcome == outcome::UNCHANGED
     }
 
     /// The intent of a write into `inst` (outcome pending, nothing written yet), new limits
@@ -189,6 +193,9 @@ impl AuditRecord {
 #[derive(Debug, Default)]
 pub struct ActuatorStats {
     pub writes_ok: AtomicU64,
+    /// Writes not made because the limits asked for were in force (a warm pooled cgroup bound
+    /// again to the function it served).
+    pub unchanged: AtomicU64,
     pub writes_failed: AtomicU64,
     pub refusals: AtomicU64,
     /// Audit records that could not be stored (the write was then not made, or its outcome
@@ -329,6 +336,23 @@ impl Actuator {
         };
         audit.usage_bytes = Some(plan.usage);
         audit.raised = plan.raised;
+        let in_force = |new: Option<u64>, old: Option<u64>| new.is_none() || new == old;
+        if in_force(plan.new.max_bytes, plan.old.max_bytes)
+            && in_force(plan.new.high_bytes, plan.old.high_bytes)
+        {
+            // Nothing to write, so nothing that needs an audit record (or its disk sync).
+            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            audit.outcome = outcome::UNCHANGED.to_owned();
+            return Written {
+                audit,
+                result: Ok(Applied {
+                    old: plan.old,
+                    new: plan.old,
+                    usage: plan.usage,
+                    raised: plan.raised,
+                }),
+            };
+        }
         let key = match self.durable_intent(&audit) {
             Ok(k) => k,
             Err(e) => {
@@ -422,10 +446,9 @@ impl Actuator {
         result.map(|_| audit)
     }
 
-    /// Audits a write that sets no limit (a bind's watermark reset): a durable intent
-    /// record with `reason` before `write` runs, its outcome after. Nothing runs when the
-    /// intent cannot be made durable. Allowed in observe mode: the platform asked for it, and
-    /// no limit changes.
+    /// Audits a write that sets no limit (a bind's watermark reset): an intent record with
+    /// `reason` before `write` runs, its outcome after. Nothing runs when the record cannot be
+    /// stored. Allowed in observe mode: the platform asked for it, and no limit changes.
     pub fn audited<T, E: std::fmt::Display>(
         &self,
         inst: &InstanceRecord,
@@ -433,7 +456,16 @@ impl Actuator {
         write: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, ActuatorError> {
         let mut audit = AuditRecord::intent(inst, reason, None);
-        let key = self.durable_intent(&audit)?;
+        // Recorded before, but not synced to disk per call: such a write (a bind's watermark
+        // reset) changes no limit, and a platform makes one per use or invocation. The record
+        // is made durable with the store's next flush.
+        let key = self
+            .audit
+            .append_audit(audit.at_ms, &audit)
+            .map_err(|source| {
+                self.audit_error(&source);
+                ActuatorError::AuditNotDurable { source }
+            })?;
         let result = write();
         match &result {
             Ok(_) => audit.outcome = outcome::OK.to_owned(),
@@ -442,7 +474,7 @@ impl Actuator {
                 audit.error = Some(e.to_string());
             }
         }
-        if let Err(se) = self.audit.complete_audit(&key, &audit) {
+        if let Err(se) = self.audit.update_audit(&key, &audit) {
             self.audit_error(&se);
         }
         Ok(result)
@@ -843,6 +875,33 @@ mod tests {
             .unwrap();
         assert_eq!(read(&f.inst.join("memory.limit_in_bytes")), "67108864");
         assert_eq!(f.act.stats.writes_ok.load(Ordering::Relaxed), 1);
+    }
+
+    /// Limits already in force are not written again, and leave no audit record: a warm
+    /// pooled cgroup bound again to the function it served costs no write and no disk sync.
+    #[test]
+    fn limits_in_force_are_not_written_again() {
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Raise)
+            .result
+            .unwrap();
+        // Marked, so that a second write would show.
+        fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
+        let w = f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Raise);
+        assert_eq!(w.audit.outcome, outcome::UNCHANGED);
+        assert!(w.audit.is_ok());
+        assert_eq!(w.result.unwrap().new.max_bytes, Some(64 << 20));
+        assert_eq!(
+            read(&f.inst.join("memory.max")),
+            "67108864\n",
+            "not rewritten"
+        );
+        assert_eq!(f.audit().len(), 1, "only the first write is in the log");
+        assert_eq!(f.act.stats.unchanged.load(Ordering::Relaxed), 1);
+        // One of the two differs: written, and audited.
+        let w = f.write(&f.inst, req(64 << 20, 40 << 20), BelowUsage::Raise);
+        assert_eq!(w.audit.outcome, outcome::OK);
+        assert_eq!(f.audit().len(), 2);
     }
 
     #[test]

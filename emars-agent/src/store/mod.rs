@@ -834,6 +834,14 @@ impl Store {
         Ok(key)
     }
 
+    /// Replaces an audit record appended with [`Store::append_audit`] by its outcome (made
+    /// durable with the store's next flush, like the record it replaces).
+    pub fn update_audit<T: Serialize>(&self, key: &AuditKey, rec: &T) -> Result<(), StoreError> {
+        let value = encode_json(TREE_AUDIT, key, rec)?;
+        self.audit.insert(key, value.as_slice())?;
+        Ok(())
+    }
+
     /// Replaces a pending audit record by its outcome, durably (journal).
     pub fn complete_audit<T: Serialize>(&self, key: &AuditKey, rec: &T) -> Result<(), StoreError> {
         let mut journal = self.journal();

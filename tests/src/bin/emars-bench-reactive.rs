@@ -18,7 +18,10 @@
 //!    the agent's squeezes, bytes reclaimed and signal-to-squeeze-done time.
 //!
 //! 4. Pooled cgroups: `--binds` bind/release pairs on one pooled cgroup over real HTTP (the
-//!    cost a platform pays per use, or per invocation when it binds each): latency p50/p99/max.
+//!    cost a platform pays per use, or per invocation when it binds each): latency p50/p99/max,
+//!    binding two functions with different (pinned) limits in turn, so that each bind writes
+//!    limits, then one function again and again (a warm container serving invocations: its
+//!    limits are in force, nothing is written).
 //!
 //! ```text
 //! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
@@ -38,6 +41,7 @@ use serde_json::Value;
 
 const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [--mib M] [--rate R]
     [--admission-rps Q] [--admission-secs S] [--idle I] [--cache-mib C] [--busy-mib B] [--binds N]
+    [--only K]
   --growers N         instances that outgrow their limit, per mode (default 20)
   --parallel P        growers at a time (default 2)
   --mib M             peak of the history instances, MiB (default 24)
@@ -47,7 +51,8 @@ const USAGE: &str = "usage: emars-bench-reactive [--growers N] [--parallel P] [-
   --idle I            idle instances in the pressure experiment (default 8)
   --cache-mib C       page cache each idle instance holds, MiB (default 64)
   --busy-mib B        what the busy instance grows to, MiB (default 256)
-  --binds N           bind/release pairs on a pooled cgroup (default 500)
+  --binds N           bind/release pairs on a pooled cgroup, per mode (default 500)
+  --only K            run section K (1-4) alone
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 const FUNCTION: &str = "bursty";
@@ -64,6 +69,8 @@ struct Opts {
     cache_mib: u64,
     busy_mib: u64,
     binds: usize,
+    /// Run this section alone.
+    only: Option<u64>,
 }
 
 fn main() {
@@ -88,6 +95,7 @@ fn parse() -> Result<Opts> {
         cache_mib: 64,
         busy_mib: 256,
         binds: 500,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -108,6 +116,7 @@ fn parse() -> Result<Opts> {
             "--cache-mib" => o.cache_mib = num()?,
             "--busy-mib" => o.busy_mib = num()?,
             "--binds" => o.binds = num()? as usize,
+            "--only" => o.only = Some(num()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -418,15 +427,28 @@ fn pressure(o: &Opts, squeeze: bool) -> Result<Pressure> {
 }
 
 /// Bind and release latencies over HTTP, one pooled cgroup.
-fn binds(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// Bind/release latencies on one pooled cgroup: `functions` bound in turn (each pinned to
+/// other limits, so each bind writes them), or one function (limits in force after its first).
+fn binds(o: &Opts, functions: &[&str]) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let root = TestRoot::new()?;
-    let agent = start(&root, false)?;
+    let pins: String = ["fa", "fb"]
+        .iter()
+        .zip([256u64, 128])
+        .map(|(f, mib)| {
+            format!(
+                "[[policy.functions]]\nname = \"{f}\"\npin_max_bytes = {}\n",
+                mib * MIB
+            )
+        })
+        .collect();
+    let agent = Agent::start_configured(&root, &format!("\n[policy]\nmode = \"enforce\"\n{pins}"))?;
     let slot = root.dir.join("cg-1");
     fs::create_dir(&slot)?;
     let cgroup = slot.display().to_string();
     let (mut bind, mut release) = (Vec::new(), Vec::new());
     for i in 0..o.binds {
-        let body = serde_json::json!({"cgroup": cgroup, "function": "pooled", "instance": format!("u{i}")});
+        let function = functions[i % functions.len()];
+        let body = serde_json::json!({"cgroup": cgroup, "function": function, "instance": format!("u{i}")});
         let t = Instant::now();
         let (s, b) = agent.post_raw("/v1/bind", "application/json", body.to_string().as_bytes())?;
         bind.push(t.elapsed());
@@ -445,6 +467,15 @@ fn binds(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
             bail!("release: {s} {b}");
         }
     }
+    // /v1/info's counters are brought up to date every second.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let info = agent.get_ok("/v1/info")?;
+    println!(
+        "  {:<28} limits written {}, in force already {}",
+        functions.join(", "),
+        info["enforcement"]["writes_ok"],
+        info["enforcement"]["unchanged"]
+    );
     agent.stop()?;
     Ok((bind, release))
 }
@@ -459,6 +490,54 @@ fn run(o: &Opts) -> Result<()> {
         "emars-bench-reactive: cgroup {:?}, {} growers ({} at a time) to 1.5x the predicted limit at {} MiB/s, history at {} MiB",
         h.version, o.growers, o.parallel, o.rate, o.mib
     );
+    let section = |k: u64| o.only.is_none_or(|only| only == k);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if section(1) {
+        burst_section(o)?;
+    }
+    if section(2) {
+        println!("\n2. Admission (POST /v1/admission over HTTP)\n");
+        let (mut lat, admitted, refused) = admission(o)?;
+        lat.sort_unstable();
+        println!(
+            "  {} requests: {admitted} admitted, {refused} refused; latency p50 {:.3} / p99 {:.3} / max {:.3} ms",
+            lat.len(),
+            ms(pct(&lat, 50.0)),
+            ms(pct(&lat, 99.0)),
+            ms(pct(&lat, 100.0))
+        );
+    }
+    if section(3) {
+        pressure_section(o)?;
+    }
+    if section(4) {
+        println!("\n4. Pooled cgroups (POST /v1/bind then /v1/release, one cgroup, over HTTP)\n");
+        let mut rows = Vec::new();
+        for functions in [&["fa", "fb"][..], &["fa"][..]] {
+            let (mut bind, mut release) = binds(o, functions)?;
+            bind.sort_unstable();
+            release.sort_unstable();
+            rows.push((functions.join(", "), bind, release));
+        }
+        for (label, bind, release) in &rows {
+            println!(
+                "  {label:<28} {} pairs: bind p50 {:.3} / p99 {:.3} / max {:.3} ms; release p50 {:.3} / p99 {:.3} / max {:.3} ms",
+                bind.len(),
+                ms(pct(bind, 50.0)),
+                ms(pct(bind, 99.0)),
+                ms(pct(bind, 100.0)),
+                ms(pct(release, 50.0)),
+                ms(pct(release, 99.0)),
+                ms(pct(release, 100.0))
+            );
+        }
+        let ratio = ms(pct(&rows[0].1, 50.0)) / ms(pct(&rows[1].1, 50.0)).max(1e-9);
+        println!("  bind p50, limits written / limits in force: {ratio:.2}x");
+    }
+    Ok(())
+}
+
+fn burst_section(o: &Opts) -> Result<()> {
     println!("\n1. Burst experiment (same workload, reactive off then on)\n");
     let rows = [burst(o, false)?, burst(o, true)?];
     println!(
@@ -485,17 +564,10 @@ fn run(o: &Opts) -> Result<()> {
             format!("{} / {} / {}", us(r.p50_us), us(r.p99_us), us(r.max_us))
         );
     }
-    println!("\n2. Admission (POST /v1/admission over HTTP)\n");
-    let (mut lat, admitted, refused) = admission(o)?;
-    lat.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "  {} requests: {admitted} admitted, {refused} refused; latency p50 {:.3} / p99 {:.3} / max {:.3} ms",
-        lat.len(),
-        ms(pct(&lat, 50.0)),
-        ms(pct(&lat, 99.0)),
-        ms(pct(&lat, 100.0))
-    );
+    Ok(())
+}
+
+fn pressure_section(o: &Opts) -> Result<()> {
     println!(
         "\n3. Pressure experiment ({} idle instances with 8 MiB heap + {} MiB page cache; a busy one \
          grows to {} MiB at 128 MiB/s under a parent limit 64 MiB above use)\n",
@@ -529,19 +601,5 @@ fn run(o: &Opts) -> Result<()> {
         );
     }
     println!("  pressure signal (squeeze on): {}", rows[1].source);
-    println!("\n4. Pooled cgroups (POST /v1/bind then /v1/release, one cgroup, over HTTP)\n");
-    let (mut bind, mut release) = binds(o)?;
-    bind.sort_unstable();
-    release.sort_unstable();
-    println!(
-        "  {} pairs: bind p50 {:.3} / p99 {:.3} / max {:.3} ms; release p50 {:.3} / p99 {:.3} / max {:.3} ms",
-        bind.len(),
-        ms(pct(&bind, 50.0)),
-        ms(pct(&bind, 99.0)),
-        ms(pct(&bind, 100.0)),
-        ms(pct(&release, 50.0)),
-        ms(pct(&release, 99.0)),
-        ms(pct(&release, 100.0))
-    );
     Ok(())
 }
