@@ -49,8 +49,8 @@ fn root_is_initramfs() -> bool {
         .ok()
         .and_then(|m| {
             m.lines()
-                .filter(|l| l.split(' ').nth(1) == Some("/"))
-                .last()
+                .rev()
+                .find(|l| l.split(' ').nth(1) == Some("/"))
                 .map(|l| l.split(' ').nth(2) == Some("rootfs"))
         })
         .unwrap_or(false)
