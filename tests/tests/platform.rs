@@ -57,10 +57,17 @@ fn reference_platform_runs_both_modes_on_a_trace() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     let (ol, em) = (row("openlambda"), row("emars"));
-    assert_eq!(ol.len(), 7, "{stdout}");
-    assert_eq!(em.len(), 7, "{stdout}");
+    // mode, invocations, cold starts, OOM kills, refused, GiB·min, uses, "K of N" advice.
+    assert_eq!(ol.len(), 10, "{stdout}");
+    assert_eq!(em.len(), 10, "{stdout}");
     // Same arrivals in both modes: 28 invocations.
     assert_eq!(ol[1], "28", "{stdout}");
     assert_eq!(em[1], "28", "{stdout}");
+    // Every invocation that ran was one bind and one release (the binary checks that the
+    // agent recorded each as an ended instance).
+    for r in [&ol, &em] {
+        let ran = 28 - r[4].parse::<u64>()?;
+        assert_eq!(r[6], ran.to_string(), "{stdout}");
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! arrivals and the same drawn peaks, side by side in one run:
 //!
 //! - `openlambda`: a fixed memory.max for every sandbox and a fixed 10-minute keep-alive; the
-//!   agent only watches (observe mode; it is told of each use through /v1/bind).
+//!   agent only watches (observe mode).
 //! - `emars`: before a cold start the platform asks `POST /v1/admission` (a refusal drops the
 //!   invocation); the agent writes the function's limits at bind (enforce mode; while a
 //!   function has no history, the fixed limit, written through the agent so that its burst
@@ -14,7 +14,10 @@
 //!   /v1/functions/{name}/keepalive`, pre-warm plus keep-alive from the end of an
 //!   invocation; OpenLambda's 10 minutes while the advice has too little to go on).
 //!
-//! In both modes a sandbox whose process the OOM killer took is recycled, not kept warm.
+//! In both modes the platform binds the sandbox's cgroup at each invocation and releases it
+//! at its end (`/v1/bind`, `/v1/release`): every invocation is a record with its exact peak,
+//! and the gaps between a function's invocations are what its keep-alive advice is made of.
+//! A sandbox whose process the OOM killer took is recycled, not kept warm.
 //!
 //! Prints per mode: invocations, cold starts, OOM kills, refusals, memory-time reserved
 //! (memory.max x time a sandbox holds a cgroup, in trace time) — and the paper's figure 4/5
@@ -39,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
 use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
 use serde_json::{json, Value};
@@ -195,7 +198,8 @@ struct Sandbox {
     idle_since: u64,
     /// How long it stays warm once idle, real ms.
     keepalive_ms: u64,
-    bound_at: u64,
+    /// Real ms since which it has held its cgroup at `max_bytes`.
+    since: u64,
     max_bytes: u64,
 }
 
@@ -210,7 +214,10 @@ struct Tally {
     mib_ms: f64,
     /// memory.max (MiB) → sandboxes started with it.
     limits: BTreeMap<u64, u64>,
+    /// Binds released (one per invocation that ran).
     uses: u64,
+    /// Functions whose last keep-alive advice came from their idle-time histogram.
+    advised: std::collections::BTreeSet<usize>,
 }
 
 struct Platform<'a> {
@@ -239,20 +246,52 @@ impl Platform<'_> {
             .post_raw(path, "application/json", body.to_string().as_bytes())
     }
 
-    /// Ends a sandbox's use: the cgroup goes back to the pool.
+    /// Recycles an idle sandbox: its cgroup goes back to the pool.
     fn recycle(&mut self, i: usize) -> Result<()> {
         let b = self.boxes.swap_remove(i);
         let now = self.now();
-        self.t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.bound_at) as f64;
+        self.t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
+        self.free.push_back(b.slot);
+        Ok(())
+    }
+
+    /// An invocation starts in sandbox `i`: its cgroup is bound to the function for it (the
+    /// agent writes the function's limits when they differ from those in force). Returns the
+    /// memory.max in force (0: none).
+    fn bind(&mut self, i: usize, invocation: usize) -> Result<u64> {
+        let (slot, function) = (self.boxes[i].slot, self.boxes[i].function);
+        let name = name(&self.fs[function]);
+        let dir = self.slot_dir(slot);
+        let (s, rec) = self.post(
+            "/v1/bind",
+            json!({"cgroup": dir.display().to_string(), "function": name,
+                   "instance": format!("{name}-{invocation}")}),
+        )?;
+        if s != 200 {
+            bail!("bind: {s} {rec}");
+        }
+        // Unlimited only at a cold start in emars mode, before the fixed limit stands in.
+        let max = self.root.hierarchy.max_limit(&dir).unwrap_or(0);
+        let now = self.now();
+        let b = &mut self.boxes[i];
+        if max != b.max_bytes {
+            self.t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
+            b.max_bytes = max;
+            b.since = now;
+        }
+        Ok(max)
+    }
+
+    /// The invocation in `slot` ended: its use is released.
+    fn release(&mut self, slot: usize) -> Result<()> {
         let (s, body) = self.post(
             "/v1/release",
-            json!({"cgroup": self.slot_dir(b.slot).display().to_string()}),
+            json!({"cgroup": self.slot_dir(slot).display().to_string()}),
         )?;
         if s != 200 {
             bail!("release: {s} {body}");
         }
         self.t.uses += 1;
-        self.free.push_back(b.slot);
         Ok(())
     }
 
@@ -268,32 +307,39 @@ impl Platform<'_> {
         Ok(())
     }
 
-    fn keepalive_ms(&self, function: usize) -> u64 {
+    fn keepalive_ms(&mut self, function: usize) -> u64 {
         let fixed = (FIXED_KEEPALIVE_MIN * self.o.minute_ms as f64) as u64;
         if self.mode == Mode::OpenLambda {
             return fixed;
         }
         let path = format!("/v1/functions/{}/keepalive", name(&self.fs[function]));
         match self.agent.get(&path) {
-            // The advice is in trace time.
+            // The agent sees real time: its advice is in real ms already.
             Ok((200, k)) => {
-                let trace_ms =
-                    k["prewarm_ms"].as_u64().unwrap_or(0) + k["keepalive_ms"].as_u64().unwrap_or(0);
-                (trace_ms as f64 * self.o.minute_ms as f64 / 60_000.0) as u64
+                if k["basis"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("histogram"))
+                {
+                    self.t.advised.insert(function);
+                } else {
+                    self.t.advised.remove(&function);
+                }
+                k["prewarm_ms"].as_u64().unwrap_or(0) + k["keepalive_ms"].as_u64().unwrap_or(0)
             }
             _ => fixed,
         }
     }
 
-    /// A sandbox for an invocation: a warm one of its function, else a cold start on a pool
-    /// cgroup (evicting the longest-idle warm sandbox when the pool is empty). None: refused
-    /// or no cgroup.
-    fn sandbox(&mut self, function: usize) -> Result<Option<usize>> {
+    /// A sandbox for an invocation, bound to its function for it: a warm one of its function,
+    /// else a cold start on a pool cgroup (evicting the longest-idle warm sandbox when the pool
+    /// is empty). None: refused or no cgroup.
+    fn sandbox(&mut self, function: usize, invocation: usize) -> Result<Option<usize>> {
         if let Some(i) = self
             .boxes
             .iter()
             .position(|b| b.function == function && !b.busy)
         {
+            self.bind(i, invocation)?;
             return Ok(Some(i));
         }
         let name = name(&self.fs[function]);
@@ -328,44 +374,15 @@ impl Platform<'_> {
         };
         let dir = self.slot_dir(slot);
         self.t.cold += 1;
-        // In emars mode the agent writes the function's limits at bind when it has them.
+        // OpenLambda writes its fixed limit at hand-out. In emars mode the agent writes the
+        // function's limits at bind; while the function has none, the fixed one stands in,
+        // written through the agent (so that its burst guard watches it too).
         let agent_writes = self.mode == Mode::Emars
             && self
                 .agent
                 .get(&format!("/v1/functions/{name}/limits"))
                 .map(|(s, _)| s == 200)
                 .unwrap_or(false);
-        let (s, rec) = self.post(
-            "/v1/bind",
-            json!({"cgroup": dir.display().to_string(), "function": name,
-                   "instance": format!("{name}-{}", self.t.cold)}),
-        )?;
-        if s != 200 {
-            bail!("bind: {s} {rec}");
-        }
-        // OpenLambda writes its fixed limit at hand-out. In emars mode the fixed one stands in
-        // while the function has no limits of its own, written through the agent (so that
-        // its burst guard watches it too).
-        if self.mode == Mode::OpenLambda {
-            self.root
-                .hierarchy
-                .set_limit(&dir, self.o.fixed_mib * MIB)?;
-        } else if !agent_writes {
-            let instance = rec["instance"].as_str().unwrap_or_default().to_owned();
-            let (s, a) = self.post(
-                &format!("/v1/functions/{name}/instances/{instance}/limits"),
-                json!({ "max_bytes": self.o.fixed_mib * MIB }),
-            )?;
-            if s != 200 {
-                bail!("set-limit: {s} {a}");
-            }
-        }
-        let max_bytes = self
-            .root
-            .hierarchy
-            .max_limit(&dir)
-            .ok_or_else(|| anyhow!("{} has no memory.max", dir.display()))?;
-        *self.t.limits.entry(max_bytes / MIB).or_default() += 1;
         let now = self.now();
         self.boxes.push(Sandbox {
             slot,
@@ -373,16 +390,38 @@ impl Platform<'_> {
             busy: false,
             idle_since: now,
             keepalive_ms: 0,
-            bound_at: now,
-            max_bytes,
+            since: now,
+            max_bytes: 0,
         });
-        Ok(Some(self.boxes.len() - 1))
+        let i = self.boxes.len() - 1;
+        if self.mode == Mode::OpenLambda {
+            self.root
+                .hierarchy
+                .set_limit(&dir, self.o.fixed_mib * MIB)?;
+        }
+        let max = self.bind(i, invocation)?;
+        let max = if self.mode == Mode::Emars && !agent_writes {
+            let (s, a) = self.post(
+                &format!("/v1/functions/{name}/instances/{name}-{invocation}/limits"),
+                json!({ "max_bytes": self.o.fixed_mib * MIB }),
+            )?;
+            if s != 200 {
+                bail!("set-limit: {s} {a}");
+            }
+            self.o.fixed_mib * MIB
+        } else {
+            max
+        };
+        self.boxes[i].max_bytes = max;
+        *self.t.limits.entry(max / MIB).or_default() += 1;
+        Ok(Some(i))
     }
 }
 
 /// An invocation ended: its sandbox goes warm for its keep-alive, or, when the OOM killer
 /// took its process, is recycled (its next start gets a fresh limit).
 fn finish(p: &mut Platform, slot: usize, killed: bool) -> Result<()> {
+    p.release(slot)?;
     if killed {
         p.t.oom += 1;
         if let Some(i) = p.boxes.iter().position(|b| b.slot == slot) {
@@ -391,11 +430,8 @@ fn finish(p: &mut Platform, slot: usize, killed: bool) -> Result<()> {
         return Ok(());
     }
     let now = p.now();
-    let ka = p
-        .boxes
-        .iter()
-        .find(|b| b.slot == slot)
-        .map(|b| p.keepalive_ms(b.function));
+    let function = p.boxes.iter().find(|b| b.slot == slot).map(|b| b.function);
+    let ka = function.map(|f| p.keepalive_ms(f));
     if let Some(b) = p.boxes.iter_mut().find(|b| b.slot == slot) {
         b.busy = false;
         b.idle_since = now;
@@ -411,16 +447,18 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
         Mode::OpenLambda => ("observe", false),
         Mode::Emars => ("enforce", true),
     };
-    // Keep-alive bins of one trace minute, over the replayed minutes.
+    // Keep-alive bins of one trace minute (in the real ms the agent sees), over the replayed
+    // minutes; OpenLambda's 10 minutes when the histogram is not representative.
     let agent = Agent::start_configured(
         &root,
         &format!(
             "\n[policy]\nmode = \"{policy}\"\nexport_dir = \"{{dir}}/export\"\n\
-             [policy.keepalive]\nbin_ms = 60000\nbins = {}\nmin_idle_times = 5\n\
+             [policy.keepalive]\nbin_ms = {}\nbins = {}\nmin_idle_times = 5\n\
              fixed_keepalive_ms = {}\n\
              [reactive]\nenabled = {reactive}\n",
+            o.minute_ms,
             o.minutes.max(10),
-            (FIXED_KEEPALIVE_MIN * 60_000.0) as u64
+            (FIXED_KEEPALIVE_MIN * o.minute_ms as f64) as u64
         ),
     )?;
     for slot in 0..o.pool {
@@ -439,7 +477,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
     };
     let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
     let mut running = 0usize;
-    for inv in invs {
+    for (n, inv) in invs.iter().enumerate() {
         // Completions and expiries up to this arrival.
         loop {
             let wait = inv.at_ms.saturating_sub(p.now());
@@ -457,7 +495,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
             }
         }
         p.t.invocations += 1;
-        let Some(i) = p.sandbox(inv.function)? else {
+        let Some(i) = p.sandbox(inv.function, n)? else {
             continue;
         };
         p.boxes[i].busy = true;
@@ -539,19 +577,27 @@ fn run(o: &Opts) -> Result<()> {
         rows.push((label, run_mode(o, m, &fs, &invs)?));
     }
     println!(
-        "\n  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14} {:>11}",
-        "mode", "invocations", "cold starts", "OOM kills", "refused", "GiB·min held", "uses"
+        "\n  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14} {:>11} {:>17}",
+        "mode",
+        "invocations",
+        "cold starts",
+        "OOM kills",
+        "refused",
+        "GiB·min held",
+        "uses",
+        "histogram advice"
     );
     for (label, t) in &rows {
         println!(
-            "  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14.2} {:>11}",
+            "  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14.2} {:>11} {:>17}",
             label,
             t.invocations,
             t.cold,
             t.oom,
             t.refused + t.dropped_no_cgroup,
             t.mib_ms / 1024.0 / 60_000.0,
-            t.uses
+            t.uses,
+            format!("{} of {}", t.advised.len(), fs.len())
         );
     }
     println!("\n  sandboxes started per memory.max (the paper's figures 4/5):");
