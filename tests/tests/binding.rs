@@ -252,3 +252,91 @@ fn bad_binds_are_refused_and_record_nothing() -> anyhow::Result<()> {
     fs::remove_dir(&path_instance)?;
     Ok(())
 }
+
+/// A use bound before the agent restarts goes on after it: the new agent finds it live and
+/// bound, the platform's release is answered with the use's peak (exact on v1, whose
+/// watermark reset at bind survives; bounded by the lifetime watermark on v2, whose
+/// per-descriptor reset went with the old agent), and a warm rebind writes nothing.
+#[test]
+fn a_binding_survives_an_agent_restart() -> anyhow::Result<()> {
+    if !require_root("a_binding_survives_an_agent_restart") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let config = "\n[policy]\nmode = \"enforce\"\n\
+                  [[policy.functions]]\nname = \"fr\"\npin_max_bytes = 268435456\n";
+    let slot = root.dir.join("cg-1");
+    fs::create_dir(&slot)?;
+    let cgroup = slot.display().to_string();
+    let agent = Agent::start_with(&root, &store, config, None)?;
+    // Something ran in the slot before: the use must not take it for its own on v1.
+    assert!(run_alloc(&slot, 60, 0, 0)?.success());
+    let (s, b) = post(
+        &agent,
+        "/v1/bind",
+        json!({"cgroup": cgroup, "function": "fr", "instance": "r1"}),
+    )?;
+    assert_eq!(s, 200, "{b}");
+    assert!(run_alloc(&slot, 24, 0, 0)?.success());
+    agent.stop()?;
+
+    let agent = Agent::start_with(&root, &store, config, None)?;
+    let live = agent.wait_live("fr", "r1")?;
+    assert_eq!(live["limits"]["max_bytes"], 268435456_u64, "{live}");
+    let (s, ended) = post(&agent, "/v1/release", json!({ "cgroup": cgroup }))?;
+    assert_eq!(
+        s,
+        200,
+        "the release after the restart: {ended}\n{}",
+        agent.log()
+    );
+    let peak = u64_of(&ended, "peak_bytes");
+    match root.hierarchy.version {
+        Version::V1 => {
+            assert_eq!(ended["peak_source"], "use_watermark", "{ended}");
+            let kernel = read_u64(&slot.join("memory.max_usage_in_bytes"))?;
+            assert_eq!(peak, kernel, "{ended}");
+            assert!(
+                (24 * MIB..40 * MIB).contains(&peak),
+                "{peak}: the earlier 60 MiB leaked in"
+            );
+        }
+        Version::V2 => {
+            assert_eq!(ended["peak_source"], "lifetime_watermark", "{ended}");
+            assert!(peak >= 24 * MIB, "{ended}");
+        }
+    }
+    assert_eq!(agent.wait_ended("fr", 1)?.len(), 1);
+    // Bound again to the same function: its limits are in force, nothing is written.
+    let (s, b) = post(
+        &agent,
+        "/v1/bind",
+        json!({"cgroup": cgroup, "function": "fr", "instance": "r2"}),
+    )?;
+    assert_eq!(s, 200, "{b}");
+    let info = wait_for(std::time::Duration::from_secs(3), || {
+        let i = agent.get_ok("/v1/info").ok()?;
+        (i["enforcement"]["unchanged"].as_u64() >= Some(1)).then_some(i)
+    });
+    assert!(
+        info.is_some(),
+        "no unchanged write counted:\n{}",
+        agent.log()
+    );
+    let audit = agent.get_ok("/v1/audit")?;
+    let for_r2: Vec<&Value> = audit["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|w| w["instance"] == "r2").collect())
+        .unwrap_or_default();
+    assert_eq!(
+        for_r2
+            .iter()
+            .map(|w| w["reason"].as_str())
+            .collect::<Vec<_>>(),
+        vec![Some("bind")],
+        "only the bind's own record: {for_r2:?}"
+    );
+    Ok(())
+}

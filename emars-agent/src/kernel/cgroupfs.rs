@@ -232,6 +232,16 @@ impl MemoryHierarchy {
         }
     }
 
+    /// How a use bound by an earlier agent goes on being read: v1's watermark was reset at
+    /// that bind and is still the use's; v2's per-descriptor reset went with the old agent,
+    /// so the use's peak is bounded by the lifetime watermark (not exact).
+    pub fn resumed_peak(&self) -> UsePeak {
+        match self.version {
+            CgroupVersion::V1 => UsePeak::V1,
+            CgroupVersion::V2 => UsePeak::Lifetime,
+        }
+    }
+
     /// The peak of the use started by [`Self::reset_peak`], and whether it is exact.
     pub fn use_peak(&self, dir: &Path, p: &mut UsePeak) -> Result<(u64, bool)> {
         match p {

@@ -45,6 +45,10 @@ pub trait Cgroups {
     fn use_peak(&self, dir: &Path, _p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
         Ok((self.peak(dir)?.unwrap_or(0), false))
     }
+    /// How a use bound before a restart goes on being read.
+    fn resumed_peak(&self) -> UsePeak {
+        UsePeak::Lifetime
+    }
     /// A container's labels from its runtime's metadata file (rules with `metadata`).
     fn metadata(&self, file: &Path) -> MetadataRead {
         crate::model::runtime::read_labels(file)
@@ -78,6 +82,9 @@ impl Cgroups for MemoryHierarchy {
     }
     fn use_peak(&self, dir: &Path, p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
         MemoryHierarchy::use_peak(self, dir, p)
+    }
+    fn resumed_peak(&self) -> UsePeak {
+        MemoryHierarchy::resumed_peak(self)
     }
 }
 
@@ -284,10 +291,31 @@ impl<C: Cgroups> Tracker<C> {
         self.table
             .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
         let Some(identity) = identity else {
+            // No rule names it, yet the last run kept a live record of it: a use bound then
+            // (only binds make records of such cgroups). The binding goes on.
+            if let Some(rec) = resumed {
+                return self.resume_binding(id, rec);
+            }
             tracing::debug!(id, rel_path, "cgroup watched, not an instance");
             return Vec::new();
         };
         self.open(id, rel_path, identity, started_at_ms, resumed, found)
+    }
+
+    /// A pooled cgroup's use bound before a restart: live and bound again, its peak read as
+    /// [`Cgroups::resumed_peak`] says, so that the platform's release finds it.
+    fn resume_binding(&mut self, id: u64, mut rec: InstanceRecord) -> Vec<Effect> {
+        tracing::info!(
+            function = rec.function,
+            instance = rec.instance,
+            cgroup = rec.cgroup_path,
+            "use bound before the restart resumed"
+        );
+        self.bound.insert(id, self.cgroups.resumed_peak());
+        self.refresh_watermark(&mut rec, false);
+        let out = vec![Effect::Save(rec.clone())];
+        self.live.insert(id, rec);
+        out
     }
 
     /// Opens the live instance record of a classified cgroup.
