@@ -147,16 +147,12 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a shell completion script: `emars completions bash > /etc/bash_completion.d/emars`.
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMARS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -164,6 +160,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr, with colours only on a terminal (and never with NO_COLOR set), so a log
+/// file or a pipe gets plain text. Under systemd, when stderr is the journal (JOURNAL_STREAM
+/// names it), they go to journald natively instead: its own timestamps, levels as priorities,
+/// fields as journal fields. `EMARS_LOG` filters (default "info").
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMARS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if stderr_is_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("emars".to_owned()))
+                .init();
+            return;
+        }
+    }
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .init();
+}
+
+/// systemd sets JOURNAL_STREAM to "<device>:<inode>" of the journal stream it connected stdout
+/// and stderr to; stderr is the journal when its descriptor is that file.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -345,6 +383,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let body = InvocationsReport { count, at_ms: None };
             print_json(&c.client().post_as::<InvocationsAccepted>(&path, &body)?)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "emars", &mut std::io::stdout());
+            Ok(())
         }
     }
 }

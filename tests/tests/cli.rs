@@ -87,6 +87,57 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     let (ok, _, err) = emars(&agent, &["function", "nobody"]);
     assert!(!ok);
     assert!(err.contains("nobody") && err.contains("404"), "{err}");
+    // The agent's stderr is a pipe here, as under a service manager writing a file: plain
+    // text, no colour escapes (which is what a log file used to get).
+    let log = agent.log();
+    assert!(log.contains("API listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log that is not a terminal:\n{log}"
+    );
+    Ok(())
+}
+
+/// Shell completions: generated for each shell, and bash's loads and completes subcommands.
+#[test]
+fn completions_load_in_bash() -> anyhow::Result<()> {
+    for (shell, marker) in [
+        ("bash", "_emars()"),
+        ("zsh", "#compdef emars"),
+        ("fish", "complete -c emars"),
+    ] {
+        let out = Command::new(agent_bin())
+            .args(["completions", shell])
+            .output()?;
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell} completion lacks {marker:?}");
+        assert!(
+            text.contains("set-limit"),
+            "{shell} completion lacks set-limit"
+        );
+    }
+    let script = tempfile::NamedTempFile::new()?;
+    let out = Command::new(agent_bin())
+        .args(["completions", "bash"])
+        .output()?;
+    fs::write(script.path(), &out.stdout)?;
+    // Complete "emars se" as bash would at a prompt.
+    let probe = format!(
+        "source {}; COMP_WORDS=(emars se); COMP_CWORD=1; COMP_LINE='emars se'; COMP_POINT=8; \
+         _emars emars se emars; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.path().display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &probe])
+        .output()?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{got}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(got.lines().collect::<Vec<_>>(), vec!["set-limit"], "{got}");
     Ok(())
 }
 
