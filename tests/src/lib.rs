@@ -450,6 +450,18 @@ impl Agent {
         extra: &str,
         tmp: Option<tempfile::TempDir>,
     ) -> Result<Agent> {
+        Self::start_under(root, store, extra, tmp, &[])
+    }
+
+    /// [`Agent::start_with`], the agent run by `wrapper` (a command that takes the agent's
+    /// command line after its own arguments, such as `setpriv ...`); none when empty.
+    pub fn start_under(
+        root: &TestRoot,
+        store: &Path,
+        extra: &str,
+        tmp: Option<tempfile::TempDir>,
+        wrapper: &[String],
+    ) -> Result<Agent> {
         let dir = store
             .parent()
             .ok_or_else(|| anyhow!("store path has no parent"))?;
@@ -474,11 +486,19 @@ impl Agent {
             root.rel
         );
         fs::write(&config_path, config)?;
-        let mut child = Command::new(agent_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        // Its stderr is a pipe: the agent writes plain text, without colour escapes.
+        let mut child = cmd
             .args(["agent", "--config"])
             .arg(&config_path)
             .env("EMARS_LOG", "info,emars_agent=debug")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -11,8 +11,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::cmd::{is_root, which, Cmd};
 
 /// Debian packages the project needs at build or test time (g++: libFuzzer, for the fuzz targets;
-/// runc, crun and busybox-static: real OCI containers in the tests, on the host and in the VMs).
-pub const APT_PACKAGES: &[&str] = &["python3", "g++", "runc", "crun", "busybox-static"];
+/// runc, crun and busybox-static: real OCI containers in the tests, on the host and in the VMs;
+/// systemd: `systemd-analyze verify` of the unit in deploy/).
+pub const APT_PACKAGES: &[&str] = &[
+    "python3",
+    "g++",
+    "runc",
+    "crun",
+    "busybox-static",
+    "systemd",
+];
 
 /// Components of the default (stable) toolchain used by `cargo xtask test`.
 const STABLE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
