@@ -12,7 +12,8 @@ use crate::cmd::{is_root, which, Cmd};
 
 /// Debian packages the project needs at build or test time (g++: libFuzzer, for the fuzz targets;
 /// runc, crun and busybox-static: real OCI containers in the tests, on the host and in the VMs;
-/// systemd: `systemd-analyze verify` of the unit in deploy/).
+/// systemd: `systemd-analyze verify` of the unit in deploy/; prometheus: a real server scrapes
+/// the agent in the metrics test).
 pub const APT_PACKAGES: &[&str] = &[
     "python3",
     "g++",
@@ -20,6 +21,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "crun",
     "busybox-static",
     "systemd",
+    "prometheus",
 ];
 
 /// Components of the default (stable) toolchain used by `cargo xtask test`.

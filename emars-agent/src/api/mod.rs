@@ -3,6 +3,7 @@
 //! | method | path                                   | answer                                              |
 //! |--------|----------------------------------------|-----------------------------------------------------|
 //! | GET    | `/healthz`                             | `{"ok": true}`                                      |
+//! | GET    | `/metrics`                             | Prometheus text format ([`metrics`])                |
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
 //! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
 //! | GET    | `/v1/functions/{name}`                 | [`FunctionDetail`]: the summary's fields + `"hours"` |
@@ -27,6 +28,7 @@
 //! another one runs.
 
 pub mod guard;
+pub mod metrics;
 pub mod server;
 pub mod token;
 pub mod wire;
@@ -215,6 +217,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .route("/v1/info", get(info))
         .route("/v1/functions", get(list_functions))
         .route("/v1/functions/{name}", get(get_function))
@@ -295,6 +298,49 @@ fn unknown_function(name: &str) -> ApiError {
 
 async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
+}
+
+/// The Prometheus exposition ([`metrics`]), assembled off the async threads.
+async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
+    let mut info = state
+        .info
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let text = blocking(move || {
+        info.model = state.store.footprint();
+        let bounds = metrics::peak_buckets();
+        let peaks = state.store.peak_histograms(&bounds);
+        let functions = state.store.functions()?;
+        let limits = match &state.predictive {
+            Some(p) => functions
+                .iter()
+                .filter_map(|f| {
+                    let r = p.policy.cached(&f.name)?;
+                    Some((f.name.clone(), r.max_bytes, r.high_bytes))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let snap = metrics::Snapshot {
+            bounds,
+            peaks,
+            functions,
+            limits,
+            info,
+        };
+        Ok(snap.render())
+    })
+    .await?
+    .map_err(|e| ApiError::internal(format!("encoding the metrics: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {

@@ -18,6 +18,16 @@ use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
 };
 
+/// A function's instance peaks in buckets ([`LiveModel::peak_histograms`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeakHistogram {
+    /// Peaks above the bound before (0 for the first) and at or below each bound; those above
+    /// the last bound are in `count` only.
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: u64,
+}
+
 /// Identity of an instance record in the store: (started_at_ms, cgroup_id).
 pub type InstanceKey = (u64, u64);
 
@@ -513,6 +523,35 @@ impl LiveModel {
         }
         out.push_str("]}");
         out
+    }
+
+    /// Each function's instance peaks (retained, live and ended, peaks above 0: the
+    /// population of its summary's percentiles) counted into the buckets `bounds` (ascending)
+    /// make, with their count and sum.
+    pub fn peak_histograms(&self, bounds: &[u64]) -> Vec<(String, PeakHistogram)> {
+        self.order
+            .iter()
+            .filter_map(|name| {
+                let f = self.functions.get(name)?;
+                let mut h = PeakHistogram {
+                    buckets: vec![0; bounds.len()],
+                    count: 0,
+                    sum: 0,
+                };
+                let peaks = f.live.values().map(|v| v.peak_bytes);
+                for p in peaks.chain(f.ended.iter().map(|e| e.peak_bytes)) {
+                    if p == 0 {
+                        continue;
+                    }
+                    h.count += 1;
+                    h.sum = h.sum.saturating_add(p);
+                    if let Some(c) = h.buckets.get_mut(bounds.partition_point(|b| *b < p)) {
+                        *c += 1;
+                    }
+                }
+                Some((name.clone(), h))
+            })
+            .collect()
     }
 
     /// A function's idle times between uses (None when it is unknown).

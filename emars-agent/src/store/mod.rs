@@ -1370,6 +1370,15 @@ impl Store {
         Ok(self.state().model.summaries())
     }
 
+    /// Every function's instance peaks in buckets (from memory; see
+    /// [`crate::model::live::LiveModel::peak_histograms`]).
+    pub fn peak_histograms(
+        &self,
+        bounds: &[u64],
+    ) -> Vec<(String, crate::model::live::PeakHistogram)> {
+        self.state().model.peak_histograms(bounds)
+    }
+
     /// The same as the JSON body of GET /v1/functions, from per-function JSON kept in memory.
     pub fn functions_json(&self) -> String {
         self.state().model.summaries_json()

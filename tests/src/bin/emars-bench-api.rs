@@ -112,6 +112,8 @@ struct Row {
     one: Vec<Duration>,
     limits: Vec<Duration>,
     keepalive: Vec<Duration>,
+    /// GET /metrics (every retained instance walked once).
+    metrics: Vec<Duration>,
 }
 
 fn run(o: &Opts) -> Result<()> {
@@ -151,15 +153,19 @@ fn run(o: &Opts) -> Result<()> {
         );
     }
     println!(
-        "\n{:<22} {:>34}  {:>34}",
-        "store", "GET .../{n}/limits p50/p99/max", "GET .../{n}/keepalive p50/p99/max"
+        "\n{:<22} {:>34}  {:>34}  {:>28}",
+        "store",
+        "GET .../{n}/limits p50/p99/max",
+        "GET .../{n}/keepalive p50/p99/max",
+        "GET /metrics p50/p99/max"
     );
     for r in &rows {
         println!(
-            "{:<22} {:>34}  {:>34}",
+            "{:<22} {:>34}  {:>34}  {:>28}",
             r.label,
             triple(&r.limits),
-            triple(&r.keepalive)
+            triple(&r.keepalive),
+            triple(&r.metrics)
         );
     }
     let (small, large) = (&rows[0], &rows[1]);
@@ -212,7 +218,8 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
     let get = |p: &str| -> Result<Duration> {
         let t = Instant::now();
         let r = http.get(&format!("http://{addr}{p}")).call()?;
-        let _ = r.into_string()?;
+        // Read to the end, whatever the size (a scrape of many functions is tens of MB).
+        std::io::copy(&mut r.into_reader(), &mut std::io::sink())?;
         Ok(t.elapsed())
     };
     let mut list = Vec::with_capacity(o.requests);
@@ -226,6 +233,18 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         limits.push(get(&format!("/v1/functions/f{f}/limits"))?);
         keepalive.push(get(&format!("/v1/functions/f{f}/keepalive"))?);
     }
+    // A scrape is a walk of everything: a few are enough.
+    let metrics = (0..o.requests.min(20))
+        .map(|_| get("/metrics"))
+        .collect::<Result<Vec<_>>>()?;
+    let scrape = http.get(&format!("http://{addr}/metrics")).call()?;
+    let mut body = Vec::new();
+    std::io::copy(&mut scrape.into_reader(), &mut body)?;
+    eprintln!(
+        "{label}: GET /metrics is {:.1} MB ({} bytes per function)",
+        body.len() as f64 / 1e6,
+        body.len() as u64 / functions
+    );
     Ok(Row {
         label,
         records,
@@ -240,6 +259,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         one,
         limits,
         keepalive,
+        metrics,
     })
 }
 

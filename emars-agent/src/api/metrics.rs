@@ -1,0 +1,310 @@
+//! GET /metrics: what the agent knows, in the Prometheus text format (prometheus-client's
+//! OpenMetrics encoder), for Prometheus to scrape. Assembled at each scrape from the live
+//! model and the agent's counters; nothing is kept between scrapes.
+//!
+//! Per function (label `function`), over the retained history:
+//! - `emars_instance_peak_bytes`: histogram of instance peaks (the population of the
+//!   function's own percentiles in `/v1/functions`), buckets 4 MiB × 2^(k/4) up to 64 GiB,
+//!   so `histogram_quantile` lands within 19% of the agent's own percentile. It is a
+//!   distribution of retained instances, not a counter: take quantiles of it as it is (no
+//!   `rate()`); fleet-wide, `sum by (function, le)` over hosts.
+//! - `emars_instances`, `emars_live_instances`, `emars_execs`, `emars_invocations`,
+//!   `emars_oom_kills`: gauges over the retained days.
+//! - `emars_recommended_max_bytes`, `emars_recommended_high_bytes`: the policy's limits.
+//!
+//! Per agent process: `emars_events_received_total`, `emars_events_lost_total`,
+//! `emars_limit_writes_total{outcome}`, `emars_reactive_raises_total`,
+//! `emars_admissions_total{answer}`, `emars_squeezes_total`, and per eBPF program
+//! `emars_bpf_program_runs_total{program}` and `emars_bpf_program_run_seconds_total{program}`
+//! (when the kernel's bpf_stats are on).
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::Registry,
+};
+
+use crate::model::{live::PeakHistogram, AgentInfo, FunctionSummary};
+
+/// Upper bounds of the instance-peak histogram's buckets: 4 MiB × 2^(k/4), k = 0..=56
+/// (64 GiB), in bytes.
+pub fn peak_buckets() -> Vec<u64> {
+    (0..=56)
+        .map(|k| (4.0 * 1048576.0 * 2f64.powf(f64::from(k) / 4.0)).round() as u64)
+        .collect()
+}
+
+/// One scrape's figures.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub bounds: Vec<u64>,
+    pub peaks: Vec<(String, PeakHistogram)>,
+    pub functions: Vec<FunctionSummary>,
+    /// (function, memory.max, memory.high) as the policy recommends them now.
+    pub limits: Vec<(String, u64, u64)>,
+    pub info: AgentInfo,
+}
+
+impl Snapshot {
+    /// The text exposition.
+    pub fn render(self) -> Result<String, std::fmt::Error> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+type Fmt = Result<(), std::fmt::Error>;
+
+/// One gauge per function.
+fn per_function(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (String, u64)>,
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (function, v) in values {
+        let labels = [("function", function.as_str())];
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+/// One counter, unlabelled or with one label.
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, v) in values {
+        if label.is_empty() {
+            m.encode_counter::<NoLabelSet, _, u64>(v, None)?;
+        } else {
+            let labels = [(label, *value)];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        let mut m = enc.encode_descriptor(
+            "emars_instance_peak_bytes",
+            "Instance peaks of each function over its retained history (the kernel's watermark).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (function, h) in &self.peaks {
+            let mut buckets: Vec<(f64, u64)> = self
+                .bounds
+                .iter()
+                .zip(&h.buckets)
+                .map(|(b, n)| (*b as f64, *n))
+                .collect();
+            let inside: u64 = h.buckets.iter().sum();
+            buckets.push((f64::INFINITY, h.count.saturating_sub(inside)));
+            let labels = [("function", function.as_str())];
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                h.sum as f64,
+                h.count,
+                &buckets,
+                None,
+            )?;
+        }
+        let f = &self.functions;
+        let each =
+            |get: fn(&FunctionSummary) -> u64| f.iter().map(move |s| (s.name.clone(), get(s)));
+        per_function(
+            &mut enc,
+            "emars_instances",
+            "Retained instances (live and ended).",
+            each(|s| s.instances),
+        )?;
+        per_function(
+            &mut enc,
+            "emars_live_instances",
+            "Instances running now.",
+            each(|s| s.live_instances),
+        )?;
+        per_function(
+            &mut enc,
+            "emars_execs",
+            "Execs in retained instances.",
+            each(|s| s.execs),
+        )?;
+        per_function(
+            &mut enc,
+            "emars_invocations",
+            "Invocations reported or bound, retained days.",
+            each(|s| s.invocations),
+        )?;
+        per_function(
+            &mut enc,
+            "emars_oom_kills",
+            "OOM kills in retained instances.",
+            each(|s| s.oom_kills),
+        )?;
+        let limits = &self.limits;
+        per_function(
+            &mut enc,
+            "emars_recommended_max_bytes",
+            "memory.max (v1 limit_in_bytes) the policy recommends now.",
+            limits.iter().map(|(f, max, _)| (f.clone(), *max)),
+        )?;
+        per_function(
+            &mut enc,
+            "emars_recommended_high_bytes",
+            "memory.high (v1 soft_limit_in_bytes) the policy recommends now.",
+            limits.iter().map(|(f, _, high)| (f.clone(), *high)),
+        )?;
+        let i = &self.info;
+        counter(
+            &mut enc,
+            "emars_events_received",
+            "Kernel events read.",
+            "",
+            &[("", i.events_received)],
+        )?;
+        counter(
+            &mut enc,
+            "emars_events_lost",
+            "Kernel events the ring buffer had no room for.",
+            "",
+            &[("", i.events_lost)],
+        )?;
+        let e = &i.enforcement;
+        counter(
+            &mut enc,
+            "emars_limit_writes",
+            "Limit writes by outcome (unchanged: the limits were in force, nothing written).",
+            "outcome",
+            &[
+                ("ok", e.writes_ok),
+                ("unchanged", e.unchanged),
+                ("failed", e.writes_failed),
+                ("refused", e.refusals),
+            ],
+        )?;
+        let r = &i.reactive;
+        counter(
+            &mut enc,
+            "emars_reactive_raises",
+            "Limits raised by the burst guard.",
+            "",
+            &[("", r.raises)],
+        )?;
+        counter(
+            &mut enc,
+            "emars_admissions",
+            "Admission answers.",
+            "answer",
+            &[("admit", r.admitted), ("refuse", r.refused)],
+        )?;
+        counter(
+            &mut enc,
+            "emars_squeezes",
+            "Idle instances squeezed under host memory pressure.",
+            "",
+            &[("", r.squeezes)],
+        )?;
+        let progs: Vec<(&str, u64, u64)> = i
+            .programs
+            .iter()
+            .filter(|p| p.attached)
+            .filter_map(|p| Some((p.name.as_str(), p.run_count?, p.run_time_ns?)))
+            .collect();
+        counter(
+            &mut enc,
+            "emars_bpf_program_runs",
+            "Runs of each eBPF program (kernel bpf_stats).",
+            "program",
+            &progs.iter().map(|(n, c, _)| (*n, *c)).collect::<Vec<_>>(),
+        )?;
+        let mut m = enc.encode_descriptor(
+            "emars_bpf_program_run_seconds",
+            "Time spent in each eBPF program (kernel bpf_stats).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, _, ns) in &progs {
+            let labels = [("program", *name)];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, f64>(&(*ns as f64 / 1e9), None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_grow_by_a_fourth_power_of_two() {
+        let b = peak_buckets();
+        assert_eq!(b[0], 4 << 20);
+        assert_eq!(b[4], 8 << 20);
+        assert_eq!(*b.last().unwrap(), 64 << 30);
+        assert!(b.windows(2).all(|w| w[1] > w[0]));
+    }
+
+    #[test]
+    fn exposition_has_the_histogram_and_the_counters() {
+        let bounds = peak_buckets();
+        let mut buckets = vec![0; bounds.len()];
+        buckets[4] = 2; // two peaks of at most 8 MiB
+        let snap = Snapshot {
+            peaks: vec![(
+                "fn-a".into(),
+                PeakHistogram {
+                    buckets,
+                    count: 3,
+                    sum: 100 << 30,
+                },
+            )],
+            bounds,
+            functions: Vec::new(),
+            limits: vec![("fn-a".into(), 64 << 20, 48 << 20)],
+            info: AgentInfo {
+                events_received: 7,
+                ..AgentInfo::default()
+            },
+        };
+        let text = snap.render().unwrap();
+        assert!(
+            text.contains("# TYPE emars_instance_peak_bytes histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("emars_instance_peak_bytes_bucket{le=\"8388608.0\",function=\"fn-a\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("emars_instance_peak_bytes_bucket{le=\"+Inf\",function=\"fn-a\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("emars_instance_peak_bytes_count{function=\"fn-a\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("emars_recommended_max_bytes{function=\"fn-a\"} 67108864"),
+            "{text}"
+        );
+        assert!(text.contains("emars_events_received_total 7"), "{text}");
+        assert!(
+            text.contains("emars_limit_writes_total{outcome=\"unchanged\"} 0"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,160 @@
+//! GET /metrics against a real agent with real instances, and a real Prometheus server
+//! (Debian's) scraping it: the histogram's buckets hold exactly the recorded peaks, and the
+//! PromQL percentile of a function (`histogram_quantile` over `sum by (function, le)`, the
+//! fleet recording rule of docs/metrics.md) agrees with the agent's own within one bucket.
+
+use std::{
+    fs,
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use emars_tests::*;
+use serde_json::Value;
+
+const FUNCTION: &str = "promfn";
+/// The histogram's bucket factor (4 MiB × 2^(k/4)).
+const BUCKET_FACTOR: f64 = 1.189_207_115;
+
+/// `name{labels} value` lines of the exposition for one metric.
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let bare = series.split('{').next()?;
+            (bare == name).then_some((series, value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn bucket_bounds() -> Vec<u64> {
+    (0..=56)
+        .map(|k| (4.0 * MIB as f64 * 2f64.powf(f64::from(k) / 4.0)).round() as u64)
+        .collect()
+}
+
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn query(port: u16, promql: &str) -> anyhow::Result<Value> {
+    let body: Value = ureq::get(&format!("http://127.0.0.1:{port}/api/v1/query"))
+        .query("query", promql)
+        .call()?
+        .into_json()?;
+    Ok(body)
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_agrees_on_percentiles() -> anyhow::Result<()> {
+    let test = "prometheus_scrapes_the_agent_and_agrees_on_percentiles";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    // Twelve instances from 6 to 72 MiB: peaks across a dozen buckets.
+    for i in 0..12u64 {
+        let dir = root.instance_dir(FUNCTION, &format!("m{i}"))?;
+        assert!(run_alloc(&dir, 6 + 6 * i, 0, 0)?.success());
+        fs::remove_dir(&dir)?;
+    }
+    let ended = agent.wait_ended(FUNCTION, 12)?;
+    let peaks: Vec<u64> = ended.iter().map(|r| u64_of(r, "peak_bytes")).collect();
+
+    // The exposition: each bucket holds exactly the recorded peaks at or below its bound.
+    let resp = ureq::get(&agent.url("/metrics")).call()?;
+    assert!(
+        resp.content_type()
+            .starts_with("application/openmetrics-text"),
+        "{}",
+        resp.content_type()
+    );
+    let text = resp.into_string()?;
+    let buckets = samples(&text, "emars_instance_peak_bytes_bucket");
+    let ours: Vec<(&str, f64)> = buckets
+        .into_iter()
+        .filter(|(s, _)| s.contains(&format!("function=\"{FUNCTION}\"")))
+        .collect();
+    let bounds = bucket_bounds();
+    assert_eq!(ours.len(), bounds.len() + 1, "{text}");
+    for (b, (series, n)) in bounds.iter().zip(&ours) {
+        let want = peaks.iter().filter(|p| **p <= *b).count() as f64;
+        assert!(series.contains(&format!("le=\"{}.0\"", b)), "{series}");
+        assert_eq!(*n, want, "{series}: peaks {peaks:?}");
+    }
+    assert_eq!(ours.last().map(|(_, n)| *n), Some(12.0));
+    let count = samples(&text, "emars_instance_peak_bytes_count");
+    assert!(
+        count.contains(&(
+            &*format!("emars_instance_peak_bytes_count{{function=\"{FUNCTION}\"}}"),
+            12.0
+        )),
+        "{count:?}"
+    );
+    let received = samples(&text, "emars_events_received_total");
+    assert!(received.first().is_some_and(|(_, v)| *v > 0.0), "{text}");
+
+    // A real Prometheus server scraping it.
+    let Some(prometheus) = emars_tests::oci::find("prometheus") else {
+        panic!("{test}: prometheus (Debian package) missing: run `cargo xtask setup`");
+    };
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = dir.path().join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: emars\n    \
+             static_configs:\n      - targets: ['{}']\n",
+            agent.addr
+        ),
+    )?;
+    let _server = Prometheus(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let promql = format!(
+        "histogram_quantile(0.95, sum by (function, le) \
+         (emars_instance_peak_bytes_bucket{{function=\"{FUNCTION}\"}}))"
+    );
+    let scraped = wait_for(Duration::from_secs(60) * time_scale(), || {
+        let v = query(port, &promql).ok()?;
+        let r = v["data"]["result"].as_array()?.first()?.clone();
+        r["value"][1].as_str()?.parse::<f64>().ok()
+    });
+    let Some(from_prometheus) = scraped else {
+        let up = query(port, "up").ok();
+        panic!("Prometheus never had the histogram (up: {up:?})");
+    };
+    let summary = agent.get_ok(&format!("/v1/functions/{FUNCTION}"))?;
+    let own = summary["peak_percentiles"]["p95"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no p95: {summary}"))? as f64;
+    let ratio = from_prometheus / own;
+    println!("p95: PromQL {from_prometheus:.0}, agent {own:.0} (ratio {ratio:.3})");
+    assert!(
+        (1.0 / BUCKET_FACTOR..=BUCKET_FACTOR).contains(&ratio),
+        "PromQL p95 {from_prometheus} vs the agent's {own}: more than one bucket apart"
+    );
+    Ok(())
+}
