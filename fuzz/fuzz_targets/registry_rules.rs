@@ -1,5 +1,6 @@
 //! The registry's rule language: `Registry::new` on fuzzed `[[cgroup.roots]]` (paths, patterns,
-//! regexes, templates), then `classify` and `is_under_root` on fuzzed cgroup paths.
+//! regexes, templates, metadata files), then `classify`, `classify_with` (fuzzed container
+//! labels) and `is_under_root` on fuzzed cgroup paths.
 //!
 //! Inputs are built from pieces (`{function}`, `*`, `/`, `(?P<name>...)`, literals) as well as
 //! raw text, so that most rules compile and most paths fall under a root.
@@ -7,13 +8,18 @@
 
 use arbitrary::Arbitrary;
 use emars_agent::config::{RootConfig, RuleConfig};
-use emars_agent::model::registry::{valid_function_name, Registry, MAX_INSTANCE_NAME_LEN};
+use emars_agent::model::registry::{
+    valid_function_name, Classified, Registry, MAX_INSTANCE_NAME_LEN,
+};
+use emars_agent::model::runtime::{Labels, MetadataRead};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     roots: Vec<Root>,
     paths: Vec<CgroupPath>,
+    /// What every container metadata file holds.
+    labels: Vec<(String, String)>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -28,6 +34,7 @@ struct Rule {
     regex: Option<Text>,
     function: Option<Text>,
     instance: Option<Text>,
+    metadata: Option<Text>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -53,6 +60,8 @@ enum Piece {
     Placeholder(Name),
     /// `(?P<name>...)`
     Group(Name, Class),
+    /// `{label:KEY}`
+    Label(String),
     Char(char),
 }
 
@@ -103,6 +112,7 @@ impl Text {
                     };
                     out.push_str(&format!("(?P<{}>{class})", name.as_str()));
                 }
+                Piece::Label(key) => out.push_str(&format!("{{label:{key}}}")),
                 Piece::Char(c) => out.push(*c),
             }
         }
@@ -117,6 +127,7 @@ impl Rule {
             regex: self.regex.as_ref().map(Text::render),
             function: self.function.as_ref().map(Text::render),
             instance: self.instance.as_ref().map(Text::render),
+            metadata: self.metadata.as_ref().map(Text::render),
         }
     }
 }
@@ -137,8 +148,38 @@ impl CgroupPath {
     }
 }
 
-fn check(registry: &Registry, path: &str) {
+fn check(registry: &Registry, path: &str, labels: &Labels) {
     let under = registry.is_under_root(path);
+    // Named from container labels: a file asked for stays an absolute path without "." or
+    // "..", and what comes out is as valid as a path rule's names.
+    let mut read = |file: &std::path::Path| {
+        let text = file.to_string_lossy();
+        assert!(
+            text.starts_with('/'),
+            "metadata file {file:?} is not absolute"
+        );
+        assert!(
+            !text.split('/').any(|c| c == ".." || c == "."),
+            "metadata file {file:?} leaves its directory"
+        );
+        MetadataRead::Labels(labels.clone())
+    };
+    for wait in [false, true] {
+        if let Classified::Labelled(identity) | Classified::Instance(identity) =
+            registry.classify_with(path, &mut read, wait)
+        {
+            assert!(under, "{path:?} is classified but not under a root");
+            assert!(
+                valid_function_name(&identity.function),
+                "{path:?}: invalid function {identity:?}"
+            );
+            assert!(
+                (1..=MAX_INSTANCE_NAME_LEN).contains(&identity.instance.len())
+                    && !identity.instance.chars().any(char::is_control),
+                "{path:?}: invalid instance {identity:?}"
+            );
+        }
+    }
     if let Some(identity) = registry.classify(path) {
         assert!(under, "{path:?} is classified but not under a root");
         assert!(
@@ -204,7 +245,8 @@ fuzz_target!(|input: Input| {
     };
     let normalised = registry.roots();
     check_roots(&registry, &normalised);
+    let labels: Labels = input.labels.iter().cloned().collect();
     for path in &input.paths {
-        check(&registry, &path.render(&normalised));
+        check(&registry, &path.render(&normalised), &labels);
     }
 });

@@ -4,8 +4,9 @@
 //!
 //! Per function (label `function`), over the retained history:
 //! - `emars_instance_peak_bytes`: histogram of instance peaks (the population of the
-//!   function's own percentiles in `/v1/functions`), buckets 4 MiB × 2^(k/4) up to 64 GiB,
-//!   so `histogram_quantile` lands within 19% of the agent's own percentile. It is a
+//!   function's own percentiles in `/v1/functions`), on every second of the recommender's
+//!   bucket edges ([`peak_buckets`]), so `histogram_quantile` lands within one bucket of the
+//!   agent's own percentile. It is a
 //!   distribution of retained instances, not a counter: take quantiles of it as it is (no
 //!   `rate()`); fleet-wide, `sum by (function, le)` over hosts.
 //! - `emars_instances`, `emars_live_instances`, `emars_execs`, `emars_invocations`,
@@ -27,12 +28,21 @@ use prometheus_client::{
 
 use crate::model::{live::PeakHistogram, AgentInfo, FunctionSummary};
 
-/// Upper bounds of the instance-peak histogram's buckets: 4 MiB × 2^(k/4), k = 0..=56
-/// (64 GiB), in bytes.
+/// Upper bounds of the instance-peak histogram's buckets: every second edge of the
+/// recommender's histogram (each of its buckets is 5% wider than the one before, after VPA),
+/// from 2 MiB up to the first at or above 64 GiB: 83 buckets whose edges are the
+/// recommender's own, at most 21% apart from 20 MiB up (11.5% from 200 MiB, 10.5% from 1 GiB).
 pub fn peak_buckets() -> Vec<u64> {
-    (0..=56)
-        .map(|k| (4.0 * 1048576.0 * 2f64.powf(f64::from(k) / 4.0)).round() as u64)
-        .collect()
+    use crate::policy::recommend::DecayingHistogram as H;
+    let mut out = Vec::new();
+    for i in (1..H::bucket_count()).step_by(2) {
+        let edge = H::bucket_upper_edge(i);
+        out.push(edge);
+        if edge >= 64 << 30 {
+            break;
+        }
+    }
+    out
 }
 
 /// One scrape's figures.
@@ -249,19 +259,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_grow_by_a_fourth_power_of_two() {
+    fn buckets_are_every_second_recommender_edge() {
+        use crate::policy::recommend::DecayingHistogram as H;
         let b = peak_buckets();
-        assert_eq!(b[0], 4 << 20);
-        assert_eq!(b[4], 8 << 20);
-        assert_eq!(*b.last().unwrap(), 64 << 30);
-        assert!(b.windows(2).all(|w| w[1] > w[0]));
+        assert_eq!(b[0], H::bucket_upper_edge(1));
+        assert_eq!(b[1], H::bucket_upper_edge(3));
+        assert!(b
+            .iter()
+            .all(|e| H::bucket_upper_edge(H::bucket_of(*e) - 1) == *e));
+        let last = *b.last().unwrap();
+        assert!(last >= 64 << 30 && b[b.len() - 2] < 64 << 30, "{b:?}");
+        let ratio = |w: &[u64]| w[1] as f64 / w[0] as f64;
+        let from = |mib: u64| b.iter().position(|e| *e >= mib << 20).unwrap();
+        assert!(b[from(20)..].windows(2).all(|w| ratio(w) < 1.21), "{b:?}");
+        assert!(b[from(200)..].windows(2).all(|w| ratio(w) < 1.115), "{b:?}");
+        assert!(
+            b[from(1024)..].windows(2).all(|w| ratio(w) < 1.105),
+            "{b:?}"
+        );
+        assert_eq!(b.len(), 83, "{b:?}");
     }
 
     #[test]
     fn exposition_has_the_histogram_and_the_counters() {
         let bounds = peak_buckets();
         let mut buckets = vec![0; bounds.len()];
-        buckets[4] = 2; // two peaks of at most 8 MiB
+        buckets[1] = 2; // two peaks in the second bucket
         let snap = Snapshot {
             peaks: vec![(
                 "fn-a".into(),
@@ -285,7 +308,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("emars_instance_peak_bytes_bucket{le=\"8388608.0\",function=\"fn-a\"} 2"),
+            text.contains(&format!(
+                "emars_instance_peak_bytes_bucket{{le=\"{}.0\",function=\"fn-a\"}} 2",
+                peak_buckets()[1]
+            )),
             "{text}"
         );
         assert!(
