@@ -13,7 +13,7 @@ use crate::cmd::{is_root, which, Cmd};
 /// Debian packages the project needs at build or test time (g++: libFuzzer, for the fuzz targets;
 /// runc, crun and busybox-static: real OCI containers in the tests, on the host and in the VMs;
 /// systemd: `systemd-analyze verify` of the unit in deploy/; prometheus: a real server scrapes
-/// the agent in the metrics test).
+/// the agent in the metrics test; chromium: the web page's test renders it headless).
 pub const APT_PACKAGES: &[&str] = &[
     "python3",
     "g++",
@@ -22,6 +22,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "systemd",
     "prometheus",
+    "chromium",
 ];
 
 /// Components of the default (stable) toolchain used by `cargo xtask test`.

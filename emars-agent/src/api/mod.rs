@@ -2,6 +2,7 @@
 //!
 //! | method | path                                   | answer                                              |
 //! |--------|----------------------------------------|-----------------------------------------------------|
+//! | GET    | `/`, `/assets/app.{js,css}`            | the web page ([`web`]), read-only                   |
 //! | GET    | `/healthz`                             | `{"ok": true}`                                      |
 //! | GET    | `/metrics`                             | Prometheus text format ([`metrics`])                |
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
@@ -31,6 +32,7 @@ pub mod guard;
 pub mod metrics;
 pub mod server;
 pub mod token;
+pub mod web;
 pub mod wire;
 
 pub use wire::*;
@@ -216,6 +218,9 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The API's routes, with JSON 404/405 fallbacks and the body limit, behind the guard.
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
     Router::new()
+        .route("/", get(web::index))
+        .route("/assets/app.js", get(web::app_js))
+        .route("/assets/app.css", get(web::app_css))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/info", get(info))
