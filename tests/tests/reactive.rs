@@ -344,7 +344,7 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
 
 /// Three idle instances of "idler" (8 MiB heap, 40 MiB of clean page cache, limits from
 /// history), then "busy" (no history, no limits) grows 64 MiB into a limit on the root set 24
-/// MiB above what is in use. Returns each idle instance's usage (MiB) once the busy one
+/// MiB above what is in use with the caches full. Returns each idle instance's usage (MiB) once the busy one
 /// finished, and, when `squeeze`, each idle cgroup with its hold before the squeeze.
 #[allow(clippy::type_complexity)]
 fn pressure(
@@ -382,6 +382,10 @@ fn pressure(
         })
         .ok_or_else(|| anyhow::anyhow!("{} did not fill its cache", dir.display()))?;
     }
+    // What is in use with the caches full. Taken now: pressure from elsewhere on the host may
+    // set off the squeeze before the busy instance starts (seen on 7.x under emulation), and a
+    // limit 24 MiB above the squeezed use would leave the busy one no room at all.
+    let in_use = root.hierarchy.usage(&root.dir)?;
     if squeeze {
         wait_for(Duration::from_secs(10), || {
             let info = agent.get_ok("/v1/info").ok()?;
@@ -389,15 +393,14 @@ fn pressure(
         })
         .ok_or_else(|| anyhow::anyhow!("instances not idle:\n{}", agent.log()))?;
     }
-    let in_use = root.hierarchy.usage(&root.dir)?;
     root.hierarchy.set_limit(&root.dir, in_use + 24 * MIB)?;
     let busy = root.instance_dir("busy", "b")?;
     let mut cmd = Command::new(alloc_bin());
     cmd.args(["--mib", "64", "--rate-mib-s", "32", "--hold-ms", "500"]);
     let finished = spawn_in(&busy, cmd)?.wait()?.success();
     if !finished {
-        // Which cgroup ran out (an intermittent failure seen once on 7.x under emulation):
-        // the OOM counters and limits of the parent, the busy instance and the idle ones.
+        // Which cgroup ran out: the OOM counters and limits of the parent, the busy instance
+        // and the idle ones.
         let mut why = String::new();
         for dir in std::iter::once(root.dir.clone())
             .chain(std::iter::once(busy.clone()))
