@@ -66,6 +66,22 @@ impl From<InvalidRule> for ConfigError {
     }
 }
 
+/// `value` of `key` within `range` (both ends allowed), or the error that says so.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        value,
+        format!("must be between {} and {}", range.start(), range.end()),
+    ))
+}
+
 fn invalid(key: &str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -438,18 +454,11 @@ impl StoreConfig {
                 "must be an absolute path",
             ));
         }
-        if !RETENTION_DAYS_RANGE.contains(&self.retention_days) {
-            return Err(invalid(
-                "store.retention_days",
-                self.retention_days,
-                format!(
-                    "must be between {} and {}",
-                    RETENTION_DAYS_RANGE.start(),
-                    RETENTION_DAYS_RANGE.end()
-                ),
-            ));
-        }
-        Ok(())
+        in_range(
+            "store.retention_days",
+            self.retention_days,
+            &RETENTION_DAYS_RANGE,
+        )
     }
 }
 
@@ -464,17 +473,11 @@ impl CgroupConfig {
                 ));
             }
         }
-        if !METADATA_WAIT_MS_RANGE.contains(&self.metadata_wait_ms) {
-            return Err(invalid(
-                "cgroup.metadata_wait_ms",
-                self.metadata_wait_ms,
-                format!(
-                    "must be between {} and {}",
-                    METADATA_WAIT_MS_RANGE.start(),
-                    METADATA_WAIT_MS_RANGE.end()
-                ),
-            ));
-        }
+        in_range(
+            "cgroup.metadata_wait_ms",
+            self.metadata_wait_ms,
+            &METADATA_WAIT_MS_RANGE,
+        )?;
         Registry::new(&self.roots)
             .map(drop)
             .map_err(ConfigError::from)

@@ -305,15 +305,22 @@ async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-/// The Prometheus exposition ([`metrics`]), assembled off the async threads.
-async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
+/// The agent's info as the event loop last wrote it, with the model's footprint now.
+fn info_now(state: &ApiState) -> AgentInfo {
+    // A writer that panicked leaves plain data behind; reading it is still fine.
     let mut info = state
         .info
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
+    info.model = state.store.footprint();
+    info
+}
+
+/// The Prometheus exposition ([`metrics`]), assembled off the async threads.
+async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
     let text = blocking(move || {
-        info.model = state.store.footprint();
+        let info = info_now(&state);
         let bounds = metrics::peak_buckets();
         let peaks = state.store.peak_histograms(&bounds);
         let functions = state.store.functions()?;
@@ -349,14 +356,7 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
 }
 
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
-    // A writer that panicked leaves plain data behind; reading it is still fine.
-    let mut info = state
-        .info
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
-    info.model = state.store.footprint();
-    Json(info)
+    Json(info_now(&state))
 }
 
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
