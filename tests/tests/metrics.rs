@@ -117,8 +117,21 @@ fn prometheus_scrapes_the_agent_and_agrees_on_percentiles() -> anyhow::Result<()
         )),
         "{count:?}"
     );
-    let received = samples(&text, "emars_events_received_total");
-    assert!(received.first().is_some_and(|(_, v)| *v > 0.0), "{text}");
+    // The agent's counters are brought up to date every second: the events that recorded the
+    // twelve instances show up in the next scrapes.
+    let received = wait_for(Duration::from_secs(5), || {
+        let text = ureq::get(&agent.url("/metrics"))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        let n = samples(&text, "emars_events_received_total").first()?.1;
+        (n > 0.0).then_some(n)
+    });
+    assert!(
+        received.is_some(),
+        "emars_events_received_total stays 0:\n{text}"
+    );
 
     // A real Prometheus server scraping it.
     let Some(prometheus) = emars_tests::oci::find("prometheus") else {
