@@ -305,22 +305,20 @@ async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-/// The agent's info as the event loop last wrote it, with the model's footprint now.
-fn info_now(state: &ApiState) -> AgentInfo {
+/// The agent's info as the event loop last wrote it.
+fn agent_info(state: &ApiState) -> AgentInfo {
     // A writer that panicked leaves plain data behind; reading it is still fine.
-    let mut info = state
+    state
         .info
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
-    info.model = state.store.footprint();
-    info
+        .clone()
 }
 
 /// The Prometheus exposition ([`metrics`]), assembled off the async threads.
 async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
     let text = blocking(move || {
-        let info = info_now(&state);
+        let info = agent_info(&state);
         let bounds = metrics::peak_buckets();
         let peaks = state.store.peak_histograms(&bounds);
         let functions = state.store.functions()?;
@@ -355,8 +353,11 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
+/// The agent's info with the model's footprint now (which the metrics do not carry).
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
-    Json(info_now(&state))
+    let mut info = agent_info(&state);
+    info.model = state.store.footprint();
+    Json(info)
 }
 
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
@@ -843,7 +844,9 @@ impl From<ActuatorError> for ApiError {
             ActuatorError::ObserveMode | ActuatorError::Replaced { .. } => StatusCode::CONFLICT,
             e if e.is_refusal() => StatusCode::UNPROCESSABLE_ENTITY,
             ActuatorError::Cgroup(CgroupfsError::Gone { .. }) => StatusCode::NOT_FOUND,
-            ActuatorError::AuditNotDurable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ActuatorError::AuditNotDurable { .. } | ActuatorError::AuditNotStored { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => return ApiError::internal(e.to_string()),
         };
         ApiError::new(status, e.to_string())

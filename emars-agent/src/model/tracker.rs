@@ -176,11 +176,10 @@ pub struct TrackerStats {
 }
 
 /// A cgroup whose rule waits for its container's metadata file (written by the runtime after
-/// the mkdir): its instance opens once the file is there, or the wait is over.
+/// the mkdir): its instance opens once the file is there, or the wait is over. Its path and
+/// start are in the cgroup table.
 #[derive(Debug, Clone)]
 struct Pending {
-    rel_path: String,
-    started_at_ms: u64,
     found: Found,
     file: PathBuf,
     /// Execs seen while waiting, counted once the instance opens.
@@ -263,11 +262,7 @@ impl<C: Cgroups> Tracker<C> {
                     new_since_start: false
                 }
             );
-        let cgroups = &self.cgroups;
-        let classified = self
-            .registry
-            .classify_with(rel_path, &mut |f| cgroups.metadata(f), wait);
-        let identity = match classified {
+        let identity = match self.classify(rel_path, wait) {
             Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
             Classified::Pending { file } => {
                 tracing::debug!(id, rel_path, file = %file.display(), "waiting for metadata");
@@ -277,8 +272,6 @@ impl<C: Cgroups> Tracker<C> {
                 self.pending.insert(
                     id,
                     Pending {
-                        rel_path: rel_path.to_owned(),
-                        started_at_ms,
                         found,
                         file,
                         execs: 0,
@@ -393,11 +386,14 @@ impl<C: Cgroups> Tracker<C> {
         let Some(p) = self.pending.remove(&id) else {
             return false;
         };
-        let cgroups = &self.cgroups;
-        let classified =
-            self.registry
-                .classify_with(&p.rel_path, &mut |f| cgroups.metadata(f), !give_up);
-        let (identity, labelled) = match classified {
+        let Some((rel_path, started_at_ms)) = self
+            .table
+            .get(id)
+            .map(|e| (e.rel_path.clone(), e.started_at_ms))
+        else {
+            return false;
+        };
+        let (identity, labelled) = match self.classify(&rel_path, !give_up) {
             Classified::Pending { .. } => {
                 self.pending.insert(id, p);
                 return false;
@@ -405,7 +401,7 @@ impl<C: Cgroups> Tracker<C> {
             Classified::Labelled(identity) => (identity, true),
             Classified::Instance(identity) => (identity, false),
             Classified::NotInstance => {
-                tracing::info!(cgroup = p.rel_path, file = %p.file.display(), "no metadata, and no later rule names it: not an instance");
+                tracing::info!(cgroup = rel_path, file = %p.file.display(), "no metadata, and no later rule names it: not an instance");
                 self.stats.metadata_fallbacks += 1;
                 return false;
             }
@@ -415,7 +411,7 @@ impl<C: Cgroups> Tracker<C> {
         } else {
             self.stats.metadata_fallbacks += 1;
             tracing::info!(
-                cgroup = p.rel_path,
+                cgroup = rel_path,
                 file = %p.file.display(),
                 function = identity.function,
                 "container metadata not there, or without the label: named by a later rule"
@@ -424,9 +420,9 @@ impl<C: Cgroups> Tracker<C> {
         if let Some(e) = self.table.get_mut(id) {
             e.identity = Some(identity.clone());
         }
-        out.extend(self.open(id, &p.rel_path, identity, p.started_at_ms, None, p.found));
+        out.extend(self.open(id, &rel_path, identity, started_at_ms, None, p.found));
         if p.execs > 0 {
-            self.update(id, p.started_at_ms, out, |rec| {
+            self.update(id, started_at_ms, out, |rec| {
                 rec.execs += p.execs;
                 HourDelta {
                     execs: p.execs,
@@ -442,9 +438,11 @@ impl<C: Cgroups> Tracker<C> {
     pub fn settle_pending(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut ids: Vec<(u64, bool)> = self
             .pending
-            .iter()
-            .map(|(id, p)| {
-                let over = now_ms.saturating_sub(p.started_at_ms) >= self.metadata_wait_ms;
+            .keys()
+            .map(|id| {
+                let over = self.table.get(*id).is_none_or(|e| {
+                    now_ms.saturating_sub(e.started_at_ms) >= self.metadata_wait_ms
+                });
                 (*id, over)
             })
             .collect();
@@ -454,6 +452,14 @@ impl<C: Cgroups> Tracker<C> {
             self.settle(id, give_up, &mut out);
         }
         out
+    }
+
+    /// What the rules make of `rel_path`, reading container metadata through the cgroups
+    /// reader.
+    fn classify(&self, rel_path: &str, wait: bool) -> Classified {
+        let cgroups = &self.cgroups;
+        self.registry
+            .classify_with(rel_path, &mut |f| cgroups.metadata(f), wait)
     }
 
     /// Cgroups waiting for their container's metadata now.

@@ -65,6 +65,9 @@ pub enum ActuatorError {
          EMARS writes no limit that its audit log would not show"
     )]
     AuditNotDurable { source: StoreError },
+    /// The record of a write that sets no limit (a bind's watermark reset) could not be stored.
+    #[error("not done: its audit record could not be stored ({source})")]
+    AuditNotStored { source: StoreError },
     #[error(transparent)]
     Cgroup(#[from] CgroupfsError),
     #[error("writing {value} to {path}: {source}")]
@@ -464,7 +467,7 @@ impl Actuator {
             .append_audit(audit.at_ms, &audit)
             .map_err(|source| {
                 self.audit_error(&source);
-                ActuatorError::AuditNotDurable { source }
+                ActuatorError::AuditNotStored { source }
             })?;
         let result = write();
         match &result {
@@ -724,7 +727,6 @@ impl Actuator {
     }
 }
 
-/// MemTotal from /proc/meminfo (bytes); u64::MAX if unreadable, so no limit is refused for it.
 /// A failed write into a cgroup file: the cgroup gone (removed meanwhile) or the kernel's no.
 fn write_error(dir: &CgroupDir, file: &str, value: u64, source: std::io::Error) -> ActuatorError {
     match source.raw_os_error() {
@@ -739,6 +741,7 @@ fn write_error(dir: &CgroupDir, file: &str, value: u64, source: std::io::Error) 
     }
 }
 
+/// MemTotal from /proc/meminfo (bytes); u64::MAX if unreadable, so no limit is refused for it.
 pub fn host_memory_bytes() -> u64 {
     use procfs::Current as _;
     procfs::Meminfo::current()
