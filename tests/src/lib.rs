@@ -270,6 +270,13 @@ pub fn remove_tree(dir: &Path) {
     eprintln!("warning: could not remove {}", dir.display());
 }
 
+/// A program on PATH (runc, chromium, prometheus, bash, ...).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// The workload binary (tests/src/bin/emars-alloc.rs).
 pub fn alloc_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EMARS_ALLOC_BIN") {

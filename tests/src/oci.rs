@@ -13,19 +13,10 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{wait_for, TestRoot};
+use crate::{find_program, wait_for, TestRoot};
 
 /// The static busybox of Debian's busybox-static package: the containers' only program.
 const BUSYBOX: &str = "/bin/busybox";
-
-/// A runtime binary on PATH.
-pub fn find(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
 
 /// An OCI runtime (runc or crun) with a state root and bundles of its own, creating containers
 /// below a test root.
@@ -59,7 +50,7 @@ fn root_is_initramfs() -> bool {
 impl Oci {
     /// `runtime`: "runc" or "crun". None when it or the static busybox is missing.
     pub fn new(root: &TestRoot, runtime: &str) -> Result<Option<Oci>> {
-        let Some(bin) = find(runtime) else {
+        let Some(bin) = find_program(runtime) else {
             return Ok(None);
         };
         if !Path::new(BUSYBOX).is_file() {

@@ -118,7 +118,7 @@ fn completions_load_in_bash() -> anyhow::Result<()> {
         );
     }
     // bash is the shell of the hosts this runs on; the VMs' initramfs has none.
-    if emars_tests::oci::find("bash").is_none() {
+    if find_program("bash").is_none() {
         skipped(
             "completions_load_in_bash",
             "no bash on this machine (the VM initramfs)",

@@ -117,10 +117,6 @@ fn agent_works_with_the_units_capabilities_only() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn find_program(name: &str) -> Option<PathBuf> {
-    emars_tests::oci::find(name)
-}
-
 fn get<'a>(y: &'a Yaml, path: &[&str]) -> &'a Yaml {
     path.iter().fold(y, |y, k| &y[*k])
 }

@@ -134,7 +134,7 @@ fn prometheus_scrapes_the_agent_and_agrees_on_percentiles() -> anyhow::Result<()
     );
 
     // A real Prometheus server scraping it.
-    let Some(prometheus) = emars_tests::oci::find("prometheus") else {
+    let Some(prometheus) = find_program("prometheus") else {
         panic!("{test}: prometheus (Debian package) missing: run `cargo xtask setup`");
     };
     let dir = tempfile::tempdir()?;

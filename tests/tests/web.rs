@@ -15,8 +15,8 @@ const FUNCTION: &str = "webfn";
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .find_map(|n| emars_tests::oci::find(n))
+        .into_iter()
+        .find_map(find_program)
 }
 
 /// Chromium's flags for a headless run as root in a test (no sandbox: root; no GPU).

@@ -246,13 +246,17 @@ impl Platform<'_> {
             .post_raw(path, "application/json", body.to_string().as_bytes())
     }
 
+    /// Adds the memory-time sandbox `b` held at its memory.max since `b.since`.
+    fn count_held(t: &mut Tally, b: &Sandbox, now: u64) {
+        t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
+    }
+
     /// Recycles an idle sandbox: its cgroup goes back to the pool.
-    fn recycle(&mut self, i: usize) -> Result<()> {
+    fn recycle(&mut self, i: usize) {
         let b = self.boxes.swap_remove(i);
         let now = self.now();
-        self.t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
+        Self::count_held(&mut self.t, &b, now);
         self.free.push_back(b.slot);
-        Ok(())
     }
 
     /// An invocation starts in sandbox `i`: its cgroup is bound to the function for it (the
@@ -275,7 +279,7 @@ impl Platform<'_> {
         let now = self.now();
         let b = &mut self.boxes[i];
         if max != b.max_bytes {
-            self.t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
+            Self::count_held(&mut self.t, b, now);
             b.max_bytes = max;
             b.since = now;
         }
@@ -295,16 +299,15 @@ impl Platform<'_> {
         Ok(())
     }
 
-    fn expire(&mut self) -> Result<()> {
+    fn expire(&mut self) {
         let now = self.now();
         while let Some(i) = self
             .boxes
             .iter()
             .position(|b| !b.busy && now >= b.idle_since + b.keepalive_ms)
         {
-            self.recycle(i)?;
+            self.recycle(i);
         }
-        Ok(())
     }
 
     fn keepalive_ms(&mut self, function: usize) -> u64 {
@@ -362,7 +365,7 @@ impl Platform<'_> {
                 .min_by_key(|(_, b)| b.idle_since)
                 .map(|(i, _)| i);
             match oldest {
-                Some(i) => self.recycle(i)?,
+                Some(i) => self.recycle(i),
                 None => {
                     self.t.dropped_no_cgroup += 1;
                     return Ok(None);
@@ -425,7 +428,7 @@ fn finish(p: &mut Platform, slot: usize, killed: bool) -> Result<()> {
     if killed {
         p.t.oom += 1;
         if let Some(i) = p.boxes.iter().position(|b| b.slot == slot) {
-            p.recycle(i)?;
+            p.recycle(i);
         }
         return Ok(());
     }
@@ -489,7 +492,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => bail!("workers: {e}"),
             }
-            p.expire()?;
+            p.expire();
             if p.now() >= inv.at_ms {
                 break;
             }
@@ -527,7 +530,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
     }
     // Whatever is still warm ends with the replay.
     while !p.boxes.is_empty() {
-        p.recycle(0)?;
+        p.recycle(0);
     }
     let mut t = p.t;
     let uses = t.uses as usize;
