@@ -445,8 +445,13 @@ fn pressure(
             assert_eq!(r["outcome"], "ok", "{r}");
             assert_eq!(r["function"], "idler", "{r}");
             assert!(r["signal"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
-            if r["reclaim_requested_bytes"].is_u64() {
-                assert!(r["reclaimed_bytes"].as_u64() > Some(8 * MIB), "{r}");
+            if let Some(requested) = r["reclaim_requested_bytes"].as_u64() {
+                // It asked for the page cache the instance held then (all 40 MiB once the
+                // cache is full, less when pressure came while it filled) and got at least
+                // half of it back; what the squeeze left is checked on usage below.
+                let reclaimed = r["reclaimed_bytes"].as_u64().unwrap_or(0);
+                assert!(requested > 4 * MIB, "no more than the headroom: {r}");
+                assert!(reclaimed * 2 >= requested, "{r}");
             } else {
                 // The hold: below the memory.high (soft limit) it had.
                 assert!(
