@@ -4,7 +4,8 @@
 //! which function; tracker: instances from events; live: the in-memory model every read comes
 //! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
 //! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `api`
-//! (HTTP server, wire types) → `cli` (client, demo). `clock`, `files` and `config` sit beside them:
+//! (HTTP server, wire types) → `cli` (client, demo, report, tune) and `view` (SVG plots for the
+//! CLI and the benchmark binaries). `clock`, `files` and `config` sit beside them:
 //! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
 pub mod clock;
@@ -17,6 +18,7 @@ pub mod kernel;
 pub mod model;
 pub mod policy;
 pub mod store;
+pub mod view;
 
 pub mod agent;
 
