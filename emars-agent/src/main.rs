@@ -147,6 +147,35 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Write SVG plots of every function's instance peaks against its limits, and an
+    /// index.html linking them, into DIR.
+    Report {
+        /// Directory to write into (created when missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a command under a sweep of memory limits in cgroups of its own and find the knee:
+    /// the smallest limit without OOM kills, failures or slowdown (root; no agent needed).
+    Tune {
+        /// Limits to try, e.g. 16M,32M,64M,1G or bytes; default: 8 from 0.5x to 2x the peak
+        /// measured without a limit.
+        #[arg(long)]
+        limits: Option<String>,
+        /// Runs per limit (and without a limit).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+        /// Directory for tune.json and tune.svg (created when missing).
+        #[arg(long, default_value = "emars-tune")]
+        out: PathBuf,
+        /// Print the result as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Print a shell completion script: `emars completions bash > /etc/bash_completion.d/emars`.
     Completions { shell: clap_complete::Shell },
 }
@@ -383,6 +412,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let body = InvocationsReport { count, at_ms: None };
             print_json(&c.client().post_as::<InvocationsAccepted>(&path, &body)?)
+        }
+        Command::Report { out, client: c } => {
+            let (written, index) = emars_agent::cli::report::run(&c.client(), &out)?;
+            show(&c, &written, |w| {
+                emars_agent::cli::report::render(w, &index)
+            })
+        }
+        Command::Tune {
+            limits,
+            runs,
+            out,
+            json,
+            command,
+        } => {
+            use emars_agent::cli::tune;
+            // A bad list is refused before anything runs.
+            let limits = limits.as_deref().map(tune::parse_limits).transpose()?;
+            let report = tune::run(limits.as_deref(), runs as usize, &out, &command, &mut |l| {
+                eprintln!("{l}")
+            })?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", tune::render(&report));
+                println!(
+                    "wrote {} and {}",
+                    out.join("tune.json").display(),
+                    out.join("tune.svg").display()
+                );
+            }
+            Ok(())
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
