@@ -42,18 +42,18 @@ pub enum TuneError {
     BadSize { value: String, why: &'static str },
     #[error("emars tune needs root: it creates memory cgroups and sets their limits")]
     NotRoot,
-    #[error("{0}")]
+    #[error(transparent)]
     Cgroupfs(#[from] CgroupfsError),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Cgroup {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("running {command}: {source}")]
+    #[error("running {command}: {error}")]
     Spawn {
         command: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the command failed without a limit ({status}): nothing to tune{stderr}")]
     BaselineFailed { status: String, stderr: String },
@@ -61,12 +61,12 @@ pub enum TuneError {
     NoPeak,
     #[error("interrupted: the runs were stopped and their cgroups removed")]
     Interrupted,
-    #[error("{0}")]
+    #[error(transparent)]
     Plot(#[from] PlotError),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -230,10 +230,10 @@ impl TuneRoot {
     fn create(hierarchy: MemoryHierarchy) -> Result<Self, TuneError> {
         let rel = format!("/emars-tune-{}", std::process::id());
         let dir = hierarchy.dir(&rel);
-        std::fs::create_dir(&dir).map_err(|source| TuneError::Cgroup {
+        std::fs::create_dir(&dir).map_err(|error| TuneError::Cgroup {
             what: "creating",
             path: dir.clone(),
-            source,
+            error,
         })?;
         let root = Self {
             hierarchy,
@@ -242,10 +242,10 @@ impl TuneRoot {
         };
         if root.hierarchy.version == CgroupVersion::V2 {
             let p = root.dir.join("cgroup.subtree_control");
-            std::fs::write(&p, "+memory").map_err(|source| TuneError::Cgroup {
+            std::fs::write(&p, "+memory").map_err(|error| TuneError::Cgroup {
                 what: "enabling the memory controller in",
                 path: p,
-                source,
+                error,
             })?;
         }
         Ok(root)
@@ -260,10 +260,10 @@ impl TuneRoot {
     ) -> Result<(Run, ExitStatus, String), TuneError> {
         let rel = format!("{}/{label}", self.rel);
         let dir = self.hierarchy.dir(&rel);
-        std::fs::create_dir(&dir).map_err(|source| TuneError::Cgroup {
+        std::fs::create_dir(&dir).map_err(|error| TuneError::Cgroup {
             what: "creating",
             path: dir.clone(),
-            source,
+            error,
         })?;
         let result = self.run_in(&rel, &dir, limit, cmd);
         remove_cgroup(&dir);
@@ -293,10 +293,10 @@ impl TuneRoot {
                     // for swap to hide a limit behind that this file could stop.
                     continue;
                 }
-                cg.write(file, value).map_err(|source| TuneError::Cgroup {
+                cg.write(file, value).map_err(|error| TuneError::Cgroup {
                     what: "writing",
                     path,
-                    source,
+                    error,
                 })?;
             }
         }
@@ -308,12 +308,12 @@ impl TuneRoot {
         .map_err(|_| TuneError::Cgroup {
             what: "joining",
             path: dir.to_owned(),
-            source: std::io::ErrorKind::InvalidInput.into(),
+            error: std::io::ErrorKind::InvalidInput.into(),
         })?;
         let command = display_command(cmd);
-        let spawn_err = |source| TuneError::Spawn {
+        let spawn_err = |error| TuneError::Spawn {
             command: command.clone(),
-            source,
+            error,
         };
         // The command's stderr goes to an unnamed file: shown when the baseline fails, and it
         // cannot block the command the way a full pipe would.
@@ -504,9 +504,9 @@ pub fn run(
         knee_bytes,
     };
     let json_path = out.join("tune.json");
-    let json = serde_json::to_string_pretty(&report).map_err(|source| TuneError::Json {
+    let json = serde_json::to_string_pretty(&report).map_err(|error| TuneError::Json {
         path: json_path.clone(),
-        source,
+        error,
     })?;
     plot::write_file(&json_path, &json)?;
     let svg = plot::tune_svg(&TunePlot {

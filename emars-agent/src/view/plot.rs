@@ -27,15 +27,15 @@ const KNEE: RGBColor = RGBColor(44, 160, 44);
 pub enum PlotError {
     #[error("drawing {what}: {message}")]
     Draw { what: String, message: String },
-    #[error("creating {path}: {source}")]
+    #[error("creating {path}: {error}")]
     CreateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -49,17 +49,17 @@ fn draw_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> PlotError + '_ {
 
 /// Creates `dir` (and its parents) when missing.
 pub fn create_dir(dir: &Path) -> Result<(), PlotError> {
-    std::fs::create_dir_all(dir).map_err(|source| PlotError::CreateDir {
+    std::fs::create_dir_all(dir).map_err(|error| PlotError::CreateDir {
         path: dir.to_owned(),
-        source,
+        error,
     })
 }
 
 /// Writes `content` to `path`.
 pub fn write_file(path: &Path, content: &str) -> Result<(), PlotError> {
-    std::fs::write(path, content).map_err(|source| PlotError::Write {
+    std::fs::write(path, content).map_err(|error| PlotError::Write {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -439,7 +439,7 @@ fn draw_latency(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
