@@ -61,6 +61,7 @@ const GUEST_TESTS: &[&str] = &[
     "cli",
     "security",
     "runtime",
+    "report",
 ];
 
 pub struct Options {

@@ -102,11 +102,15 @@ pub struct PeaksPlot {
 
 const HOUR_MS: u64 = 3_600_000;
 
-/// Tick labels for a time axis: the time of day when the span is under a day, else the date
-/// and the minute.
+/// Tick labels for a time axis: the time of day when the span is under a day (with tenths of
+/// a second under a minute, where ticks are less than a second apart), else the date and the
+/// minute.
 fn time_label(ms: f64, span_ms: f64) -> String {
-    let t = format_time_ms(ms.max(1.0) as u64);
-    if span_ms < 86_400_000.0 {
+    let ms = ms.max(1.0) as u64;
+    let t = format_time_ms(ms);
+    if span_ms < 60_000.0 {
+        format!("{}.{}", t.get(11..).unwrap_or(&t), ms % 1000 / 100)
+    } else if span_ms < 86_400_000.0 {
         t.get(11..).unwrap_or(&t).to_owned()
     } else {
         t.get(5..16).unwrap_or(&t).to_owned()
@@ -647,6 +651,14 @@ mod tests {
         }
         t.knee_bytes = None;
         assert!(!tune_svg(&t).expect("drawn").contains("knee"));
+    }
+
+    #[test]
+    fn time_labels_fit_the_span() {
+        let t = 1_780_000_000_500.0; // 2026-05-28 20:26:40.5 UTC
+        assert_eq!(time_label(t, 10_000.0), "20:26:40.5");
+        assert_eq!(time_label(t, 3_600_000.0), "20:26:40");
+        assert_eq!(time_label(t, 3.0 * 86_400_000.0), "05-28 20:26");
     }
 
     #[test]

@@ -1,0 +1,226 @@
+//! `emars report` against a real agent with real instances of known memory: one SVG per
+//! function, one mark per instance placed by its peak, and the limit lines where the API puts
+//! them. The plots are kept under target/tmp/emars-report for people to look at.
+
+use std::{fs, path::Path, process::Command};
+
+use emars_tests::*;
+use serde_json::Value;
+
+/// Pinned limits: the API answers them for PINNED, so the lines' values are known.
+const PINNED: &str = "repa";
+const MAX: u64 = 128 * MIB;
+const HIGH: u64 = 96 * MIB;
+/// A name with ':' (allowed in function names, not wanted in file names).
+const OTHER: &str = "rep:b";
+
+fn emars(agent: Option<&Agent>, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(agent_bin());
+    c.args(args);
+    if let Some(a) = agent {
+        c.args(["--addr", &a.addr]);
+    }
+    let out = c.output().expect("run emars");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The numbers of attribute `attr` of every `<tag` element whose text contains all of `with`.
+fn attrs(svg: &str, tag: &str, attr: &str, with: &[&str]) -> Vec<String> {
+    svg.split('<')
+        .filter(|e| e.starts_with(tag) && with.iter().all(|w| e.contains(w)))
+        .filter_map(|e| {
+            let at = e.find(&format!(" {attr}=\""))? + attr.len() + 3;
+            Some(e[at..].split('"').next()?.to_owned())
+        })
+        .collect()
+}
+
+/// The y pixel of the horizontal line drawn in `colour` with width 2 (the limit lines).
+fn line_y(svg: &str, colour: &str) -> Option<f64> {
+    let pts = attrs(
+        svg,
+        "polyline",
+        "points",
+        &[&format!("stroke=\"{colour}\""), "stroke-width=\"2\""],
+    );
+    let p = pts.first()?;
+    let ys: Vec<f64> = p
+        .split_whitespace()
+        .filter_map(|xy| xy.split(',').nth(1)?.parse().ok())
+        .collect();
+    (ys.len() == 2 && ys[0] == ys[1]).then_some(ys[0])
+}
+
+/// Checks the plot of `function` against what the API says of it.
+fn check_plot(agent: &Agent, svg: &str, function: &str) -> anyhow::Result<()> {
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains(&format!("{function}: instance peaks against limits")),
+        "{svg}"
+    );
+    let instances = agent.instances(function)?;
+    // One circle per instance, and nothing else is a circle.
+    let cys: Vec<f64> = attrs(svg, "circle", "cy", &[])
+        .iter()
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(cys.len(), instances.len(), "{function}: {svg}");
+    assert!(svg.contains(&format!("instance peak ({})", instances.len())));
+    // Where they are: pixel y = a + b * peak. Fit it on the lowest and highest peak, and every
+    // mark must lie on it (within rounding to whole pixels).
+    let mut peaks: Vec<u64> = instances.iter().map(|i| u64_of(i, "peak_bytes")).collect();
+    peaks.sort_unstable();
+    let mut ys = cys.clone();
+    // Higher peaks are drawn higher up: smaller y.
+    ys.sort_by(|a, b| b.total_cmp(a));
+    let (p0, p1) = (peaks[0] as f64, peaks[peaks.len() - 1] as f64);
+    assert!(
+        p1 > p0,
+        "the instances of {function} differ in peak: {peaks:?}"
+    );
+    let b = (ys[ys.len() - 1] - ys[0]) / (p1 - p0);
+    let a = ys[0] - b * p0;
+    for (p, y) in peaks.iter().zip(&ys) {
+        assert!(
+            (a + b * *p as f64 - y).abs() <= 1.5,
+            "{function}: peak {p} at y={y}, expected {}",
+            a + b * *p as f64
+        );
+    }
+    let (status, limits) = agent.get(&format!("/v1/functions/{function}/limits"))?;
+    for (name, colour, key) in [
+        ("memory.max", "#D62728", "max_bytes"),
+        ("memory.high", "#9467BD", "high_bytes"),
+    ] {
+        if status == 200 {
+            let v = u64_of(&limits, key);
+            assert!(svg.contains(&format!("{name} ")), "{svg}");
+            assert!(svg.contains(&format!("({v} B)")), "{name} {v}: {svg}");
+            let y = line_y(svg, colour).unwrap_or_else(|| panic!("no {name} line: {svg}"));
+            let want = a + b * v as f64;
+            assert!(
+                (y - want).abs() <= 1.5,
+                "{function}: {name} {v} at y={y}, expected {want}"
+            );
+        } else {
+            assert_eq!(status, 404, "{limits}");
+            assert!(!svg.contains(name), "{function} has no limits: {svg}");
+            assert!(line_y(svg, colour).is_none(), "{svg}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
+    let test = "report_plots_every_function_against_its_limits";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(
+        &root,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\n[[policy.functions]]\nname = \"{PINNED}\"\n\
+             pin_max_bytes = {MAX}\npin_high_bytes = {HIGH}\n"
+        ),
+    )?;
+    for (function, sizes) in [(PINNED, &[12u64, 24, 36][..]), (OTHER, &[20, 30][..])] {
+        for (i, mib) in sizes.iter().enumerate() {
+            let dir = root.instance_dir(function, &format!("r{i}"))?;
+            assert!(run_alloc(&dir, *mib, 0, 0)?.success());
+            fs::remove_dir(&dir)?;
+        }
+        agent.wait_ended(function, sizes.len())?;
+    }
+
+    let out = tempfile::tempdir()?;
+    let dir = out.path().join("report");
+    let d = dir.display().to_string();
+    let (ok, stdout, stderr) = emars(Some(&agent), &["report", "--out", &d]);
+    assert!(ok, "emars report failed:\n{stdout}\n{stderr}");
+    println!("{stdout}");
+    let pinned = dir.join(format!("{PINNED}.svg"));
+    let other = dir.join("rep_b.svg");
+    for (function, file) in [(PINNED, &pinned), (OTHER, &other)] {
+        assert!(
+            stdout.contains(&format!("wrote {}", file.display())),
+            "{stdout}"
+        );
+        check_plot(&agent, &fs::read_to_string(file)?, function)?;
+    }
+    let (status, _) = agent.get(&format!("/v1/functions/{PINNED}/limits"))?;
+    assert_eq!(status, 200, "{PINNED} has pinned limits");
+    let svg = fs::read_to_string(&pinned)?;
+    assert!(
+        svg.contains(&format!("memory.max 128.0 MiB ({MAX} B)")),
+        "{svg}"
+    );
+    assert!(
+        svg.contains(&format!("memory.high 96.0 MiB ({HIGH} B)")),
+        "{svg}"
+    );
+
+    let index = fs::read_to_string(dir.join("index.html"))?;
+    for f in ["repa.svg", "rep_b.svg"] {
+        assert!(index.contains(&format!("<img src=\"{f}\"")), "{index}");
+    }
+    assert!(!index.contains("<script"), "{index}");
+    let names: Vec<_> = fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(names.len(), 3, "two plots and the index: {names:?}");
+
+    let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emars-report");
+    fs::create_dir_all(&keep)?;
+    for n in &names {
+        fs::copy(dir.join(n), keep.join(n))?;
+    }
+    println!("report in {}", keep.display());
+
+    // --json lists what was written.
+    let (ok, stdout, stderr) = emars(Some(&agent), &["report", "--out", &d, "--json"]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    Ok(())
+}
+
+#[test]
+fn report_fails_clearly_on_bad_input() -> anyhow::Result<()> {
+    let test = "report_fails_clearly_on_bad_input";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    let dir = root.instance_dir("repc", "r0")?;
+    assert!(run_alloc(&dir, 8, 0, 0)?.success());
+    fs::remove_dir(&dir)?;
+    agent.wait_ended("repc", 1)?;
+    // A directory that cannot be created: below a file.
+    let (ok, _, stderr) = emars(Some(&agent), &["report", "--out", "/dev/null/report"]);
+    assert!(!ok, "an unwritable DIR is an error");
+    assert!(stderr.contains("creating /dev/null/report"), "{stderr}");
+    // Nothing listens on port 1.
+    let out = tempfile::tempdir()?;
+    let d = out.path().join("r");
+    let (ok, _, stderr) = emars(
+        None,
+        &[
+            "report",
+            "--out",
+            &d.display().to_string(),
+            "--addr",
+            "127.0.0.1:1",
+        ],
+    );
+    assert!(!ok, "an unreachable agent is an error");
+    assert!(stderr.contains("cannot reach the EMARS agent"), "{stderr}");
+    assert!(!d.exists(), "nothing written without an agent");
+    Ok(())
+}
