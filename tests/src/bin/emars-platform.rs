@@ -48,13 +48,14 @@ use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minute-ms T]
-    [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR]
+    [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR] [--plots DIR]
   --functions K   functions of the sample, spread from the busiest to the rarest (default 24)
   --minutes M     trace minutes replayed (default 30)
   --minute-ms T   real milliseconds per trace minute (default 2000)
   --mem-scale S   trace MiB x S = MiB a process allocates (default 0.25)
   --fixed-mib F   OpenLambda's fixed memory.max, MiB (default 128)
   --pool P        pre-created cgroups (default 16, OpenLambda's reserve of ready ones)
+  --plots DIR     also write the table as SVG bar charts into DIR
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 /// OpenLambda's keep-alive in trace minutes.
@@ -68,6 +69,7 @@ struct Opts {
     fixed_mib: u64,
     pool: usize,
     data: PathBuf,
+    plots: Option<PathBuf>,
 }
 
 fn main() {
@@ -89,6 +91,7 @@ fn parse() -> Result<Opts> {
             || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/azure2019"),
             PathBuf::from,
         ),
+        plots: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -110,6 +113,7 @@ fn parse() -> Result<Opts> {
             "--fixed-mib" => o.fixed_mib = num(val()?)? as u64,
             "--pool" => o.pool = num(val()?)? as usize,
             "--data" => o.data = PathBuf::from(val()?),
+            "--plots" => o.plots = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -611,6 +615,40 @@ fn run(o: &Opts) -> Result<()> {
             .map(|(mib, n)| format!("{mib} MiB: {n}"))
             .collect();
         println!("  {:<11} {}", label, l.join(", "));
+    }
+    if let Some(dir) = &o.plots {
+        let bars = |f: fn(&Tally) -> f64| -> Vec<(String, f64)> {
+            rows.iter().map(|(l, t)| (l.to_string(), f(t))).collect()
+        };
+        emars_tests::write_bar_charts(
+            dir,
+            vec![
+                (
+                    "platform-memory",
+                    "memory held per mode".into(),
+                    "GiB·min",
+                    bars(|t| t.mib_ms / 1024.0 / 60_000.0),
+                ),
+                (
+                    "platform-oom-kills",
+                    "OOM kills per mode".into(),
+                    "OOM kills",
+                    bars(|t| t.oom as f64),
+                ),
+                (
+                    "platform-cold-starts",
+                    "cold starts per mode".into(),
+                    "cold starts",
+                    bars(|t| t.cold as f64),
+                ),
+                (
+                    "platform-refused",
+                    "refused invocations per mode".into(),
+                    "refused",
+                    bars(|t| (t.refused + t.dropped_no_cgroup) as f64),
+                ),
+            ],
+        )?;
     }
     Ok(())
 }

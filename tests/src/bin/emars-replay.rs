@@ -90,12 +90,13 @@ const DEFAULT_CAP: usize = 200;
 const DEFAULT_SEED: u64 = 2019;
 const TIME_LIMIT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: emars-replay [--cap N] [--seed S] [--hour] [--host-gib G]
+const USAGE: &str = "usage: emars-replay [--cap N] [--seed S] [--hour] [--host-gib G] [--plots DIR]
   --cap N       instances per function at most (default 200; 0 = no cap)
   --seed S      seed of the peak draws (default 2019)
   --hour        replay the trace hour in real time (default: stretch it onto a simulated day)
   --host-gib G  memory of the host in the second table (default: 1.25 x the memory the
                 instances really used at their busiest moment)
+  --plots DIR   also write the tables as SVG bar charts into DIR
 Data: $EMARS_DATA_DIR, else <workspace>/../shared/data/azure2019.";
 
 fn main() {
@@ -115,6 +116,7 @@ struct Opts {
     real_hour: bool,
     /// The host's memory for the second table; 0: sized from the workload (see `run`).
     host_gib: f64,
+    plots: Option<std::path::PathBuf>,
 }
 
 impl Opts {
@@ -124,6 +126,7 @@ impl Opts {
             seed: DEFAULT_SEED,
             real_hour: false,
             host_gib: 0.0,
+            plots: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -131,6 +134,13 @@ impl Opts {
                 "--cap" => o.cap = number(&a, args.next())?,
                 "--seed" => o.seed = number(&a, args.next())?,
                 "--hour" => o.real_hour = true,
+                "--plots" => {
+                    o.plots = Some(
+                        args.next()
+                            .ok_or_else(|| anyhow!("--plots needs a directory"))?
+                            .into(),
+                    )
+                }
                 "--host-gib" => o.host_gib = number(&a, args.next())?,
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -693,9 +703,15 @@ fn run(opts: &Opts) -> Result<()> {
         "policy", "GiB·h resv", "refused%", "killed%", "rescues", "rescues failed", "peak held GiB"
     );
     println!("{}", "-".repeat(84));
+    let mut host_rows = Vec::new();
     for (policy, tally) in policies.iter().zip(tallies.iter_mut()) {
         let h = host_pass(&mut tally.placed, capacity);
         let n = tally.instances.max(1) as f64;
+        host_rows.push((
+            policy.name.to_string(),
+            100.0 * h.refused as f64 / n,
+            100.0 * h.killed as f64 / n,
+        ));
         println!(
             "{:<12} {:>10.2} {:>9.2} {:>8.2} {:>9} {:>15} {:>14.2}",
             policy.name,
@@ -713,6 +729,43 @@ fn run(opts: &Opts) -> Result<()> {
          (no room left for the raise); GiB·h resv = of those that ran."
     );
     println!();
+    if let Some(dir) = &opts.plots {
+        let bars = |f: fn(&Summary) -> f64| -> Vec<(String, f64)> {
+            rows.iter().map(|r| (r.name.to_string(), f(r))).collect()
+        };
+        let host = |f: fn(&(String, f64, f64)) -> f64| -> Vec<(String, f64)> {
+            host_rows.iter().map(|r| (r.0.clone(), f(r))).collect()
+        };
+        emars_tests::write_bar_charts(
+            dir,
+            vec![
+                (
+                    "replay-reserved",
+                    "memory reserved per policy".into(),
+                    "GiB·h",
+                    bars(|r| r.reserved_gib_h),
+                ),
+                (
+                    "replay-exceed",
+                    "instances over their limit (OOM kills) per policy".into(),
+                    "% of instances",
+                    bars(|r| r.exceed_pct),
+                ),
+                (
+                    "replay-host-refused",
+                    "refused on one host per policy".into(),
+                    "% of instances",
+                    host(|r| r.1),
+                ),
+                (
+                    "replay-host-killed",
+                    "killed on one host per policy".into(),
+                    "% of instances",
+                    host(|r| r.2),
+                ),
+            ],
+        )?;
+    }
     println!(
         "wall time {:.2} s (loading the CSVs {:.0} ms)",
         wall.as_secs_f64(),
@@ -851,6 +904,7 @@ mod tests {
             seed: 1,
             real_hour: false,
             host_gib: 0.0,
+            plots: None,
         };
         let insts = instances(&f, 0, &opts);
         assert_eq!(insts.len(), 200);
