@@ -770,25 +770,34 @@ pub fn run_as_nobody(mut cmd: Command) -> Result<(bool, String, String)> {
 }
 
 /// Writes one SVG bar chart per column of a benchmark's table into `dir` (`--plots DIR` of
-/// emars-replay and emars-platform): `(file stem, title, y axis, [(row, value)])` each, drawn by
-/// the agent's plotting module. Prints and returns the files.
+/// emars-replay and emars-platform), `<stem>.svg` each, drawn by the agent's plotting module.
+/// Prints and returns the files.
 pub fn write_bar_charts(
     dir: &Path,
-    charts: Vec<(&str, String, &str, Vec<(String, f64)>)>,
+    charts: &[(&str, emars_agent::view::plot::BarChart)],
 ) -> Result<Vec<PathBuf>> {
     use emars_agent::view::plot;
     plot::create_dir(dir)?;
     let mut files = Vec::new();
-    for (stem, title, y_desc, bars) in charts {
-        let svg = plot::bar_chart_svg(&plot::BarChart {
-            title,
-            y_desc: y_desc.to_owned(),
-            bars,
-        })?;
+    for (stem, chart) in charts {
+        let svg = plot::bar_chart_svg(chart)?;
         let file = dir.join(format!("{}.svg", plot::safe_stem(stem)));
         plot::write_file(&file, &svg)?;
         println!("wrote {}", file.display());
         files.push(file);
     }
     Ok(files)
+}
+
+/// A bar chart of `bars` titled `title` with `y_desc` on its y axis.
+pub fn bar_chart(
+    title: &str,
+    y_desc: &str,
+    bars: Vec<(String, f64)>,
+) -> emars_agent::view::plot::BarChart {
+    emars_agent::view::plot::BarChart {
+        title: title.to_owned(),
+        y_desc: y_desc.to_owned(),
+        bars,
+    }
 }

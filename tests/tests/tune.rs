@@ -29,7 +29,7 @@ fn tune(args: &[&str], cmd: &[&str]) -> anyhow::Result<(bool, String, String)> {
     ))
 }
 
-fn limit<'a>(report: &'a Value, mib: u64) -> &'a Value {
+fn limit(report: &Value, mib: u64) -> &Value {
     report["limits"]
         .as_array()
         .and_then(|l| l.iter().find(|r| r["limit_bytes"] == mib * MIB))

@@ -622,30 +622,38 @@ fn run(o: &Opts) -> Result<()> {
         };
         emars_tests::write_bar_charts(
             dir,
-            vec![
+            &[
                 (
                     "platform-memory",
-                    "memory held per mode".into(),
-                    "GiB·min",
-                    bars(|t| t.mib_ms / 1024.0 / 60_000.0),
+                    emars_tests::bar_chart(
+                        "memory held per mode",
+                        "GiB·min",
+                        bars(|t| t.mib_ms / 1024.0 / 60_000.0),
+                    ),
                 ),
                 (
                     "platform-oom-kills",
-                    "OOM kills per mode".into(),
-                    "OOM kills",
-                    bars(|t| t.oom as f64),
+                    emars_tests::bar_chart(
+                        "OOM kills per mode",
+                        "OOM kills",
+                        bars(|t| t.oom as f64),
+                    ),
                 ),
                 (
                     "platform-cold-starts",
-                    "cold starts per mode".into(),
-                    "cold starts",
-                    bars(|t| t.cold as f64),
+                    emars_tests::bar_chart(
+                        "cold starts per mode",
+                        "cold starts",
+                        bars(|t| t.cold as f64),
+                    ),
                 ),
                 (
                     "platform-refused",
-                    "refused invocations per mode".into(),
-                    "refused",
-                    bars(|t| (t.refused + t.dropped_no_cgroup) as f64),
+                    emars_tests::bar_chart(
+                        "refused invocations per mode",
+                        "refused",
+                        bars(|t| (t.refused + t.dropped_no_cgroup) as f64),
+                    ),
                 ),
             ],
         )?;

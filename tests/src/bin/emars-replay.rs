@@ -738,30 +738,38 @@ fn run(opts: &Opts) -> Result<()> {
         };
         emars_tests::write_bar_charts(
             dir,
-            vec![
+            &[
                 (
                     "replay-reserved",
-                    "memory reserved per policy".into(),
-                    "GiB·h",
-                    bars(|r| r.reserved_gib_h),
+                    emars_tests::bar_chart(
+                        "memory reserved per policy",
+                        "GiB·h",
+                        bars(|r| r.reserved_gib_h),
+                    ),
                 ),
                 (
                     "replay-exceed",
-                    "instances over their limit (OOM kills) per policy".into(),
-                    "% of instances",
-                    bars(|r| r.exceed_pct),
+                    emars_tests::bar_chart(
+                        "instances over their limit (OOM kills) per policy",
+                        "% of instances",
+                        bars(|r| r.exceed_pct),
+                    ),
                 ),
                 (
                     "replay-host-refused",
-                    "refused on one host per policy".into(),
-                    "% of instances",
-                    host(|r| r.1),
+                    emars_tests::bar_chart(
+                        "refused on one host per policy",
+                        "% of instances",
+                        host(|r| r.1),
+                    ),
                 ),
                 (
                     "replay-host-killed",
-                    "killed on one host per policy".into(),
-                    "% of instances",
-                    host(|r| r.2),
+                    emars_tests::bar_chart(
+                        "killed on one host per policy",
+                        "% of instances",
+                        host(|r| r.2),
+                    ),
                 ),
             ],
         )?;
