@@ -55,6 +55,34 @@ fn line_y(svg: &str, colour: &str) -> Option<f64> {
     (ys.len() == 2 && ys[0] == ys[1]).then_some(ys[0])
 }
 
+/// (a, b) of pixel y = a + b * bytes, from the y axis' tick labels (`<text ... dy="0.5ex"
+/// text-anchor="end">` with a MiB value): its lowest and highest.
+fn y_axis(svg: &str) -> Option<(f64, f64)> {
+    let mut ticks: Vec<(f64, f64)> = svg
+        .split("<text ")
+        .filter(|e| e.contains("dy=\"0.5ex\" text-anchor=\"end\""))
+        .filter_map(|e| {
+            let y = e.split("y=\"").nth(1)?.split('"').next()?.parse().ok()?;
+            let v: f64 = e
+                .split('>')
+                .nth(1)?
+                .split('<')
+                .next()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((v * MIB as f64, y))
+        })
+        .collect();
+    ticks.sort_by(|p, q| p.0.total_cmp(&q.0));
+    let ((v0, y0), (v1, y1)) = (*ticks.first()?, *ticks.last()?);
+    if v1 <= v0 {
+        return None;
+    }
+    let b = (y1 - y0) / (v1 - v0);
+    Some((y0 - b * v0, b))
+}
+
 /// Checks the plot of `function` against what the API says of it.
 fn check_plot(agent: &Agent, svg: &str, function: &str) -> anyhow::Result<()> {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
@@ -70,25 +98,19 @@ fn check_plot(agent: &Agent, svg: &str, function: &str) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     assert_eq!(cys.len(), instances.len(), "{function}: {svg}");
     assert!(svg.contains(&format!("instance peak ({})", instances.len())));
-    // Where they are: pixel y = a + b * peak. Fit it on the lowest and highest peak, and every
-    // mark must lie on it (within rounding to whole pixels).
+    // Where they are: pixel y = a + b * bytes, fitted on the y axis' lowest and highest tick
+    // labels (MiB), so that every mark and line is checked against the axis people read.
+    let (a, b) = y_axis(svg).unwrap_or_else(|| panic!("no y axis ticks: {svg}"));
     let mut peaks: Vec<u64> = instances.iter().map(|i| u64_of(i, "peak_bytes")).collect();
     peaks.sort_unstable();
     let mut ys = cys.clone();
     // Higher peaks are drawn higher up: smaller y.
     ys.sort_by(|a, b| b.total_cmp(a));
-    let (p0, p1) = (peaks[0] as f64, peaks[peaks.len() - 1] as f64);
-    assert!(
-        p1 > p0,
-        "the instances of {function} differ in peak: {peaks:?}"
-    );
-    let b = (ys[ys.len() - 1] - ys[0]) / (p1 - p0);
-    let a = ys[0] - b * p0;
     for (p, y) in peaks.iter().zip(&ys) {
+        let want = a + b * *p as f64;
         assert!(
-            (a + b * *p as f64 - y).abs() <= 1.5,
-            "{function}: peak {p} at y={y}, expected {}",
-            a + b * *p as f64
+            (want - y).abs() <= 1.5,
+            "{function}: peak {p} at y={y}, expected {want}"
         );
     }
     let (status, limits) = agent.get(&format!("/v1/functions/{function}/limits"))?;
