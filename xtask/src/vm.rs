@@ -61,6 +61,7 @@ const GUEST_TESTS: &[&str] = &[
     "cli",
     "security",
     "runtime",
+    "openapi",
 ];
 
 pub struct Options {

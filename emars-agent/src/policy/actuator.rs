@@ -124,7 +124,7 @@ pub mod outcome {
 }
 
 /// One write attempt, as kept in the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub at_ms: u64,
     pub function: String,
