@@ -9,7 +9,7 @@
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
 //! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
 //! | GET    | `/v1/functions/{name}`                 | [`FunctionDetail`]: the summary's fields + `"hours"` |
-//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceRecord…]}` |
+//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceView…]}` (record + live usage) |
 //! | POST   | `/v1/functions/{name}/invocations`     | `{"function", "count", "at_ms"}`                    |
 //! | GET    | `/v1/export`                           | `{"generated_at_ms", "functions": [FunctionConfig…]}` |
 //! | GET    | `/v1/functions/{name}/recommendation`  | [`Recommendation`]: the numbers and the inputs behind them |
@@ -478,9 +478,29 @@ async fn list_instances(
         Ok(Some(page))
     })
     .await?;
-    let Some(instances) = found else {
+    let Some(records) = found else {
         return Err(unknown_function(&name));
     };
+    // Live instances with what they use now: one read of their cgroup each, through the
+    // cgroup writer's checked open (inside a watched root, the recorded cgroup and no other).
+    let actuator = state.predictive.as_ref().map(|p| p.actuator.clone());
+    let instances = tokio::task::spawn_blocking(move || {
+        records
+            .into_iter()
+            .map(|record| {
+                let usage_bytes = match (&actuator, record.is_live()) {
+                    (Some(a), true) => a.usage(&record).ok(),
+                    _ => None,
+                };
+                InstanceView {
+                    record,
+                    usage_bytes,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("usage task failed: {e}")))?;
     Ok(Json(InstancesResponse {
         function: name,
         instances,
@@ -1139,15 +1159,20 @@ mod tests {
                 .unwrap()
         };
         let ids = |r: &InstancesResponse| -> Vec<String> {
-            r.instances.iter().map(|i| i.instance.clone()).collect()
+            r.instances
+                .iter()
+                .map(|i| i.record.instance.clone())
+                .collect()
         };
         let all = get("");
         assert_eq!(all.function, "fn-a");
         assert_eq!(ids(&all), ["i1", "i2", "i3"]);
         assert_eq!(
-            all.instances[0],
+            all.instances[0].record,
             rec("fn-a", "i1", T0, Some(T0 + 1000), 10 << 20)
         );
+        // No cgroup writer in this server: no usage, and the field is left out.
+        assert_eq!(all.instances[0].usage_bytes, None);
         assert_eq!(ids(&get("?live=true")), ["i3"]);
         assert_eq!(ids(&get("?live=false")), ["i1", "i2"]);
         assert_eq!(ids(&get("?limit=2")), ["i2", "i3"]);

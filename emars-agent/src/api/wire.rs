@@ -36,7 +36,20 @@ pub struct FunctionDetail {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstancesResponse {
     pub function: String,
-    pub instances: Vec<InstanceRecord>,
+    pub instances: Vec<InstanceView>,
+}
+
+/// An instance as GET /v1/functions/{name}/instances shows it: its record, and for a live one
+/// what its cgroup is charged now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub record: InstanceRecord,
+    /// Bytes charged to the live instance's cgroup at this request (v2 memory.current, v1
+    /// memory.usage_in_bytes); absent for ended instances, and where the cgroup could not be
+    /// read (gone meanwhile, or no cgroup writer runs in this process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_bytes: Option<u64>,
 }
 
 /// GET /v1/functions.
