@@ -178,6 +178,8 @@ enum Command {
     },
     /// Print a shell completion script: `emars completions bash > /etc/bash_completion.d/emars`.
     Completions { shell: clap_complete::Shell },
+    /// Print the API's OpenAPI 3.1 document (the agent serves it at /v1/openapi.json).
+    Openapi,
 }
 
 fn main() -> ExitCode {
@@ -447,6 +449,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "emars", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Openapi => {
+            let doc = emars_agent::api::openapi_document()
+                .to_pretty_json()
+                .context("encoding the OpenAPI document")?;
+            println!("{doc}");
             Ok(())
         }
     }

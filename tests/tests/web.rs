@@ -170,6 +170,16 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
     assert!(dom.contains("id=\"hours\""), "{dom}");
     // The running instance, with its limits, and the limit writes of the function.
     assert!(dom.contains("data-instance=\"running\""), "{dom}");
+    // Its usage now, read from its cgroup: the 20 MiB it holds (plus the process's own).
+    let running = &dom[dom.find("data-instance=\"running\"").unwrap_or(0)..];
+    let usage = text_after(running, "data-col=\"usage\"")
+        .and_then(|t| t.strip_suffix(" MiB"))
+        .and_then(|t| t.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no usage for the running instance:\n{running}"));
+    assert!(
+        (20.0..28.0).contains(&usage),
+        "usage {usage} MiB:\n{running}"
+    );
     let writes = dom.matches("data-reason=\"new_instance\"").count();
     assert_eq!(writes, 4, "four instances got limits at mkdir:\n{dom}");
 

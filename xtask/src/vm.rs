@@ -62,6 +62,7 @@ const GUEST_TESTS: &[&str] = &[
     "security",
     "runtime",
     "report",
+    "openapi",
 ];
 
 pub struct Options {

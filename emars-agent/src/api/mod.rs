@@ -5,10 +5,11 @@
 //! | GET    | `/`, `/assets/app.{js,css}`            | the web page ([`web`]), read-only                   |
 //! | GET    | `/healthz`                             | `{"ok": true}`                                      |
 //! | GET    | `/metrics`                             | Prometheus text format ([`metrics`])                |
+//! | GET    | `/v1/openapi.json`                     | this API as an OpenAPI 3.1 document ([`openapi`])  |
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
 //! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
 //! | GET    | `/v1/functions/{name}`                 | [`FunctionDetail`]: the summary's fields + `"hours"` |
-//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceRecord…]}` |
+//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceView…]}` (record + live usage) |
 //! | POST   | `/v1/functions/{name}/invocations`     | `{"function", "count", "at_ms"}`                    |
 //! | GET    | `/v1/export`                           | `{"generated_at_ms", "functions": [FunctionConfig…]}` |
 //! | GET    | `/v1/functions/{name}/recommendation`  | [`Recommendation`]: the numbers and the inputs behind them |
@@ -30,6 +31,7 @@
 
 pub mod guard;
 pub mod metrics;
+pub mod openapi;
 pub mod server;
 pub mod token;
 pub mod web;
@@ -46,8 +48,8 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{middleware, Extension, Json, Router};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::kernel::cgroupfs::CgroupfsError;
 use crate::model::registry::valid_function_name;
@@ -215,41 +217,49 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Every route, each with its OpenAPI operation (`#[utoipa::path]` on the handler): a route
+/// cannot be added here without being documented, and the document is made from these.
+fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(web::index))
+        .routes(routes!(web::app_js))
+        .routes(routes!(web::app_css))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics_text))
+        .routes(routes!(openapi::document))
+        .routes(routes!(info))
+        .routes(routes!(list_functions))
+        .routes(routes!(get_function))
+        .routes(routes!(list_instances))
+        .routes(routes!(post_invocations))
+        .routes(routes!(export))
+        .routes(routes!(get_recommendation))
+        .routes(routes!(get_limits))
+        .routes(routes!(get_keepalive))
+        .routes(routes!(list_recommendations))
+        .routes(routes!(generate))
+        .routes(routes!(list_generations))
+        .routes(routes!(apply_all))
+        .routes(routes!(list_audit))
+        .routes(routes!(admission, admission_counts))
+        .routes(routes!(bind))
+        .routes(routes!(release))
+        .routes(routes!(set_limits))
+}
+
+/// The API's OpenAPI 3.1 document (served at GET /v1/openapi.json, printed by `emars openapi`).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
 /// The API's routes, with JSON 404/405 fallbacks and the body limit, behind the guard.
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
-    Router::new()
-        .route("/", get(web::index))
-        .route("/assets/app.js", get(web::app_js))
-        .route("/assets/app.css", get(web::app_css))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
-        .route("/v1/info", get(info))
-        .route("/v1/functions", get(list_functions))
-        .route("/v1/functions/{name}", get(get_function))
-        .route("/v1/functions/{name}/instances", get(list_instances))
-        .route("/v1/functions/{name}/invocations", post(post_invocations))
-        .route("/v1/export", get(export))
-        .route(
-            "/v1/functions/{name}/recommendation",
-            get(get_recommendation),
-        )
-        .route("/v1/functions/{name}/limits", get(get_limits))
-        .route("/v1/functions/{name}/keepalive", get(get_keepalive))
-        .route("/v1/recommendations", get(list_recommendations))
-        .route("/v1/recommendations/generate", post(generate))
-        .route("/v1/generations", get(list_generations))
-        .route("/v1/apply", post(apply_all))
-        .route("/v1/audit", get(list_audit))
-        .route("/v1/admission", post(admission).get(admission_counts))
-        .route("/v1/bind", post(bind))
-        .route("/v1/release", post(release))
-        .route(
-            "/v1/functions/{name}/instances/{instance}/limits",
-            post(set_limits),
-        )
+    let (routes, document) = routes().split_for_parts();
+    routes
         // Applies to the routes added above, so it must come after them.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        .layer(Extension(openapi::Document::new(&document)))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Outermost, so it also covers the fallbacks and every route added later.
         .layer(middleware::from_fn_with_state(guard, guard::layer))
@@ -301,6 +311,7 @@ fn unknown_function(name: &str) -> ApiError {
     ApiError::not_found(format!("unknown function {name:?}"))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "agent", responses((status = 200, description = "The agent answers", body = Health), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
@@ -316,6 +327,7 @@ fn agent_info(state: &ApiState) -> AgentInfo {
 }
 
 /// The Prometheus exposition ([`metrics`]), assembled off the async threads.
+#[utoipa::path(get, path = "/metrics", tag = "agent", responses((status = 200, description = "Prometheus / OpenMetrics text exposition (docs/metrics.md)", content_type = "application/openmetrics-text", body = String), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
     let text = blocking(move || {
         let info = agent_info(&state);
@@ -354,6 +366,7 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
 }
 
 /// The agent's info with the model's footprint now (which the metrics do not carry).
+#[utoipa::path(get, path = "/v1/info", tag = "agent", responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters", body = AgentInfo), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
     let mut info = agent_info(&state);
     info.model = state.store.footprint();
@@ -361,6 +374,7 @@ async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
 }
 
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
+#[utoipa::path(get, path = "/v1/functions", tag = "functions", responses((status = 200, description = "Every function", body = FunctionsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
     let body = blocking(move || Ok(state.store.functions_json())).await?;
     Ok((
@@ -373,6 +387,7 @@ async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "The function's summary and hour buckets, oldest first", body = FunctionDetail), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn get_function(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -441,6 +456,7 @@ fn parse_instances_query(pairs: &[(String, String)]) -> ApiResult<InstancesQuery
     Ok(q)
 }
 
+#[utoipa::path(get, path = "/v1/functions/{name}/instances", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$"), ("live" = Option<bool>, Query, description = "true: live instances only; false: ended ones only"), ("limit" = Option<u64>, Query, description = "The newest N (after `live`)", minimum = 1, maximum = 10000)), responses((status = 200, description = "Instances, oldest first", body = InstancesResponse), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn list_instances(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -462,15 +478,36 @@ async fn list_instances(
         Ok(Some(page))
     })
     .await?;
-    let Some(instances) = found else {
+    let Some(records) = found else {
         return Err(unknown_function(&name));
     };
+    // Live instances with what they use now: one read of their cgroup each, through the
+    // cgroup writer's checked open (inside a watched root, the recorded cgroup and no other).
+    let actuator = state.predictive.as_ref().map(|p| p.actuator.clone());
+    let instances = tokio::task::spawn_blocking(move || {
+        records
+            .into_iter()
+            .map(|record| {
+                let usage_bytes = match (&actuator, record.is_live()) {
+                    (Some(a), true) => a.usage(&record).ok(),
+                    _ => None,
+                };
+                InstanceView {
+                    record,
+                    usage_bytes,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("usage task failed: {e}")))?;
     Ok(Json(InstancesResponse {
         function: name,
         instances,
     }))
 }
 
+#[utoipa::path(post, path = "/v1/functions/{name}/invocations", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), request_body = InvocationsReport, security(("token" = [])), responses((status = 200, description = "Counted", body = InvocationsAccepted), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn post_invocations(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -505,6 +542,7 @@ async fn post_invocations(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/export", tag = "predictive", responses((status = 200, description = "The paper's per-function config {requests, max memory}", body = ExportResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn export(State(state): State<ApiState>) -> ApiResult<Json<ExportResponse>> {
     let functions = blocking(move || state.store.export()).await?;
     Ok(Json(ExportResponse {
@@ -560,6 +598,7 @@ fn limit_and_function(
     Ok((limit, function))
 }
 
+#[utoipa::path(get, path = "/v1/functions/{name}/recommendation", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Recommended limits and the inputs behind them", body = Recommendation), (status = 404, description = "Unknown function, or no peak measured yet and no pin", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn get_recommendation(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -584,6 +623,7 @@ async fn get_recommendation(
 
 /// POST /v1/bind: a pooled cgroup now serves a function (a new instance record, its
 /// watermark reset, its limits written in enforce mode).
+#[utoipa::path(post, path = "/v1/bind", tag = "pool", request_body = BindBody, security(("token" = [])), responses((status = 200, description = "The new instance record (watermark reset; limits written in enforce mode)", body = InstanceRecord), (status = 404, description = "No such cgroup", body = ErrorBody), (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody), (status = 422, description = "Outside the watched roots", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn bind(
     State(state): State<ApiState>,
     body: Result<Json<BindBody>, JsonRejection>,
@@ -593,6 +633,7 @@ async fn bind(
 }
 
 /// POST /v1/release: the use of a pooled cgroup ends; answers the closed record.
+#[utoipa::path(post, path = "/v1/release", tag = "pool", request_body = ReleaseBody, security(("token" = [])), responses((status = 200, description = "The closed instance record with its peak", body = InstanceRecord), (status = 404, description = "No such cgroup", body = ErrorBody), (status = 409, description = "Not bound", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn release(
     State(state): State<ApiState>,
     body: Result<Json<ReleaseBody>, JsonRejection>,
@@ -632,6 +673,7 @@ async fn pool_command(
 }
 
 /// The limits a new instance gets, from the policy's cache: no store read, no computation.
+#[utoipa::path(get, path = "/v1/functions/{name}/limits", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "The limits a new instance gets, from the live model", body = FunctionLimits), (status = 404, description = "Unknown function, or no limits yet", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn get_limits(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -662,6 +704,7 @@ async fn get_limits(
 }
 
 /// Keep-alive and pre-warm advice from the idle times between the function's uses.
+#[utoipa::path(get, path = "/v1/functions/{name}/keepalive", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Keep-alive and pre-warm advice from the idle times between uses", body = KeepAliveAdvice), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn get_keepalive(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -679,6 +722,7 @@ async fn get_keepalive(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/recommendations", tag = "predictive", responses((status = 200, description = "Every function's recommendation", body = RecommendationsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn list_recommendations(
     State(state): State<ApiState>,
 ) -> ApiResult<Json<RecommendationsResponse>> {
@@ -691,6 +735,7 @@ async fn list_recommendations(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/recommendations/generate", tag = "predictive", security(("token" = [])), responses((status = 200, description = "A new generation, kept and exported", body = Generation), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
     let p = predictive(&state)?;
     match tokio::task::spawn_blocking(move || p.policy.generate("on_demand", now_ms())).await {
@@ -700,6 +745,7 @@ async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> 
     }
 }
 
+#[utoipa::path(get, path = "/v1/generations", tag = "predictive", params(("limit" = Option<u64>, Query, description = "At most N, newest first (default 100)", minimum = 1, maximum = 10000), ("function" = Option<String>, Query, description = "Only this function's configs", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Generated configs, newest first", body = GenerationsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn list_generations(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -716,6 +762,7 @@ async fn list_generations(
     Ok(Json(GenerationsResponse { generations: gens }))
 }
 
+#[utoipa::path(post, path = "/v1/apply", tag = "enforcement", security(("token" = [])), responses((status = 200, description = "One audit record per write attempt", body = WritesResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
     let p = predictive(&state)?;
     let writes = match tokio::task::spawn_blocking({
@@ -733,6 +780,7 @@ async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesRespon
     Ok(Json(WritesResponse { writes }))
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "enforcement", params(("limit" = Option<u64>, Query, description = "At most N, newest first (default 100)", minimum = 1, maximum = 10000)), responses((status = 200, description = "Every limit write and reactive action, newest first", body = AuditResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn list_audit(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -747,6 +795,7 @@ async fn list_audit(
 /// Whether a new instance of a function fits ("Refuse"): its recommended memory.max against
 /// the host's available memory above the reserve; from the live recommendation and one read of
 /// /proc/meminfo, no store read and no cgroup scan.
+#[utoipa::path(post, path = "/v1/admission", tag = "reactive", request_body = AdmissionBody, security(("token" = [])), responses((status = 200, description = "Whether a new instance fits on this host now", body = Admission), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn admission(
     State(state): State<ApiState>,
     body: Result<Json<AdmissionBody>, JsonRejection>,
@@ -785,6 +834,7 @@ async fn admission(
 }
 
 /// GET /v1/admission: the answers per function since the agent started.
+#[utoipa::path(get, path = "/v1/admission", tag = "reactive", responses((status = 200, description = "Admission answers per function since the agent started", body = AdmissionCounts), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<AdmissionCounts>> {
     let p = predictive(&state)?;
     let counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
@@ -793,6 +843,7 @@ async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<Admis
     }))
 }
 
+#[utoipa::path(post, path = "/v1/functions/{name}/instances/{instance}/limits", tag = "enforcement", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$"), ("instance" = String, Path, description = "Instance name")), request_body = LimitsBody, security(("token" = [])), responses((status = 200, description = "The write, as audited", body = AuditRecord), (status = 404, description = "No such live instance", body = ErrorBody), (status = 422, description = "Refused: below usage plus headroom, or outside the managed cgroups", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
 async fn set_limits(
     State(state): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -1108,15 +1159,20 @@ mod tests {
                 .unwrap()
         };
         let ids = |r: &InstancesResponse| -> Vec<String> {
-            r.instances.iter().map(|i| i.instance.clone()).collect()
+            r.instances
+                .iter()
+                .map(|i| i.record.instance.clone())
+                .collect()
         };
         let all = get("");
         assert_eq!(all.function, "fn-a");
         assert_eq!(ids(&all), ["i1", "i2", "i3"]);
         assert_eq!(
-            all.instances[0],
+            all.instances[0].record,
             rec("fn-a", "i1", T0, Some(T0 + 1000), 10 << 20)
         );
+        // No cgroup writer in this server: no usage, and the field is left out.
+        assert_eq!(all.instances[0].usage_bytes, None);
         assert_eq!(ids(&get("?live=true")), ["i3"]);
         assert_eq!(ids(&get("?live=false")), ["i1", "i2"]);
         assert_eq!(ids(&get("?limit=2")), ["i2", "i3"]);

@@ -31,14 +31,17 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/", tag = "web", responses((status = 200, description = "The web page (read-only; its script reads this API)", content_type = "text/html", body = String)))]
 pub async fn index() -> Response {
     asset(INDEX, "text/html; charset=utf-8")
 }
 
+#[utoipa::path(get, path = "/assets/app.js", tag = "web", responses((status = 200, description = "The web page's script", content_type = "text/javascript", body = String)))]
 pub async fn app_js() -> Response {
     asset(APP_JS, "text/javascript; charset=utf-8")
 }
 
+#[utoipa::path(get, path = "/assets/app.css", tag = "web", responses((status = 200, description = "The web page's style sheet", content_type = "text/css", body = String)))]
 pub async fn app_css() -> Response {
     asset(APP_CSS, "text/css; charset=utf-8")
 }

@@ -9,13 +9,13 @@ pub use crate::policy::recommend::Recommendation;
 pub use crate::policy::Generation;
 
 /// GET /healthz.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub ok: bool,
 }
 
 /// Every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What was wrong, with the value.
     pub error: String,
@@ -24,7 +24,7 @@ pub struct ErrorBody {
 
 /// GET /v1/functions/{name}: the [`FunctionSummary`] fields flattened at the top level, plus
 /// `"hours"`, the function's hour buckets, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionDetail {
     #[serde(flatten)]
     pub summary: FunctionSummary,
@@ -33,20 +33,33 @@ pub struct FunctionDetail {
 
 /// GET /v1/functions/{name}/instances: oldest first. `?live=true` keeps only live instances,
 /// `?live=false` only ended ones; `?limit=N` (1..=10000) keeps the newest N (after `live`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstancesResponse {
     pub function: String,
-    pub instances: Vec<InstanceRecord>,
+    pub instances: Vec<InstanceView>,
+}
+
+/// An instance as GET /v1/functions/{name}/instances shows it: its record, and for a live one
+/// what its cgroup is charged now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub record: InstanceRecord,
+    /// Bytes charged to the live instance's cgroup at this request (v2 memory.current, v1
+    /// memory.usage_in_bytes); absent for ended instances, and where the cgroup could not be
+    /// read (gone meanwhile, or no cgroup writer runs in this process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_bytes: Option<u64>,
 }
 
 /// GET /v1/functions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionsResponse {
     pub functions: Vec<FunctionSummary>,
 }
 
 /// GET /v1/export: the paper's per-function config {requests, max memory}.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExportResponse {
     pub generated_at_ms: u64,
     pub functions: Vec<FunctionConfig>,
@@ -54,7 +67,7 @@ pub struct ExportResponse {
 
 /// Body of POST /v1/functions/{name}/invocations. Unknown fields are refused so that a typo
 /// (`"atms"`) is not silently ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvocationsReport {
     /// 1..=1_000_000_000.
@@ -65,7 +78,7 @@ pub struct InvocationsReport {
 }
 
 /// Answer of POST /v1/functions/{name}/invocations (200).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InvocationsAccepted {
     pub function: String,
     pub count: u64,
@@ -75,27 +88,27 @@ pub struct InvocationsAccepted {
 pub use crate::policy::reactive::Admission;
 
 /// Body of POST /v1/admission.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionBody {
     pub function: String,
 }
 
 /// One function's admission answers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdmissionCount {
     pub admitted: u64,
     pub refused: u64,
 }
 
 /// GET /v1/admission.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdmissionCounts {
     pub functions: std::collections::BTreeMap<String, AdmissionCount>,
 }
 
 /// Body of POST /v1/functions/{name}/instances/{instance}/limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
     #[serde(default)]
@@ -105,7 +118,7 @@ pub struct LimitsBody {
 }
 
 /// GET /v1/recommendations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecommendationsResponse {
     /// "observe" or "enforce".
     pub mode: String,
@@ -113,19 +126,19 @@ pub struct RecommendationsResponse {
 }
 
 /// GET /v1/generations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerationsResponse {
     pub generations: Vec<Generation>,
 }
 
 /// POST /v1/apply: one audit record per write attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WritesResponse {
     pub writes: Vec<AuditRecord>,
 }
 
 /// GET /v1/audit: newest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditResponse {
     pub audit: Vec<AuditRecord>,
 }
@@ -133,7 +146,7 @@ pub struct AuditResponse {
 /// GET /v1/functions/{name}/limits: the limits a new instance of the function gets, from the
 /// live model (what the agent writes at mkdir or bind in enforce mode), for platforms that set
 /// limits themselves.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionLimits {
     pub function: String,
     pub max_bytes: u64,
@@ -146,7 +159,7 @@ pub struct FunctionLimits {
 }
 
 /// GET /v1/functions/{name}/keepalive.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeepAliveAdvice {
     pub function: String,
     #[serde(flatten)]
@@ -155,7 +168,7 @@ pub struct KeepAliveAdvice {
 
 /// POST /v1/bind: `cgroup` (the directory, or its path below the hierarchy as the kernel
 /// shows it: "/pool/cg-3") now serves `function` as `instance`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BindBody {
     pub cgroup: String,
@@ -164,7 +177,7 @@ pub struct BindBody {
 }
 
 /// POST /v1/release: the use of `cgroup` ends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseBody {
     pub cgroup: String,

@@ -154,7 +154,7 @@ impl Client {
         let d: FunctionDetail = self.get_as(&format!("/v1/functions/{seg}"))?;
         let q = limit.map_or_else(String::new, |n| format!("?limit={n}"));
         let i: InstancesResponse = self.get_as(&format!("/v1/functions/{seg}/instances{q}"))?;
-        Ok((d, i.instances))
+        Ok((d, i.instances.into_iter().map(|v| v.record).collect()))
     }
 
     fn url(&self, path: &str) -> String {

@@ -622,7 +622,7 @@ mod tests {
 }
 
 /// Limits in force on an instance's cgroup when last seen (bytes; None = unlimited/unknown).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct Limits {
     /// v2 memory.max, v1 memory.limit_in_bytes.
     pub max_bytes: Option<u64>,

@@ -13,7 +13,7 @@ pub use crate::kernel::probes::{KernelCounters, ProgramStatus};
 use serde::{Deserialize, Serialize};
 
 /// Where an instance's peak figure came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PeakSource {
     /// Nothing measured yet.
@@ -33,7 +33,7 @@ pub enum PeakSource {
 }
 
 /// One container instance: a cgroup that a registry rule mapped to a function.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceRecord {
     pub function: String,
     pub instance: String,
@@ -62,7 +62,7 @@ impl InstanceRecord {
 }
 
 /// Percentiles of the instance peaks of one function (bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct PeakPercentiles {
     pub p50: u64,
     pub p90: u64,
@@ -71,7 +71,7 @@ pub struct PeakPercentiles {
 }
 
 /// What EMARS knows of one function, aggregated over its retained instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionSummary {
     pub name: String,
     pub instances: u64,
@@ -89,7 +89,7 @@ pub struct FunctionSummary {
 
 /// One hour of one function: the paper's workload model (requests) and memory model (peak)
 /// at hour granularity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct HourBucket {
     /// Start of the hour, unix ms (a multiple of 3_600_000).
     pub hour_start_ms: u64,
@@ -113,7 +113,7 @@ pub struct HourDelta {
 }
 
 /// The paper's per-function config: {requests, max memory}, exported by GET /v1/export.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionConfig {
     pub function: String,
     /// Busiest hour's requests (invocations reported by the platform, else execs).
@@ -124,7 +124,7 @@ pub struct FunctionConfig {
 
 /// GET /v1/info → `container_metadata`: cgroups whose rule reads the container runtime's
 /// metadata file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct MetadataInfo {
     /// Waiting for the file now.
     pub waiting: u64,
@@ -138,7 +138,7 @@ pub struct MetadataInfo {
 }
 
 /// GET /v1/info.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct AgentInfo {
     pub version: String,
     pub kernel: String,
@@ -190,7 +190,7 @@ pub struct AgentInfo {
 }
 
 /// GET /v1/info → "reactive".
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReactiveInfo {
     /// The burst guard is on (`reactive.enabled` and enforce mode).
     pub enabled: bool,
@@ -246,7 +246,7 @@ pub struct ReactiveInfo {
 }
 
 /// GET /v1/info → "model": the live model's entries and their heap bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelFootprint {
     pub functions: u64,
     pub live: u64,
@@ -258,7 +258,7 @@ pub struct ModelFootprint {
 }
 
 /// GET /v1/info → "enforcement".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct EnforcementInfo {
     /// "observe" or "enforce".
     pub mode: String,

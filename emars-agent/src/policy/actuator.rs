@@ -124,7 +124,7 @@ pub mod outcome {
 }
 
 /// One write attempt, as kept in the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub at_ms: u64,
     pub function: String,
@@ -571,6 +571,12 @@ impl Actuator {
     }
 
     /// The instance's cgroup, opened inside its watched root and checked to be the recorded one.
+    /// Bytes charged to a live instance's cgroup now (for the API's live view): read through
+    /// the same checked open as a write.
+    pub fn usage(&self, inst: &InstanceRecord) -> Result<u64, ActuatorError> {
+        Ok(self.open_instance(inst)?.usage()?)
+    }
+
     fn open_instance(&self, inst: &InstanceRecord) -> Result<CgroupDir, ActuatorError> {
         self.open_recorded(&inst.cgroup_path, inst.cgroup_id)
     }

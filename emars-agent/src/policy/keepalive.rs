@@ -191,7 +191,7 @@ impl KeepAliveConfig {
 
 /// GET /v1/functions/{name}/keepalive: unload the instance when a use ends, load one again
 /// `prewarm_ms` later (0: keep it loaded), and keep it `keepalive_ms` from then.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeepAlive {
     pub prewarm_ms: u64,
     pub keepalive_ms: u64,

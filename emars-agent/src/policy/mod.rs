@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// One function's line of a generated config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GeneratedConfig {
     pub function: String,
     /// Busiest hour's requests (reported invocations, else execs).
@@ -49,7 +49,7 @@ pub struct GeneratedConfig {
 }
 
 /// A generated config: every function at one moment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Generation {
     pub generated_at_ms: u64,
     /// "period" or "on_demand".

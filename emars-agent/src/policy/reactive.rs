@@ -265,7 +265,7 @@ pub enum NoRaise {
 }
 
 /// POST /v1/admission's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Admission {
     pub admit: bool,
     pub reason: String,

@@ -161,7 +161,7 @@ impl PolicyParams {
 
 /// The recommendation and the inputs behind it (served as JSON by
 /// GET /v1/functions/{name}/recommendation).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Recommendation {
     pub function: String,
     /// memory.max (v2) / memory.limit_in_bytes (v1).

@@ -172,13 +172,16 @@ async function functionPage(name) {
     card('memory.max / high', rec ? `${bytes(rec.max_bytes)} / ${bytes(rec.high_bytes)}` : '–', 'limits'),
     card('OOM kills', f.oom_kills, 'oom'),
     card('execs / invocations', `${f.execs} / ${f.invocations}`, 'requests'));
+  // Usage now (read from the cgroup at this request) against memory.max; the peak so far
+  // where the usage could not be read.
   const liveRows = live.map((i) => el('tr', { 'data-instance': i.instance },
     el('td', {}, i.instance),
     el('td', { class: 'text' }, when(i.started_at_ms)),
-    el('td', { class: 'num' }, bytes(i.peak_bytes)),
+    el('td', { class: 'num', 'data-col': 'usage' }, bytes(i.usage_bytes)),
+    el('td', { class: 'num', 'data-col': 'peak' }, bytes(i.peak_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.max_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.high_bytes)),
-    el('td', {}, meter(i.peak_bytes, i.limits.max_bytes))));
+    el('td', {}, meter(i.usage_bytes ?? i.peak_bytes, i.limits.max_bytes))));
   const writes = ((audit && audit.audit) || []).filter((w) => w.function === name);
   const auditRows = writes.map((w) => el('tr', { 'data-reason': w.reason },
     el('td', {}, when(w.at_ms)),
@@ -196,7 +199,7 @@ async function functionPage(name) {
     el('h2', {}, 'Peak and requests per hour'),
     hoursChart(f.hours),
     el('h2', {}, `Live instances (${live.length})`),
-    live.length ? table(['instance', 'started', 'peak', 'memory.max', 'memory.high', 'peak / max'], liveRows, 'live') : el('p', { class: 'muted', id: 'live' }, 'None running.'),
+    live.length ? table(['instance', 'started', 'usage now', 'peak', 'memory.max', 'memory.high', 'usage / max'], liveRows, 'live') : el('p', { class: 'muted', id: 'live' }, 'None running.'),
     el('h2', {}, `Limit writes and reactive actions (${writes.length})`),
     writes.length ? table(['at', 'instance', 'reason', 'outcome', 'memory.max', 'memory.high', 'signal / error'], auditRows, 'audit') : el('p', { class: 'muted', id: 'audit' }, 'None.'),
   ];

@@ -24,7 +24,7 @@ pub enum ChargeEvents {
 }
 
 /// One eBPF program as the agent sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgramStatus {
     pub name: String,
     /// "category:name" of the tracepoint.
@@ -38,7 +38,7 @@ pub struct ProgramStatus {
 }
 
 /// GET /v1/info → "kernel_counters": conditions that would otherwise go unseen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct KernelCounters {
     /// Events the ring buffer had no room for.
     pub events_lost: u64,

@@ -1,0 +1,554 @@
+//! The API contract: the OpenAPI 3.1 document a real agent serves at /v1/openapi.json (made
+//! from its routes and wire types) against what that agent answers. Every documented operation
+//! is called for real (a real agent in enforce mode, real instances of known memory in real
+//! cgroups, a pooled cgroup bound and released), and every answer, errors included, is
+//! validated against the schema the document gives for its status. Objects are checked
+//! strictly: a field the document does not name fails. The paths that the CLI and the web page
+//! call must all be in the document.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+};
+
+use emars_tests::*;
+use serde_json::{json, Value};
+
+const FUNCTION: &str = "contract";
+
+/// The document, its operations and what the test has seen of them.
+struct Contract {
+    doc: Value,
+    /// (METHOD, path template) of every operation.
+    operations: BTreeSet<(String, String)>,
+    /// Operations answered with a 2xx whose body validated.
+    answered: BTreeSet<(String, String)>,
+    validators: BTreeMap<String, jsonschema::Validator>,
+}
+
+impl Contract {
+    fn new(doc: Value) -> anyhow::Result<Self> {
+        let mut operations = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if item.get(method).is_some() {
+                    operations.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        Ok(Contract {
+            doc,
+            operations,
+            answered: BTreeSet::new(),
+            validators: BTreeMap::new(),
+        })
+    }
+
+    /// The document's components with every object schema closed to properties it does not
+    /// name (`unevaluatedProperties: false`, JSON Schema 2020-12, which OpenAPI 3.1 uses). A
+    /// schema that an `allOf` composes is referenced there as an open copy (`NAME.open`), so
+    /// that the composite, closed itself, still admits the parts' properties.
+    fn strict_components(&self) -> Value {
+        let mut components = self.doc["components"].clone();
+        let Some(schemas) = components["schemas"].as_object_mut() else {
+            return components;
+        };
+        let mut open = BTreeMap::new();
+        for s in schemas.values_mut() {
+            for part in s
+                .get_mut("allOf")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(r) = part["$ref"].as_str().map(str::to_owned) {
+                    let name = r.rsplit('/').next().unwrap_or("").to_owned();
+                    part["$ref"] = json!(format!("{r}.open"));
+                    open.insert(format!("{name}.open"), name);
+                }
+            }
+        }
+        for s in schemas.values_mut() {
+            if let Some(o) = s.as_object_mut() {
+                let is_object = o.get("type") == Some(&json!("object")) || o.contains_key("allOf");
+                if is_object && !o.contains_key("additionalProperties") {
+                    o.insert("unevaluatedProperties".into(), json!(false));
+                }
+            }
+        }
+        for (copy, name) in open {
+            let mut s = self.doc["components"]["schemas"][&name].clone();
+            if let Some(o) = s.as_object_mut() {
+                o.remove("unevaluatedProperties");
+            }
+            schemas.insert(copy, s);
+        }
+        components
+    }
+
+    /// The response object the document gives for `status` (else its `default`).
+    fn response(&self, method: &str, template: &str, status: u16) -> Option<&Value> {
+        let responses = &self.doc["paths"][template][method.to_lowercase()]["responses"];
+        let r = responses
+            .get(status.to_string())
+            .or_else(|| responses.get("default"))?;
+        Some(r)
+    }
+
+    /// Checks one real answer against the document; a 2xx counts the operation as answered.
+    fn check(
+        &mut self,
+        method: &str,
+        template: &str,
+        status: u16,
+        content_type: &str,
+        body: &str,
+    ) -> anyhow::Result<()> {
+        let op = (method.to_owned(), template.to_owned());
+        assert!(
+            self.operations.contains(&op),
+            "{method} {template} is not in the document"
+        );
+        let response = self
+            .response(method, template, status)
+            .unwrap_or_else(|| panic!("{method} {template}: status {status} is not documented"))
+            .clone();
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        let content = &response["content"];
+        if let Some(declared) = content.as_object() {
+            assert!(
+                declared.contains_key(media),
+                "{method} {template} → {status}: content type {media:?} not among {:?}",
+                declared.keys().collect::<Vec<_>>()
+            );
+        }
+        if let Some(r) = content[media]["schema"]["$ref"].as_str() {
+            let value: Value = serde_json::from_str(body).map_err(|e| {
+                anyhow::anyhow!("{method} {template} → {status}: not JSON ({e}): {body}")
+            })?;
+            let strict = self.strict_components();
+            let validator = match self.validators.get(r) {
+                Some(v) => v,
+                None => {
+                    let schema = json!({
+                        "$schema": "https://json-schema.org/draft/2020-12/schema",
+                        "components": strict,
+                        "$ref": r,
+                    });
+                    let v = jsonschema::validator_for(&schema)
+                        .map_err(|e| anyhow::anyhow!("schema {r} does not compile: {e}"))?;
+                    self.validators.entry(r.to_owned()).or_insert(v)
+                }
+            };
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| format!("{} at {}", e, e.instance_path()))
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{method} {template} → {status} does not match {r}:\n{}\n{value:#}",
+                errors.join("\n")
+            );
+        }
+        if (200..300).contains(&status) {
+            self.answered.insert(op);
+        }
+        Ok(())
+    }
+}
+
+/// One request with the write token on POSTs: (status, content type, body).
+fn call(
+    agent: &Agent,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, String, String)> {
+    let mut req = ureq::request(method, &agent.url(path));
+    if method == "POST" {
+        req = req
+            .set("Content-Type", "application/json")
+            .set("Authorization", &format!("Bearer {}", agent.token));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = match req.send_string(&body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => anyhow::bail!("{method} {path}: {e}"),
+    };
+    let status = resp.status();
+    let ct = resp.header("content-type").unwrap_or("").to_owned();
+    Ok((status, ct, resp.into_string()?))
+}
+
+/// Calls `path` (a concrete path of the operation `template`) and checks the answer.
+fn exercise(
+    c: &mut Contract,
+    agent: &Agent,
+    method: &str,
+    template: &str,
+    path: &str,
+    body: Option<Value>,
+    expect: u16,
+) -> anyhow::Result<String> {
+    let (status, ct, text) = call(agent, method, path, body)?;
+    assert_eq!(status, expect, "{method} {path}: {text}\n{}", agent.log());
+    c.check(method, template, status, &ct, &text)?;
+    Ok(text)
+}
+
+#[test]
+fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Result<()> {
+    let test = "every_route_is_documented_and_real_answers_match_the_document";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(
+        &root,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{{dir}}/export\"\n\
+             [[policy.functions]]\nname = \"{FUNCTION}\"\npin_max_bytes = 268435456\n"
+        ),
+    )?;
+    let (status, ct, text) = call(&agent, "GET", "/v1/openapi.json", None)?;
+    assert_eq!(status, 200, "{text}");
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let doc: Value = serde_json::from_str(&text)?;
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
+    // What `emars openapi` prints is the same document.
+    let printed = std::process::Command::new(agent_bin())
+        .arg("openapi")
+        .output()?;
+    assert!(printed.status.success());
+    assert_eq!(serde_json::from_slice::<Value>(&printed.stdout)?, doc);
+    let mut c = Contract::new(doc)?;
+    println!("{} operations documented", c.operations.len());
+
+    // Real instances: two ended (18 and 30 MiB), one live.
+    for (i, mib) in [18u64, 30].iter().enumerate() {
+        let dir = root.instance_dir(FUNCTION, &format!("e{i}"))?;
+        assert!(run_alloc(&dir, *mib, 0, 0)?.success());
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(FUNCTION, 2)?;
+    let live_dir = root.instance_dir(FUNCTION, "live")?;
+    let mut child = spawn_alloc(&live_dir, 12, 120_000, 0)?;
+    agent.wait_live(FUNCTION, "live")?;
+    // Wait for the once-a-second info update to have counted the events.
+    wait_for(std::time::Duration::from_secs(5), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        (info["events_received"].as_u64()? > 0).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("no events counted:\n{}", agent.log()))?;
+
+    let f = format!("/v1/functions/{FUNCTION}");
+    for (method, template, path) in [
+        ("GET", "/", "/".to_owned()),
+        ("GET", "/assets/app.js", "/assets/app.js".to_owned()),
+        ("GET", "/assets/app.css", "/assets/app.css".to_owned()),
+        ("GET", "/healthz", "/healthz".to_owned()),
+        ("GET", "/metrics", "/metrics".to_owned()),
+        ("GET", "/v1/openapi.json", "/v1/openapi.json".to_owned()),
+        ("GET", "/v1/info", "/v1/info".to_owned()),
+        ("GET", "/v1/functions", "/v1/functions".to_owned()),
+        ("GET", "/v1/functions/{name}", f.clone()),
+        (
+            "GET",
+            "/v1/functions/{name}/instances",
+            format!("{f}/instances"),
+        ),
+        (
+            "GET",
+            "/v1/functions/{name}/instances",
+            format!("{f}/instances?live=true&limit=1"),
+        ),
+        ("GET", "/v1/export", "/v1/export".to_owned()),
+        (
+            "GET",
+            "/v1/functions/{name}/recommendation",
+            format!("{f}/recommendation"),
+        ),
+        ("GET", "/v1/functions/{name}/limits", format!("{f}/limits")),
+        (
+            "GET",
+            "/v1/functions/{name}/keepalive",
+            format!("{f}/keepalive"),
+        ),
+        (
+            "GET",
+            "/v1/recommendations",
+            "/v1/recommendations".to_owned(),
+        ),
+    ] {
+        exercise(&mut c, &agent, method, template, &path, None, 200)?;
+    }
+    // The live instance with what it uses now (12 MiB held).
+    let live: Value = serde_json::from_str(&exercise(
+        &mut c,
+        &agent,
+        "GET",
+        "/v1/functions/{name}/instances",
+        &format!("{f}/instances?live=true"),
+        None,
+        200,
+    )?)?;
+    let usage = live["instances"][0]["usage_bytes"].as_u64().unwrap_or(0);
+    assert!((12 * MIB..20 * MIB).contains(&usage), "{live}");
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/functions/{name}/invocations",
+        &format!("{f}/invocations"),
+        Some(json!({"count": 5})),
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/recommendations/generate",
+        "/v1/recommendations/generate",
+        Some(json!({})),
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "GET",
+        "/v1/generations",
+        &format!("/v1/generations?limit=5&function={FUNCTION}"),
+        None,
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/apply",
+        "/v1/apply",
+        Some(json!({})),
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/functions/{name}/instances/{instance}/limits",
+        &format!("{f}/instances/live/limits"),
+        Some(json!({"max_bytes": 200u64 * MIB})),
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/admission",
+        "/v1/admission",
+        Some(json!({"function": FUNCTION})),
+        200,
+    )?;
+    exercise(
+        &mut c,
+        &agent,
+        "GET",
+        "/v1/admission",
+        "/v1/admission",
+        None,
+        200,
+    )?;
+    // A pooled cgroup (one segment below the root: no path rule names it), bound and released.
+    let slot = root.dir.join("cg-1");
+    fs::create_dir(&slot)?;
+    let cgroup = slot.display().to_string();
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/bind",
+        "/v1/bind",
+        Some(json!({"cgroup": cgroup, "function": FUNCTION, "instance": "use-1"})),
+        200,
+    )?;
+    assert!(run_alloc(&slot, 8, 0, 0)?.success());
+    exercise(
+        &mut c,
+        &agent,
+        "POST",
+        "/v1/release",
+        "/v1/release",
+        Some(json!({"cgroup": cgroup})),
+        200,
+    )?;
+    // The audit now holds limit writes of every kind made above.
+    let audit = exercise(
+        &mut c,
+        &agent,
+        "GET",
+        "/v1/audit",
+        "/v1/audit?limit=50",
+        None,
+        200,
+    )?;
+    assert!(audit.contains("\"reason\":\"api\""), "{audit}");
+
+    // Errors are documented too, and have the documented body.
+    for (method, template, path, body, expect) in [
+        (
+            "GET",
+            "/v1/functions/{name}",
+            "/v1/functions/nope".to_owned(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/functions/{name}",
+            "/v1/functions/bad%20name".to_owned(),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/functions/{name}/instances",
+            format!("{f}/instances?limit=0"),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/functions/{name}/instances/{instance}/limits",
+            format!("{f}/instances/live/limits"),
+            Some(json!({"max_bytes": 4096})),
+            422,
+        ),
+        (
+            "POST",
+            "/v1/release",
+            "/v1/release".to_owned(),
+            Some(json!({"cgroup": cgroup})),
+            409,
+        ),
+        (
+            "POST",
+            "/v1/bind",
+            "/v1/bind".to_owned(),
+            Some(json!({"cgroup": cgroup, "function": FUNCTION})),
+            400,
+        ),
+    ] {
+        exercise(&mut c, &agent, method, template, &path, body, expect)?;
+    }
+    // A write without the token: 401, with the documented error body.
+    let (s, ct, text) = {
+        let resp = ureq::post(&agent.url("/v1/apply"))
+            .set("Content-Type", "application/json")
+            .send_string("{}");
+        match resp {
+            Err(ureq::Error::Status(s, r)) => (
+                s,
+                r.header("content-type").unwrap_or("").to_owned(),
+                r.into_string()?,
+            ),
+            other => panic!("a write without the token was not refused: {other:?}"),
+        }
+    };
+    assert_eq!(s, 401, "{text}");
+    c.check("POST", "/v1/apply", s, &ct, &text)?;
+
+    // Every documented operation was answered for real, and its answer matched.
+    let missing: Vec<_> = c.operations.difference(&c.answered).collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not exercised by this test: {missing:?}"
+    );
+    // Nothing answers outside the document: what the CLI and the web page call is in it.
+    let callers = [
+        include_str!("../../emars-agent/src/cli/client.rs"),
+        include_str!("../../emars-agent/src/main.rs"),
+        include_str!("../../emars-agent/src/api/web/app.js"),
+    ];
+    let templates: Vec<&String> = c.operations.iter().map(|(_, t)| t).collect();
+    let mut called = 0;
+    for src in callers {
+        for (at, _) in src.match_indices("/v1/") {
+            let path: String = src[at..]
+                .chars()
+                .take_while(|ch| {
+                    !matches!(ch, '"' | '\'' | '`' | '?' | ')' | ',') && !ch.is_whitespace()
+                })
+                .collect();
+            // Prose ("GET /v1/info.") ends in punctuation.
+            let path = path.trim_end_matches(['.', ':', ';']).to_owned();
+            if path.ends_with('/') && path.len() > 4 {
+                // A prefix the caller appends to ('/v1/functions/' + name).
+                assert!(
+                    templates.iter().any(|t| t.starts_with(&path)),
+                    "{path}… is called but not documented"
+                );
+                called += 1;
+                continue;
+            }
+            if path == "/v1/" {
+                continue;
+            }
+            assert!(
+                templates.iter().any(|t| same_shape(t, &path)),
+                "{path} is called but not documented"
+            );
+            called += 1;
+        }
+    }
+    assert!(called > 15, "found only {called} API paths in the callers");
+    println!(
+        "{} operations answered and valid; {called} paths the CLI and web page call, all documented",
+        c.answered.len()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Whether a concrete path as the callers write it (`/v1/functions/{seg}/instances`,
+/// `/v1/functions/${enc}/recommendation`, `/v1/functions/{}/invocations`) has the template's
+/// shape: the same segments, a placeholder where the template has a parameter.
+fn same_shape(template: &str, path: &str) -> bool {
+    let t: Vec<&str> = template.split('/').collect();
+    // A placeholder glued to a segment is a query string (`instances{q}`).
+    let p: Vec<&str> = path
+        .split('/')
+        .map(|seg| match seg.find('{') {
+            Some(i) if i > 0 && !seg[..i].ends_with('$') => &seg[..i],
+            _ => seg,
+        })
+        .collect();
+    t.len() == p.len()
+        && t.iter().zip(&p).all(|(t, p)| {
+            t == p || (t.starts_with('{') && (p.starts_with('{') || p.starts_with("${")))
+        })
+}
+
+#[test]
+fn shapes_of_called_paths() {
+    assert!(same_shape("/v1/functions/{name}", "/v1/functions/{seg}"));
+    assert!(same_shape(
+        "/v1/functions/{name}/limits",
+        "/v1/functions/${enc}/limits"
+    ));
+    assert!(!same_shape(
+        "/v1/functions/{name}",
+        "/v1/functions/{}/limits"
+    ));
+    assert!(!same_shape("/v1/functions", "/v1/function"));
+    assert!(same_shape(
+        "/v1/functions/{name}/instances",
+        "/v1/functions/{seg}/instances{q}"
+    ));
+}
