@@ -228,6 +228,18 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
         .output()?;
     assert!(printed.status.success());
     assert_eq!(serde_json::from_slice::<Value>(&printed.stdout)?, doc);
+    // Every operation states its errors; every write, the token the guard asks for.
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            assert_eq!(
+                op["responses"]["default"]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/ErrorBody",
+                "{method} {path}"
+            );
+            let token = op["security"].to_string().contains("\"token\"");
+            assert_eq!(token, method != "get", "{method} {path}: {}", op["security"]);
+        }
+    }
     let mut c = Contract::new(doc)?;
     println!("{} operations documented", c.operations.len());
 

@@ -249,12 +249,15 @@ fn routes() -> OpenApiRouter<ApiState> {
 
 /// The API's OpenAPI 3.1 document (served at GET /v1/openapi.json, printed by `emars openapi`).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    routes().into_openapi()
+    let mut doc = routes().into_openapi();
+    openapi::finish(&mut doc);
+    doc
 }
 
 /// The API's routes, with JSON 404/405 fallbacks and the body limit, behind the guard.
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
-    let (routes, document) = routes().split_for_parts();
+    let (routes, mut document) = routes().split_for_parts();
+    openapi::finish(&mut document);
     routes
         // Applies to the routes added above, so it must come after them.
         .method_not_allowed_fallback(method_not_allowed)
@@ -311,7 +314,10 @@ fn unknown_function(name: &str) -> ApiError {
     ApiError::not_found(format!("unknown function {name:?}"))
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "agent", responses((status = 200, description = "The agent answers", body = Health), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/healthz", tag = "agent",
+    responses((status = 200, description = "The agent answers", body = Health))
+)]
 async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
@@ -327,7 +333,11 @@ fn agent_info(state: &ApiState) -> AgentInfo {
 }
 
 /// The Prometheus exposition ([`metrics`]), assembled off the async threads.
-#[utoipa::path(get, path = "/metrics", tag = "agent", responses((status = 200, description = "Prometheus / OpenMetrics text exposition (docs/metrics.md)", content_type = "application/openmetrics-text", body = String), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/metrics", tag = "agent",
+    responses((status = 200, description = "Prometheus / OpenMetrics text exposition (docs/metrics.md)",
+        content_type = "application/openmetrics-text", body = String))
+)]
 async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
     let text = blocking(move || {
         let info = agent_info(&state);
@@ -366,7 +376,11 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
 }
 
 /// The agent's info with the model's footprint now (which the metrics do not carry).
-#[utoipa::path(get, path = "/v1/info", tag = "agent", responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters", body = AgentInfo), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/info", tag = "agent",
+    responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters",
+        body = AgentInfo))
+)]
 async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
     let mut info = agent_info(&state);
     info.model = state.store.footprint();
@@ -374,7 +388,10 @@ async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
 }
 
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
-#[utoipa::path(get, path = "/v1/functions", tag = "functions", responses((status = 200, description = "Every function", body = FunctionsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions", tag = "functions",
+    responses((status = 200, description = "Every function", body = FunctionsResponse))
+)]
 async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
     let body = blocking(move || Ok(state.store.functions_json())).await?;
     Ok((
@@ -387,7 +404,13 @@ async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "The function's summary and hour buckets, oldest first", body = FunctionDetail), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions/{name}", tag = "functions", params(openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The function's summary and hour buckets, oldest first", body = FunctionDetail),
+        (status = 404, description = "Unknown function", body = ErrorBody),
+    )
+)]
 async fn get_function(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -456,7 +479,14 @@ fn parse_instances_query(pairs: &[(String, String)]) -> ApiResult<InstancesQuery
     Ok(q)
 }
 
-#[utoipa::path(get, path = "/v1/functions/{name}/instances", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$"), ("live" = Option<bool>, Query, description = "true: live instances only; false: ended ones only"), ("limit" = Option<u64>, Query, description = "The newest N (after `live`)", minimum = 1, maximum = 10000)), responses((status = 200, description = "Instances, oldest first", body = InstancesResponse), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/instances", tag = "functions",
+    params(openapi::FunctionPath, openapi::InstancesQuery),
+    responses(
+        (status = 200, description = "Instances, oldest first; live ones with their usage now", body = InstancesResponse),
+        (status = 404, description = "Unknown function", body = ErrorBody),
+    )
+)]
 async fn list_instances(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -507,7 +537,11 @@ async fn list_instances(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/functions/{name}/invocations", tag = "functions", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), request_body = InvocationsReport, security(("token" = [])), responses((status = 200, description = "Counted", body = InvocationsAccepted), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/functions/{name}/invocations", tag = "functions",
+    params(openapi::FunctionPath), request_body = InvocationsReport,
+    responses((status = 200, description = "Counted", body = InvocationsAccepted))
+)]
 async fn post_invocations(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -542,7 +576,11 @@ async fn post_invocations(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/export", tag = "predictive", responses((status = 200, description = "The paper's per-function config {requests, max memory}", body = ExportResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/export", tag = "predictive",
+    responses((status = 200, description = "The paper's per-function config {requests, max memory}",
+        body = ExportResponse))
+)]
 async fn export(State(state): State<ApiState>) -> ApiResult<Json<ExportResponse>> {
     let functions = blocking(move || state.store.export()).await?;
     Ok(Json(ExportResponse {
@@ -598,7 +636,14 @@ fn limit_and_function(
     Ok((limit, function))
 }
 
-#[utoipa::path(get, path = "/v1/functions/{name}/recommendation", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Recommended limits and the inputs behind them", body = Recommendation), (status = 404, description = "Unknown function, or no peak measured yet and no pin", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/recommendation", tag = "predictive",
+    params(openapi::FunctionPath),
+    responses(
+        (status = 200, description = "Recommended limits and the inputs behind them", body = Recommendation),
+        (status = 404, description = "Unknown function, or no peak measured yet and no pin", body = ErrorBody),
+    )
+)]
 async fn get_recommendation(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -623,7 +668,16 @@ async fn get_recommendation(
 
 /// POST /v1/bind: a pooled cgroup now serves a function (a new instance record, its
 /// watermark reset, its limits written in enforce mode).
-#[utoipa::path(post, path = "/v1/bind", tag = "pool", request_body = BindBody, security(("token" = [])), responses((status = 200, description = "The new instance record (watermark reset; limits written in enforce mode)", body = InstanceRecord), (status = 404, description = "No such cgroup", body = ErrorBody), (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody), (status = 422, description = "Outside the watched roots", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/bind", tag = "pool", request_body = BindBody,
+    responses(
+        (status = 200, description = "The new instance record (watermark reset; limits written in enforce mode)",
+            body = InstanceRecord),
+        (status = 404, description = "No such cgroup", body = ErrorBody),
+        (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
+        (status = 422, description = "Outside the watched roots", body = ErrorBody),
+    )
+)]
 async fn bind(
     State(state): State<ApiState>,
     body: Result<Json<BindBody>, JsonRejection>,
@@ -633,7 +687,14 @@ async fn bind(
 }
 
 /// POST /v1/release: the use of a pooled cgroup ends; answers the closed record.
-#[utoipa::path(post, path = "/v1/release", tag = "pool", request_body = ReleaseBody, security(("token" = [])), responses((status = 200, description = "The closed instance record with its peak", body = InstanceRecord), (status = 404, description = "No such cgroup", body = ErrorBody), (status = 409, description = "Not bound", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/release", tag = "pool", request_body = ReleaseBody,
+    responses(
+        (status = 200, description = "The closed instance record with its peak", body = InstanceRecord),
+        (status = 404, description = "No such cgroup", body = ErrorBody),
+        (status = 409, description = "Not bound", body = ErrorBody),
+    )
+)]
 async fn release(
     State(state): State<ApiState>,
     body: Result<Json<ReleaseBody>, JsonRejection>,
@@ -673,7 +734,13 @@ async fn pool_command(
 }
 
 /// The limits a new instance gets, from the policy's cache: no store read, no computation.
-#[utoipa::path(get, path = "/v1/functions/{name}/limits", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "The limits a new instance gets, from the live model", body = FunctionLimits), (status = 404, description = "Unknown function, or no limits yet", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/limits", tag = "predictive", params(openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The limits a new instance gets, from the live model", body = FunctionLimits),
+        (status = 404, description = "Unknown function, or no limits yet", body = ErrorBody),
+    )
+)]
 async fn get_limits(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -704,7 +771,15 @@ async fn get_limits(
 }
 
 /// Keep-alive and pre-warm advice from the idle times between the function's uses.
-#[utoipa::path(get, path = "/v1/functions/{name}/keepalive", tag = "predictive", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Keep-alive and pre-warm advice from the idle times between uses", body = KeepAliveAdvice), (status = 404, description = "Unknown function", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/keepalive", tag = "predictive",
+    params(openapi::FunctionPath),
+    responses(
+        (status = 200, description = "Keep-alive and pre-warm advice from the idle times between uses",
+            body = KeepAliveAdvice),
+        (status = 404, description = "Unknown function", body = ErrorBody),
+    )
+)]
 async fn get_keepalive(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
@@ -722,7 +797,10 @@ async fn get_keepalive(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/recommendations", tag = "predictive", responses((status = 200, description = "Every function's recommendation", body = RecommendationsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/recommendations", tag = "predictive",
+    responses((status = 200, description = "Every function's recommendation", body = RecommendationsResponse))
+)]
 async fn list_recommendations(
     State(state): State<ApiState>,
 ) -> ApiResult<Json<RecommendationsResponse>> {
@@ -735,7 +813,10 @@ async fn list_recommendations(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/recommendations/generate", tag = "predictive", security(("token" = [])), responses((status = 200, description = "A new generation, kept and exported", body = Generation), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/recommendations/generate", tag = "predictive",
+    responses((status = 200, description = "A new generation, kept and exported", body = Generation))
+)]
 async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
     let p = predictive(&state)?;
     match tokio::task::spawn_blocking(move || p.policy.generate("on_demand", now_ms())).await {
@@ -745,7 +826,10 @@ async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> 
     }
 }
 
-#[utoipa::path(get, path = "/v1/generations", tag = "predictive", params(("limit" = Option<u64>, Query, description = "At most N, newest first (default 100)", minimum = 1, maximum = 10000), ("function" = Option<String>, Query, description = "Only this function's configs", pattern = "^[A-Za-z0-9._:-]{1,128}$")), responses((status = 200, description = "Generated configs, newest first", body = GenerationsResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/generations", tag = "predictive", params(openapi::GenerationsQuery),
+    responses((status = 200, description = "Generated configs, newest first", body = GenerationsResponse))
+)]
 async fn list_generations(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -762,7 +846,10 @@ async fn list_generations(
     Ok(Json(GenerationsResponse { generations: gens }))
 }
 
-#[utoipa::path(post, path = "/v1/apply", tag = "enforcement", security(("token" = [])), responses((status = 200, description = "One audit record per write attempt", body = WritesResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/apply", tag = "enforcement",
+    responses((status = 200, description = "One audit record per write attempt", body = WritesResponse))
+)]
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
     let p = predictive(&state)?;
     let writes = match tokio::task::spawn_blocking({
@@ -780,7 +867,11 @@ async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesRespon
     Ok(Json(WritesResponse { writes }))
 }
 
-#[utoipa::path(get, path = "/v1/audit", tag = "enforcement", params(("limit" = Option<u64>, Query, description = "At most N, newest first (default 100)", minimum = 1, maximum = 10000)), responses((status = 200, description = "Every limit write and reactive action, newest first", body = AuditResponse), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "enforcement", params(openapi::LimitQuery),
+    responses((status = 200, description = "Every limit write and reactive action, newest first",
+        body = AuditResponse))
+)]
 async fn list_audit(
     State(state): State<ApiState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -795,7 +886,10 @@ async fn list_audit(
 /// Whether a new instance of a function fits ("Refuse"): its recommended memory.max against
 /// the host's available memory above the reserve; from the live recommendation and one read of
 /// /proc/meminfo, no store read and no cgroup scan.
-#[utoipa::path(post, path = "/v1/admission", tag = "reactive", request_body = AdmissionBody, security(("token" = [])), responses((status = 200, description = "Whether a new instance fits on this host now", body = Admission), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/admission", tag = "reactive", request_body = AdmissionBody,
+    responses((status = 200, description = "Whether a new instance fits on this host now", body = Admission))
+)]
 async fn admission(
     State(state): State<ApiState>,
     body: Result<Json<AdmissionBody>, JsonRejection>,
@@ -834,7 +928,11 @@ async fn admission(
 }
 
 /// GET /v1/admission: the answers per function since the agent started.
-#[utoipa::path(get, path = "/v1/admission", tag = "reactive", responses((status = 200, description = "Admission answers per function since the agent started", body = AdmissionCounts), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/v1/admission", tag = "reactive",
+    responses((status = 200, description = "Admission answers per function since the agent started",
+        body = AdmissionCounts))
+)]
 async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<AdmissionCounts>> {
     let p = predictive(&state)?;
     let counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
@@ -843,7 +941,16 @@ async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<Admis
     }))
 }
 
-#[utoipa::path(post, path = "/v1/functions/{name}/instances/{instance}/limits", tag = "enforcement", params(("name" = String, Path, description = "Function name: 1 to 128 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,128}$"), ("instance" = String, Path, description = "Instance name")), request_body = LimitsBody, security(("token" = [])), responses((status = 200, description = "The write, as audited", body = AuditRecord), (status = 404, description = "No such live instance", body = ErrorBody), (status = 422, description = "Refused: below usage plus headroom, or outside the managed cgroups", body = ErrorBody), (status = "default", description = "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, 405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): what was wrong, with the value", body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/v1/functions/{name}/instances/{instance}/limits", tag = "enforcement",
+    params(openapi::InstancePath), request_body = LimitsBody,
+    responses(
+        (status = 200, description = "The write, as audited", body = AuditRecord),
+        (status = 404, description = "No such live instance", body = ErrorBody),
+        (status = 422, description = "Refused: below usage plus headroom, or outside the managed cgroups",
+            body = ErrorBody),
+    )
+)]
 async fn set_limits(
     State(state): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,

@@ -9,8 +9,11 @@ use std::sync::Arc;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::OpenApi;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref};
+
+use super::ErrorBody;
 
 /// What the document says about itself; the router adds the paths and schemas.
 #[derive(utoipa::OpenApi)]
@@ -23,6 +26,7 @@ use utoipa::openapi::OpenApi;
                        in the agent's root-only token file) and a JSON content type. Every error \
                        is `{\"error\": \"...\", \"status\": <code>}`."
     ),
+    components(schemas(ErrorBody)),
     modifiers(&WriteToken),
     tags(
         (name = "agent", description = "The agent itself: health, metrics, probes, counters"),
@@ -62,6 +66,109 @@ pub fn base() -> OpenApi {
     let mut doc = <Base as utoipa::OpenApi>::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     doc
+}
+
+/// Completes the document once the router has added its operations: every operation's
+/// `default` answer (any error: `{"error", "status"}`), and the token on every write, as the
+/// guard enforces it for every method but GET/HEAD. Stated once here rather than on each route.
+pub fn finish(openapi: &mut OpenApi) {
+    let error = ResponseBuilder::new()
+        .description(
+            "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, \
+             405, 409 observe mode or busy, 413, 415, 422 refused, 503 not running here): \
+             what was wrong, with the value",
+        )
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in openapi.paths.paths.values_mut() {
+        let writes = [
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in writes.into_iter().flatten() {
+            op.security = Some(vec![SecurityRequirement::new(
+                "token",
+                Vec::<String>::new(),
+            )]);
+        }
+        let all = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in all.into_iter().flatten() {
+            op.responses
+                .responses
+                .entry("default".to_owned())
+                .or_insert_with(|| error.clone().into());
+        }
+    }
+}
+
+/// `{name}`: a function.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct FunctionPath {
+    /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
+    name: String,
+}
+
+/// `{name}/instances/{instance}`: one instance of a function.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct InstancePath {
+    /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
+    name: String,
+    /// Instance name.
+    instance: String,
+}
+
+/// `?live=…&limit=…` of the instances listing.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct InstancesQuery {
+    /// true: live instances only; false: ended ones only.
+    live: Option<bool>,
+    /// The newest N (after `live`).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u64>,
+}
+
+/// `?limit=N` of a listing, newest first.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct LimitQuery {
+    /// At most N (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u64>,
+}
+
+/// `?limit=N&function=F` of the generations listing.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct GenerationsQuery {
+    /// At most N (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u64>,
+    /// Only this function's configs.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
+    function: Option<String>,
 }
 
 /// The document as served, encoded once when the router is built.

@@ -89,7 +89,13 @@ fn fetch(api: &Client, name: &str) -> anyhow::Result<PeaksPlot> {
         instances: inst
             .instances
             .iter()
-            .map(|i| (i.record.started_at_ms, i.record.ended_at_ms, i.record.peak_bytes))
+            .map(|i| {
+                (
+                    i.record.started_at_ms,
+                    i.record.ended_at_ms,
+                    i.record.peak_bytes,
+                )
+            })
             .collect(),
         hours: detail
             .hours
