@@ -11,7 +11,6 @@ use std::{
     ffi::CString,
     fs,
     io::{BufRead, BufReader},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -319,23 +318,7 @@ pub fn spawn_alloc(cgroup: &Path, mib: u64, hold_ms: u64, chain: u32) -> Result<
 
 /// Spawns `cmd` with its process already inside `cgroup` before exec.
 pub fn spawn_in(cgroup: &Path, mut cmd: Command) -> Result<Child> {
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-    // SAFETY: only open/write/close between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n < 0 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
+    emars_agent::kernel::cgroupfs::join_before_exec(&mut cmd, cgroup)?;
     cmd.stdout(Stdio::null());
     cmd.spawn()
         .with_context(|| format!("spawning {:?} in {}", cmd, cgroup.display()))

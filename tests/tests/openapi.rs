@@ -237,7 +237,12 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
                 "{method} {path}"
             );
             let token = op["security"].to_string().contains("\"token\"");
-            assert_eq!(token, method != "get", "{method} {path}: {}", op["security"]);
+            assert_eq!(
+                token,
+                method != "get",
+                "{method} {path}: {}",
+                op["security"]
+            );
         }
     }
     let mut c = Contract::new(doc)?;
@@ -313,69 +318,44 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
     )?)?;
     let usage = live["instances"][0]["usage_bytes"].as_u64().unwrap_or(0);
     assert!((12 * MIB..20 * MIB).contains(&usage), "{live}");
-    exercise(
-        &mut c,
-        &agent,
-        "POST",
-        "/v1/functions/{name}/invocations",
-        &format!("{f}/invocations"),
-        Some(json!({"count": 5})),
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "POST",
-        "/v1/recommendations/generate",
-        "/v1/recommendations/generate",
-        Some(json!({})),
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "GET",
-        "/v1/generations",
-        &format!("/v1/generations?limit=5&function={FUNCTION}"),
-        None,
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "POST",
-        "/v1/apply",
-        "/v1/apply",
-        Some(json!({})),
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "POST",
-        "/v1/functions/{name}/instances/{instance}/limits",
-        &format!("{f}/instances/live/limits"),
-        Some(json!({"max_bytes": 200u64 * MIB})),
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "POST",
-        "/v1/admission",
-        "/v1/admission",
-        Some(json!({"function": FUNCTION})),
-        200,
-    )?;
-    exercise(
-        &mut c,
-        &agent,
-        "GET",
-        "/v1/admission",
-        "/v1/admission",
-        None,
-        200,
-    )?;
+    // The writes and what they make, in order: invocations, a generation (then listed), limits
+    // applied and set by hand, an admission (then counted).
+    for (method, template, path, body) in [
+        (
+            "POST",
+            "/v1/functions/{name}/invocations",
+            format!("{f}/invocations"),
+            Some(json!({"count": 5})),
+        ),
+        (
+            "POST",
+            "/v1/recommendations/generate",
+            "/v1/recommendations/generate".to_owned(),
+            Some(json!({})),
+        ),
+        (
+            "GET",
+            "/v1/generations",
+            format!("/v1/generations?limit=5&function={FUNCTION}"),
+            None,
+        ),
+        ("POST", "/v1/apply", "/v1/apply".to_owned(), Some(json!({}))),
+        (
+            "POST",
+            "/v1/functions/{name}/instances/{instance}/limits",
+            format!("{f}/instances/live/limits"),
+            Some(json!({"max_bytes": 200u64 * MIB})),
+        ),
+        (
+            "POST",
+            "/v1/admission",
+            "/v1/admission".to_owned(),
+            Some(json!({"function": FUNCTION})),
+        ),
+        ("GET", "/v1/admission", "/v1/admission".to_owned(), None),
+    ] {
+        exercise(&mut c, &agent, method, template, &path, body, 200)?;
+    }
     // A pooled cgroup (one segment below the root: no path rule names it), bound and released.
     let slot = root.dir.join("cg-1");
     fs::create_dir(&slot)?;

@@ -3,7 +3,6 @@
 //! cgroups under the first watched root, so a newcomer sees real profiles within a minute.
 
 use std::{
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -86,39 +85,15 @@ fn run_instance(
     }
     let dir = function_dir.join(format!("demo-{}-{round}", std::process::id()));
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let procs = dir.join("cgroup.procs");
     let mut cmd = Command::new(python);
     cmd.arg("-c").arg(code);
-    let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
-    // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || join_cgroup(&procs_c));
-    }
+    crate::kernel::cgroupfs::join_before_exec(&mut cmd, &dir)?;
     let out = cmd.output().context("running the function")?;
     if !out.status.success() {
         tracing::warn!("demo {name} exited with {}", out.status);
     }
     // The platform removes the instance at once, as serverless platforms do.
     std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    Ok(())
-}
-
-/// Moves the calling process into the cgroup whose cgroup.procs is `procs`.
-pub fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
-    // SAFETY: plain syscalls on a valid NUL-terminated path and a stack buffer.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let buf = b"0\n";
-        let n = libc::write(fd, buf.as_ptr().cast(), buf.len());
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if n < 0 {
-            return Err(err);
-        }
-    }
     Ok(())
 }
 

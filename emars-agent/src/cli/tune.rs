@@ -9,10 +9,10 @@
 //! hide a limit: v1 also gets memory.memsw.limit_in_bytes = the limit where swap accounting
 //! has that file, v2 memory.swap.max = 0.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{Read as _, Seek as _};
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cli::client::{human_bytes, table, Align};
-use crate::kernel::cgroupfs::{CgroupMode, CgroupVersion, CgroupfsError, MemoryHierarchy};
+use crate::kernel::cgroupfs::{
+    join_before_exec, CgroupMode, CgroupVersion, CgroupfsError, MemoryHierarchy,
+};
 use crate::view::plot::{self, PlotError, TunePlot, TunePoint};
 
 const MIB: u64 = 1 << 20;
@@ -300,16 +302,6 @@ impl TuneRoot {
                 })?;
             }
         }
-        let procs = CString::new(
-            dir.join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .map_err(|_| TuneError::Cgroup {
-            what: "joining",
-            path: dir.to_owned(),
-            error: std::io::ErrorKind::InvalidInput.into(),
-        })?;
         let command = display_command(cmd);
         let spawn_err = |error| TuneError::Spawn {
             command: command.clone(),
@@ -323,23 +315,12 @@ impl TuneRoot {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr.try_clone().map_err(spawn_err)?);
-        // SAFETY: only open/write/close between fork and exec. Joining before exec puts all
-        // the command's memory, from its first page, in the cgroup.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n < 0 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        // Joined before exec: all of the command's memory, from its first page, is the cgroup's.
+        join_before_exec(&mut c, dir).map_err(|error| TuneError::Cgroup {
+            what: "joining",
+            path: dir.to_owned(),
+            error,
+        })?;
         let start = Instant::now();
         let child = c.spawn().map_err(spawn_err)?;
         let status = wait_interruptible(child.id()).map_err(spawn_err)?;
