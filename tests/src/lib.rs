@@ -759,13 +759,13 @@ pub fn write_bar_charts(
     dir: &Path,
     charts: &[(&str, emars_agent::view::plot::BarChart)],
 ) -> Result<Vec<PathBuf>> {
-    use emars_agent::view::plot;
-    plot::create_dir(dir)?;
+    use emars_agent::{files, view::plot};
+    files::output_dir(dir)?;
     let mut files = Vec::new();
     for (stem, chart) in charts {
         let svg = plot::bar_chart_svg(chart)?;
         let file = dir.join(format!("{}.svg", plot::safe_stem(stem)));
-        plot::write_file(&file, &svg)?;
+        files::write_output(&file, svg.as_bytes())?;
         println!("wrote {}", file.display());
         files.push(file);
     }

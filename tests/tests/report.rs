@@ -13,6 +13,8 @@ const MAX: u64 = 128 * MIB;
 const HIGH: u64 = 96 * MIB;
 /// A name with ':' (allowed in function names, not wanted in file names).
 const OTHER: &str = "rep:b";
+/// Known through reported invocations only: no peak, so no limits (the API answers 404).
+const NO_LIMITS: &str = "rep.inv";
 
 fn emars(agent: Option<&Agent>, args: &[&str]) -> (bool, String, String) {
     let mut c = Command::new(agent_bin());
@@ -160,6 +162,15 @@ fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
         agent.wait_ended(function, sizes.len())?;
     }
 
+    let (s, body) = agent.post_raw(
+        &format!("/v1/functions/{NO_LIMITS}/invocations"),
+        "application/json",
+        br#"{"count": 3}"#,
+    )?;
+    assert_eq!(s, 200, "{body}");
+    let (status, _) = agent.get(&format!("/v1/functions/{NO_LIMITS}/limits"))?;
+    assert_eq!(status, 404, "{NO_LIMITS} has no limits to draw");
+
     let out = tempfile::tempdir()?;
     let dir = out.path().join("report");
     let d = dir.display().to_string();
@@ -168,7 +179,8 @@ fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
     println!("{stdout}");
     let pinned = dir.join(format!("{PINNED}.svg"));
     let other = dir.join("rep_b.svg");
-    for (function, file) in [(PINNED, &pinned), (OTHER, &other)] {
+    let no_limits = dir.join(format!("{NO_LIMITS}.svg"));
+    for (function, file) in [(PINNED, &pinned), (OTHER, &other), (NO_LIMITS, &no_limits)] {
         assert!(
             stdout.contains(&format!("wrote {}", file.display())),
             "{stdout}"
@@ -188,14 +200,14 @@ fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
     );
 
     let index = fs::read_to_string(dir.join("index.html"))?;
-    for f in ["repa.svg", "rep_b.svg"] {
+    for f in ["repa.svg", "rep_b.svg", "rep.inv.svg"] {
         assert!(index.contains(&format!("<img src=\"{f}\"")), "{index}");
     }
     assert!(!index.contains("<script"), "{index}");
     let names: Vec<_> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    assert_eq!(names.len(), 3, "two plots and the index: {names:?}");
+    assert_eq!(names.len(), 4, "three plots and the index: {names:?}");
 
     let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emars-report");
     fs::create_dir_all(&keep)?;
@@ -208,7 +220,7 @@ fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
     let (ok, stdout, stderr) = emars(Some(&agent), &["report", "--out", &d, "--json"]);
     assert!(ok, "{stderr}");
     let v: Value = serde_json::from_str(&stdout)?;
-    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
     Ok(())
 }
 

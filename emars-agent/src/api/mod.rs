@@ -481,7 +481,7 @@ fn parse_instances_query(pairs: &[(String, String)]) -> ApiResult<InstancesQuery
 
 #[utoipa::path(
     get, path = "/v1/functions/{name}/instances", tag = "functions",
-    params(openapi::FunctionPath, openapi::InstancesQuery),
+    params(openapi::FunctionPath, openapi::InstancesParams),
     responses(
         (status = 200, description = "Instances, oldest first; live ones with their usage now", body = InstancesResponse),
         (status = 404, description = "Unknown function", body = ErrorBody),
@@ -496,6 +496,7 @@ async fn list_instances(
     let Query(pairs) = query?;
     let q = parse_instances_query(&pairs)?;
     let lookup = name.clone();
+    let actuator = state.predictive.as_ref().map(|p| p.actuator.clone());
     let found = blocking(move || {
         // Only the records asked for are read (the model knows which they are).
         let page = state
@@ -505,32 +506,27 @@ async fn list_instances(
         if page.is_empty() && state.store.function(&lookup)?.is_none() {
             return Ok(None);
         }
-        Ok(Some(page))
+        // Live instances with what they use now: one read of their cgroup each, through the
+        // cgroup writer's checked open (inside a watched root, the recorded cgroup only).
+        let view = |record: InstanceRecord| {
+            let usage_bytes = match (&actuator, record.is_live()) {
+                (Some(a), true) => a
+                    .usage(&record)
+                    .inspect_err(|e| tracing::debug!(error = %e, "no usage for a live instance"))
+                    .ok(),
+                _ => None,
+            };
+            InstanceView {
+                record,
+                usage_bytes,
+            }
+        };
+        Ok(Some(page.into_iter().map(view).collect()))
     })
     .await?;
-    let Some(records) = found else {
+    let Some(instances) = found else {
         return Err(unknown_function(&name));
     };
-    // Live instances with what they use now: one read of their cgroup each, through the
-    // cgroup writer's checked open (inside a watched root, the recorded cgroup and no other).
-    let actuator = state.predictive.as_ref().map(|p| p.actuator.clone());
-    let instances = tokio::task::spawn_blocking(move || {
-        records
-            .into_iter()
-            .map(|record| {
-                let usage_bytes = match (&actuator, record.is_live()) {
-                    (Some(a), true) => a.usage(&record).ok(),
-                    _ => None,
-                };
-                InstanceView {
-                    record,
-                    usage_bytes,
-                }
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("usage task failed: {e}")))?;
     Ok(Json(InstancesResponse {
         function: name,
         instances,
@@ -814,7 +810,7 @@ async fn list_recommendations(
 }
 
 #[utoipa::path(
-    post, path = "/v1/recommendations/generate", tag = "predictive",
+    post, path = "/v1/recommendations/generate", tag = "predictive", request_body = NoArguments,
     responses((status = 200, description = "A new generation, kept and exported", body = Generation))
 )]
 async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
@@ -827,7 +823,7 @@ async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> 
 }
 
 #[utoipa::path(
-    get, path = "/v1/generations", tag = "predictive", params(openapi::GenerationsQuery),
+    get, path = "/v1/generations", tag = "predictive", params(openapi::GenerationsParams),
     responses((status = 200, description = "Generated configs, newest first", body = GenerationsResponse))
 )]
 async fn list_generations(
@@ -847,7 +843,7 @@ async fn list_generations(
 }
 
 #[utoipa::path(
-    post, path = "/v1/apply", tag = "enforcement",
+    post, path = "/v1/apply", tag = "enforcement", request_body = NoArguments,
     responses((status = 200, description = "One audit record per write attempt", body = WritesResponse))
 )]
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
@@ -868,7 +864,7 @@ async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesRespon
 }
 
 #[utoipa::path(
-    get, path = "/v1/audit", tag = "enforcement", params(openapi::LimitQuery),
+    get, path = "/v1/audit", tag = "enforcement", params(openapi::LimitParams),
     responses((status = 200, description = "Every limit write and reactive action, newest first",
         body = AuditResponse))
 )]

@@ -4,8 +4,7 @@
 //! what the server does without a test noticing (tests/tests/openapi.rs validates real
 //! answers against it).
 
-use std::sync::Arc;
-
+use axum::body::Bytes;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -140,7 +139,7 @@ pub struct InstancePath {
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-pub struct InstancesQuery {
+pub struct InstancesParams {
     /// true: live instances only; false: ended ones only.
     live: Option<bool>,
     /// The newest N (after `live`).
@@ -152,7 +151,7 @@ pub struct InstancesQuery {
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-pub struct LimitQuery {
+pub struct LimitParams {
     /// At most N (default 100).
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
@@ -162,7 +161,7 @@ pub struct LimitQuery {
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-pub struct GenerationsQuery {
+pub struct GenerationsParams {
     /// At most N (default 100).
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
@@ -171,15 +170,19 @@ pub struct GenerationsQuery {
     function: Option<String>,
 }
 
-/// The document as served, encoded once when the router is built.
+/// The document as served, encoded once when the router is built (a clone shares it).
 #[derive(Clone)]
-pub struct Document(Arc<str>);
+pub struct Document(Bytes);
 
 impl Document {
     pub fn new(doc: &OpenApi) -> Self {
-        // Encoding utoipa's own types cannot fail (string keys only); an empty document would
-        // show that it did.
-        Document(Arc::from(doc.to_pretty_json().unwrap_or_default()))
+        // Encoding utoipa's own types cannot fail (string keys only); were it to, the route
+        // answers an empty body and the log says why.
+        let text = doc.to_pretty_json().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot encode the OpenAPI document");
+            String::new()
+        });
+        Document(Bytes::from(text))
     }
 }
 
@@ -193,7 +196,7 @@ impl Document {
 pub async fn document(Extension(doc): Extension<Document>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        doc.0.to_string(),
+        doc.0,
     )
         .into_response()
 }

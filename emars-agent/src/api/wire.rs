@@ -14,6 +14,11 @@ pub struct Health {
     pub ok: bool,
 }
 
+/// Body of the writes that take no arguments (POST /v1/apply, /v1/recommendations/generate):
+/// `{}`. Like every write it is sent as JSON (the guard refuses other content types).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NoArguments {}
+
 /// Every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {

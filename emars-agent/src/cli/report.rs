@@ -12,8 +12,9 @@ use crate::api::wire::{FunctionDetail, FunctionLimits, FunctionsResponse, Instan
 use crate::cli::client::{self, Client, ClientError};
 use crate::view::plot::{self, PeaksPlot};
 
-/// The most instances the API returns in one answer: all that are retained, in practice.
-const MAX_INSTANCES: usize = 10_000;
+/// The most instances the API returns in one answer; a function with more retained is drawn
+/// with its newest this many, and the summary says so.
+const MAX_INSTANCES: u64 = crate::api::MAX_INSTANCES_LIMIT;
 
 /// What one function's plot holds, for the summary printed after writing.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -21,34 +22,49 @@ pub struct Written {
     pub function: String,
     pub file: PathBuf,
     pub instances: usize,
+    /// The function's retained instances: more than `instances` when only the newest
+    /// [`MAX_INSTANCES`] were drawn.
+    pub retained: u64,
     pub hours: usize,
     pub max_bytes: Option<u64>,
     pub high_bytes: Option<u64>,
+}
+
+impl Written {
+    /// "12 instances", or "10000 of 12000 instances (the newest)" when not all were drawn.
+    fn instances_text(&self) -> String {
+        if (self.instances as u64) < self.retained {
+            format!("{} of {} instances (the newest)", self.instances, self.retained)
+        } else {
+            format!("{} instances", self.instances)
+        }
+    }
 }
 
 /// Fetches every function and writes its plot and the index into `out` (created when missing).
 pub fn run(api: &Client, out: &Path) -> anyhow::Result<(Vec<Written>, PathBuf)> {
     // Ask the agent first: an unreachable agent should not leave an empty DIR behind.
     let list: FunctionsResponse = api.get_as("/v1/functions")?;
-    plot::create_dir(out)?;
+    crate::files::output_dir(out)?;
     let mut used = HashSet::new();
     let mut written = Vec::new();
     for f in &list.functions {
         let p = fetch(api, &f.name)?;
         let svg = plot::peaks_svg(&p)?;
         let file = out.join(unique_file(&f.name, &mut used));
-        plot::write_file(&file, &svg)?;
+        crate::files::write_output(&file, svg.as_bytes())?;
         written.push(Written {
             function: f.name.clone(),
             file,
             instances: p.instances.len(),
+            retained: f.instances,
             hours: p.hours.len(),
             max_bytes: p.max_bytes,
             high_bytes: p.high_bytes,
         });
     }
     let index = out.join("index.html");
-    plot::write_file(&index, &index_html(&written))?;
+    crate::files::write_output(&index, index_html(&written).as_bytes())?;
     Ok((written, index))
 }
 
@@ -132,9 +148,10 @@ fn index_html(written: &[Written]) -> String {
         let (f, n) = (escape(&w.function), escape(&file));
         let _ = writeln!(
             h,
-            "<h2 id=\"{n}\">{f}</h2>\n<p>{} instances, {} hours.</p>\n\
+            "<h2 id=\"{n}\">{f}</h2>\n<p>{}, {} hours.</p>\n\
              <p><a href=\"{n}\"><img src=\"{n}\" alt=\"instance peaks of {f}\" width=\"900\"></a></p>",
-            w.instances, w.hours
+            w.instances_text(),
+            w.hours
         );
     }
     h.push_str("</body>\n</html>\n");
@@ -148,10 +165,10 @@ pub fn render(written: &[Written], index: &Path) -> String {
         let limit = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), client::human_bytes);
         let _ = writeln!(
             s,
-            "wrote {}  ({}: {} instances, {} hours, memory.max {}, memory.high {})",
+            "wrote {}  ({}: {}, {} hours, memory.max {}, memory.high {})",
             w.file.display(),
             w.function,
-            w.instances,
+            w.instances_text(),
             w.hours,
             limit(w.max_bytes),
             limit(w.high_bytes)

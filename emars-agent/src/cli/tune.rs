@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cli::client::{human_bytes, table, Align};
+use crate::view::text::{human_bytes, table, Align};
 use crate::kernel::cgroupfs::{
     join_before_exec, CgroupMode, CgroupVersion, CgroupfsError, MemoryHierarchy,
 };
@@ -65,6 +65,10 @@ pub enum TuneError {
     Interrupted,
     #[error(transparent)]
     Plot(#[from] PlotError),
+    #[error(transparent)]
+    Output(#[from] crate::files::OutputError),
+    #[error("no command to tune: give it after `--`")]
+    NoCommand,
     #[error("writing {path}: {error}")]
     Json {
         path: PathBuf,
@@ -310,8 +314,9 @@ impl TuneRoot {
         // The command's stderr goes to an unnamed file: shown when the baseline fails, and it
         // cannot block the command the way a full pipe would.
         let mut stderr = tempfile::tempfile().map_err(spawn_err)?;
-        let mut c = Command::new(&cmd[0]);
-        c.args(&cmd[1..])
+        let (program, args) = cmd.split_first().ok_or(TuneError::NoCommand)?;
+        let mut c = Command::new(program);
+        c.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr.try_clone().map_err(spawn_err)?);
@@ -321,8 +326,17 @@ impl TuneRoot {
             path: dir.to_owned(),
             error,
         })?;
+        // A signal between runs, or between the spawn and the wait (which it then does not
+        // interrupt), must not let a whole run go on.
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(TuneError::Interrupted);
+        }
         let start = Instant::now();
         let child = c.spawn().map_err(spawn_err)?;
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            // SAFETY: killing our own child, not yet reaped (the wait below reaps it).
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        }
         let status = wait_interruptible(child.id()).map_err(spawn_err)?;
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -336,11 +350,23 @@ impl TuneRoot {
             failed: !status.success(),
             peak: self.hierarchy.peak(dir)?,
         };
-        let mut text = String::new();
-        let _ = stderr.rewind();
-        let _ = stderr.take(64 << 10).read_to_string(&mut text);
-        Ok((run, status, text))
+        Ok((run, status, stderr_tail(&mut stderr)))
     }
+}
+
+/// The last 64 KiB of what the command wrote to stderr (the end is where errors are), as
+/// text even where it is not UTF-8 or the cut splits a character.
+fn stderr_tail(file: &mut std::fs::File) -> String {
+    const TAIL: u64 = 64 << 10;
+    let len = file.metadata().map_or(0, |m| m.len());
+    let mut bytes = Vec::new();
+    if file
+        .seek(std::io::SeekFrom::Start(len.saturating_sub(TAIL)))
+        .is_ok()
+    {
+        let _ = file.take(TAIL).read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 impl Drop for TuneRoot {
@@ -414,7 +440,10 @@ pub fn run(
     if unsafe { libc::geteuid() } != 0 {
         return Err(TuneError::NotRoot);
     }
-    plot::create_dir(out)?;
+    if cmd.is_empty() {
+        return Err(TuneError::NoCommand);
+    }
+    crate::files::output_dir(out)?;
     catch_signals();
     let hierarchy = MemoryHierarchy::detect(CgroupMode::Auto, None)?;
     let version = hierarchy.version;
@@ -489,7 +518,7 @@ pub fn run(
         path: json_path.clone(),
         error,
     })?;
-    plot::write_file(&json_path, &json)?;
+    crate::files::write_output(&json_path, json.as_bytes())?;
     let svg = plot::tune_svg(&TunePlot {
         title: format!("emars tune: {}", display_command(cmd)),
         baseline_ms: report.baseline.median_ms,
@@ -506,7 +535,7 @@ pub fn run(
             .collect(),
         knee_bytes,
     })?;
-    plot::write_file(&out.join("tune.svg"), &svg)?;
+    crate::files::write_output(&out.join("tune.svg"), svg.as_bytes())?;
     Ok(report)
 }
 

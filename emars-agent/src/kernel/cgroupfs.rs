@@ -581,6 +581,42 @@ fn keyed_value(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Makes `cmd` join the cgroup `dir` between fork and exec, so that all of the command's
+/// memory, from its first page, is charged there (the demo, `emars tune`, the tests).
+pub fn join_before_exec(cmd: &mut std::process::Command, dir: &Path) -> io::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(
+        dir.join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the cgroup path"))?;
+    // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || join_cgroup(&procs));
+    }
+    Ok(())
+}
+
+/// Moves the calling process into the cgroup whose cgroup.procs is `procs`.
+fn join_cgroup(procs: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: plain syscalls on a valid NUL-terminated path and a static buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let buf = b"0\n";
+        let n = libc::write(fd, buf.as_ptr().cast(), buf.len());
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,42 +655,6 @@ mod tests {
         assert!(matches!(h.usage(&dir), Err(CgroupfsError::Gone { .. })));
         assert_eq!(h.rel_path(&dir.join("a/b")).as_deref(), Some("/a/b"));
     }
-}
-
-/// Makes `cmd` join the cgroup `dir` between fork and exec, so that all of the command's
-/// memory, from its first page, is charged there (the demo, `emars tune`, the tests).
-pub fn join_before_exec(cmd: &mut std::process::Command, dir: &Path) -> io::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    let procs = std::ffi::CString::new(
-        dir.join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the cgroup path"))?;
-    // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || join_cgroup(&procs));
-    }
-    Ok(())
-}
-
-/// Moves the calling process into the cgroup whose cgroup.procs is `procs`.
-fn join_cgroup(procs: &std::ffi::CStr) -> io::Result<()> {
-    // SAFETY: plain syscalls on a valid NUL-terminated path and a static buffer.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let buf = b"0\n";
-        let n = libc::write(fd, buf.as_ptr().cast(), buf.len());
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if n < 0 {
-            return Err(err);
-        }
-    }
-    Ok(())
 }
 
 /// Limits in force on an instance's cgroup when last seen (bytes; None = unlimited/unknown).

@@ -570,13 +570,13 @@ impl Actuator {
         })
     }
 
-    /// The instance's cgroup, opened inside its watched root and checked to be the recorded one.
     /// Bytes charged to a live instance's cgroup now (for the API's live view): read through
     /// the same checked open as a write.
     pub fn usage(&self, inst: &InstanceRecord) -> Result<u64, ActuatorError> {
         Ok(self.open_instance(inst)?.usage()?)
     }
 
+    /// The instance's cgroup, opened inside its watched root and checked to be the recorded one.
     fn open_instance(&self, inst: &InstanceRecord) -> Result<CgroupDir, ActuatorError> {
         self.open_recorded(&inst.cgroup_path, inst.cgroup_id)
     }

@@ -1,3 +1,5 @@
-//! Drawings of what the agent and `emars tune` measured, for people: SVG plots (`plot`).
+//! Drawings and text of what the agent and `emars tune` measured, for people: SVG plots
+//! (`plot`), and bytes, times and tables as text (`text`).
 
 pub mod plot;
+pub mod text;

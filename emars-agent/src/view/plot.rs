@@ -13,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::cli::client::{format_time_ms, human_bytes};
+use crate::view::text::{format_time_ms, human_bytes};
 
 const MIB: f64 = (1u64 << 20) as f64;
 const SIZE: (u32, u32) = (900, 500);
@@ -27,16 +27,6 @@ const KNEE: RGBColor = RGBColor(44, 160, 44);
 pub enum PlotError {
     #[error("drawing {what}: {message}")]
     Draw { what: String, message: String },
-    #[error("creating {path}: {error}")]
-    CreateDir {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("writing {path}: {error}")]
-    Write {
-        path: PathBuf,
-        error: std::io::Error,
-    },
 }
 
 /// plotters' errors carry the backend's error type; only the message matters here.
@@ -45,22 +35,6 @@ fn draw_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> PlotError + '_ {
         what: what.to_owned(),
         message: e.to_string(),
     }
-}
-
-/// Creates `dir` (and its parents) when missing.
-pub fn create_dir(dir: &Path) -> Result<(), PlotError> {
-    std::fs::create_dir_all(dir).map_err(|error| PlotError::CreateDir {
-        path: dir.to_owned(),
-        error,
-    })
-}
-
-/// Writes `content` to `path`.
-pub fn write_file(path: &Path, content: &str) -> Result<(), PlotError> {
-    std::fs::write(path, content).map_err(|error| PlotError::Write {
-        path: path.to_owned(),
-        error,
-    })
 }
 
 /// A file stem for `name` that stays inside the directory it is joined to: only

@@ -172,8 +172,8 @@ async function functionPage(name) {
     card('memory.max / high', rec ? `${bytes(rec.max_bytes)} / ${bytes(rec.high_bytes)}` : '–', 'limits'),
     card('OOM kills', f.oom_kills, 'oom'),
     card('execs / invocations', `${f.execs} / ${f.invocations}`, 'requests'));
-  // Usage now (read from the cgroup at this request) against memory.max; the peak so far
-  // where the usage could not be read.
+  // Usage now (read from the cgroup at this request) against memory.max; no meter where the
+  // usage could not be read (the cgroup went meanwhile).
   const liveRows = live.map((i) => el('tr', { 'data-instance': i.instance },
     el('td', {}, i.instance),
     el('td', { class: 'text' }, when(i.started_at_ms)),
@@ -181,7 +181,7 @@ async function functionPage(name) {
     el('td', { class: 'num', 'data-col': 'peak' }, bytes(i.peak_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.max_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.high_bytes)),
-    el('td', {}, meter(i.usage_bytes ?? i.peak_bytes, i.limits.max_bytes))));
+    el('td', {}, i.usage_bytes == null ? '' : meter(i.usage_bytes, i.limits.max_bytes))));
   const writes = ((audit && audit.audit) || []).filter((w) => w.function === name);
   const auditRows = writes.map((w) => el('tr', { 'data-reason': w.reason },
     el('td', {}, when(w.at_ms)),
