@@ -194,9 +194,5 @@ impl Document {
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json"))
 )]
 pub async fn document(Extension(doc): Extension<Document>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        doc.0,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
 }

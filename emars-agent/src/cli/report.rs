@@ -34,7 +34,10 @@ impl Written {
     /// "12 instances", or "10000 of 12000 instances (the newest)" when not all were drawn.
     fn instances_text(&self) -> String {
         if (self.instances as u64) < self.retained {
-            format!("{} of {} instances (the newest)", self.instances, self.retained)
+            format!(
+                "{} of {} instances (the newest)",
+                self.instances, self.retained
+            )
         } else {
             format!("{} instances", self.instances)
         }
@@ -197,11 +200,13 @@ mod tests {
             function: "f<1>".into(),
             file: "/tmp/x/f_1_.svg".into(),
             instances: 3,
+            retained: 5,
             hours: 1,
             max_bytes: None,
             high_bytes: None,
         };
         let h = index_html(&[w]);
+        assert!(h.contains("3 of 5 instances (the newest)"), "{h}");
         assert!(
             h.contains("<a href=\"f_1_.svg\"><img src=\"f_1_.svg\""),
             "{h}"

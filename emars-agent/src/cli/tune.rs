@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::view::text::{human_bytes, table, Align};
 use crate::kernel::cgroupfs::{
     join_before_exec, CgroupMode, CgroupVersion, CgroupfsError, MemoryHierarchy,
 };
 use crate::view::plot::{self, PlotError, TunePlot, TunePoint};
+use crate::view::text::{human_bytes, table, Align};
 
 const MIB: u64 = 1 << 20;
 

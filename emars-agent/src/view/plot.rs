@@ -7,8 +7,6 @@
 //! the viewer renders with its own fonts. Instance peaks are the only `<circle>` marks of a
 //! peaks plot (legends use squares), so a reader — or a test — can count them.
 
-use std::path::{Path, PathBuf};
-
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
