@@ -247,17 +247,22 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(set_limits))
 }
 
+/// The routes and the finished document they make: one place for both the server and
+/// `emars openapi`, so that what is printed is what is served.
+fn routes_and_document() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
+    let (routes, mut document) = routes().split_for_parts();
+    openapi::finish(&mut document);
+    (routes, document)
+}
+
 /// The API's OpenAPI 3.1 document (served at GET /v1/openapi.json, printed by `emars openapi`).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    let mut doc = routes().into_openapi();
-    openapi::finish(&mut doc);
-    doc
+    routes_and_document().1
 }
 
 /// The API's routes, with JSON 404/405 fallbacks and the body limit, behind the guard.
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
-    let (routes, mut document) = routes().split_for_parts();
-    openapi::finish(&mut document);
+    let (routes, document) = routes_and_document();
     routes
         // Applies to the routes added above, so it must come after them.
         .method_not_allowed_fallback(method_not_allowed)

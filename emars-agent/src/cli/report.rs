@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::api::wire::{FunctionDetail, FunctionLimits, FunctionsResponse, InstancesResponse};
+use crate::api::wire::{FunctionLimits, FunctionsResponse};
 use crate::cli::client::{self, Client, ClientError};
 use crate::view::plot::{self, PeaksPlot};
 
 /// The most instances the API returns in one answer; a function with more retained is drawn
 /// with its newest this many, and the summary says so.
-const MAX_INSTANCES: u64 = crate::api::MAX_INSTANCES_LIMIT;
+const MAX_INSTANCES: usize = crate::api::MAX_INSTANCES_LIMIT as usize;
 
 /// What one function's plot holds, for the summary printed after writing.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -85,15 +85,10 @@ fn unique_file(name: &str, used: &mut HashSet<String>) -> String {
 }
 
 fn fetch(api: &Client, name: &str) -> anyhow::Result<PeaksPlot> {
+    let (detail, instances) = api
+        .function(name, Some(MAX_INSTANCES))
+        .with_context(|| format!("reading function {name} and its instances"))?;
     let seg = client::encode_segment(name);
-    let detail: FunctionDetail = api
-        .get_as(&format!("/v1/functions/{seg}"))
-        .with_context(|| format!("reading function {name}"))?;
-    let inst: InstancesResponse = api
-        .get_as(&format!(
-            "/v1/functions/{seg}/instances?limit={MAX_INSTANCES}"
-        ))
-        .with_context(|| format!("reading the instances of {name}"))?;
     // 404: no limits for this function yet; 503: the agent runs no policy. Neither is an
     // error for a report: the lines are just not drawn.
     let limits: Option<FunctionLimits> = match api.get_as(&format!("/v1/functions/{seg}/limits")) {
@@ -105,16 +100,9 @@ fn fetch(api: &Client, name: &str) -> anyhow::Result<PeaksPlot> {
     };
     Ok(PeaksPlot {
         function: name.to_owned(),
-        instances: inst
-            .instances
+        instances: instances
             .iter()
-            .map(|i| {
-                (
-                    i.record.started_at_ms,
-                    i.record.ended_at_ms,
-                    i.record.peak_bytes,
-                )
-            })
+            .map(|i| (i.started_at_ms, i.ended_at_ms, i.peak_bytes))
             .collect(),
         hours: detail
             .hours

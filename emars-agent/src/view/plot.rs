@@ -362,6 +362,12 @@ pub fn tune_svg(t: &TunePlot) -> Result<String, PlotError> {
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+/// A tune panel: limits (MiB) against a linear y axis.
+type Panel<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
 
 fn draw_latency(
     area: &Area,
@@ -370,16 +376,7 @@ fn draw_latency(
     top: f64,
     knee: Option<f64>,
 ) -> DrawResult {
-    let mut chart = ChartBuilder::on(area)
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x.0..x.1, 0f64..top)?;
-    chart
-        .configure_mesh()
-        .x_desc("memory limit (MiB)")
-        .y_desc("wall-clock latency (ms)")
-        .draw()?;
+    let mut chart = tune_panel(area, x, top, "wall-clock latency (ms)")?;
     chart
         .draw_series(std::iter::once(PathElement::new(
             vec![(x.0, t.baseline_ms), (x.1, t.baseline_ms)],
@@ -410,29 +407,11 @@ fn draw_latency(
         }))?
         .label("max")
         .legend(|(x, y)| Rectangle::new([(x + 4, y - 4), (x + 12, y + 4)], HOUR.filled()));
-    if let Some(k) = knee {
-        knee_line(&mut chart, k, top)?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
+    finish_panel(&mut chart, knee, top, SeriesLabelPosition::LowerRight)
 }
 
 fn draw_ooms(area: &Area, t: &TunePlot, x: (f64, f64), top: f64, knee: Option<f64>) -> DrawResult {
-    let mut chart = ChartBuilder::on(area)
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x.0..x.1, 0f64..top)?;
-    chart
-        .configure_mesh()
-        .x_desc("memory limit (MiB)")
-        .y_desc("OOM kills / failures")
-        .draw()?;
+    let mut chart = tune_panel(area, x, top, "OOM kills / failures")?;
     let series = |f: fn(&TunePoint) -> u64| -> Vec<(f64, f64)> {
         t.points
             .iter()
@@ -459,27 +438,49 @@ fn draw_ooms(area: &Area, t: &TunePlot, x: (f64, f64), top: f64, knee: Option<f6
         )?
         .label("failed runs")
         .legend(|(x, y)| Rectangle::new([(x + 4, y - 4), (x + 12, y + 4)], HIGH_LINE.filled()));
+    finish_panel(&mut chart, knee, top, SeriesLabelPosition::UpperRight)
+}
+
+/// A panel of the tune plot: the limits (MiB) across, `y_desc` from 0 to `top` up.
+fn tune_panel<'a, 'b>(
+    area: &'a Area<'b>,
+    x: (f64, f64),
+    top: f64,
+    y_desc: &str,
+) -> Result<Panel<'a, 'b>, DrawingAreaErrorKind<std::io::Error>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x.0..x.1, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("memory limit (MiB)")
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
+/// A tune panel's end: the knee's line (when there is one) and the legend at `legend`.
+fn finish_panel<'a, 'b: 'a>(
+    chart: &mut Panel<'a, 'b>,
+    knee: Option<f64>,
+    top: f64,
+    legend: SeriesLabelPosition,
+) -> DrawResult {
     if let Some(k) = knee {
-        knee_line(&mut chart, k, top)?;
+        knee_line(chart, k, top)?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
     Ok(())
 }
 
-fn knee_line<'a>(
-    chart: &mut ChartContext<
-        'a,
-        SVGBackend<'a>,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
-    k: f64,
-    top: f64,
-) -> DrawResult {
+fn knee_line<'a, 'b: 'a>(chart: &mut Panel<'a, 'b>, k: f64, top: f64) -> DrawResult {
     chart.draw_series(std::iter::once(PathElement::new(
         vec![(k, 0.0), (k, top)],
         KNEE.stroke_width(2),
