@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    api::{self, guard::Guard, server::Bounds, token::Token, ApiState, Predictive},
+    api::{self, guard::Guard, listen::Inherited, server::Bounds, token::Token, ApiState, Predictive},
     clock::{now_ms, wall_ms_of},
     config::Config,
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
@@ -30,11 +30,19 @@ use crate::{
     store::Store,
 };
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves. `inherited`: the API sockets a service manager
+/// handed over ([`Inherited::take_from_env`], taken before any thread started).
 pub async fn run(
     config: Config,
+    inherited: Inherited,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // The API's sockets first, before anything slow: the port and the local socket are the
+    // agent's from its first moment (connections wait in the backlog until it serves).
+    for ignored in &inherited.ignored {
+        tracing::warn!("socket activation: {ignored} is not a stream socket the API serves: ignored");
+    }
+    let listeners = api::listen::open(&config.api, inherited).context("opening the API's sockets")?;
     let hierarchy = MemoryHierarchy::detect(config.cgroup.mode, config.cgroup.mount.as_deref())
         .context("finding the memory cgroup hierarchy")?;
     let registry = Registry::new(&config.cgroup.roots).context("compiling cgroup rules")?;
@@ -197,11 +205,22 @@ pub async fn run(
     let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
     let token = Token::load_or_create(&config.api.token_file)?;
     raise_fd_limit();
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
-        .await
-        .with_context(|| format!("binding the API to {}", config.api.listen))?;
-    let local = listener.local_addr()?;
+    let local = listeners
+        .tcp
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .context("the API's TCP address")?
+        .unwrap_or(config.api.listen);
     tracing::info!("API listening on http://{local}");
+    match &listeners.local {
+        Some((_, Some(path), _)) => tracing::info!("API socket at {}", path.display()),
+        Some((_, None, _)) => tracing::info!("API socket handed over (no path)"),
+        None => tracing::info!("API socket off (api.socket is empty): the CLI needs --addr"),
+    }
+    if listeners.inherited {
+        tracing::info!("API sockets handed over by the service manager (socket activation)");
+    }
     let guard = Arc::new(Guard::new(token, local, &config.api.allowed_hosts));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api_state = ApiState {
@@ -216,17 +235,19 @@ pub async fn run(
         }),
         retention_ms: u64::from(config.store.retention_days) * 86_400_000,
         pool: Some(pool_tx),
+        snapshots: Default::default(),
     };
     let mut api_stop = stop_rx.clone();
-    let api_task = tokio::spawn(api::serve(
-        listener,
+    let api_thread = api::spawn(
+        listeners,
         api_state,
         guard,
         Bounds::default(),
         async move {
             let _ = api_stop.changed().await;
         },
-    ));
+    )
+    .context("starting the API's threads")?;
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -276,10 +297,11 @@ pub async fn run(
             ring.commit(ring.position());
         }
     });
-    match api_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("API server: {e}"),
-        Err(e) => tracing::error!("API task: {e}"),
+    match tokio::task::spawn_blocking(move || api_thread.join()).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!("API server: {e}"),
+        Ok(Err(_)) => tracing::error!("API thread panicked"),
+        Err(e) => tracing::error!("API thread: {e}"),
     }
     result
 }

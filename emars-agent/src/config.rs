@@ -271,9 +271,19 @@ pub struct ApiConfig {
     /// Host names besides localhost/127.0.0.1/[::1] that requests may carry in their Host
     /// header (the names of this host, when `allow_remote` is set).
     pub allowed_hosts: Vec<String>,
+    /// The local API socket (unix domain): the CLI's way in. Peers are checked by their
+    /// kernel credentials (root, or `socket_group`), so writes need no token there and never
+    /// travel to a listener nobody verified. An empty path turns it off.
+    pub socket: PathBuf,
+    /// A group whose members may use the socket besides root (its file then mode 0660, its
+    /// directory 0750); empty: root only.
+    pub socket_group: String,
 }
 
 pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/emars/api-token";
+pub const DEFAULT_SOCKET: &str = "/run/emars/api.sock";
+/// Longest unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -282,6 +292,8 @@ impl Default for ApiConfig {
             token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
             allow_remote: false,
             allowed_hosts: Vec::new(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: String::new(),
         }
     }
 }
@@ -317,6 +329,47 @@ impl ApiConfig {
                     "must be a host name or IPv4 address without port (letters, digits, '.', '-')",
                 ));
             }
+        }
+        self.validate_socket()
+    }
+
+    fn validate_socket(&self) -> Result<(), ConfigError> {
+        if self.socket.as_os_str().is_empty() {
+            if !self.socket_group.is_empty() {
+                return Err(invalid(
+                    "api.socket_group",
+                    &self.socket_group,
+                    "is set but api.socket is empty (the socket is off)",
+                ));
+            }
+            return Ok(());
+        }
+        if !self.socket.is_absolute() || self.socket.parent().is_none_or(|p| p == Path::new("/")) {
+            return Err(invalid(
+                "api.socket",
+                self.socket.display(),
+                "must be an absolute path in a directory of the agent's own, such as                  /run/emars/api.sock (or \"\" to turn the socket off)",
+            ));
+        }
+        if self.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "api.socket",
+                self.socket.display(),
+                format!("is longer than the {MAX_SOCKET_PATH} bytes a unix socket path may have"),
+            ));
+        }
+        let group_ok = self.socket_group.is_empty()
+            || (self.socket_group.len() <= 32
+                && self
+                    .socket_group
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')));
+        if !group_ok {
+            return Err(invalid(
+                "api.socket_group",
+                &self.socket_group,
+                "must be a group name (letters, digits, '_', '-', '.'; at most 32)",
+            ));
         }
         Ok(())
     }

@@ -27,30 +27,45 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// Address of the agent's API.
+    /// The agent's local socket (api.socket): the CLI's way in unless --addr is given. Root (or
+    /// api.socket_group) may use it for everything, with no token; other users read over TCP.
     #[arg(
         long,
-        env = "EMARS_ADDR",
-        default_value = "127.0.0.1:9750",
+        env = "EMARS_SOCKET",
+        default_value = emars_agent::config::DEFAULT_SOCKET,
         global = true
     )]
-    addr: String,
+    socket: PathBuf,
+    /// The agent's TCP address (api.listen) instead of its socket, e.g. 127.0.0.1:9750. Writes
+    /// then need --token-file: the token is sent to whoever listens there.
+    #[arg(long, env = "EMARS_ADDR", global = true)]
+    addr: Option<String>,
+    /// With --addr: the agent's write token file (api.token_file), sent with every write. Never
+    /// read, nor sent, without --addr.
+    #[arg(long, env = "EMARS_TOKEN_FILE", requires = "addr", global = true)]
+    token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// The agent's write token (api.token_file), read when this user may (root); writes need it.
-    #[arg(
-        long,
-        env = "EMARS_TOKEN_FILE",
-        default_value = emars_agent::config::DEFAULT_TOKEN_FILE,
-        global = true
-    )]
-    token_file: PathBuf,
 }
 
 impl ClientArgs {
     fn client(&self) -> Client {
-        Client::new(&self.addr).with_token_file(&self.token_file)
+        match &self.addr {
+            Some(addr) => {
+                let c = Client::new(addr);
+                match &self.token_file {
+                    Some(f) => c.with_token_file(f),
+                    None => c,
+                }
+            }
+            // Reads are open to every local user: one the socket refuses reads over TCP (with
+            // no token), writes never leave the socket.
+            None => Client::local(&self.socket).with_read_fallback(&format!(
+                "127.0.0.1:{}",
+                emars_agent::config::DEFAULT_LISTEN_PORT
+            )),
+        }
     }
 }
 
@@ -256,6 +271,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The overrides obey the same rules as the file (a non-loopback --listen needs
             // api.allow_remote, a relative --store is refused).
             cfg.validate()?;
+            // Sockets handed over by a service manager: taken before any thread starts (it
+            // clears their variables from the environment).
+            let inherited = emars_agent::api::listen::Inherited::take_from_env();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -265,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if demo {
                     emars_agent::cli::demo::spawn(&cfg)?;
                 }
-                emars_agent::agent::run(cfg, shutdown_signal()?).await
+                emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
             })
         }
         Command::Unpin { config } => {

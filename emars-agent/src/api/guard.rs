@@ -10,6 +10,9 @@
 //!   ones), needs `Authorization: Bearer <token>` ([`super::token`]), and POST/PUT/PATCH a JSON
 //!   content type (a browser form can send neither without a CORS preflight, which the agent
 //!   never grants).
+//! - The local socket: its peers were checked by their kernel credentials when they connected
+//!   ([`super::listen::PeerRule`]), and no browser can reach a unix socket: no Host check and
+//!   no token there. A request without a [`Peer`] (not from [`super::server`]) is a TCP one.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -20,7 +23,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{token::Token, ApiError};
+use super::{server::Peer, token::Token, ApiError};
 
 /// What the guard accepts.
 #[derive(Debug, Clone)]
@@ -66,8 +69,16 @@ impl Guard {
         port == Some(self.port) && self.hosts.contains(&host)
     }
 
-    /// The verdict on one request's method and headers.
-    pub fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// The verdict on one request's method and headers, from `peer`.
+    pub fn check(
+        &self,
+        peer: Option<&Peer>,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<(), ApiError> {
+        if let Some(Peer::Local { .. }) = peer {
+            return json_body(method, headers);
+        }
         let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, m);
         let host = headers
             .get(header::HOST)
@@ -116,34 +127,39 @@ impl Guard {
                 StatusCode::UNAUTHORIZED,
                 format!(
                     "{method} needs the agent's write token (Authorization: Bearer …, from the \
-                     root-only file api.token_file); the emars CLI sends it when run as root"
+                     root-only file api.token_file) over TCP; the emars CLI writes through the \
+                     local socket (api.socket) and needs none there"
                 ),
             ));
         }
-        // Bodies come with POST, PUT and PATCH: the methods a form (POST) or a script might
-        // send without a preflight in the browser's eyes.
-        if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-            return Ok(());
-        }
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "writes take a JSON body: expected header `Content-Type: application/json` \
-                 (send `{}` when there is nothing to say)",
-            ));
-        }
-        Ok(())
+        json_body(method, headers)
     }
+}
+
+/// Bodies come with POST, PUT and PATCH: the methods a form (POST) or a script might send
+/// without a preflight in the browser's eyes. They must say they are JSON.
+fn json_body(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        return Ok(());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "writes take a JSON body: expected header `Content-Type: application/json` \
+             (send `{}` when there is nothing to say)",
+        ));
+    }
+    Ok(())
 }
 
 /// The axum middleware around every route and the fallbacks.
 pub async fn layer(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    match guard.check(req.method(), req.headers()) {
+    match guard.check(req.extensions().get::<Peer>(), req.method(), req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => {
             let unauthorized = e.status == StatusCode::UNAUTHORIZED;
@@ -186,7 +202,7 @@ mod tests {
     #[test]
     fn hosts() {
         let (g, _) = guard();
-        let get = |host: &str| status(g.check(&Method::GET, &headers(&[("host", host)])));
+        let get = |host: &str| status(g.check(None, &Method::GET, &headers(&[("host", host)])));
         for ok in [
             "127.0.0.1:9750",
             "localhost:9750",
@@ -204,7 +220,7 @@ mod tests {
         ] {
             assert_eq!(get(bad), 403, "{bad}");
         }
-        assert_eq!(status(g.check(&Method::GET, &HeaderMap::new())), 400);
+        assert_eq!(status(g.check(None, &Method::GET, &HeaderMap::new())), 400);
     }
 
     #[test]
@@ -219,9 +235,9 @@ mod tests {
         let with = |extra: (&'static str, &str)| {
             let mut h = headers(&base);
             h.insert(extra.0, extra.1.parse().unwrap());
-            status(g.check(&Method::POST, &h))
+            status(g.check(None, &Method::POST, &h))
         };
-        assert_eq!(status(g.check(&Method::POST, &headers(&base))), 200);
+        assert_eq!(status(g.check(None, &Method::POST, &headers(&base))), 200);
         assert_eq!(with(("origin", "http://evil.example")), 403);
         assert_eq!(with(("origin", "null")), 403);
         assert_eq!(with(("origin", "http://127.0.0.1:9750")), 200);
@@ -246,7 +262,7 @@ mod tests {
             if let Some(a) = auth {
                 h.insert("authorization", a.parse().unwrap());
             }
-            status(g.check(&Method::POST, &h))
+            status(g.check(None, &Method::POST, &h))
         };
         assert_eq!(post(None), 401);
         assert_eq!(post(Some("Bearer nope")), 401);
@@ -254,7 +270,22 @@ mod tests {
         assert_eq!(post(Some(&format!("Bearer {t}"))), 200);
         for m in [Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS] {
             let h = headers(&[("host", "localhost:9750")]);
-            assert_eq!(status(g.check(&m, &h)), 401, "{m}");
+            assert_eq!(status(g.check(None, &m, &h)), 401, "{m}");
         }
+    }
+
+    #[test]
+    fn local_socket_peers_need_no_token_but_still_json() {
+        let (g, _) = guard();
+        let local = Peer::Local { uid: 0, gid: 0 };
+        let tcp = Peer::Tcp("127.0.0.1:40000".parse().unwrap());
+        // The CLI's Host over the socket names no port; no token.
+        let h = headers(&[("host", "localhost"), ("content-type", "application/json")]);
+        assert_eq!(status(g.check(Some(&local), &Method::POST, &h)), 200);
+        assert_eq!(status(g.check(Some(&tcp), &Method::POST, &h)), 403);
+        let h = headers(&[("host", "localhost:9750"), ("content-type", "application/json")]);
+        assert_eq!(status(g.check(Some(&tcp), &Method::POST, &h)), 401);
+        let form = headers(&[("host", "localhost"), ("content-type", "text/plain")]);
+        assert_eq!(status(g.check(Some(&local), &Method::POST, &form)), 415);
     }
 }

@@ -49,7 +49,7 @@ pub fn peak_buckets() -> Vec<u64> {
 #[derive(Debug)]
 pub struct Snapshot {
     pub bounds: Vec<u64>,
-    pub peaks: Vec<(String, PeakHistogram)>,
+    pub peaks: Vec<(String, std::sync::Arc<PeakHistogram>)>,
     pub functions: Vec<FunctionSummary>,
     /// (function, memory.max, memory.high) as the policy recommends them now.
     pub limits: Vec<(String, u64, u64)>,
@@ -288,11 +288,11 @@ mod tests {
         let snap = Snapshot {
             peaks: vec![(
                 "fn-a".into(),
-                PeakHistogram {
+                std::sync::Arc::new(PeakHistogram {
                     buckets,
                     count: 3,
                     sum: 100 << 30,
-                },
+                }),
             )],
             bounds,
             functions: Vec::new(),

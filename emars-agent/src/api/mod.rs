@@ -30,12 +30,14 @@
 //! another one runs.
 
 pub mod guard;
+pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod server;
 pub mod token;
 pub mod web;
 pub mod wire;
+pub mod work;
 
 pub use wire::*;
 
@@ -80,6 +82,19 @@ pub struct ApiState {
     /// Bind and release of pooled cgroups, carried out by the agent's event loop (which owns
     /// the tracker); None where no event loop runs (503 on those routes).
     pub pool: Option<tokio::sync::mpsc::UnboundedSender<PoolCommand>>,
+    /// The whole-model answers, shared by the requests that ask for them ([`work::Snapshot`]).
+    pub snapshots: Arc<Snapshots>,
+}
+
+/// One [`work::Snapshot`] per whole-model answer.
+#[derive(Debug, Default)]
+pub struct Snapshots {
+    metrics: work::Snapshot,
+    functions: work::Snapshot,
+    recommendations: work::Snapshot,
+    export: work::Snapshot,
+    /// The model's footprint in /v1/info (a walk over every function).
+    footprint: work::Snapshot<crate::model::ModelFootprint>,
 }
 
 /// A bind or release for the event loop, with where to answer.
@@ -274,30 +289,69 @@ pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then finishes open requests.
+/// Serves the API on `listeners` until `shutdown` completes, then finishes open requests.
+/// Runs on the caller's runtime; the agent uses [`spawn`].
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: listen::Listeners,
     state: ApiState,
     guard: Arc<guard::Guard>,
     bounds: server::Bounds,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "API listening");
-    }
-    server::serve(listener, router(state, guard), bounds, shutdown).await
+    server::serve(listeners, router(state, guard), bounds, shutdown).await
 }
 
-/// Runs a blocking store call off the async workers.
+/// Threads of the API's own runtime: the agent's event loop and store flush run on another,
+/// so that no request (nor a storm of them) delays them.
+pub const API_THREADS: usize = 2;
+
+/// Serves the API ([`serve`]) on a runtime of its own, in a thread of its own.
+pub fn spawn(
+    listeners: listen::Listeners,
+    state: ApiState,
+    guard: Arc<guard::Guard>,
+    bounds: server::Bounds,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(API_THREADS)
+        // The work gate lets this many run; the rest is headroom for tokio's own use.
+        .max_blocking_threads(work::RUNNING + 2)
+        .thread_name("emars-api")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("emars-api".into())
+        .spawn(move || rt.block_on(serve(listeners, state, guard, bounds, shutdown)))
+}
+
+/// Runs a blocking store call off the async workers, within the API's work bounds
+/// ([`work::run`]).
 async fn blocking<T, F>(f: F) -> ApiResult<T>
 where
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::internal(format!("store task failed: {e}"))),
-    }
+    work::run(f).await?.map_err(ApiError::from)
+}
+
+/// A JSON answer from bytes already encoded (a snapshot).
+fn json_bytes(body: bytes::Bytes) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// `v` encoded as JSON, for a snapshot.
+fn encode_json<T: serde::Serialize>(v: &T) -> ApiResult<bytes::Bytes> {
+    serde_json::to_vec(v)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))
 }
 
 /// The function name of the path, checked against [`valid_function_name`].
@@ -344,32 +398,40 @@ fn agent_info(state: &ApiState) -> AgentInfo {
         content_type = "application/openmetrics-text", body = String))
 )]
 async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
-    let text = blocking(move || {
-        let info = agent_info(&state);
-        let bounds = metrics::peak_buckets();
-        let peaks = state.store.peak_histograms(&bounds);
-        let functions = state.store.functions()?;
-        let limits = match &state.predictive {
-            Some(p) => functions
-                .iter()
-                .filter_map(|f| {
-                    let r = p.policy.cached(&f.name)?;
-                    Some((f.name.clone(), r.max_bytes, r.high_bytes))
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let snap = metrics::Snapshot {
-            bounds,
-            peaks,
-            functions,
-            limits,
-            info,
-        };
-        Ok(snap.render())
-    })
-    .await?
-    .map_err(|e| ApiError::internal(format!("encoding the metrics: {e}")))?;
+    let snapshots = state.snapshots.clone();
+    // Counters move every second: rebuilt at most once a second, whoever asks.
+    let text = snapshots
+        .metrics
+        .get(
+            || None,
+            move || {
+                let info = agent_info(&state);
+                let bounds = metrics::peak_buckets();
+                let peaks = state.store.peak_histograms(&bounds);
+                let functions = state.store.functions()?;
+                let limits = match &state.predictive {
+                    Some(p) => functions
+                        .iter()
+                        .filter_map(|f| {
+                            let r = p.policy.cached(&f.name)?;
+                            Some((f.name.clone(), r.max_bytes, r.high_bytes))
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let snap = metrics::Snapshot {
+                    bounds,
+                    peaks,
+                    functions,
+                    limits,
+                    info,
+                };
+                snap.render()
+                    .map(bytes::Bytes::from)
+                    .map_err(|e| ApiError::internal(format!("encoding the metrics: {e}")))
+            },
+        )
+        .await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -380,16 +442,22 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
-/// The agent's info with the model's footprint now (which the metrics do not carry).
+/// The agent's info, with the model's footprint (which the metrics do not carry) as of at
+/// most a second ago.
 #[utoipa::path(
     get, path = "/v1/info", tag = "agent",
     responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters",
         body = AgentInfo))
 )]
-async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
+async fn info(State(state): State<ApiState>) -> ApiResult<Json<AgentInfo>> {
     let mut info = agent_info(&state);
-    info.model = state.store.footprint();
-    Json(info)
+    let store = state.store.clone();
+    info.model = state
+        .snapshots
+        .footprint
+        .get(|| None, move || Ok(store.footprint()))
+        .await?;
+    Ok(Json(info))
 }
 
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
@@ -398,15 +466,15 @@ async fn info(State(state): State<ApiState>) -> Json<AgentInfo> {
     responses((status = 200, description = "Every function", body = FunctionsResponse))
 )]
 async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
-    let body = blocking(move || Ok(state.store.functions_json())).await?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response())
+    let (snapshots, store) = (state.snapshots.clone(), state.store.clone());
+    let body = snapshots
+        .functions
+        .get(
+            move || Some(store.changes()),
+            move || Ok(bytes::Bytes::from(state.store.functions_json())),
+        )
+        .await?;
+    Ok(json_bytes(body))
 }
 
 #[utoipa::path(
@@ -582,12 +650,21 @@ async fn post_invocations(
     responses((status = 200, description = "The paper's per-function config {requests, max memory}",
         body = ExportResponse))
 )]
-async fn export(State(state): State<ApiState>) -> ApiResult<Json<ExportResponse>> {
-    let functions = blocking(move || state.store.export()).await?;
-    Ok(Json(ExportResponse {
-        generated_at_ms: now_ms(),
-        functions,
-    }))
+async fn export(State(state): State<ApiState>) -> ApiResult<Response> {
+    let (snapshots, store) = (state.snapshots.clone(), state.store.clone());
+    let body = snapshots
+        .export
+        .get(
+            move || Some(store.changes()),
+            move || {
+                encode_json(&ExportResponse {
+                    generated_at_ms: now_ms(),
+                    functions: state.store.export()?,
+                })
+            },
+        )
+        .await?;
+    Ok(json_bytes(body))
 }
 
 fn predictive(state: &ApiState) -> ApiResult<Predictive> {
@@ -802,16 +879,22 @@ async fn get_keepalive(
     get, path = "/v1/recommendations", tag = "predictive",
     responses((status = 200, description = "Every function's recommendation", body = RecommendationsResponse))
 )]
-async fn list_recommendations(
-    State(state): State<ApiState>,
-) -> ApiResult<Json<RecommendationsResponse>> {
+async fn list_recommendations(State(state): State<ApiState>) -> ApiResult<Response> {
     let p = predictive(&state)?;
-    let mode = format!("{:?}", p.policy.mode()).to_lowercase();
-    let recs = blocking(move || p.policy.compute_all(now_ms())).await?;
-    Ok(Json(RecommendationsResponse {
-        mode,
-        recommendations: recs,
-    }))
+    let (snapshots, store) = (state.snapshots.clone(), state.store.clone());
+    let body = snapshots
+        .recommendations
+        .get(
+            move || Some(store.changes()),
+            move || {
+                encode_json(&RecommendationsResponse {
+                    mode: format!("{:?}", p.policy.mode()).to_lowercase(),
+                    recommendations: p.policy.compute_all(now_ms())?,
+                })
+            },
+        )
+        .await?;
+    Ok(json_bytes(body))
 }
 
 #[utoipa::path(
@@ -820,11 +903,8 @@ async fn list_recommendations(
 )]
 async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
     let p = predictive(&state)?;
-    match tokio::task::spawn_blocking(move || p.policy.generate("on_demand", now_ms())).await {
-        Ok(Ok(g)) => Ok(Json(g)),
-        Ok(Err(e)) => Err(ApiError::from(e)),
-        Err(e) => Err(ApiError::internal(format!("generation task failed: {e}"))),
-    }
+    let g = work::run(move || p.policy.generate("on_demand", now_ms())).await??;
+    Ok(Json(g))
 }
 
 #[utoipa::path(
@@ -853,15 +933,11 @@ async fn list_generations(
 )]
 async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
     let p = predictive(&state)?;
-    let writes = match tokio::task::spawn_blocking({
+    let writes = work::run({
         let p = p.clone();
         move || p.policy.apply_all(&p.actuator, now_ms())
     })
-    .await
-    {
-        Ok(r) => r?,
-        Err(e) => return Err(ApiError::internal(format!("apply task failed: {e}"))),
-    };
+    .await??;
     for w in &writes {
         p.tell(w);
     }
@@ -1050,6 +1126,8 @@ mod tests {
     /// A real server on 127.0.0.1:0 over a real store, on its own runtime thread.
     struct TestServer {
         addr: SocketAddr,
+        /// The local socket (this process's user may use it: it runs the server).
+        socket: std::path::PathBuf,
         token: String,
         store: Store,
         info: Arc<RwLock<AgentInfo>>,
@@ -1074,8 +1152,17 @@ mod tests {
                 predictive: None,
                 retention_ms: 3650 * 86_400_000,
                 pool: None,
+                snapshots: Default::default(),
             };
             let token = token::Token::load_or_create(&dir.path().join("token")).expect("token");
+            let socket = dir.path().join("run/api.sock");
+            let config = crate::config::ApiConfig {
+                listen: "127.0.0.1:0".parse().expect("address"),
+                socket: socket.clone(),
+                ..Default::default()
+            };
+            let listeners =
+                listen::open(&config, listen::Inherited::default()).expect("listeners");
             let token_text = token.as_str().to_owned();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -1085,12 +1172,16 @@ mod tests {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    let addr = listener.local_addr()?;
+                    let addr = listeners
+                        .tcp
+                        .as_ref()
+                        .map(|l| l.local_addr())
+                        .transpose()?
+                        .ok_or_else(|| std::io::Error::other("no TCP listener"))?;
                     let _ = addr_tx.send(addr);
                     let guard = Arc::new(guard::Guard::new(token, addr, &[]));
                     serve(
-                        listener,
+                        listeners,
                         state,
                         guard,
                         server::Bounds::default(),
@@ -1104,6 +1195,7 @@ mod tests {
             let addr = addr_rx.recv().expect("server address");
             TestServer {
                 addr,
+                socket,
                 token: token_text,
                 store,
                 info,
@@ -1352,6 +1444,39 @@ mod tests {
         assert_eq!(per_hour, [(T0, 5), (T0 + HOUR, 3)]);
         let v = c.get("/v1/functions/new.fn:v1").unwrap();
         assert_eq!(v["invocations"], 1);
+    }
+
+    #[test]
+    fn the_local_socket_needs_no_token_and_tcp_sends_none_unless_told() {
+        let s = seeded();
+        let body = json!({"count": 2, "at_ms": T0 + 5});
+        let path = "/v1/functions/fn-a/invocations";
+        let local = Client::local(&s.socket);
+        assert_eq!(local.post(path, &body).unwrap()["count"], 2);
+        assert!(local.base().starts_with("unix:"));
+        let list: FunctionsResponse = local.get_as("/v1/functions").unwrap();
+        assert_eq!(list.functions.len(), 2);
+
+        let e = Client::new(&s.addr.to_string()).post(path, &body).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("401") && text.contains("--token-file"), "{text}");
+        let missing = s._dir.path().join("no-such-token");
+        let e = Client::new(&s.addr.to_string())
+            .with_token_file(&missing)
+            .post(path, &body)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("401") && e.contains("does not exist"), "{e}");
+        // Only the 2 reported through the socket were counted.
+        let detail: FunctionDetail = s.client().get_as("/v1/functions/fn-a").unwrap();
+        assert_eq!(detail.summary.invocations, 2);
+
+        // No agent at a socket: the error says what to check.
+        let e = Client::local(&s._dir.path().join("none.sock"))
+            .get("/healthz")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is the agent running"), "{e}");
     }
 
     #[test]

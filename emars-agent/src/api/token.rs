@@ -1,9 +1,11 @@
 //! The write token: proof of privilege for every mutating request.
 //!
 //! Generated at first start from the kernel's random source into a file only root can read
-//! (mode 0600, created exclusively, never through a symlink); the CLI reads it when run as root
-//! and sends it as `Authorization: Bearer <token>`. A local user who cannot read the file cannot
-//! write limits, which is as strict as the cgroup files the agent writes.
+//! (mode 0600, created exclusively, never through a symlink). Platforms send it over TCP as
+//! `Authorization: Bearer <token>`; the CLI writes through the local socket, which needs none,
+//! and sends the token over TCP only when told both the address and the token file. A local
+//! user who cannot read the file cannot write limits, which is as strict as the cgroup files
+//! the agent writes.
 
 use std::{
     fs, io,
@@ -26,6 +28,8 @@ pub enum TokenError {
     Unsafe { path: PathBuf, what: String },
     #[error("API token file {path} does not hold a token (64 hex characters): remove it and restart the agent")]
     Malformed { path: PathBuf },
+    #[error("the API token file {path} {what}")]
+    Unreadable { path: PathBuf, what: String },
 }
 
 /// The agent's write token.
@@ -139,9 +143,29 @@ fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), TokenError> {
     Ok(())
 }
 
-/// The token for a client: read from `path` if this user may read it (root), else None.
-pub fn read_for_client(path: &Path) -> Option<String> {
-    Token::read(path).ok().map(|t| t.0)
+impl Token {
+    /// The token for a client, from `path`; the error says what is wrong with the file in
+    /// words a user can act on.
+    pub fn read_for_client(path: &Path) -> Result<String, TokenError> {
+        Token::read(path).map(|t| t.0).map_err(|e| match e {
+            TokenError::Io { path, source } => {
+                let what = match source.kind() {
+                    io::ErrorKind::NotFound => {
+                        "does not exist: is this the agent's api.token_file? (it is created when \
+                         the agent first starts)"
+                            .to_owned()
+                    }
+                    io::ErrorKind::PermissionDenied => {
+                        "cannot be read by this user: it is root's; run the command as root"
+                            .to_owned()
+                    }
+                    _ => source.to_string(),
+                };
+                TokenError::Unreadable { path, what }
+            }
+            other => other,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +185,9 @@ mod tests {
         assert!(t.matches(again.as_str()));
         assert!(!t.matches(&"0".repeat(64)));
         assert!(!t.matches(""));
-        assert_eq!(read_for_client(&path).as_deref(), Some(t.as_str()));
+        assert_eq!(Token::read_for_client(&path).unwrap(), t.as_str());
+        let missing = Token::read_for_client(&dir.path().join("nope")).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
     }
 
     #[test]

@@ -21,12 +21,11 @@ pub const SHOWN_INSTANCES: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot reach the EMARS agent at {addr}: {source} (is the agent running? start it with `emars agent`)"
-    )]
+    #[error("cannot reach the EMARS agent at {addr}: {source} ({hint})")]
     Connect {
         addr: String,
-        source: Box<ureq::Transport>,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        hint: String,
     },
     #[error("the agent answered {status}: {message}")]
     Api { status: u16, message: String },
@@ -37,19 +36,65 @@ pub enum ClientError {
     },
 }
 
+/// How requests reach the agent.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Its TCP port (`--addr`): whoever listens there gets what is sent, so the token goes
+    /// only where the user named both the address and the token file.
+    Tcp { base: String, agent: ureq::Agent },
+    /// Its local socket (`api.socket`): checked by the agent, no token needed. A user the
+    /// socket refuses (not root) may read through `reads_over` (TCP, no token) instead.
+    Local {
+        socket: std::path::PathBuf,
+        reads_over: Option<Box<Transport>>,
+    },
+}
+
 /// Blocking client of the agent's HTTP API.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
-    agent: ureq::Agent,
-    /// The write token, when this user could read it; where it was looked for.
+    transport: Transport,
+    /// The write token (TCP only), when it was given and could be read; else why not.
     token: Option<String>,
-    token_file: Option<std::path::PathBuf>,
+    token_problem: Option<String>,
 }
 
+/// Per request, connection and answer included.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Client {
-    /// `addr` is `host:port` or a URL (`http://127.0.0.1:9750`); a trailing `/` is ignored.
+    /// Over TCP: `addr` is `host:port` or a URL (`http://127.0.0.1:9750`); a trailing `/` is
+    /// ignored. No token is sent unless one is given ([`Client::with_token_file`]).
     pub fn new(addr: &str) -> Client {
+        Client {
+            transport: Self::tcp(addr),
+            token: None,
+            token_problem: None,
+        }
+    }
+
+    /// Through the agent's local socket at `socket`.
+    pub fn local(socket: &std::path::Path) -> Client {
+        Client {
+            transport: Transport::Local {
+                socket: socket.to_owned(),
+                reads_over: None,
+            },
+            token: None,
+            token_problem: None,
+        }
+    }
+
+    /// For a local client: GETs go to `addr` over TCP (without a token) when the socket
+    /// refuses this user, since reads are open to every local user.
+    pub fn with_read_fallback(mut self, addr: &str) -> Client {
+        if let Transport::Local { reads_over, .. } = &mut self.transport {
+            *reads_over = Some(Box::new(Self::tcp(addr)));
+        }
+        self
+    }
+
+    fn tcp(addr: &str) -> Transport {
         let addr = addr.trim().trim_end_matches('/');
         let base = if addr.contains("://") {
             addr.to_string()
@@ -58,37 +103,38 @@ impl Client {
         };
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30))
+            .timeout(TIMEOUT)
             .build();
-        Client {
-            base,
-            agent,
-            token: None,
-            token_file: None,
-        }
+        Transport::Tcp { base, agent }
     }
 
-    /// Sends the write token of `path` with every write, if this user may read it (root).
+    /// Sends the write token of `path` with every write over TCP. When it cannot be read, a
+    /// refused write says why.
     pub fn with_token_file(mut self, path: &std::path::Path) -> Client {
-        self.token = crate::api::token::read_for_client(path);
-        self.token_file = Some(path.to_owned());
+        match crate::api::token::Token::read_for_client(path) {
+            Ok(t) => self.token = Some(t),
+            Err(e) => self.token_problem = Some(e.to_string()),
+        }
         self
     }
 
-    /// Sends `token` with every write.
+    /// Sends `token` with every write over TCP.
     pub fn with_token(mut self, token: &str) -> Client {
         self.token = Some(token.to_owned());
         self
     }
 
-    /// Base URL requests go to.
-    pub fn base(&self) -> &str {
-        &self.base
+    /// Where requests go: a URL, or `unix:` and the socket's path.
+    pub fn base(&self) -> String {
+        match &self.transport {
+            Transport::Tcp { base, .. } => base.clone(),
+            Transport::Local { socket, .. } => format!("unix:{}", socket.display()),
+        }
     }
 
     /// GET `path` (starting with `/`); a non-2xx answer is [`ClientError::Api`].
     pub fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
-        self.answer(path, self.agent.get(&self.url(path)).call())
+        self.request(&self.transport, "GET", path, None)
     }
 
     /// POST `body` as JSON to `path`; a non-2xx answer is [`ClientError::Api`].
@@ -97,29 +143,97 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        let mut req = self.agent.post(&self.url(path));
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let r = self.answer(path, req.send_json(body));
-        match (r, &self.token, &self.token_file) {
-            (
+        let r = self.request(&self.transport, "POST", path, Some(body));
+        match (r, &self.transport) {
+            (Err(ClientError::Api { status: 401, message }), Transport::Tcp { .. }) => {
+                let why = match (&self.token, &self.token_problem) {
+                    (None, Some(problem)) => format!("no token sent: {problem}"),
+                    (None, None) => "no token sent: over TCP the CLI sends one only with \
+                                     --token-file; as root, leave out --addr to write through \
+                                     the agent's local socket"
+                        .to_owned(),
+                    (Some(_), _) => "the token sent is not this agent's".to_owned(),
+                };
                 Err(ClientError::Api {
                     status: 401,
-                    message,
-                }),
-                None,
-                Some(file),
-            ) => Err(ClientError::Api {
-                status: 401,
-                message: format!(
-                    "{message} (this user cannot read {}: run the command as root, or pass \
-                         --token-file)",
-                    file.display()
-                ),
-            }),
-            (r, _, _) => r,
+                    message: format!("{message} ({why})"),
+                })
+            }
+            (r, _) => r,
         }
+    }
+
+    fn request(
+        &self,
+        transport: &Transport,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let (status, bytes) = match transport {
+            Transport::Tcp { base, agent } => {
+                let mut req = agent.request(method, &format!("{base}{path}"));
+                if let (Some(t), Some(_)) = (&self.token, body) {
+                    req = req.set("Authorization", &format!("Bearer {t}"));
+                }
+                let sent = match body {
+                    Some(b) => req.send_json(b),
+                    None => req.call(),
+                };
+                match sent {
+                    Ok(resp) => (resp.status(), read_body(resp)),
+                    Err(ureq::Error::Status(status, resp)) => (status, read_body(resp)),
+                    Err(ureq::Error::Transport(t)) => {
+                        return Err(ClientError::Connect {
+                            addr: base.clone(),
+                            source: Box::new(t),
+                            hint: "is the agent running, and listening there? Without --addr \
+                                   the CLI uses the agent's local socket"
+                                .into(),
+                        })
+                    }
+                }
+            }
+            Transport::Local { socket, reads_over } => {
+                let json = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+                let method = if body.is_some() {
+                    hyper::Method::POST
+                } else {
+                    hyper::Method::GET
+                };
+                match super::local::exchange(socket, method, path, json, TIMEOUT) {
+                    Ok(a) => (a.status, a.body),
+                    Err(e) if e.is_permission_denied() && body.is_none() && reads_over.is_some() => {
+                        let over = reads_over.as_deref().unwrap_or(transport);
+                        return self.request(over, "GET", path, None);
+                    }
+                    Err(e) => {
+                        let hint = if e.is_permission_denied() {
+                            "the socket is root's (or api.socket_group's): run the command as root"
+                        } else {
+                            "is the agent running? `systemctl status emars`; for an agent with \
+                             another api.socket pass --socket, or --addr (and --token-file for \
+                             writes) for its TCP port"
+                        };
+                        return Err(ClientError::Connect {
+                            addr: socket.display().to_string(),
+                            source: Box::new(e),
+                            hint: hint.into(),
+                        });
+                    }
+                }
+            }
+        };
+        if !(200..300).contains(&status) {
+            return Err(ClientError::Api {
+                status,
+                message: error_message(status, &bytes),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            path: path.to_string(),
+            source,
+        })
     }
 
     /// GET `path`, decoded as the wire type `T`.
@@ -158,32 +272,14 @@ impl Client {
         let i: InstancesResponse = self.get_as(&format!("/v1/functions/{seg}/instances{q}"))?;
         Ok((d, i.instances.into_iter().map(|v| v.record).collect()))
     }
+}
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn answer(
-        &self,
-        path: &str,
-        result: Result<ureq::Response, ureq::Error>,
-    ) -> Result<serde_json::Value, ClientError> {
-        let decode = |source| ClientError::Decode {
-            path: path.to_string(),
-            source,
-        };
-        match result {
-            Ok(resp) => serde_json::from_reader(resp.into_reader()).map_err(decode),
-            Err(ureq::Error::Status(status, resp)) => Err(ClientError::Api {
-                status,
-                message: error_message(resp),
-            }),
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Connect {
-                addr: self.base.clone(),
-                source: Box::new(t),
-            }),
-        }
-    }
+/// An answer's body, at most 64 MiB (a bound, not a figure the API comes near).
+fn read_body(resp: ureq::Response) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let _ = resp.into_reader().take(64 << 20).read_to_end(&mut out);
+    out
 }
 
 fn decode_as<T: DeserializeOwned>(path: &str, v: serde_json::Value) -> Result<T, ClientError> {
@@ -193,16 +289,15 @@ fn decode_as<T: DeserializeOwned>(path: &str, v: serde_json::Value) -> Result<T,
     })
 }
 
-/// The `"error"` of an API error body, else the body text (bounded), else the status text.
-fn error_message(resp: ureq::Response) -> String {
-    let status_text = resp.status_text().to_string();
-    let body = resp.into_string().unwrap_or_default();
-    if let Ok(e) = serde_json::from_str::<ErrorBody>(&body) {
+/// The `"error"` of an API error body, else the body text (bounded), else the status.
+fn error_message(status: u16, body: &[u8]) -> String {
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
         return e.error;
     }
+    let body = String::from_utf8_lossy(body);
     let body = body.trim();
     if body.is_empty() {
-        status_text
+        format!("HTTP {status}")
     } else {
         clean(&body.chars().take(500).collect::<String>())
     }
@@ -743,7 +838,7 @@ mod tests {
             .get("/healthz")
             .unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
-        assert!(err.to_string().contains("emars agent"), "{err}");
+        assert!(err.to_string().contains("is the agent running"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The command line's side: the API client and its rendering (`client`), the demo workload
+//! The command line's side: the API client and its rendering (`client`), its way through the
+//! agent's local socket (`local`), the demo workload
 //! (`demo`), the SVG report of what the agent measured (`report`), and the local limit sweep
 //! (`tune`).
 
 pub mod client;
 pub mod demo;
+pub mod local;
 pub mod report;
 pub mod tune;

@@ -7,6 +7,7 @@
 //! hands over the version it replaced, whose contribution is taken back first, so writing the
 //! same record twice never counts it twice.
 
+use std::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -90,12 +91,46 @@ struct FunctionState {
     summary: Option<FunctionSummary>,
     #[serde(skip)]
     summary_json: Option<String>,
+    /// Its peaks counted into the metrics' buckets, as last counted (see
+    /// [`LiveModel::peak_histograms`]); None after any change.
+    #[serde(skip)]
+    histogram: Option<Arc<PeakHistogram>>,
 }
 
 impl FunctionState {
     fn changed(&mut self) {
         self.summary = None;
         self.summary_json = None;
+        self.histogram = None;
+    }
+
+    /// Its instance peaks (live and ended, above 0) counted into `bounds`, counted again only
+    /// after a change.
+    fn histogram(&mut self, bounds: &[u64]) -> Arc<PeakHistogram> {
+        if let Some(h) = &self.histogram {
+            if h.buckets.len() == bounds.len() {
+                return h.clone();
+            }
+        }
+        let mut h = PeakHistogram {
+            buckets: vec![0; bounds.len()],
+            count: 0,
+            sum: 0,
+        };
+        let peaks = self.live.values().map(|v| v.peak_bytes);
+        for p in peaks.chain(self.ended.iter().map(|e| e.peak_bytes)) {
+            if p == 0 {
+                continue;
+            }
+            h.count += 1;
+            h.sum = h.sum.saturating_add(p);
+            if let Some(c) = h.buckets.get_mut(bounds.partition_point(|b| *b < p)) {
+                *c += 1;
+            }
+        }
+        let h = Arc::new(h);
+        self.histogram = Some(h.clone());
+        h
     }
 
     /// The summary as JSON, kept until the next change: the list of every function is then a
@@ -527,28 +562,15 @@ impl LiveModel {
 
     /// Each function's instance peaks (retained, live and ended, peaks above 0: the
     /// population of its summary's percentiles) counted into the buckets `bounds` (ascending)
-    /// make, with their count and sum.
-    pub fn peak_histograms(&self, bounds: &[u64]) -> Vec<(String, PeakHistogram)> {
+    /// make, with their count and sum. Only functions that changed since the last call are
+    /// counted again: the caller holds the store's lock, which the event loop's writes wait
+    /// for, so this must not walk every record.
+    pub fn peak_histograms(&mut self, bounds: &[u64]) -> Vec<(String, Arc<PeakHistogram>)> {
+        let functions = &mut self.functions;
         self.order
             .iter()
             .filter_map(|name| {
-                let f = self.functions.get(name)?;
-                let mut h = PeakHistogram {
-                    buckets: vec![0; bounds.len()],
-                    count: 0,
-                    sum: 0,
-                };
-                let peaks = f.live.values().map(|v| v.peak_bytes);
-                for p in peaks.chain(f.ended.iter().map(|e| e.peak_bytes)) {
-                    if p == 0 {
-                        continue;
-                    }
-                    h.count += 1;
-                    h.sum = h.sum.saturating_add(p);
-                    if let Some(c) = h.buckets.get_mut(bounds.partition_point(|b| *b < p)) {
-                        *c += 1;
-                    }
-                }
+                let h = functions.get_mut(name)?.histogram(bounds);
                 Some((name.clone(), h))
             })
             .collect()

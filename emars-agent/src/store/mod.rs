@@ -284,6 +284,9 @@ pub struct Store {
     from_checkpoint: bool,
     /// Values left out at open because they did not decode (copied to `quarantine`).
     corrupt_at_open: u64,
+    /// Bumped by every write to the model: answers built from the whole model are rebuilt
+    /// only when it moved ([`Store::changes`]).
+    changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for Store {
@@ -384,6 +387,7 @@ impl Store {
             meta,
             from_checkpoint: false,
             corrupt_at_open: 0,
+            changes: Arc::default(),
         };
         store.replay_journal(journaled)?;
         store.load_strings()?;
@@ -962,6 +966,7 @@ impl Store {
     /// A live record goes to `instances_live`; an ended one leaves it for the tail, which is
     /// sealed into a block every [`BLOCK_RECORDS`] records.
     pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        self.note_change();
         validate_name(&rec.function)?;
         // Held across the write, so the model sees writes in the order the trees do.
         let mut st = self.state();
@@ -1248,6 +1253,7 @@ impl Store {
     /// `peak_bytes` takes the max. The bucket comes from the model, so the write reads
     /// nothing, except for an hour already sealed into its block (a late report).
     pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
+        self.note_change();
         validate_name(function)?;
         let mut st = self.state();
         if st.model.seen(function, at_ms, at_ms) {
@@ -1339,6 +1345,7 @@ impl Store {
         count: u64,
         at_ms: u64,
     ) -> Result<(), StoreError> {
+        self.note_change();
         self.add_hour(
             function,
             at_ms,
@@ -1375,7 +1382,7 @@ impl Store {
     pub fn peak_histograms(
         &self,
         bounds: &[u64],
-    ) -> Vec<(String, crate::model::live::PeakHistogram)> {
+    ) -> Vec<(String, Arc<crate::model::live::PeakHistogram>)> {
         self.state().model.peak_histograms(bounds)
     }
 
@@ -1412,6 +1419,7 @@ impl Store {
     /// (except to take their records out of the model); only a block that straddles the
     /// cutoff is rewritten.
     pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
+        self.note_change();
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
         let mut report = PruneReport::default();
@@ -1668,6 +1676,16 @@ impl Store {
                 Ok((name, bucket_of(hour_start_ms, &s)))
             })
             .collect()
+    }
+
+    /// How many writes the model has taken since the store opened: equal counts, equal answers.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn note_change(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -411,11 +411,15 @@ fn serve(
             return;
         };
         rt.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
                 return;
             };
             let Ok(addr) = listener.local_addr() else {
                 return;
+            };
+            let listeners = api::listen::Listeners {
+                tcp: Some(listener),
+                ..Default::default()
             };
             let state = ApiState {
                 store,
@@ -429,11 +433,12 @@ fn serve(
                 }),
                 retention_ms: 3650 * 86_400_000,
                 pool: None,
+                snapshots: Default::default(),
             };
             let guard = Arc::new(Guard::new(token, addr, &[]));
             let _ = tx.send(addr);
             let _ = api::serve(
-                listener,
+                listeners,
                 state,
                 guard,
                 Bounds::default(),
