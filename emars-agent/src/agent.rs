@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    api::{self, guard::Guard, listen::Inherited, server::Bounds, token::Token, ApiState, Predictive},
+    api::{
+        self, guard::Guard, listen::Inherited, server::Bounds, token::Token, ApiState, Predictive,
+    },
     clock::{now_ms, wall_ms_of},
     config::Config,
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
@@ -40,9 +42,12 @@ pub async fn run(
     // The API's sockets first, before anything slow: the port and the local socket are the
     // agent's from its first moment (connections wait in the backlog until it serves).
     for ignored in &inherited.ignored {
-        tracing::warn!("socket activation: {ignored} is not a stream socket the API serves: ignored");
+        tracing::warn!(
+            "socket activation: {ignored} is not a stream socket the API serves: ignored"
+        );
     }
-    let listeners = api::listen::open(&config.api, inherited).context("opening the API's sockets")?;
+    let listeners =
+        api::listen::open(&config.api, inherited).context("opening the API's sockets")?;
     let hierarchy = MemoryHierarchy::detect(config.cgroup.mode, config.cgroup.mount.as_deref())
         .context("finding the memory cgroup hierarchy")?;
     let registry = Registry::new(&config.cgroup.roots).context("compiling cgroup rules")?;
@@ -238,15 +243,9 @@ pub async fn run(
         snapshots: Default::default(),
     };
     let mut api_stop = stop_rx.clone();
-    let api_thread = api::spawn(
-        listeners,
-        api_state,
-        guard,
-        Bounds::default(),
-        async move {
-            let _ = api_stop.changed().await;
-        },
-    )
+    let api_thread = api::spawn(listeners, api_state, guard, Bounds::default(), async move {
+        let _ = api_stop.changed().await;
+    })
     .context("starting the API's threads")?;
     tokio::spawn(async move {
         shutdown.await;

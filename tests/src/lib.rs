@@ -284,6 +284,14 @@ pub fn alloc_bin() -> PathBuf {
     sibling_bin("emars-alloc")
 }
 
+/// The port squatter of the security tests (tests/src/bin/emars-squat.rs).
+pub fn squat_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_SQUAT_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-squat")
+}
+
 /// The agent binary: $EMARS_BIN, else target/<profile>/emars next to this test binary.
 pub fn agent_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EMARS_BIN") {
@@ -411,6 +419,8 @@ pub struct Agent {
     pub addr: String,
     pub store: PathBuf,
     pub config_path: PathBuf,
+    /// The agent's local socket (`api.socket`): the CLI's way in, no token needed.
+    pub socket: PathBuf,
     /// The agent's write token (root-only file) and its content.
     pub token_file: PathBuf,
     pub token: String,
@@ -452,6 +462,18 @@ impl Agent {
         tmp: Option<tempfile::TempDir>,
         wrapper: &[String],
     ) -> Result<Agent> {
+        Self::start_full(root, store, extra, tmp, wrapper, None)
+    }
+
+    /// [`Agent::start_under`], its local socket at `socket` (else in its own directory).
+    pub fn start_full(
+        root: &TestRoot,
+        store: &Path,
+        extra: &str,
+        tmp: Option<tempfile::TempDir>,
+        wrapper: &[String],
+        socket: Option<&Path>,
+    ) -> Result<Agent> {
         let dir = store
             .parent()
             .ok_or_else(|| anyhow!("store path has no parent"))?;
@@ -460,6 +482,7 @@ impl Agent {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let token_file = dir.join("api-token");
+        let socket = socket.map_or_else(|| dir.join("run").join("api.sock"), Path::to_owned);
         // The root's own pin directory, in the [probes] table `extra` may already open.
         let pin = format!("pin_path = \"{}\"\n", root.pin_path.display());
         let extra = match extra.find("[probes]\n") {
@@ -470,8 +493,9 @@ impl Agent {
             None => format!("{extra}\n[probes]\n{pin}"),
         };
         let config = format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nsocket = \"{}\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
             token_file.display(),
+            socket.display(),
             store.display(),
             root.rel
         );
@@ -529,11 +553,19 @@ impl Agent {
             addr,
             store: store.to_owned(),
             config_path,
+            socket,
             token_file,
             token,
             log,
             _tmp: tmp,
         })
+    }
+
+    /// `emars ARGS` as root's CLI runs it against this agent: through its local socket.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(agent_bin());
+        c.args(args).arg("--socket").arg(&self.socket);
+        c
     }
 
     /// The agent's process id (for CPU accounting from /proc/PID/stat).
@@ -696,6 +728,73 @@ impl Drop for Agent {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.terminate();
         }
+    }
+}
+
+/// For benchmarks: writes into the store at `path` `per_day` instances per function (`f0`,
+/// `f1`, ...) per day as the agent does, in time order across functions: the record when the
+/// instance starts (live, with its start-hour bucket), again when it ends (with its peak and
+/// the end-hour bucket), ending now. Stops without a checkpoint, as a kill -9 would. Returns
+/// the records written.
+pub fn seed_store(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
+    use emars_agent::model::{HourDelta, InstanceRecord, Limits, PeakSource};
+    use emars_agent::store::{Store, HOUR_MS};
+    let store = Store::open(path)?;
+    let now = emars_agent::clock::now_ms();
+    let start = now - days * 24 * HOUR_MS;
+    let step = 24 * HOUR_MS / per_day;
+    let mut n = 0;
+    for i in 0..days * per_day {
+        for f in 0..functions {
+            let name = format!("f{f}");
+            let started = start + i * step + f % step;
+            let mut rec = InstanceRecord {
+                function: name.clone(),
+                instance: format!("i{i}"),
+                cgroup_id: 1_000_000 + n,
+                cgroup_path: format!("/sys/fs/cgroup/memory/emars/{name}/i{i}"),
+                started_at_ms: started,
+                ended_at_ms: None,
+                execs: 1,
+                peak_bytes: 0,
+                peak_source: PeakSource::None,
+                oom_kills: 0,
+                limits: Limits {
+                    max_bytes: Some(256 << 20),
+                    high_bytes: Some(230 << 20),
+                },
+            };
+            store.put_instance(&rec)?;
+            let start_delta = HourDelta {
+                instances_started: 1,
+                execs: 1,
+                ..HourDelta::default()
+            };
+            store.add_hour(&name, started, start_delta)?;
+            rec.ended_at_ms = Some(started + 1500);
+            rec.peak_bytes = (16 + (i * 37 + f) % 200) << 20;
+            rec.peak_source = PeakSource::KernelWatermark;
+            store.put_instance(&rec)?;
+            let end_delta = HourDelta {
+                peak_bytes: rec.peak_bytes,
+                ..HourDelta::default()
+            };
+            store.add_hour(&name, started + 1500, end_delta)?;
+            n += 1;
+        }
+    }
+    store.flush()?;
+    Ok(n)
+}
+
+/// A child process killed (and reaped) when this goes out of scope, also when a test fails
+/// half-way: helpers such as a port squatter must not outlive their test.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -1,9 +1,17 @@
-//! The deployment files: the systemd unit passes `systemd-analyze verify`, and the agent does
+//! The deployment files: the systemd units pass `systemd-analyze verify`, and the agent does
 //! its whole job (programs attached, kernel side pinned, limits written at mkdir) with exactly
-//! the capabilities the unit grants; the Kubernetes DaemonSet has the host mounts, host PID
-//! and the same capabilities, and carries a config the agent accepts.
+//! the capabilities the unit grants; socket activation as emars.socket does it (the sockets
+//! handed over, and held across a restart); the Kubernetes DaemonSet has the host mounts, host
+//! PID and the same capabilities, and carries a config the agent accepts.
 
-use std::{fs, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use emars_tests::*;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -28,23 +36,41 @@ fn systemd_unit_verifies() -> anyhow::Result<()> {
     if find_program("systemd-analyze").is_none() {
         panic!("systemd-analyze missing (the systemd package): run `cargo xtask setup`");
     }
-    // verify checks that ExecStart's binary exists: point it at this build's.
+    // verify checks that ExecStart's binary exists: point it at this build's. The socket unit
+    // sits beside it (the service requires it).
     let dir = tempfile::tempdir()?;
     let copy = dir.path().join("emars.service");
     fs::write(
         &copy,
         unit.replace("/usr/local/bin/emars", &agent_bin().display().to_string()),
     )?;
+    let socket_unit = fs::read_to_string(repo_file("deploy/systemd/emars.socket"))?;
+    let socket_copy = dir.path().join("emars.socket");
+    fs::write(&socket_copy, &socket_unit)?;
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&copy)
+        .arg(&socket_copy)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {err}");
     assert!(
-        !err.contains("emars.service"),
-        "systemd-analyze has remarks on the unit:\n{err}"
+        !err.contains("emars.service") && !err.contains("emars.socket"),
+        "systemd-analyze has remarks on the units:\n{err}"
     );
+    // The socket unit holds the agent's default addresses, private.
+    for key in [
+        "ListenStream=127.0.0.1:9750",
+        "ListenStream=/run/emars/api.sock",
+        "SocketMode=0600",
+        "DirectoryMode=0700",
+    ] {
+        assert!(
+            socket_unit.lines().any(|l| l == key),
+            "the socket unit lacks {key}"
+        );
+    }
+    assert!(unit.lines().any(|l| l == "Requires=emars.socket"), "{unit}");
     let caps = unit_capabilities(&unit);
     assert_eq!(
         caps,
@@ -203,4 +229,156 @@ fn kubernetes_daemonset_has_what_the_agent_needs() -> anyhow::Result<()> {
     let args = strings(&c["args"]);
     assert_eq!(args, ["agent", "--config", "/etc/emars/config.toml"]);
     Ok(())
+}
+
+/// The agent started the way emars.socket starts it: `systemd-socket-activate` (systemd's own
+/// tool) holds a TCP port and a local socket and starts the agent on the first connection,
+/// handing both over; a supervisor loop (as systemd's Restart=) starts it again after a
+/// `kill -9`. The agent serves on the sockets it was handed, and while it is down the port
+/// cannot be taken and a CLI write through the socket waits for the next agent and lands.
+#[test]
+fn socket_activation_holds_the_port_across_a_restart() -> anyhow::Result<()> {
+    let test = "socket_activation_holds_the_port_across_a_restart";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let (Some(activate), Some(bash)) = (
+        find_program("systemd-socket-activate"),
+        find_program("bash"),
+    ) else {
+        panic!("{test}: systemd-socket-activate or bash missing (the systemd package): cargo xtask setup");
+    };
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    fs::create_dir(&run)?;
+    let socket = run.join("api.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = tmp.path().join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:1\"\nsocket = \"{}/unused.sock\"\ntoken_file = \"{}/token\"\n\
+             [store]\npath = \"{}/store\"\n[[cgroup.roots]]\npath = \"{}\"\n[probes]\npin_path = \"{}\"\n",
+            tmp.path().display(),
+            tmp.path().display(),
+            tmp.path().display(),
+            root.rel,
+            root.pin_path.display()
+        ),
+    )?;
+    // What systemd does for emars.service: start it again when it dies. LISTEN_PID names the
+    // process the sockets are for: the agent, exec'd in place of the subshell.
+    let supervisor =
+        r#"for i in 1 2; do ( LISTEN_PID=$BASHPID exec "$0" agent --config "$1" ); sleep 1; done"#;
+    let mut activator = Command::new(&activate)
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--listen={}", socket.display()))
+        .arg("--setenv=EMARS_LOG=info")
+        .arg(&bash)
+        .args(["-c", supervisor])
+        .arg(agent_bin())
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = log.clone();
+        let stderr = activator.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+    }
+    let log_text = || log.lock().map(|l| l.clone()).unwrap_or_default();
+    let result = (|| -> anyhow::Result<()> {
+        let base = format!("http://127.0.0.1:{port}");
+        let http = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10) * time_scale())
+            .build();
+        // The first connection starts the agent (it waits in the backlog meanwhile).
+        let first = wait_for(Duration::from_secs(60), || {
+            http.get(&format!("{base}/healthz")).call().ok()
+        });
+        anyhow::ensure!(
+            first.is_some(),
+            "no answer on the handed-over port:\n{}",
+            log_text()
+        );
+        let text = log_text();
+        anyhow::ensure!(
+            text.contains("handed over by the service manager"),
+            "the agent did not say it took the sockets:\n{text}"
+        );
+        // The config's own addresses were not bound besides.
+        anyhow::ensure!(
+            !tmp.path().join("unused.sock").exists() && text.contains(&format!("127.0.0.1:{port}")),
+            "the agent bound api.socket or api.listen itself:\n{text}"
+        );
+        let agent = agent_pid(&config).ok_or_else(|| anyhow::anyhow!("no agent process"))?;
+        // Kill it; a write through the socket meanwhile waits for the next agent.
+        // SAFETY: signalling the agent this test started.
+        unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+        let killed_at = Instant::now();
+        let cli = Command::new(agent_bin())
+            .args(["invocations", "activated", "4", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // No agent runs now, and the port is still taken.
+        anyhow::ensure!(
+            agent_pid(&config).is_none(),
+            "an agent runs right after kill -9"
+        );
+        let squat = std::net::TcpListener::bind(("127.0.0.1", port));
+        anyhow::ensure!(squat.is_err(), "the port was free during the restart");
+        let out = cli.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the write during the restart failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            log_text()
+        );
+        let next = agent_pid(&config).ok_or_else(|| anyhow::anyhow!("no second agent"))?;
+        anyhow::ensure!(next != agent, "the same agent answered after kill -9");
+        println!(
+            "{test}: restart answered the waiting write {:.1} s after kill -9",
+            killed_at.elapsed().as_secs_f64()
+        );
+        let v: serde_json::Value = http
+            .get(&format!("{base}/v1/functions/activated"))
+            .call()?
+            .into_json()?;
+        anyhow::ensure!(v["invocations"] == 4, "{v}");
+        Ok(())
+    })();
+    let _ = activator.kill();
+    let _ = activator.wait();
+    if let Some(pid) = agent_pid(&config) {
+        // SAFETY: the agent this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    result
+}
+
+/// The pid of the agent running with `config`, from /proc.
+fn agent_pid(config: &Path) -> Option<u32> {
+    let want = config.display().to_string();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_agent = args.iter().any(|a| *a == b"agent")
+            && args.iter().any(|a| *a == want.as_bytes())
+            && !args.iter().any(|a| *a == b"-c");
+        is_agent.then_some(pid)
+    })
 }

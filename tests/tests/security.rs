@@ -101,9 +101,15 @@ fn nobody_cannot_write() -> anyhow::Result<()> {
         let (ok, out, err) = run_as_nobody(cmd)?;
         assert!(!ok, "{args:?} succeeded as nobody: {out}");
         assert!(
-            err.contains("401") && err.contains("cannot read"),
+            err.contains("401") && err.contains("cannot be read by this user"),
             "{args:?}: {err}"
         );
+        // Through the local socket: the kernel refuses nobody (root's directory).
+        let mut cmd = Command::new(&cli);
+        cmd.args(args).arg("--socket").arg(&agent.socket);
+        let (ok, out, err) = run_as_nobody(cmd)?;
+        assert!(!ok, "{args:?} succeeded as nobody over the socket: {out}");
+        assert!(err.contains("the socket is root's"), "{args:?}: {err}");
     }
     // The same user can still read.
     let mut cmd = Command::new(&cli);
@@ -903,5 +909,152 @@ fn pinned_kernel_side_is_locked_versioned_and_removable() -> anyhow::Result<()> 
     let info = agent.get_ok("/v1/info")?;
     assert_eq!(info["probes_adopted"], false, "{info}");
     assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
+    Ok(())
+}
+
+/// Every writing CLI command, as root runs them, with a squatter (user `nobody`) holding the
+/// agent's default port 127.0.0.1:9750: through the local socket the squatter gets nothing;
+/// with no agent at the socket the CLI fails instead of trying the port; with an explicit
+/// `--addr` and no `--token-file` the squatter gets the request but no token. The assertions
+/// are on the bytes the squatter received.
+#[test]
+fn a_squatter_on_the_port_gets_no_token() -> anyhow::Result<()> {
+    if !require_root("a_squatter_on_the_port_gets_no_token") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    let (_dir, mut child) = live_instance(&root, &agent, "sec", 16)?;
+
+    let (keep, squat) = copy_for_nobody(&squat_bin())?;
+    let log = keep.path().join("squatted.log");
+    fs::write(&log, b"")?;
+    fs::set_permissions(&log, fs::Permissions::from_mode(0o666))?;
+    let mut squatter = {
+        use std::os::unix::process::CommandExt as _;
+        let mut c = Command::new(&squat);
+        c.args(["--tcp", "127.0.0.1:9750", "--log"])
+            .arg(&log)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .current_dir("/")
+            .stdout(std::process::Stdio::piped());
+        KillOnDrop(c.spawn().context("starting the squatter as nobody")?)
+    };
+    let out = squatter
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    anyhow::ensure!(
+        line.trim() == "listening",
+        "the squatter could not take 127.0.0.1:9750 (is an agent running on this host? its \
+         error is above)"
+    );
+    let squatted = || fs::read(&log).unwrap_or_default();
+
+    // Every command that writes, or asks with the token today (admit).
+    let commands: [&[&str]; 5] = [
+        &["apply"],
+        &["set-limit", "sec", "live", "--max", "134217728"],
+        &["recommend", "--generate"],
+        &["invocations", "sec", "3"],
+        &["admit", "sec"],
+    ];
+    for args in commands {
+        let out = agent.cli(args).output()?;
+        assert!(
+            out.status.success(),
+            "{args:?} through the socket: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // No agent at the socket: the command fails, and does not go looking for a port.
+        let out = Command::new(agent_bin())
+            .args(args)
+            .args(["--socket", "/nonexistent/emars/api.sock"])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} without an agent succeeded");
+        assert!(err.contains("is the agent running"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&squatted()),
+        "",
+        "the squatter received bytes while the CLI used the socket"
+    );
+    let f = agent.get_ok("/v1/functions/sec")?;
+    assert_eq!(f["invocations"], 3, "the real agent got the invocations");
+
+    // Told the port (and not the token file): the squatter gets a request, without a token.
+    // (The squatter's forged `{}` does not decode as the CLI expects: what it answers is the
+    // squatter's choice; what it received is the point.)
+    Command::new(agent_bin())
+        .args(["invocations", "sec", "1", "--addr", "127.0.0.1:9750"])
+        .output()?;
+    let got = String::from_utf8_lossy(&squatted()).into_owned();
+    assert!(
+        got.starts_with("POST /v1/functions/sec/invocations "),
+        "{got}"
+    );
+    assert!(!got.to_ascii_lowercase().contains("authorization"), "{got}");
+    assert!(!got.contains(&agent.token), "{got}");
+    drop(squatter);
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// A local socket whose file someone made world-accessible (systemd's default SocketMode is
+/// 0666): the kernel lets `nobody` connect, and the agent refuses it by its credentials
+/// before reading a byte; root is served.
+#[test]
+fn the_local_socket_refuses_other_users_by_their_credentials() -> anyhow::Result<()> {
+    if !require_root("the_local_socket_refuses_other_users_by_their_credentials") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    fs::create_dir(&run)?;
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
+    let socket = run.join("api.sock");
+    let store = tmp.path().join("store");
+    let extra = "\n[policy]\nmode = \"enforce\"\n";
+    let agent = Agent::start_full(&root, &store, extra, None, &[], Some(&socket))?;
+    let mode = fs::symlink_metadata(&socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    let (_keep, cli) = copy_for_nobody(&agent_bin())?;
+    let nobody = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let mut cmd = Command::new(&cli);
+        cmd.args(args).arg("--socket").arg(&socket);
+        let (ok, _, err) = run_as_nobody(cmd)?;
+        Ok((ok, err))
+    };
+    // The file's mode stops nobody first ...
+    let (ok, err) = nobody(&["invocations", "sock", "5"])?;
+    assert!(!ok && err.contains("the socket is root's"), "{err}");
+    // ... and with the file opened to everyone, the agent's own check does.
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666))?;
+    let (ok, err) = nobody(&["invocations", "sock", "5"])?;
+    assert!(!ok, "nobody wrote through the socket");
+    assert!(err.contains("cannot reach the EMARS agent"), "{err}");
+    wait_for(Duration::from_secs(5), || {
+        agent
+            .log()
+            .contains("API socket: peer refused")
+            .then_some(())
+    })
+    .ok_or_else(|| anyhow!("no refusal logged:\n{}", agent.log()))?;
+    assert!(agent.log().contains("uid=65534"), "{}", agent.log());
+    let (status, _) = agent.get("/v1/functions/sock")?;
+    assert_eq!(status, 404, "the function nobody reported must not exist");
+    // Root through the same socket: served.
+    let out = agent.cli(&["invocations", "sock", "2"]).output()?;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent.get_ok("/v1/functions/sock")?["invocations"], 2);
     Ok(())
 }

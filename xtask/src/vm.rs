@@ -362,6 +362,8 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
 struct GuestBinaries {
     emars: PathBuf,
     alloc: PathBuf,
+    /// The security tests' port squatter.
+    squat: PathBuf,
     init: PathBuf,
     tests: Vec<(String, PathBuf)>,
     /// Host files at their place in the guest (absolute path without the leading '/').
@@ -429,6 +431,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         .context("building the guest binaries")?;
     let mut emars = None;
     let mut alloc = None;
+    let mut squat = None;
     let mut init = None;
     let mut tests = Vec::new();
     for line in out.lines() {
@@ -446,6 +449,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         match (name, is_test) {
             ("emars", false) => emars = Some(exe.into()),
             ("emars-alloc", false) => alloc = Some(exe.into()),
+            ("emars-squat", false) => squat = Some(exe.into()),
             ("emars-init", false) => init = Some(exe.into()),
             (t, true) if GUEST_TESTS.contains(&t) => tests.push((t.to_owned(), exe.into())),
             _ => {}
@@ -459,13 +463,14 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     Ok(GuestBinaries {
         emars: need(emars, "emars")?,
         alloc: need(alloc, "emars-alloc")?,
+        squat: need(squat, "emars-squat")?,
         init: need(init, "emars-init")?,
         tests,
         host_files: host_programs()?,
     })
 }
 
-/// Writes a newc cpio: /init, /bin/{emars,emars-alloc}, /tests/*, mount points, /dev/console,
+/// Writes a newc cpio: /init, /bin/{emars,emars-alloc,emars-squat}, /tests/*, mount points, /dev/console,
 /// and the host's OCI runtimes, busybox and their libraries.
 fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     use cpio::newc::{trailer, Builder};
@@ -511,6 +516,7 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
         ("init".into(), &b.init),
         ("bin/emars".into(), &b.emars),
         ("bin/emars-alloc".into(), &b.alloc),
+        ("bin/emars-squat".into(), &b.squat),
     ];
     for (name, p) in &b.tests {
         files.push((format!("tests/{name}"), p));

@@ -283,7 +283,10 @@ mod tests {
         let h = headers(&[("host", "localhost"), ("content-type", "application/json")]);
         assert_eq!(status(g.check(Some(&local), &Method::POST, &h)), 200);
         assert_eq!(status(g.check(Some(&tcp), &Method::POST, &h)), 403);
-        let h = headers(&[("host", "localhost:9750"), ("content-type", "application/json")]);
+        let h = headers(&[
+            ("host", "localhost:9750"),
+            ("content-type", "application/json"),
+        ]);
         assert_eq!(status(g.check(Some(&tcp), &Method::POST, &h)), 401);
         let form = headers(&[("host", "localhost"), ("content-type", "text/plain")]);
         assert_eq!(status(g.check(Some(&local), &Method::POST, &form)), 415);

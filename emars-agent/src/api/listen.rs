@@ -41,7 +41,10 @@ pub enum ListenError {
     #[error("looking up api.socket_group {group:?}: {source}")]
     GroupLookup { group: String, source: nix::Error },
     #[error("socket {index} handed over by the service manager (LISTEN_FDS): {source}")]
-    Inherited { index: usize, source: std::io::Error },
+    Inherited {
+        index: usize,
+        source: std::io::Error,
+    },
     #[error(
         "the service manager handed over a TCP socket on {0}, which is not loopback: set \
          api.allow_remote = true to serve on it, or make the socket unit listen on 127.0.0.1"
@@ -76,9 +79,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -138,8 +143,10 @@ impl Inherited {
                 return Ok(());
             }
         }
-        self.ignored
-            .push(format!("descriptor {} (LISTEN_FDS index {index})", 3 + index));
+        self.ignored.push(format!(
+            "descriptor {} (LISTEN_FDS index {index})",
+            3 + index
+        ));
         Ok(())
     }
 
@@ -167,10 +174,9 @@ pub fn open(config: &ApiConfig, inherited: Inherited) -> Result<Listeners, Liste
     let was_inherited = inherited.tcp.is_some() || inherited.unix.is_some();
     let tcp = match inherited.tcp {
         Some(l) => {
-            let addr = l.local_addr().map_err(|source| ListenError::Inherited {
-                index: 0,
-                source,
-            })?;
+            let addr = l
+                .local_addr()
+                .map_err(|source| ListenError::Inherited { index: 0, source })?;
             if !addr.ip().is_loopback() && !config.allow_remote {
                 return Err(ListenError::InheritedRemote(addr));
             }
@@ -225,7 +231,10 @@ fn resolve_group(name: &str) -> Result<Option<u32>, ListenError> {
 /// for a socket group; an existing one must be a real directory of the agent's user that no
 /// one else can write), a stale socket from an earlier run replaced, the socket 0600 (0660
 /// with the group).
-fn bind_local(path: &Path, rule: PeerRule) -> Result<std::os::unix::net::UnixListener, ListenError> {
+fn bind_local(
+    path: &Path,
+    rule: PeerRule,
+) -> Result<std::os::unix::net::UnixListener, ListenError> {
     let sock_err = |source| ListenError::Socket {
         path: path.to_owned(),
         source,
@@ -268,6 +277,10 @@ fn private_dir(dir: &Path, rule: PeerRule) -> Result<(), ListenError> {
         source,
     };
     let mode = if rule.group.is_some() { 0o750 } else { 0o700 };
+    // Its parents are ordinary directories (/run on hosts that have none yet).
+    if let Some(parent) = dir.parent().filter(|p| !p.exists()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
     match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {
             // The umask may have taken bits: set them exactly.
@@ -275,7 +288,10 @@ fn private_dir(dir: &Path, rule: PeerRule) -> Result<(), ListenError> {
             if let Some(gid) = rule.group {
                 std::os::unix::fs::lchown(dir, None, Some(gid)).map_err(io)?;
             }
-            tracing::info!("created the API socket's directory {} (mode {mode:o})", dir.display());
+            tracing::info!(
+                "created the API socket's directory {} (mode {mode:o})",
+                dir.display()
+            );
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io(e)),

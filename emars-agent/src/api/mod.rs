@@ -1161,8 +1161,7 @@ mod tests {
                 socket: socket.clone(),
                 ..Default::default()
             };
-            let listeners =
-                listen::open(&config, listen::Inherited::default()).expect("listeners");
+            let listeners = listen::open(&config, listen::Inherited::default()).expect("listeners");
             let token_text = token.as_str().to_owned();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -1457,9 +1456,14 @@ mod tests {
         let list: FunctionsResponse = local.get_as("/v1/functions").unwrap();
         assert_eq!(list.functions.len(), 2);
 
-        let e = Client::new(&s.addr.to_string()).post(path, &body).unwrap_err();
+        let e = Client::new(&s.addr.to_string())
+            .post(path, &body)
+            .unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("401") && text.contains("--token-file"), "{text}");
+        assert!(
+            text.contains("401") && text.contains("--token-file"),
+            "{text}"
+        );
         let missing = s._dir.path().join("no-such-token");
         let e = Client::new(&s.addr.to_string())
             .with_token_file(&missing)

@@ -109,9 +109,14 @@ async fn accept_tcp(
             _ = closing.changed() => break,
         };
         match accepted {
-            Ok((stream, addr)) => {
-                spawn_connection(stream, Peer::Tcp(addr), app.clone(), bounds, permit, &closing)
-            }
+            Ok((stream, addr)) => spawn_connection(
+                stream,
+                Peer::Tcp(addr),
+                app.clone(),
+                bounds,
+                permit,
+                &closing,
+            ),
             Err(e) => accept_failed(e).await,
         }
     }

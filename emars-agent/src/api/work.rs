@@ -136,11 +136,7 @@ impl<T: Clone + Send + 'static> Snapshot<T> {
     /// The answer as of `version` (what the model's change counter says now; None: the answer
     /// moves all the time, as /metrics does, and is rebuilt once it is a second old). Concurrent
     /// callers wait for one build instead of each making theirs.
-    pub async fn get<F>(
-        &self,
-        version: impl Fn() -> Option<u64>,
-        build: F,
-    ) -> Result<T, ApiError>
+    pub async fn get<F>(&self, version: impl Fn() -> Option<u64>, build: F) -> Result<T, ApiError>
     where
         F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     {
@@ -196,7 +192,11 @@ mod tests {
         };
         let mut tasks = Vec::new();
         for _ in 0..50 {
-            tasks.push(tokio::spawn(get(snap.clone(), builds.clone(), version.clone())));
+            tasks.push(tokio::spawn(get(
+                snap.clone(),
+                builds.clone(),
+                version.clone(),
+            )));
         }
         for t in tasks {
             assert_eq!(t.await.unwrap(), Bytes::from("1"));
@@ -208,7 +208,11 @@ mod tests {
         let t0 = Instant::now();
         let body = get(snap.clone(), builds.clone(), version.clone()).await;
         assert_eq!(body, Bytes::from("2"));
-        assert!(t0.elapsed() >= Duration::from_millis(900), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
         assert_eq!(builds.load(Ordering::SeqCst), 2);
     }
 

@@ -145,7 +145,13 @@ impl Client {
     ) -> Result<serde_json::Value, ClientError> {
         let r = self.request(&self.transport, "POST", path, Some(body));
         match (r, &self.transport) {
-            (Err(ClientError::Api { status: 401, message }), Transport::Tcp { .. }) => {
+            (
+                Err(ClientError::Api {
+                    status: 401,
+                    message,
+                }),
+                Transport::Tcp { .. },
+            ) => {
                 let why = match (&self.token, &self.token_problem) {
                     (None, Some(problem)) => format!("no token sent: {problem}"),
                     (None, None) => "no token sent: over TCP the CLI sends one only with \
@@ -203,7 +209,9 @@ impl Client {
                 };
                 match super::local::exchange(socket, method, path, json, TIMEOUT) {
                     Ok(a) => (a.status, a.body),
-                    Err(e) if e.is_permission_denied() && body.is_none() && reads_over.is_some() => {
+                    Err(e)
+                        if e.is_permission_denied() && body.is_none() && reads_over.is_some() =>
+                    {
                         let over = reads_over.as_deref().unwrap_or(transport);
                         return self.request(over, "GET", path, None);
                     }

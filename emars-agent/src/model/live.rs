@@ -7,8 +7,8 @@
 //! hands over the version it replaced, whose contribution is taken back first, so writing the
 //! same record twice never counts it twice.
 
-use std::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 

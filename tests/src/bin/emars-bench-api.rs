@@ -27,9 +27,9 @@ use anyhow::{bail, Context, Result};
 use emars_agent::{
     api::{self, guard::Guard, server::Bounds, token::Token, ApiState, Predictive},
     kernel::cgroupfs::{CgroupVersion, MemoryHierarchy},
-    model::{AgentInfo, HourDelta, InstanceRecord, Limits, PeakSource},
+    model::AgentInfo,
     policy::{actuator::Actuator, Policy},
-    store::{Store, HOUR_MS},
+    store::Store,
 };
 
 const USAGE: &str = "usage: emars-bench-api [--functions F] [--days D] [--per-day N] [--requests R]
@@ -195,7 +195,7 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         functions * days * o.per_day
     );
     let t0 = Instant::now();
-    let records = fill(&path, functions, days, o.per_day)?;
+    let records = emars_tests::seed_store(&path, functions, days, o.per_day)?;
     let fill = t0.elapsed();
     let bytes_per_record = dir_bytes(&path) as f64 / records as f64;
     // Start-up after a kill -9 (no checkpoint: every record is read), which then stops
@@ -261,59 +261,6 @@ fn measure(functions: u64, days: u64, o: &Opts) -> Result<Row> {
         keepalive,
         metrics,
     })
-}
-
-/// Writes `per_day` instances per function per day as the agent does, in time order across
-/// functions: the record when the instance starts (live, with its start-hour bucket), again
-/// when it ends (with its peak and the end-hour bucket), ending now. Stops without a
-/// checkpoint, as a kill -9 would.
-fn fill(path: &Path, functions: u64, days: u64, per_day: u64) -> Result<u64> {
-    let store = Store::open(path)?;
-    let now = emars_agent::clock::now_ms();
-    let start = now - days * 24 * HOUR_MS;
-    let step = 24 * HOUR_MS / per_day;
-    let mut n = 0;
-    for i in 0..days * per_day {
-        for f in 0..functions {
-            let name = format!("f{f}");
-            let started = start + i * step + f % step;
-            let mut rec = InstanceRecord {
-                function: name.clone(),
-                instance: format!("i{i}"),
-                cgroup_id: 1_000_000 + n,
-                cgroup_path: format!("/sys/fs/cgroup/memory/emars/{name}/i{i}"),
-                started_at_ms: started,
-                ended_at_ms: None,
-                execs: 1,
-                peak_bytes: 0,
-                peak_source: PeakSource::None,
-                oom_kills: 0,
-                limits: Limits {
-                    max_bytes: Some(256 << 20),
-                    high_bytes: Some(230 << 20),
-                },
-            };
-            store.put_instance(&rec)?;
-            let start_delta = HourDelta {
-                instances_started: 1,
-                execs: 1,
-                ..HourDelta::default()
-            };
-            store.add_hour(&name, started, start_delta)?;
-            rec.ended_at_ms = Some(started + 1500);
-            rec.peak_bytes = (16 + (i * 37 + f) % 200) << 20;
-            rec.peak_source = PeakSource::KernelWatermark;
-            store.put_instance(&rec)?;
-            let end_delta = HourDelta {
-                peak_bytes: rec.peak_bytes,
-                ..HourDelta::default()
-            };
-            store.add_hour(&name, started + 1500, end_delta)?;
-            n += 1;
-        }
-    }
-    store.flush()?;
-    Ok(n)
 }
 
 /// `--open PATH`: opens the store as the agent does, stops cleanly, and prints the open time,

@@ -1,0 +1,559 @@
+//! emars-bench-load: the agent's event path under a storm of API clients, on the real kernel
+//! with the real agent. It prints a report; it is not a test.
+//!
+//! A real agent in enforce mode on a store seeded with history (`--functions` x `--records`
+//! ended instances, written through the store's own path), then two rounds on the same agent:
+//!
+//! 1. Quiet: `--containers` new instances, one after another (mkdir, wait until the limit the
+//!    agent writes is visible, rmdir), with no API client.
+//! 2. Storm: the same churn while `--heavy` clients each GET whole-model answers in a loop
+//!    (`/metrics`, `/v1/recommendations`, `/v1/functions`, `/v1/export`, a function's
+//!    instance list of 10,000) on a new connection each, and `--slow` clients hold half-sent
+//!    requests (a header byte a second, reconnecting when dropped); a prober GETs `/healthz`
+//!    every 100 ms over TCP and through the local socket.
+//!
+//! Per round: instances limited, the agent's mkdir → limits written delay (its audit's
+//! `delay_us`: kernel mkdir event to write completed) p50/p99/max, the platform's view (mkdir
+//! returned → limit visible), events lost, and for the storm the /healthz latency (max, p99)
+//! over each transport, requests answered / refused (503) / failed, and the agent's RSS (peak
+//! and at the end).
+//!
+//! ```text
+//! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
+//! sudo EMARS_BIN=target/release/emars target/release/emars-bench-load [--containers N]
+//!     [--heavy C] [--slow S] [--functions F] [--records R]
+//! ```
+
+use std::{
+    fs,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use emars_tests::{seed_store, Agent, TestRoot, MIB};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USAGE: &str =
+    "usage: emars-bench-load [--containers N] [--heavy C] [--slow S] [--functions F] [--records R]
+  --containers N  new instances per round (default 500)
+  --heavy C       clients GETting whole-model answers in a loop (default 3000)
+  --slow S        clients holding half-sent requests (default 600)
+  --functions F   functions in the seeded history (default 1000)
+  --records R     ended instances per function in it (default 20)
+Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
+
+const FUNCTION: &str = "churn";
+const LIMIT: u64 = 256 * MIB;
+
+struct Opts {
+    containers: usize,
+    heavy: usize,
+    slow: usize,
+    functions: u64,
+    records: u64,
+}
+
+fn main() {
+    let opts = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("emars-bench-load: {e:#}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("emars-bench-load: must run as root (cgroups, eBPF through the agent)");
+        std::process::exit(2);
+    }
+    if let Err(e) = run(&opts) {
+        eprintln!("emars-bench-load: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        containers: 500,
+        heavy: 3000,
+        slow: 600,
+        functions: 1000,
+        records: 20,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || -> Result<u64> {
+            args.next()
+                .with_context(|| format!("{a} needs a value"))?
+                .parse()
+                .with_context(|| format!("{a} takes a number"))
+        };
+        match a.as_str() {
+            "--containers" => o.containers = value()? as usize,
+            "--heavy" => o.heavy = value()? as usize,
+            "--slow" => o.slow = value()? as usize,
+            "--functions" => o.functions = value()?,
+            "--records" => o.records = value()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+fn run(o: &Opts) -> Result<()> {
+    raise_fd_limit();
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    eprintln!(
+        "seeding {} functions x {} records ...",
+        o.functions, o.records
+    );
+    // Within the default retention (14 days): over 10 days.
+    let days = o.records.clamp(1, 10);
+    let records = seed_store(&store, o.functions, days, o.records.div_ceil(days))?;
+    let extra = format!(
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{}/export\"\n\
+         [[policy.functions]]\nname = \"{FUNCTION}\"\npin_max_bytes = {LIMIT}\n",
+        tmp.path().display()
+    );
+    let agent = Agent::start_with(&root, &store, &extra, None)?;
+    eprintln!("agent up with {records} seeded records");
+    let quiet = churn_round(&root, &agent, o.containers, "q")?;
+    let lost_before = events_lost(&agent)?;
+    let storm = Storm::start(&agent, o)?;
+    let stormy = churn_round(&root, &agent, o.containers, "s")?;
+    let load = storm.stop()?;
+    let lost_after = events_lost(&agent)?;
+    print_report(o, records, &quiet, &stormy, &load, lost_before, lost_after);
+    Ok(())
+}
+
+/// What one churn round measured.
+struct Round {
+    n: usize,
+    limited: usize,
+    /// The agent's audit: kernel mkdir event → limits written, µs.
+    audit_us: Vec<f64>,
+    /// mkdir returned → limit visible, µs.
+    observed_us: Vec<f64>,
+}
+
+fn churn_round(root: &TestRoot, agent: &Agent, n: usize, tag: &str) -> Result<Round> {
+    let file = root.hierarchy.limit_files().0;
+    let mut observed_us = Vec::with_capacity(n);
+    let mut limited = 0;
+    let before = audit_keys(agent)?;
+    for i in 0..n {
+        let dir = root.instance_dir(FUNCTION, &format!("{tag}{i}"))?;
+        let t = Instant::now();
+        let seen = loop {
+            match fs::read_to_string(dir.join(file)) {
+                Ok(v) if v.trim().parse::<u64>().ok() == Some(LIMIT) => break Some(t.elapsed()),
+                _ if t.elapsed() > Duration::from_secs(5) => break None,
+                _ => thread::yield_now(),
+            }
+        };
+        if let Some(d) = seen {
+            limited += 1;
+            observed_us.push(d.as_secs_f64() * 1e6);
+        }
+        fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    // The audit of this round's writes (newest first; the round's are the new ones).
+    let audit = wait_audit(agent, before.len() + n)?;
+    let audit_us = audit
+        .iter()
+        .filter(|a| a["reason"] == "new_instance" && a["outcome"] == "ok")
+        .filter(|a| {
+            a["instance"]
+                .as_str()
+                .is_some_and(|i| i.starts_with(tag) && !before.contains(&audit_key(a)))
+        })
+        .filter_map(|a| a["delay_us"].as_f64())
+        .collect();
+    Ok(Round {
+        n,
+        limited,
+        audit_us,
+        observed_us,
+    })
+}
+
+fn audit_key(a: &Value) -> String {
+    format!("{}/{}", a["instance"], a["at_ms"])
+}
+
+fn audit_keys(agent: &Agent) -> Result<Vec<String>> {
+    let a = agent.get_ok("/v1/audit?limit=10000")?;
+    Ok(a["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(audit_key)
+        .collect())
+}
+
+/// The newest audit records, once there are at least `n` (or after 30 s).
+fn wait_audit(agent: &Agent, n: usize) -> Result<Vec<Value>> {
+    let t = Instant::now();
+    loop {
+        let a = agent.get_ok("/v1/audit?limit=10000")?;
+        let list = a["audit"].as_array().cloned().unwrap_or_default();
+        if list.len() >= n || t.elapsed() > Duration::from_secs(30) {
+            return Ok(list);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn events_lost(agent: &Agent) -> Result<u64> {
+    // The agent refreshes its counters once a second.
+    thread::sleep(Duration::from_millis(1200));
+    Ok(agent.get_ok("/v1/info")?["events_lost"]
+        .as_u64()
+        .unwrap_or(u64::MAX))
+}
+
+/// The clients of the storm, running on a runtime of their own until stopped.
+struct Storm {
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+    health: Arc<Mutex<Health>>,
+    rss: Arc<Mutex<(u64, u64)>>,
+    threads: Vec<thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    refused: AtomicU64,
+    other: AtomicU64,
+    failed: AtomicU64,
+    slow_cycles: AtomicU64,
+}
+
+#[derive(Default)]
+struct Health {
+    tcp_ms: Vec<f64>,
+    local_ms: Vec<f64>,
+    tcp_failed: u64,
+    local_failed: u64,
+}
+
+/// What the storm did.
+struct Load {
+    secs: f64,
+    ok: u64,
+    refused: u64,
+    other: u64,
+    failed: u64,
+    slow_cycles: u64,
+    health: Health,
+    rss_peak_mb: f64,
+    rss_end_mb: f64,
+}
+
+impl Storm {
+    fn start(agent: &Agent, o: &Opts) -> Result<Storm> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Counts::default());
+        let health = Arc::new(Mutex::new(Health::default()));
+        let rss = Arc::new(Mutex::new((0, 0)));
+        let addr: std::net::SocketAddr = agent.addr.parse().context("agent address")?;
+        let paths = vec![
+            "/metrics".to_owned(),
+            "/v1/recommendations".to_owned(),
+            "/v1/functions".to_owned(),
+            "/v1/export".to_owned(),
+            "/v1/functions/f0/instances?limit=10000".to_owned(),
+        ];
+        let mut threads = Vec::new();
+        {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            let (heavy, slow) = (o.heavy, o.slow);
+            threads.push(thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("client runtime");
+                rt.block_on(clients(addr, paths, heavy, slow, stop, counts));
+            }));
+        }
+        {
+            let (stop, health) = (stop.clone(), health.clone());
+            let socket = agent.socket.clone();
+            threads.push(thread::spawn(move || probe(addr, &socket, &stop, &health)));
+        }
+        {
+            let (stop, rss) = (stop.clone(), rss.clone());
+            let pid = agent.pid();
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(kb) = status_kb(pid, "VmRSS:") {
+                        if let Ok(mut r) = rss.lock() {
+                            r.0 = r.0.max(kb);
+                            r.1 = kb;
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }));
+        }
+        // Let the storm build up before the churn starts.
+        thread::sleep(Duration::from_secs(3));
+        Ok(Storm {
+            stop,
+            counts,
+            health,
+            rss,
+            threads,
+            started: Instant::now(),
+        })
+    }
+
+    fn stop(self) -> Result<Load> {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let health = std::mem::take(&mut *self.health.lock().map_err(|_| anyhow::anyhow!("lock"))?);
+        let (peak, end) = *self.rss.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        let c = &self.counts;
+        Ok(Load {
+            secs,
+            ok: c.ok.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            other: c.other.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            slow_cycles: c.slow_cycles.load(Ordering::Relaxed),
+            health,
+            rss_peak_mb: peak as f64 / 1024.0,
+            rss_end_mb: end as f64 / 1024.0,
+        })
+    }
+}
+
+async fn clients(
+    addr: std::net::SocketAddr,
+    paths: Vec<String>,
+    heavy: usize,
+    slow: usize,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..heavy {
+        let path = paths[i % paths.len()].clone();
+        let (stop, counts) = (stop.clone(), counts.clone());
+        tasks.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match heavy_get(addr, &path).await {
+                    Ok(200) => counts.ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(503) => counts.refused.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => counts.other.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => {
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        0
+                    }
+                };
+            }
+        });
+    }
+    for _ in 0..slow {
+        let (stop, counts) = (stop.clone(), counts.clone());
+        tasks.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = half_sent(addr, &stop).await;
+                counts.slow_cycles.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One GET on a new connection, read to its end; the status.
+async fn heavy_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("connect timeout"))??;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await?;
+    let status = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut sink = [0u8; 65536];
+    let read_all = async {
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_all)
+        .await
+        .map_err(|_| std::io::Error::other("read timeout"))??;
+    Ok(status)
+}
+
+/// A request that never finishes: half a header, then a byte a second until dropped.
+async fn half_sent(addr: std::net::SocketAddr, stop: &AtomicBool) -> std::io::Result<()> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /v1/functions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await?;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.write_all(b"a").await?;
+    }
+    Ok(())
+}
+
+/// GET /healthz every 100 ms over TCP (a new connection) and through the local socket.
+fn probe(addr: std::net::SocketAddr, socket: &Path, stop: &AtomicBool, health: &Mutex<Health>) {
+    let tcp = emars_agent::cli::client::Client::new(&addr.to_string());
+    let local = emars_agent::cli::client::Client::local(socket);
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let tcp_ok = tcp.get("/healthz").is_ok();
+        let tcp_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let local_ok = local.get("/healthz").is_ok();
+        let local_ms = t.elapsed().as_secs_f64() * 1e3;
+        if let Ok(mut h) = health.lock() {
+            if tcp_ok {
+                h.tcp_ms.push(tcp_ms);
+            } else {
+                h.tcp_failed += 1;
+            }
+            if local_ok {
+                h.local_ms.push(local_ms);
+            } else {
+                h.local_failed += 1;
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill, then to set.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+fn spread(v: &[f64], unit: f64, digits: usize) -> String {
+    format!(
+        "p50 {:.d$} / p99 {:.d$} / max {:.d$}",
+        pct(v, 50.0) / unit,
+        pct(v, 99.0) / unit,
+        pct(v, 100.0) / unit,
+        d = digits
+    )
+}
+
+fn print_report(
+    o: &Opts,
+    records: u64,
+    quiet: &Round,
+    storm: &Round,
+    load: &Load,
+    lost_before: u64,
+    lost_after: u64,
+) {
+    println!();
+    println!(
+        "emars-bench-load: {} new instances per round; seeded history {} functions, {records} records",
+        o.containers, o.functions
+    );
+    for (name, r) in [("quiet", quiet), ("storm", storm)] {
+        println!("  {name}:");
+        println!(
+            "    instances limited: {} of {} (audit records: {})",
+            r.limited,
+            r.n,
+            r.audit_us.len()
+        );
+        println!(
+            "    mkdir → limits written (agent audit): {} ms",
+            spread(&r.audit_us, 1e3, 2)
+        );
+        println!(
+            "    mkdir returned → limit visible:        {} ms",
+            spread(&r.observed_us, 1e3, 2)
+        );
+    }
+    println!(
+        "  storm clients: {} heavy GETs in a loop, {} half-sent requests; {:.0} s",
+        o.heavy, o.slow, load.secs
+    );
+    println!(
+        "    answered 200: {} ({:.0}/s), 503 busy: {}, other status: {}, connection failed: {}; half-sent connections dropped: {}",
+        load.ok,
+        load.ok as f64 / load.secs,
+        load.refused,
+        load.other,
+        load.failed,
+        load.slow_cycles
+    );
+    println!(
+        "    /healthz over TCP:          {} ms, failed {}",
+        spread(&load.health.tcp_ms, 1.0, 1),
+        load.health.tcp_failed
+    );
+    println!(
+        "    /healthz over the socket:   {} ms, failed {}",
+        spread(&load.health.local_ms, 1.0, 1),
+        load.health.local_failed
+    );
+    println!(
+        "    agent RSS: peak {:.0} MB, at the end {:.0} MB",
+        load.rss_peak_mb, load.rss_end_mb
+    );
+    println!(
+        "  events lost: {} (before the storm {lost_before})",
+        lost_after
+    );
+}
