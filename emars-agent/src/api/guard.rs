@@ -7,9 +7,10 @@
 //!   agent's own, `Sec-Fetch-Site` other than `same-origin`/`none`) is refused on every route,
 //!   whatever it carries.
 //! - Writes: every method but GET and HEAD, on any route (today's and tomorrow's, and unknown
-//!   ones), needs `Authorization: Bearer <token>` ([`super::token`]), and POST/PUT/PATCH a JSON
-//!   content type (a browser form can send neither without a CORS preflight, which the agent
-//!   never grants).
+//!   ones), needs `Authorization: Bearer <token>` ([`super::token`]) ([`layer`], before
+//!   routing), and POST/PUT/PATCH to a route a JSON content type ([`json_body`], after routing:
+//!   a method the route does not take is a 405 with `Allow`, whatever its body). A browser form
+//!   can send neither without a CORS preflight, which the agent never grants.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -120,24 +121,37 @@ impl Guard {
                 ),
             ));
         }
-        // Bodies come with POST, PUT and PATCH: the methods a form (POST) or a script might
-        // send without a preflight in the browser's eyes.
-        if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-            return Ok(());
-        }
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "writes take a JSON body: expected header `Content-Type: application/json` \
-                 (send `{}` when there is nothing to say)",
-            ));
-        }
         Ok(())
+    }
+}
+
+/// The verdict on a routed write's content type: POST, PUT and PATCH (the methods a form or a
+/// script might send without a preflight in the browser's eyes) need a JSON body.
+pub fn check_json_body(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        return Ok(());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "writes take a JSON body: expected header `Content-Type: application/json` \
+             (send `{}` when there is nothing to say)",
+        ));
+    }
+    Ok(())
+}
+
+/// The axum middleware on each route (`route_layer`: after routing, so that a method the
+/// route does not take is answered 405 first).
+pub async fn json_body(req: Request, next: Next) -> Response {
+    match check_json_body(req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -219,7 +233,10 @@ mod tests {
         let with = |extra: (&'static str, &str)| {
             let mut h = headers(&base);
             h.insert(extra.0, extra.1.parse().unwrap());
-            status(g.check(&Method::POST, &h))
+            status(
+                g.check(&Method::POST, &h)
+                    .and_then(|()| check_json_body(&Method::POST, &h)),
+            )
         };
         assert_eq!(status(g.check(&Method::POST, &headers(&base))), 200);
         assert_eq!(with(("origin", "http://evil.example")), 403);
@@ -233,6 +250,11 @@ mod tests {
             415
         );
         assert_eq!(with(("content-type", "text/plain")), 415);
+        // GET and DELETE carry no body to check.
+        let plain = headers(&[("content-type", "text/plain")]);
+        assert_eq!(status(check_json_body(&Method::GET, &plain)), 200);
+        assert_eq!(status(check_json_body(&Method::DELETE, &plain)), 200);
+        assert_eq!(status(check_json_body(&Method::PUT, &plain)), 415);
     }
 
     #[test]

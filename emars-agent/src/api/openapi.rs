@@ -131,20 +131,35 @@ pub struct InstancePath {
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
     #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     name: String,
-    /// Instance name.
+    /// Instance name (a live instance of the function).
     instance: String,
 }
 
-/// `?live=…&limit=…` of the instances listing.
+/// `?live=…&limit=…&order=…&cursor=…` of the instances listing ([`super::paging`]).
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct InstancesParams {
     /// true: live instances only; false: ended ones only.
     live: Option<bool>,
-    /// The newest N (after `live`).
+    /// Records per page (default 1000).
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
+    /// `oldest` first (the default) or `newest` first, by start time then cgroup id.
+    #[param(inline)]
+    order: Option<ListOrder>,
+    /// The `next` of the previous page (same `live` and `order`): the page starts after it.
+    #[param(pattern = "^[0-9a-f]{32}$")]
+    cursor: Option<String>,
+}
+
+/// `order=` of the instances listing.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum ListOrder {
+    Oldest,
+    Newest,
 }
 
 /// `?limit=N` of a listing, newest first.
