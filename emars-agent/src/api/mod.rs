@@ -50,11 +50,11 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use body::JsonObject;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{middleware, Extension, Json, Router};
+use body::JsonObject;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::kernel::cgroupfs::CgroupfsError;
@@ -699,7 +699,7 @@ async fn get_recommendation(
                 ("limits" = (operation_id = "set_limits", parameters(("name" = "$response.body#/function"),
                     ("instance" = "$response.body#/instance")), description = "Limits for the new instance")),
                 ("instances" = (operation_id = "list_instances", parameters(("name" = "$response.body#/function"),
-                    ("live" = true)), description = "The function's live instances, this one among them")),
+                    ("live" = "true")), description = "The function's live instances, this one among them")),
             )),
         (status = 404, description = "No such cgroup", body = ErrorBody),
         (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
@@ -724,6 +724,7 @@ async fn bind(
                 ("order" = "newest")), description = "The function's instances, this one first")))),
         (status = 404, description = "No such cgroup", body = ErrorBody),
         (status = 409, description = "Not bound", body = ErrorBody),
+        (status = 422, description = "Outside the watched roots", body = ErrorBody),
     )
 )]
 async fn release(
@@ -1337,7 +1338,10 @@ mod tests {
         assert_eq!((ids(&second), second.next), (vec!["i3".to_owned()], None));
         let newest = get("?limit=2&order=newest");
         assert_eq!(ids(&newest), ["i3", "i2"]);
-        let older = get(&format!("?limit=2&order=newest&cursor={}", newest.next.unwrap()));
+        let older = get(&format!(
+            "?limit=2&order=newest&cursor={}",
+            newest.next.unwrap()
+        ));
         assert_eq!((ids(&older), older.next), (vec!["i1".to_owned()], None));
         // A cursor past the end is an empty page of a known function, not a 404.
         let past = paging::encode_cursor((u64::MAX, u64::MAX));
@@ -1391,7 +1395,13 @@ mod tests {
         for i in 0..25u64 {
             let end = (i % 3 != 0).then_some(T0 + i * 1000 + 500);
             s.store
-                .put_instance(&rec("fn-p", &format!("i{i:02}"), T0 + i * 1000, end, 1 << 20))
+                .put_instance(&rec(
+                    "fn-p",
+                    &format!("i{i:02}"),
+                    T0 + i * 1000,
+                    end,
+                    1 << 20,
+                ))
                 .unwrap();
         }
         let c = s.client();
@@ -1411,7 +1421,10 @@ mod tests {
         let mut reversed = expected.clone();
         reversed.reverse();
         assert_eq!(names(&paged), reversed);
-        assert_eq!(names(&c.newest_instances("fn-p", 9, 4).unwrap()), reversed[..9]);
+        assert_eq!(
+            names(&c.newest_instances("fn-p", 9, 4).unwrap()),
+            reversed[..9]
+        );
     }
 
     #[test]

@@ -110,10 +110,18 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_keep_the_key_order() {
-        for key in [(0, 0), (1_700_000_000_000, 42), (u64::MAX, u64::MAX), (7, u64::MAX)] {
+        for key in [
+            (0, 0),
+            (1_700_000_000_000, 42),
+            (u64::MAX, u64::MAX),
+            (7, u64::MAX),
+        ] {
             let c = encode_cursor(key);
             assert_eq!(c.len(), 32);
-            assert!(regex::Regex::new(CURSOR_PATTERN).unwrap().is_match(&c), "{c}");
+            assert!(
+                regex::Regex::new(CURSOR_PATTERN).unwrap().is_match(&c),
+                "{c}"
+            );
             assert_eq!(decode_cursor(&c), Some(key));
         }
         // Cursors sort as their keys do.

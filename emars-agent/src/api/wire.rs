@@ -200,7 +200,9 @@ impl utoipa::PartialSchema for LimitsBody {
                     .item(given("max_bytes"))
                     .item(given("high_bytes")),
             )
-            .examples([serde_json::json!({"max_bytes": 268_435_456u64, "high_bytes": 201_326_592u64})])
+            .examples([
+                serde_json::json!({"max_bytes": 268_435_456u64, "high_bytes": 201_326_592u64}),
+            ])
             .into()
     }
 }
@@ -262,7 +264,10 @@ pub struct KeepAliveAdvice {
 pub struct BindBody {
     /// The cgroup directory, or its path below the hierarchy: absolute, without `.` or `..`
     /// components.
-    #[schema(pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$", max_length = 4096)]
+    #[schema(
+        pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$",
+        max_length = 4096
+    )]
     pub cgroup: String,
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
     #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
@@ -278,6 +283,9 @@ pub struct BindBody {
 #[schema(examples(json!({"cgroup": "/pool/cg-3"})))]
 pub struct ReleaseBody {
     /// As in BindBody.
-    #[schema(pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$", max_length = 4096)]
+    #[schema(
+        pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$",
+        max_length = 4096
+    )]
     pub cgroup: String,
 }

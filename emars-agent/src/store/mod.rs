@@ -1235,9 +1235,13 @@ impl Store {
         let limit = q.limit.max(1);
         let st = self.state();
         // One key more than asked for says whether a next page exists.
-        let mut keys =
-            st.model
-                .instance_keys_page(function, q.live, q.order, q.after, limit.saturating_add(1));
+        let mut keys = st.model.instance_keys_page(
+            function,
+            q.live,
+            q.order,
+            q.after,
+            limit.saturating_add(1),
+        );
         let next = (keys.len() > limit).then(|| keys[limit - 1]);
         keys.truncate(limit);
         let located: Vec<(InstanceKey, Option<u32>)> = keys
@@ -2345,7 +2349,9 @@ mod tests {
             s.put_instance(&rec("g", 1_000 + i * 10, 9)).unwrap();
         }
         let keys = |recs: &[InstanceRecord]| -> Vec<(u64, u64)> {
-            recs.iter().map(|r| (r.started_at_ms, r.cgroup_id)).collect()
+            recs.iter()
+                .map(|r| (r.started_at_ms, r.cgroup_id))
+                .collect()
         };
         let mut added: Vec<(u64, u64)> = Vec::new();
         for order in [Order::Oldest, Order::Newest] {
@@ -2390,7 +2396,10 @@ mod tests {
         // Only live ones, newest first, in pages of 2.
         let mut live_now = keys(&s.instances("f").unwrap());
         let all = s.instances("f").unwrap();
-        live_now.retain(|k| all.iter().any(|r| (r.started_at_ms, r.cgroup_id) == *k && r.is_live()));
+        live_now.retain(|k| {
+            all.iter()
+                .any(|r| (r.started_at_ms, r.cgroup_id) == *k && r.is_live())
+        });
         live_now.reverse();
         assert!(live_now.len() > 2);
         let mut seen = Vec::new();
