@@ -676,6 +676,10 @@ fn instance_pages_hold_every_record_once_while_instances_end() -> anyhow::Result
                 .map_or_else(String::new, |c| format!("&cursor={c}"));
             let page = agent.get_ok(&format!("/v1/functions/{PAGED}/instances?{query}{after}"))?;
             pages += 1;
+            assert!(
+                pages <= 10,
+                "a listing of 30 records in pages of 10 does not end"
+            );
             let records = page["instances"].as_array().cloned().unwrap_or_default();
             assert!(records.len() <= 10, "{page}");
             for r in records {
