@@ -664,51 +664,57 @@ fn instance_pages_hold_every_record_once_while_instances_end() -> anyhow::Result
     agent.wait_ended(PAGED, 25)?;
     let created: Vec<String> = (0..25).map(|i| format!("e{i:02}")).collect();
 
-    // Every page of a listing from `cursor` on: the instance names, their keys, how many pages.
-    let list = |query: &str,
-                cursor: Option<&str>|
-     -> anyhow::Result<(Vec<String>, Vec<(u64, u64)>, usize)> {
-        let (mut names, mut keys, mut pages) = (Vec::new(), Vec::new(), 0);
+    // Every page of a listing from `cursor` on.
+    let list = |query: &str, cursor: Option<&str>| -> anyhow::Result<Listing> {
+        let mut l = Listing::default();
         let mut cursor = cursor.map(str::to_owned);
         loop {
             let after = cursor
                 .as_deref()
                 .map_or_else(String::new, |c| format!("&cursor={c}"));
             let page = agent.get_ok(&format!("/v1/functions/{PAGED}/instances?{query}{after}"))?;
-            pages += 1;
+            l.pages += 1;
             assert!(
-                pages <= 10,
+                l.pages <= 10,
                 "a listing of 30 records in pages of 10 does not end"
             );
             let records = page["instances"].as_array().cloned().unwrap_or_default();
             assert!(records.len() <= 10, "{page}");
             for r in records {
-                names.push(r["instance"].as_str().unwrap_or_default().to_owned());
-                keys.push((u64_of(&r, "started_at_ms"), u64_of(&r, "cgroup_id")));
+                l.names
+                    .push(r["instance"].as_str().unwrap_or_default().to_owned());
+                l.keys
+                    .push((u64_of(&r, "started_at_ms"), u64_of(&r, "cgroup_id")));
             }
             match page["next"].as_str() {
                 Some(next) => {
                     assert_eq!(next.len(), 32, "{page}");
                     cursor = Some(next.to_owned());
                 }
-                None => return Ok((names, keys, pages)),
+                None => return Ok(l),
             }
         }
     };
     // Oldest first: 3 pages (10, 10, 5), each record once, in key order, none left out.
-    let (names, keys, pages) = list("limit=10", None)?;
-    assert_eq!(pages, 3);
-    assert_eq!(names, created);
-    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
-    // Newest first: the same records the other way round.
-    let (mut newest, newest_keys, pages) = list("limit=10&order=newest", None)?;
-    assert_eq!(pages, 3);
+    let oldest = list("limit=10", None)?;
+    assert_eq!(oldest.pages, 3);
+    assert_eq!(oldest.names, created);
     assert!(
-        newest_keys.windows(2).all(|w| w[0] > w[1]),
-        "{newest_keys:?}"
+        oldest.keys.windows(2).all(|w| w[0] < w[1]),
+        "{:?}",
+        oldest.keys
     );
-    newest.reverse();
-    assert_eq!(newest, created);
+    // Newest first: the same records the other way round.
+    let newest = list("limit=10&order=newest", None)?;
+    assert_eq!(newest.pages, 3);
+    assert!(
+        newest.keys.windows(2).all(|w| w[0] > w[1]),
+        "{:?}",
+        newest.keys
+    );
+    let mut names = newest.names;
+    names.reverse();
+    assert_eq!(names, created);
 
     // Three live instances, and the first page of each order taken now.
     let mut live = Vec::new();
@@ -746,10 +752,10 @@ fn instance_pages_hold_every_record_once_while_instances_end() -> anyhow::Result
     let mut expected: Vec<String> = created.clone();
     expected.extend(["l0", "l1", "l2", "n0", "n1"].map(String::from));
     // Oldest first: the rest, including the instances that started meanwhile.
-    let (rest, _, _) = list("limit=10", Some(&old_cursor))?;
+    let rest = list("limit=10", Some(&old_cursor))?.names;
     assert_eq!([old_first, rest].concat(), expected);
     // Newest first: the rest of what was there when it began, nothing twice.
-    let (rest, _, _) = list("limit=10&order=newest", Some(&new_cursor))?;
+    let rest = list("limit=10&order=newest", Some(&new_cursor))?.names;
     let mut seen = [new_first, rest].concat();
     seen.reverse();
     assert_eq!(seen, expected[..28]);
@@ -766,4 +772,12 @@ fn instance_pages_hold_every_record_once_while_instances_end() -> anyhow::Result
     let (status, body) = agent.get(&format!("/v1/functions/{PAGED}/instances?limit=10001"))?;
     assert_eq!(status, 400, "{body}");
     Ok(())
+}
+
+/// What a listing's pages held, in order.
+#[derive(Default)]
+struct Listing {
+    names: Vec<String>,
+    keys: Vec<(u64, u64)>,
+    pages: usize,
 }
