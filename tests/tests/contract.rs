@@ -12,7 +12,7 @@ use std::{
     fs,
     path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use emars_tests::*;
@@ -22,7 +22,8 @@ const FUNCTION: &str = "contract";
 /// A fixed seed, so that a failure is reproducible with the command line the test prints.
 const SEED: u64 = 19;
 /// Cases per operation in the fuzzing phase (the coverage and examples phases are
-/// deterministic and bounded by the document).
+/// deterministic and bounded by the document): about 5,000 cases in all, a minute on a 2-core
+/// host with a debug agent (two under heavy load).
 const MAX_EXAMPLES: u32 = 300;
 /// Steps per stateful scenario.
 const STATEFUL_STEPS: u32 = 15;
@@ -223,10 +224,6 @@ fn schemathesis_finds_no_failure_against_a_real_agent() -> anyhow::Result<()> {
     );
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        took < Duration::from_secs(240),
-        "the run took {took:?}, past its budget: lower MAX_EXAMPLES"
-    );
     Ok(())
 }
 
