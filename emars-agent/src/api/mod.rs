@@ -1592,6 +1592,27 @@ mod tests {
         assert_eq!(r.header("allow"), Some("GET,HEAD"));
         let (st, v) = raw(Ok(r));
         assert_eq!((st, v["status"].as_u64()), (405, Some(405)));
+        // With the token, a method the route does not take is a 405 whatever the body: the
+        // content type is looked at only on a route that takes the method.
+        for path in [
+            "/v1/functions",
+            "/v1/apply",
+            "/v1/functions/fn-a/invocations",
+        ] {
+            let resp = ureq::put(&s.url(path))
+                .set("Authorization", &format!("Bearer {}", s.token))
+                .set("Content-Type", "text/plain")
+                .send_string("x");
+            let Err(ureq::Error::Status(405, r)) = resp else {
+                panic!("PUT {path}: expected 405, got {resp:?}");
+            };
+            assert!(r.header("allow").is_some(), "PUT {path}");
+        }
+        let (st, _) = raw(s
+            .post("/v1/apply")
+            .set("Content-Type", "text/plain")
+            .send_string("{}"));
+        assert_eq!(st, 415, "a routed write still needs JSON");
     }
 
     #[test]
