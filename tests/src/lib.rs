@@ -637,13 +637,24 @@ impl Agent {
         Ok((status, body))
     }
 
-    /// The instances of a function, or an empty list while it is unknown.
+    /// Every instance of a function, oldest first (page after page), or an empty list while
+    /// it is unknown.
     pub fn instances(&self, function: &str) -> Result<Vec<Value>> {
-        let (status, body) = self.get(&format!("/v1/functions/{function}/instances"))?;
-        match status {
-            200 => Ok(body["instances"].as_array().cloned().unwrap_or_default()),
-            404 => Ok(Vec::new()),
-            s => bail!("instances of {function}: {s} {body}"),
+        let mut all = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let (status, body) = self.get(&format!(
+                "/v1/functions/{function}/instances?limit=10000{cursor}"
+            ))?;
+            match status {
+                200 => all.extend(body["instances"].as_array().cloned().unwrap_or_default()),
+                404 => return Ok(Vec::new()),
+                s => bail!("instances of {function}: {s} {body}"),
+            }
+            match body["next"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => return Ok(all),
+            }
         }
     }
 

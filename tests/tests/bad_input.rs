@@ -113,14 +113,15 @@ fn bad_api_requests() -> anyhow::Result<()> {
         br#"{"count": 1}"#,
     )?;
     assert_eq!(s, 400);
-    // Times outside the retention, or too far ahead of the agent's clock, name the field.
+    // Times outside the retention, or too far ahead of the agent's clock, name the field: a
+    // well-formed body the agent refuses for its clock and retention (422, as documented).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
     for at in [now + 3_600_000, now - 15 * 86_400_000, 0] {
         let body = format!("{{\"count\": 1, \"at_ms\": {at}}}");
         let (s, b) = agent.post_raw(inv, "application/json", body.as_bytes())?;
-        assert_eq!(s, 400, "{at}: {b}");
+        assert_eq!(s, 422, "{at}: {b}");
         assert!(
             b["error"].as_str().is_some_and(|e| e.contains("at_ms")),
             "{b}"

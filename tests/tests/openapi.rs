@@ -299,6 +299,12 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
             "/v1/functions/{name}/instances",
             format!("{f}/instances?live=true&limit=1"),
         ),
+        // A page with a `next`, and the page it names.
+        (
+            "GET",
+            "/v1/functions/{name}/instances",
+            format!("{f}/instances?limit=2&order=newest"),
+        ),
         ("GET", "/v1/export", "/v1/export".to_owned()),
         (
             "GET",
@@ -434,6 +440,34 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
             400,
         ),
         (
+            "GET",
+            "/v1/functions/{name}/instances",
+            format!("{f}/instances?cursor=not-a-cursor"),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/functions/{name}/instances/{instance}/limits",
+            format!("{f}/instances/live/limits"),
+            Some(json!({"max_bytes": null})),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/apply",
+            "/v1/apply".to_owned(),
+            Some(json!({"dry_run": true})),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/functions/{name}/invocations",
+            format!("{f}/invocations"),
+            Some(json!({"count": 1, "at_ms": 1})),
+            422,
+        ),
+        (
             "POST",
             "/v1/functions/{name}/instances/{instance}/limits",
             format!("{f}/instances/live/limits"),
@@ -473,6 +507,50 @@ fn every_route_is_documented_and_real_answers_match_the_document() -> anyhow::Re
     };
     assert_eq!(s, 401, "{text}");
     c.check("POST", "/v1/apply", s, &ct, &text)?;
+
+    // A method a path does not take: 405 with `Allow` naming exactly what the document lists
+    // for it (and HEAD with GET), before the body is looked at; the error body as documented.
+    for (path, item) in c.doc["paths"].as_object().into_iter().flatten() {
+        let mut allowed: Vec<String> = item
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(m, _)| m.to_uppercase())
+            .collect();
+        if allowed.iter().any(|m| m == "GET") {
+            allowed.push("HEAD".into());
+        }
+        allowed.sort();
+        let concrete = path
+            .replace("{name}", FUNCTION)
+            .replace("{instance}", "live");
+        for method in ["PUT", "DELETE", "PATCH", "GET"] {
+            if allowed.iter().any(|m| m == method) {
+                continue;
+            }
+            let resp = ureq::request(method, &agent.url(&concrete))
+                .set("Authorization", &format!("Bearer {}", agent.token))
+                .set("Content-Type", "text/plain")
+                .send_string("x");
+            let Err(ureq::Error::Status(405, r)) = resp else {
+                panic!("{method} {concrete}: expected 405, got {resp:?}");
+            };
+            let mut allow: Vec<String> = r
+                .header("allow")
+                .unwrap_or_default()
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .collect();
+            allow.sort();
+            assert_eq!(allow, allowed, "{method} {concrete}");
+            let body: Value = r.into_json()?;
+            assert_eq!(body["status"], 405, "{body}");
+            assert!(
+                body["error"].as_str().is_some_and(|e| e.contains(method)),
+                "{body}"
+            );
+        }
+    }
 
     // Every documented operation was answered for real, and its answer matched.
     let missing: Vec<_> = c.operations.difference(&c.answered).collect();
@@ -563,4 +641,143 @@ fn shapes_of_called_paths() {
         "/v1/functions/{name}/instances",
         "/v1/functions/{seg}/instances{q}"
     ));
+}
+
+/// `GET /v1/functions/{name}/instances` in pages: real instances (25 ended, then 3 live that end
+/// while a listing is under way), pages of 10 in both orders. Every record comes exactly once,
+/// in key order; a cursor taken before instances ended and started still continues the
+/// listing exactly; a bad cursor is a 400 that says so.
+#[test]
+fn instance_pages_hold_every_record_once_while_instances_end() -> anyhow::Result<()> {
+    let test = "instance_pages_hold_every_record_once_while_instances_end";
+    if !require_root(test) {
+        return Ok(());
+    }
+    const PAGED: &str = "paged";
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    for i in 0..25 {
+        let dir = root.instance_dir(PAGED, &format!("e{i:02}"))?;
+        assert!(run_alloc(&dir, 2, 0, 0)?.success());
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(PAGED, 25)?;
+    let created: Vec<String> = (0..25).map(|i| format!("e{i:02}")).collect();
+
+    // Every page of a listing from `cursor` on.
+    let list = |query: &str, cursor: Option<&str>| -> anyhow::Result<Listing> {
+        let mut l = Listing::default();
+        let mut cursor = cursor.map(str::to_owned);
+        loop {
+            let after = cursor
+                .as_deref()
+                .map_or_else(String::new, |c| format!("&cursor={c}"));
+            let page = agent.get_ok(&format!("/v1/functions/{PAGED}/instances?{query}{after}"))?;
+            l.pages += 1;
+            assert!(
+                l.pages <= 10,
+                "a listing of 30 records in pages of 10 does not end"
+            );
+            let records = page["instances"].as_array().cloned().unwrap_or_default();
+            assert!(records.len() <= 10, "{page}");
+            for r in records {
+                l.names
+                    .push(r["instance"].as_str().unwrap_or_default().to_owned());
+                l.keys
+                    .push((u64_of(&r, "started_at_ms"), u64_of(&r, "cgroup_id")));
+            }
+            match page["next"].as_str() {
+                Some(next) => {
+                    assert_eq!(next.len(), 32, "{page}");
+                    cursor = Some(next.to_owned());
+                }
+                None => return Ok(l),
+            }
+        }
+    };
+    // Oldest first: 3 pages (10, 10, 5), each record once, in key order, none left out.
+    let oldest = list("limit=10", None)?;
+    assert_eq!(oldest.pages, 3);
+    assert_eq!(oldest.names, created);
+    assert!(
+        oldest.keys.windows(2).all(|w| w[0] < w[1]),
+        "{:?}",
+        oldest.keys
+    );
+    // Newest first: the same records the other way round.
+    let newest = list("limit=10&order=newest", None)?;
+    assert_eq!(newest.pages, 3);
+    assert!(
+        newest.keys.windows(2).all(|w| w[0] > w[1]),
+        "{:?}",
+        newest.keys
+    );
+    let mut names = newest.names;
+    names.reverse();
+    assert_eq!(names, created);
+
+    // Three live instances, and the first page of each order taken now.
+    let mut live = Vec::new();
+    for i in 0..3 {
+        let dir = root.instance_dir(PAGED, &format!("l{i}"))?;
+        live.push((spawn_alloc(&dir, 2, 120_000, 0)?, dir));
+        agent.wait_live(PAGED, &format!("l{i}"))?;
+    }
+    let first = |query: &str| -> anyhow::Result<(Vec<String>, String)> {
+        let page = agent.get_ok(&format!("/v1/functions/{PAGED}/instances?{query}"))?;
+        let names = page["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["instance"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let next = page["next"].as_str().unwrap_or_default().to_owned();
+        Ok((names, next))
+    };
+    let (old_first, old_cursor) = first("limit=10")?;
+    let (new_first, new_cursor) = first("limit=10&order=newest")?;
+    assert_eq!(new_first[..3], ["l2", "l1", "l0"]);
+    // The live ones end, and two more instances start and end, before the listings go on.
+    for (mut child, dir) in live {
+        child.kill()?;
+        child.wait()?;
+        fs::remove_dir(&dir)?;
+    }
+    for i in 0..2 {
+        let dir = root.instance_dir(PAGED, &format!("n{i}"))?;
+        assert!(run_alloc(&dir, 2, 0, 0)?.success());
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended(PAGED, 30)?;
+    let mut expected: Vec<String> = created.clone();
+    expected.extend(["l0", "l1", "l2", "n0", "n1"].map(String::from));
+    // Oldest first: the rest, including the instances that started meanwhile.
+    let rest = list("limit=10", Some(&old_cursor))?.names;
+    assert_eq!([old_first, rest].concat(), expected);
+    // Newest first: the rest of what was there when it began, nothing twice.
+    let rest = list("limit=10&order=newest", Some(&new_cursor))?.names;
+    let mut seen = [new_first, rest].concat();
+    seen.reverse();
+    assert_eq!(seen, expected[..28]);
+
+    // A bad cursor is a 400 that names it.
+    let long = format!("{old_cursor}0");
+    for bad in ["x", "0123", "0000000000000000000000000000000A", &long] {
+        let (status, body) = agent.get(&format!("/v1/functions/{PAGED}/instances?cursor={bad}"))?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("`cursor`") && error.contains(bad), "{body}");
+    }
+    // A page larger than 10000 is refused.
+    let (status, body) = agent.get(&format!("/v1/functions/{PAGED}/instances?limit=10001"))?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}
+
+/// What a listing's pages held, in order.
+#[derive(Default)]
+struct Listing {
+    names: Vec<String>,
+    keys: Vec<(u64, u64)>,
+    pages: usize,
 }

@@ -13,9 +13,11 @@ use crate::cmd::{is_root, which, Cmd};
 /// Debian packages the project needs at build or test time (g++: libFuzzer, for the fuzz targets;
 /// runc, crun and busybox-static: real OCI containers in the tests, on the host and in the VMs;
 /// systemd: `systemd-analyze verify` of the unit in deploy/; prometheus: a real server scrapes
-/// the agent in the metrics test; chromium: the web page's test renders it headless).
+/// the agent in the metrics test; chromium: the web page's test renders it headless;
+/// python3-venv: the virtual environment schemathesis is installed into).
 pub const APT_PACKAGES: &[&str] = &[
     "python3",
+    "python3-venv",
     "g++",
     "runc",
     "crun",
@@ -57,6 +59,7 @@ pub fn run(opts: &Options) -> Result<()> {
     ensure_bpf_linker(&nightly, opts)?;
     ensure_cargo_fuzz()?;
     ensure_apt_packages(APT_PACKAGES)?;
+    ensure_schemathesis()?;
     say("done");
     Ok(())
 }
@@ -313,6 +316,95 @@ fn ensure_cargo_fuzz() -> Result<()> {
         .context("could not install cargo-fuzz")
 }
 
+/// The pinned packages of schemathesis (the API contract test's third-party tester).
+const SCHEMATHESIS_REQUIREMENTS: &str = include_str!("../schemathesis-requirements.txt");
+/// Where it is installed, below the target directory (the contract test looks there).
+pub const SCHEMATHESIS_VENV: &str = "tools/schemathesis";
+/// The oldest Python schemathesis 4 runs on.
+const PYTHON_MIN: (u32, u32) = (3, 11);
+
+/// schemathesis, for tests/tests/contract.rs: the pinned packages installed with pip into a
+/// virtual environment of the project's own under the target directory. Nothing is fetched
+/// when that environment holds exactly these packages already (a stamp of the requirements
+/// it was made from), so that later runs work offline.
+fn ensure_schemathesis() -> Result<()> {
+    let venv = crate::agent::metadata()?.target_dir.join(SCHEMATHESIS_VENV);
+    let bin = venv.join("bin").join("schemathesis");
+    let stamp = venv.join("emars-requirements.txt");
+    let current = fs::read_to_string(&stamp).ok();
+    if current.as_deref() == Some(SCHEMATHESIS_REQUIREMENTS) {
+        if let Some(version) = Cmd::new(&bin).arg("--version").probe() {
+            say(format!("{} ok ({})", version.trim(), venv.display()));
+            return Ok(());
+        }
+    }
+    let python = which("python3").ok_or_else(|| anyhow!("python3 not found on PATH"))?;
+    let version = Cmd::new(&python)
+        .args([
+            "-c",
+            "import sys; print(sys.version_info[0], sys.version_info[1])",
+        ])
+        .read()?;
+    let found = parse_python_version(&version).ok_or_else(|| {
+        anyhow!(
+            "cannot read the version of {}: {version:?}",
+            python.display()
+        )
+    })?;
+    if found < PYTHON_MIN {
+        bail!(
+            "{} is Python {}.{}; schemathesis needs {}.{} or newer",
+            python.display(),
+            found.0,
+            found.1,
+            PYTHON_MIN.0,
+            PYTHON_MIN.1
+        );
+    }
+    say(format!(
+        "installing schemathesis and its pinned packages into {}...",
+        venv.display()
+    ));
+    // A fresh environment: nothing of an earlier set of packages stays behind.
+    Cmd::new(&python)
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
+        .log("emars setup")
+        .run()
+        .context(
+            "could not create the virtual environment (Debian: apt-get install python3-venv)",
+        )?;
+    let requirements = venv.join("requirements.txt");
+    fs::write(&requirements, SCHEMATHESIS_REQUIREMENTS)
+        .with_context(|| format!("cannot write {}", requirements.display()))?;
+    Cmd::new(venv.join("bin").join("pip"))
+        .args([
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "-r",
+        ])
+        .arg(&requirements)
+        .log("emars setup")
+        .run()
+        .context("could not install schemathesis from PyPI")?;
+    let version = Cmd::new(&bin)
+        .arg("--version")
+        .read()
+        .context("the freshly installed schemathesis does not run")?;
+    fs::write(&stamp, SCHEMATHESIS_REQUIREMENTS)
+        .with_context(|| format!("cannot write {}", stamp.display()))?;
+    say(format!("{} ok ({})", version.trim(), venv.display()));
+    Ok(())
+}
+
+/// "3 11" → (3, 11).
+fn parse_python_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
 fn find_bpf_linker() -> Result<Option<PathBuf>> {
     if let Some(p) = which("bpf-linker") {
         return Ok(Some(p));
@@ -536,6 +628,28 @@ mod tests {
         assert_eq!(features_in_crates2(json), Some(vec!["llvm-22".to_string()]));
         assert_eq!(features_in_crates2(r#"{"installs":{}}"#), None);
         assert_eq!(features_in_crates2("not json"), None);
+    }
+
+    #[test]
+    fn schemathesis_is_pinned_with_everything_it_needs() {
+        let pins: Vec<(&str, &str)> = SCHEMATHESIS_REQUIREMENTS
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                l.split_once("==")
+                    .unwrap_or_else(|| panic!("not pinned: {l}"))
+            })
+            .collect();
+        assert!(pins
+            .iter()
+            .any(|(p, v)| *p == "schemathesis" && v.starts_with("4.")));
+        // --no-deps installs only what is listed: its dependencies must be there too.
+        for dep in ["hypothesis", "requests", "jsonschema_rs", "click"] {
+            assert!(pins.iter().any(|(p, _)| *p == dep), "{dep} is not pinned");
+        }
+        assert_eq!(parse_python_version("3 11\n"), Some((3, 11)));
+        assert_eq!(parse_python_version("x"), None);
     }
 
     #[test]

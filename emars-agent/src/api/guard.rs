@@ -7,12 +7,14 @@
 //!   agent's own, `Sec-Fetch-Site` other than `same-origin`/`none`) is refused on every route,
 //!   whatever it carries.
 //! - Writes: every method but GET and HEAD, on any route (today's and tomorrow's, and unknown
-//!   ones), needs `Authorization: Bearer <token>` ([`super::token`]), and POST/PUT/PATCH a JSON
-//!   content type (a browser form can send neither without a CORS preflight, which the agent
-//!   never grants).
+//!   ones), needs `Authorization: Bearer <token>` ([`super::token`]) ([`layer`], before
+//!   routing), and POST/PUT/PATCH to a route a JSON content type ([`json_body`], after routing:
+//!   a method the route does not take is a 405 with `Allow`, whatever its body). A browser form
+//!   can send neither without a CORS preflight, which the agent never grants.
 //! - The local socket: its peers were checked by their kernel credentials when they connected
 //!   ([`super::listen::PeerRule`]), and no browser can reach a unix socket: no Host check and
-//!   no token there. A request without a [`Peer`] (not from [`super::server`]) is a TCP one.
+//!   no token there (the JSON body rule holds all the same). A request without a [`Peer`] (not
+//!   from [`super::server`]) is a TCP one.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -77,7 +79,7 @@ impl Guard {
         headers: &HeaderMap,
     ) -> Result<(), ApiError> {
         if let Some(Peer::Local { .. }) = peer {
-            return json_body(method, headers);
+            return Ok(());
         }
         let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, m);
         let host = headers
@@ -132,13 +134,13 @@ impl Guard {
                 ),
             ));
         }
-        json_body(method, headers)
+        Ok(())
     }
 }
 
-/// Bodies come with POST, PUT and PATCH: the methods a form (POST) or a script might send
-/// without a preflight in the browser's eyes. They must say they are JSON.
-fn json_body(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The verdict on a routed write's content type: POST, PUT and PATCH (the methods a form or a
+/// script might send without a preflight in the browser's eyes) need a JSON body.
+pub fn check_json_body(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
     if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         return Ok(());
     }
@@ -155,6 +157,15 @@ fn json_body(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// The axum middleware on each route (`route_layer`: after routing, so that a method the
+/// route does not take is answered 405 first).
+pub async fn json_body(req: Request, next: Next) -> Response {
+    match check_json_body(req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The axum middleware around every route and the fallbacks.
@@ -235,7 +246,10 @@ mod tests {
         let with = |extra: (&'static str, &str)| {
             let mut h = headers(&base);
             h.insert(extra.0, extra.1.parse().unwrap());
-            status(g.check(None, &Method::POST, &h))
+            status(
+                g.check(None, &Method::POST, &h)
+                    .and_then(|()| check_json_body(&Method::POST, &h)),
+            )
         };
         assert_eq!(status(g.check(None, &Method::POST, &headers(&base))), 200);
         assert_eq!(with(("origin", "http://evil.example")), 403);
@@ -249,6 +263,11 @@ mod tests {
             415
         );
         assert_eq!(with(("content-type", "text/plain")), 415);
+        // GET and DELETE carry no body to check.
+        let plain = headers(&[("content-type", "text/plain")]);
+        assert_eq!(status(check_json_body(&Method::GET, &plain)), 200);
+        assert_eq!(status(check_json_body(&Method::DELETE, &plain)), 200);
+        assert_eq!(status(check_json_body(&Method::PUT, &plain)), 415);
     }
 
     #[test]
@@ -288,7 +307,9 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         assert_eq!(status(g.check(Some(&tcp), &Method::POST, &h)), 401);
+        // The body rule is the route's, after the guard, for every peer.
         let form = headers(&[("host", "localhost"), ("content-type", "text/plain")]);
-        assert_eq!(status(g.check(Some(&local), &Method::POST, &form)), 415);
+        assert_eq!(status(g.check(Some(&local), &Method::POST, &form)), 200);
+        assert_eq!(status(check_json_body(&Method::POST, &form)), 415);
     }
 }

@@ -9,7 +9,7 @@
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
 //! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
 //! | GET    | `/v1/functions/{name}`                 | [`FunctionDetail`]: the summary's fields + `"hours"` |
-//! | GET    | `/v1/functions/{name}/instances`       | `{"function": name, "instances": [InstanceView…]}` (record + live usage) |
+//! | GET    | `/v1/functions/{name}/instances`       | `{"function", "instances": [InstanceView…], "next"}`: a page ([`paging`]) |
 //! | POST   | `/v1/functions/{name}/invocations`     | `{"function", "count", "at_ms"}`                    |
 //! | GET    | `/v1/export`                           | `{"generated_at_ms", "functions": [FunctionConfig…]}` |
 //! | GET    | `/v1/functions/{name}/recommendation`  | [`Recommendation`]: the numbers and the inputs behind them |
@@ -25,14 +25,19 @@
 //! A function name that does not satisfy [`valid_function_name`] is a 400 on every route.
 //!
 //! Before any route: [`guard`] refuses foreign Host headers and cross-site requests (403) and
-//! every write without the token (401) or without a JSON content type (415); [`server`] bounds
+//! every write without the token (401); then a method the route does not take is a 405 with
+//! `Allow`, and a routed write without a JSON content type a 415. Request bodies are JSON
+//! objects as the document describes them ([`body`]), anything else a 400. [`server`] bounds
 //! connections and time. Writes in observe mode are 409, as is an expensive operation while
-//! another one runs.
+//! another one runs; a well-formed request the agent refuses for what it finds (usage, clock,
+//! roots) is a 422, where the document says so.
 
+pub mod body;
 pub mod guard;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod paging;
 pub mod server;
 pub mod token;
 pub mod web;
@@ -51,6 +56,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{middleware, Extension, Json, Router};
+use body::JsonObject;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::kernel::cgroupfs::CgroupfsError;
@@ -64,8 +70,6 @@ use crate::store::{Store, StoreError};
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Largest `count` of one invocations report.
 pub const MAX_INVOCATIONS_PER_REPORT: u64 = 1_000_000_000;
-/// Largest `limit` of the instances listing.
-pub const MAX_INSTANCES_LIMIT: u64 = 10_000;
 /// How far into the future a reported `at_ms` may lie (clocks of platform and host differ).
 pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 
@@ -194,7 +198,8 @@ impl From<JsonRejection> for ApiError {
             ),
             // axum answers 422 for well-formed JSON of the wrong shape; we say 400.
             JsonRejection::JsonDataError(e) => ApiError::bad_request(format!(
-                "invalid request body: {} (expected {{\"count\": 1..={MAX_INVOCATIONS_PER_REPORT}, \"at_ms\": optional unix ms}})",
+                "invalid request body: {} (a JSON object as the operation's request body in \
+                 GET /v1/openapi.json says)",
                 source_text(&e)
             )),
             JsonRejection::JsonSyntaxError(e) => {
@@ -279,6 +284,9 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 pub fn router(state: ApiState, guard: Arc<guard::Guard>) -> Router {
     let (routes, document) = routes_and_document();
     routes
+        // On routed requests only: a method a route does not take is a 405 (with `Allow`)
+        // before any body is looked at.
+        .route_layer(middleware::from_fn(guard::json_body))
         // Applies to the routes added above, so it must come after them.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -367,6 +375,39 @@ fn function_name(path: Result<Path<String>, PathRejection>) -> ApiResult<String>
             name.len()
         )))
     }
+}
+
+/// A cgroup named in a bind or release, checked as the document states it
+/// ([`wire::valid_cgroup_arg`]); where it is and what it serves is the event loop's to check.
+fn check_cgroup_arg(cgroup: &str) -> ApiResult<()> {
+    if wire::valid_cgroup_arg(cgroup) {
+        return Ok(());
+    }
+    let shown: String = cgroup.chars().take(200).collect();
+    Err(ApiError::bad_request(format!(
+        "invalid cgroup {shown:?}: give the path below the hierarchy (\"/pool/cg-1\") or the \
+         absolute directory, at most {} characters, without . or .. components",
+        wire::MAX_CGROUP_ARG_CHARS
+    )))
+}
+
+/// A bind's names, checked as the document states them, before the event loop is asked.
+fn check_bind(body: &BindBody) -> ApiResult<()> {
+    check_cgroup_arg(&body.cgroup)?;
+    if !valid_function_name(&body.function) {
+        let shown: String = body.function.chars().take(140).collect();
+        return Err(ApiError::bad_request(format!(
+            "invalid function name {shown:?}: expected 1 to 128 characters of A-Z a-z 0-9 . _ : -"
+        )));
+    }
+    if !crate::model::registry::valid_instance_name(&body.instance) {
+        let shown: String = body.instance.chars().take(140).collect();
+        return Err(ApiError::bad_request(format!(
+            "invalid instance name {shown:?}: expected 1 to 255 characters, none a control \
+             character"
+        )));
+    }
+    Ok(())
 }
 
 fn unknown_function(name: &str) -> ApiError {
@@ -463,7 +504,13 @@ async fn info(State(state): State<ApiState>) -> ApiResult<Json<AgentInfo>> {
 /// A [`FunctionsResponse`], assembled from JSON the live model keeps per function.
 #[utoipa::path(
     get, path = "/v1/functions", tag = "functions",
-    responses((status = 200, description = "Every function", body = FunctionsResponse))
+    responses((status = 200, description = "Every function", body = FunctionsResponse,
+        links(
+            ("function" = (operation_id = "get_function", parameters(("name" = "$response.body#/functions/0/name")),
+                description = "The first function")),
+            ("instances" = (operation_id = "list_instances", parameters(("name" = "$response.body#/functions/0/name")),
+                description = "The first function's instances")),
+        )))
 )]
 async fn list_functions(State(state): State<ApiState>) -> ApiResult<Response> {
     let (snapshots, store) = (state.snapshots.clone(), state.store.clone());
@@ -501,62 +548,22 @@ async fn get_function(
     found.map(Json).ok_or_else(|| unknown_function(&name))
 }
 
-/// Parsed `?live=…&limit=…`.
-#[derive(Debug, Default, PartialEq)]
-struct InstancesQuery {
-    live: Option<bool>,
-    limit: Option<usize>,
-}
-
-fn parse_instances_query(pairs: &[(String, String)]) -> ApiResult<InstancesQuery> {
-    let mut q = InstancesQuery::default();
-    for (key, value) in pairs {
-        match key.as_str() {
-            "live" => {
-                if q.live.is_some() {
-                    return Err(ApiError::bad_request("query parameter `live` given twice"));
-                }
-                q.live = Some(match value.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(ApiError::bad_request(format!(
-                            "query parameter `live` must be true or false, got {value:?}"
-                        )))
-                    }
-                });
-            }
-            "limit" => {
-                if q.limit.is_some() {
-                    return Err(ApiError::bad_request("query parameter `limit` given twice"));
-                }
-                let n = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_INSTANCES_LIMIT).contains(n))
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "query parameter `limit` must be an integer in 1..={MAX_INSTANCES_LIMIT}, got {value:?}"
-                        ))
-                    })?;
-                q.limit = Some(n);
-            }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter {other:?} (expected `live` or `limit`)"
-                )))
-            }
-        }
-    }
-    Ok(q)
-}
-
 #[utoipa::path(
     get, path = "/v1/functions/{name}/instances", tag = "functions",
     params(openapi::FunctionPath, openapi::InstancesParams),
     responses(
-        (status = 200, description = "Instances, oldest first; live ones with their usage now", body = InstancesResponse),
+        (status = 200, description = "A page of instances (oldest first unless `order=newest`), live ones with \
+            their usage now; `next` when more follow", body = InstancesResponse,
+            links(
+                ("limits" = (operation_id = "set_limits", parameters(("name" = "$response.body#/function"),
+                    ("instance" = "$response.body#/instances/0/instance")),
+                    description = "Limits for the page's first instance")),
+                ("next" = (operation_id = "list_instances", parameters(("name" = "$response.body#/function"),
+                    ("cursor" = "$response.body#/next")), description = "The next page")),
+                ("release" = (operation_id = "release",
+                    request_body = json!({"cgroup": "$response.body#/instances/0/cgroup_path"}),
+                    description = "Ends the use of the page's first instance, if it is a bound pooled cgroup")),
+            )),
         (status = 404, description = "Unknown function", body = ErrorBody),
     )
 )]
@@ -567,16 +574,14 @@ async fn list_instances(
 ) -> ApiResult<Json<InstancesResponse>> {
     let name = function_name(path)?;
     let Query(pairs) = query?;
-    let q = parse_instances_query(&pairs)?;
+    let q = paging::parse_query(&pairs)?;
     let lookup = name.clone();
     let actuator = state.predictive.as_ref().map(|p| p.actuator.clone());
     let found = blocking(move || {
-        // Only the records asked for are read (the model knows which they are).
-        let page = state
-            .store
-            .instances_page(&lookup, q.live, q.limit.unwrap_or(usize::MAX))?;
+        // Only the page's records are read (the model knows which they are).
+        let page = state.store.instances_page(&lookup, &q)?;
         // No instances: either a function known only through invocations, or unknown.
-        if page.is_empty() && state.store.function(&lookup)?.is_none() {
+        if page.records.is_empty() && state.store.function(&lookup)?.is_none() {
             return Ok(None);
         }
         // Live instances with what they use now: one read of their cgroup each, through the
@@ -594,30 +599,39 @@ async fn list_instances(
                 usage_bytes,
             }
         };
-        Ok(Some(page.into_iter().map(view).collect()))
+        let instances = page.records.into_iter().map(view).collect();
+        Ok(Some((instances, page.next.map(paging::encode_cursor))))
     })
     .await?;
-    let Some(instances) = found else {
+    let Some((instances, next)) = found else {
         return Err(unknown_function(&name));
     };
     Ok(Json(InstancesResponse {
         function: name,
         instances,
+        next,
     }))
 }
 
 #[utoipa::path(
     post, path = "/v1/functions/{name}/invocations", tag = "functions",
     params(openapi::FunctionPath), request_body = InvocationsReport,
-    responses((status = 200, description = "Counted", body = InvocationsAccepted))
+    responses(
+        (status = 200, description = "Counted", body = InvocationsAccepted,
+            links(("function" = (operation_id = "get_function",
+                parameters(("name" = "$response.body#/function")),
+                description = "The function, with the invocations counted")))),
+        (status = 422, description = "`at_ms` before the retention or more than 5 minutes ahead of the \
+            agent's clock", body = ErrorBody),
+    )
 )]
 async fn post_invocations(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
-    body: Result<Json<InvocationsReport>, JsonRejection>,
+    body: Result<JsonObject<InvocationsReport>, ApiError>,
 ) -> ApiResult<Json<InvocationsAccepted>> {
     let name = function_name(path)?;
-    let Json(report) = body?;
+    let JsonObject(report) = body?;
     if !(1..=MAX_INVOCATIONS_PER_REPORT).contains(&report.count) {
         return Err(ApiError::bad_request(format!(
             "`count` must be in 1..={MAX_INVOCATIONS_PER_REPORT}, got {}",
@@ -628,11 +642,15 @@ async fn post_invocations(
     let at_ms = report.at_ms.unwrap_or(now);
     let oldest = now.saturating_sub(state.retention_ms);
     if at_ms < oldest || at_ms > now.saturating_add(MAX_FUTURE_MS) {
-        return Err(ApiError::bad_request(format!(
-            "`at_ms` {at_ms} is out of range: it must lie within the retention (not before \
-             {oldest}) and at most {} s ahead of the agent's clock ({now})",
-            MAX_FUTURE_MS / 1000
-        )));
+        // Well-formed, but not for this agent's clock and retention: refused, not malformed.
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "`at_ms` {at_ms} is out of range: it must lie within the retention (not before \
+                 {oldest}) and at most {} s ahead of the agent's clock ({now})",
+                MAX_FUTURE_MS / 1000
+            ),
+        ));
     }
     let count = report.count;
     let function = name.clone();
@@ -750,7 +768,16 @@ async fn get_recommendation(
     post, path = "/v1/bind", tag = "pool", request_body = BindBody,
     responses(
         (status = 200, description = "The new instance record (watermark reset; limits written in enforce mode)",
-            body = InstanceRecord),
+            body = InstanceRecord,
+            links(
+                ("release" = (operation_id = "release",
+                    request_body = json!({"cgroup": "$response.body#/cgroup_path"}),
+                    description = "Ends this use of the cgroup")),
+                ("limits" = (operation_id = "set_limits", parameters(("name" = "$response.body#/function"),
+                    ("instance" = "$response.body#/instance")), description = "Limits for the new instance")),
+                ("instances" = (operation_id = "list_instances", parameters(("name" = "$response.body#/function"),
+                    ("live" = "true")), description = "The function's live instances, this one among them")),
+            )),
         (status = 404, description = "No such cgroup", body = ErrorBody),
         (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
         (status = 422, description = "Outside the watched roots", body = ErrorBody),
@@ -758,9 +785,10 @@ async fn get_recommendation(
 )]
 async fn bind(
     State(state): State<ApiState>,
-    body: Result<Json<BindBody>, JsonRejection>,
+    body: Result<JsonObject<BindBody>, ApiError>,
 ) -> ApiResult<Json<InstanceRecord>> {
-    let Json(body) = body?;
+    let JsonObject(body) = body?;
+    check_bind(&body)?;
     pool_command(&state, |reply| PoolCommand::Bind { body, reply }).await
 }
 
@@ -768,16 +796,20 @@ async fn bind(
 #[utoipa::path(
     post, path = "/v1/release", tag = "pool", request_body = ReleaseBody,
     responses(
-        (status = 200, description = "The closed instance record with its peak", body = InstanceRecord),
+        (status = 200, description = "The closed instance record with its peak", body = InstanceRecord,
+            links(("instances" = (operation_id = "list_instances", parameters(("name" = "$response.body#/function"),
+                ("order" = "newest")), description = "The function's instances, this one first")))),
         (status = 404, description = "No such cgroup", body = ErrorBody),
         (status = 409, description = "Not bound", body = ErrorBody),
+        (status = 422, description = "Outside the watched roots", body = ErrorBody),
     )
 )]
 async fn release(
     State(state): State<ApiState>,
-    body: Result<Json<ReleaseBody>, JsonRejection>,
+    body: Result<JsonObject<ReleaseBody>, ApiError>,
 ) -> ApiResult<Json<InstanceRecord>> {
-    let Json(body) = body?;
+    let JsonObject(body) = body?;
+    check_cgroup_arg(&body.cgroup)?;
     pool_command(&state, |reply| PoolCommand::Release { body, reply }).await
 }
 
@@ -901,7 +933,11 @@ async fn list_recommendations(State(state): State<ApiState>) -> ApiResult<Respon
     post, path = "/v1/recommendations/generate", tag = "predictive", request_body = NoArguments,
     responses((status = 200, description = "A new generation, kept and exported", body = Generation))
 )]
-async fn generate(State(state): State<ApiState>) -> ApiResult<Json<Generation>> {
+async fn generate(
+    State(state): State<ApiState>,
+    body: Result<JsonObject<NoArguments>, ApiError>,
+) -> ApiResult<Json<Generation>> {
+    body?;
     let p = predictive(&state)?;
     let g = work::run(move || p.policy.generate("on_demand", now_ms())).await??;
     Ok(Json(g))
@@ -931,7 +967,11 @@ async fn list_generations(
     post, path = "/v1/apply", tag = "enforcement", request_body = NoArguments,
     responses((status = 200, description = "One audit record per write attempt", body = WritesResponse))
 )]
-async fn apply_all(State(state): State<ApiState>) -> ApiResult<Json<WritesResponse>> {
+async fn apply_all(
+    State(state): State<ApiState>,
+    body: Result<JsonObject<NoArguments>, ApiError>,
+) -> ApiResult<Json<WritesResponse>> {
+    body?;
     let p = predictive(&state)?;
     let writes = work::run({
         let p = p.clone();
@@ -969,9 +1009,9 @@ async fn list_audit(
 )]
 async fn admission(
     State(state): State<ApiState>,
-    body: Result<Json<AdmissionBody>, JsonRejection>,
+    body: Result<JsonObject<AdmissionBody>, ApiError>,
 ) -> ApiResult<Json<Admission>> {
-    let Json(b) = body?;
+    let JsonObject(b) = body?;
     if !valid_function_name(&b.function) {
         return Err(ApiError::bad_request(format!(
             "invalid function name {:?}",
@@ -1031,7 +1071,7 @@ async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<Admis
 async fn set_limits(
     State(state): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    body: Result<Json<LimitsBody>, JsonRejection>,
+    body: Result<JsonObject<LimitsBody>, ApiError>,
 ) -> ApiResult<Json<AuditRecord>> {
     let Path((name, instance)) = path?;
     if !valid_function_name(&name) {
@@ -1039,19 +1079,19 @@ async fn set_limits(
             "invalid function name {name:?}"
         )));
     }
-    let Json(b) = body?;
+    let JsonObject(b) = body?;
+    if b.max_bytes.is_none() && b.high_bytes.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to write: give max_bytes and/or high_bytes (not null)",
+        ));
+    }
     let p = predictive(&state)?;
     if !p.actuator.writes_allowed() {
         return Err(ApiError::from(ActuatorError::ObserveMode));
     }
     let store = state.store.clone();
     let outcome = blocking(move || {
-        let live = store
-            .instances_page(&name, Some(true), usize::MAX)?
-            .into_iter()
-            .rev()
-            .find(|i| i.instance == instance && i.is_live());
-        let Some(inst) = live else {
+        let Some(inst) = store.live_instance(&name, &instance)? else {
             return Ok(Err(ApiError::not_found(format!(
                 "no live instance {instance:?} of function {name:?}"
             ))));
@@ -1366,6 +1406,7 @@ mod tests {
         let all = get("");
         assert_eq!(all.function, "fn-a");
         assert_eq!(ids(&all), ["i1", "i2", "i3"]);
+        assert_eq!(all.next, None);
         assert_eq!(
             all.instances[0].record,
             rec("fn-a", "i1", T0, Some(T0 + 1000), 10 << 20)
@@ -1374,9 +1415,28 @@ mod tests {
         assert_eq!(all.instances[0].usage_bytes, None);
         assert_eq!(ids(&get("?live=true")), ["i3"]);
         assert_eq!(ids(&get("?live=false")), ["i1", "i2"]);
-        assert_eq!(ids(&get("?limit=2")), ["i2", "i3"]);
-        assert_eq!(ids(&get("?live=false&limit=1")), ["i2"]);
+        assert_eq!(ids(&get("?order=newest")), ["i3", "i2", "i1"]);
+        assert_eq!(ids(&get("?live=false&order=newest&limit=1")), ["i2"]);
         assert_eq!(ids(&get("?limit=10000")).len(), 3);
+        // A page that ends exactly at the last record says there is no next one.
+        assert_eq!(get("?limit=3").next, None);
+        // Pages of 2: a cursor to the rest, and none after the last.
+        let first = get("?limit=2");
+        assert_eq!(ids(&first), ["i1", "i2"]);
+        let next = first.next.clone().expect("a next page");
+        assert_eq!(next, paging::encode_cursor((T0 + 2000, (T0 + 2000) / 1000)));
+        let second = get(&format!("?limit=2&cursor={next}"));
+        assert_eq!((ids(&second), second.next), (vec!["i3".to_owned()], None));
+        let newest = get("?limit=2&order=newest");
+        assert_eq!(ids(&newest), ["i3", "i2"]);
+        let older = get(&format!(
+            "?limit=2&order=newest&cursor={}",
+            newest.next.unwrap()
+        ));
+        assert_eq!((ids(&older), older.next), (vec!["i1".to_owned()], None));
+        // A cursor past the end is an empty page of a known function, not a 404.
+        let past = paging::encode_cursor((u64::MAX, u64::MAX));
+        assert!(get(&format!("?cursor={past}")).instances.is_empty());
 
         expect_api_err(c.get("/v1/functions/fn-a/instances?limit=0"), 400, "\"0\"");
         expect_api_err(
@@ -1389,6 +1449,16 @@ mod tests {
             c.get("/v1/functions/fn-a/instances?live=yes"),
             400,
             "\"yes\"",
+        );
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?cursor=nope"),
+            400,
+            "`cursor`",
+        );
+        expect_api_err(
+            c.get("/v1/functions/fn-a/instances?order=up"),
+            400,
+            "oldest or newest",
         );
         expect_api_err(
             c.get("/v1/functions/fn-a/instances?lve=true"),
@@ -1408,6 +1478,44 @@ mod tests {
         fn get_c(c: &Client) -> InstancesResponse {
             serde_json::from_value(c.get("/v1/functions/fn-c/instances").unwrap()).unwrap()
         }
+    }
+
+    #[test]
+    fn the_cli_pages_through_the_newest_instances() {
+        let s = TestServer::start();
+        for i in 0..25u64 {
+            let end = (i % 3 != 0).then_some(T0 + i * 1000 + 500);
+            s.store
+                .put_instance(&rec(
+                    "fn-p",
+                    &format!("i{i:02}"),
+                    T0 + i * 1000,
+                    end,
+                    1 << 20,
+                ))
+                .unwrap();
+        }
+        let c = s.client();
+        let names = |v: &[InstanceRecord]| -> Vec<String> {
+            v.iter().map(|r| r.instance.clone()).collect()
+        };
+        // All of them, oldest first, whatever the page size.
+        let (_, all) = c.function("fn-p", None).unwrap();
+        let expected: Vec<String> = (0..25).map(|i| format!("i{i:02}")).collect();
+        assert_eq!(names(&all), expected);
+        let (_, newest) = c.function("fn-p", Some(7)).unwrap();
+        assert_eq!(names(&newest), expected[18..]);
+        let (_, more) = c.function("fn-p", Some(100)).unwrap();
+        assert_eq!(names(&more), expected);
+        // In pages of 4: 7 requests, each record once, newest first.
+        let paged = c.newest_instances("fn-p", usize::MAX, 4).unwrap();
+        let mut reversed = expected.clone();
+        reversed.reverse();
+        assert_eq!(names(&paged), reversed);
+        assert_eq!(
+            names(&c.newest_instances("fn-p", 9, 4).unwrap()),
+            reversed[..9]
+        );
     }
 
     #[test]
@@ -1613,6 +1721,27 @@ mod tests {
         assert_eq!(r.header("allow"), Some("GET,HEAD"));
         let (st, v) = raw(Ok(r));
         assert_eq!((st, v["status"].as_u64()), (405, Some(405)));
+        // With the token, a method the route does not take is a 405 whatever the body: the
+        // content type is looked at only on a route that takes the method.
+        for path in [
+            "/v1/functions",
+            "/v1/apply",
+            "/v1/functions/fn-a/invocations",
+        ] {
+            let resp = ureq::put(&s.url(path))
+                .set("Authorization", &format!("Bearer {}", s.token))
+                .set("Content-Type", "text/plain")
+                .send_string("x");
+            let Err(ureq::Error::Status(405, r)) = resp else {
+                panic!("PUT {path}: expected 405, got {resp:?}");
+            };
+            assert!(r.header("allow").is_some(), "PUT {path}");
+        }
+        let (st, _) = raw(s
+            .post("/v1/apply")
+            .set("Content-Type", "text/plain")
+            .send_string("{}"));
+        assert_eq!(st, 415, "a routed write still needs JSON");
     }
 
     #[test]
@@ -1620,26 +1749,5 @@ mod tests {
         let e = ApiError::from(StoreError::Db(sled::Error::Unsupported("boom".into())));
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.message.contains("boom"));
-    }
-
-    #[test]
-    fn query_parsing() {
-        let p = |v: &[(&str, &str)]| {
-            let pairs: Vec<(String, String)> = v
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect();
-            parse_instances_query(&pairs)
-        };
-        assert_eq!(p(&[]).unwrap(), InstancesQuery::default());
-        assert_eq!(
-            p(&[("live", "true"), ("limit", "5")]).unwrap(),
-            InstancesQuery {
-                live: Some(true),
-                limit: Some(5)
-            }
-        );
-        assert!(p(&[("limit", "-1")]).is_err());
-        assert!(p(&[("limit", "")]).is_err());
     }
 }

@@ -131,20 +131,35 @@ pub struct InstancePath {
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
     #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     name: String,
-    /// Instance name.
+    /// Instance name (a live instance of the function).
     instance: String,
 }
 
-/// `?live=…&limit=…` of the instances listing.
+/// `?live=…&limit=…&order=…&cursor=…` of the instances listing ([`super::paging`]).
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct InstancesParams {
     /// true: live instances only; false: ended ones only.
     live: Option<bool>,
-    /// The newest N (after `live`).
+    /// Records per page (default 1000).
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
+    /// `oldest` first (the default) or `newest` first, by start time then cgroup id.
+    #[param(inline)]
+    order: Option<ListOrder>,
+    /// The `next` of the previous page (same `live` and `order`): the page starts after it.
+    #[param(pattern = "^[0-9a-f]{32}$")]
+    cursor: Option<String>,
+}
+
+/// `order=` of the instances listing.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum ListOrder {
+    Oldest,
+    Newest,
 }
 
 /// `?limit=N` of a listing, newest first.
@@ -195,4 +210,200 @@ impl Document {
 )]
 pub async fn document(Extension(doc): Extension<Document>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::paging::CURSOR_PATTERN;
+    use crate::api::wire::{
+        valid_cgroup_arg, CGROUP_PATTERN, FUNCTION_NAME_PATTERN, INSTANCE_NAME_PATTERN,
+        MAX_CGROUP_ARG_CHARS,
+    };
+    use crate::model::registry::{valid_function_name, valid_instance_name};
+    use serde_json::Value;
+
+    fn document() -> Value {
+        serde_json::to_value(crate::api::openapi_document()).unwrap()
+    }
+
+    /// Every pattern the document states is the one the handlers check, and a string matches
+    /// it exactly when the handler's own check takes it.
+    #[test]
+    fn the_documented_patterns_are_the_handlers_rules() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let param = |path: &str, name: &str| -> Value {
+            let op = &doc["paths"][path]["get"];
+            op["parameters"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .map(|p| p["schema"]["pattern"].clone())
+                .unwrap_or(Value::Null)
+        };
+        for (at, found, want) in [
+            (
+                "BindBody.cgroup",
+                &schemas["BindBody"]["properties"]["cgroup"]["pattern"],
+                CGROUP_PATTERN,
+            ),
+            (
+                "ReleaseBody.cgroup",
+                &schemas["ReleaseBody"]["properties"]["cgroup"]["pattern"],
+                CGROUP_PATTERN,
+            ),
+            (
+                "BindBody.function",
+                &schemas["BindBody"]["properties"]["function"]["pattern"],
+                FUNCTION_NAME_PATTERN,
+            ),
+            (
+                "AdmissionBody.function",
+                &schemas["AdmissionBody"]["properties"]["function"]["pattern"],
+                FUNCTION_NAME_PATTERN,
+            ),
+            (
+                "BindBody.instance",
+                &schemas["BindBody"]["properties"]["instance"]["pattern"],
+                INSTANCE_NAME_PATTERN,
+            ),
+            (
+                "InstancesResponse.next",
+                &schemas["InstancesResponse"]["properties"]["next"]["pattern"],
+                CURSOR_PATTERN,
+            ),
+            (
+                "?cursor",
+                &param("/v1/functions/{name}/instances", "cursor"),
+                CURSOR_PATTERN,
+            ),
+            (
+                "{name}",
+                &param("/v1/functions/{name}", "name"),
+                FUNCTION_NAME_PATTERN,
+            ),
+            (
+                "?function",
+                &param("/v1/generations", "function"),
+                FUNCTION_NAME_PATTERN,
+            ),
+        ] {
+            assert_eq!(found, want, "{at}");
+        }
+        assert_eq!(
+            schemas["BindBody"]["properties"]["cgroup"]["maxLength"],
+            MAX_CGROUP_ARG_CHARS
+        );
+        let re = |p: &str| regex::Regex::new(p).unwrap();
+        let (function, instance, cgroup) = (
+            re(FUNCTION_NAME_PATTERN),
+            re(INSTANCE_NAME_PATTERN),
+            re(CGROUP_PATTERN),
+        );
+        let names = [
+            "",
+            "a",
+            ".",
+            "..",
+            "fn:v1.2_x-y",
+            "a/b",
+            "a b",
+            "é",
+            "tab\t",
+            "a\u{7}b",
+            "a\u{7f}",
+            "a\u{85}b",
+            "a\u{a0}b",
+            "\u{1f600}",
+        ];
+        let long = [
+            "x".repeat(128),
+            "x".repeat(129),
+            "x".repeat(255),
+            "x".repeat(256),
+            "é".repeat(255),
+            "é".repeat(256),
+        ];
+        for s in names.iter().copied().chain(long.iter().map(String::as_str)) {
+            assert_eq!(
+                function.is_match(s),
+                valid_function_name(s),
+                "function {s:?}"
+            );
+            assert_eq!(
+                instance.is_match(s),
+                valid_instance_name(s),
+                "instance {s:?}"
+            );
+        }
+        let paths = [
+            "",
+            "/",
+            "//",
+            "/a",
+            "a",
+            "a/b",
+            "/a/",
+            "/a//b",
+            "/.",
+            "/..",
+            "/a/.",
+            "/a/..",
+            "/a/../b",
+            "/./a",
+            "/.a",
+            "/..a",
+            "/...",
+            "/a/./",
+            "/a/b/",
+            "/é/\u{0}",
+            "/sys/fs/cgroup/memory/pool/cg-1",
+        ];
+        let long = [
+            "/".to_owned() + &"x".repeat(4095),
+            "/".to_owned() + &"x".repeat(4096),
+        ];
+        for s in paths.iter().copied().chain(long.iter().map(String::as_str)) {
+            let documented = cgroup.is_match(s) && s.chars().count() <= MAX_CGROUP_ARG_CHARS;
+            assert_eq!(documented, valid_cgroup_arg(s), "cgroup {s:?}");
+        }
+    }
+
+    /// The links the stateful tester follows name operations that exist, and the parameters
+    /// those operations have.
+    #[test]
+    fn links_name_real_operations_and_parameters() {
+        let doc = document();
+        let mut ops = std::collections::BTreeMap::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                if let Some(id) = op["operationId"].as_str() {
+                    ops.insert(id.to_owned(), op.clone());
+                }
+            }
+        }
+        let mut links = 0;
+        for op in ops.values() {
+            for response in op["responses"].as_object().unwrap().values() {
+                for (name, link) in response["links"].as_object().into_iter().flatten() {
+                    links += 1;
+                    let target = &ops[link["operationId"].as_str().unwrap()];
+                    for p in link["parameters"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| p.0)
+                    {
+                        let known = target["parameters"]
+                            .as_array()
+                            .is_some_and(|ps| ps.iter().any(|q| q["name"] == p.as_str()));
+                        assert!(known, "link {name}: no parameter {p}");
+                    }
+                    if link.get("requestBody").is_some() {
+                        assert!(target.get("requestBody").is_some(), "link {name}");
+                    }
+                }
+            }
+        }
+        assert!(links >= 10, "{links} links");
+    }
 }

@@ -14,9 +14,32 @@ pub struct Health {
     pub ok: bool,
 }
 
+/// The pattern of a function name ([`crate::model::registry::valid_function_name`]), as the
+/// document states it.
+pub const FUNCTION_NAME_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+/// The pattern of an instance name ([`crate::model::registry::valid_instance_name`]).
+pub const INSTANCE_NAME_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,255}$";
+/// The pattern of a cgroup named in a bind or release ([`valid_cgroup_arg`]).
+pub const CGROUP_PATTERN: &str = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$";
+/// The longest cgroup named in a bind or release, in characters.
+pub const MAX_CGROUP_ARG_CHARS: usize = 4096;
+
+/// Whether `cgroup` can name a cgroup for bind or release ([`CGROUP_PATTERN`]): an absolute
+/// path of at most [`MAX_CGROUP_ARG_CHARS`] characters with at least one component and none
+/// that is `.` or `..`. Whether it exists and is a pooled one is the event loop's to say.
+pub fn valid_cgroup_arg(cgroup: &str) -> bool {
+    cgroup.starts_with('/')
+        && cgroup.chars().count() <= MAX_CGROUP_ARG_CHARS
+        && cgroup.split('/').any(|c| !c.is_empty())
+        && !cgroup.split('/').any(|c| c == "." || c == "..")
+}
+
 /// Body of the writes that take no arguments (POST /v1/apply, /v1/recommendations/generate):
-/// `{}`. Like every write it is sent as JSON (the guard refuses other content types).
+/// `{}`, and nothing else. Like every write it is sent as JSON (the guard refuses other
+/// content types).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({})))]
 pub struct NoArguments {}
 
 /// Every error answer.
@@ -36,12 +59,18 @@ pub struct FunctionDetail {
     pub hours: Vec<HourBucket>,
 }
 
-/// GET /v1/functions/{name}/instances: oldest first. `?live=true` keeps only live instances,
-/// `?live=false` only ended ones; `?limit=N` (1..=10000) keeps the newest N (after `live`).
+/// GET /v1/functions/{name}/instances: one page of a function's instances (see api::paging):
+/// oldest first (`?order=newest`: newest first), at most `?limit=N` (default 1000, at most
+/// 10000), only live or only ended ones with `?live=true|false`. `next`, present when more
+/// follow, asks for them as `?cursor=<next>` with the same other parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstancesResponse {
     pub function: String,
     pub instances: Vec<InstanceView>,
+    /// The cursor of the next page; absent on the last one. Opaque: pass it back as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9a-f]{32}$", nullable = false)]
+    pub next: Option<String>,
 }
 
 /// An instance as GET /v1/functions/{name}/instances shows it: its record, and for a live one
@@ -74,11 +103,15 @@ pub struct ExportResponse {
 /// (`"atms"`) is not silently ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"count": 12})))]
 pub struct InvocationsReport {
     /// 1..=1_000_000_000.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub count: u64,
-    /// Unix ms the invocations belong to; now when absent.
+    /// Unix ms the invocations belong to; now when absent. It must lie within the agent's
+    /// retention and at most 5 minutes ahead of its clock (else 422).
     #[serde(default)]
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     pub at_ms: Option<u64>,
 }
 
@@ -95,7 +128,10 @@ pub use crate::policy::reactive::Admission;
 /// Body of POST /v1/admission.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"function": "orders:resize"})))]
 pub struct AdmissionBody {
+    /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub function: String,
 }
 
@@ -112,14 +148,63 @@ pub struct AdmissionCounts {
     pub functions: std::collections::BTreeMap<String, AdmissionCount>,
 }
 
-/// Body of POST /v1/functions/{name}/instances/{instance}/limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// Body of POST /v1/functions/{name}/instances/{instance}/limits: memory.max and/or
+/// memory.high to write, at least one of them (a field absent or null is left as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
     #[serde(default)]
     pub max_bytes: Option<u64>,
     #[serde(default)]
     pub high_bytes: Option<u64>,
+}
+
+/// The limits to write.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct LimitsFields {
+    /// memory.max (v1: memory.limit_in_bytes), bytes.
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
+    max_bytes: Option<u64>,
+    /// memory.high (v1: the soft limit), bytes; at most max_bytes.
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
+    high_bytes: Option<u64>,
+}
+
+impl utoipa::ToSchema for LimitsBody {}
+
+impl utoipa::PartialSchema for LimitsBody {
+    /// The fields, closed to others, and at least one of them not null.
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, Type,
+        };
+        let mut fields = match LimitsFields::schema() {
+            utoipa::openapi::RefOr::T(Schema::Object(o)) => o,
+            other => return other,
+        };
+        fields.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+        let given = |field: &str| {
+            ObjectBuilder::new()
+                .property(field, ObjectBuilder::new().schema_type(Type::Integer))
+                .required(field)
+        };
+        AllOfBuilder::new()
+            .description(Some(
+                "memory.max and/or memory.high to write, at least one of them (a field absent \
+                 or null is left as it is)",
+            ))
+            .item(Schema::Object(fields))
+            .item(
+                AnyOfBuilder::new()
+                    .item(given("max_bytes"))
+                    .item(given("high_bytes")),
+            )
+            .examples([
+                serde_json::json!({"max_bytes": 268_435_456u64, "high_bytes": 201_326_592u64}),
+            ])
+            .into()
+    }
 }
 
 /// GET /v1/recommendations.
@@ -175,15 +260,32 @@ pub struct KeepAliveAdvice {
 /// shows it: "/pool/cg-3") now serves `function` as `instance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"cgroup": "/pool/cg-3", "function": "orders:resize", "instance": "use-42"})))]
 pub struct BindBody {
+    /// The cgroup directory, or its path below the hierarchy: absolute, without `.` or `..`
+    /// components.
+    #[schema(
+        pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$",
+        max_length = 4096
+    )]
     pub cgroup: String,
+    /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub function: String,
+    /// Instance name: 1 to 255 characters, no control characters.
+    #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,255}$")]
     pub instance: String,
 }
 
 /// POST /v1/release: the use of `cgroup` ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"cgroup": "/pool/cg-3"})))]
 pub struct ReleaseBody {
+    /// As in BindBody.
+    #[schema(
+        pattern = "^(/+([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+/*$",
+        max_length = 4096
+    )]
     pub cgroup: String,
 }

@@ -18,6 +18,8 @@ use crate::view::text::{table, Align};
 pub const SHOWN_HOURS: usize = 24;
 /// Instances shown by [`render_function`] (the most recent ones).
 pub const SHOWN_INSTANCES: usize = 20;
+/// The largest page of instances the API answers.
+pub const MAX_PAGE: usize = crate::api::paging::MAX_LIMIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -267,8 +269,8 @@ impl Client {
         self.get_as("/v1/info")
     }
 
-    /// GET /v1/functions/{name} and its newest `limit` instances: what [`render_function`]
-    /// takes.
+    /// GET /v1/functions/{name} and its newest `limit` instances (all when None), oldest
+    /// first: what [`render_function`] takes.
     pub fn function(
         &self,
         name: &str,
@@ -276,9 +278,36 @@ impl Client {
     ) -> Result<(FunctionDetail, Vec<InstanceRecord>), ClientError> {
         let seg = encode_segment(name);
         let d: FunctionDetail = self.get_as(&format!("/v1/functions/{seg}"))?;
-        let q = limit.map_or_else(String::new, |n| format!("?limit={n}"));
-        let i: InstancesResponse = self.get_as(&format!("/v1/functions/{seg}/instances{q}"))?;
-        Ok((d, i.instances.into_iter().map(|v| v.record).collect()))
+        let mut newest = self.newest_instances(name, limit.unwrap_or(usize::MAX), MAX_PAGE)?;
+        newest.reverse();
+        Ok((d, newest))
+    }
+
+    /// Up to `want` of the newest instances of `function`, newest first: page after page (of
+    /// at most `page` records) until there are as many or no more.
+    pub fn newest_instances(
+        &self,
+        function: &str,
+        want: usize,
+        page: usize,
+    ) -> Result<Vec<InstanceRecord>, ClientError> {
+        let seg = encode_segment(function);
+        let mut out: Vec<InstanceRecord> = Vec::new();
+        let mut cursor: Option<String> = None;
+        while out.len() < want {
+            let limit = (want - out.len()).clamp(1, page.clamp(1, MAX_PAGE));
+            let after = cursor.map_or_else(String::new, |c| format!("&cursor={c}"));
+            let i: InstancesResponse = self.get_as(&format!(
+                "/v1/functions/{seg}/instances?order=newest&limit={limit}{after}"
+            ))?;
+            out.extend(i.instances.into_iter().map(|v| v.record));
+            match i.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        out.truncate(want);
+        Ok(out)
     }
 }
 

@@ -12,9 +12,9 @@ use crate::api::wire::{FunctionLimits, FunctionsResponse};
 use crate::cli::client::{self, Client, ClientError};
 use crate::view::plot::{self, PeaksPlot};
 
-/// The most instances the API returns in one answer; a function with more retained is drawn
-/// with its newest this many, and the summary says so.
-const MAX_INSTANCES: usize = crate::api::MAX_INSTANCES_LIMIT as usize;
+/// The most instances one plot draws (read page after page, newest first); a function with
+/// more retained is drawn with its newest this many, and the summary says so.
+const MAX_INSTANCES: usize = 50_000;
 
 /// What one function's plot holds, for the summary printed after writing.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,7 +31,7 @@ pub struct Written {
 }
 
 impl Written {
-    /// "12 instances", or "10000 of 12000 instances (the newest)" when not all were drawn.
+    /// "12 instances", or "50000 of 60000 instances (the newest)" when not all were drawn.
     fn instances_text(&self) -> String {
         if (self.instances as u64) < self.retained {
             format!(

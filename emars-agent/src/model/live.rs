@@ -29,8 +29,41 @@ pub struct PeakHistogram {
     pub sum: u64,
 }
 
-/// Identity of an instance record in the store: (started_at_ms, cgroup_id).
+/// Identity of an instance record in the store: (started_at_ms, cgroup_id). Listings are in
+/// this order.
 pub type InstanceKey = (u64, u64);
+
+/// Which end of a listing comes first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first (ascending keys).
+    #[default]
+    Oldest,
+    /// Newest first (descending keys).
+    Newest,
+}
+
+/// Up to `limit` items of two sequences, each sorted by `first`, merged into `out`.
+fn merge_sorted<T: Copy>(
+    a: impl Iterator<Item = T>,
+    b: impl Iterator<Item = T>,
+    first: impl Fn(&T, &T) -> bool,
+    limit: usize,
+    out: &mut Vec<T>,
+) {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    while out.len() < limit {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if first(y, x) => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(k) => out.push(k),
+            None => break,
+        }
+    }
+}
 
 /// What the model keeps of a live instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -589,19 +622,67 @@ impl LiveModel {
             .unwrap_or_default()
     }
 
-    /// Keys of a function's retained instances (only live or only ended ones when `live`
-    /// says so), oldest first.
-    pub fn instance_keys(&self, name: &str, live: Option<bool>) -> Vec<InstanceKey> {
+    /// Up to `limit` keys of a function's retained instances (only live or only ended ones
+    /// when `live` says so) that come strictly after `after` in `order`, in that order. The
+    /// ended ones are found by binary search in their ordered list, so a page costs its own
+    /// length (plus the function's live instances), however long the history.
+    pub fn instance_keys_page(
+        &self,
+        name: &str,
+        live: Option<bool>,
+        order: Order,
+        after: Option<InstanceKey>,
+        limit: usize,
+    ) -> Vec<InstanceKey> {
         let Some(f) = self.functions.get(name) else {
             return Vec::new();
         };
-        let mut keys: Vec<InstanceKey> = Vec::new();
-        if live != Some(true) {
-            keys.extend(f.ended.iter().map(|e| (e.started_at_ms, e.cgroup_id)));
+        let beyond = |k: &InstanceKey| match (order, after) {
+            (_, None) => true,
+            (Order::Oldest, Some(a)) => *k > a,
+            (Order::Newest, Some(a)) => *k < a,
+        };
+        let mut live_keys: Vec<InstanceKey> = if live == Some(false) {
+            Vec::new()
+        } else {
+            f.live.keys().copied().filter(|k| beyond(k)).collect()
+        };
+        live_keys.sort_unstable();
+        let ended: &[Ended] = if live == Some(true) { &[] } else { &f.ended };
+        let key = |e: &Ended| (e.started_at_ms, e.cgroup_id);
+        let mut out = Vec::with_capacity(limit.min(ended.len() + live_keys.len()));
+        match order {
+            Order::Oldest => {
+                let from = after.map_or(0, |a| ended.partition_point(|e| key(e) <= a));
+                merge_sorted(
+                    ended[from..].iter().map(key),
+                    live_keys.into_iter(),
+                    |a, b| a < b,
+                    limit,
+                    &mut out,
+                );
+            }
+            Order::Newest => {
+                let to = after.map_or(ended.len(), |a| ended.partition_point(|e| key(e) < a));
+                merge_sorted(
+                    ended[..to].iter().rev().map(key),
+                    live_keys.into_iter().rev(),
+                    |a, b| a > b,
+                    limit,
+                    &mut out,
+                );
+            }
         }
-        if live != Some(false) {
-            keys.extend(f.live.keys().copied());
-        }
+        out
+    }
+
+    /// Keys of a function's live instances, oldest first (no history read).
+    pub fn live_keys_of(&self, name: &str) -> Vec<InstanceKey> {
+        let mut keys: Vec<InstanceKey> = self
+            .functions
+            .get(name)
+            .map(|f| f.live.keys().copied().collect())
+            .unwrap_or_default();
         keys.sort_unstable();
         keys
     }

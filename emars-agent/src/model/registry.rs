@@ -17,7 +17,8 @@ use crate::model::runtime::{Labels, MetadataRead};
 
 /// Longest function name; it ends up in API URLs and store keys.
 pub const MAX_FUNCTION_NAME_LEN: usize = 128;
-/// Longest instance name (a cgroup directory name is at most 255 bytes too).
+/// Longest instance name, in characters (a cgroup directory name is at most 255 bytes, so at
+/// most as many characters).
 pub const MAX_INSTANCE_NAME_LEN: usize = 255;
 /// Rule used for a root that lists none: `<root>/<function>/<instance>`.
 pub const DEFAULT_PATTERN: &str = "{function}/{instance}";
@@ -55,9 +56,13 @@ fn is_function_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
 }
 
-/// Instances are opaque labels; they only need to be printable and bounded.
+/// Instances are opaque labels; they only need to be printable and bounded: 1 to
+/// [`MAX_INSTANCE_NAME_LEN`] characters (as JSON Schema's `maxLength` counts them, so that
+/// the API document can state the rule), none a control character.
 pub fn valid_instance_name(name: &str) -> bool {
-    (1..=MAX_INSTANCE_NAME_LEN).contains(&name.len()) && !name.chars().any(char::is_control)
+    !name.is_empty()
+        && name.chars().count() <= MAX_INSTANCE_NAME_LEN
+        && !name.chars().any(char::is_control)
 }
 
 /// Normalises a root path to the form the kernel reports (`/emars`): adds the leading '/',

@@ -87,6 +87,39 @@ use crate::model::{
 };
 use sled::Transactional;
 
+pub use crate::model::live::Order;
+
+/// Which page of a function's instances to read ([`Store::instances_page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Only live (true) or only ended (false) instances; all when None.
+    pub live: Option<bool>,
+    pub order: Order,
+    /// The page starts strictly after this key (in `order`): the `next` of the page before.
+    pub after: Option<InstanceKey>,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+impl Default for PageQuery {
+    fn default() -> Self {
+        PageQuery {
+            live: None,
+            order: Order::Oldest,
+            after: None,
+            limit: 1000,
+        }
+    }
+}
+
+/// A page of instance records, in the order asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstancesPage {
+    pub records: Vec<InstanceRecord>,
+    /// The key of the page's last record when more follow: where the next page starts.
+    pub next: Option<InstanceKey>,
+}
+
 /// Schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 2;
 
@@ -1187,30 +1220,42 @@ impl Store {
     }
 
     /// All retained instances of `function`, oldest first (by start time, then cgroup id).
+    /// Reads the whole history: for tests and tools; the API reads pages.
     pub fn instances(&self, function: &str) -> Result<Vec<InstanceRecord>, StoreError> {
-        self.instances_page(function, None, usize::MAX)
+        let q = PageQuery {
+            limit: usize::MAX - 1,
+            ..PageQuery::default()
+        };
+        Ok(self.instances_page(function, &q)?.records)
     }
 
-    /// The newest `limit` retained instances of `function` (only live or only ended ones when
-    /// `live` says so), oldest first. The model says which and where they are; each block
-    /// holding some is read once.
+    /// One page of the retained instances of `function` ([`PageQuery`]). The model says which
+    /// records they are and where; each block holding some is read once, nothing else is.
     pub fn instances_page(
         &self,
         function: &str,
-        live: Option<bool>,
-        limit: usize,
-    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        q: &PageQuery,
+    ) -> Result<InstancesPage, StoreError> {
         validate_name(function)?;
+        let limit = q.limit.max(1);
         let st = self.state();
-        let keys = st.model.instance_keys(function, live);
-        let skip = keys.len().saturating_sub(limit);
-        let located: Vec<(InstanceKey, Option<u32>)> = keys[skip..]
+        // One key more than asked for says whether a next page exists.
+        let mut keys = st.model.instance_keys_page(
+            function,
+            q.live,
+            q.order,
+            q.after,
+            limit.saturating_add(1),
+        );
+        let next = (keys.len() > limit).then(|| keys[limit - 1]);
+        keys.truncate(limit);
+        let located: Vec<(InstanceKey, Option<u32>)> = keys
             .iter()
             .map(|k| (*k, st.model.ended_block(function, *k)))
             .collect();
         drop(st);
         let mut blocks: HashMap<u32, HashMap<InstanceKey, InstanceRecord>> = HashMap::new();
-        let mut out = Vec::with_capacity(located.len());
+        let mut records = Vec::with_capacity(located.len());
         for (key, block) in located {
             match block {
                 Some(b) if b != IN_TAIL => {
@@ -1223,17 +1268,36 @@ impl Store {
                         );
                     }
                     if let Some(r) = blocks.get_mut(&b).and_then(|m| m.remove(&key)) {
-                        out.push(r);
+                        records.push(r);
                     }
                 }
                 _ => {
                     if let Some(r) = self.instance(function, key.0, key.1)? {
-                        out.push(r);
+                        records.push(r);
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(InstancesPage { records, next })
+    }
+
+    /// The newest live instance of `function` named `instance`, from the function's live
+    /// records only (the model knows which they are): no history is read.
+    pub fn live_instance(
+        &self,
+        function: &str,
+        instance: &str,
+    ) -> Result<Option<InstanceRecord>, StoreError> {
+        validate_name(function)?;
+        let keys = self.state().model.live_keys_of(function);
+        for (started, cgroup) in keys.into_iter().rev() {
+            if let Some(rec) = self.instance(function, started, cgroup)? {
+                if rec.instance == instance && rec.is_live() {
+                    return Ok(Some(rec));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Instances of every function that have not ended, by function then start. After a
@@ -2283,6 +2347,122 @@ mod tests {
         assert!(s.instances("nope").unwrap().is_empty());
     }
 
+    /// Pages in both orders hold every record once, in key order, while instances end and
+    /// start between the pages; sealed blocks, the tail and live records alike.
+    #[test]
+    fn pages_are_stable_while_instances_start_and_end() {
+        let (_d, s) = open_tmp();
+        let mut live: Vec<InstanceRecord> = Vec::new();
+        // 300 records, every 7th live: more than two blocks are sealed.
+        for i in 0..300u64 {
+            let mut r = rec("f", 1_000 + i * 10, 1 + i % 5);
+            if i % 7 != 0 {
+                r.ended_at_ms = Some(r.started_at_ms + 5);
+                s.put_instance(&r).unwrap();
+            } else {
+                s.put_instance(&r).unwrap();
+                live.push(r);
+            }
+            // Another function's records in between change nothing.
+            s.put_instance(&rec("g", 1_000 + i * 10, 9)).unwrap();
+        }
+        let keys = |recs: &[InstanceRecord]| -> Vec<(u64, u64)> {
+            recs.iter()
+                .map(|r| (r.started_at_ms, r.cgroup_id))
+                .collect()
+        };
+        let mut added: Vec<(u64, u64)> = Vec::new();
+        for order in [Order::Oldest, Order::Newest] {
+            let before = keys(&s.instances("f").unwrap());
+            assert!(before.len() >= 300);
+            let mut seen: Vec<(u64, u64)> = Vec::new();
+            let mut after = None;
+            let first_added = added.len();
+            loop {
+                let q = PageQuery {
+                    live: None,
+                    order,
+                    after,
+                    limit: 7,
+                };
+                let page = s.instances_page("f", &q).unwrap();
+                assert!(page.records.len() <= 7);
+                seen.extend(keys(&page.records));
+                // Between pages: one live instance ends, a new one starts.
+                if let Some(mut r) = live.pop() {
+                    r.ended_at_ms = Some(r.started_at_ms + 1);
+                    s.put_instance(&r).unwrap();
+                }
+                let new = rec("f", 100_000 + added.len() as u64, 1);
+                added.push((new.started_at_ms, new.cgroup_id));
+                s.put_instance(&new).unwrap();
+                match page.next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+            let mut expected = before.clone();
+            match order {
+                // Oldest first reaches those that started meanwhile, at the end: all but the
+                // one started after the last page.
+                Order::Oldest => expected.extend(&added[first_added..added.len() - 1]),
+                // Newest first never sees them: they sort before its first page.
+                Order::Newest => expected.reverse(),
+            }
+            assert_eq!(seen, expected, "{order:?}");
+        }
+        // Only live ones, newest first, in pages of 2.
+        let mut live_now = keys(&s.instances("f").unwrap());
+        let all = s.instances("f").unwrap();
+        live_now.retain(|k| {
+            all.iter()
+                .any(|r| (r.started_at_ms, r.cgroup_id) == *k && r.is_live())
+        });
+        live_now.reverse();
+        assert!(live_now.len() > 2);
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let q = PageQuery {
+                live: Some(true),
+                order: Order::Newest,
+                after,
+                limit: 2,
+            };
+            let page = s.instances_page("f", &q).unwrap();
+            assert!(page.records.iter().all(InstanceRecord::is_live));
+            seen.extend(keys(&page.records));
+            match page.next {
+                Some(k) => after = Some(k),
+                None => break,
+            }
+        }
+        assert_eq!(seen, live_now);
+    }
+
+    #[test]
+    fn a_live_instance_is_found_by_name_without_the_history() {
+        let (_d, s) = open_tmp();
+        let mut old = rec("f", 10, 1);
+        old.instance = "web-1".into();
+        old.ended_at_ms = Some(20);
+        s.put_instance(&old).unwrap();
+        let mut now = rec("f", 30, 2);
+        now.instance = "web-1".into();
+        s.put_instance(&now).unwrap();
+        s.put_instance(&rec("f", 40, 3)).unwrap();
+        assert_eq!(s.live_instance("f", "web-1").unwrap(), Some(now.clone()));
+        assert_eq!(s.live_instance("f", "web-2").unwrap(), None);
+        assert_eq!(s.live_instance("g", "web-1").unwrap(), None);
+        now.ended_at_ms = Some(50);
+        s.put_instance(&now).unwrap();
+        assert_eq!(s.live_instance("f", "web-1").unwrap(), None);
+        assert!(matches!(
+            s.live_instance("", "x"),
+            Err(StoreError::InvalidName { .. })
+        ));
+    }
+
     #[test]
     fn live_instances_across_functions() {
         let (_d, s) = open_tmp();
@@ -2887,8 +3067,22 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(
-            s.instances_page("a", Some(false), 5).unwrap(),
-            ended_a[ended_a.len() - 5..].to_vec()
+            s.instances_page(
+                "a",
+                &PageQuery {
+                    live: Some(false),
+                    order: Order::Newest,
+                    after: None,
+                    limit: 5
+                }
+            )
+            .unwrap()
+            .records,
+            ended_a[ended_a.len() - 5..]
+                .iter()
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
         );
         let summaries = s.functions().unwrap();
         drop(s);

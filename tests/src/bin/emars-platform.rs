@@ -548,12 +548,12 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
 fn agent_uses(agent: &Agent, fs: &[Function], uses: usize) -> Result<()> {
     let mut seen = 0;
     for f in fs {
-        let (s, v) = agent.get(&format!("/v1/functions/{}/instances", name(f)))?;
-        if s == 200 {
-            seen += v["instances"].as_array().map_or(0, |a| {
-                a.iter().filter(|i| i["ended_at_ms"].is_u64()).count()
-            });
-        }
+        // Every page of the function's instances.
+        seen += agent
+            .instances(&name(f))?
+            .iter()
+            .filter(|i| i["ended_at_ms"].is_u64())
+            .count();
     }
     if seen != uses {
         bail!("the agent recorded {seen} uses, the platform made {uses}");

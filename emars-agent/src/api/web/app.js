@@ -44,6 +44,20 @@ async function get(path) {
 
 const optional = (p) => p.catch(() => null);
 
+// Up to `max` instances of a listing, page after page (each at most 10000 records), following
+// the answer's `next` cursor.
+async function instancePages(path, max) {
+  const out = [];
+  let cursor = '';
+  while (out.length < max) {
+    const page = await get(`${path}&limit=${Math.min(max - out.length, 10000)}${cursor}`);
+    out.push(...page.instances);
+    if (!page.next) break;
+    cursor = '&cursor=' + encodeURIComponent(page.next);
+  }
+  return out;
+}
+
 function table(headers, rows, id) {
   const t = el('table', id ? { id } : {});
   t.append(el('tr', {}, ...headers.map((h, i) => el('th', i === 0 ? { class: 'text' } : {}, h))));
@@ -156,14 +170,14 @@ function hoursChart(hours) {
 
 async function functionPage(name) {
   const enc = encodeURIComponent(name);
-  const [f, inst, rec, audit] = await Promise.all([
+  // Every live instance, and the newest 2000 ended ones for the peak histogram.
+  const [f, live, ended, rec, audit] = await Promise.all([
     get('/v1/functions/' + enc),
-    get(`/v1/functions/${enc}/instances?limit=2000`),
+    instancePages(`/v1/functions/${enc}/instances?live=true`, 50000),
+    instancePages(`/v1/functions/${enc}/instances?live=false&order=newest`, 2000),
     optional(get(`/v1/functions/${enc}/recommendation`)),
     optional(get('/v1/audit?limit=1000')),
   ]);
-  const ended = inst.instances.filter((i) => i.ended_at_ms !== null);
-  const live = inst.instances.filter((i) => i.ended_at_ms === null);
   const card = (label, value, col) => el('div', { class: 'card', 'data-card': col }, label, el('b', {}, value));
   const cards = el('div', { class: 'cards' },
     card('instances', `${f.instances} (${f.live_instances} live)`, 'instances'),
