@@ -149,14 +149,28 @@ fn completions_load_in_bash() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Without an agent, the CLI says so and how to start one.
+/// Without an agent, the CLI says so once, with what to check: over TCP and at a socket.
 #[test]
 fn cli_without_agent_says_so() {
-    let out = Command::new(agent_bin())
-        .args(["functions", "--addr", "127.0.0.1:1"])
-        .output()
-        .expect("run emars");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("emars agent"), "{err}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let socket = tmp.path().join("api.sock");
+    let socket = socket.to_str().expect("utf-8 path");
+    for (how, args) in [
+        ("tcp", ["functions", "--addr", "127.0.0.1:1"]),
+        ("socket", ["functions", "--socket", socket]),
+    ] {
+        let out = Command::new(agent_bin())
+            .args(args)
+            .output()
+            .expect("run emars");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is the agent running"), "{how}: {err}");
+        let cause = if how == "tcp" {
+            "Connection refused"
+        } else {
+            "No such file or directory"
+        };
+        assert_eq!(err.matches(cause).count(), 1, "{how}: said once: {err}");
+    }
 }

@@ -606,9 +606,9 @@ fn write_survives_kill_9_in_the_audit() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Clients (more than the cap of 128) that open connections and never finish a request cannot exhaust the agent's
-/// descriptors: the count stays under the cap, limits are still written at mkdir, and the API
-/// answers again once their header deadline has passed.
+/// Clients (more than the TCP cap of 1,024) that open connections and never finish a request
+/// cannot exhaust the agent's descriptors: the count stays under the cap, limits are still
+/// written at mkdir, and the API answers again once their header deadline has passed.
 #[test]
 fn slow_clients_cannot_starve_the_agent() -> anyhow::Result<()> {
     if !require_root("slow_clients_cannot_starve_the_agent") {
@@ -625,18 +625,21 @@ fn slow_clients_cannot_starve_the_agent() -> anyhow::Result<()> {
     agent.wait_ended("slow", 3)?;
     let fds = || fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count());
     let base = fds()?;
+    // More clients than the agent's TCP connection cap (1,024), each holding half a request
+    // line, never finished. The test needs a descriptor for each.
+    let clients = 1200;
+    raise_fd_limit(clients as u64 + 256)?;
     let mut conns = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..clients {
         let mut c = TcpStream::connect(&agent.addr).context("connecting")?;
-        // Half a request line, never finished.
         c.write_all(b"GET /v1/info HTTP/1.1\r\nHost: 127")?;
         conns.push(c);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500) * time_scale());
     let held = fds()?;
     assert!(
-        held <= base + 128 + 8,
-        "agent holds {held} descriptors (was {base}) with 200 idle clients"
+        held <= base + 1024 + 8,
+        "agent holds {held} descriptors (was {base}) with {clients} idle clients"
     );
     // Cgroup writes do not wait for the API.
     let dir = root.instance_dir("slow", "new")?;
@@ -669,6 +672,28 @@ fn slow_clients_cannot_starve_the_agent() -> anyhow::Result<()> {
         .map(|r| r.status());
     assert_eq!(answered.ok(), Some(200), "after {:?}", t0.elapsed());
     drop(conns);
+    Ok(())
+}
+
+/// Raises this process's soft descriptor limit to at least `n` (within the hard limit).
+fn raise_fd_limit(n: u64) -> anyhow::Result<()> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill, then to set.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            anyhow::bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if l.rlim_cur < n {
+            l.rlim_cur = n.min(l.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                anyhow::bail!("setrlimit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    anyhow::ensure!(l.rlim_cur >= n, "descriptor limit {} below {n}", l.rlim_cur);
     Ok(())
 }
 

@@ -23,10 +23,11 @@ pub const MAX_PAGE: usize = crate::api::paging::MAX_LIMIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the EMARS agent at {addr}: {source} ({hint})")]
+    /// `cause` is the innermost error's text alone: the transport's chain repeats it.
+    #[error("cannot reach the EMARS agent at {addr}: {cause} ({hint})")]
     Connect {
         addr: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: String,
         hint: String,
     },
     #[error("the agent answered {status}: {message}")]
@@ -194,7 +195,7 @@ impl Client {
                     Err(ureq::Error::Transport(t)) => {
                         return Err(ClientError::Connect {
                             addr: base.clone(),
-                            source: Box::new(t),
+                            cause: innermost(&t),
                             hint: "is the agent running, and listening there? Without --addr \
                                    the CLI uses the agent's local socket"
                                 .into(),
@@ -227,7 +228,7 @@ impl Client {
                         };
                         return Err(ClientError::Connect {
                             addr: socket.display().to_string(),
-                            source: Box::new(e),
+                            cause: innermost(&e),
                             hint: hint.into(),
                         });
                     }
@@ -309,6 +310,15 @@ impl Client {
         out.truncate(want);
         Ok(out)
     }
+}
+
+/// The text of the innermost cause of `e` (the others wrap and repeat it).
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 /// An answer's body, at most 64 MiB (a bound, not a figure the API comes near).
