@@ -151,13 +151,28 @@ impl Policy {
         Ok(rec)
     }
 
-    /// Recomputes every known function.
+    /// Recomputes every known function, and forgets the recommendations of functions pruned
+    /// since (but not those the config names).
     pub fn compute_all(&self, now_ms: u64) -> Result<Vec<Recommendation>, StoreError> {
+        let names = self.store.function_names()?;
         let mut out = Vec::new();
-        for f in self.store.function_names()? {
-            if let Some(r) = self.compute(&f, now_ms)? {
+        for f in &names {
+            if let Some(r) = self.compute(f, now_ms)? {
                 out.push(r);
             }
+        }
+        let configured = |f: &str| {
+            self.config
+                .functions
+                .iter()
+                .any(|c| c.name.as_deref() == Some(f))
+        };
+        if let Ok(mut c) = self.cache.write() {
+            // Known as of now, with the cache held: a function is known before it is computed,
+            // so one computed meanwhile is in this list.
+            let names = self.store.function_names()?;
+            let known: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+            c.retain(|f, _| known.contains(f.as_str()) || configured(f));
         }
         Ok(out)
     }
