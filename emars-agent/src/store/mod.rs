@@ -289,6 +289,10 @@ struct FunctionCap {
     max: usize,
     /// Functions named in the config: admitted past the cap (the operator chose them).
     always: HashSet<String>,
+    /// Functions admitted through [`Store::admit_function`] and known since: a new instance of
+    /// one is admitted without the model's lock (the mkdir-to-limits path must not wait behind
+    /// a prune). Pruning takes out the functions it forgets.
+    admitted: HashSet<String>,
     /// Refusals since the store opened, and since the last log line.
     refused: u64,
     unlogged: u64,
@@ -300,6 +304,7 @@ impl Default for FunctionCap {
         FunctionCap {
             max: DEFAULT_MAX_FUNCTIONS,
             always: HashSet::new(),
+            admitted: HashSet::new(),
             refused: 0,
             unlogged: 0,
             logged_at: None,
@@ -628,11 +633,15 @@ impl Store {
     /// asks before it opens a new instance, so that the instance's writes find its place taken.
     pub fn admit_function(&self, function: &str, at_ms: u64) -> Result<(), StoreError> {
         validate_name(function)?;
+        if self.cap().admitted.contains(function) {
+            return Ok(());
+        }
         let mut st = self.state();
         self.admit_locked(&st.model, function)?;
         if st.model.seen(function, at_ms, at_ms) {
             self.write_function(&st.model, function)?;
         }
+        self.cap().admitted.insert(function.to_owned());
         Ok(())
     }
 
@@ -1666,6 +1675,7 @@ impl Store {
         for name in st.model.forgotten(cutoff) {
             self.functions.remove(name.as_bytes())?;
             st.model.remove_function(&name);
+            self.cap().admitted.remove(&name);
             report.functions_removed += 1;
         }
         // Last-seen times and sizes move with every event and are written here and at
@@ -3254,6 +3264,24 @@ mod tests {
         full(s.add_invocations("h", 1, 10 * HOUR_MS), "h");
         assert_eq!(s.function_names().unwrap(), ["c", "d", "e"]);
         assert_eq!(s.function_cap().refused, 6);
+
+        // A function admitted (its instance opened without the model's lock next time), then
+        // pruned: its place is gone with it, and it is asked about again.
+        let (_d, s) = open_tmp();
+        s.set_function_cap(1, []);
+        s.admit_function("z", 10).unwrap();
+        s.admit_function("z", 20).unwrap();
+        s.prune(10 * HOUR_MS, Duration::from_millis(HOUR_MS))
+            .unwrap();
+        s.add_invocations("y", 1, 10 * HOUR_MS).unwrap();
+        assert!(
+            matches!(
+                s.admit_function("z", 10 * HOUR_MS),
+                Err(StoreError::FunctionsFull(FunctionsFull { max: 1, .. }))
+            ),
+            "a pruned function was admitted past the cap"
+        );
+        assert_eq!(s.function_names().unwrap(), ["y"]);
     }
 
     /// The strings `strings` holds, as text.
