@@ -21,7 +21,8 @@
 //! names reported through `POST /v1/functions/{name}/invocations` with the token, as a tenant
 //! could, to an agent capped at M functions (default 10,000) and, for comparison, to one whose
 //! cap admits them all. Prints per agent: functions known, names refused, the agent's RSS
-//! before and after, `/metrics` bytes and scrape time, `GET /v1/functions` bytes and time.
+//! before, once the names are in and after the reads (R scrapes of `/metrics`, R
+//! `GET /v1/functions`), `/metrics` bytes and scrape time, `GET /v1/functions` bytes and time.
 
 use std::{
     net::SocketAddr,
@@ -524,6 +525,10 @@ mod names {
         refused: u64,
         rate: f64,
         rss_idle: u64,
+        /// Once the first `split` names are in, once all are, and once the scrapes and lists
+        /// are done too.
+        rss_split: u64,
+        rss_names: u64,
         rss_after: u64,
         metrics_bytes: usize,
         scrapes: Vec<Duration>,
@@ -537,20 +542,23 @@ mod names {
         if !require_root("emars-bench-api --names") {
             bail!("--names runs the real agent: run as root");
         }
-        let mut runs = vec![measure(n, max_functions, requests)?];
+        let split = max_functions.min(n) as usize;
+        let mut runs = vec![measure(n, max_functions, split, requests)?];
         if max_functions < n {
-            runs.push(measure(n, n, requests)?);
+            runs.push(measure(n, n, split, requests)?);
         }
         println!(
             "\n{n} distinct names reported (POST /v1/functions/{{name}}/invocations, 4 clients)\n"
         );
         println!(
-            "{:>13} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>28} {:>10} {:>28} {:>9} {:>8}",
+            "{:>13} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>28} {:>10} {:>28} {:>9} {:>8}",
             "max_functions",
             "known",
             "refused",
             "names/s",
             "RSS idle",
+            &format!("RSS {split}"),
+            "RSS names",
             "RSS after",
             "/metrics",
             "scrape p50/p99/max",
@@ -561,12 +569,14 @@ mod names {
         );
         for r in &runs {
             println!(
-                "{:>13} {:>7} {:>7} {:>9.0} {:>6.1} MB {:>6.1} MB {:>7.1} MB {:>28} {:>7.1} MB {:>28} {:>6.1} MB {:>8}",
+                "{:>13} {:>7} {:>7} {:>9.0} {:>6.1} MB {:>6.1} MB {:>6.1} MB {:>6.1} MB {:>7.1} MB {:>28} {:>7.1} MB {:>28} {:>6.1} MB {:>8}",
                 r.max_functions,
                 r.known,
                 r.refused,
                 r.rate,
                 r.rss_idle as f64 / MIB as f64,
+                r.rss_split as f64 / MIB as f64,
+                r.rss_names as f64 / MIB as f64,
                 r.rss_after as f64 / MIB as f64,
                 r.metrics_bytes as f64 / 1e6,
                 triple(&r.scrapes),
@@ -578,7 +588,9 @@ mod names {
         }
         if let [capped, all] = runs.as_slice() {
             println!(
-                "\ncapped / all admitted: RSS after {:.2}x, /metrics {:.3}x, scrape p50 {:.3}x",
+                "\ncapped / all admitted: RSS with the names {:.2}x, after the reads {:.2}x, \
+                 /metrics {:.3}x, scrape p50 {:.3}x",
+                capped.rss_names as f64 / all.rss_names as f64,
                 capped.rss_after as f64 / all.rss_after as f64,
                 capped.metrics_bytes as f64 / all.metrics_bytes as f64,
                 pct(&capped.scrapes, 50.0).as_secs_f64() / pct(&all.scrapes, 50.0).as_secs_f64()
@@ -587,7 +599,7 @@ mod names {
         Ok(())
     }
 
-    fn measure(n: u64, max_functions: u64, requests: usize) -> Result<Run> {
+    fn measure(n: u64, max_functions: u64, split: usize, requests: usize) -> Result<Run> {
         let root = TestRoot::new()?;
         let agent = Agent::start_configured(
             &root,
@@ -599,8 +611,15 @@ mod names {
         eprintln!("max_functions = {max_functions}: reporting {n} names ...");
         let all = names("tenant", n as usize);
         let start = Instant::now();
-        let answers = report_names(&agent, &all, 4)?;
+        let first = report_names(&agent, &all[..split], 4)?;
+        let rss_split = rss_bytes(agent.pid())?;
+        let rest = report_names(&agent, &all[split..], 4)?;
         let rate = n as f64 / start.elapsed().as_secs_f64();
+        let answers = Answers {
+            counted: first.counted + rest.counted,
+            refused: first.refused + rest.refused,
+        };
+        let rss_names = rss_bytes(agent.pid())?;
         let mut scrapes = Vec::new();
         let mut metrics_bytes = 0;
         for _ in 0..requests {
@@ -633,6 +652,8 @@ mod names {
             refused,
             rate,
             rss_idle,
+            rss_split,
+            rss_names,
             rss_after,
             metrics_bytes,
             scrapes,
