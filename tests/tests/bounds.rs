@@ -3,7 +3,8 @@
 //!
 //! - Past `store.max_functions`, new names are refused, through the API (507) and from
 //!   cgroups (not tracked), counted exactly in GET /v1/info and /metrics; /metrics stays within
-//!   a size the cap sets, and the agent's memory does not grow with the names it refused.
+//!   a size the cap sets, the agent's memory does not grow with the names it refused, and
+//!   admission answers are counted per function for at most that many names.
 //! - Interned strings (function names, per-pod parent paths) go with retention: a store with
 //!   old history, opened by the agent, prunes them, and the store read back with the library
 //!   holds only what retained records name.
@@ -218,6 +219,20 @@ fn names_past_max_functions_are_refused_and_counted() -> anyhow::Result<()> {
     assert_eq!(s, 200, "{b}");
     let (s, r) = post(&agent, "/v1/release", json!({"cgroup": slot_s}))?;
     assert_eq!(s, 200, "{r}");
+
+    // Admission answers are counted one by one for at most as many names as functions.
+    for name in names("adm", CAP + 50) {
+        let (s, a) = post(&agent, "/v1/admission", json!({ "function": name }))?;
+        assert_eq!(s, 200, "{a}");
+    }
+    let counts = agent.get_ok("/v1/admission")?;
+    let per_function = counts["functions"].as_object().map_or(0, |m| m.len());
+    assert_eq!(per_function, CAP, "admission counts kept per function");
+    let r = &agent.get_ok("/v1/info")?["reactive"];
+    assert_eq!(
+        u64_of(r, "admitted") + u64_of(r, "refused"),
+        (CAP + 50) as u64
+    );
 
     // What the agent says: exact counts in /v1/info and /metrics.
     let mut known = known_functions(&agent)?;
