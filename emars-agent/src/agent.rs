@@ -57,6 +57,15 @@ pub async fn run(
     }
     let store = Store::open(&config.store.path)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+    // Functions the operator names are admitted whatever tenants' names took.
+    store.set_function_cap(
+        config.store.max_functions,
+        config
+            .policy
+            .functions
+            .iter()
+            .filter_map(|f| f.name.clone()),
+    );
 
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
     // below reports them first.
@@ -96,6 +105,7 @@ pub async fn run(
         model: Default::default(),
         reactive: Default::default(),
         per_use_peak: per_use_peak_method(&hierarchy, &roots),
+        function_cap: Default::default(),
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -162,8 +172,9 @@ pub async fn run(
         }
         None
     };
-    let mut tracker =
-        Tracker::new(hierarchy, registry).with_metadata_wait_ms(config.cgroup.metadata_wait_ms);
+    let mut tracker = Tracker::new(hierarchy, registry)
+        .with_metadata_wait_ms(config.cgroup.metadata_wait_ms)
+        .with_admission(Box::new(store.clone()));
     let mut enforcer = Enforcer::new(store.clone())
         .with_policy(policy.clone(), actuator.clone())
         .tracking_limits(burst.is_some());

@@ -25,6 +25,10 @@ pub const DEFAULT_LISTEN_PORT: u16 = 9750;
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/emars/store";
 pub const DEFAULT_RETENTION_DAYS: u32 = 14;
 pub const RETENTION_DAYS_RANGE: RangeInclusive<u32> = 1..=3650;
+pub use crate::store::DEFAULT_MAX_FUNCTIONS;
+/// Allowed `store.max_functions`: each function costs about 6 KB of /metrics and its history's
+/// memory, so a million is already far beyond what one host runs.
+pub const MAX_FUNCTIONS_RANGE: RangeInclusive<usize> = 1..=1_000_000;
 pub const DEFAULT_ROOT: &str = "/emars";
 pub const DEFAULT_PEAK_STEP_BYTES: u64 = 1 << 20;
 /// One page: a smaller step would only multiply events without adding precision.
@@ -383,6 +387,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Days of instance records and hourly buckets kept.
     pub retention_days: u32,
+    /// Functions known at most: a new name past it is refused and counted (names come from
+    /// tenants' cgroups and API calls, and each costs memory and /metrics series).
+    pub max_functions: usize,
 }
 
 impl Default for StoreConfig {
@@ -390,6 +397,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from(DEFAULT_STORE_PATH),
             retention_days: DEFAULT_RETENTION_DAYS,
+            max_functions: DEFAULT_MAX_FUNCTIONS,
         }
     }
 }
@@ -511,6 +519,11 @@ impl StoreConfig {
             "store.retention_days",
             self.retention_days,
             &RETENTION_DAYS_RANGE,
+        )?;
+        in_range(
+            "store.max_functions",
+            self.max_functions,
+            &MAX_FUNCTIONS_RANGE,
         )
     }
 }
@@ -644,6 +657,7 @@ mod tests {
         assert_eq!(c.api.listen, "127.0.0.1:9750".parse().unwrap());
         assert_eq!(c.store.path, PathBuf::from("/var/lib/emars/store"));
         assert_eq!(c.store.retention_days, 14);
+        assert_eq!(c.store.max_functions, 10_000);
         assert_eq!(c.cgroup.mode, CgroupMode::Auto);
         assert_eq!(c.cgroup.mount, None);
         assert_eq!(c.cgroup.roots.len(), 1);
@@ -676,6 +690,7 @@ listen = "[::1]:8000"
 [store]
 path = "/srv/emars"
 retention_days = 3650
+max_functions = 250
 [cgroup]
 mode = "v1"
 mount = "/sys/fs/cgroup/memory"
@@ -696,6 +711,7 @@ ring_buffer_bytes = 65536
         assert_eq!(c.api.listen, "[::1]:8000".parse().unwrap());
         assert_eq!(c.store.path, PathBuf::from("/srv/emars"));
         assert_eq!(c.store.retention_days, 3650);
+        assert_eq!(c.store.max_functions, 250);
         assert_eq!(c.cgroup.mode, CgroupMode::V1);
         assert_eq!(
             c.cgroup.mount.as_deref(),
@@ -761,6 +777,17 @@ instance = "{id}"
         );
         assert_invalid("[store]\nretention_days = 0", "store.retention_days", "0");
         assert!(Config::from_toml_str("[store]\nretention_days = 1").is_ok());
+        assert_invalid("[store]\nmax_functions = 0", "store.max_functions", "0");
+        let reason = assert_invalid(
+            "[store]\nmax_functions = 1000001",
+            "store.max_functions",
+            "1000001",
+        );
+        assert_eq!(reason, "must be between 1 and 1000000");
+        assert!(Config::from_toml_str("[store]\nmax_functions = 1").is_ok());
+        // A negative number is a type error, said by the parser with the key.
+        let err = Config::from_toml_str("[store]\nmax_functions = -1").unwrap_err();
+        assert!(parse_message(err).contains("max_functions"));
         let reason = assert_invalid(
             "[store]\npath = \"relative/store\"",
             "store.path",

@@ -5,6 +5,7 @@
 //! when `EMARS_TEST_ROOT_REQUIRED=1` (as `cargo xtask test` sets it under root/CI) they fail.
 
 pub mod azure;
+pub mod names;
 pub mod oci;
 
 use std::{
@@ -492,11 +493,20 @@ impl Agent {
             }
             None => format!("{extra}\n[probes]\n{pin}"),
         };
+        // The store's path, in the [store] table `extra` may open (for retention and the like).
+        let store_path = format!("path = \"{}\"\n", store.display());
+        let (store_table, extra) = match extra.find("[store]\n") {
+            Some(i) => {
+                let at = i + "[store]\n".len();
+                let extra = format!("{}{store_path}{}", &extra[..at], &extra[at..]);
+                (String::new(), extra)
+            }
+            None => (format!("[store]\n{store_path}\n"), extra),
+        };
         let config = format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nsocket = \"{}\"\n\n[store]\npath = \"{}\"\n\n[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nsocket = \"{}\"\n\n{store_table}[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
             token_file.display(),
             socket.display(),
-            store.display(),
             root.rel
         );
         fs::write(&config_path, config)?;

@@ -15,9 +15,13 @@
 //!
 //! Per agent process: `emars_events_received_total`, `emars_events_lost_total`,
 //! `emars_limit_writes_total{outcome}`, `emars_reactive_raises_total`,
-//! `emars_admissions_total{answer}`, `emars_squeezes_total`, and per eBPF program
+//! `emars_admissions_total{answer}`, `emars_squeezes_total`, `emars_functions` and
+//! `emars_max_functions` (gauges), `emars_functions_refused_total`, and per eBPF program
 //! `emars_bpf_program_runs_total{program}` and `emars_bpf_program_run_seconds_total{program}`
 //! (when the kernel's bpf_stats are on).
+//!
+//! Every labelled series is per function the store knows (at most `store.max_functions`), per
+//! eBPF program, or per fixed outcome: nothing here grows with names a tenant makes up.
 
 use prometheus_client::{
     collector::Collector,
@@ -226,6 +230,30 @@ impl Collector for Snapshot {
             "",
             &[("", r.squeezes)],
         )?;
+        let known = self.functions.len() as u64;
+        let mut m = enc.encode_descriptor(
+            "emars_functions",
+            "Functions the agent knows.",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&known)?;
+        let cap = &i.function_cap;
+        let mut m = enc.encode_descriptor(
+            "emars_max_functions",
+            "store.max_functions: functions the agent knows at most.",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&cap.max_functions)?;
+        counter(
+            &mut enc,
+            "emars_functions_refused",
+            "New function names refused because store.max_functions were known (instances not \
+             tracked, invocations reports and binds refused).",
+            "",
+            &[("", cap.refused)],
+        )?;
         let progs: Vec<(&str, u64, u64)> = i
             .programs
             .iter()
@@ -299,6 +327,10 @@ mod tests {
             limits: vec![("fn-a".into(), 64 << 20, 48 << 20)],
             info: AgentInfo {
                 events_received: 7,
+                function_cap: crate::model::FunctionCapInfo {
+                    max_functions: 5,
+                    refused: 11,
+                },
                 ..AgentInfo::default()
             },
         };
@@ -331,6 +363,12 @@ mod tests {
             text.contains("emars_limit_writes_total{outcome=\"unchanged\"} 0"),
             "{text}"
         );
+        assert!(
+            text.contains("\nemars_functions_refused_total 11\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nemars_max_functions 5\n"), "{text}");
+        assert!(text.contains("\nemars_functions 0\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

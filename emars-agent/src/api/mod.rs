@@ -30,7 +30,9 @@
 //! objects as the document describes them ([`body`]), anything else a 400. [`server`] bounds
 //! connections and time. Writes in observe mode are 409, as is an expensive operation while
 //! another one runs; a well-formed request the agent refuses for what it finds (usage, clock,
-//! roots) is a 422, where the document says so.
+//! roots) is a 422, where the document says so. A write that would add a function past
+//! `store.max_functions` (invocations, bind) is 507: the agent has no room for one more
+//! function until retention prunes one.
 
 pub mod body;
 pub mod guard;
@@ -62,6 +64,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::kernel::cgroupfs::CgroupfsError;
 use crate::model::registry::valid_function_name;
 pub use crate::model::tracker::BindError;
+use crate::model::tracker::FunctionsFull;
 use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
@@ -128,9 +131,6 @@ pub struct Predictive {
     pub admissions: Arc<std::sync::Mutex<std::collections::BTreeMap<String, AdmissionCount>>>,
 }
 
-/// Functions whose admission answers are counted one by one; beyond, only the totals.
-const ADMISSION_FUNCTIONS: usize = 100_000;
-
 impl Predictive {
     fn tell(&self, audit: &AuditRecord) {
         if let (Some(tx), true) = (&self.limits_written, audit.is_ok()) {
@@ -184,6 +184,7 @@ impl From<StoreError> for ApiError {
         match e {
             // Only reachable if the store's rule is stricter than the API's.
             StoreError::InvalidName { .. } => ApiError::bad_request(e.to_string()),
+            StoreError::FunctionsFull(e) => functions_full(&e),
             _ => ApiError::internal(format!("store error: {e}")),
         }
     }
@@ -224,6 +225,12 @@ impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         ApiError::bad_request(format!("bad query string: {}", r.body_text()))
     }
+}
+
+/// A new function refused by `store.max_functions`: 507, the agent has no room to keep one
+/// more function; it has again once retention prunes one.
+fn functions_full(e: &FunctionsFull) -> ApiError {
+    ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
 }
 
 /// The innermost cause of an error, without axum's generic prefix.
@@ -422,14 +429,16 @@ async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-/// The agent's info as the event loop last wrote it.
+/// The agent's info as the event loop last wrote it, with the store's cap on functions now.
 fn agent_info(state: &ApiState) -> AgentInfo {
     // A writer that panicked leaves plain data behind; reading it is still fine.
-    state
+    let mut info = state
         .info
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone()
+        .clone();
+    info.function_cap = state.store.function_cap();
+    info
 }
 
 /// The Prometheus exposition ([`metrics`]), assembled off the async threads.
@@ -623,6 +632,8 @@ async fn list_instances(
                 description = "The function, with the invocations counted")))),
         (status = 422, description = "`at_ms` before the retention or more than 5 minutes ahead of the \
             agent's clock", body = ErrorBody),
+        (status = 507, description = "A function the agent does not know, and it knows store.max_functions functions already",
+            body = ErrorBody),
     )
 )]
 async fn post_invocations(
@@ -781,6 +792,8 @@ async fn get_recommendation(
         (status = 404, description = "No such cgroup", body = ErrorBody),
         (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
         (status = 422, description = "Outside the watched roots", body = ErrorBody),
+        (status = 507, description = "A function the agent does not know, and it knows store.max_functions functions already",
+            body = ErrorBody),
     )
 )]
 async fn bind(
@@ -838,6 +851,7 @@ async fn pool_command(
             | BindError::AlreadyBound { .. }
             | BindError::NotBound { .. } => StatusCode::CONFLICT,
             BindError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BindError::FunctionsFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError::new(status, e.to_string())
     })
@@ -1030,8 +1044,10 @@ async fn admission(
             i.reactive.refused += 1;
         }
     }
+    // Counted one by one for as many functions as the store may know; beyond, in the totals.
+    let per_function = usize::try_from(state.store.function_cap().max_functions).unwrap_or(0);
     let mut counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
-    if counts.len() < ADMISSION_FUNCTIONS || counts.contains_key(&b.function) {
+    if counts.len() < per_function || counts.contains_key(&b.function) {
         let c = counts.entry(b.function.clone()).or_default();
         if answer.admit {
             c.admitted += 1;

@@ -474,6 +474,14 @@ pub fn render_info(v: &AgentInfo) -> String {
         m.hours,
         m.bytes as f64 / 1e6
     );
+    let cap = &v.function_cap;
+    if cap.refused > 0 {
+        let _ = writeln!(
+            out,
+            "  function cap:     {} new function names refused (store.max_functions = {})",
+            cap.refused, cap.max_functions
+        );
+    }
     let r = &v.reactive;
     let ms = |us: Option<u64>| {
         us.map_or_else(|| "-".to_owned(), |u| format!("{:.2}", u as f64 / 1000.0))
@@ -973,6 +981,7 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
                 ended: 40,
                 hours: 9,
                 bytes: 2_500_000,
+                strings: 12,
             },
             ..AgentInfo::default()
         };

@@ -749,6 +749,20 @@ impl LiveModel {
         self.order.iter().cloned().collect()
     }
 
+    /// Whether `name` is a known function.
+    pub fn contains(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
+    }
+
+    /// How many functions are known.
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+
     /// What the model holds and about how many bytes of heap that takes (the names, the
     /// per-instance and per-hour entries, the cached summaries; allocator overhead left out).
     pub fn footprint(&self) -> Footprint {

@@ -187,6 +187,9 @@ pub struct AgentInfo {
     /// How the peak of one use of a pooled cgroup (POST /v1/bind) is measured here.
     #[serde(default)]
     pub per_use_peak: String,
+    /// The cap on functions (`store.max_functions`) and the new names it refused.
+    #[serde(default)]
+    pub function_cap: FunctionCapInfo,
 }
 
 /// GET /v1/info → "reactive".
@@ -255,6 +258,21 @@ pub struct ModelFootprint {
     /// Heap bytes of those entries, estimated from their sizes and capacities (allocator
     /// overhead left out).
     pub bytes: u64,
+    /// Interned function names and cgroup parent paths (the store's `strings`; removed with
+    /// retention once nothing retained names them).
+    #[serde(default)]
+    pub strings: u64,
+}
+
+/// GET /v1/info → "function_cap": the bound on how many functions the agent knows, which
+/// tenants' names could otherwise grow without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+pub struct FunctionCapInfo {
+    /// `store.max_functions`.
+    pub max_functions: u64,
+    /// New function names refused since the agent started because `max_functions` were
+    /// known: one per instance not tracked, invocations report or bind refused.
+    pub refused: u64,
 }
 
 /// GET /v1/info → "enforcement".

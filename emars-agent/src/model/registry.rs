@@ -1207,7 +1207,7 @@ instance = "cg-{n}"
         let err = Config::from_toml_str("[store]\nretention = 3\n").unwrap_err();
         assert!(
             err.to_string()
-                .contains("unknown field `retention`, expected `path` or `retention_days`"),
+                .contains("unknown field `retention`, expected one of `path`, `retention_days`, `max_functions`"),
             "{err}"
         );
     }

@@ -88,6 +88,25 @@ impl Cgroups for MemoryHierarchy {
     }
 }
 
+/// A new function name refused because `max` functions are known (`store.max_functions`):
+/// names tenants choose must not grow the agent without bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "function {function:?} refused: the agent knows store.max_functions = {max} functions \
+     already; a new name is tracked again once retention prunes a function (or raise \
+     store.max_functions)"
+)]
+pub struct FunctionsFull {
+    pub function: String,
+    pub max: usize,
+}
+
+/// Whether a new instance's function may be tracked (the store's cap on functions). Asked once
+/// per new instance before its record opens; a function admitted keeps its place.
+pub trait FunctionAdmission: Send + Sync {
+    fn admit(&self, function: &str, at_ms: u64) -> Result<(), FunctionsFull>;
+}
+
 /// Why a bind or release was refused (the API's 4xx).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BindError {
@@ -116,6 +135,9 @@ pub enum BindError {
     /// The audit intent of the bind could not be made durable: nothing was done.
     #[error("not bound: {0}")]
     Unavailable(String),
+    /// A function the agent does not know, and `store.max_functions` are known.
+    #[error("not bound: {0}")]
+    FunctionsFull(#[from] FunctionsFull),
 }
 
 /// What the tracker asks the rest of the agent to do, in order.
@@ -173,6 +195,8 @@ pub struct TrackerStats {
     pub metadata_waits: u64,
     pub metadata_named: u64,
     pub metadata_fallbacks: u64,
+    /// New instances not tracked because their function was refused ([`FunctionAdmission`]).
+    pub functions_refused: u64,
 }
 
 /// A cgroup whose rule waits for its container's metadata file (written by the runtime after
@@ -202,6 +226,8 @@ pub struct Tracker<C: Cgroups = MemoryHierarchy> {
     pending: HashMap<u64, Pending>,
     /// How long a cgroup waits for its metadata file before the later rules decide.
     metadata_wait_ms: u64,
+    /// The cap on functions; None: every function is admitted.
+    admission: Option<Box<dyn FunctionAdmission>>,
     pub stats: TrackerStats,
 }
 
@@ -217,8 +243,21 @@ impl<C: Cgroups> Tracker<C> {
             bound: HashMap::new(),
             pending: HashMap::new(),
             metadata_wait_ms: DEFAULT_METADATA_WAIT_MS,
+            admission: None,
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Asks `admission` before a new instance of a function opens (the store's cap).
+    pub fn with_admission(mut self, admission: Box<dyn FunctionAdmission>) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
+    fn admit(&self, function: &str, at_ms: u64) -> Result<(), FunctionsFull> {
+        self.admission
+            .as_ref()
+            .map_or(Ok(()), |a| a.admit(function, at_ms))
     }
 
     /// How long a new cgroup whose rule reads container metadata waits for the file.
@@ -322,9 +361,18 @@ impl<C: Cgroups> Tracker<C> {
         found: Found,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
+        let fresh = resumed.is_none();
+        // A resumed record's function is known. A refused one stays in the table, so that its
+        // events find it and do nothing: no record, no limits, for its whole life.
+        if fresh {
+            if let Err(e) = self.admit(&identity.function, started_at_ms) {
+                self.stats.functions_refused += 1;
+                tracing::debug!(id, rel_path, "{e}");
+                return out;
+            }
+        }
         tracing::debug!(id, rel_path, ?found, "instance");
         let dir = self.cgroups.dir(rel_path);
-        let fresh = resumed.is_none();
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),
             instance: identity.instance.clone(),
@@ -507,6 +555,7 @@ impl<C: Cgroups> Tracker<C> {
                 }
             });
         }
+        self.admit(function, at_ms)?;
         let peak = self
             .cgroups
             .reset_peak(&dir)
@@ -1365,6 +1414,95 @@ instance = "{id}"
             t.bind("/emars/cg-1", "bad name", "c1", 6_000),
             Err(BindError::Invalid(_))
         ));
+    }
+
+    /// A cap of two functions, counted as a store would: the names it holds, in order.
+    struct TwoFunctions(std::sync::Mutex<Vec<String>>);
+
+    impl FunctionAdmission for TwoFunctions {
+        fn admit(&self, function: &str, _at_ms: u64) -> Result<(), FunctionsFull> {
+            let mut known = self.0.lock().unwrap();
+            if known.iter().any(|k| k == function) || known.len() < 2 {
+                if !known.iter().any(|k| k == function) {
+                    known.push(function.to_owned());
+                }
+                return Ok(());
+            }
+            Err(FunctionsFull {
+                function: function.to_owned(),
+                max: 2,
+            })
+        }
+    }
+
+    /// Past the cap, a new function's instance is not tracked at all (no limits, no record,
+    /// nothing for its execs or its rmdir), and a bind under a new name is refused; instances
+    /// of functions already admitted go on as before, and a resumed record is not asked about.
+    #[test]
+    fn refused_functions_are_not_tracked() {
+        let table = Table::default();
+        for (rel, id) in [
+            ("/emars/fa/1", 1),
+            ("/emars/fb/1", 2),
+            ("/emars/fc/1", 3),
+            ("/emars/fa/2", 4),
+            ("/emars/cg-1", 5),
+            ("/emars/fd/1", 6),
+        ] {
+            table.add(rel, id);
+        }
+        let mut t = tracker(&table).with_admission(Box::new(TwoFunctions(Default::default())));
+        for (id, rel) in [(1, "/emars/fa/1"), (2, "/emars/fb/1")] {
+            assert!(!t.apply(mkdir(id, rel), 1_000, 1).is_empty());
+            t.enforced(id, None);
+        }
+        assert!(t.apply(mkdir(3, "/emars/fc/1"), 1_100, 2).is_empty());
+        assert!(t.live_record(3).is_none());
+        assert_eq!(t.stats.functions_refused, 1);
+        assert!(t.apply(exec(3), 1_200, 3).is_empty(), "its exec");
+        assert!(t.apply(rmdir(3), 1_300, 4).is_empty(), "its rmdir");
+        // A known function's new instance is tracked past the cap.
+        let fx = t.apply(mkdir(4, "/emars/fa/2"), 1_400, 5);
+        assert!(
+            matches!(fx.first(), Some(Effect::Enforce { record, .. }) if record.function == "fa"),
+            "{fx:?}"
+        );
+        t.enforced(4, None);
+        t.apply(mkdir(5, "/emars/cg-1"), 1_500, 6);
+        match t.bind("/emars/cg-1", "fnew", "x", 1_600) {
+            Err(e @ BindError::FunctionsFull(_)) => {
+                assert!(e.to_string().contains("store.max_functions = 2"), "{e}")
+            }
+            other => panic!("expected FunctionsFull, got {other:?}"),
+        }
+        assert!(t.live_record(5).is_none());
+        t.bind("/emars/cg-1", "fb", "x", 1_700).unwrap();
+        // The last run's live record: its function is known to the store, no question asked.
+        let mut resumed = InstanceRecord {
+            function: "fd".into(),
+            instance: "1".into(),
+            cgroup_id: 6,
+            cgroup_path: "/cg/emars/fd/1".into(),
+            started_at_ms: 500,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::None,
+            oom_kills: 0,
+            limits: Limits::default(),
+        };
+        resumed.execs = 1;
+        t.add_cgroup(
+            6,
+            "/emars/fd/1",
+            500,
+            Some(resumed),
+            Found::Existing {
+                new_since_start: false,
+            },
+        );
+        assert_eq!(t.live_record(6).map(|r| r.execs), Some(1));
+        assert_eq!(t.stats.functions_refused, 1);
     }
 
     /// A new instance: limits first (nothing saved until the enforcement is answered), then

@@ -151,13 +151,32 @@ impl Policy {
         Ok(rec)
     }
 
-    /// Recomputes every known function.
+    /// Recomputes every known function, and forgets the recommendations of functions pruned
+    /// since (but not those the config names).
     pub fn compute_all(&self, now_ms: u64) -> Result<Vec<Recommendation>, StoreError> {
+        let names = self.store.function_names()?;
         let mut out = Vec::new();
-        for f in self.store.function_names()? {
-            if let Some(r) = self.compute(&f, now_ms)? {
+        for f in &names {
+            if let Some(r) = self.compute(f, now_ms)? {
                 out.push(r);
             }
+        }
+        let configured = |f: &str| {
+            self.config
+                .functions
+                .iter()
+                .any(|c| c.name.as_deref() == Some(f))
+        };
+        // Known before the loop or now: a function is known before it is computed, so one
+        // computed meanwhile is in the second list, which is read without the cache held (the
+        // enforcement path reads the cache and must not wait for the model's lock). One made
+        // known and computed in the instant between that read and the retain below loses its
+        // entry until its next computation, as if it had not been computed yet.
+        let now_known = self.store.function_names()?;
+        let known: std::collections::HashSet<&str> =
+            names.iter().chain(&now_known).map(String::as_str).collect();
+        if let Ok(mut c) = self.cache.write() {
+            c.retain(|f, _| known.contains(f.as_str()) || configured(f));
         }
         Ok(out)
     }
@@ -360,6 +379,55 @@ mod tests {
         let e = p.apply_all(&act, 1).unwrap_err();
         assert!(matches!(e, PolicyError::ObserveMode), "{e}");
         assert!(e.to_string().contains("policy.mode = \"enforce\""));
+    }
+
+    /// A function retention pruned loses its cached recommendation at the next full
+    /// computation (the cache would otherwise keep every name ever seen); a function the
+    /// config names keeps its pinned one.
+    #[test]
+    fn recommendations_of_pruned_functions_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let config = PolicyConfig {
+            functions: vec![FunctionPolicy {
+                name: Some("pinned".into()),
+                pin_max_bytes: Some(256 << 20),
+                ..FunctionPolicy::default()
+            }],
+            ..PolicyConfig::default()
+        };
+        let p = Policy::new(config, store.clone(), 1 << 30);
+        let hour = crate::model::HOUR_MS;
+        for (f, start) in [("gone", hour), ("kept", 40 * hour)] {
+            let rec = InstanceRecord {
+                function: f.into(),
+                instance: "i".into(),
+                cgroup_id: start,
+                cgroup_path: format!("/sys/fs/cgroup/emars/{f}/i"),
+                started_at_ms: start,
+                ended_at_ms: Some(start + 1_000),
+                execs: 1,
+                peak_bytes: 64 << 20,
+                peak_source: crate::model::PeakSource::KernelWatermark,
+                oom_kills: 0,
+                limits: Default::default(),
+            };
+            store.put_instance(&rec).unwrap();
+        }
+        p.compute_all(40 * hour).unwrap();
+        p.compute_configured(40 * hour).unwrap();
+        assert!(p.cached("gone").is_some() && p.cached("pinned").is_some());
+        store
+            .prune(41 * hour, Duration::from_millis(10 * hour))
+            .unwrap();
+        assert_eq!(store.function_names().unwrap(), ["kept"]);
+        p.compute_all(41 * hour).unwrap();
+        assert!(
+            p.cached("gone").is_none(),
+            "a pruned function's limits kept"
+        );
+        assert!(p.cached("kept").is_some());
+        assert_eq!(p.cached("pinned").map(|r| r.max_bytes), Some(256 << 20));
     }
 }
 

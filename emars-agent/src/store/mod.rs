@@ -39,8 +39,24 @@
 //! cutoff. The model knows which block holds each ended record, so reading one is one get.
 //!
 //! A record names its function and its cgroup's parent directory by id (`strings`): both
-//! repeat across thousands of records. Strings are never removed (one per function and per
-//! parent directory ever seen).
+//! repeat across thousands of records. Strings go with retention: [`Store::prune`] removes a
+//! string once no known function has that name, no live record names it, and every ended
+//! record naming it ended before the cutoff (the index keeps each string's latest such end),
+//! so the records that used it are gone. It takes the string out of the in-memory map first
+//! (a new record naming that text gets a new id), flushes sled, so that the records' removal
+//! is durable, and only then removes it from `strings`: a crash at any point leaves no record
+//! naming a missing id (at worst a string with no record, removed by the next prune).
+//!
+//! # Bounds on what tenants name
+//!
+//! Function names come from cgroup paths, container labels and API calls, all of which a
+//! tenant may choose. At most [`Store::set_function_cap`] functions are known (the config's
+//! `store.max_functions`, [`DEFAULT_MAX_FUNCTIONS`]): a write that would add one more is
+//! refused ([`StoreError::FunctionsFull`]) and counted, and the tracker asks
+//! ([`FunctionAdmission`]) before it opens a new instance, so a refused function's instances
+//! are not tracked at all. Functions named in the config are admitted past the cap. A function
+//! pruned by retention frees its place. What is already in the store when it opens is kept,
+//! whatever the cap.
 //!
 //! `hour_start_ms` is the event time rounded down to a multiple of [`HOUR_MS`] (UTC hours).
 //! Function names are UTF-8, non-empty and never contain `0x00`. An instance is identified by
@@ -70,7 +86,7 @@
 
 pub mod journal;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -80,6 +96,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::model::live::{EndedRecord, InstanceKey, LiveModel, IN_TAIL};
+use crate::model::tracker::{FunctionAdmission, FunctionsFull};
 use crate::model::Sample;
 pub use crate::model::HOUR_MS;
 use crate::model::{
@@ -169,7 +186,12 @@ pub const CHECKPOINT_FILE: &str = "checkpoint";
 const KEY_RING_MARK: &str = "ring_mark";
 /// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
 /// from the records).
-const CHECKPOINT_FORMAT: u8 = 4;
+const CHECKPOINT_FORMAT: u8 = 5;
+
+/// Default of `store.max_functions`: functions the store knows at most ([`Store::set_function_cap`]).
+pub const DEFAULT_MAX_FUNCTIONS: usize = 10_000;
+/// A refused function name is logged at most this often (the first at once).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -214,6 +236,9 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A new function, and the cap on functions is reached.
+    #[error(transparent)]
+    FunctionsFull(#[from] FunctionsFull),
 }
 
 /// What [`Store::prune`] deleted.
@@ -228,6 +253,8 @@ pub struct PruneReport {
     pub generations_removed: u64,
     /// Functions with nothing retained and not seen within the retention.
     pub functions_removed: u64,
+    /// Interned names and parent paths no retained record, live instance or function uses.
+    pub strings_removed: u64,
 }
 
 /// Value of the `functions` tree.
@@ -289,6 +316,67 @@ struct Strings {
     next: u32,
 }
 
+/// The cap on functions ([`Store::set_function_cap`]) and the names it refused.
+#[derive(Debug)]
+struct FunctionCap {
+    max: usize,
+    /// Functions named in the config: admitted past the cap (the operator chose them).
+    always: HashSet<String>,
+    /// Functions admitted through [`Store::admit_function`] and known since: a new instance of
+    /// one is admitted without the model's lock (the mkdir-to-limits path must not wait behind
+    /// a prune). Pruning takes out the functions it forgets.
+    admitted: HashSet<String>,
+    /// Refusals since the store opened, and since the last log line.
+    refused: u64,
+    unlogged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl Default for FunctionCap {
+    fn default() -> Self {
+        FunctionCap {
+            max: DEFAULT_MAX_FUNCTIONS,
+            always: HashSet::new(),
+            admitted: HashSet::new(),
+            refused: 0,
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+}
+
+impl FunctionCap {
+    /// Counts a refusal of `function` and logs it: the first at once, then at most once per
+    /// [`REFUSAL_LOG_INTERVAL`] with how many came since.
+    fn refuse(&mut self, function: &str) -> FunctionsFull {
+        self.refused += 1;
+        self.unlogged += 1;
+        let e = FunctionsFull {
+            function: function.to_owned(),
+            max: self.max,
+        };
+        let due = self
+            .logged_at
+            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL);
+        if due {
+            if self.logged_at.is_none() {
+                tracing::warn!("{e}");
+            } else {
+                tracing::warn!(
+                    "{} new function names refused since the last report ({} in all; \
+                     store.max_functions = {}); the latest: {function:?}",
+                    self.unlogged,
+                    self.refused,
+                    self.max
+                );
+            }
+            self.logged_at = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        }
+        e
+    }
+}
+
 /// Handle to the store. Cloning is cheap (sled handles are reference-counted) and all clones
 /// see the same data; it is `Send + Sync`.
 #[derive(Clone)]
@@ -310,6 +398,8 @@ pub struct Store {
     /// `strings`.
     state: Arc<Mutex<State>>,
     strings: Arc<Mutex<Strings>>,
+    /// The cap on functions. Lock order: `state`, then `cap`.
+    cap: Arc<Mutex<FunctionCap>>,
     /// Makes audit records durable without flushing sled (see [`journal`]).
     journal: Arc<Mutex<journal::Journal>>,
     meta: sled::Tree,
@@ -320,6 +410,20 @@ pub struct Store {
     /// Bumped by every write to the model: answers built from the whole model are rebuilt
     /// only when it moved ([`Store::changes`]).
     changes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FunctionAdmission for Store {
+    fn admit(&self, function: &str, at_ms: u64) -> Result<(), FunctionsFull> {
+        match self.admit_function(function, at_ms) {
+            Err(StoreError::FunctionsFull(e)) => Err(e),
+            // Not the cap: the instance is tracked, and its writes say what fails.
+            Err(e) => {
+                tracing::error!("store: admitting function {function:?}: {e}");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
 }
 
 impl fmt::Debug for Store {
@@ -417,6 +521,7 @@ impl Store {
             db,
             state: Arc::default(),
             strings: Arc::default(),
+            cap: Arc::default(),
             meta,
             from_checkpoint: false,
             corrupt_at_open: 0,
@@ -504,14 +609,18 @@ impl Store {
         if let Some(id) = s.ids.get(text) {
             return Ok(*id);
         }
-        let id = s.next;
+        // Ids go up and wrap (strings are removed with retention): the next one not in use.
+        let mut id = s.next;
+        while s.by_id.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
         // Written before any record that uses it: sled recovers writes in order.
         self.strings_tree
             .insert(id.to_be_bytes(), text.as_bytes())?;
         let text: Arc<str> = Arc::from(text);
         s.ids.insert(text.clone(), id);
         s.by_id.insert(id, text);
-        s.next = id + 1;
+        s.next = id.wrapping_add(1);
         Ok(id)
     }
 
@@ -523,11 +632,67 @@ impl Store {
         self.strings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn cap(&self) -> MutexGuard<'_, FunctionCap> {
+        self.cap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// At most `max` functions are known from now on (`store.max_functions`); a write or an
+    /// instance that would add one more is refused and counted. Functions named in `always`
+    /// are admitted past it. Functions already known stay, also beyond `max`.
+    pub fn set_function_cap(&self, max: usize, always: impl IntoIterator<Item = String>) {
+        let mut cap = self.cap();
+        cap.max = max;
+        cap.always = always.into_iter().collect();
+    }
+
+    /// The cap on functions and how many new names it refused since the store opened.
+    pub fn function_cap(&self) -> crate::model::FunctionCapInfo {
+        let cap = self.cap();
+        crate::model::FunctionCapInfo {
+            max_functions: cap.max as u64,
+            refused: cap.refused,
+        }
+    }
+
+    /// Ok when `function` is known or may be added now; else the refusal, counted.
+    fn admit_locked(&self, model: &LiveModel, function: &str) -> Result<(), StoreError> {
+        if model.contains(function) {
+            return Ok(());
+        }
+        let mut cap = self.cap();
+        if model.len() < cap.max || cap.always.contains(function) {
+            return Ok(());
+        }
+        Err(cap.refuse(function).into())
+    }
+
+    /// Makes `function` known (first seen at `at_ms`) unless the cap refuses it: the tracker
+    /// asks before it opens a new instance, so that the instance's writes find its place taken.
+    pub fn admit_function(&self, function: &str, at_ms: u64) -> Result<(), StoreError> {
+        validate_name(function)?;
+        {
+            // Known, or always admitted (its writes add it): no wait for the model's lock.
+            let cap = self.cap();
+            if cap.admitted.contains(function) || cap.always.contains(function) {
+                return Ok(());
+            }
+        }
+        let mut st = self.state();
+        self.admit_locked(&st.model, function)?;
+        if st.model.seen(function, at_ms, at_ms) {
+            self.write_function(&st.model, function)?;
+        }
+        self.cap().admitted.insert(function.to_owned());
+        Ok(())
+    }
+
     /// Schema 1 → 2: every record rewritten into the new trees, then the old trees dropped.
     /// Schema 1 → 2: every record written again through the schema 2 write path, then the old
     /// trees dropped. Values that do not decode are kept in `quarantine`. The model built on
     /// the way is thrown away: the open builds it from the new trees as always.
     fn migrate_v1(&mut self) -> Result<(), StoreError> {
+        // History, not new names: every function of the old store is kept.
+        self.cap().max = usize::MAX;
         let old_instances = self.db.open_tree(TREE_V1_INSTANCES)?;
         let old_hours = self.db.open_tree(TREE_V1_HOURS)?;
         let (mut moved, mut kept_aside) = (0u64, 0u64);
@@ -583,6 +748,7 @@ impl Store {
         self.db.drop_tree(TREE_V1_INSTANCES)?;
         self.db.drop_tree(TREE_V1_HOURS)?;
         *self.state() = State::default();
+        self.cap().max = DEFAULT_MAX_FUNCTIONS;
         tracing::info!(
             "store at {}: schema 1 migrated to {SCHEMA_VERSION} ({moved} records, {kept_aside} \
              unreadable ones kept in `{TREE_QUARANTINE}`)",
@@ -696,7 +862,9 @@ impl Store {
 
     /// What the live model holds.
     pub fn footprint(&self) -> crate::model::ModelFootprint {
-        self.state().model.footprint()
+        let mut fp = self.state().model.footprint();
+        fp.strings = self.strings().by_id.len() as u64;
+        fp
     }
 
     /// Values that did not decode at open (left out of the model, kept in `quarantine`).
@@ -751,6 +919,7 @@ impl Store {
                     let end = e.started_at_ms.saturating_add(e.record.ran_ms.unwrap_or(0));
                     info.min_ended = info.min_ended.min(end);
                     info.max_ended = info.max_ended.max(end);
+                    st.index.note_end([e.record.function, e.record.parent], end);
                     by_fn
                         .entry(e.record.function)
                         .or_default()
@@ -785,6 +954,11 @@ impl Store {
                         Ok(rec) => {
                             add(&mut st.model, &rec);
                             if name == TREE_TAIL {
+                                if let Ok(s) = decode_v2::<StoredInstance>(&raw) {
+                                    let end =
+                                        rec.started_at_ms.saturating_add(s.ran_ms.unwrap_or(0));
+                                    st.index.note_end([s.function, s.parent], end);
+                                }
                                 st.index
                                     .tail
                                     .insert((rec.started_at_ms, rec.cgroup_id), rec.function);
@@ -1003,13 +1177,17 @@ impl Store {
         validate_name(&rec.function)?;
         // Held across the write, so the model sees writes in the order the trees do.
         let mut st = self.state();
+        self.admit_locked(&st.model, &rec.function)?;
         let last = rec.ended_at_ms.unwrap_or(0).max(rec.started_at_ms);
         if st.model.seen(&rec.function, rec.started_at_ms, last) {
             self.write_function(&st.model, &rec.function)?;
         }
         let key = log_key(rec.started_at_ms, rec.cgroup_id);
         let ikey = (rec.started_at_ms, rec.cgroup_id);
-        let value = self.encode_instance(rec)?;
+        let (value, ids) = self.encode_instance(rec)?;
+        if let Some(end) = rec.ended_at_ms {
+            st.index.note_end(ids, end.max(rec.started_at_ms));
+        }
         // The version replaced, when the model does not hold it as live: the same record
         // ended before (written again), or the same key under another function.
         let old = if st.model.is_live(rec) {
@@ -1320,6 +1498,7 @@ impl Store {
         self.note_change();
         validate_name(function)?;
         let mut st = self.state();
+        self.admit_locked(&st.model, function)?;
         if st.model.seen(function, at_ms, at_ms) {
             self.write_function(&st.model, function)?;
         }
@@ -1481,9 +1660,22 @@ impl Store {
     /// whole hour lies before that cutoff, then functions with nothing retained that were last
     /// seen before it. Live instances are never deleted. Whole blocks go without being read
     /// (except to take their records out of the model); only a block that straddles the
-    /// cutoff is rewritten.
+    /// cutoff is rewritten. Then the strings nothing retained names any more go (see the
+    /// module's doc for the order that keeps a crash harmless).
     pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
         self.note_change();
+        let (mut report, retired) = self.prune_retained(now_ms, retention)?;
+        report.strings_removed = self.remove_strings(&retired)?;
+        Ok(report)
+    }
+
+    /// Everything [`Store::prune`] does before the strings leave the disk; returns the ids of
+    /// those taken out of memory.
+    fn prune_retained(
+        &self,
+        now_ms: u64,
+        retention: Duration,
+    ) -> Result<(PruneReport, Vec<u32>), StoreError> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
         let mut report = PruneReport::default();
@@ -1554,6 +1746,26 @@ impl Store {
             }
         }
 
+        self.prune_logs(cutoff, &mut report)?;
+
+        for name in st.model.forgotten(cutoff) {
+            self.functions.remove(name.as_bytes())?;
+            st.model.remove_function(&name);
+            self.cap().admitted.remove(&name);
+            report.functions_removed += 1;
+        }
+        // Last-seen times and sizes move with every event and are written here and at
+        // checkpoints only; an open after a crash takes the later of these and the records'.
+        for name in st.model.names() {
+            self.write_function(&st.model, &name)?;
+        }
+        let retired = self.retire_strings(&mut st, cutoff)?;
+        Ok((report, retired))
+    }
+
+    /// Audit records and generations before `cutoff` (the newest generation is kept: it
+    /// carries the period across restarts).
+    fn prune_logs(&self, cutoff: u64, report: &mut PruneReport) -> Result<(), StoreError> {
         // Audit keys start with at_ms (BE): everything before the cutoff is one range.
         let old: Vec<_> = self
             .audit
@@ -1574,18 +1786,62 @@ impl Store {
             self.generations.remove(key)?;
             report.generations_removed += 1;
         }
+        Ok(())
+    }
 
-        for name in st.model.forgotten(cutoff) {
-            self.functions.remove(name.as_bytes())?;
-            st.model.remove_function(&name);
-            report.functions_removed += 1;
+    /// Takes the strings nothing retained uses out of the in-memory map (with the state held,
+    /// so no write in between can name them): known functions' names, strings of live records,
+    /// and strings of ended records that ended at or after `cutoff` stay. A record written
+    /// from now on with one of these texts gets a new id. Returns the ids to remove.
+    fn retire_strings(&self, st: &mut State, cutoff: u64) -> Result<Vec<u32>, StoreError> {
+        let mut live: HashSet<u32> = HashSet::new();
+        for item in self.live_tree.iter() {
+            let (_, raw) = item?;
+            // One that does not decode names nothing this store can read.
+            if let Ok(r) = decode_v2::<StoredInstance>(&raw) {
+                live.extend([r.function, r.parent]);
+            }
         }
-        // Last-seen times and sizes move with every event and are written here and at
-        // checkpoints only; an open after a crash takes the later of these and the records'.
-        for name in st.model.names() {
-            self.write_function(&st.model, &name)?;
+        live.extend(st.index.open_hours.iter().map(|(_, id)| *id));
+        let mut strings = self.strings();
+        let unused: Vec<u32> = strings
+            .by_id
+            .iter()
+            .filter(|(id, text)| {
+                !live.contains(id)
+                    && !st.model.contains(text)
+                    && st.index.string_ends.get(id).is_none_or(|end| *end < cutoff)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &unused {
+            st.index.string_ends.remove(id);
+            let Some(text) = strings.by_id.get(id).cloned() else {
+                continue;
+            };
+            // Two ids may carry one text (one retired before a crash): keep the other's entry.
+            if strings.ids.get(&text) == Some(id) {
+                strings.ids.remove(&text);
+            }
         }
-        Ok(report)
+        Ok(unused)
+    }
+
+    /// Removes retired strings from `strings`, after a flush: the removal of every record that
+    /// named them is durable first, so a crash never leaves a record naming a missing id.
+    fn remove_strings(&self, ids: &[u32]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.db.flush()?;
+        for id in ids {
+            self.strings_tree.remove(id.to_be_bytes())?;
+        }
+        let mut strings = self.strings();
+        for id in ids {
+            strings.by_id.remove(id);
+        }
+        Ok(ids.len() as u64)
     }
 
     /// Writes all buffered changes to disk (one flush of sled), then empties the audit
@@ -1639,7 +1895,8 @@ impl Store {
         Ok(())
     }
 
-    fn encode_instance(&self, rec: &InstanceRecord) -> Result<Vec<u8>, StoreError> {
+    /// The stored value of `rec`, and the ids of its function and parent directory.
+    fn encode_instance(&self, rec: &InstanceRecord) -> Result<(Vec<u8>, [u32; 2]), StoreError> {
         let (parent, leaf) = match rec.cgroup_path.rsplit_once('/') {
             Some((p, l)) => (p, l),
             None => ("", rec.cgroup_path.as_str()),
@@ -1669,7 +1926,7 @@ impl Store {
             key: format!("{}/{}", rec.started_at_ms, rec.cgroup_id),
             reason: e.to_string(),
         })?;
-        Ok(out)
+        Ok((out, [stored.function, stored.parent]))
     }
 
     /// A live or tail record (key: start · cgroup id).
@@ -1784,6 +2041,20 @@ struct LogIndex {
     /// Hours whose buckets are in `hour_blocks`.
     sealed_hours: BTreeSet<u64>,
     newest_hour: u64,
+    /// Per string id, the latest end of an ended record naming it (function or parent
+    /// directory): once that is before the retention's cutoff, pruning removed every such
+    /// record ([`Store::prune`] then removes the string unless something else uses it).
+    string_ends: HashMap<u32, u64>,
+}
+
+impl LogIndex {
+    /// An ended record naming the strings `ids`, ended at `end_ms`.
+    fn note_end(&mut self, ids: [u32; 2], end_ms: u64) {
+        for id in ids {
+            let e = self.string_ends.entry(id).or_insert(end_ms);
+            *e = (*e).max(end_ms);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -3153,6 +3424,217 @@ mod tests {
             .map(|b| b.hour_start_ms)
             .collect();
         assert_eq!(left, vec![3 * HOUR_MS, 4 * HOUR_MS, 5 * HOUR_MS]);
+    }
+
+    /// The cap on functions: a new name past it is refused (invocations, an instance, an hour,
+    /// an admission), counted and not kept at all (no function, no string); known functions
+    /// take writes as before; a function the config names is admitted past it; a function
+    /// pruned by retention frees its place.
+    #[test]
+    fn function_cap_refuses_new_names() {
+        let (_d, s) = open_tmp();
+        s.set_function_cap(3, ["pinned".to_string()]);
+        s.add_invocations("a", 1, 10).unwrap();
+        s.add_invocations("b", 1, 10).unwrap();
+        s.admit_function("c", 20).unwrap(); // takes the third place before any record
+        let full = |r: Result<(), StoreError>, name: &str| match r {
+            Err(StoreError::FunctionsFull(e)) => {
+                assert_eq!((e.function.as_str(), e.max), (name, 3));
+                assert!(e.to_string().contains("store.max_functions = 3"), "{e}");
+            }
+            other => panic!("expected FunctionsFull for {name}, got {other:?}"),
+        };
+        full(s.add_invocations("d", 1, 30), "d");
+        full(s.put_instance(&rec("e", 40, 1)), "e");
+        full(s.add_hour("f", 50, HourDelta::default()), "f");
+        full(s.admit_function("g", 60), "g");
+        full(s.add_invocations("d", 1, 70), "d"); // the same name again counts again
+        assert_eq!(s.function_names().unwrap(), ["a", "b", "c"]);
+        assert_eq!(
+            s.function_cap(),
+            crate::model::FunctionCapInfo {
+                max_functions: 3,
+                refused: 5
+            }
+        );
+        let texts: Vec<String> = s
+            .raw_tree(TREE_STRINGS)
+            .iter()
+            .values()
+            .map(|v| String::from_utf8(v.unwrap().to_vec()).unwrap())
+            .collect();
+        assert_eq!(texts, ["a", "b"], "refused names were interned");
+        assert_eq!(s.raw_tree(TREE_FUNCTIONS).len(), 3);
+        // Known functions go on; the operator's function comes in past the cap.
+        s.put_instance(&rec("c", 80, 2)).unwrap();
+        s.add_invocations("a", 5, 90).unwrap();
+        s.add_invocations("pinned", 1, 100).unwrap();
+        assert_eq!(s.function_names().unwrap(), ["a", "b", "c", "pinned"]);
+        // Retention: a, b and pinned (hours only, long past) go; c runs on. Room again.
+        let r = s
+            .prune(10 * HOUR_MS, Duration::from_millis(HOUR_MS))
+            .unwrap();
+        assert_eq!(r.functions_removed, 3);
+        s.add_invocations("d", 1, 10 * HOUR_MS).unwrap();
+        s.add_invocations("e", 1, 10 * HOUR_MS).unwrap();
+        full(s.add_invocations("h", 1, 10 * HOUR_MS), "h");
+        assert_eq!(s.function_names().unwrap(), ["c", "d", "e"]);
+        assert_eq!(s.function_cap().refused, 6);
+
+        // A function admitted (its instance opened without the model's lock next time), then
+        // pruned: its place is gone with it, and it is asked about again.
+        let (_d, s) = open_tmp();
+        s.set_function_cap(1, []);
+        s.admit_function("z", 10).unwrap();
+        s.admit_function("z", 20).unwrap();
+        s.prune(10 * HOUR_MS, Duration::from_millis(HOUR_MS))
+            .unwrap();
+        s.add_invocations("y", 1, 10 * HOUR_MS).unwrap();
+        assert!(
+            matches!(
+                s.admit_function("z", 10 * HOUR_MS),
+                Err(StoreError::FunctionsFull(FunctionsFull { max: 1, .. }))
+            ),
+            "a pruned function was admitted past the cap"
+        );
+        assert_eq!(s.function_names().unwrap(), ["y"]);
+    }
+
+    /// The strings `strings` holds, as text.
+    fn stored_strings(s: &Store) -> BTreeSet<String> {
+        s.raw_tree(TREE_STRINGS)
+            .iter()
+            .values()
+            .map(|v| String::from_utf8(v.unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    /// An instance in a pod of its own (a parent directory of its own, as Kubernetes makes).
+    fn pod_rec(function: &str, i: u64, start: u64, end: Option<u64>) -> InstanceRecord {
+        let mut r = rec(function, start, i);
+        r.cgroup_path = format!("/sys/fs/cgroup/kubepods/pod-{i}/c{i}");
+        r.ended_at_ms = end;
+        r
+    }
+
+    /// Strings go with the records that named them: a pruned function's name and every
+    /// per-pod parent path of its instances leave `strings`, on disk and in memory, while those
+    /// of retained records, live instances and known functions stay; the store reopens (after
+    /// a crash and from its checkpoint) with every retained record readable, and a name seen
+    /// again gets a string of its own.
+    #[test]
+    fn strings_go_with_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let day = 24 * HOUR_MS;
+        // "old": 300 instances (blocks and tail), each in a pod of its own, ended on day 1.
+        for i in 0..300 {
+            s.put_instance(&pod_rec("old", i, day + i, None)).unwrap();
+            s.put_instance(&pod_rec("old", i, day + i, Some(day + i + 10)))
+                .unwrap();
+        }
+        // "kept" ended on day 9; "running" started on day 1 and runs; "reported": invocations.
+        for i in 300..310 {
+            let start = 9 * day + i;
+            s.put_instance(&pod_rec("kept", i, start, Some(start + 10)))
+                .unwrap();
+        }
+        s.put_instance(&pod_rec("running", 400, day, None)).unwrap();
+        s.add_invocations("reported", 3, 9 * day).unwrap();
+        assert_eq!(stored_strings(&s).len(), 4 + 311);
+        assert_eq!(s.footprint().strings, 315);
+
+        let r = s.prune(10 * day, Duration::from_millis(5 * day)).unwrap();
+        assert_eq!((r.instances_removed, r.functions_removed), (300, 1));
+        assert_eq!(r.strings_removed, 301);
+        let mut expected: BTreeSet<String> =
+            ["kept", "running", "reported"].map(String::from).into();
+        expected.extend(
+            (300..310)
+                .chain([400])
+                .map(|i| format!("/sys/fs/cgroup/kubepods/pod-{i}")),
+        );
+        assert_eq!(stored_strings(&s), expected);
+        assert_eq!(s.footprint().strings, expected.len() as u64);
+        // The name again, in a pod path seen before: new strings, read back as written.
+        let again = pod_rec("old", 7, 10 * day, None);
+        s.put_instance(&again).unwrap();
+        assert_eq!(s.instances("old").unwrap(), vec![again.clone()]);
+        expected.extend(["old".to_string(), "/sys/fs/cgroup/kubepods/pod-7".into()]);
+        assert_eq!(stored_strings(&s), expected);
+        let kept = s.instances("kept").unwrap();
+        assert_eq!(kept.len(), 10);
+        drop(s);
+
+        // After a crash: rebuilt from the records, none of which names a missing string.
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint());
+        assert_eq!(s.corrupt_at_open(), 0);
+        assert_eq!(s.instances("kept").unwrap(), kept);
+        assert_eq!(s.instances("old").unwrap(), vec![again.clone()]);
+        assert_eq!(s.instances("running").unwrap().len(), 1);
+        let r = s.prune(10 * day, Duration::from_millis(5 * day)).unwrap();
+        assert_eq!(r.strings_removed, 0);
+        s.checkpoint().unwrap();
+        drop(s);
+        // From the checkpoint: the same; a later prune takes "kept" and its pods, and
+        // "reported", once they are before the cutoff, and keeps the live ones'.
+        let s = Store::open(&path).unwrap();
+        assert!(s.opened_from_checkpoint());
+        assert_eq!(s.instances("kept").unwrap(), kept);
+        let r = s.prune(20 * day, Duration::from_millis(5 * day)).unwrap();
+        assert_eq!(r.strings_removed, 12, "{:?}", stored_strings(&s));
+        let left: BTreeSet<String> = [
+            "running",
+            "old",
+            "/sys/fs/cgroup/kubepods/pod-400",
+            "/sys/fs/cgroup/kubepods/pod-7",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(stored_strings(&s), left);
+    }
+
+    /// A prune cut short after the strings left memory but before they left the disk (a crash
+    /// then) leaves strings no record names, never a record naming a missing string: the store
+    /// reopens whole, and the next prune removes them.
+    #[test]
+    fn strings_retired_before_a_crash_go_at_the_next_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let day = 24 * HOUR_MS;
+        let kept = pod_rec("kept", 2, 9 * day, Some(9 * day + 5));
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_instance(&pod_rec("old", 1, day, Some(day + 5)))
+                .unwrap();
+            s.put_instance(&kept).unwrap();
+            let (_, retired) = s
+                .prune_retained(10 * day, Duration::from_millis(5 * day))
+                .unwrap();
+            assert_eq!(retired.len(), 2);
+            // Written meanwhile under the retired text: a new id, not the retired one.
+            s.put_instance(&pod_rec("old", 3, 10 * day, None)).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.corrupt_at_open(), 0);
+        assert_eq!(s.instances("kept").unwrap(), vec![kept]);
+        assert_eq!(s.instances("old").unwrap().len(), 1);
+        let olds = s
+            .raw_tree(TREE_STRINGS)
+            .iter()
+            .values()
+            .filter(|v| v.as_ref().unwrap().as_ref() == b"old")
+            .count();
+        assert_eq!(olds, 2, "the retired string and the new one");
+        let r = s.prune(10 * day, Duration::from_millis(5 * day)).unwrap();
+        // The retired pod path goes; "old" is a known function's name again, so both of its
+        // strings stay until it is pruned.
+        assert_eq!(r.strings_removed, 1);
+        assert!(!stored_strings(&s).contains("/sys/fs/cgroup/kubepods/pod-1"));
+        assert_eq!(s.instances("old").unwrap().len(), 1);
     }
 
     #[test]

@@ -15,6 +15,14 @@
 //! in a fresh process (this binary with `--open PATH`), so that its RSS and time are those of
 //! an agent starting on that store.
 //! Needs no root and no kernel features.
+//!
+//! `--names N [--max-functions M]` measures something else instead, on the real agent (as
+//! root; the agent binary is $EMARS_BIN, else target/<profile>/emars): N distinct function
+//! names reported through `POST /v1/functions/{name}/invocations` with the token, as a tenant
+//! could, to an agent capped at M functions (default 10,000) and, for comparison, to one whose
+//! cap admits them all. Prints per agent: functions known, names refused, the agent's RSS
+//! before, once the names are in and after the reads (R scrapes of `/metrics`, R
+//! `GET /v1/functions`), `/metrics` bytes and scrape time, `GET /v1/functions` bytes and time.
 
 use std::{
     net::SocketAddr,
@@ -33,16 +41,21 @@ use emars_agent::{
 };
 
 const USAGE: &str = "usage: emars-bench-api [--functions F] [--days D] [--per-day N] [--requests R]
-  --functions F   functions of the large store (default 1000)
-  --days D        days of history of the large store (default 30)
-  --per-day N     instances per function per day (default 10)
-  --requests R    GETs of each kind per store (default 200)";
+       emars-bench-api --names N [--max-functions M] [--requests R]
+  --functions F     functions of the large store (default 1000)
+  --days D          days of history of the large store (default 30)
+  --per-day N       instances per function per day (default 10)
+  --requests R      GETs of each kind per store (default 200; 20 scrapes with --names)
+  --names N         report N new function names to a real agent instead (needs root)
+  --max-functions M that agent's store.max_functions (default 10000)";
 
 struct Opts {
     functions: u64,
     days: u64,
     per_day: u64,
     requests: usize,
+    names: Option<u64>,
+    max_functions: u64,
 }
 
 fn main() {
@@ -55,7 +68,10 @@ fn main() {
         }
         return;
     }
-    match parse().and_then(|o| run(&o)) {
+    match parse().and_then(|o| match o.names {
+        Some(n) => names::run(n, o.max_functions, o.requests),
+        None => run(&o),
+    }) {
         Ok(()) => {}
         Err(e) => {
             eprintln!("emars-bench-api: {e:#}");
@@ -70,7 +86,10 @@ fn parse() -> Result<Opts> {
         days: 30,
         per_day: 10,
         requests: 200,
+        names: None,
+        max_functions: emars_agent::store::DEFAULT_MAX_FUNCTIONS as u64,
     };
+    let mut requests_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || -> Result<u64> {
@@ -83,13 +102,21 @@ fn parse() -> Result<Opts> {
             "--functions" => o.functions = num()?,
             "--days" => o.days = num()?,
             "--per-day" => o.per_day = num()?,
-            "--requests" => o.requests = num()? as usize,
+            "--requests" => {
+                o.requests = num()? as usize;
+                requests_given = true;
+            }
+            "--names" => o.names = Some(num()?),
+            "--max-functions" => o.max_functions = num()?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if o.names.is_some() && !requests_given {
+        o.requests = 20;
     }
     Ok(o)
 }
@@ -432,4 +459,160 @@ fn triple(v: &[Duration]) -> String {
         ms(pct(v, 99.0)),
         ms(pct(v, 100.0))
     )
+}
+
+/// `--names`: many tenant-chosen names against the real agent, capped and not.
+mod names {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Result};
+    use emars_tests::{names::*, require_root, Agent, TestRoot, MIB};
+
+    use super::{pct, triple};
+
+    /// What one agent measured.
+    struct Run {
+        max_functions: u64,
+        known: u64,
+        refused: u64,
+        rate: f64,
+        rss_idle: u64,
+        /// Once the first `split` names are in, once all are, and once the scrapes and lists
+        /// are done too.
+        rss_split: u64,
+        rss_names: u64,
+        rss_after: u64,
+        metrics_bytes: usize,
+        scrapes: Vec<Duration>,
+        list_bytes: usize,
+        lists: Vec<Duration>,
+        model_bytes: u64,
+        strings: u64,
+    }
+
+    pub fn run(n: u64, max_functions: u64, requests: usize) -> Result<()> {
+        if !require_root("emars-bench-api --names") {
+            bail!("--names runs the real agent: run as root");
+        }
+        let split = max_functions.min(n) as usize;
+        let mut runs = vec![measure(n, max_functions, split, requests)?];
+        if max_functions < n {
+            runs.push(measure(n, n, split, requests)?);
+        }
+        println!(
+            "\n{n} distinct names reported (POST /v1/functions/{{name}}/invocations, 4 clients)\n"
+        );
+        println!(
+            "{:>13} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>28} {:>10} {:>28} {:>9} {:>8}",
+            "max_functions",
+            "known",
+            "refused",
+            "names/s",
+            "RSS idle",
+            &format!("RSS {split}"),
+            "RSS names",
+            "RSS after",
+            "/metrics",
+            "scrape p50/p99/max",
+            "/functions",
+            "GET /v1/functions p50/p99/max",
+            "model",
+            "strings"
+        );
+        for r in &runs {
+            println!(
+                "{:>13} {:>7} {:>7} {:>9.0} {:>6.1} MB {:>6.1} MB {:>6.1} MB {:>6.1} MB {:>7.1} MB {:>28} {:>7.1} MB {:>28} {:>6.1} MB {:>8}",
+                r.max_functions,
+                r.known,
+                r.refused,
+                r.rate,
+                r.rss_idle as f64 / MIB as f64,
+                r.rss_split as f64 / MIB as f64,
+                r.rss_names as f64 / MIB as f64,
+                r.rss_after as f64 / MIB as f64,
+                r.metrics_bytes as f64 / 1e6,
+                triple(&r.scrapes),
+                r.list_bytes as f64 / 1e6,
+                triple(&r.lists),
+                r.model_bytes as f64 / 1e6,
+                r.strings
+            );
+        }
+        if let [capped, all] = runs.as_slice() {
+            println!(
+                "\ncapped / all admitted: RSS with the names {:.2}x, after the reads {:.2}x, \
+                 /metrics {:.3}x, scrape p50 {:.3}x",
+                capped.rss_names as f64 / all.rss_names as f64,
+                capped.rss_after as f64 / all.rss_after as f64,
+                capped.metrics_bytes as f64 / all.metrics_bytes as f64,
+                pct(&capped.scrapes, 50.0).as_secs_f64() / pct(&all.scrapes, 50.0).as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
+    fn measure(n: u64, max_functions: u64, split: usize, requests: usize) -> Result<Run> {
+        let root = TestRoot::new()?;
+        let agent = Agent::start_configured(
+            &root,
+            &format!("[store]\nmax_functions = {max_functions}\n"),
+        )?;
+        // The agent's first tick (its first retention pass) is over.
+        std::thread::sleep(Duration::from_secs(2));
+        let rss_idle = rss_bytes(agent.pid())?;
+        eprintln!("max_functions = {max_functions}: reporting {n} names ...");
+        let all = names("tenant", n as usize);
+        let start = Instant::now();
+        let first = report_names(&agent, &all[..split], 4)?;
+        let rss_split = rss_bytes(agent.pid())?;
+        let rest = report_names(&agent, &all[split..], 4)?;
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let answers = Answers {
+            counted: first.counted + rest.counted,
+            refused: first.refused + rest.refused,
+        };
+        let rss_names = rss_bytes(agent.pid())?;
+        let mut scrapes = Vec::new();
+        let mut metrics_bytes = 0;
+        for _ in 0..requests {
+            let (text, took) = scrape(&agent)?;
+            metrics_bytes = text.len();
+            scrapes.push(took);
+        }
+        let mut lists = Vec::new();
+        let mut list_bytes = 0;
+        for _ in 0..requests {
+            let t = Instant::now();
+            let body = ureq::get(&agent.url("/v1/functions")).call()?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut body.into_reader(), &mut text)?;
+            lists.push(t.elapsed());
+            list_bytes = text.len();
+        }
+        let rss_after = rss_bytes(agent.pid())?;
+        let info = agent.get_ok("/v1/info")?;
+        let refused = info["function_cap"]["refused"].as_u64().unwrap_or(0);
+        if refused != answers.refused {
+            bail!(
+                "the agent counts {refused} refusals, the clients saw {}",
+                answers.refused
+            );
+        }
+        Ok(Run {
+            max_functions,
+            known: info["model"]["functions"].as_u64().unwrap_or(0),
+            refused,
+            rate,
+            rss_idle,
+            rss_split,
+            rss_names,
+            rss_after,
+            metrics_bytes,
+            scrapes,
+            list_bytes,
+            lists,
+            model_bytes: info["model"]["bytes"].as_u64().unwrap_or(0),
+            strings: info["model"]["strings"].as_u64().unwrap_or(0),
+        })
+    }
 }
