@@ -492,8 +492,8 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
-/// The agent's info, with the model's footprint (which the metrics do not carry) as of at
-/// most a second ago.
+/// The agent's info, with the model's footprint (which the metrics do not carry) as of the
+/// model's last change (counted again at most once a second).
 #[utoipa::path(
     get, path = "/v1/info", tag = "agent",
     responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters",
@@ -501,11 +501,14 @@ async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
 )]
 async fn info(State(state): State<ApiState>) -> ApiResult<Json<AgentInfo>> {
     let mut info = agent_info(&state);
-    let store = state.store.clone();
+    let (store, version) = (state.store.clone(), state.store.clone());
     info.model = state
         .snapshots
         .footprint
-        .get(|| None, move || Ok(store.footprint()))
+        .get(
+            move || Some(version.changes()),
+            move || Ok(store.footprint()),
+        )
         .await?;
     Ok(Json(info))
 }

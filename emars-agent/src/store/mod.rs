@@ -1173,7 +1173,7 @@ impl Store {
     /// A live record goes to `instances_live`; an ended one leaves it for the tail, which is
     /// sealed into a block every [`BLOCK_RECORDS`] records.
     pub fn put_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
-        self.note_change();
+        let _changed = self.changing();
         validate_name(&rec.function)?;
         // Held across the write, so the model sees writes in the order the trees do.
         let mut st = self.state();
@@ -1495,7 +1495,7 @@ impl Store {
     /// `peak_bytes` takes the max. The bucket comes from the model, so the write reads
     /// nothing, except for an hour already sealed into its block (a late report).
     pub fn add_hour(&self, function: &str, at_ms: u64, delta: HourDelta) -> Result<(), StoreError> {
-        self.note_change();
+        let _changed = self.changing();
         validate_name(function)?;
         let mut st = self.state();
         self.admit_locked(&st.model, function)?;
@@ -1588,7 +1588,7 @@ impl Store {
         count: u64,
         at_ms: u64,
     ) -> Result<(), StoreError> {
-        self.note_change();
+        let _changed = self.changing();
         self.add_hour(
             function,
             at_ms,
@@ -1663,7 +1663,7 @@ impl Store {
     /// cutoff is rewritten. Then the strings nothing retained names any more go (see the
     /// module's doc for the order that keeps a crash harmless).
     pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<PruneReport, StoreError> {
-        self.note_change();
+        let _changed = self.changing();
         let (mut report, retired) = self.prune_retained(now_ms, retention)?;
         report.strings_removed = self.remove_strings(&retired)?;
         Ok(report)
@@ -2004,9 +2004,10 @@ impl Store {
         self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn note_change(&self) {
-        self.changes
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    /// Counts a change of the model when dropped, at the end of the write that makes it: an
+    /// answer built on the count read before then is rebuilt at the next request.
+    fn changing(&self) -> Changing<'_> {
+        Changing(&self.changes)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -2090,6 +2091,15 @@ enum Load {
     Records,
     /// Nothing (the caller installs a model it built).
     Nothing,
+}
+
+/// See [`Store::changing`].
+struct Changing<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The record a [`StoredInstance`] keyed by `(started_at_ms, cgroup_id)` stands for.
