@@ -8,7 +8,7 @@
 //! - [`Snapshot`]: answers built from the whole model (`/metrics`, the function list, every
 //!   recommendation, the export, the info) are built once and shared by every request until
 //!   the model changes, and at most once a second however often it changes: a storm of such
-//!   requests costs one build a second.
+//!   requests costs one build a second. Too busy to build, the last answer is given.
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
@@ -156,7 +156,15 @@ impl<T: Clone + Send + 'static> Snapshot<T> {
             }
         }
         let version = version();
-        let body = run(build).await??;
+        let body = match run(build).await.and_then(|r| r) {
+            Ok(b) => b,
+            // Too busy to build: the last answer, a little old, rather than none.
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => match slot.as_ref() {
+                Some(b) => return Ok(b.body.clone()),
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
         *slot = Some(Built {
             version,
             at: Instant::now(),
