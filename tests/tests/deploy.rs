@@ -377,7 +377,7 @@ fn agent_pid(config: &Path) -> Option<u32> {
         let cmd = fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_agent = args.iter().any(|a| *a == b"agent")
-            && args.iter().any(|a| *a == want.as_bytes())
+            && args.contains(&want.as_bytes())
             && !args.iter().any(|a| *a == b"-c");
         is_agent.then_some(pid)
     })

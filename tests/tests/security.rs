@@ -1083,3 +1083,93 @@ fn the_local_socket_refuses_other_users_by_their_credentials() -> anyhow::Result
     assert_eq!(agent.get_ok("/v1/functions/sock")?["invocations"], 2);
     Ok(())
 }
+
+/// A storm of API clients (heavy GETs of whole-model answers in a loop, and more half-sent
+/// requests than the 128 connections the agent once took at a time) while containers start: every new instance still gets its limits, no kernel event
+/// is lost, every request is answered (200, or 503 when the agent is too busy to start its
+/// work), and `/healthz` answers within a second throughout, over TCP and through the local
+/// socket. Its figures at full scale (3,000 + 600 clients, 500 containers) are
+/// `emars-bench-load`'s.
+#[test]
+fn an_api_storm_never_delays_the_event_path() -> anyhow::Result<()> {
+    if !require_root("an_api_storm_never_delays_the_event_path") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(
+        &root,
+        "[[policy.functions]]\nname = \"stormy\"\npin_max_bytes = 201326592\n",
+    )?;
+    raise_fd_limit(2048)?;
+    // A function with instances, whose list is one of the answers the storm asks for.
+    for i in 0..3 {
+        let d = root.instance_dir("stormy", &format!("h{i}"))?;
+        run_alloc(&d, 8, 0, 0)?;
+        fs::remove_dir(&d)?;
+    }
+    agent.wait_ended("stormy", 3)?;
+    let storm = storm::Storm::start(&agent, 300, 200, "stormy")?;
+    let (max_file, _) = root.hierarchy.limit_files();
+    let n = 40;
+    let mut unlimited = Vec::new();
+    for i in 0..n {
+        let dir = root.instance_dir("stormy", &format!("s{i}"))?;
+        let limited = wait_for(Duration::from_secs(5), || {
+            let t = fs::read_to_string(dir.join(max_file)).ok()?;
+            (t.trim().parse::<u64>().ok() == Some(201326592)).then_some(())
+        });
+        if limited.is_none() {
+            unlimited.push(i);
+        }
+        fs::remove_dir(&dir)?;
+    }
+    let load = storm.stop()?;
+    println!(
+        "storm: {} answered, {} busy, {} other, {} failed, {} slow cycles; /healthz max {:.0} ms \
+         (TCP) {:.0} ms (socket); agent RSS peak {:.0} MB",
+        load.ok,
+        load.refused,
+        load.other,
+        load.failed,
+        load.slow_cycles,
+        load.health.tcp_ms.iter().copied().fold(0.0, f64::max),
+        load.health.local_ms.iter().copied().fold(0.0, f64::max),
+        load.rss_peak_mb
+    );
+    assert!(
+        unlimited.is_empty(),
+        "instances without limits: {unlimited:?}"
+    );
+    assert!(load.ok > 0, "no heavy request was answered");
+    assert_eq!((load.other, load.failed), (0, 0), "requests not answered");
+    assert_eq!(
+        (load.health.tcp_failed, load.health.local_failed),
+        (0, 0),
+        "/healthz failed"
+    );
+    let second = 1000.0 * f64::from(time_scale());
+    for (how, ms) in [
+        ("TCP", &load.health.tcp_ms),
+        ("socket", &load.health.local_ms),
+    ] {
+        assert!(!ms.is_empty(), "no /healthz over {how}");
+        assert!(
+            ms.iter().all(|m| *m < second),
+            "/healthz over {how} took over a second: {ms:?}"
+        );
+    }
+    let audit = agent.get_ok("/v1/audit?limit=1000")?;
+    let written = audit["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["function"] == "stormy" && a["outcome"] == "ok")
+        .count();
+    assert_eq!(written, n + 3, "one audited limit write per instance");
+    let lost = wait_for(Duration::from_secs(3), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        (info["events_received"].as_u64()? > 0).then_some(info["events_lost"].as_u64()?)
+    });
+    assert_eq!(lost, Some(0), "kernel events lost");
+    Ok(())
+}

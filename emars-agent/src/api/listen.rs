@@ -210,7 +210,22 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
     let err = |source| ListenError::Bind { addr, source };
     let l = std::net::TcpListener::bind(addr).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
+    deepen_backlog(&l).map_err(err)?;
     Ok(l)
+}
+
+/// Connections that may wait for the agent to accept them (the kernel caps it at
+/// net.core.somaxconn). std's 128 is soon full when many clients connect at once, and a full
+/// backlog drops new SYNs, which their clients retry only after a second or more.
+const BACKLOG: i32 = 4096;
+
+/// Listening again on a listening socket sets its backlog.
+fn deepen_backlog(l: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    // SAFETY: a listening socket's descriptor, owned by the caller for the call.
+    if unsafe { libc::listen(l.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn resolve_group(name: &str) -> Result<Option<u32>, ListenError> {
@@ -256,6 +271,7 @@ fn bind_local(
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(sock_err)?;
     listener.set_nonblocking(true).map_err(sock_err)?;
+    deepen_backlog(&listener).map_err(sock_err)?;
     // The directory keeps everyone else out already; the socket's own mode says the same.
     let mode = if rule.group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(sock_err)?;
