@@ -1028,3 +1028,44 @@ fn planted_pin_symlink_is_refused() -> anyhow::Result<()> {
     assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
     Ok(())
 }
+
+/// Where no bpffs is mounted, the agent mounts its own at /sys/fs/bpf, root's alone (bpffs's
+/// default is world-writable): run in a mount namespace of its own with the host's bpffs
+/// detached there, so the host's stays as it is.
+#[test]
+fn own_bpffs_mount_is_root_only() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !require_root("own_bpffs_mount_is_root_only") {
+        return Ok(());
+    }
+    if find_program("unshare").is_none() {
+        skipped("own_bpffs_mount_is_root_only", "needs unshare (util-linux)");
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let wrapper: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "umount -l /sys/fs/bpf && exec \"$0\" \"$@\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = Agent::start_under(&root, &tmp.path().join("store"), "", None, &wrapper)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert!(info["probes_pinned"].is_string(), "{info}");
+    assert!(
+        agent.log().contains("mounted bpffs at /sys/fs/bpf"),
+        "{}",
+        agent.log()
+    );
+    // The agent's view of /sys/fs/bpf, through its own root.
+    let mount = PathBuf::from(format!("/proc/{}/root/sys/fs/bpf", agent.pid()));
+    let mode = fs::metadata(&mount)?.mode() & 0o777;
+    assert_eq!(mode, 0o700, "{} mode {mode:o}", mount.display());
+    Ok(())
+}
