@@ -727,7 +727,8 @@ async fn pool_command(
             BindError::Outside { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BindError::PathInstance { .. }
             | BindError::AlreadyBound { .. }
-            | BindError::NotBound { .. } => StatusCode::CONFLICT,
+            | BindError::NotBound { .. }
+            | BindError::Replaced { .. } => StatusCode::CONFLICT,
             BindError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
