@@ -675,7 +675,7 @@ async fn get_recommendation(
         (status = 200, description = "The new instance record (watermark reset; limits written in enforce mode)",
             body = InstanceRecord),
         (status = 404, description = "No such cgroup", body = ErrorBody),
-        (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
+        (status = 409, description = "Bound already, named by a path rule, or removed and created again while being bound", body = ErrorBody),
         (status = 422, description = "Outside the watched roots", body = ErrorBody),
     )
 )]
