@@ -42,7 +42,7 @@ pub async fn run(
     for root in &roots {
         ensure_root(&hierarchy, root)?;
     }
-    let store = Store::open(&config.store.path)
+    let (store, store_moved_aside) = Store::open_or_move_aside(&config.store.path)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
 
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
@@ -83,6 +83,7 @@ pub async fn run(
         model: Default::default(),
         reactive: Default::default(),
         per_use_peak: per_use_peak_method(&hierarchy, &roots),
+        store_moved_aside,
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
