@@ -316,7 +316,7 @@ mod tests {
     fn entry(i: usize, len: usize) -> Entry {
         let key = [i as u8; 16];
         let value = format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(len));
-        Entry::new(&key, i % 2 == 0, value.as_bytes())
+        Entry::new(&key, i.is_multiple_of(2), value.as_bytes())
     }
 
     fn reopen(dir: &Path) -> Vec<Entry> {

@@ -253,6 +253,8 @@ fn open_child(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags) -> Result<OwnedF
     )
 }
 
+// f_type's integer type differs between architectures.
+#[allow(clippy::unnecessary_cast)]
 fn on_bpffs(fd: &OwnedFd) -> bool {
     rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
 }
