@@ -148,6 +148,12 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the store at {path} is corrupt ({reason}) and could not be moved aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        reason: String,
+        source: std::io::Error,
+    },
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error(

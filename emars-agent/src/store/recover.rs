@@ -189,8 +189,9 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// Renames the store to `<path>.corrupt-<unix seconds>` (never over anything), unless an
 /// agent holds it; removes the oldest copies beyond [`KEEP_MOVED_ASIDE`].
 fn move_aside(path: &Path, reason: &str) -> Result<StoreMovedAside, StoreError> {
-    let io = |source: std::io::Error| StoreError::CreateDir {
+    let io = |source: std::io::Error| StoreError::MoveAside {
         path: path.to_path_buf(),
+        reason: reason.to_owned(),
         source,
     };
     // sled's own lock: a store an agent holds is never moved, whatever it looked like.
