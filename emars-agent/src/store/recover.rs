@@ -10,8 +10,8 @@
 //! there; damage in the last records reads to it as a write cut short by a crash, which it
 //! drops, and it opens (which this cannot tell). So corruption is: [`sled_log_unreadable`]
 //! before sled opens anything (the copy is then byte for byte what was there), a panic while
-//! opening, sled's `Corruption` error, a value of the store's own that does not decode at
-//! open, or a log that kept none of the store's records ([`StoreError::LogLost`]). Where sled
+//! opening, sled's `Corruption` error, the store's schema version that does not decode, or
+//! a log that kept none of the store's records ([`StoreError::LogLost`]). Where sled
 //! opened the log before failing, the copy holds it as sled left it, cut back to its length,
 //! and every other file as it was.
 
@@ -80,7 +80,12 @@ fn is_corruption(e: &StoreError) -> bool {
         StoreError::Open { source, .. } | StoreError::Db(source) => {
             matches!(source, sled::Error::Corruption { .. })
         }
-        StoreError::Corrupt { .. } | StoreError::LogLost { .. } => true,
+        // The one value of the store's own that an open cannot do without. (Others are
+        // quarantined at open; a failure to decode what was encoded in memory is a bug.)
+        StoreError::Corrupt { tree, key, .. } => {
+            *tree == super::TREE_META && key == super::KEY_SCHEMA_VERSION
+        }
+        StoreError::LogLost { .. } => true,
         _ => false,
     }
 }
@@ -414,6 +419,19 @@ mod tests {
         ] {
             assert!(!is_corruption(&open(sled::Error::Io(kind.into()))));
         }
+        let corrupt = |tree, key: &str| StoreError::Corrupt {
+            tree,
+            key: key.to_owned(),
+            reason: "bad".into(),
+        };
+        assert!(is_corruption(&corrupt(
+            super::super::TREE_META,
+            super::super::KEY_SCHEMA_VERSION
+        )));
+        assert!(!is_corruption(&corrupt(
+            super::super::TREE_META,
+            "checkpoint"
+        )));
         assert!(!is_corruption(&StoreError::SchemaTooNew {
             path: "/s".into(),
             found: 9,
