@@ -188,7 +188,7 @@ pub struct AgentInfo {
     #[serde(default)]
     pub per_use_peak: String,
     /// Set when the store could not be opened at this start because its database was
-    /// corrupt: it was moved aside, whole, and the agent runs on a fresh one.
+    /// corrupt: it was moved aside and the agent runs on a fresh one.
     #[serde(default)]
     pub store_moved_aside: Option<StoreMovedAside>,
 }
@@ -196,8 +196,9 @@ pub struct AgentInfo {
 /// GET /v1/info → "store_moved_aside": a corrupt store moved aside at start-up.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoreMovedAside {
-    /// Where the old store is now (`<store.path>.corrupt-<unix seconds>`, beside it, its
-    /// bytes and mode as they were).
+    /// Where the old store is now (`<store.path>.corrupt-<unix seconds>`, beside it, mode
+    /// kept; its files as they were, sled's log as sled left it where sled failed after
+    /// writing to it).
     pub path: String,
     /// Why it could not be opened.
     pub reason: String,
