@@ -55,7 +55,7 @@ pub async fn run(
     for root in &roots {
         ensure_root(&hierarchy, root)?;
     }
-    let store = Store::open(&config.store.path)
+    let (store, store_moved_aside) = Store::open_or_move_aside(&config.store.path)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
     // Functions the operator names are admitted whatever tenants' names took.
     store.set_function_cap(
@@ -106,6 +106,7 @@ pub async fn run(
         reactive: Default::default(),
         per_use_peak: per_use_peak_method(&hierarchy, &roots),
         function_cap: Default::default(),
+        store_moved_aside,
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
@@ -325,7 +326,7 @@ fn per_use_peak_method(hierarchy: &MemoryHierarchy, roots: &[String]) -> String 
         CgroupVersion::V1 => UsePeak::V1.method().to_owned(),
         CgroupVersion::V2 => roots
             .iter()
-            .find_map(|r| hierarchy.reset_peak(&hierarchy.dir(r)).ok())
+            .find_map(|r| hierarchy.open_root(r).and_then(|d| d.reset_peak()).ok())
             .map(|p| p.method().to_owned())
             .unwrap_or_default(),
     }
@@ -349,44 +350,9 @@ fn on_pool_command(
     match cmd {
         PoolCommand::Bind { body, reply } => {
             let path = rel(&body.cgroup);
-            let dir = tracker.cgroups().dir(&path);
-            // The bind writes (the watermark reset): audited before, as every write is.
-            let intent = crate::model::InstanceRecord {
-                function: body.function.clone(),
-                instance: body.instance.clone(),
-                cgroup_id: cgroupfs::cgroup_id(&dir).unwrap_or(0),
-                cgroup_path: dir.display().to_string(),
-                started_at_ms: now_ms(),
-                ended_at_ms: None,
-                execs: 0,
-                peak_bytes: 0,
-                peak_source: Default::default(),
-                oom_kills: 0,
-                limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
-            };
-            let bound = match actuator.audited(&intent, "bind", || {
-                tracker.bind(&path, &body.function, &body.instance, now_ms())
-            }) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("bind not made: {e}");
-                    let _ = reply.send(Err(crate::api::BindError::Unavailable(e.to_string())));
-                    return;
-                }
-            };
-            let answer = bound
-                .map(|(id, effects)| {
-                    enforcer.run(tracker, effects);
-                    id
-                })
-                .and_then(|id| {
-                    tracker.live_record(id).cloned().ok_or_else(|| {
-                        crate::api::BindError::NotFound {
-                            path: body.cgroup.clone(),
-                        }
-                    })
-                });
-            let _ = reply.send(answer);
+            // The cgroup the bind is asked for: the reset goes only into this one.
+            let id = cgroupfs::cgroup_id(&tracker.cgroups().dir(&path)).unwrap_or(0);
+            let _ = reply.send(bind_pooled(tracker, enforcer, actuator, &path, id, &body));
         }
         PoolCommand::Release { body, reply } => {
             let answer = tracker
@@ -398,6 +364,57 @@ fn on_pool_command(
             let _ = reply.send(answer);
         }
     }
+}
+
+/// POST /v1/bind, carried out: `rel_path` (below the hierarchy) starts serving the body's
+/// function as its instance, provided it is still the cgroup `cgroup_id` read when the bind was
+/// asked for. The watermark reset is audited before it happens (reason `bind`, then `ok`, or
+/// `refused` with why), and made through the cgroup's directory opened below its root and
+/// checked against that id, as limit writes are.
+pub fn bind_pooled(
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    actuator: &Actuator,
+    rel_path: &str,
+    cgroup_id: u64,
+    body: &crate::api::wire::BindBody,
+) -> Result<InstanceRecord, crate::api::BindError> {
+    let dir = tracker.cgroups().dir(rel_path);
+    let intent = InstanceRecord {
+        function: body.function.clone(),
+        instance: body.instance.clone(),
+        cgroup_id,
+        cgroup_path: dir.display().to_string(),
+        started_at_ms: now_ms(),
+        ended_at_ms: None,
+        execs: 0,
+        peak_bytes: 0,
+        peak_source: Default::default(),
+        oom_kills: 0,
+        limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
+    };
+    let bound = actuator
+        .audited(&intent, "bind", || {
+            tracker.bind(
+                rel_path,
+                cgroup_id,
+                &body.function,
+                &body.instance,
+                now_ms(),
+            )
+        })
+        .map_err(|e| {
+            tracing::error!("bind not made: {e}");
+            crate::api::BindError::Unavailable(e.to_string())
+        })?;
+    let (id, effects) = bound?;
+    enforcer.run(tracker, effects);
+    tracker
+        .live_record(id)
+        .cloned()
+        .ok_or_else(|| crate::api::BindError::NotFound {
+            path: body.cgroup.clone(),
+        })
 }
 
 /// Where limits change besides new instances: the burst guard with its kernel signals (when

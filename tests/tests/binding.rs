@@ -341,3 +341,107 @@ fn a_binding_survives_an_agent_restart() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The watermark reset of a bind goes only into the cgroup the bind was asked for, through its
+/// directory opened below the root and checked against the id read then (as limit writes
+/// are): a cgroup removed and created again under the same path in between is refused with an
+/// answer that says so, audited `refused`, and the new cgroup's watermark is left as it was.
+/// Driven through the agent's own bind (the moment between the request and the reset is
+/// microseconds on the event loop: too short to aim at from outside).
+#[test]
+fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
+    use emars_agent::{
+        agent::bind_pooled,
+        api::{wire::BindBody, BindError},
+        kernel::cgroupfs::{CgroupMode, CgroupfsError, MemoryHierarchy},
+        model::{
+            registry::{Registry, RootConfig},
+            tracker::{Cgroups, Tracker},
+        },
+        policy::{actuator::Actuator, enforcer::Enforcer},
+        store::Store,
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    if !require_root("bind_never_resets_a_cgroup_created_again") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let slot = root.dir.join("cg-1");
+    fs::create_dir(&slot)?;
+    let asked = fs::metadata(&slot)?.ino();
+    // Removed and created again under its name, and used: a watermark of its own.
+    fs::remove_dir(&slot)?;
+    fs::create_dir(&slot)?;
+    let now = fs::metadata(&slot)?.ino();
+    assert_ne!(now, asked);
+    assert!(run_alloc(&slot, 64, 0, 0)?.success());
+    let used = root.hierarchy.watermark(&slot)?;
+    assert!(used >= 64 * MIB, "watermark {used}");
+
+    let hierarchy = MemoryHierarchy::detect(CgroupMode::Auto, None)?;
+    let registry = Registry::new(&[RootConfig {
+        path: root.rel.clone(),
+        rules: Vec::new(),
+    }])?;
+    let tmp = tempfile::tempdir()?;
+    let store = Store::open(&tmp.path().join("store"))?;
+    let actuator = Actuator::new(
+        hierarchy.clone(),
+        &registry.roots(),
+        0,
+        false,
+        store.clone(),
+    );
+    let mut enforcer = Enforcer::new(store.clone());
+    let mut tracker = Tracker::new(hierarchy.clone(), registry);
+    let rel = format!("{}/cg-1", root.rel);
+    let body = BindBody {
+        cgroup: slot.display().to_string(),
+        function: "fx".into(),
+        instance: "x1".into(),
+    };
+    let answer = bind_pooled(&mut tracker, &mut enforcer, &actuator, &rel, asked, &body);
+    let err = answer.err().ok_or_else(|| anyhow::anyhow!("bound"))?;
+    assert!(
+        matches!(err, BindError::Replaced { expected, found, .. } if expected == asked && found == now),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("removed and created again"),
+        "{err}"
+    );
+    assert_eq!(root.hierarchy.watermark(&slot)?, used);
+    assert!(tracker.live_record(now).is_none());
+    let audit: Vec<Value> = store.audit(10)?;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let rec = &audit[0];
+    assert_eq!(
+        (&rec["reason"], &rec["outcome"], &rec["cgroup_id"]),
+        (&json!("bind"), &json!("refused"), &json!(asked)),
+        "{rec}"
+    );
+    assert!(
+        rec["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("removed and created again")),
+        "{rec}"
+    );
+    // The reset itself, through the checked handle: refused for the old id as well.
+    let reset = Cgroups::reset_peak(&hierarchy, &root.rel, &rel, asked);
+    assert!(
+        matches!(reset, Err(CgroupfsError::Replaced { .. })),
+        "{reset:?}"
+    );
+    assert_eq!(root.hierarchy.watermark(&slot)?, used);
+
+    // The cgroup there now, asked for by its own id: bound, and (v1, where every reader sees
+    // it) its watermark reset to what it uses now.
+    let bound = bind_pooled(&mut tracker, &mut enforcer, &actuator, &rel, now, &body)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(bound.cgroup_id, now);
+    if root.hierarchy.version == Version::V1 {
+        let after = root.hierarchy.watermark(&slot)?;
+        assert!(after < used, "watermark {after} not reset from {used}");
+    }
+    Ok(())
+}

@@ -554,3 +554,146 @@ fn charge_events_stream_live_peaks_when_asked() -> anyhow::Result<()> {
     detach_and_settle(agent, root);
     Ok(())
 }
+
+/// Every file below `dir` (relative name → bytes), and `dir`'s mode.
+fn tree_bytes(
+    dir: &std::path::Path,
+) -> anyhow::Result<(std::collections::BTreeMap<String, Vec<u8>>, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir)?.display().to_string();
+                out.insert(rel, fs::read(e.path())?);
+            }
+        }
+    }
+    Ok((out, fs::metadata(dir)?.permissions().mode() & 0o7777))
+}
+
+/// The moved-aside copies beside `store`.
+fn moved_aside(store: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let name = format!(
+        "{}.corrupt-",
+        store
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    let mut out: Vec<String> = fs::read_dir(store.parent().unwrap_or(store))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// A store whose database is damaged is moved aside and the agent starts on a fresh one,
+/// serves, and says so in GET /v1/info (from the second time on: `again`). Three damages to
+/// sled's log: its first segment header (sled 0.34 would open it as a new, empty database and
+/// overwrite it: caught before sled opens it, the copy byte for byte as it was), a record at
+/// its start (sled's corruption error, after it may have zeroed the log from there: the copy
+/// holds every other file as it was and the log at its length), and all of it. A store
+/// another agent holds is never moved aside: the second agent fails as before.
+#[test]
+fn corrupt_store_is_moved_aside_and_the_agent_starts() -> anyhow::Result<()> {
+    if !require_root("corrupt_store_is_moved_aside_and_the_agent_starts") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let dir = root.instance_dir("old", "i1")?;
+    assert!(run_alloc(&dir, 8, 0, 0)?.success());
+    fs::remove_dir(&dir)?;
+    agent.wait_ended("old", 1)?;
+    assert!(agent.stop()?.success());
+
+    // (what, the damage, whether the copy is byte for byte)
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage, bool); 3] = [
+        (
+            "segment header",
+            |db| db[..20].iter_mut().for_each(|b| *b ^= 0x5a),
+            true,
+        ),
+        (
+            "first record",
+            |db| db[24..40].iter_mut().for_each(|b| *b ^= 0x5a),
+            false,
+        ),
+        (
+            "whole log",
+            |db| db.iter_mut().for_each(|b| *b = 0xab),
+            true,
+        ),
+    ];
+    for (round, (what, damage, whole)) in damages.iter().enumerate() {
+        let mut db = fs::read(store.join("db"))?;
+        damage(&mut db);
+        fs::write(store.join("db"), &db)?;
+        let before = tree_bytes(&store)?;
+        assert_eq!(before.1, 0o700);
+
+        let agent = Agent::start_with(&root, &store, "", None)?;
+        let info = agent.get_ok("/v1/info")?;
+        let moved = &info["store_moved_aside"];
+        let path = moved["path"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("{what}: not moved aside: {info}"))?;
+        assert_eq!(moved_aside(&store)?.last().map(String::as_str), Some(path));
+        assert!(
+            path.starts_with(&format!("{}.corrupt-", store.display())),
+            "{path}"
+        );
+        assert_eq!(moved["again"], round > 0, "{moved}");
+        assert!(
+            moved["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{moved}"
+        );
+        println!("{what}: {moved}");
+        assert!(
+            agent.log().contains(&format!("moved aside to {path}")),
+            "{}",
+            agent.log()
+        );
+        // Every file byte for byte, and the directory's mode; where sled rewrote its log
+        // while it opened it, the log at its length.
+        let (mut copy, mode) = tree_bytes(std::path::Path::new(path))?;
+        let (mut want, want_mode) = before;
+        assert_eq!(mode, want_mode);
+        if !whole {
+            let (a, b) = (copy.remove("db"), want.remove("db"));
+            assert_eq!(a.map(|d| d.len()), b.map(|d| d.len()), "{what}: log length");
+        }
+        assert!(copy == want, "{what}: copy differs");
+        // A fresh store, serving: the old function is not in it, a new instance is.
+        assert_eq!(agent.get("/v1/functions/old")?.0, 404);
+        let name = format!("new{round}");
+        let dir = root.instance_dir(&name, "i1")?;
+        agent.wait_live(&name, "i1")?;
+        fs::remove_dir(&dir)?;
+        agent.wait_ended(&name, 1)?;
+        // Held by this agent: a second one (on another root, so the pins do not stop it
+        // first) fails as before, and nothing more is moved aside.
+        let other = TestRoot::new()?;
+        let second = Agent::start_with(&other, &store, "", None);
+        let err = format!(
+            "{:#}",
+            second
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("a second agent started"))?
+        );
+        assert!(err.contains("could not acquire lock"), "{err}");
+        assert_eq!(moved_aside(&store)?.len(), round + 1);
+        assert!(agent.stop()?.success());
+    }
+    Ok(())
+}

@@ -1173,3 +1173,167 @@ fn an_api_storm_never_delays_the_event_path() -> anyhow::Result<()> {
     assert_eq!(lost, Some(0), "kernel events lost");
     Ok(())
 }
+
+/// What must not change in another tool's pinned directory: its mode and owner, and every
+/// object in it (name and inode, so an object removed and pinned again shows).
+fn pinned_tree(dir: &Path) -> anyhow::Result<Vec<(String, u32, u32, u64)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let m = fs::symlink_metadata(&d)?;
+        out.push((d.display().to_string(), m.mode(), m.uid(), m.ino()));
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            } else {
+                let m = e.metadata()?;
+                out.push((e.path().display().to_string(), m.mode(), m.uid(), m.ino()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A symlink planted as `probes.pin_path` (bpffs is world-writable on many hosts) that leads
+/// to another pinned directory, here a stopped agent's set, still recording: the agent
+/// refuses it, runs unpinned and says so in `fallbacks`; `emars unpin` refuses it too, and a
+/// path that only passes through a symlink as well. The victim's objects, mode and owner are
+/// untouched, and its own agent adopts its set afterwards.
+#[test]
+fn planted_pin_symlink_is_refused() -> anyhow::Result<()> {
+    if !require_root("planted_pin_symlink_is_refused") {
+        return Ok(());
+    }
+    let victim_root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let victim_store = tmp.path().join("victim");
+    let victim = Agent::start_with(&victim_root, &victim_store, "", None)?;
+    let info = victim.get_ok("/v1/info")?;
+    let set = PathBuf::from(
+        info["probes_pinned"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the victim is not pinned: {info}"))?,
+    );
+    assert!(victim.stop()?.success());
+    // Another tool's directory as such a tool might leave it: readable by all.
+    fs::set_permissions(&victim_root.pin_path, fs::Permissions::from_mode(0o755))?;
+    let before = pinned_tree(&victim_root.pin_path)?;
+    assert!(
+        before
+            .iter()
+            .any(|e| e.0 == set.join("link_cgroup_mkdir").display().to_string()),
+        "{before:?}"
+    );
+
+    let root = TestRoot::new()?;
+    std::os::unix::fs::symlink(&victim_root.pin_path, &root.pin_path)?;
+    // Other settings: an agent that followed the link would remove the victim's set as one
+    // of another identity, after making its directory 0700.
+    let agent = Agent::start_configured(&root, "\n[probes]\npeak_step_bytes = 2097152\n")?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_pinned"], Value::Null, "{info}");
+    let said = info["fallbacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|f| f.starts_with("kernel side not pinned"))
+        .ok_or_else(|| anyhow!("no pinning fallback in {info}"))?;
+    assert!(
+        said.contains(&root.pin_path.display().to_string()) && said.contains("symlink"),
+        "{said}"
+    );
+    // It runs all the same: a new instance is recorded.
+    let _dir = root.instance_dir("symlinked", "i1")?;
+    agent.wait_live("symlinked", "i1")?;
+    assert_eq!(pinned_tree(&victim_root.pin_path)?, before);
+    assert!(agent.stop()?.success());
+
+    // `emars unpin` on the symlink, and on a path through a symlinked directory.
+    let through = TestRoot::new()?;
+    fs::create_dir_all(&through.pin_path)?;
+    let parent = victim_root
+        .pin_path
+        .parent()
+        .ok_or_else(|| anyhow!("pin path without parent"))?;
+    std::os::unix::fs::symlink(parent, through.pin_path.join("via"))?;
+    let victim_name = victim_root
+        .pin_path
+        .file_name()
+        .ok_or_else(|| anyhow!("pin path without name"))?;
+    for pin_path in [
+        root.pin_path.clone(),
+        through.pin_path.join("via").join(victim_name),
+    ] {
+        let cfg = tmp.path().join("unpin.toml");
+        fs::write(
+            &cfg,
+            format!("[probes]\npin_path = \"{}\"\n", pin_path.display()),
+        )?;
+        let out = Command::new(agent_bin())
+            .arg("unpin")
+            .arg("--config")
+            .arg(&cfg)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "unpin of {} went ahead: {}",
+            pin_path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.contains("symlink"), "{err}");
+        assert_eq!(pinned_tree(&victim_root.pin_path)?, before);
+    }
+
+    // The victim's own agent finds its set whole and adopts it.
+    let victim = Agent::start_with(&victim_root, &victim_store, "", None)?;
+    let info = victim.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], true, "{info}");
+    assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
+    Ok(())
+}
+
+/// Where no bpffs is mounted, the agent mounts its own at /sys/fs/bpf, root's alone (bpffs's
+/// default is world-writable): run in a mount namespace of its own with the host's bpffs
+/// detached there, so the host's stays as it is.
+#[test]
+fn own_bpffs_mount_is_root_only() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !require_root("own_bpffs_mount_is_root_only") {
+        return Ok(());
+    }
+    if find_program("unshare").is_none() {
+        skipped("own_bpffs_mount_is_root_only", "needs unshare (util-linux)");
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let wrapper: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "umount -l /sys/fs/bpf && exec \"$0\" \"$@\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = Agent::start_under(&root, &tmp.path().join("store"), "", None, &wrapper)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert!(info["probes_pinned"].is_string(), "{info}");
+    assert!(
+        agent.log().contains("mounted bpffs at /sys/fs/bpf"),
+        "{}",
+        agent.log()
+    );
+    // The agent's view of /sys/fs/bpf, through its own root.
+    let mount = PathBuf::from(format!("/proc/{}/root/sys/fs/bpf", agent.pid()));
+    let mode = fs::metadata(&mount)?.mode() & 0o777;
+    assert_eq!(mode, 0o700, "{} mode {mode:o}", mount.display());
+    Ok(())
+}

@@ -793,7 +793,7 @@ async fn get_recommendation(
                     ("live" = "true")), description = "The function's live instances, this one among them")),
             )),
         (status = 404, description = "No such cgroup", body = ErrorBody),
-        (status = 409, description = "Bound already, or named by a path rule", body = ErrorBody),
+        (status = 409, description = "Bound already, named by a path rule, or removed and created again while being bound", body = ErrorBody),
         (status = 422, description = "Outside the watched roots", body = ErrorBody),
         (status = 507, description = "A function the agent does not know, and it knows store.max_functions functions already",
             body = ErrorBody),
@@ -852,7 +852,8 @@ async fn pool_command(
             BindError::Outside { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BindError::PathInstance { .. }
             | BindError::AlreadyBound { .. }
-            | BindError::NotBound { .. } => StatusCode::CONFLICT,
+            | BindError::NotBound { .. }
+            | BindError::Replaced { .. } => StatusCode::CONFLICT,
             BindError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             BindError::FunctionsFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         };

@@ -23,6 +23,17 @@ pub enum CgroupfsError {
     Parse { path: PathBuf, content: String },
     #[error("{path} is not strictly inside the watched root {root} (or is reached through a symlink); EMARS only writes to cgroups it manages")]
     OutsideRoot { path: PathBuf, root: PathBuf },
+    /// The directory at the path is not the cgroup asked for: that one was removed and
+    /// another created under its name (the id is the directory's inode).
+    #[error(
+        "{path} was removed and created again (cgroup id {found}, not {expected}): it is no \
+         longer the cgroup asked for"
+    )]
+    Replaced {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error("no memory controller found: {0}")]
     NoMemoryController(String),
     /// The cgroup exists but has no memory files: on v2 its parent's cgroup.subtree_control
@@ -199,39 +210,6 @@ impl MemoryHierarchy {
         Ok(keyed_value(&text, "oom_kill").unwrap_or(0))
     }
 
-    /// Starts a use of a pooled cgroup: resets the kernel's watermark so that it measures
-    /// this use alone (v1: a write to memory.max_usage_in_bytes; v2 from 6.12: a write to
-    /// memory.peak resets it for that descriptor, which is kept to read it through). A v2
-    /// kernel before 6.12 has no reset: the lifetime watermark then stands in.
-    pub fn reset_peak(&self, dir: &Path) -> Result<UsePeak> {
-        match self.version {
-            CgroupVersion::V1 => {
-                let path = dir.join("memory.max_usage_in_bytes");
-                fs::write(&path, "0").map_err(|e| CgroupfsError::io(&path, e))?;
-                Ok(UsePeak::V1)
-            }
-            CgroupVersion::V2 => {
-                let path = dir.join("memory.peak");
-                let opened = fs::OpenOptions::new().read(true).write(true).open(&path);
-                let mut f = match opened {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        return Err(CgroupfsError::io(&path, e))
-                    }
-                    Err(_) => return Ok(UsePeak::Lifetime),
-                };
-                match io::Write::write_all(&mut f, b"reset") {
-                    Ok(()) => Ok(UsePeak::V2(f)),
-                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
-                        Err(CgroupfsError::io(&path, e))
-                    }
-                    // EINVAL: memory.peak takes no writes before 6.12.
-                    Err(_) => Ok(UsePeak::Lifetime),
-                }
-            }
-        }
-    }
-
     /// How a use bound by an earlier agent goes on being read: v1's watermark was reset at
     /// that bind and is still the use's; v2's per-descriptor reset went with the old agent,
     /// so the use's peak is bounded by the lifetime watermark (not exact).
@@ -398,6 +376,38 @@ impl MemoryHierarchy {
             version: self.version,
         })
     }
+
+    /// A watched root itself, for probes that change nothing any other reader sees (the v2
+    /// per-descriptor watermark reset); the agent writes nothing into a root.
+    pub fn open_root(&self, root: &str) -> Result<CgroupDir> {
+        let path = self.dir(root);
+        let fd = rustix::fs::open(
+            &path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupfsError::io(&path, e.into()))?;
+        Ok(CgroupDir {
+            fd,
+            path,
+            version: self.version,
+        })
+    }
+
+    /// [`Self::open_below`], refused unless the directory's id is `id`: a cgroup removed and
+    /// created again under the same path is another cgroup ([`CgroupfsError::Replaced`]).
+    pub fn open_recorded(&self, root: &str, rel: &str, id: u64) -> Result<CgroupDir> {
+        let dir = self.open_below(root, rel)?;
+        let found = dir.id()?;
+        if found != id {
+            return Err(CgroupfsError::Replaced {
+                path: dir.path,
+                expected: id,
+                found,
+            });
+        }
+        Ok(dir)
+    }
 }
 
 impl CgroupDir {
@@ -465,6 +475,56 @@ impl CgroupDir {
         match r {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
             other => other,
+        }
+    }
+
+    /// Starts a use of a pooled cgroup: resets the kernel's watermark through this handle, so
+    /// that it measures this use alone (v1: a write to memory.max_usage_in_bytes; v2 from
+    /// 6.12: a write to memory.peak resets it for that descriptor, which is kept to read it
+    /// through). A v2 kernel before 6.12 has no reset: the lifetime watermark then stands in.
+    /// The directory removed since it was opened is [`CgroupfsError::Gone`]: nothing written.
+    pub fn reset_peak(&self) -> Result<UsePeak> {
+        let name = self.file("memory.max_usage_in_bytes", "memory.peak");
+        let path = self.path.join(name);
+        let gone = |e: io::Error| match e.raw_os_error() {
+            // A file missing in a directory that is still a cgroup: the controller is off.
+            Some(libc::ENOENT)
+                if rustix::fs::statat(&self.fd, "cgroup.procs", rustix::fs::AtFlags::empty())
+                    .is_ok() =>
+            {
+                CgroupfsError::ControllerOff { path: path.clone() }
+            }
+            // ENOENT: the directory is gone (its files with it); ENODEV: the kernfs node was
+            // removed while its file was open.
+            Some(libc::ENOENT) | Some(libc::ENODEV) => CgroupfsError::Gone {
+                path: self.path.clone(),
+            },
+            _ => CgroupfsError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        };
+        if self.version == CgroupVersion::V1 {
+            self.write(name, 0).map_err(gone)?;
+            return Ok(UsePeak::V1);
+        }
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) if e == rustix::io::Errno::NOENT => return Err(gone(e.into())),
+            // No memory.peak to reset (or not writable): the lifetime watermark stands in.
+            Err(_) => return Ok(UsePeak::Lifetime),
+        };
+        let mut f = fs::File::from(fd);
+        match io::Write::write_all(&mut f, b"reset") {
+            Ok(()) => Ok(UsePeak::V2(f)),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(gone(e)),
+            // EINVAL: memory.peak takes no writes before 6.12.
+            Err(_) => Ok(UsePeak::Lifetime),
         }
     }
 

@@ -190,6 +190,27 @@ pub struct AgentInfo {
     /// The cap on functions (`store.max_functions`) and the new names it refused.
     #[serde(default)]
     pub function_cap: FunctionCapInfo,
+    /// Set when the store could not be opened at this start because its database was
+    /// corrupt: it was moved aside and the agent runs on a fresh one.
+    #[serde(default)]
+    pub store_moved_aside: Option<StoreMovedAside>,
+}
+
+/// GET /v1/info → "store_moved_aside": a corrupt store moved aside at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoreMovedAside {
+    /// Where the old store is now (`<store.path>.corrupt-<unix seconds>`, beside it, mode
+    /// kept; its files as they were, sled's log as sled left it where sled failed after
+    /// writing to it).
+    pub path: String,
+    /// Why it could not be opened.
+    pub reason: String,
+    pub at_ms: u64,
+    /// The store moved aside had itself been started fresh after an earlier one was moved
+    /// aside: a second corruption in a row (check the disk).
+    pub again: bool,
+    /// Older moved-aside copies removed to keep at most three.
+    pub removed: Vec<String>,
 }
 
 /// GET /v1/info → "reactive".

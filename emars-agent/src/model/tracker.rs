@@ -37,8 +37,9 @@ pub trait Cgroups {
     fn cgroup_id(&self, dir: &Path) -> Option<u64>;
     /// The directory with cgroup id `id` below `dir`.
     fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf>;
-    /// Starts a use of a pooled cgroup (its watermark reset where the kernel can).
-    fn reset_peak(&self, _dir: &Path) -> Result<UsePeak, CgroupfsError> {
+    /// Starts a use of the pooled cgroup `rel_path` below the watched root `root`, whose id
+    /// must be `id` (its watermark reset where the kernel can).
+    fn reset_peak(&self, _root: &str, _rel_path: &str, _id: u64) -> Result<UsePeak, CgroupfsError> {
         Ok(UsePeak::Lifetime)
     }
     /// The peak of that use, and whether it is exact.
@@ -77,8 +78,11 @@ impl Cgroups for MemoryHierarchy {
     fn find_by_id(&self, dir: &Path, id: u64) -> Option<PathBuf> {
         cgroupfs::find_by_id(dir, id)
     }
-    fn reset_peak(&self, dir: &Path) -> Result<UsePeak, CgroupfsError> {
-        MemoryHierarchy::reset_peak(self, dir)
+    /// Through the directory opened below its root without following symlinks and checked to
+    /// be cgroup `id`, as the actuator writes limits: a cgroup removed and created again
+    /// under the same path since is refused, never reset.
+    fn reset_peak(&self, root: &str, rel_path: &str, id: u64) -> Result<UsePeak, CgroupfsError> {
+        self.open_recorded(root, rel_path, id)?.reset_peak()
     }
     fn use_peak(&self, dir: &Path, p: &mut UsePeak) -> Result<(u64, bool), CgroupfsError> {
         MemoryHierarchy::use_peak(self, dir, p)
@@ -132,6 +136,17 @@ pub enum BindError {
     },
     #[error("{path} is not bound")]
     NotBound { path: String },
+    /// The cgroup was removed and another created under its path between the request and
+    /// the bind: the new one is not bound and its watermark not reset.
+    #[error(
+        "{path} was removed and created again while it was being bound (cgroup id {found}, \
+         not {expected}): not bound, its watermark not reset; bind it again"
+    )]
+    Replaced {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
     /// The audit intent of the bind could not be made durable: nothing was done.
     #[error("not bound: {0}")]
     Unavailable(String),
@@ -517,10 +532,13 @@ impl<C: Cgroups> Tracker<C> {
 
     /// A pooled cgroup starts serving `function` as `instance` (POST /v1/bind): a new live
     /// instance record, its watermark reset so that its peak is this use's, and its function's
-    /// limits due like a new instance's. Returns its cgroup id.
+    /// limits due like a new instance's. `cgroup_id`: the id read when the bind was asked for;
+    /// a cgroup with another id at the path by now is refused ([`BindError::Replaced`]).
+    /// Returns its cgroup id.
     pub fn bind(
         &mut self,
         rel_path: &str,
+        cgroup_id: u64,
         function: &str,
         instance: &str,
         at_ms: u64,
@@ -536,6 +554,13 @@ impl<C: Cgroups> Tracker<C> {
             )));
         }
         let (id, dir) = self.pooled(rel_path)?;
+        if id != cgroup_id {
+            return Err(BindError::Replaced {
+                path: rel_path.to_owned(),
+                expected: cgroup_id,
+                found: id,
+            });
+        }
         // The platform says what the cgroup runs: no need to wait for a runtime's file.
         self.pending.remove(&id);
         if let Some(rec) = self.live.get(&id) {
@@ -556,11 +581,35 @@ impl<C: Cgroups> Tracker<C> {
             });
         }
         self.admit(function, at_ms)?;
+        let root = self
+            .registry
+            .roots()
+            .into_iter()
+            .find(|r| {
+                rel_path
+                    .strip_prefix(r.as_str())
+                    .is_some_and(|t| t.starts_with('/'))
+            })
+            .ok_or_else(|| BindError::Outside {
+                path: rel_path.to_owned(),
+            })?;
         let peak = self
             .cgroups
-            .reset_peak(&dir)
-            .map_err(|_| BindError::NotFound {
-                path: rel_path.to_owned(),
+            .reset_peak(&root, rel_path, id)
+            .map_err(|e| match e {
+                CgroupfsError::Replaced {
+                    expected, found, ..
+                } => BindError::Replaced {
+                    path: rel_path.to_owned(),
+                    expected,
+                    found,
+                },
+                CgroupfsError::OutsideRoot { .. } => BindError::Outside {
+                    path: rel_path.to_owned(),
+                },
+                _ => BindError::NotFound {
+                    path: rel_path.to_owned(),
+                },
             })?;
         let rec = InstanceRecord {
             function: function.to_owned(),
@@ -1359,7 +1408,7 @@ instance = "{id}"
             t.live_record(30).is_none(),
             "a pool slot is no instance by itself"
         );
-        let (id, fx) = t.bind("/emars/cg-1", "fa", "a1", 2_000).unwrap();
+        let (id, fx) = t.bind("/emars/cg-1", 30, "fa", "a1", 2_000).unwrap();
         assert_eq!(id, 30);
         assert!(
             matches!(
@@ -1376,7 +1425,7 @@ instance = "{id}"
         );
         t.enforced(30, None);
         assert!(matches!(
-            t.bind("/emars/cg-1", "fb", "b1", 2_100),
+            t.bind("/emars/cg-1", 30, "fb", "b1", 2_100),
             Err(BindError::AlreadyBound { .. })
         ));
         table.set_peak("/emars/cg-1", 100 * MIB);
@@ -1392,7 +1441,7 @@ instance = "{id}"
             Err(BindError::NotBound { .. })
         ));
         // The slot lives on: bound again, then removed while bound.
-        t.bind("/emars/cg-1", "fb", "b1", 4_000).unwrap();
+        t.bind("/emars/cg-1", 30, "fb", "b1", 4_000).unwrap();
         t.enforced(30, None);
         let fx = t.apply(rmdir(30), 5_000, 3);
         let b = saved(&fx);
@@ -1400,18 +1449,20 @@ instance = "{id}"
             (b[0].function.as_str(), b[0].ended_at_ms),
             ("fb", Some(5_000))
         );
-        for (path, want) in [
-            ("/emars/fn/i1", "path rules"),
-            ("/emars", "not inside"),
-            ("/other/x", "not inside"),
-            ("/emars/cg-9", "no cgroup"),
-            ("/emars/../x", "without . or .."),
+        for (path, id, want) in [
+            ("/emars/fn/i1", 31, "path rules"),
+            ("/emars", 1, "not inside"),
+            ("/other/x", 1, "not inside"),
+            ("/emars/cg-9", 1, "no cgroup"),
+            ("/emars/../x", 1, "without . or .."),
+            // Removed and created again (id 30 then) after the bind was asked for.
+            ("/emars/cg-1", 29, "removed and created again"),
         ] {
-            let e = t.bind(path, "fc", "c1", 6_000).unwrap_err();
+            let e = t.bind(path, id, "fc", "c1", 6_000).unwrap_err();
             assert!(e.to_string().contains(want), "{path}: {e}");
         }
         assert!(matches!(
-            t.bind("/emars/cg-1", "bad name", "c1", 6_000),
+            t.bind("/emars/cg-1", 30, "bad name", "c1", 6_000),
             Err(BindError::Invalid(_))
         ));
     }
@@ -1469,14 +1520,14 @@ instance = "{id}"
         );
         t.enforced(4, None);
         t.apply(mkdir(5, "/emars/cg-1"), 1_500, 6);
-        match t.bind("/emars/cg-1", "fnew", "x", 1_600) {
+        match t.bind("/emars/cg-1", 5, "fnew", "x", 1_600) {
             Err(e @ BindError::FunctionsFull(_)) => {
                 assert!(e.to_string().contains("store.max_functions = 2"), "{e}")
             }
             other => panic!("expected FunctionsFull, got {other:?}"),
         }
         assert!(t.live_record(5).is_none());
-        t.bind("/emars/cg-1", "fb", "x", 1_700).unwrap();
+        t.bind("/emars/cg-1", 5, "fb", "x", 1_700).unwrap();
         // The last run's live record: its function is known to the store, no question asked.
         let mut resumed = InstanceRecord {
             function: "fd".into(),

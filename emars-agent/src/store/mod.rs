@@ -85,6 +85,9 @@
 //! `quarantine` (nothing is lost when a later write reuses its key).
 
 pub mod journal;
+mod recover;
+
+pub use recover::KEEP_MOVED_ASIDE;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -200,6 +203,12 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the store at {path} is corrupt ({reason}) and could not be moved aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        reason: String,
+        source: std::io::Error,
+    },
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error(
@@ -231,6 +240,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "sled's log {path} ({bytes} bytes) holds none of the store's records: sled, which cuts \
+         a damaged log at its last whole record as it opens it, kept nothing of it"
+    )]
+    LogLost { path: PathBuf, bytes: u64 },
     #[error("cannot write the checkpoint {path}: {source}")]
     Checkpoint {
         path: PathBuf,
@@ -471,6 +485,8 @@ impl Store {
             .flush_every_ms(None);
         // The file lock of a handle just dropped (this process's, or an agent still exiting
         // while its successor starts) is released by sled's flusher thread a moment later.
+        // What sled's log held before sled opens it (see below).
+        let log_bytes = std::fs::metadata(path.join("db")).map_or(0, |m| m.len());
         let mut tries = 0;
         let db = loop {
             match config.open() {
@@ -499,6 +515,15 @@ impl Store {
                 Some(found)
             }
         };
+        // sled cuts a damaged log at its last whole record while it opens, and says nothing.
+        // A log that had bytes and kept not even the schema version (written at the first
+        // open) lost everything: that is corruption, not a new store.
+        if found.is_none() && log_bytes > 0 {
+            return Err(StoreError::LogLost {
+                path: path.join("db"),
+                bytes: log_bytes,
+            });
+        }
         let (journal, journaled) =
             journal::Journal::open(path).map_err(|source| StoreError::CreateDir {
                 path: path.join(journal::JOURNAL_FILE),

@@ -663,7 +663,7 @@ fn pin_all(
         }
     }
     if let Some(e) = failed {
-        pins.discard(&staging);
+        pins.discard();
         return (held, Err(e));
     }
     // The ring buffer, pinned once more, is the marker.
@@ -672,9 +672,9 @@ fn pin_all(
         None => Err("missing".into()),
     };
     match pins.publish(marker) {
-        Ok(()) => (held, Ok(pins.dir().display().to_string())),
+        Ok(()) => (held, Ok(pins.shown().display().to_string())),
         Err(e) => {
-            pins.discard(&staging);
+            pins.discard();
             (held, Err(format!("marking the set complete: {e}")))
         }
     }
@@ -689,9 +689,11 @@ fn adopt(
     hierarchy: i32,
     roots: &[String],
 ) -> Result<Probes, ProbeError> {
+    // Opened through the locked base directory's descriptor; said as configured.
     let dir = pins.dir();
+    let shown = pins.shown();
     let adopt_err = |message: String| ProbeError::Adopt {
-        dir: dir.display().to_string(),
+        dir: shown.display().to_string(),
         message,
     };
     let open = |name: &'static str| {
@@ -716,10 +718,10 @@ fn adopt(
     }
     plan.fallbacks(&mut report);
     report.adopted = true;
-    report.pinned = Some(dir.display().to_string());
+    report.pinned = Some(shown.display().to_string());
     tracing::info!(
         "adopted the kernel side pinned at {}: it kept recording while no agent ran",
-        dir.display()
+        shown.display()
     );
     let watched =
         HashMap::try_from(typed(names::WATCHED)?).map_err(|e| map_err(names::WATCHED, e))?;

@@ -8,12 +8,17 @@
 //! the agent's life: two agents never read one ring.
 
 use std::{
-    fs::File,
+    ffi::OsStr,
     os::{
-        fd::AsRawFd,
-        unix::fs::{MetadataExt as _, PermissionsExt as _},
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
     },
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
+};
+
+use rustix::{
+    fs::{AtFlags, FlockOperation, Mode, OFlags, ResolveFlags},
+    io::Errno,
 };
 
 /// Pinned last in a set's directory: the set is whole.
@@ -21,6 +26,12 @@ pub const COMPLETE: &str = "complete";
 
 /// statfs magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where bpffs is mounted when nothing is (the agent's own mount, root's alone).
+const BPF_MOUNT: &str = "/sys/fs/bpf";
+
+/// Deepest directory tree removed below the base (a pinned set is one level).
+const MAX_DEPTH: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -35,22 +46,35 @@ pub enum PinError {
     Busy(PathBuf),
     #[error("{path} belongs to uid {owner}, not to the agent: remove it, or set probes.pin_path")]
     NotOurs { path: PathBuf, owner: u32 },
+    #[error(
+        "{0} is a symlink, or is reached through one: the pin directory and the path to it are \
+         never followed through symlinks (another tool's pins could be behind it); remove it, \
+         or set probes.pin_path"
+    )]
+    Symlink(PathBuf),
+    #[error("{0}: probes.pin_path must be an absolute path without \"..\"")]
+    BadPath(PathBuf),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
-    move |source| PinError::Io {
-        path: path.to_owned(),
-        source,
+fn io(path: &Path) -> impl FnOnce(Errno) -> PinError + '_ {
+    move |e| match e {
+        // ELOOP: a symlink where a directory was expected; EXDEV: a ".." escape.
+        Errno::LOOP | Errno::XDEV => PinError::Symlink(path.to_owned()),
+        e => PinError::Io {
+            path: path.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
 /// The pinned set of this agent's identity, and the lock on the base directory.
 #[derive(Debug)]
 pub struct PinDir {
+    /// As configured: for messages only. Every operation goes through `fd`.
     base: PathBuf,
+    /// The base directory, opened without following symlinks; flocked while the agent runs.
+    fd: OwnedFd,
     identity: String,
-    /// Held while the agent runs (flock on the base directory).
-    _lock: File,
     /// A complete set of this identity was there: adopt it instead of loading.
     pub complete: bool,
     /// Sets of other identities (or an incomplete one of ours) that were removed.
@@ -60,48 +84,49 @@ pub struct PinDir {
 impl PinDir {
     /// Opens (creating) `base`, locks it, removes sets of other identities, and says whether a
     /// complete set of `identity` is there. `expected`: the file names a complete set holds.
+    ///
+    /// `base` and every directory on the way to it are opened one at a time without following
+    /// symlinks, and everything after that goes through the open descriptor: a symlink
+    /// planted at `/sys/fs/bpf/emars` (world-writable on many hosts) to another tool's pins
+    /// is refused, never chmodded or emptied.
     pub fn open(base: &Path, identity: &str, expected: &[String]) -> Result<PinDir, PinError> {
-        ensure_bpffs(base)?;
-        std::fs::create_dir_all(base).map_err(io(base))?;
-        // /sys/fs/bpf is often world-writable (sticky): a directory someone else made first
-        // is not ours to pin into.
-        let owner = std::fs::metadata(base).map_err(io(base))?.uid();
-        // SAFETY: geteuid has no preconditions.
-        if owner != unsafe { libc::geteuid() } {
-            return Err(PinError::NotOurs {
-                path: base.to_owned(),
-                owner,
-            });
-        }
+        ensure_bpffs_mounted(base);
+        let fd = open_base(base, true)?.ok_or_else(|| PinError::NotBpffs(base.to_owned()))?;
         // Ours alone: nobody else may open it, so nobody else can hold its lock (and keep
         // the agent from starting) or reach the pinned objects by path.
-        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700)).map_err(io(base))?;
-        let lock = lock(base)?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(io(base))?;
+        lock(&fd, base)?;
         let mut removed = Vec::new();
         let mut complete = false;
-        for entry in std::fs::read_dir(base).map_err(io(base))? {
-            let entry = entry.map_err(io(base))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name == identity && expected.iter().all(|f| path.join(f).exists()) {
+        for name in entries(&fd, base)? {
+            let text = name.to_string_lossy().into_owned();
+            if text == identity && holds_all(&fd, &name, expected) {
                 complete = true;
                 continue;
             }
             // Unpinning detaches its programs and frees its maps (no other holder).
-            remove(&path)?;
-            removed.push(name);
+            remove_at(fd.as_fd(), &name, &base.join(&name), 0)?;
+            removed.push(text);
         }
         Ok(PinDir {
             base: base.to_owned(),
+            fd,
             identity: identity.to_owned(),
-            _lock: lock,
             complete,
             removed,
         })
     }
 
-    /// Where the set lives once published.
+    /// Where the set lives once published, for pinning and opening its objects: reached
+    /// through the open base directory (`/proc/self/fd/N/<identity>`), never through the
+    /// configured path, which could be swapped after the checks.
     pub fn dir(&self) -> PathBuf {
+        use std::os::fd::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(&self.identity)
+    }
+
+    /// The set's directory as configured: what messages and GET /v1/info show.
+    pub fn shown(&self) -> PathBuf {
         self.base.join(&self.identity)
     }
 
@@ -109,12 +134,11 @@ impl PinDir {
     /// [`PinDir::publish`] has pinned its marker there (bpffs does not rename directories), so
     /// a set is either whole or removed by the next start.
     pub fn staging(&self) -> Result<PathBuf, PinError> {
-        let d = self.dir();
-        if d.exists() {
-            remove(&d)?;
-        }
-        std::fs::create_dir(&d).map_err(io(&d))?;
-        Ok(d)
+        let shown = self.shown();
+        remove_at(self.fd.as_fd(), OsStr::new(&self.identity), &shown, 0)?;
+        rustix::fs::mkdirat(&self.fd, self.identity.as_str(), Mode::from_raw_mode(0o700))
+            .map_err(io(&shown))?;
+        Ok(self.dir())
     }
 
     /// Marks the set complete: `pin_marker` pins some object of the set under the name given.
@@ -126,92 +150,214 @@ impl PinDir {
     }
 
     /// Drops a staging directory after a failed pin (its programs detach with it).
-    pub fn discard(&self, staging: &Path) {
-        if let Err(e) = remove(staging) {
-            tracing::warn!("removing {}: {e}", staging.display());
+    pub fn discard(&self) {
+        let shown = self.shown();
+        if let Err(e) = remove_at(self.fd.as_fd(), OsStr::new(&self.identity), &shown, 0) {
+            tracing::warn!("removing {}: {e}", shown.display());
         }
     }
 }
 
 /// Removes every pinned set under `base` (programs detach, maps are freed); refused while an
-/// agent holds the lock. Returns the names removed.
+/// agent holds the lock, and under the same rules as the agent's own open: no symlink on the
+/// way, on bpffs, the agent's user's directory. Returns the names removed.
 pub fn unpin_all(base: &Path) -> Result<Vec<String>, PinError> {
-    if !base.exists() {
+    let Some(fd) = open_base(base, false)? else {
         return Ok(Vec::new());
-    }
-    let _lock = lock(base)?;
+    };
+    lock(&fd, base)?;
     let mut removed = Vec::new();
-    for entry in std::fs::read_dir(base).map_err(io(base))? {
-        let entry = entry.map_err(io(base))?;
-        remove(&entry.path())?;
-        removed.push(entry.file_name().to_string_lossy().into_owned());
+    for name in entries(&fd, base)? {
+        remove_at(fd.as_fd(), &name, &base.join(&name), 0)?;
+        removed.push(name.to_string_lossy().into_owned());
     }
     Ok(removed)
 }
 
-fn lock(base: &Path) -> Result<File, PinError> {
-    let f = File::open(base).map_err(io(base))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            PinError::Busy(base.to_owned())
+/// Opens `base` one component at a time from `/`, never through a symlink (ELOOP is
+/// [`PinError::Symlink`]), creating what is missing when `create` (only on bpffs); then checks
+/// that it is on bpffs and belongs to the agent's user. None: it does not exist (`create`
+/// false).
+fn open_base(base: &Path, create: bool) -> Result<Option<OwnedFd>, PinError> {
+    if !base.is_absolute() {
+        return Err(PinError::BadPath(base.to_owned()));
+    }
+    let root = Path::new("/");
+    let mut fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io(root))?;
+    let mut at = PathBuf::from("/");
+    let names: Vec<&OsStr> = base
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Ok(n)),
+            Component::RootDir | Component::CurDir => None,
+            Component::ParentDir | Component::Prefix(_) => Some(Err(())),
+        })
+        .collect::<Result<_, ()>>()
+        .map_err(|()| PinError::BadPath(base.to_owned()))?;
+    for (i, name) in names.iter().enumerate() {
+        at.push(name);
+        // The base is read (listed, locked, chmodded); the directories on the way only walked.
+        let flags = if i + 1 == names.len() {
+            OFlags::RDONLY
         } else {
-            PinError::Io {
-                path: base.to_owned(),
-                source: e,
+            OFlags::PATH
+        };
+        fd = match open_child(fd.as_fd(), name, flags) {
+            Ok(child) => child,
+            Err(Errno::NOENT) if create => {
+                if !on_bpffs(&fd) {
+                    return Err(PinError::NotBpffs(base.to_owned()));
+                }
+                // The base is made 0700 below; directories on the way as `mkdir -p` would.
+                match rustix::fs::mkdirat(&fd, *name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io(&at)(e)),
+                }
+                open_child(fd.as_fd(), name, flags).map_err(io(&at))?
             }
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io(&at)(e)),
+        };
+    }
+    if !on_bpffs(&fd) {
+        return Err(PinError::NotBpffs(base.to_owned()));
+    }
+    // /sys/fs/bpf is often world-writable (sticky): a directory someone else made first is
+    // not ours to pin into.
+    let owner = rustix::fs::fstat(&fd).map_err(io(base))?.st_uid;
+    if owner != rustix::process::geteuid().as_raw() {
+        return Err(PinError::NotOurs {
+            path: base.to_owned(),
+            owner,
         });
     }
-    Ok(f)
+    Ok(Some(fd))
 }
 
-fn remove(path: &Path) -> Result<(), PinError> {
-    let r = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    match r {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
-        _ => Ok(()),
+/// One directory below `dir`, not through a symlink (not even the last component) and not
+/// outside it.
+/// RESOLVE_NO_SYMLINKS covers the last component too (ELOOP); O_NOFOLLOW is left out because
+/// with O_DIRECTORY it turns a symlink into ENOTDIR.
+fn open_child(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat2(
+        dir,
+        name,
+        flags | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+// f_type's integer type differs between architectures.
+#[allow(clippy::unnecessary_cast)]
+fn on_bpffs(fd: &OwnedFd) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn lock(fd: &OwnedFd, base: &Path) -> Result<(), PinError> {
+    rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive).map_err(|e| match e {
+        Errno::WOULDBLOCK => PinError::Busy(base.to_owned()),
+        e => io(base)(e),
+    })
+}
+
+/// The names in a directory (without `.` and `..`).
+fn entries(fd: &OwnedFd, path: &Path) -> Result<Vec<std::ffi::OsString>, PinError> {
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(fd).map_err(io(path))? {
+        let entry = entry.map_err(io(path))?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(OsStr::from_bytes(name).to_owned());
+        }
     }
+    Ok(out)
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+/// Whether the set `name` under `base` holds every file of `expected` (looked up without
+/// following symlinks).
+fn holds_all(base: &OwnedFd, name: &OsStr, expected: &[String]) -> bool {
+    let Ok(set) = open_child(base.as_fd(), name, OFlags::PATH) else {
         return false;
     };
-    // SAFETY: statfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+    expected
+        .iter()
+        .all(|f| rustix::fs::statat(&set, f.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok())
 }
 
-/// `base` must lie on bpffs: mounts it at /sys/fs/bpf when nothing is mounted there (hosts
-/// without systemd, minimal VMs).
-fn ensure_bpffs(base: &Path) -> Result<(), PinError> {
-    let mount = Path::new("/sys/fs/bpf");
-    let mut probe = base.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
+/// Removes `name` from the directory `dir`, with everything below it when it is a directory,
+/// relative to the open descriptors all the way (a symlink is removed, never followed). A
+/// name already gone is no error. `shown`: its path, for errors.
+fn remove_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    depth: usize,
+) -> Result<(), PinError> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => return Ok(()),
+        // Linux answers EISDIR for a directory.
+        Err(Errno::ISDIR) if depth < MAX_DEPTH => {}
+        Err(e) => return Err(io(shown)(e)),
     }
-    if is_bpffs(&probe) {
-        return Ok(());
+    let sub = match open_child(dir, name, OFlags::RDONLY) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(io(shown)(e)),
+    };
+    for entry in entries(&sub, shown)? {
+        remove_at(sub.as_fd(), &entry, &shown.join(&entry), depth + 1)?;
     }
-    if base.starts_with(mount) && !is_bpffs(mount) {
-        let _ = std::fs::create_dir_all(mount);
-        let (src, dst, fs) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: plain mount(2) with constant strings.
-        let rc =
-            unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-        if rc == 0 && is_bpffs(mount) {
-            tracing::info!("mounted bpffs at /sys/fs/bpf");
-            return Ok(());
-        }
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(io(shown)(e)),
     }
-    Err(PinError::NotBpffs(base.to_owned()))
+}
+
+/// `base` below /sys/fs/bpf, where nothing is mounted (hosts without systemd, minimal VMs):
+/// mounts bpffs there, mode 0700 (bpffs's own default is world-writable and sticky), so the
+/// agent's own mount is root's alone. Nothing to do elsewhere; [`open_base`] then checks
+/// that `base` lies on bpffs.
+fn ensure_bpffs_mounted(base: &Path) {
+    let mount = Path::new(BPF_MOUNT);
+    if !base.starts_with(mount) {
+        return;
+    }
+    let opened = rustix::fs::open(
+        mount,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    );
+    if opened.as_ref().is_ok_and(on_bpffs) {
+        return;
+    }
+    if opened.is_err() {
+        let _ = std::fs::create_dir(mount);
+    }
+    let (src, dst, fs, data) = (c"bpf", c"/sys/fs/bpf", c"bpf", c"mode=0700");
+    // SAFETY: plain mount(2) with constant NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fs.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        tracing::info!("mounted bpffs at /sys/fs/bpf (mode 0700)");
+    } else {
+        tracing::warn!(
+            "mounting bpffs at /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// FNV-1a: a stable hash (std's may change between Rust versions) naming a pinned set.
