@@ -482,6 +482,20 @@ pub fn render_info(v: &AgentInfo) -> String {
             cap.refused, cap.max_functions
         );
     }
+    if let Some(m) = &v.store_moved_aside {
+        let _ = writeln!(
+            out,
+            "  !! store:         corrupt at this start ({}), moved aside to {}{}; this agent \
+             started on a fresh one",
+            clean(&m.reason),
+            clean(&m.path),
+            if m.again {
+                " (the second time in a row: check the disk)"
+            } else {
+                ""
+            }
+        );
+    }
     let r = &v.reactive;
     let ms = |us: Option<u64>| {
         us.map_or_else(|| "-".to_owned(), |u| format!("{:.2}", u as f64 / 1000.0))
@@ -987,7 +1001,22 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
         };
         info.features.insert("btf".into(), true);
         info.features.insert("memory.peak\x1b[31m".into(), false);
+        assert!(!render_info(&info).contains("!! store"));
+        info.store_moved_aside = Some(crate::model::StoreMovedAside {
+            path: "/var/lib/emars/store.corrupt-1700000000".into(),
+            reason: "sled: corrupted log".into(),
+            at_ms: 1_700_000_000_000,
+            again: true,
+            removed: Vec::new(),
+        });
         let out = render_info(&info);
+        assert!(
+            out.contains(
+                "!! store:         corrupt at this start (sled: corrupted log), moved aside to \
+                 /var/lib/emars/store.corrupt-1700000000 (the second time in a row: check the disk)"
+            ),
+            "{out}"
+        );
         assert!(out.starts_with("EMARS agent 0.1.0\n"), "{out}");
         assert!(
             out.contains("  started:          2023-11-14 22:13:20 UTC\n"),
