@@ -282,6 +282,8 @@ struct Plan {
     usage: u64,
     new: LimitRequest,
     raised: bool,
+    /// The instance's key.
+    key: InstanceKey,
     /// The container runtime's limit, when it bounds this write: no file goes above it.
     cap: Option<u64>,
     /// The request was bounded by `cap`.
@@ -349,20 +351,7 @@ impl Actuator {
                 "memory.max was written by another since the agent's last write: the runtime's \
                  limit from now on"
             );
-            let kept = match current_max {
-                Some(bytes) => {
-                    self.last_max().insert(key, bytes);
-                    let source = RuntimeLimitSource::LaterWrite;
-                    self.audit.keep_state(key, &RuntimeLimit { bytes, source })
-                }
-                None => {
-                    self.last_max().remove(&key);
-                    self.audit.forget_state::<RuntimeLimit>(key)
-                }
-            };
-            if let Err(e) = kept {
-                tracing::error!("keeping the runtime limit of {}: {e}", inst.cgroup_path);
-            }
+            self.keep_runtime_limit(key, current_max);
             return current_max;
         }
         match self.audit.kept_state::<RuntimeLimit>(key) {
@@ -372,6 +361,55 @@ impl Actuator {
                 None
             }
         }
+    }
+
+    /// Keeps `limit`, written by another than the agent, as the instance's runtime limit (none:
+    /// the limit was lifted).
+    fn keep_runtime_limit(&self, key: InstanceKey, limit: Option<u64>) {
+        let kept = match limit {
+            Some(bytes) => {
+                self.last_max().insert(key, bytes);
+                let source = RuntimeLimitSource::LaterWrite;
+                self.audit.keep_state(key, &RuntimeLimit { bytes, source })
+            }
+            None => {
+                self.last_max().remove(&key);
+                self.audit.forget_state::<RuntimeLimit>(key)
+            }
+        };
+        if let Err(e) = kept {
+            tracing::error!("keeping the runtime limit of cgroup {}: {e}", key.1);
+        }
+    }
+
+    /// Right before memory.max is written: whether another wrote it since the write was
+    /// planned from `planned_from` (a runtime writing its limit after the mkdir while this
+    /// write was being made durable), to a value below `v`. That value is the runtime's limit
+    /// from then on, and `v` is not written.
+    fn written_by_another(
+        &self,
+        dir: &CgroupDir,
+        key: InstanceKey,
+        planned_from: Option<u64>,
+        v: u64,
+    ) -> Result<bool, ActuatorError> {
+        if self.override_runtime_limits {
+            return Ok(false);
+        }
+        let now = dir.limits()?.max_bytes;
+        let ours = self.last_max().get(&key).copied();
+        if same_limit(now, planned_from) || (ours.is_some() && same_limit(now, ours)) {
+            return Ok(false);
+        }
+        tracing::info!(
+            cgroup = %dir.path().display(),
+            planned_from = ?planned_from,
+            now = ?now,
+            "memory.max was written by another while this write was made durable: the \
+             runtime's limit from now on"
+        );
+        self.keep_runtime_limit(key, now);
+        Ok(now.is_some_and(|now| v > now))
     }
 
     /// Forgets what it noted of an instance that ended.
@@ -714,6 +752,7 @@ impl Actuator {
             usage,
             new,
             raised,
+            key: (inst.started_at_ms, inst.cgroup_id),
             cap,
             clamped,
         })
@@ -800,6 +839,7 @@ impl Actuator {
             mut usage,
             new,
             mut raised,
+            key,
             cap,
             ..
         } = plan;
@@ -818,9 +858,11 @@ impl Actuator {
                 // A raised high never goes above the max in force.
                 v = max_now.map_or(v, |m| v.min(m));
             }
-            if cap.is_some_and(|c| v > c) {
-                // Usage grew past the runtime's limit less headroom since the plan: the file
-                // keeps what it holds.
+            if cap.is_some_and(|c| v > c)
+                || (is_max && self.written_by_another(&dir, key, old.max_bytes, v)?)
+            {
+                // Usage grew past the runtime's limit less headroom since the plan, or the
+                // runtime wrote a lower one meanwhile: the file keeps what it holds.
                 audit.clamped_by = Some("runtime_limit".to_owned());
                 continue;
             }
@@ -1099,6 +1141,114 @@ mod tests {
         let w = f.write(&f.inst, req(64 << 20, 40 << 20), BelowUsage::Raise);
         assert_eq!(w.audit.outcome, outcome::OK);
         assert_eq!(f.audit().len(), 2);
+    }
+
+    /// The limit a container's runtime gave it bounds every write: memory.max clamped to it,
+    /// memory.high keeping its ratio, the audit saying so; a write left with nothing to change
+    /// is still recorded; `override_runtime_limits` lifts it.
+    #[test]
+    fn the_runtime_limit_is_a_ceiling() {
+        use crate::model::kept::{RuntimeLimit, RuntimeLimitSource};
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let inst = record(&f.inst);
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        let limit = RuntimeLimit {
+            bytes: 64 << 20,
+            source: RuntimeLimitSource::Metadata,
+        };
+        f.store.keep_state(key, &limit).unwrap();
+        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "new_instance", None);
+        let a = w.result.unwrap();
+        assert_eq!(a.new.max_bytes, Some(64 << 20));
+        assert_eq!(a.new.high_bytes, Some(48 << 20), "the ratio kept");
+        assert_eq!(read(&f.inst.join("memory.max")), "67108864");
+        assert_eq!(w.audit.clamped_by.as_deref(), Some("runtime_limit"));
+        assert_eq!(w.audit.requested.unwrap().max_bytes, Some(256 << 20));
+        assert_eq!(f.audit()[0], w.audit);
+        // Asked again: nothing to write, and yet the record says why it is not the function's.
+        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
+        assert_eq!(w.audit.outcome, outcome::UNCHANGED);
+        assert_eq!(f.audit().len(), 2);
+        assert_eq!(f.audit()[0].clamped_by.as_deref(), Some("runtime_limit"));
+        // Within the limit: untouched, and no clamp said.
+        let w = f.act.write(&inst, req(32 << 20, 24 << 20), BelowUsage::Refuse, "api", None);
+        assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
+        assert_eq!(read(&f.inst.join("memory.max")), "33554432");
+        // A hold asked alone above it goes no higher either.
+        let high = LimitRequest {
+            max_bytes: None,
+            high_bytes: Some(100 << 20),
+        };
+        let w = f.act.write(&inst, high, BelowUsage::Raise, "release", None);
+        assert_eq!(w.result.unwrap().new.high_bytes, Some(64 << 20));
+        // Overridden: the function's limit is written.
+        let mut over = fake(CgroupVersion::V1, 10 << 20);
+        over.act = Actuator::new(
+            over.act.hierarchy.clone(),
+            &["/emars".to_owned()],
+            8 << 20,
+            true,
+            over.store.clone(),
+        )
+        .overriding_runtime_limits(true);
+        over.act.host_memory = 1 << 30;
+        let inst = record(&over.inst);
+        over.store
+            .keep_state((inst.started_at_ms, inst.cgroup_id), &limit)
+            .unwrap();
+        let w = over.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
+        assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
+        assert_eq!(read(&over.inst.join("memory.limit_in_bytes")), "268435456");
+    }
+
+    /// A runtime that writes its limit after the agent's own write (runc writes it after the
+    /// mkdir, which the agent answers at once): seen at the next write, and kept as the
+    /// runtime's limit from then on.
+    #[test]
+    fn a_limit_written_by_another_after_the_agent_is_the_runtime_limit() {
+        use crate::model::kept::{RuntimeLimit, RuntimeLimitSource};
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let inst = record(&f.inst);
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        f.act
+            .write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "new_instance", None)
+            .result
+            .unwrap();
+        // Nobody else wrote: no runtime limit.
+        assert_eq!(f.act.runtime_limit(&inst, Some(256 << 20)), None);
+        fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
+        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
+        assert_eq!(w.audit.clamped_by.as_deref(), Some("runtime_limit"), "{w:?}");
+        assert_eq!(read(&f.inst.join("memory.max")).trim(), "67108864");
+        assert_eq!(read(&f.inst.join("memory.high")), "50331648", "the ratio kept");
+        assert_eq!(
+            f.store.kept_state::<RuntimeLimit>(key).unwrap(),
+            Some(RuntimeLimit {
+                bytes: 64 << 20,
+                source: RuntimeLimitSource::LaterWrite
+            })
+        );
+        // Its own writes below the limit are its own: the limit stays.
+        f.act
+            .write(&inst, req(32 << 20, 24 << 20), BelowUsage::Raise, "api", None)
+            .result
+            .unwrap();
+        assert_eq!(f.act.runtime_limit(&inst, Some(32 << 20)), Some(64 << 20));
+        // The instance ended: what was noted of it goes.
+        f.act.forget(&inst);
+        assert_eq!(f.act.runtime_limit(&inst, Some(1 << 20)), Some(64 << 20));
+    }
+
+    /// A write its caller decided against is recorded as refused, with why.
+    #[test]
+    fn a_refusal_of_the_caller_is_recorded() {
+        let f = fake(CgroupVersion::V2, 0);
+        let inst = record(&f.inst);
+        let a = f.act.refused(&inst, "burst", "at the ceiling 128 MiB", Some("memory.events"));
+        assert_eq!(a.outcome, outcome::REFUSED);
+        assert_eq!(f.audit(), vec![a]);
+        assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 1);
+        assert_eq!(read(&f.inst.join("memory.max")), "max");
     }
 
     #[test]

@@ -2359,6 +2359,76 @@ mod tests {
         check::<Store>();
     }
 
+    /// What is kept of a live instance survives a reopen (clean or not), goes when the
+    /// instance ends, and an open drops entries of instances that are not live and moves
+    /// aside values that do not decode.
+    #[test]
+    fn kept_state_lives_and_ends_with_its_instance() {
+        use crate::model::kept::RuntimeLimitSource;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let hold = SqueezeHold {
+            before: Limits {
+                max_bytes: Some(64 * MIB),
+                high_bytes: Some(48 * MIB),
+            },
+            hold_bytes: 12 * MIB,
+            taken_at_ms: 1_500,
+        };
+        let watch = BurstWatch {
+            ceiling_bytes: 128 * MIB,
+            base_bytes: 32 * MIB,
+            since_ms: 1_200,
+        };
+        let limit = RuntimeLimit {
+            bytes: 64 * MIB,
+            source: RuntimeLimitSource::Metadata,
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            for (started, id) in [(1_000, 7), (1_001, 8)] {
+                s.put_instance(&rec("f", started, id)).unwrap();
+                s.keep_state((started, id), &hold).unwrap();
+                s.keep_state((started, id), &watch).unwrap();
+            }
+            s.keep_state((1_000, 7), &limit).unwrap();
+            assert_eq!(s.kept_state::<SqueezeHold>((1_000, 7)).unwrap(), Some(hold));
+            assert_eq!(s.kept_state::<RuntimeLimit>((1_001, 8)).unwrap(), None);
+            // Another instance on the same cgroup id (inode reused) has nothing kept.
+            assert_eq!(s.kept_state::<SqueezeHold>((2_000, 7)).unwrap(), None);
+            s.forget_state::<BurstWatch>((1_001, 8)).unwrap();
+            // A write that raced the end of an instance never recorded as live.
+            s.keep_state((3_000, 9), &hold).unwrap();
+            // As a crash leaves it: no checkpoint, sled's own flush at drop.
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.kept_state::<SqueezeHold>((3_000, 9)).unwrap(), None, "orphan dropped");
+        let mut holds = s.kept_states::<SqueezeHold>().unwrap();
+        holds.sort_by_key(|(k, _)| *k);
+        assert_eq!(holds, vec![((1_000, 7), hold), ((1_001, 8), hold)]);
+        assert_eq!(s.kept_states::<BurstWatch>().unwrap(), vec![((1_000, 7), watch)]);
+        assert_eq!(s.kept_state::<RuntimeLimit>((1_000, 7)).unwrap(), Some(limit));
+        // The instance ends: everything kept of it goes, the other's stays.
+        let mut ended = rec("f", 1_000, 7);
+        ended.ended_at_ms = Some(5_000);
+        s.put_instance(&ended).unwrap();
+        assert_eq!(s.kept_state::<SqueezeHold>((1_000, 7)).unwrap(), None);
+        assert_eq!(s.kept_state::<RuntimeLimit>((1_000, 7)).unwrap(), None);
+        assert_eq!(s.kept_states::<SqueezeHold>().unwrap().len(), 1);
+        // A value that does not decode is an error to read, and moved aside at the next open.
+        s.instance_state
+            .insert(state_key((1_001, 8), BurstWatch::KIND), &[FORMAT_V2, 0xff][..])
+            .unwrap();
+        assert!(s.kept_state::<BurstWatch>((1_001, 8)).is_err());
+        s.checkpoint().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.kept_state::<BurstWatch>((1_001, 8)).unwrap(), None);
+        assert_eq!(s.corrupt_at_open(), 1);
+        assert_eq!(s.raw_tree(TREE_QUARANTINE).len(), 1);
+        assert_eq!(s.kept_state::<SqueezeHold>((1_001, 8)).unwrap(), Some(hold));
+    }
+
     #[test]
     fn put_instance_upserts() {
         let (_d, s) = open_tmp();
