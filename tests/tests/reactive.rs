@@ -189,10 +189,11 @@ fn audited(agent: &Agent, reason: &str) -> anyhow::Result<Vec<Value>> {
         .unwrap_or_default())
 }
 
-/// A function with no recommendation, given 32 MiB through the API: the burst guard's ceiling
-/// is set once, at ceiling_factor (4) x 32 MiB, when it starts watching, and its own raises
-/// never move it. A grower heading for 4 GiB is raised step by step to 128 MiB, refused there
-/// (audited once, with why) and OOM-killed at that limit.
+/// A function with no recommendation (first seen after the agent's first generation), given
+/// 32 MiB through the API: the burst guard's ceiling is set once, at ceiling_factor (4) x 32
+/// MiB, when it starts watching, and its own raises never move it. A grower heading for 4 GiB
+/// is raised step by step to 128 MiB, refused there (audited once, with why) and OOM-killed at
+/// that limit.
 #[test]
 fn the_burst_ceiling_does_not_move_with_the_guards_own_raises() -> anyhow::Result<()> {
     const TEST: &str = "the_burst_ceiling_does_not_move_with_the_guards_own_raises";
@@ -201,12 +202,21 @@ fn the_burst_ceiling_does_not_move_with_the_guards_own_raises() -> anyhow::Resul
     }
     let root = TestRoot::new()?;
     let agent = start(&root, "enabled = true")?;
+    // The generation at start-up is done: "unsized" gets no recommendation until its
+    // instance ends or the next period.
+    wait_for(Duration::from_secs(5), || {
+        let g = agent.get_ok("/v1/generations").ok()?;
+        (g["generations"].as_array()?.len() == 1).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("no generation at start-up:\n{}", agent.log()))?;
     let dir = root.instance_dir("unsized", "g")?;
     let mut cmd = Command::new(alloc_bin());
     cmd.args(["--mib", "4096", "--step-mib", "16", "--rate-mib-s", "32"]);
     cmd.args(["--delay-ms", &(2000 * time_scale()).to_string()]);
     let mut child = spawn_in(&dir, cmd)?;
     agent.wait_live("unsized", "g")?;
+    let (s, b) = agent.get("/v1/functions/unsized/limits")?;
+    assert_eq!(s, 404, "a recommendation: {b}");
     let (s, b) = agent.post_raw(
         "/v1/functions/unsized/instances/g/limits",
         "application/json",
@@ -602,7 +612,8 @@ fn pressure(
         idle.push(dir);
     }
     for dir in &idle {
-        wait_for(Duration::from_secs(10), || {
+        // Writing and syncing 3 x 40 MiB takes seconds on a busy disk.
+        wait_for(Duration::from_secs(30), || {
             (root.hierarchy.usage(dir).ok()? >= 46 * MIB).then_some(())
         })
         .ok_or_else(|| anyhow::anyhow!("{} did not fill its cache", dir.display()))?;
