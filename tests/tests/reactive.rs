@@ -517,7 +517,7 @@ fn squeeze_holds_survive_a_kill_and_are_released_on_schedule() -> anyhow::Result
     let store = tmp.path().join("store");
     // The first agent would keep the holds for ten minutes.
     let agent = start_on(&root, &store, &settings(600))?;
-    let (_, holds, children) = pressure(&root, &agent, &disk, true)?;
+    let (holds, children) = squeeze_three(&root, &agent, &disk)?;
     let written = audited(&agent, "pressure")?;
     let page = |v: Option<u64>| v.map(|v| v / 4096);
     for (dir, before) in &holds {
@@ -577,14 +577,15 @@ fn squeeze_holds_survive_a_kill_and_are_released_on_schedule() -> anyhow::Result
 /// MiB above what is in use with the caches full. Returns each idle instance's usage (MiB) once the busy one
 /// finished, each idle cgroup with its hold before the squeeze, and the idle processes (still
 /// running: the caller stops them with [`stop_cache_holders`]).
+/// Three instances of "idler" with history (8 MiB heap, 40 MiB of clean page cache; their
+/// limits from it), then three more that stay: each cgroup with the hold (memory.high, soft
+/// limit) it got at mkdir, before any squeeze, and the processes.
 #[allow(clippy::type_complexity)]
-fn pressure(
+fn idle_instances(
     root: &TestRoot,
     agent: &Agent,
     disk: &std::path::Path,
-    squeeze: bool,
 ) -> anyhow::Result<(
-    Vec<u64>,
     Vec<(std::path::PathBuf, Option<u64>)>,
     Vec<std::process::Child>,
 )> {
@@ -596,12 +597,10 @@ fn pressure(
         fs::remove_dir(&dir)?;
     }
     agent.wait_ended("idler", 3)?;
-    let mut idle = Vec::new();
     let mut children = Vec::new();
     let mut holds = Vec::new();
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("i{i}"))?;
-        // The hold it got at mkdir (memory.high / soft limit), before any squeeze.
         let high = wait_for(Duration::from_secs(5), || {
             root.hierarchy.max_limit(&dir)?;
             root.hierarchy.high_limit(&dir)
@@ -609,8 +608,65 @@ fn pressure(
         .ok_or_else(|| anyhow::anyhow!("no limits at mkdir:\n{}", agent.log()))?;
         holds.push((dir.clone(), Some(high)));
         children.push(spawn_in(&dir, idle_cmd(600_000))?);
-        idle.push(dir);
     }
+    Ok((holds, children))
+}
+
+/// The three idle instances of [`idle_instances`] squeezed and held at once: a busy instance
+/// grows into a limit on their parent, as in [`pressure`] (a squeeze set off earlier by the
+/// host's own reclaim, other work on the machine, does as well). Returns each idle cgroup with
+/// its hold from before any squeeze, and the idle processes.
+#[allow(clippy::type_complexity)]
+fn squeeze_three(
+    root: &TestRoot,
+    agent: &Agent,
+    disk: &std::path::Path,
+) -> anyhow::Result<(
+    Vec<(std::path::PathBuf, Option<u64>)>,
+    Vec<std::process::Child>,
+)> {
+    let (holds, children) = idle_instances(root, agent, disk)?;
+    for c in &children {
+        let file = disk.join(format!("emars-alloc-{}.cache", c.id()));
+        wait_for(Duration::from_secs(30), || {
+            (fs::metadata(&file).ok()?.len() >= 40 * MIB).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{} not written", file.display()))?;
+    }
+    let info = |key: &str, n: u64| {
+        wait_for(Duration::from_secs(20), || {
+            let info = agent.get_ok("/v1/info").ok()?;
+            (info["reactive"][key] == n).then_some(())
+        })
+    };
+    info("idle_now", 3).ok_or_else(|| anyhow::anyhow!("not idle:\n{}", agent.log()))?;
+    let in_use = root.hierarchy.usage(&root.dir)?;
+    root.hierarchy.set_limit(&root.dir, in_use + 24 * MIB)?;
+    let busy = root.instance_dir("busy", "b")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", "64", "--rate-mib-s", "32", "--hold-ms", "500"]);
+    // Killed when the host's reclaim took the idle caches first: the pressure came all the same.
+    spawn_in(&busy, cmd)?.wait()?;
+    let held = info("squeezed_now", 3);
+    root.hierarchy.clear_limit(&root.dir)?;
+    fs::remove_dir(&busy)?;
+    held.ok_or_else(|| anyhow::anyhow!("not all three held:\n{}", agent.log()))?;
+    Ok((holds, children))
+}
+
+#[allow(clippy::type_complexity)]
+fn pressure(
+    root: &TestRoot,
+    agent: &Agent,
+    disk: &std::path::Path,
+    squeeze: bool,
+) -> anyhow::Result<(
+    Vec<u64>,
+    Vec<(std::path::PathBuf, Option<u64>)>,
+    Vec<std::process::Child>,
+)> {
+    let (holds, children) = idle_instances(root, agent, disk)?;
+    let idle: Vec<std::path::PathBuf> = holds.iter().map(|(d, _)| d.clone()).collect();
     for dir in &idle {
         // Writing and syncing 3 x 40 MiB takes seconds on a busy disk.
         wait_for(Duration::from_secs(30), || {
