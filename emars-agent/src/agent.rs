@@ -88,14 +88,16 @@ pub async fn run(
         tracing::warn!("fallback: {f}");
     }
 
-    let actuator = Arc::new(Actuator::new(
-        hierarchy.clone(),
-        &roots,
-        config.policy.headroom_bytes,
-        config.policy.mode == crate::config::EnforceMode::Enforce,
-        store.clone(),
-    )
-    .overriding_runtime_limits(config.policy.override_runtime_limits));
+    let actuator = Arc::new(
+        Actuator::new(
+            hierarchy.clone(),
+            &roots,
+            config.policy.headroom_bytes,
+            config.policy.mode == crate::config::EnforceMode::Enforce,
+            store.clone(),
+        )
+        .overriding_runtime_limits(config.policy.override_runtime_limits),
+    );
     match actuator.close_interrupted() {
         Ok(0) => {}
         Ok(n) => {

@@ -185,7 +185,12 @@ fn audited(agent: &Agent, reason: &str) -> anyhow::Result<Vec<Value>> {
     let audit = agent.get_ok("/v1/audit")?;
     Ok(audit["audit"]
         .as_array()
-        .map(|a| a.iter().filter(|r| r["reason"] == reason).cloned().collect())
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["reason"] == reason)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default())
 }
 
@@ -245,13 +250,20 @@ fn the_burst_ceiling_does_not_move_with_the_guards_own_raises() -> anyhow::Resul
     println!("raises (newest first): {raises:?}");
     assert_eq!(raises.first(), Some(&ceiling), "{bursts:?}");
     assert!(raises.iter().all(|m| *m <= ceiling), "{bursts:?}");
-    let refused: Vec<&Value> = bursts.iter().filter(|r| r["outcome"] == "refused").collect();
+    let refused: Vec<&Value> = bursts
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .collect();
     assert_eq!(refused.len(), 1, "said once: {bursts:?}");
     let why = refused[0]["error"].as_str().unwrap_or("");
     assert!(why.starts_with("at the ceiling 128 MiB"), "{}", refused[0]);
     assert_eq!(refused[0]["instance"], "g");
     let info = agent.get_ok("/v1/info")?;
-    assert!(info["reactive"]["denied"].as_u64() >= Some(1), "{}", info["reactive"]);
+    assert!(
+        info["reactive"]["denied"].as_u64() >= Some(1),
+        "{}",
+        info["reactive"]
+    );
     Ok(())
 }
 
@@ -292,16 +304,27 @@ fn a_restarted_agent_rescues_a_burst_in_an_instance_of_the_last_run() -> anyhow:
         agent.log()
     );
     let mut cmd = Command::new(alloc_bin());
-    cmd.args(["--mib", &(max * 3 / 2 / MIB).to_string(), "--rate-mib-s", "32"]);
+    cmd.args([
+        "--mib",
+        &(max * 3 / 2 / MIB).to_string(),
+        "--rate-mib-s",
+        "32",
+    ]);
     let finished = spawn_in(&dir, cmd)?.wait()?.success();
     fs::remove_dir(&dir)?;
-    assert!(finished, "killed at {max} bytes after the restart:\n{}", agent.log());
+    assert!(
+        finished,
+        "killed at {max} bytes after the restart:\n{}",
+        agent.log()
+    );
     let raises: Vec<Value> = audited(&agent, "burst")?
         .into_iter()
         .filter(|r| r["instance"] == "grower" && r["outcome"] == "ok")
         .collect();
     assert!(!raises.is_empty(), "no raise:\n{}", agent.log());
-    assert!(raises.iter().all(|r| r["new"]["max_bytes"].as_u64() > Some(max)));
+    assert!(raises
+        .iter()
+        .all(|r| r["new"]["max_bytes"].as_u64() > Some(max)));
     let grower = agent
         .wait_ended("bursty", 6)?
         .into_iter()
@@ -527,7 +550,10 @@ fn squeeze_holds_survive_a_kill_and_are_released_on_schedule() -> anyhow::Result
             .find(|r| r["instance"] == name && r["written"]["high_bytes"].is_u64())
             .and_then(|r| r["written"]["high_bytes"].as_u64())
             .ok_or_else(|| anyhow::anyhow!("no hold written into {name}: {written:?}"))?;
-        assert!(Some(hold) < *before, "{name}: hold {hold}, before {before:?}");
+        assert!(
+            Some(hold) < *before,
+            "{name}: hold {hold}, before {before:?}"
+        );
         assert_eq!(
             page(root.hierarchy.high_limit(dir)),
             page(Some(hold)),
@@ -567,7 +593,11 @@ fn squeeze_holds_survive_a_kill_and_are_released_on_schedule() -> anyhow::Result
         );
     }
     let info = agent.get_ok("/v1/info")?;
-    assert_eq!(info["reactive"]["squeeze_failed"], 0, "{}", info["reactive"]);
+    assert_eq!(
+        info["reactive"]["squeeze_failed"], 0,
+        "{}",
+        info["reactive"]
+    );
     stop_cache_holders(&disk, children);
     Ok(())
 }

@@ -201,7 +201,9 @@ fn the_limit_a_container_was_created_with_is_a_ceiling() -> anyhow::Result<()> {
     for override_limits in [false, true] {
         let root = TestRoot::new()?;
         let Some(mut runc) = Oci::new(&root, "runc")? else {
-            panic!("{TEST}: runc or /bin/busybox (busybox-static) missing: run `cargo xtask setup`");
+            panic!(
+                "{TEST}: runc or /bin/busybox (busybox-static) missing: run `cargo xtask setup`"
+            );
         };
         let extra = format!(
             r#"[[cgroup.roots.rules]]
@@ -294,9 +296,7 @@ fn a_limit_written_after_the_agents_is_kept_as_a_ceiling() -> anyhow::Result<()>
     let dir = root.instance_dir("late", "l1")?;
     let mut child = spawn_alloc(&dir, 8, 600_000, 0)?;
     let agents = wait_for(Duration::from_secs(5), || {
-        root.hierarchy
-            .max_limit(&dir)
-            .filter(|m| *m == 256 * MIB)
+        root.hierarchy.max_limit(&dir).filter(|m| *m == 256 * MIB)
     });
     assert_eq!(agents, Some(256 * MIB), "{}", agent.log());
     // The runtime's own write, after the agent's.

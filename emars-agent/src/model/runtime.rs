@@ -70,9 +70,9 @@ pub fn read_metadata(path: &Path) -> ContainerMetadata {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return MetadataRead::Absent.into(),
         Err(e) => return MetadataRead::Unusable(format!("{}: {e}", path.display())).into(),
     };
-    match read_regular(file, path).and_then(|text| {
-        parse_metadata(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }) {
+    match read_regular(file, path)
+        .and_then(|text| parse_metadata(&text).map_err(|e| format!("{}: {e}", path.display())))
+    {
         Ok((labels, memory_limit_bytes)) => ContainerMetadata {
             read: MetadataRead::Labels(labels),
             memory_limit_bytes,
@@ -192,7 +192,10 @@ mod tests {
         let unlimited = br#"{"linux":{"resources":{"memory":{"limit":-1}}}}"#;
         assert_eq!(parse_metadata(unlimited).unwrap().1, None);
         let docker = br#"{"Config":{"Labels":{"fn":"web"}}}"#;
-        assert_eq!(parse_metadata(docker).unwrap(), (parse_labels(docker).unwrap(), None));
+        assert_eq!(
+            parse_metadata(docker).unwrap(),
+            (parse_labels(docker).unwrap(), None)
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::{
         events::KernelEvent,
     },
     model::{
-        registry::{CgroupTable, Classified, Identity, Registry},
         kept::{RuntimeLimit, RuntimeLimitSource},
+        registry::{CgroupTable, Classified, Identity, Registry},
         runtime::{ContainerMetadata, MetadataRead},
         HourDelta, InstanceRecord, PeakSource,
     },
@@ -1344,7 +1344,10 @@ instance = "{id}"
                 .iter()
                 .position(|e| matches!(e, Effect::RuntimeLimit { .. }))?;
             let enforce = fx.iter().position(|e| matches!(e, Effect::Enforce { .. }));
-            assert!(enforce.is_none_or(|e| at < e), "kept before the write: {fx:?}");
+            assert!(
+                enforce.is_none_or(|e| at < e),
+                "kept before the write: {fx:?}"
+            );
             match &fx[at] {
                 Effect::RuntimeLimit { key, limit } => Some((*key, limit.bytes, limit.source)),
                 _ => None,

@@ -485,27 +485,7 @@ impl Actuator {
         if in_force(plan.new.max_bytes, plan.old.max_bytes)
             && in_force(plan.new.high_bytes, plan.old.high_bytes)
         {
-            // Nothing to write, so nothing that needs an audit record (or its disk sync),
-            // unless the runtime's limit kept the function's out: that is said.
-            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-            audit.outcome = outcome::UNCHANGED.to_owned();
-            if let (Some(_), Some(m)) = (plan.new.max_bytes, plan.old.max_bytes) {
-                self.last_max().insert(ikey, m);
-            }
-            if plan.clamped {
-                if let Err(e) = self.audit.append_audit(audit.at_ms, &audit) {
-                    self.audit_error(&e);
-                }
-            }
-            return Written {
-                audit,
-                result: Ok(Applied {
-                    old: plan.old,
-                    new: plan.old,
-                    usage: plan.usage,
-                    raised: plan.raised,
-                }),
-            };
+            return self.unchanged(&plan, ikey, audit);
         }
         let key = match self.durable_intent(&audit) {
             Ok(k) => k,
@@ -546,6 +526,31 @@ impl Actuator {
             self.audit_error(&se);
         }
         Written { audit, result }
+    }
+
+    /// A write whose limits are in force already: nothing to write, so nothing that needs an
+    /// audit record (or its disk sync), unless the runtime's limit kept the ones asked for
+    /// out, which is said.
+    fn unchanged(&self, plan: &Plan, key: InstanceKey, mut audit: AuditRecord) -> Written {
+        self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+        audit.outcome = outcome::UNCHANGED.to_owned();
+        if let (Some(_), Some(m)) = (plan.new.max_bytes, plan.old.max_bytes) {
+            self.last_max().insert(key, m);
+        }
+        if plan.clamped {
+            if let Err(e) = self.audit.append_audit(audit.at_ms, &audit) {
+                self.audit_error(&e);
+            }
+        }
+        Written {
+            audit,
+            result: Ok(Applied {
+                old: plan.old,
+                new: plan.old,
+                usage: plan.usage,
+                raised: plan.raised,
+            }),
+        }
     }
 
     /// Asks the kernel to reclaim `bytes` from a live instance (v2 memory.reclaim; v1
@@ -1157,7 +1162,13 @@ mod tests {
             source: RuntimeLimitSource::Metadata,
         };
         f.store.keep_state(key, &limit).unwrap();
-        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "new_instance", None);
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "new_instance",
+            None,
+        );
         let a = w.result.unwrap();
         assert_eq!(a.new.max_bytes, Some(64 << 20));
         assert_eq!(a.new.high_bytes, Some(48 << 20), "the ratio kept");
@@ -1166,12 +1177,24 @@ mod tests {
         assert_eq!(w.audit.requested.unwrap().max_bytes, Some(256 << 20));
         assert_eq!(f.audit()[0], w.audit);
         // Asked again: nothing to write, and yet the record says why it is not the function's.
-        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
         assert_eq!(w.audit.outcome, outcome::UNCHANGED);
         assert_eq!(f.audit().len(), 2);
         assert_eq!(f.audit()[0].clamped_by.as_deref(), Some("runtime_limit"));
         // Within the limit: untouched, and no clamp said.
-        let w = f.act.write(&inst, req(32 << 20, 24 << 20), BelowUsage::Refuse, "api", None);
+        let w = f.act.write(
+            &inst,
+            req(32 << 20, 24 << 20),
+            BelowUsage::Refuse,
+            "api",
+            None,
+        );
         assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
         assert_eq!(read(&f.inst.join("memory.max")), "33554432");
         // A hold asked alone above it goes no higher either.
@@ -1196,7 +1219,13 @@ mod tests {
         over.store
             .keep_state((inst.started_at_ms, inst.cgroup_id), &limit)
             .unwrap();
-        let w = over.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
+        let w = over.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
         assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
         assert_eq!(read(&over.inst.join("memory.limit_in_bytes")), "268435456");
     }
@@ -1211,16 +1240,36 @@ mod tests {
         let inst = record(&f.inst);
         let key = (inst.started_at_ms, inst.cgroup_id);
         f.act
-            .write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "new_instance", None)
+            .write(
+                &inst,
+                req(256 << 20, 192 << 20),
+                BelowUsage::Raise,
+                "new_instance",
+                None,
+            )
             .result
             .unwrap();
         // Nobody else wrote: no runtime limit.
         assert_eq!(f.act.runtime_limit(&inst, Some(256 << 20)), None);
         fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
-        let w = f.act.write(&inst, req(256 << 20, 192 << 20), BelowUsage::Raise, "apply", None);
-        assert_eq!(w.audit.clamped_by.as_deref(), Some("runtime_limit"), "{w:?}");
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
+        assert_eq!(
+            w.audit.clamped_by.as_deref(),
+            Some("runtime_limit"),
+            "{w:?}"
+        );
         assert_eq!(read(&f.inst.join("memory.max")).trim(), "67108864");
-        assert_eq!(read(&f.inst.join("memory.high")), "50331648", "the ratio kept");
+        assert_eq!(
+            read(&f.inst.join("memory.high")),
+            "50331648",
+            "the ratio kept"
+        );
         assert_eq!(
             f.store.kept_state::<RuntimeLimit>(key).unwrap(),
             Some(RuntimeLimit {
@@ -1230,7 +1279,13 @@ mod tests {
         );
         // Its own writes below the limit are its own: the limit stays.
         f.act
-            .write(&inst, req(32 << 20, 24 << 20), BelowUsage::Raise, "api", None)
+            .write(
+                &inst,
+                req(32 << 20, 24 << 20),
+                BelowUsage::Raise,
+                "api",
+                None,
+            )
             .result
             .unwrap();
         assert_eq!(f.act.runtime_limit(&inst, Some(32 << 20)), Some(64 << 20));
@@ -1244,7 +1299,12 @@ mod tests {
     fn a_refusal_of_the_caller_is_recorded() {
         let f = fake(CgroupVersion::V2, 0);
         let inst = record(&f.inst);
-        let a = f.act.refused(&inst, "burst", "at the ceiling 128 MiB", Some("memory.events"));
+        let a = f.act.refused(
+            &inst,
+            "burst",
+            "at the ceiling 128 MiB",
+            Some("memory.events"),
+        );
         assert_eq!(a.outcome, outcome::REFUSED);
         assert_eq!(f.audit(), vec![a]);
         assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 1);

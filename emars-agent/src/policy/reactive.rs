@@ -276,7 +276,7 @@ pub enum NoRaise {
 
 /// Bytes as MiB for messages: "128 MiB", "12.5 MiB".
 fn mib(bytes: &u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{:.1} MiB", *bytes as f64 / f64::from(1 << 20))

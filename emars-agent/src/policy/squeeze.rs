@@ -363,7 +363,14 @@ impl Squeezer {
         let Some(rec) = tracker.live_record(id).cloned() else {
             return false;
         };
-        match release_hold(&self.actuator, &self.hierarchy, &self.store, &rec, &hold, why) {
+        match release_hold(
+            &self.actuator,
+            &self.hierarchy,
+            &self.store,
+            &rec,
+            &hold,
+            why,
+        ) {
             Released::Yes => {
                 self.releases += 1;
                 true
@@ -432,7 +439,6 @@ impl Squeezer {
     }
 }
 
-
 /// What a squeeze task needs, moved onto its blocking thread.
 struct SqueezeContext {
     config: ReactiveConfig,
@@ -478,16 +484,17 @@ impl SqueezeContext {
             return Some(Err(Done::of(&rec, None, 0, Outcome::Nothing)));
         };
         rec.limits = limits;
-        let reclaimed = match self
-            .actuator
-            .reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal))
-        {
-            Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
-            Err(e) => {
-                tracing::warn!(cgroup = rec.cgroup_path, "reclaim failed: {e}");
-                0
-            }
-        };
+        let reclaimed =
+            match self
+                .actuator
+                .reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal))
+            {
+                Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
+                Err(e) => {
+                    tracing::warn!(cgroup = rec.cgroup_path, "reclaim failed: {e}");
+                    0
+                }
+            };
         // What is left, plus headroom; never below what the writer allows now (usage plus its
         // headroom), so that the hold written is the one kept.
         let after = self.hierarchy.usage(&dir).ok()?;
@@ -581,7 +588,12 @@ impl SqueezeContext {
 }
 
 impl Done {
-    fn of(rec: &InstanceRecord, hold: Option<SqueezeHold>, reclaimed: u64, outcome: Outcome) -> Done {
+    fn of(
+        rec: &InstanceRecord,
+        hold: Option<SqueezeHold>,
+        reclaimed: u64,
+        outcome: Outcome,
+    ) -> Done {
         Done {
             id: rec.cgroup_id,
             key: key_of(rec),
@@ -631,14 +643,7 @@ fn release_hold(
         max_bytes: None,
         high_bytes: Some(back),
     };
-    let w = actuator.write_signalled(
-        &current,
-        req,
-        BelowUsage::Raise,
-        "release",
-        None,
-        Some(why),
-    );
+    let w = actuator.write_signalled(&current, req, BelowUsage::Raise, "release", None, Some(why));
     match w.result {
         Ok(_) => {
             tracing::info!(
@@ -701,7 +706,10 @@ fn kept_holds<C: Cgroups>(
     });
     let mut out = Vec::new();
     for (key, hold) in holds {
-        match tracker.live_record(key.1).filter(|r| r.started_at_ms == key.0) {
+        match tracker
+            .live_record(key.1)
+            .filter(|r| r.started_at_ms == key.0)
+        {
             Some(rec) => out.push((key, hold, rec.clone())),
             None => forget_hold(store, key),
         }

@@ -2402,12 +2402,22 @@ mod tests {
             // As a crash leaves it: no checkpoint, sled's own flush at drop.
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.kept_state::<SqueezeHold>((3_000, 9)).unwrap(), None, "orphan dropped");
+        assert_eq!(
+            s.kept_state::<SqueezeHold>((3_000, 9)).unwrap(),
+            None,
+            "orphan dropped"
+        );
         let mut holds = s.kept_states::<SqueezeHold>().unwrap();
         holds.sort_by_key(|(k, _)| *k);
         assert_eq!(holds, vec![((1_000, 7), hold), ((1_001, 8), hold)]);
-        assert_eq!(s.kept_states::<BurstWatch>().unwrap(), vec![((1_000, 7), watch)]);
-        assert_eq!(s.kept_state::<RuntimeLimit>((1_000, 7)).unwrap(), Some(limit));
+        assert_eq!(
+            s.kept_states::<BurstWatch>().unwrap(),
+            vec![((1_000, 7), watch)]
+        );
+        assert_eq!(
+            s.kept_state::<RuntimeLimit>((1_000, 7)).unwrap(),
+            Some(limit)
+        );
         // The instance ends: everything kept of it goes, the other's stays.
         let mut ended = rec("f", 1_000, 7);
         ended.ended_at_ms = Some(5_000);
@@ -2417,7 +2427,10 @@ mod tests {
         assert_eq!(s.kept_states::<SqueezeHold>().unwrap().len(), 1);
         // A value that does not decode is an error to read, and moved aside at the next open.
         s.instance_state
-            .insert(state_key((1_001, 8), BurstWatch::KIND), &[FORMAT_V2, 0xff][..])
+            .insert(
+                state_key((1_001, 8), BurstWatch::KIND),
+                &[FORMAT_V2, 0xff][..],
+            )
             .unwrap();
         assert!(s.kept_state::<BurstWatch>((1_001, 8)).is_err());
         s.checkpoint().unwrap();
