@@ -200,8 +200,8 @@ fn audited(agent: &Agent, reason: &str) -> anyhow::Result<Vec<Value>> {
 /// is raised step by step to 128 MiB, refused there (audited once, with why) and OOM-killed at
 /// that limit.
 #[test]
-fn the_burst_ceiling_does_not_move_with_the_guards_own_raises() -> anyhow::Result<()> {
-    const TEST: &str = "the_burst_ceiling_does_not_move_with_the_guards_own_raises";
+fn the_burst_ceiling_is_kept_fixed_against_the_guards_own_raises() -> anyhow::Result<()> {
+    const TEST: &str = "the_burst_ceiling_is_kept_fixed_against_the_guards_own_raises";
     if !require_root(TEST) {
         return Ok(());
     }
@@ -270,8 +270,8 @@ fn the_burst_ceiling_does_not_move_with_the_guards_own_raises() -> anyhow::Resul
 /// kill -9, a restart, then a burst in an instance that was live before: the restarted agent
 /// watches it again (with the ceiling it kept) and rescues it.
 #[test]
-fn a_restarted_agent_rescues_a_burst_in_an_instance_of_the_last_run() -> anyhow::Result<()> {
-    const TEST: &str = "a_restarted_agent_rescues_a_burst_in_an_instance_of_the_last_run";
+fn burst_watches_are_kept_across_a_kill_and_rescue_a_burst() -> anyhow::Result<()> {
+    const TEST: &str = "burst_watches_are_kept_across_a_kill_and_rescue_a_burst";
     if !require_root(TEST) {
         return Ok(());
     }
@@ -517,8 +517,8 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
 /// them on its schedule (no pressure for release_after_s from its start): each memory.high
 /// (v2) or soft limit (v1) back exactly at its value before the squeeze, audited "release".
 #[test]
-fn squeeze_holds_survive_a_kill_and_are_released_on_schedule() -> anyhow::Result<()> {
-    const TEST: &str = "squeeze_holds_survive_a_kill_and_are_released_on_schedule";
+fn squeeze_holds_are_kept_across_a_kill_and_released_on_schedule() -> anyhow::Result<()> {
+    const TEST: &str = "squeeze_holds_are_kept_across_a_kill_and_released_on_schedule";
     if !require_root(TEST) {
         return Ok(());
     }

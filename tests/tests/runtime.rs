@@ -193,8 +193,8 @@ mode = "enforce"
 /// starts and at `emars apply`, and the audit says so; with `policy.override_runtime_limits`
 /// the function's limit is written.
 #[test]
-fn the_limit_a_container_was_created_with_is_a_ceiling() -> anyhow::Result<()> {
-    const TEST: &str = "the_limit_a_container_was_created_with_is_a_ceiling";
+fn the_limit_a_container_was_created_with_is_kept_as_a_ceiling() -> anyhow::Result<()> {
+    const TEST: &str = "the_limit_a_container_was_created_with_is_kept_as_a_ceiling";
     if !require_root(TEST) {
         return Ok(());
     }
