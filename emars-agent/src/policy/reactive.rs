@@ -38,7 +38,8 @@ pub struct ReactiveConfig {
     pub step_fraction: f64,
     /// ... and at least this many bytes.
     pub step_min_bytes: u64,
-    /// No raise goes above the function's recommended memory.max times this.
+    /// No raise goes above this times the function's recommended memory.max, else times the
+    /// limit in force when the guard started watching the instance (fixed then).
     pub ceiling_factor: f64,
     /// Memory the host keeps available (MemAvailable) after a raise or an admitted instance.
     pub host_reserve_bytes: u64,

@@ -742,3 +742,152 @@ fn forget_hold(store: &Store, key: InstanceKey) {
 fn key_of(rec: &InstanceRecord) -> InstanceKey {
     (rec.started_at_ms, rec.cgroup_id)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Releases on a fake cgroupfs in a temp dir (plain files stand in for the kernel's; the
+    //! kernel path, a kill -9 and a restart are covered by tests/tests/reactive.rs).
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::kernel::cgroupfs::CgroupVersion;
+    use crate::model::{Limits, PeakSource};
+
+    const MIB: u64 = 1 << 20;
+
+    struct Fake {
+        _tmp: tempfile::TempDir,
+        hierarchy: MemoryHierarchy,
+        actuator: Actuator,
+        store: Store,
+        rec: InstanceRecord,
+    }
+
+    /// An instance using 10 MiB, memory.max 64 MiB, held at 16 MiB (its memory.high was 48).
+    fn held() -> (Fake, SqueezeHold) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().join("cg");
+        let dir = mount.join("emars/fn/i1");
+        fs::create_dir_all(&dir).unwrap();
+        for (file, value) in [
+            ("memory.current", 10 * MIB),
+            ("memory.max", 64 * MIB),
+            ("memory.high", 16 * MIB),
+        ] {
+            fs::write(dir.join(file), value.to_string()).unwrap();
+        }
+        let hierarchy = MemoryHierarchy {
+            version: CgroupVersion::V2,
+            mount,
+            hierarchy_id: 0,
+        };
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let actuator = Actuator::new(
+            hierarchy.clone(),
+            &["/emars".to_owned()],
+            MIB,
+            true,
+            store.clone(),
+        );
+        let rec = InstanceRecord {
+            function: "fn".into(),
+            instance: "i1".into(),
+            cgroup_id: fs::metadata(&dir).unwrap().ino(),
+            cgroup_path: dir.display().to_string(),
+            started_at_ms: 1,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Limits::default(),
+        };
+        store.put_instance(&rec).unwrap();
+        let hold = SqueezeHold {
+            before: Limits {
+                max_bytes: Some(64 * MIB),
+                high_bytes: Some(48 * MIB),
+            },
+            hold_bytes: 16 * MIB,
+            taken_at_ms: 2,
+        };
+        store.keep_state(key_of(&rec), &hold).unwrap();
+        let f = Fake {
+            _tmp: tmp,
+            hierarchy,
+            actuator,
+            store,
+            rec,
+        };
+        (f, hold)
+    }
+
+    impl Fake {
+        fn release(&self, hold: &SqueezeHold) -> Released {
+            let why = "test";
+            release_hold(&self.actuator, &self.hierarchy, &self.store, &self.rec, hold, why)
+        }
+        fn high(&self) -> String {
+            fs::read_to_string(Path::new(&self.rec.cgroup_path).join("memory.high")).unwrap()
+        }
+        fn kept(&self) -> Option<SqueezeHold> {
+            self.store.kept_state(key_of(&self.rec)).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_release_puts_back_what_the_hold_replaced() {
+        let (f, hold) = held();
+        assert!(matches!(f.release(&hold), Released::Yes));
+        assert_eq!(f.high(), (48 * MIB).to_string());
+        assert_eq!(f.kept(), None, "the kept hold goes with its release");
+        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        assert_eq!(audit[0].reason, "release");
+        assert_eq!(audit[0].written.high_bytes, Some(48 * MIB));
+    }
+
+    /// Someone (an API write, apply, a raise) changed memory.high since the hold: it is not
+    /// overwritten, and the hold is dropped.
+    #[test]
+    fn a_hold_changed_since_is_not_overwritten() {
+        let (f, hold) = held();
+        fs::write(Path::new(&f.rec.cgroup_path).join("memory.high"), "33554432").unwrap();
+        assert!(matches!(f.release(&hold), Released::Dropped));
+        assert_eq!(f.high(), "33554432");
+        assert_eq!(f.kept(), None);
+        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        assert!(audit.is_empty(), "nothing written: {audit:?}");
+    }
+
+    /// The holds kept in the store are the live instances' only: those of instances that are
+    /// gone are dropped.
+    #[test]
+    fn kept_holds_are_those_of_live_instances() {
+        let (f, hold) = held();
+        let registry = crate::model::registry::Registry::new(&[
+            crate::model::registry::RootConfig {
+                path: "/emars".into(),
+                rules: Vec::new(),
+            },
+        ])
+        .unwrap();
+        let mut tracker = Tracker::new(f.hierarchy.clone(), registry);
+        // Not live in the tracker yet: dropped.
+        assert!(kept_holds(&f.store, &tracker).is_empty());
+        assert_eq!(f.kept(), None);
+        f.store.keep_state(key_of(&f.rec), &hold).unwrap();
+        tracker.add_cgroup(
+            f.rec.cgroup_id,
+            "/emars/fn/i1",
+            1,
+            Some(f.rec.clone()),
+            crate::model::tracker::Found::Existing {
+                new_since_start: false,
+            },
+        );
+        let kept = kept_holds(&f.store, &tracker);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].1, hold);
+    }
+}
