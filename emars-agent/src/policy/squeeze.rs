@@ -826,7 +826,14 @@ mod tests {
     impl Fake {
         fn release(&self, hold: &SqueezeHold) -> Released {
             let why = "test";
-            release_hold(&self.actuator, &self.hierarchy, &self.store, &self.rec, hold, why)
+            release_hold(
+                &self.actuator,
+                &self.hierarchy,
+                &self.store,
+                &self.rec,
+                hold,
+                why,
+            )
         }
         fn high(&self) -> String {
             fs::read_to_string(Path::new(&self.rec.cgroup_path).join("memory.high")).unwrap()
@@ -852,7 +859,11 @@ mod tests {
     #[test]
     fn a_hold_changed_since_is_not_overwritten() {
         let (f, hold) = held();
-        fs::write(Path::new(&f.rec.cgroup_path).join("memory.high"), "33554432").unwrap();
+        fs::write(
+            Path::new(&f.rec.cgroup_path).join("memory.high"),
+            "33554432",
+        )
+        .unwrap();
         assert!(matches!(f.release(&hold), Released::Dropped));
         assert_eq!(f.high(), "33554432");
         assert_eq!(f.kept(), None);
@@ -865,13 +876,12 @@ mod tests {
     #[test]
     fn kept_holds_are_those_of_live_instances() {
         let (f, hold) = held();
-        let registry = crate::model::registry::Registry::new(&[
-            crate::model::registry::RootConfig {
+        let registry =
+            crate::model::registry::Registry::new(&[crate::model::registry::RootConfig {
                 path: "/emars".into(),
                 rules: Vec::new(),
-            },
-        ])
-        .unwrap();
+            }])
+            .unwrap();
         let mut tracker = Tracker::new(f.hierarchy.clone(), registry);
         // Not live in the tracker yet: dropped.
         assert!(kept_holds(&f.store, &tracker).is_empty());
