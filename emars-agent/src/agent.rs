@@ -25,9 +25,9 @@ use crate::{
     model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
     model::{AgentInfo, InstanceRecord, Limits},
     policy::actuator::Actuator,
-    policy::burst::BurstGuard,
+    policy::burst::{BurstGuard, Origin},
     policy::enforcer::Enforcer,
-    policy::squeeze::Squeezer,
+    policy::squeeze::{release_kept_holds, Squeezer},
     policy::Policy,
     store::Store,
 };
@@ -112,13 +112,16 @@ pub async fn run(
         tracing::warn!("fallback: {f}");
     }
 
-    let actuator = Arc::new(Actuator::new(
-        hierarchy.clone(),
-        &roots,
-        config.policy.headroom_bytes,
-        config.policy.mode == crate::config::EnforceMode::Enforce,
-        store.clone(),
-    ));
+    let actuator = Arc::new(
+        Actuator::new(
+            hierarchy.clone(),
+            &roots,
+            config.policy.headroom_bytes,
+            config.policy.mode == crate::config::EnforceMode::Enforce,
+            store.clone(),
+        )
+        .overriding_runtime_limits(config.policy.override_runtime_limits),
+    );
     match actuator.close_interrupted() {
         Ok(0) => {}
         Ok(n) => {
@@ -142,7 +145,13 @@ pub async fn run(
     tracing::info!("policy mode: {:?}", config.policy.mode);
     // The burst guard writes limits: on only where writes are allowed.
     let burst = if config.reactive.enabled && actuator.writes_allowed() {
-        match BurstGuard::new(config.reactive.clone(), hierarchy.clone(), actuator.clone()) {
+        match BurstGuard::new(
+            config.reactive.clone(),
+            hierarchy.clone(),
+            actuator.clone(),
+            policy.clone(),
+            store.clone(),
+        ) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::error!("reactive mode off: cannot set up the kernel's limit signals: {e}");
@@ -163,6 +172,7 @@ pub async fn run(
             config.reactive.clone(),
             hierarchy.clone(),
             actuator.clone(),
+            store.clone(),
             &dirs,
         ))
     } else {
@@ -173,7 +183,7 @@ pub async fn run(
         }
         None
     };
-    let mut tracker = Tracker::new(hierarchy, registry)
+    let mut tracker = Tracker::new(hierarchy.clone(), registry)
         .with_metadata_wait_ms(config.cgroup.metadata_wait_ms)
         .with_admission(Box::new(store.clone()));
     let mut enforcer = Enforcer::new(store.clone())
@@ -215,6 +225,17 @@ pub async fn run(
         // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
         let effects = tracker.reconcile(now_ms());
         enforcer.run(&mut tracker, effects);
+    }
+    // The last run's reactive state, now that the live instances are known: its instances
+    // guarded again, its squeeze holds taken back (or released, with the squeeze off).
+    let mut burst = burst;
+    let mut squeeze = squeeze;
+    if let Some((b, _)) = burst.as_mut() {
+        b.rearm(&mut tracker, &mut enforcer);
+    }
+    match squeeze.as_mut() {
+        Some((s, _)) => s.adopt(&tracker),
+        None => release_kept_holds(&actuator, &hierarchy, &store, &tracker),
     }
 
     // Limits the API writes (apply, set-limit): the event loop keeps records and watches in step.
@@ -518,7 +539,7 @@ async fn event_loop(
                 }
                 if let Some(b) = burst.as_mut() {
                     b.sync(enforcer, tracker);
-                    b.on_signal(sig, tracker, enforcer, policy);
+                    b.on_signal(sig, tracker, enforcer);
                 }
             }
             // The host or a watched root is under memory pressure.
@@ -544,16 +565,16 @@ async fn event_loop(
                 }
             } => {
                 if let Some(s) = squeeze.as_mut() {
-                    s.record(done);
+                    s.record(done, tracker);
                 }
             }
             // Limits the API wrote into a live instance: its record keeps them, and the burst
-            // guard watches it at its new early-warning point.
+            // guard watches it at its new early-warning point, with a ceiling on the new base.
             Some((id, limits)) = api_limits.recv() => {
                 let effects = tracker.limits_changed(id, limits);
                 enforcer.run(tracker, effects);
                 if let Some(b) = burst.as_mut() {
-                    b.watch_instance(tracker, enforcer, id, limits);
+                    b.watch_instance(tracker, enforcer, id, limits, Origin::Explicit);
                 }
             }
             // A platform binds or releases a pooled cgroup: mkdirs and rmdirs read first.

@@ -117,6 +117,7 @@ impl Default for PolicyConfig {
             period_secs: DEFAULT_PERIOD_SECS,
             export_dir: PathBuf::from(DEFAULT_EXPORT_DIR),
             headroom_bytes: DEFAULT_HEADROOM_BYTES,
+            override_runtime_limits: false,
             defaults: FunctionPolicy::default(),
             functions: Vec::new(),
             keepalive: Default::default(),

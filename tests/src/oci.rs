@@ -120,6 +120,18 @@ impl Oci {
     /// Creates container `id` (the runtime makes its cgroup, then writes its state) running
     /// `/bin/sh -c script`, with these annotations; it starts at [`Runc::start`].
     pub fn create(&mut self, id: &str, annotations: &[(&str, &str)], script: &str) -> Result<()> {
+        self.create_limited(id, annotations, script, None)
+    }
+
+    /// [`Oci::create`] with the bundle's `linux.resources.memory.limit` (what `docker run
+    /// --memory` sets), which the runtime writes into the container's cgroup.
+    pub fn create_limited(
+        &mut self,
+        id: &str,
+        annotations: &[(&str, &str)],
+        script: &str,
+        memory_limit: Option<u64>,
+    ) -> Result<()> {
         let bundle = self.bundles.path().join(id);
         fs::create_dir(&bundle)?;
         let spec = Command::new(&self.bin)
@@ -135,6 +147,9 @@ impl Oci {
         config["process"]["args"] = json!(["/bin/sh", "-c", script]);
         config["root"] = json!({"path": self.bundles.path().join("rootfs"), "readonly": true});
         config["linux"]["cgroupsPath"] = json!(self.cgroup(id));
+        if let Some(limit) = memory_limit {
+            config["linux"]["resources"]["memory"] = json!({ "limit": limit });
+        }
         config["annotations"] = annotations
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))

@@ -167,6 +167,174 @@ fn limits_set_through_the_api_are_guarded_too() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An agent on a store that outlives it (for restarts), with the reactive settings given.
+fn start_on(root: &TestRoot, store: &std::path::Path, reactive: &str) -> anyhow::Result<Agent> {
+    let dir = store.parent().unwrap_or(store).display().to_string();
+    Agent::start_with(
+        root,
+        store,
+        &format!(
+            "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{dir}/export\"\n[reactive]\n{reactive}\n"
+        ),
+        None,
+    )
+}
+
+/// The audit records of `reason`, newest first.
+fn audited(agent: &Agent, reason: &str) -> anyhow::Result<Vec<Value>> {
+    let audit = agent.get_ok("/v1/audit")?;
+    Ok(audit["audit"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["reason"] == reason)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A function with no recommendation (first seen after the agent's first generation), given
+/// 32 MiB through the API: the burst guard's ceiling is set once, at ceiling_factor (4) x 32
+/// MiB, when it starts watching, and its own raises never move it. A grower heading for 4 GiB
+/// is raised step by step to 128 MiB, refused there (audited once, with why) and OOM-killed at
+/// that limit.
+#[test]
+fn the_burst_ceiling_is_kept_fixed_against_the_guards_own_raises() -> anyhow::Result<()> {
+    const TEST: &str = "the_burst_ceiling_is_kept_fixed_against_the_guards_own_raises";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "enabled = true")?;
+    // The generation at start-up is done: "unsized" gets no recommendation until its
+    // instance ends or the next period.
+    wait_for(Duration::from_secs(5), || {
+        let g = agent.get_ok("/v1/generations").ok()?;
+        (g["generations"].as_array()?.len() == 1).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("no generation at start-up:\n{}", agent.log()))?;
+    let dir = root.instance_dir("unsized", "g")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", "4096", "--step-mib", "16", "--rate-mib-s", "32"]);
+    cmd.args(["--delay-ms", &(2000 * time_scale()).to_string()]);
+    let mut child = spawn_in(&dir, cmd)?;
+    agent.wait_live("unsized", "g")?;
+    let (s, b) = agent.get("/v1/functions/unsized/limits")?;
+    assert_eq!(s, 404, "a recommendation: {b}");
+    let (s, b) = agent.post_raw(
+        "/v1/functions/unsized/instances/g/limits",
+        "application/json",
+        br#"{"max_bytes": 33554432}"#,
+    )?;
+    assert_eq!(s, 200, "{b}");
+    let finished = child.wait()?.success();
+    let ceiling = 128 * MIB;
+    let limit = root.hierarchy.max_limit(&dir);
+    fs::remove_dir(&dir)?;
+    assert!(
+        !finished,
+        "the grower reached 4 GiB: raised past the ceiling to {limit:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(limit, Some(ceiling), "{}", agent.log());
+    let ended = agent.wait_ended("unsized", 1)?;
+    assert_eq!(ended[0]["oom_kills"], 1, "{}", ended[0]);
+    assert_eq!(ended[0]["limits"]["max_bytes"], ceiling, "{}", ended[0]);
+    let bursts = audited(&agent, "burst")?;
+    let raises: Vec<u64> = bursts
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["new"]["max_bytes"].as_u64())
+        .collect();
+    println!("raises (newest first): {raises:?}");
+    assert_eq!(raises.first(), Some(&ceiling), "{bursts:?}");
+    assert!(raises.iter().all(|m| *m <= ceiling), "{bursts:?}");
+    let refused: Vec<&Value> = bursts
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "said once: {bursts:?}");
+    let why = refused[0]["error"].as_str().unwrap_or("");
+    assert!(why.starts_with("at the ceiling 128 MiB"), "{}", refused[0]);
+    assert_eq!(refused[0]["instance"], "g");
+    let info = agent.get_ok("/v1/info")?;
+    assert!(
+        info["reactive"]["denied"].as_u64() >= Some(1),
+        "{}",
+        info["reactive"]
+    );
+    Ok(())
+}
+
+/// kill -9, a restart, then a burst in an instance that was live before: the restarted agent
+/// watches it again (with the ceiling it kept) and rescues it.
+#[test]
+fn burst_watches_are_kept_across_a_kill_and_rescue_a_burst() -> anyhow::Result<()> {
+    const TEST: &str = "burst_watches_are_kept_across_a_kill_and_rescue_a_burst";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let agent = start_on(&root, &store, "enabled = true")?;
+    for i in 0..5 {
+        let dir = root.instance_dir("bursty", &format!("h{i}"))?;
+        run_alloc(&dir, 24, 0, 0)?;
+        fs::remove_dir(&dir)?;
+    }
+    agent.wait_ended("bursty", 5)?;
+    let dir = root.instance_dir("bursty", "grower")?;
+    let max = wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
+        .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;
+    let watched = |agent: &Agent| {
+        wait_for(Duration::from_secs(5), || {
+            let info = agent.get_ok("/v1/info").ok()?;
+            (info["reactive"]["watched"] == 1).then_some(())
+        })
+    };
+    assert!(watched(&agent).is_some(), "{}", agent.log());
+    agent.kill()?;
+
+    let agent = start_on(&root, &store, "enabled = true")?;
+    assert!(
+        watched(&agent).is_some(),
+        "the grower, live before the restart, is not watched:\n{}",
+        agent.log()
+    );
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args([
+        "--mib",
+        &(max * 3 / 2 / MIB).to_string(),
+        "--rate-mib-s",
+        "32",
+    ]);
+    let finished = spawn_in(&dir, cmd)?.wait()?.success();
+    fs::remove_dir(&dir)?;
+    assert!(
+        finished,
+        "killed at {max} bytes after the restart:\n{}",
+        agent.log()
+    );
+    let raises: Vec<Value> = audited(&agent, "burst")?
+        .into_iter()
+        .filter(|r| r["instance"] == "grower" && r["outcome"] == "ok")
+        .collect();
+    assert!(!raises.is_empty(), "no raise:\n{}", agent.log());
+    assert!(raises
+        .iter()
+        .all(|r| r["new"]["max_bytes"].as_u64() > Some(max)));
+    let grower = agent
+        .wait_ended("bursty", 6)?
+        .into_iter()
+        .find(|i| i["instance"] == "grower")
+        .ok_or_else(|| anyhow::anyhow!("grower not recorded"))?;
+    assert_eq!(grower["oom_kills"], 0, "{grower}");
+    assert!(grower["peak_bytes"].as_u64() > Some(max), "{grower}");
+    Ok(())
+}
+
 /// Admission from the live recommendation: a function with history fits, one pinned at 1 TiB
 /// does not, one never seen is admitted with no prediction; bad requests are 400 and a caller
 /// without the token is refused.
@@ -288,7 +456,8 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
     // Squeeze off: what the kernel alone leaves the idle instances.
     let off_root = TestRoot::new()?;
     let off = start(&off_root, &settings(false))?;
-    let (kept_off, _) = pressure(&off_root, &off, &disk, false)?;
+    let (kept_off, _, children) = pressure(&off_root, &off, &disk, false)?;
+    stop_cache_holders(&disk, children);
     let audit = off.get_ok("/v1/audit")?;
     assert!(
         !audit.to_string().contains("\"pressure\""),
@@ -299,7 +468,8 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
 
     let root = TestRoot::new()?;
     let agent = start(&root, &settings(true))?;
-    let (kept_on, holds) = pressure(&root, &agent, &disk, true)?;
+    let (kept_on, holds, children) = pressure(&root, &agent, &disk, true)?;
+    stop_cache_holders(&disk, children);
     println!("idle instances' usage after the busy one: squeeze off {kept_off:?} MiB, on {kept_on:?} MiB");
     for (off, on) in kept_off.iter().zip(&kept_on) {
         assert!(
@@ -342,17 +512,113 @@ fn pressure_squeezes_idle_instances_then_releases() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kill -9 while three idle instances are squeezed: each hold was kept with its instance in
+/// the store before it was written, so the restarted agent takes the holds back and releases
+/// them on its schedule (no pressure for release_after_s from its start): each memory.high
+/// (v2) or soft limit (v1) back exactly at its value before the squeeze, audited "release".
+#[test]
+fn squeeze_holds_are_kept_across_a_kill_and_released_on_schedule() -> anyhow::Result<()> {
+    const TEST: &str = "squeeze_holds_are_kept_across_a_kill_and_released_on_schedule";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    let disk = match disk_dir() {
+        Ok(d) => d,
+        Err(why) => {
+            skipped(TEST, &format!("needs a disk-backed directory: {why}"));
+            return Ok(());
+        }
+    };
+    let settings = |release_after_s: u64| {
+        format!(
+            "enabled = true\nsqueeze = true\npressure_stall_ms = 5\npressure_window_ms = 500\n\
+             pressure_level_v1 = \"low\"\nidle_after_s = 1\nrelease_after_s = {release_after_s}\n"
+        )
+    };
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    // The first agent would keep the holds for ten minutes.
+    let agent = start_on(&root, &store, &settings(600))?;
+    let (holds, children) = squeeze_three(&root, &agent, &disk)?;
+    let written = audited(&agent, "pressure")?;
+    let page = |v: Option<u64>| v.map(|v| v / 4096);
+    for (dir, before) in &holds {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let hold = written
+            .iter()
+            .find(|r| r["instance"] == name && r["written"]["high_bytes"].is_u64())
+            .and_then(|r| r["written"]["high_bytes"].as_u64())
+            .ok_or_else(|| anyhow::anyhow!("no hold written into {name}: {written:?}"))?;
+        assert!(
+            Some(hold) < *before,
+            "{name}: hold {hold}, before {before:?}"
+        );
+        assert_eq!(
+            page(root.hierarchy.high_limit(dir)),
+            page(Some(hold)),
+            "{name} at its hold when the agent is killed"
+        );
+    }
+    agent.kill()?;
+
+    let release_after_s = 3 * u64::from(time_scale());
+    let agent = start_on(&root, &store, &settings(release_after_s))?;
+    let started = u64_of(&agent.get_ok("/v1/info")?, "started_at_ms");
+    let releases = wait_for(Duration::from_secs(20), || {
+        let r = audited(&agent, "release").ok()?;
+        (r.len() == holds.len()).then_some(r)
+    })
+    .ok_or_else(|| anyhow::anyhow!("holds of the last run not released:\n{}", agent.log()))?;
+    for (dir, before) in &holds {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert_eq!(
+            root.hierarchy.high_limit(dir),
+            *before,
+            "{name} not put back:\n{}",
+            agent.log()
+        );
+        let r = releases
+            .iter()
+            .find(|r| r["instance"] == name)
+            .ok_or_else(|| anyhow::anyhow!("no release of {name}: {releases:?}"))?;
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert_eq!(r["new"]["high_bytes"].as_u64(), *before, "{r}");
+        // On schedule: pressure quiet for release_after_s from the restarted agent's start.
+        let at = u64_of(r, "at_ms");
+        assert!(
+            at >= started + release_after_s * 1000,
+            "{name} released {} ms after the start",
+            at.saturating_sub(started)
+        );
+    }
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(
+        info["reactive"]["squeeze_failed"], 0,
+        "{}",
+        info["reactive"]
+    );
+    stop_cache_holders(&disk, children);
+    Ok(())
+}
+
 /// Three idle instances of "idler" (8 MiB heap, 40 MiB of clean page cache, limits from
 /// history), then "busy" (no history, no limits) grows 64 MiB into a limit on the root set 24
 /// MiB above what is in use with the caches full. Returns each idle instance's usage (MiB) once the busy one
-/// finished, and, when `squeeze`, each idle cgroup with its hold before the squeeze.
+/// finished, each idle cgroup with its hold before the squeeze, and the idle processes (still
+/// running: the caller stops them with [`stop_cache_holders`]).
+/// Three instances of "idler" with history (8 MiB heap, 40 MiB of clean page cache; their
+/// limits from it), then three more that stay: each cgroup with the hold (memory.high, soft
+/// limit) it got at mkdir, before any squeeze, and the processes.
 #[allow(clippy::type_complexity)]
-fn pressure(
+fn idle_instances(
     root: &TestRoot,
     agent: &Agent,
     disk: &std::path::Path,
-    squeeze: bool,
-) -> anyhow::Result<(Vec<u64>, Vec<(std::path::PathBuf, Option<u64>)>)> {
+) -> anyhow::Result<(
+    Vec<(std::path::PathBuf, Option<u64>)>,
+    Vec<std::process::Child>,
+)> {
     let idle_cmd = |hold_ms: u64| cache_holder(disk, 8, 40, hold_ms);
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("h{i}"))?;
@@ -361,12 +627,10 @@ fn pressure(
         fs::remove_dir(&dir)?;
     }
     agent.wait_ended("idler", 3)?;
-    let mut idle = Vec::new();
     let mut children = Vec::new();
     let mut holds = Vec::new();
     for i in 0..3 {
         let dir = root.instance_dir("idler", &format!("i{i}"))?;
-        // The hold it got at mkdir (memory.high / soft limit), before any squeeze.
         let high = wait_for(Duration::from_secs(5), || {
             root.hierarchy.max_limit(&dir)?;
             root.hierarchy.high_limit(&dir)
@@ -374,10 +638,68 @@ fn pressure(
         .ok_or_else(|| anyhow::anyhow!("no limits at mkdir:\n{}", agent.log()))?;
         holds.push((dir.clone(), Some(high)));
         children.push(spawn_in(&dir, idle_cmd(600_000))?);
-        idle.push(dir);
     }
+    Ok((holds, children))
+}
+
+/// The three idle instances of [`idle_instances`] squeezed and held at once: a busy instance
+/// grows into a limit on their parent, as in [`pressure`] (a squeeze set off earlier by the
+/// host's own reclaim, other work on the machine, does as well). Returns each idle cgroup with
+/// its hold from before any squeeze, and the idle processes.
+#[allow(clippy::type_complexity)]
+fn squeeze_three(
+    root: &TestRoot,
+    agent: &Agent,
+    disk: &std::path::Path,
+) -> anyhow::Result<(
+    Vec<(std::path::PathBuf, Option<u64>)>,
+    Vec<std::process::Child>,
+)> {
+    let (holds, children) = idle_instances(root, agent, disk)?;
+    for c in &children {
+        let file = disk.join(format!("emars-alloc-{}.cache", c.id()));
+        wait_for(Duration::from_secs(30), || {
+            (fs::metadata(&file).ok()?.len() >= 40 * MIB).then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{} not written", file.display()))?;
+    }
+    let info = |key: &str, n: u64| {
+        wait_for(Duration::from_secs(20), || {
+            let info = agent.get_ok("/v1/info").ok()?;
+            (info["reactive"][key] == n).then_some(())
+        })
+    };
+    info("idle_now", 3).ok_or_else(|| anyhow::anyhow!("not idle:\n{}", agent.log()))?;
+    let in_use = root.hierarchy.usage(&root.dir)?;
+    root.hierarchy.set_limit(&root.dir, in_use + 24 * MIB)?;
+    let busy = root.instance_dir("busy", "b")?;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", "64", "--rate-mib-s", "32", "--hold-ms", "500"]);
+    // Killed when the host's reclaim took the idle caches first: the pressure came all the same.
+    spawn_in(&busy, cmd)?.wait()?;
+    let held = info("squeezed_now", 3);
+    root.hierarchy.clear_limit(&root.dir)?;
+    fs::remove_dir(&busy)?;
+    held.ok_or_else(|| anyhow::anyhow!("not all three held:\n{}", agent.log()))?;
+    Ok((holds, children))
+}
+
+#[allow(clippy::type_complexity)]
+fn pressure(
+    root: &TestRoot,
+    agent: &Agent,
+    disk: &std::path::Path,
+    squeeze: bool,
+) -> anyhow::Result<(
+    Vec<u64>,
+    Vec<(std::path::PathBuf, Option<u64>)>,
+    Vec<std::process::Child>,
+)> {
+    let (holds, children) = idle_instances(root, agent, disk)?;
+    let idle: Vec<std::path::PathBuf> = holds.iter().map(|(d, _)| d.clone()).collect();
     for dir in &idle {
-        wait_for(Duration::from_secs(10), || {
+        // Writing and syncing 3 x 40 MiB takes seconds on a busy disk.
+        wait_for(Duration::from_secs(30), || {
             (root.hierarchy.usage(dir).ok()? >= 46 * MIB).then_some(())
         })
         .ok_or_else(|| anyhow::anyhow!("{} did not fill its cache", dir.display()))?;
@@ -466,6 +788,5 @@ fn pressure(
         .collect::<anyhow::Result<Vec<_>>>()?;
     root.hierarchy.clear_limit(&root.dir)?;
     fs::remove_dir(&busy)?;
-    stop_cache_holders(disk, children);
-    Ok((kept, holds))
+    Ok((kept, holds, children))
 }

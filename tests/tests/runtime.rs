@@ -186,3 +186,132 @@ mode = "enforce"
     println!("container_metadata: {}", info["container_metadata"]);
     Ok(())
 }
+
+/// The memory limit a container was created with (`docker run --memory 64m`: the bundle's
+/// `linux.resources.memory.limit`, which runc writes into the cgroup before its state) is a
+/// ceiling: the function's larger limit (pinned 256 MiB) is clamped to it when the container
+/// starts and at `emars apply`, and the audit says so; with `policy.override_runtime_limits`
+/// the function's limit is written.
+#[test]
+fn the_limit_a_container_was_created_with_is_kept_as_a_ceiling() -> anyhow::Result<()> {
+    const TEST: &str = "the_limit_a_container_was_created_with_is_kept_as_a_ceiling";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    for override_limits in [false, true] {
+        let root = TestRoot::new()?;
+        let Some(mut runc) = Oci::new(&root, "runc")? else {
+            panic!(
+                "{TEST}: runc or /bin/busybox (busybox-static) missing: run `cargo xtask setup`"
+            );
+        };
+        let extra = format!(
+            r#"[[cgroup.roots.rules]]
+regex = '(?P<id>[0-9a-f]{{64}})'
+metadata = "{}/{{id}}/state.json"
+function = "{{label:{ANNOTATION}}}"
+instance = "{{id}}"
+
+[policy]
+mode = "enforce"
+override_runtime_limits = {override_limits}
+
+[[policy.functions]]
+name = "capped"
+pin_max_bytes = 268435456
+"#,
+            runc.state_root().display()
+        );
+        let agent = Agent::start_configured(&root, &extra)?;
+        let id = container_id(10 + u32::from(override_limits));
+        runc.create_limited(
+            &id,
+            &[(ANNOTATION, "capped")],
+            "exec sleep 600",
+            Some(64 * MIB),
+        )?;
+        runc.start(&id)?;
+        agent.wait_live("capped", &id)?;
+        let dir = root
+            .hierarchy
+            .mount
+            .join(runc.cgroup(&id).trim_start_matches('/'));
+        let audit_of = |reason: &str| {
+            wait_for(Duration::from_secs(5), || {
+                let a = agent.get_ok("/v1/audit").ok()?;
+                a["audit"]
+                    .as_array()?
+                    .iter()
+                    .find(|w| w["instance"] == id.as_str() && w["reason"] == reason)
+                    .cloned()
+            })
+            .ok_or_else(|| anyhow::anyhow!("no {reason} record for {id}:\n{}", agent.log()))
+        };
+        let w = audit_of("new_instance")?;
+        println!("override_runtime_limits = {override_limits}: {w}");
+        if override_limits {
+            assert_eq!(w["outcome"], "ok", "{w}");
+            assert!(w.get("clamped_by").is_none(), "{w}");
+            assert_eq!(u64_of(&w["new"], "max_bytes"), 256 * MIB, "{w}");
+            assert_eq!(root.hierarchy.max_limit(&dir), Some(256 * MIB));
+        } else {
+            assert_eq!(w["clamped_by"], "runtime_limit", "{w}");
+            assert_eq!(u64_of(&w["requested"], "max_bytes"), 256 * MIB, "{w}");
+            assert_eq!(u64_of(&w["new"], "max_bytes"), 64 * MIB, "{w}");
+            assert_eq!(root.hierarchy.max_limit(&dir), Some(64 * MIB));
+            // memory.high (the soft limit) keeps the function's ratio under the clamped max.
+            let high = root.hierarchy.high_limit(&dir).unwrap_or(u64::MAX);
+            assert!((32 * MIB..64 * MIB).contains(&high), "high {high}");
+            // A later write of the function's limits for every instance: clamped the same.
+            let (s, b) = agent.post_raw("/v1/apply", "application/json", b"{}")?;
+            assert_eq!(s, 200, "{b}");
+            assert_eq!(root.hierarchy.max_limit(&dir), Some(64 * MIB));
+            let applied = audit_of("apply")?;
+            assert_eq!(applied["clamped_by"], "runtime_limit", "{applied}");
+        }
+        runc.kill(&id)?;
+        runc.wait_stopped(&id, Duration::from_secs(10))?;
+        runc.delete(&id)?;
+        agent.wait_ended("capped", 1)?;
+    }
+    Ok(())
+}
+
+/// A limit someone else writes after the agent's own (a runtime that writes its limit after
+/// the mkdir, which the agent answers at once; `docker update --memory`) is the runtime's
+/// limit from then on: the next write of the function's limits (`emars apply`) is clamped to
+/// it and says so.
+#[test]
+fn a_limit_written_after_the_agents_is_kept_as_a_ceiling() -> anyhow::Result<()> {
+    const TEST: &str = "a_limit_written_after_the_agents_is_kept_as_a_ceiling";
+    if !require_root(TEST) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(
+        &root,
+        "\n[policy]\nmode = \"enforce\"\n[[policy.functions]]\nname = \"late\"\n\
+         pin_max_bytes = 268435456\n",
+    )?;
+    let dir = root.instance_dir("late", "l1")?;
+    let mut child = spawn_alloc(&dir, 8, 600_000, 0)?;
+    let agents = wait_for(Duration::from_secs(5), || {
+        root.hierarchy.max_limit(&dir).filter(|m| *m == 256 * MIB)
+    });
+    assert_eq!(agents, Some(256 * MIB), "{}", agent.log());
+    // The runtime's own write, after the agent's.
+    root.hierarchy.set_limit(&dir, 64 * MIB)?;
+    let (s, b) = agent.post_raw("/v1/apply", "application/json", b"{}")?;
+    assert_eq!(s, 200, "{b}");
+    let w = b["writes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["instance"] == "l1").cloned())
+        .ok_or_else(|| anyhow::anyhow!("no apply write for l1: {b}"))?;
+    assert_eq!(w["clamped_by"], "runtime_limit", "{w}");
+    assert_eq!(u64_of(&w["new"], "max_bytes"), 64 * MIB, "{w}");
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(64 * MIB));
+    let _ = child.kill();
+    child.wait()?;
+    std::fs::remove_dir(&dir)?;
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! Below it: `registry` (which cgroup is which instance of which function), `tracker`
 //! (instances from kernel events) and `live` (the in-memory model every read comes from).
 
+pub mod kept;
 pub mod live;
 pub mod registry;
 pub mod runtime;

@@ -859,7 +859,7 @@ path = "/docker"
 [[cgroup.roots.rules]]
 regex = '(?P<id>[0-9a-f]{64})'
 metadata = "/run/docker/runtime-runc/moby/{id}/state.json"
-function = "{label:io.kubernetes.container.name}"
+function = "{label:io.kubernetes.pod.namespace}.{label:io.kubernetes.container.name}"
 instance = "{id}"
 
 [[cgroup.roots.rules]]
@@ -902,11 +902,13 @@ instance = "{id}"
             assert_eq!(asked, vec![PathBuf::from(&file)]);
             got
         };
-        let named = labels(&[("io.kubernetes.container.name", "resize"), ("x", "y")]);
+        const NS: &str = "io.kubernetes.pod.namespace";
+        const NAME: &str = "io.kubernetes.container.name";
+        let named = labels(&[(NS, "shop"), (NAME, "resize"), ("x", "y")]);
         assert_eq!(
             with(named, false),
             Classified::Labelled(Identity {
-                function: "resize".into(),
+                function: "shop.resize".into(),
                 instance: CID.into()
             })
         );
@@ -915,7 +917,9 @@ instance = "{id}"
             instance: CID.into(),
         });
         assert_eq!(with(labels(&[("x", "y")]), true), docker);
-        let bad_name = labels(&[("io.kubernetes.container.name", "a/b")]);
+        // Without its namespace a name is not taken: it could be another tenant's function.
+        assert_eq!(with(labels(&[(NAME, "resize")]), true), docker);
+        let bad_name = labels(&[(NS, "shop"), (NAME, "a/b")]);
         assert_eq!(with(bad_name, true), docker);
         assert_eq!(with(MetadataRead::Unusable("fifo".into()), true), docker);
         assert_eq!(with(MetadataRead::Absent, false), docker);

@@ -11,6 +11,11 @@
 //!   `/run/crun/<id>/config.json`;
 //! - Docker's `config.v2.json` (`/var/lib/docker/containers/<id>/config.v2.json`):
 //!   `Config.Labels`.
+//!
+//! The same files say which memory limit the runtime gave the container (`docker run
+//! --memory`): runc's state.json `config.cgroups.memory` (libcontainer's resources, written
+//! into memory.max / memory.limit_in_bytes before runc writes the file), an OCI bundle's
+//! `linux.resources.memory.limit`. The agent writes no limit above it (see `policy::actuator`).
 
 use std::{collections::BTreeMap, fs::File, io::Read, os::unix::fs::OpenOptionsExt, path::Path};
 
@@ -31,23 +36,48 @@ pub enum MetadataRead {
     Unusable(String),
 }
 
+/// A container's metadata file as the rules read it: its labels, and the memory limit the
+/// runtime gave the container (None: none, or the file does not say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerMetadata {
+    pub read: MetadataRead,
+    pub memory_limit_bytes: Option<u64>,
+}
+
+impl From<MetadataRead> for ContainerMetadata {
+    fn from(read: MetadataRead) -> Self {
+        ContainerMetadata {
+            read,
+            memory_limit_bytes: None,
+        }
+    }
+}
+
 /// Reads the labels in `path` without following it into anything but a regular file: the
 /// file is opened non-blocking, so a FIFO planted there cannot stall the agent.
 pub fn read_labels(path: &Path) -> MetadataRead {
+    read_metadata(path).read
+}
+
+/// [`read_labels`], with the runtime's memory limit read from the same document.
+pub fn read_metadata(path: &Path) -> ContainerMetadata {
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return MetadataRead::Absent,
-        Err(e) => return MetadataRead::Unusable(format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return MetadataRead::Absent.into(),
+        Err(e) => return MetadataRead::Unusable(format!("{}: {e}", path.display())).into(),
     };
-    match read_regular(file, path) {
-        Ok(text) => parse_labels(&text)
-            .map(MetadataRead::Labels)
-            .unwrap_or_else(|e| MetadataRead::Unusable(format!("{}: {e}", path.display()))),
-        Err(e) => MetadataRead::Unusable(e),
+    match read_regular(file, path)
+        .and_then(|text| parse_metadata(&text).map_err(|e| format!("{}: {e}", path.display())))
+    {
+        Ok((labels, memory_limit_bytes)) => ContainerMetadata {
+            read: MetadataRead::Labels(labels),
+            memory_limit_bytes,
+        },
+        Err(e) => MetadataRead::Unusable(e).into(),
     }
 }
 
@@ -75,8 +105,28 @@ fn read_regular(file: File, path: &Path) -> Result<Vec<u8>, String> {
 /// The labels of one metadata document, from whichever of the known layouts it has. Later
 /// layouts do not overwrite a key an earlier one gave.
 pub fn parse_labels(text: &[u8]) -> Result<Labels, String> {
+    parse_metadata(text).map(|(labels, _)| labels)
+}
+
+/// The labels and the runtime's memory limit of one metadata document.
+pub fn parse_metadata(text: &[u8]) -> Result<(Labels, Option<u64>), String> {
     let doc: serde_json::Value =
         serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
+    Ok((labels_of(&doc), memory_limit_of(&doc)))
+}
+
+/// The memory limit a runtime's document gives the container: runc's state.json
+/// `config.cgroups.memory` (0: none), an OCI config's `linux.resources.memory.limit` (-1 or
+/// absent: none).
+fn memory_limit_of(doc: &serde_json::Value) -> Option<u64> {
+    ["/config/cgroups/memory", "/linux/resources/memory/limit"]
+        .iter()
+        .filter_map(|p| doc.pointer(p).and_then(serde_json::Value::as_i64))
+        .filter_map(|v| u64::try_from(v).ok().filter(|v| *v > 0))
+        .min()
+}
+
+fn labels_of(doc: &serde_json::Value) -> Labels {
     let mut labels = Labels::new();
     // runc: config.labels = ["key=value", ...].
     if let Some(list) = doc
@@ -99,7 +149,7 @@ pub fn parse_labels(text: &[u8]) -> Result<Labels, String> {
             }
         }
     }
-    Ok(labels)
+    labels
 }
 
 #[cfg(test)]
@@ -126,6 +176,26 @@ mod tests {
 
         assert!(parse_labels(b"{not json").is_err());
         assert_eq!(parse_labels(b"[]").unwrap(), Labels::new());
+    }
+
+    #[test]
+    fn reads_the_runtime_memory_limit() {
+        // runc 1.1's state.json: libcontainer's resources inside config.cgroups.
+        let runc = br#"{"config":{"cgroups":{"path":"/x","memory":67108864,"memory_swap":0},
+            "labels":["fn=a"]}}"#;
+        assert_eq!(parse_metadata(runc).unwrap().1, Some(64 << 20));
+        let unset = br#"{"config":{"cgroups":{"memory":0}}}"#;
+        assert_eq!(parse_metadata(unset).unwrap().1, None);
+        // An OCI bundle's config.json (crun's state too).
+        let oci = br#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":134217728}}}}"#;
+        assert_eq!(parse_metadata(oci).unwrap().1, Some(128 << 20));
+        let unlimited = br#"{"linux":{"resources":{"memory":{"limit":-1}}}}"#;
+        assert_eq!(parse_metadata(unlimited).unwrap().1, None);
+        let docker = br#"{"Config":{"Labels":{"fn":"web"}}}"#;
+        assert_eq!(
+            parse_metadata(docker).unwrap(),
+            (parse_labels(docker).unwrap(), None)
+        );
     }
 
     #[test]

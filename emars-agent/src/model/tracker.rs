@@ -16,8 +16,9 @@ use crate::{
         events::KernelEvent,
     },
     model::{
+        kept::{RuntimeLimit, RuntimeLimitSource},
         registry::{CgroupTable, Classified, Identity, Registry},
-        runtime::MetadataRead,
+        runtime::{ContainerMetadata, MetadataRead},
         HourDelta, InstanceRecord, PeakSource,
     },
 };
@@ -50,9 +51,10 @@ pub trait Cgroups {
     fn resumed_peak(&self) -> UsePeak {
         UsePeak::Lifetime
     }
-    /// A container's labels from its runtime's metadata file (rules with `metadata`).
-    fn metadata(&self, file: &Path) -> MetadataRead {
-        crate::model::runtime::read_labels(file)
+    /// A container's labels, and the memory limit its runtime gave it, from the runtime's
+    /// metadata file (rules with `metadata`).
+    fn metadata(&self, file: &Path) -> ContainerMetadata {
+        crate::model::runtime::read_metadata(file)
     }
 }
 
@@ -169,6 +171,13 @@ pub enum Effect {
     /// Bring a function's recommendation up to date (an OOM kill, instances that ended, or a
     /// new instance of a function with instances ended since the last computation).
     Recompute { function: String, at_ms: u64 },
+    /// A new instance's container was given this memory limit by its runtime: kept with the
+    /// instance (before its limits are written: no write goes above it).
+    RuntimeLimit {
+        /// The instance's key: (started_at_ms, cgroup_id).
+        key: (u64, u64),
+        limit: RuntimeLimit,
+    },
     /// A new instance: write its function's limits if the mode says so, and answer with
     /// [`Tracker::enforced`] before the next event (the record is saved then, with the limits
     /// it got).
@@ -212,6 +221,13 @@ pub struct TrackerStats {
     pub metadata_fallbacks: u64,
     /// New instances not tracked because their function was refused ([`FunctionAdmission`]).
     pub functions_refused: u64,
+}
+
+/// A cgroup the rules made an instance of, and the memory limit its container's runtime
+/// metadata gave (rules with `metadata`).
+struct Named {
+    identity: Identity,
+    metadata_limit: Option<u64>,
 }
 
 /// A cgroup whose rule waits for its container's metadata file (written by the runtime after
@@ -316,7 +332,8 @@ impl<C: Cgroups> Tracker<C> {
                     new_since_start: false
                 }
             );
-        let identity = match self.classify(rel_path, wait) {
+        let (classified, metadata_limit) = self.classify(rel_path, wait);
+        let identity = match classified {
             Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
             Classified::Pending { file } => {
                 tracing::debug!(id, rel_path, file = %file.display(), "waiting for metadata");
@@ -346,7 +363,11 @@ impl<C: Cgroups> Tracker<C> {
             tracing::debug!(id, rel_path, "cgroup watched, not an instance");
             return Vec::new();
         };
-        self.open(id, rel_path, identity, started_at_ms, resumed, found)
+        let named = Named {
+            identity,
+            metadata_limit,
+        };
+        self.open(id, rel_path, named, started_at_ms, resumed, found)
     }
 
     /// A pooled cgroup's use bound before a restart: live and bound again, its peak read as
@@ -370,13 +391,14 @@ impl<C: Cgroups> Tracker<C> {
         &mut self,
         id: u64,
         rel_path: &str,
-        identity: Identity,
+        named: Named,
         started_at_ms: u64,
         resumed: Option<InstanceRecord>,
         found: Found,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
         let fresh = resumed.is_none();
+        let identity = named.identity;
         // A resumed record's function is known. A refused one stays in the table, so that its
         // events find it and do nothing: no record, no limits, for its whole life.
         if fresh {
@@ -388,6 +410,15 @@ impl<C: Cgroups> Tracker<C> {
         }
         tracing::debug!(id, rel_path, ?found, "instance");
         let dir = self.cgroups.dir(rel_path);
+        if fresh {
+            // Kept before anything is written into it: nothing the agent writes goes above it.
+            if let Some(limit) = self.runtime_limit(&dir, named.metadata_limit) {
+                out.push(Effect::RuntimeLimit {
+                    key: (started_at_ms, id),
+                    limit,
+                });
+            }
+        }
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),
             instance: identity.instance.clone(),
@@ -456,7 +487,8 @@ impl<C: Cgroups> Tracker<C> {
         else {
             return false;
         };
-        let (identity, labelled) = match self.classify(&rel_path, !give_up) {
+        let (classified, metadata_limit) = self.classify(&rel_path, !give_up);
+        let (identity, labelled) = match classified {
             Classified::Pending { .. } => {
                 self.pending.insert(id, p);
                 return false;
@@ -483,7 +515,11 @@ impl<C: Cgroups> Tracker<C> {
         if let Some(e) = self.table.get_mut(id) {
             e.identity = Some(identity.clone());
         }
-        out.extend(self.open(id, &rel_path, identity, started_at_ms, None, p.found));
+        let named = Named {
+            identity,
+            metadata_limit,
+        };
+        out.extend(self.open(id, &rel_path, named, started_at_ms, None, p.found));
         if p.execs > 0 {
             self.update(id, started_at_ms, out, |rec| {
                 rec.execs += p.execs;
@@ -518,11 +554,35 @@ impl<C: Cgroups> Tracker<C> {
     }
 
     /// What the rules make of `rel_path`, reading container metadata through the cgroups
-    /// reader.
-    fn classify(&self, rel_path: &str, wait: bool) -> Classified {
+    /// reader, with the memory limit the container's runtime metadata gives (if any was read).
+    fn classify(&self, rel_path: &str, wait: bool) -> (Classified, Option<u64>) {
         let cgroups = &self.cgroups;
-        self.registry
-            .classify_with(rel_path, &mut |f| cgroups.metadata(f), wait)
+        let mut limit = None;
+        let classified = self.registry.classify_with(
+            rel_path,
+            &mut |f| {
+                let m = cgroups.metadata(f);
+                if matches!(m.read, MetadataRead::Labels(_)) {
+                    limit = m.memory_limit_bytes;
+                }
+                m.read
+            },
+            wait,
+        );
+        (classified, limit)
+    }
+
+    /// The memory limit a new instance's container runtime gave it: what its metadata says,
+    /// and memory.max as found now, before the agent wrote anything into the cgroup (a runtime
+    /// that wrote its limit before the agent saw the cgroup); the lower of the two.
+    fn runtime_limit(&self, dir: &Path, from_metadata: Option<u64>) -> Option<RuntimeLimit> {
+        let found = self.cgroups.limits(dir).ok().and_then(|l| l.max_bytes);
+        let (bytes, source) = match (from_metadata, found) {
+            (Some(m), f) if f.is_none_or(|f| m <= f) => (m, RuntimeLimitSource::Metadata),
+            (_, Some(f)) => (f, RuntimeLimitSource::FirstSeen),
+            _ => return None,
+        };
+        Some(RuntimeLimit { bytes, source })
     }
 
     /// Cgroups waiting for their container's metadata now.
@@ -716,6 +776,11 @@ impl<C: Cgroups> Tracker<C> {
     /// A live instance's record as the tracker has it.
     pub fn live_record(&self, id: u64) -> Option<&InstanceRecord> {
         self.live.get(&id)
+    }
+
+    /// Every live instance's record.
+    pub fn live_records(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.live.values()
     }
 
     /// Limits written into a live instance after its start (reactive raises, the API): the
@@ -1159,6 +1224,11 @@ mod tests {
                 .borrow_mut()
                 .insert(rel.to_owned(), (id, Limits::default(), 0));
         }
+        fn set_max(&self, rel: &str, max: u64) {
+            if let Some(c) = self.cgroups.borrow_mut().get_mut(rel) {
+                c.1.max_bytes = Some(max);
+            }
+        }
         fn set_peak(&self, rel: &str, peak: u64) {
             if let Some(c) = self.cgroups.borrow_mut().get_mut(rel) {
                 c.2 = peak;
@@ -1209,12 +1279,16 @@ mod tests {
                 .find(|(rel, c)| c.0 == id && rel.starts_with(&under))
                 .map(|(rel, _)| self.dir(rel))
         }
-        fn metadata(&self, file: &Path) -> MetadataRead {
-            self.meta
-                .borrow()
-                .get(file)
-                .cloned()
-                .map_or(MetadataRead::Absent, MetadataRead::Labels)
+        /// The pseudo-label `memory` stands for the runtime's memory limit in the file.
+        fn metadata(&self, file: &Path) -> ContainerMetadata {
+            let meta = self.meta.borrow();
+            let Some(labels) = meta.get(file) else {
+                return MetadataRead::Absent.into();
+            };
+            ContainerMetadata {
+                read: MetadataRead::Labels(labels.clone()),
+                memory_limit_bytes: labels.get("memory").and_then(|m| m.parse().ok()),
+            }
         }
     }
 
@@ -1354,6 +1428,74 @@ instance = "{id}"
             ),
             (4, 2, 2)
         );
+    }
+
+    /// A new instance's runtime limit is kept before its limits are written: from its
+    /// runtime's metadata, or memory.max as found before the agent wrote anything, the lower
+    /// of the two; none for a resumed instance (kept from its first run) or without either.
+    #[test]
+    fn a_new_instance_keeps_its_runtime_limit_before_its_limits() {
+        let table = Table::default();
+        let mut t = runc_tracker(&table);
+        let runtime_limit = |fx: &[Effect]| {
+            let at = fx
+                .iter()
+                .position(|e| matches!(e, Effect::RuntimeLimit { .. }))?;
+            let enforce = fx.iter().position(|e| matches!(e, Effect::Enforce { .. }));
+            assert!(
+                enforce.is_none_or(|e| at < e),
+                "kept before the write: {fx:?}"
+            );
+            match &fx[at] {
+                Effect::RuntimeLimit { key, limit } => Some((*key, limit.bytes, limit.source)),
+                _ => None,
+            }
+        };
+        // runc wrote its state (and its limit) before the agent looked.
+        table.add("/docker/aa", 50);
+        table.set_max("/docker/aa", 64 * MIB);
+        label_file(&table, "aa", &[("fn", "f"), ("memory", "67108864")]);
+        let fx = t.apply(mkdir(50, "/docker/aa"), 1_000, 1);
+        assert_eq!(
+            runtime_limit(&fx),
+            Some(((1_000, 50), 64 * MIB, RuntimeLimitSource::Metadata))
+        );
+        // The metadata says nothing of memory: memory.max as first seen.
+        table.add("/docker/bb", 51);
+        table.set_max("/docker/bb", 32 * MIB);
+        label_file(&table, "bb", &[("fn", "f")]);
+        let fx = t.apply(mkdir(51, "/docker/bb"), 1_100, 2);
+        assert_eq!(
+            runtime_limit(&fx),
+            Some(((1_100, 51), 32 * MIB, RuntimeLimitSource::FirstSeen))
+        );
+        // The runtime set a lower limit than its metadata asked: the lower one.
+        table.add("/docker/cc", 52);
+        table.set_max("/docker/cc", 16 * MIB);
+        label_file(&table, "cc", &[("fn", "f"), ("memory", "67108864")]);
+        let fx = t.apply(mkdir(52, "/docker/cc"), 1_200, 3);
+        assert_eq!(runtime_limit(&fx).map(|r| r.1), Some(16 * MIB));
+        // No limit anywhere: nothing kept.
+        table.add("/docker/dd", 53);
+        label_file(&table, "dd", &[("fn", "f")]);
+        let fx = t.apply(mkdir(53, "/docker/dd"), 1_300, 4);
+        assert_eq!(runtime_limit(&fx), None);
+        // Resumed after a restart: its memory.max may be the agent's own by now.
+        table.add("/docker/ee", 54);
+        table.set_max("/docker/ee", 8 * MIB);
+        let mut resumed = t.live_record(50).unwrap().clone();
+        resumed.cgroup_id = 54;
+        resumed.cgroup_path = "/cg/docker/ee".into();
+        let fx = t.add_cgroup(
+            54,
+            "/docker/ee",
+            1_000,
+            Some(resumed),
+            Found::Existing {
+                new_since_start: false,
+            },
+        );
+        assert_eq!(runtime_limit(&fx), None, "{fx:?}");
     }
 
     fn tracker(table: &Table) -> Tracker<&Table> {
@@ -1831,6 +1973,7 @@ instance = "{id}"
                 Effect::Save(_) => "save",
                 Effect::AddHour { .. } => "hour",
                 Effect::Recompute { .. } => "recompute",
+                Effect::RuntimeLimit { .. } => "runtime limit",
             });
             match e {
                 Effect::Enforce { record, .. } => t.enforced(record.cgroup_id, None),

@@ -8,20 +8,28 @@
 //! - the directory is opened once and every file is read and written through that handle;
 //! - a limit is never below the instance's usage plus headroom (checked again right before each
 //!   file is written) and never above host memory;
+//! - memory.max is never above the limit the container's runtime gave it (unless
+//!   `policy.override_runtime_limits`): a request above it is clamped, and the audit says so;
 //! - the intent is in the audit log, on disk, before the first byte is written (no durable
 //!   audit, no write), and the outcome (ok, partial, failed) replaces it afterwards.
 //!
 //! A failed write (cgroup gone, EBUSY, EINVAL) is an error value, never a crash.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard,
+    },
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     kernel::cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
+    model::kept::{same_limit, RuntimeLimit, RuntimeLimitSource},
+    model::live::InstanceKey,
     model::{InstanceRecord, Limits},
     store::{AuditKey, Store, StoreError},
 };
@@ -154,6 +162,13 @@ pub struct AuditRecord {
     /// /proc/pressure/memory", "memory.events").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// What bounded the write below what was asked: "runtime_limit" (the limit the container's
+    /// runtime gave it; `policy.override_runtime_limits` lifts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_by: Option<String>,
+    /// What was asked, when `clamped_by` says the write was bounded below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<Limits>,
     /// A reclaim (reason "pressure"): bytes asked for, and what usage fell by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reclaim_requested_bytes: Option<u64>,
@@ -186,6 +201,8 @@ impl AuditRecord {
             outcome: outcome::PENDING.to_owned(),
             error: None,
             signal: signal.map(str::to_owned),
+            clamped_by: None,
+            requested: None,
             reclaim_requested_bytes: None,
             reclaimed_bytes: None,
         }
@@ -213,6 +230,12 @@ pub struct Actuator {
     host_memory: u64,
     headroom: u64,
     writes_allowed: bool,
+    /// `policy.override_runtime_limits`: memory.max may go above the runtime's limit.
+    override_runtime_limits: bool,
+    /// The memory.max this agent last wrote into each live instance (or found in force when
+    /// it asked for the same), to tell a later write by another (the runtime's own) from its
+    /// own. In memory: a restarted agent starts from what it finds.
+    last_max: Mutex<HashMap<InstanceKey, u64>>,
     audit: Store,
     pub stats: ActuatorStats,
     /// Test seam: writes to this file fail with EINVAL, as the kernel's may.
@@ -259,6 +282,12 @@ struct Plan {
     usage: u64,
     new: LimitRequest,
     raised: bool,
+    /// The instance's key.
+    key: InstanceKey,
+    /// The container runtime's limit, when it bounds this write: no file goes above it.
+    cap: Option<u64>,
+    /// The request was bounded by `cap`.
+    clamped: bool,
 }
 
 impl Actuator {
@@ -277,6 +306,8 @@ impl Actuator {
             host_memory: host_memory_bytes(),
             headroom,
             writes_allowed,
+            override_runtime_limits: false,
+            last_max: Mutex::default(),
             audit,
             stats: ActuatorStats::default(),
             #[cfg(test)]
@@ -284,8 +315,111 @@ impl Actuator {
         }
     }
 
+    /// `policy.override_runtime_limits`: write memory.max above the limit a container's
+    /// runtime gave it.
+    pub fn overriding_runtime_limits(mut self, on: bool) -> Self {
+        self.override_runtime_limits = on;
+        self
+    }
+
     pub fn host_memory(&self) -> u64 {
         self.host_memory
+    }
+
+    /// No limit goes below an instance's usage plus this.
+    pub fn headroom(&self) -> u64 {
+        self.headroom
+    }
+
+    /// The memory limit the container's runtime gave `inst`, which no write goes above; None
+    /// when there is none or `policy.override_runtime_limits` lifts it. `current_max` is the
+    /// memory.max in force now: one that differs from the agent's own last write was written
+    /// by another since (a runtime that writes its limit after the mkdir, as runc does, or
+    /// `docker update`), and is the runtime's limit from then on.
+    pub fn runtime_limit(&self, inst: &InstanceRecord, current_max: Option<u64>) -> Option<u64> {
+        if self.override_runtime_limits {
+            return None;
+        }
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        let ours = self.last_max().get(&key).copied();
+        if let Some(ours) = ours.filter(|w| !same_limit(current_max, Some(*w))) {
+            tracing::info!(
+                function = inst.function,
+                instance = inst.instance,
+                ours,
+                now = ?current_max,
+                "memory.max was written by another since the agent's last write: the runtime's \
+                 limit from now on"
+            );
+            self.keep_runtime_limit(key, current_max);
+            return current_max;
+        }
+        match self.audit.kept_state::<RuntimeLimit>(key) {
+            Ok(limit) => limit.map(|l| l.bytes),
+            Err(e) => {
+                tracing::error!("the runtime limit of {}: {e}", inst.cgroup_path);
+                None
+            }
+        }
+    }
+
+    /// Keeps `limit`, written by another than the agent, as the instance's runtime limit (none:
+    /// the limit was lifted).
+    fn keep_runtime_limit(&self, key: InstanceKey, limit: Option<u64>) {
+        let kept = match limit {
+            Some(bytes) => {
+                self.last_max().insert(key, bytes);
+                let source = RuntimeLimitSource::LaterWrite;
+                self.audit.keep_state(key, &RuntimeLimit { bytes, source })
+            }
+            None => {
+                self.last_max().remove(&key);
+                self.audit.forget_state::<RuntimeLimit>(key)
+            }
+        };
+        if let Err(e) = kept {
+            tracing::error!("keeping the runtime limit of cgroup {}: {e}", key.1);
+        }
+    }
+
+    /// Right before memory.max is written: whether another wrote it since the write was
+    /// planned from `planned_from` (a runtime writing its limit after the mkdir while this
+    /// write was being made durable), to a value below `v`. That value is the runtime's limit
+    /// from then on, and `v` is not written.
+    fn written_by_another(
+        &self,
+        dir: &CgroupDir,
+        key: InstanceKey,
+        planned_from: Option<u64>,
+        v: u64,
+    ) -> Result<bool, ActuatorError> {
+        if self.override_runtime_limits {
+            return Ok(false);
+        }
+        let now = dir.limits()?.max_bytes;
+        let ours = self.last_max().get(&key).copied();
+        if same_limit(now, planned_from) || (ours.is_some() && same_limit(now, ours)) {
+            return Ok(false);
+        }
+        tracing::info!(
+            cgroup = %dir.path().display(),
+            planned_from = ?planned_from,
+            now = ?now,
+            "memory.max was written by another while this write was made durable: the \
+             runtime's limit from now on"
+        );
+        self.keep_runtime_limit(key, now);
+        Ok(now.is_some_and(|now| v > now))
+    }
+
+    /// Forgets what it noted of an instance that ended.
+    pub fn forget(&self, inst: &InstanceRecord) {
+        self.last_max()
+            .remove(&(inst.started_at_ms, inst.cgroup_id));
+    }
+
+    fn last_max(&self) -> MutexGuard<'_, HashMap<InstanceKey, u64>> {
+        self.last_max.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn writes_allowed(&self) -> bool {
@@ -332,6 +466,7 @@ impl Actuator {
                 };
             }
         };
+        let ikey = (inst.started_at_ms, inst.cgroup_id);
         audit.old = plan.old;
         audit.new = Limits {
             max_bytes: plan.new.max_bytes,
@@ -339,22 +474,18 @@ impl Actuator {
         };
         audit.usage_bytes = Some(plan.usage);
         audit.raised = plan.raised;
+        if plan.clamped {
+            audit.clamped_by = Some("runtime_limit".to_owned());
+            audit.requested = Some(Limits {
+                max_bytes: req.max_bytes,
+                high_bytes: req.high_bytes,
+            });
+        }
         let in_force = |new: Option<u64>, old: Option<u64>| new.is_none() || new == old;
         if in_force(plan.new.max_bytes, plan.old.max_bytes)
             && in_force(plan.new.high_bytes, plan.old.high_bytes)
         {
-            // Nothing to write, so nothing that needs an audit record (or its disk sync).
-            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-            audit.outcome = outcome::UNCHANGED.to_owned();
-            return Written {
-                audit,
-                result: Ok(Applied {
-                    old: plan.old,
-                    new: plan.old,
-                    usage: plan.usage,
-                    raised: plan.raised,
-                }),
-            };
+            return self.unchanged(&plan, ikey, audit);
         }
         let key = match self.durable_intent(&audit) {
             Ok(k) => k,
@@ -388,10 +519,38 @@ impl Actuator {
         if result.is_ok() {
             self.stats.writes_ok.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(m) = audit.written.max_bytes {
+            self.last_max().insert(ikey, m);
+        }
         if let Err(se) = self.audit.complete_audit(&key, &audit) {
             self.audit_error(&se);
         }
         Written { audit, result }
+    }
+
+    /// A write whose limits are in force already: nothing to write, so nothing that needs an
+    /// audit record (or its disk sync), unless the runtime's limit kept the ones asked for
+    /// out, which is said.
+    fn unchanged(&self, plan: &Plan, key: InstanceKey, mut audit: AuditRecord) -> Written {
+        self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+        audit.outcome = outcome::UNCHANGED.to_owned();
+        if let (Some(_), Some(m)) = (plan.new.max_bytes, plan.old.max_bytes) {
+            self.last_max().insert(key, m);
+        }
+        if plan.clamped {
+            if let Err(e) = self.audit.append_audit(audit.at_ms, &audit) {
+                self.audit_error(&e);
+            }
+        }
+        Written {
+            audit,
+            result: Ok(Applied {
+                old: plan.old,
+                new: plan.old,
+                usage: plan.usage,
+                raised: plan.raised,
+            }),
+        }
     }
 
     /// Asks the kernel to reclaim `bytes` from a live instance (v2 memory.reclaim; v1
@@ -483,6 +642,26 @@ impl Actuator {
         Ok(result)
     }
 
+    /// Records a write its caller decided against (a burst raise at its ceiling): outcome
+    /// `refused` with `why`, counted with the refusals. Nothing was written, so the record
+    /// needs no durability of its own.
+    pub fn refused(
+        &self,
+        inst: &InstanceRecord,
+        reason: &str,
+        why: &str,
+        signal: Option<&str>,
+    ) -> AuditRecord {
+        let mut audit = AuditRecord::intent(inst, reason, signal);
+        audit.outcome = outcome::REFUSED.to_owned();
+        audit.error = Some(why.to_owned());
+        self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.audit.append_audit(audit.at_ms, &audit) {
+            self.audit_error(&e);
+        }
+        audit
+    }
+
     /// A write refused or failed before anything was written: counted, and recorded with
     /// why (it needs no durability of its own: nothing changed).
     fn not_attempted(&self, audit: &mut AuditRecord, e: &ActuatorError) {
@@ -547,11 +726,22 @@ impl Actuator {
         }
         let old = dir.limits()?;
         let usage = dir.usage()?;
+        let cap = self.runtime_limit(inst, old.max_bytes);
+        let (req, mut clamped) = clamp_to(req, cap);
         let mut raised = false;
         let mut new = LimitRequest {
             max_bytes: self.floored(&dir, req.max_bytes, usage, on_below, &mut raised)?,
             high_bytes: self.floored(&dir, req.high_bytes, usage, on_below, &mut raised)?,
         };
+        if let Some(cap) = cap {
+            // The floor took a file past the runtime's limit: that file keeps what it holds.
+            for v in [&mut new.max_bytes, &mut new.high_bytes] {
+                if v.is_some_and(|v| v > cap) {
+                    *v = None;
+                    clamped = true;
+                }
+            }
+        }
         if let (Some(high), Some(max)) = (new.high_bytes, new.max_bytes) {
             if high > max {
                 if raised {
@@ -567,6 +757,9 @@ impl Actuator {
             usage,
             new,
             raised,
+            key: (inst.started_at_ms, inst.cgroup_id),
+            cap,
+            clamped,
         })
     }
 
@@ -651,6 +844,9 @@ impl Actuator {
             mut usage,
             new,
             mut raised,
+            key,
+            cap,
+            ..
         } = plan;
         let (max_file, high_file) = self.hierarchy.limit_files();
         let mut max_now = new.max_bytes.or(old.max_bytes);
@@ -666,6 +862,14 @@ impl Actuator {
             if !is_max && raised {
                 // A raised high never goes above the max in force.
                 v = max_now.map_or(v, |m| v.min(m));
+            }
+            if cap.is_some_and(|c| v > c)
+                || (is_max && self.written_by_another(&dir, key, old.max_bytes, v)?)
+            {
+                // Usage grew past the runtime's limit less headroom since the plan, or the
+                // runtime wrote a lower one meanwhile: the file keeps what it holds.
+                audit.clamped_by = Some("runtime_limit".to_owned());
+                continue;
             }
             #[cfg(test)]
             if self.fail_writes_to == Some(file) {
@@ -730,6 +934,37 @@ impl Actuator {
             });
             rec
         })
+    }
+}
+
+/// `req` bounded by a container runtime's limit `cap`: memory.max at most the limit, memory.high
+/// keeping its ratio to the max asked for (or at most the limit, asked alone). True when it
+/// was bounded.
+fn clamp_to(req: LimitRequest, cap: Option<u64>) -> (LimitRequest, bool) {
+    let Some(cap) = cap else {
+        return (req, false);
+    };
+    match req.max_bytes {
+        Some(max) if max > cap => {
+            let high = req
+                .high_bytes
+                .map(|h| (u128::from(h) * u128::from(cap) / u128::from(max)) as u64);
+            let bounded = LimitRequest {
+                max_bytes: Some(cap),
+                high_bytes: high,
+            };
+            (bounded, true)
+        }
+        _ => match req.high_bytes {
+            Some(high) if high > cap => (
+                LimitRequest {
+                    high_bytes: Some(cap),
+                    ..req
+                },
+                true,
+            ),
+            _ => (req, false),
+        },
     }
 }
 
@@ -911,6 +1146,169 @@ mod tests {
         let w = f.write(&f.inst, req(64 << 20, 40 << 20), BelowUsage::Raise);
         assert_eq!(w.audit.outcome, outcome::OK);
         assert_eq!(f.audit().len(), 2);
+    }
+
+    /// The limit a container's runtime gave it bounds every write: memory.max clamped to it,
+    /// memory.high keeping its ratio, the audit saying so; a write left with nothing to change
+    /// is still recorded; `override_runtime_limits` lifts it.
+    #[test]
+    fn the_runtime_limit_is_a_ceiling() {
+        use crate::model::kept::{RuntimeLimit, RuntimeLimitSource};
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let inst = record(&f.inst);
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        let limit = RuntimeLimit {
+            bytes: 64 << 20,
+            source: RuntimeLimitSource::Metadata,
+        };
+        f.store.keep_state(key, &limit).unwrap();
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "new_instance",
+            None,
+        );
+        let a = w.result.unwrap();
+        assert_eq!(a.new.max_bytes, Some(64 << 20));
+        assert_eq!(a.new.high_bytes, Some(48 << 20), "the ratio kept");
+        assert_eq!(read(&f.inst.join("memory.max")), "67108864");
+        assert_eq!(w.audit.clamped_by.as_deref(), Some("runtime_limit"));
+        assert_eq!(w.audit.requested.unwrap().max_bytes, Some(256 << 20));
+        assert_eq!(f.audit()[0], w.audit);
+        // Asked again: nothing to write, and yet the record says why it is not the function's.
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
+        assert_eq!(w.audit.outcome, outcome::UNCHANGED);
+        assert_eq!(f.audit().len(), 2);
+        assert_eq!(f.audit()[0].clamped_by.as_deref(), Some("runtime_limit"));
+        // Within the limit: untouched, and no clamp said.
+        let w = f.act.write(
+            &inst,
+            req(32 << 20, 24 << 20),
+            BelowUsage::Refuse,
+            "api",
+            None,
+        );
+        assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
+        assert_eq!(read(&f.inst.join("memory.max")), "33554432");
+        // A hold asked alone above it goes no higher either.
+        let high = LimitRequest {
+            max_bytes: None,
+            high_bytes: Some(100 << 20),
+        };
+        let w = f.act.write(&inst, high, BelowUsage::Raise, "release", None);
+        assert_eq!(w.result.unwrap().new.high_bytes, Some(64 << 20));
+        // Overridden: the function's limit is written.
+        let mut over = fake(CgroupVersion::V1, 10 << 20);
+        over.act = Actuator::new(
+            over.act.hierarchy.clone(),
+            &["/emars".to_owned()],
+            8 << 20,
+            true,
+            over.store.clone(),
+        )
+        .overriding_runtime_limits(true);
+        over.act.host_memory = 1 << 30;
+        let inst = record(&over.inst);
+        over.store
+            .keep_state((inst.started_at_ms, inst.cgroup_id), &limit)
+            .unwrap();
+        let w = over.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
+        assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
+        assert_eq!(read(&over.inst.join("memory.limit_in_bytes")), "268435456");
+    }
+
+    /// A runtime that writes its limit after the agent's own write (runc writes it after the
+    /// mkdir, which the agent answers at once): seen at the next write, and kept as the
+    /// runtime's limit from then on.
+    #[test]
+    fn a_limit_written_by_another_after_the_agent_is_the_runtime_limit() {
+        use crate::model::kept::{RuntimeLimit, RuntimeLimitSource};
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let inst = record(&f.inst);
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        f.act
+            .write(
+                &inst,
+                req(256 << 20, 192 << 20),
+                BelowUsage::Raise,
+                "new_instance",
+                None,
+            )
+            .result
+            .unwrap();
+        // Nobody else wrote: no runtime limit.
+        assert_eq!(f.act.runtime_limit(&inst, Some(256 << 20)), None);
+        fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
+        let w = f.act.write(
+            &inst,
+            req(256 << 20, 192 << 20),
+            BelowUsage::Raise,
+            "apply",
+            None,
+        );
+        assert_eq!(
+            w.audit.clamped_by.as_deref(),
+            Some("runtime_limit"),
+            "{w:?}"
+        );
+        assert_eq!(read(&f.inst.join("memory.max")).trim(), "67108864");
+        assert_eq!(
+            read(&f.inst.join("memory.high")),
+            "50331648",
+            "the ratio kept"
+        );
+        assert_eq!(
+            f.store.kept_state::<RuntimeLimit>(key).unwrap(),
+            Some(RuntimeLimit {
+                bytes: 64 << 20,
+                source: RuntimeLimitSource::LaterWrite
+            })
+        );
+        // Its own writes below the limit are its own: the limit stays.
+        f.act
+            .write(
+                &inst,
+                req(32 << 20, 24 << 20),
+                BelowUsage::Raise,
+                "api",
+                None,
+            )
+            .result
+            .unwrap();
+        assert_eq!(f.act.runtime_limit(&inst, Some(32 << 20)), Some(64 << 20));
+        // The instance ended: what was noted of it goes.
+        f.act.forget(&inst);
+        assert_eq!(f.act.runtime_limit(&inst, Some(1 << 20)), Some(64 << 20));
+    }
+
+    /// A write its caller decided against is recorded as refused, with why.
+    #[test]
+    fn a_refusal_of_the_caller_is_recorded() {
+        let f = fake(CgroupVersion::V2, 0);
+        let inst = record(&f.inst);
+        let a = f.act.refused(
+            &inst,
+            "burst",
+            "at the ceiling 128 MiB",
+            Some("memory.events"),
+        );
+        assert_eq!(a.outcome, outcome::REFUSED);
+        assert_eq!(f.audit(), vec![a]);
+        assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 1);
+        assert_eq!(read(&f.inst.join("memory.max")), "max");
     }
 
     #[test]

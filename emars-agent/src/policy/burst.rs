@@ -1,28 +1,57 @@
 //! The burst guard at run time: it watches every instance that got limits, and when the kernel
 //! signals that one nears its memory.max, raises its limits (audited, reason "burst") before
 //! the OOM killer acts. The decisions are [`ReactiveConfig`]'s; the signals `kernel/notify`'s.
+//!
+//! Each watch has a fixed ceiling, set when the watch starts (`ceiling_factor` times the
+//! function's recommended memory.max, else the limit then in force) and kept with the instance
+//! in the store, so that the guard's own raises never move it and a restarted agent guards the
+//! last run's instances with the same one ([`BurstGuard::rearm`]). An explicit write through
+//! the API sets a new base.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use std::sync::Arc;
 
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 use crate::kernel::notify::{LimitSignals, Signal};
+use crate::model::kept::BurstWatch;
 use crate::model::tracker::{Cgroups, Tracker};
-use crate::model::{Limits, ReactiveInfo};
+use crate::model::{InstanceRecord, Limits, ReactiveInfo};
 use crate::policy::actuator::{Actuator, BelowUsage, LimitRequest};
 use crate::policy::enforcer::Enforcer;
-use crate::policy::reactive::{host_available_bytes, ReactiveConfig};
+use crate::policy::reactive::{host_available_bytes, NoRaise, ReactiveConfig};
 use crate::policy::Policy;
+use crate::store::Store;
 
 /// Reaction times kept for the percentiles in /v1/info.
 const KEPT_REACTIONS: usize = 1024;
+
+/// Where the limits of a watch come from: what sets its ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Written by the agent (a new instance, a bind) or found at a restart: the ceiling the
+    /// instance has kept, else one from the recommendation, else from the limit in force.
+    Agent,
+    /// Written explicitly through the API (set-limit, apply): the memory.max written is the
+    /// new base.
+    Explicit,
+}
+
+/// One watched instance.
+struct Watched {
+    ceiling: u64,
+    /// The memory.max at which a raise was last refused: said (log, audit, count) once.
+    refused_at: Option<u64>,
+}
 
 pub struct BurstGuard {
     config: ReactiveConfig,
     hierarchy: MemoryHierarchy,
     actuator: Arc<Actuator>,
+    policy: Arc<Policy>,
+    store: Store,
     signals: LimitSignals,
+    watches: HashMap<u64, Watched>,
     /// Signals seen, raises written, raises not made (at the ceiling, host full, write failed).
     signals_seen: u64,
     raises: u64,
@@ -37,6 +66,8 @@ impl BurstGuard {
         config: ReactiveConfig,
         hierarchy: MemoryHierarchy,
         actuator: Arc<Actuator>,
+        policy: Arc<Policy>,
+        store: Store,
     ) -> std::io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Signal>)> {
         let (signals, rx) = LimitSignals::new(hierarchy.version)?;
         Ok((
@@ -44,7 +75,10 @@ impl BurstGuard {
                 config,
                 hierarchy,
                 actuator,
+                policy,
+                store,
                 signals,
+                watches: HashMap::new(),
                 signals_seen: 0,
                 raises: 0,
                 denied: 0,
@@ -64,9 +98,35 @@ impl BurstGuard {
     pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &mut Tracker<C>) {
         for id in enforcer.ended.drain(..) {
             self.signals.unwatch(id);
+            self.watches.remove(&id);
         }
         for (id, limits) in std::mem::take(&mut enforcer.limits_written) {
-            self.watch_instance(tracker, enforcer, id, limits);
+            self.watch_instance(tracker, enforcer, id, limits, Origin::Agent);
+        }
+    }
+
+    /// At start-up, once the tracker knows the live instances: watches every one that has a
+    /// memory.max, as at a new instance, each with the ceiling it kept in the last run.
+    pub fn rearm<C: Cgroups>(&mut self, tracker: &mut Tracker<C>, enforcer: &mut Enforcer) {
+        self.sync(enforcer, tracker);
+        let limited: Vec<(u64, Limits)> = tracker
+            .live_records()
+            .filter(|r| r.limits.max_bytes.is_some() && !self.watches.contains_key(&r.cgroup_id))
+            .map(|r| (r.cgroup_id, r.limits))
+            .collect();
+        let mut kept = 0;
+        for (id, limits) in &limited {
+            if let Some(rec) = tracker.live_record(*id) {
+                kept += usize::from(self.kept_watch(rec).is_some());
+            }
+            self.watch_instance(tracker, enforcer, *id, *limits, Origin::Agent);
+        }
+        if !limited.is_empty() {
+            tracing::info!(
+                "burst guard: {} live instance(s) of the last run watched again ({kept} with \
+                 the ceiling they kept)",
+                limited.len()
+            );
         }
     }
 
@@ -80,10 +140,12 @@ impl BurstGuard {
         enforcer: &mut Enforcer,
         id: u64,
         mut limits: Limits,
+        origin: Origin,
     ) {
         let Some(rec) = tracker.live_record(id).cloned() else {
             return;
         };
+        self.set_ceiling(&rec, limits, origin);
         let unarmed = limits
             .max_bytes
             .is_some_and(|max| limits.high_bytes.is_none_or(|h| h >= max));
@@ -119,6 +181,52 @@ impl BurstGuard {
         self.watch(id, &rec.cgroup_path, limits);
     }
 
+    /// The watch's ceiling: kept from before (this run's, or the last run's in the store),
+    /// else `ceiling_factor` times the recommended memory.max, else times the limit in force;
+    /// an explicit write through the API sets a new base (the memory.max it wrote). Kept with
+    /// the instance.
+    fn set_ceiling(&mut self, rec: &InstanceRecord, limits: Limits, origin: Origin) {
+        let id = rec.cgroup_id;
+        let explicit = (origin == Origin::Explicit)
+            .then_some(limits.max_bytes)
+            .flatten();
+        if explicit.is_none() {
+            if self.watches.contains_key(&id) {
+                return;
+            }
+            if let Some(kept) = self.kept_watch(rec) {
+                self.watches.insert(id, watched(kept.ceiling_bytes));
+                return;
+            }
+        }
+        let recommended = || self.policy.cached(&rec.function).map(|r| r.max_bytes);
+        let Some(base) = explicit.or_else(recommended).or(limits.max_bytes) else {
+            return;
+        };
+        let ceiling = ((base as f64) * self.config.ceiling_factor) as u64;
+        let watch = BurstWatch {
+            ceiling_bytes: ceiling,
+            base_bytes: base,
+            since_ms: crate::clock::now_ms(),
+        };
+        let key = (rec.started_at_ms, rec.cgroup_id);
+        if let Err(e) = self.store.keep_state(key, &watch) {
+            tracing::error!("keeping the burst watch of {}: {e}", rec.cgroup_path);
+        }
+        tracing::debug!(cgroup = rec.cgroup_path, base, ceiling, "burst ceiling");
+        self.watches.insert(id, watched(ceiling));
+    }
+
+    /// The watch the last run kept for `rec`, if any.
+    fn kept_watch(&self, rec: &InstanceRecord) -> Option<BurstWatch> {
+        self.store
+            .kept_state::<BurstWatch>((rec.started_at_ms, rec.cgroup_id))
+            .unwrap_or_else(|e| {
+                tracing::error!("{e}");
+                None
+            })
+    }
+
     fn watch(&mut self, id: u64, dir: &str, limits: Limits) {
         let Some(trigger) = self.config.trigger_bytes(limits) else {
             return;
@@ -133,13 +241,13 @@ impl BurstGuard {
     }
 
     /// One signal: when the instance's usage is at or past its early-warning point, its
-    /// limits are raised by a step.
+    /// limits are raised by a step, up to the watch's ceiling and the container runtime's
+    /// limit.
     pub fn on_signal<C: Cgroups>(
         &mut self,
         sig: Signal,
         tracker: &mut Tracker<C>,
         enforcer: &mut Enforcer,
-        policy: &Policy,
     ) {
         self.signals_seen += 1;
         let Some(rec) = tracker.live_record(sig.cgroup_id).cloned() else {
@@ -156,28 +264,27 @@ impl BurstGuard {
         if usage < trigger {
             return; // v1 signals a crossing downwards too; v2 other counters' moves
         }
-        let recommended = policy
-            .cached(&rec.function)
-            .map(|r| r.max_bytes)
-            .or(limits.max_bytes)
-            .unwrap_or(0);
-        let ceiling = ((recommended as f64) * self.config.ceiling_factor) as u64;
-        let available = host_available_bytes().unwrap_or(0);
-        let new = match self.config.burst_raise(limits, usage, ceiling, available) {
-            Ok(l) => l,
-            Err(why) => {
-                self.denied += 1;
-                tracing::warn!(
-                    function = rec.function,
-                    instance = rec.instance,
-                    usage,
-                    "burst not helped: {why}"
-                );
-                return;
-            }
+        self.set_ceiling(&rec, limits, Origin::Agent);
+        let Some(ceiling) = self.watches.get(&sig.cgroup_id).map(|w| w.ceiling) else {
+            return;
         };
         let mut current = rec.clone();
         current.limits = limits;
+        let runtime = self.actuator.runtime_limit(&current, limits.max_bytes);
+        let raise = match (runtime, limits.max_bytes) {
+            (Some(limit), Some(max)) if limit <= ceiling && max >= limit => {
+                Err(NoRaise::AtRuntimeLimit { max, limit })
+            }
+            _ => {
+                let bound = runtime.map_or(ceiling, |r| r.min(ceiling));
+                let available = host_available_bytes().unwrap_or(0);
+                self.config.burst_raise(limits, usage, bound, available)
+            }
+        };
+        let new = match raise {
+            Ok(l) => l,
+            Err(why) => return self.refuse(&current, usage, &why),
+        };
         let written = self
             .actuator
             .write(&current, new.into(), BelowUsage::Raise, "burst", None);
@@ -195,6 +302,7 @@ impl BurstGuard {
                     usage,
                     old_max = ?limits.max_bytes,
                     new_max = ?applied.new.max_bytes,
+                    ceiling,
                     reaction_us = us,
                     "burst: limits raised"
                 );
@@ -212,6 +320,32 @@ impl BurstGuard {
                 );
             }
         }
+    }
+
+    /// A raise not made: audited (reason "burst", outcome "refused", with why), counted and
+    /// logged once per instance and memory.max (the kernel goes on signalling while the
+    /// instance stays at its limit).
+    fn refuse(&mut self, current: &InstanceRecord, usage: u64, why: &NoRaise) {
+        let Some(w) = self.watches.get_mut(&current.cgroup_id) else {
+            return;
+        };
+        if w.refused_at.is_some() && w.refused_at == current.limits.max_bytes {
+            return;
+        }
+        w.refused_at = current.limits.max_bytes;
+        self.denied += 1;
+        tracing::warn!(
+            function = current.function,
+            instance = current.instance,
+            usage,
+            "burst not helped: {why}"
+        );
+        let signal = match self.hierarchy.version {
+            CgroupVersion::V1 => "memory.usage_in_bytes threshold",
+            CgroupVersion::V2 => "memory.events",
+        };
+        self.actuator
+            .refused(current, "burst", &why.to_string(), Some(signal));
     }
 
     /// Fills in the burst guard's part of `/v1/info` → `reactive` (the API counts admissions
@@ -233,5 +367,12 @@ impl BurstGuard {
         info.reaction_p50_us = pct(0.5);
         info.reaction_p99_us = pct(0.99);
         info.reaction_max_us = sorted.last().copied();
+    }
+}
+
+fn watched(ceiling: u64) -> Watched {
+    Watched {
+        ceiling,
+        refused_at: None,
     }
 }

@@ -66,8 +66,13 @@ impl Enforcer {
     fn one<C: Cgroups>(&mut self, tracker: &mut Tracker<C>, effect: Effect) -> Vec<Effect> {
         match effect {
             Effect::Save(rec) => {
-                if self.track_limits && rec.ended_at_ms.is_some() {
-                    self.ended.push(rec.cgroup_id);
+                if rec.ended_at_ms.is_some() {
+                    if self.track_limits {
+                        self.ended.push(rec.cgroup_id);
+                    }
+                    if let Some((_, actuator)) = &self.policy {
+                        actuator.forget(&rec);
+                    }
                 }
                 if let Err(e) = self.store.put_instance(&rec) {
                     self.store_error(e);
@@ -79,6 +84,17 @@ impl Enforcer {
                 delta,
             } => {
                 if let Err(e) = self.store.add_hour(&function, at_ms, delta) {
+                    self.store_error(e);
+                }
+            }
+            Effect::RuntimeLimit { key, limit } => {
+                tracing::debug!(
+                    cgroup = key.1,
+                    bytes = limit.bytes,
+                    source = ?limit.source,
+                    "the container's runtime limit"
+                );
+                if let Err(e) = self.store.keep_state(key, &limit) {
                     self.store_error(e);
                 }
             }

@@ -477,6 +477,9 @@ pub struct PolicyConfig {
     pub export_dir: PathBuf,
     /// A limit is never set below an instance's current usage plus this many bytes.
     pub headroom_bytes: u64,
+    /// Write memory.max above the limit a container's runtime gave it (`docker run --memory`,
+    /// a bundle's `linux.resources.memory.limit`). Off: that limit is a ceiling.
+    pub override_runtime_limits: bool,
     /// Policy for every function without an entry in `functions`.
     pub defaults: FunctionPolicy,
     /// Per-function overrides (with `name`); unset keys fall back to `defaults`.

@@ -38,7 +38,8 @@ pub struct ReactiveConfig {
     pub step_fraction: f64,
     /// ... and at least this many bytes.
     pub step_min_bytes: u64,
-    /// No raise goes above the function's recommended memory.max times this.
+    /// No raise goes above this times the function's recommended memory.max, else times the
+    /// limit in force when the guard started watching the instance (fixed then).
     pub ceiling_factor: f64,
     /// Memory the host keeps available (MemAvailable) after a raise or an admitted instance.
     pub host_reserve_bytes: u64,
@@ -258,10 +259,29 @@ pub struct Squeeze {
 pub enum NoRaise {
     #[error("the instance has no memory.max")]
     NoLimit,
-    #[error("memory.max {max} is at the function's ceiling {ceiling}")]
+    #[error(
+        "at the ceiling {} (reactive.ceiling_factor x the function's recommended memory.max, \
+         else the limit in force when the guard started watching): memory.max is {max} bytes",
+        mib(.ceiling)
+    )]
     AtCeiling { max: u64, ceiling: u64 },
+    #[error(
+        "at the container runtime's limit {} (policy.override_runtime_limits = false): \
+         memory.max is {max} bytes",
+        mib(.limit)
+    )]
+    AtRuntimeLimit { max: u64, limit: u64 },
     #[error("the host has {available} bytes available, {reserve} of them reserved")]
     HostFull { available: u64, reserve: u64 },
+}
+
+/// Bytes as MiB for messages: "128 MiB", "12.5 MiB".
+fn mib(bytes: &u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{:.1} MiB", *bytes as f64 / f64::from(1 << 20))
+    }
 }
 
 /// POST /v1/admission's answer.
@@ -378,13 +398,16 @@ mod tests {
         // The ceiling bounds it.
         let r = c.burst_raise(l, 95 * MIB, 120 * MIB, 10_000 * MIB).unwrap();
         assert_eq!(r.max_bytes, Some(120 * MIB));
+        let at = c.burst_raise(limits(120 * MIB, None), 0, 120 * MIB, 10_000 * MIB);
         assert_eq!(
-            c.burst_raise(limits(120 * MIB, None), 0, 120 * MIB, 10_000 * MIB),
+            at,
             Err(NoRaise::AtCeiling {
                 max: 120 * MIB,
                 ceiling: 120 * MIB
             })
         );
+        let why = at.unwrap_err().to_string();
+        assert!(why.starts_with("at the ceiling 120 MiB"), "{why}");
         // So does what the host can spare above its reserve.
         let r = c
             .burst_raise(l, 95 * MIB, 1000 * MIB, 256 * MIB + 10 * MIB)

@@ -5,6 +5,12 @@
 //! signalled for `release_after_s`, or at once when the instance wakes (it used CPU, or on v2
 //! crossed the hold, which its memory.events tell). memory.max is never touched. Decisions are
 //! [`ReactiveConfig::squeeze`]'s; signals `kernel/notify`'s.
+//!
+//! Each hold is kept with its instance in the store, durably, before it is written: a
+//! restarted agent, after a stop or a kill -9, takes the holds of the last run back
+//! ([`Squeezer::adopt`]) and releases them on the same rules, or at once when the squeeze is off
+//! ([`release_kept_holds`]). A hold that is no longer what the cgroup holds (changed since by an
+//! API write, apply or a burst raise) is never overwritten: it is said and dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -16,10 +22,17 @@ use tokio::task::JoinHandle;
 
 use crate::kernel::cgroupfs::MemoryHierarchy;
 use crate::kernel::notify::{PressureSignal, PressureSignals, PressureThresholds};
+use crate::model::kept::{same_limit, SqueezeHold};
+use crate::model::live::InstanceKey;
 use crate::model::tracker::{Cgroups, Tracker};
-use crate::model::{InstanceRecord, Limits, ReactiveInfo};
-use crate::policy::actuator::{Actuator, BelowUsage, LimitRequest};
+use crate::model::{InstanceRecord, ReactiveInfo};
+use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::policy::reactive::ReactiveConfig;
+use crate::store::Store;
+
+/// A hold is this much above the usage plus headroom it was planned from: usage as the kernel
+/// reports it moves a little without the instance doing anything (per-CPU charge batches).
+const HOLD_SLACK_BYTES: u64 = 1 << 20;
 
 /// An instance's CPU time at its last change.
 struct Activity {
@@ -27,17 +40,21 @@ struct Activity {
     since: Instant,
 }
 
-/// What a squeeze changed, to be put back at release.
-struct Held {
-    before: Limits,
-}
-
 /// One squeezed instance, as the blocking squeeze task reports it.
 pub struct Done {
     id: u64,
-    before: Limits,
+    key: InstanceKey,
+    /// The hold written (with `Outcome::Held`).
+    hold: Option<SqueezeHold>,
     reclaimed: u64,
     outcome: Outcome,
+}
+
+/// An instance reclaimed, with the hold it is to get.
+struct Planned {
+    rec: InstanceRecord,
+    hold: SqueezeHold,
+    reclaimed: u64,
 }
 
 enum Outcome {
@@ -51,10 +68,12 @@ pub struct Squeezer {
     config: ReactiveConfig,
     hierarchy: MemoryHierarchy,
     actuator: Arc<Actuator>,
+    store: Store,
     pressure: PressureSignals,
     setup_errors: Vec<String>,
     activity: HashMap<u64, Activity>,
-    squeezed: HashMap<u64, Held>,
+    /// The holds in force, by cgroup id: what each is to put back.
+    squeezed: HashMap<u64, (InstanceKey, SqueezeHold)>,
     /// Idle instances that had nothing worth taking in this episode.
     passed_over: HashSet<u64>,
     /// The squeeze under way (reclaim takes the kernel milliseconds per instance: off the
@@ -85,6 +104,7 @@ impl Squeezer {
         config: ReactiveConfig,
         hierarchy: MemoryHierarchy,
         actuator: Arc<Actuator>,
+        store: Store,
         roots: &[PathBuf],
     ) -> (Self, UnboundedReceiver<PressureSignal>) {
         let host = Path::new("/proc/pressure/memory");
@@ -114,6 +134,7 @@ impl Squeezer {
                 config,
                 hierarchy,
                 actuator,
+                store,
                 pressure,
                 setup_errors,
                 activity: HashMap::new(),
@@ -167,7 +188,9 @@ impl Squeezer {
         let live: HashSet<u64> = ids.iter().copied().collect();
         self.activity.retain(|id, _| live.contains(id));
         if self.running.is_none() {
-            self.squeezed.retain(|id, _| live.contains(id));
+            // Ended: what was kept of the hold went with the instance's record.
+            self.squeezed
+                .retain(|id, _| tracker.live_record(*id).is_some());
         }
         let mut woke = Vec::new();
         for &id in ids {
@@ -256,17 +279,15 @@ impl Squeezer {
             "memory pressure ({signal}): squeezing {} idle instance(s)",
             victims.len()
         );
-        let (config, hierarchy, actuator) = (
-            self.config.clone(),
-            self.hierarchy.clone(),
-            self.actuator.clone(),
-        );
+        let ctx = SqueezeContext {
+            config: self.config.clone(),
+            hierarchy: self.hierarchy.clone(),
+            actuator: self.actuator.clone(),
+            store: self.store.clone(),
+        };
         self.running_since = Some(at);
         self.running = Some(tokio::task::spawn_blocking(move || {
-            victims
-                .into_iter()
-                .filter_map(|rec| squeeze_one(&config, &hierarchy, &actuator, rec, &signal))
-                .collect()
+            ctx.squeeze_all(victims, &signal)
         }));
     }
 
@@ -286,19 +307,28 @@ impl Squeezer {
     }
 
     /// Takes in what a squeeze did.
-    pub fn record(&mut self, done: Vec<Done>) {
+    pub fn record<C: Cgroups>(&mut self, done: Vec<Done>, tracker: &Tracker<C>) {
         if let Some(t) = self.running_since.take() {
             self.last_squeeze_ms = Some(t.elapsed().as_millis() as u64);
         }
         for d in done {
             self.reclaimed_bytes += d.reclaimed;
-            match d.outcome {
-                Outcome::Held => {
+            match (d.outcome, d.hold) {
+                (Outcome::Held, Some(hold)) => {
                     self.squeezes += 1;
-                    self.squeezed.insert(d.id, Held { before: d.before });
+                    let live = tracker
+                        .live_record(d.id)
+                        .is_some_and(|r| (r.started_at_ms, r.cgroup_id) == d.key);
+                    if live {
+                        self.squeezed.insert(d.id, (d.key, hold));
+                    } else {
+                        // Ended while it was squeezed: nothing left to release.
+                        forget_hold(&self.store, d.key);
+                    }
                 }
-                Outcome::Failed => self.failed += 1,
-                Outcome::Nothing => {
+                (Outcome::Held, None) => {}
+                (Outcome::Failed, _) => self.failed += 1,
+                (Outcome::Nothing, _) => {
                     self.passed_over.insert(d.id);
                 }
             }
@@ -324,49 +354,66 @@ impl Squeezer {
         }
     }
 
-    /// Puts back what the squeeze of `id` held it at (audited, reason "release").
+    /// Puts back what the squeeze of `id` held it at (audited, reason "release"), unless the
+    /// hold was changed since (see [`release_hold`]).
     pub fn release<C: Cgroups>(&mut self, id: u64, tracker: &mut Tracker<C>, why: &str) -> bool {
-        let Some(held) = self.squeezed.remove(&id) else {
+        let Some((_, hold)) = self.squeezed.remove(&id) else {
             return false;
         };
         let Some(rec) = tracker.live_record(id).cloned() else {
             return false;
         };
-        // No hold of its own before: memory.high at memory.max is none in effect.
-        let Some(back) = held.before.high_bytes.or(held.before.max_bytes) else {
-            return false;
-        };
-        let mut current = rec.clone();
-        if let Ok(l) = self.hierarchy.limits(Path::new(&rec.cgroup_path)) {
-            current.limits = l;
-        }
-        let req = LimitRequest {
-            max_bytes: None,
-            high_bytes: Some(back),
-        };
-        let w = self.actuator.write_signalled(
-            &current,
-            req,
-            BelowUsage::Raise,
-            "release",
-            None,
-            Some(why),
-        );
-        match w.result {
-            Ok(_) => {
+        match release_hold(
+            &self.actuator,
+            &self.hierarchy,
+            &self.store,
+            &rec,
+            &hold,
+            why,
+        ) {
+            Released::Yes => {
                 self.releases += 1;
-                tracing::info!(
-                    function = rec.function,
-                    instance = rec.instance,
-                    "squeeze released: {why}"
-                );
                 true
             }
-            Err(e) => {
+            Released::Dropped => false,
+            Released::Failed => {
                 self.failed += 1;
-                tracing::warn!(cgroup = rec.cgroup_path, "squeeze not released: {e}");
                 false
             }
+        }
+    }
+
+    /// At start-up, once the tracker knows the live instances: takes back the holds the last
+    /// run kept, each still what its cgroup holds, to be released on the same rules (pressure
+    /// quiet for `release_after_s` from now, the instance using CPU or crossing its hold). A
+    /// hold whose instance ended, or whose cgroup holds something else now, is dropped.
+    pub fn adopt<C: Cgroups>(&mut self, tracker: &Tracker<C>) {
+        let mut adopted = 0;
+        for (key, hold, rec) in kept_holds(&self.store, tracker) {
+            let now = self.hierarchy.limits(Path::new(&rec.cgroup_path));
+            match now {
+                Ok(l) if same_limit(l.high_bytes, Some(hold.hold_bytes)) => {
+                    self.squeezed.insert(rec.cgroup_id, (key, hold));
+                    adopted += 1;
+                }
+                Ok(l) => {
+                    say_not_held(&rec, &hold, l.high_bytes);
+                    forget_hold(&self.store, key);
+                }
+                Err(_) => forget_hold(&self.store, key),
+            }
+        }
+        if adopted > 0 {
+            // As if pressure had been signalled now: released once it has been quiet since.
+            let now = Instant::now();
+            self.last_pressure.get_or_insert(now);
+            self.episode_start.get_or_insert(now);
+            self.last_signal = "a hold of the last run".to_owned();
+            tracing::info!(
+                "{adopted} squeeze hold(s) of the last run taken back: released after {} s \
+                 without memory pressure",
+                self.config.release_after_s
+            );
         }
     }
 
@@ -392,60 +439,465 @@ impl Squeezer {
     }
 }
 
-/// Reclaims an idle instance's page cache and holds it near its working set; `None` when it is
-/// gone.
-fn squeeze_one(
-    config: &ReactiveConfig,
-    hierarchy: &MemoryHierarchy,
-    actuator: &Actuator,
-    mut rec: InstanceRecord,
-    signal: &str,
-) -> Option<Done> {
-    let dir = PathBuf::from(&rec.cgroup_path);
-    let usage = hierarchy.usage(&dir).ok()?;
-    let limits = hierarchy.limits(&dir).ok()?;
-    let reclaimable = hierarchy.reclaimable_file(&dir).ok()?;
-    let Some(plan) = config.squeeze(usage, reclaimable, limits) else {
-        return Some(Done {
-            id: rec.cgroup_id,
-            before: limits,
-            reclaimed: 0,
-            outcome: Outcome::Nothing,
-        });
-    };
-    rec.limits = limits;
-    let reclaimed = match actuator.reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal)) {
-        Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
-        Err(e) => {
-            tracing::warn!(cgroup = rec.cgroup_path, "reclaim failed: {e}");
-            0
+/// What a squeeze task needs, moved onto its blocking thread.
+struct SqueezeContext {
+    config: ReactiveConfig,
+    hierarchy: MemoryHierarchy,
+    actuator: Arc<Actuator>,
+    store: Store,
+}
+
+impl SqueezeContext {
+    /// Reclaims each idle instance's page cache, keeps the holds (durably: flushed before any
+    /// is written, so that a restarted agent releases them even after a kill -9), then writes
+    /// them.
+    fn squeeze_all(&self, victims: Vec<InstanceRecord>, signal: &str) -> Vec<Done> {
+        let mut done = Vec::new();
+        let mut planned = Vec::new();
+        for rec in victims {
+            match self.reclaim(rec, signal) {
+                Some(Ok(p)) => planned.push(p),
+                Some(Err(nothing)) => done.push(nothing),
+                None => {}
+            }
         }
+        let kept = !planned.is_empty() && self.keep(&planned);
+        for p in planned {
+            done.push(if kept {
+                self.hold(p, signal)
+            } else {
+                forget_hold(&self.store, key_of(&p.rec));
+                Done::of(&p.rec, None, p.reclaimed, Outcome::Failed)
+            });
+        }
+        done
+    }
+
+    /// Reclaims an idle instance's page cache and plans its hold near its working set;
+    /// `None` when it is gone, `Err` when there is nothing worth taking or holding.
+    fn reclaim(&self, mut rec: InstanceRecord, signal: &str) -> Option<Result<Planned, Done>> {
+        let dir = PathBuf::from(&rec.cgroup_path);
+        let usage = self.hierarchy.usage(&dir).ok()?;
+        let limits = self.hierarchy.limits(&dir).ok()?;
+        let reclaimable = self.hierarchy.reclaimable_file(&dir).ok()?;
+        let Some(plan) = self.config.squeeze(usage, reclaimable, limits) else {
+            return Some(Err(Done::of(&rec, None, 0, Outcome::Nothing)));
+        };
+        rec.limits = limits;
+        let reclaimed =
+            match self
+                .actuator
+                .reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal))
+            {
+                Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
+                Err(e) => {
+                    tracing::warn!(cgroup = rec.cgroup_path, "reclaim failed: {e}");
+                    0
+                }
+            };
+        // What is left, plus headroom; never below what the writer allows now (usage plus its
+        // headroom), so that the hold written is the one kept.
+        let after = self.hierarchy.usage(&dir).ok()?;
+        let hold = (after + self.actuator.headroom() + HOLD_SLACK_BYTES).max(plan.hold_bytes);
+        let current = limits
+            .high_bytes
+            .into_iter()
+            .chain(limits.max_bytes)
+            .min()
+            .unwrap_or(u64::MAX);
+        if hold >= current {
+            return Some(Err(Done::of(&rec, None, reclaimed, Outcome::Nothing)));
+        }
+        let hold = SqueezeHold {
+            before: limits,
+            hold_bytes: hold,
+            taken_at_ms: crate::clock::now_ms(),
+        };
+        Some(Ok(Planned {
+            rec,
+            hold,
+            reclaimed,
+        }))
+    }
+
+    /// Keeps every planned hold in the store and flushes it: false (nothing to be written)
+    /// when that fails.
+    fn keep(&self, planned: &[Planned]) -> bool {
+        let kept = planned
+            .iter()
+            .try_for_each(|p| self.store.keep_state(key_of(&p.rec), &p.hold))
+            .and_then(|()| self.store.flush());
+        if let Err(e) = &kept {
+            tracing::error!("squeeze holds not written: they could not be kept in the store: {e}");
+        }
+        kept.is_ok()
+    }
+
+    /// Writes a kept hold. Usage that grew past it since (the writer refuses a hold below
+    /// usage plus headroom) moves the hold up, kept again first, while it is still below the
+    /// one the instance had.
+    fn hold(&self, mut p: Planned, signal: &str) -> Done {
+        let key = key_of(&p.rec);
+        for _ in 0..3 {
+            let req = LimitRequest {
+                max_bytes: None,
+                high_bytes: Some(p.hold.hold_bytes),
+            };
+            let w = self.actuator.write_signalled(
+                &p.rec,
+                req,
+                BelowUsage::Refuse,
+                "pressure",
+                None,
+                Some(signal),
+            );
+            match w.result {
+                Ok(a) => {
+                    tracing::info!(
+                        function = p.rec.function,
+                        instance = p.rec.instance,
+                        reclaimed = p.reclaimed,
+                        hold = ?a.new.high_bytes,
+                        "squeezed"
+                    );
+                    return Done::of(&p.rec, Some(p.hold), p.reclaimed, Outcome::Held);
+                }
+                Err(ActuatorError::BelowUsage {
+                    usage, headroom, ..
+                }) => {
+                    let higher = usage + headroom + HOLD_SLACK_BYTES;
+                    let current = p.hold.before.high_bytes.or(p.hold.before.max_bytes);
+                    if current.is_some_and(|c| higher >= c) {
+                        forget_hold(&self.store, key);
+                        return Done::of(&p.rec, None, p.reclaimed, Outcome::Nothing);
+                    }
+                    p.hold.hold_bytes = higher;
+                    if !self.keep(std::slice::from_ref(&p)) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = p.rec.cgroup_path, "squeeze hold not written: {e}");
+                    break;
+                }
+            }
+        }
+        forget_hold(&self.store, key);
+        Done::of(&p.rec, None, p.reclaimed, Outcome::Failed)
+    }
+}
+
+impl Done {
+    fn of(
+        rec: &InstanceRecord,
+        hold: Option<SqueezeHold>,
+        reclaimed: u64,
+        outcome: Outcome,
+    ) -> Done {
+        Done {
+            id: rec.cgroup_id,
+            key: key_of(rec),
+            hold,
+            reclaimed,
+            outcome,
+        }
+    }
+}
+
+/// How a release went.
+enum Released {
+    Yes,
+    /// Not written: the hold was not there any more (released already, changed since, or the
+    /// cgroup gone).
+    Dropped,
+    Failed,
+}
+
+/// Puts back what `hold` replaced in `rec`'s cgroup (audited, reason "release"), and drops the
+/// kept hold. A cgroup that holds something else than the hold now was changed since (an API
+/// write, apply, a burst raise, the platform): that is said and left as it is.
+fn release_hold(
+    actuator: &Actuator,
+    hierarchy: &MemoryHierarchy,
+    store: &Store,
+    rec: &InstanceRecord,
+    hold: &SqueezeHold,
+    why: &str,
+) -> Released {
+    let key = key_of(rec);
+    let (Some(back), Ok(now)) = (
+        hold.release_to(),
+        hierarchy.limits(Path::new(&rec.cgroup_path)),
+    ) else {
+        forget_hold(store, key);
+        return Released::Dropped;
     };
+    if !same_limit(now.high_bytes, Some(hold.hold_bytes)) {
+        say_not_held(rec, hold, now.high_bytes);
+        forget_hold(store, key);
+        return Released::Dropped;
+    }
+    let mut current = rec.clone();
+    current.limits = now;
     let req = LimitRequest {
         max_bytes: None,
-        high_bytes: Some(plan.hold_bytes),
+        high_bytes: Some(back),
     };
-    let w = actuator.write_signalled(&rec, req, BelowUsage::Raise, "pressure", None, Some(signal));
-    let outcome = match &w.result {
-        Ok(a) => {
+    let w = actuator.write_signalled(&current, req, BelowUsage::Raise, "release", None, Some(why));
+    match w.result {
+        Ok(_) => {
             tracing::info!(
                 function = rec.function,
                 instance = rec.instance,
-                reclaimed,
-                hold = ?a.new.high_bytes,
-                "squeezed"
+                "squeeze released: {why}"
             );
-            Outcome::Held
+            forget_hold(store, key);
+            Released::Yes
         }
         Err(e) => {
-            tracing::warn!(cgroup = rec.cgroup_path, "squeeze hold not written: {e}");
-            Outcome::Failed
+            // Kept: the next start tries again.
+            tracing::warn!(cgroup = rec.cgroup_path, "squeeze not released: {e}");
+            Released::Failed
         }
-    };
-    Some(Done {
-        id: rec.cgroup_id,
-        before: limits,
-        reclaimed,
-        outcome,
-    })
+    }
+}
+
+/// At start-up with the squeeze off (or writes not allowed): the holds of the last run are
+/// released at once, where writes are allowed; else they stay kept for a run that may write.
+pub fn release_kept_holds<C: Cgroups>(
+    actuator: &Actuator,
+    hierarchy: &MemoryHierarchy,
+    store: &Store,
+    tracker: &Tracker<C>,
+) {
+    let holds = kept_holds(store, tracker);
+    if holds.is_empty() {
+        return;
+    }
+    if !actuator.writes_allowed() {
+        tracing::warn!(
+            "{} squeeze hold(s) of an earlier run left in place: releasing them needs \
+             policy.mode = \"enforce\"",
+            holds.len()
+        );
+        return;
+    }
+    let why = "the squeeze is off in this run";
+    let released = holds
+        .iter()
+        .filter(|(_, hold, rec)| {
+            matches!(
+                release_hold(actuator, hierarchy, store, rec, hold, why),
+                Released::Yes
+            )
+        })
+        .count();
+    tracing::info!("{released} squeeze hold(s) of the last run released");
+}
+
+/// The holds kept in the store whose instance is live, with its record; the others dropped.
+fn kept_holds<C: Cgroups>(
+    store: &Store,
+    tracker: &Tracker<C>,
+) -> Vec<(InstanceKey, SqueezeHold, InstanceRecord)> {
+    let holds = store.kept_states::<SqueezeHold>().unwrap_or_else(|e| {
+        tracing::error!("reading the squeeze holds of the last run: {e}");
+        Vec::new()
+    });
+    let mut out = Vec::new();
+    for (key, hold) in holds {
+        match tracker
+            .live_record(key.1)
+            .filter(|r| r.started_at_ms == key.0)
+        {
+            Some(rec) => out.push((key, hold, rec.clone())),
+            None => forget_hold(store, key),
+        }
+    }
+    out
+}
+
+/// Says why a hold is not put back: released already, or changed since by someone else.
+fn say_not_held(rec: &InstanceRecord, hold: &SqueezeHold, now: Option<u64>) {
+    if same_limit(now, hold.release_to()) {
+        tracing::info!(cgroup = rec.cgroup_path, "squeeze hold released already");
+    } else {
+        tracing::warn!(
+            function = rec.function,
+            instance = rec.instance,
+            hold = hold.hold_bytes,
+            now = ?now,
+            "memory.high (soft limit) is no longer the squeeze's hold: changed since the \
+             squeeze, left as it is"
+        );
+    }
+}
+
+fn forget_hold(store: &Store, key: InstanceKey) {
+    if let Err(e) = store.forget_state::<SqueezeHold>(key) {
+        tracing::error!("dropping a squeeze hold: {e}");
+    }
+}
+
+fn key_of(rec: &InstanceRecord) -> InstanceKey {
+    (rec.started_at_ms, rec.cgroup_id)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Releases on a fake cgroupfs in a temp dir (plain files stand in for the kernel's; the
+    //! kernel path, a kill -9 and a restart are covered by tests/tests/reactive.rs).
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::kernel::cgroupfs::CgroupVersion;
+    use crate::model::{Limits, PeakSource};
+
+    const MIB: u64 = 1 << 20;
+
+    struct Fake {
+        _tmp: tempfile::TempDir,
+        hierarchy: MemoryHierarchy,
+        actuator: Actuator,
+        store: Store,
+        rec: InstanceRecord,
+    }
+
+    /// An instance using 10 MiB, memory.max 64 MiB, held at 16 MiB (its memory.high was 48).
+    fn held() -> (Fake, SqueezeHold) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().join("cg");
+        let dir = mount.join("emars/fn/i1");
+        fs::create_dir_all(&dir).unwrap();
+        for (file, value) in [
+            ("memory.current", 10 * MIB),
+            ("memory.max", 64 * MIB),
+            ("memory.high", 16 * MIB),
+        ] {
+            fs::write(dir.join(file), value.to_string()).unwrap();
+        }
+        let hierarchy = MemoryHierarchy {
+            version: CgroupVersion::V2,
+            mount,
+            hierarchy_id: 0,
+        };
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let actuator = Actuator::new(
+            hierarchy.clone(),
+            &["/emars".to_owned()],
+            MIB,
+            true,
+            store.clone(),
+        );
+        let rec = InstanceRecord {
+            function: "fn".into(),
+            instance: "i1".into(),
+            cgroup_id: fs::metadata(&dir).unwrap().ino(),
+            cgroup_path: dir.display().to_string(),
+            started_at_ms: 1,
+            ended_at_ms: None,
+            execs: 0,
+            peak_bytes: 0,
+            peak_source: PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Limits::default(),
+        };
+        store.put_instance(&rec).unwrap();
+        let hold = SqueezeHold {
+            before: Limits {
+                max_bytes: Some(64 * MIB),
+                high_bytes: Some(48 * MIB),
+            },
+            hold_bytes: 16 * MIB,
+            taken_at_ms: 2,
+        };
+        store.keep_state(key_of(&rec), &hold).unwrap();
+        let f = Fake {
+            _tmp: tmp,
+            hierarchy,
+            actuator,
+            store,
+            rec,
+        };
+        (f, hold)
+    }
+
+    impl Fake {
+        fn release(&self, hold: &SqueezeHold) -> Released {
+            let why = "test";
+            release_hold(
+                &self.actuator,
+                &self.hierarchy,
+                &self.store,
+                &self.rec,
+                hold,
+                why,
+            )
+        }
+        fn high(&self) -> String {
+            fs::read_to_string(Path::new(&self.rec.cgroup_path).join("memory.high")).unwrap()
+        }
+        fn kept(&self) -> Option<SqueezeHold> {
+            self.store.kept_state(key_of(&self.rec)).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_release_puts_back_what_the_hold_replaced() {
+        let (f, hold) = held();
+        assert!(matches!(f.release(&hold), Released::Yes));
+        assert_eq!(f.high(), (48 * MIB).to_string());
+        assert_eq!(f.kept(), None, "the kept hold goes with its release");
+        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        assert_eq!(audit[0].reason, "release");
+        assert_eq!(audit[0].written.high_bytes, Some(48 * MIB));
+    }
+
+    /// Someone (an API write, apply, a raise) changed memory.high since the hold: it is not
+    /// overwritten, and the hold is dropped.
+    #[test]
+    fn a_hold_changed_since_is_not_overwritten() {
+        let (f, hold) = held();
+        fs::write(
+            Path::new(&f.rec.cgroup_path).join("memory.high"),
+            "33554432",
+        )
+        .unwrap();
+        assert!(matches!(f.release(&hold), Released::Dropped));
+        assert_eq!(f.high(), "33554432");
+        assert_eq!(f.kept(), None);
+        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        assert!(audit.is_empty(), "nothing written: {audit:?}");
+    }
+
+    /// The holds kept in the store are the live instances' only: those of instances that are
+    /// gone are dropped.
+    #[test]
+    fn kept_holds_are_those_of_live_instances() {
+        let (f, hold) = held();
+        let registry =
+            crate::model::registry::Registry::new(&[crate::model::registry::RootConfig {
+                path: "/emars".into(),
+                rules: Vec::new(),
+            }])
+            .unwrap();
+        let mut tracker = Tracker::new(f.hierarchy.clone(), registry);
+        // Not live in the tracker yet: dropped.
+        assert!(kept_holds(&f.store, &tracker).is_empty());
+        assert_eq!(f.kept(), None);
+        f.store.keep_state(key_of(&f.rec), &hold).unwrap();
+        tracker.add_cgroup(
+            f.rec.cgroup_id,
+            "/emars/fn/i1",
+            1,
+            Some(f.rec.clone()),
+            crate::model::tracker::Found::Existing {
+                new_since_start: false,
+            },
+        );
+        let kept = kept_holds(&f.store, &tracker);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].1, hold);
+    }
 }

@@ -1,6 +1,8 @@
 //! A workload with a known memory profile: optionally re-execs itself `--chain` times (to make a
 //! known number of execs), waits `--delay-ms`, then allocates `--mib` MiB, touches every page
-//! (at `--rate-mib-s` MiB/s when given: a function growing, not jumping),
+//! (at `--rate-mib-s` MiB/s when given: a function growing, not jumping; with `--step-mib N`,
+//! in allocations of N MiB, so that a grower heading for more than the machine has is stopped
+//! by its cgroup, not refused its first allocation),
 //! holds it `--hold-ms`, and exits. With `--file-mib N` it first writes an N MiB file in
 //! `--file-dir` (default `$EMARS_DISK_DIR`, else /var/tmp) and syncs it, so the cgroup holds N
 //! MiB of clean page cache that the kernel can reclaim (removed at exit).
@@ -44,22 +46,33 @@ fn main() {
     std::thread::sleep(Duration::from_millis(delay_ms));
     let file_mib = arg("--file-mib", 0);
     let cache_file = (file_mib > 0).then(|| write_cache_file(file_mib));
-    let mut buf = vec![0u8; (mib as usize) << 20];
+    let step = match arg("--step-mib", 0) {
+        0 => mib.max(1),
+        s => s,
+    };
     // Touch every page so the memory is really charged to the cgroup; with --rate-mib-s, at
     // that rate (a function growing as real ones do, not in one step).
     let start = std::time::Instant::now();
-    for i in (0..buf.len()).step_by(4096) {
-        buf[i] = 1;
-        if rate > 0 && i % (1 << 20) == 0 {
-            let due = Duration::from_secs_f64(i as f64 / (1u64 << 20) as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut done: u64 = 0;
+    while done < mib {
+        let size = step.min(mib - done);
+        let mut buf = vec![0u8; (size as usize) << 20];
+        for i in (0..buf.len()).step_by(4096) {
+            buf[i] = 1;
+            if rate > 0 && i % (1 << 20) == 0 {
+                let at_mib = done as f64 + i as f64 / (1u64 << 20) as f64;
+                let due = Duration::from_secs_f64(at_mib / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
         }
+        chunks.push(black_box(buf));
+        done += size;
     }
-    black_box(&buf);
     std::thread::sleep(Duration::from_millis(hold_ms));
-    black_box(&buf);
+    black_box(&chunks);
     if let Some(p) = cache_file {
         let _ = std::fs::remove_file(p);
     }
