@@ -176,6 +176,7 @@ fn build(dir: PathBuf) -> Harness {
         }),
         retention_ms: 14 * 86_400_000,
         pool: None,
+        snapshots: Default::default(),
     };
     let token = Token::load_or_create(&dir.join("token")).unwrap();
     let token_text = token.as_str().to_string();

@@ -63,6 +63,7 @@ const GUEST_TESTS: &[&str] = &[
     "runtime",
     "report",
     "openapi",
+    "bounds",
 ];
 
 pub struct Options {
