@@ -170,8 +170,12 @@ pub async fn json_body(req: Request, next: Next) -> Response {
 
 /// The axum middleware around every route and the fallbacks.
 pub async fn layer(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    match guard.check(req.extensions().get::<Peer>(), req.method(), req.headers()) {
-        Ok(()) => next.run(req).await,
+    let peer = req.extensions().get::<Peer>().copied();
+    match guard.check(peer.as_ref(), req.method(), req.headers()) {
+        Ok(()) => {
+            let local = matches!(peer, Some(Peer::Local { .. }));
+            super::work::for_peer(local, next.run(req)).await
+        }
         Err(e) => {
             let unauthorized = e.status == StatusCode::UNAUTHORIZED;
             tracing::debug!(method = %req.method(), path = req.uri().path(), status = %e.status, "request refused");

@@ -2,9 +2,10 @@
 //!
 //! - [`run`]: blocking work (store reads, encoding big answers) runs on the API runtime's own
 //!   blocking threads, at most [`RUNNING`] at once with at most [`WAITING`] more queued; past
-//!   that a request is answered 503 at once. Work still queued when its request is dropped
-//!   (the client went away, the 30 s deadline passed) never starts. The agent's event loop and
-//!   its store flush run on another runtime and never queue behind requests.
+//!   that a request is answered 503 at once. The local socket's peers have a slot and a queue
+//!   of their own. Work still queued when its request is dropped (the client went away, the
+//!   30 s deadline passed) never starts. The agent's event loop and its store flush run on
+//!   another runtime and never queue behind requests.
 //! - [`Snapshot`]: answers built from the whole model (`/metrics`, the function list, every
 //!   recommendation, the export, the info) are built once and shared by every request until
 //!   the model changes, and at most once a second however often it changes: a storm of such
@@ -29,34 +30,79 @@ pub const WAITING: usize = 64;
 /// The most often a whole-model answer is built.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 
-/// The gate every request's blocking work passes.
-static GATE: Gate = Gate::new();
+/// The gates every request's blocking work passes.
+static GATES: Gates = Gates {
+    tcp: Gate::new(RUNNING, WAITING),
+    // The local socket's peers (root, the socket group): a slot and a queue of their own, so
+    // that however many TCP clients keep the other busy, the operator's `emars` is served.
+    local: Gate::new(1, 16),
+};
+
+tokio::task_local! {
+    /// Whether the request being served came through the local socket.
+    static LOCAL_PEER: bool;
+}
+
+/// Runs `f` (a request's handling) with what [`run`] needs to know of its peer.
+pub async fn for_peer<F: std::future::Future>(local: bool, f: F) -> F::Output {
+    LOCAL_PEER.scope(local, f).await
+}
 
 /// Requests refused with 503 since start.
 pub fn refused() -> u64 {
-    GATE.refused.load(Ordering::Relaxed) as u64
+    GATES.refused()
 }
 
-/// Runs `f` on a blocking thread of the calling (API) runtime, within the bounds above.
+/// Runs `f` on a blocking thread of the calling (API) runtime, within the bounds above: the
+/// local socket's gate for its peers' requests, the other for everyone else's.
 pub async fn run<T, F>(f: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    GATE.run(f).await
+    GATES.run(f).await
 }
 
-/// At most [`RUNNING`] jobs at work and [`WAITING`] queued.
+/// One gate for TCP clients, one for the local socket's peers.
+struct Gates {
+    tcp: Gate,
+    local: Gate,
+}
+
+impl Gates {
+    async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if LOCAL_PEER.try_with(|l| *l).unwrap_or(false) {
+            self.local.run(f).await
+        } else {
+            self.tcp.run(f).await
+        }
+    }
+
+    fn refused(&self) -> u64 {
+        (self.tcp.refused.load(Ordering::Relaxed) + self.local.refused.load(Ordering::Relaxed))
+            as u64
+    }
+}
+
+/// At most `running` jobs at work and `waiting` queued.
 struct Gate {
     slots: Semaphore,
+    running: usize,
+    waiting: usize,
     queued: AtomicUsize,
     refused: AtomicUsize,
 }
 
 impl Gate {
-    const fn new() -> Gate {
+    const fn new(running: usize, waiting: usize) -> Gate {
         Gate {
-            slots: Semaphore::const_new(RUNNING),
+            slots: Semaphore::const_new(running),
+            running,
+            waiting,
             queued: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
         }
@@ -67,7 +113,9 @@ impl Gate {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let queued = self.queue().ok_or_else(busy)?;
+        let queued = self
+            .queue()
+            .ok_or_else(|| busy(self.running, self.waiting))?;
         // Dropped here (the request went away) the job never starts.
         let permit = self
             .slots
@@ -83,7 +131,7 @@ impl Gate {
     /// A place in the queue, given back however the request ends; None when it is full.
     fn queue(&self) -> Option<Queued<'_>> {
         let before = self.queued.fetch_add(1, Ordering::AcqRel);
-        if before >= WAITING {
+        if before >= self.waiting {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -100,11 +148,11 @@ impl Drop for Queued<'_> {
     }
 }
 
-fn busy() -> ApiError {
+fn busy(running: usize, waiting: usize) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
-            "the agent is busy ({RUNNING} requests at work and {WAITING} waiting): try again \
+            "the agent is busy ({running} requests at work and {waiting} waiting): try again \
              in a second"
         ),
     )
@@ -225,8 +273,12 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn full_queue_is_refused_and_dropped_work_never_starts() {
-        let gate: &'static Gate = Box::leak(Box::new(Gate::new()));
+    async fn full_queue_is_refused_the_local_socket_served_and_dropped_work_never_starts() {
+        let gates: &'static Gates = Box::leak(Box::new(Gates {
+            tcp: Gate::new(RUNNING, WAITING),
+            local: Gate::new(1, 16),
+        }));
+        let gate = &gates.tcp;
         let started = Arc::new(AtomicU64::new(0));
         let release = Arc::new(std::sync::Barrier::new(RUNNING + 1));
         let mut busy = Vec::new();
@@ -251,9 +303,12 @@ mod tests {
         while gate.queued.load(Ordering::SeqCst) < WAITING {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let e = gate.run(|| ()).await.unwrap_err();
-        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(gate.refused.load(Ordering::SeqCst), 1);
+        // Observed first and asserted once the busy jobs are let go, so that a failure fails
+        // the test instead of leaving it waiting on them.
+        let refused = gates.run(|| ()).await.map(|_| ()).map_err(|e| e.status);
+        let tcp_refused = gate.refused.load(Ordering::SeqCst);
+        // The local socket's peers are served all the same, on a gate of their own.
+        let local = for_peer(true, gates.run(|| 7)).await.map_err(|e| e.status);
         // The queued requests go away: their work never runs.
         for q in &queued {
             q.abort();
@@ -261,11 +316,16 @@ mod tests {
         for q in queued {
             let _ = q.await;
         }
-        assert_eq!(gate.queued.load(Ordering::SeqCst), 0);
+        let queued_left = gate.queued.load(Ordering::SeqCst);
         release.wait();
         for b in busy {
             b.await.unwrap().unwrap();
         }
+        assert_eq!(refused, Err(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(tcp_refused, 1);
+        assert_eq!(local, Ok(7));
+        assert_eq!(gates.refused(), 1);
+        assert_eq!(queued_left, 0);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(started.load(Ordering::SeqCst), RUNNING as u64);
     }

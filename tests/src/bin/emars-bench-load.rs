@@ -188,8 +188,14 @@ fn audit_key(a: &Value) -> String {
     format!("{}/{}", a["instance"], a["at_ms"])
 }
 
+/// GET through the agent's local socket, as the operator's CLI would: served whatever the
+/// storm's TCP clients do.
+fn local_get(agent: &Agent, path: &str) -> Result<Value> {
+    Ok(emars_agent::cli::client::Client::local(&agent.socket).get(path)?)
+}
+
 fn audit_keys(agent: &Agent) -> Result<Vec<String>> {
-    let a = agent.get_ok("/v1/audit?limit=10000")?;
+    let a = local_get(agent, "/v1/audit?limit=10000")?;
     Ok(a["audit"]
         .as_array()
         .into_iter()
@@ -202,7 +208,7 @@ fn audit_keys(agent: &Agent) -> Result<Vec<String>> {
 fn wait_audit(agent: &Agent, n: usize) -> Result<Vec<Value>> {
     let t = Instant::now();
     loop {
-        let a = agent.get_ok("/v1/audit?limit=10000")?;
+        let a = local_get(agent, "/v1/audit?limit=10000")?;
         let list = a["audit"].as_array().cloned().unwrap_or_default();
         if list.len() >= n || t.elapsed() > Duration::from_secs(30) {
             return Ok(list);
@@ -214,7 +220,7 @@ fn wait_audit(agent: &Agent, n: usize) -> Result<Vec<Value>> {
 fn events_lost(agent: &Agent) -> Result<u64> {
     // The agent refreshes its counters once a second.
     thread::sleep(Duration::from_millis(1200));
-    Ok(agent.get_ok("/v1/info")?["events_lost"]
+    Ok(local_get(agent, "/v1/info")?["events_lost"]
         .as_u64()
         .unwrap_or(u64::MAX))
 }
