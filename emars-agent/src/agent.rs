@@ -614,7 +614,9 @@ async fn event_loop(
                     enforcer.run(tracker, effects);
                 }
                 let lost = probes.events_lost();
-                if let Ok(mut i) = info.write() {
+                // Not waiting for the lock: a reader on a (lower-priority) API thread may hold
+                // it, and this loop must not queue behind the API; the next tick updates.
+                if let Ok(mut i) = info.try_write() {
                     if lost > i.events_lost {
                         tracing::warn!("{} kernel events lost (ring buffer full)", lost - i.events_lost);
                     }

@@ -320,6 +320,21 @@ pub async fn serve(
 /// so that no request (nor a storm of them) delays them.
 pub const API_THREADS: usize = 2;
 
+/// Niceness of the API's threads: when the CPU is short, the event loop (mkdir to limits) and
+/// the store flush go first. Raising one's own niceness needs no privilege.
+const API_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority (Linux: setpriority on thread id 0 is this thread).
+fn yield_to_the_event_path() {
+    // SAFETY: setpriority on the calling thread; no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, API_NICE) } != 0 {
+        tracing::debug!(
+            "API thread priority not lowered: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Serves the API ([`serve`]) on a runtime of its own, in a thread of its own.
 pub fn spawn(
     listeners: listen::Listeners,
@@ -330,9 +345,10 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(API_THREADS)
-        // The work gate lets this many run; the rest is headroom for tokio's own use.
+        // The work gates let this many run; the rest is headroom for tokio's own use.
         .max_blocking_threads(work::RUNNING + 2)
         .thread_name("emars-api")
+        .on_thread_start(yield_to_the_event_path)
         .enable_all()
         .build()?;
     std::thread::Builder::new()
