@@ -97,6 +97,9 @@ enum Command {
     CheckConfig { path: PathBuf },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Whether the agent answers (GET /healthz): exit status 0 if it does. Through the local
+    /// socket, whatever load TCP clients put on the agent: fit for a liveness probe.
+    Health(ClientArgs),
     /// What the agent probed and attached on this kernel.
     Info(ClientArgs),
     /// Every function with its instance, exec and peak figures.
@@ -274,8 +277,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Sockets handed over by a service manager: taken before any thread starts (it
             // clears their variables from the environment).
             let inherited = emars_agent::api::listen::Inherited::take_from_env();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // The event loop's runtime: one thread, which also waits for the kernel's events,
+            // so a mkdir wakes exactly the thread that writes its limits (with worker threads
+            // the one holding the I/O driver woke the loop: two wake-ups, each a wait for a
+            // CPU when a storm of API clients takes them). The API has a runtime of its own.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
@@ -315,6 +321,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", emars_agent::config::DEFAULT_CONFIG_TOML);
+            Ok(())
+        }
+        Command::Health(c) => {
+            let h: emars_agent::api::wire::Health = c.client().get_as("/healthz")?;
+            show(&c, &h, |h| {
+                if h.ok {
+                    "ok\n".into()
+                } else {
+                    "not ok\n".into()
+                }
+            })?;
+            if !h.ok {
+                anyhow::bail!("the agent says it is not healthy");
+            }
             Ok(())
         }
         Command::Info(c) => show(&c, &c.client().info()?, client::render_info),

@@ -4,14 +4,23 @@ use std::{fs, process::Command};
 
 use emars_tests::*;
 
+/// `emars ARGS` as root runs it: through the agent's local socket.
 fn emars(agent: &Agent, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(agent_bin())
-        .args(args)
+    run(agent.cli(args))
+}
+
+/// `emars ARGS` over TCP, with the token: for an agent elsewhere.
+fn emars_tcp(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(agent_bin());
+    c.args(args)
         .args(["--addr", &agent.addr])
         .arg("--token-file")
-        .arg(&agent.token_file)
-        .output()
-        .expect("run emars");
+        .arg(&agent.token_file);
+    run(c)
+}
+
+fn run(mut c: Command) -> (bool, String, String) {
+    let out = c.output().expect("run emars");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -33,6 +42,8 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     }
     agent.wait_ended("clifn", 3)?;
 
+    let (ok, out, err) = emars(&agent, &["health"]);
+    assert!(ok && out == "ok\n", "{out}{err}");
     let (ok, out, err) = emars(&agent, &["info"]);
     assert!(ok, "{err}");
     assert!(
@@ -65,7 +76,10 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     let r: serde_json::Value = serde_json::from_str(&out)?;
     assert!(u64_of(&r, "max_bytes") >= 20 * MIB, "{r}");
 
-    let (ok, out, err) = emars(&agent, &["invocations", "clifn", "7"]);
+    let (ok, out, err) = emars(&agent, &["invocations", "clifn", "4"]);
+    assert!(ok, "{err}: {out}");
+    // The same over TCP, told the address and the token file.
+    let (ok, out, err) = emars_tcp(&agent, &["invocations", "clifn", "3"]);
     assert!(ok, "{err}: {out}");
     let (ok, out, _) = emars(&agent, &["export"]);
     assert!(ok && out.contains("\"requests_per_hour\": 7"), "{out}");

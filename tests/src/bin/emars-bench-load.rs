@@ -196,7 +196,11 @@ fn churn_round(root: &TestRoot, agent: &Agent, n: usize, tag: &str) -> Result<Ro
             "{}/{}/{}",
             a["reason"].as_str().unwrap_or("?"),
             a["outcome"].as_str().unwrap_or("?"),
-            if a["delay_us"].is_number() { "timed" } else { "untimed" }
+            if a["delay_us"].is_number() {
+                "timed"
+            } else {
+                "untimed"
+            }
         );
         *kinds.entry(k).or_insert(0) += 1;
     }
