@@ -22,7 +22,7 @@
 //! ```text
 //! cargo build -p emars-agent --release && cargo build -p emars-tests --release --bins
 //! sudo EMARS_BIN=target/release/emars target/release/emars-bench-load [--containers N]
-//!     [--heavy C] [--slow S] [--functions F] [--records R]
+//!     [--heavy C] [--slow S] [--functions F] [--records R] [--agent-nice N]
 //! ```
 
 use std::{
@@ -45,6 +45,7 @@ const USAGE: &str =
   --slow S        clients holding half-sent requests (default 600)
   --functions F   functions in the seeded history (default 1000)
   --records R     ended instances per function in it (default 20)
+  --agent-nice N  run the agent at niceness N (as the systemd unit's Nice= does)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 const FUNCTION: &str = "churn";
@@ -56,6 +57,7 @@ struct Opts {
     slow: usize,
     functions: u64,
     records: u64,
+    agent_nice: Option<i32>,
 }
 
 fn main() {
@@ -84,6 +86,7 @@ fn parse() -> Result<Opts> {
         slow: 600,
         functions: 1000,
         records: 20,
+        agent_nice: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -99,6 +102,10 @@ fn parse() -> Result<Opts> {
             "--slow" => o.slow = value()? as usize,
             "--functions" => o.functions = value()?,
             "--records" => o.records = value()?,
+            "--agent-nice" => {
+                let v = args.next().context("--agent-nice needs a value")?;
+                o.agent_nice = Some(v.parse().context("--agent-nice takes a number")?);
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -122,7 +129,12 @@ fn run(o: &Opts) -> Result<()> {
          [[policy.functions]]\nname = \"{FUNCTION}\"\npin_max_bytes = {LIMIT}\n",
         tmp.path().display()
     );
-    let agent = Agent::start_with(&root, &store, &extra, None)?;
+    // As the systemd unit runs it (Nice=), when asked: `nice -n N emars agent ...`.
+    let wrapper: Vec<String> = match o.agent_nice {
+        Some(n) => vec!["nice".into(), "-n".into(), n.to_string()],
+        None => Vec::new(),
+    };
+    let agent = Agent::start_under(&root, &store, &extra, None, &wrapper)?;
     eprintln!("agent up with {records} seeded records");
     let quiet = churn_round(&root, &agent, o.containers, "q")?;
     let lost_before = events_lost(&agent)?;
