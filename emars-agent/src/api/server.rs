@@ -79,12 +79,22 @@ pub async fn serve(
     if let Some(l) = listeners.tcp {
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
-        loops.spawn(accept_tcp(l, app.clone(), bounds, closing.clone()));
+        loops.spawn(accept_loop(
+            Listener::Tcp(l),
+            app.clone(),
+            bounds,
+            closing.clone(),
+        ));
     }
     if let Some((l, _, rule)) = listeners.local {
         l.set_nonblocking(true)?;
         let l = tokio::net::UnixListener::from_std(l)?;
-        loops.spawn(accept_local(l, rule, app, bounds, closing.clone()));
+        loops.spawn(accept_loop(
+            Listener::Local(l, rule),
+            app,
+            bounds,
+            closing.clone(),
+        ));
     }
     shutdown.await;
     let _ = closing_tx.send(true);
@@ -92,84 +102,95 @@ pub async fn serve(
     Ok(())
 }
 
-/// Accepts TCP clients until closing, each within the cap.
-async fn accept_tcp(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    bounds: Bounds,
-    mut closing: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(bounds.max_connections));
-    loop {
-        let Some(permit) = acquire(&slots, &mut closing).await else {
-            break;
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = closing.changed() => break,
-        };
-        match accepted {
-            Ok((stream, addr)) => spawn_connection(
-                stream,
-                Peer::Tcp(addr),
-                app.clone(),
-                bounds,
-                permit,
-                &closing,
-            ),
-            Err(e) => accept_failed(e).await,
-        }
-    }
-    drain(&slots, bounds.max_connections).await;
+/// A listener being served.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Local(tokio::net::UnixListener, PeerRule),
 }
 
-/// Accepts local-socket peers until closing; a peer the rule does not allow is closed at once.
-async fn accept_local(
-    listener: tokio::net::UnixListener,
-    rule: PeerRule,
+impl Listener {
+    /// Connections it may have open at once.
+    fn cap(&self, bounds: &Bounds) -> usize {
+        match self {
+            Listener::Tcp(_) => bounds.max_connections,
+            Listener::Local(..) => bounds.max_local_connections,
+        }
+    }
+
+    /// Accepts one connection and has it served (taking `permit` along), or closes it at once
+    /// when it is a local peer the rule does not allow.
+    async fn accept(
+        &self,
+        app: &Router,
+        bounds: Bounds,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        closing: &watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, addr) = l.accept().await?;
+                spawn_connection(
+                    stream,
+                    Peer::Tcp(addr),
+                    app.clone(),
+                    bounds,
+                    permit,
+                    closing,
+                );
+            }
+            Listener::Local(l, rule) => {
+                let (stream, _) = l.accept().await?;
+                let cred = match stream.peer_cred() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("API socket: no peer credentials: {e}");
+                        return Ok(());
+                    }
+                };
+                if !rule.allows(cred.uid(), cred.gid(), cred.pid()) {
+                    tracing::warn!(
+                        uid = cred.uid(),
+                        gid = cred.gid(),
+                        pid = cred.pid(),
+                        "API socket: peer refused (root or api.socket_group only)"
+                    );
+                    return Ok(());
+                }
+                let peer = Peer::Local {
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                };
+                spawn_connection(stream, peer, app.clone(), bounds, permit, closing);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Accepts connections on `listener` until closing, each within its cap.
+async fn accept_loop(
+    listener: Listener,
     app: Router,
     bounds: Bounds,
     mut closing: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(bounds.max_local_connections));
+    let cap = listener.cap(&bounds);
+    let slots = Arc::new(Semaphore::new(cap));
     loop {
         let Some(permit) = acquire(&slots, &mut closing).await else {
             break;
         };
+        // The connection's own watch of closing (the loop's is borrowed for the select).
+        let conn_closing = closing.clone();
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = listener.accept(&app, bounds, permit, &conn_closing) => r,
             _ = closing.changed() => break,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                accept_failed(e).await;
-                continue;
-            }
-        };
-        let cred = match stream.peer_cred() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("API socket: no peer credentials: {e}");
-                continue;
-            }
-        };
-        if !rule.allows(cred.uid(), cred.gid(), cred.pid()) {
-            tracing::warn!(
-                uid = cred.uid(),
-                gid = cred.gid(),
-                pid = cred.pid(),
-                "API socket: peer refused (root or api.socket_group only)"
-            );
-            continue;
+        if let Err(e) = accepted {
+            accept_failed(e).await;
         }
-        let peer = Peer::Local {
-            uid: cred.uid(),
-            gid: cred.gid(),
-        };
-        spawn_connection(stream, peer, app.clone(), bounds, permit, &closing);
     }
-    drain(&slots, bounds.max_local_connections).await;
+    drain(&slots, cap).await;
 }
 
 /// A free connection slot, or None once closing.
