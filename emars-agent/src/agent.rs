@@ -185,7 +185,8 @@ pub async fn run(
     };
     let mut tracker = Tracker::new(hierarchy.clone(), registry)
         .with_metadata_wait_ms(config.cgroup.metadata_wait_ms)
-        .with_admission(Box::new(store.clone()));
+        .with_admission(Box::new(store.clone()))
+        .with_own_writes(own_writes(&store));
     let mut enforcer = Enforcer::new(store.clone())
         .with_policy(policy.clone(), actuator.clone())
         .tracking_limits(burst.is_some());
@@ -805,6 +806,35 @@ fn resume(tracker: &mut Tracker, enforcer: &mut Enforcer, stale: Vec<InstanceRec
         );
         enforcer.run(tracker, effects);
     }
+}
+
+/// Audit records read at start-up for [`own_writes`]: a cgroup whose live record the last
+/// agent did not save before it died had its limits written moments before, among the newest.
+const OWN_WRITES_SCANNED: usize = 10_000;
+
+/// The memory.max the agent last wrote (or was about to, when killed) into each cgroup, from
+/// the newest audit records: what a restarted agent must not take for a runtime's limit.
+fn own_writes(store: &Store) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    let records = match store.audit::<crate::policy::actuator::AuditRecord>(OWN_WRITES_SCANNED) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("reading the audit for the limits written before: {e}");
+            return out;
+        }
+    };
+    // Newest first: the first seen per cgroup is its last.
+    for r in records {
+        let max = match r.outcome.as_str() {
+            "ok" | "partial" => r.written.max_bytes.or(r.new.max_bytes),
+            "interrupted" => r.new.max_bytes,
+            _ => None,
+        };
+        if let Some(max) = max {
+            out.entry(r.cgroup_id).or_insert(max);
+        }
+    }
+    out
 }
 
 /// Raises the soft limit on open descriptors to the hard one: the API's connection cap is far

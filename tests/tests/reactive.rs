@@ -23,12 +23,15 @@ fn start(root: &TestRoot, reactive: &str) -> anyhow::Result<Agent> {
 /// Instances peaking at `mib` MiB, then one that grows to 1.5x the limit it was given, at 32
 /// MiB/s. Returns (the limit written at mkdir, whether the grower finished, its cgroup).
 fn burst(root: &TestRoot, agent: &Agent, mib: u64) -> anyhow::Result<(u64, bool)> {
+    // Each history instance starts once the agent has the one before it ended, with its exact
+    // peak: else (a slow guest) the next one may get a limit from a peak read half-way, and
+    // burst (or, reactive off, be killed) itself.
     for i in 0..5 {
         let dir = root.instance_dir("bursty", &format!("h{i}"))?;
         run_alloc(&dir, mib, 0, 0)?;
         fs::remove_dir(&dir)?;
+        agent.wait_ended("bursty", i + 1)?;
     }
-    agent.wait_ended("bursty", 5)?;
     let dir = root.instance_dir("bursty", "grower")?;
     let max = wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
         .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;

@@ -259,6 +259,9 @@ pub struct Tracker<C: Cgroups = MemoryHierarchy> {
     metadata_wait_ms: u64,
     /// The cap on functions; None: every function is admitted.
     admission: Option<Box<dyn FunctionAdmission>>,
+    /// memory.max the agent (this run or the one before it) wrote into a cgroup, by cgroup id,
+    /// from the audit: a value found there is not the container runtime's limit.
+    own_writes: HashMap<u64, u64>,
     pub stats: TrackerStats,
 }
 
@@ -275,8 +278,17 @@ impl<C: Cgroups> Tracker<C> {
             pending: HashMap::new(),
             metadata_wait_ms: DEFAULT_METADATA_WAIT_MS,
             admission: None,
+            own_writes: HashMap::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// The memory.max values the agent wrote (by cgroup id), read from the audit at start-up:
+    /// a cgroup seen again after a restart (its record not yet saved when the last agent was
+    /// killed) holds the last agent's limit, which is no runtime's.
+    pub fn with_own_writes(mut self, own_writes: HashMap<u64, u64>) -> Self {
+        self.own_writes = own_writes;
+        self
     }
 
     /// Asks `admission` before a new instance of a function opens (the store's cap).
@@ -412,7 +424,7 @@ impl<C: Cgroups> Tracker<C> {
         let dir = self.cgroups.dir(rel_path);
         if fresh {
             // Kept before anything is written into it: nothing the agent writes goes above it.
-            if let Some(limit) = self.runtime_limit(&dir, named.metadata_limit) {
+            if let Some(limit) = self.runtime_limit(id, &dir, named.metadata_limit) {
                 out.push(Effect::RuntimeLimit {
                     key: (started_at_ms, id),
                     limit,
@@ -574,9 +586,20 @@ impl<C: Cgroups> Tracker<C> {
 
     /// The memory limit a new instance's container runtime gave it: what its metadata says,
     /// and memory.max as found now, before the agent wrote anything into the cgroup (a runtime
-    /// that wrote its limit before the agent saw the cgroup); the lower of the two.
-    fn runtime_limit(&self, dir: &Path, from_metadata: Option<u64>) -> Option<RuntimeLimit> {
-        let found = self.cgroups.limits(dir).ok().and_then(|l| l.max_bytes);
+    /// that wrote its limit before the agent saw the cgroup), unless the audit says the agent
+    /// wrote that value; the lower of the two.
+    fn runtime_limit(
+        &self,
+        id: u64,
+        dir: &Path,
+        from_metadata: Option<u64>,
+    ) -> Option<RuntimeLimit> {
+        let found = self
+            .cgroups
+            .limits(dir)
+            .ok()
+            .and_then(|l| l.max_bytes)
+            .filter(|f| self.own_writes.get(&id) != Some(f));
         let (bytes, source) = match (from_metadata, found) {
             (Some(m), f) if f.is_none_or(|f| m <= f) => (m, RuntimeLimitSource::Metadata),
             (_, Some(f)) => (f, RuntimeLimitSource::FirstSeen),
@@ -1496,6 +1519,33 @@ instance = "{id}"
             },
         );
         assert_eq!(runtime_limit(&fx), None, "{fx:?}");
+    }
+
+    /// After a kill -9 that came before a new instance's record was saved, the next agent sees
+    /// the cgroup as new; the memory.max in it is the last agent's own write (the audit says
+    /// so), not a runtime's limit. A value the audit does not name still is one.
+    #[test]
+    fn the_last_agents_own_write_is_no_runtime_limit() {
+        let table = Table::default();
+        let own = HashMap::from([(60, 36 * MIB), (61, 36 * MIB)]);
+        let mut t = runc_tracker(&table).with_own_writes(own);
+        let runtime_limit = |fx: &[Effect]| {
+            fx.iter().find_map(|e| match e {
+                Effect::RuntimeLimit { limit, .. } => Some(limit.bytes),
+                _ => None,
+            })
+        };
+        table.add("/docker/ff", 60);
+        table.set_max("/docker/ff", 36 * MIB);
+        label_file(&table, "ff", &[("fn", "f")]);
+        let fx = t.apply(mkdir(60, "/docker/ff"), 1_000, 1);
+        assert_eq!(runtime_limit(&fx), None, "{fx:?}");
+        // Another value than the agent wrote: someone else's, the runtime's.
+        table.add("/docker/gg", 61);
+        table.set_max("/docker/gg", 20 * MIB);
+        label_file(&table, "gg", &[("fn", "f")]);
+        let fx = t.apply(mkdir(61, "/docker/gg"), 1_100, 2);
+        assert_eq!(runtime_limit(&fx), Some(20 * MIB), "{fx:?}");
     }
 
     fn tracker(table: &Table) -> Tracker<&Table> {
