@@ -568,9 +568,12 @@ fn squeeze_holds_are_kept_across_a_kill_and_released_on_schedule() -> anyhow::Re
     let release_after_s = 3 * u64::from(time_scale());
     let agent = start_on(&root, &store, &settings(release_after_s))?;
     let started = u64_of(&agent.get_ok("/v1/info")?, "started_at_ms");
+    // Each release audited with its outcome (the intent is on record before the write, the
+    // outcome after it).
     let releases = wait_for(Duration::from_secs(20), || {
         let r = audited(&agent, "release").ok()?;
-        (r.len() == holds.len()).then_some(r)
+        let done = r.iter().all(|r| r["outcome"] != "pending");
+        (r.len() == holds.len() && done).then_some(r)
     })
     .ok_or_else(|| anyhow::anyhow!("holds of the last run not released:\n{}", agent.log()))?;
     for (dir, before) in &holds {

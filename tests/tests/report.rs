@@ -2,7 +2,7 @@
 //! function, one mark per instance placed by its peak, and the limit lines where the API puts
 //! them. The plots are kept under target/tmp/emars-report for people to look at.
 
-use std::{fs, path::Path, process::Command};
+use std::{fs, path::Path, process::Command, time::Duration};
 
 use emars_tests::*;
 use serde_json::Value;
@@ -170,6 +170,13 @@ fn report_plots_every_function_against_its_limits() -> anyhow::Result<()> {
     assert_eq!(s, 200, "{body}");
     let (status, _) = agent.get(&format!("/v1/functions/{NO_LIMITS}/limits"))?;
     assert_eq!(status, 404, "{NO_LIMITS} has no limits to draw");
+    // The unpinned function's limits come from its history at the agent's next recompute (a
+    // tick): the report is made once they are there, so that it and this test see the same.
+    wait_for(Duration::from_secs(10), || {
+        let (s, _) = agent.get(&format!("/v1/functions/{OTHER}/limits")).ok()?;
+        (s == 200).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("{OTHER} got no limits from its history"))?;
 
     let out = tempfile::tempdir()?;
     let dir = out.path().join("report");
