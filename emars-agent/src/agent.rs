@@ -52,8 +52,9 @@ pub async fn run(
         .context("finding the memory cgroup hierarchy")?;
     let registry = Registry::new(&config.cgroup.roots).context("compiling cgroup rules")?;
     let roots = registry.roots();
-    for root in &roots {
-        ensure_root(&hierarchy, root)?;
+    // The registry keeps the configured roots' order.
+    for (root, configured) in roots.iter().zip(&config.cgroup.roots) {
+        ensure_root(&hierarchy, root, configured.create)?;
     }
     let (store, store_moved_aside) = Store::open_or_move_aside(&config.store.path)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
@@ -92,10 +93,12 @@ pub async fn run(
         features: probes.report.features.clone(),
         programs: probes.report.programs.clone(),
         fallbacks: probes.report.fallbacks.clone(),
+        notes: probes.report.notes.clone(),
         events_received: 0,
         events_lost: 0,
         instances_reconciled: 0,
         container_metadata: Default::default(),
+        cgroups_unnamed: Default::default(),
         started_at_ms: now_ms(),
         enforcement: Default::default(),
         kernel_counters: Default::default(),
@@ -110,6 +113,9 @@ pub async fn run(
     }));
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
+    }
+    for n in &probes.report.notes {
+        tracing::info!("{n}");
     }
 
     let actuator = Arc::new(
@@ -630,6 +636,11 @@ async fn event_loop(
                         named_after_wait: tracker.stats.metadata_named,
                         fallbacks: tracker.stats.metadata_fallbacks,
                     };
+                    i.cgroups_unnamed = tracker
+                        .stats
+                        .unnamed_by_reason()
+                        .map(|(why, n)| (why.as_str().to_owned(), n))
+                        .collect();
                     i.kernel_counters = crate::model::KernelCounters {
                         paths_truncated: tracker.stats.paths_truncated,
                         paths_unresolved: tracker.stats.paths_unresolved,
@@ -850,22 +861,104 @@ fn raise_fd_limit() {
     }
 }
 
-/// Creates a missing watched root: it is EMARS's own, so a platform can start creating
-/// instances in it. On v2, enables the memory controller for its children.
-fn ensure_root(h: &MemoryHierarchy, root: &str) -> anyhow::Result<()> {
+/// Creates a missing watched root (`create`): it is EMARS's own, so a platform can start
+/// creating instances in it. On v2, enables the memory controller for its children. A missing
+/// root the operator expects a platform to make is reported and left alone: cgroups created
+/// under it later are still seen (the kernel side matches their paths).
+fn ensure_root(h: &MemoryHierarchy, root: &str, create: bool) -> anyhow::Result<()> {
     let dir = h.dir(root);
+    // A root given with the hierarchy's own mount in front (a custom cgroup.mount).
+    let mount = h.mount.to_string_lossy();
+    if mount.len() > 1 && root.starts_with(&format!("{mount}/")) {
+        anyhow::bail!(
+            "watched root {root} is a filesystem path: a root is the path below the memory \
+             hierarchy's mount {mount}, as /proc/<pid>/cgroup shows it: write \"{}\"",
+            &root[mount.len()..]
+        );
+    }
     if dir.is_dir() {
+        return Ok(());
+    }
+    if !create {
+        tracing::warn!(
+            "watched root {} does not exist (create = false): nothing is tracked until it is \
+             made; if it should be there, check its path ({})",
+            dir.display(),
+            top_level_cgroups(h)
+        );
         return Ok(());
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating watched root {}", dir.display()))?;
-    tracing::info!("created watched root {}", dir.display());
+    if root == crate::config::DEFAULT_ROOT {
+        // The default root is EMARS's own: made at every boot, nothing to check.
+        tracing::info!("created watched root {}", dir.display());
+    } else {
+        tracing::warn!(
+            "created watched root {}: it did not exist; instances are the cgroups a platform \
+             creates below it. If a platform should have made it, check the path and set \
+             create = false for it ({})",
+            dir.display(),
+            top_level_cgroups(h)
+        );
+    }
     if h.version == CgroupVersion::V2 {
         let ctl = dir.join("cgroup.subtree_control");
         std::fs::write(&ctl, "+memory")
             .with_context(|| format!("enabling the memory controller in {}", ctl.display()))?;
     }
     Ok(())
+}
+
+/// Refuses to start without the privilege the agent needs, with what it needs, rather than a
+/// bare EPERM from the first bpf() or cgroup write: root, or CAP_BPF with CAP_PERFMON (or
+/// CAP_SYS_ADMIN) for the programs, and CAP_SYS_RESOURCE and CAP_DAC_OVERRIDE for the files.
+pub fn check_privilege() -> anyhow::Result<()> {
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    if rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let programs = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+    if programs && has(CAP_SYS_RESOURCE) && has(CAP_DAC_OVERRIDE) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "emars agent needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE and \
+         CAP_DAC_OVERRIDE): it loads eBPF programs and writes cgroup limits. Run it with sudo, \
+         or as the emars.service unit (deploy/systemd); the other commands need no privilege \
+         to read"
+    )
+}
+
+/// The cgroups at the top of the hierarchy, for messages about a root that is not there.
+fn top_level_cgroups(h: &MemoryHierarchy) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(&h.mount)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| format!("/{}", e.file_name().to_string_lossy()))
+        .collect();
+    names.sort();
+    let more = names.len().saturating_sub(12);
+    names.truncate(12);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!("top-level cgroups here: {}{more}", names.join(", "))
 }
 
 /// Registers cgroups that existed before the agent started, resuming their store records.

@@ -145,8 +145,25 @@ impl FunctionPolicy {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let k = |f: &str| format!("{key}.{f}");
         if let Some(p) = self.percentile {
-            if !(p > 0.0 && p <= 100.0) {
-                return Err(invalid(&k("percentile"), p, "must be in (0, 100]"));
+            // A fraction (0.95) is the 0.95th percentile: limits near the smallest peaks,
+            // OOM kills in enforce mode. Refused rather than guessed.
+            if p > 0.0 && p < 1.0 {
+                return Err(invalid(
+                    &k("percentile"),
+                    p,
+                    format!(
+                        "is a percentile from 1 to 100, not a fraction: {p} would size limits \
+                         to the {p}th percentile of peaks; did you mean {}?",
+                        (p * 100.0 * 1000.0).round() / 1000.0
+                    ),
+                ));
+            }
+            if !(1.0..=100.0).contains(&p) {
+                return Err(invalid(
+                    &k("percentile"),
+                    p,
+                    "must be from 1 to 100 (99 is the 99th percentile of peaks)",
+                ));
             }
         }
         if let Some(m) = self.margin {
@@ -427,6 +444,7 @@ impl Default for CgroupConfig {
             metadata_wait_ms: crate::model::tracker::DEFAULT_METADATA_WAIT_MS,
             roots: vec![RootConfig {
                 path: DEFAULT_ROOT.to_string(),
+                create: true,
                 rules: vec![RuleConfig {
                     pattern: Some(DEFAULT_PATTERN.to_string()),
                     ..RuleConfig::default()
@@ -484,7 +502,52 @@ impl Config {
         self.cgroup.validate()?;
         self.probes.validate()?;
         self.policy.validate()?;
-        self.reactive.validate()
+        self.reactive.validate()?;
+        if self.reactive.enabled && self.policy.mode != EnforceMode::Enforce {
+            return Err(invalid(
+                "reactive.enabled",
+                true,
+                "needs policy.mode = \"enforce\": in observe mode the agent writes no limits, \
+                 so the burst guard would watch and never raise one (admission answers \
+                 without it)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What only the host can tell (`emars check-config` and the agent's start): the pin
+    /// directory must be on bpffs, or below /sys/fs/bpf where the agent mounts it.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        let p = &self.probes;
+        if !p.pin
+            || p.pin_path
+                .starts_with(crate::kernel::probes::pins::BPF_MOUNT)
+        {
+            return Ok(());
+        }
+        let existing = p.pin_path.ancestors().find(|a| a.exists());
+        let Some(existing) = existing else {
+            return Ok(());
+        };
+        match rustix::fs::statfs(existing) {
+            Ok(st) if st.f_type as i64 == crate::kernel::probes::pins::BPF_FS_MAGIC => Ok(()),
+            Ok(st) => Err(invalid(
+                "probes.pin_path",
+                p.pin_path.display(),
+                format!(
+                    "is not on a BPF filesystem ({} is on filesystem type {:#x}): pins cannot \
+                     be made there, and the kernel side would detach at every restart; use a \
+                     path under /sys/fs/bpf",
+                    existing.display(),
+                    st.f_type
+                ),
+            )),
+            Err(e) => Err(invalid(
+                "probes.pin_path",
+                p.pin_path.display(),
+                format!("cannot check its filesystem at {}: {e}", existing.display()),
+            )),
+        }
     }
 
     fn parse(s: &str, path: Option<&Path>) -> Result<Config, ConfigError> {

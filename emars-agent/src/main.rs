@@ -274,6 +274,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The overrides obey the same rules as the file (a non-loopback --listen needs
             // api.allow_remote, a relative --store is refused).
             cfg.validate()?;
+            cfg.check_host()?;
+            emars_agent::agent::check_privilege()?;
             // Sockets handed over by a service manager: taken before any thread starts (it
             // clears their variables from the environment).
             let inherited = emars_agent::api::listen::Inherited::take_from_env();
@@ -312,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { path } => {
             let cfg = Config::load(&path)?;
+            cfg.check_host()?;
             println!(
                 "{}",
                 toml::to_string_pretty(&cfg).context("printing the config")?

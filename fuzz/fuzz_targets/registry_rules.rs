@@ -237,6 +237,7 @@ fuzz_target!(|input: Input| {
         .iter()
         .map(|root| RootConfig {
             path: root.path.render(),
+            create: true,
             rules: root.rules.iter().map(Rule::config).collect(),
         })
         .collect();

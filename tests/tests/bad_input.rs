@@ -41,6 +41,33 @@ fn bad_config_names_key_and_value() {
             "[[cgroup.roots]]\npath = \"/\"\n",
             &["cgroup.roots[0].path", "/"][..],
         ),
+        // The mistakes an operator makes (issue 20): a filesystem path for a root names the
+        // root it means; a fraction for a percentile names the percentile meant; the burst
+        // guard in observe mode names the mode; pins off bpffs name the filesystem.
+        (
+            "[[cgroup.roots]]\npath = \"/sys/fs/cgroup/memory/emars-x\"\n",
+            &[
+                "cgroup.roots[0].path",
+                "filesystem path",
+                "write \"/emars-x\"",
+            ][..],
+        ),
+        (
+            "[policy.defaults]\npercentile = 0.95\n",
+            &["policy.defaults.percentile", "0.95", "did you mean 95?"][..],
+        ),
+        (
+            "[reactive]\nenabled = true\n",
+            &["reactive.enabled", "policy.mode = \"enforce\""][..],
+        ),
+        (
+            "[probes]\npin_path = \"/tmp/emars-pins\"\n",
+            &[
+                "probes.pin_path",
+                "/tmp/emars-pins",
+                "not on a BPF filesystem",
+            ][..],
+        ),
     ];
     for (text, needles) in cases {
         let (ok, err) = check_config(text);
@@ -305,4 +332,116 @@ fn stop_right_after_start_is_clean() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Cgroups whose rule gives a name that cannot be used (a space, non-ASCII, shell and HTML
+/// text, 130 characters) are no instances, but never silent: counted by reason in /v1/info and
+/// /metrics, and the first of each reason is logged with what a valid name is.
+#[test]
+fn unusable_names_are_counted_and_said() -> anyhow::Result<()> {
+    if !require_root("unusable_names_are_counted_and_said") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start(&root)?;
+    let long = "f".repeat(130);
+    let bad_characters = ["a b", "café", "$(id)", "<b>x<"];
+    for function in bad_characters.iter().copied().chain([long.as_str()]) {
+        root.instance_dir(function, "1")?;
+    }
+    // A good one after them: once it is live, the agent has seen every mkdir before it.
+    root.instance_dir("good", "1")?;
+    agent.wait_live("good", "1")?;
+    let counts = wait_for(Duration::from_secs(10), || {
+        let info = agent.get_ok("/v1/info").ok()?;
+        let n = |why: &str| info["cgroups_unnamed"][why].as_u64();
+        let got = (n("function_characters")?, n("function_too_long")?);
+        (got == (4, 1)).then_some(info)
+    });
+    let Some(info) = counts else {
+        let info = agent.get_ok("/v1/info")?;
+        panic!(
+            "unnamed cgroups not counted 4 + 1: {}\n{}",
+            info["cgroups_unnamed"],
+            agent.log()
+        );
+    };
+    assert_eq!(info["cgroups_unnamed"]["instance_characters"], 0, "{info}");
+    let functions = agent.get_ok("/v1/functions")?;
+    let names: Vec<&str> = functions["functions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(names, ["good"], "only the good name is a function");
+    let metrics = ureq::get(&agent.url("/metrics")).call()?.into_string()?;
+    for line in [
+        "emars_cgroups_unnamed_total{reason=\"function_characters\"} 4",
+        "emars_cgroups_unnamed_total{reason=\"function_too_long\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in /metrics"
+        );
+    }
+    // Logged once per reason, with the rule a name must follow.
+    let log = agent.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("its rule gives a name that cannot be used"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:#?}");
+    assert!(
+        said.iter()
+            .any(|l| l.contains("function_characters") && l.contains("A-Z a-z 0-9 . _ : -")),
+        "{said:#?}"
+    );
+    Ok(())
+}
+
+/// A root with `create = false` (a platform's own, such as kubepods.slice) is never created
+/// by the agent when missing: it says so, and once the platform makes it, instances below it
+/// are tracked.
+#[test]
+fn a_root_the_platform_makes_is_not_created() -> anyhow::Result<()> {
+    if !require_root("a_root_the_platform_makes_is_not_created") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let later_rel = format!("{}-later", root.rel);
+    let later = root.hierarchy.mount.join(&later_rel[1..]);
+    // The extra text continues the first root's table, then adds the second root.
+    let extra =
+        format!("create = false\n[[cgroup.roots]]\npath = \"{later_rel}\"\ncreate = false\n");
+    let agent = Agent::start_configured(&root, &extra)?;
+    let said = wait_for(Duration::from_secs(10), || {
+        agent
+            .log()
+            .contains(&format!("watched root {} does not exist", later.display()))
+            .then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "no word of the missing root:\n{}",
+        agent.log()
+    );
+    assert!(!later.exists(), "the agent created {}", later.display());
+    // The platform makes it now: what it creates below it is tracked.
+    fs::create_dir(&later)?;
+    let result = (|| -> anyhow::Result<()> {
+        if root.hierarchy.version == Version::V2 {
+            fs::write(later.join("cgroup.subtree_control"), "+memory")?;
+        }
+        let f = later.join("fn");
+        fs::create_dir(&f)?;
+        if root.hierarchy.version == Version::V2 {
+            fs::write(f.join("cgroup.subtree_control"), "+memory")?;
+        }
+        fs::create_dir(f.join("i1"))?;
+        agent.wait_live("fn", "i1")?;
+        Ok(())
+    })();
+    remove_tree(&later);
+    result
 }

@@ -382,6 +382,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
     let registry = Registry::new(&[RootConfig {
         path: root.rel.clone(),
         rules: Vec::new(),
+        create: true,
     }])?;
     let tmp = tempfile::tempdir()?;
     let store = Store::open(&tmp.path().join("store"))?;

@@ -253,8 +253,26 @@ fn observe_mode_writes_nothing() -> anyhow::Result<()> {
         assert!(msg.contains("policy.mode = \"enforce\""), "{msg}");
     }
     assert_eq!(limits(&root.hierarchy, &dir), (None, None));
+    // Each refused write is in the audit (docs/config.md: refused ones are kept too), once,
+    // saying why without repeating its outcome.
     let audit = agent.get_ok("/v1/audit")?;
-    assert_eq!(audit["audit"].as_array().map(Vec::len), Some(0));
+    let mut records: Vec<(String, String, String, String)> = audit["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+            (s("reason"), s("instance"), s("outcome"), s("error"))
+        })
+        .collect();
+    records.sort();
+    assert_eq!(records.len(), 2, "{audit}");
+    for ((reason, instance, outcome, error), want) in records.iter().zip(["api", "apply"]) {
+        assert_eq!((reason.as_str(), instance.as_str()), (want, "n"), "{audit}");
+        assert_eq!(outcome, "refused", "{audit}");
+        assert!(error.contains("policy.mode = \"enforce\""), "{error}");
+        assert!(!error.starts_with("refused"), "outcome repeated: {error}");
+    }
     Ok(())
 }
 

@@ -195,6 +195,18 @@ impl Collector for Snapshot {
             "",
             &[("", i.events_lost)],
         )?;
+        let unnamed: Vec<(&str, u64)> = i
+            .cgroups_unnamed
+            .iter()
+            .map(|(why, n)| (why.as_str(), *n))
+            .collect();
+        counter(
+            &mut enc,
+            "emars_cgroups_unnamed",
+            "Cgroups a rule matched whose names cannot be used (not tracked), by reason.",
+            "reason",
+            &unnamed,
+        )?;
         let e = &i.enforcement;
         counter(
             &mut enc,

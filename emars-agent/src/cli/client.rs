@@ -463,6 +463,20 @@ pub fn render_info(v: &AgentInfo) -> String {
             cm.named_after_wait, cm.fallbacks, cm.waiting
         );
     }
+    let unnamed: Vec<String> = v
+        .cgroups_unnamed
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(why, n)| format!("{n} {why}"))
+        .collect();
+    if !unnamed.is_empty() {
+        let _ = writeln!(
+            out,
+            "  not tracked:      {} (cgroups whose rule gives an unusable name: see the agent's \
+             log and \"Names\" in docs/config.md)",
+            unnamed.join(", ")
+        );
+    }
     let m = &v.model;
     let _ = writeln!(
         out,
@@ -602,6 +616,12 @@ pub fn render_info(v: &AgentInfo) -> String {
     }
     for f in &v.fallbacks {
         let _ = writeln!(out, "  - {}", clean(f));
+    }
+    if !v.notes.is_empty() {
+        out.push_str("\nas configured:\n");
+    }
+    for n in &v.notes {
+        let _ = writeln!(out, "  - {}", clean(n));
     }
     out
 }

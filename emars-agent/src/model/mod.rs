@@ -154,6 +154,10 @@ pub struct AgentInfo {
     pub programs: Vec<ProgramStatus>,
     /// Human-readable fallbacks in use, e.g. "no memcg tracepoints: peak from watermark reads".
     pub fallbacks: Vec<String>,
+    /// How this agent measures where that is its configured default (no loss), e.g. peaks
+    /// from the kernel watermark without live charge events.
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub events_received: u64,
     /// Events the kernel could not queue (ring buffer full); never silent.
     pub events_lost: u64,
@@ -163,6 +167,10 @@ pub struct AgentInfo {
     /// Containers named from their runtime's metadata (rules with `metadata`).
     #[serde(default)]
     pub container_metadata: MetadataInfo,
+    /// Cgroups a rule matched whose names cannot be used, by reason (`function_characters`,
+    /// `function_too_long`, ...: every reason, zeros too): watched, not instances.
+    #[serde(default)]
+    pub cgroups_unnamed: std::collections::BTreeMap<String, u64>,
     pub started_at_ms: u64,
     /// Predictive mode and the cgroup writer's counters.
     #[serde(default)]

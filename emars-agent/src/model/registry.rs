@@ -44,6 +44,87 @@ pub enum Classified {
         file: PathBuf,
     },
     NotInstance,
+    /// The first matching path rule gives a name that cannot be used (see [`Unnamed`]): the
+    /// cgroup is watched, but is no instance. Counted and logged by the tracker, so that an
+    /// operator learns why a container is missing.
+    Unnamed(Unnamed),
+}
+
+/// Why a name a rule gave cannot be used. Names are store keys, URL segments and file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Unnamed {
+    /// The function name is empty (a capture that matched nothing).
+    FunctionEmpty,
+    /// Longer than [`MAX_FUNCTION_NAME_LEN`] bytes.
+    FunctionTooLong,
+    /// A character outside `[A-Za-z0-9._:-]` (a space, non-ASCII, `$`, `<`...).
+    FunctionCharacters,
+    InstanceEmpty,
+    /// Longer than [`MAX_INSTANCE_NAME_LEN`] characters.
+    InstanceTooLong,
+    /// A control character.
+    InstanceCharacters,
+}
+
+impl Unnamed {
+    /// Every reason, in the order reports list them.
+    pub const ALL: [Unnamed; 6] = [
+        Unnamed::FunctionEmpty,
+        Unnamed::FunctionTooLong,
+        Unnamed::FunctionCharacters,
+        Unnamed::InstanceEmpty,
+        Unnamed::InstanceTooLong,
+        Unnamed::InstanceCharacters,
+    ];
+
+    /// The label of /v1/info and /metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unnamed::FunctionEmpty => "function_empty",
+            Unnamed::FunctionTooLong => "function_too_long",
+            Unnamed::FunctionCharacters => "function_characters",
+            Unnamed::InstanceEmpty => "instance_empty",
+            Unnamed::InstanceTooLong => "instance_too_long",
+            Unnamed::InstanceCharacters => "instance_characters",
+        }
+    }
+
+    /// What a valid name is, for the log line an operator reads.
+    pub fn rule(self) -> String {
+        match self {
+            Unnamed::FunctionEmpty | Unnamed::FunctionCharacters | Unnamed::FunctionTooLong => {
+                format!(
+                    "a function name is 1 to {MAX_FUNCTION_NAME_LEN} characters of \
+                     A-Z a-z 0-9 . _ : -"
+                )
+            }
+            Unnamed::InstanceEmpty | Unnamed::InstanceTooLong | Unnamed::InstanceCharacters => {
+                format!(
+                    "an instance name is 1 to {MAX_INSTANCE_NAME_LEN} characters, none a \
+                     control character"
+                )
+            }
+        }
+    }
+
+    /// Why `function` and `instance` cannot be used, if they cannot; the function first.
+    pub fn check(function: &str, instance: &str) -> Option<Unnamed> {
+        if function.is_empty() {
+            Some(Unnamed::FunctionEmpty)
+        } else if function.len() > MAX_FUNCTION_NAME_LEN {
+            Some(Unnamed::FunctionTooLong)
+        } else if !function.bytes().all(is_function_byte) {
+            Some(Unnamed::FunctionCharacters)
+        } else if instance.is_empty() {
+            Some(Unnamed::InstanceEmpty)
+        } else if instance.chars().count() > MAX_INSTANCE_NAME_LEN {
+            Some(Unnamed::InstanceTooLong)
+        } else if instance.chars().any(char::is_control) {
+            Some(Unnamed::InstanceCharacters)
+        } else {
+            None
+        }
+    }
 }
 
 /// True for 1..=128 characters of `[A-Za-z0-9._:-]`: safe in URLs, file names and store keys
@@ -81,6 +162,17 @@ pub(crate) fn normalize_root_path(path: &str) -> Result<String, String> {
             "a root cannot be the whole hierarchy: name a sub-directory such as /emars".to_string(),
         );
     }
+    if let Some(below) = below_cgroup_mount(&p) {
+        return Err(match below {
+            Some(root) => format!(
+                "is a filesystem path: a root is the path below the memory hierarchy's mount, \
+                 as /proc/<pid>/cgroup shows it; write \"{root}\""
+            ),
+            None => "is a filesystem path to a whole hierarchy: a root is the path below the \
+                     memory hierarchy's mount, such as /emars"
+                .to_string(),
+        });
+    }
     // A second trailing '/' ("/a//") is an empty component too: only one is dropped.
     if p.contains("//") || p.ends_with('/') {
         return Err("has an empty path component (\"//\")".to_string());
@@ -99,6 +191,41 @@ pub(crate) fn normalize_root_path(path: &str) -> Result<String, String> {
         ));
     }
     Ok(p)
+}
+
+/// For a path under /sys/fs/cgroup (a filesystem path, where a root relative to the hierarchy
+/// is meant): Some(the root it names), or Some(None) when it names a whole hierarchy. A v1
+/// controller's mount directory (`memory`, `unified`, `cpu,cpuacct`...) is dropped with it.
+fn below_cgroup_mount(path: &str) -> Option<Option<String>> {
+    const V1_MOUNTS: &[&str] = &[
+        "memory",
+        "unified",
+        "systemd",
+        "cpu",
+        "cpuacct",
+        "cpu,cpuacct",
+        "cpuset",
+        "blkio",
+        "pids",
+        "devices",
+        "freezer",
+        "hugetlb",
+        "perf_event",
+        "net_cls",
+        "net_prio",
+        "net_cls,net_prio",
+        "rdma",
+        "misc",
+    ];
+    let rest = path.strip_prefix("/sys/fs/cgroup")?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let mut parts: Vec<&str> = rest.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.first().is_some_and(|c| V1_MOUNTS.contains(c)) {
+        parts.remove(0);
+    }
+    Some((!parts.is_empty()).then(|| format!("/{}", parts.join("/"))))
 }
 
 /// One piece of a pattern or template.
@@ -445,12 +572,19 @@ impl Rule {
         })
     }
 
-    /// None when the templates give an unusable name, or name a label `labels` lacks.
-    fn identity(&self, caps: &Captures<'_>, labels: Option<&Labels>) -> Option<Identity> {
-        let function = self.function.render(caps, labels)?;
-        let instance = self.instance.render(caps, labels)?;
-        (valid_function_name(&function) && valid_instance_name(&instance))
-            .then_some(Identity { function, instance })
+    /// Err(None) when the templates name a label `labels` lacks; Err(Some(why)) when they
+    /// give a name that cannot be used.
+    fn identity(
+        &self,
+        caps: &Captures<'_>,
+        labels: Option<&Labels>,
+    ) -> Result<Identity, Option<Unnamed>> {
+        let function = self.function.render(caps, labels).ok_or(None)?;
+        let instance = self.instance.render(caps, labels).ok_or(None)?;
+        match Unnamed::check(&function, &instance) {
+            Some(why) => Err(Some(why)),
+            None => Ok(Identity { function, instance }),
+        }
     }
 }
 
@@ -578,7 +712,7 @@ impl Registry {
     pub fn classify(&self, rel_path: &str) -> Option<Identity> {
         match self.classify_with(rel_path, &mut |_| MetadataRead::Absent, false) {
             Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
-            Classified::Pending { .. } | Classified::NotInstance => None,
+            Classified::Pending { .. } | Classified::NotInstance | Classified::Unnamed(_) => None,
         }
     }
 
@@ -608,16 +742,18 @@ impl Registry {
                 continue;
             };
             let Some(file) = &rule.metadata else {
-                return rule
-                    .identity(&caps, None)
-                    .map_or(Classified::NotInstance, Classified::Instance);
+                return match rule.identity(&caps, None) {
+                    Ok(identity) => Classified::Instance(identity),
+                    Err(Some(why)) => Classified::Unnamed(why),
+                    Err(None) => Classified::NotInstance,
+                };
             };
             let Some(path) = file.render_path(&caps) else {
                 continue;
             };
             match read(&path) {
                 MetadataRead::Labels(labels) => {
-                    if let Some(identity) = rule.identity(&caps, Some(&labels)) {
+                    if let Ok(identity) = rule.identity(&caps, Some(&labels)) {
                         return Classified::Labelled(identity);
                     }
                 }
@@ -782,6 +918,7 @@ mod tests {
             .iter()
             .map(|(path, patterns)| RootConfig {
                 path: path.to_string(),
+                create: true,
                 rules: patterns
                     .iter()
                     .map(|p| RuleConfig {
@@ -1477,6 +1614,7 @@ regex = '(?<function>[a-z]+)/(?<instance>\d+)'
     fn rule_error(rule: RuleConfig) -> (String, String, String) {
         let root = RootConfig {
             path: "/r".into(),
+            create: true,
             rules: vec![
                 RuleConfig {
                     pattern: Some("ok/{function}/{instance}".into()),
@@ -1615,6 +1753,73 @@ instance = "#{i}"
     }
 
     #[test]
+    fn filesystem_paths_are_refused_with_the_root_they_mean() {
+        for (path, meant) in [
+            ("/sys/fs/cgroup/memory/emars-x", Some("\"/emars-x\"")),
+            ("/sys/fs/cgroup/emars-x/", Some("\"/emars-x\"")),
+            ("sys/fs/cgroup/unified/a/b", Some("\"/a/b\"")),
+            ("/sys/fs/cgroup/memory", None),
+            ("/sys/fs/cgroup", None),
+        ] {
+            let why = normalize_root_path(path).expect_err(path);
+            assert!(why.contains("filesystem path"), "{path}: {why}");
+            if let Some(meant) = meant {
+                assert!(why.contains(meant), "{path}: {why}");
+            }
+        }
+        // Only a path under the mount itself.
+        assert_eq!(
+            normalize_root_path("/sys/fs/cgroupx/a").as_deref(),
+            Ok("/sys/fs/cgroupx/a")
+        );
+        assert_eq!(
+            normalize_root_path("/kubepods.slice").as_deref(),
+            Ok("/kubepods.slice")
+        );
+    }
+
+    #[test]
+    fn unusable_names_say_why() {
+        assert_eq!(Unnamed::check("fn", "i"), None);
+        assert_eq!(Unnamed::check("", "i"), Some(Unnamed::FunctionEmpty));
+        assert_eq!(
+            Unnamed::check("a b", "i"),
+            Some(Unnamed::FunctionCharacters)
+        );
+        assert_eq!(
+            Unnamed::check("café", "i"),
+            Some(Unnamed::FunctionCharacters)
+        );
+        assert_eq!(
+            Unnamed::check("$(id)", "i"),
+            Some(Unnamed::FunctionCharacters)
+        );
+        assert_eq!(
+            Unnamed::check(&"f".repeat(129), "i"),
+            Some(Unnamed::FunctionTooLong)
+        );
+        assert_eq!(Unnamed::check("f", ""), Some(Unnamed::InstanceEmpty));
+        assert_eq!(
+            Unnamed::check("f", "a\tb"),
+            Some(Unnamed::InstanceCharacters)
+        );
+        assert_eq!(
+            Unnamed::check("f", &"i".repeat(256)),
+            Some(Unnamed::InstanceTooLong)
+        );
+        // Each reason has its own label, and ALL lists them in discriminant order.
+        for (i, why) in Unnamed::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, i);
+        }
+        let registry = Registry::new(&roots(&[("/emars", &["{function}/{instance}"])])).unwrap();
+        let got = registry.classify_with("/emars/a b/1", &mut |_| MetadataRead::Absent, false);
+        assert_eq!(got, Classified::Unnamed(Unnamed::FunctionCharacters));
+        // No rule matching is not an unusable name: the function's own directory, say.
+        let got = registry.classify_with("/emars/fn", &mut |_| MetadataRead::Absent, false);
+        assert_eq!(got, Classified::NotInstance);
+    }
+
+    #[test]
     fn valid_function_names() {
         for ok in ["a", "hello_world", "A.b:c-d_9", &"x".repeat(128)] {
             assert!(valid_function_name(ok), "{ok:?}");
@@ -1698,6 +1903,15 @@ pub struct RootConfig {
     /// Tried in order; empty means the default rule `{function}/{instance}`.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Whether the agent creates the root when it is missing (EMARS's own root, where a
+    /// platform creates instances); false for a root a platform or runtime makes
+    /// (kubepods.slice, docker): a missing one is then reported, never created.
+    #[serde(default = "create_by_default")]
+    pub create: bool,
+}
+
+fn create_by_default() -> bool {
+    true
 }
 
 /// How to read a function and an instance out of a path below a root (see docs/config.md).

@@ -17,7 +17,7 @@ use crate::{
     },
     model::{
         kept::{RuntimeLimit, RuntimeLimitSource},
-        registry::{CgroupTable, Classified, Identity, Registry},
+        registry::{CgroupTable, Classified, Identity, Registry, Unnamed},
         runtime::{ContainerMetadata, MetadataRead},
         HourDelta, InstanceRecord, PeakSource,
     },
@@ -221,6 +221,17 @@ pub struct TrackerStats {
     pub metadata_fallbacks: u64,
     /// New instances not tracked because their function was refused ([`FunctionAdmission`]).
     pub functions_refused: u64,
+    /// Cgroups a rule matched whose names cannot be used, by [`Unnamed`] (as its discriminant).
+    pub unnamed: [u64; Unnamed::ALL.len()],
+}
+
+impl TrackerStats {
+    /// The unnamed cgroups by reason, for reports: every reason, zero ones too.
+    pub fn unnamed_by_reason(&self) -> impl Iterator<Item = (Unnamed, u64)> + '_ {
+        Unnamed::ALL
+            .iter()
+            .map(|&why| (why, self.unnamed[why as usize]))
+    }
 }
 
 /// A cgroup the rules made an instance of, and the memory limit its container's runtime
@@ -363,6 +374,10 @@ impl<C: Cgroups> Tracker<C> {
                 return Vec::new();
             }
             Classified::NotInstance => None,
+            Classified::Unnamed(why) => {
+                self.note_unnamed(why, rel_path);
+                None
+            }
         };
         self.table
             .insert(id, rel_path.to_owned(), identity.clone(), started_at_ms);
@@ -512,6 +527,11 @@ impl<C: Cgroups> Tracker<C> {
                 self.stats.metadata_fallbacks += 1;
                 return false;
             }
+            Classified::Unnamed(why) => {
+                self.stats.metadata_fallbacks += 1;
+                self.note_unnamed(why, &rel_path);
+                return false;
+            }
         };
         if labelled {
             self.stats.metadata_named += 1;
@@ -611,6 +631,23 @@ impl<C: Cgroups> Tracker<C> {
     /// Cgroups waiting for their container's metadata now.
     pub fn pending_count(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Counts a cgroup whose rule gave an unusable name; the first of each reason is logged
+    /// (a tenant's names must not flood the log), the rest are in /v1/info and /metrics.
+    fn note_unnamed(&mut self, why: Unnamed, rel_path: &str) {
+        let n = &mut self.stats.unnamed[why as usize];
+        *n += 1;
+        if *n == 1 {
+            tracing::warn!(
+                "cgroup {rel_path:?} is not tracked: its rule gives a name that cannot be used \
+                 ({}: {}); further ones are counted in /v1/info cgroups_unnamed and \
+                 emars_cgroups_unnamed_total{{reason=\"{}\"}}",
+                why.as_str(),
+                why.rule(),
+                why.as_str()
+            );
+        }
     }
 
     /// A pooled cgroup starts serving `function` as `instance` (POST /v1/bind): a new live
@@ -1552,6 +1589,7 @@ instance = "{id}"
         let registry = Registry::new(&[RootConfig {
             path: "/emars".into(),
             rules: Vec::new(),
+            create: true,
         }])
         .unwrap();
         Tracker::new(table, registry)

@@ -37,14 +37,14 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ActuatorError {
     #[error(
-        "refused: the agent is in observe mode, which writes no limits; set policy.mode = \
+        "the agent is in observe mode, which writes no limits; set policy.mode = \
          \"enforce\" in the agent's config to allow limit writes"
     )]
     ObserveMode,
     #[error("{path} is not inside a watched root; EMARS only writes to cgroups it manages")]
     OutsideRoots { path: PathBuf },
     #[error(
-        "refused: {path} is no longer the instance's cgroup (recorded cgroup id {expected}, \
+        "{path} is no longer the instance's cgroup (recorded cgroup id {expected}, \
          found {found}): it was removed and created again"
     )]
     Replaced {
@@ -53,7 +53,7 @@ pub enum ActuatorError {
         found: u64,
     },
     #[error(
-        "refused: a limit of {requested} bytes is below the current usage {usage} bytes plus \
+        "a limit of {requested} bytes is below the current usage {usage} bytes plus \
          headroom {headroom} bytes of {path}"
     )]
     BelowUsage {
@@ -62,11 +62,11 @@ pub enum ActuatorError {
         usage: u64,
         headroom: u64,
     },
-    #[error("refused: {requested} bytes is above host memory ({host} bytes)")]
+    #[error("{requested} bytes is above host memory ({host} bytes)")]
     AboveHost { requested: u64, host: u64 },
-    #[error("refused: memory.high {high} bytes is above memory.max {max} bytes")]
+    #[error("memory.high {high} bytes is above memory.max {max} bytes")]
     HighAboveMax { high: u64, max: u64 },
-    #[error("nothing to write: give max_bytes and/or high_bytes")]
+    #[error("nothing to write: no memory.max and no memory.high given")]
     Empty,
     #[error(
         "not written: the audit record of the write could not be made durable ({source}); \

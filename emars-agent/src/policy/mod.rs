@@ -71,7 +71,7 @@ pub enum PolicyError {
     #[error("busy: the same operation is already running; try again when it is done")]
     Busy,
     #[error(
-        "refused: the agent is in observe mode, which writes no limits; set policy.mode = \"enforce\" in the agent's config to allow limit writes"
+        "the agent is in observe mode, which writes no limits; set policy.mode = \"enforce\" in the agent's config to allow limit writes"
     )]
     ObserveMode,
 }
@@ -222,15 +222,13 @@ impl Policy {
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
-    /// Refused in observe mode, which writes nothing.
+    /// Refused in observe mode, which writes nothing: each write it would have made is in
+    /// the audit as refused (the actuator refuses it), so the request leaves a trace.
     pub fn apply_all(
         &self,
         actuator: &Actuator,
         now_ms: u64,
     ) -> Result<Vec<AuditRecord>, PolicyError> {
-        if self.config.mode != EnforceMode::Enforce {
-            return Err(PolicyError::ObserveMode);
-        }
         let _one_at_a_time = one_at_a_time(&self.applying)?;
         self.compute_all(now_ms)?;
         let mut out = Vec::new();
@@ -238,6 +236,9 @@ impl Policy {
             if let Some(r) = self.cached(&inst.function) {
                 out.push(self.write(actuator, &inst, &r, "apply", None));
             }
+        }
+        if self.config.mode != EnforceMode::Enforce {
+            return Err(PolicyError::ObserveMode);
         }
         Ok(out)
     }

@@ -880,6 +880,7 @@ mod tests {
             crate::model::registry::Registry::new(&[crate::model::registry::RootConfig {
                 path: "/emars".into(),
                 rules: Vec::new(),
+                create: true,
             }])
             .unwrap();
         let mut tracker = Tracker::new(f.hierarchy.clone(), registry);

@@ -90,7 +90,10 @@ const fn spec(
 pub struct ProbeReport {
     pub features: BTreeMap<String, bool>,
     pub programs: Vec<ProgramStatus>,
+    /// What the agent does instead of something asked for or needed that is missing (WARN).
     pub fallbacks: Vec<String>,
+    /// How it measures where that is the configured default, not a loss (INFO).
+    pub notes: Vec<String>,
     pub usage_items: Vec<UsageItem>,
     /// Where the kernel side is pinned (None: not pinned, it detaches with the agent).
     pub pinned: Option<String>,
@@ -568,11 +571,19 @@ impl Plan<'_> {
         let peak_file = self.peak_file;
         match (report.charge_events(), report.attached("raw_cgroup_rmdir")) {
             (true, _) => {}
-            (false, true) => report.fallbacks.push(format!(
-                "no memcg charge events: live peaks come from the kernel watermark ({peak_file}) \
-                 read on exec/exit events and every reconciliation (10 s); final peaks are exact \
-                 (read in the kernel at rmdir)"
-            )),
+            (false, true) => {
+                let how = format!(
+                    "no memcg charge events: live peaks come from the kernel watermark \
+                     ({peak_file}) read on exec/exit events and every reconciliation (10 s); \
+                     final peaks are exact (read in the kernel at rmdir)"
+                );
+                // Only a loss where the operator asked for live charge events.
+                if self.cfg.charge_events == ChargeEvents::On {
+                    report.fallbacks.push(how);
+                } else {
+                    report.notes.push(how);
+                }
+            }
             (false, false) => report.fallbacks.push(format!(
                 "no memcg charge events and no raw cgroup_rmdir: peaks come from the kernel \
                  watermark ({peak_file}) read on exec/exit events; a cgroup removed within \

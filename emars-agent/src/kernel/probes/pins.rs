@@ -25,10 +25,10 @@ use rustix::{
 pub const COMPLETE: &str = "complete";
 
 /// statfs magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where bpffs is mounted when nothing is (the agent's own mount, root's alone).
-const BPF_MOUNT: &str = "/sys/fs/bpf";
+pub(crate) const BPF_MOUNT: &str = "/sys/fs/bpf";
 
 /// Deepest directory tree removed below the base (a pinned set is one level).
 const MAX_DEPTH: usize = 8;
