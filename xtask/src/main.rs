@@ -114,9 +114,20 @@ struct SetupArgs {
     bpf_linker_root: Option<PathBuf>,
 }
 
+impl SetupArgs {
+    /// Setup for building and running the agent only.
+    fn for_build(self) -> setup::Options {
+        setup::Options {
+            scope: setup::Scope::Build,
+            ..self.into()
+        }
+    }
+}
+
 impl From<SetupArgs> for setup::Options {
     fn from(a: SetupArgs) -> Self {
         setup::Options {
+            scope: setup::Scope::Test,
             reinstall_bpf_linker: a.reinstall_bpf_linker,
             bpf_linker_root: a.bpf_linker_root,
         }
@@ -141,7 +152,7 @@ fn run(command: Command) -> Result<ExitCode> {
             setup::run(&s.into())?;
         }
         Command::Build { release, setup: s } => {
-            setup::run(&s.into())?;
+            setup::run(&s.for_build())?;
             agent::build(release, "emars build")?;
         }
         Command::Run {
@@ -149,7 +160,7 @@ fn run(command: Command) -> Result<ExitCode> {
             setup: s,
             args,
         } => {
-            setup::run(&s.into())?;
+            setup::run(&s.for_build())?;
             let bin = agent::build(release, "emars run")?;
             return run_agent(&bin, &args);
         }
@@ -186,7 +197,7 @@ fn run(command: Command) -> Result<ExitCode> {
             setup: s,
             args,
         } => {
-            setup::run(&s.into())?;
+            setup::run(&s.for_build())?;
             let bin = agent::build(release, "emars bench")?;
             if !is_root() {
                 println!("emars bench: warning: not root; benchmarks that load eBPF programs will fail or skip");

@@ -32,8 +32,20 @@ const STABLE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 
 const NIGHTLY: &str = "nightly";
 
+/// What a command needs installed: building and running the agent needs the toolchains and
+/// bpf-linker; the test suite needs the test tools too (fuzzing, containers, browsers...).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `build`, `run`, `bench`: the toolchains and bpf-linker; python3 for `run -- --demo`.
+    Build,
+    /// `setup`, `test`, `vm-test`, `fuzz`: everything.
+    #[default]
+    Test,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Options {
+    pub scope: Scope,
     /// Rebuild bpf-linker even when the installed one works.
     pub reinstall_bpf_linker: bool,
     /// Install bpf-linker with `cargo install --root DIR` (for testing the
@@ -48,7 +60,9 @@ fn say(msg: impl AsRef<str>) {
 pub fn run(opts: &Options) -> Result<()> {
     ensure_cargo_bin_on_path()?;
     check_rustup()?;
-    ensure_components(None, STABLE_COMPONENTS)?;
+    if opts.scope == Scope::Test {
+        ensure_components(None, STABLE_COMPONENTS)?;
+    }
     ensure_nightly()?;
     let nightly = Nightly::detect()?;
     say(format!(
@@ -57,6 +71,12 @@ pub fn run(opts: &Options) -> Result<()> {
     ));
     ensure_components(Some(NIGHTLY), &["rust-src"])?;
     ensure_bpf_linker(&nightly, opts)?;
+    if opts.scope == Scope::Build {
+        // The demo's sample functions are Python.
+        ensure_apt_packages(&["python3"])?;
+        say("done (what building and running need; `cargo xtask setup` adds the test tools)");
+        return Ok(());
+    }
     ensure_cargo_fuzz()?;
     ensure_apt_packages(APT_PACKAGES)?;
     ensure_schemathesis()?;
