@@ -56,8 +56,8 @@ pub async fn run(
     for (root, configured) in roots.iter().zip(&config.cgroup.roots) {
         ensure_root(&hierarchy, root, configured.create)?;
     }
-    let (store, store_moved_aside) = Store::open_or_move_aside(&config.store.path)
-        .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+    let (store, store_moved_aside) =
+        Store::open_or_move_aside(&config.store.path).context("opening the store")?;
     // Functions the operator names are admitted whatever tenants' names took.
     store.set_function_cap(
         config.store.max_functions,
@@ -67,6 +67,10 @@ pub async fn run(
             .iter()
             .filter_map(|f| f.name.clone()),
     );
+
+    // Two agents on one root would both write its limits (each with its own store and pins,
+    // nothing else stops them): each root is this agent's while it runs.
+    let _root_locks = lock_roots(&hierarchy, &roots)?;
 
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
     // below reports them first.
@@ -939,6 +943,36 @@ pub fn check_privilege() -> anyhow::Result<()> {
          or as the emars.service unit (deploy/systemd); the other commands need no privilege \
          to read"
     )
+}
+
+/// Takes an exclusive lock (flock) on each existing watched root's directory for the agent's
+/// life; the kernel drops it when the agent exits, a kill -9 included. Refuses to start when
+/// another process holds one, naming it.
+fn lock_roots(h: &MemoryHierarchy, roots: &[String]) -> anyhow::Result<Vec<std::fs::File>> {
+    use rustix::fs::{flock, FlockOperation};
+    let mut held = Vec::new();
+    for root in roots {
+        let dir = h.dir(root);
+        // A root that does not exist yet (create = false) cannot be locked: said at start.
+        let Ok(file) = std::fs::File::open(&dir) else {
+            continue;
+        };
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => held.push(file),
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = crate::files::lock_holder(&dir)
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "another agent{holder} watches {}: two agents on one root would both \
+                     write its limits; stop it, or give this agent other cgroup.roots",
+                    dir.display()
+                );
+            }
+            Err(e) => tracing::warn!("locking watched root {}: {e}", dir.display()),
+        }
+    }
+    Ok(held)
 }
 
 /// The cgroups at the top of the hierarchy, for messages about a root that is not there.

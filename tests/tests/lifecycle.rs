@@ -691,7 +691,14 @@ fn corrupt_store_is_moved_aside_and_the_agent_starts() -> anyhow::Result<()> {
                 .err()
                 .ok_or_else(|| anyhow::anyhow!("a second agent started"))?
         );
-        assert!(err.contains("could not acquire lock"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "another agent holds the store at {} (pid {})",
+                store.display(),
+                agent.pid()
+            )),
+            "{err}"
+        );
         assert_eq!(moved_aside(&store)?.len(), round + 1);
         assert!(agent.stop()?.success());
     }

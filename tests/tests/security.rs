@@ -864,9 +864,13 @@ fn pinned_kernel_side_is_locked_versioned_and_removable() -> anyhow::Result<()> 
     let mode = fs::metadata(&root.pin_path)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "pin directory mode {mode:o}");
 
-    // A second agent on the same pins.
+    // A second agent on the same pins (on a root of its own: one on the same root is refused
+    // for the root before it reaches the pins).
     let tmp2 = tempfile::tempdir()?;
-    let second = Agent::start_with(&root, &tmp2.path().join("store"), "", None);
+    let mut other = TestRoot::new()?;
+    let own_pins = std::mem::replace(&mut other.pin_path, root.pin_path.clone());
+    let second = Agent::start_with(&other, &tmp2.path().join("store"), "", None);
+    other.pin_path = own_pins;
     let err = format!(
         "{:#}",
         second
@@ -1363,5 +1367,34 @@ fn own_bpffs_mount_is_root_only() -> anyhow::Result<()> {
     let mount = PathBuf::from(format!("/proc/{}/root/sys/fs/bpf", agent.pid()));
     let mode = fs::metadata(&mount)?.mode() & 0o777;
     assert_eq!(mode, 0o700, "{} mode {mode:o}", mount.display());
+    Ok(())
+}
+
+/// A second agent on a root another agent watches (its own store, no pins: nothing else stops
+/// it) is refused, naming the agent that holds the root: two agents would both write its
+/// limits. Once the first stops, the root is free.
+#[test]
+fn a_second_agent_on_a_watched_root_is_refused() -> anyhow::Result<()> {
+    if !require_root("a_second_agent_on_a_watched_root_is_refused") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let first = Agent::start(&root)?;
+    let second = Agent::start_configured(&root, "[probes]\npin = false\n");
+    let err = format!(
+        "{:#}",
+        second
+            .err()
+            .ok_or_else(|| anyhow!("a second agent started on the same root"))?
+    );
+    let want = format!(
+        "another agent (pid {}) watches {}",
+        first.pid(),
+        root.dir.display()
+    );
+    assert!(err.contains(&want), "{want:?} not in {err}");
+    assert!(first.stop()?.success());
+    let third = Agent::start_configured(&root, "[probes]\npin = false\n")?;
+    assert!(third.stop()?.success());
     Ok(())
 }

@@ -223,6 +223,12 @@ pub enum StoreError {
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error(
+        "another agent holds the store at {path}{}: one store serves one agent (stop it, or \
+         give this one its own store.path)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Busy { path: PathBuf, holder: Option<u32> },
+    #[error(
         "store at {path} has schema version {found}, this build understands up to {supported}"
     )]
     SchemaTooNew {
@@ -508,6 +514,12 @@ impl Store {
                 {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Busy {
+                        path: path.to_path_buf(),
+                        holder: crate::files::lock_holder(&path.join("db")),
+                    })
                 }
                 other => break other.map_err(open_err)?,
             }
@@ -2571,6 +2583,26 @@ mod audit_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_open_names_the_agent_holding_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let _held = Store::open(&path).expect("first open");
+        match Store::open(&path) {
+            Err(e @ StoreError::Busy { .. }) => {
+                let StoreError::Busy { holder, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(*holder, Some(std::process::id()), "{e}");
+                let text = e.to_string();
+                assert!(text.contains("another agent holds the store"), "{text}");
+                assert!(!text.contains("WouldBlock"), "{text}");
+            }
+            Err(e) => panic!("not Busy: {e}"),
+            Ok(_) => panic!("opened twice"),
+        }
+    }
     use crate::model::{Limits, PeakPercentiles, PeakSource};
 
     const MIB: u64 = 1024 * 1024;
