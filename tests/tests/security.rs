@@ -57,7 +57,6 @@ fn audit_len(agent: &Agent) -> anyhow::Result<usize> {
 /// limit but counts its answers (GET /v1/admission, /metrics): a write all the same.
 const WRITES: [(&str, &str, &str); 6] = [
     ("POST", "/v1/apply", "{}"),
-    ("POST", "/v1/admission", r#"{"function": "sec"}"#),
     ("POST", "/v1/recommendations/generate", "{}"),
     ("POST", "/v1/functions/sec/invocations", r#"{"count": 1}"#),
     (
@@ -65,6 +64,7 @@ const WRITES: [(&str, &str, &str); 6] = [
         "/v1/functions/sec/instances/live/limits",
         r#"{"max_bytes": 67108864}"#,
     ),
+    ("POST", "/v1/admission", r#"{"function": "sec"}"#),
     // Methods and routes that do not exist yet are refused before anything else.
     ("DELETE", "/v1/functions/sec", ""),
 ];

@@ -163,9 +163,10 @@ impl Client {
             Transport::Tcp { base, .. } => base.clone(),
             Transport::Local { socket, .. } => format!("unix:{}", socket.display()),
         };
+        // The source names the first way in, not the read fallback's port.
         match &self.tried {
-            Some(source) => format!("{at} ({source})"),
-            None => at,
+            Some(source) if std::ptr::eq(transport, &self.transport) => format!("{at} ({source})"),
+            _ => at,
         }
     }
 
@@ -269,8 +270,8 @@ impl Client {
                         return self.request(over, "GET", path, None).map_err(|e| match e {
                             ClientError::Connect { tried, cause, .. } => ClientError::Connect {
                                 tried: format!(
-                                    "{} (root's or api.socket_group's, not this user's), nor \
-                                     for reads at {tried}",
+                                    "{}, which is root's or api.socket_group's (not this \
+                                     user's), nor for reads at {tried}",
                                     self.tried_at(transport)
                                 ),
                                 cause,

@@ -35,7 +35,8 @@ impl fmt::Display for Source {
             Source::DefaultPath(p) => write!(f, "{} (the default path)", p.display()),
             Source::Embedded => write!(
                 f,
-                "the built-in default config (no --config, no EMARS_CONFIG, no {DEFAULT_CONFIG_PATH})"
+                "the built-in default config, as no --config, EMARS_CONFIG or \
+                 {DEFAULT_CONFIG_PATH} names another"
             ),
         }
     }
