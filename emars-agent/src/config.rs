@@ -551,6 +551,8 @@ impl Config {
     }
 
     fn parse(s: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let with_bytes = sizes_to_bytes(s)?;
+        let s = with_bytes.as_deref().unwrap_or(s);
         let mut config: Config = toml::from_str(s).map_err(|e| ConfigError::Parse {
             path: path.map(Path::to_path_buf),
             message: e.to_string().trim_end().to_string(),
@@ -568,6 +570,89 @@ impl Config {
             }
         }
     }
+}
+
+/// Every `*_bytes` key takes a size with a unit too (`"64Mi"`, [`crate::size`]): such strings
+/// become integers before the document is deserialised, in place, so that the parser's line
+/// numbers still hold. None when there was none (or the document is not TOML: the parser says
+/// why).
+fn sizes_to_bytes(text: &str) -> Result<Option<String>, ConfigError> {
+    let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return Ok(None);
+    };
+    let mut changed = false;
+    sizes_in_table(doc.as_table_mut(), "", &mut changed)?;
+    Ok(changed.then(|| doc.to_string()))
+}
+
+fn dotted(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn sizes_in_table(
+    table: &mut toml_edit::Table,
+    prefix: &str,
+    changed: &mut bool,
+) -> Result<(), ConfigError> {
+    for (key, item) in table.iter_mut() {
+        let name = dotted(prefix, key.get());
+        let is_size = key.get().ends_with("_bytes");
+        match item {
+            toml_edit::Item::Table(t) => sizes_in_table(t, &name, changed)?,
+            toml_edit::Item::ArrayOfTables(a) => {
+                for (i, t) in a.iter_mut().enumerate() {
+                    sizes_in_table(t, &format!("{name}[{i}]"), changed)?;
+                }
+            }
+            toml_edit::Item::Value(v) => sizes_in_value(v, &name, is_size, changed)?,
+            toml_edit::Item::None => {}
+        }
+    }
+    Ok(())
+}
+
+fn sizes_in_value(
+    value: &mut toml_edit::Value,
+    key: &str,
+    is_size: bool,
+    changed: &mut bool,
+) -> Result<(), ConfigError> {
+    match value {
+        toml_edit::Value::InlineTable(t) => {
+            for (k, v) in t.iter_mut() {
+                let size = k.get().ends_with("_bytes");
+                sizes_in_value(v, &dotted(key, k.get()), size, changed)?;
+            }
+        }
+        toml_edit::Value::Array(a) => {
+            for (i, v) in a.iter_mut().enumerate() {
+                sizes_in_value(v, &format!("{key}[{i}]"), false, changed)?;
+            }
+        }
+        toml_edit::Value::String(text) if is_size => {
+            let text = text.value().clone();
+            let bytes =
+                crate::size::parse_size(&text).map_err(|e| invalid(key, &text, e.to_string()))?;
+            // TOML integers are i64.
+            let bytes = i64::try_from(bytes).map_err(|_| {
+                invalid(
+                    key,
+                    &text,
+                    format!("is above the largest TOML integer, {}", i64::MAX),
+                )
+            })?;
+            let decor = value.decor().clone();
+            *value = toml_edit::Value::from(bytes);
+            *value.decor_mut() = decor;
+            *changed = true;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 impl StoreConfig {
@@ -1073,6 +1158,104 @@ function = "docker"
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn byte_keys_take_sizes_with_units() {
+        let c = Config::from_toml_str(
+            "[probes]\npeak_step_bytes = \"2Mi\"\nring_buffer_bytes = \"8Mi\"\n\
+             [policy]\nheadroom_bytes = \"16M\"\n\
+             [policy.defaults]\nfloor_bytes = \"0.5Gi\"\nceiling_bytes = 4294967296\n\
+             [[policy.functions]]\nname = \"f\"\npin_max_bytes = \"1.5Gi\"\n\
+             [reactive]\nhost_reserve_bytes = \"1Gi\"\nstep_min_bytes = \"64Ki\"\n\
+             squeeze_headroom_bytes = \"4096\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.probes.peak_step_bytes, 2 << 20);
+        assert_eq!(c.probes.ring_buffer_bytes, 8 << 20);
+        assert_eq!(c.policy.headroom_bytes, 16_000_000);
+        assert_eq!(c.policy.defaults.floor_bytes, Some(512 << 20));
+        assert_eq!(c.policy.defaults.ceiling_bytes, Some(4 << 30));
+        assert_eq!(c.policy.for_function("f").pin_max_bytes, Some(3 << 29));
+        assert_eq!(c.reactive.host_reserve_bytes, 1 << 30);
+        assert_eq!(c.reactive.step_min_bytes, 64 << 10);
+        assert_eq!(c.reactive.squeeze_headroom_bytes, 4096);
+        // Inline tables and arrays of them too.
+        let c = Config::from_toml_str(
+            "[policy]\nfunctions = [{ name = \"g\", pin_max_bytes = \"64Mi\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy.for_function("g").pin_max_bytes, Some(64 << 20));
+        // A size still obeys the key's own rules.
+        assert_invalid(
+            "[probes]\nring_buffer_bytes = \"3Mi\"",
+            "probes.ring_buffer_bytes",
+            "3145728",
+        );
+    }
+
+    #[test]
+    fn bad_sizes_name_the_key_the_value_and_the_forms() {
+        for (toml, key, value, why) in [
+            (
+                "[probes]\npeak_step_bytes = \"64Q\"",
+                "probes.peak_step_bytes",
+                "64Q",
+                "unknown unit \"Q\"",
+            ),
+            (
+                "[policy.defaults]\nfloor_bytes = \"64MB\"",
+                "policy.defaults.floor_bytes",
+                "64MB",
+                "write Mi for MiB",
+            ),
+            (
+                "[[policy.functions]]\nname = \"f\"\n[[policy.functions]]\nname = \"g\"\n\
+                 pin_high_bytes = \"-1Gi\"",
+                "policy.functions[1].pin_high_bytes",
+                "-1Gi",
+                "negative",
+            ),
+            (
+                "[reactive]\nhost_reserve_bytes = \"1.5\"",
+                "reactive.host_reserve_bytes",
+                "1.5",
+                "a fraction of a byte",
+            ),
+            (
+                "[reactive]\nhost_reserve_bytes = \"15Ei\"",
+                "reactive.host_reserve_bytes",
+                "15Ei",
+                "largest TOML integer",
+            ),
+        ] {
+            let reason = assert_invalid(toml, key, value);
+            assert!(reason.contains(why), "{toml}: {reason}");
+            if why != "largest TOML integer" {
+                assert!(
+                    reason.contains("64Mi") && reason.contains("Ki, Mi, Gi"),
+                    "{reason}"
+                );
+            }
+        }
+        // Strings elsewhere stay strings, and other types stay the parser's errors.
+        let err = Config::from_toml_str("[store]\nretention_days = \"14\"").unwrap_err();
+        assert!(parse_message(err).contains("retention_days"));
+        let err = Config::from_toml_str("[probes]\npeak_step_bytes = 1.5").unwrap_err();
+        assert!(parse_message(err).contains("peak_step_bytes"));
+    }
+
+    #[test]
+    fn sizes_keep_the_line_numbers_of_later_errors() {
+        let err = Config::from_toml_str(
+            "[probes]\npeak_step_bytes = \"2Mi\"\n\n[store]\nretention = 3\n",
+        )
+        .unwrap_err();
+        let message = parse_message(err);
+        assert!(
+            message.contains("line 5") && message.contains("retention"),
+            "{message}"
+        );
     }
 
     #[test]

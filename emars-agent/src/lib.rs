@@ -5,12 +5,13 @@
 //! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
 //! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `api`
 //! (HTTP server, wire types) → `cli` (client, demo, report, tune) and `view` (SVG plots for the
-//! CLI and the benchmark binaries). `clock`, `files` and `config` sit beside them:
+//! CLI and the benchmark binaries). `clock`, `files`, `size` and `config` sit beside them:
 //! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
 pub mod clock;
 pub mod config;
 pub mod files;
+pub mod size;
 
 pub mod api;
 pub mod cli;

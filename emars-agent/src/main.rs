@@ -1,6 +1,10 @@
 //! `emars`: the agent daemon and its command-line client.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -11,7 +15,7 @@ use emars_agent::{
         InvocationsReport, LimitsBody, Recommendation, RecommendationsResponse, WritesResponse,
     },
     cli::client::{self, Client},
-    config::Config,
+    cli::locate,
 };
 
 #[derive(Parser)]
@@ -21,28 +25,35 @@ use emars_agent::{
     about = "Event-driven memory right-sizing for serverless functions"
 )]
 struct Cli {
+    /// The agent's TOML config: for `emars agent` what it runs with, for the other commands
+    /// which agent they talk to (its api.socket, api.listen, api.token_file) and, for `unpin`,
+    /// its probes.pin_path. Without it: /etc/emars/config.toml where it exists, else the
+    /// built-in default.
+    #[arg(long, short, env = "EMARS_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// The agent's local socket (api.socket): the CLI's way in unless --addr is given. Root (or
+    /// The agent's local socket, instead of the api.socket of its config (--config). Root (or
     /// api.socket_group) may use it for everything, with no token; other users read over TCP.
-    #[arg(
-        long,
-        env = "EMARS_SOCKET",
-        default_value = emars_agent::config::DEFAULT_SOCKET,
-        global = true
-    )]
-    socket: PathBuf,
-    /// The agent's TCP address (api.listen) instead of its socket, e.g. 127.0.0.1:9750. Writes
-    /// then need --token-file: the token is sent to whoever listens there.
-    #[arg(long, env = "EMARS_ADDR", global = true)]
+    #[arg(long, env = "EMARS_SOCKET", global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The agent's TCP address instead of its socket, e.g. 127.0.0.1:9750. Writes then need
+    /// --token-file: the token is sent to whoever listens there.
+    #[arg(long, env = "EMARS_ADDR", global = true, value_name = "HOST:PORT")]
     addr: Option<String>,
     /// With --addr: the agent's write token file (api.token_file), sent with every write. Never
     /// read, nor sent, without --addr.
-    #[arg(long, env = "EMARS_TOKEN_FILE", requires = "addr", global = true)]
+    #[arg(
+        long,
+        env = "EMARS_TOKEN_FILE",
+        requires = "addr",
+        global = true,
+        value_name = "FILE"
+    )]
     token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -50,32 +61,39 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn client(&self) -> Client {
-        match &self.addr {
-            Some(addr) => {
-                let c = Client::new(addr);
-                match &self.token_file {
-                    Some(f) => c.with_token_file(f),
-                    None => c,
-                }
-            }
+    /// The client for the agent these flags name, else the one the agent's config describes
+    /// (`config`: --config, EMARS_CONFIG; else the default path or the built-in default).
+    fn client(&self, config: Option<&Path>) -> anyhow::Result<Client> {
+        if let Some(addr) = &self.addr {
+            // The token goes over TCP only where the user named both the address and the token
+            // file: whoever holds a port gets what is sent to it.
+            let c = Client::new(addr).tried("--addr");
+            return Ok(match &self.token_file {
+                Some(f) => c.with_token_file(f),
+                None => c,
+            });
+        }
+        if let Some(socket) = &self.socket {
             // Reads are open to every local user: one the socket refuses reads over TCP (with
             // no token), writes never leave the socket.
-            None => Client::local(&self.socket).with_read_fallback(&format!(
-                "127.0.0.1:{}",
-                emars_agent::config::DEFAULT_LISTEN_PORT
-            )),
+            let fallback = format!("127.0.0.1:{}", emars_agent::config::DEFAULT_LISTEN_PORT);
+            return Ok(Client::local(socket)
+                .tried("--socket")
+                .with_read_fallback(&fallback));
         }
+        let located = locate::find(config).context(
+            "reading the agent's config, to find its socket (--socket or --addr name the agent \
+             without it)",
+        )?;
+        locate::client(&located).map_err(anyhow::Error::msg)
     }
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent (needs root: it loads eBPF programs).
+    /// Run the agent (needs root: it loads eBPF programs) with --config FILE, else
+    /// /etc/emars/config.toml where it exists, else the built-in default.
     Agent {
-        /// TOML config; the embedded default is used without one.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Override api.listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -86,15 +104,13 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
-    /// Remove the kernel side the agent leaves pinned in bpffs (it records while no agent runs);
-    /// refused while an agent runs. Needs root.
-    Unpin {
-        /// The agent's TOML config (for probes.pin_path); the default config without one.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
-    /// Check a config file and print it with defaults filled in.
-    CheckConfig { path: PathBuf },
+    /// Remove the kernel side the agent leaves pinned in bpffs (it records while no agent runs)
+    /// under the probes.pin_path of its config (--config); refused while an agent runs. Needs
+    /// root.
+    Unpin,
+    /// Check a config file (else the one `emars agent` would use) and print it with defaults
+    /// filled in.
+    CheckConfig { path: Option<PathBuf> },
     /// Print the embedded default config.
     DefaultConfig,
     /// Whether the agent answers (GET /healthz): exit status 0 if it does. Through the local
@@ -143,11 +159,12 @@ enum Command {
     SetLimit {
         function: String,
         instance: String,
-        /// memory.max / memory.limit_in_bytes, bytes.
-        #[arg(long)]
+        /// memory.max / memory.limit_in_bytes: bytes, or a size such as 64Mi (x1024²) or 64M
+        /// (x1000²).
+        #[arg(long, value_name = "SIZE", value_parser = emars_agent::size::parse_size_arg)]
         max: Option<u64>,
-        /// memory.high / memory.soft_limit_in_bytes, bytes.
-        #[arg(long)]
+        /// memory.high / memory.soft_limit_in_bytes: bytes, or a size such as 48Mi or 1.5Gi.
+        #[arg(long, value_name = "SIZE", value_parser = emars_agent::size::parse_size_arg)]
         high: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
@@ -177,9 +194,9 @@ enum Command {
     /// Run a command under a sweep of memory limits in cgroups of its own and find the knee:
     /// the smallest limit without OOM kills, failures or slowdown (root; no agent needed).
     Tune {
-        /// Limits to try, e.g. 16M,32M,64M,1G or bytes; default: 8 from 0.5x to 2x the peak
-        /// measured without a limit.
-        #[arg(long)]
+        /// Limits to try, e.g. 16Mi,32Mi,64Mi,1Gi (x1024ⁿ; 64M is x1000²) or bytes; default: 8
+        /// from 0.5x to 2x the peak measured without a limit.
+        #[arg(long, value_name = "SIZES")]
         limits: Option<String>,
         /// Runs per limit (and without a limit).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -254,17 +271,16 @@ fn stderr_is_journal() -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
     match cli.command {
         Command::Agent {
-            config,
             listen,
             store,
             demo,
         } => {
-            let mut cfg = match &config {
-                Some(p) => Config::load(p)?,
-                None => Config::embedded_default(),
-            };
+            let located = locate::find(config)?;
+            tracing::info!("config: {}", located.source);
+            let mut cfg = located.config;
             if let Some(l) = listen {
                 cfg.api.listen = l;
             }
@@ -294,12 +310,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
             })
         }
-        Command::Unpin { config } => {
-            let cfg = match &config {
-                Some(p) => Config::load(p)?,
-                None => Config::embedded_default(),
-            };
-            let base = &cfg.probes.pin_path;
+        Command::Unpin => {
+            let located = locate::find(config)?;
+            let base = &located.config.probes.pin_path;
+            // Said first: the default directory may be another agent's.
+            eprintln!(
+                "unpinning under {} (probes.pin_path of {})",
+                base.display(),
+                located.source
+            );
             let removed =
                 emars_agent::kernel::probes::pins::unpin_all(base).with_context(|| {
                     format!("removing the pinned kernel side under {}", base.display())
@@ -313,13 +332,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig { path } => {
-            let cfg = Config::load(&path)?;
-            cfg.check_host()?;
+            let located = locate::find(path.as_deref().or(config))?;
+            located.config.check_host()?;
             println!(
                 "{}",
-                toml::to_string_pretty(&cfg).context("printing the config")?
+                toml::to_string_pretty(&located.config).context("printing the config")?
             );
-            eprintln!("{}: ok", path.display());
+            eprintln!("{}: ok", located.source);
             Ok(())
         }
         Command::DefaultConfig => {
@@ -327,7 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health(c) => {
-            let h: emars_agent::api::wire::Health = c.client().get_as("/healthz")?;
+            let h: emars_agent::api::wire::Health = c.client(config)?.get_as("/healthz")?;
             show(&c, &h, |h| {
                 if h.ok {
                     "ok\n".into()
@@ -340,13 +359,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Info(c) => show(&c, &c.client().info()?, client::render_info),
+        Command::Info(c) => show(&c, &c.client(config)?.info()?, client::render_info),
         Command::Functions(c) => {
-            let list: FunctionsResponse = c.client().get_as("/v1/functions")?;
+            let list: FunctionsResponse = c.client(config)?.get_as("/v1/functions")?;
             show(&c, &list, |l| client::render_functions(&l.functions))
         }
         Command::Function { name, client: c } => {
-            let (detail, instances) = c.client().function(&name, Some(client::SHOWN_INSTANCES))?;
+            let (detail, instances) = c
+                .client(config)?
+                .function(&name, Some(client::SHOWN_INSTANCES))?;
             #[derive(serde::Serialize)]
             struct View<'a> {
                 function: &'a FunctionDetail,
@@ -360,16 +381,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 client::render_function(&v.function.summary, &v.function.hours, v.instances)
             })
         }
-        Command::Export(c) => print_json(&c.client().get_as::<ExportResponse>("/v1/export")?),
+        Command::Export(c) => {
+            print_json(&c.client(config)?.get_as::<ExportResponse>("/v1/export")?)
+        }
         Command::Recommend {
             function,
             generate,
             client: c,
         } => {
-            let api = c.client();
+            let api = c.client(config)?;
             if generate {
                 let g: Generation = api.post_as("/v1/recommendations/generate", &Empty {})?;
-                return print_json(&g);
+                return show(&c, &g, |g| {
+                    client::render_generations(std::slice::from_ref(g))
+                });
             }
             // --json prints the API's answer: one recommendation, or all with the mode.
             match &function {
@@ -394,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             function,
             client: c,
         } => {
-            let a: Admission = c.client().post_as(
+            let a: Admission = c.client(config)?.post_as(
                 "/v1/admission",
                 &AdmissionBody {
                     function: function.clone(),
@@ -407,11 +432,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Apply(c) => {
-            let w: WritesResponse = c.client().post_as("/v1/apply", &Empty {})?;
+            let w: WritesResponse = c.client(config)?.post_as("/v1/apply", &Empty {})?;
             show(&c, &w.writes, |l| client::render_audit(l))
         }
         Command::Audit { limit, client: c } => {
-            let a: AuditResponse = c.client().get_as(&format!("/v1/audit?limit={limit}"))?;
+            let a: AuditResponse = c
+                .client(config)?
+                .get_as(&format!("/v1/audit?limit={limit}"))?;
             show(&c, &a.audit, |l| client::render_audit(l))
         }
         Command::Generations {
@@ -423,7 +450,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(f) = &function {
                 path.push_str(&format!("&function={}", client::encode_segment(f)));
             }
-            print_json(&c.client().get_as::<GenerationsResponse>(&path)?)
+            let g: GenerationsResponse = c.client(config)?.get_as(&path)?;
+            show(&c, &g, |g| client::render_generations(&g.generations))
         }
         Command::SetLimit {
             function,
@@ -441,7 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_bytes: max,
                 high_bytes: high,
             };
-            let rec: AuditRecord = c.client().post_as(&path, &body)?;
+            let rec: AuditRecord = c.client(config)?.post_as(&path, &body)?;
             show(&c, &[rec][..], client::render_audit)
         }
         Command::Invocations {
@@ -454,10 +482,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 client::encode_segment(&name)
             );
             let body = InvocationsReport { count, at_ms: None };
-            print_json(&c.client().post_as::<InvocationsAccepted>(&path, &body)?)
+            let a: InvocationsAccepted = c.client(config)?.post_as(&path, &body)?;
+            show(&c, &a, |a| {
+                format!(
+                    "{}: {} counted in the hour of {} UTC\n",
+                    a.function,
+                    emars_agent::view::text::count(a.count, "invocation", "invocations"),
+                    client::format_time_ms(a.at_ms)
+                )
+            })
         }
         Command::Report { out, client: c } => {
-            let (written, index) = emars_agent::cli::report::run(&c.client(), &out)?;
+            let (written, index) = emars_agent::cli::report::run(&c.client(config)?, &out)?;
             show(&c, &written, |w| {
                 emars_agent::cli::report::render(w, &index)
             })

@@ -112,6 +112,121 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `emars ARGS` with no flag naming the agent: what the config given in `env` (EMARS_CONFIG)
+/// says.
+fn emars_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String, String) {
+    let mut c = Command::new(agent_bin());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(c)
+}
+
+/// The CLI given the agent's config (`--config`, `EMARS_CONFIG`) finds the agent through that
+/// config's socket, with no other flag; `--max 64Mi` writes 67108864 bytes; `unpin` says which
+/// directory of which config it acts on before anything; with the socket off in the config,
+/// writes go over TCP with the config's token to a listener of the token's owner, and to
+/// nobody else's (a squatter as `nobody` gets no byte).
+#[test]
+fn the_cli_follows_the_agents_config() -> anyhow::Result<()> {
+    let test = "the_cli_follows_the_agents_config";
+    if !require_root(test) {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(&root, "[policy]\nmode = \"enforce\"\n")?;
+    let dir = root.instance_dir("cfgfn", "i0")?;
+    let _child = KillOnDrop(spawn_alloc(&dir, 8, 120_000, 0)?);
+    agent.wait_live("cfgfn", "i0")?;
+    let config = agent.config_path.display().to_string();
+
+    let (ok, out, err) = emars_env(&["functions", "--config", &config], &[]);
+    assert!(ok && out.contains("cfgfn"), "{out}{err}");
+    let env = [("EMARS_CONFIG", agent.config_path.as_path())];
+    let (ok, out, err) = emars_env(&["set-limit", "cfgfn", "i0", "--max", "64Mi"], &env);
+    assert!(ok && out.contains("64.0 MiB"), "{out}{err}");
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(67_108_864));
+    // A size in a form people write but Kubernetes does not: refused before anything is sent.
+    let (ok, _, err) = emars_env(&["set-limit", "cfgfn", "i0", "--max", "96MB"], &env);
+    assert!(!ok && err.contains("write Mi for MiB"), "{err}");
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(67_108_864));
+
+    let (ok, _, err) = emars_env(&["unpin"], &env);
+    assert!(!ok, "unpin while the agent runs: {err}");
+    let said = format!(
+        "unpinning under {} (probes.pin_path of {config})",
+        root.pin_path.display()
+    );
+    assert!(err.starts_with(&said), "{err}");
+
+    // The socket off: TCP to api.listen, with api.token_file's token (the agent is root's, and
+    // so is the file).
+    let tmp = tempfile::tempdir()?;
+    let tcp_config = |listen: &str| -> anyhow::Result<std::path::PathBuf> {
+        let path = tmp
+            .path()
+            .join(format!("tcp-{}.toml", listen.replace(':', "-")));
+        fs::write(
+            &path,
+            format!(
+                "[api]\nlisten = \"{listen}\"\nsocket = \"\"\ntoken_file = \"{}\"\n",
+                agent.token_file.display()
+            ),
+        )?;
+        Ok(path)
+    };
+    let own = tcp_config(&agent.addr)?;
+    let (ok, out, err) = emars_env(
+        &["set-limit", "cfgfn", "i0", "--max", "0.09375Gi"],
+        &[("EMARS_CONFIG", own.as_path())],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(96 * MIB));
+
+    // A port held by nobody: the write is not sent there at all.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let squatted = format!("127.0.0.1:{port}");
+    let (keep, squat) = copy_for_nobody(&squat_bin())?;
+    let log = keep.path().join("squatted.log");
+    fs::write(&log, b"")?;
+    fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    let mut squatter = {
+        use std::os::unix::process::CommandExt as _;
+        let mut c = Command::new(&squat);
+        c.args(["--tcp", &squatted, "--log"])
+            .arg(&log)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .current_dir("/")
+            .stdout(std::process::Stdio::piped());
+        KillOnDrop(c.spawn()?)
+    };
+    let mut line = String::new();
+    let out = squatter
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    assert_eq!(line.trim(), "listening");
+    let theirs = tcp_config(&squatted)?;
+    let (ok, _, err) = emars_env(
+        &["set-limit", "cfgfn", "i0", "--max", "128Mi"],
+        &[("EMARS_CONFIG", theirs.as_path())],
+    );
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the write was not sent") && err.contains(&format!("is held by uid {NOBODY}")),
+        "{err}"
+    );
+    assert_eq!(fs::read(&log)?, b"", "the squatter received bytes");
+    assert_eq!(root.hierarchy.max_limit(&dir), Some(96 * MIB));
+    Ok(())
+}
+
 /// Shell completions: generated for each shell, and bash's loads and completes subcommands.
 #[test]
 fn completions_load_in_bash() -> anyhow::Result<()> {
@@ -163,15 +278,36 @@ fn completions_load_in_bash() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Without an agent, the CLI says so once, with what to check: over TCP and at a socket.
+/// Without an agent, the CLI says so once, with what it tried and what to check (whether the
+/// agent runs, and whether the flags or the config name it): over TCP, at a socket, and at the
+/// socket of a config.
 #[test]
 fn cli_without_agent_says_so() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let socket = tmp.path().join("api.sock");
     let socket = socket.to_str().expect("utf-8 path");
-    for (how, args) in [
-        ("tcp", ["functions", "--addr", "127.0.0.1:1"]),
-        ("socket", ["functions", "--socket", socket]),
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("[api]\nsocket = \"{socket}\"\n")).expect("config");
+    let config = config.to_str().expect("utf-8 path");
+    for (how, args, tried, check) in [
+        (
+            "tcp",
+            ["functions", "--addr", "127.0.0.1:1"],
+            "http://127.0.0.1:1 (--addr)".to_owned(),
+            "is that its api.listen",
+        ),
+        (
+            "socket",
+            ["functions", "--socket", socket],
+            format!("unix:{socket} (--socket)"),
+            "--config FILE",
+        ),
+        (
+            "config",
+            ["functions", "--config", config],
+            format!("unix:{socket} (api.socket of {config})"),
+            "--config FILE",
+        ),
     ] {
         let out = Command::new(agent_bin())
             .args(args)
@@ -180,6 +316,11 @@ fn cli_without_agent_says_so() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is the agent running"), "{how}: {err}");
+        assert!(
+            err.contains(&format!("cannot reach the EMARS agent at {tried}: ")),
+            "{how}: {err}"
+        );
+        assert!(err.contains(check), "{how}: {err}");
         let cause = if how == "tcp" {
             "Connection refused"
         } else {

@@ -53,8 +53,9 @@ fn audit_len(agent: &Agent) -> anyhow::Result<usize> {
     Ok(a["audit"].as_array().map_or(0, Vec::len))
 }
 
-/// Every write route of the API, with a body it would accept from root.
-const WRITES: [(&str, &str, &str); 5] = [
+/// Every write route of the API, with a body it would accept from root. Admission writes no
+/// limit but counts its answers (GET /v1/admission, /metrics): a write all the same.
+const WRITES: [(&str, &str, &str); 6] = [
     ("POST", "/v1/apply", "{}"),
     ("POST", "/v1/recommendations/generate", "{}"),
     ("POST", "/v1/functions/sec/invocations", r#"{"count": 1}"#),
@@ -63,6 +64,7 @@ const WRITES: [(&str, &str, &str); 5] = [
         "/v1/functions/sec/instances/live/limits",
         r#"{"max_bytes": 67108864}"#,
     ),
+    ("POST", "/v1/admission", r#"{"function": "sec"}"#),
     // Methods and routes that do not exist yet are refused before anything else.
     ("DELETE", "/v1/functions/sec", ""),
 ];
@@ -87,11 +89,12 @@ fn nobody_cannot_write() -> anyhow::Result<()> {
     assert_eq!(store_mode, 0o700, "store mode {store_mode:o}");
 
     let (_keep, cli) = copy_for_nobody(&agent_bin())?;
-    let commands: [&[&str]; 4] = [
+    let commands: [&[&str]; 5] = [
         &["apply"],
-        &["set-limit", "sec", "live", "--max", "67108864"],
+        &["set-limit", "sec", "live", "--max", "64Mi"],
         &["recommend", "--generate"],
         &["invocations", "sec", "3"],
+        &["admit", "sec"],
     ];
     for args in commands {
         let mut cmd = Command::new(&cli);
@@ -132,6 +135,12 @@ fn nobody_cannot_write() -> anyhow::Result<()> {
     assert_eq!(audit_len(&agent)?, audit_before);
     let f = agent.get_ok("/v1/functions/sec")?;
     assert_eq!(f["invocations"], 0, "no invocation was recorded");
+    let counted = agent.get_ok("/v1/admission")?;
+    assert_eq!(
+        counted["functions"],
+        serde_json::json!({}),
+        "no admission was counted"
+    );
 
     // Root, with the token, may.
     let (s, b) = agent.post_raw(WRITES[3].1, "application/json", WRITES[3].2.as_bytes())?;

@@ -48,7 +48,7 @@ fn tune_finds_the_knee_of_a_40_mib_function() -> anyhow::Result<()> {
     let (ok, stdout, stderr) = tune(
         &[
             "--limits",
-            "16M,32M,64M,128M",
+            "16Mi,32Mi,64Mi,128Mi",
             // Three runs: a true median, which one slow run cannot move.
             "--runs",
             "3",

@@ -11,8 +11,8 @@ use crate::api::wire::{
     InstancesResponse, Recommendation,
 };
 use crate::model::PeakSource;
+use crate::view::text::{count, human_ms, table, Align};
 pub use crate::view::text::{format_time_ms, human_bytes};
-use crate::view::text::{table, Align};
 
 /// Hour buckets shown by [`render_function`] (the most recent ones).
 pub const SHOWN_HOURS: usize = 24;
@@ -23,15 +23,19 @@ pub const MAX_PAGE: usize = crate::api::paging::MAX_LIMIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// `cause` is the innermost error's text alone: the transport's chain repeats it.
-    #[error("cannot reach the EMARS agent at {addr}: {cause} ({hint})")]
+    /// `cause` is the innermost error's text alone: the transport's chain repeats it. `tried`
+    /// names the address and where it came from, `hint` what to check.
+    #[error("cannot reach the EMARS agent at {tried}: {cause}; {hint}")]
     Connect {
-        addr: String,
+        tried: String,
         cause: String,
         hint: String,
     },
     #[error("the agent answered {status}: {message}")]
     Api { status: u16, message: String },
+    /// A write this client would not send (see [`Client::refuse_writes`]).
+    #[error("the write was not sent: {0}")]
+    NotSent(String),
     #[error("cannot decode the agent's answer to {path}: {source}")]
     Decode {
         path: String,
@@ -60,7 +64,21 @@ pub struct Client {
     /// The write token (TCP only), when it was given and could be read; else why not.
     token: Option<String>,
     token_problem: Option<String>,
+    /// Where the address came from, for errors: "--socket", "api.socket of FILE".
+    tried: Option<String>,
+    /// Why writes are not sent at all, when they are not.
+    writes_refused: Option<String>,
 }
+
+/// What to check when the agent's socket does not answer.
+const SOCKET_HINT: &str = "is the agent running (`systemctl status emars`)? If it runs with a \
+    config of its own, name that config (--config FILE, or EMARS_CONFIG), or its socket \
+    (--socket PATH), or its TCP port (--addr HOST:PORT)";
+
+/// What to check when the agent's TCP port does not answer.
+const TCP_HINT: &str = "is the agent running (`systemctl status emars`), and is that its \
+    api.listen? Name another address with --addr HOST:PORT (EMARS_ADDR), or the agent's config \
+    with --config FILE (EMARS_CONFIG)";
 
 /// Per request, connection and answer included.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,6 +91,8 @@ impl Client {
             transport: Self::tcp(addr),
             token: None,
             token_problem: None,
+            tried: None,
+            writes_refused: None,
         }
     }
 
@@ -85,6 +105,8 @@ impl Client {
             },
             token: None,
             token_problem: None,
+            tried: None,
+            writes_refused: None,
         }
     }
 
@@ -121,6 +143,33 @@ impl Client {
         self
     }
 
+    /// Sends no write at all, for this reason (which the error gives): for an address whose
+    /// writes would need a token that must not go there.
+    pub fn refuse_writes(mut self, why: &str) -> Client {
+        self.token = None;
+        self.writes_refused = Some(why.to_owned());
+        self
+    }
+
+    /// Says in errors where the address came from (`--addr`, `api.socket of FILE`).
+    pub fn tried(mut self, source: impl Into<String>) -> Client {
+        self.tried = Some(source.into());
+        self
+    }
+
+    /// The address and where it came from, as errors name them.
+    fn tried_at(&self, transport: &Transport) -> String {
+        let at = match transport {
+            Transport::Tcp { base, .. } => base.clone(),
+            Transport::Local { socket, .. } => format!("unix:{}", socket.display()),
+        };
+        // The source names the first way in, not the read fallback's port.
+        match &self.tried {
+            Some(source) if std::ptr::eq(transport, &self.transport) => format!("{at} ({source})"),
+            _ => at,
+        }
+    }
+
     /// Sends `token` with every write over TCP.
     pub fn with_token(mut self, token: &str) -> Client {
         self.token = Some(token.to_owned());
@@ -146,6 +195,9 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
+        if let Some(why) = &self.writes_refused {
+            return Err(ClientError::NotSent(why.clone()));
+        }
         let r = self.request(&self.transport, "POST", path, Some(body));
         match (r, &self.transport) {
             (
@@ -194,11 +246,9 @@ impl Client {
                     Err(ureq::Error::Status(status, resp)) => (status, read_body(resp)),
                     Err(ureq::Error::Transport(t)) => {
                         return Err(ClientError::Connect {
-                            addr: base.clone(),
+                            tried: self.tried_at(transport),
                             cause: innermost(&t),
-                            hint: "is the agent running, and listening there? Without --addr \
-                                   the CLI uses the agent's local socket"
-                                .into(),
+                            hint: TCP_HINT.into(),
                         })
                     }
                 }
@@ -216,18 +266,28 @@ impl Client {
                         if e.is_permission_denied() && body.is_none() && reads_over.is_some() =>
                     {
                         let over = reads_over.as_deref().unwrap_or(transport);
-                        return self.request(over, "GET", path, None);
+                        // Both tries named: the socket this user may not use, then the port.
+                        return self.request(over, "GET", path, None).map_err(|e| match e {
+                            ClientError::Connect { tried, cause, .. } => ClientError::Connect {
+                                tried: format!(
+                                    "{}, which is root's or api.socket_group's (not this \
+                                     user's), nor for reads at {tried}",
+                                    self.tried_at(transport)
+                                ),
+                                cause,
+                                hint: TCP_HINT.into(),
+                            },
+                            other => other,
+                        });
                     }
                     Err(e) => {
                         let hint = if e.is_permission_denied() {
                             "the socket is root's (or api.socket_group's): run the command as root"
                         } else {
-                            "is the agent running? `systemctl status emars`; for an agent with \
-                             another api.socket pass --socket, or --addr (and --token-file for \
-                             writes) for its TCP port"
+                            SOCKET_HINT
                         };
                         return Err(ClientError::Connect {
-                            addr: socket.display().to_string(),
+                            tried: self.tried_at(transport),
                             cause: innermost(&e),
                             hint: hint.into(),
                         });
@@ -451,8 +511,8 @@ pub fn render_info(v: &AgentInfo) -> String {
     if v.instances_reconciled > 0 {
         let _ = writeln!(
             out,
-            "  reconciled:       {} instances closed without an rmdir event",
-            v.instances_reconciled
+            "  reconciled:       {} closed without an rmdir event",
+            count(v.instances_reconciled, "instance", "instances")
         );
     }
     let cm = &v.container_metadata;
@@ -480,20 +540,20 @@ pub fn render_info(v: &AgentInfo) -> String {
     let m = &v.model;
     let _ = writeln!(
         out,
-        "  live model:       {} functions, {} live and {} ended instances, {} hour buckets \
-         ({:.1} MB)",
-        m.functions,
+        "  live model:       {}, {} live and {} ended instances, {} ({:.1} MB)",
+        count(m.functions, "function", "functions"),
         m.live,
         m.ended,
-        m.hours,
+        count(m.hours, "hour bucket", "hour buckets"),
         m.bytes as f64 / 1e6
     );
     let cap = &v.function_cap;
     if cap.refused > 0 {
         let _ = writeln!(
             out,
-            "  function cap:     {} new function names refused (store.max_functions = {})",
-            cap.refused, cap.max_functions
+            "  function cap:     {} refused (store.max_functions = {})",
+            count(cap.refused, "new function name", "new function names"),
+            cap.max_functions
         );
     }
     if let Some(m) = &v.store_moved_aside {
@@ -517,11 +577,11 @@ pub fn render_info(v: &AgentInfo) -> String {
     if r.enabled {
         let _ = writeln!(
             out,
-            "  reactive:         on, {}; {} instances watched, {} raises, {} denied, signal → \
-             write p50/p99/max {} / {} / {} ms",
+            "  reactive:         on, {}; {} watched, {}, {} denied, signal → write \
+             p50/p99/max {} / {} / {} ms",
             clean(&r.signal),
-            r.watched,
-            r.raises,
+            count(r.watched, "instance", "instances"),
+            count(r.raises, "raise", "raises"),
             r.denied,
             ms(r.reaction_p50_us),
             ms(r.reaction_p99_us),
@@ -533,9 +593,9 @@ pub fn render_info(v: &AgentInfo) -> String {
     if r.squeeze {
         let _ = writeln!(
             out,
-            "  squeeze:          {} pressure signals, {} squeezed ({} held now), {:.1} MB \
-             reclaimed, {} released, {} failed; watching {}",
-            r.pressure_signals,
+            "  squeeze:          {}, {} squeezed ({} held now), {:.1} MB reclaimed, {} \
+             released, {} failed; watching {}",
+            count(r.pressure_signals, "pressure signal", "pressure signals"),
             r.squeezes,
             r.squeezed_now,
             r.reclaimed_bytes as f64 / 1e6,
@@ -556,10 +616,10 @@ pub fn render_info(v: &AgentInfo) -> String {
     if !e.mode.is_empty() {
         let _ = writeln!(
             out,
-            "  policy:           {} mode; {} limit writes ok, {} failed, {} refused; {} into new \
+            "  policy:           {} mode; {} ok, {} failed, {} refused; {} into new \
              instances, slowest mkdir → write {} µs",
             clean(&e.mode),
-            e.writes_ok,
+            count(e.writes_ok, "limit write", "limit writes"),
             e.writes_failed,
             e.refusals,
             e.new_instance_writes,
@@ -825,11 +885,95 @@ pub fn render_recommendations(list: &[Recommendation], detail: bool) -> String {
             r.margin,
             human_bytes(r.max_bytes),
             human_bytes(r.p50_bytes),
-            r.oom_bump_bytes.map_or("none".into(), human_bytes),
+            oom_bump_text(r),
             r.clamped_by.as_deref().unwrap_or("nothing"),
             r.half_life_hours,
         );
     }
+    out
+}
+
+/// What the OOM kills in a recommendation's history did to its max, and why.
+fn oom_bump_text(r: &Recommendation) -> String {
+    let kills = count(r.oom_kills, "OOM-killed instance", "OOM-killed instances");
+    match r.oom_bump_bytes {
+        Some(b) => format!(
+            "max raised to {} by an OOM kill within the last half-life (VPA's rule: max(its \
+             limit + 100 MiB, limit x 1.2))",
+            human_bytes(b)
+        ),
+        None if r.oom_kills == 0 => "none (no OOM kill in the history)".to_owned(),
+        None if r.pinned => format!("none: the pinned max wins over the {kills}"),
+        None => format!(
+            "none needed: {} in the percentile at {} bumped size (max(limit + 100 MiB, limit x \
+             1.2)), and no kill within the last half-life ({} h) asks for more than max",
+            if r.oom_kills == 1 {
+                "the OOM-killed instance counts".to_owned()
+            } else {
+                format!("the {kills} count")
+            },
+            if r.oom_kills == 1 { "its" } else { "their" },
+            r.half_life_hours
+        ),
+    }
+}
+
+/// `emars generations` and `recommend --generate`: each generated config, newest first, with
+/// its functions' lines.
+pub fn render_generations(list: &[crate::api::wire::Generation]) -> String {
+    if list.is_empty() {
+        return "no configs generated yet (the first one comes at the agent's start, then every \
+                policy.period_secs; `emars recommend --generate` makes one now)\n"
+            .to_owned();
+    }
+    let mut out = String::new();
+    for (i, g) in list.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "generated {} UTC ({}), {}:",
+            format_time_ms(g.generated_at_ms),
+            clean(&g.trigger),
+            count(g.functions.len() as u64, "function", "functions")
+        );
+        let rows: Vec<Vec<String>> = g
+            .functions
+            .iter()
+            .map(|f| {
+                vec![
+                    clean(&f.function),
+                    f.requests_per_hour.to_string(),
+                    human_bytes(f.max_memory_bytes),
+                    human_bytes(f.memory_max_bytes),
+                    human_bytes(f.memory_high_bytes),
+                    format!("{:.2}", f.confidence),
+                    if f.pinned { "yes" } else { "no" }.to_owned(),
+                    human_ms(f.prewarm_ms),
+                    human_ms(f.keepalive_ms),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                ("FUNCTION", Align::Left),
+                ("REQ/H", Align::Right),
+                ("MAX MEMORY", Align::Right),
+                ("MEMORY.MAX", Align::Right),
+                ("MEMORY.HIGH", Align::Right),
+                ("CONF", Align::Right),
+                ("PINNED", Align::Left),
+                ("PREWARM", Align::Right),
+                ("KEEPALIVE", Align::Right),
+            ],
+            &rows,
+        ));
+    }
+    out.push_str(
+        "\nREQ/H: the busiest hour's reported invocations, else its execs (every exec counts, a \
+         wrapper's too); MAX MEMORY: the largest instance peak seen\n",
+    );
     out
 }
 
@@ -1095,6 +1239,86 @@ on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not fo
         assert!(empty.contains("watched roots:    none"), "{empty}");
         assert!(empty.contains("programs:\n  none loaded\n"), "{empty}");
         assert!(empty.contains("fallbacks:\n  none\n"), "{empty}");
+    }
+
+    fn recommendation(oom_kills: u64, oom_bump_bytes: Option<u64>, pinned: bool) -> Recommendation {
+        Recommendation {
+            function: "f".into(),
+            max_bytes: 164 << 20,
+            high_bytes: 140 << 20,
+            confidence: 1.0,
+            samples: 10,
+            effective_samples: 10.0,
+            percentile: 95.0,
+            percentile_bytes: 100 << 20,
+            p50_bytes: 50 << 20,
+            margin: 0.15,
+            oom_kills,
+            oom_bump_bytes,
+            pinned,
+            clamped_by: None,
+            half_life_hours: 24.0,
+            computed_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn the_oom_bump_says_what_it_did_and_why() {
+        let text = |r: Recommendation| render_recommendations(&[r], true);
+        let t = text(recommendation(0, None, false));
+        assert!(
+            t.contains("OOM bump: none (no OOM kill in the history);"),
+            "{t}"
+        );
+        let t = text(recommendation(1, Some(164 << 20), false));
+        assert!(
+            t.contains(
+                "OOM bump: max raised to 164.0 MiB by an OOM kill within the last half-life"
+            ),
+            "{t}"
+        );
+        let t = text(recommendation(1, None, false));
+        assert!(
+            t.contains(
+                "OOM bump: none needed: the OOM-killed instance counts in the percentile at its \
+                 bumped size"
+            ) && t.contains("no kill within the last half-life (24 h) asks for more than max"),
+            "{t}"
+        );
+        let t = text(recommendation(2, None, true));
+        assert!(
+            t.contains("OOM bump: none: the pinned max wins over the 2 OOM-killed instances"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn generations_text() {
+        use crate::policy::{GeneratedConfig, Generation};
+        assert!(render_generations(&[]).starts_with("no configs generated yet"));
+        let g = Generation {
+            generated_at_ms: 1_700_000_000_000,
+            trigger: "on_demand".into(),
+            functions: vec![GeneratedConfig {
+                function: "fn-a".into(),
+                requests_per_hour: 7,
+                max_memory_bytes: 30 << 20,
+                memory_high_bytes: 28 << 20,
+                memory_max_bytes: 40 << 20,
+                confidence: 0.5,
+                pinned: false,
+                prewarm_ms: 0,
+                keepalive_ms: 14_400_000,
+            }],
+        };
+        let out = render_generations(&[g]);
+        let expected = "\
+generated 2023-11-14 22:13:20 UTC (on_demand), 1 function:
+FUNCTION  REQ/H  MAX MEMORY  MEMORY.MAX  MEMORY.HIGH  CONF  PINNED  PREWARM  KEEPALIVE
+fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0        4 h
+";
+        assert!(out.starts_with(expected), "{out}");
+        assert!(out.contains("REQ/H: the busiest hour's reported invocations, else its execs"));
     }
 
     #[test]

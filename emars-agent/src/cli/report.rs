@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use crate::api::wire::{FunctionLimits, FunctionsResponse};
 use crate::cli::client::{self, Client, ClientError};
 use crate::view::plot::{self, PeaksPlot};
+use crate::view::text::count;
 
 /// The most instances one plot draws (read page after page, newest first); a function with
 /// more retained is drawn with its newest this many, and the summary says so.
@@ -39,7 +40,7 @@ impl Written {
                 self.instances, self.retained
             )
         } else {
-            format!("{} instances", self.instances)
+            count(self.instances as u64, "instance", "instances")
         }
     }
 }
@@ -139,10 +140,10 @@ fn index_html(written: &[Written]) -> String {
         let (f, n) = (escape(&w.function), escape(&file));
         let _ = writeln!(
             h,
-            "<h2 id=\"{n}\">{f}</h2>\n<p>{}, {} hours.</p>\n\
+            "<h2 id=\"{n}\">{f}</h2>\n<p>{}, {}.</p>\n\
              <p><a href=\"{n}\"><img src=\"{n}\" alt=\"instance peaks of {f}\" width=\"900\"></a></p>",
             w.instances_text(),
-            w.hours
+            count(w.hours as u64, "hour", "hours")
         );
     }
     h.push_str("</body>\n</html>\n");
@@ -156,11 +157,11 @@ pub fn render(written: &[Written], index: &Path) -> String {
         let limit = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), client::human_bytes);
         let _ = writeln!(
             s,
-            "wrote {}  ({}: {}, {} hours, memory.max {}, memory.high {})",
+            "wrote {}  ({}: {}, {}, memory.max {}, memory.high {})",
             w.file.display(),
             w.function,
             w.instances_text(),
-            w.hours,
+            count(w.hours as u64, "hour", "hours"),
             limit(w.max_bytes),
             limit(w.high_bytes)
         );
@@ -194,7 +195,7 @@ mod tests {
             high_bytes: None,
         };
         let h = index_html(&[w]);
-        assert!(h.contains("3 of 5 instances (the newest)"), "{h}");
+        assert!(h.contains("3 of 5 instances (the newest), 1 hour."), "{h}");
         assert!(
             h.contains("<a href=\"f_1_.svg\"><img src=\"f_1_.svg\""),
             "{h}"

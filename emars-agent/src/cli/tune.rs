@@ -24,7 +24,7 @@ use crate::kernel::cgroupfs::{
     join_before_exec, CgroupMode, CgroupVersion, CgroupfsError, MemoryHierarchy,
 };
 use crate::view::plot::{self, PlotError, TunePlot, TunePoint};
-use crate::view::text::{human_bytes, table, Align};
+use crate::view::text::{count, human_bytes, table, Align};
 
 const MIB: u64 = 1 << 20;
 
@@ -40,8 +40,8 @@ pub const KNEE_RULE: &str = "the smallest limit whose runs had no OOM kill and n
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
-    #[error("bad size {value:?} in --limits: {why} (sizes are bytes or a number with K, M, G or T, binary: 16M, 512K, 1G, 1048576)")]
-    BadSize { value: String, why: &'static str },
+    #[error("bad size {value:?} in --limits: {why}; {}", crate::size::SIZE_FORMS)]
+    BadSize { value: String, why: String },
     #[error("emars tune needs root: it creates memory cgroups and sets their limits")]
     NotRoot,
     #[error(transparent)]
@@ -76,35 +76,20 @@ pub enum TuneError {
     },
 }
 
-/// `16M`, `512K`, `1G`, `1GiB`, `64MB`, `1048576`: binary units, case-insensitive; at least a
-/// page, since the kernel rounds limits to pages.
+/// One limit of `--limits`, in the forms of [`crate::size`] (`16Mi`, `64M`, `1Gi`, bytes): at
+/// least a page, since the kernel rounds limits to pages.
 pub fn parse_size(value: &str) -> Result<u64, TuneError> {
-    let bad = |why| TuneError::BadSize {
+    let bad = |why: String| TuneError::BadSize {
         value: value.to_owned(),
         why,
     };
-    let v = value.trim();
-    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    if digits == 0 {
-        return Err(bad("no number"));
-    }
-    let n: u64 = v[..digits].parse().map_err(|_| bad("too large"))?;
-    let unit = v[digits..].to_ascii_uppercase();
-    let shift = match unit.trim_end_matches('B').trim_end_matches('I') {
-        "" if unit.is_empty() || unit == "B" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad("unknown unit")),
-    };
-    let bytes = n.checked_mul(1 << shift).ok_or_else(|| bad("too large"))?;
+    let bytes = crate::size::parse_size(value).map_err(|e| bad(e.why().to_owned()))?;
     if bytes < 4096 {
-        return Err(bad("below one page (4096 bytes)"));
+        return Err(bad("below one page (4096 bytes)".to_owned()));
     }
     // Beyond this v1 reads as unlimited.
     if bytes >= 1 << 62 {
-        return Err(bad("too large"));
+        return Err(bad("too large".to_owned()));
     }
     Ok(bytes)
 }
@@ -490,11 +475,11 @@ pub fn run(
         }
         let r = summarize(Some(*limit), &rs);
         progress(&format!(
-            "{}: median {:.1} ms, {} OOM kills, {} failures",
+            "{}: median {:.1} ms, {}, {}",
             human_bytes(*limit),
             r.median_ms,
-            r.oom_kills,
-            r.failures
+            count(r.oom_kills, "OOM kill", "OOM kills"),
+            count(r.failures, "failure", "failures")
         ));
         results.push(r);
     }
@@ -584,37 +569,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_in_binary_units_and_bad_ones_say_why() {
-        assert_eq!(parse_size("16M").ok(), Some(16 << 20));
-        assert_eq!(parse_size("16MiB").ok(), Some(16 << 20));
-        assert_eq!(parse_size("16mb").ok(), Some(16 << 20));
-        assert_eq!(parse_size("512k").ok(), Some(512 << 10));
-        assert_eq!(parse_size("1G").ok(), Some(1 << 30));
+    fn sizes_parse_as_kubernetes_writes_them_and_bad_ones_say_why() {
+        assert_eq!(parse_size("16Mi").ok(), Some(16 << 20));
+        assert_eq!(parse_size("16M").ok(), Some(16_000_000));
+        assert_eq!(parse_size("512Ki").ok(), Some(512 << 10));
+        assert_eq!(parse_size("1Gi").ok(), Some(1 << 30));
+        assert_eq!(parse_size("1.5Gi").ok(), Some(3 << 29));
         assert_eq!(parse_size("1048576").ok(), Some(1 << 20));
-        assert_eq!(parse_size(" 8192B ").ok(), Some(8192));
+        assert_eq!(parse_size(" 8192 ").ok(), Some(8192));
         for (bad, why) in [
-            ("", "no number"),
+            ("", "empty"),
             ("M", "no number"),
-            ("-1M", "no number"),
+            ("-1M", "negative"),
             ("16X", "unknown unit"),
-            ("16 M", "unknown unit"),
-            ("1.5G", "unknown unit"),
+            ("16 M", "right after the number"),
+            ("16MiB", "write Mi for MiB"),
             ("100", "below one page"),
             ("0", "below one page"),
             ("99999999999999999999", "too large"),
-            ("9999999T", "too large"),
+            ("9999999Ti", "too large"),
+            ("4Ei", "too large"),
         ] {
             let e = parse_size(bad).expect_err(bad).to_string();
             assert!(
-                e.contains(why) && e.contains(&format!("{bad:?}")),
+                e.contains(why) && e.contains(&format!("{bad:?}")) && e.contains("64Mi"),
                 "{bad}: {e}"
             );
         }
         assert_eq!(
-            parse_limits("64M,16M,32M,16M").ok(),
+            parse_limits("64Mi,16Mi,32Mi,16Mi").ok(),
             Some(vec![16 << 20, 32 << 20, 64 << 20])
         );
-        assert!(parse_limits("16M,,32M").is_err());
+        assert!(parse_limits("16Mi,,32Mi").is_err());
     }
 
     #[test]

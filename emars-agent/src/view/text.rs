@@ -17,6 +17,31 @@ pub fn human_bytes(b: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// `n` and its noun, singular for one: `count(1, "hour", "hours")` is `"1 hour"`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A span of milliseconds in its largest whole unit: `90_000` → `"90 s"`, `7_200_000` →
+/// `"2 h"`, `0` → `"0"`.
+pub fn human_ms(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "min"),
+        (1000, "s"),
+    ];
+    if ms == 0 {
+        return "0".to_owned();
+    }
+    for (size, unit) in UNITS {
+        if ms.is_multiple_of(size) {
+            return format!("{} {unit}", ms / size);
+        }
+    }
+    format!("{ms} ms")
+}
+
 /// `ms` (unix milliseconds) as `YYYY-MM-DD HH:MM:SS` UTC; `-` for 0 (never).
 pub fn format_time_ms(ms: u64) -> String {
     if ms == 0 {
@@ -86,4 +111,27 @@ pub fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(1, "hour", "hours"), "1 hour");
+        assert_eq!(count(0, "hour", "hours"), "0 hours");
+        assert_eq!(count(2, "OOM kill", "OOM kills"), "2 OOM kills");
+        assert_eq!(count(1, "OOM kill", "OOM kills"), "1 OOM kill");
+    }
+
+    #[test]
+    fn spans_in_their_largest_whole_unit() {
+        assert_eq!(human_ms(0), "0");
+        assert_eq!(human_ms(1500), "1500 ms");
+        assert_eq!(human_ms(90_000), "90 s");
+        assert_eq!(human_ms(60_000), "1 min");
+        assert_eq!(human_ms(14_400_000), "4 h");
+        assert_eq!(human_ms(86_400_000), "1 d");
+    }
 }

@@ -22,7 +22,52 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+const USAGE: &str = "\
+emars-alloc: a workload with a known memory profile (for tests, benchmarks and `emars tune`)
+
+usage: emars-alloc [--mib N] [--hold-ms MS] [--delay-ms MS] [--rate-mib-s N] [--step-mib N]
+                   [--chain N] [--file-mib N] [--file-dir DIR]
+
+  --mib N         allocate N MiB and touch every page (default 0)
+  --hold-ms MS    then hold it MS milliseconds before exiting (default 0)
+  --delay-ms MS   wait MS milliseconds before allocating (default 0)
+  --rate-mib-s N  touch the pages at N MiB/s instead of at once
+  --step-mib N    allocate in pieces of N MiB (a grower its cgroup stops, not its first malloc)
+  --chain N       re-exec itself N times first (N more execs in its cgroup)
+  --file-mib N    first write and sync an N MiB file: clean page cache the kernel can reclaim
+  --file-dir DIR  where that file goes (default $EMARS_DISK_DIR, else /var/tmp)
+
+example: emars tune --limits 16Mi,32Mi,64Mi -- emars-alloc --mib 40 --hold-ms 100";
+
+/// Every option takes a value; anything else is a mistake that would silently change the
+/// profile (a misspelt `--mb 40` allocating nothing), so it is refused with the usage.
+const OPTIONS: [&str; 8] = [
+    "--chain",
+    "--mib",
+    "--hold-ms",
+    "--delay-ms",
+    "--rate-mib-s",
+    "--step-mib",
+    "--file-mib",
+    "--file-dir",
+];
+
+fn check_args() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        std::process::exit(0);
+    }
+    for pair in args.chunks(2) {
+        if !OPTIONS.contains(&pair[0].as_str()) || pair.len() < 2 {
+            eprintln!("emars-alloc: bad argument {:?}\n\n{USAGE}", pair[0]);
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
+    check_args();
     let chain = arg("--chain", 0);
     let mib = arg("--mib", 0);
     let hold_ms = arg("--hold-ms", 0);
