@@ -517,6 +517,8 @@ impl Config {
 
     /// What only the host can tell (`emars check-config` and the agent's start): the pin
     /// directory must be on bpffs, or below /sys/fs/bpf where the agent mounts it.
+    // f_type's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
     pub fn check_host(&self) -> Result<(), ConfigError> {
         let p = &self.probes;
         if !p.pin
