@@ -175,10 +175,15 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Report invocations of a function (for platforms that count requests).
+    /// Report invocations of a function (for platforms that count requests). A name the agent
+    /// has never seen is refused (a typo would make a function of its own): `--new` for one
+    /// whose first instance has not started yet.
     Invocations {
         name: String,
         count: u64,
+        /// Report for a function the agent does not know yet.
+        #[arg(long)]
+        new: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -475,14 +480,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invocations {
             name,
             count,
+            new,
             client: c,
         } => {
-            let path = format!(
-                "/v1/functions/{}/invocations",
-                client::encode_segment(&name)
-            );
+            let seg = client::encode_segment(&name);
+            let agent = c.client(config)?;
+            if !new {
+                match agent.get(&format!("/v1/functions/{seg}")) {
+                    Ok(_) => {}
+                    Err(client::ClientError::Api { status: 404, .. }) => anyhow::bail!(
+                        "the agent knows no function {name:?}: check the name (`emars \
+                         functions`), or give --new to report invocations for a function whose \
+                         first instance has not started yet"
+                    ),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let path = format!("/v1/functions/{seg}/invocations");
             let body = InvocationsReport { count, at_ms: None };
-            let a: InvocationsAccepted = c.client(config)?.post_as(&path, &body)?;
+            let a: InvocationsAccepted = agent.post_as(&path, &body)?;
             show(&c, &a, |a| {
                 format!(
                     "{}: {} counted in the hour of {} UTC\n",

@@ -81,6 +81,18 @@ fn cli_reports_what_the_api_knows() -> anyhow::Result<()> {
     // The same over TCP, told the address and the token file.
     let (ok, out, err) = emars_tcp(&agent, &["invocations", "clifn", "3"]);
     assert!(ok, "{err}: {out}");
+    // A misspelt name is refused, and no function is made of it; --new reports for a function
+    // before its first instance.
+    let (ok, out, err) = emars(&agent, &["invocations", "clifnn", "5"]);
+    assert!(!ok, "a typo was counted: {out}");
+    assert!(
+        err.contains("knows no function \"clifnn\"") && err.contains("--new"),
+        "{err}"
+    );
+    let (s, _) = agent.get("/v1/functions/clifnn")?;
+    assert_eq!(s, 404, "the typo made a function");
+    let (ok, out, err) = emars(&agent, &["invocations", "clifresh", "2", "--new"]);
+    assert!(ok, "{err}: {out}");
     let (ok, out, _) = emars(&agent, &["export"]);
     assert!(ok && out.contains("\"requests_per_hour\": 7"), "{out}");
 

@@ -1126,6 +1126,10 @@ async fn set_limits(
     let store = state.store.clone();
     let outcome = blocking(move || {
         let Some(inst) = store.live_instance(&name, &instance)? else {
+            // No instance to write or audit; in observe mode the answer that helps is the mode.
+            if !p.actuator.writes_allowed() {
+                return Ok(Err(ApiError::from(ActuatorError::ObserveMode)));
+            }
             return Ok(Err(ApiError::not_found(format!(
                 "no live instance {instance:?} of function {name:?}"
             ))));
