@@ -438,7 +438,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apply(c) => {
             let w: WritesResponse = c.client(config)?.post_as("/v1/apply", &Empty {})?;
-            show(&c, &w.writes, |l| client::render_audit(l))
+            show(&c, &w, |w| {
+                let mut out = client::render_audit(&w.writes);
+                if !w.kept.is_empty() {
+                    let names: Vec<String> = w
+                        .kept
+                        .iter()
+                        .map(|k| format!("{}/{}", k.function, k.instance))
+                        .collect();
+                    out.push_str(&format!(
+                        "kept the limits set by hand (set-limit) of {}: until they end\n",
+                        names.join(", ")
+                    ));
+                }
+                out
+            })
         }
         Command::Audit { limit, client: c } => {
             let a: AuditResponse = c

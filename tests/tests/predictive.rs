@@ -276,6 +276,53 @@ fn observe_mode_writes_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `apply` leaves an instance whose limits an operator set by hand (set-limit) as it is, and
+/// says so; it writes the others.
+#[test]
+fn apply_keeps_limits_set_by_hand() -> anyhow::Result<()> {
+    if !require_root("apply_keeps_limits_set_by_hand") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "mode = \"enforce\"")?;
+    history(&root, &agent, "handy", 3, 8)?;
+    let by_hand = root.instance_dir("handy", "manual")?;
+    let other = root.instance_dir("handy", "auto")?;
+    agent.wait_live("handy", "manual")?;
+    agent.wait_live("handy", "auto")?;
+    // Both got the recommendation at mkdir; the operator sets one by hand.
+    let (s, b) = agent.post_raw(
+        "/v1/functions/handy/instances/manual/limits",
+        "application/json",
+        br#"{"max_bytes": 268435456, "high_bytes": 201326592}"#,
+    )?;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = agent.post_raw("/v1/apply", "application/json", b"{}")?;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["kept"],
+        serde_json::json!([{"function": "handy", "instance": "manual"}]),
+        "{b}"
+    );
+    let written: Vec<&str> = b["writes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["instance"].as_str())
+        .collect();
+    assert_eq!(written, ["auto"], "{b}");
+    assert_eq!(
+        limits(&root.hierarchy, &by_hand),
+        (Some(256 * MIB), Some(192 * MIB))
+    );
+    let auto = limits(&root.hierarchy, &other).0;
+    assert!(
+        auto.is_some_and(|m| m < 256 * MIB),
+        "apply wrote the other: {auto:?}"
+    );
+    Ok(())
+}
+
 /// An OOM kill raises the recommendation at once (VPA's rule: max(+100 MiB, x1.2)): the very
 /// next instance gets the bumped limit at mkdir, from the policy's cached recommendation (no
 /// GET in between could have recomputed it).

@@ -65,7 +65,7 @@ use crate::kernel::cgroupfs::CgroupfsError;
 use crate::model::registry::valid_function_name;
 pub use crate::model::tracker::BindError;
 use crate::model::tracker::FunctionsFull;
-use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
+use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest, REASON_BY_HAND};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
 
@@ -1007,15 +1007,18 @@ async fn apply_all(
 ) -> ApiResult<Json<WritesResponse>> {
     body?;
     let p = predictive(&state)?;
-    let writes = work::run({
+    let applied = work::run({
         let p = p.clone();
         move || p.policy.apply_all(&p.actuator, now_ms())
     })
     .await??;
-    for w in &writes {
+    for w in &applied.writes {
         p.tell(w);
     }
-    Ok(Json(WritesResponse { writes }))
+    Ok(Json(WritesResponse {
+        writes: applied.writes,
+        kept: applied.kept,
+    }))
 }
 
 #[utoipa::path(
@@ -1140,7 +1143,7 @@ async fn set_limits(
         };
         let w = p
             .actuator
-            .write(&inst, req, BelowUsage::Refuse, "api", None);
+            .write(&inst, req, BelowUsage::Refuse, REASON_BY_HAND, None);
         p.tell(&w.audit);
         Ok(match w.result {
             Ok(_) => Ok(w.audit),

@@ -225,6 +225,10 @@ pub struct GenerationsResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WritesResponse {
     pub writes: Vec<AuditRecord>,
+    /// Live instances left alone because an operator set their limits by hand (set-limit):
+    /// they keep them until they end.
+    #[serde(default)]
+    pub kept: Vec<crate::policy::KeptInstance>,
 }
 
 /// GET /v1/audit: newest first.

@@ -16,7 +16,7 @@
 //! A failed write (cgroup gone, EBUSY, EINVAL) is an error value, never a crash.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -33,6 +33,9 @@ use crate::{
     model::{InstanceRecord, Limits},
     store::{AuditKey, Store, StoreError},
 };
+
+/// The audit reason of a write an operator asked for (`POST .../limits`, `emars set-limit`).
+pub const REASON_BY_HAND: &str = "api";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActuatorError {
@@ -236,6 +239,9 @@ pub struct Actuator {
     /// it asked for the same), to tell a later write by another (the runtime's own) from its
     /// own. In memory: a restarted agent starts from what it finds.
     last_max: Mutex<HashMap<InstanceKey, u64>>,
+    /// Live instances whose limits an operator set by hand (`set-limit`, reason "api"): `apply`
+    /// keeps them until the instance ends. In memory: a restart forgets them.
+    set_by_hand: Mutex<HashSet<InstanceKey>>,
     audit: Store,
     pub stats: ActuatorStats,
     /// Test seam: writes to this file fail with EINVAL, as the kernel's may.
@@ -308,6 +314,7 @@ impl Actuator {
             writes_allowed,
             override_runtime_limits: false,
             last_max: Mutex::default(),
+            set_by_hand: Mutex::default(),
             audit,
             stats: ActuatorStats::default(),
             #[cfg(test)]
@@ -418,6 +425,21 @@ impl Actuator {
             .remove(&(inst.started_at_ms, inst.cgroup_id));
     }
 
+    /// Whether an operator set this live instance's limits by hand (see `set_by_hand`).
+    pub fn is_set_by_hand(&self, inst: &InstanceRecord) -> bool {
+        self.hand_set()
+            .contains(&(inst.started_at_ms, inst.cgroup_id))
+    }
+
+    /// Forgets the hand-set instances that are no longer live.
+    pub fn retain_set_by_hand(&self, live: &HashSet<InstanceKey>) {
+        self.hand_set().retain(|k| live.contains(k));
+    }
+
+    fn hand_set(&self) -> MutexGuard<'_, HashSet<InstanceKey>> {
+        self.set_by_hand.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn last_max(&self) -> MutexGuard<'_, HashMap<InstanceKey, u64>> {
         self.last_max.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -521,6 +543,9 @@ impl Actuator {
         }
         if let Some(m) = audit.written.max_bytes {
             self.last_max().insert(ikey, m);
+        }
+        if result.is_ok() && reason == REASON_BY_HAND {
+            self.hand_set().insert(ikey);
         }
         if let Err(se) = self.audit.complete_audit(&key, &audit) {
             self.audit_error(&se);

@@ -76,6 +76,20 @@ pub enum PolicyError {
     ObserveMode,
 }
 
+/// What `apply` did: one audit record per write attempt, and the instances it left alone.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub writes: Vec<AuditRecord>,
+    pub kept: Vec<KeptInstance>,
+}
+
+/// A live instance `apply` left alone: an operator set its limits by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeptInstance {
+    pub function: String,
+    pub instance: String,
+}
+
 pub struct Policy {
     config: PolicyConfig,
     store: Store,
@@ -224,18 +238,31 @@ impl Policy {
     /// One-shot enforcement of every live instance of every function with a recommendation.
     /// Refused in observe mode, which writes nothing: each write it would have made is in
     /// the audit as refused (the actuator refuses it), so the request leaves a trace.
-    pub fn apply_all(
-        &self,
-        actuator: &Actuator,
-        now_ms: u64,
-    ) -> Result<Vec<AuditRecord>, PolicyError> {
+    /// Instances whose limits an operator set by hand keep them until they end (`kept`).
+    pub fn apply_all(&self, actuator: &Actuator, now_ms: u64) -> Result<Applied, PolicyError> {
         let _one_at_a_time = one_at_a_time(&self.applying)?;
         self.compute_all(now_ms)?;
-        let mut out = Vec::new();
-        for inst in self.store.live_instances()? {
-            if let Some(r) = self.cached(&inst.function) {
-                out.push(self.write(actuator, &inst, &r, "apply", None));
+        let mut out = Applied::default();
+        let live = self.store.live_instances()?;
+        actuator.retain_set_by_hand(
+            &live
+                .iter()
+                .map(|i| (i.started_at_ms, i.cgroup_id))
+                .collect(),
+        );
+        for inst in live {
+            let Some(r) = self.cached(&inst.function) else {
+                continue;
+            };
+            if actuator.is_set_by_hand(&inst) {
+                out.kept.push(KeptInstance {
+                    function: inst.function.clone(),
+                    instance: inst.instance.clone(),
+                });
+                continue;
             }
+            out.writes
+                .push(self.write(actuator, &inst, &r, "apply", None));
         }
         if self.config.mode != EnforceMode::Enforce {
             return Err(PolicyError::ObserveMode);
