@@ -19,7 +19,7 @@ use crate::{
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     kernel::events,
     kernel::notify::{PressureSignal, Signal},
-    kernel::probes::Probes,
+    kernel::probes::{replaced::CarriedRing, Probes},
     kernel::ring::EventRing,
     model::registry::Registry,
     model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
@@ -79,6 +79,7 @@ pub async fn run(
     )
     .context("loading eBPF programs")?;
     let mut ring = probes.take_events()?;
+    let carried = probes.take_carried();
 
     let info = Arc::new(RwLock::new(AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -195,16 +196,39 @@ pub async fn run(
         Vec::new()
     });
     let mut decode_errors = 0u64;
-    if probes.adopted() {
+    // Records the last run read, applied and saved, but was killed before giving back.
+    let mark = store.ring_mark();
+    let applied_in = |ring: &EventRing| {
+        mark.as_ref()
+            .filter(|(id, _)| id == ring.identity())
+            .map_or(0, |(_, pos)| *pos)
+    };
+    let recorded_meanwhile = probes.adopted() || !carried.is_empty();
+    if recorded_meanwhile {
         // The kernel side kept recording while no agent ran: the last run's live instances
         // first, then what the ring holds (their ends with exact peaks, instances that came
         // and went meanwhile), then the scan finds only what neither knows.
         resume(&mut tracker, &mut enforcer, std::mem::take(&mut stale));
-        // Records the last run read, applied and saved, but was killed before giving back.
-        let applied = store
-            .ring_mark()
-            .filter(|(id, _)| id == ring.identity())
-            .map_or(0, |(_, pos)| pos);
+    }
+    // A replaced kernel side's records (another ring size, another probes.disable...): the
+    // older, before anything of the new one.
+    let mut carried = carried;
+    for c in &mut carried {
+        let applied = applied_in(&c.ring);
+        let n = drain_ring_after(
+            &mut c.ring,
+            &mut tracker,
+            &mut enforcer,
+            &mut decode_errors,
+            applied,
+        );
+        tracing::info!(
+            "read {n} events the replaced kernel side {} queued while no agent ran",
+            c.set
+        );
+    }
+    if probes.adopted() {
+        let applied = applied_in(&ring);
         let n = drain_ring_after(
             &mut ring,
             &mut tracker,
@@ -222,11 +246,12 @@ pub async fn run(
         &roots,
         agent_start_ms,
     )?;
-    if probes.adopted() {
+    if recorded_meanwhile {
         // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
         let effects = tracker.reconcile(now_ms());
         enforcer.run(&mut tracker, effects);
     }
+    release_carried(&probes, &store, carried);
     // The last run's reactive state, now that the live instances are known: its instances
     // guarded again, its squeeze holds taken back (or released, with the squeeze off).
     let mut burst = burst;
@@ -785,6 +810,28 @@ fn drain_ring_after(
         enforcer.run(tracker, effects);
     }
     n
+}
+
+/// Saves what the replaced kernel sides' rings held, then unpins those sets: until then a
+/// restart finds them and reads them again (skipping what the ring mark says was saved).
+fn release_carried(probes: &Probes, store: &Store, carried: Vec<CarriedRing>) {
+    for mut c in carried {
+        let pos = c.ring.position();
+        if let Err(e) = store.set_ring_mark(c.ring.identity(), pos) {
+            tracing::error!("noting the ring position in the store: {e}");
+        }
+        match store.flush() {
+            Ok(()) => {
+                c.ring.commit(pos);
+                probes.release_carried(&c.set);
+            }
+            // Kept pinned: the next start reads it again.
+            Err(e) => tracing::error!(
+                "saving the events of the replaced kernel side {}: {e}; it stays pinned",
+                c.set
+            ),
+        }
+    }
 }
 
 /// Puts the last run's live instances back into the tracker as they were saved, before the
