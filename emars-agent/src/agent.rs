@@ -247,11 +247,17 @@ pub async fn run(
         agent_start_ms,
     )?;
     if recorded_meanwhile {
+        // What came in while the queue was applied and the scan ran first: reconciliation must
+        // not close an instance whose exact end waits in the ring (seen with churn through a
+        // restart: ended with no peak, then recorded again from its rmdir).
+        drain_until_quiet(&mut ring, &mut tracker, &mut enforcer, &mut decode_errors);
         // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
         let effects = tracker.reconcile(now_ms());
         enforcer.run(&mut tracker, effects);
     }
-    release_carried(&probes, &store, carried);
+    if recorded_meanwhile {
+        save_recorded_meanwhile(&probes, &store, carried, &mut ring);
+    }
     // The last run's reactive state, now that the live instances are known: its instances
     // guarded again, its squeeze holds taken back (or released, with the squeeze off).
     let mut burst = burst;
@@ -635,7 +641,7 @@ async fn event_loop(
                 if ticks.is_multiple_of(10) {
                     // Rmdir events still in the ring first: reconciliation must not close an
                     // instance whose exact end is waiting there.
-                    drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                    drain_until_quiet(ring.get_mut(), tracker, enforcer, decode_errors);
                     let effects = tracker.reconcile(now);
                     enforcer.run(tracker, effects);
                 }
@@ -778,6 +784,22 @@ fn drain_ring(
     drain_ring_after(ring, tracker, enforcer, decode_errors, 0)
 }
 
+/// Drains the ring until a read finds nothing (a few reads at most): applying a batch takes
+/// time (limit writes), in which instances may end; reconciliation, which comes next, must find
+/// their rmdirs applied, not take them for lost events.
+fn drain_until_quiet(
+    ring: &mut EventRing,
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    decode_errors: &mut u64,
+) {
+    for _ in 0..8 {
+        if drain_ring(ring, tracker, enforcer, decode_errors) == 0 {
+            break;
+        }
+    }
+}
+
 /// The same, skipping the records before ring position `applied`: read by an agent that was
 /// killed after its store had saved their effects, before it gave their room back.
 fn drain_ring_after(
@@ -812,17 +834,26 @@ fn drain_ring_after(
     n
 }
 
-/// Saves what the replaced kernel sides' rings held, then unpins those sets: until then a
-/// restart finds them and reads them again (skipping what the ring mark says was saved).
-fn release_carried(probes: &Probes, store: &Store, carried: Vec<CarriedRing>) {
+/// Saves at once what start-up applied from the rings (a replaced kernel side's, then the
+/// adopted one's), each with its ring mark, and gives their room back; then unpins the
+/// replaced sets. Until then a restart finds them and reads them again, skipping what the ring
+/// mark says was saved: an agent killed moments after its start would otherwise apply the same
+/// events twice.
+fn save_recorded_meanwhile(
+    probes: &Probes,
+    store: &Store,
+    carried: Vec<CarriedRing>,
+    ring: &mut EventRing,
+) {
+    let save = |ring: &EventRing| {
+        store
+            .set_ring_mark(ring.identity(), ring.position())
+            .and_then(|()| store.flush())
+    };
     for mut c in carried {
-        let pos = c.ring.position();
-        if let Err(e) = store.set_ring_mark(c.ring.identity(), pos) {
-            tracing::error!("noting the ring position in the store: {e}");
-        }
-        match store.flush() {
+        match save(&c.ring) {
             Ok(()) => {
-                c.ring.commit(pos);
+                c.ring.commit(c.ring.position());
                 probes.release_carried(&c.set);
             }
             // Kept pinned: the next start reads it again.
@@ -831,6 +862,10 @@ fn release_carried(probes: &Probes, store: &Store, carried: Vec<CarriedRing>) {
                 c.set
             ),
         }
+    }
+    match save(ring) {
+        Ok(()) => ring.commit(ring.position()),
+        Err(e) => tracing::error!("saving the events queued while no agent ran: {e}"),
     }
 }
 

@@ -491,6 +491,24 @@ fn run_while_down(
     Ok(())
 }
 
+/// Runs instances of `function` one after another until `stop`, each allocating a few MiB; returns
+/// each one's kernel watermark, read just before its rmdir.
+fn churn(
+    root: &TestRoot,
+    function: &str,
+    tag: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let name = format!("{tag}{n}");
+        run_while_down(root, function, &[(name, 2 + n % 5)], &mut out)?;
+        n += 1;
+    }
+    Ok(out)
+}
+
 /// Every instance of `expected` is recorded under `function`, once, with one exec and the
 /// kernel's watermark as its peak (exactly where the raw rmdir program hands it over).
 fn all_recorded(
@@ -500,6 +518,14 @@ fn all_recorded(
     exact: bool,
 ) -> anyhow::Result<()> {
     let ended = agent.wait_ended(function, expected.len())?;
+    let mut seen = std::collections::BTreeMap::<&str, Vec<&serde_json::Value>>::new();
+    for r in &ended {
+        seen.entry(r["instance"].as_str().unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "recorded more than once: {twice:?}");
     assert_eq!(ended.len(), expected.len(), "{ended:?}");
     for (name, wm) in expected {
         let rec = ended
@@ -508,7 +534,12 @@ fn all_recorded(
             .ok_or_else(|| anyhow::anyhow!("{name} not recorded: {ended:?}\n{}", agent.log()))?;
         let peak = u64_of(rec, "peak_bytes");
         if exact {
-            assert_eq!(peak, *wm, "{name}: peak {peak}, kernel watermark {wm}");
+            assert_eq!(
+                peak,
+                *wm,
+                "{name}: peak {peak}, kernel watermark {wm}: {rec}\n{}",
+                agent.log()
+            );
         } else {
             assert!(close_to_watermark(peak, *wm), "{name}: peak {peak} vs {wm}");
         }
@@ -534,10 +565,11 @@ fn pinned_set(info: &serde_json::Value) -> anyhow::Result<String> {
 }
 
 /// The restart that turns enforcement on (and one that changes the peak step) adopts the
-/// pinned kernel side as it is and writes only its run-time settings: the instances that
-/// started and ended while no agent ran, after a SIGTERM and after a kill -9, are all recorded,
-/// each with the kernel's exact watermark, and no set is replaced. With policy.mode part of the
-/// set's identity the set was replaced and they were lost.
+/// pinned kernel side as it is and writes only its run-time settings: the instances that ran
+/// while no agent did, after a SIGTERM and after a kill -9, and those of a churn that goes on
+/// through the stop and the restart, are all recorded, each with the kernel's exact watermark,
+/// and no set is replaced. With policy.mode part of the set's identity the set was replaced and
+/// they were lost.
 #[test]
 fn switching_to_enforce_loses_nothing_recorded_while_down() -> anyhow::Result<()> {
     if !require_root("switching_to_enforce_loses_nothing_recorded_while_down") {
@@ -552,14 +584,30 @@ fn switching_to_enforce_loses_nothing_recorded_while_down() -> anyhow::Result<()
     let exact = program_attached(&info, "raw_cgroup_rmdir");
     assert_eq!(info["enforcement"]["mode"], "observe", "{info}");
     assert_eq!(pinned_run_settings(&set)?.wake_on_mkdir, 0);
-    assert!(agent.stop()?.success(), "agent exits cleanly on SIGTERM");
 
     let mut expected = std::collections::BTreeMap::new();
     let batch = |tag: &str| -> Vec<(String, u64)> {
         (0..4).map(|i| (format!("{tag}{i}"), 4 + 3 * i)).collect()
     };
-    run_while_down(&root, "switch", &batch("observe-stopped"), &mut expected)?;
-    let agent = Agent::start_with(&root, &store, "\n[policy]\nmode = \"enforce\"\n", None)?;
+    // Enforced limits that no instance here can reach.
+    let enforce = "\n[policy]\nmode = \"enforce\"\n\n[[policy.functions]]\nname = \"switch\"\n\
+                   pin_max_bytes = 268435456\n";
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let agent = std::thread::scope(|scope| -> anyhow::Result<Agent> {
+        let churned = scope.spawn(|| churn(&root, "switch", "through-restart", &stop));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(agent.stop()?.success(), "agent exits cleanly on SIGTERM");
+        run_while_down(&root, "switch", &batch("observe-stopped"), &mut expected)?;
+        let agent = Agent::start_with(&root, &store, enforce, None)?;
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let churned = churned
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+        eprintln!("{} instances ran through the restart", churned.len());
+        expected.extend(churned);
+        Ok(agent)
+    })?;
     let info = agent.get_ok("/v1/info")?;
     assert_eq!(info["probes_adopted"], true, "{info}");
     assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
@@ -644,6 +692,17 @@ fn a_replaced_pinned_set_hands_over_what_it_recorded() -> anyhow::Result<()> {
             "{said}"
         );
         assert!(!std::path::Path::new(&old).exists(), "{old} left pinned");
+        for line in log.lines().filter(|l| {
+            [
+                "replaced the pinned",
+                "kernel side pinned at",
+                "replaced kernel side",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            eprintln!("{line}");
+        }
     }
     assert!(agent.stop()?.success());
     Ok(())

@@ -323,10 +323,13 @@ impl Probes {
             }
         }
 
-        // The old set's programs detach just before the new ones attach: what happens in
-        // between is found by the scan of existing cgroups.
+        // The old set's programs detach just before the new ones attach (verified already):
+        // a cgroup made in between is found by the scan of existing cgroups.
         let carried = match &pins {
-            Some(p) => replace_others(others, p, cfg, &mut report)?,
+            Some(p) => {
+                preload(&mut ebpf, &plan);
+                replace_others(others, p, cfg, &mut report)?
+            }
             None => Vec::new(),
         };
         let mut links = Vec::new();
@@ -535,9 +538,42 @@ fn specs_cover_every_program() {
     assert_eq!(names, all);
 }
 
-/// Loads and attaches one program; with `take`, hands its link over (to be pinned) instead of
-/// leaving it to the `Ebpf` object, which detaches its links when dropped.
+/// Loads (the verifier's pass) every program the attach loop is to attach, as far as that can
+/// be told before attaching: a replaced set's programs are detached after this, so the moment
+/// with no set attached is the attaching alone. A program that fails here fails again there,
+/// and is reported then.
+fn preload(ebpf: &mut Ebpf, plan: &Plan<'_>) {
+    let mut expected = ProbeReport::default();
+    for s in SPECS {
+        let (mut status, _) = plan.status(s, &expected);
+        status.attached = status.error.is_none() && load_program(ebpf, s).is_ok();
+        expected.programs.push(status);
+    }
+}
+
+/// Loads one program, unless it is loaded already.
+fn load_program(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(s.program)
+        .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?;
+    if prog.fd().is_ok() {
+        return Ok(());
+    }
+    let loaded = if s.category == "raw" {
+        <&mut RawTracePoint>::try_from(prog).map(|p| p.load())
+    } else {
+        <&mut TracePoint>::try_from(prog).map(|p| p.load())
+    };
+    loaded
+        .map_err(|e| format!("{e}"))?
+        .map_err(|e| format!("load: {e}"))
+}
+
+/// Loads (unless [`preload`] did) and attaches one program; with `take`, hands its link over
+/// (to be pinned) instead of leaving it to the `Ebpf` object, which detaches its links when
+/// dropped.
 fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, String> {
+    load_program(ebpf, s)?;
     let missing = || format!("program {} not in the eBPF object", s.program);
     if s.category == "raw" {
         let prog: &mut RawTracePoint = ebpf
@@ -545,7 +581,6 @@ fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, Strin
             .ok_or_else(missing)?
             .try_into()
             .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| format!("load: {e}"))?;
         let id = prog
             .attach(s.tracepoint)
             .map_err(|e| format!("attach: {e}"))?;
@@ -560,7 +595,6 @@ fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, Strin
         .ok_or_else(missing)?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load().map_err(|e| format!("load: {e}"))?;
     let id = prog
         .attach(s.category, s.tracepoint)
         .map_err(|e| format!("attach: {e}"))?;
