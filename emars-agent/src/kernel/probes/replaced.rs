@@ -229,8 +229,10 @@ mod tests {
 
     #[test]
     fn settings_pin_is_a_bpffs_name_and_says_what_changed() {
-        let mut cfg = ProbesConfig::default();
-        cfg.disable = vec!["cgroup.mkdir".into(), "a/b".into()];
+        let mut cfg = ProbesConfig {
+            disable: vec!["cgroup.mkdir".into(), "a/b".into()],
+            ..ProbesConfig::default()
+        };
         let pin = settings_pin(&cfg);
         assert!(pin.starts_with(SETTINGS_PIN));
         assert!(!pin.contains('.') && !pin.contains('/'), "{pin}");
