@@ -617,7 +617,11 @@ fn switching_to_enforce_loses_nothing_recorded_while_down() -> anyhow::Result<()
     assert_eq!(pinned_run_settings(&set)?.wake_on_mkdir, 1);
     all_recorded(&agent, "switch", &expected, exact)?;
 
-    // Killed in enforce mode; back to observe, with another peak step.
+    // Killed in enforce mode; back to observe, with another peak step. Killed once quiet past
+    // its periodic save (1 s after the last limits written): what is tested here is what
+    // happens while it is down; events read but not yet saved before a kill -9 are
+    // no_instance_lost_while_the_agent_is_down's.
+    std::thread::sleep(Duration::from_millis(1500) * time_scale());
     agent.kill()?;
     run_while_down(&root, "switch", &batch("enforce-killed"), &mut expected)?;
     let agent = Agent::start_with(
