@@ -19,7 +19,7 @@ use crate::{
     kernel::cgroupfs::{self, CgroupVersion, MemoryHierarchy},
     kernel::events,
     kernel::notify::{PressureSignal, Signal},
-    kernel::probes::Probes,
+    kernel::probes::{replaced::CarriedRing, Probes},
     kernel::ring::EventRing,
     model::registry::Registry,
     model::tracker::{gone_in_batch, mkdirs_first, Effect, Found, Tracker},
@@ -84,6 +84,7 @@ pub async fn run(
     )
     .context("loading eBPF programs")?;
     let mut ring = probes.take_events()?;
+    let carried = probes.take_carried();
 
     let info = Arc::new(RwLock::new(AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -205,16 +206,39 @@ pub async fn run(
         Vec::new()
     });
     let mut decode_errors = 0u64;
-    if probes.adopted() {
+    // Records the last run read, applied and saved, but was killed before giving back.
+    let mark = store.ring_mark();
+    let applied_in = |ring: &EventRing| {
+        mark.as_ref()
+            .filter(|(id, _)| id == ring.identity())
+            .map_or(0, |(_, pos)| *pos)
+    };
+    let recorded_meanwhile = probes.adopted() || !carried.is_empty();
+    if recorded_meanwhile {
         // The kernel side kept recording while no agent ran: the last run's live instances
         // first, then what the ring holds (their ends with exact peaks, instances that came
         // and went meanwhile), then the scan finds only what neither knows.
         resume(&mut tracker, &mut enforcer, std::mem::take(&mut stale));
-        // Records the last run read, applied and saved, but was killed before giving back.
-        let applied = store
-            .ring_mark()
-            .filter(|(id, _)| id == ring.identity())
-            .map_or(0, |(_, pos)| pos);
+    }
+    // A replaced kernel side's records (another ring size, another probes.disable...): the
+    // older, before anything of the new one.
+    let mut carried = carried;
+    for c in &mut carried {
+        let applied = applied_in(&c.ring);
+        let n = drain_ring_after(
+            &mut c.ring,
+            &mut tracker,
+            &mut enforcer,
+            &mut decode_errors,
+            applied,
+        );
+        tracing::info!(
+            "read {n} events the replaced kernel side {} queued while no agent ran",
+            c.set
+        );
+    }
+    if probes.adopted() {
+        let applied = applied_in(&ring);
         let n = drain_ring_after(
             &mut ring,
             &mut tracker,
@@ -232,10 +256,17 @@ pub async fn run(
         &roots,
         agent_start_ms,
     )?;
-    if probes.adopted() {
+    if recorded_meanwhile {
+        // What came in while the queue was applied and the scan ran first: reconciliation must
+        // not close an instance whose exact end waits in the ring (seen with churn through a
+        // restart: ended with no peak, then recorded again from its rmdir).
+        drain_until_quiet(&mut ring, &mut tracker, &mut enforcer, &mut decode_errors);
         // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
         let effects = tracker.reconcile(now_ms());
         enforcer.run(&mut tracker, effects);
+    }
+    if recorded_meanwhile {
+        save_recorded_meanwhile(&probes, &store, carried, &mut ring);
     }
     // The last run's reactive state, now that the live instances are known: its instances
     // guarded again, its squeeze holds taken back (or released, with the squeeze off).
@@ -620,7 +651,7 @@ async fn event_loop(
                 if ticks.is_multiple_of(10) {
                     // Rmdir events still in the ring first: reconciliation must not close an
                     // instance whose exact end is waiting there.
-                    drain_ring(ring.get_mut(), tracker, enforcer, decode_errors);
+                    drain_until_quiet(ring.get_mut(), tracker, enforcer, decode_errors);
                     let effects = tracker.reconcile(now);
                     enforcer.run(tracker, effects);
                 }
@@ -768,6 +799,22 @@ fn drain_ring(
     drain_ring_after(ring, tracker, enforcer, decode_errors, 0)
 }
 
+/// Drains the ring until a read finds nothing (a few reads at most): applying a batch takes
+/// time (limit writes), in which instances may end; reconciliation, which comes next, must find
+/// their rmdirs applied, not take them for lost events.
+fn drain_until_quiet(
+    ring: &mut EventRing,
+    tracker: &mut Tracker,
+    enforcer: &mut Enforcer,
+    decode_errors: &mut u64,
+) {
+    for _ in 0..8 {
+        if drain_ring(ring, tracker, enforcer, decode_errors) == 0 {
+            break;
+        }
+    }
+}
+
 /// The same, skipping the records before ring position `applied`: read by an agent that was
 /// killed after its store had saved their effects, before it gave their room back.
 fn drain_ring_after(
@@ -800,6 +847,41 @@ fn drain_ring_after(
         enforcer.run(tracker, effects);
     }
     n
+}
+
+/// Saves at once what start-up applied from the rings (a replaced kernel side's, then the
+/// adopted one's), each with its ring mark, and gives their room back; then unpins the
+/// replaced sets. Until then a restart finds them and reads them again, skipping what the ring
+/// mark says was saved: an agent killed moments after its start would otherwise apply the same
+/// events twice.
+fn save_recorded_meanwhile(
+    probes: &Probes,
+    store: &Store,
+    carried: Vec<CarriedRing>,
+    ring: &mut EventRing,
+) {
+    let save = |ring: &EventRing| {
+        store
+            .set_ring_mark(ring.identity(), ring.position())
+            .and_then(|()| store.flush())
+    };
+    for mut c in carried {
+        match save(&c.ring) {
+            Ok(()) => {
+                c.ring.commit(c.ring.position());
+                probes.release_carried(&c.set);
+            }
+            // Kept pinned: the next start reads it again.
+            Err(e) => tracing::error!(
+                "saving the events of the replaced kernel side {}: {e}; it stays pinned",
+                c.set
+            ),
+        }
+    }
+    match save(ring) {
+        Ok(()) => ring.commit(ring.position()),
+        Err(e) => tracing::error!("saving the events queued while no agent ran: {e}"),
+    }
 }
 
 /// Puts the last run's live instances back into the tracker as they were saved, before the

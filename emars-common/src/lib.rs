@@ -22,6 +22,7 @@ pub mod names {
     pub const ITEM_UNITS: &str = "ITEM_UNITS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
+    pub const SETTINGS: &str = "SETTINGS";
     /// Every program of emars-ebpf (the function names in emars-ebpf/src/main.rs).
     pub const PROGRAMS: [&str; 10] = [
         "cgroup_mkdir",
@@ -98,6 +99,14 @@ pub struct EventHeader {
 /// Bytes of an [`EventHeader`]: the shortest record.
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
+/// The format of the ring's records ([`EventHeader`], [`EventKind`], the name after them).
+/// Recorded with each pinned set: an agent reads the records a replaced set left in its ring
+/// only when they are in this format. Bump it with any change to what a record holds.
+pub const EVENT_FORMAT: u32 = 1;
+
+// A change of the header's size is a change of the format: bump EVENT_FORMAT with this figure.
+const _: () = assert!(EVENT_HEADER_LEN == 56 && EVENT_FORMAT == 1);
+
 /// A header and room for the longest name: where the kernel side builds a named record before
 /// sending its used part.
 #[repr(C)]
@@ -154,8 +163,26 @@ pub mod counter {
     pub const COUNT: u32 = 5;
 }
 
-/// Start-up configuration of the programs, written into their read-only `CONFIG` global.
-/// Offsets come from the tracefs format files of the running kernel; nothing is baked in.
+/// Settings the agent writes at every start, into the one entry of the `SETTINGS` array map,
+/// whether it loads the programs or adopts a pinned set: changing them replaces nothing, so a
+/// restart that changes them loses no event.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct RunSettings {
+    /// 1 when a new cgroup wakes the agent at once (its limits are due: enforce mode); else
+    /// its record waits for the agent's next read, like the rest.
+    pub wake_on_mkdir: u32,
+    pub _pad: u32,
+    /// Minimum growth of the peak between two MemPeak events.
+    pub peak_step_bytes: u64,
+}
+
+/// What the programs use should `SETTINGS` not be found (it always is: an array's entry).
+pub const DEFAULT_PEAK_STEP_BYTES: u64 = 1 << 20;
+
+/// Start-up configuration of the programs, written into their read-only `CONFIG` global:
+/// what the running kernel decides (offsets from its tracefs format files and BTF, the memory
+/// hierarchy), nothing an operator sets. Part of a pinned set's identity.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
 pub struct ProbeConfig {
@@ -163,12 +190,6 @@ pub struct ProbeConfig {
     pub mem_hierarchy: i32,
     /// 1 when bpf_get_current_cgroup_id() names the memory cgroup (pure cgroup v2).
     pub current_cgroup_is_memcg: u32,
-    /// 1 when a new cgroup wakes the agent at once (its limits are due: enforce mode); else
-    /// its record waits for the agent's next read, like the rest.
-    pub wake_on_mkdir: u32,
-    pub _pad0: u32,
-    /// Minimum growth of the peak between two MemPeak events.
-    pub peak_step_bytes: u64,
     pub mkdir: CgroupTpOffsets,
     pub rmdir: CgroupTpOffsets,
     pub attach: AttachTpOffsets,
@@ -252,4 +273,5 @@ mod pod {
     unsafe impl aya::Pod for super::WatchRoot {}
     unsafe impl aya::Pod for super::MemState {}
     unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::RunSettings {}
 }

@@ -26,17 +26,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use emars_common::{
-    counter, Event, EventHeader, EventKind, MemState, MemcgTpOffsets, ProbeConfig, WatchRoot,
-    EVENT_HEADER_LEN, EVENT_NAME_LEN, MAX_MEMCG_ITEMS, MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, Event, EventHeader, EventKind, MemState, MemcgTpOffsets, ProbeConfig, RunSettings,
+    WatchRoot, DEFAULT_PEAK_STEP_BYTES, EVENT_HEADER_LEN, EVENT_NAME_LEN, MAX_MEMCG_ITEMS,
+    MAX_ROOTS, ROOT_PREFIX_LEN,
 };
 
 #[no_mangle]
 static CONFIG: ProbeConfig = ProbeConfig {
     mem_hierarchy: 0,
     current_cgroup_is_memcg: 0,
-    wake_on_mkdir: 1,
-    _pad0: 0,
-    peak_step_bytes: 1 << 20,
     mkdir: emars_common::CgroupTpOffsets {
         root: 0,
         level: 0,
@@ -111,6 +109,12 @@ static TASKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(131072, 0);
 /// memcg stat item → bytes per unit (0 = not part of usage). Filled by the agent from BTF.
 #[map]
 static ITEM_UNITS: Array<u64> = Array::with_max_entries(MAX_MEMCG_ITEMS, 0);
+
+/// The settings the agent may change at any start without replacing a pinned set (one entry,
+/// written by the agent before the programs are attached and again by each agent that adopts
+/// them); read where they are used, never folded into the code.
+#[map]
+static SETTINGS: Array<RunSettings> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -219,8 +223,8 @@ const RB_RING_SIZE: u64 = 1;
 #[inline(always)]
 fn wake(kind: EventKind) -> u64 {
     match kind {
-        // SAFETY: reading our own global.
-        EventKind::CgroupMkdir if unsafe { read_volatile(&cfg().wake_on_mkdir) } != 0 => {
+        // No settings (never: an array's entry is always there): waking costs only time.
+        EventKind::CgroupMkdir if SETTINGS.get(0).is_none_or(|s| s.wake_on_mkdir != 0) => {
             RB_FORCE_WAKEUP
         }
         EventKind::OomVictim => RB_FORCE_WAKEUP,
@@ -590,7 +594,10 @@ fn on_memcg_stat(ctx: &TracePointContext, o: &MemcgTpOffsets) -> u32 {
             // (raw_cgroup_rmdir) and from cgroupfs reads; this figure only bridges.
             (*state).peak = now;
             let reported = (*state).reported;
-            let step = read_volatile(&cfg().peak_step_bytes) as i64;
+            let step = SETTINGS
+                .get(0)
+                .map_or(DEFAULT_PEAK_STEP_BYTES, |s| s.peak_step_bytes)
+                as i64;
             // Relative step: at most ~64 events per doubling, whatever the size.
             let step = if reported / 64 > step {
                 reported / 64

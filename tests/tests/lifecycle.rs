@@ -471,6 +471,247 @@ fn no_instance_lost_while_the_agent_is_down() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs instances of `function` that allocate known memory and end while no agent runs; notes
+/// each one's kernel watermark, read with no task left, just before its rmdir.
+fn run_while_down(
+    root: &TestRoot,
+    function: &str,
+    names: &[(String, u64)],
+    expected: &mut std::collections::BTreeMap<String, u64>,
+) -> anyhow::Result<()> {
+    for (name, mib) in names {
+        let d = root.instance_dir(function, name)?;
+        let status = run_alloc(&d, *mib, 0, 0)?;
+        assert!(status.success(), "{name}: workload failed: {status}");
+        let wm = root.hierarchy.watermark(&d)?;
+        assert!(wm >= mib * MIB, "{name}: watermark {wm} below {mib} MiB");
+        fs::remove_dir(&d)?;
+        expected.insert(name.clone(), wm);
+    }
+    Ok(())
+}
+
+/// Runs instances of `function` one after another until `stop`, each allocating a few MiB; returns
+/// each one's kernel watermark, read just before its rmdir.
+fn churn(
+    root: &TestRoot,
+    function: &str,
+    tag: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let name = format!("{tag}{n}");
+        run_while_down(root, function, &[(name, 2 + n % 5)], &mut out)?;
+        n += 1;
+    }
+    Ok(out)
+}
+
+/// Every instance of `expected` is recorded under `function`, once, with one exec and the
+/// kernel's watermark as its peak (exactly where the raw rmdir program hands it over).
+fn all_recorded(
+    agent: &Agent,
+    function: &str,
+    expected: &std::collections::BTreeMap<String, u64>,
+    exact: bool,
+) -> anyhow::Result<()> {
+    let ended = agent.wait_ended(function, expected.len())?;
+    let mut seen = std::collections::BTreeMap::<&str, Vec<&serde_json::Value>>::new();
+    for r in &ended {
+        seen.entry(r["instance"].as_str().unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "recorded more than once: {twice:?}");
+    assert_eq!(ended.len(), expected.len(), "{ended:?}");
+    for (name, wm) in expected {
+        let rec = ended
+            .iter()
+            .find(|r| r["instance"] == name.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{name} not recorded: {ended:?}\n{}", agent.log()))?;
+        let peak = u64_of(rec, "peak_bytes");
+        if exact {
+            assert_eq!(
+                peak,
+                *wm,
+                "{name}: peak {peak}, kernel watermark {wm}: {rec}\n{}",
+                agent.log()
+            );
+        } else {
+            assert!(close_to_watermark(peak, *wm), "{name}: peak {peak} vs {wm}");
+        }
+        assert_eq!(u64_of(rec, "execs"), 1, "{name}: {rec}");
+    }
+    Ok(())
+}
+
+/// What an agent wrote into a pinned set's run-time settings (its SETTINGS map, read from bpffs).
+fn pinned_run_settings(set: &str) -> anyhow::Result<emars_common::RunSettings> {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(std::path::Path::new(set).join("map_SETTINGS"))?;
+    let arr: Array<MapData, emars_common::RunSettings> =
+        Array::try_from(Map::from_map_data(data)?)?;
+    Ok(arr.get(&0, 0)?)
+}
+
+fn pinned_set(info: &serde_json::Value) -> anyhow::Result<String> {
+    info["probes_pinned"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("kernel side not pinned: {info}"))
+}
+
+/// The restart that turns enforcement on (and one that changes the peak step) adopts the
+/// pinned kernel side as it is and writes only its run-time settings: the instances that ran
+/// while no agent did, after a SIGTERM and after a kill -9, and those of a churn that goes on
+/// through the stop and the restart, are all recorded, each with the kernel's exact watermark,
+/// and no set is replaced. With policy.mode part of the set's identity the set was replaced and
+/// they were lost.
+#[test]
+fn switching_to_enforce_loses_nothing_recorded_while_down() -> anyhow::Result<()> {
+    if !require_root("switching_to_enforce_loses_nothing_recorded_while_down") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let info = agent.get_ok("/v1/info")?;
+    let set = pinned_set(&info)?;
+    let exact = program_attached(&info, "raw_cgroup_rmdir");
+    assert_eq!(info["enforcement"]["mode"], "observe", "{info}");
+    assert_eq!(pinned_run_settings(&set)?.wake_on_mkdir, 0);
+
+    let mut expected = std::collections::BTreeMap::new();
+    let batch = |tag: &str| -> Vec<(String, u64)> {
+        (0..4).map(|i| (format!("{tag}{i}"), 4 + 3 * i)).collect()
+    };
+    // Enforced limits that no instance here can reach.
+    let enforce = "\n[policy]\nmode = \"enforce\"\n\n[[policy.functions]]\nname = \"switch\"\n\
+                   pin_max_bytes = 268435456\n";
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let agent = std::thread::scope(|scope| -> anyhow::Result<Agent> {
+        let churned = scope.spawn(|| churn(&root, "switch", "through-restart", &stop));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(agent.stop()?.success(), "agent exits cleanly on SIGTERM");
+        run_while_down(&root, "switch", &batch("observe-stopped"), &mut expected)?;
+        let agent = Agent::start_with(&root, &store, enforce, None)?;
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let churned = churned
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+        eprintln!("{} instances ran through the restart", churned.len());
+        expected.extend(churned);
+        Ok(agent)
+    })?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], true, "{info}");
+    assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
+    assert_eq!(info["probes_pinned"].as_str(), Some(set.as_str()), "{info}");
+    assert_eq!(info["enforcement"]["mode"], "enforce", "{info}");
+    // Enforce mode's own setting reached the adopted programs: a new cgroup wakes the agent.
+    assert_eq!(pinned_run_settings(&set)?.wake_on_mkdir, 1);
+    all_recorded(&agent, "switch", &expected, exact)?;
+
+    // Killed in enforce mode; back to observe, with another peak step. Killed once quiet past
+    // its periodic save (1 s after the last limits written): what is tested here is what
+    // happens while it is down; events read but not yet saved before a kill -9 are
+    // no_instance_lost_while_the_agent_is_down's.
+    std::thread::sleep(Duration::from_millis(1500) * time_scale());
+    agent.kill()?;
+    run_while_down(&root, "switch", &batch("enforce-killed"), &mut expected)?;
+    let agent = Agent::start_with(
+        &root,
+        &store,
+        "\n[probes]\npeak_step_bytes = 2097152\n",
+        None,
+    )?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], true, "{info}");
+    assert_eq!(info["probes_unpinned"], serde_json::json!([]), "{info}");
+    assert_eq!(info["probes_pinned"].as_str(), Some(set.as_str()), "{info}");
+    let run = pinned_run_settings(&set)?;
+    assert_eq!((run.wake_on_mkdir, run.peak_step_bytes), (0, 2 * MIB));
+    all_recorded(&agent, "switch", &expected, exact)?;
+    assert!(agent.stop()?.success());
+    Ok(())
+}
+
+/// A restart with a setting that changes the kernel side itself (here the ring's size) replaces
+/// the pinned set, but first reads what its ring recorded while no agent ran: those instances
+/// are recorded, exactly, after a SIGTERM and after a kill -9; the log says which set was
+/// replaced, what changed and how many events were carried over; the old set is gone once they
+/// are saved.
+#[test]
+fn a_replaced_pinned_set_hands_over_what_it_recorded() -> anyhow::Result<()> {
+    if !require_root("a_replaced_pinned_set_hands_over_what_it_recorded") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let mut expected = std::collections::BTreeMap::new();
+    let batch = |tag: &str| -> Vec<(String, u64)> {
+        (0..4).map(|i| (format!("{tag}{i}"), 5 + 2 * i)).collect()
+    };
+    let bigger = "\n[probes]\nring_buffer_bytes = 8388608\n";
+    let mut agent = Agent::start_with(&root, &store, "", None)?;
+    let exact = program_attached(&agent.get_ok("/v1/info")?, "raw_cgroup_rmdir");
+    // (ring size before, after, how the agent ends)
+    let steps = [
+        (4194304u64, 8388608u64, "stopped"),
+        (8388608, 4194304, "killed"),
+    ];
+    for (i, (before, after, how)) in steps.into_iter().enumerate() {
+        let old = pinned_set(&agent.get_ok("/v1/info")?)?;
+        if how == "killed" {
+            agent.kill()?;
+        } else {
+            assert!(agent.stop()?.success());
+        }
+        run_while_down(&root, "replaced", &batch(how), &mut expected)?;
+        agent = Agent::start_with(&root, &store, if i == 0 { bigger } else { "" }, None)?;
+        let info = agent.get_ok("/v1/info")?;
+        let old_name = old.rsplit('/').next().unwrap_or_default();
+        assert_eq!(info["probes_adopted"], false, "{info}");
+        assert_eq!(
+            info["probes_unpinned"],
+            serde_json::json!([old_name]),
+            "{info}"
+        );
+        all_recorded(&agent, "replaced", &expected, exact)?;
+        let log = agent.log();
+        let said = log
+            .lines()
+            .find(|l| l.contains("replaced the pinned kernel side"))
+            .ok_or_else(|| anyhow::anyhow!("no word of the replacement:\n{log}"))?;
+        assert!(
+            said.contains(old_name)
+                && said.contains(&format!("probes.ring_buffer_bytes {before} → {after}"))
+                && said.contains("pending events are carried over"),
+            "{said}"
+        );
+        assert!(!std::path::Path::new(&old).exists(), "{old} left pinned");
+        for line in log.lines().filter(|l| {
+            [
+                "replaced the pinned",
+                "kernel side pinned at",
+                "replaced kernel side",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            eprintln!("{line}");
+        }
+    }
+    assert!(agent.stop()?.success());
+    Ok(())
+}
+
 /// Charge events: off by default where the raw rmdir program hands over the exact watermark (the
 /// programs cost every memory stat update on the host), on by request, where a live instance's
 /// peak then follows its growth within the agent's next read, with no exec or exit to tell it.

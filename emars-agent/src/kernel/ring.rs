@@ -126,12 +126,25 @@ impl EventRing {
     /// Hands every complete record not read yet to `f` with the position after it, in ring
     /// order, without giving their room back; returns how many were read.
     pub fn read(&mut self, mut f: impl FnMut(u64, &[u8])) -> usize {
+        let (n, end) = self.walk(self.read_pos, &mut f);
+        self.read_pos = end;
+        n
+    }
+
+    /// How many complete records wait to be read, reading none.
+    pub fn pending(&self) -> usize {
+        self.walk(self.read_pos, &mut |_, _| {}).0
+    }
+
+    /// Hands `f` every complete record from position `from` on; returns how many, and the
+    /// position after the last.
+    fn walk(&self, from: u64, f: &mut impl FnMut(u64, &[u8])) -> (usize, u64) {
         let produced = self.producer_pos().load(Ordering::Acquire);
         // SAFETY: the data pages follow the producer page.
         let data = unsafe { (self.producer.ptr as *const u8).add(self.page) };
-        let mut n = 0;
-        while self.read_pos < produced {
-            let off = (self.read_pos & self.mask) as usize;
+        let (mut n, mut pos) = (0, from);
+        while pos < produced {
+            let off = (pos & self.mask) as usize;
             // SAFETY: `off` is inside the first copy of the data pages; the header is 8-byte
             // aligned; the kernel publishes it with a release store.
             let head = unsafe { &*(data.add(off) as *const AtomicU32) }.load(Ordering::Acquire);
@@ -140,7 +153,7 @@ impl EventRing {
                 break;
             }
             let len = head & !(BUSY | DISCARD);
-            let end = self.read_pos + (u64::from(len) + HEADER).next_multiple_of(8);
+            let end = pos + (u64::from(len) + HEADER).next_multiple_of(8);
             if head & DISCARD == 0 {
                 // SAFETY: the record lies in the doubly mapped area, so it never wraps.
                 let rec = unsafe {
@@ -149,9 +162,9 @@ impl EventRing {
                 f(end, rec);
                 n += 1;
             }
-            self.read_pos = end;
+            pos = end;
         }
-        n
+        (n, pos)
     }
 
     /// The position after the last record read: what to commit once it is saved.

@@ -10,12 +10,13 @@ use aya::{
 };
 use emars_common::{
     counter, names, AttachTpOffsets, CgroupTpOffsets, MemState, MemcgTpOffsets, ProbeConfig,
-    WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
+    RunSettings, WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
 };
 
 use super::{
     memcg_items::{KernelBtf, UsageItem},
     pins::{self, PinDir},
+    replaced::{self, CarriedRing, Others},
     tracefs::{Format, Tracefs, TracefsError},
     ChargeEvents, KernelCounters, ProbesConfig, ProgramStatus,
 };
@@ -99,7 +100,8 @@ pub struct ProbeReport {
     pub pinned: Option<String>,
     /// True when this agent adopted a set a previous agent left running.
     pub adopted: bool,
-    /// Pinned sets of other versions or settings that start-up removed.
+    /// Pinned sets of other versions or settings that start-up replaced (their pending events
+    /// carried over where their format is this build's).
     pub unpinned: Vec<String>,
 }
 
@@ -121,7 +123,9 @@ pub struct Probes {
     /// None when the programs were adopted from bpffs (their links keep them attached).
     ebpf: Option<Ebpf>,
     /// The pinned set and its lock, held for the agent's life.
-    _pins: Option<PinDir>,
+    pins: Option<PinDir>,
+    /// Rings of replaced sets, to be applied before this set's events ([`Probes::take_carried`]).
+    carried: Vec<CarriedRing>,
     /// Links taken out of `ebpf` to be pinned: held for the agent's life (an unpinned one
     /// detaches its program when dropped).
     _links: Vec<FdLink>,
@@ -133,8 +137,9 @@ pub struct Probes {
 }
 
 /// The maps a pinned set holds besides the programs: those the agent reads or writes.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     names::EVENTS,
+    names::SETTINGS,
     names::WATCHED,
     names::TASKS,
     names::COUNTERS,
@@ -142,7 +147,7 @@ const PINNED_MAPS: [&str; 6] = [
     names::ITEM_UNITS,
 ];
 
-fn map_pin(name: &str) -> String {
+pub(super) fn map_pin(name: &str) -> String {
     format!("map_{name}")
 }
 fn prog_pin(name: &str) -> String {
@@ -173,9 +178,13 @@ impl Probes {
         let mut config = ProbeConfig {
             mem_hierarchy: hierarchy.hierarchy_id,
             current_cgroup_is_memcg: u32::from(hierarchy.version == CgroupVersion::V2),
-            wake_on_mkdir: u32::from(wake_on_mkdir),
-            peak_step_bytes: cfg.peak_step_bytes,
             ..Default::default()
+        };
+        // Not part of the identity: a set pinned under other run-time settings is adopted.
+        let settings = RunSettings {
+            wake_on_mkdir: u32::from(wake_on_mkdir),
+            _pad: 0,
+            peak_step_bytes: cfg.peak_step_bytes,
         };
         // Offsets per tracepoint; a tracepoint whose format cannot be used is reported, not fatal.
         let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
@@ -251,19 +260,14 @@ impl Probes {
 
         let identity = identity(&config, cfg, &report.usage_items);
         let mut pins = None;
+        // Sets of other identities: replaced at the last moment, their rings carried over.
+        let mut others = None;
         if cfg.pin {
             let mut expected: Vec<String> = PINNED_MAPS.iter().map(|m| map_pin(m)).collect();
             expected.push(pins::COMPLETE.into());
             match PinDir::open(&cfg.pin_path, &identity, &expected) {
                 Ok(p) => {
-                    for r in &p.removed {
-                        tracing::warn!(
-                            "removed the pinned kernel side {r} under {}: another version or \
-                             other settings",
-                            cfg.pin_path.display()
-                        );
-                    }
-                    report.unpinned = p.removed.clone();
+                    others = Some(Others::open(&p));
                     pins = Some(p);
                 }
                 // Two agents must never read one ring.
@@ -280,7 +284,9 @@ impl Probes {
             peak_file,
         };
         if let Some(p) = pins.take_if(|p| p.complete) {
-            return adopt(p, report, &plan, hierarchy.hierarchy_id, roots);
+            let carried = replace_others(others, &p, cfg, &mut report)?;
+            return adopt(p, report, &plan, (hierarchy.hierarchy_id, roots), &settings)
+                .map(|probes| probes.carrying(carried));
         }
 
         let mut ebpf = EbpfLoader::new()
@@ -300,6 +306,15 @@ impl Probes {
         }
         {
             let map = ebpf
+                .map_mut(names::SETTINGS)
+                .ok_or_else(|| map_err(names::SETTINGS, "missing"))?;
+            let mut arr: Array<&mut MapData, RunSettings> =
+                Array::try_from(map).map_err(|e| map_err(names::SETTINGS, e))?;
+            arr.set(0, settings, 0)
+                .map_err(|e| map_err(names::SETTINGS, e))?;
+        }
+        {
+            let map = ebpf
                 .map_mut(names::ITEM_UNITS)
                 .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
             let mut units: Array<&mut MapData, u64> =
@@ -311,6 +326,15 @@ impl Probes {
             }
         }
 
+        // The old set's programs detach just before the new ones attach (verified already):
+        // a cgroup made in between is found by the scan of existing cgroups.
+        let carried = match &pins {
+            Some(p) => {
+                preload(&mut ebpf, &plan);
+                replace_others(others, p, cfg, &mut report)?
+            }
+            None => Vec::new(),
+        };
         let mut links = Vec::new();
         for s in SPECS {
             let (mut status, chosen) = plan.status(s, &report);
@@ -334,7 +358,13 @@ impl Probes {
 
         let mut held = Vec::new();
         if let Some(p) = &pins {
-            let (kept, pinned) = pin_all(&mut ebpf, p, links, &mut report);
+            let (kept, pinned) = pin_all(
+                &mut ebpf,
+                p,
+                links,
+                &replaced::settings_pin(cfg),
+                &mut report,
+            );
             held = kept;
             match pinned {
                 Ok(dir) => {
@@ -365,7 +395,8 @@ impl Probes {
         };
         Ok(Probes {
             ebpf: Some(ebpf),
-            _pins: pins,
+            pins,
+            carried,
             _links: held,
             report,
             events: Some(events),
@@ -379,6 +410,34 @@ impl Probes {
     /// ring holds what happened meanwhile.
     pub fn adopted(&self) -> bool {
         self.report.adopted
+    }
+
+    /// Rings of the sets this start replaced, holding what those recorded until they were
+    /// detached: to be applied, in this order, before the events of [`Probes::take_events`],
+    /// then saved and released ([`Probes::release_carried`]).
+    pub fn take_carried(&mut self) -> Vec<CarriedRing> {
+        std::mem::take(&mut self.carried)
+    }
+
+    /// Unpins a replaced set once what its ring held is saved (until then a restart finds it
+    /// and reads it again).
+    pub fn release_carried(&self, set: &str) {
+        let Some(p) = &self.pins else { return };
+        // A leftover of this very identity was emptied by the new set's staging already.
+        if p.shown().file_name() == Some(std::ffi::OsStr::new(set)) {
+            return;
+        }
+        match p.remove(set) {
+            Ok(()) => {
+                tracing::info!("unpinned the replaced kernel side {set}: its events are saved")
+            }
+            Err(e) => tracing::warn!("unpinning the replaced kernel side {set}: {e}"),
+        }
+    }
+
+    fn carrying(mut self, carried: Vec<CarriedRing>) -> Probes {
+        self.carried = carried;
+        self
     }
 
     /// The event ring buffer; taken once by the event loop.
@@ -482,9 +541,42 @@ fn specs_cover_every_program() {
     assert_eq!(names, all);
 }
 
-/// Loads and attaches one program; with `take`, hands its link over (to be pinned) instead of
-/// leaving it to the `Ebpf` object, which detaches its links when dropped.
+/// Loads (the verifier's pass) every program the attach loop is to attach, as far as that can
+/// be told before attaching: a replaced set's programs are detached after this, so the moment
+/// with no set attached is the attaching alone. A program that fails here fails again there,
+/// and is reported then.
+fn preload(ebpf: &mut Ebpf, plan: &Plan<'_>) {
+    let mut expected = ProbeReport::default();
+    for s in SPECS {
+        let (mut status, _) = plan.status(s, &expected);
+        status.attached = status.error.is_none() && load_program(ebpf, s).is_ok();
+        expected.programs.push(status);
+    }
+}
+
+/// Loads one program, unless it is loaded already.
+fn load_program(ebpf: &mut Ebpf, s: &Spec) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(s.program)
+        .ok_or_else(|| format!("program {} not in the eBPF object", s.program))?;
+    if prog.fd().is_ok() {
+        return Ok(());
+    }
+    let loaded = if s.category == "raw" {
+        <&mut RawTracePoint>::try_from(prog).map(|p| p.load())
+    } else {
+        <&mut TracePoint>::try_from(prog).map(|p| p.load())
+    };
+    loaded
+        .map_err(|e| format!("{e}"))?
+        .map_err(|e| format!("load: {e}"))
+}
+
+/// Loads (unless [`preload`] did) and attaches one program; with `take`, hands its link over
+/// (to be pinned) instead of leaving it to the `Ebpf` object, which detaches its links when
+/// dropped.
 fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, String> {
+    load_program(ebpf, s)?;
     let missing = || format!("program {} not in the eBPF object", s.program);
     if s.category == "raw" {
         let prog: &mut RawTracePoint = ebpf
@@ -492,7 +584,6 @@ fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, Strin
             .ok_or_else(missing)?
             .try_into()
             .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| format!("load: {e}"))?;
         let id = prog
             .attach(s.tracepoint)
             .map_err(|e| format!("attach: {e}"))?;
@@ -507,7 +598,6 @@ fn attach(ebpf: &mut Ebpf, s: &Spec, take: bool) -> Result<Option<FdLink>, Strin
         .ok_or_else(missing)?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load().map_err(|e| format!("load: {e}"))?;
     let id = prog
         .attach(s.category, s.tracepoint)
         .map_err(|e| format!("attach: {e}"))?;
@@ -611,8 +701,10 @@ impl Plan<'_> {
 /// Names a pinned set: what the programs were built from and loaded with. Another version, other
 /// settings or another kernel's offsets make another name, and the old set is replaced.
 fn identity(config: &ProbeConfig, cfg: &ProbesConfig, items: &[UsageItem]) -> String {
-    // Everything that decides what is loaded and attached: a set adopted under other settings
-    // would run other programs than this configuration asks for.
+    // Everything that decides what is loaded and attached, and the maps' sizes: a set adopted
+    // under other settings would run other programs than this configuration asks for. Nothing
+    // else: what may change at a restart (policy.mode, probes.peak_step_bytes) is written
+    // into the SETTINGS map instead (RunSettings), so such a restart adopts the set.
     let settings = format!(
         "{config:?}|{}|{}|{}|{:?}|{:?}|{:?}",
         cfg.ring_buffer_bytes,
@@ -634,6 +726,7 @@ fn pin_all(
     ebpf: &mut Ebpf,
     pins: &PinDir,
     links: Vec<(&'static str, FdLink)>,
+    settings_pin: &str,
     report: &mut ProbeReport,
 ) -> (Vec<FdLink>, Result<String, String>) {
     let mut held = Vec::new();
@@ -677,6 +770,13 @@ fn pin_all(
         pins.discard();
         return (held, Err(e));
     }
+    // What it was loaded with, for the agent that replaces it to say what changed (and to
+    // know its records' format): the ring pinned under a name that says it.
+    if let Some(m) = ebpf.map(names::EVENTS) {
+        if let Err(e) = m.pin(staging.join(settings_pin)) {
+            tracing::warn!("recording the pinned set's settings ({settings_pin}): {e}");
+        }
+    }
     // The ring buffer, pinned once more, is the marker.
     let marker = |path: &Path| match ebpf.map(names::EVENTS) {
         Some(m) => m.pin(path).map_err(|e| e.to_string()),
@@ -697,8 +797,8 @@ fn adopt(
     pins: PinDir,
     mut report: ProbeReport,
     plan: &Plan<'_>,
-    hierarchy: i32,
-    roots: &[String],
+    (hierarchy, roots): (i32, &[String]),
+    settings: &RunSettings,
 ) -> Result<Probes, ProbeError> {
     // Opened through the locked base directory's descriptor; said as configured.
     let dir = pins.dir();
@@ -717,6 +817,11 @@ fn adopt(
     let mut arr: Array<MapData, WatchRoot> =
         Array::try_from(typed(names::WATCH_ROOTS)?).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
     fill_watch_roots(&mut arr, hierarchy, roots)?;
+    // This agent's run-time settings (policy.mode, peak_step_bytes), whatever the last one's.
+    let mut run: Array<MapData, RunSettings> =
+        Array::try_from(typed(names::SETTINGS)?).map_err(|e| map_err(names::SETTINGS, e))?;
+    run.set(0, *settings, 0)
+        .map_err(|e| map_err(names::SETTINGS, e))?;
     for s in SPECS {
         let (mut status, _) = plan.status(s, &report);
         if dir.join(link_pin(s.program)).exists() {
@@ -731,8 +836,11 @@ fn adopt(
     report.adopted = true;
     report.pinned = Some(shown.display().to_string());
     tracing::info!(
-        "adopted the kernel side pinned at {}: it kept recording while no agent ran",
-        shown.display()
+        "adopted the kernel side pinned at {}: it kept recording while no agent ran \
+         (run-time settings now: wake on mkdir {}, peak step {} bytes)",
+        shown.display(),
+        settings.wake_on_mkdir != 0,
+        settings.peak_step_bytes
     );
     let watched =
         HashMap::try_from(typed(names::WATCHED)?).map_err(|e| map_err(names::WATCHED, e))?;
@@ -742,13 +850,30 @@ fn adopt(
     Ok(Probes {
         ebpf: None,
         events: Some(open(names::EVENTS)?),
-        _pins: Some(pins),
+        pins: Some(pins),
+        carried: Vec::new(),
         _links: Vec::new(),
         report,
         watched,
         tasks,
         counters,
     })
+}
+
+/// Replaces the sets of other identities found at start-up (see [`replaced`]): their rings
+/// come back to be applied first; their names go into the report.
+fn replace_others(
+    others: Option<Others>,
+    pins: &PinDir,
+    cfg: &ProbesConfig,
+    report: &mut ProbeReport,
+) -> Result<Vec<CarriedRing>, ProbeError> {
+    let Some(others) = others else {
+        return Ok(Vec::new());
+    };
+    let (carried, names) = others.replace(pins, cfg)?;
+    report.unpinned = names;
+    Ok(carried)
 }
 
 fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), TracefsError> {

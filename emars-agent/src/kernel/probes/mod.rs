@@ -3,6 +3,7 @@
 pub mod loader;
 pub mod memcg_items;
 pub mod pins;
+pub mod replaced;
 pub mod tracefs;
 
 use serde::{Deserialize, Serialize};

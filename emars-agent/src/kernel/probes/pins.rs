@@ -4,8 +4,10 @@
 //!
 //! One directory per identity (`v<version, dots as underscores>-<hash of the eBPF object and its configuration>`):
 //! an agent adopts only a set built from the same object with the same settings for the same
-//! kernel, and removes any other it finds, saying so. The base directory is locked (flock) for
-//! the agent's life: two agents never read one ring.
+//! kernel, and replaces any other it finds, saying so: the loader first reads what the other
+//! set's ring still holds (see `loader`), retiring it ([`PinDir::retire`]: programs detached,
+//! ring kept) until those records are saved. The base directory is locked (flock) for the
+//! agent's life: two agents never read one ring.
 
 use std::{
     ffi::OsStr,
@@ -77,12 +79,13 @@ pub struct PinDir {
     identity: String,
     /// A complete set of this identity was there: adopt it instead of loading.
     pub complete: bool,
-    /// Sets of other identities (or an incomplete one of ours) that were removed.
-    pub removed: Vec<String>,
+    /// Sets of other identities (or an incomplete one of ours), left as found: the loader
+    /// retires or removes each.
+    pub others: Vec<String>,
 }
 
 impl PinDir {
-    /// Opens (creating) `base`, locks it, removes sets of other identities, and says whether a
+    /// Opens (creating) `base`, locks it, lists sets of other identities, and says whether a
     /// complete set of `identity` is there. `expected`: the file names a complete set holds.
     ///
     /// `base` and every directory on the way to it are opened one at a time without following
@@ -96,33 +99,82 @@ impl PinDir {
         // the agent from starting) or reach the pinned objects by path.
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(io(base))?;
         lock(&fd, base)?;
-        let mut removed = Vec::new();
+        let mut others = Vec::new();
         let mut complete = false;
         for name in entries(&fd, base)? {
-            let text = name.to_string_lossy().into_owned();
-            if text == identity && holds_all(&fd, &name, expected) {
+            if name.as_bytes() == identity.as_bytes() && holds_all(&fd, &name, expected) {
                 complete = true;
                 continue;
             }
-            // Unpinning detaches its programs and frees its maps (no other holder).
-            remove_at(fd.as_fd(), &name, &base.join(&name), 0)?;
-            removed.push(text);
+            match name.to_str() {
+                Some(text) => others.push(text.to_owned()),
+                // Not a name this agent makes: nothing of it can be read; it goes now.
+                None => remove_at(fd.as_fd(), &name, &base.join(&name), 0)?,
+            }
         }
         Ok(PinDir {
             base: base.to_owned(),
             fd,
             identity: identity.to_owned(),
             complete,
-            removed,
+            others,
         })
+    }
+
+    /// Where the set `name` (one of [`PinDir::others`], or this identity's) lives, reached
+    /// through the open base directory as [`PinDir::dir`] is.
+    pub fn dir_of(&self, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
+    }
+
+    /// The names pinned in the set `name` (none when it is not a directory).
+    pub fn files_of(&self, name: &str) -> Vec<String> {
+        let Ok(set) = open_child(self.fd.as_fd(), OsStr::new(name), OFlags::RDONLY) else {
+            return Vec::new();
+        };
+        entries(&set, &self.base.join(name))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect()
+    }
+
+    /// Retires the set `name`: unpins everything in it but what `keep` names (its ring), which
+    /// detaches its programs and frees the rest. Without its marker it is never adopted, and
+    /// the next start finds it among the others again should this agent die before
+    /// [`PinDir::remove`].
+    pub fn retire(&self, name: &str, keep: impl Fn(&str) -> bool) -> Result<(), PinError> {
+        let shown = self.base.join(name);
+        let set =
+            open_child(self.fd.as_fd(), OsStr::new(name), OFlags::RDONLY).map_err(io(&shown))?;
+        // The marker first: a set half retired is never taken for a whole one.
+        let mut names = entries(&set, &shown)?;
+        names.sort_by_key(|n| n.as_bytes() != COMPLETE.as_bytes());
+        for file in names {
+            if !file.to_str().is_some_and(&keep) {
+                remove_at(set.as_fd(), &file, &shown.join(&file), 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the set `name`: its programs detach and its maps are freed once no agent holds
+    /// them open.
+    pub fn remove(&self, name: &str) -> Result<(), PinError> {
+        remove_at(self.fd.as_fd(), OsStr::new(name), &self.base.join(name), 0)
+    }
+
+    /// The base directory as configured: for messages.
+    pub fn base(&self) -> &Path {
+        &self.base
     }
 
     /// Where the set lives once published, for pinning and opening its objects: reached
     /// through the open base directory (`/proc/self/fd/N/<identity>`), never through the
     /// configured path, which could be swapped after the checks.
     pub fn dir(&self) -> PathBuf {
-        use std::os::fd::AsRawFd as _;
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(&self.identity)
+        self.dir_of(&self.identity)
     }
 
     /// The set's directory as configured: what messages and GET /v1/info show.
