@@ -309,9 +309,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async move {
-                if demo {
-                    emars_agent::cli::demo::spawn(&cfg)?;
-                }
+                // Held while the agent runs: its drop ends the demo and removes its cgroups.
+                let _demo = if demo {
+                    Some(emars_agent::cli::demo::spawn(&cfg)?)
+                } else {
+                    None
+                };
                 emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
             })
         }

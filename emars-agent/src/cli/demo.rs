@@ -5,6 +5,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -23,8 +27,43 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Starts the demo on a background thread.
-pub fn spawn(cfg: &Config) -> anyhow::Result<()> {
+/// The demo's cgroups: dropped when the agent stops, it ends the demo and removes the
+/// function cgroups it made (a demo must leave the host as it found it).
+pub struct Demo {
+    stop: Arc<AtomicBool>,
+    function_dirs: Vec<PathBuf>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for dir in &self.function_dirs {
+            // Instances first (one may be ending now: a few tries), then the function's own.
+            for _ in 0..20 {
+                let left: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect();
+                for d in &left {
+                    let _ = std::fs::remove_dir(d);
+                }
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if dir.exists() {
+                tracing::warn!("demo: could not remove {}", dir.display());
+            }
+        }
+    }
+}
+
+/// Starts the demo on a background thread; the demo runs until the returned guard is dropped.
+pub fn spawn(cfg: &Config) -> anyhow::Result<Demo> {
     let h = MemoryHierarchy::detect(cfg.cgroup.mode, cfg.cgroup.mount.as_deref())?;
     let root = cfg
         .cgroup
@@ -42,14 +81,25 @@ pub fn spawn(cfg: &Config) -> anyhow::Result<()> {
         .map(|s| PathBuf::from(s.trim()))
         .filter(|p| p.is_file())
         .unwrap_or(python);
+    // Only the function cgroups the demo makes are removed; ones there before are left alone.
+    let function_dirs = FUNCTIONS
+        .iter()
+        .map(|(name, _)| root.join(name))
+        .filter(|d| !d.exists())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     std::thread::Builder::new()
         .name("emars-demo".into())
-        .spawn(move || demo_loop(&h, &root, &python))
+        .spawn(move || demo_loop(&h, &root, &python, &stopped))
         .context("starting the demo thread")?;
-    Ok(())
+    Ok(Demo {
+        stop,
+        function_dirs,
+    })
 }
 
-fn demo_loop(h: &MemoryHierarchy, root: &Path, python: &Path) {
+fn demo_loop(h: &MemoryHierarchy, root: &Path, python: &Path, stop: &AtomicBool) {
     // The agent creates the root; wait for it (and for its probes) before the first instance.
     while !root.is_dir() {
         std::thread::sleep(Duration::from_millis(200));
@@ -57,6 +107,9 @@ fn demo_loop(h: &MemoryHierarchy, root: &Path, python: &Path) {
     std::thread::sleep(Duration::from_secs(2));
     for round in 0u64.. {
         for (name, code) in FUNCTIONS {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             if let Err(e) = run_instance(h, root, python, name, code, round) {
                 tracing::warn!("demo {name}: {e:#}");
             }

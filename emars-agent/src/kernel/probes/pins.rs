@@ -223,6 +223,15 @@ pub fn unpin_all(base: &Path) -> Result<Vec<String>, PinError> {
         remove_at(fd.as_fd(), &name, &base.join(&name), 0)?;
         removed.push(name.to_string_lossy().into_owned());
     }
+    // The emptied directory too (the agent made it); reached the same checked way, and left
+    // where anything is in it (another agent's pins written meanwhile).
+    if let (Some(parent), Some(name)) = (base.parent(), base.file_name()) {
+        if let Ok(Some(pfd)) = open_base(parent, false) {
+            if let Err(e) = rustix::fs::unlinkat(&pfd, name, rustix::fs::AtFlags::REMOVEDIR) {
+                tracing::debug!("removing {}: {e}", base.display());
+            }
+        }
+    }
     Ok(removed)
 }
 
