@@ -955,7 +955,11 @@ fn pinned_kernel_side_is_locked_versioned_and_removable() -> anyhow::Result<()> 
         "{said}"
     );
     // Nothing is left, the directory it made included.
-    assert!(!root.pin_path.exists(), "unpin left {}", root.pin_path.display());
+    assert!(
+        !root.pin_path.exists(),
+        "unpin left {}",
+        root.pin_path.display()
+    );
     let agent = Agent::start_with(&root, &store, other, None)?;
     let info = agent.get_ok("/v1/info")?;
     assert_eq!(info["probes_adopted"], false, "{info}");

@@ -103,7 +103,9 @@ async function overview() {
   const mode = recs ? recs.mode : 'observe';
   return [
     el('h1', {}, `Functions (${fns.functions.length})`),
-    el('p', { class: 'muted' }, `Policy mode: ${mode}. Peaks are the kernel's watermark of each instance; limits are what a new instance gets.`),
+    el('p', { class: 'muted' }, mode === 'enforce'
+      ? `Policy mode: ${mode}. Peaks are the kernel's watermark of each instance; limits are what a new instance gets.`
+      : `Policy mode: ${mode}: no limits are written. Peaks are the kernel's watermark of each instance; limits are what enforce mode would give a new instance.`),
     fns.functions.length
       ? table(['function', 'live', 'instances', 'peak p50', 'peak p95', 'peak max', 'memory.max', 'memory.high', 'OOM kills', 'requests/h (busiest)'], rows, 'functions')
       : el('p', { class: 'muted', id: 'functions' }, 'No function seen yet.'),
@@ -112,7 +114,8 @@ async function overview() {
 
 // Instance peaks in 30 bins, with the recommended memory.max and memory.high drawn on them.
 function peakHistogram(peaks, rec) {
-  const W = 720, H = 220, L = 40, B = 30, T = 10;
+  // T: a band above the bars for the limits' labels, so that no bar runs under them.
+  const W = 720, H = 236, L = 40, B = 30, T = 34;
   const top = Math.max(1, ...peaks, rec ? rec.max_bytes : 0) * 1.05;
   const bins = new Array(30).fill(0);
   for (const p of peaks) bins[Math.min(29, Math.floor((p / top) * 30))] += 1;
@@ -130,13 +133,13 @@ function peakHistogram(peaks, rec) {
     const v = (top * i) / 4;
     s.append(svg('text', { x: x(v), y: H - B + 16, 'text-anchor': i === 4 ? 'end' : 'middle' }, bytes(v)));
   }
-  s.append(svg('text', { x: 4, y: T + 10 }, String(most)));
+  s.append(svg('text', { x: 4, y: T + 4 }, String(most)));
   if (rec) {
     for (const [key, value, colour] of [['max', rec.max_bytes, '#c62828'], ['high', rec.high_bytes, '#ef8f00']]) {
-      s.append(svg('line', { x1: x(value), y1: T, x2: x(value), y2: H - B, stroke: colour, 'stroke-width': 2, 'stroke-dasharray': '5 3', 'data-limit': key }));
-      // Labels to the left of their line when it is in the right half.
+      s.append(svg('line', { x1: x(value), y1: key === 'max' ? 4 : 18, x2: x(value), y2: H - B, stroke: colour, 'stroke-width': 2, 'stroke-dasharray': '5 3', 'data-limit': key }));
+      // Labels in the band above the bars, to the left of their line in the right half.
       const right = x(value) > W / 2;
-      s.append(svg('text', { x: x(value) + (right ? -4 : 4), y: T + (key === 'max' ? 12 : 26), fill: colour, class: 'limit', 'text-anchor': right ? 'end' : 'start' }, `memory.${key} ${bytes(value)}`));
+      s.append(svg('text', { x: x(value) + (right ? -4 : 4), y: key === 'max' ? 13 : 27, fill: colour, class: 'limit', 'text-anchor': right ? 'end' : 'start' }, `memory.${key} ${bytes(value)}`));
     }
   }
   return s;
@@ -204,7 +207,7 @@ async function functionPage(name) {
     el('td', { class: 'text' }, w.outcome),
     el('td', { class: 'num' }, `${bytes(w.old.max_bytes)} → ${bytes(w.new.max_bytes)}`),
     el('td', { class: 'num' }, `${bytes(w.old.high_bytes)} → ${bytes(w.new.high_bytes)}`),
-    el('td', { class: 'text' }, w.signal || w.error || '')));
+    el('td', { class: 'text wrap' }, w.signal || w.error || '')));
   return [
     el('h1', {}, name),
     cards,
