@@ -502,15 +502,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let seg = client::encode_segment(&name);
             let agent = c.client(config)?;
+            // Only the agent's definite "unknown" stops it; any other failure of this read is
+            // left to the write, which says it its own way.
             if !new {
-                match agent.get(&format!("/v1/functions/{seg}")) {
-                    Ok(_) => {}
-                    Err(client::ClientError::Api { status: 404, .. }) => anyhow::bail!(
+                if let Err(client::ClientError::Api { status: 404, .. }) =
+                    agent.get(&format!("/v1/functions/{seg}"))
+                {
+                    anyhow::bail!(
                         "the agent knows no function {name:?}: check the name (`emars \
                          functions`), or give --new to report invocations for a function whose \
                          first instance has not started yet"
-                    ),
-                    Err(e) => return Err(e.into()),
+                    );
                 }
             }
             let path = format!("/v1/functions/{seg}/invocations");

@@ -328,7 +328,7 @@ fn socket_activation_holds_the_port_across_a_restart() -> anyhow::Result<()> {
         unsafe { libc::kill(agent as i32, libc::SIGKILL) };
         let killed_at = Instant::now();
         let cli = Command::new(agent_bin())
-            .args(["invocations", "activated", "4", "--socket"])
+            .args(["invocations", "activated", "4", "--new", "--socket"])
             .arg(&socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

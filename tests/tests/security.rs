@@ -1046,7 +1046,14 @@ fn a_squatter_on_the_port_gets_no_token() -> anyhow::Result<()> {
     // (The squatter's forged `{}` does not decode as the CLI expects: what it answers is the
     // squatter's choice; what it received is the point.)
     Command::new(agent_bin())
-        .args(["invocations", "sec", "1", "--addr", "127.0.0.1:9750"])
+        .args([
+            "invocations",
+            "sec",
+            "1",
+            "--new",
+            "--addr",
+            "127.0.0.1:9750",
+        ])
         .output()?;
     let got = String::from_utf8_lossy(&squatted()).into_owned();
     assert!(
@@ -1108,7 +1115,7 @@ fn the_local_socket_refuses_other_users_by_their_credentials() -> anyhow::Result
     let (status, _) = agent.get("/v1/functions/sock")?;
     assert_eq!(status, 404, "the function nobody reported must not exist");
     // Root through the same socket: served.
-    let out = agent.cli(&["invocations", "sock", "2"]).output()?;
+    let out = agent.cli(&["invocations", "sock", "2", "--new"]).output()?;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(agent.get_ok("/v1/functions/sock")?["invocations"], 2);
     Ok(())
