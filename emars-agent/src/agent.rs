@@ -84,7 +84,7 @@ pub async fn run(
     )
     .context("loading eBPF programs")?;
     let mut ring = probes.take_events()?;
-    let carried = probes.take_carried();
+    let mut carried = probes.take_carried();
 
     let info = Arc::new(RwLock::new(AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -222,7 +222,6 @@ pub async fn run(
     }
     // A replaced kernel side's records (another ring size, another probes.disable...): the
     // older, before anything of the new one.
-    let mut carried = carried;
     for c in &mut carried {
         let applied = applied_in(&c.ring);
         let n = drain_ring_after(
@@ -264,8 +263,6 @@ pub async fn run(
         // Resumed instances whose cgroup is gone with no rmdir in the ring (it overflowed).
         let effects = tracker.reconcile(now_ms());
         enforcer.run(&mut tracker, effects);
-    }
-    if recorded_meanwhile {
         save_recorded_meanwhile(&probes, &store, carried, &mut ring);
     }
     // The last run's reactive state, now that the live instances are known: its instances
@@ -1008,12 +1005,9 @@ pub fn check_privilege() -> anyhow::Result<()> {
     if rustix::process::geteuid().is_root() {
         return Ok(());
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let eff = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map_or(0, |s| s.capeff);
     let has = |cap: u32| eff & (1 << cap) != 0;
     let programs = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
     if programs && has(CAP_SYS_RESOURCE) && has(CAP_DAC_OVERRIDE) {

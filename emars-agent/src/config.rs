@@ -517,8 +517,6 @@ impl Config {
 
     /// What only the host can tell (`emars check-config` and the agent's start): the pin
     /// directory must be on bpffs, or below /sys/fs/bpf where the agent mounts it.
-    // f_type's integer type differs between architectures.
-    #[allow(clippy::unnecessary_cast)]
     pub fn check_host(&self) -> Result<(), ConfigError> {
         let p = &self.probes;
         if !p.pin
@@ -532,7 +530,7 @@ impl Config {
             return Ok(());
         };
         match rustix::fs::statfs(existing) {
-            Ok(st) if st.f_type as i64 == crate::kernel::probes::pins::BPF_FS_MAGIC => Ok(()),
+            Ok(st) if crate::kernel::probes::pins::is_bpffs(&st) => Ok(()),
             Ok(st) => Err(invalid(
                 "probes.pin_path",
                 p.pin_path.display(),

@@ -83,23 +83,16 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The process holding a file lock on `file`, from /proc/locks (`N: FLOCK ADVISORY WRITE PID
-/// MAJ:MIN:INODE ...`, the device in hex), matched by device and inode.
+/// The process holding a file lock on `file` (/proc/locks, read by procfs), matched by device
+/// and inode.
 pub fn lock_holder(file: &Path) -> Option<u32> {
     let meta = std::fs::metadata(file).ok()?;
     let (major, minor) = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()));
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    locks.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let (pid, id) = (f.get(4)?, f.get(5)?);
-        let mut parts = id.split(':');
-        let maj = u32::from_str_radix(parts.next()?, 16).ok()?;
-        let min = u32::from_str_radix(parts.next()?, 16).ok()?;
-        let inode: u64 = parts.next()?.parse().ok()?;
-        ((maj, min, inode) == (major, minor, meta.ino()))
-            .then(|| pid.parse().ok())
-            .flatten()
-    })
+    procfs::locks()
+        .ok()?
+        .into_iter()
+        .find(|l| (l.devmaj, l.devmin, l.inode) == (major, minor, meta.ino()))
+        .and_then(|l| u32::try_from(l.pid?).ok())
 }
 
 #[cfg(test)]

@@ -151,49 +151,22 @@ pub fn listener_owned_by_token_owner(addr: SocketAddr, token_file: &Path) -> Res
     }
 }
 
-/// (local address, owner's uid) of every TCP socket listening on `port`.
+/// (local address, owner's uid) of every TCP socket listening on `port` (/proc/net/tcp and
+/// tcp6, read by procfs); a v4-mapped v6 address as the v4 one.
 fn listeners(port: u16) -> Vec<(IpAddr, u32)> {
-    let mut out = Vec::new();
-    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        out.extend(
-            text.lines()
-                .skip(1)
-                .filter_map(|l| listener_line(l, v6, port)),
-        );
-    }
-    out
-}
-
-/// One line of /proc/net/tcp{,6}: `sl local rem st tx:rx tr:when retrnsmt uid …`, addresses
-/// as hex words in the kernel's byte order, `st` 0A for LISTEN.
-fn listener_line(line: &str, v6: bool, port: u16) -> Option<(IpAddr, u32)> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let (local, state, uid) = (fields.get(1)?, fields.get(3)?, fields.get(7)?);
-    if *state != "0A" {
-        return None;
-    }
-    let (ip_hex, port_hex) = local.split_once(':')?;
-    if u16::from_str_radix(port_hex, 16).ok()? != port {
-        return None;
-    }
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(ip_hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    let ip = if v6 {
-        let mut b = [0u8; 16];
-        for i in 0..4 {
-            b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-        }
-        let v6 = Ipv6Addr::from(b);
-        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-    } else {
-        IpAddr::V4(Ipv4Addr::from(word(0)?))
-    };
-    Some((ip, uid.parse().ok()?))
+    [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.state == procfs::net::TcpState::Listen && e.local_address.port() == port)
+        .map(|e| {
+            let ip = match e.local_address.ip() {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            };
+            (ip, e.uid)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -239,22 +212,6 @@ mod tests {
     }
 
     #[test]
-    fn proc_net_tcp_lines() {
-        let v4 = "   0: 0100007F:2616 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0";
-        let port = 0x2616;
-        let loopback = IpAddr::V4(Ipv4Addr::from(0x0100_007F_u32.to_ne_bytes()));
-        assert_eq!(listener_line(v4, false, port), Some((loopback, 0)));
-        assert_eq!(listener_line(v4, false, port + 1), None);
-        let established = v4.replacen(" 0A ", " 01 ", 1);
-        assert_eq!(listener_line(&established, false, port), None);
-        let v6 = "   0: 00000000000000000000000000000000:2616 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4243 1";
-        assert_eq!(
-            listener_line(v6, true, port),
-            Some((IpAddr::V6(Ipv6Addr::UNSPECIFIED), 1000))
-        );
-    }
-
-    #[test]
     fn the_token_goes_only_to_a_listener_of_its_owner() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
@@ -275,5 +232,12 @@ mod tests {
         drop(l);
         let err = listener_owned_by_token_owner(addr, &token).unwrap_err();
         assert!(err.contains("nothing on this host listens"), "{err}");
+        // A v6 wildcard listener (tcp6) serves a loopback v4 address on its port.
+        std::os::unix::fs::chown(&token, Some(rustix::process::geteuid().as_raw()), None).ok();
+        if let Ok(l6) = std::net::TcpListener::bind("[::]:0") {
+            let port = l6.local_addr().unwrap().port();
+            let v4 = SocketAddr::from(([127, 0, 0, 1], port));
+            assert_eq!(listener_owned_by_token_owner(v4, &token), Ok(()));
+        }
     }
 }

@@ -109,17 +109,31 @@ impl Unnamed {
 
     /// Why `function` and `instance` cannot be used, if they cannot; the function first.
     pub fn check(function: &str, instance: &str) -> Option<Unnamed> {
-        if function.is_empty() {
+        Self::of_function(function).or_else(|| Self::of_instance(instance))
+    }
+
+    /// Why a function name cannot be used: 1 to [`MAX_FUNCTION_NAME_LEN`] bytes of
+    /// `[A-Za-z0-9._:-]`.
+    fn of_function(name: &str) -> Option<Unnamed> {
+        if name.is_empty() {
             Some(Unnamed::FunctionEmpty)
-        } else if function.len() > MAX_FUNCTION_NAME_LEN {
+        } else if name.len() > MAX_FUNCTION_NAME_LEN {
             Some(Unnamed::FunctionTooLong)
-        } else if !function.bytes().all(is_function_byte) {
+        } else if !name.bytes().all(is_function_byte) {
             Some(Unnamed::FunctionCharacters)
-        } else if instance.is_empty() {
+        } else {
+            None
+        }
+    }
+
+    /// Why an instance name cannot be used: 1 to [`MAX_INSTANCE_NAME_LEN`] characters, none a
+    /// control character.
+    fn of_instance(name: &str) -> Option<Unnamed> {
+        if name.is_empty() {
             Some(Unnamed::InstanceEmpty)
-        } else if instance.chars().count() > MAX_INSTANCE_NAME_LEN {
+        } else if name.chars().count() > MAX_INSTANCE_NAME_LEN {
             Some(Unnamed::InstanceTooLong)
-        } else if instance.chars().any(char::is_control) {
+        } else if name.chars().any(char::is_control) {
             Some(Unnamed::InstanceCharacters)
         } else {
             None
@@ -130,7 +144,7 @@ impl Unnamed {
 /// True for 1..=128 characters of `[A-Za-z0-9._:-]`: safe in URLs, file names and store keys
 /// without escaping. The API applies the same rule to names it is sent.
 pub fn valid_function_name(name: &str) -> bool {
-    (1..=MAX_FUNCTION_NAME_LEN).contains(&name.len()) && name.bytes().all(is_function_byte)
+    Unnamed::of_function(name).is_none()
 }
 
 fn is_function_byte(b: u8) -> bool {
@@ -141,9 +155,7 @@ fn is_function_byte(b: u8) -> bool {
 /// [`MAX_INSTANCE_NAME_LEN`] characters (as JSON Schema's `maxLength` counts them, so that
 /// the API document can state the rule), none a control character.
 pub fn valid_instance_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.chars().count() <= MAX_INSTANCE_NAME_LEN
-        && !name.chars().any(char::is_control)
+    Unnamed::of_instance(name).is_none()
 }
 
 /// Normalises a root path to the form the kernel reports (`/emars`): adds the leading '/',

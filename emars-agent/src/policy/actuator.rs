@@ -419,21 +419,18 @@ impl Actuator {
         Ok(now.is_some_and(|now| v > now))
     }
 
-    /// Forgets what it noted of an instance that ended.
+    /// Forgets what it noted of an instance that ended (its last memory.max, and that its
+    /// limits were set by hand).
     pub fn forget(&self, inst: &InstanceRecord) {
-        self.last_max()
-            .remove(&(inst.started_at_ms, inst.cgroup_id));
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        self.last_max().remove(&key);
+        self.hand_set().remove(&key);
     }
 
     /// Whether an operator set this live instance's limits by hand (see `set_by_hand`).
     pub fn is_set_by_hand(&self, inst: &InstanceRecord) -> bool {
         self.hand_set()
             .contains(&(inst.started_at_ms, inst.cgroup_id))
-    }
-
-    /// Forgets the hand-set instances that are no longer live.
-    pub fn retain_set_by_hand(&self, live: &HashSet<InstanceKey>) {
-        self.hand_set().retain(|k| live.contains(k));
     }
 
     fn hand_set(&self) -> MutexGuard<'_, HashSet<InstanceKey>> {

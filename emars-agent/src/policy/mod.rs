@@ -243,14 +243,7 @@ impl Policy {
         let _one_at_a_time = one_at_a_time(&self.applying)?;
         self.compute_all(now_ms)?;
         let mut out = Applied::default();
-        let live = self.store.live_instances()?;
-        actuator.retain_set_by_hand(
-            &live
-                .iter()
-                .map(|i| (i.started_at_ms, i.cgroup_id))
-                .collect(),
-        );
-        for inst in live {
+        for inst in self.store.live_instances()? {
             let Some(r) = self.cached(&inst.function) else {
                 continue;
             };

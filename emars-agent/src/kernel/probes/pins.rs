@@ -27,7 +27,7 @@ use rustix::{
 pub const COMPLETE: &str = "complete";
 
 /// statfs magic of bpffs.
-pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where bpffs is mounted when nothing is (the agent's own mount, root's alone).
 pub(crate) const BPF_MOUNT: &str = "/sys/fs/bpf";
@@ -314,10 +314,15 @@ fn open_child(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags) -> Result<OwnedF
     )
 }
 
+fn on_bpffs(fd: &OwnedFd) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|st| is_bpffs(&st))
+}
+
+/// Whether a statfs answer is a BPF filesystem's.
 // f_type's integer type differs between architectures.
 #[allow(clippy::unnecessary_cast)]
-fn on_bpffs(fd: &OwnedFd) -> bool {
-    rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
+pub(crate) fn is_bpffs(st: &rustix::fs::StatFs) -> bool {
+    st.f_type as i64 == BPF_FS_MAGIC
 }
 
 fn lock(fd: &OwnedFd, base: &Path) -> Result<(), PinError> {
