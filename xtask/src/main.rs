@@ -74,6 +74,9 @@ enum Command {
         /// Use KVM when a 20 s smoke boot succeeds (off by default: KVM hangs on these hosts).
         #[arg(long)]
         try_kvm: bool,
+        /// How many VMs run at once (the guests mostly wait: all three fit on two cores).
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
         /// Only run guest tests whose name contains STR.
         #[arg(long, value_name = "STR")]
         filter: Option<String>,
@@ -180,6 +183,7 @@ fn run(command: Command) -> Result<ExitCode> {
             timeout,
             time_scale,
             try_kvm,
+            jobs,
             filter,
             setup: s,
         } => {
@@ -190,6 +194,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 time_scale,
                 try_kvm,
                 filter,
+                jobs,
             })?;
         }
         Command::Bench {

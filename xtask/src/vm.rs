@@ -75,6 +75,8 @@ pub struct Options {
     /// Use KVM if a smoke boot under a timeout succeeds (never by default: it hangs here).
     pub try_kvm: bool,
     pub filter: Option<String>,
+    /// How many VMs run at once.
+    pub jobs: usize,
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -154,34 +156,7 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         "tcg"
     };
-    let mut outcomes = Vec::new();
-    for (name, k) in kernels {
-        let outcome = match k {
-            Ok(vmlinuz) => {
-                let run = || {
-                    boot(name, &vmlinuz, &initramfs, accel, opts)
-                        .unwrap_or_else(|e| failed(name, format!("{e:#}")))
-                };
-                let first = run();
-                // A panic before the guest's init has run (seen under TCG: an int3 oops at a
-                // static-key site in the idle path, 1 s into boot) is the emulator's, not
-                // anything of EMARS: one more boot, said aloud. A panic once the suite runs
-                // still fails the matrix.
-                if first.boot.is_none() && first.verdict.contains("kernel panic") {
-                    say(format!(
-                        "kernel {name}: panicked while booting, before any EMARS code ran \
-                         ({}); booting it once more",
-                        first.verdict
-                    ));
-                    run()
-                } else {
-                    first
-                }
-            }
-            Err(e) => failed(name, format!("kernel not fetched: {e:#}")),
-        };
-        outcomes.push(outcome);
-    }
+    let outcomes = boot_all(kernels, &initramfs, accel, opts);
     print_table(&outcomes);
     say(format!("total {:.0?} ({accel})", started.elapsed()));
     let bad: Vec<_> = outcomes
@@ -757,6 +732,69 @@ fn boot(
         skipped: c.counts.2,
         verdict: c.verdict,
     })
+}
+
+/// Boots the kernels, `opts.jobs` at a time, and returns their outcomes in matrix order.
+///
+/// The guests spend most of their time waiting on the suite's own timers and on the kernel, not
+/// emulating: three at once on two cores take little longer than the slowest alone (the suite's
+/// timeouts are scaled for the emulator by `emars.scale`). Each boot has its own disk image and
+/// console log; the initramfs is shared read-only.
+fn boot_all(
+    kernels: Vec<(&str, Result<PathBuf>)>,
+    initramfs: &Path,
+    accel: &str,
+    opts: &Options,
+) -> Vec<Outcome> {
+    let queue = std::sync::Mutex::new(kernels.into_iter().enumerate().collect::<Vec<_>>());
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.max(1) {
+            s.spawn(|| loop {
+                // Take from the front so that the matrix starts in its own order.
+                let next = {
+                    let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                    (!q.is_empty()).then(|| q.remove(0))
+                };
+                let Some((i, (name, k))) = next else { break };
+                let outcome = match k {
+                    Ok(vmlinuz) => boot_with_retry(name, &vmlinuz, initramfs, accel, opts),
+                    Err(e) => failed(name, format!("kernel not fetched: {e:#}")),
+                };
+                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, outcome));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, o)| o).collect()
+}
+
+fn boot_with_retry(
+    name: &str,
+    vmlinuz: &Path,
+    initramfs: &Path,
+    accel: &str,
+    opts: &Options,
+) -> Outcome {
+    let run = || {
+        boot(name, vmlinuz, initramfs, accel, opts)
+            .unwrap_or_else(|e| failed(name, format!("{e:#}")))
+    };
+    let first = run();
+    // A panic before the guest's init has run (seen under TCG: an int3 oops at a static-key
+    // site in the idle path, 1 s into boot) is the emulator's, not anything of EMARS: one more
+    // boot, said aloud. A panic once the suite runs still fails the matrix.
+    if first.boot.is_none() && first.verdict.contains("kernel panic") {
+        say(format!(
+            "kernel {name}: panicked while booting, before any EMARS code ran ({}); booting \
+             it once more",
+            first.verdict
+        ));
+        run()
+    } else {
+        first
+    }
 }
 
 fn print_table(outcomes: &[Outcome]) {
