@@ -30,6 +30,22 @@ pub struct Options {
     pub targets: Vec<String>,
     /// Budget per target.
     pub seconds: u64,
+    /// Build without optimisation (`cargo fuzz --dev`): the test suite's short smoke run, where
+    /// building every instrumented dependency dominates and a few seconds of slower execution
+    /// still covers the shallow inputs it is there for.
+    pub dev: bool,
+}
+
+impl Options {
+    /// The build mode and sanitizer, the same for `cargo fuzz build` and `cargo fuzz run` (a
+    /// difference would build the target again).
+    fn build_args(&self) -> Vec<&'static str> {
+        let mut args = vec![SANITIZER];
+        if self.dev {
+            args.push("--dev");
+        }
+        args
+    }
 }
 
 /// What one target's run found.
@@ -88,7 +104,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         opts.targets.clone()
     };
-    let mut build = cargo_fuzz()?.args(["build", SANITIZER]);
+    let mut build = cargo_fuzz()?.arg("build").args(opts.build_args());
     if targets.len() == 1 {
         build = build.arg(&targets[0]);
     }
@@ -99,7 +115,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut reports = Vec::new();
     for target in &targets {
-        reports.push(run_target(target, opts.seconds)?);
+        reports.push(run_target(target, opts)?);
     }
     print_summary(&reports);
     let bad: Vec<&str> = reports
@@ -113,13 +129,14 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &str, seconds: u64) -> Result<Report> {
+fn run_target(target: &str, opts: &Options) -> Result<Report> {
+    let seconds = opts.seconds;
     let fuzz = fuzz_dir()?;
     let artifacts = fuzz.join("artifacts").join(target);
     let before = list_files(&artifacts);
-    let mut args: Vec<String> = ["+nightly", "fuzz", "run", SANITIZER, target, "--"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = ["+nightly", "fuzz", "run"].map(String::from).to_vec();
+    args.extend(opts.build_args().into_iter().map(String::from));
+    args.extend([target.to_string(), "--".to_string()]);
     args.push(format!("-max_total_time={seconds}"));
     args.push(format!("-timeout={UNIT_TIMEOUT_SECS}"));
     args.push("-print_final_stats=1".to_string());

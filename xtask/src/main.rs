@@ -229,7 +229,11 @@ fn run(command: Command) -> Result<ExitCode> {
             setup: s,
         } => {
             setup::run(&s.into())?;
-            fuzz::run(&fuzz::Options { targets, seconds })?;
+            fuzz::run(&fuzz::Options {
+                targets,
+                seconds,
+                dev: false,
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

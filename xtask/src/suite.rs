@@ -327,6 +327,7 @@ fn run_steps(runner: &mut Runner, opts: &Options, root: bool) -> Result<()> {
         fuzz::run(&fuzz::Options {
             targets,
             seconds: FUZZ_SECONDS,
+            dev: true,
         })
     })?;
     Ok(())
