@@ -28,9 +28,10 @@ use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, Insta
 use function::{Ended, FunctionState, Live};
 use hours::CompactHour;
 
-/// GET /v1/functions: every known function's summary, sorted by name. The server writes it
-/// from the JSON the model keeps per function ([`LiveModel::summaries_json`], `S` a raw JSON
-/// value); clients read it typed (`S` = [`FunctionSummary`], the default).
+// Every known function's summary, sorted by name. The server writes it from the JSON the
+// model keeps per function (`LiveModel::summaries_json`, `S` a raw JSON value); clients read
+// it typed (`S` = `FunctionSummary`, the default). The doc line below is the API document's.
+/// GET /v1/functions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionsResponse<S = FunctionSummary> {
     pub functions: Vec<S>,

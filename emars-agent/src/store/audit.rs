@@ -3,12 +3,14 @@
 //! closed at start-up, and their retention. The records themselves are opaque here (any
 //! `Serialize` type, stored as JSON).
 
+use std::sync::MutexGuard;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use super::codec::{decode_json, encode_json, u64_of};
 use super::prune::PruneReport;
 use super::{journal, Store, StoreError, TREE_AUDIT, TREE_GENERATIONS};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use std::sync::MutexGuard;
 
 /// The audit journal is emptied (after a flush of sled) once it holds this much.
 pub(super) const JOURNAL_SETTLE_BYTES: u64 = journal::CAPACITY / 2;

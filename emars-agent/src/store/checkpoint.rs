@@ -15,9 +15,9 @@ pub(super) const KEY_CHECKPOINT_ID: &str = "checkpoint_id";
 
 pub(super) const KEY_CLEAN: &str = "clean";
 
-/// The live model as of the last clean close: a file beside sled's, not a sled value. As one
-/// value of ~30 bytes per record it stayed in sled's cache after the open (88 MB at 3M
-/// records) and went through sled's log at every clean close.
+/// The live model as of the last clean close: a file beside sled's, not a sled value. As a
+/// sled value it stayed in sled's cache after the open and went through sled's log at every
+/// clean close (the figures are in docs/design.md).
 pub const CHECKPOINT_FILE: &str = "checkpoint";
 
 /// The kernel event ring (its identity) and the position up to which the records here reflect

@@ -1,15 +1,18 @@
 //! How values and keys are written: postcard records behind a format byte, big-endian keys,
 //! JSON for the logs and `functions`, and the readable renderings of keys used in errors.
 
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HourBucket, InstanceRecord, Limits, PeakSource, HOUR_MS};
+
 use super::strings::Strings;
 use super::{
     Store, StoreError, FORMAT_V2, TREE_BLOCKS, TREE_HOURS_OPEN, TREE_HOUR_BLOCKS, TREE_LIVE,
     TREE_STRINGS,
 };
-use crate::model::{HourBucket, InstanceRecord, Limits, PeakSource, HOUR_MS};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// An instance record as the store holds it (after the format byte, in postcard:
 /// integers are varints). Its start time and cgroup id are the key.

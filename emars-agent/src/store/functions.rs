@@ -12,16 +12,19 @@
 //! pruned by retention frees its place. What is already in the store when it opens is kept,
 //! whatever the cap.
 
-use super::codec::encode_json;
-use super::index::BlockId;
-use super::{Store, StoreError, TREE_FUNCTIONS};
-use crate::model::live::LiveModel;
-use crate::model::tracker::{FunctionAdmission, FunctionsFull};
-use crate::model::{FunctionConfig, FunctionSummary, Sample};
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::live::LiveModel;
+use crate::model::tracker::{FunctionAdmission, FunctionsFull};
+use crate::model::{FunctionConfig, FunctionSummary, Sample};
+
+use super::codec::encode_json;
+use super::index::BlockId;
+use super::{Store, StoreError, TREE_FUNCTIONS};
 
 /// Default of `store.max_functions`: functions the store knows at most ([`Store::set_function_cap`]).
 pub const DEFAULT_MAX_FUNCTIONS: usize = 10_000;

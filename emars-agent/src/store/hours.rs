@@ -2,13 +2,16 @@
 //! before the one before the newest into one block per hour (`hour_blocks`), and rewriting a
 //! sealed hour's block for a late report.
 
+use std::collections::BTreeSet;
+
+use sled::Transactional;
+
+use crate::model::{HourBucket, HourDelta, HOUR_MS};
+
 use super::codec::{encode_hour, hour_block_key, hour_log_key, stored_hour, tx_error};
 use super::functions::validate_name;
 use super::index::State;
 use super::{Store, StoreError, FORMAT_V2, TREE_HOUR_BLOCKS};
-use crate::model::{HourBucket, HourDelta, HOUR_MS};
-use sled::Transactional;
-use std::collections::BTreeSet;
 
 impl Store {
     /// Merges `delta` into the bucket of the hour containing `at_ms`: counters add,

@@ -2,14 +2,17 @@
 //! sealing the tail every [`BLOCK_RECORDS`] ended records, and reading records back by key or
 //! by page, the model saying which block holds each.
 
+use std::collections::HashMap;
+
+use sled::Transactional;
+
+use crate::model::live::{InstanceKey, Order};
+use crate::model::InstanceRecord;
+
 use super::codec::{decode_v2, encode_block, log_key, tx_error, BlockEntry, StoredInstance};
 use super::functions::validate_name;
 use super::index::{BlockId, BlockInfo, State};
 use super::{Store, StoreError, TREE_BLOCKS};
-use crate::model::live::{InstanceKey, Order};
-use crate::model::InstanceRecord;
-use sled::Transactional;
-use std::collections::HashMap;
 
 /// Which page of a function's instances to read ([`Store::instances_page`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,10 +2,11 @@
 //! `instance_state`: kept, read, forgotten, dropped with the instance's end, and checked at
 //! open.
 
-use super::codec::{decode_v2, log_key, quarantine_key, u64_of};
-use super::{Store, StoreError, FORMAT_V2, TREE_INSTANCE_STATE, TREE_QUARANTINE};
 use crate::model::kept::{BurstWatch, KeptState, RuntimeLimit, SqueezeHold};
 use crate::model::live::InstanceKey;
+
+use super::codec::{decode_v2, log_key, quarantine_key, u64_of};
+use super::{Store, StoreError, FORMAT_V2, TREE_INSTANCE_STATE, TREE_QUARANTINE};
 
 /// Key of an `instance_state` entry: the instance's record key, then the kind.
 pub(super) fn state_key(key: InstanceKey, kind: u8) -> [u8; 17] {

@@ -7,8 +7,9 @@
 //! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaTooNew`]) rather than misread. Values
 //! carry their own format byte (`0x02`), so a later format can be read beside this one.
 
-use crate::model::{HourBucket, HourDelta, InstanceRecord};
 use std::path::Path;
+
+use crate::model::{HourBucket, HourDelta, InstanceRecord};
 
 use super::checkpoint::KEY_LIVE_CHECKPOINT;
 use super::codec::{decode_json, display_numbers, display_text, quarantine_key};

@@ -33,8 +33,8 @@
 //! An instance's record lives in `instances_live` while it runs (rewritten as its peak grows),
 //! then in `instances_tail` once it ends; every [`BLOCK_RECORDS`] ended records are moved into
 //! one block in a single sled transaction (a crash leaves them in one place or the other).
-//! One sled value per 128 records instead of one each is what brings a record down to about
-//! 100 bytes on disk. Hour buckets work the same way: `hours_open` while their hour (or the
+//! One sled value per 128 records instead of one each is what makes a record small on disk
+//! (docs/design.md). Hour buckets work the same way: `hours_open` while their hour (or the
 //! one after it) is current, then one block per hour; a late report into a sealed hour
 //! rewrites its block. Retention drops whole blocks and rewrites the one that straddles the
 //! cutoff. The model knows which block holds each ended record, so reading one is one get.

@@ -9,14 +9,17 @@
 //! removes it from `strings`: a crash at any point leaves no record naming a missing id (at
 //! worst a string with no record, removed by the next prune).
 
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::model::live::InstanceKey;
+use crate::model::{InstanceRecord, HOUR_MS};
+
 use super::codec::{decode_v2, hour_block_key, hour_log_key, log_key, BlockEntry, StoredInstance};
 use super::index::{BlockInfo, State};
 use super::{Store, StoreError, TREE_BLOCKS};
-use crate::model::live::InstanceKey;
-use crate::model::{InstanceRecord, HOUR_MS};
-use serde::Serialize;
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 /// What [`Store::prune`] deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]

@@ -1,10 +1,11 @@
 //! Interned strings: function names and cgroup parent directories by id (`strings`), both ways,
 //! in memory and on disk. Retention takes them out ([`super::prune`]).
 
-use super::codec::u32_of;
-use super::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
+
+use super::codec::u32_of;
+use super::{Store, StoreError};
 
 /// Function names and cgroup parent paths by id, both ways.
 #[derive(Debug, Default)]

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::hours::HourSeries;
-use super::{idle_gaps, EndedRecord, InstanceKey, PeakHistogram};
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, InstanceRecord, PeakPercentiles, Sample,
 };
+
+use super::hours::HourSeries;
+use super::{idle_gaps, EndedRecord, InstanceKey, PeakHistogram};
 
 /// What the model keeps of a live instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
