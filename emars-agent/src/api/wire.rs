@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::live::FunctionsResponse;
 pub use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
 pub use crate::policy::actuator::AuditRecord;
 pub use crate::policy::recommend::Recommendation;
@@ -84,12 +85,6 @@ pub struct InstanceView {
     /// read (gone meanwhile, or no cgroup writer runs in this process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_bytes: Option<u64>,
-}
-
-/// GET /v1/functions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct FunctionsResponse {
-    pub functions: Vec<FunctionSummary>,
 }
 
 /// GET /v1/export: the paper's per-function config {requests, max memory}.

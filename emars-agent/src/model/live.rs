@@ -6,18 +6,36 @@
 //! builds it once when it opens. An instance record counts by its latest version: the store
 //! hands over the version it replaced, whose contribution is taken back first, so writing the
 //! same record twice never counts it twice.
+//!
+//! Beside each ended record the model keeps where the store keeps it (`P`, the store's type:
+//! which block, or none yet) and hands it back on request, without reading it: the store's
+//! layout stays the store's.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod function;
+mod hours;
+
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::model::ModelFootprint as Footprint;
 use crate::model::Sample;
-use crate::model::HOUR_MS;
-use crate::model::{
-    FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord, PeakPercentiles,
-};
+use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord};
+
+use function::{Ended, FunctionState, Live};
+use hours::CompactHour;
+
+// Every known function's summary, sorted by name. The server writes it from the JSON the
+// model keeps per function (`LiveModel::summaries_json`, `S` a raw JSON value); clients read
+// it typed (`S` = `FunctionSummary`, the default). The doc line below is the API document's.
+/// GET /v1/functions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FunctionsResponse<S = FunctionSummary> {
+    pub functions: Vec<S>,
+}
 
 /// A function's instance peaks in buckets ([`LiveModel::peak_histograms`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,15 +83,6 @@ fn merge_sorted<T: Copy>(
     }
 }
 
-/// What the model keeps of a live instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Live {
-    execs: u64,
-    oom_kills: u64,
-    peak_bytes: u64,
-    limit_bytes: Option<u64>,
-}
-
 /// What the model takes of an ended record read at open.
 #[derive(Debug, Clone, Copy)]
 pub struct EndedRecord {
@@ -86,323 +95,40 @@ pub struct EndedRecord {
     pub limit_bytes: Option<u64>,
 }
 
-/// Where the store keeps an ended record: in the tail (not sealed into a block yet).
-pub const IN_TAIL: u32 = u32::MAX;
-
-/// What the model keeps of an ended, retained instance: 32 bytes, so that a history of
-/// millions of instances fits in a few tens of MB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Ended {
-    started_at_ms: u64,
-    cgroup_id: u64,
-    peak_bytes: u64,
-    /// Run time; `u32::MAX` (49.7 days or more): the end is in `long_runs`.
-    ran_ms: u32,
-    /// The store's block holding the record, or [`IN_TAIL`].
-    block: u32,
-}
-
-/// One function's aggregates (serialised into the store's checkpoint, caches left out).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct FunctionState {
-    first_seen_ms: u64,
-    last_seen_ms: u64,
-    live: HashMap<InstanceKey, Live>,
-    /// Ended, retained instances, ordered by (started_at_ms, cgroup_id).
-    ended: Vec<Ended>,
-    /// End times of the ended instances that ran for 49.7 days or more.
-    long_runs: HashMap<InstanceKey, u64>,
-    /// Their execs and OOM kills summed.
-    ended_execs: u64,
-    ended_oom_kills: u64,
-    /// Ended instances with OOM kills: the memory.max they had (the recommender bumps it).
-    ended_oom: BTreeMap<InstanceKey, Option<u64>>,
-    hours: HourSeries,
-    invocations: u64,
-    /// The summary as last computed, and its JSON; None after any change.
-    #[serde(skip)]
-    summary: Option<FunctionSummary>,
-    #[serde(skip)]
-    summary_json: Option<String>,
-    /// Its peaks counted into the metrics' buckets, as last counted (see
-    /// [`LiveModel::peak_histograms`]); None after any change.
-    #[serde(skip)]
-    histogram: Option<Arc<PeakHistogram>>,
-}
-
-impl FunctionState {
-    fn changed(&mut self) {
-        self.summary = None;
-        self.summary_json = None;
-        self.histogram = None;
-    }
-
-    /// Its instance peaks (live and ended, above 0) counted into `bounds`, counted again only
-    /// after a change.
-    fn histogram(&mut self, bounds: &[u64]) -> Arc<PeakHistogram> {
-        if let Some(h) = &self.histogram {
-            if h.buckets.len() == bounds.len() {
-                return h.clone();
-            }
-        }
-        let mut h = PeakHistogram {
-            buckets: vec![0; bounds.len()],
-            count: 0,
-            sum: 0,
-        };
-        let peaks = self.live.values().map(|v| v.peak_bytes);
-        for p in peaks.chain(self.ended.iter().map(|e| e.peak_bytes)) {
-            if p == 0 {
-                continue;
-            }
-            h.count += 1;
-            h.sum = h.sum.saturating_add(p);
-            if let Some(c) = h.buckets.get_mut(bounds.partition_point(|b| *b < p)) {
-                *c += 1;
-            }
-        }
-        let h = Arc::new(h);
-        self.histogram = Some(h.clone());
-        h
-    }
-
-    /// The summary as JSON, kept until the next change: the list of every function is then a
-    /// concatenation, not a serialisation of thousands of summaries.
-    fn summary_json(&mut self, name: &str) -> &str {
-        if self.summary_json.is_none() {
-            let s = self.summary(name);
-            // A summary of plain numbers and a string always serialises.
-            self.summary_json = Some(serde_json::to_string(&s).unwrap_or_default());
-        }
-        self.summary_json.as_deref().unwrap_or("{}")
-    }
-
-    fn add(&mut self, rec: &InstanceRecord, sign: i8) {
-        self.changed();
-        let key = (rec.started_at_ms, rec.cgroup_id);
-        let Some(ended_at_ms) = rec.ended_at_ms else {
-            if sign > 0 {
-                let live = Live {
-                    execs: rec.execs,
-                    oom_kills: rec.oom_kills,
-                    peak_bytes: rec.peak_bytes,
-                    limit_bytes: rec.limits.max_bytes,
-                };
-                self.live.insert(key, live);
-            } else {
-                self.live.remove(&key);
-            }
-            return;
-        };
-        if sign > 0 {
-            self.insert_ended(
-                &EndedRecord {
-                    key,
-                    ended_at_ms,
-                    peak_bytes: rec.peak_bytes,
-                    execs: rec.execs,
-                    oom_kills: rec.oom_kills,
-                    limit_bytes: rec.limits.max_bytes,
-                },
-                IN_TAIL,
-            );
-        } else {
-            if let Some(i) = self.find(key) {
-                self.ended.remove(i);
-            }
-            self.sub_counts(rec);
-        }
-    }
-
-    /// Adds an ended record (or replaces the entry of the same key) and its counts.
-    fn insert_ended(&mut self, r: &EndedRecord, block: u32) {
-        let (started_at_ms, cgroup_id) = r.key;
-        let ran_ms = u32::try_from(r.ended_at_ms.saturating_sub(started_at_ms)).unwrap_or(u32::MAX);
-        if ran_ms == u32::MAX {
-            self.long_runs.insert(r.key, r.ended_at_ms);
-        }
-        let e = Ended {
-            started_at_ms,
-            cgroup_id,
-            peak_bytes: r.peak_bytes,
-            ran_ms,
-            block,
-        };
-        // Mostly at the end: instances end roughly in the order they started.
-        let pos = match self.ended.last() {
-            Some(l) if (l.started_at_ms, l.cgroup_id) < r.key => Err(self.ended.len()),
-            None => Err(0),
-            _ => self
-                .ended
-                .binary_search_by_key(&r.key, |e| (e.started_at_ms, e.cgroup_id)),
-        };
-        match pos {
-            Ok(i) => self.ended[i] = e,
-            Err(i) => self.ended.insert(i, e),
-        }
-        self.ended_execs = self.ended_execs.saturating_add(r.execs);
-        self.ended_oom_kills = self.ended_oom_kills.saturating_add(r.oom_kills);
-        if r.oom_kills > 0 {
-            self.ended_oom.insert(r.key, r.limit_bytes);
-        }
-    }
-
-    /// Widens the first/last-seen range; true when the function is new or its first-seen
-    /// time moved.
-    fn widen_seen(&mut self, first_ms: u64, last_ms: u64) -> bool {
-        self.changed();
-        let new = self.first_seen_ms == 0 && self.last_seen_ms == 0;
-        let first = if new {
-            first_ms
-        } else {
-            self.first_seen_ms.min(first_ms)
-        };
-        let moved = new || first != self.first_seen_ms;
-        self.first_seen_ms = first;
-        self.last_seen_ms = self.last_seen_ms.max(last_ms);
-        moved
-    }
-
-    /// Inserts or replaces the bucket of its hour, keeping the invocation sum.
-    fn put_hour(&mut self, bucket: HourBucket) {
-        self.changed();
-        let old = self.hours.insert(bucket);
-        self.invocations = self
-            .invocations
-            .saturating_sub(old.map_or(0, |b| b.invocations))
-            .saturating_add(bucket.invocations);
-    }
-
-    fn sub_counts(&mut self, rec: &InstanceRecord) {
-        self.ended_execs = self.ended_execs.saturating_sub(rec.execs);
-        self.ended_oom_kills = self.ended_oom_kills.saturating_sub(rec.oom_kills);
-        let key = (rec.started_at_ms, rec.cgroup_id);
-        self.ended_oom.remove(&key);
-        self.long_runs.remove(&key);
-    }
-
-    /// Idle times between uses: the gaps in which none of the function's retained instances
-    /// ran, oldest first (concurrent uses leave no gap; a live one has no end yet).
-    fn idle_times(&self) -> Vec<u64> {
-        let mut uses: Vec<(u64, u64)> = self
-            .ended
-            .iter()
-            .map(|e| (e.started_at_ms, self.ended_at(e)))
-            .chain(self.live.keys().map(|k| (k.0, u64::MAX)))
-            .collect();
-        uses.sort_unstable();
-        idle_gaps(uses)
-    }
-
-    fn ended_at(&self, e: &Ended) -> u64 {
-        if e.ran_ms == u32::MAX {
-            if let Some(end) = self.long_runs.get(&(e.started_at_ms, e.cgroup_id)) {
-                return *end;
-            }
-        }
-        e.started_at_ms.saturating_add(u64::from(e.ran_ms))
-    }
-
-    fn find(&self, key: InstanceKey) -> Option<usize> {
-        self.ended
-            .binary_search_by_key(&key, |e| (e.started_at_ms, e.cgroup_id))
-            .ok()
-    }
-
-    fn summary(&mut self, name: &str) -> FunctionSummary {
-        if let Some(s) = &self.summary {
-            return s.clone();
-        }
-        let live_peaks = self.live.values().map(|v| v.peak_bytes);
-        let ended_peaks = self.ended.iter().map(|e| e.peak_bytes);
-        let mut peaks: Vec<u64> = live_peaks.chain(ended_peaks).filter(|p| *p > 0).collect();
-        peaks.sort_unstable();
-        let live_sum = |f: fn(&Live) -> u64| self.live.values().map(f).fold(0, u64::saturating_add);
-        let s = FunctionSummary {
-            name: name.to_owned(),
-            instances: self.ended.len() as u64 + self.live.len() as u64,
-            live_instances: self.live.len() as u64,
-            execs: self.ended_execs.saturating_add(live_sum(|v| v.execs)),
-            invocations: self.invocations,
-            oom_kills: self
-                .ended_oom_kills
-                .saturating_add(live_sum(|v| v.oom_kills)),
-            peak_bytes: peaks.last().copied().unwrap_or(0),
-            peak_percentiles: PeakPercentiles::from_sorted(&peaks),
-            first_seen_ms: self.first_seen_ms,
-            last_seen_ms: self.last_seen_ms,
-        };
-        self.summary = Some(s.clone());
-        s
-    }
-
-    /// The recommender's samples: every retained instance with a peak or an OOM kill, ended
-    /// ones at their end, live ones at `now_ms`.
-    fn samples(&self, now_ms: u64) -> Vec<Sample> {
-        let ended = self.ended.iter().filter_map(|e| {
-            let oom = self.ended_oom.get(&(e.started_at_ms, e.cgroup_id));
-            (e.peak_bytes > 0 || oom.is_some()).then(|| Sample {
-                at_ms: self.ended_at(e),
-                peak_bytes: e.peak_bytes,
-                oom_killed: oom.is_some(),
-                limit_bytes: oom.copied().flatten(),
-            })
-        });
-        let live = self
-            .live
-            .iter()
-            .filter(|(_, l)| l.peak_bytes > 0 || l.oom_kills > 0)
-            .map(|(k, l)| Sample {
-                at_ms: now_ms.max(k.0),
-                peak_bytes: l.peak_bytes,
-                oom_killed: l.oom_kills > 0,
-                limit_bytes: l.limit_bytes,
-            });
-        ended.chain(live).collect()
-    }
-
-    fn export(&self, name: &str) -> FunctionConfig {
-        let max = |f: fn(&HourBucket) -> u64| self.hours.values().map(|b| f(&b)).max().unwrap_or(0);
-        let invocations = max(|h| h.invocations);
-        let live_peak = self.live.values().map(|v| v.peak_bytes).max();
-        let ended_peak = self.ended.iter().map(|e| e.peak_bytes).max();
-        FunctionConfig {
-            function: name.to_owned(),
-            requests_per_hour: if invocations > 0 {
-                invocations
-            } else {
-                max(|h| h.execs)
-            },
-            max_memory_bytes: live_peak.max(ended_peak).unwrap_or(0),
-        }
-    }
-}
-
-/// Every known function's aggregates, by name. A hash map for the lookup on every write (a
-/// B-tree of 10k names cost a dozen string compares each, a third of a start-up's time), and the
-/// names in order beside it for the lists.
-#[derive(Debug, Default)]
-pub struct LiveModel {
-    functions: HashMap<String, FunctionState>,
+/// Every known function's aggregates, by name, each ended record with where the store keeps
+/// it (`P`). A hash map for the lookup on every write (a B-tree of many names costs a dozen
+/// string compares per lookup), and the names in order beside it for the lists.
+#[derive(Debug)]
+pub struct LiveModel<P> {
+    functions: HashMap<String, FunctionState<P>>,
     order: BTreeSet<String>,
 }
 
-impl Serialize for LiveModel {
+impl<P> Default for LiveModel<P> {
+    fn default() -> Self {
+        LiveModel {
+            functions: HashMap::new(),
+            order: BTreeSet::new(),
+        }
+    }
+}
+
+impl<P: Serialize> Serialize for LiveModel<P> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.functions.serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for LiveModel {
+impl<'de, P: DeserializeOwned> Deserialize<'de> for LiveModel<P> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let functions = HashMap::<String, FunctionState>::deserialize(d)?;
+        let functions = HashMap::<String, FunctionState<P>>::deserialize(d)?;
         let order = functions.keys().cloned().collect();
         Ok(LiveModel { functions, order })
     }
 }
 
-impl LiveModel {
-    fn function(&mut self, name: &str) -> &mut FunctionState {
+impl<P: Copy + Default> LiveModel<P> {
+    fn function(&mut self, name: &str) -> &mut FunctionState<P> {
         if !self.functions.contains_key(name) {
             self.functions
                 .insert(name.to_owned(), FunctionState::default());
@@ -412,7 +138,7 @@ impl LiveModel {
     }
 
     /// The functions in name order.
-    fn sorted(&self) -> impl Iterator<Item = (&String, &FunctionState)> {
+    fn sorted(&self) -> impl Iterator<Item = (&String, &FunctionState<P>)> {
         self.order
             .iter()
             .filter_map(|n| self.functions.get(n).map(|f| (n, f)))
@@ -462,14 +188,14 @@ impl LiveModel {
         f.add(new, 1);
     }
 
-    /// Ended records read from one store block at open, all of one function: one lookup of
-    /// the function for all, and no strings built.
-    pub fn load_block(&mut self, name: &str, block: u32, recs: &[EndedRecord]) {
+    /// Ended records read at open, all of one function and kept by the store at `place`:
+    /// one lookup of the function for all, and no strings built.
+    pub fn load_ended(&mut self, name: &str, place: P, recs: &[EndedRecord]) {
         let f = self.function(name);
         for r in recs {
             f.widen_seen(r.key.0, r.ended_at_ms.max(r.key.0));
             f.live.remove(&r.key);
-            f.insert_ended(r, block);
+            f.insert_ended(r, place);
         }
     }
 
@@ -574,23 +300,20 @@ impl LiveModel {
             .collect()
     }
 
-    /// `{"functions": [summary, …]}` (GET /v1/functions), sorted by name.
+    /// The body of GET /v1/functions ([`FunctionsResponse`]), from each function's summary
+    /// JSON, kept until the function changes.
     pub fn summaries_json(&mut self) -> String {
-        let mut out = String::with_capacity(64 + self.functions.len() * 320);
-        out.push_str("{\"functions\":[");
-        let mut first = true;
-        for name in &self.order {
-            let Some(f) = self.functions.get_mut(name) else {
-                continue;
-            };
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            out.push_str(f.summary_json(name));
+        for (name, f) in &mut self.functions {
+            f.cache_summary_json(name);
         }
-        out.push_str("]}");
-        out
+        let body = FunctionsResponse {
+            functions: self
+                .sorted()
+                .filter_map(|(_, f)| f.summary_json.as_deref())
+                .collect::<Vec<&RawValue>>(),
+        };
+        // Raw values that are JSON already, under one field name: serialises.
+        serde_json::to_string(&body).unwrap_or_default()
     }
 
     /// Each function's instance peaks (retained, live and ended, peaks above 0: the
@@ -648,8 +371,8 @@ impl LiveModel {
             f.live.keys().copied().filter(|k| beyond(k)).collect()
         };
         live_keys.sort_unstable();
-        let ended: &[Ended] = if live == Some(true) { &[] } else { &f.ended };
-        let key = |e: &Ended| (e.started_at_ms, e.cgroup_id);
+        let ended: &[Ended<P>] = if live == Some(true) { &[] } else { &f.ended };
+        let key = |e: &Ended<P>| (e.started_at_ms, e.cgroup_id);
         let mut out = Vec::with_capacity(limit.min(ended.len() + live_keys.len()));
         match order {
             Order::Oldest => {
@@ -687,19 +410,19 @@ impl LiveModel {
         keys
     }
 
-    /// Where the store keeps the ended record `key` of `function` (a block, or [`IN_TAIL`]);
-    /// None when the model has no such ended record.
-    pub fn ended_block(&self, name: &str, key: InstanceKey) -> Option<u32> {
+    /// Where the store keeps the ended record `key` of `function` (`P::default()` until the
+    /// store says otherwise); None when the model has no such ended record.
+    pub fn stored_at(&self, name: &str, key: InstanceKey) -> Option<P> {
         let f = self.functions.get(name)?;
-        f.find(key).map(|i| f.ended[i].block)
+        f.find(key).map(|i| f.ended[i].place)
     }
 
-    /// Records that ended records moved into `block`.
-    pub fn set_block(&mut self, name: &str, keys: &[InstanceKey], block: u32) {
+    /// Records that the store moved the ended records `keys` to `place`.
+    pub fn set_stored_at(&mut self, name: &str, keys: &[InstanceKey], place: P) {
         if let Some(f) = self.functions.get_mut(name) {
             for k in keys {
                 if let Some(i) = f.find(*k) {
-                    f.ended[i].block = block;
+                    f.ended[i].place = place;
                 }
             }
         }
@@ -776,12 +499,12 @@ impl LiveModel {
             fp.ended += f.ended.len() as u64;
             fp.hours += f.hours.0.len() as u64;
             bytes += 2 * name.capacity()
-                + std::mem::size_of::<FunctionState>()
+                + std::mem::size_of::<FunctionState<P>>()
                 + f.live.capacity() * (std::mem::size_of::<(InstanceKey, Live)>() + 1)
-                + f.ended.capacity() * std::mem::size_of::<Ended>()
+                + f.ended.capacity() * std::mem::size_of::<Ended<P>>()
                 + f.hours.0.capacity() * std::mem::size_of::<CompactHour>()
                 + f.ended_oom.len() * std::mem::size_of::<(InstanceKey, Option<u64>)>()
-                + f.summary_json.as_ref().map_or(0, String::capacity);
+                + f.summary_json.as_ref().map_or(0, |j| j.get().len());
         }
         fp.bytes = bytes as u64;
         fp
@@ -796,100 +519,6 @@ impl LiveModel {
     }
 }
 
-/// A function's hour buckets in 32 bytes each (a `BTreeMap<u64, HourBucket>` took ~70): at 10k
-/// functions x 30 days they are most of the model. Counters saturate at 4 billion per hour.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct HourSeries(Vec<CompactHour>);
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct CompactHour {
-    /// Hours since the epoch.
-    hour: u32,
-    instances_started: u32,
-    execs: u32,
-    invocations: u32,
-    oom_kills: u32,
-    peak_bytes: u64,
-}
-
-impl CompactHour {
-    fn of(b: &HourBucket) -> Self {
-        let c = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        CompactHour {
-            hour: c(b.hour_start_ms / HOUR_MS),
-            instances_started: c(b.instances_started),
-            execs: c(b.execs),
-            invocations: c(b.invocations),
-            oom_kills: c(b.oom_kills),
-            peak_bytes: b.peak_bytes,
-        }
-    }
-
-    fn bucket(&self) -> HourBucket {
-        HourBucket {
-            hour_start_ms: u64::from(self.hour) * HOUR_MS,
-            instances_started: u64::from(self.instances_started),
-            execs: u64::from(self.execs),
-            invocations: u64::from(self.invocations),
-            oom_kills: u64::from(self.oom_kills),
-            peak_bytes: self.peak_bytes,
-        }
-    }
-}
-
-impl HourSeries {
-    fn find(&self, hour_start_ms: u64) -> Result<usize, usize> {
-        let hour = u32::try_from(hour_start_ms / HOUR_MS).unwrap_or(u32::MAX);
-        // Mostly the newest hour: look there first.
-        match self.0.last() {
-            Some(last) if last.hour == hour => Ok(self.0.len() - 1),
-            Some(last) if last.hour < hour => Err(self.0.len()),
-            _ => self.0.binary_search_by_key(&hour, |h| h.hour),
-        }
-    }
-
-    fn get(&self, hour_start_ms: u64) -> Option<HourBucket> {
-        self.find(hour_start_ms).ok().map(|i| self.0[i].bucket())
-    }
-
-    /// Inserts or replaces the bucket of its hour; returns the one replaced.
-    fn insert(&mut self, b: HourBucket) -> Option<HourBucket> {
-        let c = CompactHour::of(&b);
-        match self.find(b.hour_start_ms) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i], c).bucket()),
-            Err(i) => {
-                self.0.insert(i, c);
-                None
-            }
-        }
-    }
-
-    fn remove(&mut self, hour_start_ms: u64) -> Option<HourBucket> {
-        let i = self.find(hour_start_ms).ok()?;
-        Some(self.0.remove(i).bucket())
-    }
-
-    fn values(&self) -> impl Iterator<Item = HourBucket> + '_ {
-        self.0.iter().map(CompactHour::bucket)
-    }
-
-    fn starts_before(&self, cutoff_ms: u64) -> impl Iterator<Item = u64> + '_ {
-        self.0
-            .iter()
-            .map(|h| u64::from(h.hour) * HOUR_MS)
-            .take_while(move |h| *h < cutoff_ms)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn shrink(&mut self) {
-        self.0.shrink_to_fit();
-    }
-}
-
-/// `b` after `d`: counters add, `peak_bytes` takes the max.
 /// The gaps in which none of a function's uses ran, from their (start, end) ordered by start:
 /// the idle times of the keep-alive policy. Concurrent uses leave no gap; a use still running
 /// ends at `u64::MAX`.
@@ -905,6 +534,7 @@ pub fn idle_gaps(uses: impl IntoIterator<Item = (u64, u64)>) -> Vec<u64> {
     out
 }
 
+/// `b` after `d`: counters add, `peak_bytes` takes the max.
 pub fn apply_delta(b: &mut HourBucket, d: &HourDelta) {
     b.instances_started = b.instances_started.saturating_add(d.instances_started);
     b.execs = b.execs.saturating_add(d.execs);

@@ -1,6 +1,6 @@
 //! The audit's write-ahead journal: a small file beside the sled database that makes an audit
-//! record durable with one `O_DSYNC` write (about 0.1 ms here) instead of a flush of sled's
-//! whole log (milliseconds at the 99th percentile). Records go to sled as before; the journal
+//! record durable with one `O_DSYNC` write instead of a flush of sled's whole log (the
+//! figures are in docs/design.md, "The audit journal"). Records go to sled as before; the journal
 //! only has to survive until sled has flushed them, so it is replayed at open and emptied
 //! after each flush of sled.
 //!
@@ -18,7 +18,7 @@
 //! The file keeps [`CAPACITY`] bytes written, and records overwrite them in place: a write
 //! that changes neither the file's size nor its block map is made durable by O_DSYNC without
 //! a commit of the filesystem's journal, so it does not wait behind sled's own fsyncs (an
-//! append does: measured, up to 4 ms of the mkdir-to-limits p99).
+//! append does).
 //!
 //! A journal of the previous format (one JSON object per line, emptied with zeros) is read as
 //! such once, replayed by the store, and replaced at the reset that follows.
