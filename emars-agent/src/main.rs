@@ -15,7 +15,7 @@ use emars_agent::{
         InvocationsReport, LimitsBody, Recommendation, RecommendationsResponse, WritesResponse,
     },
     cli::client::{self, Client},
-    cli::locate,
+    cli::{locate, render},
 };
 
 #[derive(Parser)]
@@ -367,15 +367,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Info(c) => show(&c, &c.client(config)?.info()?, client::render_info),
+        Command::Info(c) => show(&c, &c.client(config)?.info()?, render::render_info),
         Command::Functions(c) => {
             let list: FunctionsResponse = c.client(config)?.get_as("/v1/functions")?;
-            show(&c, &list, |l| client::render_functions(&l.functions))
+            show(&c, &list, |l| render::render_functions(&l.functions))
         }
         Command::Function { name, client: c } => {
             let (detail, instances) = c
                 .client(config)?
-                .function(&name, Some(client::SHOWN_INSTANCES))?;
+                .function(&name, Some(render::SHOWN_INSTANCES))?;
             #[derive(serde::Serialize)]
             struct View<'a> {
                 function: &'a FunctionDetail,
@@ -386,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 instances: &instances,
             };
             show(&c, &view, |v| {
-                client::render_function(&v.function.summary, &v.function.hours, v.instances)
+                render::render_function(&v.function.summary, &v.function.hours, v.instances)
             })
         }
         Command::Export(c) => {
@@ -401,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if generate {
                 let g: Generation = api.post_as("/v1/recommendations/generate", &Empty {})?;
                 return show(&c, &g, |g| {
-                    client::render_generations(std::slice::from_ref(g))
+                    render::render_generations(std::slice::from_ref(g))
                 });
             }
             // --json prints the API's answer: one recommendation, or all with the mode.
@@ -412,13 +412,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         client::encode_segment(f)
                     ))?;
                     show(&c, &r, |r| {
-                        client::render_recommendations(std::slice::from_ref(r), true)
+                        render::render_recommendations(std::slice::from_ref(r), true)
                     })
                 }
                 None => {
                     let all: RecommendationsResponse = api.get_as("/v1/recommendations")?;
                     show(&c, &all, |a| {
-                        client::render_recommendations(&a.recommendations, false)
+                        render::render_recommendations(&a.recommendations, false)
                     })
                 }
             }
@@ -433,7 +433,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     function: function.clone(),
                 },
             )?;
-            show(&c, &a, client::render_admission)?;
+            show(&c, &a, render::render_admission)?;
             if !a.admit {
                 anyhow::bail!("{function}: not admitted");
             }
@@ -442,7 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(c) => {
             let w: WritesResponse = c.client(config)?.post_as("/v1/apply", &Empty {})?;
             show(&c, &w, |w| {
-                let mut out = client::render_audit(&w.writes);
+                let mut out = render::render_audit(&w.writes);
                 if !w.kept.is_empty() {
                     let names: Vec<String> = w
                         .kept
@@ -461,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let a: AuditResponse = c
                 .client(config)?
                 .get_as(&format!("/v1/audit?limit={limit}"))?;
-            show(&c, &a.audit, |l| client::render_audit(l))
+            show(&c, &a.audit, |l| render::render_audit(l))
         }
         Command::Generations {
             function,
@@ -473,7 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 path.push_str(&format!("&function={}", client::encode_segment(f)));
             }
             let g: GenerationsResponse = c.client(config)?.get_as(&path)?;
-            show(&c, &g, |g| client::render_generations(&g.generations))
+            show(&c, &g, |g| render::render_generations(&g.generations))
         }
         Command::SetLimit {
             function,
@@ -492,7 +492,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 high_bytes: high,
             };
             let rec: AuditRecord = c.client(config)?.post_as(&path, &body)?;
-            show(&c, &[rec][..], client::render_audit)
+            show(&c, &[rec][..], render::render_audit)
         }
         Command::Invocations {
             name,
@@ -523,7 +523,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "{}: {} counted in the hour of {} UTC\n",
                     a.function,
                     emars_agent::view::text::count(a.count, "invocation", "invocations"),
-                    client::format_time_ms(a.at_ms)
+                    emars_agent::view::text::format_time_ms(a.at_ms)
                 )
             })
         }

@@ -17,6 +17,11 @@ use crate::model::runtime::{Labels, MetadataRead};
 
 /// Longest function name; it ends up in API URLs and store keys.
 pub const MAX_FUNCTION_NAME_LEN: usize = 128;
+/// [`valid_function_name`] as a regular expression: what the API's document states for every
+/// function name it takes (a test holds the two equal).
+pub const FUNCTION_NAME_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+/// [`valid_function_name`] in words, for the messages that refuse a name.
+pub const FUNCTION_NAME_RULE: &str = "1 to 128 characters of A-Z a-z 0-9 . _ : -";
 /// Longest instance name, in characters (a cgroup directory name is at most 255 bytes, so at
 /// most as many characters).
 pub const MAX_INSTANCE_NAME_LEN: usize = 255;
@@ -93,10 +98,7 @@ impl Unnamed {
     pub fn rule(self) -> String {
         match self {
             Unnamed::FunctionEmpty | Unnamed::FunctionCharacters | Unnamed::FunctionTooLong => {
-                format!(
-                    "a function name is 1 to {MAX_FUNCTION_NAME_LEN} characters of \
-                     A-Z a-z 0-9 . _ : -"
-                )
+                format!("a function name is {FUNCTION_NAME_RULE}")
             }
             Unnamed::InstanceEmpty | Unnamed::InstanceTooLong | Unnamed::InstanceCharacters => {
                 format!(
@@ -1838,6 +1840,26 @@ instance = "#{i}"
         }
         for bad in ["", "a b", "a/b", "é", "a\n", "a{b}", "a*", &"x".repeat(129)] {
             assert!(!valid_function_name(bad), "{bad:?}");
+        }
+    }
+
+    /// The pattern and the words say what [`valid_function_name`] checks.
+    #[test]
+    fn the_function_name_pattern_is_the_rule() {
+        let bound = format!("{{1,{MAX_FUNCTION_NAME_LEN}}}");
+        assert!(FUNCTION_NAME_PATTERN.contains(&bound));
+        assert!(FUNCTION_NAME_RULE.contains(&format!("1 to {MAX_FUNCTION_NAME_LEN} ")));
+        let pattern = Regex::new(FUNCTION_NAME_PATTERN).unwrap();
+        let long = ["x".repeat(MAX_FUNCTION_NAME_LEN), "x".repeat(MAX_FUNCTION_NAME_LEN + 1)];
+        let samples = ["", "a", ".", "fn:v1.2_x-y", "a/b", "a b", "é", "a\n", "a$", "\u{1f600}"];
+        for s in samples.iter().copied().chain(long.iter().map(String::as_str)) {
+            assert_eq!(pattern.is_match(s), valid_function_name(s), "{s:?}");
+        }
+        for b in 0..=u8::MAX {
+            let s = [b];
+            if let Ok(s) = std::str::from_utf8(&s) {
+                assert_eq!(pattern.is_match(s), valid_function_name(s), "{s:?}");
+            }
         }
     }
 
