@@ -20,7 +20,6 @@ fn opt_u64(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_string(), |n| n.to_string())
 }
 
-/// Agent status for `emars info`.
 /// `emars admit`: the answer in one line, then its figures.
 pub fn render_admission(a: &Admission) -> String {
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
@@ -34,8 +33,21 @@ pub fn render_admission(a: &Admission) -> String {
     )
 }
 
+/// Agent status for `emars info`: what runs where, the model, the reactive side, the
+/// policy, then the programs, features, fallbacks and notes.
 pub fn render_info(v: &AgentInfo) -> String {
     let mut out = String::new();
+    info_agent(&mut out, v);
+    info_model(&mut out, v);
+    info_reactive(&mut out, v);
+    info_policy(&mut out, v);
+    info_programs(&mut out, v);
+    info_lists(&mut out, v);
+    out
+}
+
+/// The agent, its kernel and cgroups, the kernel side and its events, what was not tracked.
+fn info_agent(out: &mut String, v: &AgentInfo) {
     let _ = writeln!(out, "EMARS agent {}", clean(&v.version));
     let _ = writeln!(
         out,
@@ -114,6 +126,10 @@ pub fn render_info(v: &AgentInfo) -> String {
             unnamed.join(", ")
         );
     }
+}
+
+/// The live model, the cap on functions, a store moved aside.
+fn info_model(out: &mut String, v: &AgentInfo) {
     let m = &v.model;
     let _ = writeln!(
         out,
@@ -147,6 +163,10 @@ pub fn render_info(v: &AgentInfo) -> String {
             }
         );
     }
+}
+
+/// The burst guard, the squeeze and admission.
+fn info_reactive(out: &mut String, v: &AgentInfo) {
     let r = &v.reactive;
     let ms = |us: Option<u64>| {
         us.map_or_else(|| "-".to_owned(), |u| format!("{:.2}", u as f64 / 1000.0))
@@ -189,6 +209,10 @@ pub fn render_info(v: &AgentInfo) -> String {
         "  admission:        {} admitted, {} refused",
         r.admitted, r.refused
     );
+}
+
+/// The policy's mode and its limit writes.
+fn info_policy(out: &mut String, v: &AgentInfo) {
     let e = &v.enforcement;
     if !e.mode.is_empty() {
         let _ = writeln!(
@@ -204,6 +228,10 @@ pub fn render_info(v: &AgentInfo) -> String {
         );
     }
 
+}
+
+/// The kernel programs, as a table.
+fn info_programs(out: &mut String, v: &AgentInfo) {
     out.push_str("\nprograms:\n");
     if v.programs.is_empty() {
         out.push_str("  none loaded\n");
@@ -238,6 +266,10 @@ pub fn render_info(v: &AgentInfo) -> String {
         }
     }
 
+}
+
+/// Features probed, fallbacks taken, notes on the configuration.
+fn info_lists(out: &mut String, v: &AgentInfo) {
     out.push_str("\nfeatures:\n");
     if v.features.is_empty() {
         out.push_str("  none probed\n");
@@ -260,7 +292,6 @@ pub fn render_info(v: &AgentInfo) -> String {
     for n in &v.notes {
         let _ = writeln!(out, "  - {}", clean(n));
     }
-    out
 }
 
 /// Table of functions for `emars functions`.
@@ -319,6 +350,16 @@ pub fn render_function(
     instances: &[InstanceRecord],
 ) -> String {
     let mut out = String::new();
+    function_summary(&mut out, s);
+    out.push('\n');
+    function_hours(&mut out, hours);
+    out.push('\n');
+    function_instances(&mut out, instances);
+    out
+}
+
+/// A function's summary: counts, peak and percentiles, first and last seen.
+fn function_summary(out: &mut String, s: &FunctionSummary) {
     let p = &s.peak_percentiles;
     let _ = writeln!(out, "function {}", clean(&s.name));
     let _ = writeln!(
@@ -348,8 +389,10 @@ pub fn render_function(
         "  last seen:    {} UTC",
         format_time_ms(s.last_seen_ms)
     );
+}
 
-    out.push('\n');
+/// The last [`SHOWN_HOURS`] of `hours` (oldest first), as a table.
+fn function_hours(out: &mut String, hours: &[HourBucket]) {
     if hours.is_empty() {
         out.push_str("hours: none recorded\n");
     } else {
@@ -382,8 +425,10 @@ pub fn render_function(
             &rows,
         ));
     }
+}
 
-    out.push('\n');
+/// The last [`SHOWN_INSTANCES`] of `instances` (given oldest first), newest first.
+fn function_instances(out: &mut String, instances: &[InstanceRecord]) {
     if instances.is_empty() {
         out.push_str("instances: none recorded\n");
     } else {
@@ -429,7 +474,6 @@ pub fn render_function(
             &rows,
         ));
     }
-    out
 }
 
 /// `emars recommend`: one line per function; with `detail`, the inputs behind the first one.
