@@ -33,7 +33,7 @@
 //! roots) is a 422, where the document says so. A write that would add a function past
 //! `store.max_functions` (invocations, bind) is 507: the agent has no room for one more
 //! function until retention prunes one.
-
+//!
 //! Where each route's handler lives, by resource: [`status`] (/healthz, /metrics, /v1/info),
 //! [`functions`] (functions, their instances and invocations), [`limits`] (recommendations,
 //! the export, generating a config, limits read and written), [`admission`], [`bind`] (pooled
@@ -66,7 +66,6 @@ pub(crate) mod testing;
 mod tests;
 
 pub use error::ApiError;
-pub use functions::{MAX_FUTURE_MS, MAX_INVOCATIONS_PER_REPORT};
 pub use wire::*;
 
 use std::future::Future;

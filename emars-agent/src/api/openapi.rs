@@ -258,7 +258,7 @@ pub async fn document(Extension(doc): Extension<Document>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use crate::api::paging::CURSOR_PATTERN;
+    use crate::api::paging::{CURSOR_PATTERN, MAX_LIMIT};
     use crate::api::wire::{
         valid_cgroup_arg, CGROUP_PATTERN, INSTANCE_NAME_PATTERN, MAX_CGROUP_ARG_CHARS,
     };
@@ -411,6 +411,32 @@ mod tests {
             let documented = cgroup.is_match(s) && s.chars().count() <= MAX_CGROUP_ARG_CHARS;
             assert_eq!(documented, valid_cgroup_arg(s), "cgroup {s:?}");
         }
+    }
+
+    /// Every function name the document takes states the registry's pattern, and every
+    /// `limit` the largest page the handlers take.
+    #[test]
+    fn every_function_name_and_limit_states_the_rule() {
+        let doc = document();
+        let (mut names, mut limits) = (0, 0);
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    match (p["in"].as_str(), p["name"].as_str()) {
+                        (Some("path"), Some("name")) | (Some("query"), Some("function")) => {
+                            names += 1;
+                            assert_eq!(p["schema"]["pattern"], FUNCTION_NAME_PATTERN, "{p}");
+                        }
+                        (Some("query"), Some("limit")) => {
+                            limits += 1;
+                            assert_eq!(p["schema"]["maximum"], MAX_LIMIT, "{p}");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(names >= 8 && limits == 3, "{names} names, {limits} limits");
     }
 
     /// The links the stateful tester follows name operations that exist, and the parameters
