@@ -62,7 +62,9 @@ pub(super) async fn admission(
     responses((status = 200, description = "Admission answers per function since the agent started",
         body = AdmissionCounts))
 )]
-pub(super) async fn admission_counts(State(state): State<ApiState>) -> ApiResult<Json<AdmissionCounts>> {
+pub(super) async fn admission_counts(
+    State(state): State<ApiState>,
+) -> ApiResult<Json<AdmissionCounts>> {
     let p = predictive(&state)?;
     let counts = p.admissions.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Json(AdmissionCounts {

@@ -8,7 +8,10 @@ use axum::Json;
 
 use super::body::JsonObject;
 use super::error::ApiResult;
-use super::{wire, ApiError, ApiState, BindBody, BindError, ErrorBody, InstanceRecord, PoolCommand, ReleaseBody};
+use super::{
+    wire, ApiError, ApiState, BindBody, BindError, ErrorBody, InstanceRecord, PoolCommand,
+    ReleaseBody,
+};
 use crate::model::registry::{valid_function_name, valid_instance_name, FUNCTION_NAME_RULE};
 
 /// A cgroup named in a bind or release, checked as the document states it

@@ -8,9 +8,9 @@ use axum::body::Bytes;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Schema};
 
 use super::ErrorBody;
@@ -262,9 +262,7 @@ mod tests {
     use crate::api::wire::{
         valid_cgroup_arg, CGROUP_PATTERN, INSTANCE_NAME_PATTERN, MAX_CGROUP_ARG_CHARS,
     };
-    use crate::model::registry::{
-        valid_function_name, valid_instance_name, FUNCTION_NAME_PATTERN,
-    };
+    use crate::model::registry::{valid_function_name, valid_instance_name, FUNCTION_NAME_PATTERN};
     use serde_json::Value;
 
     fn document() -> Value {

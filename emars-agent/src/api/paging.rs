@@ -132,7 +132,10 @@ pub struct Listing {
 
 /// `?limit=N` (1..=[`MAX_LIMIT`], default [`DEFAULT_LISTING_LIMIT`]) and, where
 /// `allow_function`, `?function=NAME`: each at most once, nothing else.
-pub fn parse_listing(pairs: &[(String, String)], allow_function: bool) -> Result<Listing, ApiError> {
+pub fn parse_listing(
+    pairs: &[(String, String)],
+    allow_function: bool,
+) -> Result<Listing, ApiError> {
     let mut listing = Listing {
         limit: DEFAULT_LISTING_LIMIT,
         function: None,
@@ -279,13 +282,37 @@ mod tests {
             }
         );
         for (pairs, allow, needle) in [
-            (&[("limit", "0")][..], false, "must be an integer in 1..=10000, got \"0\""),
+            (
+                &[("limit", "0")][..],
+                false,
+                "must be an integer in 1..=10000, got \"0\"",
+            ),
             (&[("limit", "10001")][..], false, "10001"),
-            (&[("function", "fn-a")][..], false, "unknown query parameter \"function\""),
-            (&[("function", "a b")][..], true, "invalid function name \"a b\""),
-            (&[("lmit", "1")][..], true, "unknown query parameter \"lmit\""),
-            (&[("limit", "1"), ("limit", "2")][..], false, "`limit` given twice"),
-            (&[("function", "a"), ("function", "b")][..], true, "`function` given twice"),
+            (
+                &[("function", "fn-a")][..],
+                false,
+                "unknown query parameter \"function\"",
+            ),
+            (
+                &[("function", "a b")][..],
+                true,
+                "invalid function name \"a b\"",
+            ),
+            (
+                &[("lmit", "1")][..],
+                true,
+                "unknown query parameter \"lmit\"",
+            ),
+            (
+                &[("limit", "1"), ("limit", "2")][..],
+                false,
+                "`limit` given twice",
+            ),
+            (
+                &[("function", "a"), ("function", "b")][..],
+                true,
+                "`function` given twice",
+            ),
         ] {
             let e = listing(pairs, allow).unwrap_err();
             assert!(e.contains(needle), "{pairs:?}: {e}");

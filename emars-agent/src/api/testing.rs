@@ -179,7 +179,6 @@ pub(crate) fn raw(resp: Result<ureq::Response, ureq::Error>) -> (u16, serde_json
     (status, v)
 }
 
-
 /// A request the server answered with an error, or one that did not reach it.
 #[derive(Debug)]
 pub(crate) enum TestError {
@@ -201,7 +200,11 @@ impl TestClient {
         Self::answer(ureq::get(&format!("{}{path}", self.base)).call())
     }
 
-    pub fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, TestError> {
+    pub fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, TestError> {
         Self::answer(
             ureq::post(&format!("{}{path}", self.base))
                 .set("Authorization", &format!("Bearer {}", self.token))

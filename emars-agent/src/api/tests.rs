@@ -55,7 +55,6 @@ fn functions_list_and_detail() {
     assert_eq!(detail.hours[0].hour_start_ms, T0);
     assert_eq!(detail.hours[0].invocations, 7);
 
-
     expect_api_err(c.get("/v1/functions/nope"), 404, "\"nope\"");
     expect_api_err(c.get("/v1/functions/a%2Fb"), 400, "\"a/b\"");
     let long = "x".repeat(200);
@@ -68,8 +67,7 @@ fn instances_filters() {
     let s = seeded();
     let c = s.client();
     let get = |q: &str| -> InstancesResponse {
-        serde_json::from_value(c.get(&format!("/v1/functions/fn-a/instances{q}")).unwrap())
-            .unwrap()
+        serde_json::from_value(c.get(&format!("/v1/functions/fn-a/instances{q}")).unwrap()).unwrap()
     };
     let ids = |r: &InstancesResponse| -> Vec<String> {
         r.instances

@@ -415,6 +415,5 @@ pub fn encode_segment(s: &str) -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests;

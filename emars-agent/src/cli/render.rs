@@ -227,7 +227,6 @@ fn info_policy(out: &mut String, v: &AgentInfo) {
             e.max_mkdir_to_write_us
         );
     }
-
 }
 
 /// The kernel programs, as a table.
@@ -265,7 +264,6 @@ fn info_programs(out: &mut String, v: &AgentInfo) {
             let _ = writeln!(out, "  {line}");
         }
     }
-
 }
 
 /// Features probed, fallbacks taken, notes on the configuration.
@@ -966,4 +964,3 @@ i1               77  2023-11-14 22:00:00  2023-11-14 22:00:01      2  10.0 MiB  
         );
     }
 }
-

@@ -187,9 +187,11 @@ fn draw_hour_steps(chart: &mut Panel, p: &PeaksPlot, (x0, x1): (f64, f64)) -> Dr
         .collect();
     if !hours.is_empty() {
         chart
-            .draw_series(hours.iter().map(|(a, z, y)| {
-                PathElement::new(vec![(*a, *y), (*z, *y)], HOUR.stroke_width(3))
-            }))?
+            .draw_series(
+                hours.iter().map(|(a, z, y)| {
+                    PathElement::new(vec![(*a, *y), (*z, *y)], HOUR.stroke_width(3))
+                }),
+            )?
             .label("peak of the hour")
             .legend(|(x, y)| Rectangle::new([(x, y - 2), (x + 16, y + 2)], HOUR.filled()));
     }

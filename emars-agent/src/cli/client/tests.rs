@@ -73,9 +73,8 @@ fn the_cli_pages_through_the_newest_instances() {
             .unwrap();
     }
     let c = cli_client(&s);
-    let names = |v: &[InstanceRecord]| -> Vec<String> {
-        v.iter().map(|r| r.instance.clone()).collect()
-    };
+    let names =
+        |v: &[InstanceRecord]| -> Vec<String> { v.iter().map(|r| r.instance.clone()).collect() };
     // All of them, oldest first, whatever the page size.
     let (_, all) = c.function("fn-p", None).unwrap();
     let expected: Vec<String> = (0..25).map(|i| format!("i{i:02}")).collect();
@@ -94,7 +93,6 @@ fn the_cli_pages_through_the_newest_instances() {
         reversed[..9]
     );
 }
-
 
 #[test]
 fn the_local_socket_needs_no_token_and_tcp_sends_none_unless_told() {

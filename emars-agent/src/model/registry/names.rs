@@ -142,9 +142,27 @@ mod tests {
         assert!(FUNCTION_NAME_PATTERN.contains(&bound));
         assert!(FUNCTION_NAME_RULE.contains(&format!("1 to {MAX_FUNCTION_NAME_LEN} ")));
         let pattern = Regex::new(FUNCTION_NAME_PATTERN).unwrap();
-        let long = ["x".repeat(MAX_FUNCTION_NAME_LEN), "x".repeat(MAX_FUNCTION_NAME_LEN + 1)];
-        let samples = ["", "a", ".", "fn:v1.2_x-y", "a/b", "a b", "é", "a\n", "a$", "\u{1f600}"];
-        for s in samples.iter().copied().chain(long.iter().map(String::as_str)) {
+        let long = [
+            "x".repeat(MAX_FUNCTION_NAME_LEN),
+            "x".repeat(MAX_FUNCTION_NAME_LEN + 1),
+        ];
+        let samples = [
+            "",
+            "a",
+            ".",
+            "fn:v1.2_x-y",
+            "a/b",
+            "a b",
+            "é",
+            "a\n",
+            "a$",
+            "\u{1f600}",
+        ];
+        for s in samples
+            .iter()
+            .copied()
+            .chain(long.iter().map(String::as_str))
+        {
             assert_eq!(pattern.is_match(s), valid_function_name(s), "{s:?}");
         }
         for b in 0..=u8::MAX {
