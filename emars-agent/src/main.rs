@@ -15,7 +15,7 @@ use emars_agent::{
         InvocationsReport, LimitsBody, Recommendation, RecommendationsResponse, WritesResponse,
     },
     cli::client::{self, Client},
-    cli::locate,
+    cli::{locate, render},
 };
 
 #[derive(Parser)]
@@ -282,113 +282,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             store,
             demo,
-        } => {
-            let located = locate::find(config)?;
-            tracing::info!("config: {}", located.source);
-            let mut cfg = located.config;
-            if let Some(l) = listen {
-                cfg.api.listen = l;
-            }
-            if let Some(s) = store {
-                cfg.store.path = s;
-            }
-            // The overrides obey the same rules as the file (a non-loopback --listen needs
-            // api.allow_remote, a relative --store is refused).
-            cfg.validate()?;
-            cfg.check_host()?;
-            emars_agent::agent::check_privilege()?;
-            // Sockets handed over by a service manager: taken before any thread starts (it
-            // clears their variables from the environment).
-            let inherited = emars_agent::api::listen::Inherited::take_from_env();
-            // The event loop's runtime: one thread, which also waits for the kernel's events,
-            // so a mkdir wakes exactly the thread that writes its limits (with worker threads
-            // the one holding the I/O driver woke the loop: two wake-ups, each a wait for a
-            // CPU when a storm of API clients takes them). The API has a runtime of its own.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            rt.block_on(async move {
-                // Held while the agent runs: its drop ends the demo and removes its cgroups.
-                let _demo = if demo {
-                    Some(emars_agent::cli::demo::spawn(&cfg)?)
-                } else {
-                    None
-                };
-                emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
-            })
-        }
-        Command::Unpin => {
-            let located = locate::find(config)?;
-            let base = &located.config.probes.pin_path;
-            // Said first: the default directory may be another agent's.
-            eprintln!(
-                "unpinning under {} (probes.pin_path of {})",
-                base.display(),
-                located.source
-            );
-            let removed =
-                emars_agent::kernel::probes::pins::unpin_all(base).with_context(|| {
-                    format!("removing the pinned kernel side under {}", base.display())
-                })?;
-            if removed.is_empty() {
-                eprintln!("nothing pinned under {}", base.display());
-            }
-            for r in removed {
-                println!("removed {}/{r}: its programs are detached", base.display());
-            }
-            Ok(())
-        }
-        Command::CheckConfig { path } => {
-            let located = locate::find(path.as_deref().or(config))?;
-            located.config.check_host()?;
-            println!(
-                "{}",
-                toml::to_string_pretty(&located.config).context("printing the config")?
-            );
-            eprintln!("{}: ok", located.source);
-            Ok(())
-        }
+        } => run_agent(config, listen, store, demo),
+        Command::Unpin => unpin(config),
+        Command::CheckConfig { path } => check_config(path.as_deref().or(config)),
         Command::DefaultConfig => {
             print!("{}", emars_agent::config::DEFAULT_CONFIG_TOML);
             Ok(())
         }
-        Command::Health(c) => {
-            let h: emars_agent::api::wire::Health = c.client(config)?.get_as("/healthz")?;
-            show(&c, &h, |h| {
-                if h.ok {
-                    "ok\n".into()
-                } else {
-                    "not ok\n".into()
-                }
-            })?;
-            if !h.ok {
-                anyhow::bail!("the agent says it is not healthy");
-            }
-            Ok(())
-        }
-        Command::Info(c) => show(&c, &c.client(config)?.info()?, client::render_info),
+        Command::Health(c) => health(&c, config),
+        Command::Info(c) => show(&c, &c.client(config)?.info()?, render::render_info),
         Command::Functions(c) => {
             let list: FunctionsResponse = c.client(config)?.get_as("/v1/functions")?;
-            show(&c, &list, |l| client::render_functions(&l.functions))
+            show(&c, &list, |l| render::render_functions(&l.functions))
         }
-        Command::Function { name, client: c } => {
-            let (detail, instances) = c
-                .client(config)?
-                .function(&name, Some(client::SHOWN_INSTANCES))?;
-            #[derive(serde::Serialize)]
-            struct View<'a> {
-                function: &'a FunctionDetail,
-                instances: &'a [InstanceRecord],
-            }
-            let view = View {
-                function: &detail,
-                instances: &instances,
-            };
-            show(&c, &view, |v| {
-                client::render_function(&v.function.summary, &v.function.hours, v.instances)
-            })
-        }
+        Command::Function { name, client: c } => function(&c, config, &name),
         Command::Export(c) => {
             print_json(&c.client(config)?.get_as::<ExportResponse>("/v1/export")?)
         }
@@ -396,137 +303,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             function,
             generate,
             client: c,
-        } => {
-            let api = c.client(config)?;
-            if generate {
-                let g: Generation = api.post_as("/v1/recommendations/generate", &Empty {})?;
-                return show(&c, &g, |g| {
-                    client::render_generations(std::slice::from_ref(g))
-                });
-            }
-            // --json prints the API's answer: one recommendation, or all with the mode.
-            match &function {
-                Some(f) => {
-                    let r: Recommendation = api.get_as(&format!(
-                        "/v1/functions/{}/recommendation",
-                        client::encode_segment(f)
-                    ))?;
-                    show(&c, &r, |r| {
-                        client::render_recommendations(std::slice::from_ref(r), true)
-                    })
-                }
-                None => {
-                    let all: RecommendationsResponse = api.get_as("/v1/recommendations")?;
-                    show(&c, &all, |a| {
-                        client::render_recommendations(&a.recommendations, false)
-                    })
-                }
-            }
-        }
+        } => recommend(&c, config, function.as_deref(), generate),
         Command::Admit {
             function,
             client: c,
-        } => {
-            let a: Admission = c.client(config)?.post_as(
-                "/v1/admission",
-                &AdmissionBody {
-                    function: function.clone(),
-                },
-            )?;
-            show(&c, &a, client::render_admission)?;
-            if !a.admit {
-                anyhow::bail!("{function}: not admitted");
-            }
-            Ok(())
-        }
-        Command::Apply(c) => {
-            let w: WritesResponse = c.client(config)?.post_as("/v1/apply", &Empty {})?;
-            show(&c, &w, |w| {
-                let mut out = client::render_audit(&w.writes);
-                if !w.kept.is_empty() {
-                    let names: Vec<String> = w
-                        .kept
-                        .iter()
-                        .map(|k| format!("{}/{}", k.function, k.instance))
-                        .collect();
-                    out.push_str(&format!(
-                        "kept the limits set by hand (set-limit) of {}: until they end\n",
-                        names.join(", ")
-                    ));
-                }
-                out
-            })
-        }
+        } => admit(&c, config, function),
+        Command::Apply(c) => apply(&c, config),
         Command::Audit { limit, client: c } => {
             let a: AuditResponse = c
                 .client(config)?
                 .get_as(&format!("/v1/audit?limit={limit}"))?;
-            show(&c, &a.audit, |l| client::render_audit(l))
+            show(&c, &a.audit, |l| render::render_audit(l))
         }
         Command::Generations {
             function,
             limit,
             client: c,
-        } => {
-            let mut path = format!("/v1/generations?limit={limit}");
-            if let Some(f) = &function {
-                path.push_str(&format!("&function={}", client::encode_segment(f)));
-            }
-            let g: GenerationsResponse = c.client(config)?.get_as(&path)?;
-            show(&c, &g, |g| client::render_generations(&g.generations))
-        }
+        } => generations(&c, config, function.as_deref(), limit),
         Command::SetLimit {
             function,
             instance,
             max,
             high,
             client: c,
-        } => {
-            let path = format!(
-                "/v1/functions/{}/instances/{}/limits",
-                client::encode_segment(&function),
-                client::encode_segment(&instance)
-            );
-            let body = LimitsBody {
-                max_bytes: max,
-                high_bytes: high,
-            };
-            let rec: AuditRecord = c.client(config)?.post_as(&path, &body)?;
-            show(&c, &[rec][..], client::render_audit)
-        }
+        } => set_limit(&c, config, &function, &instance, max, high),
         Command::Invocations {
             name,
             count,
             new,
             client: c,
-        } => {
-            let seg = client::encode_segment(&name);
-            let agent = c.client(config)?;
-            // Only the agent's definite "unknown" stops it; any other failure of this read is
-            // left to the write, which says it its own way.
-            if !new {
-                if let Err(client::ClientError::Api { status: 404, .. }) =
-                    agent.get(&format!("/v1/functions/{seg}"))
-                {
-                    anyhow::bail!(
-                        "the agent knows no function {name:?}: check the name (`emars \
-                         functions`), or give --new to report invocations for a function whose \
-                         first instance has not started yet"
-                    );
-                }
-            }
-            let path = format!("/v1/functions/{seg}/invocations");
-            let body = InvocationsReport { count, at_ms: None };
-            let a: InvocationsAccepted = agent.post_as(&path, &body)?;
-            show(&c, &a, |a| {
-                format!(
-                    "{}: {} counted in the hour of {} UTC\n",
-                    a.function,
-                    emars_agent::view::text::count(a.count, "invocation", "invocations"),
-                    client::format_time_ms(a.at_ms)
-                )
-            })
-        }
+        } => invocations(&c, config, &name, count, new),
         Command::Report { out, client: c } => {
             let (written, index) = emars_agent::cli::report::run(&c.client(config)?, &out)?;
             show(&c, &written, |w| {
@@ -539,25 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             json,
             command,
-        } => {
-            use emars_agent::cli::tune;
-            // A bad list is refused before anything runs.
-            let limits = limits.as_deref().map(tune::parse_limits).transpose()?;
-            let report = tune::run(limits.as_deref(), runs as usize, &out, &command, &mut |l| {
-                eprintln!("{l}")
-            })?;
-            if json {
-                print_json(&report)?;
-            } else {
-                print!("{}", tune::render(&report));
-                println!(
-                    "wrote {} and {}",
-                    out.join("tune.json").display(),
-                    out.join("tune.svg").display()
-                );
-            }
-            Ok(())
-        }
+        } => tune(limits.as_deref(), runs, &out, json, &command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "emars", &mut std::io::stdout());
@@ -571,6 +359,284 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `emars agent`: the config with the command line's overrides, checked as the file is, then
+/// the daemon until SIGTERM or SIGINT.
+fn run_agent(
+    config: Option<&Path>,
+    listen: Option<SocketAddr>,
+    store: Option<PathBuf>,
+    demo: bool,
+) -> anyhow::Result<()> {
+    let located = locate::find(config)?;
+    tracing::info!("config: {}", located.source);
+    let mut cfg = located.config;
+    if let Some(l) = listen {
+        cfg.api.listen = l;
+    }
+    if let Some(s) = store {
+        cfg.store.path = s;
+    }
+    // The overrides obey the same rules as the file (a non-loopback --listen needs
+    // api.allow_remote, a relative --store is refused).
+    cfg.validate()?;
+    cfg.check_host()?;
+    emars_agent::agent::check_privilege()?;
+    // Sockets handed over by a service manager: taken before any thread starts (it
+    // clears their variables from the environment).
+    let inherited = emars_agent::api::listen::Inherited::take_from_env();
+    // The event loop's runtime: one thread, which also waits for the kernel's events,
+    // so a mkdir wakes exactly the thread that writes its limits (with worker threads
+    // the one holding the I/O driver woke the loop: two wake-ups, each a wait for a
+    // CPU when a storm of API clients takes them). The API has a runtime of its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        // Held while the agent runs: its drop ends the demo and removes its cgroups.
+        let _demo = if demo {
+            Some(emars_agent::cli::demo::spawn(&cfg)?)
+        } else {
+            None
+        };
+        emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
+    })
+}
+
+/// `emars unpin`: the kernel side pinned under the config's probes.pin_path, removed.
+fn unpin(config: Option<&Path>) -> anyhow::Result<()> {
+    let located = locate::find(config)?;
+    let base = &located.config.probes.pin_path;
+    // Said first: the default directory may be another agent's.
+    eprintln!(
+        "unpinning under {} (probes.pin_path of {})",
+        base.display(),
+        located.source
+    );
+    let removed = emars_agent::kernel::probes::pins::unpin_all(base)
+        .with_context(|| format!("removing the pinned kernel side under {}", base.display()))?;
+    if removed.is_empty() {
+        eprintln!("nothing pinned under {}", base.display());
+    }
+    for r in removed {
+        println!("removed {}/{r}: its programs are detached", base.display());
+    }
+    Ok(())
+}
+
+/// `emars check-config`: the config checked, printed with its defaults.
+fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
+    let located = locate::find(path)?;
+    located.config.check_host()?;
+    println!(
+        "{}",
+        toml::to_string_pretty(&located.config).context("printing the config")?
+    );
+    eprintln!("{}: ok", located.source);
+    Ok(())
+}
+
+/// `emars health`: fails unless the agent says it is healthy.
+fn health(c: &ClientArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let h: emars_agent::api::wire::Health = c.client(config)?.get_as("/healthz")?;
+    show(c, &h, |h| {
+        if h.ok {
+            "ok\n".into()
+        } else {
+            "not ok\n".into()
+        }
+    })?;
+    if !h.ok {
+        anyhow::bail!("the agent says it is not healthy");
+    }
+    Ok(())
+}
+
+/// `emars function NAME`: its summary, hours and newest instances.
+fn function(c: &ClientArgs, config: Option<&Path>, name: &str) -> anyhow::Result<()> {
+    let (detail, instances) = c
+        .client(config)?
+        .function(name, Some(render::SHOWN_INSTANCES))?;
+    #[derive(serde::Serialize)]
+    struct View<'a> {
+        function: &'a FunctionDetail,
+        instances: &'a [InstanceRecord],
+    }
+    let view = View {
+        function: &detail,
+        instances: &instances,
+    };
+    show(c, &view, |v| {
+        render::render_function(&v.function.summary, &v.function.hours, v.instances)
+    })
+}
+
+/// `emars recommend [FUNCTION] [--generate]`.
+fn recommend(
+    c: &ClientArgs,
+    config: Option<&Path>,
+    function: Option<&str>,
+    generate: bool,
+) -> anyhow::Result<()> {
+    let api = c.client(config)?;
+    if generate {
+        let g: Generation = api.post_as("/v1/recommendations/generate", &Empty {})?;
+        return show(c, &g, |g| {
+            render::render_generations(std::slice::from_ref(g))
+        });
+    }
+    // --json prints the API's answer: one recommendation, or all with the mode.
+    match function {
+        Some(f) => {
+            let r: Recommendation = api.get_as(&format!(
+                "/v1/functions/{}/recommendation",
+                client::encode_segment(f)
+            ))?;
+            show(c, &r, |r| {
+                render::render_recommendations(std::slice::from_ref(r), true)
+            })
+        }
+        None => {
+            let all: RecommendationsResponse = api.get_as("/v1/recommendations")?;
+            show(c, &all, |a| {
+                render::render_recommendations(&a.recommendations, false)
+            })
+        }
+    }
+}
+
+/// `emars admit FUNCTION`: fails when the agent refuses.
+fn admit(c: &ClientArgs, config: Option<&Path>, function: String) -> anyhow::Result<()> {
+    let body = AdmissionBody { function };
+    let a: Admission = c.client(config)?.post_as("/v1/admission", &body)?;
+    show(c, &a, render::render_admission)?;
+    if !a.admit {
+        anyhow::bail!("{}: not admitted", body.function);
+    }
+    Ok(())
+}
+
+/// `emars apply`: the writes, and the instances whose hand-set limits were kept.
+fn apply(c: &ClientArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let w: WritesResponse = c.client(config)?.post_as("/v1/apply", &Empty {})?;
+    show(c, &w, |w| {
+        let mut out = render::render_audit(&w.writes);
+        if !w.kept.is_empty() {
+            let names: Vec<String> = w
+                .kept
+                .iter()
+                .map(|k| format!("{}/{}", k.function, k.instance))
+                .collect();
+            out.push_str(&format!(
+                "kept the limits set by hand (set-limit) of {}: until they end\n",
+                names.join(", ")
+            ));
+        }
+        out
+    })
+}
+
+/// `emars generations [--function F] [--limit N]`.
+fn generations(
+    c: &ClientArgs,
+    config: Option<&Path>,
+    function: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/generations?limit={limit}");
+    if let Some(f) = function {
+        path.push_str(&format!("&function={}", client::encode_segment(f)));
+    }
+    let g: GenerationsResponse = c.client(config)?.get_as(&path)?;
+    show(c, &g, |g| render::render_generations(&g.generations))
+}
+
+/// `emars set-limit FUNCTION INSTANCE [--max SIZE] [--high SIZE]`.
+fn set_limit(
+    c: &ClientArgs,
+    config: Option<&Path>,
+    function: &str,
+    instance: &str,
+    max: Option<u64>,
+    high: Option<u64>,
+) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/functions/{}/instances/{}/limits",
+        client::encode_segment(function),
+        client::encode_segment(instance)
+    );
+    let body = LimitsBody {
+        max_bytes: max,
+        high_bytes: high,
+    };
+    let rec: AuditRecord = c.client(config)?.post_as(&path, &body)?;
+    show(c, &[rec][..], render::render_audit)
+}
+
+/// `emars invocations NAME COUNT [--new]`: refused for a name the agent does not know, unless
+/// `new`.
+fn invocations(
+    c: &ClientArgs,
+    config: Option<&Path>,
+    name: &str,
+    count: u64,
+    new: bool,
+) -> anyhow::Result<()> {
+    let seg = client::encode_segment(name);
+    let agent = c.client(config)?;
+    // Only the agent's definite "unknown" stops it; any other failure of this read is
+    // left to the write, which says it its own way.
+    if !new {
+        if let Err(client::ClientError::Api { status: 404, .. }) =
+            agent.get(&format!("/v1/functions/{seg}"))
+        {
+            anyhow::bail!(
+                "the agent knows no function {name:?}: check the name (`emars \
+                 functions`), or give --new to report invocations for a function whose \
+                 first instance has not started yet"
+            );
+        }
+    }
+    let path = format!("/v1/functions/{seg}/invocations");
+    let body = InvocationsReport { count, at_ms: None };
+    let a: InvocationsAccepted = agent.post_as(&path, &body)?;
+    show(c, &a, |a| {
+        format!(
+            "{}: {} counted in the hour of {} UTC\n",
+            a.function,
+            emars_agent::view::text::count(a.count, "invocation", "invocations"),
+            emars_agent::view::text::format_time_ms(a.at_ms)
+        )
+    })
+}
+
+/// `emars tune`: the sweep, printed as a table (or JSON) with where its files went.
+fn tune(
+    limits: Option<&str>,
+    runs: u32,
+    out: &Path,
+    json: bool,
+    command: &[std::ffi::OsString],
+) -> anyhow::Result<()> {
+    use emars_agent::cli::tune;
+    // A bad list is refused before anything runs.
+    let limits = limits.map(tune::parse_limits).transpose()?;
+    let report = tune::run(limits.as_deref(), runs as usize, out, command, &mut |l| {
+        eprintln!("{l}")
+    })?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print!("{}", tune::render(&report));
+        println!(
+            "wrote {} and {}",
+            out.join("tune.json").display(),
+            out.join("tune.svg").display()
+        );
+    }
+    Ok(())
 }
 
 /// The body of a write that needs no arguments: `{}`.

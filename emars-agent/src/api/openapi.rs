@@ -8,11 +8,13 @@ use axum::body::Bytes;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, OpenApi, Ref};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Schema};
 
 use super::ErrorBody;
+use crate::model::registry::FUNCTION_NAME_PATTERN;
 
 /// What the document says about itself; the router adds the paths and schemas.
 #[derive(utoipa::OpenApi)]
@@ -71,6 +73,7 @@ pub fn base() -> OpenApi {
 /// `default` answer (any error: `{"error", "status"}`), and the token on every write, as the
 /// guard enforces it for every method but GET/HEAD. Stated once here rather than on each route.
 pub fn finish(openapi: &mut OpenApi) {
+    state_function_name_pattern(openapi);
     let error = ResponseBuilder::new()
         .description(
             "Any error (400 bad input, 401 no token, 403 foreign Host or cross-site, 404, \
@@ -113,13 +116,56 @@ pub fn finish(openapi: &mut OpenApi) {
     }
 }
 
+/// The request bodies whose `function` is a function name the handlers check.
+const FUNCTION_NAME_BODIES: [&str; 2] = ["AdmissionBody", "BindBody"];
+
+/// States [`FUNCTION_NAME_PATTERN`], the registry's rule that every handler checks, wherever
+/// the document takes a function name: each path's `{name}`, `?function=`, and the `function`
+/// of [`FUNCTION_NAME_BODIES`]. Set here, from the one constant, rather than written into each
+/// attribute.
+fn state_function_name_pattern(openapi: &mut OpenApi) {
+    let state = |schema: Option<&mut RefOr<Schema>>| {
+        if let Some(RefOr::T(Schema::Object(o))) = schema {
+            o.pattern = Some(FUNCTION_NAME_PATTERN.to_owned());
+        }
+    };
+    for item in openapi.paths.paths.values_mut() {
+        let ops: [&mut Option<Operation>; 5] = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in ops.into_iter().flatten() {
+            for p in op.parameters.iter_mut().flatten() {
+                let RefOr::T(p) = p else { continue };
+                let names_a_function = matches!(
+                    (&p.parameter_in, p.name.as_str()),
+                    (ParameterIn::Path, "name") | (ParameterIn::Query, "function")
+                );
+                if names_a_function {
+                    state(p.schema.as_mut());
+                }
+            }
+        }
+    }
+    let Some(components) = openapi.components.as_mut() else {
+        return;
+    };
+    for body in FUNCTION_NAME_BODIES {
+        if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(body) {
+            state(o.properties.get_mut("function"));
+        }
+    }
+}
+
 /// `{name}`: a function.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)]
 pub struct FunctionPath {
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
-    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     name: String,
 }
 
@@ -129,7 +175,6 @@ pub struct FunctionPath {
 #[allow(dead_code)]
 pub struct InstancePath {
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
-    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     name: String,
     /// Instance name (a live instance of the function).
     instance: String,
@@ -181,7 +226,6 @@ pub struct GenerationsParams {
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
     /// Only this function's configs.
-    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     function: Option<String>,
 }
 
@@ -214,12 +258,11 @@ pub async fn document(Extension(doc): Extension<Document>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use crate::api::paging::CURSOR_PATTERN;
+    use crate::api::paging::{CURSOR_PATTERN, MAX_LIMIT};
     use crate::api::wire::{
-        valid_cgroup_arg, CGROUP_PATTERN, FUNCTION_NAME_PATTERN, INSTANCE_NAME_PATTERN,
-        MAX_CGROUP_ARG_CHARS,
+        valid_cgroup_arg, CGROUP_PATTERN, INSTANCE_NAME_PATTERN, MAX_CGROUP_ARG_CHARS,
     };
-    use crate::model::registry::{valid_function_name, valid_instance_name};
+    use crate::model::registry::{valid_function_name, valid_instance_name, FUNCTION_NAME_PATTERN};
     use serde_json::Value;
 
     fn document() -> Value {
@@ -366,6 +409,32 @@ mod tests {
             let documented = cgroup.is_match(s) && s.chars().count() <= MAX_CGROUP_ARG_CHARS;
             assert_eq!(documented, valid_cgroup_arg(s), "cgroup {s:?}");
         }
+    }
+
+    /// Every function name the document takes states the registry's pattern, and every
+    /// `limit` the largest page the handlers take.
+    #[test]
+    fn every_function_name_and_limit_states_the_rule() {
+        let doc = document();
+        let (mut names, mut limits) = (0, 0);
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    match (p["in"].as_str(), p["name"].as_str()) {
+                        (Some("path"), Some("name")) | (Some("query"), Some("function")) => {
+                            names += 1;
+                            assert_eq!(p["schema"]["pattern"], FUNCTION_NAME_PATTERN, "{p}");
+                        }
+                        (Some("query"), Some("limit")) => {
+                            limits += 1;
+                            assert_eq!(p["schema"]["maximum"], MAX_LIMIT, "{p}");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(names >= 8 && limits == 3, "{names} names, {limits} limits");
     }
 
     /// The links the stateful tester follows name operations that exist, and the parameters

@@ -1,5 +1,7 @@
-//! Pages of the instances listing (`GET /v1/functions/{name}/instances`): the query string and
-//! the cursor.
+//! The query strings of the listings, under one rule (each key at most once, nothing
+//! unknown, `limit` in 1..=[`MAX_LIMIT`]): pages of the instances listing (`GET
+//! /v1/functions/{name}/instances`) with their cursor, and the `limit` (and `function`) of the
+//! audit and generations listings ([`parse_listing`]).
 //!
 //! Records are listed by their key, (started_at_ms, cgroup_id), which never changes for a
 //! record: `order=oldest` (the default) ascending, `order=newest` descending. A page holds at
@@ -10,6 +12,7 @@
 //! stays). It is opaque to clients: 32 lowercase hex digits.
 
 use crate::model::live::{InstanceKey, Order};
+use crate::model::registry::valid_function_name;
 use crate::store::PageQuery;
 
 use super::ApiError;
@@ -39,41 +42,63 @@ pub fn decode_cursor(cursor: &str) -> Option<InstanceKey> {
     ))
 }
 
-/// `?live=…&limit=…&order=…&cursor=…`, each at most once, nothing else.
-pub fn parse_query(pairs: &[(String, String)]) -> Result<PageQuery, ApiError> {
+/// `limit` of the audit and generations listings when none is given.
+pub const DEFAULT_LISTING_LIMIT: usize = 100;
+
+/// Calls `each` on every pair of a query string in order, refusing a key given twice (400)
+/// before its pair is looked at: the one rule of every route's query string.
+fn each_once(
+    pairs: &[(String, String)],
+    mut each: impl FnMut(&str, &str) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
     let mut seen: Vec<&str> = Vec::new();
-    let mut q = PageQuery {
-        limit: DEFAULT_LIMIT,
-        ..PageQuery::default()
-    };
     for (key, value) in pairs {
         if seen.contains(&key.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "query parameter `{key}` given twice"
             )));
         }
-        let bad = |expected: &str| {
-            ApiError::bad_request(format!(
-                "query parameter `{key}` must be {expected}, got {value:?}"
-            ))
-        };
-        match key.as_str() {
+        each(key, value)?;
+        seen.push(key);
+    }
+    Ok(())
+}
+
+/// A parameter's value that is not what it must be.
+fn bad_value(key: &str, value: &str, expected: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "query parameter `{key}` must be {expected}, got {value:?}"
+    ))
+}
+
+/// `limit=N`: 1..=[`MAX_LIMIT`].
+fn parse_limit(key: &str, value: &str) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| bad_value(key, value, &format!("an integer in 1..={MAX_LIMIT}")))
+}
+
+/// `?live=…&limit=…&order=…&cursor=…`, each at most once, nothing else.
+pub fn parse_query(pairs: &[(String, String)]) -> Result<PageQuery, ApiError> {
+    let mut q = PageQuery {
+        limit: DEFAULT_LIMIT,
+        ..PageQuery::default()
+    };
+    each_once(pairs, |key, value| {
+        let bad = |expected: &str| bad_value(key, value, expected);
+        match key {
             "live" => {
-                q.live = Some(match value.as_str() {
+                q.live = Some(match value {
                     "true" => true,
                     "false" => false,
                     _ => return Err(bad("true or false")),
                 })
             }
-            "limit" => {
-                q.limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| bad(&format!("an integer in 1..={MAX_LIMIT}")))?
-            }
+            "limit" => q.limit = parse_limit(key, value)?,
             "order" => {
-                q.order = match value.as_str() {
+                q.order = match value {
                     "oldest" => Order::Oldest,
                     "newest" => Order::Newest,
                     _ => return Err(bad("oldest or newest")),
@@ -91,9 +116,50 @@ pub fn parse_query(pairs: &[(String, String)]) -> Result<PageQuery, ApiError> {
                 )))
             }
         }
-        seen.push(key);
-    }
+        Ok(())
+    })?;
     Ok(q)
+}
+
+/// What the audit and generations listings were asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// At most this many, newest first.
+    pub limit: usize,
+    /// Only this function's (generations only).
+    pub function: Option<String>,
+}
+
+/// `?limit=N` (1..=[`MAX_LIMIT`], default [`DEFAULT_LISTING_LIMIT`]) and, where
+/// `allow_function`, `?function=NAME`: each at most once, nothing else.
+pub fn parse_listing(
+    pairs: &[(String, String)],
+    allow_function: bool,
+) -> Result<Listing, ApiError> {
+    let mut listing = Listing {
+        limit: DEFAULT_LISTING_LIMIT,
+        function: None,
+    };
+    each_once(pairs, |key, value| {
+        match key {
+            "limit" => listing.limit = parse_limit(key, value)?,
+            "function" if allow_function => {
+                if !valid_function_name(value) {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid function name {value:?}"
+                    )));
+                }
+                listing.function = Some(value.to_owned());
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+        Ok(())
+    })?;
+    Ok(listing)
 }
 
 #[cfg(test)]
@@ -189,5 +255,67 @@ mod tests {
         }
         let e = parse(&[("order", "newest"), ("order", "oldest")]).unwrap_err();
         assert!(e.contains("twice"), "{e}");
+    }
+
+    fn listing(v: &[(&str, &str)], allow_function: bool) -> Result<Listing, String> {
+        let pairs: Vec<(String, String)> = v
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        parse_listing(&pairs, allow_function).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn listings_take_limit_and_function_once() {
+        assert_eq!(
+            listing(&[], true).unwrap(),
+            Listing {
+                limit: DEFAULT_LISTING_LIMIT,
+                function: None
+            }
+        );
+        assert_eq!(
+            listing(&[("limit", "10000"), ("function", "fn-a")], true).unwrap(),
+            Listing {
+                limit: MAX_LIMIT,
+                function: Some("fn-a".into())
+            }
+        );
+        for (pairs, allow, needle) in [
+            (
+                &[("limit", "0")][..],
+                false,
+                "must be an integer in 1..=10000, got \"0\"",
+            ),
+            (&[("limit", "10001")][..], false, "10001"),
+            (
+                &[("function", "fn-a")][..],
+                false,
+                "unknown query parameter \"function\"",
+            ),
+            (
+                &[("function", "a b")][..],
+                true,
+                "invalid function name \"a b\"",
+            ),
+            (
+                &[("lmit", "1")][..],
+                true,
+                "unknown query parameter \"lmit\"",
+            ),
+            (
+                &[("limit", "1"), ("limit", "2")][..],
+                false,
+                "`limit` given twice",
+            ),
+            (
+                &[("function", "a"), ("function", "b")][..],
+                true,
+                "`function` given twice",
+            ),
+        ] {
+            let e = listing(pairs, allow).unwrap_err();
+            assert!(e.contains(needle), "{pairs:?}: {e}");
+        }
     }
 }

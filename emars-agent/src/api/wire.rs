@@ -1,5 +1,6 @@
 //! The API's request and response bodies: one definition for the server ([`super`]) and the
-//! CLI ([`crate::cli::client`]), so that neither renders or parses untyped JSON.
+//! CLI, so that neither renders or parses untyped JSON. A function name's pattern is stated by
+//! [`super::openapi`] from the registry's rule.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,9 +16,6 @@ pub struct Health {
     pub ok: bool,
 }
 
-/// The pattern of a function name ([`crate::model::registry::valid_function_name`]), as the
-/// document states it.
-pub const FUNCTION_NAME_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
 /// The pattern of an instance name ([`crate::model::registry::valid_instance_name`]).
 pub const INSTANCE_NAME_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,255}$";
 /// The pattern of a cgroup named in a bind or release ([`valid_cgroup_arg`]).
@@ -126,7 +124,6 @@ pub use crate::policy::reactive::Admission;
 #[schema(examples(json!({"function": "orders:resize"})))]
 pub struct AdmissionBody {
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
-    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub function: String,
 }
 
@@ -269,7 +266,6 @@ pub struct BindBody {
     )]
     pub cgroup: String,
     /// Function name: 1 to 128 of A-Z a-z 0-9 . _ : -
-    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub function: String,
     /// Instance name: 1 to 255 characters, no control characters.
     #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,255}$")]

@@ -154,7 +154,8 @@ fn index_html(written: &[Written]) -> String {
 pub fn render(written: &[Written], index: &Path) -> String {
     let mut s = String::new();
     for w in written {
-        let limit = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), client::human_bytes);
+        let limit =
+            |v: Option<u64>| v.map_or_else(|| "-".to_owned(), crate::view::text::human_bytes);
         let _ = writeln!(
             s,
             "wrote {}  ({}: {}, {}, memory.max {}, memory.high {})",

@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::runtime::{Labels, MetadataRead};
 
-/// Longest function name; it ends up in API URLs and store keys.
-pub const MAX_FUNCTION_NAME_LEN: usize = 128;
-/// Longest instance name, in characters (a cgroup directory name is at most 255 bytes, so at
-/// most as many characters).
-pub const MAX_INSTANCE_NAME_LEN: usize = 255;
+mod names;
+use names::is_function_byte;
+pub use names::{
+    valid_function_name, valid_instance_name, Unnamed, FUNCTION_NAME_PATTERN, FUNCTION_NAME_RULE,
+    MAX_FUNCTION_NAME_LEN, MAX_INSTANCE_NAME_LEN,
+};
+
 /// Rule used for a root that lists none: `<root>/<function>/<instance>`.
 pub const DEFAULT_PATTERN: &str = "{function}/{instance}";
 const DEFAULT_FUNCTION_TEMPLATE: &str = "{function}";
@@ -48,114 +50,6 @@ pub enum Classified {
     /// cgroup is watched, but is no instance. Counted and logged by the tracker, so that an
     /// operator learns why a container is missing.
     Unnamed(Unnamed),
-}
-
-/// Why a name a rule gave cannot be used. Names are store keys, URL segments and file names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Unnamed {
-    /// The function name is empty (a capture that matched nothing).
-    FunctionEmpty,
-    /// Longer than [`MAX_FUNCTION_NAME_LEN`] bytes.
-    FunctionTooLong,
-    /// A character outside `[A-Za-z0-9._:-]` (a space, non-ASCII, `$`, `<`...).
-    FunctionCharacters,
-    InstanceEmpty,
-    /// Longer than [`MAX_INSTANCE_NAME_LEN`] characters.
-    InstanceTooLong,
-    /// A control character.
-    InstanceCharacters,
-}
-
-impl Unnamed {
-    /// Every reason, in the order reports list them.
-    pub const ALL: [Unnamed; 6] = [
-        Unnamed::FunctionEmpty,
-        Unnamed::FunctionTooLong,
-        Unnamed::FunctionCharacters,
-        Unnamed::InstanceEmpty,
-        Unnamed::InstanceTooLong,
-        Unnamed::InstanceCharacters,
-    ];
-
-    /// The label of /v1/info and /metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Unnamed::FunctionEmpty => "function_empty",
-            Unnamed::FunctionTooLong => "function_too_long",
-            Unnamed::FunctionCharacters => "function_characters",
-            Unnamed::InstanceEmpty => "instance_empty",
-            Unnamed::InstanceTooLong => "instance_too_long",
-            Unnamed::InstanceCharacters => "instance_characters",
-        }
-    }
-
-    /// What a valid name is, for the log line an operator reads.
-    pub fn rule(self) -> String {
-        match self {
-            Unnamed::FunctionEmpty | Unnamed::FunctionCharacters | Unnamed::FunctionTooLong => {
-                format!(
-                    "a function name is 1 to {MAX_FUNCTION_NAME_LEN} characters of \
-                     A-Z a-z 0-9 . _ : -"
-                )
-            }
-            Unnamed::InstanceEmpty | Unnamed::InstanceTooLong | Unnamed::InstanceCharacters => {
-                format!(
-                    "an instance name is 1 to {MAX_INSTANCE_NAME_LEN} characters, none a \
-                     control character"
-                )
-            }
-        }
-    }
-
-    /// Why `function` and `instance` cannot be used, if they cannot; the function first.
-    pub fn check(function: &str, instance: &str) -> Option<Unnamed> {
-        Self::of_function(function).or_else(|| Self::of_instance(instance))
-    }
-
-    /// Why a function name cannot be used: 1 to [`MAX_FUNCTION_NAME_LEN`] bytes of
-    /// `[A-Za-z0-9._:-]`.
-    fn of_function(name: &str) -> Option<Unnamed> {
-        if name.is_empty() {
-            Some(Unnamed::FunctionEmpty)
-        } else if name.len() > MAX_FUNCTION_NAME_LEN {
-            Some(Unnamed::FunctionTooLong)
-        } else if !name.bytes().all(is_function_byte) {
-            Some(Unnamed::FunctionCharacters)
-        } else {
-            None
-        }
-    }
-
-    /// Why an instance name cannot be used: 1 to [`MAX_INSTANCE_NAME_LEN`] characters, none a
-    /// control character.
-    fn of_instance(name: &str) -> Option<Unnamed> {
-        if name.is_empty() {
-            Some(Unnamed::InstanceEmpty)
-        } else if name.chars().count() > MAX_INSTANCE_NAME_LEN {
-            Some(Unnamed::InstanceTooLong)
-        } else if name.chars().any(char::is_control) {
-            Some(Unnamed::InstanceCharacters)
-        } else {
-            None
-        }
-    }
-}
-
-/// True for 1..=128 characters of `[A-Za-z0-9._:-]`: safe in URLs, file names and store keys
-/// without escaping. The API applies the same rule to names it is sent.
-pub fn valid_function_name(name: &str) -> bool {
-    Unnamed::of_function(name).is_none()
-}
-
-fn is_function_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
-}
-
-/// Instances are opaque labels; they only need to be printable and bounded: 1 to
-/// [`MAX_INSTANCE_NAME_LEN`] characters (as JSON Schema's `maxLength` counts them, so that
-/// the API document can state the rule), none a control character.
-pub fn valid_instance_name(name: &str) -> bool {
-    Unnamed::of_instance(name).is_none()
 }
 
 /// Normalises a root path to the form the kernel reports (`/emars`): adds the leading '/',
@@ -1829,16 +1723,6 @@ instance = "#{i}"
         // No rule matching is not an unusable name: the function's own directory, say.
         let got = registry.classify_with("/emars/fn", &mut |_| MetadataRead::Absent, false);
         assert_eq!(got, Classified::NotInstance);
-    }
-
-    #[test]
-    fn valid_function_names() {
-        for ok in ["a", "hello_world", "A.b:c-d_9", &"x".repeat(128)] {
-            assert!(valid_function_name(ok), "{ok:?}");
-        }
-        for bad in ["", "a b", "a/b", "é", "a\n", "a{b}", "a*", &"x".repeat(129)] {
-            assert!(!valid_function_name(bad), "{bad:?}");
-        }
     }
 
     #[test]

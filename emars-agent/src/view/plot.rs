@@ -97,6 +97,19 @@ fn time_label(ms: f64, span_ms: f64) -> String {
 pub fn peaks_svg(p: &PeaksPlot) -> Result<String, PlotError> {
     let what = format!("the peaks plot of {}", p.function);
     let err = draw_err(&what);
+    let (x, y1) = peaks_ranges(p);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(&err)?;
+        draw_peaks(&root, p, x, y1).map_err(&err)?;
+        root.present().map_err(&err)?;
+    }
+    Ok(svg)
+}
+
+/// The peaks plot's time axis (unix ms, padded) and the top of its MiB axis.
+fn peaks_ranges(p: &PeaksPlot) -> ((f64, f64), f64) {
     let mut times: Vec<u64> = p
         .instances
         .iter()
@@ -115,7 +128,6 @@ pub fn peaks_svg(p: &PeaksPlot) -> Result<String, PlotError> {
     };
     // A little room either side; at least a second, so one instance still has an axis.
     let pad = ((t1 - t0) * 0.05).max(1000.0);
-    let (x0, x1) = (t0 - pad, t1 + pad);
     let top = p
         .instances
         .iter()
@@ -126,100 +138,107 @@ pub fn peaks_svg(p: &PeaksPlot) -> Result<String, PlotError> {
         .max()
         .unwrap_or(0) as f64
         / MIB;
-    let y1 = (top * 1.15).max(1.0);
+    ((t0 - pad, t1 + pad), (top * 1.15).max(1.0))
+}
 
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        root.fill(&WHITE).map_err(&err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("{}: instance peaks against limits", p.function),
-                ("sans-serif", 20),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, 0f64..y1)
-            .map_err(&err)?;
-        let span = x1 - x0;
+/// The peaks plot on `root`: its axes, the hour steps, the instances over them, the limits,
+/// the legend.
+fn draw_peaks(root: &Area, p: &PeaksPlot, (x0, x1): (f64, f64), y1: f64) -> DrawResult {
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("{}: instance peaks against limits", p.function),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, 0f64..y1)?;
+    let span = x1 - x0;
+    chart
+        .configure_mesh()
+        .x_desc("time (UTC)")
+        .y_desc("peak (MiB)")
+        .x_labels(6)
+        .x_label_formatter(&|x| time_label(*x, span))
+        .draw()?;
+    // Hour steps first, so that the instances are drawn over them.
+    draw_hour_steps(&mut chart, p, (x0, x1))?;
+    draw_instance_peaks(&mut chart, p)?;
+    draw_limit_lines(&mut chart, p, (x0, x1))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+}
+
+/// The per-hour peak as a step over each hour, clipped to the time axis `(x0, x1)`.
+fn draw_hour_steps(chart: &mut Panel, p: &PeaksPlot, (x0, x1): (f64, f64)) -> DrawResult {
+    let hours: Vec<_> = p
+        .hours
+        .iter()
+        .filter_map(|(h, b)| {
+            let a = (*h as f64).max(x0);
+            let z = (h.saturating_add(HOUR_MS) as f64).min(x1);
+            (a < z).then_some((a, z, *b as f64 / MIB))
+        })
+        .collect();
+    if !hours.is_empty() {
         chart
-            .configure_mesh()
-            .x_desc("time (UTC)")
-            .y_desc("peak (MiB)")
-            .x_labels(6)
-            .x_label_formatter(&|x| time_label(*x, span))
-            .draw()
-            .map_err(&err)?;
-
-        // Hour steps first, so that the instances are drawn over them.
-        let hours: Vec<_> = p
-            .hours
-            .iter()
-            .filter_map(|(h, b)| {
-                let a = (*h as f64).max(x0);
-                let z = (h.saturating_add(HOUR_MS) as f64).min(x1);
-                (a < z).then_some((a, z, *b as f64 / MIB))
-            })
-            .collect();
-        if !hours.is_empty() {
-            chart
-                .draw_series(hours.iter().map(|(a, z, y)| {
+            .draw_series(
+                hours.iter().map(|(a, z, y)| {
                     PathElement::new(vec![(*a, *y), (*z, *y)], HOUR.stroke_width(3))
-                }))
-                .map_err(&err)?
-                .label("peak of the hour")
-                .legend(|(x, y)| Rectangle::new([(x, y - 2), (x + 16, y + 2)], HOUR.filled()));
-        }
-        chart
-            .draw_series(p.instances.iter().filter_map(|(s, e, b)| {
-                let e = (*e)?;
-                let y = *b as f64 / MIB;
-                Some(PathElement::new(
-                    vec![(*s as f64, y), (e as f64, y)],
-                    INSTANCE.mix(0.4),
-                ))
-            }))
-            .map_err(&err)?;
-        chart
-            .draw_series(p.instances.iter().map(|(s, e, b)| {
-                Circle::new(
-                    (e.unwrap_or(*s) as f64, *b as f64 / MIB),
-                    4,
-                    INSTANCE.filled(),
-                )
-            }))
-            .map_err(&err)?
-            .label(format!("instance peak ({})", p.instances.len()))
-            .legend(|(x, y)| Rectangle::new([(x + 4, y - 4), (x + 12, y + 4)], INSTANCE.filled()));
-        for (name, value, colour) in [
-            ("memory.max", p.max_bytes, MAX_LINE),
-            ("memory.high", p.high_bytes, HIGH_LINE),
-        ] {
-            let Some(v) = value else { continue };
-            let y = v as f64 / MIB;
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(x0, y), (x1, y)],
-                    colour.stroke_width(2),
-                )))
-                .map_err(&err)?
-                .label(format!("{name} {} ({v} B)", human_bytes(v)))
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 1), (x + 16, y + 1)], colour.filled())
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(&err)?;
-        root.present().map_err(&err)?;
+                }),
+            )?
+            .label("peak of the hour")
+            .legend(|(x, y)| Rectangle::new([(x, y - 2), (x + 16, y + 2)], HOUR.filled()));
     }
-    Ok(svg)
+    Ok(())
+}
+
+/// Each instance's peak: a thin line over its lifetime, a circle at its end (at its start
+/// while live).
+fn draw_instance_peaks(chart: &mut Panel, p: &PeaksPlot) -> DrawResult {
+    chart.draw_series(p.instances.iter().filter_map(|(s, e, b)| {
+        let e = (*e)?;
+        let y = *b as f64 / MIB;
+        Some(PathElement::new(
+            vec![(*s as f64, y), (e as f64, y)],
+            INSTANCE.mix(0.4),
+        ))
+    }))?;
+    chart
+        .draw_series(p.instances.iter().map(|(s, e, b)| {
+            Circle::new(
+                (e.unwrap_or(*s) as f64, *b as f64 / MIB),
+                4,
+                INSTANCE.filled(),
+            )
+        }))?
+        .label(format!("instance peak ({})", p.instances.len()))
+        .legend(|(x, y)| Rectangle::new([(x + 4, y - 4), (x + 12, y + 4)], INSTANCE.filled()));
+    Ok(())
+}
+
+/// memory.max and memory.high, where set, as labelled lines across `(x0, x1)`.
+fn draw_limit_lines(chart: &mut Panel, p: &PeaksPlot, (x0, x1): (f64, f64)) -> DrawResult {
+    for (name, value, colour) in [
+        ("memory.max", p.max_bytes, MAX_LINE),
+        ("memory.high", p.high_bytes, HIGH_LINE),
+    ] {
+        let Some(v) = value else { continue };
+        let y = v as f64 / MIB;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x0, y), (x1, y)],
+                colour.stroke_width(2),
+            )))?
+            .label(format!("{name} {} ({v} B)", human_bytes(v)))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 1), (x + 16, y + 1)], colour.filled()));
+    }
+    Ok(())
 }
 
 /// A bar chart of one column of a table: one bar per row, its value written above it.
@@ -362,7 +381,8 @@ pub fn tune_svg(t: &TunePlot) -> Result<String, PlotError> {
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
-/// A tune panel: limits (MiB) against a linear y axis.
+/// A panel with two linear axes (a tune panel: limits in MiB across; the peaks plot: time
+/// across, MiB up).
 type Panel<'a, 'b> = ChartContext<
     'a,
     SVGBackend<'b>,

@@ -1,5 +1,6 @@
-//! Numbers and times as people read them, and aligned text tables: shared by the CLI's
-//! renderings, `emars tune`'s table and the plots' labels.
+//! Numbers and times as people read them, text from the agent made safe for a terminal, and
+//! aligned text tables: shared by the CLI's renderings, `emars tune`'s table and the plots'
+//! labels.
 
 /// `b` in B below 1 KiB, else in KiB/MiB/GiB/TiB/PiB with one decimal: `1536` → `"1.5 KiB"`.
 pub fn human_bytes(b: u64) -> String {
@@ -72,6 +73,22 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Text from the agent with control characters escaped, so it cannot drive the terminal.
+pub fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Column alignment of [`table`].
 #[derive(Clone, Copy, PartialEq)]
 pub enum Align {
@@ -116,6 +133,27 @@ pub fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 20), "10.0 MiB");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(5 << 40), "5.0 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(format_time_ms(0), "-");
+        assert_eq!(format_time_ms(1), "1970-01-01 00:00:00");
+        assert_eq!(format_time_ms(1_700_000_000_123), "2023-11-14 22:13:20");
+        assert_eq!(format_time_ms(951_825_600_000), "2000-02-29 12:00:00");
+    }
 
     #[test]
     fn counts_are_singular_for_one() {

@@ -1,0 +1,101 @@
+//! The agent itself: `GET /healthz`, `GET /metrics` (the exposition is [`super::metrics`]'s)
+//! and `GET /v1/info`.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiResult;
+use super::{metrics, AgentInfo, ApiError, ApiState, Health};
+
+#[utoipa::path(
+    get, path = "/healthz", tag = "agent",
+    responses((status = 200, description = "The agent answers", body = Health))
+)]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health { ok: true })
+}
+
+/// The agent's info as the event loop last wrote it, with the store's cap on functions now.
+fn agent_info(state: &ApiState) -> AgentInfo {
+    // A writer that panicked leaves plain data behind; reading it is still fine.
+    let mut info = state
+        .info
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    info.function_cap = state.store.function_cap();
+    info
+}
+
+/// The Prometheus exposition ([`metrics`]), assembled off the async threads.
+#[utoipa::path(
+    get, path = "/metrics", tag = "agent",
+    responses((status = 200, description = "Prometheus / OpenMetrics text exposition (docs/metrics.md)",
+        content_type = "application/openmetrics-text", body = String))
+)]
+pub(super) async fn metrics_text(State(state): State<ApiState>) -> ApiResult<Response> {
+    let snapshots = state.snapshots.clone();
+    // Counters move every second: rebuilt at most once a second, whoever asks.
+    let text = snapshots
+        .metrics
+        .get(
+            || None,
+            move || {
+                let info = agent_info(&state);
+                let bounds = metrics::peak_buckets();
+                let peaks = state.store.peak_histograms(&bounds);
+                let functions = state.store.functions()?;
+                let limits = match &state.predictive {
+                    Some(p) => functions
+                        .iter()
+                        .filter_map(|f| {
+                            let r = p.policy.cached(&f.name)?;
+                            Some((f.name.clone(), r.max_bytes, r.high_bytes))
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let snap = metrics::Snapshot {
+                    bounds,
+                    peaks,
+                    functions,
+                    limits,
+                    info,
+                };
+                snap.render()
+                    .map(bytes::Bytes::from)
+                    .map_err(|e| ApiError::internal(format!("encoding the metrics: {e}")))
+            },
+        )
+        .await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// The agent's info, with the model's footprint (which the metrics do not carry) as of the
+/// model's last change (counted again at most once a second).
+#[utoipa::path(
+    get, path = "/v1/info", tag = "agent",
+    responses((status = 200, description = "Kernel, cgroup mode, programs attached, fallbacks, counters",
+        body = AgentInfo))
+)]
+pub(super) async fn info(State(state): State<ApiState>) -> ApiResult<Json<AgentInfo>> {
+    let mut info = agent_info(&state);
+    let (store, version) = (state.store.clone(), state.store.clone());
+    info.model = state
+        .snapshots
+        .footprint
+        .get(
+            move || Some(version.changes()),
+            move || Ok(store.footprint()),
+        )
+        .await?;
+    Ok(Json(info))
+}
