@@ -296,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // api.allow_remote, a relative --store is refused).
             cfg.validate()?;
             cfg.check_host()?;
-            emars_agent::agent::check_privilege()?;
+            emars_agent::daemon::check_privilege()?;
             // Sockets handed over by a service manager: taken before any thread starts (it
             // clears their variables from the environment).
             let inherited = emars_agent::api::listen::Inherited::take_from_env();
@@ -315,7 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     None
                 };
-                emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
+                emars_agent::daemon::run(cfg, inherited, shutdown_signal()?).await
             })
         }
         Command::Unpin => {

@@ -15,7 +15,11 @@ impl<C: Cgroups> Tracker<C> {
     /// A mkdir whose cgroup an rmdir later in the batch removes ([`gone_in_batch`]: it came and
     /// went before the agent read of it) gets no limits: the cgroup is gone, and its path may
     /// name another by now. Its record is saved once, closed, by that rmdir.
-    pub fn apply_batch(&mut self, batch: Vec<Timed>, mut carry_out: impl FnMut(&mut Self, Vec<Effect>)) {
+    pub fn apply_batch(
+        &mut self,
+        batch: Vec<Timed>,
+        mut carry_out: impl FnMut(&mut Self, Vec<Effect>),
+    ) {
         let gone = gone_in_batch(&batch);
         for t in mkdirs_first(batch) {
             self.came_and_went = match t.event {
@@ -143,7 +147,13 @@ impl<C: Cgroups> Tracker<C> {
 
     /// The watched cgroup of an event: the kernel's id if it knows the cgroup, else the
     /// task's cgroup from /proc (kernels or hosts where task tracking is incomplete).
-    pub(super) fn resolve(&mut self, id: u64, pid: u32, at_ms: u64, out: &mut Vec<Effect>) -> Option<u64> {
+    pub(super) fn resolve(
+        &mut self,
+        id: u64,
+        pid: u32,
+        at_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Option<u64> {
         if id != 0 && self.table.get(id).is_some() {
             return Some(id);
         }

@@ -378,7 +378,12 @@ impl<C: Cgroups> Tracker<C> {
 
     /// Closes a live instance (its cgroup removed, or its use released); returns the record
     /// as saved.
-    pub(super) fn close(&mut self, id: u64, at_ms: u64, out: &mut Vec<Effect>) -> Option<InstanceRecord> {
+    pub(super) fn close(
+        &mut self,
+        id: u64,
+        at_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Option<InstanceRecord> {
         self.awaiting.remove(&id);
         self.bound.remove(&id);
         let mut rec = self.live.remove(&id)?;

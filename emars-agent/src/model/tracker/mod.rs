@@ -384,7 +384,6 @@ impl<C: Cgroups> Tracker<C> {
     pub fn live_records(&self) -> impl Iterator<Item = &InstanceRecord> {
         self.live.values()
     }
-
 }
 
 /// Runs effects in order: the stage that owns the store and the actuator hands each one to

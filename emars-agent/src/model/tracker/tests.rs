@@ -6,10 +6,7 @@ use std::cell::RefCell;
 use super::*;
 use crate::kernel::events::KernelEvent;
 use crate::model::{
-    kept::RuntimeLimitSource,
-    registry::{Classified, RootConfig},
-    runtime::MetadataRead,
-    PeakSource,
+    kept::RuntimeLimitSource, registry::RootConfig, runtime::MetadataRead, PeakSource,
 };
 
 const MIB: u64 = 1 << 20;
@@ -114,8 +111,7 @@ function = "docker"
 instance = "{id}"
 "#;
     let config = crate::config::Config::from_toml_str(toml).unwrap();
-    Tracker::new(table, Registry::new(&config.cgroup.roots).unwrap())
-        .with_metadata_wait_ms(5_000)
+    Tracker::new(table, Registry::new(&config.cgroup.roots).unwrap()).with_metadata_wait_ms(5_000)
 }
 
 fn exec(id: u64) -> KernelEvent {
