@@ -336,7 +336,7 @@ impl<'a> EventLoop<'a> {
     /// written meanwhile (sled has no flusher of its own here), which also empties the audit
     /// journal. Each is a device cache flush, and an audit record's O_DSYNC write that meets
     /// one waits for it: so it waits for a pause in new instances, up to `COMMIT_EVERY_AT_MOST`
-    /// (docs/design.md says what a flush per read cost).
+    /// (docs/design.md, "The audit journal", has what a flush per read cost).
     fn flush_when_due(&mut self) {
         let h = &mut self.housekeeping;
         let r = self.ring.get_ref();
