@@ -13,13 +13,13 @@ use crate::{
         ApiState, PoolCommand, Predictive,
     },
     clock::now_ms,
-    config::{Config, EnforceMode},
+    config::Config,
     kernel::cgroupfs::MemoryHierarchy,
     kernel::notify::{PressureSignal, Signal},
     kernel::probes::{replaced::CarriedRing, Probes},
     kernel::ring::EventRing,
     model::{registry::Registry, tracker::Tracker, AgentInfo, Limits, StoreMovedAside},
-    policy::{actuator::Actuator, burst::BurstGuard, squeeze::Squeezer, Policy},
+    policy::{actuator::Actuator, burst::BurstGuard, squeeze::Squeezer, EnforceMode, Policy},
     store::Store,
 };
 
