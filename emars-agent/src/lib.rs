@@ -3,10 +3,11 @@
 //! `kernel` (eBPF probes, ring-buffer events, cgroup files) → `model` (registry: which cgroup is
 //! which function; tracker: instances from events; live: the in-memory model every read comes
 //! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
-//! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `api`
+//! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `daemon`
+//! (start-up, the event loop, the effects carried out) → `api`
 //! (HTTP server, wire types) → `cli` (client, demo, report, tune) and `view` (SVG plots for the
 //! CLI and the benchmark binaries). `clock`, `files`, `size` and `config` sit beside them:
-//! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
+//! `config` parses the TOML once into the stages' own types.
 
 pub mod clock;
 pub mod config;
@@ -21,7 +22,7 @@ pub mod policy;
 pub mod store;
 pub mod view;
 
-pub mod agent;
+pub mod daemon;
 
 /// For unit tests that read the running kernel: a loud SKIPPED line in the form the summaries
 /// count, or a failure where the kernel features are required (`EMARS_TEST_ROOT_REQUIRED=1`,

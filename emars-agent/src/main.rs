@@ -382,7 +382,7 @@ fn run_agent(
     // api.allow_remote, a relative --store is refused).
     cfg.validate()?;
     cfg.check_host()?;
-    emars_agent::agent::check_privilege()?;
+    emars_agent::daemon::check_privilege()?;
     // Sockets handed over by a service manager: taken before any thread starts (it
     // clears their variables from the environment).
     let inherited = emars_agent::api::listen::Inherited::take_from_env();
@@ -401,7 +401,7 @@ fn run_agent(
         } else {
             None
         };
-        emars_agent::agent::run(cfg, inherited, shutdown_signal()?).await
+        emars_agent::daemon::run(cfg, inherited, shutdown_signal()?).await
     })
 }
 

@@ -351,14 +351,14 @@ fn a_binding_survives_an_agent_restart() -> anyhow::Result<()> {
 #[test]
 fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
     use emars_agent::{
-        agent::bind_pooled,
         api::{wire::BindBody, BindError},
+        daemon::{bind_pooled, Effects},
         kernel::cgroupfs::{CgroupMode, CgroupfsError, MemoryHierarchy},
         model::{
             registry::{Registry, RootConfig},
             tracker::{Cgroups, Tracker},
         },
-        policy::{actuator::Actuator, enforcer::Enforcer},
+        policy::actuator::Actuator,
         store::Store,
     };
     use std::os::unix::fs::MetadataExt as _;
@@ -393,7 +393,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
         false,
         store.clone(),
     );
-    let mut enforcer = Enforcer::new(store.clone());
+    let mut effects = Effects::new(store.clone());
     let mut tracker = Tracker::new(hierarchy.clone(), registry);
     let rel = format!("{}/cg-1", root.rel);
     let body = BindBody {
@@ -401,7 +401,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
         function: "fx".into(),
         instance: "x1".into(),
     };
-    let answer = bind_pooled(&mut tracker, &mut enforcer, &actuator, &rel, asked, &body);
+    let answer = bind_pooled(&mut tracker, &mut effects, &actuator, &rel, asked, &body);
     let err = answer.err().ok_or_else(|| anyhow::anyhow!("bound"))?;
     assert!(
         matches!(err, BindError::Replaced { expected, found, .. } if expected == asked && found == now),
@@ -437,7 +437,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
 
     // The cgroup there now, asked for by its own id: bound, and (v1, where every reader sees
     // it) its watermark reset to what it uses now.
-    let bound = bind_pooled(&mut tracker, &mut enforcer, &actuator, &rel, now, &body)
+    let bound = bind_pooled(&mut tracker, &mut effects, &actuator, &rel, now, &body)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(bound.cgroup_id, now);
     if root.hierarchy.version == Version::V1 {

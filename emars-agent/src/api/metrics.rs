@@ -111,6 +111,17 @@ fn counter(
 
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        self.encode_peaks(&mut enc)?;
+        self.encode_functions(&mut enc)?;
+        self.encode_agent(&mut enc)?;
+        self.encode_function_cap(&mut enc)?;
+        self.encode_programs(&mut enc)
+    }
+}
+
+impl Snapshot {
+    /// The instance-peak histogram, per function.
+    fn encode_peaks(&self, enc: &mut DescriptorEncoder) -> Fmt {
         let mut m = enc.encode_descriptor(
             "emars_instance_peak_bytes",
             "Instance peaks of each function over its retained history (the kernel's watermark).",
@@ -134,62 +145,72 @@ impl Collector for Snapshot {
                 None,
             )?;
         }
+        Ok(())
+    }
+
+    /// The per-function gauges: retained instances and what they did, the recommended limits.
+    fn encode_functions(&self, enc: &mut DescriptorEncoder) -> Fmt {
         let f = &self.functions;
         let each =
             |get: fn(&FunctionSummary) -> u64| f.iter().map(move |s| (s.name.clone(), get(s)));
         per_function(
-            &mut enc,
+            enc,
             "emars_instances",
             "Retained instances (live and ended).",
             each(|s| s.instances),
         )?;
         per_function(
-            &mut enc,
+            enc,
             "emars_live_instances",
             "Instances running now.",
             each(|s| s.live_instances),
         )?;
         per_function(
-            &mut enc,
+            enc,
             "emars_execs",
             "Execs in retained instances.",
             each(|s| s.execs),
         )?;
         per_function(
-            &mut enc,
+            enc,
             "emars_invocations",
             "Invocations reported or bound, retained days.",
             each(|s| s.invocations),
         )?;
         per_function(
-            &mut enc,
+            enc,
             "emars_oom_kills",
             "OOM kills in retained instances.",
             each(|s| s.oom_kills),
         )?;
         let limits = &self.limits;
         per_function(
-            &mut enc,
+            enc,
             "emars_recommended_max_bytes",
             "memory.max (v1 limit_in_bytes) the policy recommends now.",
             limits.iter().map(|(f, max, _)| (f.clone(), *max)),
         )?;
         per_function(
-            &mut enc,
+            enc,
             "emars_recommended_high_bytes",
             "memory.high (v1 soft_limit_in_bytes) the policy recommends now.",
             limits.iter().map(|(f, _, high)| (f.clone(), *high)),
         )?;
+        Ok(())
+    }
+
+    /// The agent's counters: events, unnamed cgroups, limit writes, reactive mode.
+    fn encode_agent(&self, enc: &mut DescriptorEncoder) -> Fmt {
         let i = &self.info;
         counter(
-            &mut enc,
+            enc,
             "emars_events_received",
             "Kernel events read.",
             "",
             &[("", i.events_received)],
         )?;
         counter(
-            &mut enc,
+            enc,
             "emars_events_lost",
             "Kernel events the ring buffer had no room for.",
             "",
@@ -201,7 +222,7 @@ impl Collector for Snapshot {
             .map(|(why, n)| (why.as_str(), *n))
             .collect();
         counter(
-            &mut enc,
+            enc,
             "emars_cgroups_unnamed",
             "Cgroups a rule matched whose names cannot be used (not tracked), by reason.",
             "reason",
@@ -209,7 +230,7 @@ impl Collector for Snapshot {
         )?;
         let e = &i.enforcement;
         counter(
-            &mut enc,
+            enc,
             "emars_limit_writes",
             "Limit writes by outcome (unchanged: the limits were in force, nothing written).",
             "outcome",
@@ -222,26 +243,32 @@ impl Collector for Snapshot {
         )?;
         let r = &i.reactive;
         counter(
-            &mut enc,
+            enc,
             "emars_reactive_raises",
             "Limits raised by the burst guard.",
             "",
             &[("", r.raises)],
         )?;
         counter(
-            &mut enc,
+            enc,
             "emars_admissions",
             "Admission answers.",
             "answer",
             &[("admit", r.admitted), ("refuse", r.refused)],
         )?;
         counter(
-            &mut enc,
+            enc,
             "emars_squeezes",
             "Idle instances squeezed under host memory pressure.",
             "",
             &[("", r.squeezes)],
         )?;
+        Ok(())
+    }
+
+    /// Functions known, the cap on them, and the names it refused.
+    fn encode_function_cap(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let i = &self.info;
         let known = self.functions.len() as u64;
         let mut m = enc.encode_descriptor(
             "emars_functions",
@@ -259,13 +286,19 @@ impl Collector for Snapshot {
         )?;
         m.encode_gauge(&cap.max_functions)?;
         counter(
-            &mut enc,
+            enc,
             "emars_functions_refused",
             "New function names refused because store.max_functions were known (instances not \
              tracked, invocations reports and binds refused).",
             "",
             &[("", cap.refused)],
         )?;
+        Ok(())
+    }
+
+    /// Per eBPF program, its runs and the time spent in it (kernel bpf_stats).
+    fn encode_programs(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let i = &self.info;
         let progs: Vec<(&str, u64, u64)> = i
             .programs
             .iter()
@@ -273,7 +306,7 @@ impl Collector for Snapshot {
             .filter_map(|p| Some((p.name.as_str(), p.run_count?, p.run_time_ns?)))
             .collect();
         counter(
-            &mut enc,
+            enc,
             "emars_bpf_program_runs",
             "Runs of each eBPF program (kernel bpf_stats).",
             "program",

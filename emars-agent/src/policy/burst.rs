@@ -7,6 +7,10 @@
 //! in the store, so that the guard's own raises never move it and a restarted agent guards the
 //! last run's instances with the same one ([`BurstGuard::rearm`]). An explicit write through
 //! the API sets a new base.
+//!
+//! The guard learns of limits only from [`Effect::LimitsInForce`] (handed to
+//! [`BurstGuard::limits_in_force`]) and of ends from [`BurstGuard::instance_ended`]; its own
+//! writes come back as the same effect, for the daemon to carry out.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -15,10 +19,9 @@ use std::sync::Arc;
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 use crate::kernel::notify::{LimitSignals, Signal};
 use crate::model::kept::BurstWatch;
-use crate::model::tracker::{Cgroups, Tracker};
-use crate::model::{InstanceRecord, Limits, ReactiveInfo};
+use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
+use crate::model::{nearest_rank, InstanceRecord, Limits};
 use crate::policy::actuator::{Actuator, BelowUsage, LimitRequest};
-use crate::policy::enforcer::Enforcer;
 use crate::policy::reactive::{host_available_bytes, NoRaise, ReactiveConfig};
 use crate::policy::Policy;
 use crate::store::Store;
@@ -59,6 +62,36 @@ pub struct BurstGuard {
     watch_errors: u64,
     /// Microseconds from the kernel's signal to the limit written, latest last.
     reactions_us: VecDeque<u64>,
+    /// New instances' limits and instances ended since the guard last caught up
+    /// ([`BurstGuard::arm_new`]): watches start once the pass that wrote them is done, so that
+    /// a batch of new instances gets its limits first.
+    new_limits: Vec<(u64, Limits)>,
+    ended: Vec<u64>,
+}
+
+/// The burst guard's figures for /v1/info and /metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BurstFigures {
+    /// How the kernel signals an instance nearing its limit.
+    pub signal: String,
+    pub watched: u64,
+    pub signals: u64,
+    pub raises: u64,
+    pub denied: u64,
+    pub watch_errors: u64,
+    /// Signal to limits written, microseconds, over the last raises kept; ascending.
+    pub reactions_us: Vec<u64>,
+}
+
+impl BurstFigures {
+    /// Nearest-rank percentile of the reaction times (`p` in percent); None before a raise.
+    pub fn reaction_us(&self, p: f64) -> Option<u64> {
+        (!self.reactions_us.is_empty()).then(|| nearest_rank(&self.reactions_us, p))
+    }
+
+    pub fn reaction_max_us(&self) -> Option<u64> {
+        self.reactions_us.last().copied()
+    }
 }
 
 impl BurstGuard {
@@ -84,6 +117,8 @@ impl BurstGuard {
                 denied: 0,
                 watch_errors: 0,
                 reactions_us: VecDeque::new(),
+                new_limits: Vec::new(),
+                ended: Vec::new(),
             },
             rx,
         ))
@@ -94,21 +129,53 @@ impl BurstGuard {
         self.signals.watched_ids().collect()
     }
 
-    /// Watches the instances that got limits since the last call and forgets those that ended.
-    pub fn sync<C: Cgroups>(&mut self, enforcer: &mut Enforcer, tracker: &mut Tracker<C>) {
-        for id in enforcer.ended.drain(..) {
+    /// Limits in force in a live instance now ([`Effect::LimitsInForce`]): a new instance's
+    /// are watched once the pass is done ([`BurstGuard::arm_new`]); an explicit write through
+    /// the API is watched at once, at its new early-warning point, with a ceiling on the new
+    /// base. The guard's own writes and the squeeze's change no watch.
+    pub fn limits_in_force<C: Cgroups>(
+        &mut self,
+        tracker: &Tracker<C>,
+        id: u64,
+        limits: Limits,
+        by: LimitsBy,
+    ) -> Vec<Effect> {
+        match by {
+            LimitsBy::NewInstance => {
+                self.new_limits.push((id, limits));
+                Vec::new()
+            }
+            LimitsBy::Api => self.watch_instance(tracker, id, limits, Origin::Explicit),
+            LimitsBy::BurstArm
+            | LimitsBy::BurstRaise
+            | LimitsBy::SqueezeHold
+            | LimitsBy::SqueezeRelease => Vec::new(),
+        }
+    }
+
+    /// An instance ended: its watch goes when the guard next catches up.
+    pub fn instance_ended(&mut self, id: u64) {
+        self.ended.push(id);
+    }
+
+    /// Catches up with the pass just done: forgets the instances that ended, then watches the
+    /// new instances that got limits.
+    pub fn arm_new<C: Cgroups>(&mut self, tracker: &Tracker<C>) -> Vec<Effect> {
+        for id in std::mem::take(&mut self.ended) {
             self.signals.unwatch(id);
             self.watches.remove(&id);
         }
-        for (id, limits) in std::mem::take(&mut enforcer.limits_written) {
-            self.watch_instance(tracker, enforcer, id, limits, Origin::Agent);
+        let mut out = Vec::new();
+        for (id, limits) in std::mem::take(&mut self.new_limits) {
+            out.extend(self.watch_instance(tracker, id, limits, Origin::Agent));
         }
+        out
     }
 
     /// At start-up, once the tracker knows the live instances: watches every one that has a
     /// memory.max, as at a new instance, each with the ceiling it kept in the last run.
-    pub fn rearm<C: Cgroups>(&mut self, tracker: &mut Tracker<C>, enforcer: &mut Enforcer) {
-        self.sync(enforcer, tracker);
+    pub fn rearm<C: Cgroups>(&mut self, tracker: &Tracker<C>) -> Vec<Effect> {
+        let mut out = self.arm_new(tracker);
         let limited: Vec<(u64, Limits)> = tracker
             .live_records()
             .filter(|r| r.limits.max_bytes.is_some() && !self.watches.contains_key(&r.cgroup_id))
@@ -119,7 +186,7 @@ impl BurstGuard {
             if let Some(rec) = tracker.live_record(*id) {
                 kept += usize::from(self.kept_watch(rec).is_some());
             }
-            self.watch_instance(tracker, enforcer, *id, *limits, Origin::Agent);
+            out.extend(self.watch_instance(tracker, *id, *limits, Origin::Agent));
         }
         if !limited.is_empty() {
             tracing::info!(
@@ -128,24 +195,25 @@ impl BurstGuard {
                 limited.len()
             );
         }
+        out
     }
 
     /// Watches a live instance that has `limits` now (written at mkdir or through the API).
     /// On cgroup v2 the kernel's early warning is memory.high: an instance with none below its
     /// max gets one at the trigger point first (audited, reason "burst_arm"), or the first
     /// signal would come at memory.max, when the OOM killer is already on its way.
-    pub fn watch_instance<C: Cgroups>(
+    fn watch_instance<C: Cgroups>(
         &mut self,
-        tracker: &mut Tracker<C>,
-        enforcer: &mut Enforcer,
+        tracker: &Tracker<C>,
         id: u64,
         mut limits: Limits,
         origin: Origin,
-    ) {
+    ) -> Vec<Effect> {
         let Some(rec) = tracker.live_record(id).cloned() else {
-            return;
+            return Vec::new();
         };
         self.set_ceiling(&rec, limits, origin);
+        let mut out = Vec::new();
         let unarmed = limits
             .max_bytes
             .is_some_and(|max| limits.high_bytes.is_none_or(|h| h >= max));
@@ -154,7 +222,7 @@ impl BurstGuard {
                 high_bytes: None,
                 ..limits
             }) else {
-                return;
+                return out;
             };
             let mut current = rec.clone();
             current.limits = limits;
@@ -168,8 +236,11 @@ impl BurstGuard {
             match w.result {
                 Ok(_) => {
                     limits.high_bytes = Some(trigger);
-                    let effects = tracker.limits_changed(id, limits);
-                    enforcer.run(tracker, effects);
+                    out.push(Effect::LimitsInForce {
+                        cgroup_id: id,
+                        limits,
+                        by: LimitsBy::BurstArm,
+                    });
                 }
                 Err(e) => {
                     // Usage already past the trigger: the next memory.events change (max)
@@ -179,6 +250,7 @@ impl BurstGuard {
             }
         }
         self.watch(id, &rec.cgroup_path, limits);
+        out
     }
 
     /// The watch's ceiling: kept from before (this run's, or the last run's in the store),
@@ -243,30 +315,25 @@ impl BurstGuard {
     /// One signal: when the instance's usage is at or past its early-warning point, its
     /// limits are raised by a step, up to the watch's ceiling and the container runtime's
     /// limit.
-    pub fn on_signal<C: Cgroups>(
-        &mut self,
-        sig: Signal,
-        tracker: &mut Tracker<C>,
-        enforcer: &mut Enforcer,
-    ) {
+    pub fn on_signal<C: Cgroups>(&mut self, sig: Signal, tracker: &Tracker<C>) -> Vec<Effect> {
         self.signals_seen += 1;
         let Some(rec) = tracker.live_record(sig.cgroup_id).cloned() else {
-            return;
+            return Vec::new();
         };
         let dir = std::path::PathBuf::from(&rec.cgroup_path);
         let (Ok(usage), Ok(limits)) = (self.hierarchy.usage(&dir), self.hierarchy.limits(&dir))
         else {
-            return; // gone meanwhile
+            return Vec::new(); // gone meanwhile
         };
         let Some(trigger) = self.config.trigger_bytes(limits) else {
-            return;
+            return Vec::new();
         };
         if usage < trigger {
-            return; // v1 signals a crossing downwards too; v2 other counters' moves
+            return Vec::new(); // v1 signals a crossing downwards too; v2 other counters' moves
         }
         self.set_ceiling(&rec, limits, Origin::Agent);
         let Some(ceiling) = self.watches.get(&sig.cgroup_id).map(|w| w.ceiling) else {
-            return;
+            return Vec::new();
         };
         let mut current = rec.clone();
         current.limits = limits;
@@ -283,7 +350,10 @@ impl BurstGuard {
         };
         let new = match raise {
             Ok(l) => l,
-            Err(why) => return self.refuse(&current, usage, &why),
+            Err(why) => {
+                self.refuse(&current, usage, &why);
+                return Vec::new();
+            }
         };
         let written = self
             .actuator
@@ -306,10 +376,13 @@ impl BurstGuard {
                     reaction_us = us,
                     "burst: limits raised"
                 );
-                let effects = tracker.limits_changed(sig.cgroup_id, applied.new);
-                enforcer.run(tracker, effects);
                 // v1 thresholds are fixed values: a new one at the new early-warning point.
                 self.watch(sig.cgroup_id, &rec.cgroup_path, applied.new);
+                vec![Effect::LimitsInForce {
+                    cgroup_id: sig.cgroup_id,
+                    limits: applied.new,
+                    by: LimitsBy::BurstRaise,
+                }]
             }
             Err(e) => {
                 self.denied += 1;
@@ -318,6 +391,7 @@ impl BurstGuard {
                     instance = rec.instance,
                     "burst raise failed: {e}"
                 );
+                Vec::new()
             }
         }
     }
@@ -348,25 +422,19 @@ impl BurstGuard {
             .refused(current, "burst", &why.to_string(), Some(signal));
     }
 
-    /// Fills in the burst guard's part of `/v1/info` → `reactive` (the API counts admissions
-    /// into the same section).
-    pub fn fill_info(&self, info: &mut ReactiveInfo) {
-        let mut sorted: Vec<u64> = self.reactions_us.iter().copied().collect();
-        sorted.sort_unstable();
-        let pct = |p: f64| -> Option<u64> {
-            let last = sorted.len().checked_sub(1)?;
-            sorted.get((last as f64 * p).round() as usize).copied()
-        };
-        info.enabled = true;
-        info.signal = self.signals.method().to_owned();
-        info.watched = self.signals.watched() as u64;
-        info.signals = self.signals_seen;
-        info.raises = self.raises;
-        info.denied = self.denied;
-        info.watch_errors = self.watch_errors;
-        info.reaction_p50_us = pct(0.5);
-        info.reaction_p99_us = pct(0.99);
-        info.reaction_max_us = sorted.last().copied();
+    /// What the guard has done, for /v1/info and /metrics.
+    pub fn figures(&self) -> BurstFigures {
+        let mut reactions_us: Vec<u64> = self.reactions_us.iter().copied().collect();
+        reactions_us.sort_unstable();
+        BurstFigures {
+            signal: self.signals.method().to_owned(),
+            watched: self.signals.watched() as u64,
+            signals: self.signals_seen,
+            raises: self.raises,
+            denied: self.denied,
+            watch_errors: self.watch_errors,
+            reactions_us,
+        }
     }
 }
 
@@ -374,5 +442,39 @@ fn watched(ceiling: u64) -> Watched {
     Watched {
         ceiling,
         refused_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reaction percentiles are the project's nearest-rank rule (`model::nearest_rank`).
+    #[test]
+    fn reaction_percentiles_are_nearest_rank() {
+        let none = BurstFigures::default();
+        assert_eq!(
+            (none.reaction_us(50.0), none.reaction_max_us()),
+            (None, None)
+        );
+        let one = BurstFigures {
+            reactions_us: vec![700],
+            ..Default::default()
+        };
+        assert_eq!(one.reaction_us(50.0), Some(700));
+        assert_eq!(one.reaction_us(99.0), Some(700));
+        let f = BurstFigures {
+            reactions_us: (1..=100).map(|i| i * 10).collect(),
+            ..Default::default()
+        };
+        assert_eq!(f.reaction_us(50.0), Some(500));
+        assert_eq!(f.reaction_us(99.0), Some(990));
+        assert_eq!(f.reaction_max_us(), Some(1000));
+        // Two values: the median is the lower (rank ceil(0.5 * 2) = 1).
+        let two = BurstFigures {
+            reactions_us: vec![100, 300],
+            ..Default::default()
+        };
+        assert_eq!(two.reaction_us(50.0), Some(100));
     }
 }

@@ -5,7 +5,6 @@
 
 pub mod actuator;
 pub mod burst;
-pub mod enforcer;
 pub mod keepalive;
 pub mod reactive;
 pub mod recommend;

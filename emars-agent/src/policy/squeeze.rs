@@ -11,6 +11,9 @@
 //! ([`Squeezer::adopt`]) and releases them on the same rules, or at once when the squeeze is off
 //! ([`release_kept_holds`]). A hold that is no longer what the cgroup holds (changed since by an
 //! API write, apply or a burst raise) is never overwritten: it is said and dropped.
+//!
+//! Each hold written and each released comes back as [`Effect::LimitsInForce`], for the daemon
+//! to carry out (the instance's record keeps them).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,8 +27,8 @@ use crate::kernel::cgroupfs::MemoryHierarchy;
 use crate::kernel::notify::{PressureSignal, PressureSignals, PressureThresholds};
 use crate::model::kept::{same_limit, SqueezeHold};
 use crate::model::live::InstanceKey;
-use crate::model::tracker::{Cgroups, Tracker};
-use crate::model::{InstanceRecord, ReactiveInfo};
+use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
+use crate::model::{InstanceRecord, Limits};
 use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
 use crate::policy::reactive::ReactiveConfig;
 use crate::store::Store;
@@ -172,17 +175,17 @@ impl Squeezer {
     pub fn sample<C: Cgroups>(
         &mut self,
         ids: &[u64],
-        tracker: &mut Tracker<C>,
+        tracker: &Tracker<C>,
         now: Instant,
         force: bool,
-    ) {
+    ) -> Vec<Effect> {
         let every = (self.idle_after() / 3).max(Duration::from_secs(1));
         if !force
             && self
                 .last_sample
                 .is_some_and(|t| now.duration_since(t) < every)
         {
-            return;
+            return Vec::new();
         }
         self.last_sample = Some(now);
         let live: HashSet<u64> = ids.iter().copied().collect();
@@ -212,10 +215,11 @@ impl Squeezer {
                 }
             }
         }
+        let mut out = Vec::new();
         for id in woke {
             self.passed_over.remove(&id);
             if self.is_squeezed(id) {
-                self.release(id, tracker, "the instance used CPU again");
+                out.extend(self.release(id, tracker, "the instance used CPU again"));
             }
         }
         // Still under pressure (no release yet): instances that turned idle since the last
@@ -223,6 +227,7 @@ impl Squeezer {
         if !force && self.last_pressure.is_some() {
             self.start_squeeze(ids, tracker, now);
         }
+        out
     }
 
     fn is_idle(&self, id: u64, now: Instant) -> bool {
@@ -236,8 +241,8 @@ impl Squeezer {
         &mut self,
         sig: PressureSignal,
         ids: &[u64],
-        tracker: &mut Tracker<C>,
-    ) {
+        tracker: &Tracker<C>,
+    ) -> Vec<Effect> {
         self.signals += 1;
         if self.episode_start.is_none() {
             self.episode_start = Some(sig.at);
@@ -250,14 +255,15 @@ impl Squeezer {
             .map(|s| s.describe())
             .unwrap_or_default();
         if self.running.is_some() {
-            return;
+            return Vec::new();
         }
-        self.sample(ids, tracker, Instant::now(), true);
+        let out = self.sample(ids, tracker, Instant::now(), true);
         self.start_squeeze(ids, tracker, sig.at);
+        out
     }
 
     /// Squeezes, off the event loop, every idle candidate not squeezed yet.
-    fn start_squeeze<C: Cgroups>(&mut self, ids: &[u64], tracker: &mut Tracker<C>, at: Instant) {
+    fn start_squeeze<C: Cgroups>(&mut self, ids: &[u64], tracker: &Tracker<C>, at: Instant) {
         if self.running.is_some() {
             return;
         }
@@ -306,8 +312,9 @@ impl Squeezer {
         }
     }
 
-    /// Takes in what a squeeze did.
-    pub fn record<C: Cgroups>(&mut self, done: Vec<Done>, tracker: &Tracker<C>) {
+    /// Takes in what a squeeze did: the holds written, as limits in force.
+    pub fn record<C: Cgroups>(&mut self, done: Vec<Done>, tracker: &Tracker<C>) -> Vec<Effect> {
+        let mut out = Vec::new();
         if let Some(t) = self.running_since.take() {
             self.last_squeeze_ms = Some(t.elapsed().as_millis() as u64);
         }
@@ -320,6 +327,14 @@ impl Squeezer {
                         .live_record(d.id)
                         .is_some_and(|r| (r.started_at_ms, r.cgroup_id) == d.key);
                     if live {
+                        out.push(Effect::LimitsInForce {
+                            cgroup_id: d.id,
+                            limits: Limits {
+                                max_bytes: None,
+                                high_bytes: Some(hold.hold_bytes),
+                            },
+                            by: LimitsBy::SqueezeHold,
+                        });
                         self.squeezed.insert(d.id, (d.key, hold));
                     } else {
                         // Ended while it was squeezed: nothing left to release.
@@ -333,16 +348,22 @@ impl Squeezer {
                 }
             }
         }
+        out
     }
 
     /// Once a second: releases every hold when pressure has been quiet for `release_after_s`.
-    pub fn tick<C: Cgroups>(&mut self, ids: &[u64], tracker: &mut Tracker<C>, now: Instant) {
-        self.sample(ids, tracker, now, false);
+    pub fn tick<C: Cgroups>(
+        &mut self,
+        ids: &[u64],
+        tracker: &Tracker<C>,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let mut out = self.sample(ids, tracker, now, false);
         let quiet = self.last_pressure.is_some_and(|t| {
             now.duration_since(t) >= Duration::from_secs(self.config.release_after_s)
         });
         if !quiet || self.running.is_some() {
-            return;
+            return out;
         }
         if let (Some(first), Some(last)) = (self.episode_start.take(), self.last_pressure.take()) {
             self.last_episode_ms = Some(last.duration_since(first).as_millis() as u64);
@@ -350,18 +371,19 @@ impl Squeezer {
         self.passed_over.clear();
         let held: Vec<u64> = self.squeezed.keys().copied().collect();
         for id in held {
-            self.release(id, tracker, "no memory pressure since the squeeze");
+            out.extend(self.release(id, tracker, "no memory pressure since the squeeze"));
         }
+        out
     }
 
     /// Puts back what the squeeze of `id` held it at (audited, reason "release"), unless the
     /// hold was changed since (see [`release_hold`]).
-    pub fn release<C: Cgroups>(&mut self, id: u64, tracker: &mut Tracker<C>, why: &str) -> bool {
+    pub fn release<C: Cgroups>(&mut self, id: u64, tracker: &Tracker<C>, why: &str) -> Vec<Effect> {
         let Some((_, hold)) = self.squeezed.remove(&id) else {
-            return false;
+            return Vec::new();
         };
         let Some(rec) = tracker.live_record(id).cloned() else {
-            return false;
+            return Vec::new();
         };
         match release_hold(
             &self.actuator,
@@ -371,14 +393,14 @@ impl Squeezer {
             &hold,
             why,
         ) {
-            Released::Yes => {
+            Released::Yes(back) => {
                 self.releases += 1;
-                true
+                vec![released_to(id, back)]
             }
-            Released::Dropped => false,
+            Released::Dropped => Vec::new(),
             Released::Failed => {
                 self.failed += 1;
-                false
+                Vec::new()
             }
         }
     }
@@ -417,26 +439,43 @@ impl Squeezer {
         }
     }
 
-    /// Fills in the squeeze's part of `/v1/info` → `reactive`.
-    pub fn fill_info(&self, info: &mut ReactiveInfo) {
-        info.squeeze = true;
-        info.pressure_sources = self.pressure.sources.iter().map(|s| s.describe()).collect();
-        info.pressure_errors = self.setup_errors.clone();
-        info.pressure_signals = self.signals;
+    /// What the squeeze has done, for /v1/info and /metrics.
+    pub fn figures(&self) -> SqueezeFigures {
         let now = Instant::now();
-        info.idle_now = self
-            .activity
-            .keys()
-            .filter(|id| self.is_idle(**id, now))
-            .count() as u64;
-        info.squeezes = self.squeezes;
-        info.squeezed_now = self.squeezed.len() as u64;
-        info.reclaimed_bytes = self.reclaimed_bytes;
-        info.releases = self.releases;
-        info.squeeze_failed = self.failed;
-        info.last_pressure_episode_ms = self.last_episode_ms;
-        info.last_squeeze_ms = self.last_squeeze_ms;
+        SqueezeFigures {
+            pressure_sources: self.pressure.sources.iter().map(|s| s.describe()).collect(),
+            pressure_errors: self.setup_errors.clone(),
+            pressure_signals: self.signals,
+            idle_now: self
+                .activity
+                .keys()
+                .filter(|id| self.is_idle(**id, now))
+                .count() as u64,
+            squeezes: self.squeezes,
+            squeezed_now: self.squeezed.len() as u64,
+            reclaimed_bytes: self.reclaimed_bytes,
+            releases: self.releases,
+            failed: self.failed,
+            last_pressure_episode_ms: self.last_episode_ms,
+            last_squeeze_ms: self.last_squeeze_ms,
+        }
     }
+}
+
+/// The squeeze's figures for /v1/info and /metrics (see `ReactiveInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SqueezeFigures {
+    pub pressure_sources: Vec<String>,
+    pub pressure_errors: Vec<String>,
+    pub pressure_signals: u64,
+    pub idle_now: u64,
+    pub squeezes: u64,
+    pub squeezed_now: u64,
+    pub reclaimed_bytes: u64,
+    pub releases: u64,
+    pub failed: u64,
+    pub last_pressure_episode_ms: Option<u64>,
+    pub last_squeeze_ms: Option<u64>,
 }
 
 /// What a squeeze task needs, moved onto its blocking thread.
@@ -606,7 +645,8 @@ impl Done {
 
 /// How a release went.
 enum Released {
-    Yes,
+    /// Put back: memory.high (the soft limit on v1) is this now.
+    Yes(u64),
     /// Not written: the hold was not there any more (released already, changed since, or the
     /// cgroup gone).
     Dropped,
@@ -652,7 +692,7 @@ fn release_hold(
                 "squeeze released: {why}"
             );
             forget_hold(store, key);
-            Released::Yes
+            Released::Yes(back)
         }
         Err(e) => {
             // Kept: the next start tries again.
@@ -669,10 +709,10 @@ pub fn release_kept_holds<C: Cgroups>(
     hierarchy: &MemoryHierarchy,
     store: &Store,
     tracker: &Tracker<C>,
-) {
+) -> Vec<Effect> {
     let holds = kept_holds(store, tracker);
     if holds.is_empty() {
-        return;
+        return Vec::new();
     }
     if !actuator.writes_allowed() {
         tracing::warn!(
@@ -680,19 +720,35 @@ pub fn release_kept_holds<C: Cgroups>(
              policy.mode = \"enforce\"",
             holds.len()
         );
-        return;
+        return Vec::new();
     }
     let why = "the squeeze is off in this run";
-    let released = holds
+    let released: Vec<Effect> = holds
         .iter()
-        .filter(|(_, hold, rec)| {
-            matches!(
-                release_hold(actuator, hierarchy, store, rec, hold, why),
-                Released::Yes
-            )
+        .filter_map(|(_, hold, rec)| {
+            match release_hold(actuator, hierarchy, store, rec, hold, why) {
+                Released::Yes(back) => Some(released_to(rec.cgroup_id, back)),
+                Released::Dropped | Released::Failed => None,
+            }
         })
-        .count();
-    tracing::info!("{released} squeeze hold(s) of the last run released");
+        .collect();
+    tracing::info!(
+        "{} squeeze hold(s) of the last run released",
+        released.len()
+    );
+    released
+}
+
+/// A hold released: memory.high (the soft limit on v1) put back to `back`.
+fn released_to(cgroup_id: u64, back: u64) -> Effect {
+    Effect::LimitsInForce {
+        cgroup_id,
+        limits: Limits {
+            max_bytes: None,
+            high_bytes: Some(back),
+        },
+        by: LimitsBy::SqueezeRelease,
+    }
 }
 
 /// The holds kept in the store whose instance is live, with its record; the others dropped.
@@ -846,7 +902,7 @@ mod tests {
     #[test]
     fn a_release_puts_back_what_the_hold_replaced() {
         let (f, hold) = held();
-        assert!(matches!(f.release(&hold), Released::Yes));
+        assert!(matches!(f.release(&hold), Released::Yes(_)));
         assert_eq!(f.high(), (48 * MIB).to_string());
         assert_eq!(f.kept(), None, "the kept hold goes with its release");
         let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();

@@ -1,0 +1,95 @@
+//! Binds and releases of pooled cgroups (POST /v1/bind, /v1/release), carried out on the event
+//! loop: the tracker decides, the effects act (a bound use's limits are a new instance's).
+
+use crate::{
+    api::{wire::BindBody, BindError, PoolCommand},
+    clock::now_ms,
+    kernel::cgroupfs,
+    model::{tracker::Tracker, InstanceRecord},
+    policy::actuator::Actuator,
+};
+
+use super::Effects;
+
+/// Carries out a bind or release and answers it.
+pub(super) fn on_pool_command(
+    cmd: PoolCommand,
+    tracker: &mut Tracker,
+    effects: &mut Effects,
+    actuator: &Actuator,
+) {
+    // The request may name the directory or the path below the hierarchy.
+    let rel = |tracker: &Tracker, cgroup: &str| {
+        tracker
+            .cgroups()
+            .rel_path(std::path::Path::new(cgroup))
+            .unwrap_or_else(|| cgroup.trim_end_matches('/').to_owned())
+    };
+    match cmd {
+        PoolCommand::Bind { body, reply } => {
+            let path = rel(tracker, &body.cgroup);
+            // The cgroup the bind is asked for: the reset goes only into this one.
+            let id = cgroupfs::cgroup_id(&tracker.cgroups().dir(&path)).unwrap_or(0);
+            let _ = reply.send(bind_pooled(tracker, effects, actuator, &path, id, &body));
+        }
+        PoolCommand::Release { body, reply } => {
+            let path = rel(tracker, &body.cgroup);
+            let answer = tracker.release(&path, now_ms()).map(|(rec, fx)| {
+                effects.run(tracker, fx);
+                rec
+            });
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// POST /v1/bind, carried out: `rel_path` (below the hierarchy) starts serving the body's
+/// function as its instance, provided it is still the cgroup `cgroup_id` read when the bind was
+/// asked for. The watermark reset is audited before it happens (reason `bind`, then `ok`, or
+/// `refused` with why), and made through the cgroup's directory opened below its root and
+/// checked against that id, as limit writes are.
+pub fn bind_pooled(
+    tracker: &mut Tracker,
+    effects: &mut Effects,
+    actuator: &Actuator,
+    rel_path: &str,
+    cgroup_id: u64,
+    body: &BindBody,
+) -> Result<InstanceRecord, BindError> {
+    let dir = tracker.cgroups().dir(rel_path);
+    let intent = InstanceRecord {
+        function: body.function.clone(),
+        instance: body.instance.clone(),
+        cgroup_id,
+        cgroup_path: dir.display().to_string(),
+        started_at_ms: now_ms(),
+        ended_at_ms: None,
+        execs: 0,
+        peak_bytes: 0,
+        peak_source: Default::default(),
+        oom_kills: 0,
+        limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
+    };
+    let bound = actuator
+        .audited(&intent, "bind", || {
+            tracker.bind(
+                rel_path,
+                cgroup_id,
+                &body.function,
+                &body.instance,
+                now_ms(),
+            )
+        })
+        .map_err(|e| {
+            tracing::error!("bind not made: {e}");
+            BindError::Unavailable(e.to_string())
+        })?;
+    let (id, fx) = bound?;
+    effects.run(tracker, fx);
+    tracker
+        .live_record(id)
+        .cloned()
+        .ok_or_else(|| BindError::NotFound {
+            path: body.cgroup.clone(),
+        })
+}
