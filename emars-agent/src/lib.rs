@@ -9,6 +9,7 @@
 //! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
 pub mod clock;
+pub mod config_error;
 pub mod config;
 pub mod files;
 pub mod size;
@@ -33,3 +34,6 @@ pub(crate) fn skip_kernel_test(test: &str, why: &dyn std::fmt::Display) {
     }
     eprintln!("\n*** SKIPPED {test}: {why} ***\n");
 }
+
+#[cfg(test)]
+mod layering_tests;

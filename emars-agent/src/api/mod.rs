@@ -65,7 +65,8 @@ use crate::kernel::cgroupfs::CgroupfsError;
 use crate::model::registry::valid_function_name;
 pub use crate::model::tracker::BindError;
 use crate::model::tracker::FunctionsFull;
-use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest, REASON_BY_HAND};
+use crate::model::LimitRequest;
+use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, REASON_BY_HAND};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
 

@@ -3,13 +3,14 @@
 //! Below it: `registry` (which cgroup is which instance of which function), `tracker`
 //! (instances from kernel events) and `live` (the in-memory model every read comes from).
 
+pub mod audit;
 pub mod kept;
 pub mod live;
 pub mod registry;
 pub mod runtime;
 pub mod tracker;
 
-pub use crate::kernel::cgroupfs::Limits;
+pub use crate::kernel::cgroupfs::{LimitRequest, Limits};
 pub use crate::kernel::probes::{KernelCounters, ProgramStatus};
 use serde::{Deserialize, Serialize};
 

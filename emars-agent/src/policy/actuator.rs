@@ -24,18 +24,21 @@ use std::{
     },
 };
 
-use serde::{Deserialize, Serialize};
-
 use crate::{
     kernel::cgroupfs::{CgroupDir, CgroupfsError, MemoryHierarchy},
     model::kept::{same_limit, RuntimeLimit, RuntimeLimitSource},
     model::live::InstanceKey,
+    model::audit::{ClampedBy, Outcome, Reason},
     model::{InstanceRecord, Limits},
     store::{AuditKey, Store, StoreError},
 };
 
+// Bridge for the files that still import these from here (policy/burst.rs, policy/squeeze.rs,
+// agent.rs): they live in model/ now.
+pub use crate::model::{audit::AuditRecord, LimitRequest};
+
 /// The audit reason of a write an operator asked for (`POST .../limits`, `emars set-limit`).
-pub const REASON_BY_HAND: &str = "api";
+pub const REASON_BY_HAND: Reason = Reason::Api;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActuatorError {
@@ -114,104 +117,6 @@ pub enum BelowUsage {
     Refuse,
 }
 
-/// Values of [`AuditRecord::outcome`].
-pub mod outcome {
-    /// Intent recorded, outcome not yet: the write is under way.
-    pub const PENDING: &str = "pending";
-    /// Every requested file was written.
-    pub const OK: &str = "ok";
-    /// Some files were written (see `written`), then a write failed (see `error`).
-    pub const PARTIAL: &str = "partial";
-    /// Nothing was written: the write failed.
-    pub const FAILED: &str = "failed";
-    /// Nothing was written: a safety rule refused it.
-    pub const REFUSED: &str = "refused";
-    /// The agent stopped between intent and outcome; `written` holds what a restarted agent
-    /// found in the limit files.
-    pub const INTERRUPTED: &str = "interrupted";
-    /// The limits asked for were in force already: nothing was written (and nothing is kept
-    /// in the audit log; counted as `unchanged` in GET /v1/info).
-    pub const UNCHANGED: &str = "unchanged";
-}
-
-/// One write attempt, as kept in the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AuditRecord {
-    pub at_ms: u64,
-    pub function: String,
-    pub instance: String,
-    pub cgroup_path: String,
-    #[serde(default)]
-    pub cgroup_id: u64,
-    /// "new_instance", "apply" or "api".
-    pub reason: String,
-    pub old: Limits,
-    /// What was (or would have been) written.
-    pub new: Limits,
-    /// What reached the kernel: a file left out here was not written.
-    #[serde(default)]
-    pub written: Limits,
-    pub usage_bytes: Option<u64>,
-    /// Microseconds from the kernel's mkdir event to the completed write (new instances).
-    pub delay_us: Option<u64>,
-    /// True when the request was raised to usage + headroom.
-    pub raised: bool,
-    /// One of [`outcome`]'s values (records of older versions may hold an error text).
-    pub outcome: String,
-    /// Why the write failed or was refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The kernel signal that caused a reactive action ("psi some 100000us/1000000us on
-    /// /proc/pressure/memory", "memory.events").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
-    /// What bounded the write below what was asked: "runtime_limit" (the limit the container's
-    /// runtime gave it; `policy.override_runtime_limits` lifts it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clamped_by: Option<String>,
-    /// What was asked, when `clamped_by` says the write was bounded below it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested: Option<Limits>,
-    /// A reclaim (reason "pressure"): bytes asked for, and what usage fell by.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reclaim_requested_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reclaimed_bytes: Option<u64>,
-}
-
-impl AuditRecord {
-    /// The limits asked for are in force: written, or there already.
-    pub fn is_ok(&self) -> bool {
-        self.outcome == outcome::OK || self.outcome == outcome::UNCHANGED
-    }
-
-    /// The intent of a write into `inst` (outcome pending, nothing written yet), new limits
-    /// as old until the write says otherwise.
-    fn intent(inst: &InstanceRecord, reason: &str, signal: Option<&str>) -> Self {
-        AuditRecord {
-            at_ms: crate::clock::now_ms(),
-            function: inst.function.clone(),
-            instance: inst.instance.clone(),
-            cgroup_path: inst.cgroup_path.clone(),
-            cgroup_id: inst.cgroup_id,
-            reason: reason.to_owned(),
-            old: inst.limits,
-            new: inst.limits,
-            written: Limits::default(),
-            usage_bytes: None,
-            delay_us: None,
-            raised: false,
-            outcome: outcome::PENDING.to_owned(),
-            error: None,
-            signal: signal.map(str::to_owned),
-            clamped_by: None,
-            requested: None,
-            reclaim_requested_bytes: None,
-            reclaimed_bytes: None,
-        }
-    }
-}
-
 /// Counters of the actuator, for /v1/info.
 #[derive(Debug, Default)]
 pub struct ActuatorStats {
@@ -247,22 +152,6 @@ pub struct Actuator {
     /// Test seam: writes to this file fail with EINVAL, as the kernel's may.
     #[cfg(test)]
     fail_writes_to: Option<&'static str>,
-}
-
-/// The request of one write.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LimitRequest {
-    pub max_bytes: Option<u64>,
-    pub high_bytes: Option<u64>,
-}
-
-impl From<Limits> for LimitRequest {
-    fn from(l: Limits) -> Self {
-        LimitRequest {
-            max_bytes: l.max_bytes,
-            high_bytes: l.high_bytes,
-        }
-    }
 }
 
 /// The result of one write attempt and its audit record (already stored).
@@ -452,7 +341,7 @@ impl Actuator {
         inst: &InstanceRecord,
         req: LimitRequest,
         on_below: BelowUsage,
-        reason: &str,
+        reason: impl Into<Reason>,
         delay_start_ns: Option<u64>,
     ) -> Written {
         self.write_signalled(inst, req, on_below, reason, delay_start_ns, None)
@@ -464,7 +353,7 @@ impl Actuator {
         inst: &InstanceRecord,
         req: LimitRequest,
         on_below: BelowUsage,
-        reason: &str,
+        reason: impl Into<Reason>,
         delay_start_ns: Option<u64>,
         signal: Option<&str>,
     ) -> Written {
@@ -473,7 +362,7 @@ impl Actuator {
                 max_bytes: req.max_bytes,
                 high_bytes: req.high_bytes,
             },
-            ..AuditRecord::intent(inst, reason, signal)
+            ..AuditRecord::intent(inst, reason.into(), signal)
         };
         let plan = match self.plan(inst, req, on_below) {
             Ok(p) => p,
@@ -494,7 +383,7 @@ impl Actuator {
         audit.usage_bytes = Some(plan.usage);
         audit.raised = plan.raised;
         if plan.clamped {
-            audit.clamped_by = Some("runtime_limit".to_owned());
+            audit.clamped_by = Some(ClampedBy::RuntimeLimit);
             audit.requested = Some(Limits {
                 max_bytes: req.max_bytes,
                 high_bytes: req.high_bytes,
@@ -510,7 +399,7 @@ impl Actuator {
             Ok(k) => k,
             Err(e) => {
                 self.count(&e);
-                audit.outcome = outcome::FAILED.to_owned();
+                audit.outcome = Outcome::Failed;
                 audit.error = Some(e.to_string());
                 return Written {
                     audit,
@@ -522,16 +411,15 @@ impl Actuator {
         audit.delay_us =
             delay_start_ns.map(|t| crate::clock::monotonic_ns().saturating_sub(t) / 1000);
         match &result {
-            Ok(_) => audit.outcome = outcome::OK.to_owned(),
+            Ok(_) => audit.outcome = Outcome::Ok,
             Err(e) => {
                 self.count(e);
                 let nothing = audit.written == Limits::default();
                 audit.outcome = match (nothing, e.is_refusal()) {
-                    (false, _) => outcome::PARTIAL,
-                    (true, true) => outcome::REFUSED,
-                    (true, false) => outcome::FAILED,
-                }
-                .to_owned();
+                    (false, _) => Outcome::Partial,
+                    (true, true) => Outcome::Refused,
+                    (true, false) => Outcome::Failed,
+                };
                 audit.error = Some(e.to_string());
             }
         }
@@ -541,7 +429,7 @@ impl Actuator {
         if let Some(m) = audit.written.max_bytes {
             self.last_max().insert(ikey, m);
         }
-        if result.is_ok() && reason == REASON_BY_HAND {
+        if result.is_ok() && audit.reason == REASON_BY_HAND {
             self.hand_set().insert(ikey);
         }
         if let Err(se) = self.audit.complete_audit(&key, &audit) {
@@ -555,7 +443,7 @@ impl Actuator {
     /// out, which is said.
     fn unchanged(&self, plan: &Plan, key: InstanceKey, mut audit: AuditRecord) -> Written {
         self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-        audit.outcome = outcome::UNCHANGED.to_owned();
+        audit.outcome = Outcome::Unchanged;
         if let (Some(_), Some(m)) = (plan.new.max_bytes, plan.old.max_bytes) {
             self.last_max().insert(key, m);
         }
@@ -583,12 +471,12 @@ impl Actuator {
         &self,
         inst: &InstanceRecord,
         bytes: u64,
-        reason: &str,
+        reason: impl Into<Reason>,
         signal: Option<&str>,
     ) -> Result<AuditRecord, ActuatorError> {
         let mut audit = AuditRecord {
             reclaim_requested_bytes: Some(bytes),
-            ..AuditRecord::intent(inst, reason, signal)
+            ..AuditRecord::intent(inst, reason.into(), signal)
         };
         let checked = (|| {
             if !self.writes_allowed {
@@ -614,13 +502,13 @@ impl Actuator {
             .and_then(|()| Ok(dir.usage()?));
         match &result {
             Ok(after) => {
-                audit.outcome = outcome::OK.to_owned();
+                audit.outcome = Outcome::Ok;
                 audit.reclaimed_bytes = Some(before.saturating_sub(*after));
                 self.stats.writes_ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 self.count(e);
-                audit.outcome = outcome::FAILED.to_owned();
+                audit.outcome = Outcome::Failed;
                 audit.error = Some(e.to_string());
             }
         }
@@ -636,10 +524,10 @@ impl Actuator {
     pub fn audited<T, E: std::fmt::Display>(
         &self,
         inst: &InstanceRecord,
-        reason: &str,
+        reason: impl Into<Reason>,
         write: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, ActuatorError> {
-        let mut audit = AuditRecord::intent(inst, reason, None);
+        let mut audit = AuditRecord::intent(inst, reason.into(), None);
         // Recorded before, but not synced to disk per call: such a write (a bind's watermark
         // reset) changes no limit, and a platform makes one per use or invocation. The record
         // is made durable with the store's next flush.
@@ -652,9 +540,9 @@ impl Actuator {
             })?;
         let result = write();
         match &result {
-            Ok(_) => audit.outcome = outcome::OK.to_owned(),
+            Ok(_) => audit.outcome = Outcome::Ok,
             Err(e) => {
-                audit.outcome = outcome::REFUSED.to_owned();
+                audit.outcome = Outcome::Refused;
                 audit.error = Some(e.to_string());
             }
         }
@@ -670,12 +558,12 @@ impl Actuator {
     pub fn refused(
         &self,
         inst: &InstanceRecord,
-        reason: &str,
+        reason: impl Into<Reason>,
         why: &str,
         signal: Option<&str>,
     ) -> AuditRecord {
-        let mut audit = AuditRecord::intent(inst, reason, signal);
-        audit.outcome = outcome::REFUSED.to_owned();
+        let mut audit = AuditRecord::intent(inst, reason.into(), signal);
+        audit.outcome = Outcome::Refused;
         audit.error = Some(why.to_owned());
         self.stats.refusals.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.audit.append_audit(audit.at_ms, &audit) {
@@ -689,11 +577,10 @@ impl Actuator {
     fn not_attempted(&self, audit: &mut AuditRecord, e: &ActuatorError) {
         self.count(e);
         audit.outcome = if e.is_refusal() {
-            outcome::REFUSED
+            Outcome::Refused
         } else {
-            outcome::FAILED
-        }
-        .to_owned();
+            Outcome::Failed
+        };
         audit.error = Some(e.to_string());
         if let Err(se) = self.audit.append_audit(audit.at_ms, audit) {
             self.audit_error(&se);
@@ -890,7 +777,7 @@ impl Actuator {
             {
                 // Usage grew past the runtime's limit less headroom since the plan, or the
                 // runtime wrote a lower one meanwhile: the file keeps what it holds.
-                audit.clamped_by = Some("runtime_limit".to_owned());
+                audit.clamped_by = Some(ClampedBy::RuntimeLimit);
                 continue;
             }
             #[cfg(test)]
@@ -927,7 +814,7 @@ impl Actuator {
     /// the instance's limit files hold now (when its cgroup is still the same one).
     pub fn close_interrupted(&self) -> Result<u64, StoreError> {
         self.audit.close_interrupted_audit(|mut rec: AuditRecord| {
-            rec.outcome = outcome::INTERRUPTED.to_owned();
+            rec.outcome = Outcome::Interrupted;
             let now = self
                 .open_recorded(&rec.cgroup_path, rec.cgroup_id)
                 .ok()
@@ -1133,7 +1020,7 @@ mod tests {
         assert_eq!(read(&f.inst.join("memory.max")), "67108864");
         assert_eq!(read(&f.inst.join("memory.high")), "50331648");
         assert_eq!(f.audit(), vec![w.audit.clone()]);
-        assert_eq!(w.audit.outcome, outcome::OK);
+        assert_eq!(w.audit.outcome, Outcome::Ok);
         assert_eq!(w.audit.written, a.new);
         let f = fake(CgroupVersion::V1, 10 << 20);
         f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Refuse)
@@ -1154,7 +1041,7 @@ mod tests {
         // Marked, so that a second write would show.
         fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
         let w = f.write(&f.inst, req(64 << 20, 48 << 20), BelowUsage::Raise);
-        assert_eq!(w.audit.outcome, outcome::UNCHANGED);
+        assert_eq!(w.audit.outcome, Outcome::Unchanged);
         assert!(w.audit.is_ok());
         assert_eq!(w.result.unwrap().new.max_bytes, Some(64 << 20));
         assert_eq!(
@@ -1166,7 +1053,7 @@ mod tests {
         assert_eq!(f.act.stats.unchanged.load(Ordering::Relaxed), 1);
         // One of the two differs: written, and audited.
         let w = f.write(&f.inst, req(64 << 20, 40 << 20), BelowUsage::Raise);
-        assert_eq!(w.audit.outcome, outcome::OK);
+        assert_eq!(w.audit.outcome, Outcome::Ok);
         assert_eq!(f.audit().len(), 2);
     }
 
@@ -1195,7 +1082,7 @@ mod tests {
         assert_eq!(a.new.max_bytes, Some(64 << 20));
         assert_eq!(a.new.high_bytes, Some(48 << 20), "the ratio kept");
         assert_eq!(read(&f.inst.join("memory.max")), "67108864");
-        assert_eq!(w.audit.clamped_by.as_deref(), Some("runtime_limit"));
+        assert_eq!(w.audit.clamped_by, Some(ClampedBy::RuntimeLimit));
         assert_eq!(w.audit.requested.unwrap().max_bytes, Some(256 << 20));
         assert_eq!(f.audit()[0], w.audit);
         // Asked again: nothing to write, and yet the record says why it is not the function's.
@@ -1206,9 +1093,9 @@ mod tests {
             "apply",
             None,
         );
-        assert_eq!(w.audit.outcome, outcome::UNCHANGED);
+        assert_eq!(w.audit.outcome, Outcome::Unchanged);
         assert_eq!(f.audit().len(), 2);
-        assert_eq!(f.audit()[0].clamped_by.as_deref(), Some("runtime_limit"));
+        assert_eq!(f.audit()[0].clamped_by, Some(ClampedBy::RuntimeLimit));
         // Within the limit: untouched, and no clamp said.
         let w = f.act.write(
             &inst,
@@ -1282,8 +1169,8 @@ mod tests {
             None,
         );
         assert_eq!(
-            w.audit.clamped_by.as_deref(),
-            Some("runtime_limit"),
+            w.audit.clamped_by,
+            Some(ClampedBy::RuntimeLimit),
             "{w:?}"
         );
         assert_eq!(read(&f.inst.join("memory.max")).trim(), "67108864");
@@ -1327,7 +1214,7 @@ mod tests {
             "at the ceiling 128 MiB",
             Some("memory.events"),
         );
-        assert_eq!(a.outcome, outcome::REFUSED);
+        assert_eq!(a.outcome, Outcome::Refused);
         assert_eq!(f.audit(), vec![a]);
         assert_eq!(f.act.stats.refusals.load(Ordering::Relaxed), 1);
         assert_eq!(read(&f.inst.join("memory.max")), "max");
@@ -1348,7 +1235,7 @@ mod tests {
         let refused = |dir: &Path| {
             let w = f.write(dir, req(64 << 20, 32 << 20), BelowUsage::Raise);
             assert!(w.result.as_ref().is_err_and(|e| e.is_refusal()), "{w:?}");
-            assert_eq!(w.audit.outcome, outcome::REFUSED);
+            assert_eq!(w.audit.outcome, Outcome::Refused);
         };
         refused(&f.outside);
         // Escapes through ".." are refused before anything is opened.
@@ -1440,7 +1327,7 @@ mod tests {
             ),
             "{w:?}"
         );
-        assert_eq!(w.audit.outcome, outcome::FAILED);
+        assert_eq!(w.audit.outcome, Outcome::Failed);
         assert_eq!(f.act.stats.writes_failed.load(Ordering::Relaxed), 1);
     }
 
@@ -1451,7 +1338,7 @@ mod tests {
         f.act.fail_writes_to = Some("memory.high");
         let w = f.write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise);
         assert!(w.result.is_err(), "{w:?}");
-        assert_eq!(w.audit.outcome, outcome::PARTIAL);
+        assert_eq!(w.audit.outcome, Outcome::Partial);
         assert_eq!(w.audit.written.max_bytes, Some(64 << 20));
         assert_eq!(w.audit.written.high_bytes, None);
         assert_eq!(f.audit()[0], w.audit);
@@ -1464,12 +1351,12 @@ mod tests {
             .write(&f.inst, req(64 << 20, 32 << 20), BelowUsage::Raise)
             .audit;
         // As if the agent died between the write and its outcome.
-        rec.outcome = outcome::PENDING.to_owned();
+        rec.outcome = Outcome::Pending;
         rec.written = Limits::default();
         f.store.append_audit_durable(rec.at_ms, &rec).unwrap();
         assert_eq!(f.act.close_interrupted().unwrap(), 1);
         let closed = &f.audit()[0];
-        assert_eq!(closed.outcome, outcome::INTERRUPTED);
+        assert_eq!(closed.outcome, Outcome::Interrupted);
         assert_eq!(closed.written.max_bytes, Some(64 << 20));
         assert_eq!(f.act.close_interrupted().unwrap(), 0);
     }

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     model::InstanceRecord,
-    policy::actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
+    model::audit::{AuditRecord, Reason},
+    model::LimitRequest,
+    policy::actuator::{Actuator, BelowUsage},
     policy::recommend::{recommend, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
@@ -232,7 +234,7 @@ impl Policy {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(actuator, rec, &r, "new_instance", delay_start_ns))
+        Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns))
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
@@ -255,7 +257,7 @@ impl Policy {
                 continue;
             }
             out.writes
-                .push(self.write(actuator, &inst, &r, "apply", None));
+                .push(self.write(actuator, &inst, &r, Reason::Apply, None));
         }
         if self.config.mode != EnforceMode::Enforce {
             return Err(PolicyError::ObserveMode);
@@ -268,7 +270,7 @@ impl Policy {
         actuator: &Actuator,
         inst: &InstanceRecord,
         r: &Recommendation,
-        reason: &str,
+        reason: Reason,
         delay_start_ns: Option<u64>,
     ) -> AuditRecord {
         let req = LimitRequest {

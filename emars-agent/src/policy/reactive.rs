@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 use crate::model::Limits;
 
 pub const DEFAULT_TRIGGER_FRACTION: f64 = 0.9;
