@@ -198,7 +198,7 @@ impl Actuator {
         Self {
             hierarchy,
             roots: roots.to_vec(),
-            host_memory: host_memory_bytes(),
+            host_memory: crate::kernel::host::memory_total_bytes(),
             headroom,
             writes_allowed,
             override_runtime_limits: false,
@@ -889,14 +889,6 @@ fn write_error(dir: &CgroupDir, file: &str, value: u64, source: std::io::Error) 
             source,
         },
     }
-}
-
-/// MemTotal from /proc/meminfo (bytes); u64::MAX if unreadable, so no limit is refused for it.
-pub fn host_memory_bytes() -> u64 {
-    use procfs::Current as _;
-    procfs::Meminfo::current()
-        .map(|m| m.mem_total)
-        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
