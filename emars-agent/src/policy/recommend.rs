@@ -1485,3 +1485,168 @@ mod tests {
         assert_eq!(back, p);
     }
 }
+
+#[cfg(test)]
+mod step_tests {
+    //! Each step of the chain alone.
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn at(max_bytes: u64) -> Estimate {
+        Estimate {
+            max_bytes,
+            ..Estimate::default()
+        }
+    }
+
+    fn sample(at_ms: u64, peak_bytes: u64, oom_killed: bool) -> Sample {
+        Sample {
+            at_ms,
+            peak_bytes,
+            oom_killed,
+            limit_bytes: None,
+        }
+    }
+
+    #[test]
+    fn history_weights_samples_and_keeps_the_recent_oom() {
+        let day = Duration::from_secs(24 * 3600);
+        let now = 10 * 24 * 3_600_000;
+        let h = History::of(
+            &[
+                sample(now, 10 * MIB, false),
+                sample(now - 3_600_000, 20 * MIB, true),
+                sample(now - 5 * 24 * 3_600_000, 30 * MIB, true),
+            ],
+            now,
+            day,
+        );
+        assert_eq!(h.oom_kills, 2);
+        assert_eq!(h.recent_oom_bytes, Some(oom_bump(20 * MIB)), "the old OOM is too old");
+        assert!(h.effective_samples > 1.9 && h.effective_samples < 2.1);
+        assert_eq!(h.confidence(20.0), h.effective_samples / 20.0);
+        let empty = History::of(&[], now, day);
+        assert_eq!((empty.effective_samples, empty.confidence(20.0)), (0.0, 0.0));
+    }
+
+    #[test]
+    fn margin_widens_with_low_confidence() {
+        let params = PolicyParams::default();
+        assert_eq!(margin_for(&params, 1.0), params.margin);
+        assert_eq!(
+            margin_for(&params, 0.0),
+            params.margin + params.low_confidence_margin
+        );
+    }
+
+    #[test]
+    fn base_is_the_percentile_with_its_margin_page_rounded() {
+        assert_eq!(
+            Estimate::percentile_with_margin(100 * MIB, 0.5, false).max_bytes,
+            150 * MIB
+        );
+        assert_eq!(Estimate::percentile_with_margin(1000, 0.0, false).max_bytes, PAGE_BYTES);
+        assert_eq!(Estimate::percentile_with_margin(100 * MIB, 0.5, true).max_bytes, 0);
+    }
+
+    #[test]
+    fn oom_at_once_lifts_only_upwards() {
+        let step = WithOomAtOnce {
+            recent_oom_bytes: Some(200 * MIB),
+        };
+        let lifted = step.apply(at(100 * MIB));
+        assert_eq!((lifted.max_bytes, lifted.oom_bump_bytes), (200 * MIB, Some(200 * MIB)));
+        assert_eq!(step.apply(at(300 * MIB)), at(300 * MIB));
+        let none = WithOomAtOnce {
+            recent_oom_bytes: None,
+        };
+        assert_eq!(none.apply(at(1)), at(1));
+    }
+
+    #[test]
+    fn floor_and_ceiling_bound_and_say_so() {
+        let floor = WithFloor { bytes: 16 * MIB };
+        let floored = floor.apply(at(MIB));
+        assert_eq!(
+            (floored.max_bytes, floored.clamped_by),
+            (16 * MIB, Some(ClampedBy::Floor))
+        );
+        assert_eq!(floor.apply(at(32 * MIB)), at(32 * MIB));
+        let ceiling = WithCeiling {
+            bytes: Some(64 * MIB + 1),
+        };
+        let capped = ceiling.apply(at(100 * MIB));
+        assert_eq!(
+            (capped.max_bytes, capped.clamped_by),
+            (64 * MIB, Some(ClampedBy::Ceiling))
+        );
+        assert_eq!(WithCeiling { bytes: None }.apply(at(100 * MIB)), at(100 * MIB));
+    }
+
+    #[test]
+    fn host_memory_caps_when_known() {
+        let host = WithHostMemory::of(GIB_PLUS_ONE);
+        let capped = host.apply(at(2 << 30));
+        assert_eq!(
+            (capped.max_bytes, capped.clamped_by),
+            (1 << 30, Some(ClampedBy::HostMemory))
+        );
+        assert_eq!(WithHostMemory::of(0).apply(at(u64::MAX)), at(u64::MAX));
+    }
+    const GIB_PLUS_ONE: u64 = (1 << 30) + 1;
+
+    #[test]
+    fn a_pinned_max_replaces_all_but_the_host_cap() {
+        let host = WithHostMemory::of(1 << 30);
+        let before = Estimate {
+            max_bytes: 100 * MIB,
+            high_bytes: 0,
+            clamped_by: Some(ClampedBy::Floor),
+            oom_bump_bytes: Some(100 * MIB),
+        };
+        let pinned = WithPinnedMax {
+            pin: Some(50 * MIB),
+            host,
+        };
+        assert_eq!(pinned.apply(before.clone()), at(50 * MIB));
+        let over = WithPinnedMax {
+            pin: Some(2 << 30),
+            host,
+        }
+        .apply(before.clone());
+        assert_eq!(over.clamped_by, Some(ClampedBy::HostMemory));
+        let unpinned = WithPinnedMax { pin: None, host };
+        assert_eq!(unpinned.apply(before.clone()), before);
+    }
+
+    #[test]
+    fn high_is_below_max_or_the_pin_that_lifts_max() {
+        let host = WithHostMemory::of(0);
+        let high = WithHigh {
+            pin: None,
+            max_pinned: false,
+            fraction: 0.5,
+            p50_bytes: 60 * MIB,
+            host,
+        };
+        assert_eq!(high.apply(at(100 * MIB)).high_bytes, 60 * MIB, "not below the median");
+        assert_eq!(
+            high.apply(at(50 * MIB)).high_bytes,
+            50 * MIB - PAGE_BYTES,
+            "strictly below max"
+        );
+        assert_eq!(high.apply(at(PAGE_BYTES)).high_bytes, PAGE_BYTES);
+        let pinned = WithHigh {
+            pin: Some(200 * MIB),
+            ..high
+        };
+        let lifted = pinned.apply(at(100 * MIB));
+        assert_eq!((lifted.max_bytes, lifted.high_bytes), (200 * MIB, 200 * MIB));
+        let both = WithHigh {
+            max_pinned: true,
+            ..pinned
+        };
+        assert_eq!(both.apply(at(100 * MIB)).max_bytes, 100 * MIB);
+    }
+}
