@@ -27,4 +27,3 @@ pub enum ConfigError {
         reason: String,
     },
 }
-

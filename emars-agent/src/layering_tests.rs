@@ -69,7 +69,9 @@ fn is_cfg_test(attrs: &[syn::Attribute]) -> bool {
         attr.path().is_ident("cfg") && {
             let tokens = attr.meta.require_list().map(|list| list.tokens.to_string());
             tokens.is_ok_and(|tokens| {
-                tokens.split(|c: char| !c.is_alphanumeric() && c != '_').any(|word| word == "test")
+                tokens
+                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .any(|word| word == "test")
                     && !tokens.contains("not")
             })
         }
@@ -272,9 +274,15 @@ fn violations(src: &Path) -> Vec<String> {
         if exempt.contains(top) {
             continue;
         }
-        let shown = file.strip_prefix(src).unwrap_or(&file).display().to_string();
+        let shown = file
+            .strip_prefix(src)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
         let Some((rank, stage)) = stage_rank(top) else {
-            found.push(format!("src/{shown}: module `{top}` has no stage in the layering table"));
+            found.push(format!(
+                "src/{shown}: module `{top}` has no stage in the layering table"
+            ));
             continue;
         };
         let text = std::fs::read_to_string(&file).expect("reading a source file");

@@ -9,8 +9,8 @@
 //! `config` parses the TOML once into the stages' own types. `agent` wires the daemon.
 
 pub mod clock;
-pub mod config_error;
 pub mod config;
+pub mod config_error;
 pub mod files;
 pub mod size;
 

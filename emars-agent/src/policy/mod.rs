@@ -22,8 +22,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::InstanceRecord,
     model::audit::{AuditRecord, Reason},
+    model::InstanceRecord,
     model::LimitRequest,
     policy::actuator::{Actuator, BelowUsage},
     policy::recommend::{recommend, PolicyParams, Recommendation},

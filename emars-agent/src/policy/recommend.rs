@@ -400,7 +400,9 @@ pub fn recommend(
             host,
         },
     ];
-    let estimate = chain.iter().fold(base, |estimate, step| step.apply(estimate));
+    let estimate = chain
+        .iter()
+        .fold(base, |estimate, step| step.apply(estimate));
 
     Some(Recommendation {
         function: function.to_string(),
@@ -1523,11 +1525,18 @@ mod step_tests {
             day,
         );
         assert_eq!(h.oom_kills, 2);
-        assert_eq!(h.recent_oom_bytes, Some(oom_bump(20 * MIB)), "the old OOM is too old");
+        assert_eq!(
+            h.recent_oom_bytes,
+            Some(oom_bump(20 * MIB)),
+            "the old OOM is too old"
+        );
         assert!(h.effective_samples > 1.9 && h.effective_samples < 2.1);
         assert_eq!(h.confidence(20.0), h.effective_samples / 20.0);
         let empty = History::of(&[], now, day);
-        assert_eq!((empty.effective_samples, empty.confidence(20.0)), (0.0, 0.0));
+        assert_eq!(
+            (empty.effective_samples, empty.confidence(20.0)),
+            (0.0, 0.0)
+        );
     }
 
     #[test]
@@ -1546,8 +1555,14 @@ mod step_tests {
             Estimate::percentile_with_margin(100 * MIB, 0.5, false).max_bytes,
             150 * MIB
         );
-        assert_eq!(Estimate::percentile_with_margin(1000, 0.0, false).max_bytes, PAGE_BYTES);
-        assert_eq!(Estimate::percentile_with_margin(100 * MIB, 0.5, true).max_bytes, 0);
+        assert_eq!(
+            Estimate::percentile_with_margin(1000, 0.0, false).max_bytes,
+            PAGE_BYTES
+        );
+        assert_eq!(
+            Estimate::percentile_with_margin(100 * MIB, 0.5, true).max_bytes,
+            0
+        );
     }
 
     #[test]
@@ -1556,7 +1571,10 @@ mod step_tests {
             recent_oom_bytes: Some(200 * MIB),
         };
         let lifted = step.apply(at(100 * MIB));
-        assert_eq!((lifted.max_bytes, lifted.oom_bump_bytes), (200 * MIB, Some(200 * MIB)));
+        assert_eq!(
+            (lifted.max_bytes, lifted.oom_bump_bytes),
+            (200 * MIB, Some(200 * MIB))
+        );
         assert_eq!(step.apply(at(300 * MIB)), at(300 * MIB));
         let none = WithOomAtOnce {
             recent_oom_bytes: None,
@@ -1581,7 +1599,10 @@ mod step_tests {
             (capped.max_bytes, capped.clamped_by),
             (64 * MIB, Some(ClampedBy::Ceiling))
         );
-        assert_eq!(WithCeiling { bytes: None }.apply(at(100 * MIB)), at(100 * MIB));
+        assert_eq!(
+            WithCeiling { bytes: None }.apply(at(100 * MIB)),
+            at(100 * MIB)
+        );
     }
 
     #[test]
@@ -1630,7 +1651,11 @@ mod step_tests {
             p50_bytes: 60 * MIB,
             host,
         };
-        assert_eq!(high.apply(at(100 * MIB)).high_bytes, 60 * MIB, "not below the median");
+        assert_eq!(
+            high.apply(at(100 * MIB)).high_bytes,
+            60 * MIB,
+            "not below the median"
+        );
         assert_eq!(
             high.apply(at(50 * MIB)).high_bytes,
             50 * MIB - PAGE_BYTES,
@@ -1642,7 +1667,10 @@ mod step_tests {
             ..high
         };
         let lifted = pinned.apply(at(100 * MIB));
-        assert_eq!((lifted.max_bytes, lifted.high_bytes), (200 * MIB, 200 * MIB));
+        assert_eq!(
+            (lifted.max_bytes, lifted.high_bytes),
+            (200 * MIB, 200 * MIB)
+        );
         let both = WithHigh {
             max_pinned: true,
             ..pinned

@@ -167,6 +167,10 @@ fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
 impl Probes {
     /// Loads and attaches (or adopts a pinned set). `roots` are watched roots relative to the
     /// hierarchy ("/emars"); `wake_on_mkdir`: new cgroups wake the agent (their limits are due).
+    ///
+    /// The steps: read the running kernel (tracepoint formats, BTF, the peak file), open the
+    /// pinned set of this identity (adopted when complete), else load the object, fill its
+    /// maps, replace other sets, attach, pin, and take the maps the agent talks to.
     pub fn load(
         hierarchy: &MemoryHierarchy,
         cfg: &ProbesConfig,
@@ -186,98 +190,12 @@ impl Probes {
             _pad: 0,
             peak_step_bytes: cfg.peak_step_bytes,
         };
-        // Offsets per tracepoint; a tracepoint whose format cannot be used is reported, not fatal.
-        let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
-        for s in SPECS.iter().filter(|s| s.category != "raw") {
-            let present = tracefs.exists(s.category, s.tracepoint);
-            report.features.insert(
-                format!("tracepoint {}:{}", s.category, s.tracepoint),
-                present,
-            );
-            let r = tracefs
-                .format(s.category, s.tracepoint)
-                .and_then(|f| fill_offsets(&mut config, s.program, &f));
-            if let Err(e) = r {
-                unusable.insert(s.program, e.to_string());
-            }
-        }
-
-        let btf = Path::new("/sys/kernel/btf/vmlinux");
-        report.features.insert("btf".into(), btf.exists());
-        // SAFETY: sysconf has no preconditions.
-        let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            n if n > 0 => n as u64,
-            _ => 4096,
-        };
-        // Parsed once for both the structure layout and the stat items.
-        let parsed = KernelBtf::load(btf);
-        match parsed
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|b| b.kernel_layout(page_size).map_err(|e| e.to_string()))
-        {
-            Ok(layout) => {
-                config.layout = layout;
-                report
-                    .features
-                    .insert("kernel watermark at rmdir (BTF layout)".into(), true);
-            }
-            Err(e) => {
-                report
-                    .features
-                    .insert("kernel watermark at rmdir (BTF layout)".into(), false);
-                unusable.insert("raw_cgroup_rmdir", format!("kernel layout unknown: {e}"));
-            }
-        }
-        let v1 = hierarchy.version == CgroupVersion::V1;
-        match parsed
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|b| b.usage_items(v1, page_size).map_err(|e| e.to_string()))
-        {
-            Ok(items) => report.usage_items = items,
-            Err(e) => {
-                for s in SPECS.iter().filter(|s| s.memcg) {
-                    unusable
-                        .entry(s.program)
-                        .or_insert_with(|| format!("memcg stat items unknown: {e}"));
-                }
-            }
-        }
-        let peak_file = match hierarchy.version {
-            CgroupVersion::V1 => "memory.max_usage_in_bytes",
-            CgroupVersion::V2 => "memory.peak",
-        };
-        report.features.insert(
-            format!("{peak_file} (kernel watermark)"),
-            hierarchy.mount.join(peak_file).exists()
-                || std::fs::read_dir(&hierarchy.mount)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| e.path().join(peak_file).exists()),
-        );
+        let mut unusable = tracepoint_offsets(&tracefs, &mut config, &mut report);
+        kernel_btf(hierarchy.version, &mut config, &mut report, &mut unusable);
+        let peak_file = peak_file_feature(hierarchy, &mut report);
 
         let identity = identity(&config, cfg, &report.usage_items);
-        let mut pins = None;
-        // Sets of other identities: replaced at the last moment, their rings carried over.
-        let mut others = None;
-        if cfg.pin {
-            let mut expected: Vec<String> = PINNED_MAPS.iter().map(|m| map_pin(m)).collect();
-            expected.push(pins::COMPLETE.into());
-            match PinDir::open(&cfg.pin_path, &identity, &expected) {
-                Ok(p) => {
-                    others = Some(Others::open(&p));
-                    pins = Some(p);
-                }
-                // Two agents must never read one ring.
-                Err(e @ pins::PinError::Busy(_)) => return Err(e.into()),
-                Err(e) => report.fallbacks.push(format!(
-                    "kernel side not pinned ({e}): it detaches when the agent stops, and \
-                     instances that start or end meanwhile are not recorded"
-                )),
-            }
-        }
+        let (mut pins, others) = open_pins(cfg, &identity, &mut report)?;
         let plan = Plan {
             cfg,
             unusable: &unusable,
@@ -295,36 +213,12 @@ impl Probes {
             .map_max_entries(names::WATCHED, cfg.max_watched_cgroups)
             .map_max_entries(names::TASKS, cfg.max_tasks)
             .load(EBPF_OBJECT)?;
-
-        {
-            let map = ebpf
-                .map_mut(names::WATCH_ROOTS)
-                .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
-            let mut arr: Array<&mut MapData, WatchRoot> =
-                Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
-            fill_watch_roots(&mut arr, hierarchy.hierarchy_id, roots)?;
-        }
-        {
-            let map = ebpf
-                .map_mut(names::SETTINGS)
-                .ok_or_else(|| map_err(names::SETTINGS, "missing"))?;
-            let mut arr: Array<&mut MapData, RunSettings> =
-                Array::try_from(map).map_err(|e| map_err(names::SETTINGS, e))?;
-            arr.set(0, settings, 0)
-                .map_err(|e| map_err(names::SETTINGS, e))?;
-        }
-        {
-            let map = ebpf
-                .map_mut(names::ITEM_UNITS)
-                .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
-            let mut units: Array<&mut MapData, u64> =
-                Array::try_from(map).map_err(|e| map_err(names::ITEM_UNITS, e))?;
-            for it in &report.usage_items {
-                units
-                    .set(it.item, it.unit, 0)
-                    .map_err(|e| map_err(names::ITEM_UNITS, e))?;
-            }
-        }
+        fill_maps(
+            &mut ebpf,
+            (hierarchy.hierarchy_id, roots),
+            settings,
+            &report.usage_items,
+        )?;
 
         // The old set's programs detach just before the new ones attach (verified already):
         // a cgroup made in between is found by the scan of existing cgroups.
@@ -335,50 +229,23 @@ impl Probes {
             }
             None => Vec::new(),
         };
-        let mut links = Vec::new();
-        for s in SPECS {
-            let (mut status, chosen) = plan.status(s, &report);
-            if status.error.is_none() {
-                match attach(&mut ebpf, s, pins.is_some()) {
-                    Ok(link) => {
-                        status.attached = true;
-                        links.extend(link.map(|l| (s.program, l)));
-                    }
-                    Err(e) => status.error = Some(e),
-                }
-            }
-            match &status.error {
-                Some(e) if chosen => tracing::info!(program = s.program, "not attached: {e}"),
-                Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
-                None => {}
-            }
-            report.programs.push(status);
-        }
+        let links = attach_all(&mut ebpf, &plan, pins.is_some(), &mut report);
         plan.fallbacks(&mut report);
+        let held = match &pins {
+            Some(p) => pin_fresh(&mut ebpf, p, links, cfg, &mut report),
+            None => Vec::new(),
+        };
+        Probes::taking_maps(ebpf, pins, carried, held, report)
+    }
 
-        let mut held = Vec::new();
-        if let Some(p) = &pins {
-            let (kept, pinned) = pin_all(
-                &mut ebpf,
-                p,
-                links,
-                &replaced::settings_pin(cfg),
-                &mut report,
-            );
-            held = kept;
-            match pinned {
-                Ok(dir) => {
-                    tracing::info!(
-                        "kernel side pinned at {dir}: it keeps recording while no agent runs"
-                    );
-                    report.pinned = Some(dir);
-                }
-                Err(e) => report.fallbacks.push(format!(
-                    "kernel side not pinned ({e}): it detaches when the agent stops"
-                )),
-            }
-        }
-
+    /// The loaded set's maps the agent talks to, taken out of `ebpf`.
+    fn taking_maps(
+        mut ebpf: Ebpf,
+        pins: Option<PinDir>,
+        carried: Vec<CarriedRing>,
+        held: Vec<FdLink>,
+        report: ProbeReport,
+    ) -> Result<Probes, ProbeError> {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| map_err(name, "missing"))
         };
@@ -539,6 +406,213 @@ fn specs_cover_every_program() {
     names.sort_unstable();
     all.sort_unstable();
     assert_eq!(names, all);
+}
+
+/// The tracepoints' offsets into `config`; a tracepoint whose format cannot be used is
+/// reported (its program is then not attached), not fatal. Returns those, by program.
+fn tracepoint_offsets(
+    tracefs: &Tracefs,
+    config: &mut ProbeConfig,
+    report: &mut ProbeReport,
+) -> BTreeMap<&'static str, String> {
+    let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
+    for s in SPECS.iter().filter(|s| s.category != "raw") {
+        let present = tracefs.exists(s.category, s.tracepoint);
+        report.features.insert(
+            format!("tracepoint {}:{}", s.category, s.tracepoint),
+            present,
+        );
+        let r = tracefs
+            .format(s.category, s.tracepoint)
+            .and_then(|f| fill_offsets(config, s.program, &f));
+        if let Err(e) = r {
+            unusable.insert(s.program, e.to_string());
+        }
+    }
+    unusable
+}
+
+/// The kernel's BTF, parsed once: the structure layout (the watermark at rmdir) into
+/// `config`, the memcg stat items into the report; a program that needs what is missing goes
+/// into `unusable`.
+fn kernel_btf(
+    version: CgroupVersion,
+    config: &mut ProbeConfig,
+    report: &mut ProbeReport,
+    unusable: &mut BTreeMap<&'static str, String>,
+) {
+    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    report.features.insert("btf".into(), btf.exists());
+    // SAFETY: sysconf has no preconditions.
+    let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    };
+    let parsed = KernelBtf::load(btf);
+    let layout_feature = "kernel watermark at rmdir (BTF layout)";
+    match parsed
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|b| b.kernel_layout(page_size).map_err(|e| e.to_string()))
+    {
+        Ok(layout) => {
+            config.layout = layout;
+            report.features.insert(layout_feature.into(), true);
+        }
+        Err(e) => {
+            report.features.insert(layout_feature.into(), false);
+            unusable.insert("raw_cgroup_rmdir", format!("kernel layout unknown: {e}"));
+        }
+    }
+    let v1 = version == CgroupVersion::V1;
+    match parsed
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|b| b.usage_items(v1, page_size).map_err(|e| e.to_string()))
+    {
+        Ok(items) => report.usage_items = items,
+        Err(e) => {
+            for s in SPECS.iter().filter(|s| s.memcg) {
+                unusable
+                    .entry(s.program)
+                    .or_insert_with(|| format!("memcg stat items unknown: {e}"));
+            }
+        }
+    }
+}
+
+/// The kernel watermark file of this cgroup version, and whether the hierarchy has it.
+fn peak_file_feature(hierarchy: &MemoryHierarchy, report: &mut ProbeReport) -> &'static str {
+    let peak_file = match hierarchy.version {
+        CgroupVersion::V1 => "memory.max_usage_in_bytes",
+        CgroupVersion::V2 => "memory.peak",
+    };
+    report.features.insert(
+        format!("{peak_file} (kernel watermark)"),
+        hierarchy.mount.join(peak_file).exists()
+            || std::fs::read_dir(&hierarchy.mount)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join(peak_file).exists()),
+    );
+    peak_file
+}
+
+/// The pinned set of `identity` (when `cfg.pin`), and the sets of other identities found
+/// beside it (replaced at the last moment, their rings carried over). A set another agent
+/// holds is an error: two agents must never read one ring.
+fn open_pins(
+    cfg: &ProbesConfig,
+    identity: &str,
+    report: &mut ProbeReport,
+) -> Result<(Option<PinDir>, Option<Others>), ProbeError> {
+    if !cfg.pin {
+        return Ok((None, None));
+    }
+    let mut expected: Vec<String> = PINNED_MAPS.iter().map(|m| map_pin(m)).collect();
+    expected.push(pins::COMPLETE.into());
+    match PinDir::open(&cfg.pin_path, identity, &expected) {
+        Ok(p) => {
+            let others = Others::open(&p);
+            Ok((Some(p), Some(others)))
+        }
+        Err(e @ pins::PinError::Busy(_)) => Err(e.into()),
+        Err(e) => {
+            report.fallbacks.push(format!(
+                "kernel side not pinned ({e}): it detaches when the agent stops, and \
+                 instances that start or end meanwhile are not recorded"
+            ));
+            Ok((None, None))
+        }
+    }
+}
+
+/// The run-time maps of a fresh load: watched roots, settings, stat item units.
+fn fill_maps(
+    ebpf: &mut Ebpf,
+    (hierarchy_id, roots): (i32, &[String]),
+    settings: RunSettings,
+    usage_items: &[UsageItem],
+) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut(names::WATCH_ROOTS)
+        .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
+    let mut arr: Array<&mut MapData, WatchRoot> =
+        Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+    fill_watch_roots(&mut arr, hierarchy_id, roots)?;
+
+    let map = ebpf
+        .map_mut(names::SETTINGS)
+        .ok_or_else(|| map_err(names::SETTINGS, "missing"))?;
+    let mut arr: Array<&mut MapData, RunSettings> =
+        Array::try_from(map).map_err(|e| map_err(names::SETTINGS, e))?;
+    arr.set(0, settings, 0)
+        .map_err(|e| map_err(names::SETTINGS, e))?;
+
+    let map = ebpf
+        .map_mut(names::ITEM_UNITS)
+        .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
+    let mut units: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|e| map_err(names::ITEM_UNITS, e))?;
+    for it in usage_items {
+        units
+            .set(it.item, it.unit, 0)
+            .map_err(|e| map_err(names::ITEM_UNITS, e))?;
+    }
+    Ok(())
+}
+
+/// Attaches every program the plan allows, in [`SPECS`] order; each one's status goes into
+/// the report. The links to pin (`take`: a pinned set) come back by program.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    plan: &Plan<'_>,
+    take: bool,
+    report: &mut ProbeReport,
+) -> Vec<(&'static str, FdLink)> {
+    let mut links = Vec::new();
+    for s in SPECS {
+        let (mut status, chosen) = plan.status(s, report);
+        if status.error.is_none() {
+            match attach(ebpf, s, take) {
+                Ok(link) => {
+                    status.attached = true;
+                    links.extend(link.map(|l| (s.program, l)));
+                }
+                Err(e) => status.error = Some(e),
+            }
+        }
+        match &status.error {
+            Some(e) if chosen => tracing::info!(program = s.program, "not attached: {e}"),
+            Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
+            None => {}
+        }
+        report.programs.push(status);
+    }
+    links
+}
+
+/// Pins a fresh load (see [`pin_all`]) and says where, or why not; the links held for the
+/// agent's life come back.
+fn pin_fresh(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    links: Vec<(&'static str, FdLink)>,
+    cfg: &ProbesConfig,
+    report: &mut ProbeReport,
+) -> Vec<FdLink> {
+    let (held, pinned) = pin_all(ebpf, pins, links, &replaced::settings_pin(cfg), report);
+    match pinned {
+        Ok(dir) => {
+            tracing::info!("kernel side pinned at {dir}: it keeps recording while no agent runs");
+            report.pinned = Some(dir);
+        }
+        Err(e) => report.fallbacks.push(format!(
+            "kernel side not pinned ({e}): it detaches when the agent stops"
+        )),
+    }
+    held
 }
 
 /// Loads (the verifier's pass) every program the attach loop is to attach, as far as that can

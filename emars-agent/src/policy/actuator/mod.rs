@@ -252,8 +252,8 @@ mod tests {
     use std::{fs, os::unix::fs::MetadataExt, path::Path, sync::atomic::Ordering};
 
     use super::*;
-    use crate::model::audit::{ClampedBy, Outcome};
     use crate::kernel::cgroupfs::CgroupVersion;
+    use crate::model::audit::{ClampedBy, Outcome};
     use crate::model::PeakSource;
 
     struct Fake {
@@ -515,11 +515,7 @@ mod tests {
             "apply",
             None,
         );
-        assert_eq!(
-            w.audit.clamped_by,
-            Some(ClampedBy::RuntimeLimit),
-            "{w:?}"
-        );
+        assert_eq!(w.audit.clamped_by, Some(ClampedBy::RuntimeLimit), "{w:?}");
         assert_eq!(read(&f.inst.join("memory.max")).trim(), "67108864");
         assert_eq!(
             read(&f.inst.join("memory.high")),

@@ -113,7 +113,11 @@ impl Actuator {
 
     /// `cgroup_path` opened strictly inside a watched root, refused unless its id is
     /// `cgroup_id` (a cgroup removed and created again is another one).
-    pub(super) fn open_recorded(&self, cgroup_path: &str, cgroup_id: u64) -> Result<CgroupDir, ActuatorError> {
+    pub(super) fn open_recorded(
+        &self,
+        cgroup_path: &str,
+        cgroup_id: u64,
+    ) -> Result<CgroupDir, ActuatorError> {
         let path = Path::new(cgroup_path);
         let outside = || ActuatorError::OutsideRoots {
             path: path.to_owned(),

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{plan::Plan, ActuatorError, Applied, BelowUsage, Written, Actuator, REASON_BY_HAND};
+use super::{plan::Plan, Actuator, ActuatorError, Applied, BelowUsage, Written, REASON_BY_HAND};
 use crate::{
     kernel::cgroupfs::{CgroupDir, CgroupfsError},
     model::audit::{AuditRecord, ClampedBy, Outcome, Reason},
@@ -120,7 +120,12 @@ impl Actuator {
     /// A write whose limits are in force already: nothing to write, so nothing that needs an
     /// audit record (or its disk sync), unless the runtime's limit kept the ones asked for
     /// out, which is said.
-    pub(super) fn unchanged(&self, plan: &Plan, key: InstanceKey, mut audit: AuditRecord) -> Written {
+    pub(super) fn unchanged(
+        &self,
+        plan: &Plan,
+        key: InstanceKey,
+        mut audit: AuditRecord,
+    ) -> Written {
         self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
         audit.outcome = Outcome::Unchanged;
         if let (Some(_), Some(m)) = (plan.new.max_bytes, plan.old.max_bytes) {
