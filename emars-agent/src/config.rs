@@ -27,8 +27,9 @@ pub const DEFAULT_STORE_PATH: &str = "/var/lib/emars/store";
 pub const DEFAULT_RETENTION_DAYS: u32 = 14;
 pub const RETENTION_DAYS_RANGE: RangeInclusive<u32> = 1..=3650;
 pub use crate::store::DEFAULT_MAX_FUNCTIONS;
-/// Allowed `store.max_functions`: each function costs about 6 KB of /metrics and its history's
-/// memory, so a million is already far beyond what one host runs.
+/// Allowed `store.max_functions`: each function costs its history's memory and its share of
+/// /metrics (docs/config.md says how much), so a million is already far beyond what one host
+/// runs.
 pub const MAX_FUNCTIONS_RANGE: RangeInclusive<usize> = 1..=1_000_000;
 pub const DEFAULT_ROOT: &str = "/emars";
 pub const DEFAULT_PEAK_STEP_BYTES: u64 = 1 << 20;
