@@ -6,6 +6,12 @@
 //!
 //! # Method
 //!
+//! Each numbered step is a named type below, testable alone, and [`recommend`] composes them
+//! in one place (after VPA's estimator chain: a base estimate, then wrappers):
+//! 1 [`History`]; 2 [`Estimate::percentile_with_margin`] (with [`margin_for`]); 3
+//! [`WithOomAtOnce`]; 4 [`WithFloor`], [`WithCeiling`], [`WithHostMemory`]; 5 and 6
+//! [`WithPinnedMax`], [`WithHigh`].
+//!
 //! 1. Every instance peak goes into a [`DecayingHistogram`] (exponential buckets, the first
 //!    ending at 1 MiB, each 5% wider than the one before, up to at least 1 TiB) with the weight
 //!    `2^((t - ref) / half_life)`. An OOM-killed instance's peak is censored (the kernel killed
