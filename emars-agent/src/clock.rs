@@ -26,7 +26,7 @@ pub fn monotonic_ns() -> u64 {
 /// Wall-clock ms of a kernel timestamp (bpf_ktime_get_ns is CLOCK_MONOTONIC). The clocks'
 /// offset is taken in nanoseconds and the sum cut to milliseconds once: two agents converting
 /// the same event agree (its instance's key, when an agent killed before its flush left it to
-/// the next one to apply again), where two separate cuts differed by 1 ms about half the time.
+/// the next one to apply again), where two separate cuts can differ by 1 ms.
 pub fn wall_ms_of(ts_ns: u64) -> u64 {
     let wall_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)

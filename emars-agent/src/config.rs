@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::config_error::ConfigError;
 pub use crate::kernel::cgroupfs::CgroupMode;
 pub use crate::kernel::probes::ProbesConfig;
 use crate::model::registry::{normalize_root_path, InvalidRule, Registry, DEFAULT_PATTERN};
@@ -26,8 +27,9 @@ pub const DEFAULT_STORE_PATH: &str = "/var/lib/emars/store";
 pub const DEFAULT_RETENTION_DAYS: u32 = 14;
 pub const RETENTION_DAYS_RANGE: RangeInclusive<u32> = 1..=3650;
 pub use crate::store::DEFAULT_MAX_FUNCTIONS;
-/// Allowed `store.max_functions`: each function costs about 6 KB of /metrics and its history's
-/// memory, so a million is already far beyond what one host runs.
+/// Allowed `store.max_functions`: each function costs its history's memory and its share of
+/// /metrics (docs/config.md says how much), so a million is already far beyond what one host
+/// runs.
 pub const MAX_FUNCTIONS_RANGE: RangeInclusive<usize> = 1..=1_000_000;
 pub const DEFAULT_ROOT: &str = "/emars";
 pub const DEFAULT_PEAK_STEP_BYTES: u64 = 1 << 20;
@@ -35,30 +37,6 @@ pub const DEFAULT_PEAK_STEP_BYTES: u64 = 1 << 20;
 pub const MIN_PEAK_STEP_BYTES: u64 = 4096;
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 4 << 20;
 pub const RING_BUFFER_BYTES_RANGE: RangeInclusive<u32> = (64 << 10)..=(256 << 20);
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// Bad TOML, an unknown key or a value of the wrong type; toml's message names the key and
-    /// shows the line.
-    #[error("{}{message}", path.as_ref().map_or_else(|| "invalid config: ".to_string(), |p| format!("invalid config file {}: ", p.display())))]
-    Parse {
-        path: Option<PathBuf>,
-        message: String,
-    },
-    /// A well-typed value that is out of range or inconsistent; `key` is dotted, e.g.
-    /// `cgroup.roots[0].rules[1].regex`.
-    #[error("invalid value \"{value}\" for {key}: {reason}")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
-}
 
 impl From<InvalidRule> for ConfigError {
     fn from(e: InvalidRule) -> Self {

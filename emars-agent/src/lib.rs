@@ -1,16 +1,19 @@
-//! EMARS agent. The folders follow the pipeline, and imports point down it:
+//! EMARS agent. The folders follow the pipeline, and imports point down it (a unit test,
+//! `layering_tests`, checks it on the source tree):
 //!
-//! `kernel` (eBPF probes, ring-buffer events, cgroup files) → `model` (registry: which cgroup is
-//! which function; tracker: instances from events; live: the in-memory model every read comes
-//! from) → `store` (persistence: instance log in blocks, checkpoints, audit) → `policy`
-//! (recommend: the rule; the periodic generator; actuator: the only cgroup writer) → `daemon`
-//! (start-up, the event loop, the effects carried out) → `api`
-//! (HTTP server, wire types) → `cli` (client, demo, report, tune) and `view` (SVG plots for the
-//! CLI and the benchmark binaries). `clock`, `files`, `size` and `config` sit beside them:
-//! `config` parses the TOML once into the stages' own types.
+//! `kernel` (eBPF probes, ring-buffer events, cgroup files, the host's memory, runtime metadata
+//! files) → `model` (registry: which cgroup is which function; tracker: instances from events;
+//! live: the in-memory model every read comes from; audit records) → `store` (persistence:
+//! instance log in blocks, checkpoints, audit) → `policy` (recommend: the rule; the periodic
+//! generator; actuator: the only cgroup writer) → `daemon` (start-up, the event loop, the
+//! effects carried out; `config` parses the TOML once into the stages' own types) → `api` (HTTP
+//! server, wire types) → `cli` (client, demo, report, tune). Below all of them: `view` (SVG
+//! plots for the CLI and the benchmark binaries), `clock`, `files`, `size` and `config_error`
+//! (the config's error, with which each stage's settings check their values).
 
 pub mod clock;
 pub mod config;
+pub mod config_error;
 pub mod files;
 pub mod size;
 
@@ -34,3 +37,6 @@ pub(crate) fn skip_kernel_test(test: &str, why: &dyn std::fmt::Display) {
     }
     eprintln!("\n*** SKIPPED {test}: {why} ***\n");
 }
+
+#[cfg(test)]
+mod layering_tests;

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::live::FunctionsResponse;
+pub use crate::model::audit::AuditRecord;
 pub use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
-pub use crate::policy::actuator::AuditRecord;
 pub use crate::policy::recommend::Recommendation;
 pub use crate::policy::Generation;
 
@@ -142,14 +142,7 @@ pub struct AdmissionCounts {
 
 /// Body of POST /v1/functions/{name}/instances/{instance}/limits: memory.max and/or
 /// memory.high to write, at least one of them (a field absent or null is left as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsBody {
-    #[serde(default)]
-    pub max_bytes: Option<u64>,
-    #[serde(default)]
-    pub high_bytes: Option<u64>,
-}
+pub use crate::model::LimitRequest as LimitsBody;
 
 /// The limits to write.
 #[derive(utoipa::ToSchema)]

@@ -505,7 +505,7 @@ pub fn render_recommendations(list: &[Recommendation], detail: bool) -> String {
             human_bytes(r.max_bytes),
             human_bytes(r.p50_bytes),
             oom_bump_text(r),
-            r.clamped_by.as_deref().unwrap_or("nothing"),
+            r.clamped_by.as_ref().map_or("nothing", |c| c.as_str()),
             r.half_life_hours,
         );
     }
@@ -614,7 +614,7 @@ pub fn render_audit(list: &[AuditRecord]) -> String {
     for a in list {
         let outcome = match &a.error {
             Some(e) => format!("{}: {e}", a.outcome),
-            None => a.outcome.clone(),
+            None => a.outcome.to_string(),
         };
         let _ = writeln!(
             out,

@@ -726,6 +726,27 @@ pub struct Limits {
     pub high_bytes: Option<u64>,
 }
 
+/// Limits to write into an instance's cgroup (bytes; None = leave that file as it is), at
+/// least one of them. Not [`Limits`]: there None means unlimited (or unknown), a value the
+/// files hold; here it means no write. The body of `POST .../limits` on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRequest {
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub high_bytes: Option<u64>,
+}
+
+impl From<Limits> for LimitRequest {
+    fn from(l: Limits) -> Self {
+        LimitRequest {
+            max_bytes: l.max_bytes,
+            high_bytes: l.high_bytes,
+        }
+    }
+}
+
 /// Which cgroup version holds the memory controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,15 +1,19 @@
 //! The data model: what EMARS knows about instances (one container cgroup each) and
 //! functions (all instances that run the same code). Shared by the store, the API and the CLI.
 //! Below it: `registry` (which cgroup is which instance of which function), `tracker`
-//! (instances from kernel events) and `live` (the in-memory model every read comes from).
+//! (instances from kernel events), `live` (the in-memory model every read comes from),
+//! `runtime` (what a container runtime's metadata says; the file is read by `kernel`), `kept`
+//! (what is kept of a live instance besides its record) and `audit` (the audit record of a
+//! limit write and its enums).
 
+pub mod audit;
 pub mod kept;
 pub mod live;
 pub mod registry;
 pub mod runtime;
 pub mod tracker;
 
-pub use crate::kernel::cgroupfs::Limits;
+pub use crate::kernel::cgroupfs::{LimitRequest, Limits};
 pub use crate::kernel::probes::{KernelCounters, ProgramStatus};
 use serde::{Deserialize, Serialize};
 

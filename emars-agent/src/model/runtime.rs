@@ -17,13 +17,15 @@
 //! into memory.max / memory.limit_in_bytes before runc writes the file), an OCI bundle's
 //! `linux.resources.memory.limit`. The agent writes no limit above it (see `policy::actuator`).
 
-use std::{collections::BTreeMap, fs::File, io::Read, os::unix::fs::OpenOptionsExt, path::Path};
+//!
+//! The files are read by `kernel::runtime_meta`; this module says what their bytes mean.
+
+use std::{collections::BTreeMap, path::Path};
+
+use crate::kernel::runtime_meta::{self, FileRead};
 
 /// A container's labels and annotations, by key.
 pub type Labels = BTreeMap<String, String>;
-
-/// Largest metadata file read (runc's state.json of a large spec is some tens of KiB).
-const MAX_METADATA_BYTES: u64 = 4 << 20;
 
 /// What reading a container's metadata file gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,53 +55,31 @@ impl From<MetadataRead> for ContainerMetadata {
     }
 }
 
-/// Reads the labels in `path` without following it into anything but a regular file: the
-/// file is opened non-blocking, so a FIFO planted there cannot stall the agent.
+/// Reads the labels in `path` (see [`read_metadata`]).
 pub fn read_labels(path: &Path) -> MetadataRead {
     read_metadata(path).read
 }
 
-/// [`read_labels`], with the runtime's memory limit read from the same document.
+/// The labels and the runtime's memory limit in the metadata file `path`: the file read by
+/// `kernel::runtime_meta` (no FIFO, nothing but a regular file), its bytes parsed here.
 pub fn read_metadata(path: &Path) -> ContainerMetadata {
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return MetadataRead::Absent.into(),
-        Err(e) => return MetadataRead::Unusable(format!("{}: {e}", path.display())).into(),
+    metadata_of(runtime_meta::read(path), path)
+}
+
+/// What a metadata file's read means: its labels and the runtime's memory limit, or why not.
+pub fn metadata_of(read: FileRead, path: &Path) -> ContainerMetadata {
+    let text = match read {
+        FileRead::Bytes(text) => text,
+        FileRead::Absent => return MetadataRead::Absent.into(),
+        FileRead::Unusable(why) => return MetadataRead::Unusable(why).into(),
     };
-    match read_regular(file, path)
-        .and_then(|text| parse_metadata(&text).map_err(|e| format!("{}: {e}", path.display())))
-    {
+    match parse_metadata(&text) {
         Ok((labels, memory_limit_bytes)) => ContainerMetadata {
             read: MetadataRead::Labels(labels),
             memory_limit_bytes,
         },
-        Err(e) => MetadataRead::Unusable(e).into(),
+        Err(e) => MetadataRead::Unusable(format!("{}: {e}", path.display())).into(),
     }
-}
-
-fn read_regular(file: File, path: &Path) -> Result<Vec<u8>, String> {
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{}: not a regular file", path.display()));
-    }
-    if meta.len() > MAX_METADATA_BYTES {
-        return Err(format!(
-            "{}: {} bytes, more than the {MAX_METADATA_BYTES} read",
-            path.display(),
-            meta.len()
-        ));
-    }
-    let mut text = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_METADATA_BYTES)
-        .read_to_end(&mut text)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(text)
 }
 
 /// The labels of one metadata document, from whichever of the known layouts it has. Later

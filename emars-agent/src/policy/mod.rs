@@ -1,7 +1,17 @@
-//! Predictive mode: per-function recommendations from the store's instance peaks, the periodic
-//! config generator (the paper's daily {requests, max memory} file, kept per generation), and
-//! the enforcement decisions the actuator carries out. Below it: `recommend` (the rule) and
-//! `actuator` (the only cgroup writer, audit before write).
+//! What limits instances get, and the one writer that puts them in place.
+//!
+//! Here (mod.rs): the predictive mode's front: per-function recommendations from the store's
+//! instance peaks (cached), the periodic config generator (the paper's daily {requests, max
+//! memory} file, kept per generation, exported), one-shot `apply`, and the limits of a new
+//! instance. Beside it:
+//! - `recommend`: the rule, pure, a chain of named steps;
+//! - `actuator/`: the only cgroup writer (checks, durable audit intent, write, outcome);
+//! - `reactive`: the reactive mode's decisions, pure (trigger point, raise step, ceiling,
+//!   admission), and its settings;
+//! - `burst`: the burst guard at run time (raises near the limit, through the actuator);
+//! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
+//! - `keepalive`: Reuse/Recycle advice from idle times, pure;
+//! - `enforcer`: carries out the tracker's effects (records, then limits).
 
 pub mod actuator;
 pub mod burst;
@@ -21,8 +31,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    model::audit::{AuditRecord, Reason},
     model::InstanceRecord,
-    policy::actuator::{Actuator, AuditRecord, BelowUsage, LimitRequest},
+    model::LimitRequest,
+    policy::actuator::{Actuator, BelowUsage},
     policy::recommend::{recommend, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
@@ -231,7 +243,7 @@ impl Policy {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(actuator, rec, &r, "new_instance", delay_start_ns))
+        Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns))
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
@@ -254,7 +266,7 @@ impl Policy {
                 continue;
             }
             out.writes
-                .push(self.write(actuator, &inst, &r, "apply", None));
+                .push(self.write(actuator, &inst, &r, Reason::Apply, None));
         }
         if self.config.mode != EnforceMode::Enforce {
             return Err(PolicyError::ObserveMode);
@@ -267,7 +279,7 @@ impl Policy {
         actuator: &Actuator,
         inst: &InstanceRecord,
         r: &Recommendation,
-        reason: &str,
+        reason: Reason,
         delay_start_ns: Option<u64>,
     ) -> AuditRecord {
         let req = LimitRequest {

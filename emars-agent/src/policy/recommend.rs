@@ -6,6 +6,12 @@
 //!
 //! # Method
 //!
+//! Each numbered step is a named type below, testable alone, and [`recommend`] composes them
+//! in one place (after VPA's estimator chain: a base estimate, then wrappers):
+//! 1 [`History`]; 2 [`Estimate::percentile_with_margin`] (with [`margin_for`]); 3
+//! [`WithOomAtOnce`]; 4 [`WithFloor`], [`WithCeiling`], [`WithHostMemory`]; 5 and 6
+//! [`WithPinnedMax`], [`WithHigh`].
+//!
 //! 1. Every instance peak goes into a [`DecayingHistogram`] (exponential buckets, the first
 //!    ending at 1 MiB, each 5% wider than the one before, up to at least 1 TiB) with the weight
 //!    `2^((t - ref) / half_life)`. An OOM-killed instance's peak is censored (the kernel killed
@@ -35,6 +41,7 @@
 
 use std::{sync::OnceLock, time::Duration};
 
+pub use crate::model::audit::ClampedBy;
 pub use crate::model::Sample;
 use serde::{Deserialize, Serialize};
 
@@ -189,7 +196,8 @@ pub struct Recommendation {
     /// A pin set `max_bytes` or `high_bytes`.
     pub pinned: bool,
     /// "floor" | "ceiling" | "host_memory": the last bound that changed `max_bytes`.
-    pub clamped_by: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub clamped_by: Option<ClampedBy>,
     pub half_life_hours: f64,
     pub computed_at_ms: u64,
 }
@@ -353,6 +361,10 @@ fn sample_value(s: &Sample) -> u64 {
 /// well-defined results (e.g. a NaN margin counts as a zero-size limit, which the floor lifts).
 /// `host_memory_bytes` is the host's RAM (0 = unknown: no host clamp). Returns `None` when there
 /// are no samples and nothing is pinned.
+///
+/// The rule is a chain of named steps (after VPA's estimator wrappers), composed here and
+/// nowhere else: the base estimate from the history, then each [`Step`] in the module doc's
+/// order.
 pub fn recommend(
     function: &str,
     samples: &[Sample],
@@ -363,133 +375,306 @@ pub fn recommend(
     if samples.is_empty() && params.pin_max_bytes.is_none() && params.pin_high_bytes.is_none() {
         return None;
     }
-    let half_life = params.half_life;
-    let half_life_ms = half_life.as_secs_f64() * 1000.0;
+    let history = History::of(samples, now_ms, params.half_life);
+    let confidence = history.confidence(params.confidence_samples);
+    let margin = margin_for(params, confidence);
+    let percentile_bytes = history.histogram.percentile(params.percentile);
+    let p50_bytes = history.histogram.percentile(50.0);
+    let host = WithHostMemory::of(host_memory_bytes);
 
-    // The histogram, relative to the newest sample; the OOM that may bump at once.
-    let ref_ms = samples.iter().map(|s| s.at_ms.min(now_ms)).max();
-    let mut hist = DecayingHistogram::new();
-    let mut oom_kills = 0;
-    let mut recent_oom: Option<(u64, u64)> = None; // (at_ms, bumped value)
-    for s in samples {
-        let at_ms = s.at_ms.min(now_ms);
-        let value = sample_value(s);
-        hist.add(
-            value,
-            decay_weight(at_ms, ref_ms.unwrap_or(now_ms), half_life),
-        );
-        if s.oom_killed {
-            oom_kills += 1;
-            let young = ((now_ms - at_ms) as f64) < half_life_ms;
-            // Most recent first; among equally recent ones, the larger bump.
-            if young && recent_oom.is_none_or(|r| (at_ms, value) > r) {
-                recent_oom = Some((at_ms, value));
-            }
-        }
-    }
-    let effective_samples = match ref_ms {
-        Some(r) => hist.total_weight() * decay_weight(r, now_ms, half_life),
-        None => 0.0,
-    };
-    let percentile_bytes = hist.percentile(params.percentile);
-    let p50_bytes = hist.percentile(50.0);
-
-    let confidence = (effective_samples / params.confidence_samples).clamp(0.0, 1.0);
-    let confidence = if confidence.is_nan() { 0.0 } else { confidence };
-    // Thin history: the next peak can beat the few seen so far by more than the margin.
-    let margin = params.margin + params.low_confidence_margin * (1.0 - confidence);
-
-    // memory.max: percentile · (1 + margin), OOM at once, floor, ceiling, host.
-    let mut clamped_by: Option<&str> = None;
-    let mut oom_bump_bytes = None;
-    let mut max_bytes = if samples.is_empty() {
-        0
-    } else {
-        page_up(f64_to_bytes(percentile_bytes as f64 * (1.0 + margin)))
-    };
-    if let Some((_, bumped)) = recent_oom {
-        let bumped = page_up(bumped);
-        if bumped > max_bytes {
-            max_bytes = bumped;
-            oom_bump_bytes = Some(bumped);
-        }
-    }
-    let floor = page_up(params.floor_bytes);
-    if max_bytes < floor {
-        max_bytes = floor;
-        clamped_by = Some("floor");
-    }
-    if let Some(ceiling) = params.ceiling_bytes {
-        let ceiling = page_down(ceiling).max(PAGE_BYTES);
-        if max_bytes > ceiling {
-            max_bytes = ceiling;
-            clamped_by = Some("ceiling");
-        }
-    }
-    let host_cap = (host_memory_bytes > 0).then(|| page_down(host_memory_bytes).max(PAGE_BYTES));
-    let clamp_host = |bytes: u64, clamped_by: &mut Option<&str>| match host_cap {
-        Some(cap) if bytes > cap => {
-            *clamped_by = Some("host_memory");
-            cap
-        }
-        _ => bytes,
-    };
-    max_bytes = clamp_host(max_bytes, &mut clamped_by);
-
-    // A pinned max replaces all of the above (except the host clamp).
-    if let Some(pin) = params.pin_max_bytes {
-        clamped_by = None;
-        oom_bump_bytes = None;
-        max_bytes = clamp_host(pin, &mut clamped_by);
-    }
-
-    // memory.high.
-    let high_bytes = match params.pin_high_bytes {
-        Some(pin) => {
-            let mut ignored = None;
-            let high = clamp_host(pin, &mut ignored);
-            // A kill below the user's throttle point would make the pin meaningless: an
-            // unpinned max is lifted to it.
-            if params.pin_max_bytes.is_none() && max_bytes < high {
-                max_bytes = high;
-                clamped_by = None;
-                oom_bump_bytes = None;
-            }
-            high
-        }
-        None => {
-            let high =
-                page_up(f64_to_bytes(max_bytes as f64 * params.high_fraction).max(p50_bytes));
-            if high < max_bytes {
-                high
-            } else {
-                // Strictly below max; a one-page max has no room below it.
-                match page_down(max_bytes - 1) {
-                    0 => max_bytes,
-                    below => below,
-                }
-            }
-        }
-    };
+    let base = Estimate::percentile_with_margin(percentile_bytes, margin, samples.is_empty());
+    let chain: [&dyn Step; 6] = [
+        &WithOomAtOnce {
+            recent_oom_bytes: history.recent_oom_bytes,
+        },
+        &WithFloor {
+            bytes: params.floor_bytes,
+        },
+        &WithCeiling {
+            bytes: params.ceiling_bytes,
+        },
+        &host,
+        &WithPinnedMax {
+            pin: params.pin_max_bytes,
+            host,
+        },
+        &WithHigh {
+            pin: params.pin_high_bytes,
+            max_pinned: params.pin_max_bytes.is_some(),
+            fraction: params.high_fraction,
+            p50_bytes,
+            host,
+        },
+    ];
+    let estimate = chain
+        .iter()
+        .fold(base, |estimate, step| step.apply(estimate));
 
     Some(Recommendation {
         function: function.to_string(),
-        max_bytes,
-        high_bytes,
+        max_bytes: estimate.max_bytes,
+        high_bytes: estimate.high_bytes,
         confidence,
         samples: samples.len() as u64,
-        effective_samples,
+        effective_samples: history.effective_samples,
         percentile: params.percentile,
         percentile_bytes,
         p50_bytes,
         margin,
-        oom_kills,
-        oom_bump_bytes,
+        oom_kills: history.oom_kills,
+        oom_bump_bytes: estimate.oom_bump_bytes,
         pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
-        clamped_by: clamped_by.map(str::to_string),
-        half_life_hours: half_life.as_secs_f64() / 3600.0,
+        clamped_by: estimate.clamped_by,
+        half_life_hours: params.half_life.as_secs_f64() / 3600.0,
         computed_at_ms: now_ms,
     })
+}
+
+/// Step 1: the samples as a decayed histogram (relative to the newest sample), and the OOM
+/// kills among them.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub histogram: DecayingHistogram,
+    /// The histogram's total weight relative to `now` (what the confidence grows with).
+    pub effective_samples: f64,
+    pub oom_kills: u64,
+    /// The bumped value of the most recent OOM kill younger than one half-life (among
+    /// equally recent ones, the larger bump).
+    pub recent_oom_bytes: Option<u64>,
+}
+
+impl History {
+    pub fn of(samples: &[Sample], now_ms: u64, half_life: Duration) -> Self {
+        let half_life_ms = half_life.as_secs_f64() * 1000.0;
+        let ref_ms = samples.iter().map(|s| s.at_ms.min(now_ms)).max();
+        let mut histogram = DecayingHistogram::new();
+        let mut oom_kills = 0;
+        let mut recent_oom: Option<(u64, u64)> = None; // (at_ms, bumped value)
+        for s in samples {
+            let at_ms = s.at_ms.min(now_ms);
+            let value = sample_value(s);
+            histogram.add(
+                value,
+                decay_weight(at_ms, ref_ms.unwrap_or(now_ms), half_life),
+            );
+            if s.oom_killed {
+                oom_kills += 1;
+                let young = ((now_ms - at_ms) as f64) < half_life_ms;
+                // Most recent first; among equally recent ones, the larger bump.
+                if young && recent_oom.is_none_or(|r| (at_ms, value) > r) {
+                    recent_oom = Some((at_ms, value));
+                }
+            }
+        }
+        let effective_samples = match ref_ms {
+            Some(r) => histogram.total_weight() * decay_weight(r, now_ms, half_life),
+            None => 0.0,
+        };
+        History {
+            histogram,
+            effective_samples,
+            oom_kills,
+            recent_oom_bytes: recent_oom.map(|(_, bumped)| bumped),
+        }
+    }
+
+    /// 0..=1: `min(1, effective_samples / confidence_samples)`; 0 when undefined.
+    pub fn confidence(&self, confidence_samples: f64) -> f64 {
+        let confidence = (self.effective_samples / confidence_samples).clamp(0.0, 1.0);
+        if confidence.is_nan() {
+            0.0
+        } else {
+            confidence
+        }
+    }
+}
+
+/// The margin in force: thin history widens it, as the next peak can beat the few seen so
+/// far by more than the margin.
+pub fn margin_for(params: &PolicyParams, confidence: f64) -> f64 {
+    params.margin + params.low_confidence_margin * (1.0 - confidence)
+}
+
+/// The recommendation as the chain carries it from step to step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Estimate {
+    pub max_bytes: u64,
+    /// 0 until [`WithHigh`] sets it.
+    pub high_bytes: u64,
+    /// The last bound that changed `max_bytes`.
+    pub clamped_by: Option<ClampedBy>,
+    /// Set when a recent OOM lifted `max_bytes` above the percentile with its margin.
+    pub oom_bump_bytes: Option<u64>,
+}
+
+impl Estimate {
+    /// Step 2, the base estimate: `percentile_bytes · (1 + margin)`, page-rounded up; 0
+    /// without samples (the floor or a pin lifts it).
+    pub fn percentile_with_margin(percentile_bytes: u64, margin: f64, no_samples: bool) -> Self {
+        let max_bytes = if no_samples {
+            0
+        } else {
+            page_up(f64_to_bytes(percentile_bytes as f64 * (1.0 + margin)))
+        };
+        Estimate {
+            max_bytes,
+            ..Estimate::default()
+        }
+    }
+}
+
+/// One step of the rule: the estimate so far in, the estimate changed by this step out.
+pub trait Step {
+    fn apply(&self, estimate: Estimate) -> Estimate;
+}
+
+/// Step 3: a recent OOM kill lifts `max_bytes` to at least its bumped value at once.
+#[derive(Debug, Clone, Copy)]
+pub struct WithOomAtOnce {
+    pub recent_oom_bytes: Option<u64>,
+}
+
+impl Step for WithOomAtOnce {
+    fn apply(&self, mut estimate: Estimate) -> Estimate {
+        if let Some(bumped) = self.recent_oom_bytes.map(page_up) {
+            if bumped > estimate.max_bytes {
+                estimate.max_bytes = bumped;
+                estimate.oom_bump_bytes = Some(bumped);
+            }
+        }
+        estimate
+    }
+}
+
+/// Step 4a: `max_bytes` at least the floor (page-rounded up).
+#[derive(Debug, Clone, Copy)]
+pub struct WithFloor {
+    pub bytes: u64,
+}
+
+impl Step for WithFloor {
+    fn apply(&self, mut estimate: Estimate) -> Estimate {
+        let floor = page_up(self.bytes);
+        if estimate.max_bytes < floor {
+            estimate.max_bytes = floor;
+            estimate.clamped_by = Some(ClampedBy::Floor);
+        }
+        estimate
+    }
+}
+
+/// Step 4b: `max_bytes` at most the ceiling (page-rounded down, at least one page).
+#[derive(Debug, Clone, Copy)]
+pub struct WithCeiling {
+    pub bytes: Option<u64>,
+}
+
+impl Step for WithCeiling {
+    fn apply(&self, mut estimate: Estimate) -> Estimate {
+        if let Some(ceiling) = self.bytes {
+            let ceiling = page_down(ceiling).max(PAGE_BYTES);
+            if estimate.max_bytes > ceiling {
+                estimate.max_bytes = ceiling;
+                estimate.clamped_by = Some(ClampedBy::Ceiling);
+            }
+        }
+        estimate
+    }
+}
+
+/// Step 4c: `max_bytes` at most host memory (page-rounded down); no cap when it is unknown.
+#[derive(Debug, Clone, Copy)]
+pub struct WithHostMemory {
+    pub cap: Option<u64>,
+}
+
+impl WithHostMemory {
+    /// `host_memory_bytes` 0: unknown.
+    pub fn of(host_memory_bytes: u64) -> Self {
+        WithHostMemory {
+            cap: (host_memory_bytes > 0).then(|| page_down(host_memory_bytes).max(PAGE_BYTES)),
+        }
+    }
+
+    /// `bytes` capped, and whether the cap changed it.
+    fn clamp(&self, bytes: u64) -> (u64, bool) {
+        match self.cap {
+            Some(cap) if bytes > cap => (cap, true),
+            _ => (bytes, false),
+        }
+    }
+}
+
+impl Step for WithHostMemory {
+    fn apply(&self, mut estimate: Estimate) -> Estimate {
+        let (max_bytes, clamped) = self.clamp(estimate.max_bytes);
+        if clamped {
+            estimate.max_bytes = max_bytes;
+            estimate.clamped_by = Some(ClampedBy::HostMemory);
+        }
+        estimate
+    }
+}
+
+/// Step 6 for memory.max: a pinned max replaces everything before it, except the host cap.
+#[derive(Debug, Clone, Copy)]
+pub struct WithPinnedMax {
+    pub pin: Option<u64>,
+    pub host: WithHostMemory,
+}
+
+impl Step for WithPinnedMax {
+    fn apply(&self, estimate: Estimate) -> Estimate {
+        let Some(pin) = self.pin else {
+            return estimate;
+        };
+        self.host.apply(Estimate {
+            max_bytes: pin,
+            clamped_by: None,
+            oom_bump_bytes: None,
+            ..estimate
+        })
+    }
+}
+
+/// Steps 5 and 6 for memory.high: `max(max_bytes · fraction, p50_bytes)`, strictly below
+/// `max_bytes`; or the pin (host-capped), which lifts an unpinned max to itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WithHigh {
+    pub pin: Option<u64>,
+    pub max_pinned: bool,
+    pub fraction: f64,
+    pub p50_bytes: u64,
+    pub host: WithHostMemory,
+}
+
+impl Step for WithHigh {
+    fn apply(&self, mut estimate: Estimate) -> Estimate {
+        if let Some(pin) = self.pin {
+            let (high, _) = self.host.clamp(pin);
+            // A kill below the user's throttle point would make the pin meaningless: an
+            // unpinned max is lifted to it.
+            if !self.max_pinned && estimate.max_bytes < high {
+                estimate.max_bytes = high;
+                estimate.clamped_by = None;
+                estimate.oom_bump_bytes = None;
+            }
+            estimate.high_bytes = high;
+            return estimate;
+        }
+        let max_bytes = estimate.max_bytes;
+        let high = page_up(f64_to_bytes(max_bytes as f64 * self.fraction).max(self.p50_bytes));
+        estimate.high_bytes = if high < max_bytes {
+            high
+        } else {
+            // Strictly below max; a one-page max has no room below it.
+            match page_down(max_bytes - 1) {
+                0 => max_bytes,
+                below => below,
+            }
+        };
+        estimate
+    }
 }
 
 #[cfg(test)]
@@ -1032,7 +1217,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.max_bytes, 2 * GIB);
         assert_eq!(r.high_bytes, 2 * GIB);
-        assert_eq!(r.clamped_by.as_deref(), Some("host_memory"));
+        assert_eq!(r.clamped_by, Some(ClampedBy::HostMemory));
     }
 
     #[test]
@@ -1040,7 +1225,7 @@ mod tests {
         let samples = spread(30, 2 * MIB, 0.1, NOW);
         let r = rec(&samples, &PolicyParams::default());
         assert_eq!(r.max_bytes, 16 * MIB);
-        assert_eq!(r.clamped_by.as_deref(), Some("floor"));
+        assert_eq!(r.clamped_by, Some(ClampedBy::Floor));
         assert!(r.high_bytes < r.max_bytes);
         assert_eq!(r.high_bytes, page_up((16.0 * MIB as f64 * 0.9) as u64));
         // VPA's floor.
@@ -1084,7 +1269,7 @@ mod tests {
             },
         );
         assert_eq!(r.max_bytes, 2 * GIB);
-        assert_eq!(r.clamped_by.as_deref(), Some("ceiling"));
+        assert_eq!(r.clamped_by, Some(ClampedBy::Ceiling));
         // High: P50 is above max, so just below max.
         assert_eq!(r.high_bytes, 2 * GIB - PAGE_BYTES);
         // The ceiling also caps an OOM bump.
@@ -1099,7 +1284,7 @@ mod tests {
         );
         assert_eq!(r.max_bytes, 100 * MIB);
         assert_eq!(r.oom_bump_bytes, Some(164 * MIB));
-        assert_eq!(r.clamped_by.as_deref(), Some("ceiling"));
+        assert_eq!(r.clamped_by, Some(ClampedBy::Ceiling));
     }
 
     #[test]
@@ -1117,7 +1302,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.max_bytes, GIB);
-        assert_eq!(r.clamped_by.as_deref(), Some("host_memory"));
+        assert_eq!(r.clamped_by, Some(ClampedBy::HostMemory));
         assert!(r.high_bytes < r.max_bytes);
         // Host 0 = unknown: no clamp.
         let r = recommend("f", &samples, &PolicyParams::default(), NOW, 0).unwrap();
@@ -1306,5 +1491,196 @@ mod tests {
         let p = PolicyParams::default();
         let back: PolicyParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    //! Each step of the chain alone.
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn at(max_bytes: u64) -> Estimate {
+        Estimate {
+            max_bytes,
+            ..Estimate::default()
+        }
+    }
+
+    fn sample(at_ms: u64, peak_bytes: u64, oom_killed: bool) -> Sample {
+        Sample {
+            at_ms,
+            peak_bytes,
+            oom_killed,
+            limit_bytes: None,
+        }
+    }
+
+    #[test]
+    fn history_weights_samples_and_keeps_the_recent_oom() {
+        let day = Duration::from_secs(24 * 3600);
+        let now = 10 * 24 * 3_600_000;
+        let h = History::of(
+            &[
+                sample(now, 10 * MIB, false),
+                sample(now - 3_600_000, 20 * MIB, true),
+                sample(now - 5 * 24 * 3_600_000, 30 * MIB, true),
+            ],
+            now,
+            day,
+        );
+        assert_eq!(h.oom_kills, 2);
+        assert_eq!(
+            h.recent_oom_bytes,
+            Some(oom_bump(20 * MIB)),
+            "the old OOM is too old"
+        );
+        assert!(h.effective_samples > 1.9 && h.effective_samples < 2.1);
+        assert_eq!(h.confidence(20.0), h.effective_samples / 20.0);
+        let empty = History::of(&[], now, day);
+        assert_eq!(
+            (empty.effective_samples, empty.confidence(20.0)),
+            (0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn margin_widens_with_low_confidence() {
+        let params = PolicyParams::default();
+        assert_eq!(margin_for(&params, 1.0), params.margin);
+        assert_eq!(
+            margin_for(&params, 0.0),
+            params.margin + params.low_confidence_margin
+        );
+    }
+
+    #[test]
+    fn base_is_the_percentile_with_its_margin_page_rounded() {
+        assert_eq!(
+            Estimate::percentile_with_margin(100 * MIB, 0.5, false).max_bytes,
+            150 * MIB
+        );
+        assert_eq!(
+            Estimate::percentile_with_margin(1000, 0.0, false).max_bytes,
+            PAGE_BYTES
+        );
+        assert_eq!(
+            Estimate::percentile_with_margin(100 * MIB, 0.5, true).max_bytes,
+            0
+        );
+    }
+
+    #[test]
+    fn oom_at_once_lifts_only_upwards() {
+        let step = WithOomAtOnce {
+            recent_oom_bytes: Some(200 * MIB),
+        };
+        let lifted = step.apply(at(100 * MIB));
+        assert_eq!(
+            (lifted.max_bytes, lifted.oom_bump_bytes),
+            (200 * MIB, Some(200 * MIB))
+        );
+        assert_eq!(step.apply(at(300 * MIB)), at(300 * MIB));
+        let none = WithOomAtOnce {
+            recent_oom_bytes: None,
+        };
+        assert_eq!(none.apply(at(1)), at(1));
+    }
+
+    #[test]
+    fn floor_and_ceiling_bound_and_say_so() {
+        let floor = WithFloor { bytes: 16 * MIB };
+        let floored = floor.apply(at(MIB));
+        assert_eq!(
+            (floored.max_bytes, floored.clamped_by),
+            (16 * MIB, Some(ClampedBy::Floor))
+        );
+        assert_eq!(floor.apply(at(32 * MIB)), at(32 * MIB));
+        let ceiling = WithCeiling {
+            bytes: Some(64 * MIB + 1),
+        };
+        let capped = ceiling.apply(at(100 * MIB));
+        assert_eq!(
+            (capped.max_bytes, capped.clamped_by),
+            (64 * MIB, Some(ClampedBy::Ceiling))
+        );
+        assert_eq!(
+            WithCeiling { bytes: None }.apply(at(100 * MIB)),
+            at(100 * MIB)
+        );
+    }
+
+    #[test]
+    fn host_memory_caps_when_known() {
+        let host = WithHostMemory::of(GIB_PLUS_ONE);
+        let capped = host.apply(at(2 << 30));
+        assert_eq!(
+            (capped.max_bytes, capped.clamped_by),
+            (1 << 30, Some(ClampedBy::HostMemory))
+        );
+        assert_eq!(WithHostMemory::of(0).apply(at(u64::MAX)), at(u64::MAX));
+    }
+    const GIB_PLUS_ONE: u64 = (1 << 30) + 1;
+
+    #[test]
+    fn a_pinned_max_replaces_all_but_the_host_cap() {
+        let host = WithHostMemory::of(1 << 30);
+        let before = Estimate {
+            max_bytes: 100 * MIB,
+            high_bytes: 0,
+            clamped_by: Some(ClampedBy::Floor),
+            oom_bump_bytes: Some(100 * MIB),
+        };
+        let pinned = WithPinnedMax {
+            pin: Some(50 * MIB),
+            host,
+        };
+        assert_eq!(pinned.apply(before.clone()), at(50 * MIB));
+        let over = WithPinnedMax {
+            pin: Some(2 << 30),
+            host,
+        }
+        .apply(before.clone());
+        assert_eq!(over.clamped_by, Some(ClampedBy::HostMemory));
+        let unpinned = WithPinnedMax { pin: None, host };
+        assert_eq!(unpinned.apply(before.clone()), before);
+    }
+
+    #[test]
+    fn high_is_below_max_or_the_pin_that_lifts_max() {
+        let host = WithHostMemory::of(0);
+        let high = WithHigh {
+            pin: None,
+            max_pinned: false,
+            fraction: 0.5,
+            p50_bytes: 60 * MIB,
+            host,
+        };
+        assert_eq!(
+            high.apply(at(100 * MIB)).high_bytes,
+            60 * MIB,
+            "not below the median"
+        );
+        assert_eq!(
+            high.apply(at(50 * MIB)).high_bytes,
+            50 * MIB - PAGE_BYTES,
+            "strictly below max"
+        );
+        assert_eq!(high.apply(at(PAGE_BYTES)).high_bytes, PAGE_BYTES);
+        let pinned = WithHigh {
+            pin: Some(200 * MIB),
+            ..high
+        };
+        let lifted = pinned.apply(at(100 * MIB));
+        assert_eq!(
+            (lifted.max_bytes, lifted.high_bytes),
+            (200 * MIB, 200 * MIB)
+        );
+        let both = WithHigh {
+            max_pinned: true,
+            ..pinned
+        };
+        assert_eq!(both.apply(at(100 * MIB)).max_bytes, 100 * MIB);
     }
 }

@@ -9,22 +9,24 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use emars_common::{
-    counter, names, AttachTpOffsets, CgroupTpOffsets, MemState, MemcgTpOffsets, ProbeConfig,
-    RunSettings, WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, names, MemState, ProbeConfig, RunSettings, WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
 };
 
 use super::{
-    memcg_items::{KernelBtf, UsageItem},
+    kernel_facts::{kernel_btf, peak_file_feature, tracepoint_offsets},
+    memcg_items::UsageItem,
+    pinning::{identity, open_pins, pin_fresh},
     pins::{self, PinDir},
-    replaced::{self, CarriedRing, Others},
-    tracefs::{Format, Tracefs, TracefsError},
+    replaced::{CarriedRing, Others},
+    tracefs::{Tracefs, TracefsError},
     ChargeEvents, KernelCounters, ProbesConfig, ProgramStatus,
 };
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
 use crate::kernel::ring::EventRing;
 
 /// The eBPF object built by build.rs (aya-build).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/emars"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/emars"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -45,16 +47,16 @@ pub enum ProbeError {
 }
 
 /// One program of emars-ebpf and the tracepoint it belongs on.
-struct Spec {
-    program: &'static str,
-    category: &'static str,
-    tracepoint: &'static str,
+pub(super) struct Spec {
+    pub(super) program: &'static str,
+    pub(super) category: &'static str,
+    pub(super) tracepoint: &'static str,
     /// Charge-event programs: optional, with a fallback when absent.
-    memcg: bool,
+    pub(super) memcg: bool,
 }
 
 /// In the order they are attached; names as in `emars_common::names::PROGRAMS`.
-const SPECS: &[Spec] = &[
+pub(super) const SPECS: &[Spec] = &[
     spec("cgroup_mkdir", "cgroup", "cgroup_mkdir", false),
     spec("raw_cgroup_rmdir", "raw", "cgroup_rmdir", false),
     spec("cgroup_rmdir", "cgroup", "cgroup_rmdir", false),
@@ -137,7 +139,7 @@ pub struct Probes {
 }
 
 /// The maps a pinned set holds besides the programs: those the agent reads or writes.
-const PINNED_MAPS: [&str; 7] = [
+pub(super) const PINNED_MAPS: [&str; 7] = [
     names::EVENTS,
     names::SETTINGS,
     names::WATCHED,
@@ -150,14 +152,14 @@ const PINNED_MAPS: [&str; 7] = [
 pub(super) fn map_pin(name: &str) -> String {
     format!("map_{name}")
 }
-fn prog_pin(name: &str) -> String {
+pub(super) fn prog_pin(name: &str) -> String {
     format!("prog_{name}")
 }
-fn link_pin(name: &str) -> String {
+pub(super) fn link_pin(name: &str) -> String {
     format!("link_{name}")
 }
 
-fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
+pub(super) fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
     ProbeError::Map {
         name,
         message: e.to_string(),
@@ -167,6 +169,10 @@ fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeError {
 impl Probes {
     /// Loads and attaches (or adopts a pinned set). `roots` are watched roots relative to the
     /// hierarchy ("/emars"); `wake_on_mkdir`: new cgroups wake the agent (their limits are due).
+    ///
+    /// The steps: read the running kernel (tracepoint formats, BTF, the peak file), open the
+    /// pinned set of this identity (adopted when complete), else load the object, fill its
+    /// maps, replace other sets, attach, pin, and take the maps the agent talks to.
     pub fn load(
         hierarchy: &MemoryHierarchy,
         cfg: &ProbesConfig,
@@ -186,98 +192,12 @@ impl Probes {
             _pad: 0,
             peak_step_bytes: cfg.peak_step_bytes,
         };
-        // Offsets per tracepoint; a tracepoint whose format cannot be used is reported, not fatal.
-        let mut unusable: BTreeMap<&str, String> = BTreeMap::new();
-        for s in SPECS.iter().filter(|s| s.category != "raw") {
-            let present = tracefs.exists(s.category, s.tracepoint);
-            report.features.insert(
-                format!("tracepoint {}:{}", s.category, s.tracepoint),
-                present,
-            );
-            let r = tracefs
-                .format(s.category, s.tracepoint)
-                .and_then(|f| fill_offsets(&mut config, s.program, &f));
-            if let Err(e) = r {
-                unusable.insert(s.program, e.to_string());
-            }
-        }
-
-        let btf = Path::new("/sys/kernel/btf/vmlinux");
-        report.features.insert("btf".into(), btf.exists());
-        // SAFETY: sysconf has no preconditions.
-        let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            n if n > 0 => n as u64,
-            _ => 4096,
-        };
-        // Parsed once for both the structure layout and the stat items.
-        let parsed = KernelBtf::load(btf);
-        match parsed
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|b| b.kernel_layout(page_size).map_err(|e| e.to_string()))
-        {
-            Ok(layout) => {
-                config.layout = layout;
-                report
-                    .features
-                    .insert("kernel watermark at rmdir (BTF layout)".into(), true);
-            }
-            Err(e) => {
-                report
-                    .features
-                    .insert("kernel watermark at rmdir (BTF layout)".into(), false);
-                unusable.insert("raw_cgroup_rmdir", format!("kernel layout unknown: {e}"));
-            }
-        }
-        let v1 = hierarchy.version == CgroupVersion::V1;
-        match parsed
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|b| b.usage_items(v1, page_size).map_err(|e| e.to_string()))
-        {
-            Ok(items) => report.usage_items = items,
-            Err(e) => {
-                for s in SPECS.iter().filter(|s| s.memcg) {
-                    unusable
-                        .entry(s.program)
-                        .or_insert_with(|| format!("memcg stat items unknown: {e}"));
-                }
-            }
-        }
-        let peak_file = match hierarchy.version {
-            CgroupVersion::V1 => "memory.max_usage_in_bytes",
-            CgroupVersion::V2 => "memory.peak",
-        };
-        report.features.insert(
-            format!("{peak_file} (kernel watermark)"),
-            hierarchy.mount.join(peak_file).exists()
-                || std::fs::read_dir(&hierarchy.mount)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| e.path().join(peak_file).exists()),
-        );
+        let mut unusable = tracepoint_offsets(&tracefs, &mut config, &mut report);
+        kernel_btf(hierarchy.version, &mut config, &mut report, &mut unusable);
+        let peak_file = peak_file_feature(hierarchy, &mut report);
 
         let identity = identity(&config, cfg, &report.usage_items);
-        let mut pins = None;
-        // Sets of other identities: replaced at the last moment, their rings carried over.
-        let mut others = None;
-        if cfg.pin {
-            let mut expected: Vec<String> = PINNED_MAPS.iter().map(|m| map_pin(m)).collect();
-            expected.push(pins::COMPLETE.into());
-            match PinDir::open(&cfg.pin_path, &identity, &expected) {
-                Ok(p) => {
-                    others = Some(Others::open(&p));
-                    pins = Some(p);
-                }
-                // Two agents must never read one ring.
-                Err(e @ pins::PinError::Busy(_)) => return Err(e.into()),
-                Err(e) => report.fallbacks.push(format!(
-                    "kernel side not pinned ({e}): it detaches when the agent stops, and \
-                     instances that start or end meanwhile are not recorded"
-                )),
-            }
-        }
+        let (mut pins, others) = open_pins(cfg, &identity, &mut report)?;
         let plan = Plan {
             cfg,
             unusable: &unusable,
@@ -295,36 +215,12 @@ impl Probes {
             .map_max_entries(names::WATCHED, cfg.max_watched_cgroups)
             .map_max_entries(names::TASKS, cfg.max_tasks)
             .load(EBPF_OBJECT)?;
-
-        {
-            let map = ebpf
-                .map_mut(names::WATCH_ROOTS)
-                .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
-            let mut arr: Array<&mut MapData, WatchRoot> =
-                Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
-            fill_watch_roots(&mut arr, hierarchy.hierarchy_id, roots)?;
-        }
-        {
-            let map = ebpf
-                .map_mut(names::SETTINGS)
-                .ok_or_else(|| map_err(names::SETTINGS, "missing"))?;
-            let mut arr: Array<&mut MapData, RunSettings> =
-                Array::try_from(map).map_err(|e| map_err(names::SETTINGS, e))?;
-            arr.set(0, settings, 0)
-                .map_err(|e| map_err(names::SETTINGS, e))?;
-        }
-        {
-            let map = ebpf
-                .map_mut(names::ITEM_UNITS)
-                .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
-            let mut units: Array<&mut MapData, u64> =
-                Array::try_from(map).map_err(|e| map_err(names::ITEM_UNITS, e))?;
-            for it in &report.usage_items {
-                units
-                    .set(it.item, it.unit, 0)
-                    .map_err(|e| map_err(names::ITEM_UNITS, e))?;
-            }
-        }
+        fill_maps(
+            &mut ebpf,
+            (hierarchy.hierarchy_id, roots),
+            settings,
+            &report.usage_items,
+        )?;
 
         // The old set's programs detach just before the new ones attach (verified already):
         // a cgroup made in between is found by the scan of existing cgroups.
@@ -335,50 +231,23 @@ impl Probes {
             }
             None => Vec::new(),
         };
-        let mut links = Vec::new();
-        for s in SPECS {
-            let (mut status, chosen) = plan.status(s, &report);
-            if status.error.is_none() {
-                match attach(&mut ebpf, s, pins.is_some()) {
-                    Ok(link) => {
-                        status.attached = true;
-                        links.extend(link.map(|l| (s.program, l)));
-                    }
-                    Err(e) => status.error = Some(e),
-                }
-            }
-            match &status.error {
-                Some(e) if chosen => tracing::info!(program = s.program, "not attached: {e}"),
-                Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
-                None => {}
-            }
-            report.programs.push(status);
-        }
+        let links = attach_all(&mut ebpf, &plan, pins.is_some(), &mut report);
         plan.fallbacks(&mut report);
+        let held = match &pins {
+            Some(p) => pin_fresh(&mut ebpf, p, links, cfg, &mut report),
+            None => Vec::new(),
+        };
+        Probes::taking_maps(ebpf, pins, carried, held, report)
+    }
 
-        let mut held = Vec::new();
-        if let Some(p) = &pins {
-            let (kept, pinned) = pin_all(
-                &mut ebpf,
-                p,
-                links,
-                &replaced::settings_pin(cfg),
-                &mut report,
-            );
-            held = kept;
-            match pinned {
-                Ok(dir) => {
-                    tracing::info!(
-                        "kernel side pinned at {dir}: it keeps recording while no agent runs"
-                    );
-                    report.pinned = Some(dir);
-                }
-                Err(e) => report.fallbacks.push(format!(
-                    "kernel side not pinned ({e}): it detaches when the agent stops"
-                )),
-            }
-        }
-
+    /// The loaded set's maps the agent talks to, taken out of `ebpf`.
+    fn taking_maps(
+        mut ebpf: Ebpf,
+        pins: Option<PinDir>,
+        carried: Vec<CarriedRing>,
+        held: Vec<FdLink>,
+        report: ProbeReport,
+    ) -> Result<Probes, ProbeError> {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| map_err(name, "missing"))
         };
@@ -541,6 +410,71 @@ fn specs_cover_every_program() {
     assert_eq!(names, all);
 }
 
+/// The run-time maps of a fresh load: watched roots, settings, stat item units.
+fn fill_maps(
+    ebpf: &mut Ebpf,
+    (hierarchy_id, roots): (i32, &[String]),
+    settings: RunSettings,
+    usage_items: &[UsageItem],
+) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut(names::WATCH_ROOTS)
+        .ok_or_else(|| map_err(names::WATCH_ROOTS, "missing"))?;
+    let mut arr: Array<&mut MapData, WatchRoot> =
+        Array::try_from(map).map_err(|e| map_err(names::WATCH_ROOTS, e))?;
+    fill_watch_roots(&mut arr, hierarchy_id, roots)?;
+
+    let map = ebpf
+        .map_mut(names::SETTINGS)
+        .ok_or_else(|| map_err(names::SETTINGS, "missing"))?;
+    let mut arr: Array<&mut MapData, RunSettings> =
+        Array::try_from(map).map_err(|e| map_err(names::SETTINGS, e))?;
+    arr.set(0, settings, 0)
+        .map_err(|e| map_err(names::SETTINGS, e))?;
+
+    let map = ebpf
+        .map_mut(names::ITEM_UNITS)
+        .ok_or_else(|| map_err(names::ITEM_UNITS, "missing"))?;
+    let mut units: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|e| map_err(names::ITEM_UNITS, e))?;
+    for it in usage_items {
+        units
+            .set(it.item, it.unit, 0)
+            .map_err(|e| map_err(names::ITEM_UNITS, e))?;
+    }
+    Ok(())
+}
+
+/// Attaches every program the plan allows, in [`SPECS`] order; each one's status goes into
+/// the report. The links to pin (`take`: a pinned set) come back by program.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    plan: &Plan<'_>,
+    take: bool,
+    report: &mut ProbeReport,
+) -> Vec<(&'static str, FdLink)> {
+    let mut links = Vec::new();
+    for s in SPECS {
+        let (mut status, chosen) = plan.status(s, report);
+        if status.error.is_none() {
+            match attach(ebpf, s, take) {
+                Ok(link) => {
+                    status.attached = true;
+                    links.extend(link.map(|l| (s.program, l)));
+                }
+                Err(e) => status.error = Some(e),
+            }
+        }
+        match &status.error {
+            Some(e) if chosen => tracing::info!(program = s.program, "not attached: {e}"),
+            Some(e) => tracing::warn!(program = s.program, "not attached: {e}"),
+            None => {}
+        }
+        report.programs.push(status);
+    }
+    links
+}
+
 /// Loads (the verifier's pass) every program the attach loop is to attach, as far as that can
 /// be told before attaching: a replaced set's programs are detached after this, so the moment
 /// with no set attached is the attaching alone. A program that fails here fails again there,
@@ -698,99 +632,6 @@ impl Plan<'_> {
     }
 }
 
-/// Names a pinned set: what the programs were built from and loaded with. Another version, other
-/// settings or another kernel's offsets make another name, and the old set is replaced.
-fn identity(config: &ProbeConfig, cfg: &ProbesConfig, items: &[UsageItem]) -> String {
-    // Everything that decides what is loaded and attached, and the maps' sizes: a set adopted
-    // under other settings would run other programs than this configuration asks for. Nothing
-    // else: what may change at a restart (policy.mode, probes.peak_step_bytes) is written
-    // into the SETTINGS map instead (RunSettings), so such a restart adopts the set.
-    let settings = format!(
-        "{config:?}|{}|{}|{}|{:?}|{:?}|{:?}",
-        cfg.ring_buffer_bytes,
-        cfg.max_watched_cgroups,
-        cfg.max_tasks,
-        cfg.disable,
-        cfg.charge_events,
-        items
-    );
-    let h = pins::fnv1a(&[EBPF_OBJECT, settings.as_bytes()]);
-    // bpffs refuses dots in names.
-    format!("v{}-{h:016x}", env!("CARGO_PKG_VERSION").replace('.', "_"))
-}
-
-/// Pins the maps, programs and links of a fresh load into a staging directory and publishes
-/// it. A link whose pin fails is lost with its program (the kernel drops the link), so the
-/// program is then reported as not attached.
-fn pin_all(
-    ebpf: &mut Ebpf,
-    pins: &PinDir,
-    links: Vec<(&'static str, FdLink)>,
-    settings_pin: &str,
-    report: &mut ProbeReport,
-) -> (Vec<FdLink>, Result<String, String>) {
-    let mut held = Vec::new();
-    let staging = match pins.staging() {
-        Ok(d) => d,
-        Err(e) => {
-            held.extend(links.into_iter().map(|(_, l)| l));
-            return (held, Err(e.to_string()));
-        }
-    };
-    let mut failed = None;
-    for name in PINNED_MAPS {
-        let r = match ebpf.map(name) {
-            Some(m) => m
-                .pin(staging.join(map_pin(name)))
-                .map_err(|e| e.to_string()),
-            None => Err("missing".into()),
-        };
-        if let Err(e) = r {
-            failed.get_or_insert(format!("map {name}: {e}"));
-        }
-    }
-    for (name, link) in links {
-        if let Some(prog) = ebpf.program_mut(name) {
-            if let Err(e) = prog.pin(staging.join(prog_pin(name))) {
-                failed.get_or_insert(format!("program {name}: {e}"));
-            }
-        }
-        match link.pin(staging.join(link_pin(name))) {
-            Ok(p) => held.push(FdLink::from(p)),
-            Err(e) => {
-                failed.get_or_insert(format!("link of {name}: {e}"));
-                if let Some(st) = report.programs.iter_mut().find(|p| p.name == name) {
-                    st.attached = false;
-                    st.error = Some(format!("pinning its link: {e}"));
-                }
-            }
-        }
-    }
-    if let Some(e) = failed {
-        pins.discard();
-        return (held, Err(e));
-    }
-    // What it was loaded with, for the agent that replaces it to say what changed (and to
-    // know its records' format): the ring pinned under a name that says it.
-    if let Some(m) = ebpf.map(names::EVENTS) {
-        if let Err(e) = m.pin(staging.join(settings_pin)) {
-            tracing::warn!("recording the pinned set's settings ({settings_pin}): {e}");
-        }
-    }
-    // The ring buffer, pinned once more, is the marker.
-    let marker = |path: &Path| match ebpf.map(names::EVENTS) {
-        Some(m) => m.pin(path).map_err(|e| e.to_string()),
-        None => Err("missing".into()),
-    };
-    match pins.publish(marker) {
-        Ok(()) => (held, Ok(pins.shown().display().to_string())),
-        Err(e) => {
-            pins.discard();
-            (held, Err(format!("marking the set complete: {e}")))
-        }
-    }
-}
-
 /// Takes over a set a previous agent left pinned: its programs are attached and recording, its
 /// ring holds what happened since. The watched roots are written again (they may have changed).
 fn adopt(
@@ -874,53 +715,6 @@ fn replace_others(
     let (carried, names) = others.replace(pins, cfg)?;
     report.unpinned = names;
     Ok(carried)
-}
-
-fn fill_offsets(c: &mut ProbeConfig, program: &str, f: &Format) -> Result<(), TracefsError> {
-    let cgroup = |f: &Format| -> Result<CgroupTpOffsets, TracefsError> {
-        Ok(CgroupTpOffsets {
-            root: f.offset("root", &[4])?,
-            level: f.offset("level", &[4])?,
-            id: f.offset("id", &[8])?,
-            path: f.offset("path", &[4])?,
-        })
-    };
-    let memcg = |f: &Format| -> Result<MemcgTpOffsets, TracefsError> {
-        Ok(MemcgTpOffsets {
-            id: f.offset("id", &[8])?,
-            item: f.offset("item", &[4])?,
-            val: f.offset("val", &[4, 8])?,
-            val_size: f.field("val")?.size,
-        })
-    };
-    match program {
-        "cgroup_mkdir" => c.mkdir = cgroup(f)?,
-        "cgroup_rmdir" => c.rmdir = cgroup(f)?,
-        "cgroup_attach_task" => {
-            c.attach = AttachTpOffsets {
-                root: f.offset("dst_root", &[4])?,
-                level: f.offset("dst_level", &[4])?,
-                id: f.offset("dst_id", &[8])?,
-                pid: f.offset("pid", &[4])?,
-                path: f.offset("dst_path", &[4])?,
-                _pad: 0,
-            }
-        }
-        "sched_process_fork" => {
-            c.fork_parent_pid = f.offset("parent_pid", &[4])?;
-            c.fork_child_pid = f.offset("child_pid", &[4])?;
-        }
-        "sched_process_exec" => {
-            c.exec_pid = f.offset("pid", &[4])?;
-            c.exec_filename = f.offset("filename", &[4])?;
-        }
-        "sched_process_exit" => c.exit_pid = f.offset("pid", &[4])?,
-        "oom_mark_victim" => c.oom_pid = f.offset("pid", &[4])?,
-        "memcg_mod_memcg_state" => c.memcg_state = memcg(f)?,
-        "memcg_mod_memcg_lruvec_state" => c.memcg_lruvec = memcg(f)?,
-        _ => {}
-    }
-    Ok(())
 }
 
 /// Writes every slot: the watched roots first, empty slots after (an adopted set may hold more

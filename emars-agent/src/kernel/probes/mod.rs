@@ -1,7 +1,12 @@
-//! Kernel probes: tracefs formats, memcg stat items from BTF, and the eBPF loader.
+//! Kernel probes: the eBPF loader (`loader`), what the running kernel offers them
+//! (`kernel_facts`: tracefs formats, BTF layout, the watermark file; `tracefs`; `memcg_items`:
+//! stat items from BTF), the pinned set in bpffs (`pins`, `pinning`: a fresh load pinned) and
+//! the replacement of other versions' sets (`replaced`).
 
+mod kernel_facts;
 pub mod loader;
 pub mod memcg_items;
+mod pinning;
 pub mod pins;
 pub mod replaced;
 pub mod tracefs;
@@ -65,7 +70,7 @@ pub struct ProbesConfig {
     /// eBPF programs not to attach, by name (as listed by GET /v1/info).
     pub disable: Vec<String>,
     /// Whether the memcg charge programs run: they stream live peaks, at a cost every memory
-    /// stat update on the host pays (~120 ns, some 17,000 per container touching 16 MiB).
+    /// stat update on the host pays (measured in docs/config.md).
     pub charge_events: ChargeEvents,
     /// Growth of a cgroup's in-kernel peak between two peak events.
     pub peak_step_bytes: u64,
