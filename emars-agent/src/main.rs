@@ -1,5 +1,9 @@
 //! `emars`: the agent daemon and its command-line client.
 
+// No production function over 100 lines (clippy.toml); tests beside the code may be longer.
+#![warn(clippy::too_many_lines)]
+#![cfg_attr(test, allow(clippy::too_many_lines))]
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -395,13 +399,18 @@ fn run_agent(
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        // The API's sockets first thing: the port and the local socket are the agent's from
+        // its first moment.
+        let listeners = emars_agent::api::start::open_sockets(&cfg, inherited)?;
         // Held while the agent runs: its drop ends the demo and removes its cgroups.
         let _demo = if demo {
             Some(emars_agent::cli::demo::spawn(&cfg)?)
         } else {
             None
         };
-        emars_agent::daemon::run(cfg, inherited, shutdown_signal()?).await
+        let api_config = cfg.clone();
+        let start_api = move |parts| emars_agent::api::start::start(&api_config, listeners, parts);
+        emars_agent::daemon::run(cfg, start_api, shutdown_signal()?).await
     })
 }
 

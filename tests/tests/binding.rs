@@ -351,12 +351,11 @@ fn a_binding_survives_an_agent_restart() -> anyhow::Result<()> {
 #[test]
 fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
     use emars_agent::{
-        api::{wire::BindBody, BindError},
-        daemon::{bind_pooled, Effects},
+        daemon::{bind_pooled, Bind, Effects},
         kernel::cgroupfs::{CgroupMode, CgroupfsError, MemoryHierarchy},
         model::{
             registry::{Registry, RootConfig},
-            tracker::{Cgroups, Tracker},
+            tracker::{BindError, Cgroups, Tracker},
         },
         policy::actuator::Actuator,
         store::Store,
@@ -396,7 +395,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
     let mut effects = Effects::new(store.clone());
     let mut tracker = Tracker::new(hierarchy.clone(), registry);
     let rel = format!("{}/cg-1", root.rel);
-    let body = BindBody {
+    let body = Bind {
         cgroup: slot.display().to_string(),
         function: "fx".into(),
         instance: "x1".into(),

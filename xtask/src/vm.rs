@@ -761,7 +761,9 @@ fn boot_all(
                     Ok(vmlinuz) => boot_with_retry(name, &vmlinuz, initramfs, accel, opts),
                     Err(e) => failed(name, format!("kernel not fetched: {e:#}")),
                 };
-                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, outcome));
+                done.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, outcome));
             });
         }
     });

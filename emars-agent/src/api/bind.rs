@@ -9,9 +9,9 @@ use axum::Json;
 use super::body::JsonObject;
 use super::error::ApiResult;
 use super::{
-    wire, ApiError, ApiState, BindBody, BindError, ErrorBody, InstanceRecord, PoolCommand,
-    ReleaseBody,
+    wire, ApiError, ApiState, BindBody, BindError, ErrorBody, InstanceRecord, ReleaseBody,
 };
+use crate::daemon::{Bind, PoolCommand, PoolReply};
 use crate::model::registry::{valid_function_name, valid_instance_name, FUNCTION_NAME_RULE};
 
 /// A cgroup named in a bind or release, checked as the document states it
@@ -76,7 +76,12 @@ pub(super) async fn bind(
 ) -> ApiResult<Json<InstanceRecord>> {
     let JsonObject(body) = body?;
     check_bind(&body)?;
-    pool_command(&state, |reply| PoolCommand::Bind { body, reply }).await
+    let bind = Bind {
+        cgroup: body.cgroup,
+        function: body.function,
+        instance: body.instance,
+    };
+    pool_command(&state, |reply| PoolCommand::Bind { bind, reply }).await
 }
 
 /// POST /v1/release: the use of a pooled cgroup ends; answers the closed record.
@@ -97,12 +102,16 @@ pub(super) async fn release(
 ) -> ApiResult<Json<InstanceRecord>> {
     let JsonObject(body) = body?;
     check_cgroup_arg(&body.cgroup)?;
-    pool_command(&state, |reply| PoolCommand::Release { body, reply }).await
+    pool_command(&state, |reply| PoolCommand::Release {
+        cgroup: body.cgroup,
+        reply,
+    })
+    .await
 }
 
 pub(super) async fn pool_command(
     state: &ApiState,
-    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>) -> PoolCommand,
+    make: impl FnOnce(PoolReply) -> PoolCommand,
 ) -> ApiResult<Json<InstanceRecord>> {
     let tx = state.pool.as_ref().ok_or_else(|| {
         ApiError::new(

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::model::registry::valid_function_name;
-use crate::policy::actuator::{ActuatorError, BelowUsage, LimitRequest, REASON_BY_HAND};
+use crate::model::LimitRequest;
+use crate::policy::actuator::{ActuatorError, BelowUsage, REASON_BY_HAND};
 
 #[utoipa::path(
     get, path = "/v1/export", tag = "predictive",

@@ -54,6 +54,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod paging;
 pub mod server;
+pub mod start;
 pub mod status;
 pub mod token;
 pub mod web;
@@ -100,7 +101,7 @@ pub struct ApiState {
     pub retention_ms: u64,
     /// Bind and release of pooled cgroups, carried out by the agent's event loop (which owns
     /// the tracker); None where no event loop runs (503 on those routes).
-    pub pool: Option<tokio::sync::mpsc::UnboundedSender<PoolCommand>>,
+    pub pool: Option<tokio::sync::mpsc::UnboundedSender<crate::daemon::PoolCommand>>,
     /// The whole-model answers, shared by the requests that ask for them ([`work::Snapshot`]).
     pub snapshots: Arc<Snapshots>,
 }
@@ -114,19 +115,6 @@ pub struct Snapshots {
     export: work::Snapshot,
     /// The model's footprint in /v1/info (a walk over every function).
     footprint: work::Snapshot<crate::model::ModelFootprint>,
-}
-
-/// A bind or release for the event loop, with where to answer.
-#[derive(Debug)]
-pub enum PoolCommand {
-    Bind {
-        body: BindBody,
-        reply: tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>,
-    },
-    Release {
-        body: ReleaseBody,
-        reply: tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>,
-    },
 }
 
 /// What the predictive routes need.

@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::live::FunctionsResponse;
 pub use crate::model::audit::AuditRecord;
+pub use crate::model::live::FunctionsResponse;
 pub use crate::model::{AgentInfo, FunctionConfig, FunctionSummary, HourBucket, InstanceRecord};
 pub use crate::policy::recommend::Recommendation;
 pub use crate::policy::Generation;

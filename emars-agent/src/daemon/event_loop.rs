@@ -15,7 +15,6 @@ use tokio::{
 };
 
 use crate::{
-    api::PoolCommand,
     clock::now_ms,
     kernel::notify::{PressureSignal, Signal},
     kernel::{probes::Probes, ring::EventRing},
@@ -27,6 +26,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
+use super::pool::PoolCommand;
 use super::{info, pool, Daemon};
 
 /// How often records read from the ring are made durable (a flush of the store) and their room

@@ -30,8 +30,8 @@ mod start;
 
 pub use effects::{EffectStats, Effects};
 pub use host::check_privilege;
-pub use pool::bind_pooled;
-pub use start::run;
+pub use pool::{bind_pooled, Bind, PoolCommand, PoolReply};
+pub use start::{run, ApiParts, ApiThread};
 
 use crate::{
     kernel::{events, ring::EventRing},

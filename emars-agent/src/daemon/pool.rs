@@ -2,14 +2,35 @@
 //! loop: the tracker decides, the effects act (a bound use's limits are a new instance's).
 
 use crate::{
-    api::{wire::BindBody, BindError, PoolCommand},
     clock::now_ms,
     kernel::cgroupfs,
-    model::{tracker::Tracker, InstanceRecord},
+    model::{
+        tracker::{BindError, Tracker},
+        InstanceRecord,
+    },
     policy::actuator::Actuator,
 };
 
 use super::Effects;
+
+/// Where a bind or release is answered.
+pub type PoolReply = tokio::sync::oneshot::Sender<Result<InstanceRecord, BindError>>;
+
+/// A bind: `cgroup` (its directory, or its path below the hierarchy) now serves `function` as
+/// `instance`. Checked by whoever asks (the API) before it is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub cgroup: String,
+    pub function: String,
+    pub instance: String,
+}
+
+/// A bind or release for the event loop, with where to answer.
+#[derive(Debug)]
+pub enum PoolCommand {
+    Bind { bind: Bind, reply: PoolReply },
+    Release { cgroup: String, reply: PoolReply },
+}
 
 /// Carries out a bind or release and answers it.
 pub(super) fn on_pool_command(
@@ -26,14 +47,14 @@ pub(super) fn on_pool_command(
             .unwrap_or_else(|| cgroup.trim_end_matches('/').to_owned())
     };
     match cmd {
-        PoolCommand::Bind { body, reply } => {
+        PoolCommand::Bind { bind: body, reply } => {
             let path = rel(tracker, &body.cgroup);
             // The cgroup the bind is asked for: the reset goes only into this one.
             let id = cgroupfs::cgroup_id(&tracker.cgroups().dir(&path)).unwrap_or(0);
             let _ = reply.send(bind_pooled(tracker, effects, actuator, &path, id, &body));
         }
-        PoolCommand::Release { body, reply } => {
-            let path = rel(tracker, &body.cgroup);
+        PoolCommand::Release { cgroup, reply } => {
+            let path = rel(tracker, &cgroup);
             let answer = tracker.release(&path, now_ms()).map(|(rec, fx)| {
                 effects.run(tracker, fx);
                 rec
@@ -54,7 +75,7 @@ pub fn bind_pooled(
     actuator: &Actuator,
     rel_path: &str,
     cgroup_id: u64,
-    body: &BindBody,
+    body: &Bind,
 ) -> Result<InstanceRecord, BindError> {
     let dir = tracker.cgroups().dir(rel_path);
     let intent = InstanceRecord {

@@ -177,7 +177,7 @@ const OWN_WRITES_SCANNED: usize = 10_000;
 /// the newest audit records: what a restarted agent must not take for a runtime's limit.
 pub(super) fn own_writes(store: &Store) -> std::collections::HashMap<u64, u64> {
     let mut out = std::collections::HashMap::new();
-    let records = match store.audit::<crate::policy::actuator::AuditRecord>(OWN_WRITES_SCANNED) {
+    let records = match store.audit::<crate::model::audit::AuditRecord>(OWN_WRITES_SCANNED) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("reading the audit for the limits written before: {e}");

@@ -1,17 +1,14 @@
-//! The daemon's wiring, as the named steps [`run`] takes in order: the API's sockets, the
-//! memory hierarchy and its watched roots, the store, the eBPF programs, the policy and its
-//! writer, reactive mode, the tracker with the effects, recovery of the last run, the API's
-//! threads; then the event loop; then the shutdown (ring mark, checkpoint, the API joined).
+//! The daemon's wiring, as the named steps [`run`] takes in order: the memory hierarchy and its
+//! watched roots, the store, the eBPF programs, the policy and its writer, reactive mode, the
+//! tracker with the effects, recovery of the last run, the API (started by the caller's
+//! [`ApiParts`] consumer: the daemon is below the API and never names it); then the event loop;
+//! then the shutdown (ring mark, checkpoint, the API joined).
 
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 
 use crate::{
-    api::{
-        self, guard::Guard, listen::Inherited, listen::Listeners, server::Bounds, token::Token,
-        ApiState, PoolCommand, Predictive,
-    },
     clock::now_ms,
     config::Config,
     kernel::cgroupfs::MemoryHierarchy,
@@ -26,18 +23,36 @@ use crate::{
 use super::{
     event_loop::{EventLoop, LoopContext, Sources},
     host, info,
+    pool::PoolCommand,
     recover::{self, LastRun},
     Daemon, Effects,
 };
 
-/// Runs the agent until `shutdown` resolves. `inherited`: the API sockets a service manager
-/// handed over ([`Inherited::take_from_env`], taken before any thread started).
+/// The API's thread, joined at shutdown.
+pub type ApiThread = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// What the API is handed once the state it serves is ready: the store, the agent's figures,
+/// the policy and its writer, and the channels by which it tells the event loop (limits it
+/// wrote, pool commands) and learns that the agent stops.
+pub struct ApiParts {
+    pub store: Store,
+    pub info: Arc<RwLock<AgentInfo>>,
+    pub policy: Arc<Policy>,
+    pub actuator: Arc<Actuator>,
+    pub limits_written: tokio::sync::mpsc::UnboundedSender<(u64, Limits)>,
+    pub pool: tokio::sync::mpsc::UnboundedSender<PoolCommand>,
+    /// Turns true when the agent stops.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Runs the agent until `shutdown` resolves. `start_api` starts the API's threads on the parts
+/// it is handed, once recovery is done (its sockets are the caller's to open first, so that the
+/// port and the local socket are the agent's from its first moment).
 pub async fn run(
     config: Config,
-    inherited: Inherited,
+    start_api: impl FnOnce(ApiParts) -> anyhow::Result<ApiThread>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listeners = open_api_sockets(&config, inherited)?;
     let (hierarchy, registry) = open_hierarchy(&config)?;
     let roots = registry.roots();
     let (store, store_moved_aside) = open_store(&config)?;
@@ -74,9 +89,9 @@ pub async fn run(
     };
     recover::recover(&mut daemon, &mut ring, last)?;
     recover::resume_reactive(&mut daemon, &actuator, &hierarchy, &store);
-    let (api, api_limits, pool, stop) = spawn_api(
-        &config, listeners, &store, &info, &policy, &actuator, shutdown,
-    )?;
+    let (api_limits, pool, stop, parts) = api_parts(&store, &info, &policy, &actuator, shutdown);
+    host::raise_fd_limit();
+    let api = start_api(parts).context("starting the API's threads")?;
     let ctx = LoopContext {
         probes: &probes,
         info: &info,
@@ -97,17 +112,6 @@ pub async fn run(
         Err(e) => Err(e),
     };
     shut_down(&store, result, api).await
-}
-
-/// The API's sockets first, before anything slow: the port and the local socket are the
-/// agent's from its first moment (connections wait in the backlog until it serves).
-fn open_api_sockets(config: &Config, inherited: Inherited) -> anyhow::Result<Listeners> {
-    for ignored in &inherited.ignored {
-        tracing::warn!(
-            "socket activation: {ignored} is not a stream socket the API serves: ignored"
-        );
-    }
-    api::listen::open(&config.api, inherited).context("opening the API's sockets")
 }
 
 /// The memory hierarchy, the rules that name instances, and the watched roots made where
@@ -262,75 +266,38 @@ fn start_squeeze(
     (Some(s), Some(rx))
 }
 
-type ApiThread = std::thread::JoinHandle<std::io::Result<()>>;
-
-/// The API's threads, with the channels by which limits it writes and pool commands reach the
-/// event loop, and the stop signal both share.
+/// The parts the API is started on, with the event loop's ends of its channels and the stop
+/// signal both share (turned on when `shutdown` resolves).
 #[allow(clippy::type_complexity)]
-fn spawn_api(
-    config: &Config,
-    listeners: Listeners,
+fn api_parts(
     store: &Store,
     info: &Arc<RwLock<AgentInfo>>,
     policy: &Arc<Policy>,
     actuator: &Arc<Actuator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<(
-    ApiThread,
+) -> (
     Receiver<(u64, Limits)>,
     Receiver<PoolCommand>,
     tokio::sync::watch::Receiver<bool>,
-)> {
+    ApiParts,
+) {
     let (limits_tx, limits_rx) = tokio::sync::mpsc::unbounded_channel();
     let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel();
-    let token = Token::load_or_create(&config.api.token_file)?;
-    host::raise_fd_limit();
-    let local = listeners
-        .tcp
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()
-        .context("the API's TCP address")?
-        .unwrap_or(config.api.listen);
-    say_where_the_api_listens(&local, &listeners);
-    let guard = Arc::new(Guard::new(token, local, &config.api.allowed_hosts));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let api_state = ApiState {
-        store: store.clone(),
-        info: info.clone(),
-        predictive: Some(Predictive {
-            policy: policy.clone(),
-            actuator: actuator.clone(),
-            reactive: config.reactive.clone(),
-            limits_written: Some(limits_tx),
-            admissions: Default::default(),
-        }),
-        retention_ms: u64::from(config.store.retention_days) * 86_400_000,
-        pool: Some(pool_tx),
-        snapshots: Default::default(),
-    };
-    let mut api_stop = stop_rx.clone();
-    let api_thread = api::spawn(listeners, api_state, guard, Bounds::default(), async move {
-        let _ = api_stop.changed().await;
-    })
-    .context("starting the API's threads")?;
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    Ok((api_thread, limits_rx, pool_rx, stop_rx))
-}
-
-fn say_where_the_api_listens(local: &std::net::SocketAddr, listeners: &Listeners) {
-    tracing::info!("API listening on http://{local}");
-    match &listeners.local {
-        Some((_, Some(path), _)) => tracing::info!("API socket at {}", path.display()),
-        Some((_, None, _)) => tracing::info!("API socket handed over (no path)"),
-        None => tracing::info!("API socket off (api.socket is empty): the CLI needs --addr"),
-    }
-    if listeners.inherited {
-        tracing::info!("API sockets handed over by the service manager (socket activation)");
-    }
+    let parts = ApiParts {
+        store: store.clone(),
+        info: info.clone(),
+        policy: policy.clone(),
+        actuator: actuator.clone(),
+        limits_written: limits_tx,
+        pool: pool_tx,
+        stop: stop_rx.clone(),
+    };
+    (limits_rx, pool_rx, stop_rx, parts)
 }
 
 /// After the loop: the ring position noted (the next start loads the live model from here

@@ -17,12 +17,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
+use crate::kernel::host::memory_available_bytes as host_available_bytes;
 use crate::kernel::notify::{LimitSignals, Signal};
 use crate::model::kept::BurstWatch;
 use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
+use crate::model::LimitRequest;
 use crate::model::{nearest_rank, InstanceRecord, Limits};
-use crate::policy::actuator::{Actuator, BelowUsage, LimitRequest};
-use crate::policy::reactive::{host_available_bytes, NoRaise, ReactiveConfig};
+use crate::policy::actuator::{Actuator, BelowUsage};
+use crate::policy::reactive::{NoRaise, ReactiveConfig};
 use crate::policy::Policy;
 use crate::store::Store;
 

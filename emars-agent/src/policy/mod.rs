@@ -10,8 +10,9 @@
 //!   admission), and its settings;
 //! - `burst`: the burst guard at run time (raises near the limit, through the actuator);
 //! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
-//! - `keepalive`: Reuse/Recycle advice from idle times, pure;
-//! - `enforcer`: carries out the tracker's effects (records, then limits).
+//! - `keepalive`: Reuse/Recycle advice from idle times, pure.
+//!
+//! The tracker's effects are carried out one stage up, in `daemon/effects.rs`.
 
 pub mod actuator;
 pub mod burst;

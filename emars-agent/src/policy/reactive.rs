@@ -297,7 +297,6 @@ pub struct Admission {
 
 // Bridge for policy/burst.rs and api/mod.rs, which import it from here: the reader is
 // `kernel::host` now.
-pub use crate::kernel::host::memory_available_bytes as host_available_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -28,8 +28,9 @@ use crate::kernel::notify::{PressureSignal, PressureSignals, PressureThresholds}
 use crate::model::kept::{same_limit, SqueezeHold};
 use crate::model::live::InstanceKey;
 use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
+use crate::model::LimitRequest;
 use crate::model::{InstanceRecord, Limits};
-use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage, LimitRequest};
+use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage};
 use crate::policy::reactive::ReactiveConfig;
 use crate::store::Store;
 
@@ -905,7 +906,7 @@ mod tests {
         assert!(matches!(f.release(&hold), Released::Yes(_)));
         assert_eq!(f.high(), (48 * MIB).to_string());
         assert_eq!(f.kept(), None, "the kept hold goes with its release");
-        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        let audit: Vec<crate::model::audit::AuditRecord> = f.store.audit(10).unwrap();
         assert_eq!(audit[0].reason, "release");
         assert_eq!(audit[0].written.high_bytes, Some(48 * MIB));
     }
@@ -923,7 +924,7 @@ mod tests {
         assert!(matches!(f.release(&hold), Released::Dropped));
         assert_eq!(f.high(), "33554432");
         assert_eq!(f.kept(), None);
-        let audit: Vec<crate::policy::actuator::AuditRecord> = f.store.audit(10).unwrap();
+        let audit: Vec<crate::model::audit::AuditRecord> = f.store.audit(10).unwrap();
         assert!(audit.is_empty(), "nothing written: {audit:?}");
     }
 

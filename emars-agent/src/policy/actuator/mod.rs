@@ -39,9 +39,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
-// Bridge for the files that still import these from here (policy/burst.rs, policy/squeeze.rs,
-// agent.rs): they live in model/ now.
-pub use crate::model::{audit::AuditRecord, LimitRequest};
+use crate::model::audit::AuditRecord;
 
 /// The audit reason of a write an operator asked for (`POST .../limits`, `emars set-limit`).
 pub const REASON_BY_HAND: Reason = Reason::Api;
@@ -249,6 +247,7 @@ impl Actuator {
 mod tests {
     //! The safety rules on a fake cgroupfs in a temp dir (plain files stand in for the kernel's;
     //! the real kernel path is covered by tests/tests/predictive.rs and security.rs).
+    use crate::model::LimitRequest;
     use std::{fs, os::unix::fs::MetadataExt, path::Path, sync::atomic::Ordering};
 
     use super::*;
