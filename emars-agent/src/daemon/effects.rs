@@ -32,7 +32,8 @@ pub struct Effects {
     store: Store,
     /// Predictive mode: the recommendations and the writer of limits.
     policy: Option<(Arc<Policy>, Arc<Actuator>)>,
-    /// Reactive mode: the burst guard (told every limit in force and every end) and the squeeze.
+    /// Reactive mode: the burst guard (told every limit in force and every end) and the squeeze
+    /// (told every limit in force).
     pub(super) burst: Option<BurstGuard>,
     pub(super) squeeze: Option<Squeezer>,
     stats: EffectStats,
@@ -133,8 +134,9 @@ impl Effects {
         Vec::new()
     }
 
-    /// Limits in force: the instance's record saved with them first, then the burst guard
-    /// told (which may write an early warning of its own, coming back as another).
+    /// Limits in force: the instance's record saved with them first, then the squeeze and the
+    /// burst guard told (the guard may write an early warning of its own, coming back as
+    /// another).
     fn limits_in_force<C: Cgroups>(
         &mut self,
         tracker: &mut Tracker<C>,
@@ -144,6 +146,9 @@ impl Effects {
     ) -> Vec<Effect> {
         for saved in tracker.limits_in_force(id, limits) {
             self.one(tracker, saved);
+        }
+        if let Some(s) = self.squeeze.as_mut() {
+            s.limits_in_force(id, limits, by);
         }
         match self.burst.as_mut() {
             Some(b) => b.limits_in_force(tracker, id, limits, by),

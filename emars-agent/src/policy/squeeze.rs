@@ -13,7 +13,10 @@
 //! API write, apply or a burst raise) is never overwritten: it is said and dropped.
 //!
 //! Each hold written and each released comes back as [`Effect::LimitsInForce`], for the daemon
-//! to carry out (the instance's record keeps them).
+//! to carry out (the instance's record keeps them); every other writer's limits come to the
+//! squeeze the same way ([`Squeezer::limits_in_force`]), so a hold the agent itself overwrote
+//! is dropped at release without a look at the cgroup. The look stays for writers outside the
+//! agent (the platform).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -78,6 +81,9 @@ pub struct Squeezer {
     activity: HashMap<u64, Activity>,
     /// The holds in force, by cgroup id: what each is to put back.
     squeezed: HashMap<u64, (InstanceKey, SqueezeHold)>,
+    /// Held instances whose memory.high (soft limit) another of the agent's writers changed
+    /// since the hold: what it wrote.
+    overwritten: HashMap<u64, u64>,
     /// Idle instances that had nothing worth taking in this episode.
     passed_over: HashSet<u64>,
     /// The squeeze under way (reclaim takes the kernel milliseconds per instance: off the
@@ -143,6 +149,7 @@ impl Squeezer {
                 setup_errors,
                 activity: HashMap::new(),
                 squeezed: HashMap::new(),
+                overwritten: HashMap::new(),
                 passed_over: HashSet::new(),
                 running: None,
                 running_since: None,
@@ -377,15 +384,39 @@ impl Squeezer {
         out
     }
 
+    /// Limits another writer of the agent put in force ([`Effect::LimitsInForce`]): a hold
+    /// whose memory.high (soft limit) they changed is no longer the squeeze's to put back.
+    pub fn limits_in_force(&mut self, id: u64, limits: Limits, by: LimitsBy) {
+        let Some((_, hold)) = self.squeezed.get(&id) else {
+            return;
+        };
+        match written_over(hold, limits, by) {
+            None => {}
+            Some(None) => {
+                self.overwritten.remove(&id);
+            }
+            Some(Some(high)) => {
+                self.overwritten.insert(id, high);
+            }
+        }
+    }
+
     /// Puts back what the squeeze of `id` held it at (audited, reason "release"), unless the
-    /// hold was changed since (see [`release_hold`]).
+    /// hold was changed since: by another of the agent's writers (told), or by anyone (the
+    /// cgroup read, see [`release_hold`]).
     pub fn release<C: Cgroups>(&mut self, id: u64, tracker: &Tracker<C>, why: &str) -> Vec<Effect> {
+        let overwritten = self.overwritten.remove(&id);
         let Some((_, hold)) = self.squeezed.remove(&id) else {
             return Vec::new();
         };
         let Some(rec) = tracker.live_record(id).cloned() else {
             return Vec::new();
         };
+        if let Some(now) = overwritten {
+            say_not_held(&rec, &hold, Some(now));
+            forget_hold(&self.store, key_of(&rec));
+            return Vec::new();
+        }
         match release_hold(
             &self.actuator,
             &self.hierarchy,
@@ -642,6 +673,17 @@ impl Done {
             outcome,
         }
     }
+}
+
+/// What limits another writer put in force mean for `hold`: None when they do not touch it (the
+/// squeeze's own, or memory.high left as it was), Some(None) when memory.high is the hold again,
+/// Some(Some(high)) when they replaced it with `high`.
+fn written_over(hold: &SqueezeHold, limits: Limits, by: LimitsBy) -> Option<Option<u64>> {
+    if matches!(by, LimitsBy::SqueezeHold | LimitsBy::SqueezeRelease) {
+        return None;
+    }
+    let high = limits.high_bytes?;
+    Some((!same_limit(Some(high), Some(hold.hold_bytes))).then_some(high))
 }
 
 /// How a release went.
@@ -926,6 +968,42 @@ mod tests {
         assert_eq!(f.kept(), None);
         let audit: Vec<crate::model::audit::AuditRecord> = f.store.audit(10).unwrap();
         assert!(audit.is_empty(), "nothing written: {audit:?}");
+    }
+
+    /// The agent's other writers tell the squeeze of their limits: a memory.high other than the
+    /// hold replaces it, the squeeze's own writes and memory.max alone do not.
+    #[test]
+    fn other_writers_limits_replace_a_hold() {
+        let (_f, hold) = held();
+        let high = |h: u64| Limits {
+            max_bytes: Some(64 * MIB),
+            high_bytes: Some(h),
+        };
+        assert_eq!(
+            written_over(&hold, high(32 * MIB), LimitsBy::Api),
+            Some(Some(32 * MIB))
+        );
+        assert_eq!(
+            written_over(&hold, high(40 * MIB), LimitsBy::BurstRaise),
+            Some(Some(40 * MIB))
+        );
+        assert_eq!(
+            written_over(&hold, high(16 * MIB), LimitsBy::Api),
+            Some(None)
+        );
+        assert_eq!(
+            written_over(&hold, high(48 * MIB), LimitsBy::SqueezeRelease),
+            None
+        );
+        assert_eq!(
+            written_over(&hold, high(16 * MIB), LimitsBy::SqueezeHold),
+            None
+        );
+        let max_only = Limits {
+            max_bytes: Some(80 * MIB),
+            high_bytes: None,
+        };
+        assert_eq!(written_over(&hold, max_only, LimitsBy::Api), None);
     }
 
     /// The holds kept in the store are the live instances' only: those of instances that are

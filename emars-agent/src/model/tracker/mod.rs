@@ -201,8 +201,8 @@ pub enum Effect {
     },
     /// These limits are in force in a live instance now: every limit write the agent makes or
     /// hears of (a new instance's, the API's, the burst guard's, the squeeze's) ends in one.
-    /// The instance's record is saved with them ([`Tracker::limits_in_force`]) and the burst
-    /// guard told; nothing else tells them. `limits`: the files written (None: left as it was).
+    /// The instance's record is saved with them ([`Tracker::limits_in_force`]), the squeeze
+    /// and the burst guard told; nothing else tells them. `limits`: the files written (None: left as it was).
     LimitsInForce {
         cgroup_id: u64,
         limits: Limits,
