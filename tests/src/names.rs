@@ -80,6 +80,22 @@ pub fn report_names(agent: &Agent, names: &[String], threads: usize) -> Result<A
     Ok(total)
 }
 
+/// The agent's resident memory by kind, as /proc/PID/status says it: (RssAnon, RssFile,
+/// RssShmem) in bytes. Shared mappings (the ring buffer, BPF maps) are not its heap.
+pub fn rss_parts(pid: u32) -> Result<(u64, u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?))
+}
+
 /// The agent's resident memory now (`VmRSS` of /proc/PID/status), in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

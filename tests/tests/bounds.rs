@@ -139,6 +139,7 @@ fn names_past_max_functions_are_refused_and_counted() -> anyhow::Result<()> {
     // The agent's memory with the cap full, then while it refuses many more names.
     let (_, _) = scrape(&agent)?;
     let rss_full = rss_bytes(agent.pid())?;
+    let parts_full = rss_parts(agent.pid())?;
     let more = MORE / time_scale() as usize;
     let start = Instant::now();
     let answers = report_names(&agent, &names("u", more), 4)?;
@@ -153,6 +154,8 @@ fn names_past_max_functions_are_refused_and_counted() -> anyhow::Result<()> {
     expected_refused += more as u64;
     let (_, _) = scrape(&agent)?;
     let rss_after = rss_bytes(agent.pid())?;
+    let parts_after = rss_parts(agent.pid())?;
+    println!("agent RSS (anon, file, shmem): {parts_full:?} then {parts_after:?}");
     println!(
         "agent RSS with {CAP} functions: {:.1} MiB; after refusing {more} more names ({:.0}/s): \
          {:.1} MiB",

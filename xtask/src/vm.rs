@@ -736,10 +736,8 @@ fn boot(
 
 /// Boots the kernels, `opts.jobs` at a time, and returns their outcomes in matrix order.
 ///
-/// The guests spend most of their time waiting on the suite's own timers and on the kernel, not
-/// emulating: three at once on two cores take little longer than the slowest alone (the suite's
-/// timeouts are scaled for the emulator by `emars.scale`). Each boot has its own disk image and
-/// console log; the initramfs is shared read-only.
+/// Each boot has its own disk image and console log; the initramfs is shared read-only. The
+/// suite's timeouts are scaled for the emulator (`emars.scale`), not for guests sharing cores.
 fn boot_all(
     kernels: Vec<(&str, Result<PathBuf>)>,
     initramfs: &Path,
