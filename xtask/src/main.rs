@@ -74,10 +74,8 @@ enum Command {
         /// Use KVM when a 20 s smoke boot succeeds (off by default: KVM hangs on these hosts).
         #[arg(long)]
         try_kvm: bool,
-        /// How many VMs run at once. One by default: with three at once the matrix took 1,003 s
-        /// instead of 1,686 s here, but every guest ran 1.6x slower and bounds'
-        /// names_past_max_functions_are_refused_and_counted saw the agent's RSS grow 4-12 MiB
-        /// (1.8 MiB alone) while refusing names; see docs/design.md, "CI time".
+        /// How many VMs run at once. One by default: guests sharing the cores run slower than
+        /// the suite's memory checks allow for (docs/design.md, "CI time").
         #[arg(long, default_value_t = 1)]
         jobs: usize,
         /// Only run guest tests whose name contains STR.
