@@ -92,7 +92,7 @@ pub fn bind_pooled(
         limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
     };
     let bound = actuator
-        .audited(&intent, "bind", || {
+        .audited(&intent, crate::model::audit::Reason::Bind, || {
             tracker.bind(
                 rel_path,
                 cgroup_id,

@@ -21,7 +21,7 @@ use crate::kernel::host::memory_available_bytes as host_available_bytes;
 use crate::kernel::notify::{LimitSignals, Signal};
 use crate::model::kept::BurstWatch;
 use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
-use crate::model::LimitRequest;
+use crate::model::{audit::Reason, LimitRequest};
 use crate::model::{nearest_rank, InstanceRecord, Limits};
 use crate::policy::actuator::{Actuator, BelowUsage};
 use crate::policy::reactive::{NoRaise, ReactiveConfig};
@@ -234,7 +234,7 @@ impl BurstGuard {
             };
             let w = self
                 .actuator
-                .write(&current, req, BelowUsage::Refuse, "burst_arm", None);
+                .write(&current, req, BelowUsage::Refuse, Reason::BurstArm, None);
             match w.result {
                 Ok(_) => {
                     limits.high_bytes = Some(trigger);
@@ -357,9 +357,9 @@ impl BurstGuard {
                 return Vec::new();
             }
         };
-        let written = self
-            .actuator
-            .write(&current, new.into(), BelowUsage::Raise, "burst", None);
+        let written =
+            self.actuator
+                .write(&current, new.into(), BelowUsage::Raise, Reason::Burst, None);
         let us = sig.at.elapsed().as_micros() as u64;
         match written.result {
             Ok(applied) => {
@@ -421,7 +421,7 @@ impl BurstGuard {
             CgroupVersion::V2 => "memory.events",
         };
         self.actuator
-            .refused(current, "burst", &why.to_string(), Some(signal));
+            .refused(current, Reason::Burst, &why.to_string(), Some(signal));
     }
 
     /// What the guard has done, for /v1/info and /metrics.

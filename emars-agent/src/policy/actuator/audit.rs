@@ -18,10 +18,10 @@ impl Actuator {
     pub fn audited<T, E: std::fmt::Display>(
         &self,
         inst: &InstanceRecord,
-        reason: impl Into<Reason>,
+        reason: Reason,
         write: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, ActuatorError> {
-        let mut audit = AuditRecord::intent(inst, reason.into(), None);
+        let mut audit = AuditRecord::intent(inst, reason, None);
         // Recorded before, but not synced to disk per call: such a write (a bind's watermark
         // reset) changes no limit, and a platform makes one per use or invocation. The record
         // is made durable with the store's next flush.
@@ -52,11 +52,11 @@ impl Actuator {
     pub fn refused(
         &self,
         inst: &InstanceRecord,
-        reason: impl Into<Reason>,
+        reason: Reason,
         why: &str,
         signal: Option<&str>,
     ) -> AuditRecord {
-        let mut audit = AuditRecord::intent(inst, reason.into(), signal);
+        let mut audit = AuditRecord::intent(inst, reason, signal);
         audit.outcome = Outcome::Refused;
         audit.error = Some(why.to_owned());
         self.stats.refusals.fetch_add(1, Ordering::Relaxed);

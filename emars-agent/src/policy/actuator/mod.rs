@@ -337,7 +337,8 @@ mod tests {
 
     impl Fake {
         fn write(&self, dir: &Path, req: LimitRequest, on_below: BelowUsage) -> Written {
-            self.act.write(&record(dir), req, on_below, "api", None)
+            self.act
+                .write(&record(dir), req, on_below, Reason::Api, None)
         }
 
         fn audit(&self) -> Vec<AuditRecord> {
@@ -421,7 +422,7 @@ mod tests {
             &inst,
             req(256 << 20, 192 << 20),
             BelowUsage::Raise,
-            "new_instance",
+            Reason::NewInstance,
             None,
         );
         let a = w.result.unwrap();
@@ -436,7 +437,7 @@ mod tests {
             &inst,
             req(256 << 20, 192 << 20),
             BelowUsage::Raise,
-            "apply",
+            Reason::Apply,
             None,
         );
         assert_eq!(w.audit.outcome, Outcome::Unchanged);
@@ -447,7 +448,7 @@ mod tests {
             &inst,
             req(32 << 20, 24 << 20),
             BelowUsage::Refuse,
-            "api",
+            Reason::Api,
             None,
         );
         assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
@@ -457,7 +458,9 @@ mod tests {
             max_bytes: None,
             high_bytes: Some(100 << 20),
         };
-        let w = f.act.write(&inst, high, BelowUsage::Raise, "release", None);
+        let w = f
+            .act
+            .write(&inst, high, BelowUsage::Raise, Reason::Release, None);
         assert_eq!(w.result.unwrap().new.high_bytes, Some(64 << 20));
         // Overridden: the function's limit is written.
         let mut over = fake(CgroupVersion::V1, 10 << 20);
@@ -478,7 +481,7 @@ mod tests {
             &inst,
             req(256 << 20, 192 << 20),
             BelowUsage::Raise,
-            "apply",
+            Reason::Apply,
             None,
         );
         assert!(w.result.is_ok() && w.audit.clamped_by.is_none(), "{w:?}");
@@ -499,7 +502,7 @@ mod tests {
                 &inst,
                 req(256 << 20, 192 << 20),
                 BelowUsage::Raise,
-                "new_instance",
+                Reason::NewInstance,
                 None,
             )
             .result
@@ -511,7 +514,7 @@ mod tests {
             &inst,
             req(256 << 20, 192 << 20),
             BelowUsage::Raise,
-            "apply",
+            Reason::Apply,
             None,
         );
         assert_eq!(w.audit.clamped_by, Some(ClampedBy::RuntimeLimit), "{w:?}");
@@ -534,7 +537,7 @@ mod tests {
                 &inst,
                 req(32 << 20, 24 << 20),
                 BelowUsage::Raise,
-                "api",
+                Reason::Api,
                 None,
             )
             .result
@@ -552,7 +555,7 @@ mod tests {
         let inst = record(&f.inst);
         let a = f.act.refused(
             &inst,
-            "burst",
+            Reason::Burst,
             "at the ceiling 128 MiB",
             Some("memory.events"),
         );
@@ -604,7 +607,7 @@ mod tests {
             &recorded,
             req(64 << 20, 32 << 20),
             BelowUsage::Raise,
-            "api",
+            Reason::Api,
             None,
         );
         assert!(
@@ -659,7 +662,7 @@ mod tests {
             &rec,
             req(64 << 20, 32 << 20),
             BelowUsage::Raise,
-            "api",
+            Reason::Api,
             None,
         );
         assert!(

@@ -20,7 +20,7 @@ impl Actuator {
         inst: &InstanceRecord,
         req: LimitRequest,
         on_below: BelowUsage,
-        reason: impl Into<Reason>,
+        reason: Reason,
         delay_start_ns: Option<u64>,
     ) -> Written {
         self.write_signalled(inst, req, on_below, reason, delay_start_ns, None)
@@ -32,7 +32,7 @@ impl Actuator {
         inst: &InstanceRecord,
         req: LimitRequest,
         on_below: BelowUsage,
-        reason: impl Into<Reason>,
+        reason: Reason,
         delay_start_ns: Option<u64>,
         signal: Option<&str>,
     ) -> Written {
@@ -41,7 +41,7 @@ impl Actuator {
                 max_bytes: req.max_bytes,
                 high_bytes: req.high_bytes,
             },
-            ..AuditRecord::intent(inst, reason.into(), signal)
+            ..AuditRecord::intent(inst, reason, signal)
         };
         let plan = match self.plan(inst, req, on_below) {
             Ok(p) => p,
@@ -155,12 +155,12 @@ impl Actuator {
         &self,
         inst: &InstanceRecord,
         bytes: u64,
-        reason: impl Into<Reason>,
+        reason: Reason,
         signal: Option<&str>,
     ) -> Result<AuditRecord, ActuatorError> {
         let mut audit = AuditRecord {
             reclaim_requested_bytes: Some(bytes),
-            ..AuditRecord::intent(inst, reason.into(), signal)
+            ..AuditRecord::intent(inst, reason, signal)
         };
         let checked = (|| {
             if !self.writes_allowed {

@@ -60,7 +60,14 @@ pub(super) fn release_hold(
         max_bytes: None,
         high_bytes: Some(back),
     };
-    let w = actuator.write_signalled(&current, req, BelowUsage::Raise, "release", None, Some(why));
+    let w = actuator.write_signalled(
+        &current,
+        req,
+        BelowUsage::Raise,
+        Reason::Release,
+        None,
+        Some(why),
+    );
     match w.result {
         Ok(_) => {
             tracing::info!(

@@ -32,7 +32,7 @@ use crate::kernel::notify::{PressureSignal, PressureSignals, PressureThresholds}
 use crate::model::kept::{same_limit, SqueezeHold};
 use crate::model::live::InstanceKey;
 use crate::model::tracker::{Cgroups, Effect, LimitsBy, Tracker};
-use crate::model::LimitRequest;
+use crate::model::{audit::Reason, LimitRequest};
 use crate::model::{InstanceRecord, Limits};
 use crate::policy::actuator::{Actuator, ActuatorError, BelowUsage};
 use crate::policy::reactive::ReactiveConfig;
@@ -566,7 +566,7 @@ impl SqueezeContext {
         let reclaimed =
             match self
                 .actuator
-                .reclaim(&rec, plan.reclaim_bytes, "pressure", Some(signal))
+                .reclaim(&rec, plan.reclaim_bytes, Reason::Pressure, Some(signal))
             {
                 Ok(audit) => audit.reclaimed_bytes.unwrap_or(0),
                 Err(e) => {
@@ -626,7 +626,7 @@ impl SqueezeContext {
                 &p.rec,
                 req,
                 BelowUsage::Refuse,
-                "pressure",
+                Reason::Pressure,
                 None,
                 Some(signal),
             );
