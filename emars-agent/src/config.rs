@@ -99,6 +99,7 @@ impl Default for PolicyConfig {
             defaults: FunctionPolicy::default(),
             functions: Vec::new(),
             keepalive: Default::default(),
+            prior: Default::default(),
         }
     }
 }
@@ -205,6 +206,7 @@ impl FunctionPolicy {
 impl PolicyConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.keepalive.validate()?;
+        self.prior.validate()?;
         if self.period_secs < MIN_PERIOD_SECS {
             return Err(invalid(
                 "policy.period_secs",
@@ -481,7 +483,7 @@ impl Config {
         self.probes.validate()?;
         self.policy.validate()?;
         self.reactive.validate()?;
-        if self.reactive.enabled && self.policy.mode != EnforceMode::Enforce {
+        if self.reactive.enabled == Some(true) && self.policy.mode != EnforceMode::Enforce {
             return Err(invalid(
                 "reactive.enabled",
                 true,

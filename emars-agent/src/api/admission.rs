@@ -8,6 +8,7 @@ use super::body::JsonObject;
 use super::error::ApiResult;
 use super::{predictive, Admission, AdmissionBody, AdmissionCounts, ApiError, ApiState};
 use crate::kernel::host::memory_available_bytes as host_available_bytes;
+use crate::clock::now_ms;
 use crate::model::registry::valid_function_name;
 
 /// Whether a new instance of a function fits ("Refuse"): its recommended memory.max against
@@ -29,7 +30,10 @@ pub(super) async fn admission(
         )));
     }
     let p = predictive(&state)?;
-    let predicted = p.policy.cached(&b.function).map(|r| r.max_bytes);
+    let predicted = p
+        .policy
+        .new_instance_limits(&b.function, now_ms())
+        .map(|r| r.max_bytes);
     let available = host_available_bytes()
         .ok_or_else(|| ApiError::internal("cannot read MemAvailable from /proc/meminfo"))?;
     let answer = p.reactive.admit(predicted, available);

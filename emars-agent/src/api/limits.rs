@@ -72,7 +72,8 @@ pub(super) async fn get_recommendation(
     found.map(Json)
 }
 
-/// The limits a new instance gets, from the policy's cache: no store read, no computation.
+/// The limits a new instance gets, from the policy's cache (or, for a function without
+/// history, the host's prior): no store read.
 #[utoipa::path(
     get, path = "/v1/functions/{name}/limits", tag = "predictive", params(openapi::FunctionPath),
     responses(
@@ -86,13 +87,16 @@ pub(super) async fn get_limits(
 ) -> ApiResult<Json<FunctionLimits>> {
     let name = function_name(path)?;
     let p = predictive(&state)?;
-    let Some(r) = p.policy.cached(&name) else {
+    let Some(r) = p.policy.new_instance_limits(&name, now_ms()) else {
         return Err(ApiError::not_found(format!(
             "no limits for {name:?}: the function is unknown, or has no measured instance peak \
-             yet and no pinned limit"
+             yet and no pinned limit (nor a prior: that needs the burst guard and \
+             policy.prior.min_functions functions with history)"
         )));
     };
-    let source = if r.pinned {
+    let source = if r.prior_bytes.is_some() {
+        "prior"
+    } else if r.pinned {
         "pinned"
     } else if r.oom_bump_bytes.is_some() {
         "oom_bump"

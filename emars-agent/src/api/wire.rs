@@ -230,8 +230,9 @@ pub struct FunctionLimits {
     pub function: String,
     pub max_bytes: u64,
     pub high_bytes: u64,
-    /// "pinned" (configured), "oom_bump" (raised after an OOM kill) or "history" (the
-    /// percentile of the retained instance peaks, with margin).
+    /// "pinned" (configured), "oom_bump" (raised after an OOM kill), "history" (the
+    /// percentile of the retained instance peaks, with margin) or "prior" (no history yet:
+    /// from the host's other functions, `[policy.prior]`, with the burst guard behind it).
     pub source: String,
     pub confidence: f64,
     pub computed_at_ms: u64,

@@ -822,6 +822,7 @@ on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not fo
             oom_bump_bytes,
             pinned,
             clamped_by: None,
+            prior_bytes: None,
             half_life_hours: 24.0,
             computed_at_ms: 1,
         }

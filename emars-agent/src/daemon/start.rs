@@ -216,8 +216,8 @@ fn start_burst_guard(
     policy: &Arc<Policy>,
     store: &Store,
 ) -> (Option<BurstGuard>, Option<Receiver<Signal>>) {
-    if !(config.reactive.enabled && actuator.writes_allowed()) {
-        if config.reactive.enabled {
+    if !config.reactive.guard_on(actuator.writes_allowed()) {
+        if config.reactive.enabled == Some(true) {
             tracing::warn!("reactive.enabled needs policy.mode = \"enforce\": burst guard off");
         }
         return (None, None);
@@ -229,7 +229,10 @@ fn start_burst_guard(
         policy.clone(),
         store.clone(),
     ) {
-        Ok((b, rx)) => (Some(b), Some(rx)),
+        Ok((b, rx)) => {
+            policy.set_guarded(true);
+            (Some(b), Some(rx))
+        }
         Err(e) => {
             tracing::error!("reactive mode off: cannot set up the kernel's limit signals: {e}");
             (None, None)

@@ -256,7 +256,8 @@ impl BurstGuard {
     }
 
     /// The watch's ceiling: kept from before (this run's, or the last run's in the store),
-    /// else `ceiling_factor` times the recommended memory.max, else times the limit in force;
+    /// else `ceiling_factor` times the recommended memory.max (none for a function on the
+    /// prior, whose raises only the host bounds), else times the limit in force;
     /// an explicit write through the API sets a new base (the memory.max it wrote). Kept with
     /// the instance.
     fn set_ceiling(&mut self, rec: &InstanceRecord, limits: Limits, origin: Origin) {
@@ -273,15 +274,25 @@ impl BurstGuard {
                 return;
             }
         }
-        let recommended = || self.policy.cached(&rec.function).map(|r| r.max_bytes);
-        let Some(base) = explicit.or_else(recommended).or(limits.max_bytes) else {
+        let now = crate::clock::now_ms();
+        let recommended = self.policy.new_instance_limits(&rec.function, now);
+        // A function on the prior has no history to bound its raises: the host does.
+        let on_prior = explicit.is_none() && recommended.as_ref().is_some_and(|r| r.prior_bytes.is_some());
+        let Some(base) = explicit
+            .or(recommended.map(|r| r.max_bytes))
+            .or(limits.max_bytes)
+        else {
             return;
         };
-        let ceiling = ((base as f64) * self.config.ceiling_factor) as u64;
+        let ceiling = if on_prior {
+            u64::MAX
+        } else {
+            ((base as f64) * self.config.ceiling_factor) as u64
+        };
         let watch = BurstWatch {
             ceiling_bytes: ceiling,
             base_bytes: base,
-            since_ms: crate::clock::now_ms(),
+            since_ms: now,
         };
         let key = (rec.started_at_ms, rec.cgroup_id);
         if let Err(e) = self.store.keep_state(key, &watch) {

@@ -10,13 +10,15 @@
 //!   admission), and its settings;
 //! - `burst`: the burst guard at run time (raises near the limit, through the actuator);
 //! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
-//! - `keepalive`: Reuse/Recycle advice from idle times, pure.
+//! - `keepalive`: Reuse/Recycle advice from idle times, pure;
+//! - `prior`: a function's first limits from the host's other functions, pure.
 //!
 //! The tracker's effects are carried out one stage up, in `daemon/effects.rs`.
 
 pub mod actuator;
 pub mod burst;
 pub mod keepalive;
+pub mod prior;
 pub mod reactive;
 pub mod recommend;
 pub mod squeeze;
@@ -25,7 +27,10 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::RwLock,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        RwLock,
+    },
     time::Duration,
 };
 
@@ -36,7 +41,7 @@ use crate::{
     model::InstanceRecord,
     model::LimitRequest,
     policy::actuator::{Actuator, BelowUsage},
-    policy::recommend::{recommend, PolicyParams, Recommendation},
+    policy::recommend::{recommend, recommend_from_prior, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
 
@@ -112,6 +117,12 @@ pub struct Policy {
     generating: std::sync::Mutex<()>,
     /// One `apply` at a time: it walks every live instance.
     applying: std::sync::Mutex<()>,
+    /// The burst guard runs: only then does a function without history get the prior.
+    guarded: AtomicBool,
+    /// The prior memory.max from the cache (`[policy.prior]`), recomputed after the cache
+    /// changed (`prior_stale`) when a function without history next needs it.
+    prior: RwLock<Option<u64>>,
+    prior_stale: AtomicBool,
 }
 
 /// The recommender's parameters for a function's effective policy (built-in defaults below).
@@ -143,7 +154,58 @@ impl Policy {
             cache: RwLock::new(HashMap::new()),
             generating: std::sync::Mutex::new(()),
             applying: std::sync::Mutex::new(()),
+            guarded: AtomicBool::new(false),
+            prior: RwLock::new(None),
+            prior_stale: AtomicBool::new(true),
         }
+    }
+
+    /// The burst guard started (or stopped): a function without history gets the prior's
+    /// limits only while it runs.
+    pub fn set_guarded(&self, on: bool) {
+        self.guarded.store(on, Ordering::Relaxed);
+    }
+
+    /// The limits a new instance of `function` gets: its recommendation, else (no history,
+    /// the guard on) the host's prior.
+    pub fn new_instance_limits(&self, function: &str, now_ms: u64) -> Option<Recommendation> {
+        self.cached(function)
+            .or_else(|| self.first_limits(function, now_ms))
+    }
+
+    /// The prior's limits for a function without history; None while the guard is off, the
+    /// prior off, or too few functions known.
+    pub fn first_limits(&self, function: &str, now_ms: u64) -> Option<Recommendation> {
+        if !self.guarded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let prior = self.prior_max()?;
+        let params = params_of(&self.config.for_function(function));
+        Some(recommend_from_prior(
+            function,
+            prior,
+            &params,
+            now_ms,
+            self.host_memory,
+        ))
+    }
+
+    fn prior_max(&self) -> Option<u64> {
+        if self.prior_stale.swap(false, Ordering::AcqRel) {
+            let mut medians: Vec<u64> = self
+                .cache
+                .read()
+                .ok()?
+                .values()
+                .filter(|r| r.samples > 0)
+                .map(|r| r.p50_bytes)
+                .collect();
+            let max = self.config.prior.max_bytes(&mut medians);
+            if let Ok(mut p) = self.prior.write() {
+                *p = max;
+            }
+        }
+        *self.prior.read().ok()?
     }
 
     pub fn mode(&self) -> EnforceMode {
@@ -174,6 +236,8 @@ impl Policy {
                 }
             }
         }
+        // After the write: a prior computed from the cache before it is recomputed.
+        self.prior_stale.store(true, Ordering::Release);
         Ok(rec)
     }
 
@@ -204,6 +268,7 @@ impl Policy {
         if let Ok(mut c) = self.cache.write() {
             c.retain(|f, _| known.contains(f.as_str()) || configured(f));
         }
+        self.prior_stale.store(true, Ordering::Release);
         Ok(out)
     }
 
@@ -243,7 +308,7 @@ impl Policy {
         if self.config.mode != EnforceMode::Enforce {
             return None;
         }
-        let r = self.cached(&rec.function)?;
+        let r = self.new_instance_limits(&rec.function, crate::clock::now_ms())?;
         Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns))
     }
 
@@ -414,6 +479,61 @@ mod tests {
         assert!(e.to_string().contains("policy.mode = \"enforce\""));
     }
 
+    fn ended(function: &str, start_ms: u64, peak_bytes: u64) -> InstanceRecord {
+        InstanceRecord {
+            function: function.into(),
+            instance: "i".into(),
+            cgroup_id: start_ms,
+            cgroup_path: format!("/sys/fs/cgroup/emars/{function}/i"),
+            started_at_ms: start_ms,
+            ended_at_ms: Some(start_ms + 1_000),
+            execs: 1,
+            peak_bytes,
+            peak_source: crate::model::PeakSource::KernelWatermark,
+            oom_kills: 0,
+            limits: Default::default(),
+        }
+    }
+
+    /// A function without history gets the host's prior (P50 of the other functions'
+    /// medians x 1.1) only with the burst guard on and once `min_functions` are known; one
+    /// with history keeps its own; a function measured later moves the prior.
+    #[test]
+    fn first_limits_come_from_the_prior_with_the_guard_only() {
+        use crate::policy::recommend::{page_up, DecayingHistogram};
+        const MIB: u64 = 1 << 20;
+        let (_dir, p) = policy(EnforceMode::Enforce);
+        let now = 10 * crate::model::HOUR_MS;
+        let median = |b: u64| DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(b));
+        let prior_of = |b: u64| page_up((median(b) as f64 * 1.1).ceil() as u64);
+        for (i, (f, mib)) in [("a", 40), ("b", 60)].into_iter().enumerate() {
+            p.store.put_instance(&ended(f, (i as u64 + 1) * 1000, mib * MIB)).unwrap();
+        }
+        p.compute_all(now).unwrap();
+        p.set_guarded(true);
+        // Two functions known, three needed.
+        assert_eq!(p.new_instance_limits("new", now), None);
+        p.store.put_instance(&ended("c", 3000, 80 * MIB)).unwrap();
+        p.compute("c", now).unwrap();
+        let r = p.new_instance_limits("new", now).unwrap();
+        assert_eq!(r.prior_bytes, Some(prior_of(60 * MIB)));
+        assert_eq!(r.max_bytes, prior_of(60 * MIB));
+        assert!(r.high_bytes < r.max_bytes && r.high_bytes > 0);
+        assert_eq!((r.samples, r.confidence), (0, 0.0));
+        assert_eq!(p.new_instance_limits("a", now).unwrap().prior_bytes, None);
+        // Two large functions later, the median of five medians is c's.
+        for (i, f) in ["d", "e"].into_iter().enumerate() {
+            p.store.put_instance(&ended(f, 4000 + i as u64 * 1000, 500 * MIB)).unwrap();
+            p.compute(f, now).unwrap();
+        }
+        let r = p.new_instance_limits("new", now).unwrap();
+        assert_eq!(r.prior_bytes, Some(prior_of(80 * MIB)));
+        // The guard off: nothing for a function without history.
+        p.set_guarded(false);
+        assert_eq!(p.new_instance_limits("new", now), None);
+        assert!(p.new_instance_limits("a", now).is_some());
+    }
+
     /// A function retention pruned loses its cached recommendation at the next full
     /// computation (the cache would otherwise keep every name ever seen); a function the
     /// config names keeps its pinned one.
@@ -519,4 +639,6 @@ pub struct PolicyConfig {
     pub functions: Vec<FunctionPolicy>,
     /// Keep-alive and pre-warm advice (Reuse/Recycle).
     pub keepalive: keepalive::KeepAliveConfig,
+    /// A function's first limits, before it has history (with the burst guard only).
+    pub prior: prior::PriorConfig,
 }

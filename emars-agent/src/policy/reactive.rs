@@ -15,7 +15,9 @@ use crate::config_error::ConfigError;
 use crate::model::Limits;
 
 pub const DEFAULT_TRIGGER_FRACTION: f64 = 0.9;
-pub const DEFAULT_STEP_FRACTION: f64 = 0.5;
+/// A quarter: a rescued instance holds at most a quarter more than it needed, which the
+/// defaults' tight limits lean on (docs/config.md, "Choosing the defaults").
+pub const DEFAULT_STEP_FRACTION: f64 = 0.25;
 pub const DEFAULT_STEP_MIN_BYTES: u64 = 16 << 20;
 pub const DEFAULT_CEILING_FACTOR: f64 = 4.0;
 pub const DEFAULT_HOST_RESERVE_BYTES: u64 = 256 << 20;
@@ -25,12 +27,13 @@ pub const DEFAULT_IDLE_AFTER_S: u64 = 30;
 pub const DEFAULT_SQUEEZE_HEADROOM_BYTES: u64 = 4 << 20;
 pub const DEFAULT_RELEASE_AFTER_S: u64 = 30;
 
-/// `[reactive]`: off by default; writes happen only where writes are allowed (enforce mode).
+/// `[reactive]`: the burst guard is on in enforce mode unless `enabled = false`; writes happen
+/// only where writes are allowed (enforce mode).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReactiveConfig {
-    /// The burst guard.
-    pub enabled: bool,
+    /// The burst guard. Left out (None): on in enforce mode, where limits are written.
+    pub enabled: Option<bool>,
     /// The early-warning point as a fraction of memory.max, where an instance has no
     /// memory.high (v2) or soft limit (v1) below its max.
     pub trigger_fraction: f64,
@@ -65,7 +68,7 @@ pub struct ReactiveConfig {
 impl Default for ReactiveConfig {
     fn default() -> Self {
         ReactiveConfig {
-            enabled: false,
+            enabled: None,
             trigger_fraction: DEFAULT_TRIGGER_FRACTION,
             step_fraction: DEFAULT_STEP_FRACTION,
             step_min_bytes: DEFAULT_STEP_MIN_BYTES,
@@ -83,6 +86,11 @@ impl Default for ReactiveConfig {
 }
 
 impl ReactiveConfig {
+    /// Whether the burst guard runs: asked for or left out, where writes are allowed.
+    pub fn guard_on(&self, writes_allowed: bool) -> bool {
+        writes_allowed && self.enabled.unwrap_or(true)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, v: f64, reason: &str| ConfigError::Invalid {
             key: format!("reactive.{key}"),
@@ -383,8 +391,16 @@ mod tests {
 
     #[test]
     fn a_burst_gets_a_step_bounded_by_ceiling_and_host() {
-        let c = ReactiveConfig::default();
+        // The default step: a quarter of max.
         let l = limits(100 * MIB, Some(90 * MIB));
+        let r = ReactiveConfig::default()
+            .burst_raise(l, 95 * MIB, 1000 * MIB, 10_000 * MIB)
+            .unwrap();
+        assert_eq!(r.max_bytes, Some(125 * MIB));
+        let c = ReactiveConfig {
+            step_fraction: 0.5,
+            ..ReactiveConfig::default()
+        };
         // A step of half of max; high keeps its ratio.
         let r = c
             .burst_raise(l, 95 * MIB, 1000 * MIB, 10_000 * MIB)

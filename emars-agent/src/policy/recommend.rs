@@ -59,6 +59,13 @@ pub const OOM_BUMP_MIN_BYTES: u64 = 100 * MIB;
 /// ...and at least this multiple of it.
 pub const OOM_BUMP_RATIO: f64 = 1.2;
 
+/// The defaults, chosen with the burst guard behind them (it is on by default in enforce
+/// mode): on the replay of the Azure sample they reserve the least memory at no more kills
+/// than the older P95 x 1.15 without the guard (docs/config.md, "Choosing the defaults").
+pub const DEFAULT_PERCENTILE: f64 = 50.0;
+pub const DEFAULT_MARGIN: f64 = 0.1;
+pub const DEFAULT_LOW_CONFIDENCE_MARGIN: f64 = 0.1;
+
 /// Per-function policy (the lead maps config into this).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyParams {
@@ -86,9 +93,9 @@ pub struct PolicyParams {
 impl Default for PolicyParams {
     fn default() -> Self {
         PolicyParams {
-            percentile: 95.0,
-            margin: 0.15,
-            low_confidence_margin: 0.25,
+            percentile: DEFAULT_PERCENTILE,
+            margin: DEFAULT_MARGIN,
+            low_confidence_margin: DEFAULT_LOW_CONFIDENCE_MARGIN,
             high_fraction: 0.9,
             floor_bytes: 16 * MIB,
             ceiling_bytes: None,
@@ -198,6 +205,10 @@ pub struct Recommendation {
     /// "floor" | "ceiling" | "host_memory": the last bound that changed `max_bytes`.
     #[schema(value_type = Option<String>)]
     pub clamped_by: Option<ClampedBy>,
+    /// Set when the function had no history: the host's prior (`[policy.prior]`) the limits
+    /// started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_bytes: Option<u64>,
     pub half_life_hours: f64,
     pub computed_at_ms: u64,
 }
@@ -380,13 +391,76 @@ pub fn recommend(
     let margin = margin_for(params, confidence);
     let percentile_bytes = history.histogram.percentile(params.percentile);
     let p50_bytes = history.histogram.percentile(50.0);
-    let host = WithHostMemory::of(host_memory_bytes);
-
     let base = Estimate::percentile_with_margin(percentile_bytes, margin, samples.is_empty());
-    let chain: [&dyn Step; 6] = [
-        &WithOomAtOnce {
-            recent_oom_bytes: history.recent_oom_bytes,
-        },
+    let estimate = chain(base, history.recent_oom_bytes, p50_bytes, params, host_memory_bytes);
+    Some(Recommendation {
+        function: function.to_string(),
+        max_bytes: estimate.max_bytes,
+        high_bytes: estimate.high_bytes,
+        confidence,
+        samples: samples.len() as u64,
+        effective_samples: history.effective_samples,
+        percentile: params.percentile,
+        percentile_bytes,
+        p50_bytes,
+        margin,
+        oom_kills: history.oom_kills,
+        oom_bump_bytes: estimate.oom_bump_bytes,
+        pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
+        clamped_by: estimate.clamped_by,
+        prior_bytes: None,
+        half_life_hours: params.half_life.as_secs_f64() / 3600.0,
+        computed_at_ms: now_ms,
+    })
+}
+
+/// The limits of a function with no history of its own, from the host's prior
+/// (`prior::PriorConfig::max_bytes`) as the base estimate, through the same steps as
+/// [`recommend`] (a function with pins has a recommendation and needs no prior).
+pub fn recommend_from_prior(
+    function: &str,
+    prior_bytes: u64,
+    params: &PolicyParams,
+    now_ms: u64,
+    host_memory_bytes: u64,
+) -> Recommendation {
+    let base = Estimate {
+        max_bytes: prior_bytes,
+        ..Estimate::default()
+    };
+    let estimate = chain(base, None, 0, params, host_memory_bytes);
+    Recommendation {
+        function: function.to_string(),
+        max_bytes: estimate.max_bytes,
+        high_bytes: estimate.high_bytes,
+        confidence: 0.0,
+        samples: 0,
+        effective_samples: 0.0,
+        percentile: params.percentile,
+        percentile_bytes: 0,
+        p50_bytes: 0,
+        margin: 0.0,
+        oom_kills: 0,
+        oom_bump_bytes: None,
+        pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
+        clamped_by: estimate.clamped_by,
+        prior_bytes: Some(prior_bytes),
+        half_life_hours: params.half_life.as_secs_f64() / 3600.0,
+        computed_at_ms: now_ms,
+    }
+}
+
+/// Steps 3 to 6 over a base estimate, composed here and nowhere else.
+fn chain(
+    base: Estimate,
+    recent_oom_bytes: Option<u64>,
+    p50_bytes: u64,
+    params: &PolicyParams,
+    host_memory_bytes: u64,
+) -> Estimate {
+    let host = WithHostMemory::of(host_memory_bytes);
+    let steps: [&dyn Step; 6] = [
+        &WithOomAtOnce { recent_oom_bytes },
         &WithFloor {
             bytes: params.floor_bytes,
         },
@@ -406,28 +480,9 @@ pub fn recommend(
             host,
         },
     ];
-    let estimate = chain
+    steps
         .iter()
-        .fold(base, |estimate, step| step.apply(estimate));
-
-    Some(Recommendation {
-        function: function.to_string(),
-        max_bytes: estimate.max_bytes,
-        high_bytes: estimate.high_bytes,
-        confidence,
-        samples: samples.len() as u64,
-        effective_samples: history.effective_samples,
-        percentile: params.percentile,
-        percentile_bytes,
-        p50_bytes,
-        margin,
-        oom_kills: history.oom_kills,
-        oom_bump_bytes: estimate.oom_bump_bytes,
-        pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
-        clamped_by: estimate.clamped_by,
-        half_life_hours: params.half_life.as_secs_f64() / 3600.0,
-        computed_at_ms: now_ms,
-    })
+        .fold(base, |estimate, step| step.apply(estimate))
 }
 
 /// Step 1: the samples as a decayed histogram (relative to the newest sample), and the OOM
@@ -722,6 +777,16 @@ mod tests {
             .collect()
     }
 
+    /// The defaults before the burst guard was on by default: what tests of the tail use.
+    fn p95() -> PolicyParams {
+        PolicyParams {
+            percentile: 95.0,
+            margin: 0.15,
+            low_confidence_margin: 0.25,
+            ..PolicyParams::default()
+        }
+    }
+
     fn rec(samples: &[Sample], params: &PolicyParams) -> Recommendation {
         recommend("f", samples, params, NOW, 0).expect("a recommendation")
     }
@@ -905,6 +970,21 @@ mod tests {
         );
     }
 
+    /// The prior goes through the same steps: the floor lifts it, the host clamps it, high
+    /// is below max; the recommendation says it came from the prior.
+    #[test]
+    fn a_prior_is_a_base_estimate_through_the_same_steps() {
+        let d = PolicyParams::default();
+        let r = recommend_from_prior("f", 100 * MIB, &d, NOW, GIB);
+        assert_eq!((r.max_bytes, r.prior_bytes), (100 * MIB, Some(100 * MIB)));
+        assert_eq!(r.high_bytes, page_up((100.0 * MIB as f64 * 0.9).ceil() as u64));
+        assert_eq!(r.clamped_by, None);
+        let r = recommend_from_prior("f", MIB, &d, NOW, GIB);
+        assert_eq!((r.max_bytes, r.clamped_by), (16 * MIB, Some(ClampedBy::Floor)));
+        let r = recommend_from_prior("f", 2 * GIB, &d, NOW, GIB);
+        assert_eq!((r.max_bytes, r.clamped_by), (GIB, Some(ClampedBy::HostMemory)));
+    }
+
     #[test]
     fn known_peaks() {
         let samples = spread(50, 80 * MIB, 0.02, NOW);
@@ -923,7 +1003,7 @@ mod tests {
         // Every number is explainable from the others.
         assert_eq!(
             r.max_bytes,
-            page_up((r.percentile_bytes as f64 * 1.15).ceil() as u64)
+            page_up((r.percentile_bytes as f64 * 1.1).ceil() as u64)
         );
         assert_eq!(
             r.high_bytes,
@@ -934,8 +1014,8 @@ mod tests {
         assert_eq!(r.oom_bump_bytes, None);
         assert_eq!(r.clamped_by, None);
         assert!(!r.pinned);
-        assert_eq!(r.percentile, 95.0);
-        assert_eq!(r.margin, 0.15);
+        assert_eq!(r.percentile, 50.0);
+        assert_eq!(r.margin, 0.1);
         assert_eq!(r.half_life_hours, 24.0);
         assert_eq!(r.computed_at_ms, NOW);
         assert_eq!(r.function, "f");
@@ -955,7 +1035,7 @@ mod tests {
             },
         );
         assert!(p90.max_bytes < 70 * MIB, "{}", p90.max_bytes);
-        let p95 = rec(&samples, &PolicyParams::default());
+        let p95 = rec(&samples, &p95());
         assert!(p95.max_bytes > 200 * MIB);
         // P50 sits on the small ones: high = 0.9 · max.
         assert!(p95.p50_bytes < 55 * MIB);
@@ -965,20 +1045,20 @@ mod tests {
     fn decay_old_big_samples_lose_to_recent_small_ones() {
         let mut samples = spread(50, 500 * MIB, 0.0, NOW - 5 * DAY_MS);
         samples.extend(spread(50, 100 * MIB, 0.0, NOW));
-        let r = rec(&samples, &PolicyParams::default());
+        let r = rec(&samples, &p95());
         // Big ones weigh 2^-5 each: 50/32 of 51.6, about 3% < 5%.
         assert!(r.max_bytes < 130 * MIB, "{}", r.max_bytes);
         // One half-life ago they would still win.
         let mut samples = spread(50, 500 * MIB, 0.0, NOW - DAY_MS);
         samples.extend(spread(50, 100 * MIB, 0.0, NOW));
-        let r = rec(&samples, &PolicyParams::default());
+        let r = rec(&samples, &p95());
         assert!(r.max_bytes > 500 * MIB, "{}", r.max_bytes);
         // A shorter half-life forgets faster.
         let r = rec(
             &samples,
             &PolicyParams {
                 half_life: Duration::from_secs(4 * 3600),
-                ..Default::default()
+                ..p95()
             },
         );
         assert!(r.max_bytes < 130 * MIB, "{}", r.max_bytes);

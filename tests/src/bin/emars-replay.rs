@@ -27,16 +27,22 @@
 //!
 //! # Replay
 //!
-//! Functions are independent (every policy is per function), so each function is replayed on
-//! its own, its instances in time order. An instance's outcome becomes known to a policy when
-//! the instance ends (start + duration): a policy gives each instance a limit from the outcomes
-//! known strictly before its start. A limit below the instance's peak is an exceedance (the
-//! kernel would OOM-kill it); the policy then learns an OOM-killed sample whose peak is censored
-//! at the limit (`peak = limit`, `limit_bytes = limit`), as the agent would see it. Otherwise it
-//! learns the true peak. Until a function has any known outcome, every adaptive policy uses the
-//! cold default of 256 MiB, so the policies start alike.
+//! Every function's instances are replayed in one time line, in start order, so that a
+//! function's first instances can be sized from what the host has learned of the others (the
+//! agent's prior). An instance's outcome becomes known when it ends (start + duration): a
+//! policy gives each instance a limit from the outcomes known strictly before its start. A
+//! limit below the instance's peak is an exceedance (the kernel would OOM-kill it); the policy
+//! then learns an OOM-killed sample whose peak is censored at the limit (`peak = limit`,
+//! `limit_bytes = limit`), as the agent would see it. Otherwise it learns the true peak.
+//! Until a function has any known outcome, a policy without the prior uses the cold default
+//! of 256 MiB (so does one with it while the host knows fewer than `min_functions`).
 //!
-//! Policies:
+//! Policies (the first row is the agent's default configuration in enforce mode):
+//! * `defaults`: `recommend()` with `PolicyParams::default()` (P50 x 1.1, 16 MiB floor, OOM
+//!   bump at once), recomputed at every instance; the burst guard (`ReactiveConfig::default()`:
+//!   raises of a quarter of the limit up to 4x the recommendation, as the agent makes them);
+//!   a function's first instances at the host's prior (`PriorConfig::default()`: P50 of the
+//!   other functions' median peaks x 1.1, the guard's ceiling the host's).
 //! * `static-256`: 256 MiB for everyone (OpenWhisk's standard action limit).
 //! * `vpa`: VPA's target rule, P90 of peaks x 1.15 with VPA's 250 MiB floor, using EMARS's
 //!   decaying histogram (half-life 24 h, weights relative to the recompute time) and VPA's OOM
@@ -46,17 +52,22 @@
 //!   Recomputed every simulated 10 minutes (at ticks of a 10-minute grid, from the outcomes
 //!   known before the tick), as VPA's recommender runs periodically.
 //! * `vpa-nofloor`: the same without the floor.
-//! * `emars`: `recommend()` with `PolicyParams::default()` (P95 x 1.15, 16 MiB floor, OOM bump
-//!   at once), recomputed at every instance (the agent answers from its store on demand).
-//! * `emars-p99`: `recommend()` with percentile 99 and margin 0.1.
-//! * `emars@10min`: `emars` on VPA's 10-minute cadence, to separate the rule from the cadence.
+//! * `p95`: the defaults before the guard was on by default (P95 x 1.15, more margin while
+//!   history is thin, no guard, the cold default); `p99`: P99 x 1.1 likewise; `p95@10min`:
+//!   `p95` on VPA's 10-minute cadence, to separate the rule from the cadence; `p95+r/2`: `p95`
+//!   with the guard's older step of half the limit.
+//! * `p75+r`: the defaults at P75; `defaults-np`: the defaults without the prior;
+//!   `defaults+r/2`: the defaults with the guard's older step.
 //!
-//! Metrics: reserved memory = sum over instances of limit x duration (GiB·h); the plain sum of
-//! limits; both relative to `static-256`; the share of instances whose peak exceeds the limit;
-//! functions with any exceedance; the median and P95 of (limit - peak) / peak over instances
-//! that fit; the kills split by how many outcomes the policy knew (none, 1-19, 20+). A killed
-//! instance counts its full limit x duration (no retry is modelled). An `oracle` line (limit = the instance's own peak) shows the floor of what any
-//! policy could reserve.
+//! Metrics: reserved memory = sum over instances of limit x duration (GiB·h), its ratio to
+//! VPA's, and the part of it in the learning phase (instances started while fewer than 20
+//! outcomes of their function were known), also above their own peaks; the plain sum of
+//! limits; the share of instances whose peak exceeds the limit; functions with any
+//! exceedance; the median and P95 of (limit - peak) / peak over instances that fit; the kills
+//! split by how many outcomes the policy knew (none, 1-19, 20+). A killed instance counts its
+//! full limit x duration (no retry is modelled); a rescued one its raised limit for its whole
+//! run. An `oracle` line (limit = the instance's own peak) shows the floor of what any policy
+//! could reserve.
 
 use std::{
     fmt::Display,
@@ -66,9 +77,11 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use emars_agent::model::Limits;
+use emars_agent::policy::prior::PriorConfig;
 use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
-    decay_weight, oom_bump, page_up, recommend, DecayingHistogram, PolicyParams, Sample,
+    decay_weight, oom_bump, page_up, recommend, recommend_from_prior, DecayingHistogram,
+    PolicyParams, Sample,
 };
 use emars_tests::azure::{data_dir, inverse_cdf, load, Function, SplitMix64};
 
@@ -231,6 +244,9 @@ struct Policy {
     /// `ReactiveConfig::burst_raise`, ceiling = its limit x `ceiling_factor`) until it fits
     /// or no raise is left; the host is taken to have the memory.
     reactive: Option<ReactiveConfig>,
+    /// A function's first instances sized from the host's other functions, as the agent
+    /// does (else the cold default).
+    prior: Option<PriorConfig>,
 }
 
 impl Rule {
@@ -259,79 +275,91 @@ impl Rule {
 }
 
 fn policies() -> Vec<Policy> {
-    let emars = PolicyParams::default();
-    let emars_p99 = PolicyParams {
-        percentile: 99.0,
-        margin: 0.1,
+    let p95 = PolicyParams {
+        percentile: 95.0,
+        margin: 0.15,
+        low_confidence_margin: 0.25,
         ..PolicyParams::default()
     };
+    let emars = |name, params, period_ms, reactive, prior| Policy {
+        name,
+        rule: Rule::Emars(params),
+        period_ms,
+        reactive,
+        prior,
+    };
+    let plain = |name, rule, period_ms| Policy {
+        name,
+        rule,
+        period_ms,
+        reactive: None,
+        prior: None,
+    };
+    // The burst guard as it was before its step became a quarter of the limit.
+    let guard_half = ReactiveConfig {
+        step_fraction: 0.5,
+        ..ReactiveConfig::default()
+    };
     vec![
-        Policy {
-            name: "static-256",
-            rule: Rule::Static(STATIC_BYTES),
-            period_ms: None,
-            reactive: None,
-        },
-        Policy {
-            name: "vpa",
-            rule: Rule::Vpa {
+        // The agent's default configuration in enforce mode: the recommender's defaults, the
+        // burst guard on, a function's first instances from the host's prior.
+        emars(
+            "defaults",
+            PolicyParams::default(),
+            None,
+            Some(ReactiveConfig::default()),
+            Some(PriorConfig::default()),
+        ),
+        plain("static-256", Rule::Static(STATIC_BYTES), None),
+        plain(
+            "vpa",
+            Rule::Vpa {
                 floor_bytes: VPA_FLOOR_BYTES,
             },
-            period_ms: Some(PERIODIC_MS),
-            reactive: None,
-        },
-        Policy {
-            name: "vpa-nofloor",
-            rule: Rule::Vpa { floor_bytes: 0 },
-            period_ms: Some(PERIODIC_MS),
-            reactive: None,
-        },
-        Policy {
-            name: "emars",
-            rule: Rule::Emars(emars.clone()),
-            period_ms: None,
-            reactive: None,
-        },
-        Policy {
-            name: "emars-p99",
-            rule: Rule::Emars(emars_p99),
-            period_ms: None,
-            reactive: None,
-        },
-        Policy {
-            name: "emars@10min",
-            rule: Rule::Emars(emars.clone()),
-            period_ms: Some(PERIODIC_MS),
-            reactive: None,
-        },
-        // Predictive limits with the burst guard behind them, and tighter predictive limits
-        // that lean on it.
-        Policy {
-            name: "emars+r",
-            rule: Rule::Emars(emars),
-            period_ms: None,
-            reactive: Some(ReactiveConfig::default()),
-        },
-        Policy {
-            name: "emars-p75+r",
-            rule: Rule::Emars(PolicyParams {
+            Some(PERIODIC_MS),
+        ),
+        plain("vpa-nofloor", Rule::Vpa { floor_bytes: 0 }, Some(PERIODIC_MS)),
+        // The defaults before issue 22: P95 x 1.15, no guard, the cold default.
+        emars("p95", p95.clone(), None, None, None),
+        emars(
+            "p99",
+            PolicyParams {
+                percentile: 99.0,
+                margin: 0.1,
+                ..p95.clone()
+            },
+            None,
+            None,
+            None,
+        ),
+        emars("p95@10min", p95.clone(), Some(PERIODIC_MS), None, None),
+        emars("p95+r/2", p95, None, Some(guard_half.clone()), None),
+        emars(
+            "p75+r",
+            PolicyParams {
                 percentile: 75.0,
-                margin: 0.1,
                 ..PolicyParams::default()
-            }),
-            period_ms: None,
-            reactive: Some(ReactiveConfig::default()),
-        },
-        Policy {
-            name: "emars-p50+r",
-            rule: Rule::Emars(PolicyParams {
-                percentile: 50.0,
-                margin: 0.1,
-                ..PolicyParams::default()
-            }),
-            period_ms: None,
-            reactive: Some(ReactiveConfig::default()),
-        },
+            },
+            None,
+            Some(ReactiveConfig::default()),
+            Some(PriorConfig::default()),
+        ),
+        // The defaults without the prior (the cold default for a function's first instances),
+        // and with the guard's old step.
+        emars(
+            "defaults-np",
+            PolicyParams::default(),
+            None,
+            Some(ReactiveConfig::default()),
+            None,
+        ),
+        emars(
+            "defaults+r/2",
+            PolicyParams::default(),
+            None,
+            Some(guard_half),
+            Some(PriorConfig::default()),
+        ),
     ]
 }
 
@@ -349,6 +377,11 @@ struct Tally {
     functions_exceeded: u64,
     /// Instances whose peak exceeded their limit and that the burst guard's raises saved.
     rescued: u64,
+    /// Sum of limit x duration of the instances started while fewer than 20 outcomes of
+    /// their function were known (the learning phase), MiB·ms.
+    learning_mib_ms: f64,
+    /// The same instances' own peaks x duration.
+    learning_peaks_mib_ms: f64,
     /// Every instance as the host sees it, for the host pass.
     placed: Vec<Placed>,
     /// (limit - peak) / peak of the instances that fit.
@@ -419,8 +452,7 @@ fn host_pass(placed: &mut [Placed], capacity: u64) -> HostOutcome {
 
 /// The limit a burst guard's raises reach for an instance peaking at `peak` that started with
 /// `limit`, or None when it is OOM-killed (no raise left below its peak).
-fn rescue(cfg: &ReactiveConfig, limit: u64, peak: u64) -> Option<u64> {
-    let ceiling = (limit as f64 * cfg.ceiling_factor) as u64;
+fn rescue(cfg: &ReactiveConfig, limit: u64, peak: u64, ceiling: u64) -> Option<u64> {
     let mut l = Limits {
         max_bytes: Some(limit),
         high_bytes: None,
@@ -435,46 +467,102 @@ fn rescue(cfg: &ReactiveConfig, limit: u64, peak: u64) -> Option<u64> {
     }
 }
 
-/// Replays one function's instances through one policy.
-fn replay(policy: &Policy, f: &Function, instances: &[Instance], tally: &mut Tally) {
-    let mut known: Vec<Sample> = Vec::with_capacity(instances.len());
-    // Outcomes of instances [0, visible) have ended before the current instance's start
-    // (all instances of a function share one duration: end order = start order).
-    let mut visible = 0;
-    let mut cached: Option<(u64, u64)> = None; // (tick, limit)
-    let mut any_exceeded = false;
-    for (i, inst) in instances.iter().enumerate() {
-        let limit = match policy.period_ms {
-            None => {
-                while visible < i && instances[visible].end_ms < inst.start_ms {
-                    visible += 1;
-                }
-                policy.rule.limit(&f.id, &known[..visible], inst.start_ms)
-            }
-            Some(period) => {
-                let tick = inst.start_ms - inst.start_ms % period;
-                match cached {
-                    Some((t, limit)) if t == tick => limit,
-                    _ => {
-                        while visible < i && instances[visible].end_ms < tick {
-                            visible += 1;
-                        }
-                        let limit = policy.rule.limit(&f.id, &known[..visible], tick);
-                        cached = Some((tick, limit));
-                        limit
-                    }
+/// The host's view across functions: each function's median peak so far, as a multiset.
+#[derive(Debug, Default)]
+struct HostPrior {
+    typical: std::collections::BTreeMap<u64, u32>,
+    functions: u32,
+}
+
+impl HostPrior {
+    fn replace(&mut self, old: Option<u64>, new: u64) {
+        if let Some(o) = old {
+            if let Some(c) = self.typical.get_mut(&o) {
+                *c -= 1;
+                if *c == 0 {
+                    self.typical.remove(&o);
                 }
             }
-        };
+            self.functions -= 1;
+        }
+        *self.typical.entry(new).or_default() += 1;
+        self.functions += 1;
+    }
+
+    /// The agent's prior memory.max from the functions' medians (`PriorConfig::max_bytes`).
+    fn max_bytes(&self, prior: &PriorConfig) -> Option<u64> {
+        let mut medians: Vec<u64> = self
+            .typical
+            .iter()
+            .flat_map(|(&v, &c)| std::iter::repeat_n(v, c as usize))
+            .collect();
+        prior.max_bytes(&mut medians)
+    }
+}
+
+/// One function's state during a replay.
+#[derive(Debug, Default)]
+struct FnState {
+    /// Outcomes known, in the order they became known (end order).
+    known: Vec<Sample>,
+    cached: Option<(u64, u64)>, // (tick, limit)
+    any_exceeded: bool,
+    typical: Option<u64>,
+}
+
+/// Replays every function's instances through one policy, in global time order, so that a
+/// function's first instances can be sized from what the host knows of the others.
+fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut order: Vec<(u64, usize, usize)> = fns
+        .iter()
+        .enumerate()
+        .flat_map(|(f, (_, insts))| insts.iter().enumerate().map(move |(i, x)| (x.start_ms, f, i)))
+        .collect();
+    order.sort_unstable();
+    let mut states: Vec<FnState> = (0..fns.len()).map(|_| FnState::default()).collect();
+    let mut pending: BinaryHeap<Reverse<(u64, usize, usize, bool, u64)>> = BinaryHeap::new();
+    let mut host = HostPrior::default();
+    for (start_ms, fi, ii) in order {
+        // Outcomes that ended before this start become known.
+        while let Some(Reverse((end, f, _, killed, value))) = pending.peek().copied() {
+            if end >= start_ms {
+                break;
+            }
+            pending.pop();
+            let st = &mut states[f];
+            st.known.push(Sample {
+                at_ms: end,
+                peak_bytes: value,
+                oom_killed: killed,
+                limit_bytes: Some(value),
+            });
+            if policy.prior.is_some() {
+                if let Some(r) = recommend("f", &st.known, &PolicyParams::default(), end, 0) {
+                    host.replace(st.typical, r.p50_bytes);
+                    st.typical = Some(r.p50_bytes);
+                }
+            }
+        }
+        let (f, insts) = &fns[fi];
+        let inst = insts[ii];
+        let st = &mut states[fi];
+        let (limit, visible, ceiling) = limit_for(policy, f, st, &host, inst.start_ms);
         // A rescued instance holds its raised limit, counted (pessimistically) for its whole
         // run; it ends normally, so its true peak is learnt.
         let rescued = match &policy.reactive {
-            Some(cfg) if inst.peak_bytes > limit => rescue(cfg, limit, inst.peak_bytes),
+            Some(cfg) if inst.peak_bytes > limit => rescue(cfg, limit, inst.peak_bytes, ceiling),
             _ => None,
         };
         let held = rescued.unwrap_or(limit);
+        let reserved = held as f64 / MIB_F * f.duration_ms;
         tally.instances += 1;
-        tally.reserved_mib_ms += held as f64 / MIB_F * f.duration_ms;
+        tally.reserved_mib_ms += reserved;
+        if visible < 20 {
+            tally.learning_mib_ms += reserved;
+            tally.learning_peaks_mib_ms += inst.peak_bytes as f64 / MIB_F * f.duration_ms;
+        }
         tally.limits_mib += limit as f64 / MIB_F;
         if rescued.is_some() {
             tally.rescued += 1;
@@ -486,35 +574,69 @@ fn replay(policy: &Policy, f: &Function, instances: &[Instance], tally: &mut Tal
             held,
             killed: inst.peak_bytes > held,
         });
-        let sample = if inst.peak_bytes > held {
+        let (killed, value) = if inst.peak_bytes > held {
             tally.exceeded += 1;
             tally.exceeded_by_history[match visible {
                 0 => 0,
                 1..=19 => 1,
                 _ => 2,
             }] += 1;
-            any_exceeded = true;
-            Sample {
-                at_ms: inst.end_ms,
-                peak_bytes: limit,
-                oom_killed: true,
-                limit_bytes: Some(limit),
-            }
+            st.any_exceeded = true;
+            (true, limit)
         } else {
             tally
                 .slack
                 .push((held - inst.peak_bytes) as f64 / inst.peak_bytes.max(1) as f64);
-            Sample {
-                at_ms: inst.end_ms,
-                peak_bytes: inst.peak_bytes,
-                oom_killed: false,
-                limit_bytes: Some(limit),
-            }
+            (false, inst.peak_bytes)
         };
-        known.push(sample);
+        pending.push(Reverse((inst.end_ms, fi, ii, killed, value)));
     }
-    if any_exceeded {
-        tally.functions_exceeded += 1;
+    tally.functions_exceeded += states.iter().filter(|s| s.any_exceeded).count() as u64;
+}
+
+/// The limit an instance of `f` starting at `start_ms` gets, the outcomes it was computed
+/// from, and the burst guard's ceiling for it.
+fn limit_for(
+    policy: &Policy,
+    f: &Function,
+    st: &mut FnState,
+    host: &HostPrior,
+    start_ms: u64,
+) -> (u64, usize, u64) {
+    let (known, at) = match policy.period_ms {
+        None => (st.known.len(), start_ms),
+        Some(period) => {
+            let tick = start_ms - start_ms % period;
+            if let Some((t, limit)) = st.cached {
+                if t == tick {
+                    let n = st.known.partition_point(|s| s.at_ms < tick);
+                    return (limit, n, ceiling_of(policy, limit, n > 0));
+                }
+            }
+            (st.known.partition_point(|s| s.at_ms < tick), tick)
+        }
+    };
+    let limit = match (&policy.prior, known, &policy.rule) {
+        (Some(prior), 0, Rule::Emars(params)) => host
+            .max_bytes(prior)
+            .map(|p| recommend_from_prior(&f.id, p, params, at, 0).max_bytes)
+            .unwrap_or(COLD_DEFAULT_BYTES),
+        _ => policy.rule.limit(&f.id, &st.known[..known], at),
+    };
+    if policy.period_ms.is_some() {
+        st.cached = Some((at, limit));
+    }
+    (limit, known, ceiling_of(policy, limit, known > 0))
+}
+
+/// The burst guard's ceiling for a limit, as the agent sets it: `ceiling_factor` x the
+/// limit (the recommendation) once the function has history; before, on the prior, the host
+/// alone bounds the raises.
+fn ceiling_of(policy: &Policy, limit: u64, has_history: bool) -> u64 {
+    match (&policy.reactive, &policy.prior) {
+        (None, _) => limit,
+        (Some(_), Some(_)) if !has_history => u64::MAX,
+        (Some(cfg), _) => (limit as f64 * cfg.ceiling_factor) as u64,
     }
 }
 
@@ -546,6 +668,7 @@ fn run(opts: &Opts) -> Result<()> {
     let mut invocations = 0u64;
     let mut total_instances = 0u64;
     let mut total_duration_ms = 0.0;
+    let mut all = Vec::with_capacity(workload.functions.len());
     for (index, f) in workload.functions.iter().enumerate() {
         invocations += f.per_minute.iter().map(|&k| u64::from(k)).sum::<u64>();
         let insts = instances(f, index, opts);
@@ -562,9 +685,10 @@ fn run(opts: &Opts) -> Result<()> {
             oracle_limits_mib += inst.peak_bytes as f64 / MIB_F;
             total_duration_ms += f.duration_ms;
         }
-        for (policy, tally) in policies.iter().zip(tallies.iter_mut()) {
-            replay(policy, f, &insts, tally);
-        }
+        all.push((f, insts));
+    }
+    for (policy, tally) in policies.iter().zip(tallies.iter_mut()) {
+        replay(policy, &all, tally);
     }
     let wall = t0.elapsed();
 
@@ -602,8 +726,10 @@ fn run(opts: &Opts) -> Result<()> {
     );
     println!();
 
-    let base_reserved = tallies[0].reserved_mib_ms;
-    let base_limits = tallies[0].limits_mib;
+    // Ratios are to VPA's rule, the anchor the defaults are measured against.
+    let vpa = policies.iter().position(|p| p.name == "vpa").unwrap_or(0);
+    let base_reserved = tallies[vpa].reserved_mib_ms;
+    let base_limits = tallies[vpa].limits_mib;
     let mut rows: Vec<Summary> = policies
         .iter()
         .zip(tallies.iter_mut())
@@ -613,12 +739,17 @@ fn run(opts: &Opts) -> Result<()> {
                 name: policy.name,
                 reserved_gib_h: tally.reserved_mib_ms / 1024.0 / HOUR_MS as f64,
                 reserved_ratio: tally.reserved_mib_ms / base_reserved,
+                learning_gib_h: tally.learning_mib_ms / 1024.0 / HOUR_MS as f64,
+                learning_over_gib_h: (tally.learning_mib_ms - tally.learning_peaks_mib_ms)
+                    / 1024.0
+                    / HOUR_MS as f64,
                 limits_gib: tally.limits_mib / 1024.0,
                 limits_ratio: tally.limits_mib / base_limits,
                 exceed_pct: 100.0 * tally.exceeded as f64 / tally.instances.max(1) as f64,
                 exceeded_by_history: tally.exceeded_by_history,
                 functions_exceeded: tally.functions_exceeded,
                 rescued: tally.rescued,
+                instances: tally.instances,
                 slack_p50: nearest_rank(&tally.slack, 50.0),
                 slack_p95: nearest_rank(&tally.slack, 95.0),
             }
@@ -628,22 +759,27 @@ fn run(opts: &Opts) -> Result<()> {
         name: "oracle",
         reserved_gib_h: oracle_mib_ms / 1024.0 / HOUR_MS as f64,
         reserved_ratio: oracle_mib_ms / base_reserved,
+        learning_gib_h: f64::NAN,
+        learning_over_gib_h: 0.0,
         limits_gib: oracle_limits_mib / 1024.0,
         limits_ratio: oracle_limits_mib / base_limits,
         exceed_pct: 0.0,
         exceeded_by_history: [0; 3],
         functions_exceeded: 0,
         rescued: 0,
+        instances: total_instances,
         slack_p50: 0.0,
         slack_p95: 0.0,
     });
     println!(
-        "{:<12} {:>10} {:>6} {:>10} {:>6} {:>8} {:>15} {:>7} {:>8} {:>9} {:>9}",
+        "{:<12} {:>10} {:>6} {:>9} {:>9} {:>10} {:>6} {:>8} {:>15} {:>7} {:>8} {:>9} {:>9}",
         "policy",
         "GiB·h resv",
-        "ratio",
+        "x vpa",
+        "learning",
+        "learn+",
         "Σlimit GiB",
-        "ratio",
+        "x vpa",
         "exceed%",
         "kills 0/<20/20+",
         "fns exc",
@@ -651,14 +787,16 @@ fn run(opts: &Opts) -> Result<()> {
         "slack p50",
         "slack p95"
     );
-    println!("{}", "-".repeat(113));
+    println!("{}", "-".repeat(133));
     for r in &rows {
         let [cold, learning, steady] = r.exceeded_by_history;
         println!(
-            "{:<12} {:>10.2} {:>6.3} {:>10.1} {:>6.3} {:>8.2} {:>15} {:>7} {:>8} {:>8.1}% {:>8.1}%",
+            "{:<12} {:>10.2} {:>6.3} {:>9.2} {:>9.2} {:>10.1} {:>6.3} {:>8.2} {:>15} {:>7} {:>8} {:>8.1}% {:>8.1}%",
             r.name,
             r.reserved_gib_h,
             r.reserved_ratio,
+            r.learning_gib_h,
+            r.learning_over_gib_h,
             r.limits_gib,
             r.limits_ratio,
             r.exceed_pct,
@@ -671,8 +809,10 @@ fn run(opts: &Opts) -> Result<()> {
     }
     println!();
     println!(
-        "columns: GiB·h resv = sum of limit x average duration; Σlimit = plain sum of limits; \
-         ratios to static-256;\n  exceed% = instances whose peak exceeds their limit (OOM \
+        "columns: GiB·h resv = sum of limit x average duration; x vpa = its ratio to vpa's; \
+         learning = GiB·h resv of the\n  instances started while fewer than 20 outcomes of \
+         their function were known; learn+ = that part above their own peaks;\n  Σlimit = \
+         plain sum of limits; exceed% = instances whose peak exceeds their limit (OOM \
          kill); kills 0/<20/20+ = those kills by the number of\n  outcomes the policy knew \
          (none: cold default; fewer than 20; 20 or more); fns exc = functions with any;\n  \
          rescued = instances past their limit that the burst guard's raises saved (+r policies; \
@@ -794,12 +934,17 @@ struct Summary {
     name: &'static str,
     reserved_gib_h: f64,
     reserved_ratio: f64,
+    /// GiB·h of the learning phase (fewer than 20 outcomes known).
+    learning_gib_h: f64,
+    /// The learning phase's GiB·h above its instances' own peaks.
+    learning_over_gib_h: f64,
     limits_gib: f64,
     limits_ratio: f64,
     exceed_pct: f64,
     exceeded_by_history: [u64; 3],
     functions_exceeded: u64,
     rescued: u64,
+    instances: u64,
     slack_p50: f64,
     slack_p95: f64,
 }
@@ -807,91 +952,85 @@ struct Summary {
 /// A short reading of the table, with its numbers.
 fn interpret(rows: &[Summary], mean_peak_mib: f64, mean_peak_by_time_mib: f64) {
     let get = |name: &str| rows.iter().find(|r| r.name == name);
-    let (Some(st), Some(vpa), Some(vpn), Some(em), Some(em99), Some(em10)) = (
+    let (Some(d), Some(st), Some(vpa), Some(vpn), Some(p95), Some(p95r), Some(np), Some(half)) = (
+        get("defaults"),
         get("static-256"),
         get("vpa"),
         get("vpa-nofloor"),
-        get("emars"),
-        get("emars-p99"),
-        get("emars@10min"),
+        get("p95"),
+        get("p95+r/2"),
+        get("defaults-np"),
+        get("defaults+r/2"),
     ) else {
         return;
     };
-    let pct = |x: f64| 100.0 * x;
-    let more_less = |x: f64| if x >= 1.0 { "more" } else { "less" };
-    let steady = |r: &Summary| r.exceeded_by_history[2];
-    let learning = |r: &Summary| r.exceeded_by_history[1];
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let kills = |r: &Summary| r.exceeded_by_history.iter().sum::<u64>();
     println!("interpretation:");
     println!(
-        "  static-256 kills {:.1}% of instances, in the {} functions whose peaks pass 256 MiB, and \
-         leaves a median {:.0}% unused on the rest.",
+        "  The defaults (P50 x 1.1 of the peaks, the burst guard on with raises of a quarter \
+         of the limit, a function's first\n  instances from the host's prior) reserve {:.2} \
+         GiB·h, {:.3} x VPA's (target <= 0.80: {}), and kill {:.2}% of instances ({}; target \
+         <= 0.1%:\n  {}); the guard rescues {} ({:.1}% of instances), each counted at its \
+         raised limit for its whole run.",
+        d.reserved_gib_h,
+        d.reserved_ratio,
+        met(d.reserved_ratio <= 0.80),
+        d.exceed_pct,
+        kills(d),
+        met(d.exceed_pct <= 0.1),
+        d.rescued,
+        100.0 * d.rescued as f64 / d.instances.max(1) as f64,
+    );
+    println!(
+        "  Learning phase (fewer than 20 outcomes known): {:.2} GiB·h against {:.2} with the \
+         older defaults (p95: P95 x 1.15, no guard),\n  {:.2} x; above the instances' own \
+         peaks {:.2} against {:.2}, {:.2} x (target: halved, {}). Their own peaks need {:.2} \
+         GiB·h, so no\n  policy could halve the reserve itself.",
+        d.learning_gib_h,
+        p95.learning_gib_h,
+        d.learning_gib_h / p95.learning_gib_h,
+        d.learning_over_gib_h,
+        p95.learning_over_gib_h,
+        d.learning_over_gib_h / p95.learning_over_gib_h,
+        met(d.learning_over_gib_h <= p95.learning_over_gib_h / 2.0),
+        d.learning_gib_h - d.learning_over_gib_h,
+    );
+    println!(
+        "  The prior: without it (defaults-np, the 256 MiB cold default, the guard's ceiling 4x \
+         it) {} instances die with no outcome known\n  against {}, at {:.2} GiB·h. The \
+         guard's step: at half the limit (defaults+r/2) a rescued instance holds more, {:.2} \
+         GiB·h ({:.3} x VPA).",
+        np.exceeded_by_history[0],
+        d.exceeded_by_history[0],
+        np.reserved_gib_h,
+        half.reserved_gib_h,
+        half.reserved_ratio,
+    );
+    println!(
+        "  The older defaults without the guard (p95) kill {:.2}% at {:.3} x VPA; with the \
+         guard behind them (p95+r/2) {:.2}%, still at {:.3} x.\n  VPA's rule (P90 x 1.15, \
+         floor 250 MiB) kills {:.2}% (without the floor {:.2}%); static-256 kills {:.1}% in \
+         the {} functions\n  whose peaks pass 256 MiB. Long runners are larger here (mean \
+         peak {:.0} MiB weighted by time, {:.0} MiB by instance).",
+        p95.exceed_pct,
+        p95.reserved_ratio,
+        p95r.exceed_pct,
+        p95r.reserved_ratio,
+        vpa.exceed_pct,
+        vpn.exceed_pct,
         st.exceed_pct,
         st.functions_exceeded,
-        pct(st.slack_p50)
-    );
-    println!(
-        "  VPA's rule (P90 x 1.15, floor 250 MiB) kills {:.2}% and sums to {:.3} x static's limits, \
-         but its floor dominates these small functions (median slack {:.0}%). Without the floor \
-         it sums to {:.3} x and kills {:.2}%, {} of them with 20+ outcomes known: P90 leaves the \
-         top decile exposed, and one OOM sample barely moves a P90.",
-        vpa.exceed_pct,
-        vpa.limits_ratio,
-        pct(vpa.slack_p50),
-        vpn.limits_ratio,
-        vpn.exceed_pct,
-        steady(vpn)
-    );
-    println!(
-        "  EMARS (P95 x 1.15, 16 MiB floor, OOM bump at once) kills {:.2}% with limits summing to \
-         {:.3} x static ({:.0}% {} than VPA; median slack {:.0}%). Its kills with 20+ outcomes \
-         known are {} against VPA's {}: the bump stops repeat kills at once. Most of its kills \
-         come while it knows fewer than 20 outcomes ({}): P95 of a handful of samples is their \
-         maximum, and the next draw can exceed it by more than the margin.",
-        em.exceed_pct,
-        em.limits_ratio,
-        pct((em.limits_ratio / vpa.limits_ratio - 1.0).abs()),
-        more_less(em.limits_ratio / vpa.limits_ratio),
-        pct(em.slack_p50),
-        steady(em),
-        steady(vpa),
-        learning(em)
-    );
-    println!(
-        "  Weighted by duration (GiB·h) EMARS reserves {:.1}% {} than VPA: long runners are \
-         larger here (mean peak {:.0} MiB weighted by time, {:.0} MiB by instance), where VPA's \
-         floor binds less and P95 > P90 weighs more. P99 x 1.1 kills {:.2}% (steady {}, learning {}): fewer late kills, more early ones, \
-         since with few samples P99 = P95 = the maximum and its margin is smaller. On VPA's \
-         10-minute cadence EMARS kills {:.2}%.",
-        pct((em.reserved_ratio / vpa.reserved_ratio - 1.0).abs()),
-        more_less(em.reserved_ratio / vpa.reserved_ratio),
         mean_peak_by_time_mib,
         mean_peak_mib,
-        em99.exceed_pct,
-        steady(em99),
-        learning(em99),
-        em10.exceed_pct
     );
-    if let (Some(emr), Some(p50r)) = (get("emars+r"), get("emars-p50+r")) {
-        println!(
-            "  With the burst guard behind it (+r: raises of half the limit up to 4x the \
-             recommendation, as the agent makes them) EMARS kills {:.2}% instead of {:.2}%, \
-             {} instances rescued. It can then aim lower: at P50 x 1.1 it reserves {:.3} x \
-             VPA's GiB·h and kills {:.2}% ({} rescued), the rescued counted at their raised \
-             limit for their whole run.",
-            emr.exceed_pct,
-            em.exceed_pct,
-            emr.rescued,
-            p50r.reserved_ratio / vpa.reserved_ratio,
-            p50r.exceed_pct,
-            p50r.rescued
-        );
-    }
     println!(
         "  Caveats: peaks are drawn independently per instance from per-app memory that the \
-         provider averaged per minute (no short spikes); every adaptive policy starts from the \
-         same 256 MiB cold default, so kills with no outcome known are nearly common to all; a \
-         rescue assumes the raise lands before the instance reaches its limit (the agent's \
-         signal-to-write time is milliseconds; see emars-bench-reactive)."
+         provider averaged per minute (no short\n  spikes); a rescue assumes the raise lands \
+         before the instance reaches its limit (the agent's signal-to-write time is\n  \
+         milliseconds; see emars-bench-reactive); where the host knows fewer than \
+         policy.prior.min_functions functions, the agent\n  writes no limit and the replay \
+         gives the cold default."
     );
 }
 
@@ -949,9 +1088,10 @@ mod tests {
             rule: Rule::Emars(PolicyParams::default()),
             period_ms: None,
             reactive: None,
+            prior: None,
         };
         let mut t = Tally::default();
-        replay(&policy, &f, &insts, &mut t);
+        replay(&policy, &[(&f, insts.to_vec())], &mut t);
         // First at the cold default (killed); the second learns the OOM-killed sample, censored
         // at 256 MiB, and gets at least bump(256 MiB) = 356 MiB.
         assert_eq!(t.exceeded, 1);
@@ -976,18 +1116,61 @@ mod tests {
         assert!((limit - want as f64).abs() < 1.0, "{limit} != {want}");
     }
 
-    /// The burst guard's raises: 100 MiB -> 150 -> 225 -> ..., up to 4x; a peak past the
-    /// ceiling is killed.
+    /// The burst guard's raises: with steps of half the limit 100 MiB -> 150 -> 225 -> ...,
+    /// up to the ceiling (4x); a peak past it is killed. The default quarter: 100 -> 125 ->
+    /// 156.25 -> ...
     #[test]
     fn rescue_follows_the_agents_raises() {
-        let cfg = ReactiveConfig::default();
-        assert_eq!(rescue(&cfg, 100 * MIB, 90 * MIB), Some(100 * MIB));
-        assert_eq!(rescue(&cfg, 100 * MIB, 140 * MIB), Some(150 * MIB));
-        assert_eq!(rescue(&cfg, 100 * MIB, 200 * MIB), Some(225 * MIB));
-        assert_eq!(rescue(&cfg, 100 * MIB, 400 * MIB), Some(400 * MIB));
-        assert_eq!(rescue(&cfg, 100 * MIB, 401 * MIB), None);
+        let cfg = ReactiveConfig {
+            step_fraction: 0.5,
+            ..ReactiveConfig::default()
+        };
+        let c = 400 * MIB;
+        assert_eq!(rescue(&cfg, 100 * MIB, 90 * MIB, c), Some(100 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 140 * MIB, c), Some(150 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 200 * MIB, c), Some(225 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 400 * MIB, c), Some(400 * MIB));
+        assert_eq!(rescue(&cfg, 100 * MIB, 401 * MIB, c), None);
         // Above 256 MiB too (a raise is not bounded by a host taken as unbounded).
-        assert_eq!(rescue(&cfg, 512 * MIB, 700 * MIB), Some(768 * MIB));
+        assert_eq!(rescue(&cfg, 512 * MIB, 700 * MIB, 2048 * MIB), Some(768 * MIB));
+        // The prior's ceiling: the host alone.
+        assert_eq!(rescue(&cfg, 100 * MIB, 900 * MIB, u64::MAX).map(|l| l >= 900 * MIB), Some(true));
+        let quarter = ReactiveConfig::default();
+        assert_eq!(rescue(&quarter, 100 * MIB, 120 * MIB, c), Some(125 * MIB));
+    }
+
+    /// A function's first instance is sized from the other functions' medians once the host
+    /// knows enough of them, and the guard's ceiling for it is the host's.
+    #[test]
+    fn first_instances_get_the_hosts_prior() {
+        let f = |id: &str, peak_mib: u64| Function {
+            id: id.into(),
+            per_minute: vec![],
+            memory_mib: [peak_mib as f64; 8],
+            duration_ms: 1.0,
+        };
+        let one = |at: u64, peak_mib: u64| Instance {
+            start_ms: START_MS + at,
+            end_ms: START_MS + at + 1,
+            peak_bytes: peak_mib * MIB,
+        };
+        let (a, b, c, big) = (f("a", 40), f("b", 60), f("c", 80), f("big", 900));
+        let fns = vec![
+            (&a, vec![one(0, 40)]),
+            (&b, vec![one(1, 60)]),
+            (&c, vec![one(2, 80)]),
+            (&big, vec![one(10, 900)]),
+        ];
+        let policy = policies().into_iter().find(|p| p.name == "defaults").unwrap();
+        let mut t = Tally::default();
+        replay(&policy, &fns, &mut t);
+        // The first three met the cold default; the fourth the prior, from three medians (the
+        // upper edges of their histogram buckets): P50 = b's, x 1.1, then rescued past 900 MiB.
+        let limits: Vec<u64> = t.placed.iter().map(|p| p.limit).collect();
+        assert_eq!(&limits[..3], &[COLD_DEFAULT_BYTES; 3]);
+        let b_median = DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(60 * MIB));
+        assert_eq!(limits[3], page_up((b_median as f64 * 1.1).ceil() as u64));
+        assert_eq!((t.rescued, t.exceeded), (1, 0));
     }
 
     /// On a host: an instance that does not fit is refused, a rescue without room fails and
