@@ -132,6 +132,112 @@ fn burst_is_rescued_only_when_reactive_is_on() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The defaults: a fresh agent in enforce mode with no `[reactive]` section has the burst
+/// guard on, and an instance bursting past the limit predicted from its function's history is
+/// rescued (its raises audited as "burst").
+#[test]
+fn the_guard_is_on_by_default_in_enforce_mode() -> anyhow::Result<()> {
+    if !require_root("the_guard_is_on_by_default_in_enforce_mode") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(
+        &root,
+        "\n[policy]\nmode = \"enforce\"\nexport_dir = \"{dir}/export\"\n",
+    )?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["reactive"]["enabled"], true, "{}", info["reactive"]);
+    let (max, finished) = burst(&root, &agent, 24)?;
+    assert!(
+        finished,
+        "the grower was killed at its predicted {max} bytes:\n{}",
+        agent.log()
+    );
+    let ended = agent.wait_ended("bursty", 6)?;
+    let grower = ended
+        .iter()
+        .find(|i| i["instance"] == "grower")
+        .ok_or_else(|| anyhow::anyhow!("grower not recorded: {ended:?}"))?;
+    assert_eq!(grower["oom_kills"], 0, "{grower}");
+    assert!(grower["peak_bytes"].as_u64().unwrap_or(0) > max, "{grower}");
+    let audit = agent.get_ok("/v1/audit")?;
+    let raises = audit["audit"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["reason"] == "burst" && r["outcome"] == "ok")
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(raises > 0, "no raise in the audit: {audit}");
+    Ok(())
+}
+
+/// A new function's first instance, once the host knows three functions, gets the host's
+/// prior at mkdir (P50 of their median peaks x 1.1; `GET .../limits` says "prior"), and
+/// when it grows to five times that, past the 4x ceiling a function with history would
+/// have, the guard rescues it: a prior's raises are bounded by the host alone.
+#[test]
+fn a_new_function_starts_at_the_prior_and_is_rescued_past_it() -> anyhow::Result<()> {
+    if !require_root("a_new_function_starts_at_the_prior_and_is_rescued_past_it") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let agent = start(&root, "")?;
+    for (f, mib) in [("small", 16), ("mid", 24), ("large", 40)] {
+        let dir = root.instance_dir(f, "h")?;
+        run_alloc(&dir, mib, 0, 0)?;
+        fs::remove_dir(&dir)?;
+        agent.wait_ended(f, 1)?;
+    }
+    // The prior the agent should give, from its own medians of the three.
+    let mut medians: Vec<u64> = ["small", "mid", "large"]
+        .iter()
+        .map(|f| {
+            let r = agent.get_ok(&format!("/v1/functions/{f}/recommendation"))?;
+            r["p50_bytes"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no p50 for {f}: {r}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    medians.sort_unstable();
+    let want = (medians[1] as f64 * 1.1).ceil() as u64;
+    let want = want.div_ceil(4096) * 4096;
+    let limits = wait_for(Duration::from_secs(5), || {
+        let l = agent.get_ok("/v1/functions/newcomer/limits").ok()?;
+        (l["max_bytes"].as_u64() == Some(want)).then_some(l)
+    })
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "limits for a new function: {:?}, want {want}",
+            agent.get_ok("/v1/functions/newcomer/limits")
+        )
+    })?;
+    assert_eq!(limits["source"], "prior", "{limits}");
+    let dir = root.instance_dir("newcomer", "first")?;
+    let max = wait_for(Duration::from_secs(5), || root.hierarchy.max_limit(&dir))
+        .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;
+    assert_eq!(max, want, "memory.max at mkdir is not the prior");
+    let grow = max * 5 / MIB;
+    let mut cmd = Command::new(alloc_bin());
+    cmd.args(["--mib", &grow.to_string(), "--rate-mib-s", "32"]);
+    let finished = spawn_in(&dir, cmd)?.wait()?.success();
+    fs::remove_dir(&dir)?;
+    assert!(
+        finished,
+        "grown to {grow} MiB from a prior of {max} bytes, killed:\n{}",
+        agent.log()
+    );
+    let ended = agent.wait_ended("newcomer", 1)?;
+    assert_eq!(ended[0]["oom_kills"], 0, "{}", ended[0]);
+    assert!(
+        ended[0]["limits"]["max_bytes"].as_u64().unwrap_or(0) > 4 * max,
+        "raised past 4x the prior: {}",
+        ended[0]
+    );
+    Ok(())
+}
+
 /// Limits written through the API (no history, so none at mkdir) are guarded as well: the
 /// instance, given 32 MiB by hand, grows to 48 MiB and is rescued.
 #[test]

@@ -57,6 +57,7 @@
 //!   `p95` on VPA's 10-minute cadence, to separate the rule from the cadence; `p95+r/2`: `p95`
 //!   with the guard's older step of half the limit.
 //! * `p75+r`: the defaults at P75; `defaults-np`: the defaults without the prior;
+//!   `defaults-nr`: the defaults' limits without the guard (nor the prior, which needs it);
 //!   `defaults+r/2`: the defaults with the guard's older step.
 //!
 //! Metrics: reserved memory = sum over instances of limit x duration (GiB·h), its ratio to
@@ -353,6 +354,7 @@ fn policies() -> Vec<Policy> {
             Some(ReactiveConfig::default()),
             None,
         ),
+        emars("defaults-nr", PolicyParams::default(), None, None, None),
         emars(
             "defaults+r/2",
             PolicyParams::default(),
