@@ -333,7 +333,13 @@ fn socket_activation_holds_the_port_across_a_restart() -> anyhow::Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        // No agent runs now, and the port is still taken.
+        // The killed agent is gone (SIGKILL lands when the kernel next runs it: on a busy
+        // host not at once); no agent runs then (the supervisor restarts it a second later),
+        // and the port is still taken.
+        let gone = wait_for(Duration::from_secs(5), || {
+            (agent_pid(&config) != Some(agent)).then_some(())
+        });
+        anyhow::ensure!(gone.is_some(), "the agent outlived kill -9");
         anyhow::ensure!(
             agent_pid(&config).is_none(),
             "an agent runs right after kill -9"

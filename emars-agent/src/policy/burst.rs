@@ -256,8 +256,9 @@ impl BurstGuard {
     }
 
     /// The watch's ceiling: kept from before (this run's, or the last run's in the store),
-    /// else `ceiling_factor` times the recommended memory.max (none for a function on the
-    /// prior, whose raises only the host bounds), else times the limit in force;
+    /// else `ceiling_factor` times the recommended memory.max (for a function on the prior,
+    /// times the largest median peak on the host, `Prior::ceiling_base_bytes`), else times the
+    /// limit in force;
     /// an explicit write through the API sets a new base (the memory.max it wrote). Kept with
     /// the instance.
     fn set_ceiling(&mut self, rec: &InstanceRecord, limits: Limits, origin: Origin) {
@@ -276,19 +277,21 @@ impl BurstGuard {
         }
         let now = crate::clock::now_ms();
         let recommended = self.policy.new_instance_limits(&rec.function, now);
-        // A function on the prior has no history to bound its raises: the host does.
-        let on_prior = explicit.is_none() && recommended.as_ref().is_some_and(|r| r.prior_bytes.is_some());
+        // A function on the prior has no history of its own: its raises are bounded from the
+        // largest function this host knows.
+        let from_prior = recommended
+            .as_ref()
+            .filter(|r| r.prior_bytes.is_some())
+            .and_then(|_| self.policy.prior())
+            .map(|p| p.ceiling_base_bytes());
         let Some(base) = explicit
+            .or(from_prior)
             .or(recommended.map(|r| r.max_bytes))
             .or(limits.max_bytes)
         else {
             return;
         };
-        let ceiling = if on_prior {
-            u64::MAX
-        } else {
-            ((base as f64) * self.config.ceiling_factor) as u64
-        };
+        let ceiling = ((base as f64) * self.config.ceiling_factor) as u64;
         let watch = BurstWatch {
             ceiling_bytes: ceiling,
             base_bytes: base,

@@ -119,9 +119,9 @@ pub struct Policy {
     applying: std::sync::Mutex<()>,
     /// The burst guard runs: only then does a function without history get the prior.
     guarded: AtomicBool,
-    /// The prior memory.max from the cache (`[policy.prior]`), recomputed after the cache
-    /// changed (`prior_stale`) when a function without history next needs it.
-    prior: RwLock<Option<u64>>,
+    /// The prior from the cache (`[policy.prior]`), recomputed after the cache changed
+    /// (`prior_stale`) when a function without history next needs it.
+    prior: RwLock<Option<prior::Prior>>,
     prior_stale: AtomicBool,
 }
 
@@ -179,18 +179,23 @@ impl Policy {
         if !self.guarded.load(Ordering::Relaxed) {
             return None;
         }
-        let prior = self.prior_max()?;
+        let prior = self.prior()?;
         let params = params_of(&self.config.for_function(function));
         Some(recommend_from_prior(
             function,
-            prior,
+            prior.max_bytes,
             &params,
             now_ms,
             self.host_memory,
         ))
     }
 
-    fn prior_max(&self) -> Option<u64> {
+    /// The host's prior, while the guard runs (`first_limits`' basis and the base of the
+    /// guard's ceiling for an instance started on it).
+    pub fn prior(&self) -> Option<prior::Prior> {
+        if !self.guarded.load(Ordering::Relaxed) {
+            return None;
+        }
         if self.prior_stale.swap(false, Ordering::AcqRel) {
             let mut medians: Vec<u64> = self
                 .cache
@@ -200,9 +205,9 @@ impl Policy {
                 .filter(|r| r.samples > 0)
                 .map(|r| r.p50_bytes)
                 .collect();
-            let max = self.config.prior.max_bytes(&mut medians);
+            let prior = self.config.prior.of(&mut medians);
             if let Ok(mut p) = self.prior.write() {
-                *p = max;
+                *p = prior;
             }
         }
         *self.prior.read().ok()?

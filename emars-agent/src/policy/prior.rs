@@ -4,10 +4,10 @@
 //! Without it a function's first instances run unlimited until one of them ends (nothing to
 //! recommend from). With it they start at the `percentile` of the other functions' median
 //! peaks, plus `margin`: for a host of small functions, far below "unlimited" or a fixed
-//! default. It is used only with the burst guard behind it (enforce mode, `[reactive]` on),
-//! whose ceiling for such an instance is the host alone (see `burst`): a prior is a guess, and
-//! the guard, not the guess, keeps a larger function alive. The replay (`emars-replay`)
-//! measured the choice of statistic and percentile (docs/config.md, "The prior").
+//! default. It is used only with the burst guard behind it (enforce mode, `[reactive]` on): a
+//! prior is a guess, and the guard, not the guess, keeps a larger function alive, up to
+//! `ceiling_factor` times the largest median this host knows (see [`Prior`]). The replay
+//! (`emars-replay`) measured the choice (docs/config.md, "Choosing the defaults").
 
 use serde::{Deserialize, Serialize};
 
@@ -66,17 +66,43 @@ impl PriorConfig {
         Ok(())
     }
 
-    /// The prior memory.max from the median peaks of the functions with history (any order;
-    /// sorted here): their nearest-rank `percentile`, times `1 + margin`, page-rounded up.
-    /// None when off or while fewer than `min_functions` are known.
-    pub fn max_bytes(&self, medians: &mut [u64]) -> Option<u64> {
+    /// The prior from the median peaks of the functions with history (any order; sorted
+    /// here). None when off or while fewer than `min_functions` are known.
+    pub fn of(&self, medians: &mut [u64]) -> Option<Prior> {
         if !self.enabled || medians.len() < self.min_functions as usize {
             return None;
         }
         medians.sort_unstable();
         let rank = ((self.percentile / 100.0) * medians.len() as f64).ceil() as usize;
         let median = medians[rank.clamp(1, medians.len()) - 1];
-        Some(page_up((median as f64 * (1.0 + self.margin)).ceil() as u64))
+        Some(Prior {
+            max_bytes: page_up((median as f64 * (1.0 + self.margin)).ceil() as u64),
+            largest_median_bytes: medians[medians.len() - 1],
+        })
+    }
+
+    /// [`Self::of`]'s memory.max alone.
+    pub fn max_bytes(&self, medians: &mut [u64]) -> Option<u64> {
+        self.of(medians).map(|p| p.max_bytes)
+    }
+}
+
+/// What the host's other functions say about a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prior {
+    /// `percentile` of their medians, times `1 + margin`, page-rounded up.
+    pub max_bytes: u64,
+    /// The largest of their medians: the burst guard's base for a function on the prior (its
+    /// ceiling is `ceiling_factor` times this, or times `max_bytes` where that is larger), so
+    /// a new function may grow as large as the largest this host runs, with room, and no
+    /// further.
+    pub largest_median_bytes: u64,
+}
+
+impl Prior {
+    /// The base of the burst guard's ceiling for an instance started on this prior.
+    pub fn ceiling_base_bytes(&self) -> u64 {
+        self.largest_median_bytes.max(self.max_bytes)
     }
 }
 
@@ -92,6 +118,9 @@ mod tests {
         let mut m = vec![400 * MIB, 10 * MIB, 100 * MIB, 40 * MIB];
         // P50 of 4 by nearest rank: the 2nd, 40 MiB; x 1.1.
         assert_eq!(cfg.max_bytes(&mut m), Some(page_up(44 * MIB)));
+        let p = cfg.of(&mut m).unwrap();
+        assert_eq!(p.largest_median_bytes, 400 * MIB);
+        assert_eq!(p.ceiling_base_bytes(), 400 * MIB);
         let p100 = PriorConfig {
             percentile: 100.0,
             margin: 0.0,

@@ -42,7 +42,7 @@
 //!   bump at once), recomputed at every instance; the burst guard (`ReactiveConfig::default()`:
 //!   raises of a quarter of the limit up to 4x the recommendation, as the agent makes them);
 //!   a function's first instances at the host's prior (`PriorConfig::default()`: P50 of the
-//!   other functions' median peaks x 1.1, the guard's ceiling the host's).
+//!   other functions' median peaks x 1.1, the guard's ceiling 4x the largest median).
 //! * `static-256`: 256 MiB for everyone (OpenWhisk's standard action limit).
 //! * `vpa`: VPA's target rule, P90 of peaks x 1.15 with VPA's 250 MiB floor, using EMARS's
 //!   decaying histogram (half-life 24 h, weights relative to the recompute time) and VPA's OOM
@@ -78,7 +78,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use emars_agent::model::Limits;
-use emars_agent::policy::prior::PriorConfig;
+use emars_agent::policy::prior::{Prior, PriorConfig};
 use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
     decay_weight, oom_bump, page_up, recommend, recommend_from_prior, DecayingHistogram,
@@ -491,14 +491,14 @@ impl HostPrior {
         self.functions += 1;
     }
 
-    /// The agent's prior memory.max from the functions' medians (`PriorConfig::max_bytes`).
-    fn max_bytes(&self, prior: &PriorConfig) -> Option<u64> {
+    /// The agent's prior from the functions' medians (`PriorConfig::of`).
+    fn prior(&self, prior: &PriorConfig) -> Option<Prior> {
         let mut medians: Vec<u64> = self
             .typical
             .iter()
             .flat_map(|(&v, &c)| std::iter::repeat_n(v, c as usize))
             .collect();
-        prior.max_bytes(&mut medians)
+        prior.of(&mut medians)
     }
 }
 
@@ -612,34 +612,35 @@ fn limit_for(
             if let Some((t, limit)) = st.cached {
                 if t == tick {
                     let n = st.known.partition_point(|s| s.at_ms < tick);
-                    return (limit, n, ceiling_of(policy, limit, n > 0));
+                    return (limit, n, ceiling_of(policy, limit));
                 }
             }
             (st.known.partition_point(|s| s.at_ms < tick), tick)
         }
     };
-    let limit = match (&policy.prior, known, &policy.rule) {
-        (Some(prior), 0, Rule::Emars(params)) => host
-            .max_bytes(prior)
-            .map(|p| recommend_from_prior(&f.id, p, params, at, 0).max_bytes)
-            .unwrap_or(COLD_DEFAULT_BYTES),
-        _ => policy.rule.limit(&f.id, &st.known[..known], at),
+    // On the prior: its limit, and the base of the guard's ceiling (the largest median).
+    let prior = match (&policy.prior, known, &policy.rule) {
+        (Some(cfg), 0, Rule::Emars(params)) => host.prior(cfg).map(|p| {
+            let limit = recommend_from_prior(&f.id, p.max_bytes, params, at, 0).max_bytes;
+            (limit, p.ceiling_base_bytes())
+        }),
+        _ => None,
     };
+    let limit = prior.map_or_else(|| policy.rule.limit(&f.id, &st.known[..known], at), |p| p.0);
     if policy.period_ms.is_some() {
         st.cached = Some((at, limit));
     }
-    (limit, known, ceiling_of(policy, limit, known > 0))
+    let base = prior.map_or(limit, |p| p.1);
+    (limit, known, ceiling_of(policy, base))
 }
 
-/// The burst guard's ceiling for a limit, as the agent sets it: `ceiling_factor` x the
-/// limit (the recommendation) once the function has history; before, on the prior, the host
-/// alone bounds the raises.
-fn ceiling_of(policy: &Policy, limit: u64, has_history: bool) -> u64 {
-    match (&policy.reactive, &policy.prior) {
-        (None, _) => limit,
-        (Some(_), Some(_)) if !has_history => u64::MAX,
-        (Some(cfg), _) => (limit as f64 * cfg.ceiling_factor) as u64,
-    }
+/// The burst guard's ceiling, as the agent sets it: `ceiling_factor` x its base (the
+/// recommendation; for an instance on the prior, the largest median on the host).
+fn ceiling_of(policy: &Policy, base: u64) -> u64 {
+    policy
+        .reactive
+        .as_ref()
+        .map_or(base, |cfg| (base as f64 * cfg.ceiling_factor) as u64)
 }
 
 /// Nearest-rank percentile (p in percent) of an ascending slice; NaN when empty.
@@ -1135,8 +1136,6 @@ mod tests {
         assert_eq!(rescue(&cfg, 100 * MIB, 401 * MIB, c), None);
         // Above 256 MiB too (a raise is not bounded by a host taken as unbounded).
         assert_eq!(rescue(&cfg, 512 * MIB, 700 * MIB, 2048 * MIB), Some(768 * MIB));
-        // The prior's ceiling: the host alone.
-        assert_eq!(rescue(&cfg, 100 * MIB, 900 * MIB, u64::MAX).map(|l| l >= 900 * MIB), Some(true));
         let quarter = ReactiveConfig::default();
         assert_eq!(rescue(&quarter, 100 * MIB, 120 * MIB, c), Some(125 * MIB));
     }
@@ -1167,11 +1166,23 @@ mod tests {
         let mut t = Tally::default();
         replay(&policy, &fns, &mut t);
         // The first three met the cold default; the fourth the prior, from three medians (the
-        // upper edges of their histogram buckets): P50 = b's, x 1.1, then rescued past 900 MiB.
+        // upper edges of their histogram buckets): P50 = b's, x 1.1; 900 MiB is past 4x the
+        // largest median (80 MiB): killed.
         let limits: Vec<u64> = t.placed.iter().map(|p| p.limit).collect();
         assert_eq!(&limits[..3], &[COLD_DEFAULT_BYTES; 3]);
         let b_median = DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(60 * MIB));
         assert_eq!(limits[3], page_up((b_median as f64 * 1.1).ceil() as u64));
+        assert_eq!((t.rescued, t.exceeded), (0, 1));
+        // At 300 MiB, within 4x the largest median though past 4x the prior: rescued.
+        let big = f("big", 300);
+        let fns = vec![
+            (&a, vec![one(0, 40)]),
+            (&b, vec![one(1, 60)]),
+            (&c, vec![one(2, 80)]),
+            (&big, vec![one(10, 300)]),
+        ];
+        let mut t = Tally::default();
+        replay(&policy, &fns, &mut t);
         assert_eq!((t.rescued, t.exceeded), (1, 0));
     }
 
