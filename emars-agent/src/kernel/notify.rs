@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,6 +50,8 @@ pub struct LimitSignals {
     inotify: Option<Arc<AsyncFd<OwnedFd>>>,
     by_wd: Arc<Mutex<HashMap<i32, u64>>>,
     reader: Option<JoinHandle<()>>,
+    /// v1 registrations that failed after `watch` returned (they are made in the background).
+    failed: Arc<AtomicU64>,
 }
 
 impl LimitSignals {
@@ -75,6 +78,7 @@ impl LimitSignals {
                 inotify,
                 by_wd,
                 reader,
+                failed: Arc::default(),
             },
             rx,
         ))
@@ -88,6 +92,11 @@ impl LimitSignals {
                 "v2 memory.events notifications (inotify; high counts past memory.high)"
             }
         }
+    }
+
+    /// Watches that failed in the background (v1), for /v1/info's `watch_errors`.
+    pub fn failed_watches(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
     }
 
     pub fn watched(&self) -> usize {
@@ -104,11 +113,38 @@ impl LimitSignals {
     pub fn watch(&mut self, cgroup_id: u64, dir: &Path, trigger: u64) -> std::io::Result<()> {
         match self.version {
             CgroupVersion::V1 => {
-                let afd = v1_event(dir, "memory.usage_in_bytes", &trigger.to_string())?;
-                let task = tokio::spawn(forward_eventfd(afd, self.tx.clone(), move |at| Signal {
-                    cgroup_id,
-                    at,
-                }));
+                let (dir, tx, failed) = (dir.to_owned(), self.tx.clone(), self.failed.clone());
+                let task = tokio::spawn(async move {
+                    // Each registration waits for an RCU grace period in the kernel (memcg
+                    // thresholds): made on the blocking pool, so that the caller (the event
+                    // loop, writing the next instance's limits) does not wait for it. Dropped
+                    // unfinished, its eventfd is closed, which unregisters it.
+                    let args = trigger.to_string();
+                    let registered = tokio::task::spawn_blocking(move || {
+                        v1_register(&dir, "memory.usage_in_bytes", &args)
+                            .map_err(|e| (e, dir))
+                    })
+                    .await;
+                    let efd = match registered {
+                        Ok(Ok(efd)) => efd,
+                        Ok(Err((e, dir))) => {
+                            // A cgroup removed meanwhile is no failure.
+                            if e.kind() != std::io::ErrorKind::NotFound {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(cgroup = %dir.display(), "cannot watch for bursts: {e}");
+                            }
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    // SAFETY: the eventfd is owned by the AsyncFd, which this task drops.
+                    match unsafe { AsyncFd::register(efd) } {
+                        Ok(afd) => forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await,
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
                 if let Some(Watch::V1(old)) = self.watches.insert(cgroup_id, Watch::V1(task)) {
                     old.abort();
                 }
@@ -196,6 +232,13 @@ async fn forward_eventfd<T>(
 /// kernel signals about the file `file` of the cgroup `dir`, with `args` (a usage threshold,
 /// a pressure level). The registration holds its own reference to the file.
 fn v1_event(dir: &Path, file: &str, args: &str) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let efd = v1_register(dir, file, args)?;
+    // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
+    unsafe { AsyncFd::register(efd) }.map_err(|e| e.into())
+}
+
+/// [`v1_event`]'s registration alone: blocking, for as long as the kernel takes.
+fn v1_register(dir: &Path, file: &str, args: &str) -> std::io::Result<OwnedFd> {
     let efd = rustix::event::eventfd(
         0,
         rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -205,8 +248,7 @@ fn v1_event(dir: &Path, file: &str, args: &str) -> std::io::Result<AsyncFd<Owned
         .write(true)
         .open(dir.join("cgroup.event_control"))?;
     control.write_all(format!("{} {} {args}", efd.as_raw_fd(), target.as_raw_fd()).as_bytes())?;
-    // SAFETY: the eventfd is owned by the AsyncFd, which its task drops.
-    unsafe { AsyncFd::register(efd) }.map_err(|e| e.into())
+    Ok(efd)
 }
 
 async fn read_inotify(

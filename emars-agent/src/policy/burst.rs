@@ -448,7 +448,7 @@ impl BurstGuard {
             signals: self.signals_seen,
             raises: self.raises,
             denied: self.denied,
-            watch_errors: self.watch_errors,
+            watch_errors: self.watch_errors + self.signals.failed_watches(),
             reactions_us,
         }
     }
