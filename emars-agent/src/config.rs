@@ -99,6 +99,7 @@ impl Default for PolicyConfig {
             defaults: FunctionPolicy::default(),
             functions: Vec::new(),
             keepalive: Default::default(),
+            sized: Default::default(),
         }
     }
 }
@@ -205,6 +206,7 @@ impl FunctionPolicy {
 impl PolicyConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.keepalive.validate()?;
+        self.sized.validate()?;
         if self.period_secs < MIN_PERIOD_SECS {
             return Err(invalid(
                 "policy.period_secs",

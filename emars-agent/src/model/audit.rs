@@ -104,6 +104,12 @@ string_enum! {
         Api = "api",
         /// A platform bound a pooled cgroup to a function (a watermark reset, no limit).
         Bind = "bind",
+        /// Limits at a bind with a size hint, from the function's fit of peak against input.
+        InputFit = "input_fit",
+        /// Limits at a bind with a size hint, from the function's recommendation: the fit
+        /// could not answer for that input (too few samples, inputs alike, too scattered, or
+        /// the input far outside those seen).
+        InputFallback = "input_fallback",
         /// The burst guard armed an instance's limits.
         BurstArm = "burst_arm",
         /// The burst guard raised a limit under a burst.

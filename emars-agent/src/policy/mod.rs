@@ -10,7 +10,8 @@
 //!   admission), and its settings;
 //! - `burst`: the burst guard at run time (raises near the limit, through the actuator);
 //! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
-//! - `keepalive`: Reuse/Recycle advice from idle times, pure.
+//! - `keepalive`: Reuse/Recycle advice from idle times, pure;
+//! - `sized`: input-aware limits, peak fitted against a bind's `input_bytes`, pure.
 //!
 //! The tracker's effects are carried out one stage up, in `daemon/effects.rs`.
 
@@ -19,6 +20,7 @@ pub mod burst;
 pub mod keepalive;
 pub mod reactive;
 pub mod recommend;
+pub mod sized;
 pub mod squeeze;
 
 use std::{
@@ -107,6 +109,8 @@ pub struct Policy {
     store: Store,
     host_memory: u64,
     cache: RwLock<HashMap<String, Recommendation>>,
+    /// Each function's input-aware fit, or why it has none, computed with its recommendation.
+    fits: RwLock<HashMap<String, Result<sized::SizedFit, sized::Fallback>>>,
     /// One generation at a time: the periodic one and `emars recommend --generate` share the
     /// export files.
     generating: std::sync::Mutex<()>,
@@ -141,6 +145,7 @@ impl Policy {
             store,
             host_memory,
             cache: RwLock::new(HashMap::new()),
+            fits: RwLock::new(HashMap::new()),
             generating: std::sync::Mutex::new(()),
             applying: std::sync::Mutex::new(()),
         }
@@ -164,6 +169,7 @@ impl Policy {
         let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
         let rec = recommend(function, &samples, &params, now_ms, self.host_memory);
+        self.compute_fit(function)?;
         if let Ok(mut c) = self.cache.write() {
             match &rec {
                 Some(r) => {
@@ -244,7 +250,71 @@ impl Policy {
             return None;
         }
         let r = self.cached(&rec.function)?;
-        Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns))
+        let Some(input) = rec.input_bytes else {
+            return Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns));
+        };
+        let sized = self.sized_limits(&rec.function, input)?;
+        let reason = match sized.fallback {
+            None => Reason::InputFit,
+            Some(why) => {
+                tracing::debug!(function = rec.function, input, why = why.as_str(), "no fit");
+                Reason::InputFallback
+            }
+        };
+        let req = LimitRequest {
+            max_bytes: Some(sized.max_bytes),
+            high_bytes: Some(sized.high_bytes),
+        };
+        Some(
+            actuator
+                .write(rec, req, BelowUsage::Raise, reason, delay_start_ns)
+                .audit,
+        )
+    }
+
+    /// Refits the function's peak against its bind hints ([`sized`]).
+    fn compute_fit(&self, function: &str) -> Result<(), StoreError> {
+        let fit = if self.config.sized.enabled {
+            sized::fit(&self.store.sized_samples(function)?, &self.config.sized)
+        } else {
+            Err(sized::Fallback::Disabled)
+        };
+        if let Ok(mut f) = self.fits.write() {
+            f.insert(function.to_owned(), fit);
+        }
+        Ok(())
+    }
+
+    /// The limits an invocation of `input` bytes gets (cached: no store access): the fit's,
+    /// bounded as the recommender bounds its own, else the function's recommendation, with
+    /// why. None when the function has neither.
+    pub fn sized_limits(&self, function: &str, input: u64) -> Option<SizedLimits> {
+        let r = self.cached(function)?;
+        let params = params_of(&self.config.for_function(function));
+        let fit = self.fits.read().ok()?.get(function).cloned();
+        let predicted = match fit {
+            _ if params.pin_max_bytes.is_some() => Err(sized::Fallback::Pinned),
+            Some(Ok(f)) => f.predict(input, self.config.sized.extrapolation),
+            Some(Err(why)) => Err(why),
+            None => Err(sized::Fallback::NoFit),
+        };
+        Some(match predicted {
+            Ok(max) => {
+                let bounded = sized::bounded(max, &params, self.host_memory);
+                SizedLimits {
+                    max_bytes: bounded.max_bytes,
+                    high_bytes: bounded.high_bytes,
+                    fallback: None,
+                    recommendation: r,
+                }
+            }
+            Err(why) => SizedLimits {
+                max_bytes: r.max_bytes,
+                high_bytes: r.high_bytes,
+                fallback: Some(why),
+                recommendation: r,
+            },
+        })
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
@@ -444,6 +514,7 @@ mod tests {
                 peak_source: crate::model::PeakSource::KernelWatermark,
                 oom_kills: 0,
                 limits: Default::default(),
+                input_bytes: None,
             };
             store.put_instance(&rec).unwrap();
         }
@@ -519,4 +590,17 @@ pub struct PolicyConfig {
     pub functions: Vec<FunctionPolicy>,
     /// Keep-alive and pre-warm advice (Reuse/Recycle).
     pub keepalive: keepalive::KeepAliveConfig,
+    /// Input-aware limits (`[policy.sized]`).
+    pub sized: sized::SizedConfig,
+}
+
+/// The limits for one invocation's input ([`Policy::sized_limits`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizedLimits {
+    pub max_bytes: u64,
+    pub high_bytes: u64,
+    /// Why the function's recommendation gave them; None: the fit did.
+    pub fallback: Option<sized::Fallback>,
+    /// The function's recommendation (the fallback's limits).
+    pub recommendation: Recommendation,
 }
