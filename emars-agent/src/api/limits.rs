@@ -10,10 +10,10 @@ use axum::Json;
 use super::body::JsonObject;
 use super::error::ApiResult;
 use super::{
-    blocking, encode_json, function_name, paging, json_bytes, openapi, predictive, unknown_function, work,
-    ApiError, ApiState, AuditRecord, ErrorBody, ExportResponse, FunctionLimits, Generation,
-    KeepAliveAdvice, LimitsBody, NoArguments, Recommendation, RecommendationsResponse,
-    WritesResponse,
+    blocking, encode_json, function_name, json_bytes, openapi, paging, predictive,
+    unknown_function, work, ApiError, ApiState, AuditRecord, ErrorBody, ExportResponse,
+    FunctionLimits, Generation, KeepAliveAdvice, LimitsBody, NoArguments, Recommendation,
+    RecommendationsResponse, WritesResponse,
 };
 use crate::clock::now_ms;
 use crate::model::registry::valid_function_name;

@@ -129,7 +129,11 @@ pub fn parse_input_bytes(pairs: &[(String, String)]) -> Result<Option<u64>, ApiE
         match key {
             "input_bytes" => {
                 input = Some(value.parse::<u64>().map_err(|_| {
-                    bad_value(key, value, "a whole number of bytes from 0 to 18446744073709551615")
+                    bad_value(
+                        key,
+                        value,
+                        "a whole number of bytes from 0 to 18446744073709551615",
+                    )
                 })?)
             }
             other => {

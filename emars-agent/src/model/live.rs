@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::model::ModelFootprint as Footprint;
-use crate::model::{Sample, SizedSample};
 use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord};
+use crate::model::{Sample, SizedSample};
 
 use function::{Ended, FunctionState, Live};
 use hours::CompactHour;

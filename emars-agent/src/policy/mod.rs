@@ -299,8 +299,8 @@ impl Policy {
             None => Err(sized::Fallback::NoFit),
         };
         Some(match predicted {
-            Ok(max) => {
-                let bounded = sized::bounded(max, &params, self.host_memory);
+            Ok(predicted) => {
+                let bounded = sized::bounded(predicted, &params, self.host_memory);
                 SizedLimits {
                     max_bytes: bounded.max_bytes,
                     high_bytes: bounded.high_bytes,

@@ -493,7 +493,11 @@ mod tests {
         assert_eq!(encode_instance_value(&stored(None)).unwrap(), old);
         let hinted = encode_instance_value(&stored(Some(5 * MIB))).unwrap();
         assert_eq!(hinted[0], FORMAT_V2_INPUT);
-        assert_eq!(hinted[1..old.len()], old[1..], "the hint only follows the body");
+        assert_eq!(
+            hinted[1..old.len()],
+            old[1..],
+            "the hint only follows the body"
+        );
         assert_eq!(
             decode_instance_value(&hinted).unwrap(),
             stored(Some(5 * MIB))

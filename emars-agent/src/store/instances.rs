@@ -9,7 +9,9 @@ use sled::Transactional;
 use crate::model::live::{InstanceKey, Order};
 use crate::model::InstanceRecord;
 
-use super::codec::{decode_block, decode_instance_value, encode_block, log_key, tx_error, BlockEntry};
+use super::codec::{
+    decode_block, decode_instance_value, encode_block, log_key, tx_error, BlockEntry,
+};
 use super::functions::validate_name;
 use super::index::{BlockId, BlockInfo, State};
 use super::{Store, StoreError, TREE_BLOCKS};

@@ -8,8 +8,7 @@ use crate::model::HOUR_MS;
 
 use super::checkpoint::{release_free_heap, CHECKPOINT_FILE};
 use super::codec::{
-    decode_block, decode_instance_value, decode_json, display_text, quarantine_key,
-    u32_of, u64_of,
+    decode_block, decode_instance_value, decode_json, display_text, quarantine_key, u32_of, u64_of,
 };
 use super::functions::FunctionRecord;
 use super::index::State;
