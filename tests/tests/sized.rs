@@ -226,7 +226,14 @@ fn bad_input_sizes_are_refused() -> anyhow::Result<()> {
     let slot = root.dir.join("cg-1");
     fs::create_dir(&slot)?;
     let cgroup = slot.display().to_string();
-    for bad in [json!(-1), json!("12"), json!(1.5), json!([1]), json!(1e30)] {
+    for bad in [
+        json!(-1),
+        json!("12"),
+        json!(1.5),
+        json!([1]),
+        json!(1e30),
+        json!(9_223_372_036_854_775_808_u64),
+    ] {
         let body = json!({"cgroup": cgroup, "function": "f", "instance": "i", "input_bytes": bad});
         let (s, e) = post(&agent, "/v1/bind", &body)?;
         assert_eq!(s, 400, "{bad}: {e}");
@@ -247,6 +254,7 @@ fn bad_input_sizes_are_refused() -> anyhow::Result<()> {
         "input_bytes=abc",
         "input_bytes=-5",
         "input_bytes=1&input_bytes=2",
+        "input_bytes=9223372036854775808",
         "input=5",
     ] {
         let (s, e) = agent.get(&format!("/v1/functions/f/limits?{query}"))?;

@@ -224,7 +224,7 @@ pub struct LimitParams {
 pub struct FunctionLimitsParams {
     /// The limits a bind with this `input_bytes` gets (the function's fit of peak against
     /// input, else its recommendation: `source` and `fallback` say which).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     input_bytes: Option<u64>,
 }
 

@@ -128,13 +128,20 @@ pub fn parse_input_bytes(pairs: &[(String, String)]) -> Result<Option<u64>, ApiE
     each_once(pairs, |key, value| {
         match key {
             "input_bytes" => {
-                input = Some(value.parse::<u64>().map_err(|_| {
-                    bad_value(
-                        key,
-                        value,
-                        "a whole number of bytes from 0 to 18446744073709551615",
-                    )
-                })?)
+                let max = super::wire::MAX_INPUT_BYTES;
+                input = Some(
+                    value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n <= max)
+                        .ok_or_else(|| {
+                            bad_value(
+                                key,
+                                value,
+                                &format!("a whole number of bytes from 0 to {max}"),
+                            )
+                        })?,
+                )
             }
             other => {
                 return Err(ApiError::bad_request(format!(

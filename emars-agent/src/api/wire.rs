@@ -280,22 +280,28 @@ pub struct BindBody {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "input_bytes_field"
     )]
-    #[schema(minimum = 0, maximum = 18446744073709551615_u64)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub input_bytes: Option<u64>,
 }
 
-/// `input_bytes`: absent, null or a whole number of bytes; anything else is refused naming
-/// the field (serde's own message names only the type).
+/// The largest `input_bytes` (in the body of a bind and the query of a function's limits):
+/// what a signed 64-bit integer holds, as the document's `int64` says.
+pub const MAX_INPUT_BYTES: u64 = i64::MAX as u64;
+
+/// `input_bytes`: absent, null or a whole number of bytes up to [`MAX_INPUT_BYTES`]; anything
+/// else is refused naming the field (serde's own message names only the type).
 fn input_bytes_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     match &v {
         serde_json::Value::Null => Ok(None),
-        serde_json::Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64()),
+        serde_json::Value::Number(n) if n.as_u64().is_some_and(|n| n <= MAX_INPUT_BYTES) => {
+            Ok(n.as_u64())
+        }
         other => {
             let shown: String = other.to_string().chars().take(40).collect();
             Err(serde::de::Error::custom(format!(
-                "input_bytes must be a whole number of bytes from 0 to 18446744073709551615, \
-                 got {shown}"
+                "input_bytes must be a whole number of bytes from 0 to {MAX_INPUT_BYTES}, got \
+                 {shown}"
             )))
         }
     }
