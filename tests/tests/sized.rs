@@ -145,8 +145,11 @@ fn limits_at_bind_follow_the_fit_of_peak_against_input() -> anyhow::Result<()> {
         );
         assert_eq!(root.hierarchy.high_limit(&slot), Some(high), "{instance}");
         let ended = run_and_release(&agent, &slot, mib);
-        // The limit covered the peak it was predicted for.
-        assert!(u64_of(&ended, "peak_bytes") <= max, "{ended} over {max}");
+        // The limit covered the peak it was predicted for, and by at most 15 % (a check of
+        // the fit's own, not of the agent against this file's copy of it).
+        let peak = u64_of(&ended, "peak_bytes");
+        assert!(peak <= max, "{ended} over {max}");
+        assert!(max as f64 <= 1.15 * peak as f64, "{max} for a peak of {peak}");
         written.push(max);
         recompute(&agent, "resize");
         // The audit says where the limits came from.
