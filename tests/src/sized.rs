@@ -30,6 +30,8 @@ pub const USAGE: &str = "usage: emars-platform --sized [--invocations N] [--seed
   --min-input-mib A, --max-input-mib Z
                     inputs drawn log-uniform over [A, Z] MiB (default 1 and 64)
   --hold-ms MS      each process holds its memory this long (default 50)
+  --rate-mib-s R    and grows at R MiB/s (default 500: a function working through its
+                    input, not one jump the burst guard cannot follow)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 /// The workload and the run.
@@ -43,6 +45,7 @@ pub struct SizedOpts {
     pub min_input_mib: f64,
     pub max_input_mib: f64,
     pub hold_ms: u64,
+    pub rate_mib_s: u64,
     /// Invocations before the targets apply (the fit needs `[policy.sized] min_samples`).
     pub learn: usize,
 }
@@ -58,6 +61,7 @@ impl Default for SizedOpts {
             min_input_mib: 1.0,
             max_input_mib: 64.0,
             hold_ms: 50,
+            rate_mib_s: 500,
             learn: 5,
         }
     }
@@ -91,6 +95,7 @@ impl SizedOpts {
                 "--min-input-mib" => o.min_input_mib = num()?,
                 "--max-input-mib" => o.max_input_mib = num()?,
                 "--hold-ms" => o.hold_ms = num()? as u64,
+                "--rate-mib-s" => o.rate_mib_s = num()? as u64,
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
         }
@@ -263,15 +268,19 @@ fn invoke(
         None => None,
     };
     let limit_bytes = root.hierarchy.max_limit(slot);
+    let kib = o.base_mib * 1024 + d.extra_kib;
     let mut cmd = Command::new(alloc_bin());
     cmd.args([
         "--mib",
-        &o.base_mib.to_string(),
+        &(kib / 1024).to_string(),
         "--kib",
-        &d.extra_kib.to_string(),
+        &(kib % 1024).to_string(),
         "--hold-ms",
         &o.hold_ms.to_string(),
     ]);
+    if o.rate_mib_s > 0 {
+        cmd.args(["--rate-mib-s", &o.rate_mib_s.to_string()]);
+    }
     let started = Instant::now();
     let status = spawn_in(slot, cmd)?.wait()?;
     let ran_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -339,6 +348,13 @@ pub fn print(o: &SizedOpts, r: &SizedRun) {
             s.within_15, s.counted, s.below_peak, s.kills, s.rescues, s.max_ratio, s.memory_mib_s
         );
     }
+    let kills = |v: &[Outcome]| v.iter().filter(|o| o.killed).count();
+    println!(
+        "kills over the whole run (the first {} included): input fit {}, percentile {}",
+        o.learn,
+        kills(&r.fit),
+        kills(&r.percentile)
+    );
     if pct.memory_mib_s > 0.0 {
         println!(
             "input fit / percentile memory-time: {:.2}x",

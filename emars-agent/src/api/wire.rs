@@ -241,7 +241,7 @@ pub struct FunctionLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_bytes: Option<u64>,
     /// Why the fit did not answer for that input: "few_samples", "inputs_alike", "spread",
-    /// "extrapolation" (far outside the inputs seen), "pinned", "disabled" or "no_fit".
+    /// "extrapolation" (far above the inputs seen), "pinned", "disabled" or "no_fit".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
 }
