@@ -553,7 +553,10 @@ mod tests {
                 let ratio = limit as f64 / next.peak_bytes as f64;
                 // Far below the inputs seen the limit is the lower edge's: covering, not tight.
                 let far_below = (next.input_bytes as f64) < f.min_input as f64 / 2.0;
-                assert!(far_below || ratio < 1.15, "seed {seed} n {n}: {ratio} {f:?}");
+                assert!(
+                    far_below || ratio < 1.15,
+                    "seed {seed} n {n}: {ratio} {f:?}"
+                );
                 if n >= 10 {
                     assert!(ratio > 0.97, "seed {seed} n {n}: {ratio} {f:?}");
                     assert_eq!(f.model, FitModel::Linear, "seed {seed} n {n}");
