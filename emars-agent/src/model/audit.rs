@@ -145,8 +145,8 @@ pub struct AuditRecord {
     pub cgroup_path: String,
     #[serde(default)]
     pub cgroup_id: u64,
-    /// Who asked: "new_instance", "apply", "api", "bind", "burst_arm", "burst", "pressure" or
-    /// "release".
+    /// Who asked: "new_instance", "apply", "api", "bind", "input_fit", "input_fallback",
+    /// "burst_arm", "burst", "pressure" or "release".
     #[schema(value_type = String)]
     pub reason: Reason,
     pub old: Limits,
