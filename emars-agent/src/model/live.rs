@@ -515,6 +515,7 @@ impl<P: Copy + Default> LiveModel<P> {
                 + f.ended.capacity() * std::mem::size_of::<Ended<P>>()
                 + f.hours.0.capacity() * std::mem::size_of::<CompactHour>()
                 + f.ended_oom.len() * std::mem::size_of::<(InstanceKey, Option<u64>)>()
+                + f.inputs.len() * std::mem::size_of::<(InstanceKey, u64)>()
                 + f.summary_json.as_ref().map_or(0, |j| j.get().len());
         }
         fp.bytes = bytes as u64;
