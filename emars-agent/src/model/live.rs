@@ -348,11 +348,12 @@ impl<P: Copy + Default> LiveModel<P> {
             .unwrap_or_default()
     }
 
-    /// The input-aware fit's samples of a function (empty when it is unknown).
-    pub fn sized_samples(&self, name: &str) -> Vec<SizedSample> {
+    /// The input-aware fit's samples of a function, the `limit` most recent (empty when it is
+    /// unknown).
+    pub fn sized_samples(&self, name: &str, limit: usize) -> Vec<SizedSample> {
         self.functions
             .get(name)
-            .map(|f| f.sized_samples())
+            .map(|f| f.sized_samples(limit))
             .unwrap_or_default()
     }
 

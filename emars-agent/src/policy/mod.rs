@@ -275,7 +275,8 @@ impl Policy {
     /// Refits the function's peak against its bind hints ([`sized`]).
     fn compute_fit(&self, function: &str) -> Result<(), StoreError> {
         let fit = if self.config.sized.enabled {
-            sized::fit(&self.store.sized_samples(function)?, &self.config.sized)
+            let samples = self.store.sized_samples(function, sized::MAX_FIT_SAMPLES)?;
+            sized::fit(&samples, &self.config.sized)
         } else {
             Err(sized::Fallback::Disabled)
         };

@@ -559,7 +559,7 @@ mod tests {
         assert_eq!(&back[..written.len()], &written[..]);
         assert_eq!(back.last().unwrap().input_bytes, Some(7));
         let mut samples: Vec<(u64, u64)> = s
-            .sized_samples("f")
+            .sized_samples("f", usize::MAX)
             .unwrap()
             .iter()
             .map(|x| (x.input_bytes, x.peak_bytes))
@@ -570,5 +570,14 @@ mod tests {
             .filter_map(|r| r.input_bytes.map(|i| (i, r.peak_bytes)))
             .collect();
         assert_eq!(samples, expected);
+        // The fit asks for the most recent few only.
+        let recent: Vec<u64> = s
+            .sized_samples("f", 3)
+            .unwrap()
+            .iter()
+            .map(|x| x.input_bytes)
+            .collect();
+        let newest: Vec<u64> = expected.iter().rev().take(3).map(|e| e.0).collect();
+        assert_eq!(recent, newest);
     }
 }

@@ -248,11 +248,15 @@ impl Store {
         Ok(self.state().model.samples(function, now_ms))
     }
 
-    /// The input-aware fit's samples of `function` (from memory): its ended instances bound
-    /// with a size hint.
-    pub fn sized_samples(&self, function: &str) -> Result<Vec<SizedSample>, StoreError> {
+    /// The input-aware fit's samples of `function` (from memory): its `limit` most recently
+    /// started ended instances bound with a size hint.
+    pub fn sized_samples(
+        &self,
+        function: &str,
+        limit: usize,
+    ) -> Result<Vec<SizedSample>, StoreError> {
         validate_name(function)?;
-        Ok(self.state().model.sized_samples(function))
+        Ok(self.state().model.sized_samples(function, limit))
     }
 
     /// A function's idle times between uses, from memory (None when it is unknown).

@@ -313,11 +313,13 @@ impl<P: Copy + Default> FunctionState<P> {
         ended.chain(live).collect()
     }
 
-    /// The input-aware fit's samples: every ended instance bound with a size hint that has a
-    /// peak or an OOM kill, at its end. Live ones are left out: their peak is not final.
-    pub(super) fn sized_samples(&self) -> Vec<SizedSample> {
+    /// The input-aware fit's samples: the `limit` most recently started ended instances bound
+    /// with a size hint that have a peak or an OOM kill, at their end. Live ones are left out:
+    /// their peak is not final.
+    pub(super) fn sized_samples(&self, limit: usize) -> Vec<SizedSample> {
         self.inputs
             .iter()
+            .rev()
             .filter_map(|(key, input)| {
                 let e = &self.ended[self.find(*key)?];
                 let oom = self.ended_oom.get(key);
@@ -329,6 +331,7 @@ impl<P: Copy + Default> FunctionState<P> {
                     limit_bytes: oom.copied().flatten(),
                 })
             })
+            .take(limit)
             .collect()
     }
 
