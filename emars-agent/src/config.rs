@@ -100,6 +100,7 @@ impl Default for PolicyConfig {
             functions: Vec::new(),
             keepalive: Default::default(),
             prior: Default::default(),
+            sized: Default::default(),
         }
     }
 }
@@ -207,6 +208,7 @@ impl PolicyConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.keepalive.validate()?;
         self.prior.validate()?;
+        self.sized.validate()?;
         if self.period_secs < MIN_PERIOD_SECS {
             return Err(invalid(
                 "policy.period_secs",

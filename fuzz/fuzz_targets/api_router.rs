@@ -105,6 +105,7 @@ fn record(n: u64, instance: &str, dir: &Path, cgroup_id: u64, ended: bool) -> In
         peak_source: PeakSource::KernelWatermark,
         oom_kills: 0,
         limits: Limits::default(),
+        input_bytes: None,
     }
 }
 

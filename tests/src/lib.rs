@@ -7,6 +7,7 @@
 pub mod azure;
 pub mod names;
 pub mod oci;
+pub mod sized;
 pub mod storm;
 
 use std::{
@@ -785,6 +786,7 @@ pub fn seed_store(path: &Path, functions: u64, days: u64, per_day: u64) -> Resul
                     max_bytes: Some(256 << 20),
                     high_bytes: Some(230 << 20),
                 },
+                input_bytes: None,
             };
             store.put_instance(&rec)?;
             let start_delta = HourDelta {

@@ -399,6 +399,7 @@ fn bind_never_resets_a_cgroup_created_again() -> anyhow::Result<()> {
         cgroup: slot.display().to_string(),
         function: "fx".into(),
         instance: "x1".into(),
+        input_bytes: None,
     };
     let answer = bind_pooled(&mut tracker, &mut effects, &actuator, &rel, asked, &body);
     let err = answer.err().ok_or_else(|| anyhow::anyhow!("bound"))?;

@@ -306,6 +306,7 @@ fn pod_record(function: &str, pod: u64, started_at_ms: u64, ended_at_ms: u64) ->
         peak_source: PeakSource::KernelWatermark,
         oom_kills: 0,
         limits: Limits::default(),
+        input_bytes: None,
     }
 }
 

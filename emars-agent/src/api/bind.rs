@@ -80,6 +80,7 @@ pub(super) async fn bind(
         cgroup: body.cgroup,
         function: body.function,
         instance: body.instance,
+        input_bytes: body.input_bytes,
     };
     pool_command(&state, |reply| PoolCommand::Bind { bind, reply }).await
 }

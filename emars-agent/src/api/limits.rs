@@ -2,18 +2,18 @@
 //! a new generation, the limits a new instance gets, keep-alive advice, `POST /v1/apply` and a
 //! live instance's limits set by hand.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Json;
 
 use super::body::JsonObject;
 use super::error::ApiResult;
 use super::{
-    blocking, encode_json, function_name, json_bytes, openapi, predictive, unknown_function, work,
-    ApiError, ApiState, AuditRecord, ErrorBody, ExportResponse, FunctionLimits, Generation,
-    KeepAliveAdvice, LimitsBody, NoArguments, Recommendation, RecommendationsResponse,
-    WritesResponse,
+    blocking, encode_json, function_name, json_bytes, openapi, paging, predictive,
+    unknown_function, work, ApiError, ApiState, AuditRecord, ErrorBody, ExportResponse,
+    FunctionLimits, Generation, KeepAliveAdvice, LimitsBody, NoArguments, Recommendation,
+    RecommendationsResponse, WritesResponse,
 };
 use crate::clock::now_ms;
 use crate::model::registry::valid_function_name;
@@ -72,21 +72,30 @@ pub(super) async fn get_recommendation(
     found.map(Json)
 }
 
-/// The limits a new instance gets, from the policy's cache (or, for a function without
-/// history, the host's prior): no store read.
+/// The limits a new instance gets (with `input_bytes`: a bind with that hint), from the
+/// policy's cache (or, for a function without history, the host's prior): no store read, no
+/// computation beyond the fit's curve.
 #[utoipa::path(
-    get, path = "/v1/functions/{name}/limits", tag = "predictive", params(openapi::FunctionPath),
+    get, path = "/v1/functions/{name}/limits", tag = "predictive",
+    params(openapi::FunctionPath, openapi::FunctionLimitsParams),
     responses(
         (status = 200, description = "The limits a new instance gets, from the live model", body = FunctionLimits),
+        (status = 400, description = "A bad query string", body = ErrorBody),
         (status = 404, description = "Unknown function, or no limits yet", body = ErrorBody),
     )
 )]
 pub(super) async fn get_limits(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<FunctionLimits>> {
     let name = function_name(path)?;
+    let Query(pairs) = query?;
+    let input = paging::parse_input_bytes(&pairs)?;
     let p = predictive(&state)?;
+    if let Some(input) = input {
+        return sized_limits(&p.policy, name, input);
+    }
     let Some(r) = p.policy.new_instance_limits(&name, now_ms()) else {
         return Err(ApiError::not_found(format!(
             "no limits for {name:?}: the function is unknown, or has no measured instance peak \
@@ -110,6 +119,37 @@ pub(super) async fn get_limits(
         source: source.to_owned(),
         confidence: r.confidence,
         computed_at_ms: r.computed_at_ms,
+        input_bytes: None,
+        fallback: None,
+    }))
+}
+
+/// GET .../limits?input_bytes=N: what a bind with that hint gets.
+fn sized_limits(
+    policy: &crate::policy::Policy,
+    name: String,
+    input: u64,
+) -> ApiResult<Json<FunctionLimits>> {
+    let Some(l) = policy.sized_limits(&name, input) else {
+        return Err(ApiError::not_found(format!(
+            "no limits for {name:?}: the function is unknown, or has no measured instance peak \
+             yet and no pinned limit"
+        )));
+    };
+    Ok(Json(FunctionLimits {
+        function: name,
+        max_bytes: l.max_bytes,
+        high_bytes: l.high_bytes,
+        source: if l.fallback.is_some() {
+            "fallback"
+        } else {
+            "input_fit"
+        }
+        .to_owned(),
+        confidence: l.recommendation.confidence,
+        computed_at_ms: l.recommendation.computed_at_ms,
+        input_bytes: Some(input),
+        fallback: l.fallback.map(|f| f.as_str().to_owned()),
     }))
 }
 

@@ -217,6 +217,17 @@ pub struct LimitParams {
     limit: Option<u64>,
 }
 
+/// `?input_bytes=N` of a function's limits.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct FunctionLimitsParams {
+    /// The limits a bind with this `input_bytes` gets (the function's fit of peak against
+    /// input, else its recommendation: `source` and `fallback` say which).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
+    input_bytes: Option<u64>,
+}
+
 /// `?limit=N&function=F` of the generations listing.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -121,6 +121,39 @@ pub fn parse_query(pairs: &[(String, String)]) -> Result<PageQuery, ApiError> {
     Ok(q)
 }
 
+/// `?input_bytes=N` of `GET /v1/functions/{name}/limits` (a whole number of bytes), at most
+/// once, nothing else; None when not given.
+pub fn parse_input_bytes(pairs: &[(String, String)]) -> Result<Option<u64>, ApiError> {
+    let mut input = None;
+    each_once(pairs, |key, value| {
+        match key {
+            "input_bytes" => {
+                let max = super::wire::MAX_INPUT_BYTES;
+                input = Some(
+                    value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n <= max)
+                        .ok_or_else(|| {
+                            bad_value(
+                                key,
+                                value,
+                                &format!("a whole number of bytes from 0 to {max}"),
+                            )
+                        })?,
+                )
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (expected `input_bytes`)"
+                )))
+            }
+        }
+        Ok(())
+    })?;
+    Ok(input)
+}
+
 /// What the audit and generations listings were asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {

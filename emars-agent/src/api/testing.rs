@@ -146,6 +146,7 @@ pub(crate) fn rec(
             max_bytes: Some(256 << 20),
             high_bytes: None,
         },
+        input_bytes: None,
     }
 }
 

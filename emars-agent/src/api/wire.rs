@@ -232,10 +232,19 @@ pub struct FunctionLimits {
     pub high_bytes: u64,
     /// "pinned" (configured), "oom_bump" (raised after an OOM kill), "history" (the
     /// percentile of the retained instance peaks, with margin) or "prior" (no history yet:
-    /// from the host's other functions, `[policy.prior]`, with the burst guard behind it).
+    /// from the host's other functions, `[policy.prior]`, with the burst guard behind it);
+    /// asked with `input_bytes`: "input_fit" (the function's fit of peak against input) or
+    /// "fallback" (the function's recommendation, `fallback` says why).
     pub source: String,
     pub confidence: f64,
     pub computed_at_ms: u64,
+    /// The `input_bytes` asked for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_bytes: Option<u64>,
+    /// Why the fit did not answer for that input: "few_samples", "inputs_alike", "spread",
+    /// "extrapolation" (far above the inputs seen), "pinned", "disabled" or "no_fit".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// GET /v1/functions/{name}/keepalive.
@@ -264,6 +273,39 @@ pub struct BindBody {
     /// Instance name: 1 to 255 characters, no control characters.
     #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,255}$")]
     pub instance: String,
+    /// The size of the invocation's input in bytes (optional): the function's limits follow
+    /// it once the agent has learned peak against input (`[policy.sized]`), and the record
+    /// keeps it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "input_bytes_field"
+    )]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub input_bytes: Option<u64>,
+}
+
+/// The largest `input_bytes` (in the body of a bind and the query of a function's limits):
+/// what a signed 64-bit integer holds, as the document's `int64` says.
+pub const MAX_INPUT_BYTES: u64 = i64::MAX as u64;
+
+/// `input_bytes`: absent, null or a whole number of bytes up to [`MAX_INPUT_BYTES`]; anything
+/// else is refused naming the field (serde's own message names only the type).
+fn input_bytes_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match &v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Number(n) if n.as_u64().is_some_and(|n| n <= MAX_INPUT_BYTES) => {
+            Ok(n.as_u64())
+        }
+        other => {
+            let shown: String = other.to_string().chars().take(40).collect();
+            Err(serde::de::Error::custom(format!(
+                "input_bytes must be a whole number of bytes from 0 to {MAX_INPUT_BYTES}, got \
+                 {shown}"
+            )))
+        }
+    }
 }
 
 /// POST /v1/release: the use of `cgroup` ends.

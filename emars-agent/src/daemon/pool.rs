@@ -23,6 +23,9 @@ pub struct Bind {
     pub cgroup: String,
     pub function: String,
     pub instance: String,
+    /// The size of the invocation's input, when the platform gave it: the limits follow it
+    /// (`policy::sized`).
+    pub input_bytes: Option<u64>,
 }
 
 /// A bind or release for the event loop, with where to answer.
@@ -90,6 +93,7 @@ pub fn bind_pooled(
         peak_source: Default::default(),
         oom_kills: 0,
         limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
+        input_bytes: body.input_bytes,
     };
     let bound = actuator
         .audited(&intent, crate::model::audit::Reason::Bind, || {
@@ -98,6 +102,7 @@ pub fn bind_pooled(
                 cgroup_id,
                 &body.function,
                 &body.instance,
+                body.input_bytes,
                 now_ms(),
             )
         })

@@ -104,6 +104,12 @@ string_enum! {
         Api = "api",
         /// A platform bound a pooled cgroup to a function (a watermark reset, no limit).
         Bind = "bind",
+        /// Limits at a bind with a size hint, from the function's fit of peak against input.
+        InputFit = "input_fit",
+        /// Limits at a bind with a size hint, from the function's recommendation: the fit
+        /// could not answer for that input (too few samples, inputs alike, too scattered, or
+        /// the input far outside those seen).
+        InputFallback = "input_fallback",
         /// The burst guard armed an instance's limits.
         BurstArm = "burst_arm",
         /// The burst guard raised a limit under a burst.
@@ -139,8 +145,8 @@ pub struct AuditRecord {
     pub cgroup_path: String,
     #[serde(default)]
     pub cgroup_id: u64,
-    /// Who asked: "new_instance", "apply", "api", "bind", "burst_arm", "burst", "pressure" or
-    /// "release".
+    /// Who asked: "new_instance", "apply", "api", "bind", "input_fit", "input_fallback",
+    /// "burst_arm", "burst", "pressure" or "release".
     #[schema(value_type = String)]
     pub reason: Reason,
     pub old: Limits,

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::model::ModelFootprint as Footprint;
-use crate::model::Sample;
 use crate::model::{FunctionConfig, FunctionSummary, HourBucket, HourDelta, InstanceRecord};
+use crate::model::{Sample, SizedSample};
 
 use function::{Ended, FunctionState, Live};
 use hours::CompactHour;
@@ -93,6 +93,8 @@ pub struct EndedRecord {
     pub oom_kills: u64,
     /// memory.max in force (the recommender's bump of an OOM-killed instance needs it).
     pub limit_bytes: Option<u64>,
+    /// The bind's size hint, if one was given.
+    pub input_bytes: Option<u64>,
 }
 
 /// Every known function's aggregates, by name, each ended record with where the store keeps
@@ -219,6 +221,7 @@ impl<P: Copy + Default> LiveModel<P> {
             let key = (rec.started_at_ms, rec.cgroup_id);
             if rec.is_live() {
                 f.live.remove(&key);
+                f.inputs.remove(&key);
             } else {
                 f.sub_counts(rec);
                 gone.insert(key);
@@ -342,6 +345,15 @@ impl<P: Copy + Default> LiveModel<P> {
         self.functions
             .get(name)
             .map(|f| f.samples(now_ms))
+            .unwrap_or_default()
+    }
+
+    /// The input-aware fit's samples of a function, the `limit` most recent (empty when it is
+    /// unknown).
+    pub fn sized_samples(&self, name: &str, limit: usize) -> Vec<SizedSample> {
+        self.functions
+            .get(name)
+            .map(|f| f.sized_samples(limit))
             .unwrap_or_default()
     }
 
@@ -504,6 +516,7 @@ impl<P: Copy + Default> LiveModel<P> {
                 + f.ended.capacity() * std::mem::size_of::<Ended<P>>()
                 + f.hours.0.capacity() * std::mem::size_of::<CompactHour>()
                 + f.ended_oom.len() * std::mem::size_of::<(InstanceKey, Option<u64>)>()
+                + f.inputs.len() * std::mem::size_of::<(InstanceKey, u64)>()
                 + f.summary_json.as_ref().map_or(0, |j| j.get().len());
         }
         fp.bytes = bytes as u64;

@@ -58,6 +58,10 @@ pub struct InstanceRecord {
     /// Processes of this cgroup chosen as OOM victims.
     pub oom_kills: u64,
     pub limits: Limits,
+    /// The size of the invocation's input, as the platform gave it at bind (`input_bytes`);
+    /// the policy learns peak against it (`policy::sized`). None when not given.
+    #[serde(default)]
+    pub input_bytes: Option<u64>,
 }
 
 impl InstanceRecord {
@@ -400,6 +404,21 @@ pub struct Sample {
     pub peak_bytes: u64,
     pub oom_killed: bool,
     /// memory.max in force on the instance, when known.
+    pub limit_bytes: Option<u64>,
+}
+
+/// One ended instance bound with a size hint, from the store: what the input-aware fit
+/// (`policy::sized`) learns peak against input from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SizedSample {
+    /// When the instance ended (unix ms).
+    pub at_ms: u64,
+    /// The bind's `input_bytes`.
+    pub input_bytes: u64,
+    /// Its peak: exact unless OOM-killed, when it is a lower bound.
+    pub peak_bytes: u64,
+    pub oom_killed: bool,
+    /// memory.max of an OOM-killed instance, when known (also a lower bound).
     pub limit_bytes: Option<u64>,
 }
 

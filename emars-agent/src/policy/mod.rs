@@ -11,7 +11,8 @@
 //! - `burst`: the burst guard at run time (raises near the limit, through the actuator);
 //! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
 //! - `keepalive`: Reuse/Recycle advice from idle times, pure;
-//! - `prior`: a function's first limits from the host's other functions, pure.
+//! - `prior`: a function's first limits from the host's other functions, pure;
+//! - `sized`: input-aware limits, peak fitted against a bind's `input_bytes`, pure.
 //!
 //! The tracker's effects are carried out one stage up, in `daemon/effects.rs`.
 
@@ -21,6 +22,7 @@ pub mod keepalive;
 pub mod prior;
 pub mod reactive;
 pub mod recommend;
+pub mod sized;
 pub mod squeeze;
 
 use std::{
@@ -112,6 +114,8 @@ pub struct Policy {
     store: Store,
     host_memory: u64,
     cache: RwLock<HashMap<String, Recommendation>>,
+    /// Each function's input-aware fit, or why it has none, computed with its recommendation.
+    fits: RwLock<HashMap<String, Result<sized::SizedFit, sized::Fallback>>>,
     /// One generation at a time: the periodic one and `emars recommend --generate` share the
     /// export files.
     generating: std::sync::Mutex<()>,
@@ -152,6 +156,7 @@ impl Policy {
             store,
             host_memory,
             cache: RwLock::new(HashMap::new()),
+            fits: RwLock::new(HashMap::new()),
             generating: std::sync::Mutex::new(()),
             applying: std::sync::Mutex::new(()),
             guarded: AtomicBool::new(false),
@@ -231,6 +236,7 @@ impl Policy {
         let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
         let rec = recommend(function, &samples, &params, now_ms, self.host_memory);
+        self.compute_fit(function)?;
         if let Ok(mut c) = self.cache.write() {
             match &rec {
                 Some(r) => {
@@ -314,7 +320,72 @@ impl Policy {
             return None;
         }
         let r = self.new_instance_limits(&rec.function, crate::clock::now_ms())?;
-        Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns))
+        let Some(input) = rec.input_bytes else {
+            return Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns));
+        };
+        let sized = self.sized_limits(&rec.function, input)?;
+        let reason = match sized.fallback {
+            None => Reason::InputFit,
+            Some(why) => {
+                tracing::debug!(function = rec.function, input, why = why.as_str(), "no fit");
+                Reason::InputFallback
+            }
+        };
+        let req = LimitRequest {
+            max_bytes: Some(sized.max_bytes),
+            high_bytes: Some(sized.high_bytes),
+        };
+        Some(
+            actuator
+                .write(rec, req, BelowUsage::Raise, reason, delay_start_ns)
+                .audit,
+        )
+    }
+
+    /// Refits the function's peak against its bind hints ([`sized`]).
+    fn compute_fit(&self, function: &str) -> Result<(), StoreError> {
+        let fit = if self.config.sized.enabled {
+            let samples = self.store.sized_samples(function, sized::MAX_FIT_SAMPLES)?;
+            sized::fit(&samples, &self.config.sized)
+        } else {
+            Err(sized::Fallback::Disabled)
+        };
+        if let Ok(mut f) = self.fits.write() {
+            f.insert(function.to_owned(), fit);
+        }
+        Ok(())
+    }
+
+    /// The limits an invocation of `input` bytes gets (cached: no store access): the fit's,
+    /// bounded as the recommender bounds its own, else the function's recommendation, with
+    /// why. None when the function has neither.
+    pub fn sized_limits(&self, function: &str, input: u64) -> Option<SizedLimits> {
+        let r = self.new_instance_limits(function, crate::clock::now_ms())?;
+        let params = params_of(&self.config.for_function(function));
+        let fit = self.fits.read().ok()?.get(function).cloned();
+        let predicted = match fit {
+            _ if params.pin_max_bytes.is_some() => Err(sized::Fallback::Pinned),
+            Some(Ok(f)) => f.predict(input, self.config.sized.extrapolation),
+            Some(Err(why)) => Err(why),
+            None => Err(sized::Fallback::NoFit),
+        };
+        Some(match predicted {
+            Ok(predicted) => {
+                let bounded = sized::bounded(predicted, &params, self.host_memory);
+                SizedLimits {
+                    max_bytes: bounded.max_bytes,
+                    high_bytes: bounded.high_bytes,
+                    fallback: None,
+                    recommendation: r,
+                }
+            }
+            Err(why) => SizedLimits {
+                max_bytes: r.max_bytes,
+                high_bytes: r.high_bytes,
+                fallback: Some(why),
+                recommendation: r,
+            },
+        })
     }
 
     /// One-shot enforcement of every live instance of every function with a recommendation.
@@ -497,6 +568,7 @@ mod tests {
             peak_source: crate::model::PeakSource::KernelWatermark,
             oom_kills: 0,
             limits: Default::default(),
+            input_bytes: None,
         }
     }
 
@@ -569,6 +641,7 @@ mod tests {
                 peak_source: crate::model::PeakSource::KernelWatermark,
                 oom_kills: 0,
                 limits: Default::default(),
+                input_bytes: None,
             };
             store.put_instance(&rec).unwrap();
         }
@@ -646,4 +719,17 @@ pub struct PolicyConfig {
     pub keepalive: keepalive::KeepAliveConfig,
     /// A function's first limits, before it has history (with the burst guard only).
     pub prior: prior::PriorConfig,
+    /// Input-aware limits (`[policy.sized]`).
+    pub sized: sized::SizedConfig,
+}
+
+/// The limits for one invocation's input ([`Policy::sized_limits`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizedLimits {
+    pub max_bytes: u64,
+    pub high_bytes: u64,
+    /// Why the function's recommendation gave them; None: the fit did.
+    pub fallback: Option<sized::Fallback>,
+    /// The function's recommendation (the fallback's limits).
+    pub recommendation: Recommendation,
 }

@@ -34,6 +34,74 @@ pub struct StoredInstance {
     pub(super) oom_kills: u64,
     pub(super) max_bytes: Option<u64>,
     pub(super) high_bytes: Option<u64>,
+    /// The bind's size hint (POST /v1/bind `input_bytes`). Not in the postcard body of a
+    /// [`FORMAT_V2`] value: a record with a hint is written as [`FORMAT_V2_INPUT`], the hint
+    /// after the body (see [`encode_instance_value`]), so that records without one, and every
+    /// record written before hints existed, are the same bytes as before.
+    #[serde(skip)]
+    pub(super) input_bytes: Option<u64>,
+}
+
+/// Format byte of an instance value or block that carries size hints: the [`FORMAT_V2`]
+/// body, then postcard of the hint (a value) or of the list of hints in entry order (a block).
+/// Values and blocks without a hint keep [`FORMAT_V2`], byte for byte.
+pub(super) const FORMAT_V2_INPUT: u8 = 3;
+
+/// An instance value: [`FORMAT_V2`] + postcard, or [`FORMAT_V2_INPUT`] + postcard + the hint.
+pub(super) fn encode_instance_value(stored: &StoredInstance) -> Result<Vec<u8>, String> {
+    let format = if stored.input_bytes.is_some() {
+        FORMAT_V2_INPUT
+    } else {
+        FORMAT_V2
+    };
+    let mut out = vec![format];
+    postcard::to_io(stored, &mut out).map_err(|e| e.to_string())?;
+    if let Some(input) = stored.input_bytes {
+        postcard::to_io(&input, &mut out).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// An instance value of either format ([`encode_instance_value`]).
+pub(super) fn decode_instance_value(raw: &[u8]) -> Result<StoredInstance, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((&FORMAT_V2_INPUT, body)) => {
+            let (mut stored, rest): (StoredInstance, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            let input: u64 = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            stored.input_bytes = Some(input);
+            Ok(stored)
+        }
+        Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
+        None => Err("empty value".into()),
+    }
+}
+
+/// A block of either format: [`FORMAT_V2`] + postcard of the entries, or
+/// [`FORMAT_V2_INPUT`] + the same + postcard of every entry's hint, in order.
+pub(super) fn decode_block(raw: &[u8]) -> Result<Vec<BlockEntry>, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((&FORMAT_V2_INPUT, body)) => {
+            let (mut entries, rest): (Vec<BlockEntry>, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            let inputs: Vec<Option<u64>> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            if inputs.len() != entries.len() {
+                return Err(format!(
+                    "{} size hints for {} records",
+                    inputs.len(),
+                    entries.len()
+                ));
+            }
+            for (e, input) in entries.iter_mut().zip(inputs) {
+                e.record.input_bytes = input;
+            }
+            Ok(entries)
+        }
+        Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
+        None => Err("empty value".into()),
+    }
 }
 
 /// An hour bucket as the store holds it; the hour and the function are its key.
@@ -98,6 +166,7 @@ pub(super) fn build_record(
             max_bytes: s.max_bytes,
             high_bytes: s.high_bytes,
         },
+        input_bytes: s.input_bytes,
     })
 }
 
@@ -120,12 +189,18 @@ pub(super) fn decode_v2<T: DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
 }
 
 pub(super) fn encode_block(entries: &[BlockEntry]) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![FORMAT_V2];
-    postcard::to_io(entries, &mut out).map_err(|e| StoreError::Encode {
+    let encode_error = |e: postcard::Error| StoreError::Encode {
         tree: TREE_BLOCKS,
         key: String::new(),
         reason: e.to_string(),
-    })?;
+    };
+    let hinted = entries.iter().any(|e| e.record.input_bytes.is_some());
+    let mut out = vec![if hinted { FORMAT_V2_INPUT } else { FORMAT_V2 }];
+    postcard::to_io(entries, &mut out).map_err(encode_error)?;
+    if hinted {
+        let inputs: Vec<Option<u64>> = entries.iter().map(|e| e.record.input_bytes).collect();
+        postcard::to_io(&inputs, &mut out).map_err(encode_error)?;
+    }
     Ok(out)
 }
 
@@ -262,12 +337,12 @@ impl Store {
             oom_kills: rec.oom_kills,
             max_bytes: rec.limits.max_bytes,
             high_bytes: rec.limits.high_bytes,
+            input_bytes: rec.input_bytes,
         };
-        let mut out = vec![FORMAT_V2];
-        postcard::to_io(&stored, &mut out).map_err(|e| StoreError::Encode {
+        let out = encode_instance_value(&stored).map_err(|reason| StoreError::Encode {
             tree: TREE_LIVE,
             key: format!("{}/{}", rec.started_at_ms, rec.cgroup_id),
-            reason: e.to_string(),
+            reason,
         })?;
         Ok((out, [stored.function, stored.parent]))
     }
@@ -286,7 +361,7 @@ impl Store {
         if key.len() != 16 {
             return Err(corrupt(format!("key of {} bytes, not 16", key.len())));
         }
-        let stored = decode_v2::<StoredInstance>(raw).map_err(corrupt)?;
+        let stored = decode_instance_value(raw).map_err(corrupt)?;
         self.record_of(u64_of(&key[..8]), u64_of(&key[8..]), stored, TREE_LIVE)
     }
 
@@ -348,5 +423,161 @@ impl Store {
                 Ok((name, bucket_of(hour_start_ms, &s)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_util::{rec, MIB};
+    use crate::store::BLOCK_RECORDS;
+
+    /// The record as every build before size hints wrote it.
+    #[derive(Serialize)]
+    struct BeforeHints {
+        function: u32,
+        parent: u32,
+        leaf: String,
+        instance: Option<String>,
+        ran_ms: Option<u64>,
+        execs: u64,
+        peak_bytes: u64,
+        peak_source: u8,
+        oom_kills: u64,
+        max_bytes: Option<u64>,
+        high_bytes: Option<u64>,
+    }
+
+    fn stored(input_bytes: Option<u64>) -> StoredInstance {
+        StoredInstance {
+            function: 3,
+            parent: 4,
+            leaf: "cg-1".into(),
+            instance: Some("use-9".into()),
+            ran_ms: Some(250),
+            execs: 1,
+            peak_bytes: 40 * MIB,
+            peak_source: 3,
+            oom_kills: 0,
+            max_bytes: Some(64 * MIB),
+            high_bytes: Some(60 * MIB),
+            input_bytes,
+        }
+    }
+
+    fn before_hints() -> Vec<u8> {
+        let old = BeforeHints {
+            function: 3,
+            parent: 4,
+            leaf: "cg-1".into(),
+            instance: Some("use-9".into()),
+            ran_ms: Some(250),
+            execs: 1,
+            peak_bytes: 40 * MIB,
+            peak_source: 3,
+            oom_kills: 0,
+            max_bytes: Some(64 * MIB),
+            high_bytes: Some(60 * MIB),
+        };
+        let mut out = vec![FORMAT_V2];
+        postcard::to_io(&old, &mut out).unwrap();
+        out
+    }
+
+    /// Old values decode unchanged (no hint), and a record without a hint is still written
+    /// byte for byte as before; one with a hint round-trips under its own format byte.
+    #[test]
+    fn values_before_hints_decode_and_are_written_unchanged() {
+        let old = before_hints();
+        assert_eq!(decode_instance_value(&old).unwrap(), stored(None));
+        assert_eq!(encode_instance_value(&stored(None)).unwrap(), old);
+        let hinted = encode_instance_value(&stored(Some(5 * MIB))).unwrap();
+        assert_eq!(hinted[0], FORMAT_V2_INPUT);
+        assert_eq!(
+            hinted[1..old.len()],
+            old[1..],
+            "the hint only follows the body"
+        );
+        assert_eq!(
+            decode_instance_value(&hinted).unwrap(),
+            stored(Some(5 * MIB))
+        );
+        // Cut short: refused, not read as a record without a hint.
+        assert!(decode_instance_value(&hinted[..hinted.len() - 1]).is_err());
+        assert!(decode_instance_value(&[9, 0]).is_err());
+    }
+
+    #[test]
+    fn blocks_keep_each_entrys_hint_and_old_blocks_decode() {
+        let entry = |i: u64, input| BlockEntry {
+            started_at_ms: 1_000 + i,
+            cgroup_id: i,
+            record: stored(input),
+        };
+        let plain = vec![entry(1, None), entry(2, None)];
+        let bytes = encode_block(&plain).unwrap();
+        assert_eq!(bytes[0], FORMAT_V2);
+        let mut old = vec![FORMAT_V2];
+        postcard::to_io(&plain, &mut old).unwrap();
+        assert_eq!(bytes, old);
+        let back = decode_block(&bytes).unwrap();
+        assert!(back.iter().all(|e| e.record.input_bytes.is_none()));
+        let mixed = vec![entry(1, None), entry(2, Some(MIB)), entry(3, Some(0))];
+        let back = decode_block(&encode_block(&mixed).unwrap()).unwrap();
+        let inputs: Vec<_> = back.iter().map(|e| e.record.input_bytes).collect();
+        assert_eq!(inputs, [None, Some(MIB), Some(0)]);
+    }
+
+    /// Hints survive sealing into blocks and a rebuild of the model from the records, and
+    /// reach the fit's samples (ended ones only).
+    #[test]
+    fn hints_survive_blocks_and_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let n = BLOCK_RECORDS as u64 + 10;
+        let mut written = Vec::new();
+        {
+            let s = Store::open(&path).unwrap();
+            for i in 0..n {
+                let mut r = rec("f", 1_000 + i * 10, i);
+                r.input_bytes = (i % 2 == 0).then_some(i * MIB);
+                r.peak_bytes = (i + 1) * MIB;
+                r.ended_at_ms = Some(r.started_at_ms + 5);
+                s.put_instance(&r).unwrap();
+                written.push(r);
+            }
+            let mut live = rec("f", 900_000, 10_000);
+            live.input_bytes = Some(7);
+            s.put_instance(&live).unwrap();
+            assert!(!s.state().index.blocks.is_empty(), "nothing was sealed");
+            // No clean close: the next open rebuilds from the records.
+        }
+        let _ = std::fs::remove_file(path.join(super::super::CHECKPOINT_FILE));
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint());
+        let back = s.instances("f").unwrap();
+        assert_eq!(&back[..written.len()], &written[..]);
+        assert_eq!(back.last().unwrap().input_bytes, Some(7));
+        let mut samples: Vec<(u64, u64)> = s
+            .sized_samples("f", usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|x| (x.input_bytes, x.peak_bytes))
+            .collect();
+        samples.sort_unstable();
+        let expected: Vec<(u64, u64)> = written
+            .iter()
+            .filter_map(|r| r.input_bytes.map(|i| (i, r.peak_bytes)))
+            .collect();
+        assert_eq!(samples, expected);
+        // The fit asks for the most recent few only.
+        let recent: Vec<u64> = s
+            .sized_samples("f", 3)
+            .unwrap()
+            .iter()
+            .map(|x| x.input_bytes)
+            .collect();
+        let newest: Vec<u64> = expected.iter().rev().take(3).map(|e| e.0).collect();
+        assert_eq!(recent, newest);
     }
 }

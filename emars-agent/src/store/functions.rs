@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::live::LiveModel;
 use crate::model::tracker::{FunctionAdmission, FunctionsFull};
-use crate::model::{FunctionConfig, FunctionSummary, Sample};
+use crate::model::{FunctionConfig, FunctionSummary, Sample, SizedSample};
 
 use super::codec::encode_json;
 use super::index::BlockId;
@@ -246,6 +246,17 @@ impl Store {
     pub fn samples(&self, function: &str, now_ms: u64) -> Result<Vec<Sample>, StoreError> {
         validate_name(function)?;
         Ok(self.state().model.samples(function, now_ms))
+    }
+
+    /// The input-aware fit's samples of `function` (from memory): its `limit` most recently
+    /// started ended instances bound with a size hint.
+    pub fn sized_samples(
+        &self,
+        function: &str,
+        limit: usize,
+    ) -> Result<Vec<SizedSample>, StoreError> {
+        validate_name(function)?;
+        Ok(self.state().model.sized_samples(function, limit))
     }
 
     /// A function's idle times between uses, from memory (None when it is unknown).

@@ -9,7 +9,9 @@ use sled::Transactional;
 use crate::model::live::{InstanceKey, Order};
 use crate::model::InstanceRecord;
 
-use super::codec::{decode_v2, encode_block, log_key, tx_error, BlockEntry, StoredInstance};
+use super::codec::{
+    decode_block, decode_instance_value, encode_block, log_key, tx_error, BlockEntry,
+};
 use super::functions::validate_name;
 use super::index::{BlockId, BlockInfo, State};
 use super::{Store, StoreError, TREE_BLOCKS};
@@ -155,7 +157,7 @@ impl Store {
             let Some(stored) = self
                 .tail
                 .get(raw_key)?
-                .and_then(|raw| decode_v2::<StoredInstance>(&raw).ok())
+                .and_then(|raw| decode_instance_value(&raw).ok())
             else {
                 // Gone, or in quarantine since the open: left where it is, not sealed.
                 unsealable.push(*ikey);
@@ -248,7 +250,7 @@ impl Store {
         let key = seq.to_be_bytes();
         match self.blocks.get(key)? {
             None => Ok(Vec::new()),
-            Some(raw) => decode_v2::<Vec<BlockEntry>>(&raw).map_err(|reason| StoreError::Corrupt {
+            Some(raw) => decode_block(&raw).map_err(|reason| StoreError::Corrupt {
                 tree: TREE_BLOCKS,
                 key: seq.to_string(),
                 reason,

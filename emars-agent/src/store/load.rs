@@ -8,8 +8,7 @@ use crate::model::HOUR_MS;
 
 use super::checkpoint::{release_free_heap, CHECKPOINT_FILE};
 use super::codec::{
-    decode_json, decode_v2, display_text, quarantine_key, u32_of, u64_of, BlockEntry,
-    StoredInstance,
+    decode_block, decode_instance_value, decode_json, display_text, quarantine_key, u32_of, u64_of,
 };
 use super::functions::FunctionRecord;
 use super::index::State;
@@ -68,7 +67,7 @@ impl Store {
         for item in self.blocks.iter() {
             let (key, raw) = item?;
             let seq = u64_of(&key);
-            let entries = match decode_v2::<Vec<BlockEntry>>(&raw) {
+            let entries = match decode_block(&raw) {
                 Ok(e) => e,
                 Err(reason) => {
                     let e = StoreError::Corrupt {
@@ -100,6 +99,7 @@ impl Store {
                         execs: e.record.execs,
                         oom_kills: e.record.oom_kills,
                         limit_bytes: e.record.max_bytes,
+                        input_bytes: e.record.input_bytes,
                     });
             }
             for (fid, recs) in by_fn {
@@ -136,7 +136,7 @@ impl Store {
                 st.model.seen(&rec.function, rec.started_at_ms, last);
                 st.model.put_instance(None, &rec);
                 if name == TREE_TAIL {
-                    if let Ok(s) = decode_v2::<StoredInstance>(&raw) {
+                    if let Ok(s) = decode_instance_value(&raw) {
                         let end = rec.started_at_ms.saturating_add(s.ran_ms.unwrap_or(0));
                         st.index.note_end([s.function, s.parent], end);
                     }

@@ -15,9 +15,9 @@
 //!
 //! | tree              | key                                              | value                                          |
 //! |-------------------|--------------------------------------------------|------------------------------------------------|
-//! | `instances_live`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | `0x02` · postcard [`StoredInstance`]           |
+//! | `instances_live`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | `0x02` · postcard [`StoredInstance`]; with a bind's size hint `0x03` · the same · postcard u64 (the hint) |
 //! | `instances_tail`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | the same, for an ended record not sealed yet   |
-//! | `instance_blocks` | sequence (u64)                                   | `0x02` · postcard list of (start, cgroup id, [`StoredInstance`]) |
+//! | `instance_blocks` | sequence (u64)                                   | `0x02` · postcard list of (start, cgroup id, [`StoredInstance`]); when a record has a hint `0x03` · the same · postcard list of `Option<u64>` (each record's hint) |
 //! | `hours_open`      | hours since the epoch (u32) · function id (u32)  | `0x02` · postcard `StoredHour`                 |
 //! | `hour_blocks`     | hours since the epoch (u32)                      | `0x02` · postcard list of (function id, `StoredHour`) |
 //! | `strings`         | id (u32)                                         | a function name or a cgroup parent path        |

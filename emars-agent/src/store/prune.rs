@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::model::live::InstanceKey;
 use crate::model::{InstanceRecord, HOUR_MS};
 
-use super::codec::{decode_v2, hour_block_key, hour_log_key, log_key, BlockEntry, StoredInstance};
+use super::codec::{decode_instance_value, hour_block_key, hour_log_key, log_key, BlockEntry};
 use super::index::{BlockInfo, State};
 use super::{Store, StoreError, TREE_BLOCKS};
 
@@ -158,7 +158,7 @@ impl Store {
         for item in self.live_tree.iter() {
             let (_, raw) = item?;
             // One that does not decode names nothing this store can read.
-            if let Ok(r) = decode_v2::<StoredInstance>(&raw) {
+            if let Ok(r) = decode_instance_value(&raw) {
                 live.extend([r.function, r.parent]);
             }
         }

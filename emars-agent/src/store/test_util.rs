@@ -20,6 +20,7 @@ pub fn rec(function: &str, started: u64, cgroup: u64) -> InstanceRecord {
         peak_source: PeakSource::None,
         oom_kills: 0,
         limits: Limits::default(),
+        input_bytes: None,
     }
 }
 

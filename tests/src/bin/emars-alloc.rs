@@ -25,10 +25,11 @@ fn arg(name: &str, default: u64) -> u64 {
 const USAGE: &str = "\
 emars-alloc: a workload with a known memory profile (for tests, benchmarks and `emars tune`)
 
-usage: emars-alloc [--mib N] [--hold-ms MS] [--delay-ms MS] [--rate-mib-s N] [--step-mib N]
+usage: emars-alloc [--mib N] [--kib N] [--hold-ms MS] [--delay-ms MS] [--rate-mib-s N] [--step-mib N]
                    [--chain N] [--file-mib N] [--file-dir DIR]
 
   --mib N         allocate N MiB and touch every page (default 0)
+  --kib N         then N KiB more, touched at once (sizes finer than a MiB)
   --hold-ms MS    then hold it MS milliseconds before exiting (default 0)
   --delay-ms MS   wait MS milliseconds before allocating (default 0)
   --rate-mib-s N  touch the pages at N MiB/s instead of at once
@@ -41,9 +42,10 @@ example: emars tune --limits 16Mi,32Mi,64Mi -- emars-alloc --mib 40 --hold-ms 10
 
 /// Every option takes a value; anything else is a mistake that would silently change the
 /// profile (a misspelt `--mb 40` allocating nothing), so it is refused with the usage.
-const OPTIONS: [&str; 8] = [
+const OPTIONS: [&str; 9] = [
     "--chain",
     "--mib",
+    "--kib",
     "--hold-ms",
     "--delay-ms",
     "--rate-mib-s",
@@ -115,6 +117,14 @@ fn main() {
         }
         chunks.push(black_box(buf));
         done += size;
+    }
+    let kib = arg("--kib", 0);
+    if kib > 0 {
+        let mut buf = vec![0u8; (kib as usize) << 10];
+        for i in (0..buf.len()).step_by(4096) {
+            buf[i] = 1;
+        }
+        chunks.push(black_box(buf));
     }
     std::thread::sleep(Duration::from_millis(hold_ms));
     black_box(&chunks);

@@ -56,6 +56,7 @@ const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minu
   --fixed-mib F   OpenLambda's fixed memory.max, MiB (default 128)
   --pool P        pre-created cgroups (default 16, OpenLambda's reserve of ready ones)
   --plots DIR     also write the table as SVG bar charts into DIR
+  --sized ...     the input-aware run instead (emars_tests::sized; --sized --help)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
 /// OpenLambda's keep-alive in trace minutes.
@@ -73,6 +74,13 @@ struct Opts {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--sized") {
+        if let Err(e) = emars_tests::sized::main_with_args(std::env::args().skip(1)) {
+            eprintln!("emars-platform --sized: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = parse().and_then(|o| run(&o)) {
         eprintln!("emars-platform: {e:#}");
         std::process::exit(1);

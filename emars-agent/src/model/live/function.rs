@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::model::{
     FunctionConfig, FunctionSummary, HourBucket, InstanceRecord, PeakPercentiles, Sample,
+    SizedSample,
 };
 
 use super::hours::HourSeries;
@@ -53,6 +54,8 @@ pub(super) struct FunctionState<P> {
     pub(super) ended_oom_kills: u64,
     /// Ended instances with OOM kills: the memory.max they had (the recommender bumps it).
     pub(super) ended_oom: BTreeMap<InstanceKey, Option<u64>>,
+    /// Instances bound with a size hint (`input_bytes`), live and ended: the hint.
+    pub(super) inputs: BTreeMap<InstanceKey, u64>,
     pub(super) hours: HourSeries,
     pub(super) invocations: u64,
     /// The summary as last computed, and its JSON; None after any change.
@@ -115,6 +118,15 @@ impl<P: Copy + Default> FunctionState<P> {
     pub(super) fn add(&mut self, rec: &InstanceRecord, sign: i8) {
         self.changed();
         let key = (rec.started_at_ms, rec.cgroup_id);
+        match (sign > 0, rec.input_bytes) {
+            (true, Some(input)) => {
+                self.inputs.insert(key, input);
+            }
+            (true, None) => {}
+            (false, _) => {
+                self.inputs.remove(&key);
+            }
+        }
         let Some(ended_at_ms) = rec.ended_at_ms else {
             if sign > 0 {
                 let live = Live {
@@ -138,6 +150,7 @@ impl<P: Copy + Default> FunctionState<P> {
                     execs: rec.execs,
                     oom_kills: rec.oom_kills,
                     limit_bytes: rec.limits.max_bytes,
+                    input_bytes: rec.input_bytes,
                 },
                 P::default(),
             );
@@ -180,6 +193,9 @@ impl<P: Copy + Default> FunctionState<P> {
         if r.oom_kills > 0 {
             self.ended_oom.insert(r.key, r.limit_bytes);
         }
+        if let Some(input) = r.input_bytes {
+            self.inputs.insert(r.key, input);
+        }
     }
 
     /// Widens the first/last-seen range; true when the function is new or its first-seen
@@ -213,6 +229,7 @@ impl<P: Copy + Default> FunctionState<P> {
         self.ended_oom_kills = self.ended_oom_kills.saturating_sub(rec.oom_kills);
         let key = (rec.started_at_ms, rec.cgroup_id);
         self.ended_oom.remove(&key);
+        self.inputs.remove(&key);
         self.long_runs.remove(&key);
     }
 
@@ -294,6 +311,28 @@ impl<P: Copy + Default> FunctionState<P> {
                 limit_bytes: l.limit_bytes,
             });
         ended.chain(live).collect()
+    }
+
+    /// The input-aware fit's samples: the `limit` most recently started ended instances bound
+    /// with a size hint that have a peak or an OOM kill, at their end. Live ones are left out:
+    /// their peak is not final.
+    pub(super) fn sized_samples(&self, limit: usize) -> Vec<SizedSample> {
+        self.inputs
+            .iter()
+            .rev()
+            .filter_map(|(key, input)| {
+                let e = &self.ended[self.find(*key)?];
+                let oom = self.ended_oom.get(key);
+                (e.peak_bytes > 0 || oom.is_some()).then(|| SizedSample {
+                    at_ms: self.ended_at(e),
+                    input_bytes: *input,
+                    peak_bytes: e.peak_bytes,
+                    oom_killed: oom.is_some(),
+                    limit_bytes: oom.copied().flatten(),
+                })
+            })
+            .take(limit)
+            .collect()
     }
 
     pub(super) fn export(&self, name: &str) -> FunctionConfig {

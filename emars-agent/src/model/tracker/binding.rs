@@ -20,6 +20,7 @@ impl<C: Cgroups> Tracker<C> {
         cgroup_id: u64,
         function: &str,
         instance: &str,
+        input_bytes: Option<u64>,
         at_ms: u64,
     ) -> Result<(u64, Vec<Effect>), BindError> {
         if !crate::model::registry::valid_function_name(function) {
@@ -47,6 +48,7 @@ impl<C: Cgroups> Tracker<C> {
             peak_source: PeakSource::None,
             oom_kills: 0,
             limits: self.cgroups.limits(&dir).unwrap_or_default(),
+            input_bytes,
         };
         tracing::info!(
             function,

@@ -141,6 +141,7 @@ impl<C: Cgroups> Tracker<C> {
             peak_source: PeakSource::None,
             oom_kills: 0,
             limits: Limits::default(),
+            input_bytes: None,
         });
         let enforce = match found {
             Found::Mkdir { ts_ns } => Some(Some(ts_ns)),

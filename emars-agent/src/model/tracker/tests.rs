@@ -379,7 +379,7 @@ fn pooled_cgroup_uses_are_instances_of_their_own() {
         t.live_record(30).is_none(),
         "a pool slot is no instance by itself"
     );
-    let (id, fx) = t.bind("/emars/cg-1", 30, "fa", "a1", 2_000).unwrap();
+    let (id, fx) = t.bind("/emars/cg-1", 30, "fa", "a1", None, 2_000).unwrap();
     assert_eq!(id, 30);
     assert!(
         matches!(
@@ -396,7 +396,7 @@ fn pooled_cgroup_uses_are_instances_of_their_own() {
     );
     t.enforced(30, None);
     assert!(matches!(
-        t.bind("/emars/cg-1", 30, "fb", "b1", 2_100),
+        t.bind("/emars/cg-1", 30, "fb", "b1", None, 2_100),
         Err(BindError::AlreadyBound { .. })
     ));
     table.set_peak("/emars/cg-1", 100 * MIB);
@@ -412,7 +412,7 @@ fn pooled_cgroup_uses_are_instances_of_their_own() {
         Err(BindError::NotBound { .. })
     ));
     // The slot lives on: bound again, then removed while bound.
-    t.bind("/emars/cg-1", 30, "fb", "b1", 4_000).unwrap();
+    t.bind("/emars/cg-1", 30, "fb", "b1", None, 4_000).unwrap();
     t.enforced(30, None);
     let fx = t.apply(rmdir(30), 5_000, 3);
     let b = saved(&fx);
@@ -429,11 +429,11 @@ fn pooled_cgroup_uses_are_instances_of_their_own() {
         // Removed and created again (id 30 then) after the bind was asked for.
         ("/emars/cg-1", 29, "removed and created again"),
     ] {
-        let e = t.bind(path, id, "fc", "c1", 6_000).unwrap_err();
+        let e = t.bind(path, id, "fc", "c1", None, 6_000).unwrap_err();
         assert!(e.to_string().contains(want), "{path}: {e}");
     }
     assert!(matches!(
-        t.bind("/emars/cg-1", 30, "bad name", "c1", 6_000),
+        t.bind("/emars/cg-1", 30, "bad name", "c1", None, 6_000),
         Err(BindError::Invalid(_))
     ));
 }
@@ -491,14 +491,14 @@ fn refused_functions_are_not_tracked() {
     );
     t.enforced(4, None);
     t.apply(mkdir(5, "/emars/cg-1"), 1_500, 6);
-    match t.bind("/emars/cg-1", 5, "fnew", "x", 1_600) {
+    match t.bind("/emars/cg-1", 5, "fnew", "x", None, 1_600) {
         Err(e @ BindError::FunctionsFull(_)) => {
             assert!(e.to_string().contains("store.max_functions = 2"), "{e}")
         }
         other => panic!("expected FunctionsFull, got {other:?}"),
     }
     assert!(t.live_record(5).is_none());
-    t.bind("/emars/cg-1", 5, "fb", "x", 1_700).unwrap();
+    t.bind("/emars/cg-1", 5, "fb", "x", None, 1_700).unwrap();
     // The last run's live record: its function is known to the store, no question asked.
     let mut resumed = InstanceRecord {
         function: "fd".into(),
@@ -512,6 +512,7 @@ fn refused_functions_are_not_tracked() {
         peak_source: PeakSource::None,
         oom_kills: 0,
         limits: Limits::default(),
+        input_bytes: None,
     };
     resumed.execs = 1;
     t.add_cgroup(

@@ -332,6 +332,7 @@ mod tests {
             peak_source: PeakSource::KernelWatermark,
             oom_kills: 0,
             limits: Limits::default(),
+            input_bytes: None,
         }
     }
 

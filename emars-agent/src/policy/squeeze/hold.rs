@@ -242,6 +242,7 @@ mod tests {
             peak_source: PeakSource::KernelWatermark,
             oom_kills: 0,
             limits: Limits::default(),
+            input_bytes: None,
         };
         store.put_instance(&rec).unwrap();
         let hold = SqueezeHold {
