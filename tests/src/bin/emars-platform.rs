@@ -693,9 +693,19 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
     let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
     let mut running = 0usize;
     for (n, inv) in invs.iter().enumerate() {
-        // Completions and expiries up to this arrival.
+        // Completions and expiries up to this arrival: every invocation that has ended frees
+        // its sandbox before the arrival looks for one (when the platform runs behind, several
+        // have).
         loop {
+            while let Ok((slot, killed)) = done_rx.try_recv() {
+                running -= 1;
+                finish(&mut p, slot, killed)?;
+            }
+            p.expire()?;
             let wait = inv.at_ms.saturating_sub(p.now());
+            if wait == 0 {
+                break;
+            }
             match done_rx.recv_timeout(Duration::from_millis(wait.min(20))) {
                 Ok((slot, killed)) => {
                     running -= 1;
@@ -703,10 +713,6 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => bail!("workers: {e}"),
-            }
-            p.expire()?;
-            if p.now() >= inv.at_ms {
-                break;
             }
         }
         p.t.invocations += 1;
