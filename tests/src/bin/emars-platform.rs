@@ -306,7 +306,8 @@ struct Tally {
     limits: BTreeMap<u64, u64>,
     /// Binds released (one per invocation that ran).
     uses: u64,
-    /// Functions whose last keep-alive advice came from their idle-time histogram.
+    /// Functions whose last keep-alive advice came from their idle times (the histogram, or
+    /// regular ones), not the fixed window.
     advised: std::collections::BTreeSet<usize>,
     functions: Vec<FunctionTally>,
 }
@@ -533,10 +534,7 @@ impl Platform<'_> {
         match self.agent.get(&path) {
             // The agent sees real time: its advice is in real ms already.
             Ok((200, k)) => {
-                if k["basis"]
-                    .as_str()
-                    .is_some_and(|b| b.starts_with("histogram"))
-                {
+                if k["basis"].as_str().is_some_and(|b| !b.starts_with("fixed")) {
                     self.t.advised.insert(function);
                 } else {
                     self.t.advised.remove(&function);
@@ -560,17 +558,22 @@ impl Platform<'_> {
         }
     }
 
-    /// A sandbox for an invocation, bound to its function for it: a warm one of its function,
-    /// else a cold start on a pool cgroup (evicting the longest-idle warm sandbox when the pool
-    /// is empty; it takes the place of the function's earliest pending pre-warm). None:
-    /// refused or no cgroup.
+    /// A sandbox for an invocation, bound to its function for it: the longest-idle warm one
+    /// of its function (so that sandboxes a function's concurrency needs take turns, each idle
+    /// about as long as the function's idle times its keep-alive is made of, instead of one
+    /// serving all and the others expiring), else a cold start on a pool cgroup (evicting the
+    /// longest-idle warm sandbox when the pool is empty; it takes the place of the function's
+    /// earliest pending pre-warm). None: refused or no cgroup.
     fn sandbox(&mut self, function: usize, invocation: usize) -> Result<Option<usize>> {
         let nth = self.t.functions[function].invocations;
         self.t.functions[function].invocations += 1;
         if let Some(i) = self
             .boxes
             .iter()
-            .position(|b| b.function == function && !b.busy)
+            .enumerate()
+            .filter(|(_, b)| b.function == function && !b.busy)
+            .min_by_key(|(_, b)| b.idle_since)
+            .map(|(i, _)| i)
         {
             if self.boxes[i].prewarmed {
                 self.boxes[i].prewarmed = false;
