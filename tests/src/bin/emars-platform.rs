@@ -46,7 +46,7 @@
 //! (`invocation_traces_public.csv`, `memory_traces_public.csv`, `duration_traces_public.csv`).
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     fs,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
@@ -58,6 +58,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
+use emars_tests::platform_report::{self as report, FunctionTally, Tally};
 use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
 use serde_json::{json, Value};
 
@@ -275,49 +276,6 @@ struct Prewarm {
     max_bytes: u64,
 }
 
-/// What happened to one function's invocations and sandboxes.
-#[derive(Default, Clone)]
-struct FunctionTally {
-    name: String,
-    invocations: u64,
-    cold_starts: u64,
-    /// Sandboxes loaded at a pre-warm point ...
-    prewarm_loads: u64,
-    /// ... of which an invocation used.
-    prewarm_hits: u64,
-    /// Pre-warms skipped: no free cgroup, or admission refused.
-    prewarms_skipped: u64,
-    /// Sandboxes unloaded at the end of an invocation to be pre-warmed.
-    unloads: u64,
-    /// Index (among the function's invocations) of each cold start.
-    cold_at: Vec<u64>,
-}
-
-#[derive(Default)]
-struct Tally {
-    invocations: u64,
-    cold: u64,
-    oom: u64,
-    refused: u64,
-    dropped_no_cgroup: u64,
-    /// MiB x real ms.
-    mib_ms: f64,
-    /// memory.max (MiB) → sandboxes started with it.
-    limits: BTreeMap<u64, u64>,
-    /// Binds released (one per invocation that ran).
-    uses: u64,
-    /// Functions whose last keep-alive advice came from their idle times (the histogram, or
-    /// regular ones), not the fixed window.
-    advised: std::collections::BTreeSet<usize>,
-    functions: Vec<FunctionTally>,
-}
-
-impl Tally {
-    fn sum(&self, f: fn(&FunctionTally) -> u64) -> u64 {
-        self.functions.iter().map(f).sum()
-    }
-}
-
 /// The keep-alive a sandbox gets when an invocation ends: load again `prewarm_ms` after the
 /// end (0: stay loaded), keep `keepalive_ms` from then; real ms.
 struct Advice {
@@ -491,10 +449,11 @@ impl Platform<'_> {
         Ok(a["admit"] != false)
     }
 
-    /// Idle sandboxes past their keep-alive are recycled; pre-warms whose point has come
-    /// are loaded.
-    fn expire(&mut self) -> Result<()> {
-        let now = self.now();
+    /// Idle sandboxes whose keep-alive ended by `now` (real ms from the start) are recycled;
+    /// pre-warms whose point has come by then are loaded. When the platform runs behind, `now`
+    /// is the next arrival's time, not the clock's: a sandbox still warm when the invocation
+    /// arrived serves it.
+    fn expire(&mut self, now: u64) -> Result<()> {
         while let Some(i) = self
             .boxes
             .iter()
@@ -558,22 +517,17 @@ impl Platform<'_> {
         }
     }
 
-    /// A sandbox for an invocation, bound to its function for it: the longest-idle warm one
-    /// of its function (so that sandboxes a function's concurrency needs take turns, each idle
-    /// about as long as the function's idle times its keep-alive is made of, instead of one
-    /// serving all and the others expiring), else a cold start on a pool cgroup (evicting the
-    /// longest-idle warm sandbox when the pool is empty; it takes the place of the function's
-    /// earliest pending pre-warm). None: refused or no cgroup.
+    /// A sandbox for an invocation, bound to its function for it: a warm one of its function,
+    /// else a cold start on a pool cgroup (evicting the longest-idle warm sandbox when the pool
+    /// is empty; it takes the place of the function's earliest pending pre-warm). None:
+    /// refused or no cgroup.
     fn sandbox(&mut self, function: usize, invocation: usize) -> Result<Option<usize>> {
         let nth = self.t.functions[function].invocations;
         self.t.functions[function].invocations += 1;
         if let Some(i) = self
             .boxes
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.function == function && !b.busy)
-            .min_by_key(|(_, b)| b.idle_since)
-            .map(|(i, _)| i)
+            .position(|b| b.function == function && !b.busy)
         {
             if self.boxes[i].prewarmed {
                 self.boxes[i].prewarmed = false;
@@ -704,7 +658,7 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
                 running -= 1;
                 finish(&mut p, slot, killed)?;
             }
-            p.expire()?;
+            p.expire(inv.at_ms.min(p.now()))?;
             let wait = inv.at_ms.saturating_sub(p.now());
             if wait == 0 {
                 break;
@@ -779,77 +733,6 @@ fn agent_uses(agent: &Agent, fs: &[Function], uses: usize) -> Result<()> {
     Ok(())
 }
 
-fn gib_min(t: &Tally) -> f64 {
-    t.mib_ms / 1024.0 / 60_000.0
-}
-
-/// The modes' rows; the emars row's memory-time as a ratio to openlambda's (the first row).
-fn print_table(rows: &[(&str, Tally)], functions: usize) {
-    println!(
-        "\n  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14} {:>11} {:>17} {:>14} {:>13}",
-        "mode",
-        "invocations",
-        "cold starts",
-        "OOM kills",
-        "refused",
-        "GiB·min held",
-        "uses",
-        "histogram advice",
-        "pre-warm loads",
-        "memory-time"
-    );
-    let base = rows.first().map_or(0.0, |(_, t)| gib_min(t));
-    for (label, t) in rows {
-        println!(
-            "  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14.2} {:>11} {:>17} {:>14} {:>13}",
-            label,
-            t.invocations,
-            t.cold,
-            t.oom,
-            t.refused + t.dropped_no_cgroup,
-            gib_min(t),
-            t.uses,
-            format!("{} of {functions}", t.advised.len()),
-            t.sum(|f| f.prewarm_loads),
-            format!("{:.2}x", gib_min(t) / base),
-        );
-    }
-}
-
-/// `--json`: the table's figures per mode, and per function.
-fn write_json(path: &std::path::Path, rows: &[(&str, Tally)]) -> Result<()> {
-    let modes: Vec<Value> = rows
-        .iter()
-        .map(|(label, t)| {
-            json!({
-                "mode": label,
-                "invocations": t.invocations,
-                "cold_starts": t.cold,
-                "prewarm_loads": t.sum(|f| f.prewarm_loads),
-                "prewarm_hits": t.sum(|f| f.prewarm_hits),
-                "prewarms_skipped": t.sum(|f| f.prewarms_skipped),
-                "unloads": t.sum(|f| f.unloads),
-                "oom_kills": t.oom,
-                "refused": t.refused + t.dropped_no_cgroup,
-                "uses": t.uses,
-                "gib_min": gib_min(t),
-                "functions": t.functions.iter().map(|f| json!({
-                    "name": f.name,
-                    "invocations": f.invocations,
-                    "cold_starts": f.cold_starts,
-                    "prewarm_loads": f.prewarm_loads,
-                    "prewarm_hits": f.prewarm_hits,
-                    "prewarms_skipped": f.prewarms_skipped,
-                    "unloads": f.unloads,
-                    "cold_at": f.cold_at,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let text = serde_json::to_string_pretty(&json!({ "modes": modes }))?;
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 fn run(o: &Opts) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -875,60 +758,12 @@ fn run(o: &Opts) -> Result<()> {
         eprintln!("running {label} ...");
         rows.push((label, run_mode(o, m, &fs, &invs)?));
     }
-    print_table(&rows, fs.len());
+    report::print(&rows, fs.len());
     if let Some(path) = &o.json {
-        write_json(path, &rows)?;
-    }
-    println!("\n  sandboxes started per memory.max (the paper's figures 4/5):");
-    for (label, t) in &rows {
-        let l: Vec<String> = t
-            .limits
-            .iter()
-            .map(|(mib, n)| format!("{mib} MiB: {n}"))
-            .collect();
-        println!("  {:<11} {}", label, l.join(", "));
+        report::write_json(path, &rows)?;
     }
     if let Some(dir) = &o.plots {
-        let bars = |f: fn(&Tally) -> f64| -> Vec<(String, f64)> {
-            rows.iter().map(|(l, t)| (l.to_string(), f(t))).collect()
-        };
-        emars_tests::write_bar_charts(
-            dir,
-            &[
-                (
-                    "platform-memory",
-                    emars_tests::bar_chart(
-                        "memory held per mode",
-                        "GiB·min",
-                        bars(gib_min),
-                    ),
-                ),
-                (
-                    "platform-oom-kills",
-                    emars_tests::bar_chart(
-                        "OOM kills per mode",
-                        "OOM kills",
-                        bars(|t| t.oom as f64),
-                    ),
-                ),
-                (
-                    "platform-cold-starts",
-                    emars_tests::bar_chart(
-                        "cold starts per mode",
-                        "cold starts",
-                        bars(|t| t.cold as f64),
-                    ),
-                ),
-                (
-                    "platform-refused",
-                    emars_tests::bar_chart(
-                        "refused invocations per mode",
-                        "refused",
-                        bars(|t| (t.refused + t.dropped_no_cgroup) as f64),
-                    ),
-                ),
-            ],
-        )?;
+        report::write_plots(dir, &rows)?;
     }
     Ok(())
 }
