@@ -149,19 +149,11 @@ pub fn write_plots(dir: &Path, rows: &[(&str, Tally)]) -> Result<()> {
         &[
             (
                 "platform-memory",
-                crate::bar_chart(
-                    "memory held per mode",
-                    "GiB·min",
-                    bars(gib_min),
-                ),
+                crate::bar_chart("memory held per mode", "GiB·min", bars(gib_min)),
             ),
             (
                 "platform-oom-kills",
-                crate::bar_chart(
-                    "OOM kills per mode",
-                    "OOM kills",
-                    bars(|t| t.oom as f64),
-                ),
+                crate::bar_chart("OOM kills per mode", "OOM kills", bars(|t| t.oom as f64)),
             ),
             (
                 "platform-cold-starts",

@@ -308,7 +308,11 @@ mod tests {
     fn a_few_idle_times_in_neighbouring_bins_are_regular() {
         let c = KeepAliveConfig::default();
         // A timer every ~5 minutes, seen three times: 4.6, 5.2 and 4.9 minutes idle.
-        let idle = [4 * MINUTE_MS + 36_000, 5 * MINUTE_MS + 12_000, 4 * MINUTE_MS + 54_000];
+        let idle = [
+            4 * MINUTE_MS + 36_000,
+            5 * MINUTE_MS + 12_000,
+            4 * MINUTE_MS + 54_000,
+        ];
         let k = c.advise(&idle);
         assert!(k.basis.starts_with("regular"), "{k:?}");
         // Pre-warm at 4 minutes less 10%, keep alive to 6 minutes plus 10%.

@@ -473,6 +473,8 @@ impl Platform<'_> {
                     f.prewarm_loads += 1;
                     let b = &mut self.boxes[i];
                     b.prewarmed = true;
+                    // Kept from its pre-warm point, however late the platform loads it.
+                    b.idle_since = p.at_ms;
                     b.keepalive_ms = p.keepalive_ms;
                 }
                 None => f.prewarms_skipped += 1,
