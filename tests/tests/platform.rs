@@ -106,10 +106,11 @@ fn a_regular_function_is_unloaded_and_prewarmed_in_time() -> anyhow::Result<()> 
         return Ok(());
     }
     // One function every 2.5 trace minutes over 25: 10 invocations, idle times of about 2.5
-    // minutes, all in the histogram's 2-3 minute bin. The platform asks for the histogram
-    // from 5 idle times on, so the advice has a pre-warm from the end of the 6th invocation:
-    // pre-warm at 2 minutes less 10%, keep alive to 3 minutes plus 10% (about half a
-    // minute's slack either side of the next arrival).
+    // minutes, all in the 2-3 minute bin. From 3 idle times on (min_regular_idle_times,
+    // default; the histogram from 5, as the platform sets min_idle_times) the advice has a
+    // pre-warm, from the end of the 4th invocation: pre-warm at 2 minutes less 10%, keep
+    // alive to 3 minutes plus 10% (about half a minute's slack either side of the next
+    // arrival).
     let minute_ms = (600 * time_scale()).to_string();
     let (ol, em) = platform_json(&[
         "--synthetic-gap",
@@ -127,15 +128,15 @@ fn a_regular_function_is_unloaded_and_prewarmed_in_time() -> anyhow::Result<()> 
     assert_eq!(olf["cold_at"], serde_json::json!([0]), "{ol}");
     assert_eq!(olf["unloads"], 0, "{ol}");
     assert_eq!(olf["prewarm_loads"], 0, "{ol}");
-    // EMARS: the fixed window while fewer than 5 idle times are known, then the sandbox is
-    // unloaded after each of the last 5 invocations; each of the last 4 finds the sandbox
-    // loaded again at its pre-warm point (the 5th pre-warm falls after the replay). Cold
+    // EMARS: the fixed window while fewer than 3 idle times are known, then the sandbox is
+    // unloaded after each of the last 7 invocations; each of the last 6 finds the sandbox
+    // loaded again at its pre-warm point (the 7th pre-warm falls after the replay). Cold
     // starts stop at the first.
     assert_eq!(emf["invocations"], 10, "{em}");
     assert_eq!(emf["cold_at"], serde_json::json!([0]), "{em}");
-    assert_eq!(emf["unloads"], 5, "{em}");
-    assert_eq!(emf["prewarm_loads"], 4, "{em}");
-    assert_eq!(emf["prewarm_hits"], 4, "{em}");
+    assert_eq!(emf["unloads"], 7, "{em}");
+    assert_eq!(emf["prewarm_loads"], 6, "{em}");
+    assert_eq!(emf["prewarm_hits"], 6, "{em}");
     assert_eq!(emf["prewarms_skipped"], 0, "{em}");
     assert_eq!(em["oom_kills"], 0, "{em}");
     Ok(())
