@@ -228,7 +228,7 @@ impl KeepAliveConfig {
         }
         let used = || hist.iter().enumerate().filter(|(_, c)| **c > 0);
         let first = used().next()?.0 as u64;
-        let last = used().last()?.0 as u64;
+        let last = used().next_back()?.0 as u64;
         let in_range: u64 = hist.iter().sum();
         if in_range != n || last - first > 1 {
             return None;
