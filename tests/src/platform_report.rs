@@ -37,7 +37,8 @@ pub struct Tally {
     pub dropped_no_cgroup: u64,
     /// MiB x real ms.
     pub mib_ms: f64,
-    /// memory.max (MiB) → sandboxes started with it.
+    /// memory.max (MiB) → sandboxes handed out with it (at a cold start, or a pre-warmed
+    /// sandbox's first invocation).
     pub limits: BTreeMap<u64, u64>,
     /// Binds released (one per invocation that ran).
     pub uses: u64,
