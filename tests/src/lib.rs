@@ -7,6 +7,7 @@
 pub mod azure;
 pub mod names;
 pub mod oci;
+pub mod platform_report;
 pub mod sized;
 pub mod storm;
 

@@ -3,7 +3,11 @@
 //! in the Wild", ATC'20): idle times go into 1-minute bins over a 4-hour range; when the
 //! histogram is representative, pre-warm at its head (a low percentile, less a margin) and keep
 //! alive until its tail (a high percentile, plus a margin); when it is not (too few idle times,
-//! too many beyond the range, or spread evenly), a fixed window. Pure: the model hands the idle
+//! too many beyond the range, or spread evenly), a fixed window. One step beyond the paper: a
+//! function with too few idle times for the histogram whose idle times all fall in one bin or
+//! two neighbouring ones (a timer, a regular caller) is regular: pre-warm at the shortest's bin
+//! and keep alive past the longest's, from as few as `min_regular_idle_times`, instead of
+//! holding an instance for the fixed window until the histogram fills. Pure: the model hands the idle
 //! times over ([`crate::model::live::idle_gaps`]). Bin width and count are settings (`bin_ms`,
 //! `bins`), so that tests run in seconds.
 
@@ -28,8 +32,11 @@ pub struct KeepAliveConfig {
     pub tail_percentile: f64,
     /// Pre-warm this fraction earlier, keep alive this fraction longer.
     pub margin: f64,
-    /// Fewer idle times than this: not representative.
+    /// Fewer idle times than this: not representative ...
     pub min_idle_times: u64,
+    /// ... unless there are at least this many and they all fall in one bin or two
+    /// neighbouring ones: regular (0: never).
+    pub min_regular_idle_times: u64,
     /// More than this fraction of idle times beyond the range: not representative.
     pub max_out_of_range: f64,
     /// A histogram whose bin counts vary less than this (coefficient of variation) shows no
@@ -48,6 +55,7 @@ impl Default for KeepAliveConfig {
             tail_percentile: 99.0,
             margin: 0.1,
             min_idle_times: 10,
+            min_regular_idle_times: 3,
             max_out_of_range: 0.5,
             min_cv: 2.0,
             fixed_keepalive_ms: 240 * MINUTE_MS,
@@ -101,6 +109,13 @@ impl KeepAliveConfig {
                 "must be between 0 and 1",
             ));
         }
+        if self.min_regular_idle_times == 1 {
+            return Err(bad(
+                "min_regular_idle_times",
+                self.min_regular_idle_times.to_string(),
+                "must be 0 (never) or 2 or more: one idle time shows no regularity",
+            ));
+        }
         if self.min_cv.is_nan() || self.min_cv < 0.0 {
             return Err(bad("min_cv", self.min_cv.to_string(), "must be 0 or more"));
         }
@@ -131,6 +146,9 @@ impl KeepAliveConfig {
             cv: None,
         };
         if n < self.min_idle_times {
+            if let Some(k) = self.regular(&hist, n) {
+                return k;
+            }
             return fixed(format!(
                 "fixed: {n} idle time(s), fewer than {} to judge from",
                 self.min_idle_times
@@ -167,25 +185,70 @@ impl KeepAliveConfig {
             }
             bins as u64
         };
-        let head_ms = bin_of(rank(self.head_percentile)) * width;
-        let tail_ms = (bin_of(rank(self.tail_percentile)) + 1).min(bins as u64) * width;
-        let prewarm_ms = (head_ms as f64 * (1.0 - self.margin)) as u64;
-        let until_ms = (tail_ms as f64 * (1.0 + self.margin)) as u64;
+        let (head, tail) = (
+            bin_of(rank(self.head_percentile)),
+            bin_of(rank(self.tail_percentile)),
+        );
+        let (prewarm_ms, keepalive_ms) = self.window(head, tail);
         KeepAlive {
             prewarm_ms,
-            keepalive_ms: until_ms.saturating_sub(prewarm_ms),
+            keepalive_ms,
             basis: format!(
-                "histogram: pre-warm at the {}th percentile of {n} idle times ({head_ms} ms) less \
-                 {}%, keep alive to the {}th ({tail_ms} ms) plus {}%",
+                "histogram: pre-warm at the {}th percentile of {n} idle times ({} ms) less \
+                 {}%, keep alive to the {}th ({} ms) plus {}%",
                 self.head_percentile,
+                head * width,
                 self.margin * 100.0,
                 self.tail_percentile,
+                (tail + 1).min(self.bins) * width,
                 self.margin * 100.0
             ),
             idle_times: n,
             out_of_range,
             cv: Some(cv),
         }
+    }
+
+    /// Pre-warm at the lower edge of bin `head` less the margin, keep alive to the upper edge
+    /// of bin `tail` plus the margin: (prewarm_ms, keepalive_ms from the pre-warm).
+    fn window(&self, head: u64, tail: u64) -> (u64, u64) {
+        let head_ms = head * self.bin_ms;
+        let tail_ms = (tail + 1).min(self.bins) * self.bin_ms;
+        let prewarm_ms = (head_ms as f64 * (1.0 - self.margin)) as u64;
+        let until_ms = (tail_ms as f64 * (1.0 + self.margin)) as u64;
+        (prewarm_ms, until_ms.saturating_sub(prewarm_ms))
+    }
+
+    /// Too few idle times for the histogram (`n` of them, binned in `hist`, none out of
+    /// range), but at least `min_regular_idle_times`, all in one bin or two neighbouring ones:
+    /// the window from the shortest's bin to the longest's.
+    fn regular(&self, hist: &[u64], n: u64) -> Option<KeepAlive> {
+        if self.min_regular_idle_times == 0 || n < self.min_regular_idle_times {
+            return None;
+        }
+        let used = || hist.iter().enumerate().filter(|(_, c)| **c > 0);
+        let first = used().next()?.0 as u64;
+        let last = used().next_back()?.0 as u64;
+        let in_range: u64 = hist.iter().sum();
+        if in_range != n || last - first > 1 {
+            return None;
+        }
+        let (prewarm_ms, keepalive_ms) = self.window(first, last);
+        Some(KeepAlive {
+            prewarm_ms,
+            keepalive_ms,
+            basis: format!(
+                "regular: {n} idle times, all within {} to {} ms: pre-warm at the shortest less \
+                 {}%, keep alive past the longest plus {}%",
+                first * self.bin_ms,
+                (last + 1) * self.bin_ms,
+                self.margin * 100.0,
+                self.margin * 100.0
+            ),
+            idle_times: n,
+            out_of_range: 0,
+            cv: None,
+        })
     }
 }
 
@@ -228,7 +291,7 @@ mod tests {
     #[test]
     fn unrepresentative_histograms_get_the_fixed_window() {
         let c = KeepAliveConfig::default();
-        let few = c.advise(&[MINUTE_MS; 3]);
+        let few = c.advise(&[MINUTE_MS; 2]);
         assert_eq!((few.prewarm_ms, few.keepalive_ms), (0, 240 * MINUTE_MS));
         assert!(few.basis.contains("fewer than 10"), "{few:?}");
         let long: Vec<u64> = (0..20).map(|i| (300 + i) * MINUTE_MS).collect();
@@ -239,6 +302,59 @@ mod tests {
         let k = c.advise(&even);
         assert!(k.basis.contains("spread evenly"), "{k:?}");
         assert_eq!(k.keepalive_ms, 240 * MINUTE_MS);
+    }
+
+    #[test]
+    fn a_few_idle_times_in_neighbouring_bins_are_regular() {
+        let c = KeepAliveConfig::default();
+        // A timer every ~5 minutes, seen three times: 4.6, 5.2 and 4.9 minutes idle.
+        let idle = [
+            4 * MINUTE_MS + 36_000,
+            5 * MINUTE_MS + 12_000,
+            4 * MINUTE_MS + 54_000,
+        ];
+        let k = c.advise(&idle);
+        assert!(k.basis.starts_with("regular"), "{k:?}");
+        // Pre-warm at 4 minutes less 10%, keep alive to 6 minutes plus 10%.
+        assert_eq!(k.prewarm_ms, 4 * MINUTE_MS * 9 / 10, "{k:?}");
+        assert_eq!(
+            k.prewarm_ms + k.keepalive_ms,
+            6 * MINUTE_MS * 11 / 10,
+            "{k:?}"
+        );
+        assert_eq!((k.idle_times, k.out_of_range, k.cv), (3, 0, None));
+        // The histogram takes over from min_idle_times on, whatever the spread.
+        let more: Vec<u64> = idle.iter().cycle().take(10).copied().collect();
+        assert!(c.advise(&more).basis.starts_with("histogram"));
+    }
+
+    #[test]
+    fn irregular_or_too_few_idle_times_get_the_fixed_window() {
+        let c = KeepAliveConfig::default();
+        let fixed = |idle: &[u64], c: &KeepAliveConfig| {
+            let k = c.advise(idle);
+            assert!(k.basis.starts_with("fixed"), "{idle:?}: {k:?}");
+            assert_eq!((k.prewarm_ms, k.keepalive_ms), (0, 240 * MINUTE_MS));
+        };
+        // Two: fewer than min_regular_idle_times.
+        fixed(&[5 * MINUTE_MS, 5 * MINUTE_MS], &c);
+        // Three, bins 4 and 6: not neighbours.
+        fixed(&[4 * MINUTE_MS, 6 * MINUTE_MS, 5 * MINUTE_MS - 1], &c);
+        // Three in neighbouring bins, one of them past the range.
+        let edge = 240 * MINUTE_MS;
+        fixed(&[edge - 1, edge + 1, edge - 2], &c);
+        // Off.
+        let off = KeepAliveConfig {
+            min_regular_idle_times: 0,
+            ..Default::default()
+        };
+        fixed(&[5 * MINUTE_MS; 3], &off);
+        // From two when so set.
+        let two = KeepAliveConfig {
+            min_regular_idle_times: 2,
+            ..Default::default()
+        };
+        assert!(two.advise(&[5 * MINUTE_MS; 2]).basis.starts_with("regular"));
     }
 
     #[test]
@@ -260,6 +376,10 @@ mod tests {
             },
             KeepAliveConfig {
                 margin: 1.5,
+                ..Default::default()
+            },
+            KeepAliveConfig {
+                min_regular_idle_times: 1,
                 ..Default::default()
             },
         ] {

@@ -1,9 +1,10 @@
 //! emars-platform: a small serverless platform that runs the way stock OpenLambda does — a
 //! pool of pre-created cgroups (`cg-N`) handed to sandboxes of any function, warm sandboxes
 //! reused, idle ones recycled after a keep-alive, memory.max written when a cgroup is handed
-//! out — with real processes allocating real memory in real cgroups, driven by the Azure
-//! Functions 2019 sample's invocation timeline (time compressed). Two modes on the same
-//! arrivals and the same drawn peaks, side by side in one run:
+//! out, the longest-idle warm sandbox evicted when a cold start finds the pool empty — with
+//! real processes allocating real memory in real cgroups, driven by the Azure Functions 2019
+//! sample's invocation timeline (time compressed). Two modes on the same arrivals and the same
+//! drawn peaks, side by side in one run:
 //!
 //! - `openlambda`: a fixed memory.max for every sandbox and a fixed 10-minute keep-alive; the
 //!   agent only watches (observe mode).
@@ -11,28 +12,41 @@
 //!   invocation); the agent writes the function's limits at bind (enforce mode; while a
 //!   function has no history, the fixed limit, written through the agent so that its burst
 //!   guard watches it); the burst guard is on; the keep-alive is the agent's advice (`GET
-//!   /v1/functions/{name}/keepalive`, pre-warm plus keep-alive from the end of an
-//!   invocation; OpenLambda's 10 minutes while the advice has too little to go on).
+//!   /v1/functions/{name}/keepalive`) as the hybrid histogram policy means it (Shahrad et al.,
+//!   ATC'20): when the advice has a pre-warm, the sandbox is unloaded when the invocation
+//!   ends (its cgroup goes back to the pool) and a sandbox of the function is loaded again at
+//!   the pre-warm point, kept for the keep-alive from then; without one, the sandbox stays
+//!   warm for the keep-alive from the end.
+//!
+//! A pre-warm load is a sandbox start no invocation waits for, so not a cold start; an
+//! invocation that arrives before its function's pre-warm point finds no sandbox and is one
+//! (it takes the place of that pending pre-warm). A pre-warm takes a free cgroup only: it
+//! never evicts a warm sandbox (that would trade a sandbox that may be used for one that may
+//! be), and is skipped, and counted, when the pool is empty or admission refuses it.
 //!
 //! In both modes the platform binds the sandbox's cgroup at each invocation and releases it
 //! at its end (`/v1/bind`, `/v1/release`): every invocation is a record with its exact peak,
 //! and the gaps between a function's invocations are what its keep-alive advice is made of.
-//! A sandbox whose process the OOM killer took is recycled, not kept warm.
+//! A sandbox whose process the OOM killer took is recycled, not kept warm or pre-warmed.
 //!
-//! Prints per mode: invocations, cold starts, OOM kills, refusals, memory-time reserved
-//! (memory.max x time a sandbox holds a cgroup, in trace time) — and the paper's figure 4/5
-//! view: how many sandboxes each memory.max was written for.
+//! Prints per mode: invocations, cold starts, pre-warm loads, OOM kills, refusals,
+//! memory-time reserved (memory.max x time a sandbox holds a cgroup, in trace time; an
+//! unloaded sandbox holds none) and the emars row's ratio to openlambda's — and the paper's
+//! figure 4/5 view: how many sandboxes each memory.max was written for. `--json FILE` writes
+//! the same per mode and per function (cold starts, pre-warm loads and hits, unloads).
+//! `--synthetic-gap G` replaces the sample with one function invoked every G trace minutes.
 //!
 //! ```text
 //! cargo build --release -p emars-agent -p emars-tests --bins
 //! sudo EMARS_BIN=target/release/emars target/release/emars-platform [--functions K]
 //!     [--minutes M] [--minute-ms T] [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR]
+//!     [--synthetic-gap G] [--no-prewarm] [--json FILE] [--plots DIR]
 //! ```
 //! Data: `--data`, else `$EMARS_DATA_DIR`, else `<workspace>/../shared/data/azure2019`
 //! (`invocation_traces_public.csv`, `memory_traces_public.csv`, `duration_traces_public.csv`).
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     fs,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
@@ -44,11 +58,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
+use emars_tests::platform_report::{self as report, FunctionTally, Tally};
 use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minute-ms T]
     [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR] [--plots DIR]
+    [--synthetic-gap G] [--no-prewarm] [--json FILE]
   --functions K   functions of the sample, spread from the busiest to the rarest (default 24)
   --minutes M     trace minutes replayed (default 30)
   --minute-ms T   real milliseconds per trace minute (default 2000)
@@ -56,6 +72,10 @@ const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minu
   --fixed-mib F   OpenLambda's fixed memory.max, MiB (default 128)
   --pool P        pre-created cgroups (default 16, OpenLambda's reserve of ready ones)
   --plots DIR     also write the table as SVG bar charts into DIR
+  --synthetic-gap G  instead of the sample, one function invoked every G trace minutes
+  --no-prewarm    emars mode keeps a sandbox from the end of an invocation for pre-warm plus
+                  keep-alive instead of unloading it and loading one at the pre-warm point
+  --json FILE     also write the figures per mode and per function as JSON to FILE
   --sized ...     the input-aware run instead (emars_tests::sized; --sized --help)
 Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
 
@@ -71,6 +91,11 @@ struct Opts {
     pool: usize,
     data: PathBuf,
     plots: Option<PathBuf>,
+    /// One function every this many trace minutes instead of the sample.
+    synthetic_gap: Option<f64>,
+    /// Keep from the end (the platform before pre-warm was real), for comparison.
+    no_prewarm: bool,
+    json: Option<PathBuf>,
 }
 
 fn main() {
@@ -100,6 +125,9 @@ fn parse() -> Result<Opts> {
             PathBuf::from,
         ),
         plots: None,
+        synthetic_gap: None,
+        no_prewarm: false,
+        json: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -122,6 +150,9 @@ fn parse() -> Result<Opts> {
             "--pool" => o.pool = num(val()?)? as usize,
             "--data" => o.data = PathBuf::from(val()?),
             "--plots" => o.plots = Some(PathBuf::from(val()?)),
+            "--synthetic-gap" => o.synthetic_gap = Some(num(val()?)?),
+            "--no-prewarm" => o.no_prewarm = true,
+            "--json" => o.json = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -160,6 +191,16 @@ fn pick(o: &Opts) -> Result<Vec<Function>> {
     Ok(out)
 }
 
+/// `--synthetic-gap`: one function, 64 MiB in the trace, running 1 s of trace time.
+fn synthetic() -> Vec<Function> {
+    vec![Function {
+        id: "synthetic".into(),
+        per_minute: Vec::new(),
+        memory_mib: [64.0; 8],
+        duration_ms: 1000.0,
+    }]
+}
+
 fn name(f: &Function) -> String {
     format!("az{}", f.id)
 }
@@ -175,6 +216,20 @@ struct Invocation {
 }
 
 fn arrivals(o: &Opts, fs: &[Function]) -> Vec<Invocation> {
+    let hold_ms = |f: &Function| ((f.duration_ms * o.minute_ms as f64 / 60_000.0) as u64).max(5);
+    if let (Some(gap), [f]) = (o.synthetic_gap, fs) {
+        // Every `gap` trace minutes, from half a minute in.
+        return (0..)
+            .map(|k| (k as f64 * gap + 0.5) * o.minute_ms as f64)
+            .take_while(|at| *at < (o.minutes as u64 * o.minute_ms) as f64)
+            .map(|at| Invocation {
+                at_ms: at as u64,
+                function: 0,
+                mib: ((f.memory_mib[0] * o.mem_scale) as u64).max(1),
+                hold_ms: hold_ms(f),
+            })
+            .collect();
+    }
     let mut rng = SplitMix64(0x9e37_79b9_7f4a_7c15);
     let mut out = Vec::new();
     for (fi, f) in fs.iter().enumerate() {
@@ -186,7 +241,7 @@ fn arrivals(o: &Opts, fs: &[Function]) -> Vec<Invocation> {
                     at_ms: at as u64,
                     function: fi,
                     mib: ((mib * o.mem_scale) as u64).max(1),
-                    hold_ms: ((f.duration_ms * o.minute_ms as f64 / 60_000.0) as u64).max(5),
+                    hold_ms: hold_ms(f),
                 });
             }
         }
@@ -206,6 +261,10 @@ struct Sandbox {
     slot: usize,
     function: usize,
     busy: bool,
+    /// Loaded and not yet bound to an invocation: its first bind is its hand-out (limits).
+    fresh: bool,
+    /// Loaded at a pre-warm point (its first invocation is a pre-warm hit).
+    prewarmed: bool,
     /// Real ms (from the start) when it went idle.
     idle_since: u64,
     /// How long it stays warm once idle, real ms.
@@ -215,21 +274,21 @@ struct Sandbox {
     max_bytes: u64,
 }
 
-#[derive(Default)]
-struct Tally {
-    invocations: u64,
-    cold: u64,
-    oom: u64,
-    refused: u64,
-    dropped_no_cgroup: u64,
-    /// MiB x real ms.
-    mib_ms: f64,
-    /// memory.max (MiB) → sandboxes started with it.
-    limits: BTreeMap<u64, u64>,
-    /// Binds released (one per invocation that ran).
-    uses: u64,
-    /// Functions whose last keep-alive advice came from their idle-time histogram.
-    advised: std::collections::BTreeSet<usize>,
+/// A pre-warm owed to a function whose sandbox was unloaded: load one at `at_ms` (real ms
+/// from the start) and keep it `keepalive_ms`; until its first bind it holds the limit its
+/// function's last sandbox had.
+struct Prewarm {
+    function: usize,
+    at_ms: u64,
+    keepalive_ms: u64,
+    max_bytes: u64,
+}
+
+/// The keep-alive a sandbox gets when an invocation ends: load again `prewarm_ms` after the
+/// end (0: stay loaded), keep `keepalive_ms` from then; real ms.
+struct Advice {
+    prewarm_ms: u64,
+    keepalive_ms: u64,
 }
 
 struct Platform<'a> {
@@ -240,6 +299,7 @@ struct Platform<'a> {
     fs: &'a [Function],
     free: VecDeque<usize>,
     boxes: Vec<Sandbox>,
+    prewarms: Vec<Prewarm>,
     t: Tally,
     start: Instant,
 }
@@ -263,12 +323,56 @@ impl Platform<'_> {
         t.mib_ms += (b.max_bytes / MIB) as f64 * now.saturating_sub(b.since) as f64;
     }
 
-    /// Recycles an idle sandbox: its cgroup goes back to the pool.
-    fn recycle(&mut self, i: usize) {
+    /// Sandbox `i` holds its cgroup at `max` from now on.
+    fn hold_at(&mut self, i: usize, max: u64) {
+        let now = self.now();
+        let b = &mut self.boxes[i];
+        if max != b.max_bytes {
+            Self::count_held(&mut self.t, b, now);
+            b.max_bytes = max;
+            b.since = now;
+        }
+    }
+
+    /// Recycles (or unloads) an idle sandbox: its cgroup goes back to the pool.
+    fn recycle(&mut self, i: usize) -> Sandbox {
         let b = self.boxes.swap_remove(i);
         let now = self.now();
         Self::count_held(&mut self.t, &b, now);
         self.free.push_back(b.slot);
+        b
+    }
+
+    /// A sandbox of `function` on a free cgroup, idle and not yet handed out; `evict`: when
+    /// the pool is empty, recycle the longest-idle warm sandbox for it (a cold start does,
+    /// a pre-warm does not). None: no cgroup.
+    fn load(&mut self, function: usize, evict: bool, max_bytes: u64) -> Option<usize> {
+        if self.free.is_empty() && evict {
+            let oldest = self
+                .boxes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| !b.busy)
+                .min_by_key(|(_, b)| b.idle_since)
+                .map(|(i, _)| i);
+            if let Some(i) = oldest {
+                self.recycle(i);
+            }
+        }
+        let slot = self.free.pop_front()?;
+        let now = self.now();
+        self.boxes.push(Sandbox {
+            slot,
+            function,
+            busy: false,
+            fresh: true,
+            prewarmed: false,
+            idle_since: now,
+            keepalive_ms: 0,
+            since: now,
+            max_bytes,
+        });
+        Some(self.boxes.len() - 1)
     }
 
     /// An invocation starts in sandbox `i`: its cgroup is bound to the function for it (the
@@ -288,14 +392,43 @@ impl Platform<'_> {
         }
         // Unlimited only at a cold start in emars mode, before the fixed limit stands in.
         let max = self.root.hierarchy.max_limit(&dir).unwrap_or(0);
-        let now = self.now();
-        let b = &mut self.boxes[i];
-        if max != b.max_bytes {
-            Self::count_held(&mut self.t, b, now);
-            b.max_bytes = max;
-            b.since = now;
-        }
+        self.hold_at(i, max);
         Ok(max)
+    }
+
+    /// The first invocation in a loaded sandbox `i`: its hand-out. OpenLambda writes its
+    /// fixed limit. In emars mode the agent writes the function's limits at bind; while the
+    /// function has none, the fixed one stands in, written through the agent (so that its
+    /// burst guard watches it too).
+    fn hand_out(&mut self, i: usize, invocation: usize) -> Result<()> {
+        let name = name(&self.fs[self.boxes[i].function]);
+        let agent_writes = self.mode == Mode::Emars
+            && self
+                .agent
+                .get(&format!("/v1/functions/{name}/limits"))
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false);
+        if self.mode == Mode::OpenLambda {
+            let dir = self.slot_dir(self.boxes[i].slot);
+            self.root
+                .hierarchy
+                .set_limit(&dir, self.o.fixed_mib * MIB)?;
+        }
+        let mut max = self.bind(i, invocation)?;
+        if self.mode == Mode::Emars && !agent_writes {
+            let (s, a) = self.post(
+                &format!("/v1/functions/{name}/instances/{name}-{invocation}/limits"),
+                json!({ "max_bytes": self.o.fixed_mib * MIB }),
+            )?;
+            if s != 200 {
+                bail!("set-limit: {s} {a}");
+            }
+            max = self.o.fixed_mib * MIB;
+            self.hold_at(i, max);
+        }
+        self.boxes[i].fresh = false;
+        *self.t.limits.entry(max / MIB).or_default() += 1;
+        Ok(())
     }
 
     /// The invocation in `slot` ended: its use is released.
@@ -311,8 +444,24 @@ impl Platform<'_> {
         Ok(())
     }
 
-    fn expire(&mut self) {
-        let now = self.now();
+    /// Emars mode: may the function start a new instance (`POST /v1/admission`)?
+    fn admitted(&self, function: usize) -> Result<bool> {
+        if self.mode != Mode::Emars {
+            return Ok(true);
+        }
+        let name = name(&self.fs[function]);
+        let (s, a) = self.post("/v1/admission", json!({ "function": name }))?;
+        if s != 200 {
+            bail!("admission: {s} {a}");
+        }
+        Ok(a["admit"] != false)
+    }
+
+    /// Idle sandboxes whose keep-alive ended by `now` (real ms from the start) are recycled;
+    /// pre-warms whose point has come by then are loaded. When the platform runs behind, `now`
+    /// is the next arrival's time, not the clock's: a sandbox still warm when the invocation
+    /// arrived serves it.
+    fn expire(&mut self, now: u64) -> Result<()> {
         while let Some(i) = self
             .boxes
             .iter()
@@ -320,10 +469,33 @@ impl Platform<'_> {
         {
             self.recycle(i);
         }
+        while let Some(k) = self.prewarms.iter().position(|p| now >= p.at_ms) {
+            let p = self.prewarms.swap_remove(k);
+            let loaded = match self.admitted(p.function)? {
+                true => self.load(p.function, false, p.max_bytes),
+                false => None,
+            };
+            let f = &mut self.t.functions[p.function];
+            match loaded {
+                Some(i) => {
+                    f.prewarm_loads += 1;
+                    let b = &mut self.boxes[i];
+                    b.prewarmed = true;
+                    // Kept from its pre-warm point, however late the platform loads it.
+                    b.idle_since = p.at_ms;
+                    b.keepalive_ms = p.keepalive_ms;
+                }
+                None => f.prewarms_skipped += 1,
+            }
+        }
+        Ok(())
     }
 
-    fn keepalive_ms(&mut self, function: usize) -> u64 {
-        let fixed = (FIXED_KEEPALIVE_MIN * self.o.minute_ms as f64) as u64;
+    fn advice(&mut self, function: usize) -> Advice {
+        let fixed = Advice {
+            prewarm_ms: 0,
+            keepalive_ms: (FIXED_KEEPALIVE_MIN * self.o.minute_ms as f64) as u64,
+        };
         if self.mode == Mode::OpenLambda {
             return fixed;
         }
@@ -331,15 +503,25 @@ impl Platform<'_> {
         match self.agent.get(&path) {
             // The agent sees real time: its advice is in real ms already.
             Ok((200, k)) => {
-                if k["basis"]
-                    .as_str()
-                    .is_some_and(|b| b.starts_with("histogram"))
-                {
+                if k["basis"].as_str().is_some_and(|b| !b.starts_with("fixed")) {
                     self.t.advised.insert(function);
                 } else {
                     self.t.advised.remove(&function);
                 }
-                k["prewarm_ms"].as_u64().unwrap_or(0) + k["keepalive_ms"].as_u64().unwrap_or(0)
+                let (prewarm_ms, keepalive_ms) = (
+                    k["prewarm_ms"].as_u64().unwrap_or(0),
+                    k["keepalive_ms"].as_u64().unwrap_or(0),
+                );
+                match self.o.no_prewarm {
+                    true => Advice {
+                        prewarm_ms: 0,
+                        keepalive_ms: prewarm_ms + keepalive_ms,
+                    },
+                    false => Advice {
+                        prewarm_ms,
+                        keepalive_ms,
+                    },
+                }
             }
             _ => fixed,
         }
@@ -347,135 +529,110 @@ impl Platform<'_> {
 
     /// A sandbox for an invocation, bound to its function for it: a warm one of its function,
     /// else a cold start on a pool cgroup (evicting the longest-idle warm sandbox when the pool
-    /// is empty). None: refused or no cgroup.
+    /// is empty; it takes the place of the function's earliest pending pre-warm). None:
+    /// refused or no cgroup.
     fn sandbox(&mut self, function: usize, invocation: usize) -> Result<Option<usize>> {
+        let nth = self.t.functions[function].invocations;
+        self.t.functions[function].invocations += 1;
         if let Some(i) = self
             .boxes
             .iter()
             .position(|b| b.function == function && !b.busy)
         {
-            self.bind(i, invocation)?;
+            if self.boxes[i].prewarmed {
+                self.boxes[i].prewarmed = false;
+                self.t.functions[function].prewarm_hits += 1;
+            }
+            match self.boxes[i].fresh {
+                true => self.hand_out(i, invocation)?,
+                false => _ = self.bind(i, invocation)?,
+            }
             return Ok(Some(i));
         }
-        let name = name(&self.fs[function]);
-        if self.mode == Mode::Emars {
-            let (s, a) = self.post("/v1/admission", json!({ "function": name }))?;
-            if s != 200 {
-                bail!("admission: {s} {a}");
-            }
-            if a["admit"] == false {
-                self.t.refused += 1;
-                return Ok(None);
-            }
+        if !self.admitted(function)? {
+            self.t.refused += 1;
+            return Ok(None);
         }
-        if self.free.is_empty() {
-            let oldest = self
-                .boxes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| !b.busy)
-                .min_by_key(|(_, b)| b.idle_since)
-                .map(|(i, _)| i);
-            match oldest {
-                Some(i) => self.recycle(i),
-                None => {
-                    self.t.dropped_no_cgroup += 1;
-                    return Ok(None);
-                }
-            }
+        if let Some(k) = self
+            .prewarms
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.function == function)
+            .min_by_key(|(_, p)| p.at_ms)
+            .map(|(k, _)| k)
+        {
+            self.prewarms.swap_remove(k);
         }
-        let Some(slot) = self.free.pop_front() else {
+        let Some(i) = self.load(function, true, 0) else {
+            self.t.dropped_no_cgroup += 1;
             return Ok(None);
         };
-        let dir = self.slot_dir(slot);
         self.t.cold += 1;
-        // OpenLambda writes its fixed limit at hand-out. In emars mode the agent writes the
-        // function's limits at bind; while the function has none, the fixed one stands in,
-        // written through the agent (so that its burst guard watches it too).
-        let agent_writes = self.mode == Mode::Emars
-            && self
-                .agent
-                .get(&format!("/v1/functions/{name}/limits"))
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false);
-        let now = self.now();
-        self.boxes.push(Sandbox {
-            slot,
-            function,
-            busy: false,
-            idle_since: now,
-            keepalive_ms: 0,
-            since: now,
-            max_bytes: 0,
-        });
-        let i = self.boxes.len() - 1;
-        if self.mode == Mode::OpenLambda {
-            self.root
-                .hierarchy
-                .set_limit(&dir, self.o.fixed_mib * MIB)?;
-        }
-        let max = self.bind(i, invocation)?;
-        let max = if self.mode == Mode::Emars && !agent_writes {
-            let (s, a) = self.post(
-                &format!("/v1/functions/{name}/instances/{name}-{invocation}/limits"),
-                json!({ "max_bytes": self.o.fixed_mib * MIB }),
-            )?;
-            if s != 200 {
-                bail!("set-limit: {s} {a}");
-            }
-            self.o.fixed_mib * MIB
-        } else {
-            max
-        };
-        self.boxes[i].max_bytes = max;
-        *self.t.limits.entry(max / MIB).or_default() += 1;
+        let f = &mut self.t.functions[function];
+        f.cold_starts += 1;
+        f.cold_at.push(nth);
+        self.hand_out(i, invocation)?;
         Ok(Some(i))
     }
 }
 
-/// An invocation ended: its sandbox goes warm for its keep-alive, or, when the OOM killer
-/// took its process, is recycled (its next start gets a fresh limit).
+/// An invocation ended: its sandbox goes warm for its keep-alive, or is unloaded until its
+/// pre-warm point when the advice has one, or, when the OOM killer took its process, is
+/// recycled (its next start gets a fresh limit).
 fn finish(p: &mut Platform, slot: usize, killed: bool) -> Result<()> {
     p.release(slot)?;
+    let Some(i) = p.boxes.iter().position(|b| b.slot == slot) else {
+        return Ok(());
+    };
     if killed {
         p.t.oom += 1;
-        if let Some(i) = p.boxes.iter().position(|b| b.slot == slot) {
-            p.recycle(i);
-        }
+        p.recycle(i);
         return Ok(());
     }
+    let function = p.boxes[i].function;
+    let advice = p.advice(function);
     let now = p.now();
-    let function = p.boxes.iter().find(|b| b.slot == slot).map(|b| b.function);
-    let ka = function.map(|f| p.keepalive_ms(f));
-    if let Some(b) = p.boxes.iter_mut().find(|b| b.slot == slot) {
-        b.busy = false;
-        b.idle_since = now;
-        b.keepalive_ms = ka.unwrap_or(0);
+    if advice.prewarm_ms > 0 {
+        let b = p.recycle(i);
+        p.t.functions[function].unloads += 1;
+        p.prewarms.push(Prewarm {
+            function,
+            at_ms: now + advice.prewarm_ms,
+            keepalive_ms: advice.keepalive_ms,
+            max_bytes: b.max_bytes,
+        });
+        return Ok(());
     }
+    let b = &mut p.boxes[i];
+    b.busy = false;
+    b.idle_since = now;
+    b.keepalive_ms = advice.keepalive_ms;
     Ok(())
 }
 
-fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Result<Tally> {
-    let root = TestRoot::new()?;
-    // EMARS: predictive limits, keep-alive advice, admission, and the burst guard behind them.
+/// The agent's configuration for a mode. EMARS: predictive limits, keep-alive advice,
+/// admission, and the burst guard behind them (named, whatever the defaults). Keep-alive bins
+/// of one trace minute (in the real ms the agent sees), over the replayed minutes; OpenLambda's
+/// 10 minutes when the histogram is not representative.
+fn agent_config(o: &Opts, mode: Mode) -> String {
     let (policy, reactive) = match mode {
         Mode::OpenLambda => ("observe", false),
         Mode::Emars => ("enforce", true),
     };
-    // Keep-alive bins of one trace minute (in the real ms the agent sees), over the replayed
-    // minutes; OpenLambda's 10 minutes when the histogram is not representative.
-    let agent = Agent::start_configured(
-        &root,
-        &format!(
-            "\n[policy]\nmode = \"{policy}\"\nexport_dir = \"{{dir}}/export\"\n\
-             [policy.keepalive]\nbin_ms = {}\nbins = {}\nmin_idle_times = 5\n\
-             fixed_keepalive_ms = {}\n\
-             [reactive]\nenabled = {reactive}\n",
-            o.minute_ms,
-            o.minutes.max(10),
-            (FIXED_KEEPALIVE_MIN * o.minute_ms as f64) as u64
-        ),
-    )?;
+    format!(
+        "\n[policy]\nmode = \"{policy}\"\nexport_dir = \"{{dir}}/export\"\n\
+         [policy.keepalive]\nbin_ms = {}\nbins = {}\nmin_idle_times = 5\n\
+         fixed_keepalive_ms = {}\n\
+         [reactive]\nenabled = {reactive}\n",
+        o.minute_ms,
+        o.minutes.max(10),
+        (FIXED_KEEPALIVE_MIN * o.minute_ms as f64) as u64
+    )
+}
+
+fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Result<Tally> {
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(&root, &agent_config(o, mode))?;
     for slot in 0..o.pool {
         fs::create_dir(root.dir.join(format!("cg-{slot}")))?;
     }
@@ -487,15 +644,35 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
         fs,
         free: (0..o.pool).collect(),
         boxes: Vec::new(),
-        t: Tally::default(),
+        prewarms: Vec::new(),
+        t: Tally {
+            functions: fs
+                .iter()
+                .map(|f| FunctionTally {
+                    name: name(f),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        },
         start: Instant::now(),
     };
     let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
     let mut running = 0usize;
     for (n, inv) in invs.iter().enumerate() {
-        // Completions and expiries up to this arrival.
+        // Completions and expiries up to this arrival: every invocation that has ended frees
+        // its sandbox before the arrival looks for one (when the platform runs behind, several
+        // have).
         loop {
+            while let Ok((slot, killed)) = done_rx.try_recv() {
+                running -= 1;
+                finish(&mut p, slot, killed)?;
+            }
+            p.expire(inv.at_ms.min(p.now()))?;
             let wait = inv.at_ms.saturating_sub(p.now());
+            if wait == 0 {
+                break;
+            }
             match done_rx.recv_timeout(Duration::from_millis(wait.min(20))) {
                 Ok((slot, killed)) => {
                     running -= 1;
@@ -503,10 +680,6 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => bail!("workers: {e}"),
-            }
-            p.expire();
-            if p.now() >= inv.at_ms {
-                break;
             }
         }
         p.t.invocations += 1;
@@ -540,7 +713,8 @@ fn run_mode(o: &Opts, mode: Mode, fs: &[Function], invs: &[Invocation]) -> Resul
         running -= 1;
         finish(&mut p, slot, killed)?;
     }
-    // Whatever is still warm ends with the replay.
+    // Whatever is still warm ends with the replay; pre-warms still owed are not made.
+    p.prewarms.clear();
     while !p.boxes.is_empty() {
         p.recycle(0);
     }
@@ -574,7 +748,10 @@ fn run(o: &Opts) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (real cgroups, eBPF)");
     }
-    let fs = pick(o)?;
+    let fs = match o.synthetic_gap {
+        Some(_) => synthetic(),
+        None => pick(o)?,
+    };
     let invs = arrivals(o, &fs);
     println!(
         "emars-platform: {} functions, {} invocations over {} trace minutes ({} ms each), pool of {} cgroups, memory x {}",
@@ -591,80 +768,12 @@ fn run(o: &Opts) -> Result<()> {
         eprintln!("running {label} ...");
         rows.push((label, run_mode(o, m, &fs, &invs)?));
     }
-    println!(
-        "\n  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14} {:>11} {:>17}",
-        "mode",
-        "invocations",
-        "cold starts",
-        "OOM kills",
-        "refused",
-        "GiB·min held",
-        "uses",
-        "histogram advice"
-    );
-    for (label, t) in &rows {
-        println!(
-            "  {:<11} {:>11} {:>11} {:>9} {:>9} {:>14.2} {:>11} {:>17}",
-            label,
-            t.invocations,
-            t.cold,
-            t.oom,
-            t.refused + t.dropped_no_cgroup,
-            t.mib_ms / 1024.0 / 60_000.0,
-            t.uses,
-            format!("{} of {}", t.advised.len(), fs.len())
-        );
-    }
-    println!("\n  sandboxes started per memory.max (the paper's figures 4/5):");
-    for (label, t) in &rows {
-        let l: Vec<String> = t
-            .limits
-            .iter()
-            .map(|(mib, n)| format!("{mib} MiB: {n}"))
-            .collect();
-        println!("  {:<11} {}", label, l.join(", "));
+    report::print(&rows, fs.len());
+    if let Some(path) = &o.json {
+        report::write_json(path, &rows)?;
     }
     if let Some(dir) = &o.plots {
-        let bars = |f: fn(&Tally) -> f64| -> Vec<(String, f64)> {
-            rows.iter().map(|(l, t)| (l.to_string(), f(t))).collect()
-        };
-        emars_tests::write_bar_charts(
-            dir,
-            &[
-                (
-                    "platform-memory",
-                    emars_tests::bar_chart(
-                        "memory held per mode",
-                        "GiB·min",
-                        bars(|t| t.mib_ms / 1024.0 / 60_000.0),
-                    ),
-                ),
-                (
-                    "platform-oom-kills",
-                    emars_tests::bar_chart(
-                        "OOM kills per mode",
-                        "OOM kills",
-                        bars(|t| t.oom as f64),
-                    ),
-                ),
-                (
-                    "platform-cold-starts",
-                    emars_tests::bar_chart(
-                        "cold starts per mode",
-                        "cold starts",
-                        bars(|t| t.cold as f64),
-                    ),
-                ),
-                (
-                    "platform-refused",
-                    emars_tests::bar_chart(
-                        "refused invocations per mode",
-                        "refused",
-                        bars(|t| (t.refused + t.dropped_no_cgroup) as f64),
-                    ),
-                ),
-            ],
-        )?;
+        report::write_plots(dir, &rows)?;
     }
     Ok(())
 }
