@@ -221,7 +221,10 @@ fn a_new_function_starts_at_the_prior_and_is_rescued_past_it() -> anyhow::Result
     assert_eq!(max, want, "memory.max at mkdir is not the prior");
     // Half-way between the two ceilings.
     let grow = (4 * max + 4 * largest) / 2 / MIB;
-    assert!(grow * MIB > 4 * max, "the test needs the largest median above the prior");
+    assert!(
+        grow * MIB > 4 * max,
+        "the test needs the largest median above the prior"
+    );
     let mut cmd = Command::new(alloc_bin());
     cmd.args(["--mib", &grow.to_string(), "--rate-mib-s", "32"]);
     let finished = spawn_in(&dir, cmd)?.wait()?.success();

@@ -64,6 +64,7 @@ const GUEST_TESTS: &[&str] = &[
     "report",
     "openapi",
     "bounds",
+    "sized",
 ];
 
 pub struct Options {

@@ -7,8 +7,8 @@ use axum::Json;
 use super::body::JsonObject;
 use super::error::ApiResult;
 use super::{predictive, Admission, AdmissionBody, AdmissionCounts, ApiError, ApiState};
-use crate::kernel::host::memory_available_bytes as host_available_bytes;
 use crate::clock::now_ms;
+use crate::kernel::host::memory_available_bytes as host_available_bytes;
 use crate::model::registry::valid_function_name;
 
 /// Whether a new instance of a function fits ("Refuse"): its recommended memory.max against

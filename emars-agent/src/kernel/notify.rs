@@ -121,8 +121,7 @@ impl LimitSignals {
                     // unfinished, its eventfd is closed, which unregisters it.
                     let args = trigger.to_string();
                     let registered = tokio::task::spawn_blocking(move || {
-                        v1_register(&dir, "memory.usage_in_bytes", &args)
-                            .map_err(|e| (e, dir))
+                        v1_register(&dir, "memory.usage_in_bytes", &args).map_err(|e| (e, dir))
                     })
                     .await;
                     let efd = match registered {
@@ -139,7 +138,9 @@ impl LimitSignals {
                     };
                     // SAFETY: the eventfd is owned by the AsyncFd, which this task drops.
                     match unsafe { AsyncFd::register(efd) } {
-                        Ok(afd) => forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await,
+                        Ok(afd) => {
+                            forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await
+                        }
                         Err(_) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }

@@ -584,7 +584,9 @@ mod tests {
         let median = |b: u64| DecayingHistogram::bucket_upper_edge(DecayingHistogram::bucket_of(b));
         let prior_of = |b: u64| page_up((median(b) as f64 * 1.1).ceil() as u64);
         for (i, (f, mib)) in [("a", 40), ("b", 60)].into_iter().enumerate() {
-            p.store.put_instance(&ended(f, (i as u64 + 1) * 1000, mib * MIB)).unwrap();
+            p.store
+                .put_instance(&ended(f, (i as u64 + 1) * 1000, mib * MIB))
+                .unwrap();
         }
         p.compute_all(now).unwrap();
         p.set_guarded(true);
@@ -600,7 +602,9 @@ mod tests {
         assert_eq!(p.new_instance_limits("a", now).unwrap().prior_bytes, None);
         // Two large functions later, the median of five medians is c's.
         for (i, f) in ["d", "e"].into_iter().enumerate() {
-            p.store.put_instance(&ended(f, 4000 + i as u64 * 1000, 500 * MIB)).unwrap();
+            p.store
+                .put_instance(&ended(f, 4000 + i as u64 * 1000, 500 * MIB))
+                .unwrap();
             p.compute(f, now).unwrap();
         }
         let r = p.new_instance_limits("new", now).unwrap();

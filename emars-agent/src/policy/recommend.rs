@@ -392,7 +392,13 @@ pub fn recommend(
     let percentile_bytes = history.histogram.percentile(params.percentile);
     let p50_bytes = history.histogram.percentile(50.0);
     let base = Estimate::percentile_with_margin(percentile_bytes, margin, samples.is_empty());
-    let estimate = chain(base, history.recent_oom_bytes, p50_bytes, params, host_memory_bytes);
+    let estimate = chain(
+        base,
+        history.recent_oom_bytes,
+        p50_bytes,
+        params,
+        host_memory_bytes,
+    );
     Some(Recommendation {
         function: function.to_string(),
         max_bytes: estimate.max_bytes,
@@ -977,12 +983,21 @@ mod tests {
         let d = PolicyParams::default();
         let r = recommend_from_prior("f", 100 * MIB, &d, NOW, GIB);
         assert_eq!((r.max_bytes, r.prior_bytes), (100 * MIB, Some(100 * MIB)));
-        assert_eq!(r.high_bytes, page_up((100.0 * MIB as f64 * 0.9).ceil() as u64));
+        assert_eq!(
+            r.high_bytes,
+            page_up((100.0 * MIB as f64 * 0.9).ceil() as u64)
+        );
         assert_eq!(r.clamped_by, None);
         let r = recommend_from_prior("f", MIB, &d, NOW, GIB);
-        assert_eq!((r.max_bytes, r.clamped_by), (16 * MIB, Some(ClampedBy::Floor)));
+        assert_eq!(
+            (r.max_bytes, r.clamped_by),
+            (16 * MIB, Some(ClampedBy::Floor))
+        );
         let r = recommend_from_prior("f", 2 * GIB, &d, NOW, GIB);
-        assert_eq!((r.max_bytes, r.clamped_by), (GIB, Some(ClampedBy::HostMemory)));
+        assert_eq!(
+            (r.max_bytes, r.clamped_by),
+            (GIB, Some(ClampedBy::HostMemory))
+        );
     }
 
     #[test]

@@ -319,7 +319,11 @@ fn policies() -> Vec<Policy> {
             },
             Some(PERIODIC_MS),
         ),
-        plain("vpa-nofloor", Rule::Vpa { floor_bytes: 0 }, Some(PERIODIC_MS)),
+        plain(
+            "vpa-nofloor",
+            Rule::Vpa { floor_bytes: 0 },
+            Some(PERIODIC_MS),
+        ),
         // The defaults before issue 22: P95 x 1.15, no guard, the cold default.
         emars("p95", p95.clone(), None, None, None),
         emars(
@@ -512,6 +516,10 @@ struct FnState {
     typical: Option<u64>,
 }
 
+/// An instance's outcome, pending until its end: (end, function, instance, OOM-killed, the
+/// peak learnt: the limit where it was killed).
+type Outcome = (u64, usize, usize, bool, u64);
+
 /// Replays every function's instances through one policy, in global time order, so that a
 /// function's first instances can be sized from what the host knows of the others.
 fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally) {
@@ -520,11 +528,16 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
     let mut order: Vec<(u64, usize, usize)> = fns
         .iter()
         .enumerate()
-        .flat_map(|(f, (_, insts))| insts.iter().enumerate().map(move |(i, x)| (x.start_ms, f, i)))
+        .flat_map(|(f, (_, insts))| {
+            insts
+                .iter()
+                .enumerate()
+                .map(move |(i, x)| (x.start_ms, f, i))
+        })
         .collect();
     order.sort_unstable();
     let mut states: Vec<FnState> = (0..fns.len()).map(|_| FnState::default()).collect();
-    let mut pending: BinaryHeap<Reverse<(u64, usize, usize, bool, u64)>> = BinaryHeap::new();
+    let mut pending: BinaryHeap<Reverse<Outcome>> = BinaryHeap::new();
     let mut host = HostPrior::default();
     for (start_ms, fi, ii) in order {
         // Outcomes that ended before this start become known.
@@ -1135,7 +1148,10 @@ mod tests {
         assert_eq!(rescue(&cfg, 100 * MIB, 400 * MIB, c), Some(400 * MIB));
         assert_eq!(rescue(&cfg, 100 * MIB, 401 * MIB, c), None);
         // Above 256 MiB too (a raise is not bounded by a host taken as unbounded).
-        assert_eq!(rescue(&cfg, 512 * MIB, 700 * MIB, 2048 * MIB), Some(768 * MIB));
+        assert_eq!(
+            rescue(&cfg, 512 * MIB, 700 * MIB, 2048 * MIB),
+            Some(768 * MIB)
+        );
         let quarter = ReactiveConfig::default();
         assert_eq!(rescue(&quarter, 100 * MIB, 120 * MIB, c), Some(125 * MIB));
     }
@@ -1162,7 +1178,10 @@ mod tests {
             (&c, vec![one(2, 80)]),
             (&big, vec![one(10, 900)]),
         ];
-        let policy = policies().into_iter().find(|p| p.name == "defaults").unwrap();
+        let policy = policies()
+            .into_iter()
+            .find(|p| p.name == "defaults")
+            .unwrap();
         let mut t = Tally::default();
         replay(&policy, &fns, &mut t);
         // The first three met the cold default; the fourth the prior, from three medians (the
