@@ -35,10 +35,19 @@ pub struct Signal {
 }
 
 enum Watch {
-    /// The task that owns the eventfd: aborting it closes the fd, which unregisters the
-    /// threshold in the kernel.
-    V1(JoinHandle<()>),
+    /// The task that owns the eventfd (aborting it closes the fd, which unregisters the
+    /// threshold in the kernel), and the threshold.
+    V1(AbortOnDrop, u64),
     V2(i32),
+}
+
+/// A task aborted when its handle goes: a watch replaced, ended, or dropped unfinished.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The watches of every instance with limits, and the channel their signals arrive on.
@@ -113,6 +122,15 @@ impl LimitSignals {
     pub fn watch(&mut self, cgroup_id: u64, dir: &Path, trigger: u64) -> std::io::Result<()> {
         match self.version {
             CgroupVersion::V1 => {
+                // The same threshold is registered already (a pooled cgroup bound again with
+                // the same limits): nothing to do, and no moment without a watch.
+                if let Some(Watch::V1(task, t)) = self.watches.get(&cgroup_id) {
+                    if *t == trigger && !task.0.is_finished() {
+                        return Ok(());
+                    }
+                }
+                // The watch it replaces stays until this one is registered.
+                let old = self.watches.remove(&cgroup_id);
                 let (dir, tx, failed) = (dir.to_owned(), self.tx.clone(), self.failed.clone());
                 let task = tokio::spawn(async move {
                     // Each registration waits for an RCU grace period in the kernel (memcg
@@ -124,6 +142,7 @@ impl LimitSignals {
                         v1_register(&dir, "memory.usage_in_bytes", &args).map_err(|e| (e, dir))
                     })
                     .await;
+                    drop(old);
                     let efd = match registered {
                         Ok(Ok(efd)) => efd,
                         Ok(Err((e, dir))) => {
@@ -138,17 +157,14 @@ impl LimitSignals {
                     };
                     // SAFETY: the eventfd is owned by the AsyncFd, which this task drops.
                     match unsafe { AsyncFd::register(efd) } {
-                        Ok(afd) => {
-                            forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await
-                        }
+                        Ok(afd) => forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await,
                         Err(_) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 });
-                if let Some(Watch::V1(old)) = self.watches.insert(cgroup_id, Watch::V1(task)) {
-                    old.abort();
-                }
+                self.watches
+                    .insert(cgroup_id, Watch::V1(AbortOnDrop(task), trigger));
             }
             CgroupVersion::V2 => {
                 if self.watches.contains_key(&cgroup_id) {
@@ -176,7 +192,7 @@ impl LimitSignals {
     /// kernel too; removing it here only frees its task or table entry.
     pub fn unwatch(&mut self, cgroup_id: u64) {
         match self.watches.remove(&cgroup_id) {
-            Some(Watch::V1(task)) => task.abort(),
+            Some(Watch::V1(task, _)) => drop(task),
             Some(Watch::V2(wd)) => {
                 self.by_wd
                     .lock()
@@ -194,11 +210,8 @@ impl LimitSignals {
 
 impl Drop for LimitSignals {
     fn drop(&mut self) {
-        for (_, w) in self.watches.drain() {
-            if let Watch::V1(task) = w {
-                task.abort();
-            }
-        }
+        // Each v1 watch's task is aborted as its handle goes.
+        self.watches.clear();
         if let Some(r) = self.reader.take() {
             r.abort();
         }
