@@ -157,7 +157,9 @@ impl LimitSignals {
                     };
                     // SAFETY: the eventfd is owned by the AsyncFd, which this task drops.
                     match unsafe { AsyncFd::register(efd) } {
-                        Ok(afd) => forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await,
+                        Ok(afd) => {
+                            forward_eventfd(afd, tx, move |at| Signal { cgroup_id, at }).await
+                        }
                         Err(_) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
