@@ -43,6 +43,23 @@ fn burst(root: &TestRoot, agent: &Agent, mib: u64) -> anyhow::Result<(u64, bool)
     Ok((max, finished))
 }
 
+/// The grower's record once the agent has it: not OOM-killed, its peak past the limit it was
+/// given at mkdir.
+fn rescued_grower(agent: &Agent, max_at_mkdir: u64) -> anyhow::Result<Value> {
+    let ended = agent.wait_ended("bursty", 6)?;
+    let grower = ended
+        .iter()
+        .find(|i| i["instance"] == "grower")
+        .ok_or_else(|| anyhow::anyhow!("grower not recorded: {ended:?}"))?;
+    let peak = grower["peak_bytes"].as_u64().unwrap_or(0);
+    anyhow::ensure!(
+        peak > max_at_mkdir,
+        "peak {peak} not past the first limit {max_at_mkdir}: {grower}"
+    );
+    anyhow::ensure!(grower["oom_kills"] == 0, "{grower}");
+    Ok(grower.clone())
+}
+
 /// The same workload twice, reactive off then on: off, the grower is OOM-killed at the limit
 /// it got at mkdir; on, the kernel's signal raises its limit in time, the raise is audited as
 /// "burst", and the instance's recorded peak (past its first limit) teaches the function.
@@ -80,17 +97,8 @@ fn burst_is_rescued_only_when_reactive_is_on() -> anyhow::Result<()> {
         "reactive on: the grower was killed at {max_on} bytes:\n{}",
         agent.log()
     );
-    let ended = agent.wait_ended("bursty", 6)?;
-    let grower = ended
-        .iter()
-        .find(|i| i["instance"] == "grower")
-        .ok_or_else(|| anyhow::anyhow!("grower not recorded: {ended:?}"))?;
+    let grower = rescued_grower(&agent, max_on)?;
     let peak = grower["peak_bytes"].as_u64().unwrap_or(0);
-    assert!(
-        peak > max_on,
-        "peak {peak} not past the first limit {max_on}"
-    );
-    assert_eq!(grower["oom_kills"], 0);
     let raised = grower["limits"]["max_bytes"].as_u64().unwrap_or(0);
     assert!(raised > max_on, "record keeps the raised limit: {grower}");
     let audit = agent.get_ok("/v1/audit")?;
@@ -153,13 +161,7 @@ fn the_guard_is_on_by_default_in_enforce_mode() -> anyhow::Result<()> {
         "the grower was killed at its predicted {max} bytes:\n{}",
         agent.log()
     );
-    let ended = agent.wait_ended("bursty", 6)?;
-    let grower = ended
-        .iter()
-        .find(|i| i["instance"] == "grower")
-        .ok_or_else(|| anyhow::anyhow!("grower not recorded: {ended:?}"))?;
-    assert_eq!(grower["oom_kills"], 0, "{grower}");
-    assert!(grower["peak_bytes"].as_u64().unwrap_or(0) > max, "{grower}");
+    rescued_grower(&agent, max)?;
     let audit = agent.get_ok("/v1/audit")?;
     let raises = audit["audit"]
         .as_array()

@@ -633,21 +633,7 @@ mod tests {
         let p = Policy::new(config, store.clone(), 1 << 30);
         let hour = crate::model::HOUR_MS;
         for (f, start) in [("gone", hour), ("kept", 40 * hour)] {
-            let rec = InstanceRecord {
-                function: f.into(),
-                instance: "i".into(),
-                cgroup_id: start,
-                cgroup_path: format!("/sys/fs/cgroup/emars/{f}/i"),
-                started_at_ms: start,
-                ended_at_ms: Some(start + 1_000),
-                execs: 1,
-                peak_bytes: 64 << 20,
-                peak_source: crate::model::PeakSource::KernelWatermark,
-                oom_kills: 0,
-                limits: Default::default(),
-                input_bytes: None,
-            };
-            store.put_instance(&rec).unwrap();
+            store.put_instance(&ended(f, start, 64 << 20)).unwrap();
         }
         p.compute_all(40 * hour).unwrap();
         p.compute_configured(40 * hour).unwrap();
