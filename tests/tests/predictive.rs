@@ -340,6 +340,12 @@ fn oom_bumps_recommendation_at_once() -> anyhow::Result<()> {
         "8 MiB peaks give a small limit: {before}"
     );
     let dir = root.instance_dir("spiky", "boom")?;
+    // The agent's own write at mkdir first, so that 32 MiB is the limit the kill meets (the
+    // burst guard may raise it, never lower it).
+    wait_for(Duration::from_secs(5), || {
+        (limits(&root.hierarchy, &dir).0 == Some(before)).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("no limit written at mkdir:\n{}", agent.log()))?;
     root.hierarchy.set_limit(&dir, 32 * MIB)?;
     assert!(
         !run_alloc(&dir, 96, 0, 0)?.success(),

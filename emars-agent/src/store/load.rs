@@ -99,7 +99,9 @@ impl Store {
                         execs: e.record.execs,
                         oom_kills: e.record.oom_kills,
                         limit_bytes: e.record.max_bytes,
-                        input_bytes: e.record.input_bytes,
+                        // A lifetime watermark (v2 before 6.12) is no peak of this use: no
+                        // point of the input fit.
+                        input_bytes: e.record.input_bytes.filter(|_| e.record.peak_source != 4),
                     });
             }
             for (fid, recs) in by_fn {

@@ -118,7 +118,10 @@ impl<P: Copy + Default> FunctionState<P> {
     pub(super) fn add(&mut self, rec: &InstanceRecord, sign: i8) {
         self.changed();
         let key = (rec.started_at_ms, rec.cgroup_id);
-        match (sign > 0, rec.input_bytes) {
+        // The input fit needs this use's own peak: a pooled cgroup's lifetime watermark (v2
+        // before 6.12) may be an earlier use's.
+        let exact = rec.peak_source != crate::model::PeakSource::LifetimeWatermark;
+        match (sign > 0, rec.input_bytes.filter(|_| exact)) {
             (true, Some(input)) => {
                 self.inputs.insert(key, input);
             }
@@ -150,7 +153,7 @@ impl<P: Copy + Default> FunctionState<P> {
                     execs: rec.execs,
                     oom_kills: rec.oom_kills,
                     limit_bytes: rec.limits.max_bytes,
-                    input_bytes: rec.input_bytes,
+                    input_bytes: rec.input_bytes.filter(|_| exact),
                 },
                 P::default(),
             );
