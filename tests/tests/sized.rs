@@ -4,7 +4,11 @@
 //! answered by `GET .../limits?input_bytes=` are checked against the fit computed here from
 //! the peaks those processes really reached.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use emars_agent::model::SizedSample;
 use emars_agent::policy::sized::{self, SizedConfig};
@@ -126,23 +130,35 @@ fn recompute(agent: &Agent, function: &str) {
         .expect("recommendation");
 }
 
+/// A fresh agent with `function` trained on a pooled cgroup (the root kept alive by the
+/// caller); None, said, without root or exact per-use peaks.
+fn trained(test: &str, function: &str) -> anyhow::Result<Option<(TestRoot, Agent, PathBuf)>> {
+    if !require_root(test) {
+        return Ok(None);
+    }
+    let root = TestRoot::new()?;
+    let agent = enforce_agent(&root)?;
+    if !exact_per_use_peaks(&agent, test)? {
+        return Ok(None);
+    }
+    let slot = root.dir.join("cg-1");
+    fs::create_dir(&slot)?;
+    train(&agent, &slot, function);
+    recompute(&agent, function);
+    Ok(Some((root, agent, slot)))
+}
+
 /// Limits at bind for hints of 1 MiB and 64 MiB are what the fit of the processes' real peaks
 /// says, in the cgroup's files and in `GET .../limits?input_bytes=`.
 #[test]
 fn limits_at_bind_follow_the_fit_of_peak_against_input() -> anyhow::Result<()> {
-    const TEST: &str = "limits_at_bind_follow_the_fit_of_peak_against_input";
-    if !require_root(TEST) {
+    let Some((root, agent, slot)) = trained(
+        "limits_at_bind_follow_the_fit_of_peak_against_input",
+        "resize",
+    )?
+    else {
         return Ok(());
-    }
-    let root = TestRoot::new()?;
-    let agent = enforce_agent(&root)?;
-    if !exact_per_use_peaks(&agent, TEST)? {
-        return Ok(());
-    }
-    let slot = root.dir.join("cg-1");
-    fs::create_dir(&slot)?;
-    train(&agent, &slot, "resize");
-    recompute(&agent, "resize");
+    };
     let mut written = Vec::new();
     for (instance, mib) in [("small", 1u64), ("large", 64)] {
         let input = mib * MIB;
@@ -199,19 +215,11 @@ fn limits_at_bind_follow_the_fit_of_peak_against_input() -> anyhow::Result<()> {
 /// the function's percentile recommendation, in the cgroup and in the answer, which says so.
 #[test]
 fn an_input_never_seen_gets_the_percentile_fallback() -> anyhow::Result<()> {
-    const TEST: &str = "an_input_never_seen_gets_the_percentile_fallback";
-    if !require_root(TEST) {
+    let Some((root, agent, slot)) =
+        trained("an_input_never_seen_gets_the_percentile_fallback", "parse")?
+    else {
         return Ok(());
-    }
-    let root = TestRoot::new()?;
-    let agent = enforce_agent(&root)?;
-    if !exact_per_use_peaks(&agent, TEST)? {
-        return Ok(());
-    }
-    let slot = root.dir.join("cg-1");
-    fs::create_dir(&slot)?;
-    train(&agent, &slot, "parse");
-    recompute(&agent, "parse");
+    };
     let input = 1 << 30;
     let fit = expected_fit(&agent, "parse", TRAIN_INPUTS_MIB.len());
     assert!(fit
