@@ -276,19 +276,13 @@ impl BurstGuard {
             }
         }
         let now = crate::clock::now_ms();
-        let recommended = self.policy.new_instance_limits(&rec.function, now);
         // A function on the prior has no history of its own: its raises are bounded from the
         // largest function this host knows.
-        let from_prior = recommended
-            .as_ref()
-            .filter(|r| r.prior_bytes.is_some())
-            .and_then(|_| self.policy.prior())
-            .map(|p| p.ceiling_base_bytes());
-        let Some(base) = explicit
-            .or(from_prior)
-            .or(recommended.map(|r| r.max_bytes))
-            .or(limits.max_bytes)
-        else {
+        let recommended = || match self.policy.cached(&rec.function) {
+            Some(r) => Some(r.max_bytes),
+            None => self.policy.prior().map(|p| p.ceiling_base_bytes()),
+        };
+        let Some(base) = explicit.or_else(recommended).or(limits.max_bytes) else {
             return;
         };
         let ceiling = ((base as f64) * self.config.ceiling_factor) as u64;

@@ -319,8 +319,8 @@ impl Policy {
         if self.config.mode != EnforceMode::Enforce {
             return None;
         }
-        let r = self.new_instance_limits(&rec.function, crate::clock::now_ms())?;
         let Some(input) = rec.input_bytes else {
+            let r = self.new_instance_limits(&rec.function, crate::clock::now_ms())?;
             return Some(self.write(actuator, rec, &r, Reason::NewInstance, delay_start_ns));
         };
         let sized = self.sized_limits(&rec.function, input)?;

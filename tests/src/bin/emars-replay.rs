@@ -477,7 +477,6 @@ fn rescue(cfg: &ReactiveConfig, limit: u64, peak: u64, ceiling: u64) -> Option<u
 #[derive(Debug, Default)]
 struct HostPrior {
     typical: std::collections::BTreeMap<u64, u32>,
-    functions: u32,
 }
 
 impl HostPrior {
@@ -489,10 +488,8 @@ impl HostPrior {
                     self.typical.remove(&o);
                 }
             }
-            self.functions -= 1;
         }
         *self.typical.entry(new).or_default() += 1;
-        self.functions += 1;
     }
 
     /// The agent's prior from the functions' medians (`PriorConfig::of`).
