@@ -4,11 +4,12 @@
 //! (instances from kernel events), `live` (the in-memory model every read comes from),
 //! `runtime` (what a container runtime's metadata says; the file is read by `kernel`), `kept`
 //! (what is kept of a live instance besides its record) and `audit` (the audit record of a
-//! limit write and its enums).
+//! limit write and its enums); `native` (the bucket grid of the exported native histograms).
 
 pub mod audit;
 pub mod kept;
 pub mod live;
+pub mod native;
 pub mod registry;
 pub mod runtime;
 pub mod tracker;
