@@ -248,7 +248,8 @@ impl Policy {
                 .read()
                 .ok()?
                 .values()
-                .filter(|r| r.samples > 0)
+                // The functions this host or the fleet has seen run (not a prior's own).
+                .filter(|r| r.samples > 0 || r.fleet_samples > 0.0)
                 .map(|r| r.p50_bytes)
                 .collect();
             let prior = self.config.prior.of(&mut medians);
