@@ -117,7 +117,7 @@ impl FleetTiming {
             .filter(|e| e.host != host && e.end_ms + self.scrape_ms < refresh)
             .map(|e| e.peak_bytes)
             .collect();
-        (!peaks.is_empty()).then(|| FleetPeaks::of_values(&peaks))
+        (!peaks.is_empty()).then(|| FleetPeaks::of_values(peaks))
     }
 }
 
@@ -495,13 +495,13 @@ mod tests {
         assert_eq!(t.last_refresh(at(119)), at(60));
         assert_eq!(t.last_refresh(at(120)), at(120));
         let view = t.view(&ended, 1, at(119)).expect("a view");
-        assert_eq!(view, FleetPeaks::of_values(&[100 * MIB, 200 * MIB]));
+        assert_eq!(view, FleetPeaks::of_values([100 * MIB, 200 * MIB]));
         assert_eq!(view.count, 2.0);
         // Before the first refresh that saw anything: no entry at all.
         assert_eq!(t.view(&ended, 1, at(59)), None);
         // Host 0 sees host 2's at the next refresh, not its own.
         let view = t.view(&ended, 0, at(120)).expect("a view");
-        assert_eq!(view, FleetPeaks::of_values(&[300 * MIB, 400 * MIB]));
+        assert_eq!(view, FleetPeaks::of_values([300 * MIB, 400 * MIB]));
     }
 
     /// Two hosts, one function: host 1's first instance is sized from host 0's ended peaks,
@@ -511,10 +511,10 @@ mod tests {
     fn host_twos_first_instance_gets_host_ones_peaks() {
         let f = function("f");
         let insts = vec![
-            inst(0, 1, 100),  // host 0, ends at 1 s
-            inst(2, 1, 120),  // host 0, ends at 3 s
-            inst(10, 55, 90), // host 0, ends at 65 s: after the refresh at 60 s
-            inst(70, 1, 110), // host 1: its first instance
+            inst(0, 1, 100),   // host 0, ends at 1 s
+            inst(2, 1, 120),   // host 0, ends at 3 s
+            inst(10, 55, 90),  // host 0, ends at 65 s: after the refresh at 60 s
+            inst(70, 1, 4000), // host 1: its first instance, past any raise
         ];
         let host_of = vec![vec![0, 0, 0, 1]];
         let fns = vec![(&f, insts)];
@@ -529,7 +529,7 @@ mod tests {
         };
         let mut fleet = Tally::default();
         replay_on(&policy, &fns, &placement, &mut fleet);
-        let peaks = FleetPeaks::of_values(&[100 * MIB, 120 * MIB]);
+        let peaks = FleetPeaks::of_values([100 * MIB, 120 * MIB]);
         let want = recommend_blended(
             "f",
             &[],
@@ -542,12 +542,15 @@ mod tests {
         .max_bytes;
         assert_eq!(fleet.placed[3].limit, want);
         assert_eq!(fleet.fleet_informed, 1);
-        // Known: 2 from the fleet, none locally: a learning-phase instance either way.
+        // Its kill counts with 2 outcomes known (the fleet's), none of them its host's.
+        assert_eq!(fleet.exceeded_by_history, [0, 1, 0]);
+        assert_eq!(fleet.exceeded_by_local, [1, 0, 0]);
         placement.fleet = None;
         let mut local = Tally::default();
         replay_on(&policy, &fns, &placement, &mut local);
         assert_eq!(local.placed[3].limit, COLD_DEFAULT_BYTES);
         assert_eq!(local.fleet_informed, 0);
+        assert_eq!(local.exceeded_by_history, [1, 0, 0]);
         // Host 0 learnt alone in both modes.
         for i in 0..3 {
             assert_eq!(local.placed[i].limit, fleet.placed[i].limit, "instance {i}");

@@ -78,15 +78,14 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use emars_agent::model::Limits;
+use emars_agent::policy::fleet::FleetPeaks;
 use emars_agent::policy::prior::{Prior, PriorConfig};
 use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
-    decay_weight, oom_bump, page_up, recommend, recommend_from_prior, DecayingHistogram,
+    decay_weight, oom_bump, page_up, recommend_blended, recommend_from_prior, DecayingHistogram,
     PolicyParams, Sample,
 };
 use emars_tests::azure::{data_dir, inverse_cdf, load, Function, SplitMix64};
-// PLACEHOLDER (issue 23): the agent's policy::fleet::FleetPeaks and recommend_blended, once on main.
-use placeholder::{recommend_blended, FleetPeaks};
 
 mod hosts;
 
@@ -652,7 +651,15 @@ fn replay_on(
                 limit_bytes: Some(value),
             });
             if policy.prior.is_some() {
-                if let Some(r) = recommend("f", &st.known, &PolicyParams::default(), end, 0) {
+                // The agent's prior reads its functions' cached medians, which blend in the
+                // fleet's peaks where it has them (as of the outcome, here).
+                let fleet = placement
+                    .fleet
+                    .as_ref()
+                    .and_then(|timing| timing.view(&ended[f], h, end));
+                let params = PolicyParams::default();
+                if let Some(r) = recommend_blended("f", &st.known, fleet.as_ref(), &params, end, 0)
+                {
                     priors[h].replace(st.typical, r.p50_bytes);
                     st.typical = Some(r.p50_bytes);
                 }
@@ -1198,47 +1205,10 @@ fn interpret(rows: &[Summary], mean_peak_mib: f64, mean_peak_by_time_mib: f64) {
     );
 }
 
-mod placeholder {
-    use emars_agent::model::native::{bucket_index, upper_bound_bytes};
-    use emars_agent::policy::recommend::{recommend, PolicyParams, Recommendation, Sample};
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct FleetPeaks {
-        pub buckets: Vec<(u64, f64)>,
-        pub count: f64,
-    }
-
-    impl FleetPeaks {
-        pub fn of_values(peaks: &[u64]) -> FleetPeaks {
-            let mut by: std::collections::BTreeMap<i32, f64> = Default::default();
-            for &p in peaks {
-                *by.entry(bucket_index(p)).or_default() += 1.0;
-            }
-            FleetPeaks {
-                buckets: by
-                    .into_iter()
-                    .map(|(i, c)| (upper_bound_bytes(i), c))
-                    .collect(),
-                count: peaks.len() as f64,
-            }
-        }
-    }
-
-    pub fn recommend_blended(
-        function: &str,
-        samples: &[Sample],
-        _fleet: Option<&FleetPeaks>,
-        params: &PolicyParams,
-        now_ms: u64,
-        host: u64,
-    ) -> Option<Recommendation> {
-        recommend(function, samples, params, now_ms, host)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use emars_agent::policy::recommend::recommend;
 
     #[test]
     fn instances_keep_the_cap_and_the_order() {
