@@ -4,7 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p emars-tests --bin emars-replay [-- [--cap N] [--seed S] [--hour]]
+//! cargo run --release -p emars-tests --bin emars-replay -- --hosts 10 [--spread timing]
 //! ```
+//!
+//! With `--hosts N` (N > 1) the defaults are also replayed on N hosts, each learning alone and
+//! each informed by the fleet, in a table of their own after the one-host tables (`hosts.rs`).
 //!
 //! # Workload
 //!
