@@ -8,6 +8,7 @@ pub mod azure;
 pub mod names;
 pub mod oci;
 pub mod platform_report;
+pub mod prometheus;
 pub mod sized;
 pub mod storm;
 

@@ -245,3 +245,134 @@ fn publish(info: &RwLock<AgentInfo>, status: &FleetInfo) {
         i.fleet = status.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PolicyConfig;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A one-route HTTP server of the test's own: answers every request with `answer()`'s
+    /// (status, body), or never answers while `answer()` says None.
+    fn prometheus_of_our_own(
+        answer: impl Fn() -> Option<(u16, String)> + Send + 'static,
+    ) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                match answer() {
+                    Some((status, body)) => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    // Held open, unanswered, until the client gives up.
+                    None => std::thread::sleep(std::time::Duration::from_secs(5)),
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn answer_for(function: &str, upper: u64, count: u64) -> String {
+        format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"function":"{function}"}},"histogram":[1,{{"count":"{count}","sum":"0","buckets":[[0,"1","{upper}","{count}"]]}}]}}]}}}}"#
+        )
+    }
+
+    fn fetcher(url: &str, max_age_s: u64) -> (tempfile::TempDir, Fetcher) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        let policy = Arc::new(Policy::new(
+            PolicyConfig {
+                export_dir: dir.path().join("export"),
+                ..PolicyConfig::default()
+            },
+            store,
+            1 << 34,
+        ));
+        let config = FleetConfig {
+            prometheus_url: url.to_owned(),
+            refresh_s: 1,
+            max_age_s,
+            timeout_s: 1,
+            ..Default::default()
+        };
+        let info = Arc::new(RwLock::new(AgentInfo::default()));
+        let f = Fetcher::new(config, "id".into(), 100, policy, info).unwrap();
+        (dir, f)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetched_view_gives_limits_and_a_failing_prometheus_leaves_local_history() {
+        let up = Arc::new(std::sync::atomic::AtomicU8::new(0)); // 0 ok, 1 error, 2 silent
+        let state = up.clone();
+        let url = prometheus_of_our_own(move || match state.load(Ordering::SeqCst) {
+            0 => Some((200, answer_for("fn-new", 100 << 20, 30))),
+            1 => Some((
+                503,
+                "{\"status\":\"error\",\"error\":\"overloaded\"}".into(),
+            )),
+            _ => None,
+        });
+        use std::sync::atomic::Ordering;
+        let (_dir, mut f) = fetcher(&url, 2);
+        let info = f.info.clone();
+        let fleet_info = || info.read().unwrap().fleet.clone();
+        assert_eq!(fleet_info().state, "waiting");
+
+        f.refresh().await;
+        assert_eq!(fleet_info().state, "ok", "{:?}", fleet_info());
+        assert_eq!((fleet_info().functions, fleet_info().samples), (1, 30.0));
+        // A function this host never ran has the fleet's limits, from the cache.
+        let r = f.policy.cached("fn-new").expect("fleet-informed limits");
+        assert_eq!((r.samples, r.fleet_samples), (0, 30.0));
+        assert!(r.max_bytes >= 100 << 20, "{r:?}");
+
+        // Prometheus fails: said, the view kept while young.
+        up.store(1, Ordering::SeqCst);
+        f.refresh().await;
+        let i = fleet_info();
+        assert_eq!(i.state, "failing");
+        assert!(i.reason.as_deref().unwrap().contains("overloaded"), "{i:?}");
+        assert!(i.in_use);
+        assert!(f.policy.cached("fn-new").is_some());
+
+        // Silent past max_age_s: each fetch ends at the timeout, the view is dropped.
+        up.store(2, Ordering::SeqCst);
+        let started = Instant::now();
+        f.refresh().await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        f.refresh().await;
+        let i = fleet_info();
+        assert_eq!(i.state, "expired", "{i:?}");
+        assert!(!i.in_use && i.functions == 0);
+        assert!(
+            f.policy.cached("fn-new").is_none(),
+            "fleet-only limits dropped"
+        );
+        assert_eq!((i.refreshes_ok, i.refreshes_failed), (1, 3));
+    }
+
+    #[test]
+    fn off_without_a_url_and_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        let policy = Arc::new(Policy::new(PolicyConfig::default(), store, 1 << 30));
+        let info = Arc::new(RwLock::new(AgentInfo::default()));
+        assert!(
+            Fetcher::new(FleetConfig::default(), "id".into(), 1, policy, info.clone()).is_none()
+        );
+        let i = info.read().unwrap().fleet.clone();
+        assert_eq!(i.state, "off");
+        assert!(i.reason.unwrap().contains("prometheus_url"));
+    }
+}

@@ -196,6 +196,11 @@ impl Policy {
         Ok(())
     }
 
+    /// A fresh fleet view knows `function` (it has limits before its first instance here).
+    pub fn fleet_knows(&self, function: &str) -> bool {
+        self.fleet_peaks(function).is_some()
+    }
+
     /// The fleet's peaks of `function`, if a fresh view knows it.
     fn fleet_peaks(&self, function: &str) -> Option<Arc<fleet::FleetPeaks>> {
         self.fleet.read().ok()?.as_ref()?.peaks(function).cloned()
