@@ -236,6 +236,12 @@ impl Store {
         self.state().model.peak_histograms(bounds)
     }
 
+    /// Every function's instance peaks in native-histogram buckets (from memory; see
+    /// [`crate::model::live::LiveModel::native_peaks`]).
+    pub fn native_peaks(&self) -> Vec<(String, Arc<crate::model::live::NativePeaks>)> {
+        self.state().model.native_peaks()
+    }
+
     /// The same as the JSON body of GET /v1/functions, from per-function JSON kept in memory.
     pub fn functions_json(&self) -> String {
         self.state().model.summaries_json()

@@ -15,7 +15,7 @@ use crate::model::{
 };
 
 use super::hours::HourSeries;
-use super::{idle_gaps, EndedRecord, InstanceKey, PeakHistogram};
+use super::{idle_gaps, EndedRecord, InstanceKey, NativePeaks, PeakHistogram};
 
 /// What the model keeps of a live instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,9 @@ pub(super) struct FunctionState<P> {
     /// [`LiveModel::peak_histograms`]); None after any change.
     #[serde(skip)]
     pub(super) histogram: Option<Arc<PeakHistogram>>,
+    /// Its peaks in native-histogram buckets, as last counted; None after any change.
+    #[serde(skip)]
+    pub(super) native: Option<Arc<NativePeaks>>,
 }
 
 impl<P: Copy + Default> FunctionState<P> {
@@ -74,6 +77,21 @@ impl<P: Copy + Default> FunctionState<P> {
         self.summary = None;
         self.summary_json = None;
         self.histogram = None;
+        self.native = None;
+    }
+
+    /// Its instance peaks (live and ended, above 0) in native-histogram buckets, counted again
+    /// only after a change.
+    pub(super) fn native_peaks(&mut self) -> Arc<NativePeaks> {
+        if let Some(n) = &self.native {
+            return n.clone();
+        }
+        let live = self.live.values().map(|v| v.peak_bytes);
+        let n = Arc::new(NativePeaks::of(
+            live.chain(self.ended.iter().map(|e| e.peak_bytes)),
+        ));
+        self.native = Some(n.clone());
+        n
     }
 
     /// Its instance peaks (live and ended, above 0) counted into `bounds`, counted again only
