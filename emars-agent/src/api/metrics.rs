@@ -138,6 +138,9 @@ pub struct Snapshot {
     pub functions: Vec<FunctionSummary>,
     /// (function, memory.max, memory.high) as the policy recommends them now.
     pub limits: Vec<(String, u64, u64)>,
+    /// (function, bump) of each function's OOM kill younger than one half-life: what lifts
+    /// the other hosts' limits at once (`[fleet] oom_query`).
+    pub recent_oom: Vec<(String, u64)>,
     pub info: AgentInfo,
 }
 
@@ -252,6 +255,7 @@ impl Snapshot {
         let mut out = vec![self.identity(), self.peak_family()];
         out.extend(self.function_families());
         out.extend(self.agent_families());
+        out.extend(self.fleet_families());
         out.extend(self.cap_families());
         out.extend(self.program_families());
         out
@@ -339,7 +343,47 @@ impl Snapshot {
                 "memory.high (v1 soft_limit_in_bytes) the policy recommends now.",
                 limits.iter().map(|(f, _, high)| (f.as_str(), *high)),
             ),
+            Family::per_function(
+                "emars_recent_oom_bump_bytes",
+                "VPA's bump of the limit of the function's most recent OOM kill, while younger than one half-life (lifts the fleet's limits at once).",
+                self.recent_oom.iter().map(|(f, b)| (f.as_str(), *b)),
+            ),
         ]
+    }
+
+    /// Fleet learning (`[fleet]`): whether a fleet view is in use, the fetches, the view.
+    fn fleet_families(&self) -> Vec<Family<'_>> {
+        let f = &self.info.fleet;
+        let mut out = vec![
+            Family::gauge(
+                "emars_fleet_up",
+                "1 while a fleet view from Prometheus is blended into the recommendations; 0 on local history alone (off, failing too long, or none fetched yet).",
+                Number::Int(u64::from(f.in_use)),
+            ),
+            Family::counters(
+                "emars_fleet_refreshes",
+                "Fleet fetches from Prometheus, by outcome.",
+                "outcome",
+                [
+                    ("ok", Number::Int(f.refreshes_ok)),
+                    ("failed", Number::Int(f.refreshes_failed)),
+                ]
+                .into_iter(),
+            ),
+            Family::gauge(
+                "emars_fleet_functions",
+                "Functions in the fleet view in use.",
+                Number::Int(f.functions),
+            ),
+        ];
+        if let Some(age) = f.age_s {
+            out.push(Family::gauge(
+                "emars_fleet_age_seconds",
+                "Age of the fleet view in use, since its fetch.",
+                Number::Int(age),
+            ));
+        }
+        out
     }
 
     /// The agent's counters: events, unnamed cgroups, limit writes, reactive mode.
@@ -536,6 +580,7 @@ mod tests {
             peaks,
             functions: vec![summary("fn-a"), summary("fn-empty")],
             limits: vec![("fn-a".into(), 64 << 20, 48 << 20)],
+            recent_oom: vec![("fn-a".into(), 300 << 20)],
             info: AgentInfo {
                 agent_id: "0123456789abcdef0123456789abcdef".into(),
                 version: "1.2.3".into(),
@@ -552,6 +597,14 @@ mod tests {
                 function_cap: crate::model::FunctionCapInfo {
                     max_functions: 5,
                     refused: 11,
+                },
+                fleet: crate::model::FleetInfo {
+                    in_use: true,
+                    refreshes_ok: 12,
+                    refreshes_failed: 1,
+                    functions: 40,
+                    age_s: Some(3),
+                    ..Default::default()
                 },
                 ..AgentInfo::default()
             },
@@ -586,6 +639,11 @@ mod tests {
             "\nemars_functions_refused_total 11\n".into(),
             "\nemars_max_functions 5\n".into(),
             "\nemars_functions 2\n".into(),
+            "emars_recent_oom_bump_bytes{function=\"fn-a\"} 314572800\n".into(),
+            "\nemars_fleet_up 1\n".into(),
+            "emars_fleet_refreshes_total{outcome=\"failed\"} 1\n".into(),
+            "\nemars_fleet_functions 40\n".into(),
+            "\nemars_fleet_age_seconds 3\n".into(),
             "\nemars_agent_info{agent_id=\"0123456789abcdef0123456789abcdef\",version=\"1.2.3\"} 1\n"
                 .into(),
         ] {
@@ -623,7 +681,7 @@ mod tests {
             .map(|f| (f.name.clone(), kind(f.r#type).to_owned()))
             .collect();
         assert_eq!(declared, written);
-        assert_eq!(declared.len(), 21, "{declared:?}");
+        assert_eq!(declared.len(), 26, "{declared:?}");
 
         let family = |name: &str| families.iter().find(|f| f.name == name).unwrap();
         let info = &family("emars_agent_info").metric[0];

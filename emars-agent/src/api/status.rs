@@ -89,7 +89,12 @@ fn metrics_snapshot(
                 per_function,
             }
         }
-        metrics::Format::Protobuf => metrics::PeakBuckets::Native(state.store.native_peaks()),
+        // The recommender's values: an OOM-killed instance at its bump (`[fleet]` reads these).
+        metrics::Format::Protobuf => metrics::PeakBuckets::Native(
+            state
+                .store
+                .native_peaks(crate::policy::recommend::sample_value),
+        ),
     };
     let functions = state.store.functions()?;
     let limits = match &state.predictive {
@@ -102,10 +107,20 @@ fn metrics_snapshot(
             .collect(),
         None => Vec::new(),
     };
+    let now = crate::clock::now_ms();
+    let recent_oom = match &state.predictive {
+        Some(p) => functions
+            .iter()
+            .filter(|f| f.oom_kills > 0)
+            .filter_map(|f| Some((f.name.clone(), p.policy.recent_oom_bump(&f.name, now)?)))
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(metrics::Snapshot {
         peaks,
         functions,
         limits,
+        recent_oom,
         info,
     })
 }

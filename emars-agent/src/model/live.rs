@@ -373,11 +373,11 @@ impl<P: Copy + Default> LiveModel<P> {
 
     /// Each function's instance peaks (the same population as [`LiveModel::peak_histograms`])
     /// in native-histogram buckets, counted again only for functions that changed.
-    pub fn native_peaks(&mut self) -> Vec<(String, Arc<NativePeaks>)> {
+    pub fn native_peaks(&mut self, value: fn(&Sample) -> u64) -> Vec<(String, Arc<NativePeaks>)> {
         let functions = &mut self.functions;
         self.order
             .iter()
-            .filter_map(|name| Some((name.clone(), functions.get_mut(name)?.native_peaks())))
+            .filter_map(|name| Some((name.clone(), functions.get_mut(name)?.native_peaks(value))))
             .collect()
     }
 

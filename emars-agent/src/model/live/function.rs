@@ -80,16 +80,15 @@ impl<P: Copy + Default> FunctionState<P> {
         self.native = None;
     }
 
-    /// Its instance peaks (live and ended, above 0) in native-histogram buckets, counted again
-    /// only after a change.
-    pub(super) fn native_peaks(&mut self) -> Arc<NativePeaks> {
+    /// Its recommender samples (live and ended instances with a peak or an OOM kill), each at
+    /// `value` (the policy's: an OOM-killed one at its bump), in native-histogram buckets,
+    /// counted again only after a change.
+    pub(super) fn native_peaks(&mut self, value: fn(&Sample) -> u64) -> Arc<NativePeaks> {
         if let Some(n) = &self.native {
             return n.clone();
         }
-        let live = self.live.values().map(|v| v.peak_bytes);
-        let n = Arc::new(NativePeaks::of(
-            live.chain(self.ended.iter().map(|e| e.peak_bytes)),
-        ));
+        // The values do not depend on the samples' times.
+        let n = Arc::new(NativePeaks::of(self.samples(0).iter().map(value)));
         self.native = Some(n.clone());
         n
     }
