@@ -10,8 +10,13 @@
 //! the answer's size; parsing it (`FleetView::from_answer`); `Policy::set_fleet` (every
 //! function recomputed with the blend) against `Policy::compute_all` without a fleet (the
 //! baseline, same process, same store); CPU time (user + system) of each; and the resident
-//! memory the view adds. The Prometheus side (query time at this scale) is measured by
-//! `--prometheus`, which needs the native-histogram exposition of a real agent.
+//! memory the view adds.
+//!
+//! `--prometheus` also measures the Prometheus side: the H hosts' expositions (the agent's own
+//! protobuf encoder, native histograms) served on H local ports, scraped by a real Prometheus
+//! (`--enable-feature=native-histograms`, Debian's), and the fleet query asked of it R times:
+//! the answer's size and the query's time, medians, and the parsed view checked against the
+//! hosts' counts.
 
 use std::{sync::Arc, time::Instant};
 
@@ -24,7 +29,8 @@ const USAGE: &str =
   --hosts H      other hosts (default 9)
   --per-host N   retained instances of each function on each other host (default 20)
   --local N      this host's instances of each function (default 5)
-  --rounds R     repetitions of each measurement (default 5)";
+  --rounds R     repetitions of each measurement (default 5)
+  --prometheus   also the query's time on a real Prometheus scraping the hosts' expositions";
 
 struct Options {
     functions: u64,
@@ -32,6 +38,7 @@ struct Options {
     per_host: u64,
     local: u64,
     rounds: usize,
+    prometheus: bool,
 }
 
 fn options() -> Result<Options> {
@@ -41,6 +48,7 @@ fn options() -> Result<Options> {
         per_host: 20,
         local: 5,
         rounds: 5,
+        prometheus: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -56,6 +64,7 @@ fn options() -> Result<Options> {
             "--per-host" => o.per_host = num()?,
             "--local" => o.local = num()?,
             "--rounds" => o.rounds = num()?.max(1) as usize,
+            "--prometheus" => o.prometheus = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -77,19 +86,39 @@ impl Rng {
     }
 }
 
+/// Each other host's peaks per function: `peaks[host][function]`. Each function's size is
+/// log-uniform over 16 MiB - 2 GiB, its peaks ±20 % around it.
+fn fleet_peaks(o: &Options) -> Vec<Vec<Vec<u64>>> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let centers: Vec<f64> = (0..o.functions)
+        .map(|_| (16.0 * (128f64).powf(rng.next())) * (1u64 << 20) as f64)
+        .collect();
+    (0..o.hosts)
+        .map(|_| {
+            centers
+                .iter()
+                .map(|c| {
+                    (0..o.per_host)
+                        .map(|_| (c * (0.8 + 0.4 * rng.next())) as u64)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Prometheus's answer to the fleet query: per function, the other hosts' peaks summed into
 /// one native histogram (schema 4), written as /api/v1/query writes native histograms.
-fn fleet_answer(o: &Options) -> String {
+fn fleet_answer(o: &Options, peaks: &[Vec<Vec<u64>>]) -> String {
     use emars_agent::model::native;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut out = String::from(r#"{"status":"success","data":{"resultType":"vector","result":["#);
-    for f in 0..o.functions {
-        // Each function's size: log-uniform over 16 MiB - 2 GiB; its peaks ±20 % around it.
-        let center = (16.0 * (128f64).powf(rng.next())) * (1u64 << 20) as f64;
+    for f in 0..o.functions as usize {
+        let center = peaks[0][f][0] as f64;
         let mut buckets = std::collections::BTreeMap::<i32, u64>::new();
-        for _ in 0..o.hosts * o.per_host {
-            let peak = (center * (0.8 + 0.4 * rng.next())) as u64;
-            *buckets.entry(native::bucket_index(peak)).or_default() += 1;
+        for host in peaks {
+            for &peak in &host[f] {
+                *buckets.entry(native::bucket_index(peak)).or_default() += 1;
+            }
         }
         if f > 0 {
             out.push(',');
@@ -154,7 +183,8 @@ fn measure(rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64
 
 fn main() -> Result<()> {
     let o = options()?;
-    let answer = fleet_answer(&o);
+    let peaks = fleet_peaks(&o);
+    let answer = fleet_answer(&o, &peaks);
     println!(
         "fleet: {} functions, {} other hosts x {} instances each; this host: {} each",
         o.functions, o.hosts, o.per_host, o.local
@@ -199,11 +229,24 @@ fn main() -> Result<()> {
         "set_fleet (every function recomputed with the blend): {set_ms:.1} ms median ({set_cpu:.1} ms CPU), {:.2}x the baseline",
         set_ms / base_ms
     );
+    // What the view's own allocations hold: names, buckets, the map's slots.
+    let own: usize = view
+        .functions
+        .iter()
+        .map(|(name, p)| {
+            name.capacity()
+                + std::mem::size_of::<emars_agent::policy::fleet::FleetPeaks>()
+                + 16 // the Arc's counts
+                + p.buckets.capacity() * std::mem::size_of::<(u64, f64)>()
+        })
+        .sum::<usize>()
+        + view.functions.capacity() * (std::mem::size_of::<(String, Arc<()>)>() + 1);
     println!(
-        "view held: {:.1} MiB resident ({:.0} bytes per function, {} samples)",
+        "view held: {:.1} MiB of its own allocations ({:.0} bytes per function, {} samples); resident memory grew {:.1} MiB",
+        own as f64 / (1 << 20) as f64,
+        own as f64 / o.functions as f64,
+        view.samples(),
         held as f64 / (1 << 20) as f64,
-        held as f64 / o.functions as f64,
-        view.samples()
     );
     let r = policy
         .cached("f0")
@@ -219,5 +262,128 @@ fn main() -> Result<()> {
             o.hosts * o.per_host
         );
     }
+    if o.prometheus {
+        prometheus_side(&o, &peaks)?;
+    }
+    Ok(())
+}
+
+/// Serves one host's exposition (the agent's protobuf encoder, native histograms) until the
+/// process ends; returns its address.
+fn serve_host(host: usize, peaks: &[Vec<u64>]) -> Result<String> {
+    use emars_agent::api::metrics::{Format, PeakBuckets, Snapshot};
+    use emars_agent::model::{live::NativePeaks, AgentInfo};
+    let snapshot = Snapshot {
+        peaks: PeakBuckets::Native(
+            peaks
+                .iter()
+                .enumerate()
+                .map(|(f, p)| {
+                    (
+                        format!("f{f}"),
+                        Arc::new(NativePeaks::of(p.iter().copied())),
+                    )
+                })
+                .collect(),
+        ),
+        functions: Vec::new(),
+        limits: Vec::new(),
+        recent_oom: Vec::new(),
+        info: AgentInfo {
+            agent_id: format!("{host:032x}"),
+            ..AgentInfo::default()
+        },
+    };
+    let body = snapshot.render(Format::Protobuf)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 8192];
+            let _ = conn.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                emars_agent::api::metrics::PROTOBUF,
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    Ok(addr)
+}
+
+/// The fleet query's time and answer on a real Prometheus scraping the hosts.
+fn prometheus_side(o: &Options, peaks: &[Vec<Vec<u64>>]) -> Result<()> {
+    use emars_tests::prometheus::{Prometheus, NATIVE_HISTOGRAMS};
+    let targets: Vec<String> = peaks
+        .iter()
+        .enumerate()
+        .map(|(h, p)| serve_host(h, p))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let config =
+        Prometheus::config("emars", &refs).replace("scrape_interval: 1s", "scrape_interval: 15s");
+    let prom = Prometheus::start(&config, &[NATIVE_HISTOGRAMS])?;
+    // The query as the agent asks it, by an agent that is none of these hosts.
+    let config = emars_agent::policy::fleet::FleetConfig::default();
+    let query = config.query_for("ffffffffffffffffffffffffffffffff");
+    let expected = (o.hosts * o.per_host) as f64;
+    let started = Instant::now();
+    loop {
+        let count = prom
+            .query("count(count by (instance) (emars_agent_info))")
+            .ok()
+            .and_then(|a| Prometheus::result(&a).first().cloned())
+            .and_then(|r| r["value"][1].as_str().and_then(|v| v.parse::<u64>().ok()));
+        if count == Some(o.hosts) {
+            break;
+        }
+        if started.elapsed().as_secs() > 120 {
+            bail!(
+                "Prometheus did not scrape the {} hosts in 120 s:\n{}",
+                o.hosts,
+                prom.log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let url = prom.url("/api/v1/query");
+    let (mut times, mut bytes, mut view) = (Vec::new(), 0, None);
+    for _ in 0..o.rounds {
+        let t = Instant::now();
+        let body = ureq::get(&url)
+            .query("query", &query)
+            .call()?
+            .into_string()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        bytes = body.len();
+        view = Some(FleetView::from_answer(body.as_bytes(), 0, usize::MAX)?);
+    }
+    let view = view.context("no answer")?;
+    println!(
+        "prometheus: {} hosts x {} functions scraped (native histograms); fleet query {:.0} ms median, answer {:.1} MB",
+        o.hosts,
+        o.functions,
+        median(times),
+        bytes as f64 / 1e6
+    );
+    let f0 = view
+        .peaks("f0")
+        .context("f0 missing from Prometheus's answer")?;
+    if view.functions.len() as u64 != o.functions || f0.count != expected {
+        bail!(
+            "Prometheus's answer: {} functions, f0 {} samples; expected {} and {expected}",
+            view.functions.len(),
+            f0.count,
+            o.functions
+        );
+    }
+    println!(
+        "check: Prometheus's answer holds {} functions, f0 with {expected} samples",
+        o.functions
+    );
     Ok(())
 }
