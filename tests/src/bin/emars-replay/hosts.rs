@@ -20,16 +20,22 @@
 //! The agents refresh their fleet view every `--fleet-refresh-s` (default 60 s of simulated
 //! time), all on one grid from the replay's start. Prometheus scrapes every `--scrape-s`
 //! (default 15 s), and the replay takes its worst case: an outcome reaches Prometheus a whole
-//! scrape interval after its instance ended. So an instance of `f` starting at `t` on host
-//! `h` sees the peaks of `f`'s instances that ended on the other hosts at `end` with
-//! `end + scrape < r`, where `r <= t` is the last refresh; its own host's outcomes are its
-//! local history (known from their end on), never in the fleet's view (the query excludes
-//! the agent's own series). A host exports what it recorded: the peak, or for an OOM-killed
-//! instance the limit it was killed at. The peaks are quantised exactly as Prometheus receives
-//! them (native histogram, schema 4: `FleetPeaks::of_values`), and the limit comes from the
-//! agent's own blend (`recommend_blended`, local samples and the fleet's peaks by sample
-//! counts). A host's prior still comes from its own functions only; it is used where neither
-//! the host nor the fleet knows the function.
+//! scrape interval after its instance ended. So at a refresh `r` each other host's export of a
+//! function is the agent's own, `Exported::of` over that host's samples of it that ended
+//! before `r - scrape`, at `r - scrape`: every sample at the recommender's value (an OOM-killed
+//! instance at VPA's bump of the limit it died at) and the bump of its most recent OOM kill
+//! younger than one half-life. The view is `FleetPeaks::of_exports` of them (the values
+//! quantised to Prometheus's schema-4 buckets, the largest recent bump). An instance of `f`
+//! starting at `t` on host `h` gets its limit from the agent's `recommend_blended` over `h`'s
+//! samples of `f` (known from their end on) and the view of the last refresh `<= t`, which
+//! never holds `h`'s own outcomes (the query excludes the agent's own series); a recent kill
+//! elsewhere lifts the limit at once to its bump, as a kill on `h` itself does.
+//!
+//! A host's prior follows `Policy::prior`: the medians of its recommendations of functions it
+//! or the fleet has seen run. They are recomputed at each outcome (with the view of the last
+//! refresh) and, at each refresh, for the functions whose exports it changed
+//! (`Policy::set_fleet`), so a function known from the fleet alone counts. The prior is used
+//! where neither the host nor the fleet knows the function.
 //!
 //! VPA's reference is fleet-wide: a cluster runs one VPA recommender, which aggregates every
 //! container of a workload on whichever node it runs, so VPA on N hosts sees what it sees on
@@ -506,9 +512,12 @@ fn interpret(run: &HostsRun, one_host: &Tally, vpa: &Tally) {
         println!("  (The issue states its targets for 10 hosts.)");
     }
     println!(
-        "  Model: the fleet's view holds the other hosts' ended peaks, a whole scrape interval \
-         late, as of the last refresh,\n  quantised to Prometheus's schema-4 buckets; the \
-         agent's recommend_blended weighs them against the host's own samples.\n  VPA is \
+        "  Model: the fleet's view is the other hosts' exports (the agent's Exported::of: \
+         samples at the recommender's value, a kill\n  at its bump, and the most recent kill \
+         younger than a half-life) a whole scrape interval late, as of the last refresh,\n  \
+         summed by FleetPeaks::of_exports (schema-4 buckets); recommend_blended weighs them \
+         against the host's own samples,\n  and a recent kill elsewhere lifts the limit at \
+         once. A host's prior counts the functions it knows from the fleet.\n  VPA is \
          fleet-wide here: one recommender per cluster sees every container of a function."
     );
 }
