@@ -20,27 +20,34 @@
 //! The agents refresh their fleet view every `--fleet-refresh-s` (default 60 s of simulated
 //! time), all on one grid from the replay's start. Prometheus scrapes every `--scrape-s`
 //! (default 15 s), and the replay takes its worst case: an outcome reaches Prometheus a whole
-//! scrape interval after its instance ended. So an instance of `f` starting at `t` on host
-//! `h` sees the peaks of `f`'s instances that ended on the other hosts at `end` with
-//! `end + scrape < r`, where `r <= t` is the last refresh; its own host's outcomes are its
-//! local history (known from their end on), never in the fleet's view (the query excludes
-//! the agent's own series). A host exports what it recorded: the peak, or for an OOM-killed
-//! instance the limit it was killed at. The peaks are quantised exactly as Prometheus receives
-//! them (native histogram, schema 4: `FleetPeaks::of_values`), and the limit comes from the
-//! agent's own blend (`recommend_blended`, local samples and the fleet's peaks by sample
-//! counts). A host's prior still comes from its own functions only; it is used where neither
-//! the host nor the fleet knows the function.
+//! scrape interval after its instance ended. So at a refresh `r` each other host's export of a
+//! function is the agent's own, `Exported::of` over that host's samples of it that ended
+//! before `r - scrape`, at `r - scrape`: every sample at the recommender's value (an OOM-killed
+//! instance at VPA's bump of the limit it died at) and the bump of its most recent OOM kill
+//! younger than one half-life. The view is `FleetPeaks::of_exports` of them (the values
+//! quantised to Prometheus's schema-4 buckets, the largest recent bump). An instance of `f`
+//! starting at `t` on host `h` gets its limit from the agent's `recommend_blended` over `h`'s
+//! samples of `f` (known from their end on) and the view of the last refresh `<= t`, which
+//! never holds `h`'s own outcomes (the query excludes the agent's own series); a recent kill
+//! elsewhere lifts the limit at once to its bump, as a kill on `h` itself does.
+//!
+//! A host's prior follows `Policy::prior`: the medians of its recommendations of functions it
+//! or the fleet has seen run. They are recomputed at each outcome (with the view of the last
+//! refresh) and, at each refresh, for the functions whose exports it changed
+//! (`Policy::set_fleet`), so a function known from the fleet alone counts. The prior is used
+//! where neither the host nor the fleet knows the function.
 //!
 //! VPA's reference is fleet-wide: a cluster runs one VPA recommender, which aggregates every
 //! container of a workload on whichever node it runs, so VPA on N hosts sees what it sees on
 //! one (the one-host replay's `vpa` row, the same instances).
 
-use std::str::FromStr;
+use std::{collections::VecDeque, str::FromStr, time::Duration};
 
 use anyhow::{bail, Result};
+use emars_agent::policy::fleet::Exported;
 use emars_tests::azure::Function;
 
-use super::{replay_on, FleetPeaks, Instance, Policy, Tally, HOUR_MS, MINUTE_MS, START_MS};
+use super::{replay_on, FleetPeaks, Instance, Policy, Sample, Tally, HOUR_MS, MINUTE_MS, START_MS};
 
 /// A container of a function stays warm this long after its instance ended (`--spread
 /// timing`).
@@ -91,15 +98,6 @@ impl Default for FleetTiming {
     }
 }
 
-/// An ended instance as its host exports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ended {
-    pub host: usize,
-    pub end_ms: u64,
-    /// The recorded peak (the limit, for an OOM-killed instance).
-    pub peak_bytes: u64,
-}
-
 impl FleetTiming {
     /// The last refresh at or before `now_ms`.
     pub fn last_refresh(&self, now_ms: u64) -> u64 {
@@ -107,17 +105,105 @@ impl FleetTiming {
         START_MS + since - since % self.refresh_ms
     }
 
-    /// The fleet's view of a function for an instance of it starting at `now_ms` on `host`,
-    /// from its `ended` instances (any order): those of the other hosts that Prometheus had
-    /// scraped by the last refresh. None when there are none (the agent has no entry).
-    pub fn view(&self, ended: &[Ended], host: usize, now_ms: u64) -> Option<FleetPeaks> {
-        let refresh = self.last_refresh(now_ms);
-        let peaks: Vec<u64> = ended
+    /// What Prometheus held at the refresh `refresh_ms`: the outcomes that ended before this
+    /// (a whole scrape interval earlier).
+    pub fn scraped_by(&self, refresh_ms: u64) -> u64 {
+        refresh_ms.saturating_sub(self.scrape_ms)
+    }
+}
+
+/// One function's exports, as of one refresh: host `g`'s at `[g]` (None: it had none).
+type Exports = Vec<Option<Exported>>;
+
+/// The fleet as the replay's agents see it: per function, what each host exported as of the
+/// last refresh (the agent's `Exported::of` over the host's samples that ended before the
+/// scrape, at the scrape), and each host's view of it, the other hosts' exports summed as
+/// Prometheus sums them (`FleetPeaks::of_exports`). Also the refreshes themselves, at which
+/// each agent recomputes the functions the fleet's view changed (`Policy::set_fleet`).
+pub struct Fleet {
+    timing: FleetTiming,
+    /// The recommender's half-life: an OOM kill younger than it travels as a recent one.
+    half_life: Duration,
+    /// Per function: the refresh and the hosts' exports then (a refresh's exports never
+    /// change: every outcome scraped by it is known).
+    exports: Vec<Option<(u64, Exports)>>,
+    /// Outcomes not yet scraped by a refresh: (end, function), in end order.
+    unscraped: VecDeque<(u64, usize)>,
+    next_refresh_ms: u64,
+}
+
+impl Fleet {
+    pub fn new(timing: FleetTiming, half_life: Duration, functions: usize) -> Self {
+        Fleet {
+            timing,
+            half_life,
+            exports: vec![None; functions],
+            unscraped: VecDeque::new(),
+            next_refresh_ms: START_MS + timing.refresh_ms,
+        }
+    }
+
+    /// Function `f`'s outcome that ended at `end_ms` (in end order): exported from then on.
+    pub fn ended(&mut self, end_ms: u64, f: usize) {
+        self.unscraped.push_back((end_ms, f));
+    }
+
+    /// The next refresh, not yet taken.
+    pub fn next_refresh_ms(&self) -> u64 {
+        self.next_refresh_ms
+    }
+
+    /// Takes the next refresh: its time, and the functions whose exports it changed (those
+    /// with an outcome scraped since the previous one), ascending.
+    pub fn refresh(&mut self) -> (u64, Vec<usize>) {
+        let at = self.next_refresh_ms;
+        self.next_refresh_ms += self.timing.refresh_ms;
+        let scraped = self.timing.scraped_by(at);
+        let mut changed = Vec::new();
+        while let Some(&(end, f)) = self.unscraped.front() {
+            if end >= scraped {
+                break;
+            }
+            self.unscraped.pop_front();
+            changed.push(f);
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        (at, changed)
+    }
+
+    /// The fleet's view of function `f` for `host` at `now_ms`, as of the last refresh: the
+    /// other hosts' exports of it, summed. `samples[g]`: host `g`'s samples of `f` in end order
+    /// (those ended before `now_ms`). None when the other hosts exported nothing (the agent's
+    /// view has no entry).
+    pub fn view(
+        &mut self,
+        f: usize,
+        samples: &[&[Sample]],
+        host: usize,
+        now_ms: u64,
+    ) -> Option<FleetPeaks> {
+        let refresh = self.timing.last_refresh(now_ms);
+        let scraped = self.timing.scraped_by(refresh);
+        let half_life = self.half_life;
+        let cached = &mut self.exports[f];
+        if cached.as_ref().is_none_or(|(at, _)| *at != refresh) {
+            let exports = samples
+                .iter()
+                .map(|s| {
+                    let n = s.partition_point(|x| x.at_ms < scraped);
+                    (n > 0).then(|| Exported::of(&s[..n], scraped, half_life))
+                })
+                .collect();
+            *cached = Some((refresh, exports));
+        }
+        let (_, exports) = cached.as_ref()?;
+        let others = exports
             .iter()
-            .filter(|e| e.host != host && e.end_ms + self.scrape_ms < refresh)
-            .map(|e| e.peak_bytes)
-            .collect();
-        (!peaks.is_empty()).then(|| FleetPeaks::of_values(peaks))
+            .enumerate()
+            .filter(|&(g, _)| g != host)
+            .filter_map(|(_, e)| e.as_ref());
+        Some(FleetPeaks::of_exports(others)).filter(|v| !v.is_empty())
     }
 }
 
@@ -426,16 +512,22 @@ fn interpret(run: &HostsRun, one_host: &Tally, vpa: &Tally) {
         println!("  (The issue states its targets for 10 hosts.)");
     }
     println!(
-        "  Model: the fleet's view holds the other hosts' ended peaks, a whole scrape interval \
-         late, as of the last refresh,\n  quantised to Prometheus's schema-4 buckets; the \
-         agent's recommend_blended weighs them against the host's own samples.\n  VPA is \
+        "  Model: the fleet's view is the other hosts' exports (the agent's Exported::of: \
+         samples at the recommender's value, a kill\n  at its bump, and the most recent kill \
+         younger than a half-life) a whole scrape interval late, as of the last refresh,\n  \
+         summed by FleetPeaks::of_exports (schema-4 buckets); recommend_blended weighs them \
+         against the host's own samples,\n  and a recent kill elsewhere lifts the limit at \
+         once. A host's prior counts the functions it knows from the fleet.\n  VPA is \
          fleet-wide here: one recommender per cluster sees every container of a function."
     );
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{policies, recommend_blended, PolicyParams, COLD_DEFAULT_BYTES, MIB};
+    use super::super::{
+        oom_bump, page_up, policies, recommend_blended, recommend_from_prior, PolicyParams,
+        PriorConfig, COLD_DEFAULT_BYTES, MIB,
+    };
     use super::*;
 
     fn function(id: &str) -> Function {
@@ -462,53 +554,50 @@ mod tests {
             .expect("the defaults policy")
     }
 
+    fn sample(at_s: u64, mib: u64, oom_killed: bool) -> Sample {
+        Sample {
+            at_ms: START_MS + at_s * 1000,
+            peak_bytes: mib * MIB,
+            oom_killed,
+            limit_bytes: Some(mib * MIB),
+        }
+    }
+
+    /// A host's view: what the other hosts exported by the last refresh, a scrape earlier, a
+    /// killed instance at its bump and as a recent kill; never its own.
     #[test]
-    fn the_view_holds_the_other_hosts_peaks_scraped_by_the_last_refresh() {
-        let t = FleetTiming {
+    fn the_view_holds_the_other_hosts_exports_scraped_by_the_last_refresh() {
+        let timing = FleetTiming {
             refresh_ms: 60_000,
             scrape_ms: 15_000,
         };
         let at = |s: u64| START_MS + s * 1000;
-        let ended = [
-            Ended {
-                host: 0,
-                end_ms: at(10),
-                peak_bytes: 100 * MIB,
-            },
-            Ended {
-                host: 0,
-                end_ms: at(44),
-                peak_bytes: 200 * MIB,
-            },
-            // Ended before the refresh at 60 s but not scraped by then (44 + 15 < 60; 45 + 15 is not).
-            Ended {
-                host: 2,
-                end_ms: at(45),
-                peak_bytes: 300 * MIB,
-            },
-            // The asking host's own: local history, never in its fleet view.
-            Ended {
-                host: 1,
-                end_ms: at(5),
-                peak_bytes: 400 * MIB,
-            },
-            // After the last refresh.
-            Ended {
-                host: 0,
-                end_ms: at(61),
-                peak_bytes: 500 * MIB,
-            },
+        let host0 = [
+            sample(10, 100, false),
+            sample(44, 150, true),  // killed at 150 MiB
+            sample(61, 500, false), // after the refresh at 60 s
         ];
-        assert_eq!(t.last_refresh(at(119)), at(60));
-        assert_eq!(t.last_refresh(at(120)), at(120));
-        let view = t.view(&ended, 1, at(119)).expect("a view");
-        assert_eq!(view, FleetPeaks::of_values([100 * MIB, 200 * MIB]));
-        assert_eq!(view.count, 2.0);
+        // The asking host's own: local history, never in its fleet view.
+        let host1 = [sample(5, 400, false)];
+        // Ended before the refresh at 60 s but not scraped by then (44 + 15 < 60; 45 + 15 is not).
+        let host2 = [sample(45, 300, false)];
+        let samples = [&host0[..], &host1[..], &host2[..]];
+        let mut fleet = Fleet::new(timing, PolicyParams::default().half_life, 1);
+        assert_eq!(timing.last_refresh(at(119)), at(60));
+        assert_eq!(timing.last_refresh(at(120)), at(120));
+        let bump = oom_bump(150 * MIB);
+        let want = FleetPeaks {
+            recent_oom_bytes: Some(bump),
+            ..FleetPeaks::of_values([100 * MIB, bump])
+        };
+        assert_eq!(fleet.view(0, &samples, 1, at(119)), Some(want));
         // Before the first refresh that saw anything: no entry at all.
-        assert_eq!(t.view(&ended, 1, at(59)), None);
+        assert_eq!(fleet.view(0, &samples, 1, at(59)), None);
         // Host 0 sees host 2's at the next refresh, not its own.
-        let view = t.view(&ended, 0, at(120)).expect("a view");
-        assert_eq!(view, FleetPeaks::of_values([300 * MIB, 400 * MIB]));
+        assert_eq!(
+            fleet.view(0, &samples, 0, at(120)),
+            Some(FleetPeaks::of_values([300 * MIB, 400 * MIB]))
+        );
     }
 
     /// Two hosts, one function: host 1's first instance is sized from host 0's ended peaks,
@@ -562,6 +651,108 @@ mod tests {
         for i in 0..3 {
             assert_eq!(local.placed[i].limit, fleet.placed[i].limit, "instance {i}");
         }
+    }
+
+    /// A kill on host 0 lifts host 1's limit of the function to the kill's bump at the next
+    /// refresh that holds it, as host 0's own kill lifts host 0's; before that refresh, and
+    /// learning alone, host 1 stays at its own history's limit.
+    #[test]
+    fn a_kill_on_another_host_lifts_the_next_limit_at_once() {
+        let f = function("f");
+        let mut insts: Vec<Instance> = (0..20).map(|s| inst(s, 1, 100)).collect(); // host 1
+        let mut host_of = vec![1; 20];
+        insts.extend([inst(1, 1, 100), inst(2, 1, 100), inst(3, 1, 100)]); // host 0
+        host_of.extend([0, 0, 0]);
+        insts.push(inst(70, 1, 1000)); // host 0: past the guard's ceiling, killed
+        host_of.push(0);
+        insts.push(inst(100, 1, 100)); // host 1, before the refresh at 120 s
+        host_of.push(1);
+        insts.push(inst(130, 1, 100)); // host 1, after it
+        host_of.push(1);
+        let mut order: Vec<usize> = (0..insts.len()).collect();
+        order.sort_by_key(|&i| insts[i].start_ms);
+        let insts: Vec<Instance> = order.iter().map(|&i| insts[i]).collect();
+        let host_of = vec![order.iter().map(|&i| host_of[i]).collect::<Vec<_>>()];
+        let fns = vec![(&f, insts)];
+        let mut placement = Placement {
+            host_of: &host_of,
+            hosts: 2,
+            fleet: Some(FleetTiming::default()),
+        };
+        let mut fleet = Tally::default();
+        replay_on(&defaults(), &fns, &placement, &mut fleet);
+        let n = fleet.placed.len();
+        let (killed, before, after) = (
+            fleet.placed[n - 3],
+            fleet.placed[n - 2],
+            fleet.placed[n - 1],
+        );
+        assert!(killed.killed, "{killed:?}");
+        assert_eq!(fleet.exceeded, 1);
+        let bump = page_up(oom_bump(killed.limit));
+        assert!(before.limit < bump, "{before:?} against {bump}");
+        assert_eq!(after.limit, bump);
+        placement.fleet = None;
+        let mut local = Tally::default();
+        replay_on(&defaults(), &fns, &placement, &mut local);
+        let (killed, after) = (local.placed[n - 3], local.placed[n - 1]);
+        assert!(killed.killed, "{killed:?}");
+        assert!(after.limit < page_up(oom_bump(killed.limit)), "{after:?}");
+    }
+
+    /// Functions a host knows from the fleet alone count in its prior (`Policy::prior`): host
+    /// 1 sizes a new function from the medians of three it never ran, once a refresh has
+    /// brought them; learning alone it has no prior.
+    #[test]
+    fn functions_known_from_the_fleet_count_in_the_prior() {
+        let (a, b, c, d, e) = (
+            function("a"),
+            function("b"),
+            function("c"),
+            function("d"),
+            function("e"),
+        );
+        let fns = vec![
+            (&a, vec![inst(0, 1, 40)]),
+            (&b, vec![inst(1, 1, 60)]),
+            (&c, vec![inst(2, 1, 80)]),
+            // Before the refresh at 60 s; still running at e's start (not in host 1's prior).
+            (&d, vec![inst(59, 20, 50)]),
+            (&e, vec![inst(70, 1, 50)]), // after it
+        ];
+        let host_of = vec![vec![0], vec![0], vec![0], vec![1], vec![1]];
+        let mut placement = Placement {
+            host_of: &host_of,
+            hosts: 2,
+            fleet: Some(FleetTiming::default()),
+        };
+        let mut t = Tally::default();
+        replay_on(&defaults(), &fns, &placement, &mut t);
+        let params = PolicyParams::default();
+        let at = START_MS + 60_000;
+        let mut medians: Vec<u64> = [40, 60, 80]
+            .iter()
+            .map(|&mib| {
+                let view = FleetPeaks::of_values([mib * MIB]);
+                recommend_blended("x", &[], Some(&view), &params, at, 0)
+                    .expect("a recommendation from the fleet")
+                    .p50_bytes
+            })
+            .collect();
+        let prior = PriorConfig::default()
+            .of(&mut medians)
+            .expect("three medians");
+        let want = recommend_from_prior("e", prior.max_bytes, &params, START_MS + 70_000, 0);
+        assert_eq!(
+            t.placed[3].limit, COLD_DEFAULT_BYTES,
+            "nothing refreshed yet"
+        );
+        assert_eq!(t.placed[4].limit, want.max_bytes);
+        assert!(want.max_bytes < COLD_DEFAULT_BYTES);
+        placement.fleet = None;
+        let mut local = Tally::default();
+        replay_on(&defaults(), &fns, &placement, &mut local);
+        assert_eq!(local.placed[4].limit, COLD_DEFAULT_BYTES);
     }
 
     /// A host's prior comes from the functions it knows itself: three functions ended on host

@@ -87,7 +87,7 @@ use emars_agent::policy::prior::{Prior, PriorConfig};
 use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
     decay_weight, oom_bump, page_up, recommend_blended, recommend_from_prior, DecayingHistogram,
-    PolicyParams, Sample,
+    PolicyParams, Recommendation, Sample,
 };
 use emars_tests::azure::{data_dir, inverse_cdf, load, Function, SplitMix64};
 
@@ -536,7 +536,7 @@ struct HostPrior {
 }
 
 impl HostPrior {
-    fn replace(&mut self, old: Option<u64>, new: u64) {
+    fn replace(&mut self, old: Option<u64>, new: Option<u64>) {
         if let Some(o) = old {
             if let Some(c) = self.typical.get_mut(&o) {
                 *c -= 1;
@@ -545,7 +545,9 @@ impl HostPrior {
                 }
             }
         }
-        *self.typical.entry(new).or_default() += 1;
+        if let Some(n) = new {
+            *self.typical.entry(n).or_default() += 1;
+        }
     }
 
     /// The agent's prior from the functions' medians (`PriorConfig::of`).
@@ -567,6 +569,20 @@ struct FnState {
     cached: Option<(u64, u64)>, // (tick, limit)
     any_exceeded: bool,
     typical: Option<u64>,
+}
+
+impl FnState {
+    /// The function's recommendation on this host changed to `r` (None: it has none): its
+    /// median counts in the host's prior when the host or the fleet has seen the function run,
+    /// `Policy::prior`'s rule (written out here: the agent's filter sits inside
+    /// `Policy::prior`, which reads the agent's cache).
+    fn set_typical(&mut self, prior: &mut HostPrior, r: Option<&Recommendation>) {
+        let typical = r
+            .filter(|r| r.samples > 0 || r.fleet_samples > 0.0)
+            .map(|r| r.p50_bytes);
+        prior.replace(self.typical, typical);
+        self.typical = typical;
+    }
 }
 
 /// An instance's outcome, pending until its end: (end, function, instance, OOM-killed, the
@@ -636,57 +652,68 @@ fn replay_on(
         .map(|_| (0..fns.len()).map(|_| FnState::default()).collect())
         .collect();
     let mut priors: Vec<HostPrior> = (0..placement.hosts).map(|_| HostPrior::default()).collect();
-    // Every ended instance of each function, for the fleet's view.
-    let mut ended: Vec<Vec<hosts::Ended>> = vec![Vec::new(); fns.len()];
+    let prior_params = PolicyParams::default();
+    let mut fleet = placement
+        .fleet
+        .map(|timing| hosts::Fleet::new(timing, half_life(policy), fns.len()));
     let mut pending: BinaryHeap<Reverse<Outcome>> = BinaryHeap::new();
     for (start_ms, fi, ii) in order {
-        // Outcomes that ended before this start become known to their host.
-        while let Some(Reverse((end, f, i, killed, value))) = pending.peek().copied() {
-            if end >= start_ms {
-                break;
+        // Outcomes that ended before this start become known to their host, and the fleet's
+        // refreshes up to it are taken, in time order (a refresh after the outcomes that ended
+        // before it).
+        loop {
+            let outcome = pending
+                .peek()
+                .map(|Reverse(o)| o.0)
+                .filter(|&end| end < start_ms);
+            let refresh = fleet
+                .as_ref()
+                .map(hosts::Fleet::next_refresh_ms)
+                .filter(|&at| at <= start_ms);
+            match (outcome, refresh) {
+                (Some(end), Some(at)) if end < at => {}
+                (_, Some(_)) => {
+                    if let Some(fleet) = fleet.as_mut() {
+                        refresh_priors(policy, fleet, &mut states, &mut priors, &prior_params);
+                    }
+                    continue;
+                }
+                (Some(_), None) => {}
+                (None, None) => break,
             }
-            pending.pop();
+            let Some(Reverse((end, f, i, killed, value))) = pending.pop() else {
+                break;
+            };
             let h = placement.host_of[f][i];
-            let st = &mut states[h][f];
-            st.known.push(Sample {
+            states[h][f].known.push(Sample {
                 at_ms: end,
                 peak_bytes: value,
                 oom_killed: killed,
                 limit_bytes: Some(value),
             });
             if policy.prior.is_some() {
-                // The agent's prior reads its functions' cached medians, which blend in the
-                // fleet's peaks where it has them (as of the outcome, here).
-                let fleet = placement
-                    .fleet
-                    .as_ref()
-                    .and_then(|timing| timing.view(&ended[f], h, end));
-                let params = PolicyParams::default();
-                if let Some(r) = recommend_blended("f", &st.known, fleet.as_ref(), &params, end, 0)
-                {
-                    priors[h].replace(st.typical, r.p50_bytes);
-                    st.typical = Some(r.p50_bytes);
-                }
+                // The agent recomputes the function's recommendation at its outcome, with the
+                // fleet's view of the last refresh; the prior reads its median.
+                let view = fleet
+                    .as_mut()
+                    .and_then(|fl| fl.view(f, &samples_of(&states, f), h, end));
+                let st = &mut states[h][f];
+                let r = recommend_blended("f", &st.known, view.as_ref(), &prior_params, end, 0);
+                st.set_typical(&mut priors[h], r.as_ref());
             }
-            if placement.fleet.is_some() {
-                // What the host exports: the peak it recorded (the limit, for a killed one).
-                ended[f].push(hosts::Ended {
-                    host: h,
-                    end_ms: end,
-                    peak_bytes: value,
-                });
+            if let Some(fleet) = fleet.as_mut() {
+                fleet.ended(end, f);
             }
         }
         let (f, insts) = &fns[fi];
         let inst = insts[ii];
         let h = placement.host_of[fi][ii];
-        let fleet = placement
-            .fleet
-            .as_ref()
-            .and_then(|timing| timing.view(&ended[fi], h, inst.start_ms));
+        let view = fleet
+            .as_mut()
+            .and_then(|fl| fl.view(fi, &samples_of(&states, fi), h, inst.start_ms));
         let st = &mut states[h][fi];
         let (limit, known, ceiling) =
-            limit_for(policy, f, st, &priors[h], fleet.as_ref(), inst.start_ms);
+            limit_for(policy, f, st, &priors[h], view.as_ref(), inst.start_ms);
         // A rescued instance holds its raised limit, counted (pessimistically) for its whole
         // run; it ends normally, so its true peak is learnt.
         let rescued = match &policy.reactive {
@@ -736,6 +763,47 @@ fn replay_on(
     tally.functions_exceeded += (0..fns.len())
         .filter(|&f| states.iter().any(|host| host[f].any_exceeded))
         .count() as u64;
+}
+
+/// Every host's samples of function `f` (host `g`'s at `[g]`), in end order.
+fn samples_of(states: &[Vec<FnState>], f: usize) -> Vec<&[Sample]> {
+    states.iter().map(|host| host[f].known.as_slice()).collect()
+}
+
+/// The recommender's half-life of `policy` (the default's for a rule without one).
+fn half_life(policy: &Policy) -> Duration {
+    match &policy.rule {
+        Rule::Emars(params) => params.half_life,
+        _ => PolicyParams::default().half_life,
+    }
+}
+
+/// The fleet's next refresh: each agent recomputes the functions whose view it changed
+/// (`Policy::set_fleet`), and its prior reads the new medians, a function known from the
+/// fleet alone included. (A median depends on the samples, not on when it is computed: the
+/// functions whose view did not change keep theirs.)
+fn refresh_priors(
+    policy: &Policy,
+    fleet: &mut hosts::Fleet,
+    states: &mut [Vec<FnState>],
+    priors: &mut [HostPrior],
+    params: &PolicyParams,
+) {
+    let (at, changed) = fleet.refresh();
+    if policy.prior.is_none() {
+        return;
+    }
+    for f in changed {
+        let samples = samples_of(states, f);
+        let views: Vec<Option<FleetPeaks>> = (0..states.len())
+            .map(|h| fleet.view(f, &samples, h, at))
+            .collect();
+        for (h, view) in views.into_iter().enumerate() {
+            let st = &mut states[h][f];
+            let r = recommend_blended("f", &st.known, view.as_ref(), params, at, 0);
+            st.set_typical(&mut priors[h], r.as_ref());
+        }
+    }
 }
 
 /// The limit an instance of `f` starting at `start_ms` gets, the outcomes it was computed
