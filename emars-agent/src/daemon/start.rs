@@ -220,7 +220,7 @@ fn start_fleet(
     let fetcher = fleet::Fetcher::new(
         config.fleet.clone(),
         store.agent_id().to_owned(),
-        config.store.max_functions as usize,
+        config.store.max_functions,
         policy.clone(),
         info.clone(),
     )?;

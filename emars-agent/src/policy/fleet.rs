@@ -99,7 +99,8 @@ impl FleetConfig {
             reason: reason.to_owned(),
         };
         let url = &self.prometheus_url;
-        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+        let http = url.starts_with("http://") || url.starts_with("https://");
+        if !url.is_empty() && !http {
             return Err(bad(
                 "prometheus_url",
                 url.clone(),

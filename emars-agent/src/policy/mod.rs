@@ -256,9 +256,7 @@ impl Policy {
                 .read()
                 .ok()?
                 .values()
-                // The functions this host or the fleet has seen run (not a prior's own).
-                .filter(|r| r.samples > 0 || r.fleet_samples > 0.0)
-                .map(|r| r.p50_bytes)
+                .filter_map(prior::vote)
                 .collect();
             let prior = self.config.prior.of(&mut medians);
             if let Ok(mut p) = self.prior.write() {

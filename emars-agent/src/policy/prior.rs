@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config_error::ConfigError;
-use crate::policy::recommend::page_up;
+use crate::policy::recommend::{page_up, Recommendation};
 
 /// `[policy.prior]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -85,6 +85,12 @@ impl PriorConfig {
     pub fn max_bytes(&self, medians: &mut [u64]) -> Option<u64> {
         self.of(medians).map(|p| p.max_bytes)
     }
+}
+
+/// A function's vote in the prior: its median peak, when this host or the fleet has seen it
+/// run (a recommendation from the prior itself, or from pins alone, has none).
+pub fn vote(r: &Recommendation) -> Option<u64> {
+    (r.samples > 0 || r.fleet_samples > 0.0).then_some(r.p50_bytes)
 }
 
 /// What the host's other functions say about a new one.

@@ -573,13 +573,9 @@ struct FnState {
 
 impl FnState {
     /// The function's recommendation on this host changed to `r` (None: it has none): its
-    /// median counts in the host's prior when the host or the fleet has seen the function run,
-    /// `Policy::prior`'s rule (written out here: the agent's filter sits inside
-    /// `Policy::prior`, which reads the agent's cache).
+    /// vote in the host's prior, by the agent's rule (`prior::vote`, as `Policy::prior`).
     fn set_typical(&mut self, prior: &mut HostPrior, r: Option<&Recommendation>) {
-        let typical = r
-            .filter(|r| r.samples > 0 || r.fleet_samples > 0.0)
-            .map(|r| r.p50_bytes);
+        let typical = r.and_then(emars_agent::policy::prior::vote);
         prior.replace(self.typical, typical);
         self.typical = typical;
     }
