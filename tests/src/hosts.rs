@@ -21,7 +21,12 @@ impl Host {
     /// [`Agent::start_configured`]; `{dir}` is the agent's own directory), its API on the
     /// namespace's address.
     pub fn start(extra: &str) -> Result<Host> {
-        let ns = NetNs::new()?;
+        Self::start_in(NetNs::new()?, extra)
+    }
+
+    /// [`Host::start`] in a namespace made beforehand (whose host address a server the agent
+    /// asks, such as Prometheus, is to listen on).
+    pub fn start_in(ns: NetNs, extra: &str) -> Result<Host> {
         let root = TestRoot::new()?;
         let tmp = tempfile::tempdir()?;
         let store = tmp.path().join("store");
