@@ -10,6 +10,7 @@ pub mod names;
 pub mod netns;
 pub mod oci;
 pub mod platform_report;
+pub mod prometheus;
 pub mod sized;
 pub mod storm;
 

@@ -3,15 +3,9 @@
 //! PromQL percentile of a function (`histogram_quantile` over `sum by (function, le)`, the
 //! fleet recording rule of docs/metrics.md) agrees with the agent's own within one bucket.
 
-use std::{
-    fs,
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{fs, time::Duration};
 
-use emars_tests::*;
-use serde_json::Value;
+use emars_tests::{prometheus::Prometheus, *};
 
 const FUNCTION: &str = "promfn";
 
@@ -31,27 +25,6 @@ fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
 fn le(series: &str) -> Option<f64> {
     let v = series.split("le=\"").nth(1)?.split('"').next()?;
     v.parse().ok().filter(|b: &f64| b.is_finite())
-}
-
-struct Prometheus(Child);
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn query(port: u16, promql: &str) -> anyhow::Result<Value> {
-    let body: Value = ureq::get(&format!("http://127.0.0.1:{port}/api/v1/query"))
-        .query("query", promql)
-        .call()?
-        .into_json()?;
-    Ok(body)
 }
 
 #[test]
@@ -134,44 +107,22 @@ fn prometheus_scrapes_the_agent_and_agrees_on_percentiles() -> anyhow::Result<()
     );
 
     // A real Prometheus server scraping it.
-    let Some(prometheus) = find_program("prometheus") else {
-        panic!("{test}: prometheus (Debian package) missing: run `cargo xtask setup`");
-    };
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let config = dir.path().join("prometheus.yml");
-    fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: emars\n    \
-             static_configs:\n      - targets: ['{}']\n",
-            agent.addr
-        ),
-    )?;
-    let _server = Prometheus(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let prometheus = Prometheus::scraping("emars", &[agent.addr.clone()], &[])?;
     let promql = format!(
         "histogram_quantile(0.95, sum by (function, le) \
          (emars_instance_peak_bytes_bucket{{function=\"{FUNCTION}\"}}))"
     );
-    let scraped = wait_for(Duration::from_secs(60) * time_scale(), || {
-        let v = query(port, &promql).ok()?;
-        let r = v["data"]["result"].as_array()?.first()?.clone();
+    let scraped = wait_for(Duration::from_secs(60), || {
+        let v = prometheus.query(&promql).ok()?;
+        let r = Prometheus::result(&v).first()?.clone();
         r["value"][1].as_str()?.parse::<f64>().ok()
     });
     let Some(from_prometheus) = scraped else {
-        let up = query(port, "up").ok();
-        panic!("Prometheus never had the histogram (up: {up:?})");
+        let up = prometheus.query("up").ok();
+        panic!(
+            "Prometheus never had the histogram (up: {up:?}):\n{}",
+            prometheus.log()
+        );
     };
     let ratio = from_prometheus / own;
     println!(

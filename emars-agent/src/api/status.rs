@@ -16,7 +16,8 @@ pub(super) async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-/// The agent's info as the event loop last wrote it, with the store's cap on functions now.
+/// The agent's info as the event loop last wrote it, with the store's cap on functions now
+/// and the store's agent id.
 fn agent_info(state: &ApiState) -> AgentInfo {
     // A writer that panicked leaves plain data behind; reading it is still fine.
     let mut info = state
@@ -25,6 +26,7 @@ fn agent_info(state: &ApiState) -> AgentInfo {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
     info.function_cap = state.store.function_cap();
+    state.store.agent_id().clone_into(&mut info.agent_id);
     info
 }
 

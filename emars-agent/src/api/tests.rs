@@ -23,6 +23,9 @@ fn healthz_and_info() {
     let info: AgentInfo = serde_json::from_value(v).unwrap();
     assert_eq!(info.kernel, "6.1.0-test");
     assert_eq!(info.events_received, 42);
+    // The store's id, whatever the event loop's copy says.
+    assert_eq!(info.agent_id.len(), 32, "{info:?}");
+    assert_eq!(info.agent_id, s.store.agent_id());
     assert_eq!(c.get_as::<AgentInfo>("/v1/info").unwrap(), info);
     assert_eq!(info.model, ModelFootprint::default());
     // The model's entries, counted as of the request.

@@ -49,6 +49,9 @@ pub fn render_info(v: &AgentInfo) -> String {
 /// The agent, its kernel and cgroups, the kernel side and its events, what was not tracked.
 fn info_agent(out: &mut String, v: &AgentInfo) {
     let _ = writeln!(out, "EMARS agent {}", clean(&v.version));
+    if !v.agent_id.is_empty() {
+        let _ = writeln!(out, "  agent id:         {}", clean(&v.agent_id));
+    }
     let _ = writeln!(
         out,
         "  started:          {} UTC",

@@ -32,6 +32,8 @@ pub(super) fn at_start(
     let report = &probes.report;
     AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
+        // The store's: each request takes it from there (api::status).
+        agent_id: String::new(),
         kernel: kernel_release(),
         cgroup_mode: hierarchy.version.as_str().into(),
         memory_hierarchy: hierarchy.mount.display().to_string(),

@@ -151,6 +151,11 @@ pub struct MetadataInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct AgentInfo {
     pub version: String,
+    /// This agent's id: 32 lowercase hex digits drawn when its store was created, kept with
+    /// the store (the same across restarts). `/metrics` carries it as
+    /// `emars_agent_info{agent_id}`, which tells this agent's series apart in a fleet's.
+    #[serde(default)]
+    pub agent_id: String,
     pub kernel: String,
     /// "v1" (memory controller on a v1 hierarchy) or "v2".
     pub cgroup_mode: String,

@@ -24,6 +24,7 @@
 //! | `functions`       | name                                             | `{"first_seen_ms":…,"last_seen_ms":…}`         |
 //! | `meta`            | `schema_version`                                 | `2`                                            |
 //! | `meta`            | `checkpoint_id`, `clean`                         | id of the checkpoint file the last clean close wrote; `1` while nothing was written since |
+//! | `meta`            | `agent_id`                                       | 32 lowercase hex digits, drawn at the first open ([`identity`]) |
 //! | `audit`           | `at_ms` (u64) · sequence (u64)                   | `AuditRecord` JSON (every limit write)         |
 //! | `audit_pending`   | the `audit` key of a write whose outcome is not recorded yet | empty                              |
 //! | `generations`     | `generated_at_ms` (u64) · sequence (u64)         | `Generation` JSON (each generated config)      |
@@ -76,13 +77,14 @@
 //! (the cap, and the model's answers), [`kept`] (`instance_state`), [`audit`] (with the
 //! [`journal`]), [`checkpoint`], [`load`] (the model rebuilt from the records), [`migrate`]
 //! (schema), [`prune`] (retention), [`codec`] (values and keys), [`index`] (where records
-//! are), and [`recover`] (a store sled cannot open).
+//! are), [`identity`] (the agent's id) and [`recover`] (a store sled cannot open).
 
 mod audit;
 mod checkpoint;
 mod codec;
 mod functions;
 mod hours;
+mod identity;
 mod index;
 mod instances;
 pub mod journal;
@@ -211,6 +213,8 @@ pub enum StoreError {
          a damaged log at its last whole record as it opens it, kept nothing of it"
     )]
     LogLost { path: PathBuf, bytes: u64 },
+    #[error("cannot draw the agent's id from the kernel's random source: {source}")]
+    AgentId { source: std::io::Error },
     #[error("cannot write the checkpoint {path}: {source}")]
     Checkpoint {
         path: PathBuf,
@@ -256,6 +260,8 @@ pub struct Store {
     /// Bumped by every write to the model: answers built from the whole model are rebuilt
     /// only when it moved ([`Store::changes`]).
     changes: Arc<std::sync::atomic::AtomicU64>,
+    /// This agent's id ([`identity`]).
+    agent_id: Arc<str>,
 }
 
 impl fmt::Debug for Store {
@@ -292,6 +298,7 @@ impl Store {
         store.replay_journal(journaled)?;
         store.load_strings()?;
         store.bring_schema_up(found)?;
+        store.load_agent_id()?;
         let current = found == Some(SCHEMA_VERSION);
         match load {
             Load::Checkpoint if current && store.load_checkpoint() => store.from_checkpoint = true,
@@ -340,6 +347,7 @@ impl Store {
             from_checkpoint: false,
             corrupt_at_open: 0,
             changes: Arc::default(),
+            agent_id: Arc::from(""),
         })
     }
 
