@@ -16,6 +16,7 @@ pub use crate::kernel::cgroupfs::CgroupMode;
 pub use crate::kernel::probes::ProbesConfig;
 use crate::model::registry::{normalize_root_path, InvalidRule, Registry, DEFAULT_PATTERN};
 pub use crate::model::registry::{RootConfig, RuleConfig};
+pub use crate::policy::fleet::FleetConfig;
 pub use crate::policy::reactive::ReactiveConfig;
 pub use crate::policy::{EnforceMode, FunctionPolicy, PolicyConfig};
 
@@ -81,6 +82,7 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub policy: PolicyConfig,
     pub reactive: ReactiveConfig,
+    pub fleet: FleetConfig,
 }
 
 pub const DEFAULT_PERIOD_SECS: u64 = 86_400;
@@ -485,6 +487,7 @@ impl Config {
         self.probes.validate()?;
         self.policy.validate()?;
         self.reactive.validate()?;
+        self.fleet.validate()?;
         if self.reactive.enabled == Some(true) && self.policy.mode != EnforceMode::Enforce {
             return Err(invalid(
                 "reactive.enabled",

@@ -59,7 +59,7 @@ pub(super) async fn get_recommendation(
     let lookup = name.clone();
     let store = state.store.clone();
     let found = blocking(move || {
-        if store.function(&lookup)?.is_none() {
+        if store.function(&lookup)?.is_none() && !p.policy.fleet_knows(&lookup) {
             return Ok(Err(unknown_function(&lookup)));
         }
         Ok(p.policy.compute(&lookup, now_ms())?.ok_or_else(|| {
@@ -109,6 +109,8 @@ pub(super) async fn get_limits(
         "pinned"
     } else if r.oom_bump_bytes.is_some() {
         "oom_bump"
+    } else if r.samples == 0 && r.fleet_samples > 0.0 {
+        "fleet"
     } else {
         "history"
     };
@@ -118,6 +120,8 @@ pub(super) async fn get_limits(
         high_bytes: r.high_bytes,
         source: source.to_owned(),
         confidence: r.confidence,
+        local_samples: r.samples,
+        fleet_samples: r.fleet_samples,
         computed_at_ms: r.computed_at_ms,
         input_bytes: None,
         fallback: None,
@@ -147,6 +151,8 @@ fn sized_limits(
         }
         .to_owned(),
         confidence: l.recommendation.confidence,
+        local_samples: l.recommendation.samples,
+        fleet_samples: l.recommendation.fleet_samples,
         computed_at_ms: l.recommendation.computed_at_ms,
         input_bytes: Some(input),
         fallback: l.fallback.map(|f| f.as_str().to_owned()),

@@ -231,12 +231,18 @@ pub struct FunctionLimits {
     pub max_bytes: u64,
     pub high_bytes: u64,
     /// "pinned" (configured), "oom_bump" (raised after an OOM kill), "history" (the
-    /// percentile of the retained instance peaks, with margin) or "prior" (no history yet:
-    /// from the host's other functions, `[policy.prior]`, with the burst guard behind it);
+    /// percentile of the retained instance peaks, with margin: this host's, blended with the
+    /// fleet's where `fleet_samples` > 0), "fleet" (no history here: the other hosts' peaks,
+    /// `[fleet]`) or "prior" (no history here or in the fleet: from the host's other
+    /// functions, `[policy.prior]`, with the burst guard behind it);
     /// asked with `input_bytes`: "input_fit" (the function's fit of peak against input) or
     /// "fallback" (the function's recommendation, `fallback` says why).
     pub source: String,
     pub confidence: f64,
+    /// Where the samples behind the limits came from: this host's instances and the other
+    /// hosts' (`[fleet]`, through Prometheus).
+    pub local_samples: u64,
+    pub fleet_samples: f64,
     pub computed_at_ms: u64,
     /// The `input_bytes` asked for, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

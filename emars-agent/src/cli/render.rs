@@ -826,6 +826,7 @@ on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not fo
             pinned,
             clamped_by: None,
             prior_bytes: None,
+            fleet_samples: 0.0,
             half_life_hours: 24.0,
             computed_at_ms: 1,
         }

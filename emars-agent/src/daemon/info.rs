@@ -52,6 +52,7 @@ pub(super) fn at_start(
         cgroups_unnamed: Default::default(),
         started_at_ms: now_ms(),
         enforcement: Default::default(),
+        fleet: Default::default(),
         kernel_counters: Default::default(),
         probes_pinned: report.pinned.clone(),
         probes_adopted: report.adopted,

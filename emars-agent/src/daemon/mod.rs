@@ -22,6 +22,7 @@
 
 mod effects;
 mod event_loop;
+mod fleet;
 mod host;
 mod info;
 mod pool;

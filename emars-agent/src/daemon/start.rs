@@ -22,7 +22,7 @@ use crate::{
 
 use super::{
     event_loop::{EventLoop, LoopContext, Sources},
-    host, info,
+    fleet, host, info,
     pool::PoolCommand,
     recover::{self, LastRun},
     Daemon, Effects,
@@ -89,6 +89,7 @@ pub async fn run(
     };
     recover::recover(&mut daemon, &mut ring, last)?;
     recover::resume_reactive(&mut daemon, &actuator, &hierarchy, &store);
+    let _fleet = start_fleet(&config, &store, &policy, &info);
     let (api_limits, pool, stop, parts) = api_parts(&store, &info, &policy, &actuator, shutdown);
     host::raise_fd_limit();
     let api = start_api(parts).context("starting the API's threads")?;
@@ -207,6 +208,38 @@ fn open_policy(
 }
 
 type Receiver<T> = tokio::sync::mpsc::UnboundedReceiver<T>;
+
+/// Fleet learning (`[fleet]`): the fetcher's own task, stopped when the agent stops (the
+/// handle's drop). None when off, said in /v1/info.
+fn start_fleet(
+    config: &Config,
+    store: &Store,
+    policy: &Arc<Policy>,
+    info: &Arc<RwLock<AgentInfo>>,
+) -> Option<AbortOnDrop> {
+    let fetcher = fleet::Fetcher::new(
+        config.fleet.clone(),
+        String::from("pending"), // AGENTID
+        config.store.max_functions as usize,
+        policy.clone(),
+        info.clone(),
+    )?;
+    tracing::info!(
+        "fleet learning from {} every {} s",
+        config.fleet.prometheus_url,
+        config.fleet.refresh_s
+    );
+    Some(AbortOnDrop(tokio::spawn(fetcher.run())))
+}
+
+/// A task that ends with its handle.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// The burst guard and its kernel signals: on only where writes are allowed.
 fn start_burst_guard(

@@ -189,6 +189,9 @@ pub struct AgentInfo {
     /// Predictive mode and the cgroup writer's counters.
     #[serde(default)]
     pub enforcement: EnforcementInfo,
+    /// Fleet learning through Prometheus (`[fleet]`).
+    #[serde(default)]
+    pub fleet: FleetInfo,
     /// What the kernel side could not do (full tables), and paths the agent had to recover.
     #[serde(default)]
     pub kernel_counters: KernelCounters,
@@ -317,6 +320,35 @@ pub struct FunctionCapInfo {
     /// New function names refused since the agent started because `max_functions` were
     /// known: one per instance not tracked, invocations report or bind refused.
     pub refused: u64,
+}
+
+/// GET /v1/info → "fleet": fleet learning (`[fleet]`), what the last fetches from Prometheus
+/// gave and, when the agent is on local history alone, why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+pub struct FleetInfo {
+    /// "off" (no prometheus_url), "waiting" (no fetch finished yet), "ok", "failing" (the last
+    /// fetch failed; the view of an earlier one is still in use), "expired" (fetches failed for
+    /// longer than max_age_s: local history alone).
+    pub state: String,
+    /// Why the last fetch failed (or why fleet learning is off); null when it succeeded.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub prometheus_url: String,
+    /// A fleet view is blended into the recommendations now.
+    pub in_use: bool,
+    /// Functions and samples in the view in use.
+    pub functions: u64,
+    pub samples: f64,
+    /// Functions the last answer held beyond the cap (store.max_functions), left out.
+    pub functions_left_out: u64,
+    pub last_success_ms: Option<u64>,
+    pub last_attempt_ms: Option<u64>,
+    /// How long the last fetch took (request, read and parse), in milliseconds.
+    pub last_fetch_ms: Option<u64>,
+    /// Seconds since the view in use was fetched.
+    pub age_s: Option<u64>,
+    pub refreshes_ok: u64,
+    pub refreshes_failed: u64,
 }
 
 /// GET /v1/info → "enforcement".

@@ -59,9 +59,15 @@ mod tests {
         ] {
             let i = bucket_index(bytes);
             assert!(bytes as f64 <= upper_bound(i), "{bytes} above bucket {i}");
-            assert!(bytes as f64 > upper_bound(i - 1), "{bytes} below bucket {i}");
+            assert!(
+                bytes as f64 > upper_bound(i - 1),
+                "{bytes} below bucket {i}"
+            );
             let up = upper_bound_bytes(i);
-            assert!(up >= bytes && (up as f64) <= bytes as f64 * 1.0444 + 1.0, "{bytes}: {up}");
+            assert!(
+                up >= bytes && (up as f64) <= bytes as f64 * 1.0444 + 1.0,
+                "{bytes}: {up}"
+            );
         }
     }
 

@@ -12,12 +12,14 @@
 //! - `squeeze`: the host-pressure squeeze at run time (reclaim and hold idle instances);
 //! - `keepalive`: Reuse/Recycle advice from idle times, pure;
 //! - `prior`: a function's first limits from the host's other functions, pure;
+//! - `fleet`: the other hosts' peaks of a function (`[fleet]`, read from Prometheus), pure;
 //! - `sized`: input-aware limits, peak fitted against a bind's `input_bytes`, pure.
 //!
 //! The tracker's effects are carried out one stage up, in `daemon/effects.rs`.
 
 pub mod actuator;
 pub mod burst;
+pub mod fleet;
 pub mod keepalive;
 pub mod prior;
 pub mod reactive;
@@ -31,7 +33,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        RwLock,
+        Arc, RwLock,
     },
     time::Duration,
 };
@@ -43,7 +45,7 @@ use crate::{
     model::InstanceRecord,
     model::LimitRequest,
     policy::actuator::{Actuator, BelowUsage},
-    policy::recommend::{recommend, recommend_from_prior, PolicyParams, Recommendation},
+    policy::recommend::{recommend_blended, recommend_from_prior, PolicyParams, Recommendation},
     store::{Store, StoreError},
 };
 
@@ -127,6 +129,8 @@ pub struct Policy {
     /// (`prior_stale`) when a function without history next needs it.
     prior: RwLock<Option<prior::Prior>>,
     prior_stale: AtomicBool,
+    /// The other hosts' peaks per function (`[fleet]`), as of the last fetch still fresh.
+    fleet: RwLock<Option<Arc<fleet::FleetView>>>,
 }
 
 /// The recommender's parameters for a function's effective policy (built-in defaults below).
@@ -162,7 +166,44 @@ impl Policy {
             guarded: AtomicBool::new(false),
             prior: RwLock::new(None),
             prior_stale: AtomicBool::new(true),
+            fleet: RwLock::new(None),
         }
+    }
+
+    /// A new fleet view (None: fleet data dropped, stale or off): every function it or the last
+    /// one knew is recomputed, so a function this host never ran gets fleet-informed limits at
+    /// its first instance, and one the fleet forgot goes back to local history. Runs off the
+    /// event loop (the fetcher's task); the enforcement path reads only the cache.
+    pub fn set_fleet(
+        &self,
+        view: Option<Arc<fleet::FleetView>>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let old = match self.fleet.write() {
+            Ok(mut f) => std::mem::replace(&mut *f, view.clone()),
+            Err(_) => return Ok(()),
+        };
+        let names = |v: &Option<Arc<fleet::FleetView>>| -> Vec<String> {
+            v.as_ref()
+                .map(|v| v.functions.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let mut touched: std::collections::BTreeSet<String> = names(&old).into_iter().collect();
+        touched.extend(names(&view));
+        for f in &touched {
+            self.compute(f, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh fleet view knows `function` (it has limits before its first instance here).
+    pub fn fleet_knows(&self, function: &str) -> bool {
+        self.fleet_peaks(function).is_some()
+    }
+
+    /// The fleet's peaks of `function`, if a fresh view knows it.
+    fn fleet_peaks(&self, function: &str) -> Option<Arc<fleet::FleetPeaks>> {
+        self.fleet.read().ok()?.as_ref()?.peaks(function).cloned()
     }
 
     /// The burst guard started (or stopped): a function without history gets the prior's
@@ -235,7 +276,15 @@ impl Policy {
     ) -> Result<Option<Recommendation>, StoreError> {
         let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
-        let rec = recommend(function, &samples, &params, now_ms, self.host_memory);
+        let fleet = self.fleet_peaks(function);
+        let rec = recommend_blended(
+            function,
+            &samples,
+            fleet.as_deref(),
+            &params,
+            now_ms,
+            self.host_memory,
+        );
         self.compute_fit(function)?;
         if let Ok(mut c) = self.cache.write() {
             match &rec {
@@ -253,7 +302,7 @@ impl Policy {
     }
 
     /// Recomputes every known function, and forgets the recommendations of functions pruned
-    /// since (but not those the config names).
+    /// since (but not those the config names or the fleet knows).
     pub fn compute_all(&self, now_ms: u64) -> Result<Vec<Recommendation>, StoreError> {
         let names = self.store.function_names()?;
         let mut out = Vec::new();
@@ -262,11 +311,13 @@ impl Policy {
                 out.push(r);
             }
         }
-        let configured = |f: &str| {
+        // Configured functions and those the fleet knows have limits before any instance here.
+        let known_elsewhere = |f: &str| {
             self.config
                 .functions
                 .iter()
                 .any(|c| c.name.as_deref() == Some(f))
+                || self.fleet_peaks(f).is_some()
         };
         // Known before the loop or now: a function is known before it is computed, so one
         // computed meanwhile is in the second list, which is read without the cache held (the
@@ -277,7 +328,7 @@ impl Policy {
         let known: std::collections::HashSet<&str> =
             names.iter().chain(&now_known).map(String::as_str).collect();
         if let Ok(mut c) = self.cache.write() {
-            c.retain(|f, _| known.contains(f.as_str()) || configured(f));
+            c.retain(|f, _| known.contains(f.as_str()) || known_elsewhere(f));
         }
         self.prior_stale.store(true, Ordering::Release);
         Ok(out)

@@ -43,6 +43,7 @@ use std::{sync::OnceLock, time::Duration};
 
 pub use crate::model::audit::ClampedBy;
 pub use crate::model::Sample;
+pub use crate::policy::fleet::FleetPeaks;
 use serde::{Deserialize, Serialize};
 
 /// Results are multiples of the page size (the kernel rounds limits down to pages anyway).
@@ -209,6 +210,10 @@ pub struct Recommendation {
     /// started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prior_bytes: Option<u64>,
+    /// Samples from the other hosts (`[fleet]`) in the histogram besides this host's
+    /// `samples`: 0 when the fleet knows nothing of the function (or fleet learning is off).
+    #[serde(default)]
+    pub fleet_samples: f64,
     pub half_life_hours: f64,
     pub computed_at_ms: u64,
 }
@@ -383,15 +388,41 @@ pub fn recommend(
     now_ms: u64,
     host_memory_bytes: u64,
 ) -> Option<Recommendation> {
-    if samples.is_empty() && params.pin_max_bytes.is_none() && params.pin_high_bytes.is_none() {
+    recommend_blended(function, samples, None, params, now_ms, host_memory_bytes)
+}
+
+/// [`recommend`] over this host's samples and, where the fleet knows the function, the other
+/// hosts' peaks (`[fleet]`): each fleet sample enters the histogram at its bucket's upper bound
+/// with the weight of a fresh local sample, so the percentile and the confidence come from both
+/// by sample counts. A function this host has never run gets fleet-informed limits from its
+/// first instance. Returns `None` with neither samples nor fleet peaks nor pins.
+pub fn recommend_blended(
+    function: &str,
+    samples: &[Sample],
+    fleet: Option<&FleetPeaks>,
+    params: &PolicyParams,
+    now_ms: u64,
+    host_memory_bytes: u64,
+) -> Option<Recommendation> {
+    let fleet = fleet.filter(|f| !f.is_empty());
+    if samples.is_empty()
+        && fleet.is_none()
+        && params.pin_max_bytes.is_none()
+        && params.pin_high_bytes.is_none()
+    {
         return None;
     }
-    let history = History::of(samples, now_ms, params.half_life);
+    let mut history = History::of(samples, now_ms, params.half_life);
+    let fleet_samples = fleet.map_or(0.0, |f| history.add_fleet(f));
     let confidence = history.confidence(params.confidence_samples);
     let margin = margin_for(params, confidence);
     let percentile_bytes = history.histogram.percentile(params.percentile);
     let p50_bytes = history.histogram.percentile(50.0);
-    let base = Estimate::percentile_with_margin(percentile_bytes, margin, samples.is_empty());
+    let base = Estimate::percentile_with_margin(
+        percentile_bytes,
+        margin,
+        samples.is_empty() && fleet.is_none(),
+    );
     let estimate = chain(
         base,
         history.recent_oom_bytes,
@@ -415,6 +446,7 @@ pub fn recommend(
         pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
         clamped_by: estimate.clamped_by,
         prior_bytes: None,
+        fleet_samples,
         half_life_hours: params.half_life.as_secs_f64() / 3600.0,
         computed_at_ms: now_ms,
     })
@@ -451,6 +483,7 @@ pub fn recommend_from_prior(
         pinned: params.pin_max_bytes.is_some() || params.pin_high_bytes.is_some(),
         clamped_by: estimate.clamped_by,
         prior_bytes: Some(prior_bytes),
+        fleet_samples: 0.0,
         half_life_hours: params.half_life.as_secs_f64() / 3600.0,
         computed_at_ms: now_ms,
     }
@@ -537,6 +570,21 @@ impl History {
             oom_kills,
             recent_oom_bytes: recent_oom.map(|(_, bumped)| bumped),
         }
+    }
+
+    /// Adds the other hosts' peaks, each bucket at its upper bound with the weight of a fresh
+    /// sample (counted in `effective_samples`); returns how many.
+    pub fn add_fleet(&mut self, fleet: &FleetPeaks) -> f64 {
+        for &(bytes, count) in &fleet.buckets {
+            self.histogram.add(bytes, count);
+        }
+        self.effective_samples += fleet.count;
+        fleet.count
+    }
+
+    /// Nothing in the histogram: no local samples, no fleet ones.
+    pub fn is_empty(&self) -> bool {
+        self.histogram.is_empty()
     }
 
     /// 0..=1: `min(1, effective_samples / confidence_samples)`; 0 when undefined.
@@ -781,6 +829,55 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn fleet_peaks_alone_give_a_first_instance_its_limits() {
+        let params = PolicyParams::default();
+        let mib = 1u64 << 20;
+        let fleet = FleetPeaks::of_values((0..30).map(|i| (100 + i) * mib));
+        let r = recommend_blended("f", &[], Some(&fleet), &params, NOW, 0).unwrap();
+        assert_eq!(r.samples, 0);
+        assert_eq!(r.fleet_samples, 30.0);
+        // The same rule as local samples at the fleet's values: P50 of the bucket bounds.
+        let local: Vec<Sample> = fleet
+            .buckets
+            .iter()
+            .flat_map(|&(v, n)| (0..n as u64).map(move |_| peak(NOW, v)))
+            .collect();
+        let same = recommend("f", &local, &params, NOW, 0).unwrap();
+        assert_eq!(
+            (r.max_bytes, r.high_bytes),
+            (same.max_bytes, same.high_bytes)
+        );
+        assert_eq!(r.confidence, same.confidence);
+        // Nothing at all: no recommendation.
+        assert!(
+            recommend_blended("f", &[], Some(&FleetPeaks::default()), &params, NOW, 0).is_none()
+        );
+    }
+
+    #[test]
+    fn fleet_and_local_samples_blend_by_counts() {
+        let params = PolicyParams::default();
+        let mib = 1u64 << 20;
+        // 3 local samples at 100 MiB, 30 fleet ones at 200 MiB: the median is the fleet's.
+        let local: Vec<Sample> = (0..3).map(|i| peak(NOW - i * 60_000, 100 * mib)).collect();
+        let fleet = FleetPeaks::of_values((0..30).map(|_| 200 * mib));
+        let r = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        let alone = recommend("f", &local, &params, NOW, 0).unwrap();
+        assert!(
+            r.p50_bytes >= 200 * mib && alone.p50_bytes < 110 * mib,
+            "{r:?}"
+        );
+        assert_eq!((r.samples, r.fleet_samples), (3, 30.0));
+        assert!(r.confidence > alone.confidence);
+        assert_eq!(alone.fleet_samples, 0.0);
+        // 30 local ones and 3 fleet ones: the local median.
+        let local: Vec<Sample> = (0..30).map(|i| peak(NOW - i * 60_000, 100 * mib)).collect();
+        let fleet = FleetPeaks::of_values((0..3).map(|_| 200 * mib));
+        let r = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        assert!(r.p50_bytes < 110 * mib, "{r:?}");
     }
 
     /// The defaults before the burst guard was on by default: what tests of the tail use.
