@@ -219,7 +219,7 @@ fn start_fleet(
 ) -> Option<AbortOnDrop> {
     let fetcher = fleet::Fetcher::new(
         config.fleet.clone(),
-        String::from("pending"), // AGENTID
+        store.agent_id().to_owned(),
         config.store.max_functions as usize,
         policy.clone(),
         info.clone(),
