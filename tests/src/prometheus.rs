@@ -31,7 +31,7 @@ pub struct Prometheus {
 impl Prometheus {
     /// One job, `job`, scraping `targets` (`host:port`) every second: a prometheus.yml for
     /// [`Prometheus::start`].
-    pub fn config(job: &str, targets: &[String]) -> String {
+    pub fn config(job: &str, targets: &[&str]) -> String {
         let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
@@ -42,7 +42,7 @@ impl Prometheus {
 
     /// Prometheus scraping `targets` as job `job` every second, run with `flags` (such as
     /// [`NATIVE_HISTOGRAMS`]).
-    pub fn scraping(job: &str, targets: &[String], flags: &[&str]) -> Result<Prometheus> {
+    pub fn scraping(job: &str, targets: &[&str], flags: &[&str]) -> Result<Prometheus> {
         Self::start(&Self::config(job, targets), flags)
     }
 

@@ -4,7 +4,7 @@
 //! |--------|----------------------------------------|-----------------------------------------------------|
 //! | GET    | `/`, `/assets/app.{js,css}`            | the web page ([`web`]), read-only                   |
 //! | GET    | `/healthz`                             | `{"ok": true}`                                      |
-//! | GET    | `/metrics`                             | Prometheus text format ([`metrics`])                |
+//! | GET    | `/metrics`                             | Prometheus text or protobuf format ([`metrics`])    |
 //! | GET    | `/v1/openapi.json`                     | this API as an OpenAPI 3.1 document ([`openapi`])  |
 //! | GET    | `/v1/info`                             | [`AgentInfo`]                                       |
 //! | GET    | `/v1/functions`                        | `{"functions": [FunctionSummary…]}`                 |
@@ -110,6 +110,7 @@ pub struct ApiState {
 #[derive(Debug, Default)]
 pub struct Snapshots {
     metrics: work::Snapshot,
+    metrics_protobuf: work::Snapshot,
     functions: work::Snapshot,
     recommendations: work::Snapshot,
     export: work::Snapshot,

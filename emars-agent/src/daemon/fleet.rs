@@ -47,7 +47,8 @@ enum FetchError {
     },
 }
 
-/// One fetch: the query's answer as a view (at most `max_functions` functions).
+/// One fetch: the query's answer as a view (at most `max_functions` functions), with the OOM
+/// query's answer added.
 fn fetch(
     config: &FleetConfig,
     agent_id: &str,
@@ -59,11 +60,30 @@ fn fetch(
     );
     let agent = ureq::AgentBuilder::new().timeout(config.timeout()).build();
     let fetched_at_ms = now_ms();
-    let response = match agent
-        .get(&url)
-        .query("query", &config.query_for(agent_id))
-        .call()
-    {
+    let answer = |query: &str| ask(&agent, &url, query, config.max_response_bytes);
+    let body = answer(&config.query_for(agent_id))?;
+    let mut view =
+        FleetView::from_answer(&body, fetched_at_ms, max_functions).map_err(|source| {
+            FetchError::Answer {
+                url: url.clone(),
+                source,
+            }
+        })?;
+    if let Some(oom_query) = config.oom_query_for(agent_id) {
+        let body = answer(&oom_query)?;
+        view.add_oom_answer(&body)
+            .map_err(|source| FetchError::Answer {
+                url: url.clone(),
+                source,
+            })?;
+    }
+    Ok(view)
+}
+
+/// One query's answer, at most `max_bytes` of it.
+fn ask(agent: &ureq::Agent, url: &str, query: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+    let url = url.to_owned();
+    let response = match agent.get(&url).query("query", query).call() {
         Ok(r) => r,
         Err(ureq::Error::Status(status, r)) => {
             // Prometheus says why in its JSON; a proxy may say it in HTML: a line of it.
@@ -85,20 +105,19 @@ fn fetch(
     let mut body = Vec::new();
     response
         .into_reader()
-        .take(config.max_response_bytes.saturating_add(1))
+        .take(max_bytes.saturating_add(1))
         .read_to_end(&mut body)
         .map_err(|source| FetchError::Read {
             url: url.clone(),
             source,
         })?;
-    if body.len() as u64 > config.max_response_bytes {
+    if body.len() as u64 > max_bytes {
         return Err(FetchError::TooLarge {
             url,
-            max: config.max_response_bytes,
+            max: max_bytes,
         });
     }
-    FleetView::from_answer(&body, fetched_at_ms, max_functions)
-        .map_err(|source| FetchError::Answer { url, source })
+    Ok(body)
 }
 
 /// The fetcher's state between refreshes.

@@ -47,6 +47,42 @@ pub struct PeakHistogram {
     pub sum: u64,
 }
 
+/// A function's instance peaks in the buckets of a Prometheus native histogram at
+/// [`crate::model::native::SCHEMA`] ([`LiveModel::native_peaks`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NativePeaks {
+    /// (bucket index, peaks in it), ascending by index, counts above 0.
+    pub buckets: Vec<(i32, u64)>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+impl NativePeaks {
+    /// The peaks (> 0; zeros are left out, as everywhere peaks are counted) in their buckets.
+    pub fn of(peaks: impl Iterator<Item = u64>) -> NativePeaks {
+        let mut indices = Vec::new();
+        let mut sum = 0u64;
+        for p in peaks.filter(|p| *p > 0) {
+            indices.push(crate::model::native::bucket_index(p));
+            sum = sum.saturating_add(p);
+        }
+        indices.sort_unstable();
+        let count = indices.len() as u64;
+        let mut buckets: Vec<(i32, u64)> = Vec::new();
+        for i in indices {
+            match buckets.last_mut() {
+                Some((last, n)) if *last == i => *n += 1,
+                _ => buckets.push((i, 1)),
+            }
+        }
+        NativePeaks {
+            buckets,
+            count,
+            sum,
+        }
+    }
+}
+
 /// Identity of an instance record in the store: (started_at_ms, cgroup_id). Listings are in
 /// this order.
 pub type InstanceKey = (u64, u64);
@@ -332,6 +368,16 @@ impl<P: Copy + Default> LiveModel<P> {
                 let h = functions.get_mut(name)?.histogram(bounds);
                 Some((name.clone(), h))
             })
+            .collect()
+    }
+
+    /// Each function's instance peaks (the same population as [`LiveModel::peak_histograms`])
+    /// in native-histogram buckets, counted again only for functions that changed.
+    pub fn native_peaks(&mut self, value: fn(&Sample) -> u64) -> Vec<(String, Arc<NativePeaks>)> {
+        let functions = &mut self.functions;
+        self.order
+            .iter()
+            .filter_map(|name| Some((name.clone(), functions.get_mut(name)?.native_peaks(value))))
             .collect()
     }
 

@@ -15,12 +15,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::config_error::ConfigError;
 use crate::model::native;
+use crate::policy::recommend::{sample_value, History, Sample};
 
 /// Where the default query puts the agent's own id.
 pub const AGENT_ID_PLACEHOLDER: &str = "{agent_id}";
 
 /// The default query: every other agent's instance-peak histograms, summed per function.
 pub const DEFAULT_QUERY: &str = "sum by (function) (emars_instance_peak_bytes unless on (instance, job) emars_agent_info{agent_id=\"{agent_id}\"})";
+
+/// The default OOM query: every other agent's most recent OOM bump per function.
+pub const DEFAULT_OOM_QUERY: &str = "max by (function) (emars_recent_oom_bump_bytes unless on (instance, job) emars_agent_info{agent_id=\"{agent_id}\"})";
 
 /// `[fleet]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -39,6 +43,9 @@ pub struct FleetConfig {
     /// The PromQL query; `{agent_id}` is replaced by this agent's id. Its answer is an instant
     /// vector per function of native histograms, or of classic buckets (`le` label).
     pub query: String,
+    /// The PromQL query for the other hosts' recent OOM kills (an instant vector of bumps per
+    /// function); "" asks nothing (OOM kills then reach the fleet only as bumped samples).
+    pub oom_query: String,
     /// Answers larger than this many bytes are refused, at least 1 KiB.
     pub max_response_bytes: u64,
 }
@@ -51,6 +58,7 @@ impl Default for FleetConfig {
             max_age_s: 600,
             timeout_s: 10,
             query: DEFAULT_QUERY.to_owned(),
+            oom_query: DEFAULT_OOM_QUERY.to_owned(),
             max_response_bytes: 256 << 20,
         }
     }
@@ -76,6 +84,12 @@ impl FleetConfig {
     /// The query with this agent's id in place.
     pub fn query_for(&self, agent_id: &str) -> String {
         self.query.replace(AGENT_ID_PLACEHOLDER, agent_id)
+    }
+
+    /// The OOM query with this agent's id in place (None: not asked).
+    pub fn oom_query_for(&self, agent_id: &str) -> Option<String> {
+        (!self.oom_query.trim().is_empty())
+            .then(|| self.oom_query.replace(AGENT_ID_PLACEHOLDER, agent_id))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -126,6 +140,28 @@ pub struct FleetPeaks {
     pub buckets: Vec<(u64, f64)>,
     /// The samples in all buckets.
     pub count: f64,
+    /// The largest bump of an OOM kill younger than one half-life on another host
+    /// (`emars_recent_oom_bump_bytes`): lifts this host's limit at once, as its own would.
+    pub recent_oom_bytes: Option<u64>,
+}
+
+/// What a host exports of one function for the others: each retained sample as the
+/// recommender takes it (an OOM-killed instance at VPA's bump of the limit it died at, not at
+/// the cut-off peak, which would read as a small ordinary one), and the bump of its most recent
+/// OOM kill younger than one half-life. The exporter (/metrics) and the replay both use it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Exported {
+    pub values: Vec<u64>,
+    pub recent_oom_bytes: Option<u64>,
+}
+
+impl Exported {
+    pub fn of(samples: &[Sample], now_ms: u64, half_life: Duration) -> Self {
+        Exported {
+            values: samples.iter().map(sample_value).collect(),
+            recent_oom_bytes: History::of(samples, now_ms, half_life).recent_oom_bytes,
+        }
+    }
 }
 
 impl FleetPeaks {
@@ -169,11 +205,27 @@ impl FleetPeaks {
         FleetPeaks {
             buckets: merged,
             count,
+            recent_oom_bytes: None,
         }
     }
 
+    /// The other hosts' exports of the function (a replay's fleet view).
+    pub fn of_exports<'a>(exports: impl IntoIterator<Item = &'a Exported>) -> Self {
+        let mut values = Vec::new();
+        let mut recent_oom_bytes = None;
+        for e in exports {
+            values.extend_from_slice(&e.values);
+            recent_oom_bytes = recent_oom_bytes.max(e.recent_oom_bytes);
+        }
+        FleetPeaks {
+            recent_oom_bytes,
+            ..Self::of_values(values)
+        }
+    }
+
+    /// Nothing to blend: no samples and no recent OOM kill.
     pub fn is_empty(&self) -> bool {
-        self.count <= 0.0
+        self.count <= 0.0 && self.recent_oom_bytes.is_none()
     }
 }
 
@@ -185,6 +237,8 @@ pub struct FleetView {
     /// Functions left out because the answer held more than the cap (the ones with the fewest
     /// samples go first).
     pub left_out: u64,
+    /// At most this many functions.
+    pub cap: usize,
 }
 
 /// Why Prometheus's answer could not be read.
@@ -235,6 +289,24 @@ struct NativeSample {
     buckets: Vec<(u8, String, String, String)>,
 }
 
+/// The instant vector of an `/api/v1/query` answer.
+fn vector(body: &[u8]) -> Result<Vec<Series>, FleetError> {
+    let answer: Answer = serde_json::from_slice(body)?;
+    if answer.status != "success" {
+        return Err(FleetError::Failed {
+            status: answer.status,
+            error: answer.error.unwrap_or_default(),
+        });
+    }
+    let Some(data) = answer.data else {
+        return Err(FleetError::NotAVector("answer without data".into()));
+    };
+    if data.result_type != "vector" {
+        return Err(FleetError::NotAVector(data.result_type));
+    }
+    Ok(data.result)
+}
+
 fn number(series: &str, what: &str, s: &str) -> Result<f64, FleetError> {
     match s {
         "+Inf" => Ok(f64::INFINITY),
@@ -263,23 +335,11 @@ impl FleetView {
         fetched_at_ms: u64,
         max_functions: usize,
     ) -> Result<FleetView, FleetError> {
-        let answer: Answer = serde_json::from_slice(body)?;
-        if answer.status != "success" {
-            return Err(FleetError::Failed {
-                status: answer.status,
-                error: answer.error.unwrap_or_default(),
-            });
-        }
-        let Some(data) = answer.data else {
-            return Err(FleetError::NotAVector("answer without data".into()));
-        };
-        if data.result_type != "vector" {
-            return Err(FleetError::NotAVector(data.result_type));
-        }
+        let result = vector(body)?;
         let mut native: HashMap<String, Vec<(u64, f64)>> = HashMap::new();
         // function → (le, cumulative count)
         let mut classic: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
-        for s in data.result {
+        for s in result {
             let Some(function) = s.metric.get("function").cloned() else {
                 continue; // not per function: nothing to learn from
             };
@@ -323,7 +383,41 @@ impl FleetView {
                 .collect(),
             fetched_at_ms,
             left_out,
+            cap: max_functions,
         })
+    }
+
+    /// Adds the answer to the OOM query: per function, the largest recent OOM bump on the
+    /// other hosts (functions the view left out stay out).
+    pub fn add_oom_answer(&mut self, body: &[u8]) -> Result<(), FleetError> {
+        for s in vector(body)? {
+            let (Some(function), Some((_, v))) = (s.metric.get("function"), s.value) else {
+                continue;
+            };
+            let bytes = number(function, "value", &v)?;
+            if !(bytes > 0.0 && bytes.is_finite()) {
+                continue;
+            }
+            let bump = bound_bytes(bytes);
+            let room = self.functions.len() < self.cap;
+            match self.functions.get_mut(function) {
+                Some(p) => {
+                    let p = Arc::make_mut(p);
+                    p.recent_oom_bytes = p.recent_oom_bytes.max(Some(bump));
+                }
+                None if room => {
+                    self.functions.insert(
+                        function.clone(),
+                        Arc::new(FleetPeaks {
+                            recent_oom_bytes: Some(bump),
+                            ..Default::default()
+                        }),
+                    );
+                }
+                None => self.left_out += 1,
+            }
+        }
+        Ok(())
     }
 
     /// The function's fleet peaks, if the fleet knows it.
@@ -418,6 +512,48 @@ mod tests {
         let a = v.peaks("fn-a").unwrap();
         assert_eq!(a.buckets, vec![(1_048_576, 1.0), (2_097_152, 4.0)]);
         assert_eq!(a.count, 5.0);
+    }
+
+    #[test]
+    fn recent_oom_kills_join_the_view() {
+        let body = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"function":"fn-a"},"histogram":[1,{"buckets":[[0,"1","2","1"]]}]}]}}"#;
+        let mut v = FleetView::from_answer(body, 0, 2).unwrap();
+        let oom = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"function":"fn-a"},"value":[1,"314572800"]},
+            {"metric":{"function":"fn-b"},"value":[1,"209715200"]},
+            {"metric":{"function":"fn-c"},"value":[1,"104857600"]}]}}"#;
+        v.add_oom_answer(oom).unwrap();
+        assert_eq!(v.peaks("fn-a").unwrap().recent_oom_bytes, Some(300 << 20));
+        let b = v.peaks("fn-b").unwrap();
+        assert_eq!((b.count, b.recent_oom_bytes), (0.0, Some(200 << 20)));
+        assert!(v.peaks("fn-c").is_none(), "over the cap of 2");
+        assert_eq!(v.left_out, 1);
+    }
+
+    #[test]
+    fn exports_take_kills_at_their_bump_and_the_recent_one() {
+        let hl = Duration::from_secs(86_400);
+        let now = 10 * 86_400_000;
+        let s = |at_ms: u64, peak: u64, oom: bool| Sample {
+            at_ms,
+            peak_bytes: peak,
+            oom_killed: oom,
+            limit_bytes: oom.then_some(peak),
+        };
+        let e = Exported::of(
+            &[s(now, 100 << 20, false), s(now - 1000, 200 << 20, true)],
+            now,
+            hl,
+        );
+        let bump = crate::policy::recommend::oom_bump(200 << 20);
+        assert_eq!(e.values, vec![100 << 20, bump]);
+        assert_eq!(e.recent_oom_bytes, Some(bump));
+        let old = Exported::of(&[s(now - 2 * 86_400_000, 200 << 20, true)], now, hl);
+        assert_eq!(old.recent_oom_bytes, None, "older than a half-life");
+        let f = FleetPeaks::of_exports([&e, &old]);
+        assert_eq!(f.count, 3.0);
+        assert_eq!(f.recent_oom_bytes, Some(bump));
     }
 
     #[test]

@@ -196,6 +196,14 @@ impl Policy {
         Ok(())
     }
 
+    /// The bump of `function`'s most recent OOM kill younger than one half-life on this host
+    /// (what `/metrics` tells the fleet; `fleet::Exported`).
+    pub fn recent_oom_bump(&self, function: &str, now_ms: u64) -> Option<u64> {
+        let samples = self.store.samples(function, now_ms).ok()?;
+        let params = params_of(&self.config.for_function(function));
+        fleet::Exported::of(&samples, now_ms, params.half_life).recent_oom_bytes
+    }
+
     /// A fresh fleet view knows `function` (it has limits before its first instance here).
     pub fn fleet_knows(&self, function: &str) -> bool {
         self.fleet_peaks(function).is_some()
@@ -248,7 +256,8 @@ impl Policy {
                 .read()
                 .ok()?
                 .values()
-                .filter(|r| r.samples > 0)
+                // The functions this host or the fleet has seen run (not a prior's own).
+                .filter(|r| r.samples > 0 || r.fleet_samples > 0.0)
                 .map(|r| r.p50_bytes)
                 .collect();
             let prior = self.config.prior.of(&mut medians);

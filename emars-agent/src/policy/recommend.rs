@@ -364,7 +364,7 @@ impl DecayingHistogram {
 
 /// The value a sample contributes: its peak, or for an OOM-killed instance (whose peak is cut
 /// off at its limit) VPA's bump of `max(limit, peak)`.
-fn sample_value(s: &Sample) -> u64 {
+pub fn sample_value(s: &Sample) -> u64 {
     if s.oom_killed {
         oom_bump(s.limit_bytes.unwrap_or(0).max(s.peak_bytes))
     } else {
@@ -574,11 +574,14 @@ impl History {
 
     /// Adds the other hosts' peaks, each bucket at its upper bound with the weight of a fresh
     /// sample (counted in `effective_samples`); returns how many.
+    /// An OOM kill on another host younger than one half-life lifts this host's limit at once
+    /// too (the larger bump wins), so a function is not killed once per host.
     pub fn add_fleet(&mut self, fleet: &FleetPeaks) -> f64 {
         for &(bytes, count) in &fleet.buckets {
             self.histogram.add(bytes, count);
         }
         self.effective_samples += fleet.count;
+        self.recent_oom_bytes = self.recent_oom_bytes.max(fleet.recent_oom_bytes);
         fleet.count
     }
 
@@ -855,6 +858,20 @@ mod tests {
         assert!(
             recommend_blended("f", &[], Some(&FleetPeaks::default()), &params, NOW, 0).is_none()
         );
+    }
+
+    #[test]
+    fn an_oom_kill_on_another_host_lifts_this_hosts_limit_at_once() {
+        let params = PolicyParams::default();
+        let mib = 1u64 << 20;
+        let local: Vec<Sample> = (0..30).map(|i| peak(NOW - i * 60_000, 100 * mib)).collect();
+        let mut fleet = FleetPeaks::of_values((0..30).map(|_| 100 * mib));
+        let calm = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        fleet.recent_oom_bytes = Some(oom_bump(300 * mib));
+        let r = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        assert!(calm.max_bytes < 130 * mib, "{calm:?}");
+        assert_eq!(r.max_bytes, page_up(oom_bump(300 * mib)), "{r:?}");
+        assert_eq!(r.oom_bump_bytes, Some(page_up(oom_bump(300 * mib))));
     }
 
     #[test]

@@ -236,6 +236,15 @@ impl Store {
         self.state().model.peak_histograms(bounds)
     }
 
+    /// Every function's instance peaks in native-histogram buckets (from memory; see
+    /// [`crate::model::live::LiveModel::native_peaks`]).
+    pub fn native_peaks(
+        &self,
+        value: fn(&crate::model::Sample) -> u64,
+    ) -> Vec<(String, Arc<crate::model::live::NativePeaks>)> {
+        self.state().model.native_peaks(value)
+    }
+
     /// The same as the JSON body of GET /v1/functions, from per-function JSON kept in memory.
     pub fn functions_json(&self) -> String {
         self.state().model.summaries_json()
@@ -453,6 +462,40 @@ mod tests {
         let expected = from_records(&s.instances("f").unwrap());
         assert_eq!(expected.len(), 101);
         assert_eq!(model, expected);
+    }
+
+    /// The native peaks take each sample at the value given (the policy's: an OOM kill at its
+    /// bump), and are counted again after a change.
+    #[test]
+    fn native_peaks_take_the_values_given() {
+        use crate::model::native;
+        let (_d, s) = open_tmp();
+        let mut r = rec("f", 1_000, 1);
+        r.peak_bytes = 10 * MIB;
+        r.ended_at_ms = Some(2_000);
+        s.put_instance(&r).unwrap();
+        let bumped = |x: &crate::model::Sample| {
+            if x.oom_killed {
+                999 * MIB
+            } else {
+                x.peak_bytes
+            }
+        };
+        let peaks = |s: &Store| s.native_peaks(bumped)[0].1.buckets.clone();
+        assert_eq!(peaks(&s), vec![(native::bucket_index(10 * MIB), 1)]);
+        let mut oom = rec("f", 3_000, 2);
+        oom.peak_bytes = 40 * MIB;
+        oom.oom_kills = 1;
+        oom.limits.max_bytes = Some(40 * MIB);
+        oom.ended_at_ms = Some(3_500);
+        s.put_instance(&oom).unwrap();
+        assert_eq!(
+            peaks(&s),
+            vec![
+                (native::bucket_index(10 * MIB), 1),
+                (native::bucket_index(999 * MIB), 1)
+            ]
+        );
     }
 
     /// The cap on functions: a new name past it is refused (invocations, an instance, an hour,

@@ -16,6 +16,15 @@
 //! an agent starting on that store.
 //! Needs no root and no kernel features.
 //!
+//! `--scrape [--functions F] [--days D] [--per-day N] [--requests R]` measures `/metrics` alone
+//! on one store of F functions x D days (default 10,000 x 30 at 10 a day: 3,000,000 records):
+//! the text exposition against the protobuf one with native histograms (what Prometheus asks
+//! for with `--enable-feature=native-histograms`), R scrapes of each (default 10), taken in
+//! turns in this process, each at least a second after the last of its format (an answer is
+//! built at most once a second), after one scrape of each that warms the model's per-function
+//! caches (timed apart, as "first"). Prints bytes, bytes per function, and p50 (median) and max
+//! times of each, and the ratios protobuf / text.
+//!
 //! `--names N [--max-functions M]` measures something else instead, on the real agent (as
 //! root; the agent binary is $EMARS_BIN, else target/<profile>/emars): N distinct function
 //! names reported through `POST /v1/functions/{name}/invocations` with the token, as a tenant
@@ -41,11 +50,13 @@ use emars_agent::{
 };
 
 const USAGE: &str = "usage: emars-bench-api [--functions F] [--days D] [--per-day N] [--requests R]
+       emars-bench-api --scrape [--functions F] [--days D] [--per-day N] [--requests R]
        emars-bench-api --names N [--max-functions M] [--requests R]
   --functions F     functions of the large store (default 1000)
   --days D          days of history of the large store (default 30)
   --per-day N       instances per function per day (default 10)
   --requests R      GETs of each kind per store (default 200; 20 scrapes with --names)
+  --scrape          /metrics only: text against protobuf (defaults: 10000 functions, 10 scrapes)
   --names N         report N new function names to a real agent instead (needs root)
   --max-functions M that agent's store.max_functions (default 10000)";
 
@@ -56,6 +67,7 @@ struct Opts {
     requests: usize,
     names: Option<u64>,
     max_functions: u64,
+    scrape: bool,
 }
 
 fn main() {
@@ -70,6 +82,7 @@ fn main() {
     }
     match parse().and_then(|o| match o.names {
         Some(n) => names::run(n, o.max_functions, o.requests),
+        None if o.scrape => scrape::run(&o),
         None => run(&o),
     }) {
         Ok(()) => {}
@@ -88,8 +101,9 @@ fn parse() -> Result<Opts> {
         requests: 200,
         names: None,
         max_functions: emars_agent::store::DEFAULT_MAX_FUNCTIONS as u64,
+        scrape: false,
     };
-    let mut requests_given = false;
+    let (mut requests_given, mut functions_given) = (false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || -> Result<u64> {
@@ -99,7 +113,11 @@ fn parse() -> Result<Opts> {
                 .with_context(|| format!("{a} needs a positive number\n{USAGE}"))
         };
         match a.as_str() {
-            "--functions" => o.functions = num()?,
+            "--functions" => {
+                o.functions = num()?;
+                functions_given = true;
+            }
+            "--scrape" => o.scrape = true,
             "--days" => o.days = num()?,
             "--per-day" => o.per_day = num()?,
             "--requests" => {
@@ -117,6 +135,12 @@ fn parse() -> Result<Opts> {
     }
     if o.names.is_some() && !requests_given {
         o.requests = 20;
+    }
+    if o.scrape && !requests_given {
+        o.requests = 10;
+    }
+    if o.scrape && !functions_given {
+        o.functions = 10_000;
     }
     Ok(o)
 }
@@ -459,6 +483,115 @@ fn triple(v: &[Duration]) -> String {
         ms(pct(v, 99.0)),
         ms(pct(v, 100.0))
     )
+}
+
+/// `--scrape`: `/metrics` in the text format against the protobuf one, on one store.
+mod scrape {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Result};
+    use emars_agent::api::metrics::{PROTOBUF, TEXT};
+
+    use super::{ms, pct, serve, Opts};
+
+    /// One format's scrapes.
+    struct Format {
+        name: &'static str,
+        accept: &'static str,
+        content_type: &'static str,
+        bytes: usize,
+        first: Duration,
+        times: Vec<Duration>,
+    }
+
+    pub fn run(o: &Opts) -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("store");
+        let records = o.functions * o.days * o.per_day;
+        eprintln!(
+            "filling {} functions x {} days ({records} records) ...",
+            o.functions, o.days
+        );
+        emars_tests::seed_store(&path, o.functions, o.days, o.per_day)?;
+        let store = emars_agent::store::Store::open(&path)?;
+        let (addr, _server) = serve(store, tmp.path(), tmp.path())?;
+        let http = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(120))
+            .build();
+        let get = |f: &Format| -> Result<(usize, Duration)> {
+            let t = Instant::now();
+            let r = http
+                .get(&format!("http://{addr}/metrics"))
+                .set("Accept", f.accept)
+                .call()?;
+            if r.content_type() != f.content_type.split(';').next().unwrap_or_default() {
+                bail!("{}: answered {}", f.name, r.content_type());
+            }
+            let mut body = Vec::new();
+            // Read to the end, whatever the size (a text scrape of many functions is tens of MB).
+            std::io::copy(&mut r.into_reader(), &mut body)?;
+            Ok((body.len(), t.elapsed()))
+        };
+        let mut formats = [
+            Format {
+                name: "text (classic buckets)",
+                accept: "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+                content_type: TEXT,
+                bytes: 0,
+                first: Duration::ZERO,
+                times: Vec::new(),
+            },
+            // What Prometheus 2.42 sends with native histograms on (scrape/scrape.go).
+            Format {
+                name: "protobuf (native)",
+                accept: "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;\
+                         encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,\
+                         text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                content_type: PROTOBUF,
+                bytes: 0,
+                first: Duration::ZERO,
+                times: Vec::new(),
+            },
+        ];
+        for f in &mut formats {
+            (f.bytes, f.first) = get(f)?;
+        }
+        for _ in 0..o.requests {
+            // A format's answer is built at most once a second: each scrape here builds one.
+            std::thread::sleep(Duration::from_millis(1100));
+            for f in &mut formats {
+                let (bytes, took) = get(f)?;
+                f.bytes = bytes;
+                f.times.push(took);
+            }
+        }
+        println!(
+            "\n/metrics of {} functions ({records} records), {} scrapes of each format in turns\n",
+            o.functions, o.requests
+        );
+        println!(
+            "{:<24} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "format", "bytes", "B/function", "first ms", "p50 ms", "max ms"
+        );
+        for f in &formats {
+            println!(
+                "{:<24} {:>12} {:>12.0} {:>12.1} {:>12.1} {:>12.1}",
+                f.name,
+                f.bytes,
+                f.bytes as f64 / o.functions as f64,
+                ms(f.first),
+                ms(pct(&f.times, 50.0)),
+                ms(pct(&f.times, 100.0)),
+            );
+        }
+        let [text, proto] = &formats;
+        println!(
+            "\nprotobuf / text: bytes {:.3}x, p50 {:.3}x",
+            proto.bytes as f64 / text.bytes as f64,
+            ms(pct(&proto.times, 50.0)) / ms(pct(&text.times, 50.0))
+        );
+        Ok(())
+    }
 }
 
 /// `--names`: many tenant-chosen names against the real agent, capped and not.

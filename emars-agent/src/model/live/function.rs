@@ -15,7 +15,7 @@ use crate::model::{
 };
 
 use super::hours::HourSeries;
-use super::{idle_gaps, EndedRecord, InstanceKey, PeakHistogram};
+use super::{idle_gaps, EndedRecord, InstanceKey, NativePeaks, PeakHistogram};
 
 /// What the model keeps of a live instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,9 @@ pub(super) struct FunctionState<P> {
     /// [`LiveModel::peak_histograms`]); None after any change.
     #[serde(skip)]
     pub(super) histogram: Option<Arc<PeakHistogram>>,
+    /// Its peaks in native-histogram buckets, as last counted; None after any change.
+    #[serde(skip)]
+    pub(super) native: Option<Arc<NativePeaks>>,
 }
 
 impl<P: Copy + Default> FunctionState<P> {
@@ -74,6 +77,20 @@ impl<P: Copy + Default> FunctionState<P> {
         self.summary = None;
         self.summary_json = None;
         self.histogram = None;
+        self.native = None;
+    }
+
+    /// Its recommender samples (live and ended instances with a peak or an OOM kill), each at
+    /// `value` (the policy's: an OOM-killed one at its bump), in native-histogram buckets,
+    /// counted again only after a change.
+    pub(super) fn native_peaks(&mut self, value: fn(&Sample) -> u64) -> Arc<NativePeaks> {
+        if let Some(n) = &self.native {
+            return n.clone();
+        }
+        // The values do not depend on the samples' times.
+        let n = Arc::new(NativePeaks::of(self.samples(0).iter().map(value)));
+        self.native = Some(n.clone());
+        n
     }
 
     /// Its instance peaks (live and ended, above 0) counted into `bounds`, counted again only

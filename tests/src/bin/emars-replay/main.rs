@@ -4,7 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p emars-tests --bin emars-replay [-- [--cap N] [--seed S] [--hour]]
+//! cargo run --release -p emars-tests --bin emars-replay -- --hosts 10 [--spread timing]
 //! ```
+//!
+//! With `--hosts N` (N > 1) the defaults are also replayed on N hosts, each learning alone and
+//! each informed by the fleet, in a table of their own after the one-host tables (`hosts.rs`).
 //!
 //! # Workload
 //!
@@ -78,13 +82,16 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use emars_agent::model::Limits;
+use emars_agent::policy::fleet::FleetPeaks;
 use emars_agent::policy::prior::{Prior, PriorConfig};
 use emars_agent::policy::reactive::ReactiveConfig;
 use emars_agent::policy::recommend::{
-    decay_weight, oom_bump, page_up, recommend, recommend_from_prior, DecayingHistogram,
+    decay_weight, oom_bump, page_up, recommend_blended, recommend_from_prior, DecayingHistogram,
     PolicyParams, Sample,
 };
 use emars_tests::azure::{data_dir, inverse_cdf, load, Function, SplitMix64};
+
+mod hosts;
 
 const MIB: u64 = 1 << 20;
 const MIB_F: f64 = MIB as f64;
@@ -105,12 +112,22 @@ const DEFAULT_SEED: u64 = 2019;
 const TIME_LIMIT: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "usage: emars-replay [--cap N] [--seed S] [--hour] [--host-gib G] [--plots DIR]
+                    [--hosts N [--spread round-robin|timing] [--fleet-refresh-s S] [--scrape-s S]]
   --cap N       instances per function at most (default 200; 0 = no cap)
   --seed S      seed of the peak draws (default 2019)
   --hour        replay the trace hour in real time (default: stretch it onto a simulated day)
   --host-gib G  memory of the host in the second table (default: 1.25 x the memory the
                 instances really used at their busiest moment)
   --plots DIR   also write the tables as SVG bar charts into DIR
+  --hosts N     also spread each function's instances over N hosts and replay the defaults
+                there twice: each host learning alone, and informed by the fleet (default 1:
+                one host, no fleet table)
+  --spread R    round-robin (default: a function's i-th instance on host (function + i) mod N)
+                or timing (a warm container of the function if one idled less than 10 minutes,
+                the most recently idle; else the host running the fewest instances)
+  --fleet-refresh-s S  the agents' fleet refresh period, in simulated seconds (default 60)
+  --scrape-s S  Prometheus's scrape interval, in simulated seconds (default 15; 0: none): an
+                outcome reaches the fleet at its host's first scrape after it ended
 Data: $EMARS_DATA_DIR, else <workspace>/../shared/data/azure2019.";
 
 fn main() {
@@ -131,6 +148,10 @@ struct Opts {
     /// The host's memory for the second table; 0: sized from the workload (see `run`).
     host_gib: f64,
     plots: Option<std::path::PathBuf>,
+    /// Hosts the instances are spread over in the fleet table; 1: no fleet table.
+    hosts: usize,
+    spread: hosts::Spread,
+    fleet: hosts::FleetTiming,
 }
 
 impl Opts {
@@ -141,6 +162,9 @@ impl Opts {
             real_hour: false,
             host_gib: 0.0,
             plots: None,
+            hosts: 1,
+            spread: hosts::Spread::RoundRobin,
+            fleet: hosts::FleetTiming::default(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -156,12 +180,31 @@ impl Opts {
                     )
                 }
                 "--host-gib" => o.host_gib = number(&a, args.next())?,
+                "--hosts" => o.hosts = number(&a, args.next())?,
+                "--spread" => {
+                    o.spread = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--spread needs round-robin or timing"))?
+                        .parse()?
+                }
+                "--fleet-refresh-s" => {
+                    o.fleet.refresh_ms = number::<u64>(&a, args.next())?.saturating_mul(1000)
+                }
+                "--scrape-s" => {
+                    o.fleet.scrape_ms = number::<u64>(&a, args.next())?.saturating_mul(1000)
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
                 }
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
+        }
+        if o.hosts == 0 {
+            bail!("--hosts must be at least 1");
+        }
+        if o.fleet.refresh_ms == 0 {
+            bail!("--fleet-refresh-s must be at least 1");
         }
         Ok(o)
     }
@@ -251,10 +294,19 @@ struct Policy {
 }
 
 impl Rule {
-    /// The limit from `known` outcomes at `now_ms`.
-    fn limit(&self, function: &str, known: &[Sample], now_ms: u64) -> u64 {
+    /// The limit from `known` outcomes (and the fleet's peaks, which only the agent's rule
+    /// reads) at `now_ms`.
+    fn limit(
+        &self,
+        function: &str,
+        known: &[Sample],
+        fleet: Option<&FleetPeaks>,
+        now_ms: u64,
+    ) -> u64 {
         match self {
             Rule::Static(bytes) => *bytes,
+            Rule::Emars(params) => recommend_blended(function, known, fleet, params, now_ms, 0)
+                .map_or(COLD_DEFAULT_BYTES, |r| r.max_bytes),
             _ if known.is_empty() => COLD_DEFAULT_BYTES,
             Rule::Vpa { floor_bytes } => {
                 let mut hist = DecayingHistogram::new();
@@ -269,8 +321,6 @@ impl Rule {
                 let target = (hist.percentile(VPA_PERCENTILE) as f64 * (1.0 + VPA_MARGIN)).ceil();
                 page_up(target as u64).max(*floor_bytes)
             }
-            Rule::Emars(params) => recommend(function, known, params, now_ms, 0)
-                .map_or(COLD_DEFAULT_BYTES, |r| r.max_bytes),
         }
     }
 }
@@ -388,6 +438,12 @@ struct Tally {
     learning_mib_ms: f64,
     /// The same instances' own peaks x duration.
     learning_peaks_mib_ms: f64,
+    /// Exceedances by the number of outcomes the host itself knew (without the fleet's).
+    exceeded_by_local: [u64; 3],
+    /// `learning_mib_ms` of the instances started while their host itself knew fewer than 20.
+    learning_local_mib_ms: f64,
+    /// Instances whose limit was computed with fleet samples.
+    fleet_informed: u64,
     /// Every instance as the host sees it, for the host pass.
     placed: Vec<Placed>,
     /// (limit - peak) / peak of the instances that fit.
@@ -503,7 +559,7 @@ impl HostPrior {
     }
 }
 
-/// One function's state during a replay.
+/// One function's state on one host during a replay.
 #[derive(Debug, Default)]
 struct FnState {
     /// Outcomes known, in the order they became known (end order).
@@ -517,9 +573,52 @@ struct FnState {
 /// peak learnt: the limit where it was killed).
 type Outcome = (u64, usize, usize, bool, u64);
 
-/// Replays every function's instances through one policy, in global time order, so that a
-/// function's first instances can be sized from what the host knows of the others.
+/// How many outcomes of its function an instance's limit was computed from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Known {
+    /// This host's own.
+    local: usize,
+    /// The fleet's (the other hosts', as the last fleet refresh received them).
+    fleet: usize,
+}
+
+impl Known {
+    fn total(self) -> usize {
+        self.local + self.fleet
+    }
+}
+
+/// The index of `known` in the kills-by-history split: none, 1..=19, 20 and more.
+fn history_class(known: usize) -> usize {
+    match known {
+        0 => 0,
+        1..=19 => 1,
+        _ => 2,
+    }
+}
+
+/// Replays every function's instances through one policy on one host, in global time order,
+/// so that a function's first instances can be sized from what the host knows of the others.
 fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally) {
+    let one_host: Vec<Vec<usize>> = fns.iter().map(|(_, insts)| vec![0; insts.len()]).collect();
+    let placement = hosts::Placement {
+        host_of: &one_host,
+        hosts: 1,
+        fleet: None,
+    };
+    replay_on(policy, fns, &placement, tally);
+}
+
+/// Replays every function's instances through one policy on the hosts of `placement`, in one
+/// global time line: each host learns from the outcomes of its own instances (its history per
+/// function, its prior from the functions it knows) and, when `placement.fleet` is set, from
+/// the fleet's view of the other hosts' outcomes.
+fn replay_on(
+    policy: &Policy,
+    fns: &[(&Function, Vec<Instance>)],
+    placement: &hosts::Placement,
+    tally: &mut Tally,
+) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let mut order: Vec<(u64, usize, usize)> = fns
@@ -533,17 +632,22 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
         })
         .collect();
     order.sort_unstable();
-    let mut states: Vec<FnState> = (0..fns.len()).map(|_| FnState::default()).collect();
+    let mut states: Vec<Vec<FnState>> = (0..placement.hosts)
+        .map(|_| (0..fns.len()).map(|_| FnState::default()).collect())
+        .collect();
+    let mut priors: Vec<HostPrior> = (0..placement.hosts).map(|_| HostPrior::default()).collect();
+    // Every ended instance of each function, for the fleet's view.
+    let mut ended: Vec<Vec<hosts::Ended>> = vec![Vec::new(); fns.len()];
     let mut pending: BinaryHeap<Reverse<Outcome>> = BinaryHeap::new();
-    let mut host = HostPrior::default();
     for (start_ms, fi, ii) in order {
-        // Outcomes that ended before this start become known.
-        while let Some(Reverse((end, f, _, killed, value))) = pending.peek().copied() {
+        // Outcomes that ended before this start become known to their host.
+        while let Some(Reverse((end, f, i, killed, value))) = pending.peek().copied() {
             if end >= start_ms {
                 break;
             }
             pending.pop();
-            let st = &mut states[f];
+            let h = placement.host_of[f][i];
+            let st = &mut states[h][f];
             st.known.push(Sample {
                 at_ms: end,
                 peak_bytes: value,
@@ -551,16 +655,38 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
                 limit_bytes: Some(value),
             });
             if policy.prior.is_some() {
-                if let Some(r) = recommend("f", &st.known, &PolicyParams::default(), end, 0) {
-                    host.replace(st.typical, r.p50_bytes);
+                // The agent's prior reads its functions' cached medians, which blend in the
+                // fleet's peaks where it has them (as of the outcome, here).
+                let fleet = placement
+                    .fleet
+                    .as_ref()
+                    .and_then(|timing| timing.view(&ended[f], h, end));
+                let params = PolicyParams::default();
+                if let Some(r) = recommend_blended("f", &st.known, fleet.as_ref(), &params, end, 0)
+                {
+                    priors[h].replace(st.typical, r.p50_bytes);
                     st.typical = Some(r.p50_bytes);
                 }
+            }
+            if placement.fleet.is_some() {
+                // What the host exports: the peak it recorded (the limit, for a killed one).
+                ended[f].push(hosts::Ended {
+                    host: h,
+                    end_ms: end,
+                    peak_bytes: value,
+                });
             }
         }
         let (f, insts) = &fns[fi];
         let inst = insts[ii];
-        let st = &mut states[fi];
-        let (limit, visible, ceiling) = limit_for(policy, f, st, &host, inst.start_ms);
+        let h = placement.host_of[fi][ii];
+        let fleet = placement
+            .fleet
+            .as_ref()
+            .and_then(|timing| timing.view(&ended[fi], h, inst.start_ms));
+        let st = &mut states[h][fi];
+        let (limit, known, ceiling) =
+            limit_for(policy, f, st, &priors[h], fleet.as_ref(), inst.start_ms);
         // A rescued instance holds its raised limit, counted (pessimistically) for its whole
         // run; it ends normally, so its true peak is learnt.
         let rescued = match &policy.reactive {
@@ -571,9 +697,15 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
         let reserved = held as f64 / MIB_F * f.duration_ms;
         tally.instances += 1;
         tally.reserved_mib_ms += reserved;
-        if visible < 20 {
+        if known.total() < 20 {
             tally.learning_mib_ms += reserved;
             tally.learning_peaks_mib_ms += inst.peak_bytes as f64 / MIB_F * f.duration_ms;
+        }
+        if known.local < 20 {
+            tally.learning_local_mib_ms += reserved;
+        }
+        if known.fleet > 0 {
+            tally.fleet_informed += 1;
         }
         tally.limits_mib += limit as f64 / MIB_F;
         if rescued.is_some() {
@@ -588,11 +720,8 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
         });
         let (killed, value) = if inst.peak_bytes > held {
             tally.exceeded += 1;
-            tally.exceeded_by_history[match visible {
-                0 => 0,
-                1..=19 => 1,
-                _ => 2,
-            }] += 1;
+            tally.exceeded_by_history[history_class(known.total())] += 1;
+            tally.exceeded_by_local[history_class(known.local)] += 1;
             st.any_exceeded = true;
             (true, limit)
         } else {
@@ -603,18 +732,24 @@ fn replay(policy: &Policy, fns: &[(&Function, Vec<Instance>)], tally: &mut Tally
         };
         pending.push(Reverse((inst.end_ms, fi, ii, killed, value)));
     }
-    tally.functions_exceeded += states.iter().filter(|s| s.any_exceeded).count() as u64;
+    // A function counts once however many hosts saw it exceed.
+    tally.functions_exceeded += (0..fns.len())
+        .filter(|&f| states.iter().any(|host| host[f].any_exceeded))
+        .count() as u64;
 }
 
 /// The limit an instance of `f` starting at `start_ms` gets, the outcomes it was computed
-/// from, and the burst guard's ceiling for it.
+/// from, and the burst guard's ceiling for it. `fleet`: the fleet's peaks of `f` (never with
+/// a periodic policy).
 fn limit_for(
     policy: &Policy,
     f: &Function,
     st: &mut FnState,
     host: &HostPrior,
+    fleet: Option<&FleetPeaks>,
     start_ms: u64,
-) -> (u64, usize, u64) {
+) -> (u64, Known, u64) {
+    let fleet_known = fleet.map_or(0, |p| p.count.round() as usize);
     let (known, at) = match policy.period_ms {
         None => (st.known.len(), start_ms),
         Some(period) => {
@@ -622,25 +757,37 @@ fn limit_for(
             if let Some((t, limit)) = st.cached {
                 if t == tick {
                     let n = st.known.partition_point(|s| s.at_ms < tick);
-                    return (limit, n, ceiling_of(policy, limit));
+                    let known = Known {
+                        local: n,
+                        fleet: fleet_known,
+                    };
+                    return (limit, known, ceiling_of(policy, limit));
                 }
             }
             (st.known.partition_point(|s| s.at_ms < tick), tick)
         }
     };
-    // On the prior: its limit, and the base of the guard's ceiling (the largest median).
-    let prior = match (&policy.prior, known, &policy.rule) {
-        (Some(cfg), 0, Rule::Emars(params)) => host.prior(cfg).map(|p| {
+    // On the prior (nothing known here nor in the fleet): its limit, and the base of the
+    // guard's ceiling (the largest median).
+    let prior = match (&policy.prior, known, fleet, &policy.rule) {
+        (Some(cfg), 0, None, Rule::Emars(params)) => host.prior(cfg).map(|p| {
             let limit = recommend_from_prior(&f.id, p.max_bytes, params, at, 0).max_bytes;
             (limit, p.ceiling_base_bytes())
         }),
         _ => None,
     };
-    let limit = prior.map_or_else(|| policy.rule.limit(&f.id, &st.known[..known], at), |p| p.0);
+    let limit = prior.map_or_else(
+        || policy.rule.limit(&f.id, &st.known[..known], fleet, at),
+        |p| p.0,
+    );
     if policy.period_ms.is_some() {
         st.cached = Some((at, limit));
     }
     let base = prior.map_or(limit, |p| p.1);
+    let known = Known {
+        local: known,
+        fleet: fleet_known,
+    };
     (limit, known, ceiling_of(policy, base))
 }
 
@@ -703,6 +850,17 @@ fn run(opts: &Opts) -> Result<()> {
     for (policy, tally) in policies.iter().zip(tallies.iter_mut()) {
         replay(policy, &all, tally);
     }
+    let defaults = policies.iter().position(|p| p.name == "defaults");
+    let across_hosts = match defaults {
+        Some(d) if opts.hosts > 1 => Some(hosts::run(
+            &policies[d],
+            &all,
+            opts.hosts,
+            opts.spread,
+            opts.fleet,
+        )),
+        _ => None,
+    };
     let wall = t0.elapsed();
 
     println!(
@@ -882,6 +1040,10 @@ fn run(opts: &Opts) -> Result<()> {
          (no room left for the raise); GiB·h resv = of those that ran."
     );
     println!();
+    if let (Some(run), Some(d)) = (&across_hosts, defaults) {
+        hosts::report(run, &tallies[d], &tallies[vpa]);
+        println!();
+    }
     if let Some(dir) = &opts.plots {
         let bars = |f: fn(&Summary) -> f64| -> Vec<(String, f64)> {
             rows.iter().map(|r| (r.name.to_string(), f(r))).collect()
@@ -1050,6 +1212,7 @@ fn interpret(rows: &[Summary], mean_peak_mib: f64, mean_peak_by_time_mib: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use emars_agent::policy::recommend::recommend;
 
     #[test]
     fn instances_keep_the_cap_and_the_order() {
@@ -1065,6 +1228,9 @@ mod tests {
             real_hour: false,
             host_gib: 0.0,
             plots: None,
+            hosts: 1,
+            spread: hosts::Spread::RoundRobin,
+            fleet: hosts::FleetTiming::default(),
         };
         let insts = instances(&f, 0, &opts);
         assert_eq!(insts.len(), 200);
