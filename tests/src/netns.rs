@@ -115,6 +115,9 @@ impl NetNs {
     /// A new namespace with `lo` up and a veth pair to the root namespace, both ends up and
     /// addressed.
     pub fn new() -> Result<Self> {
+        if crate::find_program("nsenter").is_none() {
+            bail!("nsenter (util-linux) missing: the tests run agents inside namespaces with it");
+        }
         remove_stale();
         let pid = std::process::id();
         let n = SEQ.fetch_add(1, Ordering::Relaxed);

@@ -127,8 +127,8 @@ fn prometheus_scrapes_three_hosts_in_their_namespaces() -> Result<()> {
 /// The function the fleet knows: run on hosts A and B, new to host C.
 const F: &str = "fleetfn";
 /// Its instances' sizes (MiB) on A and on B.
-const A_MIBS: [u64; 4] = [40, 44, 48, 52];
-const B_MIBS: [u64; 3] = [56, 60, 64];
+const A_MIBS: [u64; 4] = [48, 52, 56, 60];
+const B_MIBS: [u64; 3] = [64, 68, 72];
 /// C's own functions (name, MiB): enough for C's prior (`policy.prior.min_functions`), all
 /// above the policy's floor and far below F.
 const C_OWN: [(&str, u64); 3] = [("small", 20), ("mid", 24), ("large", 28)];
@@ -330,7 +330,7 @@ fn a_function_new_to_a_host_starts_at_the_fleet_informed_limit() -> Result<()> {
 }
 
 /// Milliseconds from `mkdir` of a new instance of `function` (which has limits) on `host` to
-/// its memory.limit_in_bytes in force, for `n` instances made `gap` apart; sorted.
+/// its hard limit in force (v1 memory.limit_in_bytes), for `n` instances made `gap` apart; sorted.
 fn mkdir_to_limits(
     host: &Host,
     function: &str,
