@@ -5,7 +5,9 @@
 //! when `EMARS_TEST_ROOT_REQUIRED=1` (as `cargo xtask test` sets it under root/CI) they fail.
 
 pub mod azure;
+pub mod hosts;
 pub mod names;
+pub mod netns;
 pub mod oci;
 pub mod platform_report;
 pub mod prometheus;
@@ -433,6 +435,25 @@ pub struct Agent {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// `config` with `lines` put first into its table `header` ("[store]\n"); None when it opens
+/// no such table.
+fn into_table(config: &str, header: &str, lines: &str) -> Option<String> {
+    let at = config.find(header)? + header.len();
+    Some(format!("{}{lines}{}", &config[..at], &config[at..]))
+}
+
+/// Whether `config`'s table `header` sets `key`.
+fn table_has(config: &str, header: &str, key: &str) -> bool {
+    let Some(at) = config.find(header) else {
+        return false;
+    };
+    let body = &config[at + header.len()..];
+    let body = &body[..body.find("\n[").unwrap_or(body.len())];
+    body.lines()
+        .filter_map(|l| l.split_once('='))
+        .any(|(k, _)| k.trim() == key)
+}
+
 impl Agent {
     /// Starts an agent watching `root` with a fresh store.
     pub fn start(root: &TestRoot) -> Result<Agent> {
@@ -488,29 +509,31 @@ impl Agent {
         ));
         let token_file = dir.join("api-token");
         let socket = socket.map_or_else(|| dir.join("run").join("api.sock"), Path::to_owned);
-        // The root's own pin directory, in the [probes] table `extra` may already open.
+        // The root's own pin directory, the store's path and the API's files, each in the
+        // table of its own that `extra` may already open (for retention and the like).
         let pin = format!("pin_path = \"{}\"\n", root.pin_path.display());
-        let extra = match extra.find("[probes]\n") {
-            Some(i) => {
-                let at = i + "[probes]\n".len();
-                format!("{}{pin}{}", &extra[..at], &extra[at..])
-            }
-            None => format!("{extra}\n[probes]\n{pin}"),
-        };
-        // The store's path, in the [store] table `extra` may open (for retention and the like).
+        let extra = into_table(extra, "[probes]\n", &pin)
+            .unwrap_or_else(|| format!("{extra}\n[probes]\n{pin}"));
         let store_path = format!("path = \"{}\"\n", store.display());
-        let (store_table, extra) = match extra.find("[store]\n") {
-            Some(i) => {
-                let at = i + "[store]\n".len();
-                let extra = format!("{}{store_path}{}", &extra[..at], &extra[at..]);
-                (String::new(), extra)
-            }
+        let (store_table, extra) = match into_table(&extra, "[store]\n", &store_path) {
+            Some(extra) => (String::new(), extra),
             None => (format!("[store]\n{store_path}\n"), extra),
         };
-        let config = format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nsocket = \"{}\"\n\n{store_table}[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
+        let mut api = format!(
+            "token_file = \"{}\"\nsocket = \"{}\"\n",
             token_file.display(),
-            socket.display(),
+            socket.display()
+        );
+        // Loopback on a port of the kernel's choice, unless `extra` says where.
+        if !table_has(&extra, "[api]\n", "listen") {
+            api.insert_str(0, "listen = \"127.0.0.1:0\"\n");
+        }
+        let (api_table, extra) = match into_table(&extra, "[api]\n", &api) {
+            Some(extra) => (String::new(), extra),
+            None => (format!("[api]\n{api}\n"), extra),
+        };
+        let config = format!(
+            "{api_table}{store_table}[[cgroup.roots]]\npath = \"{}\"\n{extra}\n",
             root.rel
         );
         fs::write(&config_path, config)?;

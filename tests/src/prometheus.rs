@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    net::TcpListener,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
@@ -22,6 +22,8 @@ pub const NATIVE_HISTOGRAMS: &str = "--enable-feature=native-histograms";
 /// A running Prometheus server. Killed (and reaped) on drop.
 pub struct Prometheus {
     _server: KillOnDrop,
+    /// Where it listens.
+    pub addr: SocketAddr,
     pub port: u16,
     dir: tempfile::TempDir,
 }
@@ -47,6 +49,13 @@ impl Prometheus {
     /// Prometheus with `config` as its prometheus.yml and `flags` besides those it needs here
     /// (config file, storage, listen address), once it answers ready.
     pub fn start(config: &str, flags: &[&str]) -> Result<Prometheus> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), config, flags)
+    }
+
+    /// [`Prometheus::start`] listening on `addr` (such as the host end of a test's network
+    /// namespace, for an agent inside to ask).
+    pub fn start_at(addr: SocketAddr, config: &str, flags: &[&str]) -> Result<Prometheus> {
         let Some(program) = find_program("prometheus") else {
             bail!("prometheus (Debian package) missing: run `cargo xtask setup`");
         };
@@ -54,7 +63,6 @@ impl Prometheus {
         let config_file = dir.path().join("prometheus.yml");
         fs::write(&config_file, config)?;
         let log = fs::File::create(dir.path().join("prometheus.log"))?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let server = KillOnDrop(
             Command::new(program)
                 .arg(format!("--config.file={}", config_file.display()))
@@ -62,7 +70,7 @@ impl Prometheus {
                     "--storage.tsdb.path={}",
                     dir.path().join("tsdb").display()
                 ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg(format!("--web.listen-address={addr}"))
                 .args(flags)
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -71,7 +79,8 @@ impl Prometheus {
         );
         let prometheus = Prometheus {
             _server: server,
-            port,
+            addr,
+            port: addr.port(),
             dir,
         };
         let ready = wait_for(Duration::from_secs(30), || {
@@ -80,7 +89,7 @@ impl Prometheus {
         });
         if ready.is_none() {
             bail!(
-                "prometheus did not answer ready on port {port} in {}s:\n{}",
+                "prometheus did not answer ready on {addr} in {}s:\n{}",
                 30 * time_scale(),
                 prometheus.log()
             );
@@ -89,7 +98,7 @@ impl Prometheus {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}{path}", self.addr)
     }
 
     /// What the server has logged so far (for failure messages).
