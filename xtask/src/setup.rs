@@ -24,6 +24,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "systemd",
     "prometheus",
+    // The fleet tests' network namespaces and veth pairs (`ip`), entered with nsenter.
+    "iproute2",
+    "util-linux",
     "chromium",
 ];
 

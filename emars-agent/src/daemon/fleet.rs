@@ -25,11 +25,9 @@ use crate::{
 /// Why a fetch gave no view.
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
-    #[error("{url}: {source}")]
-    Http {
-        url: String,
-        source: Box<ureq::Error>,
-    },
+    /// ureq's message names the URL (with the query) itself.
+    #[error("{source}")]
+    Http { source: Box<ureq::Error> },
     #[error("{url}: HTTP {status}: {body}")]
     Status {
         url: String,
@@ -97,7 +95,6 @@ fn ask(agent: &ureq::Agent, url: &str, query: &str, max_bytes: u64) -> Result<Ve
         }
         Err(e) => {
             return Err(FetchError::Http {
-                url,
                 source: Box::new(e),
             })
         }
