@@ -106,6 +106,7 @@ fn metrics_snapshot(
         peaks,
         functions,
         limits,
+        containers: state.store.container_peaks(crate::clock::now_ms()),
         info,
     })
 }
