@@ -228,6 +228,57 @@ fn kubernetes_daemonset_has_what_the_agent_needs() -> anyhow::Result<()> {
     );
     let args = strings(&c["args"]);
     assert_eq!(args, ["agent", "--config", "/etc/emars/config.toml"]);
+    init_container_renders_a_scrapeable_config(spec, config)
+}
+
+/// The init container's script, run as it is (busybox's sh) on the ConfigMap's config: with
+/// SCRAPE=1 the agent listens on the node's address, which is also the Host Prometheus sends,
+/// and the agent accepts the result.
+fn init_container_renders_a_scrapeable_config(spec: &Yaml, config: &str) -> anyhow::Result<()> {
+    let inits = spec["initContainers"].as_vec().cloned().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "{spec:?}");
+    let command = strings(&inits[0]["command"]);
+    assert_eq!(command[..2], ["sh", "-c"]);
+    let env = inits[0]["env"].as_vec().cloned().unwrap_or_default();
+    let node_ip = env.iter().find(|e| e["name"].as_str() == Some("NODE_IP"));
+    assert_eq!(
+        node_ip.map(|e| get(e, &["valueFrom", "fieldRef", "fieldPath"]).clone()),
+        Some(Yaml::String("status.hostIP".into()))
+    );
+    let Some(sh) = find_program("busybox") else {
+        panic!("busybox missing (busybox-static): run `cargo xtask setup`");
+    };
+    let dir = tempfile::tempdir()?;
+    let (template, out) = (dir.path().join("emars-template"), dir.path().join("emars"));
+    fs::create_dir(&template)?;
+    fs::create_dir(&out)?;
+    fs::write(template.join("config.toml"), config)?;
+    let script = command[2]
+        .replace("/etc/emars-template", &template.display().to_string())
+        .replace("/etc/emars", &out.display().to_string());
+    for (scrape, listen) in [("1", "10.1.2.3:9750"), ("0", "127.0.0.1:9750")] {
+        let status = Command::new(&sh)
+            .args(["sh", "-c", &script])
+            .env("SCRAPE", scrape)
+            .env("NODE_IP", "10.1.2.3")
+            .status()?;
+        assert!(status.success(), "the init container's script failed");
+        let rendered = out.join("config.toml");
+        let out = Command::new(agent_bin())
+            .arg("check-config")
+            .arg(&rendered)
+            .output()?;
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            shown.contains(&format!("listen = \"{listen}\"")),
+            "SCRAPE={scrape}: {shown}"
+        );
+    }
     Ok(())
 }
 

@@ -210,7 +210,9 @@ fn native_histograms_hold_the_peaks_and_their_percentiles() -> anyhow::Result<()
     let info = agent.get_ok("/v1/info")?;
     let agent_id = info["agent_id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(agent_id.len(), 32, "{info}");
-    let text = ureq::get(&agent.url("/metrics")).call()?.into_string()?;
+    let resp = ureq::get(&agent.url("/metrics")).call()?;
+    assert_eq!(resp.header("vary"), Some("Accept"));
+    let text = resp.into_string()?;
 
     let prometheus = Prometheus::scraping("emars", &[agent.addr.as_str()], &[NATIVE_HISTOGRAMS])?;
     let counts = "histogram_count(sum by (function) (emars_instance_peak_bytes))";

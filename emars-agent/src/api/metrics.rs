@@ -22,6 +22,12 @@
 //!   `emars_oom_kills`: gauges over the retained days.
 //! - `emars_recommended_max_bytes`, `emars_recommended_high_bytes`: the policy's limits.
 //!
+//! Per Kubernetes container (an instance whose runtime metadata names its namespace, pod and
+//! container: [`crate::model::containers`]): `emars_container_memory_peak_bytes{namespace, pod,
+//! container, function}`, the instance's exact peak so far, in the label names VPA's
+//! Prometheus history provider is told to read (docs/kubernetes.md); live containers and those
+//! ended in the last 10 minutes, at most 10,000.
+//!
 //! Per agent process: `emars_agent_info{agent_id, version}` (1), `emars_events_received_total`,
 //! `emars_events_lost_total`, `emars_limit_writes_total{outcome}`, `emars_reactive_raises_total`,
 //! `emars_admissions_total{answer}`, `emars_squeezes_total`, `emars_functions` and
@@ -38,6 +44,7 @@ mod text;
 use std::sync::Arc;
 
 use crate::model::{
+    containers::ContainerPeak,
     live::{NativePeaks, PeakHistogram},
     AgentInfo, FunctionSummary,
 };
@@ -141,6 +148,8 @@ pub struct Snapshot {
     /// (function, bump) of each function's OOM kill younger than one half-life: what lifts
     /// the other hosts' limits at once (`[fleet] oom_query`).
     pub recent_oom: Vec<(String, u64)>,
+    /// Kubernetes containers' peaks.
+    pub containers: Vec<ContainerPeak>,
     pub info: AgentInfo,
 }
 
@@ -254,6 +263,7 @@ impl Snapshot {
     pub fn families(&self) -> Vec<Family<'_>> {
         let mut out = vec![self.identity(), self.peak_family()];
         out.extend(self.function_families());
+        out.push(self.container_family());
         out.extend(self.agent_families());
         out.extend(self.fleet_families());
         out.extend(self.cap_families());
@@ -384,6 +394,29 @@ impl Snapshot {
             ));
         }
         out
+    }
+
+    /// Each Kubernetes container's peak so far.
+    fn container_family(&self) -> Family<'_> {
+        let samples = self
+            .containers
+            .iter()
+            .map(|c| {
+                let labels = vec![
+                    ("namespace", c.names.namespace.as_str()),
+                    ("pod", c.names.pod.as_str()),
+                    ("container", c.names.container.as_str()),
+                    ("function", c.function.as_str()),
+                ];
+                (labels, Number::Int(c.peak_bytes))
+            })
+            .collect();
+        Family {
+            name: "emars_container_memory_peak_bytes",
+            help: "Peak memory of each Kubernetes container so far (the kernel's watermark), \
+                   live ones and those ended in the last 10 minutes.",
+            samples: Samples::Gauges(samples),
+        }
     }
 
     /// The agent's counters: events, unnamed cgroups, limit writes, reactive mode.
@@ -581,6 +614,16 @@ mod tests {
             functions: vec![summary("fn-a"), summary("fn-empty")],
             limits: vec![("fn-a".into(), 64 << 20, 48 << 20)],
             recent_oom: vec![("fn-a".into(), 300 << 20)],
+            containers: vec![ContainerPeak {
+                names: crate::model::containers::KubernetesNames {
+                    namespace: "shop".into(),
+                    pod: "resize-1".into(),
+                    container: "resize".into(),
+                },
+                function: "fn-a".into(),
+                peak_bytes: 12 << 20,
+                ended_at_ms: None,
+            }],
             info: AgentInfo {
                 agent_id: "0123456789abcdef0123456789abcdef".into(),
                 version: "1.2.3".into(),
@@ -632,6 +675,9 @@ mod tests {
             "emars_instance_peak_bytes_count{function=\"fn-a\"} 3\n".into(),
             "emars_recommended_max_bytes{function=\"fn-a\"} 67108864\n".into(),
             "emars_oom_kills{function=\"fn-empty\"} 6\n".into(),
+            "emars_container_memory_peak_bytes{namespace=\"shop\",pod=\"resize-1\",\
+             container=\"resize\",function=\"fn-a\"} 12582912\n"
+                .into(),
             "\nemars_events_received_total 7\n".into(),
             "emars_limit_writes_total{outcome=\"unchanged\"} 0\n".into(),
             "emars_cgroups_unnamed_total{reason=\"function_characters\"} 2\n".into(),
@@ -681,7 +727,7 @@ mod tests {
             .map(|f| (f.name.clone(), kind(f.r#type).to_owned()))
             .collect();
         assert_eq!(declared, written);
-        assert_eq!(declared.len(), 26, "{declared:?}");
+        assert_eq!(declared.len(), 27, "{declared:?}");
 
         let family = |name: &str| families.iter().find(|f| f.name == name).unwrap();
         let info = &family("emars_agent_info").metric[0];

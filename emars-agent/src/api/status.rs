@@ -67,8 +67,12 @@ pub(super) async fn metrics_text(
             },
         )
         .await?;
+    // The answer depends on Accept: a cache in between must key on it.
     Ok((
-        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+        [
+            (axum::http::header::CONTENT_TYPE, format.content_type()),
+            (axum::http::header::VARY, "Accept"),
+        ],
         body,
     )
         .into_response())
@@ -121,6 +125,7 @@ fn metrics_snapshot(
         functions,
         limits,
         recent_oom,
+        containers: state.store.container_peaks(now),
         info,
     })
 }

@@ -104,6 +104,16 @@ impl Effects {
                     self.store_error(e);
                 }
             }
+            Effect::ContainerNames {
+                key,
+                function,
+                names,
+            } => {
+                let now = crate::clock::now_ms();
+                if let Err(e) = self.store.name_container(key, &function, &names, now) {
+                    self.store_error(e);
+                }
+            }
             Effect::Recompute { function, at_ms } => {
                 if let Some((policy, _)) = &self.policy {
                     if let Err(e) = policy.compute(&function, at_ms) {

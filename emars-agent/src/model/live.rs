@@ -245,6 +245,11 @@ impl<P: Copy + Default> LiveModel<P> {
             .is_some_and(|f| f.live.contains_key(&(rec.started_at_ms, rec.cgroup_id)))
     }
 
+    /// The peak so far of the live instance `key` of `function` (None: not live here).
+    pub fn live_peak(&self, function: &str, key: InstanceKey) -> Option<u64> {
+        Some(self.functions.get(function)?.live.get(&key)?.peak_bytes)
+    }
+
     /// Instance records removed (retention), all of one function: one pass over its history,
     /// however many there are.
     pub fn remove_instances(&mut self, function: &str, recs: &[InstanceRecord]) {

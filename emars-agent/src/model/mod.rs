@@ -4,9 +4,11 @@
 //! (instances from kernel events), `live` (the in-memory model every read comes from),
 //! `runtime` (what a container runtime's metadata says; the file is read by `kernel`), `kept`
 //! (what is kept of a live instance besides its record) and `audit` (the audit record of a
-//! limit write and its enums); `native` (the bucket grid of the exported native histograms).
+//! limit write and its enums); `native` (the bucket grid of the exported native histograms);
+//! `containers` (Kubernetes containers' names and peaks, for VPA).
 
 pub mod audit;
+pub mod containers;
 pub mod kept;
 pub mod live;
 pub mod native;

@@ -107,6 +107,7 @@ impl Store {
             }
             old => st.model.put_instance(old.as_ref().map(|(r, _)| r), rec),
         }
+        self.containers().record(rec);
         if st.index.tail.len() >= BLOCK_RECORDS {
             self.seal_tail(&mut st)?;
         }

@@ -2,6 +2,7 @@
 //! `instance_state`: kept, read, forgotten, dropped with the instance's end, and checked at
 //! open.
 
+use crate::model::containers::KubernetesNames;
 use crate::model::kept::{BurstWatch, KeptState, RuntimeLimit, SqueezeHold};
 use crate::model::live::InstanceKey;
 
@@ -101,6 +102,7 @@ impl Store {
                     RuntimeLimit::KIND => decode_v2::<RuntimeLimit>(&raw).is_ok(),
                     BurstWatch::KIND => decode_v2::<BurstWatch>(&raw).is_ok(),
                     SqueezeHold::KIND => decode_v2::<SqueezeHold>(&raw).is_ok(),
+                    KubernetesNames::KIND => decode_v2::<KubernetesNames>(&raw).is_ok(),
                     _ => false,
                 };
             if !decodes {

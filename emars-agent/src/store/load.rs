@@ -236,6 +236,7 @@ impl Store {
             reason: e.to_string(),
         })?;
         drop(encoded);
+        reopened.load_containers()?;
         release_free_heap();
         Ok(Store {
             corrupt_at_open: corrupt + reopened.corrupt_at_open,

@@ -28,7 +28,7 @@
 //! | `audit`           | `at_ms` (u64) · sequence (u64)                   | `AuditRecord` JSON (every limit write)         |
 //! | `audit_pending`   | the `audit` key of a write whose outcome is not recorded yet | empty                              |
 //! | `generations`     | `generated_at_ms` (u64) · sequence (u64)         | `Generation` JSON (each generated config)      |
-//! | `instance_state`  | `started_at_ms` (u64) · `cgroup_id` (u64) · kind (u8) | `0x02` · postcard of the kind: 1 [`RuntimeLimit`], 2 [`BurstWatch`], 3 [`SqueezeHold`] |
+//! | `instance_state`  | `started_at_ms` (u64) · `cgroup_id` (u64) · kind (u8) | `0x02` · postcard of the kind: 1 [`RuntimeLimit`], 2 [`BurstWatch`], 3 [`SqueezeHold`], 4 [`KubernetesNames`] |
 //! | `quarantine`      | tree name · `0x00` · key                         | a value that did not decode, moved aside       |
 //!
 //! An instance's record lives in `instances_live` while it runs (rewritten as its peak grows),
@@ -77,11 +77,13 @@
 //! (the cap, and the model's answers), [`kept`] (`instance_state`), [`audit`] (with the
 //! [`journal`]), [`checkpoint`], [`load`] (the model rebuilt from the records), [`migrate`]
 //! (schema), [`prune`] (retention), [`codec`] (values and keys), [`index`] (where records
-//! are), [`identity`] (the agent's id) and [`recover`] (a store sled cannot open).
+//! are), [`identity`] (the agent's id), [`containers`] (Kubernetes containers' series) and
+//! [`recover`] (a store sled cannot open).
 
 mod audit;
 mod checkpoint;
 mod codec;
+mod containers;
 mod functions;
 mod hours;
 mod identity;
@@ -262,6 +264,8 @@ pub struct Store {
     changes: Arc<std::sync::atomic::AtomicU64>,
     /// This agent's id ([`identity`]).
     agent_id: Arc<str>,
+    /// Kubernetes containers' series ([`containers`]). Lock order: `state`, then this.
+    containers: Arc<Mutex<crate::model::containers::Containers>>,
 }
 
 impl fmt::Debug for Store {
@@ -310,6 +314,11 @@ impl Store {
             Load::Nothing => {}
         }
         store.begin_writes()?;
+        // Read from the live model: the caller of an open without one loads them once it has
+        // installed it.
+        if load != Load::Nothing {
+            store.load_containers()?;
+        }
         // The load freed many buffers (records read, a checkpoint decoded, a first sled
         // handle): give them back rather than keep them as RSS.
         release_free_heap();
@@ -348,6 +357,7 @@ impl Store {
             corrupt_at_open: 0,
             changes: Arc::default(),
             agent_id: Arc::from(""),
+            containers: Arc::default(),
         })
     }
 

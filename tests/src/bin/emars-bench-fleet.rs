@@ -289,6 +289,7 @@ fn serve_host(host: usize, peaks: &[Vec<u64>]) -> Result<String> {
         functions: Vec::new(),
         limits: Vec::new(),
         recent_oom: Vec::new(),
+        containers: Vec::new(),
         info: AgentInfo {
             agent_id: format!("{host:032x}"),
             ..AgentInfo::default()

@@ -3,7 +3,7 @@
 //! limits need, and closed; and the limits in force in it, as writes report them.
 use std::path::Path;
 
-use super::{Cgroups, Effect, Found, Named, Pending, Tracker};
+use super::{Cgroups, Effect, Found, MetadataFacts, Named, Pending, Tracker};
 use crate::{
     kernel::cgroupfs::{Limits, UsePeak},
     model::{
@@ -38,7 +38,7 @@ impl<C: Cgroups> Tracker<C> {
                     new_since_start: false
                 }
             );
-        let (classified, metadata_limit) = self.classify(rel_path, wait);
+        let (classified, metadata) = self.classify(rel_path, wait);
         let identity = match classified {
             Classified::Instance(identity) | Classified::Labelled(identity) => Some(identity),
             Classified::Pending { file } => {
@@ -73,10 +73,7 @@ impl<C: Cgroups> Tracker<C> {
             tracing::debug!(id, rel_path, "cgroup watched, not an instance");
             return Vec::new();
         };
-        let named = Named {
-            identity,
-            metadata_limit,
-        };
+        let named = Named { identity, metadata };
         self.open(id, rel_path, named, started_at_ms, resumed, found)
     }
 
@@ -122,10 +119,17 @@ impl<C: Cgroups> Tracker<C> {
         let dir = self.cgroups.dir(rel_path);
         if fresh {
             // Kept before anything is written into it: nothing the agent writes goes above it.
-            if let Some(limit) = self.runtime_limit(id, &dir, named.metadata_limit) {
+            if let Some(limit) = self.runtime_limit(id, &dir, named.metadata.limit) {
                 out.push(Effect::RuntimeLimit {
                     key: (started_at_ms, id),
                     limit,
+                });
+            }
+            if let Some(names) = named.metadata.kubernetes {
+                out.push(Effect::ContainerNames {
+                    key: (started_at_ms, id),
+                    function: identity.function.clone(),
+                    names,
                 });
             }
         }
@@ -203,7 +207,7 @@ impl<C: Cgroups> Tracker<C> {
         else {
             return false;
         };
-        let (classified, metadata_limit) = self.classify(&rel_path, !give_up);
+        let (classified, metadata) = self.classify(&rel_path, !give_up);
         let (identity, labelled) = match classified {
             Classified::Pending { .. } => {
                 self.pending.insert(id, p);
@@ -236,10 +240,7 @@ impl<C: Cgroups> Tracker<C> {
         if let Some(e) = self.table.get_mut(id) {
             e.identity = Some(identity.clone());
         }
-        let named = Named {
-            identity,
-            metadata_limit,
-        };
+        let named = Named { identity, metadata };
         out.extend(self.open(id, &rel_path, named, started_at_ms, None, p.found));
         if p.execs > 0 {
             self.update(id, started_at_ms, out, |rec| {
@@ -275,22 +276,26 @@ impl<C: Cgroups> Tracker<C> {
     }
 
     /// What the rules make of `rel_path`, reading container metadata through the cgroups
-    /// reader, with the memory limit the container's runtime metadata gives (if any was read).
-    pub(super) fn classify(&self, rel_path: &str, wait: bool) -> (Classified, Option<u64>) {
+    /// reader, with what the container's runtime metadata says besides (if any was read): the
+    /// memory limit it gives, the container's names in Kubernetes.
+    pub(super) fn classify(&self, rel_path: &str, wait: bool) -> (Classified, MetadataFacts) {
         let cgroups = &self.cgroups;
-        let mut limit = None;
+        let mut facts = MetadataFacts::default();
         let classified = self.registry.classify_with(
             rel_path,
             &mut |f| {
                 let m = cgroups.metadata(f);
-                if matches!(m.read, MetadataRead::Labels(_)) {
-                    limit = m.memory_limit_bytes;
+                if let MetadataRead::Labels(labels) = &m.read {
+                    facts = MetadataFacts {
+                        limit: m.memory_limit_bytes,
+                        kubernetes: crate::model::containers::KubernetesNames::from_labels(labels),
+                    };
                 }
                 m.read
             },
             wait,
         );
-        (classified, limit)
+        (classified, facts)
     }
 
     /// The memory limit a new instance's container runtime gave it: what its metadata says,

@@ -192,6 +192,14 @@ pub enum Effect {
         key: (u64, u64),
         limit: RuntimeLimit,
     },
+    /// A new instance is this Kubernetes container (its runtime's metadata says so): kept
+    /// with the instance, and exported per container ([`crate::model::containers`]).
+    ContainerNames {
+        /// The instance's key: (started_at_ms, cgroup_id).
+        key: (u64, u64),
+        function: String,
+        names: crate::model::containers::KubernetesNames,
+    },
     /// A new instance: write its function's limits if the mode says so, and answer before the
     /// next event: [`Effect::LimitsInForce`] when they were written, else
     /// [`Tracker::enforced`] (the record is saved then, with the limits it got).
@@ -273,11 +281,19 @@ impl TrackerStats {
     }
 }
 
-/// A cgroup the rules made an instance of, and the memory limit its container's runtime
-/// metadata gave (rules with `metadata`).
+/// A cgroup the rules made an instance of, and what its container's runtime metadata said
+/// (rules with `metadata`).
 struct Named {
     identity: Identity,
-    metadata_limit: Option<u64>,
+    metadata: MetadataFacts,
+}
+
+/// What a container's runtime metadata said besides its labels' names: the memory limit the
+/// runtime gave it, and its names in Kubernetes.
+#[derive(Debug, Default)]
+pub(super) struct MetadataFacts {
+    limit: Option<u64>,
+    kubernetes: Option<crate::model::containers::KubernetesNames>,
 }
 
 /// A cgroup whose rule waits for its container's metadata file (written by the runtime after

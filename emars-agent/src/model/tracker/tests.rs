@@ -299,6 +299,73 @@ fn a_new_instance_keeps_its_runtime_limit_before_its_limits() {
     assert_eq!(runtime_limit(&fx), None, "{fx:?}");
 }
 
+/// A new instance whose container's metadata names it in Kubernetes is named so (once, when
+/// it opens, also after waiting for the file); one without the names, or resumed, is not.
+#[test]
+fn a_kubernetes_container_is_named_when_it_opens() {
+    let table = Table::default();
+    let mut t = runc_tracker(&table);
+    let named = |fx: &[Effect]| -> Vec<((u64, u64), String, String)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::ContainerNames {
+                    key,
+                    function,
+                    names,
+                } => Some((
+                    *key,
+                    function.clone(),
+                    format!("{}/{}/{}", names.namespace, names.pod, names.container),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let k8s = [
+        ("fn", "f"),
+        ("io.kubernetes.pod.namespace", "shop"),
+        ("io.kubernetes.pod.name", "resize-1"),
+        ("io.kubernetes.container.name", "resize"),
+    ];
+    table.add("/docker/aa", 70);
+    label_file(&table, "aa", &k8s);
+    let fx = t.apply(mkdir(70, "/docker/aa"), 1_000, 1);
+    assert_eq!(
+        named(&fx),
+        [(
+            (1_000, 70),
+            "f".to_string(),
+            "shop/resize-1/resize".to_string()
+        )]
+    );
+    // Its file written after the mkdir: named when the instance opens.
+    table.add("/docker/bb", 71);
+    let fx = t.apply(mkdir(71, "/docker/bb"), 1_100, 2);
+    assert!(named(&fx).is_empty(), "{fx:?}");
+    label_file(&table, "bb", &k8s);
+    let fx = t.settle_pending(1_200);
+    assert_eq!(named(&fx).len(), 1, "{fx:?}");
+    // No Kubernetes names.
+    table.add("/docker/cc", 72);
+    label_file(&table, "cc", &[("fn", "f")]);
+    assert!(named(&t.apply(mkdir(72, "/docker/cc"), 1_300, 3)).is_empty());
+    // Resumed: its names were kept with it.
+    table.add("/docker/dd", 73);
+    label_file(&table, "dd", &k8s);
+    let mut resumed = t.live_record(70).unwrap().clone();
+    resumed.cgroup_id = 73;
+    let fx = t.add_cgroup(
+        73,
+        "/docker/dd",
+        1_000,
+        Some(resumed),
+        Found::Existing {
+            new_since_start: false,
+        },
+    );
+    assert!(named(&fx).is_empty(), "{fx:?}");
+}
+
 /// After a kill -9 that came before a new instance's record was saved, the next agent sees
 /// the cgroup as new; the memory.max in it is the last agent's own write (the audit says
 /// so), not a runtime's limit. A value the audit does not name still is one.
@@ -804,6 +871,7 @@ fn drain_runs_answers_before_the_rest() {
             Effect::AddHour { .. } => "hour",
             Effect::Recompute { .. } => "recompute",
             Effect::RuntimeLimit { .. } => "runtime limit",
+            Effect::ContainerNames { .. } => "container names",
             Effect::LimitsInForce { .. } => "limits in force",
         });
         match e {
@@ -823,6 +891,7 @@ fn kind(e: &Effect) -> (&'static str, u64) {
         Effect::AddHour { .. } => ("hour", 0),
         Effect::Recompute { .. } => ("recompute", 0),
         Effect::RuntimeLimit { key, .. } => ("runtime limit", key.1),
+        Effect::ContainerNames { key, .. } => ("container names", key.1),
         Effect::LimitsInForce { cgroup_id, .. } => ("limits in force", *cgroup_id),
     }
 }
