@@ -932,3 +932,13 @@ pub fn bar_chart(
         bars,
     }
 }
+
+/// A command-line flag's number (the benchmarks' and the replay's options).
+pub fn flag_number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let v = value.ok_or_else(|| anyhow!("{flag} needs a value"))?;
+    v.parse()
+        .map_err(|e| anyhow!("{flag} takes a number, got {v:?}: {e}"))
+}

@@ -25,16 +25,15 @@
 
 use std::{
     collections::BTreeMap,
-    fmt::Display,
     fs,
     path::Path,
-    str::FromStr,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use emars_tests::flag_number as number;
 use emars_tests::{
     agent_bin, alloc_bin, close_to_watermark, run_alloc, spawn_alloc, Agent, Hierarchy, TestRoot,
     Version, MIB,
@@ -123,15 +122,6 @@ impl Opts {
         }
         Ok(o)
     }
-}
-
-fn number<T: FromStr>(flag: &str, value: Option<String>) -> Result<T>
-where
-    T::Err: Display,
-{
-    let v = value.ok_or_else(|| anyhow!("{flag} needs a value"))?;
-    v.parse()
-        .map_err(|e| anyhow!("{flag} takes a number, got {v:?}: {e}"))
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

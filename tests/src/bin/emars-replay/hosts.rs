@@ -228,10 +228,8 @@ pub fn place(fns: &[(&Function, Vec<Instance>)], hosts: usize, spread: Spread) -
     }
 }
 
-fn place_by_timing(fns: &[(&Function, Vec<Instance>)], hosts: usize) -> Vec<Vec<usize>> {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    let mut host_of: Vec<Vec<usize>> = fns.iter().map(|(_, i)| vec![0; i.len()]).collect();
+/// Every instance as (start, function, instance), in start order: the replay's time line.
+pub fn start_order(fns: &[(&Function, Vec<Instance>)]) -> Vec<(u64, usize, usize)> {
     let mut order: Vec<(u64, usize, usize)> = fns
         .iter()
         .enumerate()
@@ -243,6 +241,14 @@ fn place_by_timing(fns: &[(&Function, Vec<Instance>)], hosts: usize) -> Vec<Vec<
         })
         .collect();
     order.sort_unstable();
+    order
+}
+
+fn place_by_timing(fns: &[(&Function, Vec<Instance>)], hosts: usize) -> Vec<Vec<usize>> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut host_of: Vec<Vec<usize>> = fns.iter().map(|(_, i)| vec![0; i.len()]).collect();
+    let order = start_order(fns);
     let mut running = vec![0u32; hosts];
     let mut given = vec![0u64; hosts];
     // Per function, its idle containers (idle since, host), oldest first.

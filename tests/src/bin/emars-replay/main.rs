@@ -74,11 +74,7 @@
 //! run. An `oracle` line (limit = the instance's own peak) shows the floor of what any policy
 //! could reserve.
 
-use std::{
-    fmt::Display,
-    str::FromStr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use emars_agent::model::Limits;
@@ -90,6 +86,7 @@ use emars_agent::policy::recommend::{
     PolicyParams, Recommendation, Sample,
 };
 use emars_tests::azure::{data_dir, inverse_cdf, load, Function, SplitMix64};
+use emars_tests::flag_number as number;
 
 mod hosts;
 
@@ -154,9 +151,9 @@ struct Opts {
     fleet: hosts::FleetTiming,
 }
 
-impl Opts {
-    fn parse() -> Result<Self> {
-        let mut o = Opts {
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
             cap: DEFAULT_CAP,
             seed: DEFAULT_SEED,
             real_hour: false,
@@ -165,7 +162,13 @@ impl Opts {
             hosts: 1,
             spread: hosts::Spread::RoundRobin,
             fleet: hosts::FleetTiming::default(),
-        };
+        }
+    }
+}
+
+impl Opts {
+    fn parse() -> Result<Self> {
+        let mut o = Opts::default();
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
@@ -208,15 +211,6 @@ impl Opts {
         }
         Ok(o)
     }
-}
-
-fn number<T: FromStr>(flag: &str, value: Option<String>) -> Result<T>
-where
-    T::Err: Display,
-{
-    let v = value.ok_or_else(|| anyhow!("{flag} needs a value"))?;
-    v.parse()
-        .map_err(|e| anyhow!("{flag} takes a number, got {v:?}: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,17 +627,7 @@ fn replay_on(
 ) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let mut order: Vec<(u64, usize, usize)> = fns
-        .iter()
-        .enumerate()
-        .flat_map(|(f, (_, insts))| {
-            insts
-                .iter()
-                .enumerate()
-                .map(move |(i, x)| (x.start_ms, f, i))
-        })
-        .collect();
-    order.sort_unstable();
+    let order = hosts::start_order(fns);
     let mut states: Vec<Vec<FnState>> = (0..placement.hosts)
         .map(|_| (0..fns.len()).map(|_| FnState::default()).collect())
         .collect();
@@ -1289,12 +1273,7 @@ mod tests {
         let opts = Opts {
             cap: 200,
             seed: 1,
-            real_hour: false,
-            host_gib: 0.0,
-            plots: None,
-            hosts: 1,
-            spread: hosts::Spread::RoundRobin,
-            fleet: hosts::FleetTiming::default(),
+            ..Opts::default()
         };
         let insts = instances(&f, 0, &opts);
         assert_eq!(insts.len(), 200);
