@@ -41,6 +41,7 @@ pub fn render_info(v: &AgentInfo) -> String {
     info_model(&mut out, v);
     info_reactive(&mut out, v);
     info_policy(&mut out, v);
+    info_fleet(&mut out, v);
     info_programs(&mut out, v);
     info_lists(&mut out, v);
     out
@@ -230,6 +231,31 @@ fn info_policy(out: &mut String, v: &AgentInfo) {
             e.max_mkdir_to_write_us
         );
     }
+}
+
+/// Fleet learning: its state, and why the agent is on local history when it is.
+fn info_fleet(out: &mut String, v: &AgentInfo) {
+    let f = &v.fleet;
+    if f.state.is_empty() {
+        return; // an agent from before fleet learning
+    }
+    let mut line = format!("  fleet:            {}", clean(&f.state));
+    if f.in_use {
+        let _ = write!(
+            line,
+            "; {} functions, {:.0} samples from {}",
+            f.functions,
+            f.samples,
+            clean(&f.prometheus_url)
+        );
+        if let Some(age) = f.age_s {
+            let _ = write!(line, ", {age} s old");
+        }
+    }
+    if let Some(why) = &f.reason {
+        let _ = write!(line, " ({})", clean(why));
+    }
+    let _ = writeln!(out, "{line}");
 }
 
 /// The kernel programs, as a table.
@@ -734,6 +760,28 @@ long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB
         info.features.insert("btf".into(), true);
         info.features.insert("memory.peak\x1b[31m".into(), false);
         assert!(!render_info(&info).contains("!! store"));
+        assert!(
+            !render_info(&info).contains("fleet:"),
+            "nothing said by an older agent"
+        );
+        info.fleet = crate::model::FleetInfo {
+            state: "failing".into(),
+            reason: Some("http://p:9090/api/v1/query: Connection refused".into()),
+            prometheus_url: "http://p:9090".into(),
+            in_use: true,
+            functions: 12,
+            samples: 340.0,
+            age_s: Some(75),
+            ..Default::default()
+        };
+        assert!(
+            render_info(&info).contains(
+                "  fleet:            failing; 12 functions, 340 samples from http://p:9090, 75 s \
+                 old (http://p:9090/api/v1/query: Connection refused)\n"
+            ),
+            "{}",
+            render_info(&info)
+        );
         info.store_moved_aside = Some(crate::model::StoreMovedAside {
             path: "/var/lib/emars/store.corrupt-1700000000".into(),
             reason: "sled: corrupted log".into(),
