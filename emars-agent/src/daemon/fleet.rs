@@ -51,7 +51,7 @@ fn fetch(
     config: &FleetConfig,
     agent_id: &str,
     max_functions: usize,
-) -> Result<FleetView, FetchError> {
+) -> Result<(FleetView, Option<String>), FetchError> {
     let url = format!(
         "{}/api/v1/query",
         config.prometheus_url.trim_end_matches('/')
@@ -67,15 +67,21 @@ fn fetch(
                 source,
             }
         })?;
+    // The OOM kills are a second query: its failure is said, the peaks kept.
+    let mut oom_failed = None;
     if let Some(oom_query) = config.oom_query_for(agent_id) {
-        let body = answer(&oom_query)?;
-        view.add_oom_answer(&body)
-            .map_err(|source| FetchError::Answer {
-                url: url.clone(),
-                source,
-            })?;
+        let added = answer(&oom_query).and_then(|body| {
+            view.add_oom_answer(&body)
+                .map_err(|source| FetchError::Answer {
+                    url: url.clone(),
+                    source,
+                })
+        });
+        if let Err(e) = added {
+            oom_failed = Some(format!("oom_query: {e}"));
+        }
     }
-    Ok(view)
+    Ok((view, oom_failed))
 }
 
 /// One query's answer, at most `max_bytes` of it.
@@ -147,7 +153,7 @@ impl Fetcher {
         }
         status.state = "waiting".into();
         status.reason = None;
-        status.prometheus_url = config.prometheus_url.clone();
+        status.prometheus_url = config.shown_url();
         publish(&info, &status);
         Some(Fetcher {
             config,
@@ -180,21 +186,25 @@ impl Fetcher {
         );
         let policy = self.policy.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let view = Arc::new(fetch(&config, &agent_id, max)?);
+            let (view, oom_failed) = fetch(&config, &agent_id, max)?;
+            let view = Arc::new(view);
             if let Err(e) = policy.set_fleet(Some(view.clone()), now_ms()) {
                 tracing::warn!("fleet view: recomputing recommendations: {e}");
             }
-            Ok::<_, FetchError>(view)
+            Ok::<_, FetchError>((view, oom_failed))
         })
         .await;
         let now = now_ms();
         self.status.last_attempt_ms = Some(now);
         self.status.last_fetch_ms = Some(started.elapsed().as_millis() as u64);
         match outcome {
-            Ok(Ok(view)) => {
+            Ok(Ok((view, oom_failed))) => {
+                if let Some(why) = &oom_failed {
+                    tracing::warn!("fleet fetch: {}", self.config.redact(why));
+                }
                 let s = &mut self.status;
                 s.state = "ok".into();
-                s.reason = None;
+                s.reason = oom_failed.map(|why| self.config.redact(&why));
                 s.in_use = true;
                 s.functions = view.functions.len() as u64;
                 s.samples = view.samples();
@@ -208,7 +218,10 @@ impl Fetcher {
                     );
                 }
             }
-            Ok(Err(e)) => self.failed(e.to_string(), now).await,
+            Ok(Err(e)) => {
+                let why = self.config.redact(&e.to_string());
+                self.failed(why, now).await
+            }
             Err(e) => self.failed(format!("fetch task: {e}"), now).await,
         }
         self.status.age_s = self

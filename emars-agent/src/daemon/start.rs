@@ -226,7 +226,7 @@ fn start_fleet(
     )?;
     tracing::info!(
         "fleet learning from {} every {} s",
-        config.fleet.prometheus_url,
+        config.fleet.shown_url(),
         config.fleet.refresh_s
     );
     Some(AbortOnDrop(tokio::spawn(fetcher.run())))

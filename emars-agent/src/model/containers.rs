@@ -134,13 +134,11 @@ impl Containers {
         }
     }
 
-    /// The series now: those that ended before the window are dropped first. Sorted by
-    /// namespace, pod, container.
+    /// The series now, in no order (see [`sorted`]): those that ended before the window are
+    /// dropped first.
     pub fn current(&mut self, now_ms: u64) -> Vec<ContainerPeak> {
         self.forget_ended(now_ms);
-        let mut out: Vec<ContainerPeak> = self.by_instance.values().cloned().collect();
-        out.sort_by(|a, b| a.names.cmp_key().cmp(&b.names.cmp_key()));
-        out
+        self.by_instance.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -176,8 +174,10 @@ impl Containers {
     }
 
     fn forget_ended(&mut self, now_ms: u64) {
-        self.by_instance
-            .retain(|_, c| c.ended_at_ms.is_none_or(|end| end + KEEP_ENDED_MS > now_ms));
+        self.by_instance.retain(|_, c| {
+            c.ended_at_ms
+                .is_none_or(|end| end.saturating_add(KEEP_ENDED_MS) > now_ms)
+        });
     }
 }
 
@@ -185,6 +185,12 @@ impl KubernetesNames {
     fn cmp_key(&self) -> (&str, &str, &str) {
         (&self.namespace, &self.pod, &self.container)
     }
+}
+
+/// Series sorted by namespace, pod, container (outside the lock that `current` is read under).
+pub fn sorted(mut series: Vec<ContainerPeak>) -> Vec<ContainerPeak> {
+    series.sort_by(|a, b| a.names.cmp_key().cmp(&b.names.cmp_key()));
+    series
 }
 
 #[cfg(test)]
@@ -293,7 +299,10 @@ mod tests {
         c.record(&record((4, 4), 1, Some(40)));
         assert!(c.name((u64::MAX, 0), "f", names("new"), 1, 60));
         assert_eq!(c.len(), MAX_CONTAINERS);
-        let pods: Vec<String> = c.current(60).into_iter().map(|p| p.names.pod).collect();
+        let pods: Vec<String> = sorted(c.current(60))
+            .into_iter()
+            .map(|p| p.names.pod)
+            .collect();
         assert!(pods.contains(&"p3".to_string()) && !pods.contains(&"p4".to_string()));
         assert!(pods.contains(&"new".to_string()));
     }

@@ -59,7 +59,7 @@ impl Default for FleetConfig {
             timeout_s: 10,
             query: DEFAULT_QUERY.to_owned(),
             oom_query: DEFAULT_OOM_QUERY.to_owned(),
-            max_response_bytes: 256 << 20,
+            max_response_bytes: 64 << 20,
         }
     }
 }
@@ -79,6 +79,31 @@ impl FleetConfig {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_s)
+    }
+
+    /// The URL as it may be shown (`/v1/info`, logs): without the user and password a URL may
+    /// carry for basic authentication, which no reader of the API may see.
+    pub fn shown_url(&self) -> String {
+        self.redact(&self.prometheus_url)
+    }
+
+    /// `text` (an error naming the URL) with the URL's credentials taken out.
+    pub fn redact(&self, text: &str) -> String {
+        match self.userinfo() {
+            Some(userinfo) => text.replace(userinfo, ""),
+            None => text.to_owned(),
+        }
+    }
+
+    /// `user:password@` of `scheme://user:password@host/...`, if there is one.
+    fn userinfo(&self) -> Option<&str> {
+        let url = &self.prometheus_url;
+        let after_scheme = url.find("://")? + 3;
+        let authority_end = url[after_scheme..]
+            .find('/')
+            .map_or(url.len(), |i| after_scheme + i);
+        let at = url[after_scheme..authority_end].rfind('@')? + after_scheme;
+        Some(&url[after_scheme..=at])
     }
 
     /// The query with this agent's id in place.
@@ -167,21 +192,14 @@ impl Exported {
 
 impl FleetPeaks {
     /// Exact peaks as Prometheus receives them from the exporters: each in its schema-4 bucket,
-    /// taken at the bucket's upper bound.
+    /// taken at the bucket's upper bound (zeros left out).
     pub fn of_values(peaks: impl IntoIterator<Item = u64>) -> Self {
         let mut by_index: std::collections::BTreeMap<i32, f64> = Default::default();
-        let mut zeros = 0.0;
-        for p in peaks {
-            if p == 0 {
-                zeros += 1.0;
-            } else {
-                *by_index.entry(native::bucket_index(p)).or_default() += 1.0;
-            }
+        // Zero is no peak: the exporter leaves it out (`NativePeaks::of`), so does the view.
+        for p in peaks.into_iter().filter(|p| *p > 0) {
+            *by_index.entry(native::bucket_index(p)).or_default() += 1.0;
         }
-        let mut buckets = Vec::with_capacity(by_index.len() + 1);
-        if zeros > 0.0 {
-            buckets.push((0, zeros));
-        }
+        let mut buckets = Vec::with_capacity(by_index.len());
         buckets.extend(
             by_index
                 .into_iter()
@@ -344,6 +362,9 @@ impl FleetView {
             let Some(function) = s.metric.get("function").cloned() else {
                 continue; // not per function: nothing to learn from
             };
+            if !usable_name(&function) {
+                continue; // no function of any host's store: nothing to learn
+            }
             if let Some((_, h)) = s.histogram {
                 let into = native.entry(function.clone()).or_default();
                 for (_, lower, upper, count) in &h.buckets {
@@ -365,10 +386,14 @@ impl FleetView {
             .into_iter()
             .map(|(f, b)| (f, FleetPeaks::from_buckets(b)))
             .collect();
+        // A function answered both ways counts once: its native histogram.
+        let answered: std::collections::HashSet<String> =
+            functions.iter().map(|(f, _)| f.clone()).collect();
         functions.extend(
             classic
                 .into_iter()
-                .map(|(f, cumulative)| (f, classic_peaks(cumulative))),
+                .filter(|(f, _)| !answered.contains(f))
+                .filter_map(|(f, cumulative)| Some((f, classic_peaks(cumulative)?))),
         );
         functions.retain(|(_, p)| !p.is_empty());
         let mut left_out = 0;
@@ -395,6 +420,9 @@ impl FleetView {
             let (Some(function), Some((_, v))) = (s.metric.get("function"), s.value) else {
                 continue;
             };
+            if !usable_name(function) {
+                continue;
+            }
             let bytes = number(function, "value", &v)?;
             if !(bytes > 0.0 && bytes.is_finite()) {
                 continue;
@@ -435,14 +463,16 @@ impl FleetView {
 /// Classic cumulative buckets to per-bucket counts at their upper bounds. The `+Inf` bucket's
 /// samples lie above every finite bound: they are taken at the largest one (the exporter's
 /// last bound is far above any function's peaks; said in docs/metrics.md).
-fn classic_peaks(mut cumulative: Vec<(f64, f64)>) -> FleetPeaks {
+fn classic_peaks(mut cumulative: Vec<(f64, f64)>) -> Option<FleetPeaks> {
+    // Bounds that are no size (NaN, negative, zero) say nothing of a peak.
+    cumulative.retain(|(le, _)| *le > 0.0);
     cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Without a finite bound the samples have no size at all: nothing to learn.
     let largest_finite = cumulative
         .iter()
         .rev()
         .find(|(le, _)| le.is_finite())
-        .map(|(le, _)| *le)
-        .unwrap_or(0.0);
+        .map(|(le, _)| *le)?;
     let mut below = 0.0;
     let mut buckets = Vec::with_capacity(cumulative.len());
     for (le, total) in cumulative {
@@ -453,7 +483,13 @@ fn classic_peaks(mut cumulative: Vec<(f64, f64)>) -> FleetPeaks {
         let at = if le.is_finite() { le } else { largest_finite };
         buckets.push((bound_bytes(at), n));
     }
-    FleetPeaks::from_buckets(buckets)
+    Some(FleetPeaks::from_buckets(buckets))
+}
+
+/// A name some host's store could hold (the store refuses empty names and NUL bytes): one it
+/// could not is skipped, not carried into every recomputation.
+fn usable_name(function: &str) -> bool {
+    !function.is_empty() && !function.contains('\0')
 }
 
 #[cfg(test)]
@@ -464,16 +500,13 @@ mod tests {
 
     #[test]
     fn peaks_go_to_their_bucket_upper_bounds_never_below() {
-        let peaks = [100 * MIB, 100 * MIB + 1, 101 * MIB, 200 * MIB, 0];
-        let f = FleetPeaks::of_values(peaks);
-        assert_eq!(f.count, 5.0);
+        let peaks = [100 * MIB, 100 * MIB + 1, 101 * MIB, 200 * MIB];
+        let f = FleetPeaks::of_values(peaks.into_iter().chain([0]));
+        assert_eq!(f.count, 4.0, "zero is no peak");
         let total: f64 = f.buckets.iter().map(|(_, n)| n).sum();
-        assert_eq!(total, 5.0);
+        assert_eq!(total, 4.0);
         for p in peaks {
-            let at = match p {
-                0 => 0,
-                _ => native::upper_bound_bytes(native::bucket_index(p)),
-            };
+            let at = native::upper_bound_bytes(native::bucket_index(p));
             assert!(f.buckets.iter().any(|(v, _)| *v == at), "{p} → {at}");
             assert!(at >= p && (at as f64) <= p as f64 * 1.0444 + 1.0);
         }
@@ -558,6 +591,35 @@ mod tests {
     }
 
     #[test]
+    fn names_no_store_holds_and_sizeless_buckets_are_skipped() {
+        let body = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"function":""},"histogram":[1,{"buckets":[[0,"1","2","1"]]}]},
+            {"metric":{"function":"a\u0000"},"histogram":[1,{"buckets":[[0,"1","2","1"]]}]},
+            {"metric":{"function":"inf-only","le":"+Inf"},"value":[1,"5"]},
+            {"metric":{"function":"neg","le":"-1"},"value":[1,"5"]},
+            {"metric":{"function":"neg","le":"+Inf"},"value":[1,"5"]},
+            {"metric":{"function":"both"},"histogram":[1,{"buckets":[[0,"1","2","1"]]}]},
+            {"metric":{"function":"both","le":"4"},"value":[1,"7"]}
+        ]}}"#;
+        let v = FleetView::from_answer(body, 0, 100).unwrap();
+        let mut names: Vec<&str> = v.functions.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["both"]);
+        assert_eq!(
+            v.peaks("both").unwrap().count,
+            1.0,
+            "the native answer, once"
+        );
+        let mut v = v;
+        v.add_oom_answer(
+            br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"function":""},"value":[1,"5"]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(v.functions.len(), 1);
+    }
+
+    #[test]
     fn keeps_the_functions_with_most_samples_under_the_cap() {
         let body = br#"{"status":"success","data":{"resultType":"vector","result":[
             {"metric":{"function":"small"},"histogram":[1,{"buckets":[[0,"1","2","1"]]}]},
@@ -614,6 +676,25 @@ mod tests {
         assert!(with(|c| c.max_response_bytes = 10)
             .unwrap_err()
             .contains("max_response_bytes"));
+        let secret = FleetConfig {
+            prometheus_url: "https://emars:s3cret@mimir.example:443/prometheus".into(),
+            ..Default::default()
+        };
+        assert_eq!(secret.shown_url(), "https://mimir.example:443/prometheus");
+        assert_eq!(
+            secret
+                .redact("https://emars:s3cret@mimir.example:443/prometheus/api/v1/query: refused"),
+            "https://mimir.example:443/prometheus/api/v1/query: refused"
+        );
+        let plain = FleetConfig {
+            prometheus_url: "http://p:9090/a@b".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            plain.shown_url(),
+            "http://p:9090/a@b",
+            "an @ in the path is no user"
+        );
         let c = FleetConfig::default();
         assert_eq!(
             c.query_for("abc"),

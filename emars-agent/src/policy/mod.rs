@@ -183,6 +183,9 @@ impl Policy {
             Ok(mut f) => std::mem::replace(&mut *f, view.clone()),
             Err(_) => return Ok(()),
         };
+        let peaks = |v: &Option<Arc<fleet::FleetView>>, f: &str| {
+            v.as_ref().and_then(|v| v.peaks(f).cloned())
+        };
         let names = |v: &Option<Arc<fleet::FleetView>>| -> Vec<String> {
             v.as_ref()
                 .map(|v| v.functions.keys().cloned().collect())
@@ -190,10 +193,18 @@ impl Policy {
         };
         let mut touched: std::collections::BTreeSet<String> = names(&old).into_iter().collect();
         touched.extend(names(&view));
+        // Only the functions whose fleet peaks changed; one that cannot be computed does not
+        // keep the others from their new limits (the first error is returned at the end).
+        let mut first_error = None;
         for f in &touched {
-            self.compute(f, now_ms)?;
+            if peaks(&old, f) == peaks(&view, f) {
+                continue;
+            }
+            if let Err(e) = self.compute(f, now_ms) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The bump of `function`'s most recent OOM kill younger than one half-life on this host
@@ -284,6 +295,7 @@ impl Policy {
         let samples = self.store.samples(function, now_ms)?;
         let params = params_of(&self.config.for_function(function));
         let fleet = self.fleet_peaks(function);
+        let local = !samples.is_empty();
         let rec = recommend_blended(
             function,
             &samples,
@@ -292,7 +304,12 @@ impl Policy {
             now_ms,
             self.host_memory,
         );
-        self.compute_fit(function)?;
+        if local {
+            self.compute_fit(function)?;
+        } else if let Ok(mut f) = self.fits.write() {
+            // No instance here (a fleet-only function): nothing to fit, nothing to keep.
+            f.remove(function);
+        }
         if let Ok(mut c) = self.cache.write() {
             match &rec {
                 Some(r) => {
@@ -318,13 +335,15 @@ impl Policy {
                 out.push(r);
             }
         }
-        // Configured functions and those the fleet knows have limits before any instance here.
+        // Configured functions and those the fleet knows have limits before any instance here
+        // (the view read once, not under the cache's lock).
+        let fleet = self.fleet.read().ok().and_then(|f| f.clone());
         let known_elsewhere = |f: &str| {
             self.config
                 .functions
                 .iter()
                 .any(|c| c.name.as_deref() == Some(f))
-                || self.fleet_peaks(f).is_some()
+                || fleet.as_ref().is_some_and(|v| v.peaks(f).is_some())
         };
         // Known before the loop or now: a function is known before it is computed, so one
         // computed meanwhile is in the second list, which is read without the cache held (the
@@ -336,6 +355,9 @@ impl Policy {
             names.iter().chain(&now_known).map(String::as_str).collect();
         if let Ok(mut c) = self.cache.write() {
             c.retain(|f, _| known.contains(f.as_str()) || known_elsewhere(f));
+        }
+        if let Ok(mut fits) = self.fits.write() {
+            fits.retain(|f, _| known.contains(f.as_str()));
         }
         self.prior_stale.store(true, Ordering::Release);
         Ok(out)

@@ -535,6 +535,9 @@ pub struct History {
     /// The bumped value of the most recent OOM kill younger than one half-life (among
     /// equally recent ones, the larger bump).
     pub recent_oom_bytes: Option<u64>,
+    /// The histogram weight of a sample taken now (1 without samples): the histogram's weights
+    /// are relative to its newest sample, so a fresh sample from elsewhere weighs this much.
+    pub now_weight: f64,
 }
 
 impl History {
@@ -564,11 +567,15 @@ impl History {
             Some(r) => histogram.total_weight() * decay_weight(r, now_ms, half_life),
             None => 0.0,
         };
+        // Capped: a history many half-lives old would overflow it; by then it counts for
+        // nothing beside a fresh sample anyway.
+        let now_weight = ref_ms.map_or(1.0, |r| decay_weight(now_ms, r, half_life).min(1e12));
         History {
             histogram,
             effective_samples,
             oom_kills,
             recent_oom_bytes: recent_oom.map(|(_, bumped)| bumped),
+            now_weight,
         }
     }
 
@@ -578,7 +585,7 @@ impl History {
     /// too (the larger bump wins), so a function is not killed once per host.
     pub fn add_fleet(&mut self, fleet: &FleetPeaks) -> f64 {
         for &(bytes, count) in &fleet.buckets {
-            self.histogram.add(bytes, count);
+            self.histogram.add(bytes, count * self.now_weight);
         }
         self.effective_samples += fleet.count;
         self.recent_oom_bytes = self.recent_oom_bytes.max(fleet.recent_oom_bytes);
@@ -872,6 +879,25 @@ mod tests {
         assert!(calm.max_bytes < 130 * mib, "{calm:?}");
         assert_eq!(r.max_bytes, page_up(oom_bump(300 * mib)), "{r:?}");
         assert_eq!(r.oom_bump_bytes, Some(page_up(oom_bump(300 * mib))));
+    }
+
+    #[test]
+    fn a_fleet_sample_weighs_what_a_fresh_local_one_weighs() {
+        let params = PolicyParams::default();
+        let mib = 1u64 << 20;
+        let day = 86_400_000;
+        // 100 local samples 5 half-lives old (effective ~3) against 30 fresh fleet ones: the
+        // fleet's peaks are the median.
+        let local: Vec<Sample> = (0..100)
+            .map(|i| peak(NOW - 5 * day - i, 100 * mib))
+            .collect();
+        let fleet = FleetPeaks::of_values((0..30).map(|_| 300 * mib));
+        let r = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        assert!(r.p50_bytes >= 300 * mib, "{r:?}");
+        // The same 100 fresh: theirs.
+        let local: Vec<Sample> = (0..100).map(|i| peak(NOW - i, 100 * mib)).collect();
+        let r = recommend_blended("f", &local, Some(&fleet), &params, NOW, 0).unwrap();
+        assert!(r.p50_bytes < 110 * mib, "{r:?}");
     }
 
     #[test]

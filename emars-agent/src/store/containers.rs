@@ -35,7 +35,8 @@ impl Store {
 
     /// Every container's series now (live ones, and those ended in the last minutes).
     pub fn container_peaks(&self, now_ms: u64) -> Vec<ContainerPeak> {
-        self.containers().current(now_ms)
+        let series = self.containers().current(now_ms);
+        crate::model::containers::sorted(series)
     }
 
     /// Containers not exported for want of room since the store opened.

@@ -125,13 +125,6 @@ impl<C: Cgroups> Tracker<C> {
                     limit,
                 });
             }
-            if let Some(names) = named.metadata.kubernetes {
-                out.push(Effect::ContainerNames {
-                    key: (started_at_ms, id),
-                    function: identity.function.clone(),
-                    names,
-                });
-            }
         }
         let mut rec = resumed.unwrap_or_else(|| InstanceRecord {
             function: identity.function.clone(),
@@ -171,6 +164,15 @@ impl<C: Cgroups> Tracker<C> {
             out.push(Effect::Enforce {
                 record: rec.clone(),
                 mkdir_ts_ns,
+            });
+        }
+        // After the limits: keeping the names takes the store's locks, which a limit write
+        // has no reason to wait for (the peak starts at 0; each record write updates it).
+        if let Some(names) = named.metadata.kubernetes.filter(|_| fresh) {
+            out.push(Effect::ContainerNames {
+                key: (started_at_ms, id),
+                function: identity.function.clone(),
+                names,
             });
         }
         self.refresh_watermark(&mut rec, true);
