@@ -157,6 +157,15 @@ fn cpu() -> std::time::Duration {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
+/// Gives free heap memory back to the kernel (glibc; musl's allocator has no such call).
+fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -214,8 +223,6 @@ fn main() -> Result<()> {
     println!("compute_all, local history alone (baseline): {base_ms:.1} ms median ({base_cpu:.1} ms CPU)");
 
     // Resident memory the view keeps: measured after the parse's garbage is given back.
-    // SAFETY: malloc_trim only returns free heap memory to the kernel.
-    let trim = || unsafe { libc::malloc_trim(0) };
     trim();
     let before = rss_bytes();
     let view = Arc::new(FleetView::from_answer(answer.as_bytes(), now, usize::MAX)?);
