@@ -698,14 +698,17 @@ impl ProbesConfig {
             if self.disable[..i].contains(name) {
                 return Err(invalid(&key, name, "is listed twice"));
             }
-            if !emars_common::names::PROGRAMS.contains(&name.as_str()) {
+            let known = || {
+                emars_common::names::PROGRAMS
+                    .iter()
+                    .chain([&emars_common::names::NET_INGRESS])
+            };
+            if !known().any(|p| p == name) {
+                let known: Vec<&str> = known().copied().collect();
                 return Err(invalid(
                     &key,
                     name,
-                    format!(
-                        "is not a program of EMARS; known: {}",
-                        emars_common::names::PROGRAMS.join(", ")
-                    ),
+                    format!("is not a program of EMARS; known: {}", known.join(", ")),
                 ));
             }
         }

@@ -4,6 +4,9 @@
 //! buffer, the user side reads it byte for byte. The `user` feature adds `aya::Pod` impls.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 /// Bytes of a cgroup path or exec filename carried in an [`Event`].
 pub const EVENT_NAME_LEN: usize = 256;
 /// Bytes of a watched-root prefix (path relative to the hierarchy root, e.g. `/emars`).
@@ -23,6 +26,9 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const NET_COUNTS: &str = "NET_COUNTS";
+    /// The program attached to the watched roots' cgroups (cgroup v2), not to a tracepoint.
+    pub const NET_INGRESS: &str = "net_ingress";
     /// Every program of emars-ebpf (the function names in emars-ebpf/src/main.rs).
     pub const PROGRAMS: [&str; 10] = [
         "cgroup_mkdir",
@@ -145,6 +151,78 @@ pub struct MemState {
     pub peak: i64,
     /// `peak` when the last MemPeak event was sent.
     pub reported: i64,
+}
+
+/// What the cgroup_skb ingress program counted for one cgroup (cgroup v2 id, the directory's
+/// inode in the unified hierarchy): the `NET_COUNTS` map's value. Totals since the cgroup's
+/// first packet; the agent keeps its last reading and adds the difference to the hour.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct NetCounts {
+    /// Inbound TCP connection requests (SYN without ACK) to a listening socket of the cgroup.
+    pub connections: u64,
+    /// Inbound TCP segments whose first payload bytes start an HTTP/1.x request line
+    /// (`GET `, `POST `, ...): each request of a keep-alive connection counts.
+    pub requests: u64,
+}
+
+/// Bytes of a segment's payload the request-line test reads: the longest method and its space.
+pub const REQUEST_HEAD_LEN: usize = 8;
+
+/// The HTTP/1.x methods (RFC 9110 section 9) and the space after them, as the first bytes of a
+/// request line.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// A method's bytes as the low bytes of a little-endian word, and the mask that selects them.
+const fn method_word(m: &[u8]) -> (u64, u64) {
+    let mut word = 0u64;
+    let mut i = 0;
+    while i < m.len() {
+        word |= (m[i] as u64) << (8 * i);
+        i += 1;
+    }
+    let mask = if m.len() >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * m.len())) - 1
+    };
+    (word, mask)
+}
+
+const METHOD_WORDS: [(u64, u64); 9] = {
+    let mut out = [(0, 0); 9];
+    let mut i = 0;
+    while i < METHODS.len() {
+        out[i] = method_word(METHODS[i]);
+        i += 1;
+    }
+    out
+};
+
+/// Whether a TCP payload whose first [`REQUEST_HEAD_LEN`] bytes are `head` (read as a
+/// little-endian word) starts an HTTP/1.x request line: a method and its space. Nine compares,
+/// no loop the verifier has to bound: the in-kernel test of every inbound segment.
+#[inline(always)]
+pub fn starts_request_line(head: u64) -> bool {
+    let mut i = 0;
+    while i < METHOD_WORDS.len() {
+        let (word, mask) = METHOD_WORDS[i];
+        if head & mask == word {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Indexes of the `COUNTERS` per-CPU array.
@@ -274,4 +352,48 @@ mod pod {
     unsafe impl aya::Pod for super::MemState {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::RunSettings {}
+    unsafe impl aya::Pod for super::NetCounts {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::string::String;
+
+    use super::*;
+
+    fn head(bytes: &[u8]) -> u64 {
+        let mut b = [0u8; REQUEST_HEAD_LEN];
+        let n = bytes.len().min(REQUEST_HEAD_LEN);
+        b[..n].copy_from_slice(&bytes[..n]);
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn request_lines_are_told_from_other_payloads() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /invoke HTTP/1.1\r\n",
+            b"PUT /x HTTP/1.0\r\n",
+            b"HEAD / HTTP/1.1\r\n",
+            b"DELETE /k HTTP/1.1\r\n",
+            b"PATCH /k HTTP/1.1\r\n",
+            b"OPTIONS * HTTP/1.1\r\n",
+            b"CONNECT host:443 HTTP/1.1\r\n",
+            b"TRACE / HTTP/1.1\r\n",
+        ] {
+            assert!(starts_request_line(head(line)), "{}", String::from_utf8_lossy(line));
+        }
+        for other in [
+            &b"HTTP/1.1 200 OK\r\n"[..],
+            b"PRI * HTTP/2.0\r\n",
+            b"GETS / HTTP/1.1",
+            b"get / HTTP/1.1",
+            b"{\"GET \": 1}",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01",
+            b"POSTX /",
+            b"",
+        ] {
+            assert!(!starts_request_line(head(other)), "{}", String::from_utf8_lossy(other));
+        }
+    }
 }

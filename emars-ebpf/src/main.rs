@@ -18,17 +18,17 @@ use core::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_skb_cgroup_id,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
     EbpfContext,
 };
 use emars_common::{
-    counter, Event, EventHeader, EventKind, MemState, MemcgTpOffsets, ProbeConfig, RunSettings,
-    WatchRoot, DEFAULT_PEAK_STEP_BYTES, EVENT_HEADER_LEN, EVENT_NAME_LEN, MAX_MEMCG_ITEMS,
-    MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, starts_request_line, Event, EventHeader, EventKind, MemState, MemcgTpOffsets,
+    NetCounts, ProbeConfig, RunSettings, WatchRoot, DEFAULT_PEAK_STEP_BYTES, EVENT_HEADER_LEN,
+    EVENT_NAME_LEN, MAX_MEMCG_ITEMS, MAX_ROOTS, REQUEST_HEAD_LEN, ROOT_PREFIX_LEN,
 };
 
 #[no_mangle]
@@ -628,6 +628,118 @@ pub fn memcg_mod_memcg_state(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn memcg_mod_memcg_lruvec_state(ctx: TracePointContext) -> u32 {
     on_memcg_stat(&ctx, &cfg().memcg_lruvec)
+}
+
+/// Inbound connections and HTTP/1.x requests per cgroup v2 id, counted by `net_ingress`. LRU:
+/// the agent deletes an instance's entry once it has read it at rmdir; cgroups it never reads
+/// (not instances, or never joined on a hybrid host) are the ones evicted. Sized by the loader
+/// like `WATCHED`.
+#[map]
+static NET_COUNTS: LruHashMap<u64, NetCounts> = LruHashMap::with_max_entries(65536, 0);
+
+/// `ETH_P_IP`, `ETH_P_IPV6` (`__sk_buff.protocol` holds them in network byte order).
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// `BPF_NOEXIST`: create only.
+const NOEXIST: u64 = 1;
+
+/// Counts, for the cgroup of the socket a segment is delivered to, connection requests and
+/// HTTP/1.x request lines. Attached to each watched root's cgroup (v2) with BPF_F_ALLOW_MULTI,
+/// so it runs for the sockets of every cgroup below it, after and beside other tools'
+/// programs. Read-only: it always lets the packet through.
+///
+/// cgroup_skb ingress rather than sock_ops: one program sees both the SYN (at the listening
+/// socket) and each request's first bytes (sock_ops sees no payload), and
+/// bpf_skb_cgroup_id names the socket's own cgroup (sock_ops has no helper for it).
+#[cgroup_skb(ingress)]
+pub fn net_ingress(ctx: SkBuffContext) -> i32 {
+    count_segment(&ctx);
+    1
+}
+
+#[inline(always)]
+fn count_segment(ctx: &SkBuffContext) -> Option<()> {
+    // cgroup_skb programs see the packet from its network header.
+    let (l4, proto) = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(0).ok()?;
+            // A fragment after the first holds no TCP header.
+            let frag: u16 = ctx.load(6).ok()?;
+            if u16::from_be(frag) & 0x1fff != 0 {
+                return None;
+            }
+            (((vihl & 0x0f) as usize) * 4, ctx.load::<u8>(9).ok()?)
+        }
+        // Extension headers before TCP are not followed: rare on a server's inbound path.
+        ETH_P_IPV6 => (40, ctx.load::<u8>(6).ok()?),
+        _ => return None,
+    };
+    if proto != IPPROTO_TCP {
+        return None;
+    }
+    let off_flags: [u8; 2] = ctx.load(l4 + 12).ok()?;
+    let flags = off_flags[1];
+    if flags & TCP_SYN != 0 {
+        if flags & TCP_ACK == 0 {
+            add(ctx, NetCounts {
+                connections: 1,
+                requests: 0,
+            });
+        }
+        return None;
+    }
+    let payload = l4 + ((off_flags[0] >> 4) as usize) * 4;
+    if (ctx.len() as usize) < payload + REQUEST_HEAD_LEN {
+        return None;
+    }
+    let head: u64 = ctx.load(payload).ok()?;
+    if starts_request_line(u64::from_le(head)) {
+        add(ctx, NetCounts {
+            connections: 0,
+            requests: 1,
+        });
+    }
+    None
+}
+
+#[inline(always)]
+fn add(ctx: &SkBuffContext, one: NetCounts) {
+    // SAFETY: the context's own socket buffer.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if let Some(c) = NET_COUNTS.get_ptr_mut(&id) {
+        // SAFETY: `c` points into the map value; 8-byte aligned u64 fields. Atomic: segments
+        // of one cgroup arrive on several CPUs at once.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*c).connections,
+                one.connections,
+            );
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*c).requests,
+                one.requests,
+            );
+        }
+        return;
+    }
+    // First count of this cgroup; another CPU may have made the entry in between: add there.
+    if NET_COUNTS.insert(&id, &one, NOEXIST).is_err() {
+        if let Some(c) = NET_COUNTS.get_ptr_mut(&id) {
+            // SAFETY: as above.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*c).connections,
+                    one.connections,
+                );
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*c).requests,
+                    one.requests,
+                );
+            }
+        }
+    }
 }
 
 #[cfg(not(test))]

@@ -6,6 +6,7 @@
 
 pub mod azure;
 pub mod hosts;
+pub mod http;
 pub mod names;
 pub mod netns;
 pub mod oci;
@@ -242,6 +243,11 @@ impl TestRoot {
 impl Drop for TestRoot {
     fn drop(&mut self) {
         remove_tree(&self.dir);
+        // Instances made as runc makes them on a hybrid host ([`http::Sandbox`]), and the
+        // root an agent made there for its socket program.
+        if let Some(unified) = http::unified_beside(self) {
+            remove_tree(&unified.join(&self.rel[1..]));
+        }
         // Unpinning detaches the programs its agents left recording.
         if let Err(e) = fs::remove_dir_all(&self.pin_path) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -812,6 +818,8 @@ pub fn seed_store(path: &Path, functions: u64, days: u64, per_day: u64) -> Resul
                     high_bytes: Some(230 << 20),
                 },
                 input_bytes: None,
+                connections: 0,
+                requests: 0,
             };
             store.put_instance(&rec)?;
             let start_delta = HourDelta {

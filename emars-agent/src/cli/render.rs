@@ -983,6 +983,8 @@ fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0     
                 high_bytes: None,
             },
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         };
         let instances = [
             inst("i1", t0, Some(t0 + 1000), 10 << 20),

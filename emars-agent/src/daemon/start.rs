@@ -12,6 +12,7 @@ use crate::{
     clock::now_ms,
     config::Config,
     kernel::cgroupfs::MemoryHierarchy,
+    kernel::netcount::{NetCounter, NetHierarchy},
     kernel::notify::{PressureSignal, Signal},
     kernel::probes::{replaced::CarriedRing, Probes},
     kernel::ring::EventRing,
@@ -62,7 +63,8 @@ pub async fn run(
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
     // reports them first.
     let agent_start_ms = now_ms();
-    let (mut probes, mut ring, carried) = load_probes(&config, &hierarchy, &roots)?;
+    let (mut probes, mut ring, carried, net_counter) =
+        load_probes(&config, &hierarchy, &roots)?;
     let info = Arc::new(RwLock::new(info::at_start(
         &hierarchy,
         &roots,
@@ -72,10 +74,13 @@ pub async fn run(
     let (actuator, policy) = open_policy(&config, &hierarchy, &roots, &store);
     let (burst, signals) = start_burst_guard(&config, &hierarchy, &actuator, &policy, &store);
     let (squeeze, pressure) = start_squeeze(&config, &hierarchy, &roots, &actuator, &store, &burst);
-    let tracker = Tracker::new(hierarchy.clone(), registry)
+    let mut tracker = Tracker::new(hierarchy.clone(), registry)
         .with_metadata_wait_ms(config.cgroup.metadata_wait_ms)
         .with_admission(Box::new(store.clone()))
         .with_own_writes(recover::own_writes(&store));
+    if let Some(counter) = net_counter {
+        tracker = tracker.with_request_counts(Box::new(counter));
+    }
     let effects = Effects::new(store.clone())
         .with_policy(policy.clone(), actuator.clone())
         .with_reactive(burst, squeeze);
@@ -145,24 +150,37 @@ fn open_store(config: &Config) -> anyhow::Result<(Store, Option<StoreMovedAside>
 }
 
 /// The eBPF programs, attached before the scan of existing cgroups so that none created in
-/// between is missed; their ring, and the rings of a replaced kernel side.
+/// between is missed; their ring, the rings of a replaced kernel side, and the reader of the
+/// socket program's request counts (None: not counted in the kernel).
 fn load_probes(
     config: &Config,
     hierarchy: &MemoryHierarchy,
     roots: &[String],
-) -> anyhow::Result<(Probes, EventRing, Vec<CarriedRing>)> {
+) -> anyhow::Result<(Probes, EventRing, Vec<CarriedRing>, Option<NetCounter>)> {
     let enforce = config.policy.mode == EnforceMode::Enforce;
-    let mut probes =
-        Probes::load(hierarchy, &config.probes, roots, enforce).context("loading eBPF programs")?;
+    // The registry keeps the configured roots' order.
+    let created: Vec<(String, bool)> = roots
+        .iter()
+        .zip(&config.cgroup.roots)
+        .map(|(root, configured)| (root.clone(), configured.create))
+        .collect();
+    let net = NetHierarchy::detect(hierarchy);
+    let net_roots = net.as_ref().map(|n| n.root_dirs(&created)).map_err(Clone::clone);
+    let mut probes = Probes::load(hierarchy, &config.probes, roots, &net_roots, enforce)
+        .context("loading eBPF programs")?;
     let ring = probes.take_events()?;
     let carried = probes.take_carried();
+    let net_counter = match (net, probes.take_net_counts()) {
+        (Ok(net), Some(map)) => Some(NetCounter::new(map, net)),
+        _ => None,
+    };
     for f in &probes.report.fallbacks {
         tracing::warn!("fallback: {f}");
     }
     for n in &probes.report.notes {
         tracing::info!("{n}");
     }
-    Ok((probes, ring, carried))
+    Ok((probes, ring, carried, net_counter))
 }
 
 /// The only writer of limits (audited writes of the last run that were interrupted closed),

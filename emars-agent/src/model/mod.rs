@@ -61,6 +61,11 @@ pub struct InstanceRecord {
     /// Processes of this cgroup chosen as OOM victims.
     pub oom_kills: u64,
     pub limits: Limits,
+    /// Inbound TCP connections and HTTP/1.x requests the kernel counted for it so far.
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default)]
+    pub requests: u64,
     /// The size of the invocation's input, as the platform gave it at bind (`input_bytes`);
     /// the policy learns peak against it (`policy::sized`). None when not given.
     #[serde(default)]
@@ -120,6 +125,8 @@ pub struct HourDelta {
     pub execs: u64,
     pub invocations: u64,
     pub oom_kills: u64,
+    pub connections: u64,
+    pub requests: u64,
     /// Taken as a max, not added.
     pub peak_bytes: u64,
 }

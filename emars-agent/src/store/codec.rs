@@ -167,6 +167,8 @@ pub(super) fn build_record(
             high_bytes: s.high_bytes,
         },
         input_bytes: s.input_bytes,
+        connections: 0,
+        requests: 0,
     })
 }
 

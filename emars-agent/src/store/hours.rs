@@ -141,6 +141,8 @@ mod tests {
             invocations: 2,
             oom_kills: 1,
             peak_bytes: peak,
+            connections: 0,
+            requests: 0,
         };
         s.add_hour("f", h + 1, d(3, 10)).unwrap();
         s.add_hour("f", h + HOUR_MS - 1, d(4, 30)).unwrap();

@@ -127,6 +127,8 @@ impl Store {
                         invocations: b.invocations,
                         oom_kills: b.oom_kills,
                         peak_bytes: b.peak_bytes,
+                        connections: 0,
+                        requests: 0,
                     };
                     self.add_hour(&name, b.hour_start_ms, delta)?;
                     moved += 1;

@@ -9,12 +9,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use emars_common::{
-    counter, names, MemState, ProbeConfig, RunSettings, WatchRoot, MAX_ROOTS, ROOT_PREFIX_LEN,
+    counter, names, MemState, NetCounts, ProbeConfig, RunSettings, WatchRoot, MAX_ROOTS,
+    ROOT_PREFIX_LEN,
 };
 
 use super::{
     kernel_facts::{kernel_btf, peak_file_feature, tracepoint_offsets},
     memcg_items::UsageItem,
+    net,
     pinning::{identity, open_pins, pin_fresh},
     pins::{self, PinDir},
     replaced::{CarriedRing, Others},
@@ -22,6 +24,7 @@ use super::{
     ChargeEvents, KernelCounters, ProbesConfig, ProgramStatus,
 };
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
+use crate::kernel::netcount::NetRoot;
 use crate::kernel::ring::EventRing;
 
 /// The eBPF object built by build.rs (aya-build).
@@ -136,10 +139,12 @@ pub struct Probes {
     watched: HashMap<MapData, u64, MemState>,
     tasks: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
+    /// The socket program's counts (None: no such map in an adopted set).
+    net_counts: Option<HashMap<MapData, u64, NetCounts>>,
 }
 
 /// The maps a pinned set holds besides the programs: those the agent reads or writes.
-pub(super) const PINNED_MAPS: [&str; 7] = [
+pub(super) const PINNED_MAPS: [&str; 8] = [
     names::EVENTS,
     names::SETTINGS,
     names::WATCHED,
@@ -147,6 +152,7 @@ pub(super) const PINNED_MAPS: [&str; 7] = [
     names::COUNTERS,
     names::WATCH_ROOTS,
     names::ITEM_UNITS,
+    names::NET_COUNTS,
 ];
 
 pub(super) fn map_pin(name: &str) -> String {
@@ -168,7 +174,9 @@ pub(super) fn map_err(name: &'static str, e: impl std::fmt::Display) -> ProbeErr
 
 impl Probes {
     /// Loads and attaches (or adopts a pinned set). `roots` are watched roots relative to the
-    /// hierarchy ("/emars"); `wake_on_mkdir`: new cgroups wake the agent (their limits are due).
+    /// hierarchy ("/emars"); `net_roots`: their cgroup v2 directories, where the socket
+    /// program goes (or why there are none); `wake_on_mkdir`: new cgroups wake the agent
+    /// (their limits are due).
     ///
     /// The steps: read the running kernel (tracepoint formats, BTF, the peak file), open the
     /// pinned set of this identity (adopted when complete), else load the object, fill its
@@ -177,6 +185,7 @@ impl Probes {
         hierarchy: &MemoryHierarchy,
         cfg: &ProbesConfig,
         roots: &[String],
+        net_roots: &Result<Vec<NetRoot>, String>,
         wake_on_mkdir: bool,
     ) -> Result<Probes, ProbeError> {
         let tracefs = Tracefs::find_or_mount()?;
@@ -205,14 +214,21 @@ impl Probes {
         };
         if let Some(p) = pins.take_if(|p| p.complete) {
             let carried = replace_others(others, &p, cfg, &mut report)?;
-            return adopt(p, report, &plan, (hierarchy.hierarchy_id, roots), &settings)
-                .map(|probes| probes.carrying(carried));
+            return adopt(
+                p,
+                report,
+                &plan,
+                (hierarchy.hierarchy_id, roots, net_roots),
+                &settings,
+            )
+            .map(|probes| probes.carrying(carried));
         }
 
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CONFIG, &config, true)
             .map_max_entries(names::EVENTS, cfg.ring_buffer_bytes)
             .map_max_entries(names::WATCHED, cfg.max_watched_cgroups)
+            .map_max_entries(names::NET_COUNTS, cfg.max_watched_cgroups)
             .map_max_entries(names::TASKS, cfg.max_tasks)
             .load(EBPF_OBJECT)?;
         fill_maps(
@@ -233,10 +249,11 @@ impl Probes {
         };
         let links = attach_all(&mut ebpf, &plan, pins.is_some(), &mut report);
         plan.fallbacks(&mut report);
-        let held = match &pins {
+        let mut held = match &pins {
             Some(p) => pin_fresh(&mut ebpf, p, links, cfg, &mut report),
             None => Vec::new(),
         };
+        held.extend(attach_net(&mut ebpf, &pins, cfg, net_roots, &mut report));
         Probes::taking_maps(ebpf, pins, carried, held, report)
     }
 
@@ -258,6 +275,8 @@ impl Probes {
             .map_err(|e| map_err(names::TASKS, e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, names::COUNTERS)?)
             .map_err(|e| map_err(names::COUNTERS, e))?;
+        let net_counts = HashMap::try_from(take(&mut ebpf, names::NET_COUNTS)?)
+            .map_err(|e| map_err(names::NET_COUNTS, e))?;
         let events = match events {
             Map::RingBuf(m) => m,
             _ => return Err(map_err(names::EVENTS, "not a ring buffer")),
@@ -272,7 +291,17 @@ impl Probes {
             watched,
             tasks,
             counters,
+            net_counts: Some(net_counts),
         })
+    }
+
+    /// The socket program's counts, for the reader of per-instance requests
+    /// (`kernel::netcount::NetCounter`); None once taken, or when the set has none.
+    pub fn take_net_counts(&mut self) -> Option<HashMap<MapData, u64, NetCounts>> {
+        if !self.report.attached(names::NET_INGRESS) {
+            return None;
+        }
+        self.net_counts.take()
     }
 
     /// True when this agent took over a kernel side that kept recording while none ran: the
@@ -638,7 +667,7 @@ fn adopt(
     pins: PinDir,
     mut report: ProbeReport,
     plan: &Plan<'_>,
-    (hierarchy, roots): (i32, &[String]),
+    (hierarchy, roots, net_roots): (i32, &[String], &Result<Vec<NetRoot>, String>),
     settings: &RunSettings,
 ) -> Result<Probes, ProbeError> {
     // Opened through the locked base directory's descriptor; said as configured.
@@ -674,6 +703,16 @@ fn adopt(
         report.programs.push(status);
     }
     plan.fallbacks(&mut report);
+    let mut net_prog = match net::off_by(plan.cfg, net_roots) {
+        Some(why) => Err(why),
+        None => net::adopted(&dir),
+    };
+    let net_links = net::attach(
+        net_prog.as_mut().map_err(|e| e.clone()),
+        Some(&dir),
+        net_roots.as_deref().unwrap_or_default(),
+        &mut report,
+    );
     report.adopted = true;
     report.pinned = Some(shown.display().to_string());
     tracing::info!(
@@ -688,17 +727,45 @@ fn adopt(
     let tasks = HashMap::try_from(typed(names::TASKS)?).map_err(|e| map_err(names::TASKS, e))?;
     let counters =
         PerCpuArray::try_from(typed(names::COUNTERS)?).map_err(|e| map_err(names::COUNTERS, e))?;
+    let net_counts =
+        HashMap::try_from(typed(names::NET_COUNTS)?).map_err(|e| map_err(names::NET_COUNTS, e))?;
     Ok(Probes {
         ebpf: None,
         events: Some(open(names::EVENTS)?),
         pins: Some(pins),
         carried: Vec::new(),
-        _links: Vec::new(),
+        _links: net_links,
         report,
         watched,
         tasks,
         counters,
+        net_counts: Some(net_counts),
     })
+}
+
+/// Loads the socket program of a fresh load and attaches it to the roots' v2 directories; in a
+/// pinned set (once published) its program and links are pinned there. The links to hold for
+/// the agent's life come back.
+fn attach_net(
+    ebpf: &mut Ebpf,
+    pins: &Option<PinDir>,
+    cfg: &ProbesConfig,
+    net_roots: &Result<Vec<NetRoot>, String>,
+    report: &mut ProbeReport,
+) -> Vec<FdLink> {
+    let dir = pins
+        .as_ref()
+        .filter(|_| report.pinned.is_some())
+        .map(PinDir::dir);
+    let prog = match net::off_by(cfg, net_roots) {
+        Some(why) => Err(why),
+        None => net::load(ebpf).and_then(|()| {
+            net::fresh(ebpf, dir.as_deref())
+                .ok_or_else(|| format!("program {} not in the eBPF object", names::NET_INGRESS))
+        }),
+    };
+    let roots = net_roots.as_deref().unwrap_or_default();
+    net::attach(prog, dir.as_deref(), roots, report)
 }
 
 /// Replaces the sets of other identities found at start-up (see [`replaced`]): their rings

@@ -1,11 +1,13 @@
 //! Kernel probes: the eBPF loader (`loader`), what the running kernel offers them
 //! (`kernel_facts`: tracefs formats, BTF layout, the watermark file; `tracefs`; `memcg_items`:
 //! stat items from BTF), the pinned set in bpffs (`pins`, `pinning`: a fresh load pinned) and
-//! the replacement of other versions' sets (`replaced`).
+//! the replacement of other versions' sets (`replaced`), and the socket program attached to
+//! the watched roots' cgroups (`net`).
 
 mod kernel_facts;
 pub mod loader;
 pub mod memcg_items;
+mod net;
 mod pinning;
 pub mod pins;
 pub mod replaced;

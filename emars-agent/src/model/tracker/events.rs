@@ -82,11 +82,11 @@ impl<C: Cgroups> Tracker<C> {
                         ..Default::default()
                     }
                 });
-                self.refresh(id, &mut out);
+                self.refresh(id, at_ms, &mut out);
             }
             KernelEvent::Exit { id, .. } => {
                 self.settle(id, false, &mut out);
-                self.refresh(id, &mut out)
+                self.refresh(id, at_ms, &mut out)
             }
             // The kernel side's charge peak spans a pooled cgroup's every use: not for a bound one.
             KernelEvent::MemPeak { id, .. } if self.bound.contains_key(&id) => {}
@@ -98,7 +98,7 @@ impl<C: Cgroups> Tracker<C> {
                         rec.peak_source = PeakSource::ChargeEvents;
                     }
                 }
-                self.refresh(id, &mut out);
+                self.refresh(id, at_ms, &mut out);
             }
             KernelEvent::OomVictim { id, pid } => {
                 let Some(id) = self.resolve(id, pid, at_ms, &mut out) else {
@@ -116,7 +116,7 @@ impl<C: Cgroups> Tracker<C> {
                 });
                 // An OOM raises the function's recommendation at once, not at the next period;
                 // with the peak as the kernel has it now.
-                self.refresh(id, &mut out);
+                self.refresh(id, at_ms, &mut out);
                 if let Some(f) = self.live.get(&id).map(|r| r.function.clone()) {
                     out.push(Effect::Recompute { function: f, at_ms });
                 }

@@ -139,6 +139,8 @@ impl<C: Cgroups> Tracker<C> {
             oom_kills: 0,
             limits: Limits::default(),
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         });
         let enforce = match found {
             Found::Mkdir { ts_ns } => Some(Some(ts_ns)),
@@ -177,6 +179,9 @@ impl<C: Cgroups> Tracker<C> {
         }
         self.refresh_watermark(&mut rec, true);
         if fresh {
+            // Found now, while its cgroup is there: on a hybrid host the v2 directory that
+            // holds its counts is joined by this path.
+            self.count_requests(&mut rec, started_at_ms, &mut out);
             out.push(Effect::AddHour {
                 function: rec.function.clone(),
                 at_ms: started_at_ms,
@@ -381,7 +386,15 @@ impl<C: Cgroups> Tracker<C> {
             }
             _ => {}
         }
+        // The last requests: the kernel keeps the cgroup's counts until they are read here.
+        if let Some(mut rec) = self.live.remove(&id) {
+            self.count_requests(&mut rec, at_ms, out);
+            self.live.insert(id, rec);
+        }
         self.close(id, at_ms, out);
+        if let Some(counts) = self.requests.as_mut() {
+            counts.forget(id);
+        }
     }
 
     /// Closes a live instance (its cgroup removed, or its use released); returns the record

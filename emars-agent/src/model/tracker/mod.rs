@@ -10,8 +10,8 @@
 //! - `lifecycle`: a cgroup found, named (now or once its container's metadata is there), its
 //!   instance opened and closed, and the limits in force in it.
 //! - `binding`: pooled cgroups bound to a function and released (POST /v1/bind, /v1/release).
-//! - `reconcile`: watermarks read again, instances whose rmdir never came, and those that
-//!   ended while no agent ran.
+//! - `reconcile`: watermarks (and the kernel's request counts) read again, instances whose
+//!   rmdir never came, and those that ended while no agent ran.
 
 mod binding;
 mod events;
@@ -28,7 +28,10 @@ use std::{
 };
 
 use crate::{
-    kernel::cgroupfs::{self, CgroupfsError, Limits, MemoryHierarchy, UsePeak},
+    kernel::{
+        cgroupfs::{self, CgroupfsError, Limits, MemoryHierarchy, UsePeak},
+        netcount::NetCounter,
+    },
     model::{
         kept::RuntimeLimit,
         registry::{CgroupTable, Identity, Registry, Unnamed},
@@ -105,6 +108,37 @@ impl Cgroups for MemoryHierarchy {
     }
     fn resumed_peak(&self) -> UsePeak {
         MemoryHierarchy::resumed_peak(self)
+    }
+}
+
+/// What the kernel's socket program counted of an instance's inbound traffic so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelRequests {
+    /// TCP connection requests to its listening sockets.
+    pub connections: u64,
+    /// HTTP/1.x request lines (each request of a keep-alive connection).
+    pub requests: u64,
+}
+
+/// Where the tracker reads an instance's request counts: the kernel's `NET_COUNTS` map
+/// ([`NetCounter`]); read at the moments its watermark is read and at its rmdir.
+pub trait RequestCounts: Send {
+    /// The totals of the instance whose memory cgroup is `id` at `rel_path` (relative to the
+    /// hierarchy); None when it is not counted (its cgroup v2 directory is not known).
+    fn read(&mut self, id: u64, rel_path: &str) -> Option<KernelRequests>;
+    /// The instance ended and was read a last time.
+    fn forget(&mut self, id: u64);
+}
+
+impl RequestCounts for NetCounter {
+    fn read(&mut self, id: u64, rel_path: &str) -> Option<KernelRequests> {
+        NetCounter::read(self, id, rel_path).map(|c| KernelRequests {
+            connections: c.connections,
+            requests: c.requests,
+        })
+    }
+    fn forget(&mut self, id: u64) {
+        NetCounter::forget(self, id)
     }
 }
 
@@ -325,6 +359,9 @@ pub struct Tracker<C: Cgroups = MemoryHierarchy> {
     metadata_wait_ms: u64,
     /// The cap on functions; None: every function is admitted.
     admission: Option<Box<dyn FunctionAdmission>>,
+    /// The kernel's request counts; None: not counted in the kernel (requests come from
+    /// execs and platform reports).
+    requests: Option<Box<dyn RequestCounts>>,
     /// memory.max the agent (this run or the one before it) wrote into a cgroup, by cgroup id,
     /// from the audit: a value found there is not the container runtime's limit.
     own_writes: HashMap<u64, u64>,
@@ -347,6 +384,7 @@ impl<C: Cgroups> Tracker<C> {
             pending: HashMap::new(),
             metadata_wait_ms: DEFAULT_METADATA_WAIT_MS,
             admission: None,
+            requests: None,
             own_writes: HashMap::new(),
             came_and_went: None,
             stats: TrackerStats::default(),
@@ -362,6 +400,12 @@ impl<C: Cgroups> Tracker<C> {
     }
 
     /// Asks `admission` before a new instance of a function opens (the store's cap).
+    /// Counts each instance's inbound connections and HTTP requests from the kernel.
+    pub fn with_request_counts(mut self, counts: Box<dyn RequestCounts>) -> Self {
+        self.requests = Some(counts);
+        self
+    }
+
     pub fn with_admission(mut self, admission: Box<dyn FunctionAdmission>) -> Self {
         self.admission = Some(admission);
         self

@@ -6,21 +6,66 @@ use std::path::Path;
 use super::{Cgroups, Effect, Tracker};
 use crate::{
     kernel::cgroupfs::CgroupfsError,
-    model::{InstanceRecord, PeakSource},
+    model::{HourDelta, InstanceRecord, PeakSource},
 };
 
 impl<C: Cgroups> Tracker<C> {
-    /// Re-reads the kernel watermark of a live instance and saves it if it grew.
-    pub(super) fn refresh(&mut self, id: u64, out: &mut Vec<Effect>) {
+    /// Re-reads the kernel watermark and request counts of a live instance and saves it if
+    /// they grew; requests counted since the last reading go to the hour of `at_ms`.
+    pub(super) fn refresh(&mut self, id: u64, at_ms: u64, out: &mut Vec<Effect>) {
         let Some(mut rec) = self.live.remove(&id) else {
             return;
         };
         let before = (rec.peak_bytes, rec.peak_source, rec.limits);
         self.refresh_watermark(&mut rec, false);
-        if (rec.peak_bytes, rec.peak_source, rec.limits) != before {
+        let counted = self.count_requests(&mut rec, at_ms, out);
+        if counted || (rec.peak_bytes, rec.peak_source, rec.limits) != before {
             out.push(Effect::Save(rec.clone()));
         }
         self.live.insert(id, rec);
+    }
+
+    /// Adds what the kernel counted of the instance's connections and requests since the
+    /// last reading to the instance and to the hour of `at_ms`; true when that was anything.
+    /// The record holds the totals read so far, so a restart (the pinned kernel side kept
+    /// counting) goes on from them.
+    pub(super) fn count_requests(
+        &mut self,
+        rec: &mut InstanceRecord,
+        at_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> bool {
+        // A pooled cgroup's counts span all its uses: a use's requests are the platform's
+        // to report (bind per invocation).
+        if self.bound.contains_key(&rec.cgroup_id) {
+            return false;
+        }
+        let Some(counts) = self.requests.as_mut() else {
+            return false;
+        };
+        let Some(rel) = self.cgroups.rel_path(Path::new(&rec.cgroup_path)) else {
+            return false;
+        };
+        let Some(now) = counts.read(rec.cgroup_id, &rel) else {
+            return false;
+        };
+        let connections = now.connections.saturating_sub(rec.connections);
+        let requests = now.requests.saturating_sub(rec.requests);
+        if connections == 0 && requests == 0 {
+            return false;
+        }
+        rec.connections += connections;
+        rec.requests += requests;
+        out.push(Effect::AddHour {
+            function: rec.function.clone(),
+            at_ms,
+            delta: HourDelta {
+                connections,
+                requests,
+                ..Default::default()
+            },
+        });
+        true
     }
 
     /// `first`: the instance was just registered (a controller that is off is said then, and
@@ -80,7 +125,7 @@ impl<C: Cgroups> Tracker<C> {
         present.sort_unstable();
         let mut out = Vec::new();
         for (id, _) in present {
-            self.refresh(id, &mut out);
+            self.refresh(id, now_ms, &mut out);
         }
         for (id, _) in gone {
             tracing::warn!(

@@ -1,0 +1,160 @@
+//! Requests counted in the kernel: where the cgroup_skb program goes (each watched root's
+//! cgroup in the cgroup v2 hierarchy) and its counts read for one instance.
+//!
+//! Socket programs act on the cgroup v2 hierarchy only. On pure cgroup v2 an instance's cgroup
+//! there is its memory cgroup (same id). On a hybrid host (memory controller on v1) an instance
+//! is counted when its platform also puts it in the unified hierarchy under the same path (runc
+//! does); its v2 id is found by that path and kept for the instance's life, since the two
+//! directories may go in either order.
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use emars_common::NetCounts;
+
+use super::cgroupfs::{CgroupVersion, MemoryHierarchy};
+
+/// The cgroup v2 hierarchy the socket programs act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetHierarchy {
+    /// Where cgroup2 is mounted: the memory hierarchy's mount on pure v2, the unified one
+    /// (e.g. /sys/fs/cgroup/unified) on a hybrid host.
+    pub mount: PathBuf,
+    /// True on pure v2: an instance's v2 id is its memory cgroup's id.
+    pub same_ids: bool,
+}
+
+impl NetHierarchy {
+    /// The cgroup v2 hierarchy beside `memory`; why none, when none is mounted.
+    pub fn detect(memory: &MemoryHierarchy) -> Result<NetHierarchy, String> {
+        if memory.version == CgroupVersion::V2 {
+            return Ok(NetHierarchy {
+                mount: memory.mount.clone(),
+                same_ids: true,
+            });
+        }
+        let mounts = procfs::process::Process::myself()
+            .and_then(|p| p.mountinfo())
+            .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+        mounts
+            .0
+            .into_iter()
+            .find(|m| m.fs_type == "cgroup2")
+            .map(|m| NetHierarchy {
+                mount: m.mount_point,
+                same_ids: false,
+            })
+            .ok_or_else(|| {
+                "no cgroup v2 hierarchy is mounted (socket programs attach to cgroup v2 only)"
+                    .to_owned()
+            })
+    }
+
+    /// Absolute directory of a cgroup given as the kernel reports it ("/emars/fn/1").
+    pub fn dir(&self, rel_path: &str) -> PathBuf {
+        self.mount.join(rel_path.trim_start_matches('/'))
+    }
+
+    /// The cgroup v2 directories of the watched roots, where the program is attached; `create`
+    /// (per root): the root is EMARS's own, made here too when missing (on a hybrid host the
+    /// platform makes instances below it in every hierarchy, as runc does). A root below
+    /// another watched root is left out: the program attached above already runs for it, and
+    /// twice would count every segment twice.
+    pub fn root_dirs(&self, roots: &[(String, bool)]) -> Vec<NetRoot> {
+        let mut out = Vec::new();
+        for (root, create) in roots {
+            let nested = roots.iter().any(|(other, _)| {
+                other != root && root.starts_with(other.as_str()) && {
+                    let rest = &root[other.len()..];
+                    rest.starts_with('/') || other.ends_with('/')
+                }
+            });
+            let dir = self.dir(root);
+            let status = if nested {
+                Err("below another watched root, whose program counts it".to_owned())
+            } else if dir.is_dir() {
+                Ok(dir)
+            } else if *create && !self.same_ids {
+                std::fs::create_dir_all(&dir)
+                    .map(|()| dir.clone())
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))
+            } else {
+                Err(format!(
+                    "{} does not exist: the platform does not put its instances in the cgroup \
+                     v2 hierarchy{}",
+                    dir.display(),
+                    if self.same_ids {
+                        ""
+                    } else {
+                        " (only in the v1 hierarchies)"
+                    }
+                ))
+            };
+            out.push(NetRoot {
+                root: root.clone(),
+                dir: status,
+            });
+        }
+        out
+    }
+}
+
+/// A watched root as the socket program sees it: its cgroup v2 directory, or why it has none.
+#[derive(Debug, Clone)]
+pub struct NetRoot {
+    pub root: String,
+    pub dir: Result<PathBuf, String>,
+}
+
+/// The counts of the kernel's `NET_COUNTS` map, read for instances.
+pub struct NetCounter {
+    map: BpfHashMap<MapData, u64, NetCounts>,
+    net: NetHierarchy,
+    /// Memory cgroup id → cgroup v2 id, found by path (hybrid hosts) while both exist.
+    v2_ids: HashMap<u64, u64>,
+}
+
+impl NetCounter {
+    pub fn new(map: BpfHashMap<MapData, u64, NetCounts>, net: NetHierarchy) -> NetCounter {
+        NetCounter {
+            map,
+            net,
+            v2_ids: HashMap::new(),
+        }
+    }
+
+    /// The cgroup v2 id of the instance whose memory cgroup is `id` at `rel_path`: the same
+    /// id on pure v2; on a hybrid host the id of the unified directory at that path, once it
+    /// has been seen.
+    fn v2_id(&mut self, id: u64, rel_path: &str) -> Option<u64> {
+        if self.net.same_ids {
+            return Some(id);
+        }
+        if let Some(v2) = self.v2_ids.get(&id) {
+            return Some(*v2);
+        }
+        let v2 = std::fs::metadata(self.net.dir(rel_path)).ok()?.ino();
+        self.v2_ids.insert(id, v2);
+        Some(v2)
+    }
+
+    /// What the kernel counted for the instance so far (zeros before its first segment);
+    /// None when its v2 cgroup is not known (hybrid host, no unified directory at its path).
+    pub fn read(&mut self, id: u64, rel_path: &str) -> Option<NetCounts> {
+        let v2 = self.v2_id(id, rel_path)?;
+        Some(self.map.get(&v2, 0).unwrap_or_default())
+    }
+
+    /// The instance ended and its counts were read: its entry goes.
+    pub fn forget(&mut self, id: u64) {
+        let v2 = if self.net.same_ids {
+            Some(id)
+        } else {
+            self.v2_ids.remove(&id)
+        };
+        if let Some(v2) = v2 {
+            // Already gone (evicted, or never counted): nothing to do.
+            let _ = self.map.remove(&v2);
+        }
+    }
+}

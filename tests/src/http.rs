@@ -1,0 +1,198 @@
+//! Real HTTP servers in instance cgroups and clients that send a known number of requests: the
+//! ground truth for requests counted in the kernel.
+//!
+//! An instance is made as a container runtime makes it: its memory cgroup, and on a hybrid host
+//! (memory controller on cgroup v1) its cgroup in the unified hierarchy under the same path, as
+//! runc does. Socket programs act on the unified hierarchy only.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{remove_tree, TestRoot, Version};
+
+/// Where cgroup2 is mounted beside a v1 memory hierarchy (hybrid host); None on pure v2, where
+/// the memory hierarchy is the unified one.
+pub fn unified_beside(root: &TestRoot) -> Option<PathBuf> {
+    if root.hierarchy.version == Version::V2 {
+        return None;
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// An instance cgroup as runc makes it.
+pub struct Sandbox {
+    /// The memory cgroup (the instance the agent records).
+    pub memory: PathBuf,
+    /// The same path in the unified hierarchy (hybrid hosts only).
+    pub unified: Option<PathBuf>,
+}
+
+impl Sandbox {
+    pub fn new(root: &TestRoot, function: &str, instance: &str) -> Result<Sandbox> {
+        let memory = root.instance_dir(function, instance)?;
+        let unified = match unified_beside(root) {
+            Some(mount) => {
+                let d = mount.join(&root.rel[1..]).join(function).join(instance);
+                fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                Some(d)
+            }
+            None => None,
+        };
+        Ok(Sandbox { memory, unified })
+    }
+
+    /// `cmd` spawned inside the sandbox (every hierarchy it is in) before it execs.
+    pub fn spawn(&self, mut cmd: Command) -> Result<Child> {
+        emars_agent::kernel::cgroupfs::join_before_exec(&mut cmd, &self.memory)?;
+        if let Some(u) = &self.unified {
+            emars_agent::kernel::cgroupfs::join_before_exec(&mut cmd, u)?;
+        }
+        cmd.spawn()
+            .with_context(|| format!("spawning {cmd:?} in {}", self.memory.display()))
+    }
+
+    /// Removes the instance (its processes killed), as a runtime does when it deletes it.
+    pub fn remove(&self) {
+        remove_tree(&self.memory);
+        if let Some(u) = &self.unified {
+            remove_tree(u);
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 server (Python's http.server, threaded) on a loopback port of its
+/// choosing; killed when dropped.
+pub struct HttpServer {
+    child: Child,
+    pub port: u16,
+}
+
+const SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+impl HttpServer {
+    /// Starts the server in `sandbox` (None: on the host, outside any watched cgroup). Ready
+    /// when it returns: it said its port once listening, so no probe connection is made.
+    pub fn start(sandbox: Option<&Sandbox>) -> Result<HttpServer> {
+        // Debian's interpreter itself, not a version manager's shim: the server is one exec.
+        let python = ["/usr/bin/python3", "python3"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+            .unwrap_or("python3");
+        let mut cmd = Command::new(python);
+        cmd.args(["-c", SERVER]).stdout(Stdio::piped());
+        let mut child = match sandbox {
+            Some(s) => s.spawn(cmd)?,
+            None => cmd.spawn().context("spawning python3")?,
+        };
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the server's port: {line:?}"))?;
+        Ok(HttpServer { child, port })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `n` requests, each on a connection of its own (closed after its answer).
+    pub fn requests_on_new_connections(&self, n: u64) -> Result<()> {
+        for _ in 0..n {
+            let mut s = connect(self.port)?;
+            let answers = exchange(&mut s, 1, true)?;
+            if answers != 1 {
+                bail!("{answers} answers to 1 request");
+            }
+        }
+        Ok(())
+    }
+
+    /// `m` requests over one keep-alive connection, each sent after the answer to the last.
+    pub fn requests_kept_alive(&self, m: u64) -> Result<()> {
+        let mut s = connect(self.port)?;
+        let answers = exchange(&mut s, m, false)?;
+        if answers != m {
+            bail!("{answers} answers to {m} requests");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(port: u16) -> Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).context("connecting to the server")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Sends `n` GETs one after the other, reading each answer whole; returns the answers read.
+fn exchange(s: &mut TcpStream, n: u64, close: bool) -> Result<u64> {
+    let connection = if close { "close" } else { "keep-alive" };
+    let mut reader = BufReader::new(s.try_clone()?);
+    for i in 0..n {
+        write!(
+            s,
+            "GET /{i} HTTP/1.1\r\nHost: sandbox\r\nConnection: {connection}\r\n\r\n"
+        )?;
+        let mut length = None;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("answer {i}: {status:?}");
+        }
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let mut body = vec![0u8; length.ok_or_else(|| anyhow!("no Content-Length"))?];
+        reader.read_exact(&mut body)?;
+    }
+    Ok(n)
+}
