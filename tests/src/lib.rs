@@ -812,6 +812,8 @@ pub fn seed_store(path: &Path, functions: u64, days: u64, per_day: u64) -> Resul
                     high_bytes: Some(230 << 20),
                 },
                 input_bytes: None,
+                connections: 0,
+                requests: 0,
             };
             store.put_instance(&rec)?;
             let start_delta = HourDelta {

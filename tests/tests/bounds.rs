@@ -307,6 +307,8 @@ fn pod_record(function: &str, pod: u64, started_at_ms: u64, ended_at_ms: u64) ->
         oom_kills: 0,
         limits: Limits::default(),
         input_bytes: None,
+        connections: 0,
+        requests: 0,
     }
 }
 

@@ -147,6 +147,8 @@ pub(crate) fn rec(
             high_bytes: None,
         },
         input_bytes: None,
+        connections: 0,
+        requests: 0,
     }
 }
 

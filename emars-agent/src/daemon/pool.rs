@@ -94,6 +94,8 @@ pub fn bind_pooled(
         oom_kills: 0,
         limits: tracker.cgroups().limits(&dir).unwrap_or_default(),
         input_bytes: body.input_bytes,
+        connections: 0,
+        requests: 0,
     };
     let bound = actuator
         .audited(&intent, crate::model::audit::Reason::Bind, || {

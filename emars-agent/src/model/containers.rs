@@ -268,6 +268,8 @@ mod tests {
             oom_kills: 0,
             limits: Default::default(),
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         }
     }
 

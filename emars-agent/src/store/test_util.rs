@@ -21,6 +21,8 @@ pub fn rec(function: &str, started: u64, cgroup: u64) -> InstanceRecord {
         oom_kills: 0,
         limits: Limits::default(),
         input_bytes: None,
+        connections: 0,
+        requests: 0,
     }
 }
 

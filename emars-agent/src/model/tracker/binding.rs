@@ -49,6 +49,8 @@ impl<C: Cgroups> Tracker<C> {
             oom_kills: 0,
             limits: self.cgroups.limits(&dir).unwrap_or_default(),
             input_bytes,
+            connections: 0,
+            requests: 0,
         };
         tracing::info!(
             function,

@@ -139,6 +139,8 @@ impl<C: Cgroups> Tracker<C> {
             oom_kills: 0,
             limits: Limits::default(),
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         });
         let enforce = match found {
             Found::Mkdir { ts_ns } => Some(Some(ts_ns)),

@@ -580,6 +580,8 @@ fn refused_functions_are_not_tracked() {
         oom_kills: 0,
         limits: Limits::default(),
         input_bytes: None,
+        connections: 0,
+        requests: 0,
     };
     resumed.execs = 1;
     t.add_cgroup(

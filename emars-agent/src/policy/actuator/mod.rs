@@ -333,6 +333,8 @@ mod tests {
             oom_kills: 0,
             limits: Limits::default(),
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         }
     }
 

@@ -243,6 +243,8 @@ mod tests {
             oom_kills: 0,
             limits: Limits::default(),
             input_bytes: None,
+            connections: 0,
+            requests: 0,
         };
         store.put_instance(&rec).unwrap();
         let hold = SqueezeHold {
