@@ -105,8 +105,9 @@ pub struct FunctionSummary {
     /// HTTP/1.x requests its retained instances received, counted in the kernel.
     #[serde(default)]
     pub requests: u64,
-    /// Where its requests per hour are counted from (chosen over its retained hours, see
-    /// [`RequestSource::of_hours`]).
+    /// Where its requests per hour are counted from, chosen over its retained hours: the
+    /// platform's invocations if any, else kernel-counted HTTP requests, else kernel-counted
+    /// TCP connections, else execs.
     #[serde(default)]
     pub requests_source: RequestSource,
     /// Busiest retained hour's requests as `requests_source` counts them (the export's
