@@ -106,6 +106,8 @@ fn record(n: u64, instance: &str, dir: &Path, cgroup_id: u64, ended: bool) -> In
         oom_kills: 0,
         limits: Limits::default(),
         input_bytes: None,
+        connections: 0,
+        requests: 0,
     }
 }
 

@@ -19,7 +19,10 @@
 //!   over hosts (`sum by (function)` of the native histogram, `sum by (function, le)` of the
 //!   classic buckets).
 //! - `emars_instances`, `emars_live_instances`, `emars_execs`, `emars_invocations`,
-//!   `emars_oom_kills`: gauges over the retained days.
+//!   `emars_kernel_connections`, `emars_kernel_requests`, `emars_oom_kills`: gauges over the
+//!   retained days.
+//! - `emars_requests_per_hour{function, source}`: the busiest retained hour's requests, counted
+//!   from `source` ([`crate::model::RequestSource`]: one series per function).
 //! - `emars_recommended_max_bytes`, `emars_recommended_high_bytes`: the policy's limits.
 //!
 //! Per Kubernetes container (an instance whose runtime metadata names its namespace, pod and
@@ -339,6 +342,31 @@ impl Snapshot {
                 each(|s| s.invocations),
             ),
             Family::per_function(
+                "emars_kernel_connections",
+                "Inbound TCP connections accepted by retained instances, counted in the kernel.",
+                each(|s| s.connections),
+            ),
+            Family::per_function(
+                "emars_kernel_requests",
+                "HTTP/1.x requests received by retained instances, counted in the kernel.",
+                each(|s| s.requests),
+            ),
+            Family {
+                name: "emars_requests_per_hour",
+                help: "Busiest retained hour's requests (the export's requests_per_hour), counted from `source`: platform (reported invocations), kernel_requests, kernel_connections or execs.",
+                samples: Samples::Gauges(
+                    f.iter()
+                        .map(|s| {
+                            let labels = vec![
+                                ("function", s.name.as_str()),
+                                ("source", s.requests_source.as_str()),
+                            ];
+                            (labels, Number::Int(s.requests_per_hour))
+                        })
+                        .collect(),
+                ),
+            },
+            Family::per_function(
                 "emars_oom_kills",
                 "OOM kills in retained instances.",
                 each(|s| s.oom_kills),
@@ -574,6 +602,10 @@ mod tests {
             live_instances: 1,
             execs: 4,
             invocations: 5,
+            connections: 8,
+            requests: 13,
+            requests_source: crate::model::RequestSource::KernelRequests,
+            requests_per_hour: 11,
             oom_kills: 6,
             peak_bytes: 0,
             peak_percentiles: Default::default(),
@@ -675,6 +707,9 @@ mod tests {
             "emars_instance_peak_bytes_count{function=\"fn-a\"} 3\n".into(),
             "emars_recommended_max_bytes{function=\"fn-a\"} 67108864\n".into(),
             "emars_oom_kills{function=\"fn-empty\"} 6\n".into(),
+            "emars_kernel_connections{function=\"fn-a\"} 8\n".into(),
+            "emars_kernel_requests{function=\"fn-a\"} 13\n".into(),
+            "emars_requests_per_hour{function=\"fn-a\",source=\"kernel_requests\"} 11\n".into(),
             "emars_container_memory_peak_bytes{namespace=\"shop\",pod=\"resize-1\",\
              container=\"resize\",function=\"fn-a\"} 12582912\n"
                 .into(),
@@ -727,7 +762,7 @@ mod tests {
             .map(|f| (f.name.clone(), kind(f.r#type).to_owned()))
             .collect();
         assert_eq!(declared, written);
-        assert_eq!(declared.len(), 27, "{declared:?}");
+        assert_eq!(declared.len(), 30, "{declared:?}");
 
         let family = |name: &str| families.iter().find(|f| f.name == name).unwrap();
         let info = &family("emars_agent_info").metric[0];

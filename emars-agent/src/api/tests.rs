@@ -1,6 +1,6 @@
 use super::testing::{raw, rec, seeded, TestClient, TestError, TestServer, HOUR, T0};
 use super::*;
-use crate::model::ModelFootprint;
+use crate::model::{ModelFootprint, RequestSource};
 use serde_json::json;
 
 fn expect_api_err(r: Result<serde_json::Value, TestError>, status: u16, needle: &str) {
@@ -280,11 +280,13 @@ fn export_content() {
             FunctionConfig {
                 function: "fn-a".into(),
                 requests_per_hour: 0,
+                requests_source: RequestSource::Execs,
                 max_memory_bytes: 30 << 20,
             },
             FunctionConfig {
                 function: "fn-b".into(),
                 requests_per_hour: 40,
+                requests_source: RequestSource::Platform,
                 max_memory_bytes: 5 << 20,
             },
         ]

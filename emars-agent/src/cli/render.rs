@@ -335,6 +335,8 @@ pub fn render_functions(v: &[FunctionSummary]) -> String {
                 f.live_instances.to_string(),
                 f.execs.to_string(),
                 f.invocations.to_string(),
+                f.requests_per_hour.to_string(),
+                f.requests_source.to_string(),
                 f.oom_kills.to_string(),
                 human_bytes(f.peak_bytes),
                 human_bytes(f.peak_percentiles.p50),
@@ -349,6 +351,8 @@ pub fn render_functions(v: &[FunctionSummary]) -> String {
             ("LIVE", Align::Right),
             ("EXECS", Align::Right),
             ("INVOCATIONS", Align::Right),
+            ("REQ/H", Align::Right),
+            ("COUNTED FROM", Align::Left),
             ("OOM", Align::Right),
             ("PEAK", Align::Right),
             ("P50", Align::Right),
@@ -396,6 +400,14 @@ fn function_summary(out: &mut String, s: &FunctionSummary) {
     );
     let _ = writeln!(out, "  execs:        {}", s.execs);
     let _ = writeln!(out, "  invocations:  {} (platform-reported)", s.invocations);
+    let _ = writeln!(out, "  requests:     {} (kernel: HTTP)", s.requests);
+    let _ = writeln!(out, "  connections:  {} (kernel: TCP)", s.connections);
+    let _ = writeln!(
+        out,
+        "  requests/h:   {} at the busiest hour ({})",
+        s.requests_per_hour,
+        s.requests_source.describe()
+    );
     let _ = writeln!(out, "  OOM kills:    {}", s.oom_kills);
     let _ = writeln!(out, "  peak:         {}", human_bytes(s.peak_bytes));
     let _ = writeln!(
@@ -435,6 +447,8 @@ fn function_hours(out: &mut String, hours: &[HourBucket]) {
                     h.instances_started.to_string(),
                     h.execs.to_string(),
                     h.invocations.to_string(),
+                    h.requests.to_string(),
+                    h.connections.to_string(),
                     h.oom_kills.to_string(),
                     human_bytes(h.peak_bytes),
                 ]
@@ -446,6 +460,8 @@ fn function_hours(out: &mut String, hours: &[HourBucket]) {
                 ("STARTED", Align::Right),
                 ("EXECS", Align::Right),
                 ("INVOCATIONS", Align::Right),
+                ("HTTP REQS", Align::Right),
+                ("CONNS", Align::Right),
                 ("OOM", Align::Right),
                 ("PEAK", Align::Right),
             ],
@@ -477,6 +493,8 @@ fn function_instances(out: &mut String, instances: &[InstanceRecord]) {
                     i.ended_at_ms
                         .map_or_else(|| "live".to_string(), format_time_ms),
                     i.execs.to_string(),
+                    i.requests.to_string(),
+                    i.connections.to_string(),
                     human_bytes(i.peak_bytes),
                     peak_source(i.peak_source).to_string(),
                     i.oom_kills.to_string(),
@@ -493,6 +511,8 @@ fn function_instances(out: &mut String, instances: &[InstanceRecord]) {
                 ("STARTED", Align::Left),
                 ("ENDED", Align::Left),
                 ("EXECS", Align::Right),
+                ("HTTP REQS", Align::Right),
+                ("CONNS", Align::Right),
                 ("PEAK", Align::Right),
                 ("SOURCE", Align::Left),
                 ("OOM", Align::Right),
@@ -593,6 +613,7 @@ pub fn render_generations(list: &[Generation]) -> String {
                 vec![
                     clean(&f.function),
                     f.requests_per_hour.to_string(),
+                    f.requests_source.to_string(),
                     human_bytes(f.max_memory_bytes),
                     human_bytes(f.memory_max_bytes),
                     human_bytes(f.memory_high_bytes),
@@ -607,6 +628,7 @@ pub fn render_generations(list: &[Generation]) -> String {
             &[
                 ("FUNCTION", Align::Left),
                 ("REQ/H", Align::Right),
+                ("COUNTED FROM", Align::Left),
                 ("MAX MEMORY", Align::Right),
                 ("MEMORY.MAX", Align::Right),
                 ("MEMORY.HIGH", Align::Right),
@@ -619,8 +641,10 @@ pub fn render_generations(list: &[Generation]) -> String {
         ));
     }
     out.push_str(
-        "\nREQ/H: the busiest hour's reported invocations, else its execs (every exec counts, a \
-         wrapper's too); MAX MEMORY: the largest instance peak seen\n",
+        "\nREQ/H: the busiest hour's requests, counted from the platform's reported invocations, \
+         else HTTP requests counted in the kernel (kernel_requests), else TCP connections counted \
+         in the kernel (kernel_connections), else execs (every exec counts, a wrapper's too); MAX \
+         MEMORY: the largest instance peak seen\n",
     );
     out
 }
@@ -666,7 +690,7 @@ pub fn render_audit(list: &[AuditRecord]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Limits, PeakPercentiles, ProgramStatus};
+    use crate::model::{Limits, PeakPercentiles, ProgramStatus, RequestSource};
 
     #[test]
     fn functions_table() {
@@ -676,6 +700,10 @@ mod tests {
             live_instances: 3,
             execs: 40,
             invocations: 1000,
+            connections: 0,
+            requests: 0,
+            requests_source: RequestSource::Platform,
+            requests_per_hour: 600,
             oom_kills: 1,
             peak_bytes: peak,
             peak_percentiles: PeakPercentiles {
@@ -689,9 +717,9 @@ mod tests {
         };
         let out = render_functions(&[f("a", 512 << 20), f("long-function-name", 2 << 30)]);
         let expected = "\
-NAME                INSTANCES  LIVE  EXECS  INVOCATIONS  OOM       PEAK      P50      P95
-a                          12     3     40         1000    1  512.0 MiB  1.5 KiB  3.0 MiB
-long-function-name         12     3     40         1000    1    2.0 GiB  1.5 KiB  3.0 MiB
+NAME                INSTANCES  LIVE  EXECS  INVOCATIONS  REQ/H  COUNTED FROM  OOM       PEAK      P50      P95
+a                          12     3     40         1000    600  platform        1  512.0 MiB  1.5 KiB  3.0 MiB
+long-function-name         12     3     40         1000    600  platform        1    2.0 GiB  1.5 KiB  3.0 MiB
 ";
         assert_eq!(out, expected);
         assert_eq!(render_functions(&[]), "no functions recorded yet\n");
@@ -920,6 +948,7 @@ on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not fo
             functions: vec![GeneratedConfig {
                 function: "fn-a".into(),
                 requests_per_hour: 7,
+                requests_source: RequestSource::KernelRequests,
                 max_memory_bytes: 30 << 20,
                 memory_high_bytes: 28 << 20,
                 memory_max_bytes: 40 << 20,
@@ -932,11 +961,14 @@ on_charge  memcg:memcg_charge        ✗            -       -  tracepoint not fo
         let out = render_generations(&[g]);
         let expected = "\
 generated 2023-11-14 22:13:20 UTC (on_demand), 1 function:
-FUNCTION  REQ/H  MAX MEMORY  MEMORY.MAX  MEMORY.HIGH  CONF  PINNED  PREWARM  KEEPALIVE
-fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0        4 h
+FUNCTION  REQ/H  COUNTED FROM     MAX MEMORY  MEMORY.MAX  MEMORY.HIGH  CONF  PINNED  PREWARM  KEEPALIVE
+fn-a          7  kernel_requests    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0        4 h
 ";
         assert!(out.starts_with(expected), "{out}");
-        assert!(out.contains("REQ/H: the busiest hour's reported invocations, else its execs"));
+        assert!(out.contains(
+            "REQ/H: the busiest hour's requests, counted from the platform's reported invocations, \
+             else HTTP requests counted in the kernel (kernel_requests)"
+        ));
     }
 
     #[test]
@@ -947,7 +979,11 @@ fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0     
             instances: 2,
             live_instances: 1,
             execs: 4,
-            invocations: 9,
+            invocations: 0,
+            connections: 3,
+            requests: 120,
+            requests_source: RequestSource::KernelRequests,
+            requests_per_hour: 120,
             oom_kills: 0,
             peak_bytes: 30 << 20,
             peak_percentiles: PeakPercentiles {
@@ -963,11 +999,13 @@ fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0     
             hour_start_ms: t0,
             instances_started: 2,
             execs: 4,
-            invocations: 9,
+            invocations: 0,
             oom_kills: 0,
             peak_bytes: 30 << 20,
+            connections: 3,
+            requests: 120,
         }];
-        let inst = |name: &str, start: u64, end: Option<u64>, peak: u64| InstanceRecord {
+        let inst = |name: &str, start: u64, end: Option<u64>, peak: u64, requests| InstanceRecord {
             function: "fn-a".into(),
             instance: name.into(),
             cgroup_id: 77,
@@ -983,19 +1021,22 @@ fn-a          7    30.0 MiB    40.0 MiB     28.0 MiB  0.50  no            0     
                 high_bytes: None,
             },
             input_bytes: None,
-            connections: 0,
-            requests: 0,
+            connections: 1 + requests / 100,
+            requests,
         };
         let instances = [
-            inst("i1", t0, Some(t0 + 1000), 10 << 20),
-            inst("i2", t0 + 2000, None, 30 << 20),
+            inst("i1", t0, Some(t0 + 1000), 10 << 20, 100),
+            inst("i2", t0 + 2000, None, 30 << 20, 20),
         ];
         let out = render_function(&s, &hours, &instances);
         let expected = "\
 function fn-a
   instances:    2 (1 live)
   execs:        4
-  invocations:  9 (platform-reported)
+  invocations:  0 (platform-reported)
+  requests:     120 (kernel: HTTP)
+  connections:  3 (kernel: TCP)
+  requests/h:   120 at the busiest hour (kernel: HTTP requests)
   OOM kills:    0
   peak:         30.0 MiB
   percentiles:  p50 10.0 MiB  p90 30.0 MiB  p95 30.0 MiB  p99 30.0 MiB
@@ -1003,13 +1044,13 @@ function fn-a
   last seen:    2023-11-14 22:00:05 UTC
 
 hours (UTC), last 1 of 1:
-HOUR              STARTED  EXECS  INVOCATIONS  OOM      PEAK
-2023-11-14 22:00        2      4            9    0  30.0 MiB
+HOUR              STARTED  EXECS  INVOCATIONS  HTTP REQS  CONNS  OOM      PEAK
+2023-11-14 22:00        2      4            0        120      3    0  30.0 MiB
 
 recent instances, newest first (2 of 2):
-INSTANCE  CGROUP ID  STARTED              ENDED                EXECS      PEAK  SOURCE     OOM      LIMIT
-i2               77  2023-11-14 22:00:02  live                     2  30.0 MiB  watermark    0  256.0 MiB
-i1               77  2023-11-14 22:00:00  2023-11-14 22:00:01      2  10.0 MiB  watermark    0  256.0 MiB
+INSTANCE  CGROUP ID  STARTED              ENDED                EXECS  HTTP REQS  CONNS      PEAK  SOURCE     OOM      LIMIT
+i2               77  2023-11-14 22:00:02  live                     2         20      1  30.0 MiB  watermark    0  256.0 MiB
+i1               77  2023-11-14 22:00:00  2023-11-14 22:00:01      2        100      2  10.0 MiB  watermark    0  256.0 MiB
 ";
         assert_eq!(out, expected);
 

@@ -127,6 +127,9 @@ pub struct EndedRecord {
     pub peak_bytes: u64,
     pub execs: u64,
     pub oom_kills: u64,
+    /// Kernel-counted inbound connections and HTTP requests.
+    pub connections: u64,
+    pub requests: u64,
     /// memory.max in force (the recommender's bump of an OOM-killed instance needs it).
     pub limit_bytes: Option<u64>,
     /// The bind's size hint, if one was given.
@@ -605,6 +608,8 @@ pub fn apply_delta(b: &mut HourBucket, d: &HourDelta) {
     b.invocations = b.invocations.saturating_add(d.invocations);
     b.oom_kills = b.oom_kills.saturating_add(d.oom_kills);
     b.peak_bytes = b.peak_bytes.max(d.peak_bytes);
+    b.connections = b.connections.saturating_add(d.connections);
+    b.requests = b.requests.saturating_add(d.requests);
 }
 
 #[cfg(test)]

@@ -61,15 +61,18 @@ pub struct InstanceRecord {
     /// Processes of this cgroup chosen as OOM victims.
     pub oom_kills: u64,
     pub limits: Limits,
-    /// Inbound TCP connections and HTTP/1.x requests the kernel counted for it so far.
-    #[serde(default)]
-    pub connections: u64,
-    #[serde(default)]
-    pub requests: u64,
     /// The size of the invocation's input, as the platform gave it at bind (`input_bytes`);
     /// the policy learns peak against it (`policy::sized`). None when not given.
     #[serde(default)]
     pub input_bytes: Option<u64>,
+    /// Inbound TCP connections accepted by this cgroup so far, counted in the kernel (0
+    /// where kernel request counting is off).
+    #[serde(default)]
+    pub connections: u64,
+    /// HTTP/1.x request lines that reached this cgroup so far, counted in the kernel (each
+    /// request of a keep-alive connection counts).
+    #[serde(default)]
+    pub requests: u64,
 }
 
 impl InstanceRecord {
@@ -96,6 +99,21 @@ pub struct FunctionSummary {
     pub execs: u64,
     /// Invocations reported by the platform through the API.
     pub invocations: u64,
+    /// Inbound TCP connections accepted by its retained instances, counted in the kernel.
+    #[serde(default)]
+    pub connections: u64,
+    /// HTTP/1.x requests its retained instances received, counted in the kernel.
+    #[serde(default)]
+    pub requests: u64,
+    /// Where its requests per hour are counted from, chosen over its retained hours: the
+    /// platform's invocations if any, else kernel-counted HTTP requests, else kernel-counted
+    /// TCP connections, else execs.
+    #[serde(default)]
+    pub requests_source: RequestSource,
+    /// Busiest retained hour's requests as `requests_source` counts them (the export's
+    /// `requests_per_hour`).
+    #[serde(default)]
+    pub requests_per_hour: u64,
     pub oom_kills: u64,
     /// Peak of the instance peaks (bytes).
     pub peak_bytes: u64,
@@ -116,6 +134,26 @@ pub struct HourBucket {
     pub oom_kills: u64,
     /// Highest instance peak observed during this hour (bytes).
     pub peak_bytes: u64,
+    /// Inbound TCP connections accepted in the function's instance cgroups during this hour,
+    /// counted in the kernel.
+    #[serde(default)]
+    pub connections: u64,
+    /// HTTP/1.x request lines seen in the function's instance cgroups during this hour,
+    /// counted in the kernel.
+    #[serde(default)]
+    pub requests: u64,
+}
+
+impl HourBucket {
+    /// This hour's requests as `source` counts them.
+    pub fn requests_by(&self, source: RequestSource) -> u64 {
+        match source {
+            RequestSource::Platform => self.invocations,
+            RequestSource::KernelRequests => self.requests,
+            RequestSource::KernelConnections => self.connections,
+            RequestSource::Execs => self.execs,
+        }
+    }
 }
 
 /// A change to add into an hour bucket.
@@ -125,18 +163,103 @@ pub struct HourDelta {
     pub execs: u64,
     pub invocations: u64,
     pub oom_kills: u64,
-    pub connections: u64,
-    pub requests: u64,
     /// Taken as a max, not added.
     pub peak_bytes: u64,
+    /// Kernel-counted inbound TCP connections and HTTP/1.x request lines.
+    pub connections: u64,
+    pub requests: u64,
+}
+
+/// Where a function's requests are counted from: the paper's workload model needs requests,
+/// and what counts one depends on the platform.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestSource {
+    /// Invocations the platform reported (`POST /v1/functions/{name}/invocations`, binds).
+    Platform,
+    /// HTTP/1.x request lines counted in the kernel at the instance cgroups.
+    KernelRequests,
+    /// Inbound TCP connections accepted, counted in the kernel: for servers that do not speak
+    /// HTTP/1 (one connection is taken as one request).
+    KernelConnections,
+    /// One exec is one request: right for a platform that runs a process per invocation.
+    #[default]
+    Execs,
+}
+
+impl RequestSource {
+    /// Every source, in order of preference.
+    pub const ALL: [RequestSource; 4] = [
+        RequestSource::Platform,
+        RequestSource::KernelRequests,
+        RequestSource::KernelConnections,
+        RequestSource::Execs,
+    ];
+
+    /// The source a function's requests are counted from, given its hours: the platform's
+    /// report where there is one (it knows what an invocation is), else the kernel's HTTP
+    /// request count, else its connection count, else execs.
+    pub fn of_hours<B: std::borrow::Borrow<HourBucket>>(
+        hours: impl IntoIterator<Item = B>,
+    ) -> RequestSource {
+        let (mut invocations, mut requests, mut connections) = (false, false, false);
+        for h in hours {
+            let h = h.borrow();
+            invocations |= h.invocations > 0;
+            requests |= h.requests > 0;
+            connections |= h.connections > 0;
+        }
+        if invocations {
+            RequestSource::Platform
+        } else if requests {
+            RequestSource::KernelRequests
+        } else if connections {
+            RequestSource::KernelConnections
+        } else {
+            RequestSource::Execs
+        }
+    }
+
+    /// The name used in JSON and in metric labels (`kernel_requests`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestSource::Platform => "platform",
+            RequestSource::KernelRequests => "kernel_requests",
+            RequestSource::KernelConnections => "kernel_connections",
+            RequestSource::Execs => "execs",
+        }
+    }
+
+    /// What it counts, for people: "kernel: HTTP requests", ...
+    pub fn describe(self) -> &'static str {
+        match self {
+            RequestSource::Platform => "platform: invocations",
+            RequestSource::KernelRequests => "kernel: HTTP requests",
+            RequestSource::KernelConnections => "kernel: TCP connections",
+            RequestSource::Execs => "execs",
+        }
+    }
+}
+
+impl std::fmt::Display for RequestSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The paper's per-function config: {requests, max memory}, exported by GET /v1/export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionConfig {
     pub function: String,
-    /// Busiest hour's requests (invocations reported by the platform, else execs).
+    /// Busiest retained hour's requests, counted from `requests_source`.
     pub requests_per_hour: u64,
+    /// Where `requests_per_hour` is counted from: the platform's invocations if it reported
+    /// any, else HTTP requests counted in the kernel, else TCP connections counted in the
+    /// kernel, else execs.
+    #[serde(default)]
+    pub requests_source: RequestSource,
     /// Peak of instance peaks (bytes).
     pub max_memory_bytes: u64,
 }
@@ -440,6 +563,63 @@ mod percentile_tests {
             PeakPercentiles::from_sorted(&[]),
             PeakPercentiles::default()
         );
+    }
+}
+
+#[cfg(test)]
+mod request_source_tests {
+    use super::*;
+
+    fn hour(invocations: u64, requests: u64, connections: u64, execs: u64) -> HourBucket {
+        HourBucket {
+            hour_start_ms: HOUR_MS,
+            invocations,
+            requests,
+            connections,
+            execs,
+            ..HourBucket::default()
+        }
+    }
+
+    /// Platform over kernel requests over kernel connections over execs, as soon as any one
+    /// hour has a count of the preferred kind.
+    #[test]
+    fn source_is_the_most_preferred_with_a_count() {
+        use RequestSource::*;
+        let of = |hours: &[HourBucket]| RequestSource::of_hours(hours);
+        assert_eq!(of(&[]), Execs);
+        assert_eq!(of(&[hour(0, 0, 0, 0)]), Execs);
+        assert_eq!(of(&[hour(0, 0, 0, 9)]), Execs);
+        assert_eq!(of(&[hour(0, 0, 0, 9), hour(0, 0, 1, 0)]), KernelConnections);
+        assert_eq!(of(&[hour(0, 0, 5, 9), hour(0, 1, 0, 0)]), KernelRequests);
+        assert_eq!(of(&[hour(0, 7, 5, 9), hour(1, 0, 0, 0)]), Platform);
+        assert_eq!(of(&[hour(3, 0, 0, 0)]), Platform);
+    }
+
+    #[test]
+    fn requests_by_reads_the_sources_counter() {
+        let h = hour(1, 2, 3, 4);
+        let got: Vec<u64> = RequestSource::ALL
+            .iter()
+            .map(|s| h.requests_by(*s))
+            .collect();
+        assert_eq!(got, [1, 2, 3, 4]);
+    }
+
+    /// The JSON names are the metric labels, and a summary or config without the new fields
+    /// (an older agent's) reads as execs.
+    #[test]
+    fn source_names_and_defaults() {
+        for s in RequestSource::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        let old = r#"{"function":"f","requests_per_hour":3,"max_memory_bytes":1}"#;
+        let c: FunctionConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(c.requests_source, RequestSource::Execs);
+        let old = r#"{"hour_start_ms":0,"instances_started":1,"execs":2,"invocations":0,
+            "oom_kills":0,"peak_bytes":5}"#;
+        let h: HourBucket = serde_json::from_str(old).unwrap();
+        assert_eq!((h.connections, h.requests), (0, 0));
     }
 }
 

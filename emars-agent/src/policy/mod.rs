@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     model::audit::{AuditRecord, Reason},
-    model::InstanceRecord,
     model::LimitRequest,
+    model::{InstanceRecord, RequestSource},
     policy::actuator::{Actuator, BelowUsage},
     policy::recommend::{recommend_blended, recommend_from_prior, PolicyParams, Recommendation},
     store::{Store, StoreError},
@@ -53,8 +53,13 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GeneratedConfig {
     pub function: String,
-    /// Busiest hour's requests (reported invocations, else execs).
+    /// Busiest hour's requests, counted from `requests_source`.
     pub requests_per_hour: u64,
+    /// Where `requests_per_hour` is counted from: the platform's reported invocations, else
+    /// HTTP requests counted in the kernel, else TCP connections counted in the kernel, else
+    /// execs.
+    #[serde(default)]
+    pub requests_source: RequestSource,
     /// Peak of instance peaks seen (the paper's "max memory").
     pub max_memory_bytes: u64,
     pub memory_high_bytes: u64,
@@ -533,6 +538,7 @@ impl Policy {
                 keepalive_ms: keep.keepalive_ms,
                 function: fc.function,
                 requests_per_hour: fc.requests_per_hour,
+                requests_source: fc.requests_source,
                 max_memory_bytes: fc.max_memory_bytes,
                 memory_high_bytes: r.high_bytes,
                 memory_max_bytes: r.max_bytes,

@@ -26,7 +26,7 @@ pub(super) const KEY_RING_MARK: &str = "ring_mark";
 
 /// Format of the checkpoint (its first byte); another one is ignored (the model is rebuilt
 /// from the records).
-pub(super) const CHECKPOINT_FORMAT: u8 = 6;
+pub(super) const CHECKPOINT_FORMAT: u8 = 7;
 
 /// Gives freed heap memory back to the system (glibc keeps it as RSS otherwise; musl's
 /// allocator returns memory on its own).

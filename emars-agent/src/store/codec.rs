@@ -40,6 +40,12 @@ pub struct StoredInstance {
     /// record written before hints existed, are the same bytes as before.
     #[serde(skip)]
     pub(super) input_bytes: Option<u64>,
+    /// Kernel-counted connections and requests. Not in the postcard body either: a record
+    /// with either above 0 is written as [`FORMAT_V2_COUNTS`], them after the body.
+    #[serde(skip)]
+    pub(super) connections: u64,
+    #[serde(skip)]
+    pub(super) requests: u64,
 }
 
 /// Format byte of an instance value or block that carries size hints: the [`FORMAT_V2`]
@@ -47,22 +53,68 @@ pub struct StoredInstance {
 /// Values and blocks without a hint keep [`FORMAT_V2`], byte for byte.
 pub(super) const FORMAT_V2_INPUT: u8 = 3;
 
-/// An instance value: [`FORMAT_V2`] + postcard, or [`FORMAT_V2_INPUT`] + postcard + the hint.
+/// Format byte of a value or block that carries kernel-counted connections and requests: the
+/// [`FORMAT_V2`] body, then postcard of [`InstanceExtra`] (an instance value), of the list of
+/// every entry's [`InstanceExtra`] in order (an instance block), of [`HourExtra`] (an open
+/// hour) or of the list of every entry's [`HourExtra`] (an hour block). Values and blocks
+/// without counts keep the format they had before counts existed, byte for byte.
+pub(super) const FORMAT_V2_COUNTS: u8 = 4;
+
+/// What a [`FORMAT_V2_COUNTS`] instance value or block entry carries after the body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct InstanceExtra {
+    input_bytes: Option<u64>,
+    connections: u64,
+    requests: u64,
+}
+
+impl InstanceExtra {
+    fn of(s: &StoredInstance) -> Self {
+        InstanceExtra {
+            input_bytes: s.input_bytes,
+            connections: s.connections,
+            requests: s.requests,
+        }
+    }
+
+    fn set(self, s: &mut StoredInstance) {
+        s.input_bytes = self.input_bytes;
+        s.connections = self.connections;
+        s.requests = self.requests;
+    }
+}
+
+impl StoredInstance {
+    fn has_counts(&self) -> bool {
+        self.connections > 0 || self.requests > 0
+    }
+}
+
+/// An instance value: [`FORMAT_V2`] + postcard, [`FORMAT_V2_INPUT`] + postcard + the hint,
+/// or (with counts) [`FORMAT_V2_COUNTS`] + postcard + [`InstanceExtra`].
 pub(super) fn encode_instance_value(stored: &StoredInstance) -> Result<Vec<u8>, String> {
-    let format = if stored.input_bytes.is_some() {
+    let format = if stored.has_counts() {
+        FORMAT_V2_COUNTS
+    } else if stored.input_bytes.is_some() {
         FORMAT_V2_INPUT
     } else {
         FORMAT_V2
     };
     let mut out = vec![format];
     postcard::to_io(stored, &mut out).map_err(|e| e.to_string())?;
-    if let Some(input) = stored.input_bytes {
-        postcard::to_io(&input, &mut out).map_err(|e| e.to_string())?;
+    match (format, stored.input_bytes) {
+        (FORMAT_V2_COUNTS, _) => {
+            postcard::to_io(&InstanceExtra::of(stored), &mut out).map_err(|e| e.to_string())?;
+        }
+        (_, Some(input)) => {
+            postcard::to_io(&input, &mut out).map_err(|e| e.to_string())?;
+        }
+        (_, None) => {}
     }
     Ok(out)
 }
 
-/// An instance value of either format ([`encode_instance_value`]).
+/// An instance value of any format ([`encode_instance_value`]).
 pub(super) fn decode_instance_value(raw: &[u8]) -> Result<StoredInstance, String> {
     match raw.split_first() {
         Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
@@ -73,29 +125,51 @@ pub(super) fn decode_instance_value(raw: &[u8]) -> Result<StoredInstance, String
             stored.input_bytes = Some(input);
             Ok(stored)
         }
+        Some((&FORMAT_V2_COUNTS, body)) => {
+            let (mut stored, rest): (StoredInstance, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            let extra: InstanceExtra = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            extra.set(&mut stored);
+            Ok(stored)
+        }
         Some((b, _)) => Err(format!("unknown format byte {b:#04x}")),
         None => Err("empty value".into()),
     }
 }
 
-/// A block of either format: [`FORMAT_V2`] + postcard of the entries, or
-/// [`FORMAT_V2_INPUT`] + the same + postcard of every entry's hint, in order.
+/// What follows a block's entries, one per entry, in order: fewer or more is corruption.
+fn decode_trailer<T: DeserializeOwned>(rest: &[u8], entries: usize) -> Result<Vec<T>, String> {
+    let trailer: Vec<T> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+    if trailer.len() != entries {
+        return Err(format!(
+            "{} trailing entries for {entries} records",
+            trailer.len()
+        ));
+    }
+    Ok(trailer)
+}
+
+/// A block of any format: [`FORMAT_V2`] + postcard of the entries, [`FORMAT_V2_INPUT`] + the
+/// same + postcard of every entry's hint, in order, or [`FORMAT_V2_COUNTS`] + the same +
+/// postcard of every entry's [`InstanceExtra`], in order.
 pub(super) fn decode_block(raw: &[u8]) -> Result<Vec<BlockEntry>, String> {
     match raw.split_first() {
         Some((&FORMAT_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
         Some((&FORMAT_V2_INPUT, body)) => {
             let (mut entries, rest): (Vec<BlockEntry>, _) =
                 postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
-            let inputs: Vec<Option<u64>> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
-            if inputs.len() != entries.len() {
-                return Err(format!(
-                    "{} size hints for {} records",
-                    inputs.len(),
-                    entries.len()
-                ));
-            }
+            let inputs: Vec<Option<u64>> = decode_trailer(rest, entries.len())?;
             for (e, input) in entries.iter_mut().zip(inputs) {
                 e.record.input_bytes = input;
+            }
+            Ok(entries)
+        }
+        Some((&FORMAT_V2_COUNTS, body)) => {
+            let (mut entries, rest): (Vec<BlockEntry>, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            let extras: Vec<InstanceExtra> = decode_trailer(rest, entries.len())?;
+            for (e, extra) in entries.iter_mut().zip(extras) {
+                extra.set(&mut e.record);
             }
             Ok(entries)
         }
@@ -112,6 +186,90 @@ pub(super) struct StoredHour {
     pub(super) invocations: u64,
     pub(super) oom_kills: u64,
     pub(super) peak_bytes: u64,
+    /// Kernel-counted connections and requests: after the body, under
+    /// [`FORMAT_V2_COUNTS`], when either is above 0.
+    #[serde(skip)]
+    pub(super) connections: u64,
+    #[serde(skip)]
+    pub(super) requests: u64,
+}
+
+/// What a [`FORMAT_V2_COUNTS`] hour value or hour block entry carries after the body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct HourExtra {
+    connections: u64,
+    requests: u64,
+}
+
+impl StoredHour {
+    fn extra(&self) -> HourExtra {
+        HourExtra {
+            connections: self.connections,
+            requests: self.requests,
+        }
+    }
+
+    fn has_counts(&self) -> bool {
+        self.connections > 0 || self.requests > 0
+    }
+
+    fn set(&mut self, extra: HourExtra) {
+        self.connections = extra.connections;
+        self.requests = extra.requests;
+    }
+}
+
+/// An open hour's value: [`FORMAT_V2`] + postcard, or (with counts) [`FORMAT_V2_COUNTS`] +
+/// postcard + [`HourExtra`].
+pub(super) fn encode_hour_value(s: &StoredHour) -> Vec<u8> {
+    let counts = s.has_counts();
+    let mut out = vec![if counts { FORMAT_V2_COUNTS } else { FORMAT_V2 }];
+    // Plain integers into a Vec: postcard cannot fail here.
+    let _ = postcard::to_io(s, &mut out);
+    if counts {
+        let _ = postcard::to_io(&s.extra(), &mut out);
+    }
+    out
+}
+
+pub(super) fn decode_hour_value(raw: &[u8]) -> Result<StoredHour, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2_COUNTS, body)) => {
+            let (mut s, rest): (StoredHour, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            s.set(postcard::from_bytes(rest).map_err(|e| e.to_string())?);
+            Ok(s)
+        }
+        _ => decode_v2(raw),
+    }
+}
+
+/// An hour block: [`FORMAT_V2`] + postcard of (function id, [`StoredHour`]) entries, or (when
+/// any has counts) [`FORMAT_V2_COUNTS`] + the same + postcard of every entry's [`HourExtra`].
+pub(super) fn encode_hour_block(entries: &[(u32, StoredHour)]) -> Result<Vec<u8>, String> {
+    let counts = entries.iter().any(|(_, h)| h.has_counts());
+    let mut out = vec![if counts { FORMAT_V2_COUNTS } else { FORMAT_V2 }];
+    postcard::to_io(entries, &mut out).map_err(|e| e.to_string())?;
+    if counts {
+        let extras: Vec<HourExtra> = entries.iter().map(|(_, h)| h.extra()).collect();
+        postcard::to_io(&extras, &mut out).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+pub(super) fn decode_hour_block_value(raw: &[u8]) -> Result<Vec<(u32, StoredHour)>, String> {
+    match raw.split_first() {
+        Some((&FORMAT_V2_COUNTS, body)) => {
+            let (mut entries, rest): (Vec<(u32, StoredHour)>, _) =
+                postcard::take_from_bytes(body).map_err(|e| e.to_string())?;
+            let extras: Vec<HourExtra> = decode_trailer(rest, entries.len())?;
+            for ((_, h), extra) in entries.iter_mut().zip(extras) {
+                h.set(extra);
+            }
+            Ok(entries)
+        }
+        _ => decode_v2(raw),
+    }
 }
 
 /// One record in a block.
@@ -167,8 +325,8 @@ pub(super) fn build_record(
             high_bytes: s.high_bytes,
         },
         input_bytes: s.input_bytes,
-        connections: 0,
-        requests: 0,
+        connections: s.connections,
+        requests: s.requests,
     })
 }
 
@@ -196,10 +354,22 @@ pub(super) fn encode_block(entries: &[BlockEntry]) -> Result<Vec<u8>, StoreError
         key: String::new(),
         reason: e.to_string(),
     };
+    let counted = entries.iter().any(|e| e.record.has_counts());
     let hinted = entries.iter().any(|e| e.record.input_bytes.is_some());
-    let mut out = vec![if hinted { FORMAT_V2_INPUT } else { FORMAT_V2 }];
+    let format = match (counted, hinted) {
+        (true, _) => FORMAT_V2_COUNTS,
+        (false, true) => FORMAT_V2_INPUT,
+        (false, false) => FORMAT_V2,
+    };
+    let mut out = vec![format];
     postcard::to_io(entries, &mut out).map_err(encode_error)?;
-    if hinted {
+    if counted {
+        let extras: Vec<InstanceExtra> = entries
+            .iter()
+            .map(|e| InstanceExtra::of(&e.record))
+            .collect();
+        postcard::to_io(&extras, &mut out).map_err(encode_error)?;
+    } else if hinted {
         let inputs: Vec<Option<u64>> = entries.iter().map(|e| e.record.input_bytes).collect();
         postcard::to_io(&inputs, &mut out).map_err(encode_error)?;
     }
@@ -213,6 +383,8 @@ pub(super) fn stored_hour(b: &HourBucket) -> StoredHour {
         invocations: b.invocations,
         oom_kills: b.oom_kills,
         peak_bytes: b.peak_bytes,
+        connections: b.connections,
+        requests: b.requests,
     }
 }
 
@@ -224,14 +396,13 @@ pub(super) fn bucket_of(hour_start_ms: u64, s: &StoredHour) -> HourBucket {
         invocations: s.invocations,
         oom_kills: s.oom_kills,
         peak_bytes: s.peak_bytes,
+        connections: s.connections,
+        requests: s.requests,
     }
 }
 
 pub(super) fn encode_hour(b: &HourBucket) -> Vec<u8> {
-    let mut out = vec![FORMAT_V2];
-    // Plain integers into a Vec: postcard cannot fail here.
-    let _ = postcard::to_io(&stored_hour(b), &mut out);
-    out
+    encode_hour_value(&stored_hour(b))
 }
 
 pub(super) fn hour_block_key(hour_start_ms: u64) -> [u8; 4] {
@@ -340,6 +511,8 @@ impl Store {
             max_bytes: rec.limits.max_bytes,
             high_bytes: rec.limits.high_bytes,
             input_bytes: rec.input_bytes,
+            connections: rec.connections,
+            requests: rec.requests,
         };
         let out = encode_instance_value(&stored).map_err(|reason| StoreError::Encode {
             tree: TREE_LIVE,
@@ -392,7 +565,7 @@ impl Store {
             return Err(corrupt(format!("key of {} bytes, not 8", key.len())));
         }
         let (hour, id) = (u32_of(&key[..4]), u32_of(&key[4..]));
-        let s: StoredHour = decode_v2(raw).map_err(corrupt)?;
+        let s = decode_hour_value(raw).map_err(corrupt)?;
         let name = self
             .string(id)
             .ok_or_else(|| corrupt(format!("string id {id} is not in `{TREE_STRINGS}`")))?;
@@ -413,7 +586,7 @@ impl Store {
             key: hour_start_ms.to_string(),
             reason,
         };
-        let entries: Vec<(u32, StoredHour)> = decode_v2(raw).map_err(corrupt)?;
+        let entries = decode_hour_block_value(raw).map_err(corrupt)?;
         let strings = self.strings();
         entries
             .into_iter()
@@ -464,6 +637,16 @@ mod tests {
             max_bytes: Some(64 * MIB),
             high_bytes: Some(60 * MIB),
             input_bytes,
+            connections: 0,
+            requests: 0,
+        }
+    }
+
+    fn counted(input_bytes: Option<u64>, connections: u64, requests: u64) -> StoredInstance {
+        StoredInstance {
+            connections,
+            requests,
+            ..stored(input_bytes)
         }
     }
 
@@ -581,5 +764,188 @@ mod tests {
             .collect();
         let newest: Vec<u64> = expected.iter().rev().take(3).map(|e| e.0).collect();
         assert_eq!(recent, newest);
+    }
+
+    /// Counts go after the body under their own format byte, with or without a hint; a value
+    /// without counts keeps the bytes it had before counts existed (both older formats).
+    #[test]
+    fn instance_values_with_counts_round_trip_and_others_are_unchanged() {
+        let old = before_hints();
+        let hinted_old = encode_instance_value(&stored(Some(5 * MIB))).unwrap();
+        assert_eq!(hinted_old[0], FORMAT_V2_INPUT);
+        for (input, connections, requests) in [(None, 1, 0), (None, 0, 1), (Some(5 * MIB), 3, 70)] {
+            let value = counted(input, connections, requests);
+            let bytes = encode_instance_value(&value).unwrap();
+            assert_eq!(bytes[0], FORMAT_V2_COUNTS);
+            assert_eq!(
+                bytes[1..old.len()],
+                old[1..],
+                "the counts only follow the body"
+            );
+            assert_eq!(decode_instance_value(&bytes).unwrap(), value);
+            assert!(decode_instance_value(&bytes[..bytes.len() - 1]).is_err());
+        }
+        assert_eq!(encode_instance_value(&counted(None, 0, 0)).unwrap(), old);
+        let back = decode_instance_value(&hinted_old).unwrap();
+        assert_eq!((back.connections, back.requests), (0, 0));
+    }
+
+    #[test]
+    fn blocks_with_counts_keep_each_entrys_counts_and_others_are_unchanged() {
+        let entry = |i: u64, record| BlockEntry {
+            started_at_ms: 1_000 + i,
+            cgroup_id: i,
+            record,
+        };
+        // Blocks without counts: the bytes of before (plain and hinted).
+        for block in [
+            vec![entry(1, stored(None)), entry(2, stored(None))],
+            vec![entry(1, stored(None)), entry(2, stored(Some(MIB)))],
+        ] {
+            let mut old = vec![if block[1].record.input_bytes.is_some() {
+                FORMAT_V2_INPUT
+            } else {
+                FORMAT_V2
+            }];
+            postcard::to_io(&block, &mut old).unwrap();
+            if old[0] == FORMAT_V2_INPUT {
+                postcard::to_io(&vec![None, Some(MIB)], &mut old).unwrap();
+            }
+            assert_eq!(encode_block(&block).unwrap(), old);
+        }
+        let mixed = vec![
+            entry(1, stored(None)),
+            entry(2, counted(Some(MIB), 4, 0)),
+            entry(3, counted(None, 5, 900)),
+        ];
+        let bytes = encode_block(&mixed).unwrap();
+        assert_eq!(bytes[0], FORMAT_V2_COUNTS);
+        let back: Vec<StoredInstance> = decode_block(&bytes)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.record)
+            .collect();
+        let expected: Vec<StoredInstance> = mixed.iter().map(|e| e.record.clone()).collect();
+        assert_eq!(back, expected);
+        // A trailer of another length than the entries is corruption.
+        let mut short = vec![FORMAT_V2_COUNTS];
+        postcard::to_io(&mixed, &mut short).unwrap();
+        postcard::to_io(&vec![InstanceExtra::default()], &mut short).unwrap();
+        assert!(decode_block(&short).is_err());
+    }
+
+    fn hour(connections: u64, requests: u64) -> StoredHour {
+        StoredHour {
+            instances_started: 1,
+            execs: 2,
+            invocations: 3,
+            oom_kills: 4,
+            peak_bytes: 5 * MIB,
+            connections,
+            requests,
+        }
+    }
+
+    /// The hour as every build before counts wrote it: five varints behind 0x02.
+    fn hour_before_counts() -> Vec<u8> {
+        let mut out = vec![FORMAT_V2];
+        postcard::to_io(&(1u64, 2u64, 3u64, 4u64, 5 * MIB), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn hour_values_and_blocks_with_counts_round_trip_and_others_are_unchanged() {
+        let old = hour_before_counts();
+        assert_eq!(decode_hour_value(&old).unwrap(), hour(0, 0));
+        assert_eq!(encode_hour_value(&hour(0, 0)), old);
+        for (c, r) in [(1, 0), (0, 1), (40, 70)] {
+            let bytes = encode_hour_value(&hour(c, r));
+            assert_eq!(bytes[0], FORMAT_V2_COUNTS);
+            assert_eq!(bytes[1..old.len()], old[1..]);
+            assert_eq!(decode_hour_value(&bytes).unwrap(), hour(c, r));
+            assert!(decode_hour_value(&bytes[..bytes.len() - 1]).is_err());
+        }
+        let plain = vec![(7u32, hour(0, 0)), (9, hour(0, 0))];
+        let old_fields = (1u64, 2u64, 3u64, 4u64, 5 * MIB);
+        let mut old_block = vec![FORMAT_V2];
+        // A list (length first), as the block's Vec is written.
+        postcard::to_io(
+            &vec![(7u32, old_fields), (9u32, old_fields)],
+            &mut old_block,
+        )
+        .unwrap();
+        assert_eq!(encode_hour_block(&plain).unwrap(), old_block);
+        assert_eq!(decode_hour_block_value(&old_block).unwrap(), plain);
+        let mixed = vec![(7u32, hour(0, 0)), (9, hour(2, 30))];
+        let bytes = encode_hour_block(&mixed).unwrap();
+        assert_eq!(bytes[0], FORMAT_V2_COUNTS);
+        assert_eq!(decode_hour_block_value(&bytes).unwrap(), mixed);
+        assert!(decode_hour_block_value(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// Kernel counts survive sealing into instance and hour blocks and a rebuild of the model
+    /// from the records (no checkpoint), and reach the summary, the hours and the export.
+    #[test]
+    fn counts_survive_blocks_and_a_rebuild() {
+        use crate::model::{HourDelta, RequestSource};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let n = BLOCK_RECORDS as u64 + 10;
+        let mut written = Vec::new();
+        let (summary, hours) = {
+            let s = Store::open(&path).unwrap();
+            for i in 0..n {
+                let mut r = rec("f", 1_000 + i * 10, i);
+                r.requests = i % 3 * 10;
+                r.connections = i % 3;
+                r.ended_at_ms = Some(r.started_at_ms + 5);
+                s.put_instance(&r).unwrap();
+                written.push(r);
+            }
+            let mut live = rec("f", 900_000, 10_000);
+            (live.connections, live.requests) = (2, 7);
+            s.put_instance(&live).unwrap();
+            assert!(!s.state().index.blocks.is_empty(), "nothing was sealed");
+            for h in 0..5u64 {
+                let delta = HourDelta {
+                    execs: 1,
+                    connections: h,
+                    requests: 10 * h,
+                    ..HourDelta::default()
+                };
+                s.add_hour("f", h * HOUR_MS, delta).unwrap();
+            }
+            assert!(!s.state().index.sealed_hours.is_empty(), "no hour sealed");
+            (s.function("f").unwrap().unwrap(), s.hours("f").unwrap())
+        };
+        assert_eq!(
+            summary.connections,
+            written.iter().map(|r| r.connections).sum::<u64>() + 2
+        );
+        assert_eq!(
+            summary.requests,
+            written.iter().map(|r| r.requests).sum::<u64>() + 7
+        );
+        assert_eq!(summary.requests_source, RequestSource::KernelRequests);
+        assert_eq!(summary.requests_per_hour, 40);
+        let _ = std::fs::remove_file(path.join(super::super::CHECKPOINT_FILE));
+        let s = Store::open(&path).unwrap();
+        assert!(!s.opened_from_checkpoint());
+        let back = s.instances("f").unwrap();
+        assert_eq!(&back[..written.len()], &written[..]);
+        assert_eq!(s.hours("f").unwrap(), hours);
+        assert_eq!(s.function("f").unwrap().unwrap(), summary);
+        // And from a checkpoint.
+        s.checkpoint().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert!(s.opened_from_checkpoint());
+        assert_eq!(s.hours("f").unwrap(), hours);
+        assert_eq!(s.function("f").unwrap().unwrap(), summary);
+        let export = s.export().unwrap();
+        assert_eq!(
+            (export[0].requests_per_hour, export[0].requests_source),
+            (40, RequestSource::KernelRequests)
+        );
     }
 }

@@ -276,9 +276,10 @@ impl Store {
 
     /// The paper's per-function config, one entry per known function, sorted by name.
     ///
-    /// `requests_per_hour` is the busiest retained hour's platform-reported invocations when
-    /// any retained hour has some, else the busiest hour's execs; `max_memory_bytes` is the
-    /// peak of the retained instance peaks.
+    /// `requests_per_hour` is the busiest retained hour's requests as `requests_source`
+    /// counts them: platform-reported invocations when any retained hour has some, else
+    /// HTTP requests counted in the kernel, else TCP connections counted in the kernel, else
+    /// execs; `max_memory_bytes` is the peak of the retained instance peaks.
     pub fn export(&self) -> Result<Vec<FunctionConfig>, StoreError> {
         Ok(self.state().model.export())
     }
@@ -387,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn export_prefers_invocations_else_execs() {
+    fn export_prefers_invocations_then_kernel_requests_then_connections_then_execs() {
         let (_d, s) = open_tmp();
         fill_known_set(&s);
         let execs = |n| HourDelta {
@@ -407,25 +408,44 @@ mod tests {
         s.put_instance(&r).unwrap();
         // "h": known, nothing measured.
         s.add_invocations("h", 0, 0).unwrap();
+        let kernel = |execs, connections, requests| HourDelta {
+            execs,
+            connections,
+            requests,
+            ..HourDelta::default()
+        };
+        // "k": an HTTP server, one exec and many requests over fewer connections.
+        s.add_hour("k", 0, kernel(1, 40, 70)).unwrap();
+        s.add_hour("k", HOUR_MS, kernel(0, 50, 60)).unwrap();
+        // "m": a server that does not speak HTTP/1: connections only.
+        s.add_hour("m", 0, kernel(1, 0, 0)).unwrap();
+        s.add_hour("m", HOUR_MS, kernel(0, 12, 0)).unwrap();
+        let config =
+            |name: &str, requests_per_hour, requests_source, max_memory_bytes| FunctionConfig {
+                function: name.into(),
+                requests_per_hour,
+                requests_source,
+                max_memory_bytes,
+            };
+        use RequestSource::*;
         assert_eq!(
             s.export().unwrap(),
             vec![
-                FunctionConfig {
-                    function: "f".into(),
-                    requests_per_hour: 30,
-                    max_memory_bytes: 100 * MIB,
-                },
-                FunctionConfig {
-                    function: "g".into(),
-                    requests_per_hour: 9,
-                    max_memory_bytes: 3 * MIB,
-                },
-                FunctionConfig {
-                    function: "h".into(),
-                    requests_per_hour: 0,
-                    max_memory_bytes: 0,
-                },
+                config("f", 30, Execs, 100 * MIB),
+                config("g", 9, Platform, 3 * MIB),
+                config("h", 0, Execs, 0),
+                config("k", 70, KernelRequests, 0),
+                config("m", 12, KernelConnections, 0),
             ]
+        );
+        // The platform's report wins over the kernel's count.
+        s.add_invocations("k", 3, HOUR_MS).unwrap();
+        let k = s.export().unwrap().remove(3);
+        assert_eq!((k.requests_per_hour, k.requests_source), (3, Platform));
+        assert_eq!(s.function("k").unwrap().unwrap().requests_source, Platform);
+        assert_eq!(
+            s.function("m").unwrap().unwrap().requests_source,
+            KernelConnections
         );
     }
 

@@ -8,10 +8,12 @@ use sled::Transactional;
 
 use crate::model::{HourBucket, HourDelta, HOUR_MS};
 
-use super::codec::{encode_hour, hour_block_key, hour_log_key, stored_hour, tx_error};
+use super::codec::{
+    encode_hour, encode_hour_block, hour_block_key, hour_log_key, stored_hour, tx_error,
+};
 use super::functions::validate_name;
 use super::index::State;
-use super::{Store, StoreError, FORMAT_V2, TREE_HOUR_BLOCKS};
+use super::{Store, StoreError, TREE_HOUR_BLOCKS};
 
 impl Store {
     /// Merges `delta` into the bucket of the hour containing `at_ms`: counters add,
@@ -82,13 +84,11 @@ impl Store {
         for (name, b) in st.model.buckets_of_hour(hour) {
             entries.push((self.intern(&name)?, stored_hour(&b)));
         }
-        let mut out = vec![FORMAT_V2];
-        postcard::to_io(&entries, &mut out).map_err(|e| StoreError::Encode {
+        encode_hour_block(&entries).map_err(|reason| StoreError::Encode {
             tree: TREE_HOUR_BLOCKS,
             key: hour.to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(out)
+            reason,
+        })
     }
 
     pub(super) fn write_hour_block(&self, st: &State, hour: u64) -> Result<(), StoreError> {
@@ -141,8 +141,8 @@ mod tests {
             invocations: 2,
             oom_kills: 1,
             peak_bytes: peak,
-            connections: 0,
-            requests: 0,
+            connections: 7,
+            requests: execs * 10,
         };
         s.add_hour("f", h + 1, d(3, 10)).unwrap();
         s.add_hour("f", h + HOUR_MS - 1, d(4, 30)).unwrap();
@@ -160,6 +160,8 @@ mod tests {
                 invocations: 6,
                 oom_kills: 3,
                 peak_bytes: 30,
+                connections: 21,
+                requests: 120,
             }
         );
         assert_eq!(hours[0].hour_start_ms, h - HOUR_MS);

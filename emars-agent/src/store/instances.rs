@@ -587,8 +587,13 @@ mod tests {
             let f = ["a", "b", "c"][(i % 3) as usize];
             let mut r = rec(f, 1_000 + i * 10, i);
             r.execs = i % 4;
+            // Kernel counts on some (the live version counted less than the final one).
+            (r.connections, r.requests) = (i % 5, i % 5 * 3);
             s.put_instance(&r).unwrap();
             r.peak_bytes = (i + 1) * MIB;
+            if i % 5 != 0 {
+                (r.connections, r.requests) = (i % 5 + 1, i % 5 * 3 + 2);
+            }
             if i % 7 != 0 {
                 r.ended_at_ms = Some(r.started_at_ms + 5 + (i % 3) * 1_000);
                 r.oom_kills = u64::from(i % 11 == 0);
@@ -613,6 +618,14 @@ mod tests {
                     expected.iter().map(|r| r.oom_kills).sum::<u64>()
                 );
                 assert_eq!(summary.execs, expected.iter().map(|r| r.execs).sum::<u64>());
+                assert_eq!(
+                    (summary.connections, summary.requests),
+                    (
+                        expected.iter().map(|r| r.connections).sum::<u64>(),
+                        expected.iter().map(|r| r.requests).sum::<u64>()
+                    ),
+                    "kernel counts of {f}"
+                );
             }
         };
         check(&s, &written);
@@ -628,6 +641,7 @@ mod tests {
         );
         first.peak_bytes = 999 * MIB;
         first.execs = 7;
+        first.requests += 1_000;
         s.put_instance(&first).unwrap();
         written.insert(k, first.clone());
         check(&s, &written);

@@ -98,6 +98,8 @@ impl Store {
                         peak_bytes: e.record.peak_bytes,
                         execs: e.record.execs,
                         oom_kills: e.record.oom_kills,
+                        connections: e.record.connections,
+                        requests: e.record.requests,
                         limit_bytes: e.record.max_bytes,
                         // A lifetime watermark (v2 before 6.12) is no peak of this use: no
                         // point of the input fit.

@@ -127,8 +127,8 @@ impl Store {
                         invocations: b.invocations,
                         oom_kills: b.oom_kills,
                         peak_bytes: b.peak_bytes,
-                        connections: 0,
-                        requests: 0,
+                        connections: b.connections,
+                        requests: b.requests,
                     };
                     self.add_hour(&name, b.hour_start_ms, delta)?;
                     moved += 1;
@@ -228,6 +228,7 @@ mod tests {
                     invocations: 0,
                     oom_kills: 0,
                     peak_bytes: r.peak_bytes,
+                    ..HourBucket::default()
                 };
                 let mut key = f.as_bytes().to_vec();
                 key.push(0);

@@ -15,11 +15,11 @@
 //!
 //! | tree              | key                                              | value                                          |
 //! |-------------------|--------------------------------------------------|------------------------------------------------|
-//! | `instances_live`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | `0x02` · postcard [`StoredInstance`]; with a bind's size hint `0x03` · the same · postcard u64 (the hint) |
+//! | `instances_live`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | `0x02` · postcard [`StoredInstance`]; with a bind's size hint `0x03` · the same · postcard u64 (the hint); with kernel-counted connections or requests `0x04` · the same · postcard (hint `Option<u64>`, connections u64, requests u64) |
 //! | `instances_tail`  | `started_at_ms` (u64) · `cgroup_id` (u64)        | the same, for an ended record not sealed yet   |
-//! | `instance_blocks` | sequence (u64)                                   | `0x02` · postcard list of (start, cgroup id, [`StoredInstance`]); when a record has a hint `0x03` · the same · postcard list of `Option<u64>` (each record's hint) |
-//! | `hours_open`      | hours since the epoch (u32) · function id (u32)  | `0x02` · postcard `StoredHour`                 |
-//! | `hour_blocks`     | hours since the epoch (u32)                      | `0x02` · postcard list of (function id, `StoredHour`) |
+//! | `instance_blocks` | sequence (u64)                                   | `0x02` · postcard list of (start, cgroup id, [`StoredInstance`]); when a record has a hint `0x03` · the same · postcard list of `Option<u64>` (each record's hint); when a record has kernel counts `0x04` · the same · postcard list of (hint, connections, requests), one per record |
+//! | `hours_open`      | hours since the epoch (u32) · function id (u32)  | `0x02` · postcard `StoredHour`; with kernel-counted connections or requests `0x04` · the same · postcard (connections u64, requests u64) |
+//! | `hour_blocks`     | hours since the epoch (u32)                      | `0x02` · postcard list of (function id, `StoredHour`); when an entry has kernel counts `0x04` · the same · postcard list of (connections, requests), one per entry |
 //! | `strings`         | id (u32)                                         | a function name or a cgroup parent path        |
 //! | `functions`       | name                                             | `{"first_seen_ms":…,"last_seen_ms":…}`         |
 //! | `meta`            | `schema_version`                                 | `2`                                            |

@@ -44,6 +44,16 @@ async function get(path) {
 
 const optional = (p) => p.catch(() => null);
 
+// Where a function's requests are counted from (`requests_source`), and each source's count
+// in an hour bucket.
+const SOURCES = {
+  platform: { label: 'platform: invocations', hour: (h) => h.invocations },
+  kernel_requests: { label: 'kernel: HTTP requests', hour: (h) => h.requests },
+  kernel_connections: { label: 'kernel: TCP connections', hour: (h) => h.connections },
+  execs: { label: 'execs', hour: (h) => h.execs },
+};
+const source = (name) => SOURCES[name] || SOURCES.execs;
+
 // Up to `max` instances of a listing, page after page (each at most 10000 records), following
 // the answer's `next` cursor.
 async function instancePages(path, max) {
@@ -79,13 +89,11 @@ function meter(value, limit) {
 }
 
 async function overview() {
-  const [fns, recs, exp] = await Promise.all([
+  const [fns, recs] = await Promise.all([
     get('/v1/functions'),
     optional(get('/v1/recommendations')),
-    optional(get('/v1/export')),
   ]);
   const rec = new Map(((recs && recs.recommendations) || []).map((r) => [r.function, r]));
-  const req = new Map(((exp && exp.functions) || []).map((f) => [f.function, f.requests_per_hour]));
   const rows = fns.functions.map((f) => {
     const r = rec.get(f.name);
     return el('tr', { 'data-function': f.name },
@@ -98,7 +106,8 @@ async function overview() {
       el('td', { class: 'num', 'data-col': 'max' }, r ? bytes(r.max_bytes) : '–'),
       el('td', { class: 'num' }, r ? bytes(r.high_bytes) : '–'),
       el('td', { class: 'num', 'data-col': 'oom' }, f.oom_kills),
-      el('td', { class: 'num' }, req.has(f.name) ? req.get(f.name) : '–'));
+      el('td', { class: 'num', 'data-col': 'requests', 'data-source': f.requests_source }, f.requests_per_hour),
+      el('td', { class: 'text', 'data-col': 'source' }, source(f.requests_source).label));
   });
   const mode = recs ? recs.mode : 'observe';
   return [
@@ -107,7 +116,7 @@ async function overview() {
       ? `Policy mode: ${mode}. Peaks are the kernel's watermark of each instance; limits are what a new instance gets.`
       : `Policy mode: ${mode}: no limits are written. Peaks are the kernel's watermark of each instance; limits are what enforce mode would give a new instance.`),
     fns.functions.length
-      ? table(['function', 'live', 'instances', 'peak p50', 'peak p95', 'peak max', 'memory.max', 'memory.high', 'OOM kills', 'requests/h (busiest)'], rows, 'functions')
+      ? table(['function', 'live', 'instances', 'peak p50', 'peak p95', 'peak max', 'memory.max', 'memory.high', 'OOM kills', 'requests/h (busiest)', 'counted from'], rows, 'functions')
       : el('p', { class: 'muted', id: 'functions' }, 'No function seen yet.'),
   ];
 }
@@ -145,13 +154,14 @@ function peakHistogram(peaks, rec) {
   return s;
 }
 
-// Peak (line) and requests (bars) per hour over the retained hours.
-function hoursChart(hours) {
+// Peak (line) and requests (bars, counted from `from`: a key of SOURCES) per hour over the
+// retained hours.
+function hoursChart(hours, from) {
   const W = 720, H = 180, L = 40, B = 24, T = 10;
-  const s = svg('svg', { id: 'hours', viewBox: `0 0 ${W} ${H}`, width: W, height: H, 'data-hours': hours.length });
+  const s = svg('svg', { id: 'hours', viewBox: `0 0 ${W} ${H}`, width: W, height: H, 'data-hours': hours.length, 'data-source': from });
   if (!hours.length) return s;
   const maxPeak = Math.max(1, ...hours.map((h) => h.peak_bytes));
-  const req = (h) => h.invocations || h.execs;
+  const req = (h) => source(from).hour(h) || 0;
   const maxReq = Math.max(1, ...hours.map(req));
   const step = (W - L - 10) / hours.length;
   hours.forEach((h, i) => {
@@ -165,7 +175,7 @@ function hoursChart(hours) {
     s.append(svg('circle', { cx, cy, r: 3, fill: '#3f6fb5' }));
   }
   s.append(svg('text', { x: 4, y: T + 10 }, bytes(maxPeak)));
-  s.append(svg('text', { x: W - 10, y: T + 10, 'text-anchor': 'end' }, `${maxReq} requests/h`));
+  s.append(svg('text', { x: W - 10, y: T + 10, 'text-anchor': 'end' }, `${maxReq} requests/h (${source(from).label})`));
   s.append(svg('text', { x: L, y: H - 6 }, new Date(hours[0].hour_start_ms).toLocaleString()));
   s.append(svg('text', { x: W - 10, y: H - 6, 'text-anchor': 'end' }, new Date(hours[hours.length - 1].hour_start_ms).toLocaleString()));
   return s;
@@ -188,7 +198,9 @@ async function functionPage(name) {
     card('peak max', bytes(f.peak_bytes), 'max'),
     card('memory.max / high', rec ? `${bytes(rec.max_bytes)} / ${bytes(rec.high_bytes)}` : '–', 'limits'),
     card('OOM kills', f.oom_kills, 'oom'),
-    card('execs / invocations', `${f.execs} / ${f.invocations}`, 'requests'));
+    card('execs / invocations', `${f.execs} / ${f.invocations}`, 'invocations'),
+    card('HTTP requests / connections (kernel)', `${f.requests} / ${f.connections}`, 'kernel'),
+    card(`requests/h (${source(f.requests_source).label})`, f.requests_per_hour, 'requests'));
   // Usage now (read from the cgroup at this request) against memory.max; no meter where the
   // usage could not be read (the cgroup went meanwhile).
   const liveRows = live.map((i) => el('tr', { 'data-instance': i.instance },
@@ -198,6 +210,8 @@ async function functionPage(name) {
     el('td', { class: 'num', 'data-col': 'peak' }, bytes(i.peak_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.max_bytes)),
     el('td', { class: 'num' }, bytes(i.limits.high_bytes)),
+    el('td', { class: 'num', 'data-col': 'requests' }, i.requests || 0),
+    el('td', { class: 'num', 'data-col': 'connections' }, i.connections || 0),
     el('td', {}, i.usage_bytes == null ? '' : meter(i.usage_bytes, i.limits.max_bytes))));
   const writes = ((audit && audit.audit) || []).filter((w) => w.function === name);
   const auditRows = writes.map((w) => el('tr', { 'data-reason': w.reason },
@@ -213,10 +227,10 @@ async function functionPage(name) {
     cards,
     el('h2', {}, `Instance peaks (${ended.length} ended)`),
     peakHistogram(ended.map((i) => i.peak_bytes).filter((p) => p > 0), rec),
-    el('h2', {}, 'Peak and requests per hour'),
-    hoursChart(f.hours),
+    el('h2', {}, `Peak and requests per hour (requests: ${source(f.requests_source).label})`),
+    hoursChart(f.hours, f.requests_source),
     el('h2', {}, `Live instances (${live.length})`),
-    live.length ? table(['instance', 'started', 'usage now', 'peak', 'memory.max', 'memory.high', 'usage / max'], liveRows, 'live') : el('p', { class: 'muted', id: 'live' }, 'None running.'),
+    live.length ? table(['instance', 'started', 'usage now', 'peak', 'memory.max', 'memory.high', 'HTTP requests', 'connections', 'usage / max'], liveRows, 'live') : el('p', { class: 'muted', id: 'live' }, 'None running.'),
     el('h2', {}, `Limit writes and reactive actions (${writes.length})`),
     writes.length ? table(['at', 'instance', 'reason', 'outcome', 'memory.max', 'memory.high', 'signal / error'], auditRows, 'audit') : el('p', { class: 'muted', id: 'audit' }, 'None.'),
   ];

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::model::{
-    FunctionConfig, FunctionSummary, HourBucket, InstanceRecord, PeakPercentiles, Sample,
-    SizedSample,
+    FunctionConfig, FunctionSummary, HourBucket, InstanceRecord, PeakPercentiles, RequestSource,
+    Sample, SizedSample,
 };
 
 use super::hours::HourSeries;
@@ -22,6 +22,8 @@ use super::{idle_gaps, EndedRecord, InstanceKey, NativePeaks, PeakHistogram};
 pub(super) struct Live {
     pub(super) execs: u64,
     pub(super) oom_kills: u64,
+    pub(super) connections: u64,
+    pub(super) requests: u64,
     pub(super) peak_bytes: u64,
     pub(super) limit_bytes: Option<u64>,
 }
@@ -49,9 +51,11 @@ pub(super) struct FunctionState<P> {
     pub(super) ended: Vec<Ended<P>>,
     /// End times of the ended instances that ran for 49.7 days or more.
     pub(super) long_runs: HashMap<InstanceKey, u64>,
-    /// Their execs and OOM kills summed.
+    /// Their execs, OOM kills, kernel-counted connections and requests summed.
     pub(super) ended_execs: u64,
     pub(super) ended_oom_kills: u64,
+    pub(super) ended_connections: u64,
+    pub(super) ended_requests: u64,
     /// Ended instances with OOM kills: the memory.max they had (the recommender bumps it).
     pub(super) ended_oom: BTreeMap<InstanceKey, Option<u64>>,
     /// Instances bound with a size hint (`input_bytes`), live and ended: the hint.
@@ -152,6 +156,8 @@ impl<P: Copy + Default> FunctionState<P> {
                 let live = Live {
                     execs: rec.execs,
                     oom_kills: rec.oom_kills,
+                    connections: rec.connections,
+                    requests: rec.requests,
                     peak_bytes: rec.peak_bytes,
                     limit_bytes: rec.limits.max_bytes,
                 };
@@ -169,6 +175,8 @@ impl<P: Copy + Default> FunctionState<P> {
                     peak_bytes: rec.peak_bytes,
                     execs: rec.execs,
                     oom_kills: rec.oom_kills,
+                    connections: rec.connections,
+                    requests: rec.requests,
                     limit_bytes: rec.limits.max_bytes,
                     input_bytes: rec.input_bytes.filter(|_| exact),
                 },
@@ -210,6 +218,8 @@ impl<P: Copy + Default> FunctionState<P> {
         }
         self.ended_execs = self.ended_execs.saturating_add(r.execs);
         self.ended_oom_kills = self.ended_oom_kills.saturating_add(r.oom_kills);
+        self.ended_connections = self.ended_connections.saturating_add(r.connections);
+        self.ended_requests = self.ended_requests.saturating_add(r.requests);
         if r.oom_kills > 0 {
             self.ended_oom.insert(r.key, r.limit_bytes);
         }
@@ -247,6 +257,8 @@ impl<P: Copy + Default> FunctionState<P> {
     pub(super) fn sub_counts(&mut self, rec: &InstanceRecord) {
         self.ended_execs = self.ended_execs.saturating_sub(rec.execs);
         self.ended_oom_kills = self.ended_oom_kills.saturating_sub(rec.oom_kills);
+        self.ended_connections = self.ended_connections.saturating_sub(rec.connections);
+        self.ended_requests = self.ended_requests.saturating_sub(rec.requests);
         let key = (rec.started_at_ms, rec.cgroup_id);
         self.ended_oom.remove(&key);
         self.inputs.remove(&key);
@@ -290,12 +302,19 @@ impl<P: Copy + Default> FunctionState<P> {
         let mut peaks: Vec<u64> = live_peaks.chain(ended_peaks).filter(|p| *p > 0).collect();
         peaks.sort_unstable();
         let live_sum = |f: fn(&Live) -> u64| self.live.values().map(f).fold(0, u64::saturating_add);
+        let source = self.requests_source();
         let s = FunctionSummary {
             name: name.to_owned(),
             instances: self.ended.len() as u64 + self.live.len() as u64,
             live_instances: self.live.len() as u64,
             execs: self.ended_execs.saturating_add(live_sum(|v| v.execs)),
             invocations: self.invocations,
+            connections: self
+                .ended_connections
+                .saturating_add(live_sum(|v| v.connections)),
+            requests: self.ended_requests.saturating_add(live_sum(|v| v.requests)),
+            requests_source: source,
+            requests_per_hour: self.busiest_hour(source),
             oom_kills: self
                 .ended_oom_kills
                 .saturating_add(live_sum(|v| v.oom_kills)),
@@ -355,18 +374,25 @@ impl<P: Copy + Default> FunctionState<P> {
             .collect()
     }
 
+    /// Where its requests are counted from, over its retained hours.
+    pub(super) fn requests_source(&self) -> RequestSource {
+        RequestSource::of_hours(self.hours.values())
+    }
+
+    /// Its busiest retained hour's requests as `source` counts them.
+    fn busiest_hour(&self, source: RequestSource) -> u64 {
+        let requests = self.hours.values().map(|b| b.requests_by(source));
+        requests.max().unwrap_or(0)
+    }
+
     pub(super) fn export(&self, name: &str) -> FunctionConfig {
-        let max = |f: fn(&HourBucket) -> u64| self.hours.values().map(|b| f(&b)).max().unwrap_or(0);
-        let invocations = max(|h| h.invocations);
+        let source = self.requests_source();
         let live_peak = self.live.values().map(|v| v.peak_bytes).max();
         let ended_peak = self.ended.iter().map(|e| e.peak_bytes).max();
         FunctionConfig {
             function: name.to_owned(),
-            requests_per_hour: if invocations > 0 {
-                invocations
-            } else {
-                max(|h| h.execs)
-            },
+            requests_per_hour: self.busiest_hour(source),
+            requests_source: source,
             max_memory_bytes: live_peak.max(ended_peak).unwrap_or(0),
         }
     }

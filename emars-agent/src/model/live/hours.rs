@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{HourBucket, HOUR_MS};
 
-/// A function's hour buckets in 32 bytes each (a `BTreeMap<u64, HourBucket>` takes more than
+/// A function's hour buckets in 40 bytes each (a `BTreeMap<u64, HourBucket>` takes more than
 /// twice that), ordered by hour: with many functions and a month of history they are most of
 /// the model. Counters saturate at 4 billion per hour.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -18,6 +18,8 @@ pub(super) struct CompactHour {
     execs: u32,
     invocations: u32,
     oom_kills: u32,
+    connections: u32,
+    requests: u32,
     peak_bytes: u64,
 }
 
@@ -30,6 +32,8 @@ impl CompactHour {
             execs: c(b.execs),
             invocations: c(b.invocations),
             oom_kills: c(b.oom_kills),
+            connections: c(b.connections),
+            requests: c(b.requests),
             peak_bytes: b.peak_bytes,
         }
     }
@@ -42,6 +46,8 @@ impl CompactHour {
             invocations: u64::from(self.invocations),
             oom_kills: u64::from(self.oom_kills),
             peak_bytes: self.peak_bytes,
+            connections: u64::from(self.connections),
+            requests: u64::from(self.requests),
         }
     }
 }
@@ -95,5 +101,36 @@ impl HourSeries {
 
     pub(super) fn shrink(&mut self) {
         self.0.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_hour_keeps_every_counter_and_saturates() {
+        let b = HourBucket {
+            hour_start_ms: 7 * HOUR_MS,
+            instances_started: 1,
+            execs: 2,
+            invocations: 3,
+            oom_kills: 4,
+            peak_bytes: 5 << 40,
+            connections: 6,
+            requests: 7,
+        };
+        assert_eq!(CompactHour::of(&b).bucket(), b);
+        let big = HourBucket {
+            requests: u64::MAX,
+            connections: u64::from(u32::MAX) + 1,
+            ..b
+        };
+        let back = CompactHour::of(&big).bucket();
+        assert_eq!(
+            (back.requests, back.connections),
+            (u64::from(u32::MAX), u64::from(u32::MAX))
+        );
+        assert_eq!(std::mem::size_of::<CompactHour>(), 40);
     }
 }
