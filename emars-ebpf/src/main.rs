@@ -692,17 +692,37 @@ fn count_segment(ctx: &SkBuffContext) -> Option<()> {
         return None;
     }
     let payload = l4 + ((off_flags[0] >> 4) as usize) * 4;
-    if (ctx.len() as usize) < payload + REQUEST_HEAD_LEN {
-        return None;
-    }
-    let head: u64 = ctx.load(payload).ok()?;
-    if starts_request_line(u64::from_le(head)) {
+    let head = request_head(ctx, payload)?;
+    if starts_request_line(head) {
         add(ctx, NetCounts {
             connections: 0,
             requests: 1,
         });
     }
     None
+}
+
+/// The first [`REQUEST_HEAD_LEN`] bytes of the payload at `payload` as a little-endian word,
+/// zeros past its end; None for a segment of fewer than 4 bytes (no method and its space).
+/// A client that writes "GET /" on its own (5 bytes) is still seen.
+#[inline(always)]
+fn request_head(ctx: &SkBuffContext, payload: usize) -> Option<u64> {
+    let len = ctx.len() as usize;
+    if len >= payload + REQUEST_HEAD_LEN {
+        return ctx.load::<u64>(payload).ok().map(u64::from_le);
+    }
+    if len < payload + 4 {
+        return None;
+    }
+    let mut head = u64::from(u32::from_le(ctx.load::<u32>(payload).ok()?));
+    let mut i = 4;
+    while i < REQUEST_HEAD_LEN - 1 {
+        if len > payload + i {
+            head |= u64::from(ctx.load::<u8>(payload + i).ok()?) << (8 * i);
+        }
+        i += 1;
+    }
+    Some(head)
 }
 
 #[inline(always)]

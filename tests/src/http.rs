@@ -168,10 +168,10 @@ fn exchange(s: &mut TcpStream, n: u64, close: bool) -> Result<u64> {
     let connection = if close { "close" } else { "keep-alive" };
     let mut reader = BufReader::new(s.try_clone()?);
     for i in 0..n {
-        write!(
-            s,
-            "GET /{i} HTTP/1.1\r\nHost: sandbox\r\nConnection: {connection}\r\n\r\n"
-        )?;
+        // One write, as HTTP clients send a request's head.
+        let request =
+            format!("GET /{i} HTTP/1.1\r\nHost: sandbox\r\nConnection: {connection}\r\n\r\n");
+        s.write_all(request.as_bytes())?;
         let mut length = None;
         let mut status = String::new();
         reader.read_line(&mut status)?;

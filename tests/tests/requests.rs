@@ -75,6 +75,38 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
         (OTHER, OTHER),
         "other/i1: {other_rec}"
     );
+
+    // Per hour (summed: the test may straddle an hour), the source said, the export and
+    // /metrics agree with the instance.
+    for (function, requests, connections) in [("web", N + M, N + 1), ("other", OTHER, OTHER)] {
+        let f = agent.get_ok(&format!("/v1/functions/{function}"))?;
+        let hours = f["hours"].as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| hours.iter().map(|h| u64_of(h, key)).sum::<u64>();
+        assert_eq!((sum("requests"), sum("connections")), (requests, connections), "{f}");
+        assert_eq!(f["requests_source"], "kernel_requests", "{f}");
+        let busiest = hours.iter().map(|h| u64_of(h, "requests")).max().unwrap_or(0);
+        assert_eq!(u64_of(&f, "requests_per_hour"), busiest, "{f}");
+        let export = agent.get_ok("/v1/export")?;
+        let row = export["functions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["function"] == function)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["requests_source"], "kernel_requests", "{export}");
+        assert_eq!(u64_of(&row, "requests_per_hour"), busiest, "{export}");
+    }
+    let metrics = ureq::get(&agent.url("/metrics"))
+        .call()?
+        .into_string()?;
+    for line in [
+        format!("emars_kernel_requests{{function=\"web\"}} {}", N + M),
+        format!("emars_kernel_connections{{function=\"web\"}} {}", N + 1),
+        format!("emars_kernel_requests{{function=\"other\"}} {OTHER}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+    }
     Ok(())
 }
 
@@ -108,5 +140,8 @@ fn without_the_program_requests_fall_back_to_execs_and_info_says_so() -> Result<
     );
     // The server's one exec (python3) is the instance's one request.
     assert_eq!(u64_of(&rec, "execs"), 1, "{rec}");
+    let f = agent.get_ok("/v1/functions/web")?;
+    assert_eq!(f["requests_source"], "execs", "{f}");
+    assert_eq!(u64_of(&f, "requests_per_hour"), 1, "{f}");
     Ok(())
 }
