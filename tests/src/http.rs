@@ -16,7 +16,15 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{remove_tree, TestRoot, Version};
+use crate::{remove_tree, sibling_bin, TestRoot, Version};
+
+/// The sandbox server binary (tests/src/bin/emars-http-server.rs).
+pub fn http_server_bin() -> PathBuf {
+    match std::env::var_os("EMARS_HTTP_SERVER_BIN") {
+        Some(p) => p.into(),
+        None => sibling_bin("emars-http-server"),
+    }
+}
 
 /// Where cgroup2 is mounted beside a v1 memory hierarchy (hybrid host); None on pure v2, where
 /// the memory hierarchy is the unified one.
@@ -72,45 +80,22 @@ impl Sandbox {
     }
 }
 
-/// A keep-alive HTTP/1.1 server (Python's http.server, threaded) on a loopback port of its
-/// choosing; killed when dropped.
+/// A keep-alive HTTP/1.1 server (tests/src/bin/emars-http-server.rs, a thread per
+/// connection) on a loopback port of its choosing; killed when dropped.
 pub struct HttpServer {
     child: Child,
     pub port: u16,
 }
 
-const SERVER: &str = r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_POST = do_GET
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"#;
-
 impl HttpServer {
     /// Starts the server in `sandbox` (None: on the host, outside any watched cgroup). Ready
     /// when it returns: it said its port once listening, so no probe connection is made.
     pub fn start(sandbox: Option<&Sandbox>) -> Result<HttpServer> {
-        // Debian's interpreter itself, not a version manager's shim: the server is one exec.
-        let python = ["/usr/bin/python3", "python3"]
-            .into_iter()
-            .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
-            .unwrap_or("python3");
-        let mut cmd = Command::new(python);
-        cmd.args(["-c", SERVER]).stdout(Stdio::piped());
+        let mut cmd = Command::new(http_server_bin());
+        cmd.stdout(Stdio::piped());
         let mut child = match sandbox {
             Some(s) => s.spawn(cmd)?,
-            None => cmd.spawn().context("spawning python3")?,
+            None => cmd.spawn().context("spawning emars-http-server")?,
         };
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();

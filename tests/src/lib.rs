@@ -313,7 +313,7 @@ pub fn agent_bin() -> PathBuf {
     sibling_bin("emars")
 }
 
-fn sibling_bin(name: &str) -> PathBuf {
+pub(crate) fn sibling_bin(name: &str) -> PathBuf {
     // Test binaries live in target/<profile>/deps; binaries in target/<profile>.
     let exe = std::env::current_exe().unwrap_or_default();
     let mut dir = exe.parent().map(Path::to_owned).unwrap_or_default();

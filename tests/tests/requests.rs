@@ -145,3 +145,41 @@ fn without_the_program_requests_fall_back_to_execs_and_info_says_so() -> Result<
     assert_eq!(u64_of(&f, "requests_per_hour"), 1, "{f}");
     Ok(())
 }
+
+#[test]
+fn requests_while_no_agent_runs_are_counted_once_by_the_pinned_program() -> Result<()> {
+    if !require_root("requests_while_no_agent_runs_are_counted_once_by_the_pinned_program") {
+        return Ok(());
+    }
+    let root = TestRoot::new()?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    counting_on(&agent)?;
+    let web = Sandbox::new(&root, "web", "i1")?;
+    let server = HttpServer::start(Some(&web))?;
+    agent.wait_live("web", "i1")?;
+    server.requests_on_new_connections(3)?;
+    server.requests_kept_alive(4)?;
+    agent.kill()?;
+
+    // No agent: the pinned program goes on counting into the pinned map.
+    server.requests_on_new_connections(5)?;
+
+    // The next agent adopts the set and its link (attached again, every segment would count
+    // twice from here on), and goes on from the totals the record holds.
+    let agent = Agent::start_with(&root, &store, "", None)?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], true, "{info}");
+    counting_on(&agent)?;
+    server.requests_kept_alive(6)?;
+    drop(server);
+    web.remove();
+    let rec = ended(&agent, "web", "i1")?;
+    assert_eq!(
+        (u64_of(&rec, "requests"), u64_of(&rec, "connections")),
+        (3 + 4 + 5 + 6, 3 + 1 + 5 + 1),
+        "{rec}"
+    );
+    Ok(())
+}
