@@ -66,12 +66,18 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
     let web_rec = ended(&agent, "web", "i1")?;
     let other_rec = ended(&agent, "other", "i1")?;
     assert_eq!(
-        (u64_of(&web_rec, "requests"), u64_of(&web_rec, "connections")),
+        (
+            u64_of(&web_rec, "requests"),
+            u64_of(&web_rec, "connections")
+        ),
         (N + M, N + 1),
         "web/i1: {web_rec}"
     );
     assert_eq!(
-        (u64_of(&other_rec, "requests"), u64_of(&other_rec, "connections")),
+        (
+            u64_of(&other_rec, "requests"),
+            u64_of(&other_rec, "connections")
+        ),
         (OTHER, OTHER),
         "other/i1: {other_rec}"
     );
@@ -82,9 +88,17 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
         let f = agent.get_ok(&format!("/v1/functions/{function}"))?;
         let hours = f["hours"].as_array().cloned().unwrap_or_default();
         let sum = |key: &str| hours.iter().map(|h| u64_of(h, key)).sum::<u64>();
-        assert_eq!((sum("requests"), sum("connections")), (requests, connections), "{f}");
+        assert_eq!(
+            (sum("requests"), sum("connections")),
+            (requests, connections),
+            "{f}"
+        );
         assert_eq!(f["requests_source"], "kernel_requests", "{f}");
-        let busiest = hours.iter().map(|h| u64_of(h, "requests")).max().unwrap_or(0);
+        let busiest = hours
+            .iter()
+            .map(|h| u64_of(h, "requests"))
+            .max()
+            .unwrap_or(0);
         assert_eq!(u64_of(&f, "requests_per_hour"), busiest, "{f}");
         let export = agent.get_ok("/v1/export")?;
         let row = export["functions"]
@@ -97,15 +111,16 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
         assert_eq!(row["requests_source"], "kernel_requests", "{export}");
         assert_eq!(u64_of(&row, "requests_per_hour"), busiest, "{export}");
     }
-    let metrics = ureq::get(&agent.url("/metrics"))
-        .call()?
-        .into_string()?;
+    let metrics = ureq::get(&agent.url("/metrics")).call()?.into_string()?;
     for line in [
         format!("emars_kernel_requests{{function=\"web\"}} {}", N + M),
         format!("emars_kernel_connections{{function=\"web\"}} {}", N + 1),
         format!("emars_kernel_requests{{function=\"other\"}} {OTHER}"),
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
     }
     Ok(())
 }
@@ -147,8 +162,8 @@ fn without_the_program_requests_fall_back_to_execs_and_info_says_so() -> Result<
 }
 
 #[test]
-fn requests_while_no_agent_runs_are_counted_once_by_the_pinned_program() -> Result<()> {
-    if !require_root("requests_while_no_agent_runs_are_counted_once_by_the_pinned_program") {
+fn requests_across_crashes_and_a_replaced_kernel_side_are_counted_once() -> Result<()> {
+    if !require_root("requests_across_crashes_and_a_replaced_kernel_side_are_counted_once") {
         return Ok(());
     }
     let root = TestRoot::new()?;
@@ -173,12 +188,31 @@ fn requests_while_no_agent_runs_are_counted_once_by_the_pinned_program() -> Resu
     assert_eq!(info["probes_adopted"], true, "{info}");
     counting_on(&agent)?;
     server.requests_kept_alive(6)?;
+    agent.kill()?;
+
+    // An agent with other probe settings replaces the set: the counts so far are carried
+    // into the new set's map, the instance goes on from its totals.
+    let agent = Agent::start_with(
+        &root,
+        &store,
+        "\n[probes]\nring_buffer_bytes = 8388608\n",
+        None,
+    )?;
+    let info = agent.get_ok("/v1/info")?;
+    assert_eq!(info["probes_adopted"], false, "{info}");
+    assert_eq!(
+        info["probes_unpinned"].as_array().map(Vec::len),
+        Some(1),
+        "{info}"
+    );
+    counting_on(&agent)?;
+    server.requests_on_new_connections(2)?;
     drop(server);
     web.remove();
     let rec = ended(&agent, "web", "i1")?;
     assert_eq!(
         (u64_of(&rec, "requests"), u64_of(&rec, "connections")),
-        (3 + 4 + 5 + 6, 3 + 1 + 5 + 1),
+        (3 + 4 + 5 + 6 + 2, 3 + 1 + 5 + 1 + 2),
         "{rec}"
     );
     Ok(())

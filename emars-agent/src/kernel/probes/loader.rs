@@ -253,6 +253,10 @@ impl Probes {
             Some(p) => pin_fresh(&mut ebpf, p, links, cfg, &mut report),
             None => Vec::new(),
         };
+        if let Some(p) = &pins {
+            let sets: Vec<String> = carried.iter().map(|c| c.set.clone()).collect();
+            net::carry_counts(&mut ebpf, p, &sets);
+        }
         held.extend(attach_net(&mut ebpf, &pins, cfg, net_roots, &mut report));
         Probes::taking_maps(ebpf, pins, carried, held, report)
     }

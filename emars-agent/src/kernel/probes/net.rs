@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use aya::{
+    maps::{HashMap, Map, MapData},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
@@ -14,11 +15,12 @@ use aya::{
     util::KernelVersion,
     Ebpf,
 };
-use emars_common::names;
+use emars_common::{names, NetCounts};
 
 use super::{
-    loader::{prog_pin, ProbeReport},
-    pins, ProbesConfig, ProgramStatus,
+    loader::{map_pin, prog_pin, ProbeReport},
+    pins::{self, PinDir},
+    ProbesConfig, ProgramStatus,
 };
 use crate::kernel::netcount::NetRoot;
 
@@ -148,6 +150,50 @@ fn attach_one(prog: &mut CgroupSkb, dir: &Path) -> Result<FdLink, String> {
     FdLink::try_from(link).map_err(|e| format!("link: {e}"))
 }
 
+/// Adds what the replaced sets `sets` counted (their `NET_COUNTS`, kept pinned when they were
+/// retired) into this set's map, so that instances live across a replacement keep counting
+/// from their totals; segments between the old link's detach and the new one's attach are
+/// the only ones missed.
+pub(super) fn carry_counts(ebpf: &mut Ebpf, pins: &PinDir, sets: &[String]) {
+    let Some(map) = ebpf.map_mut(names::NET_COUNTS) else {
+        return;
+    };
+    let Ok(mut into) = HashMap::<&mut MapData, u64, NetCounts>::try_from(map) else {
+        return;
+    };
+    for set in sets {
+        let path = pins.dir_of(set).join(map_pin(names::NET_COUNTS));
+        if !path.exists() {
+            continue;
+        }
+        let old = MapData::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|m| Map::from_map_data(m).map_err(|e| e.to_string()))
+            .and_then(|m| {
+                HashMap::<MapData, u64, NetCounts>::try_from(m).map_err(|e| e.to_string())
+            });
+        let old = match old {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("the request counts of the replaced set {set}: {e}");
+                continue;
+            }
+        };
+        let mut carried = 0u64;
+        for (id, c) in old.iter().flatten() {
+            let now = into.get(&id, 0).unwrap_or_default();
+            let sum = NetCounts {
+                connections: now.connections + c.connections,
+                requests: now.requests + c.requests,
+            };
+            if into.insert(id, sum, 0).is_ok() {
+                carried += 1;
+            }
+        }
+        tracing::info!("carried the request counts of {carried} cgroups over from {set}");
+    }
+}
+
 /// An error and its causes ("bpf_link_create failed: Operation not permitted").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -168,7 +214,9 @@ fn unpin_stale(set: &Path, keep: &[String]) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(LINK_PREFIX) && !keep.contains(&name) {
             match PinnedLink::from_pin(e.path()).map(PinnedLink::unpin) {
-                Ok(Ok(_)) => tracing::info!("detached the socket program of a root no longer watched"),
+                Ok(Ok(_)) => {
+                    tracing::info!("detached the socket program of a root no longer watched")
+                }
                 Ok(Err(e)) => tracing::warn!("unpinning {name}: {e}"),
                 Err(e) => tracing::warn!("opening {name}: {e}"),
             }
@@ -190,9 +238,7 @@ fn push_status(report: &mut ProbeReport, attached: Vec<String>, failed: Vec<Stri
         run_count: None,
         run_time_ns: None,
     });
-    report
-        .features
-        .insert("kernel_request_counting".into(), on);
+    report.features.insert("kernel_request_counting".into(), on);
     if on && failed.is_empty() {
         report.notes.push(format!(
             "requests counted in the kernel: inbound TCP connections and HTTP/1.x request \

@@ -183,6 +183,7 @@ impl Others {
     ) -> Result<(Vec<CarriedRing>, Vec<String>), PinError> {
         let ours = settings_pin(cfg);
         let ring_pin = super::loader::map_pin(names::EVENTS);
+        let counts_pin = super::loader::map_pin(names::NET_COUNTS);
         let mut carried = Vec::new();
         let mut names = Vec::new();
         for found in self.0 {
@@ -193,7 +194,12 @@ impl Others {
             let format_ok = readable(found.settings.as_deref());
             match (found.ring, format_ok) {
                 (Ok(ring), Ok(())) => {
-                    pins.retire(&name, |f| f == ring_pin || f.starts_with(SETTINGS_PIN))?;
+                    // Its request counts are kept too, carried into the new set's map
+                    // (`net::carry_counts`): instances live across the replacement go on
+                    // from their totals.
+                    pins.retire(&name, |f| {
+                        f == ring_pin || f == counts_pin || f.starts_with(SETTINGS_PIN)
+                    })?;
                     // Detached: nothing more comes in.
                     let n = ring.pending();
                     tracing::warn!(
