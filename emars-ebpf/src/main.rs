@@ -735,36 +735,28 @@ fn request_head(ctx: &SkBuffContext, payload: usize) -> Option<u64> {
 fn add(ctx: &SkBuffContext, one: NetCounts) {
     // SAFETY: the context's own socket buffer.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    if let Some(c) = NET_COUNTS.get_ptr_mut(&id) {
-        // SAFETY: `c` points into the map value; 8-byte aligned u64 fields. Atomic: segments
-        // of one cgroup arrive on several CPUs at once.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*c).connections,
-                one.connections,
-            );
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*c).requests,
-                one.requests,
-            );
-        }
+    if let Some(c) = NET_COUNTS.get_ptr_mut(id) {
+        add_to(c, one);
         return;
     }
     // First count of this cgroup; another CPU may have made the entry in between: add there.
-    if NET_COUNTS.insert(&id, &one, NOEXIST).is_err() {
-        if let Some(c) = NET_COUNTS.get_ptr_mut(&id) {
-            // SAFETY: as above.
-            unsafe {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*c).connections,
-                    one.connections,
-                );
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*c).requests,
-                    one.requests,
-                );
-            }
+    if NET_COUNTS.insert(id, one, NOEXIST).is_err() {
+        if let Some(c) = NET_COUNTS.get_ptr_mut(id) {
+            add_to(c, one);
         }
+    }
+}
+
+#[inline(always)]
+fn add_to(c: *mut NetCounts, one: NetCounts) {
+    // SAFETY: `c` points into the map value; 8-byte aligned u64 fields. Atomic: segments of
+    // one cgroup arrive on several CPUs at once.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*c).connections,
+            one.connections,
+        );
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*c).requests, one.requests);
     }
 }
 

@@ -158,3 +158,61 @@ impl NetCounter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hybrid(mount: &std::path::Path) -> NetHierarchy {
+        NetHierarchy {
+            mount: mount.to_owned(),
+            same_ids: false,
+        }
+    }
+
+    #[test]
+    fn roots_are_made_where_emars_owns_them_and_nested_ones_are_left_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = hybrid(tmp.path());
+        std::fs::create_dir(tmp.path().join("kubepods")).unwrap();
+        let roots = [
+            ("/emars".to_owned(), true),
+            ("/emars/pool".to_owned(), true),
+            ("/emarsx".to_owned(), false),
+            ("/kubepods".to_owned(), false),
+        ];
+        let dirs = net.root_dirs(&roots);
+        let shown: Vec<(&str, Result<PathBuf, &str>)> = dirs
+            .iter()
+            .map(|r| (r.root.as_str(), r.dir.clone().map_err(|_| "")))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("/emars", Ok(tmp.path().join("emars"))),
+                ("/emars/pool", Err("")),
+                ("/emarsx", Err("")),
+                ("/kubepods", Ok(tmp.path().join("kubepods"))),
+            ]
+        );
+        // Made because EMARS owns it; the nested root's program is its parent's.
+        assert!(tmp.path().join("emars").is_dir());
+        assert!(!tmp.path().join("emars/pool").exists());
+        let why = |i: usize| dirs[i].dir.clone().unwrap_err();
+        assert!(why(1).contains("below another watched root"), "{}", why(1));
+        assert!(why(2).contains("only in the v1 hierarchies"), "{}", why(2));
+    }
+
+    #[test]
+    fn on_pure_v2_a_missing_root_is_not_made_here() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = NetHierarchy {
+            mount: tmp.path().to_owned(),
+            same_ids: true,
+        };
+        // The memory side makes EMARS's roots on v2 (the same directory).
+        let dirs = net.root_dirs(&[("/emars".to_owned(), true)]);
+        assert!(dirs[0].dir.is_err());
+        assert!(!tmp.path().join("emars").exists());
+    }
+}

@@ -1007,3 +1007,83 @@ fn limits_in_force_answer_a_new_instance_then_change_only_what_was_written() {
     );
     assert!(t.limits_in_force(99, high).is_empty());
 }
+
+/// The kernel's request counts by cgroup id, and the ids forgotten.
+type CountsTable = (HashMap<u64, KernelRequests>, Vec<u64>);
+
+/// The kernel's request counts as a test sets them, and the instances forgotten.
+#[derive(Clone, Default)]
+struct Counts(std::sync::Arc<std::sync::Mutex<CountsTable>>);
+
+impl Counts {
+    fn set(&self, id: u64, connections: u64, requests: u64) {
+        if let Ok(mut c) = self.0.lock() {
+            c.0.insert(
+                id,
+                KernelRequests {
+                    connections,
+                    requests,
+                },
+            );
+        }
+    }
+    fn forgotten(&self) -> Vec<u64> {
+        self.0.lock().map(|c| c.1.clone()).unwrap_or_default()
+    }
+}
+
+impl RequestCounts for Counts {
+    fn read(&mut self, id: u64, _rel_path: &str) -> Option<KernelRequests> {
+        self.0.lock().ok()?.0.get(&id).copied()
+    }
+    fn forget(&mut self, id: u64) {
+        if let Ok(mut c) = self.0.lock() {
+            c.1.push(id);
+        }
+    }
+}
+
+fn counted(fx: &[Effect]) -> Vec<(u64, u64, u64)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::AddHour { at_ms, delta, .. } if delta.connections + delta.requests > 0 => {
+                Some((*at_ms, delta.connections, delta.requests))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The kernel's counts are read where the watermark is (an exit here) and at rmdir: what
+/// they grew by since the last reading goes to the instance and to the hour of the reading;
+/// nothing new saves nothing; after the last reading the instance is forgotten.
+#[test]
+fn kernel_request_counts_go_to_the_instance_and_the_hour_of_their_reading() {
+    let table = Table::default();
+    table.add("/emars/fn/i", 5);
+    let counts = Counts::default();
+    let mut t = tracker(&table).with_request_counts(Box::new(counts.clone()));
+    t.apply(mkdir(5, "/emars/fn/i"), 0, 0);
+    t.enforced(5, None);
+    counts.set(5, 1, 3);
+    let fx = t.apply(KernelEvent::Exit { id: 5, pid: 100 }, 10, 0);
+    assert_eq!(counted(&fx), [(10, 1, 3)]);
+    assert_eq!(
+        saved(&fx)
+            .iter()
+            .map(|r| (r.connections, r.requests))
+            .collect::<Vec<_>>(),
+        [(1, 3)]
+    );
+    assert!(t
+        .apply(KernelEvent::Exit { id: 5, pid: 100 }, 11, 0)
+        .is_empty());
+    counts.set(5, 2, 7);
+    assert!(counts.forgotten().is_empty());
+    let fx = t.apply(rmdir(5), 20, 0);
+    assert_eq!(counted(&fx), [(20, 1, 4)]);
+    let last = saved(&fx);
+    assert_eq!((last[0].connections, last[0].requests), (2, 7));
+    assert!(last[0].ended_at_ms.is_some());
+    assert_eq!(counts.forgotten(), [5]);
+}
