@@ -381,7 +381,11 @@ mod tests {
             b"CONNECT host:443 HTTP/1.1\r\n",
             b"TRACE / HTTP/1.1\r\n",
         ] {
-            assert!(starts_request_line(head(line)), "{}", String::from_utf8_lossy(line));
+            assert!(
+                starts_request_line(head(line)),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
         for other in [
             &b"HTTP/1.1 200 OK\r\n"[..],
@@ -393,7 +397,11 @@ mod tests {
             b"POSTX /",
             b"",
         ] {
-            assert!(!starts_request_line(head(other)), "{}", String::from_utf8_lossy(other));
+            assert!(
+                !starts_request_line(head(other)),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
         }
     }
 }

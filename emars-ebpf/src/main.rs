@@ -684,20 +684,26 @@ fn count_segment(ctx: &SkBuffContext) -> Option<()> {
     let flags = off_flags[1];
     if flags & TCP_SYN != 0 {
         if flags & TCP_ACK == 0 {
-            add(ctx, NetCounts {
-                connections: 1,
-                requests: 0,
-            });
+            add(
+                ctx,
+                NetCounts {
+                    connections: 1,
+                    requests: 0,
+                },
+            );
         }
         return None;
     }
     let payload = l4 + ((off_flags[0] >> 4) as usize) * 4;
     let head = request_head(ctx, payload)?;
     if starts_request_line(head) {
-        add(ctx, NetCounts {
-            connections: 0,
-            requests: 1,
-        });
+        add(
+            ctx,
+            NetCounts {
+                connections: 0,
+                requests: 1,
+            },
+        );
     }
     None
 }

@@ -107,10 +107,17 @@ impl HttpServer {
             .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
             .unwrap_or("python3");
         let mut cmd = Command::new(python);
-        cmd.args(["-c", SERVER]).stdout(Stdio::piped());
+        cmd.args(["-c", SERVER]);
+        Self::start_program(sandbox, cmd)
+    }
+
+    /// Starts `cmd`, a server that prints its loopback port once listening (as
+    /// `emars-http-server` does), in `sandbox` (None: on the host).
+    pub fn start_program(sandbox: Option<&Sandbox>, mut cmd: Command) -> Result<HttpServer> {
+        cmd.stdout(Stdio::piped());
         let mut child = match sandbox {
             Some(s) => s.spawn(cmd)?,
-            None => cmd.spawn().context("spawning python3")?,
+            None => cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
         };
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();

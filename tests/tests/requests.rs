@@ -66,12 +66,18 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
     let web_rec = ended(&agent, "web", "i1")?;
     let other_rec = ended(&agent, "other", "i1")?;
     assert_eq!(
-        (u64_of(&web_rec, "requests"), u64_of(&web_rec, "connections")),
+        (
+            u64_of(&web_rec, "requests"),
+            u64_of(&web_rec, "connections")
+        ),
         (N + M, N + 1),
         "web/i1: {web_rec}"
     );
     assert_eq!(
-        (u64_of(&other_rec, "requests"), u64_of(&other_rec, "connections")),
+        (
+            u64_of(&other_rec, "requests"),
+            u64_of(&other_rec, "connections")
+        ),
         (OTHER, OTHER),
         "other/i1: {other_rec}"
     );
@@ -82,9 +88,17 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
         let f = agent.get_ok(&format!("/v1/functions/{function}"))?;
         let hours = f["hours"].as_array().cloned().unwrap_or_default();
         let sum = |key: &str| hours.iter().map(|h| u64_of(h, key)).sum::<u64>();
-        assert_eq!((sum("requests"), sum("connections")), (requests, connections), "{f}");
+        assert_eq!(
+            (sum("requests"), sum("connections")),
+            (requests, connections),
+            "{f}"
+        );
         assert_eq!(f["requests_source"], "kernel_requests", "{f}");
-        let busiest = hours.iter().map(|h| u64_of(h, "requests")).max().unwrap_or(0);
+        let busiest = hours
+            .iter()
+            .map(|h| u64_of(h, "requests"))
+            .max()
+            .unwrap_or(0);
         assert_eq!(u64_of(&f, "requests_per_hour"), busiest, "{f}");
         let export = agent.get_ok("/v1/export")?;
         let row = export["functions"]
@@ -97,15 +111,16 @@ fn new_connections_and_kept_alive_requests_are_counted_exactly() -> Result<()> {
         assert_eq!(row["requests_source"], "kernel_requests", "{export}");
         assert_eq!(u64_of(&row, "requests_per_hour"), busiest, "{export}");
     }
-    let metrics = ureq::get(&agent.url("/metrics"))
-        .call()?
-        .into_string()?;
+    let metrics = ureq::get(&agent.url("/metrics")).call()?.into_string()?;
     for line in [
         format!("emars_kernel_requests{{function=\"web\"}} {}", N + M),
         format!("emars_kernel_connections{{function=\"web\"}} {}", N + 1),
         format!("emars_kernel_requests{{function=\"other\"}} {OTHER}"),
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
     }
     Ok(())
 }

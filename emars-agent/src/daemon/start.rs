@@ -63,8 +63,7 @@ pub async fn run(
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
     // reports them first.
     let agent_start_ms = now_ms();
-    let (mut probes, mut ring, carried, net_counter) =
-        load_probes(&config, &hierarchy, &roots)?;
+    let (mut probes, mut ring, carried, net_counter) = load_probes(&config, &hierarchy, &roots)?;
     let info = Arc::new(RwLock::new(info::at_start(
         &hierarchy,
         &roots,
@@ -165,7 +164,10 @@ fn load_probes(
         .map(|(root, configured)| (root.clone(), configured.create))
         .collect();
     let net = NetHierarchy::detect(hierarchy);
-    let net_roots = net.as_ref().map(|n| n.root_dirs(&created)).map_err(Clone::clone);
+    let net_roots = net
+        .as_ref()
+        .map(|n| n.root_dirs(&created))
+        .map_err(Clone::clone);
     let mut probes = Probes::load(hierarchy, &config.probes, roots, &net_roots, enforce)
         .context("loading eBPF programs")?;
     let ring = probes.take_events()?;

@@ -168,7 +168,9 @@ fn unpin_stale(set: &Path, keep: &[String]) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(LINK_PREFIX) && !keep.contains(&name) {
             match PinnedLink::from_pin(e.path()).map(PinnedLink::unpin) {
-                Ok(Ok(_)) => tracing::info!("detached the socket program of a root no longer watched"),
+                Ok(Ok(_)) => {
+                    tracing::info!("detached the socket program of a root no longer watched")
+                }
                 Ok(Err(e)) => tracing::warn!("unpinning {name}: {e}"),
                 Err(e) => tracing::warn!("opening {name}: {e}"),
             }
@@ -190,9 +192,7 @@ fn push_status(report: &mut ProbeReport, attached: Vec<String>, failed: Vec<Stri
         run_count: None,
         run_time_ns: None,
     });
-    report
-        .features
-        .insert("kernel_request_counting".into(), on);
+    report.features.insert("kernel_request_counting".into(), on);
     if on && failed.is_empty() {
         report.notes.push(format!(
             "requests counted in the kernel: inbound TCP connections and HTTP/1.x request \
