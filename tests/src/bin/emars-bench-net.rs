@@ -342,6 +342,29 @@ fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
     let sum = (sum & 0xffff) + (sum >> 16);
     ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
     f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp_header(flags));
+    f.extend_from_slice(payload);
+    f
+}
+
+/// [`frame`] over IPv6 (::1 to ::1).
+fn frame6(flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(74 + payload.len());
+    f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x86, 0xdd]);
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[6] = 6; // TCP
+    ip[7] = 64;
+    ip[23] = 1;
+    ip[39] = 1;
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp_header(flags));
+    f.extend_from_slice(payload);
+    f
+}
+
+fn tcp_header(flags: u8) -> [u8; 20] {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&8080u16.to_be_bytes());
@@ -350,9 +373,7 @@ fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
     tcp[12] = 5 << 4;
     tcp[13] = flags;
     tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f.extend_from_slice(payload);
-    f
+    tcp
 }
 
 const SYN: u8 = 0x02;
@@ -371,6 +392,11 @@ fn kinds() -> Vec<Kind> {
         Kind {
             name: "HTTP request (GET / HTTP/1.1)",
             frame: frame(PSH | ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            counts: (0, 1),
+        },
+        Kind {
+            name: "HTTP request over IPv6",
+            frame: frame6(PSH | ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             counts: (0, 1),
         },
         Kind {
