@@ -12,7 +12,7 @@
 //!    with the program checks that the agent counted every request sent.
 //!
 //! ```text
-//! cargo build --release -p emars-agent -p emars-tests --bins
+//! cargo xtask bench --release --net [-- ARGS]      # or, built:
 //! sudo EMARS_BIN=target/release/emars target/release/emars-bench-net [--rounds R] [--seconds S] [--rate Q]
 //! ```
 
