@@ -662,25 +662,33 @@ pub fn net_ingress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn count_segment(ctx: &SkBuffContext) -> Option<()> {
-    // cgroup_skb programs see the packet from its network header.
-    let (l4, proto) = match u16::from_be(ctx.skb.protocol() as u16) {
+    // cgroup_skb programs see the packet from its network header. The IP and TCP headers
+    // are read in one helper call where the IP header has no options (each call costs ~15 ns
+    // here, half the program's time; a TCP segment is never shorter than the headers read).
+    let (l4, off_flags): (usize, [u8; 2]) = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(0).ok()?;
+            let h: [u8; 40] = ctx.load(0).ok()?;
             // A fragment after the first holds no TCP header.
-            let frag: u16 = ctx.load(6).ok()?;
-            if u16::from_be(frag) & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 || h[9] != IPPROTO_TCP {
                 return None;
             }
-            (((vihl & 0x0f) as usize) * 4, ctx.load::<u8>(9).ok()?)
+            let l4 = ((h[0] & 0x0f) as usize) * 4;
+            if l4 == 20 {
+                (l4, [h[32], h[33]])
+            } else {
+                (l4, ctx.load(l4 + 12).ok()?)
+            }
         }
         // Extension headers before TCP are not followed: rare on a server's inbound path.
-        ETH_P_IPV6 => (40, ctx.load::<u8>(6).ok()?),
+        ETH_P_IPV6 => {
+            let h: [u8; 54] = ctx.load(0).ok()?;
+            if h[6] != IPPROTO_TCP {
+                return None;
+            }
+            (40, [h[52], h[53]])
+        }
         _ => return None,
     };
-    if proto != IPPROTO_TCP {
-        return None;
-    }
-    let off_flags: [u8; 2] = ctx.load(l4 + 12).ok()?;
     let flags = off_flags[1];
     if flags & TCP_SYN != 0 {
         if flags & TCP_ACK == 0 {
@@ -736,27 +744,35 @@ fn add(ctx: &SkBuffContext, one: NetCounts) {
     // SAFETY: the context's own socket buffer.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     if let Some(c) = NET_COUNTS.get_ptr_mut(id) {
-        add_to(c, one);
+        add_to(c, &one);
         return;
     }
     // First count of this cgroup; another CPU may have made the entry in between: add there.
     if NET_COUNTS.insert(id, one, NOEXIST).is_err() {
         if let Some(c) = NET_COUNTS.get_ptr_mut(id) {
-            add_to(c, one);
+            add_to(c, &one);
         }
     }
 }
 
+/// Adds `one` to the map value at `c`, the field it counts only (one locked add, not two).
 #[inline(always)]
-fn add_to(c: *mut NetCounts, one: NetCounts) {
+fn add_to(c: *mut NetCounts, one: &NetCounts) {
     // SAFETY: `c` points into the map value; 8-byte aligned u64 fields. Atomic: segments of
     // one cgroup arrive on several CPUs at once.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*c).connections,
-            one.connections,
-        );
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*c).requests, one.requests);
+        if one.connections != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*c).connections,
+                one.connections,
+            );
+        }
+        if one.requests != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*c).requests,
+                one.requests,
+            );
+        }
     }
 }
 

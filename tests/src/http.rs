@@ -16,15 +16,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{remove_tree, sibling_bin, TestRoot, Version};
+use crate::{http_server_bin, remove_tree, TestRoot, Version};
 
-/// The sandbox server binary (tests/src/bin/emars-http-server.rs).
-pub fn http_server_bin() -> PathBuf {
-    match std::env::var_os("EMARS_HTTP_SERVER_BIN") {
-        Some(p) => p.into(),
-        None => sibling_bin("emars-http-server"),
-    }
-}
 
 /// Where cgroup2 is mounted beside a v1 memory hierarchy (hybrid host); None on pure v2, where
 /// the memory hierarchy is the unified one.
@@ -91,11 +84,16 @@ impl HttpServer {
     /// Starts the server in `sandbox` (None: on the host, outside any watched cgroup). Ready
     /// when it returns: it said its port once listening, so no probe connection is made.
     pub fn start(sandbox: Option<&Sandbox>) -> Result<HttpServer> {
-        let mut cmd = Command::new(http_server_bin());
+        Self::start_program(sandbox, Command::new(http_server_bin()))
+    }
+
+    /// Starts `cmd`, a server that prints its loopback port once listening (as
+    /// `emars-http-server` does), in `sandbox` (None: on the host).
+    pub fn start_program(sandbox: Option<&Sandbox>, mut cmd: Command) -> Result<HttpServer> {
         cmd.stdout(Stdio::piped());
         let mut child = match sandbox {
             Some(s) => s.spawn(cmd)?,
-            None => cmd.spawn().context("spawning emars-http-server")?,
+            None => cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
         };
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();

@@ -305,6 +305,14 @@ pub fn squat_bin() -> PathBuf {
     sibling_bin("emars-squat")
 }
 
+/// The sandbox HTTP server of the requests tests and the net bench (tests/src/bin/emars-http-server.rs).
+pub fn http_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_HTTP_SERVER_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-http-server")
+}
+
 /// The agent binary: $EMARS_BIN, else target/<profile>/emars next to this test binary.
 pub fn agent_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EMARS_BIN") {

@@ -84,14 +84,19 @@ enum Command {
         #[command(flatten)]
         setup: SetupArgs,
     },
-    /// Setup, build, then run the benchmark (emars-bench) with EMARS_BIN set.
+    /// Setup, build, then run the benchmarks with EMARS_BIN set: emars-bench (the programs,
+    /// the agent), then emars-bench-net (the socket program).
     Bench {
         /// Benchmark the release build of the agent.
         #[arg(long)]
         release: bool,
+        /// Run only emars-bench-net (the socket program's cost per packet and its effect on
+        /// request latency); ARGS go to it.
+        #[arg(long)]
+        net: bool,
         #[command(flatten)]
         setup: SetupArgs,
-        /// Arguments for emars-bench.
+        /// Arguments for emars-bench (for emars-bench-net with --net).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -200,6 +205,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Bench {
             release,
+            net,
             setup: s,
             args,
         } => {
@@ -208,21 +214,31 @@ fn run(command: Command) -> Result<ExitCode> {
             if !is_root() {
                 println!("emars bench: warning: not root; benchmarks that load eBPF programs will fail or skip");
             }
-            // The bench and the workload it runs (emars-alloc), both built here: a fresh
-            // clone has neither.
+            // The benches and the workloads they run (emars-alloc, emars-http-server), all
+            // built here: a fresh clone has none.
             agent::cargo_in_root()?
                 .args(["build", "--release", "-p", "emars-tests", "--bins"])
                 .log("emars bench")
                 .run()
                 .context("building the benchmark binaries failed")?;
             let dir = agent::metadata()?.target_dir.join("release");
-            let status = Cmd::new(dir.join("emars-bench"))
-                .args(&args)
-                .env("EMARS_BIN", &bin)
-                .env("EMARS_ALLOC_BIN", dir.join("emars-alloc"))
-                .log("emars bench")
-                .status()?;
-            return Ok(pass_through(exit_code(status)));
+            let bench = |name: &str, args: &[OsString]| {
+                Cmd::new(dir.join(name))
+                    .args(args)
+                    .env("EMARS_BIN", &bin)
+                    .env("EMARS_ALLOC_BIN", dir.join("emars-alloc"))
+                    .env("EMARS_HTTP_SERVER_BIN", dir.join("emars-http-server"))
+                    .log("emars bench")
+                    .status()
+            };
+            if !net {
+                let code = exit_code(bench("emars-bench", &args)?);
+                if code != 0 {
+                    return Ok(pass_through(code));
+                }
+            }
+            let net_args = if net { args.as_slice() } else { &[] };
+            return Ok(pass_through(exit_code(bench("emars-bench-net", net_args)?)));
         }
         Command::Fuzz {
             targets,
