@@ -305,6 +305,25 @@ pub fn squat_bin() -> PathBuf {
     sibling_bin("emars-squat")
 }
 
+/// The reference platform (tests/src/bin/emars-platform.rs): `$EMARS_PLATFORM_BIN` (the VM
+/// matrix's /bin/emars-platform), else next to this binary.
+pub fn platform_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_PLATFORM_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-platform")
+}
+
+/// The sandboxes' function server of `emars-platform --http`
+/// (tests/src/bin/emars-sandbox-server.rs): `$EMARS_SANDBOX_SERVER_BIN`, else next to this
+/// binary.
+pub fn sandbox_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_SANDBOX_SERVER_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-sandbox-server")
+}
+
 /// The agent binary: $EMARS_BIN, else target/<profile>/emars next to this test binary.
 pub fn agent_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EMARS_BIN") {
