@@ -65,6 +65,7 @@ const GUEST_TESTS: &[&str] = &[
     "openapi",
     "bounds",
     "sized",
+    "platform_http",
 ];
 
 pub struct Options {
@@ -341,6 +342,9 @@ struct GuestBinaries {
     alloc: PathBuf,
     /// The security tests' port squatter.
     squat: PathBuf,
+    /// The reference platform and its sandboxes' function server (platform_http).
+    platform: PathBuf,
+    sandbox_server: PathBuf,
     init: PathBuf,
     tests: Vec<(String, PathBuf)>,
     /// Host files at their place in the guest (absolute path without the leading '/').
@@ -409,6 +413,8 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     let mut emars = None;
     let mut alloc = None;
     let mut squat = None;
+    let mut platform = None;
+    let mut sandbox_server = None;
     let mut init = None;
     let mut tests = Vec::new();
     for line in out.lines() {
@@ -427,6 +433,8 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
             ("emars", false) => emars = Some(exe.into()),
             ("emars-alloc", false) => alloc = Some(exe.into()),
             ("emars-squat", false) => squat = Some(exe.into()),
+            ("emars-platform", false) => platform = Some(exe.into()),
+            ("emars-sandbox-server", false) => sandbox_server = Some(exe.into()),
             ("emars-init", false) => init = Some(exe.into()),
             (t, true) if GUEST_TESTS.contains(&t) => tests.push((t.to_owned(), exe.into())),
             _ => {}
@@ -441,13 +449,16 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         emars: need(emars, "emars")?,
         alloc: need(alloc, "emars-alloc")?,
         squat: need(squat, "emars-squat")?,
+        platform: need(platform, "emars-platform")?,
+        sandbox_server: need(sandbox_server, "emars-sandbox-server")?,
         init: need(init, "emars-init")?,
         tests,
         host_files: host_programs()?,
     })
 }
 
-/// Writes a newc cpio: /init, /bin/{emars,emars-alloc,emars-squat}, /tests/*, mount points, /dev/console,
+/// Writes a newc cpio: /init, /bin/{emars,emars-alloc,emars-squat,emars-platform,
+/// emars-sandbox-server}, /tests/*, mount points, /dev/console,
 /// and the host's OCI runtimes, busybox and their libraries.
 fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     use cpio::newc::{trailer, Builder};
@@ -494,6 +505,8 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
         ("bin/emars".into(), &b.emars),
         ("bin/emars-alloc".into(), &b.alloc),
         ("bin/emars-squat".into(), &b.squat),
+        ("bin/emars-platform".into(), &b.platform),
+        ("bin/emars-sandbox-server".into(), &b.sandbox_server),
     ];
     for (name, p) in &b.tests {
         files.push((format!("tests/{name}"), p));

@@ -83,6 +83,8 @@ fn run() -> Result<Summary, String> {
         ("EMARS_BIN", "/bin/emars"),
         ("EMARS_ALLOC_BIN", "/bin/emars-alloc"),
         ("EMARS_SQUAT_BIN", "/bin/emars-squat"),
+        ("EMARS_PLATFORM_BIN", "/bin/emars-platform"),
+        ("EMARS_SANDBOX_SERVER_BIN", "/bin/emars-sandbox-server"),
         ("EMARS_TEST_ROOT_REQUIRED", "1"),
         ("EMARS_TEST_TIME_SCALE", scale.as_str()),
         ("EMARS_DISK_DIR", disk),

@@ -36,11 +36,34 @@
 //! the same per mode and per function (cold starts, pre-warm loads and hits, unloads).
 //! `--synthetic-gap G` replaces the sample with one function invoked every G trace minutes.
 //!
+//! `--http` runs a third platform instead of the two modes, one whose functions serve HTTP as
+//! long-lived function servers do (Knative, OpenWhisk's action containers, of-watchdog), on the
+//! same arrivals and drawn peaks: each sandbox is an instance cgroup of its function,
+//! `<root>/<function>/sb-N` (on a hybrid host also at the same path in the unified hierarchy,
+//! as runc makes it: [`emars_tests::http::Sandbox`]), memory.max at `--fixed-mib`; its cold
+//! start starts the tests' function server inside (`emars-sandbox-server`) and opens one
+//! keep-alive connection to it; each invocation is one `POST /invoke?mib=N&ms=T` over that
+//! connection (the server allocates and touches N MiB, holds them T ms, frees them); warm
+//! sandboxes are reused, kept OpenLambda's 10 minutes, the longest-idle one evicted when
+//! `--pool` sandboxes are up (an invocation that finds them all busy is dropped); recycling
+//! kills the server and removes the cgroups (the agent reads the last counts at rmdir). No
+//! bind, no release, no invocation report: the agent (observe mode) knows the requests only
+//! from its kernel counts. At the end it compares, per function, the requests sent with the
+//! sum of the agent's `hours[].requests` (`GET /v1/functions/{name}`), whose
+//! `requests_source` must be `kernel_requests`, with one connection per sandbox and no
+//! platform report; it prints the table (`--json FILE` writes it), and exits 1 unless every
+//! function matches exactly. Per hour it only shows the figures (when the run spans more than
+//! one hour): trace hours are compressed into seconds, and the agent files counts under the
+//! wall-clock hour it reads them in, so the per-function totals are the exact check. A
+//! request an OOM kill interrupts was sent and is counted; the sandbox is recycled.
+//!
 //! ```text
 //! cargo build --release -p emars-agent -p emars-tests --bins
 //! sudo EMARS_BIN=target/release/emars target/release/emars-platform [--functions K]
 //!     [--minutes M] [--minute-ms T] [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR]
 //!     [--synthetic-gap G] [--no-prewarm] [--json FILE] [--plots DIR]
+//! sudo EMARS_BIN=target/release/emars target/release/emars-platform --http [--functions K]
+//!     [--minutes M] [--minute-ms T] [--mem-scale S] [--fixed-mib F] [--pool P] [--json FILE]
 //! ```
 //! Data: `--data`, else `$EMARS_DATA_DIR`, else `<workspace>/../shared/data/azure2019`
 //! (`invocation_traces_public.csv`, `memory_traces_public.csv`, `duration_traces_public.csv`).
@@ -63,7 +86,7 @@ use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
 use emars_tests::http;
 use emars_tests::platform_report::{self as report, FunctionTally, Tally};
 use emars_tests::{
-    alloc_bin, program_attached, sandbox_server_bin, spawn_in, Agent, TestRoot, MIB,
+    alloc_bin, program_attached, sandbox_server_bin, spawn_in, wait_for, Agent, TestRoot, MIB,
 };
 use serde_json::{json, Value};
 
@@ -874,8 +897,10 @@ impl Conn {
 struct HttpFunction {
     /// Requests written to its sandboxes.
     sent: u64,
-    /// Of which the answer did not come (the server died: the OOM killer at its memory.max).
+    /// Of which the answer did not come ...
     failed: u64,
+    /// ... because the server was killed (the OOM killer, at its memory.max).
+    oom_killed: u64,
     /// Invocations dropped: every sandbox slot busy.
     dropped: u64,
     /// Sandboxes started (cold starts), each with one connection.
@@ -1012,7 +1037,21 @@ impl HttpPlatform<'_> {
         }
         if let Some(e) = &done.error {
             f.failed += 1;
-            eprintln!("{}: {e}", name(&self.fs[self.boxes[i].function]));
+            // A server that died closed the connection as it went: its status is there, or
+            // nearly.
+            let b = &mut self.boxes[i];
+            let exited = wait_for(Duration::from_secs(1), || {
+                b.server.try_wait().ok().flatten()
+            });
+            if exited.is_some_and(|s| s.signal() == Some(libc::SIGKILL)) {
+                f.oom_killed += 1;
+            }
+            let how = exited.map_or("still running".to_owned(), |s| s.to_string());
+            eprintln!(
+                "{}/sb-{}: {e} (server: {how})",
+                name(&self.fs[b.function]),
+                b.id
+            );
         }
         match done.conn {
             Some(c) if done.error.is_none() => {
@@ -1214,16 +1253,25 @@ fn print_http(
     counted: u64,
 ) {
     println!(
-        "{:<12} {:>6} {:>8} {:>6} {:>10} {:>11} {:>6} {:>7}  source",
-        "function", "sent", "counted", "failed", "sandboxes", "connections", "drops", "match"
+        "{:<12} {:>6} {:>8} {:>6} {:>4} {:>10} {:>11} {:>6} {:>7}  source",
+        "function",
+        "sent",
+        "counted",
+        "failed",
+        "oom",
+        "sandboxes",
+        "connections",
+        "drops",
+        "match"
     );
     for (r, t) in rows.iter().zip(tally) {
         println!(
-            "{:<12} {:>6} {:>8} {:>6} {:>10} {:>11} {:>6} {:>7}  {}",
+            "{:<12} {:>6} {:>8} {:>6} {:>4} {:>10} {:>11} {:>6} {:>7}  {}",
             r.name,
             r.sent,
             r.counted,
             t.failed,
+            t.oom_killed,
             r.sandboxes,
             r.connections,
             t.dropped,
@@ -1295,6 +1343,7 @@ fn write_http_json(
                 "sent": r.sent,
                 "counted": r.counted,
                 "failed": t.failed,
+                "oom_killed": t.oom_killed,
                 "dropped": t.dropped,
                 "sandboxes": r.sandboxes,
                 "connections": r.connections,
