@@ -18,7 +18,6 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::{http_server_bin, remove_tree, TestRoot, Version};
 
-
 /// Where cgroup2 is mounted beside a v1 memory hierarchy (hybrid host); None on pure v2, where
 /// the memory hierarchy is the unified one.
 pub fn unified_beside(root: &TestRoot) -> Option<PathBuf> {

@@ -305,12 +305,22 @@ pub fn squat_bin() -> PathBuf {
     sibling_bin("emars-squat")
 }
 
-/// The sandbox HTTP server of the requests tests and the net bench (tests/src/bin/emars-http-server.rs).
+/// The sandbox HTTP server of the requests tests, the net bench and the platform's HTTP mode
+/// (tests/src/bin/emars-http-server.rs): `$EMARS_HTTP_SERVER_BIN`, else next to this binary.
 pub fn http_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EMARS_HTTP_SERVER_BIN") {
         return p.into();
     }
     sibling_bin("emars-http-server")
+}
+
+/// The reference platform (tests/src/bin/emars-platform.rs): `$EMARS_PLATFORM_BIN` (the VM
+/// matrix's /bin/emars-platform), else next to this binary.
+pub fn platform_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EMARS_PLATFORM_BIN") {
+        return p.into();
+    }
+    sibling_bin("emars-platform")
 }
 
 /// The agent binary: $EMARS_BIN, else target/<profile>/emars next to this test binary.

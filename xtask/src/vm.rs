@@ -66,6 +66,7 @@ const GUEST_TESTS: &[&str] = &[
     "bounds",
     "sized",
     "requests",
+    "platform_http",
 ];
 
 pub struct Options {
@@ -342,8 +343,10 @@ struct GuestBinaries {
     alloc: PathBuf,
     /// The security tests' port squatter.
     squat: PathBuf,
-    /// The requests tests' sandbox server.
+    /// The sandbox HTTP server of the requests tests and of the platform's HTTP mode.
     http_server: PathBuf,
+    /// The reference platform (platform_http).
+    platform: PathBuf,
     init: PathBuf,
     tests: Vec<(String, PathBuf)>,
     /// Host files at their place in the guest (absolute path without the leading '/').
@@ -413,6 +416,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
     let mut alloc = None;
     let mut squat = None;
     let mut http_server = None;
+    let mut platform = None;
     let mut init = None;
     let mut tests = Vec::new();
     for line in out.lines() {
@@ -432,6 +436,7 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
             ("emars-alloc", false) => alloc = Some(exe.into()),
             ("emars-squat", false) => squat = Some(exe.into()),
             ("emars-http-server", false) => http_server = Some(exe.into()),
+            ("emars-platform", false) => platform = Some(exe.into()),
             ("emars-init", false) => init = Some(exe.into()),
             (t, true) if GUEST_TESTS.contains(&t) => tests.push((t.to_owned(), exe.into())),
             _ => {}
@@ -447,13 +452,15 @@ fn build_guest_binaries() -> Result<GuestBinaries> {
         alloc: need(alloc, "emars-alloc")?,
         squat: need(squat, "emars-squat")?,
         http_server: need(http_server, "emars-http-server")?,
+        platform: need(platform, "emars-platform")?,
         init: need(init, "emars-init")?,
         tests,
         host_files: host_programs()?,
     })
 }
 
-/// Writes a newc cpio: /init, /bin/{emars,emars-alloc,emars-squat,emars-http-server}, /tests/*, mount points, /dev/console,
+/// Writes a newc cpio: /init, /bin/{emars,emars-alloc,emars-squat,emars-platform,
+/// emars-http-server}, /tests/*, mount points, /dev/console,
 /// and the host's OCI runtimes, busybox and their libraries.
 fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
     use cpio::newc::{trailer, Builder};
@@ -501,6 +508,7 @@ fn write_initramfs(b: &GuestBinaries, out: &Path) -> Result<()> {
         ("bin/emars-alloc".into(), &b.alloc),
         ("bin/emars-squat".into(), &b.squat),
         ("bin/emars-http-server".into(), &b.http_server),
+        ("bin/emars-platform".into(), &b.platform),
     ];
     for (name, p) in &b.tests {
         files.push((format!("tests/{name}"), p));

@@ -84,6 +84,7 @@ fn run() -> Result<Summary, String> {
         ("EMARS_ALLOC_BIN", "/bin/emars-alloc"),
         ("EMARS_SQUAT_BIN", "/bin/emars-squat"),
         ("EMARS_HTTP_SERVER_BIN", "/bin/emars-http-server"),
+        ("EMARS_PLATFORM_BIN", "/bin/emars-platform"),
         ("EMARS_TEST_ROOT_REQUIRED", "1"),
         ("EMARS_TEST_TIME_SCALE", scale.as_str()),
         ("EMARS_DISK_DIR", disk),

@@ -36,35 +36,63 @@
 //! the same per mode and per function (cold starts, pre-warm loads and hits, unloads).
 //! `--synthetic-gap G` replaces the sample with one function invoked every G trace minutes.
 //!
+//! `--http` runs a third platform instead of the two modes, one whose functions serve HTTP as
+//! long-lived function servers do (Knative, OpenWhisk's action containers, of-watchdog), on the
+//! same arrivals and drawn peaks: each sandbox is an instance cgroup of its function,
+//! `<root>/<function>/sb-N` (on a hybrid host also at the same path in the unified hierarchy,
+//! as runc makes it: [`emars_tests::http::Sandbox`]), memory.max at `--fixed-mib`; its cold
+//! start starts the tests' function server inside (`emars-http-server`) and opens one
+//! keep-alive connection to it; each invocation is one `POST /invoke?mib=N&ms=T` over that
+//! connection (the server allocates and touches N MiB, holds them T ms, frees them); warm
+//! sandboxes are reused, kept OpenLambda's 10 minutes, the longest-idle one evicted when
+//! `--pool` sandboxes are up (an invocation that finds them all busy is dropped); recycling
+//! kills the server and removes the cgroups (the agent reads the last counts at rmdir). No
+//! bind, no release, no invocation report: the agent (observe mode) knows the requests only
+//! from its kernel counts. At the end it compares, per function, the requests sent with the
+//! sum of the agent's `hours[].requests` (`GET /v1/functions/{name}`), whose
+//! `requests_source` must be `kernel_requests`, with one connection per sandbox and no
+//! platform report; it prints the table (`--json FILE` writes it), and exits 1 unless every
+//! function matches exactly. Per hour it only shows the figures (when the run spans more than
+//! one hour): trace hours are compressed into seconds, and the agent files counts under the
+//! wall-clock hour it reads them in, so the per-function totals are the exact check. A
+//! request an OOM kill interrupts was sent and is counted; the sandbox is recycled.
+//!
 //! ```text
 //! cargo build --release -p emars-agent -p emars-tests --bins
 //! sudo EMARS_BIN=target/release/emars target/release/emars-platform [--functions K]
 //!     [--minutes M] [--minute-ms T] [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR]
 //!     [--synthetic-gap G] [--no-prewarm] [--json FILE] [--plots DIR]
+//! sudo EMARS_BIN=target/release/emars target/release/emars-platform --http [--functions K]
+//!     [--minutes M] [--minute-ms T] [--mem-scale S] [--fixed-mib F] [--pool P] [--json FILE]
 //! ```
 //! Data: `--data`, else `$EMARS_DATA_DIR`, else `<workspace>/../shared/data/azure2019`
 //! (`invocation_traces_public.csv`, `memory_traces_public.csv`, `duration_traces_public.csv`).
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use emars_tests::azure::{self, inverse_cdf, Function, SplitMix64};
+use emars_tests::http;
 use emars_tests::platform_report::{self as report, FunctionTally, Tally};
-use emars_tests::{alloc_bin, spawn_in, Agent, TestRoot, MIB};
+use emars_tests::{
+    alloc_bin, http_server_bin, program_attached, spawn_in, wait_for, Agent, TestRoot, MIB,
+};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minute-ms T]
     [--mem-scale S] [--fixed-mib F] [--pool P] [--data DIR] [--plots DIR]
-    [--synthetic-gap G] [--no-prewarm] [--json FILE]
+    [--synthetic-gap G] [--no-prewarm] [--json FILE] [--http]
   --functions K   functions of the sample, spread from the busiest to the rarest (default 24)
   --minutes M     trace minutes replayed (default 30)
   --minute-ms T   real milliseconds per trace minute (default 2000)
@@ -76,8 +104,12 @@ const USAGE: &str = "usage: emars-platform [--functions K] [--minutes M] [--minu
   --no-prewarm    emars mode keeps a sandbox from the end of an invocation for pre-warm plus
                   keep-alive instead of unloading it and loading one at the pre-warm point
   --json FILE     also write the figures per mode and per function as JSON to FILE
+  --http          instead of the two modes: each sandbox an instance cgroup with a function
+                  server (emars-http-server) inside, each invocation an HTTP request to it;
+                  fails unless the agent counted every function's requests in the kernel
   --sized ...     the input-aware run instead (emars_tests::sized; --sized --help)
-Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars).";
+Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars); the workload
+$EMARS_ALLOC_BIN, the function server $EMARS_HTTP_SERVER_BIN (else beside this binary).";
 
 /// OpenLambda's keep-alive in trace minutes.
 const FIXED_KEEPALIVE_MIN: f64 = 10.0;
@@ -96,6 +128,8 @@ struct Opts {
     /// Keep from the end (the platform before pre-warm was real), for comparison.
     no_prewarm: bool,
     json: Option<PathBuf>,
+    /// Invocations as HTTP requests into warm sandboxes of the platform's own server.
+    http: bool,
 }
 
 fn main() {
@@ -128,6 +162,7 @@ fn parse() -> Result<Opts> {
         synthetic_gap: None,
         no_prewarm: false,
         json: None,
+        http: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -153,6 +188,7 @@ fn parse() -> Result<Opts> {
             "--synthetic-gap" => o.synthetic_gap = Some(num(val()?)?),
             "--no-prewarm" => o.no_prewarm = true,
             "--json" => o.json = Some(PathBuf::from(val()?)),
+            "--http" => o.http = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -762,6 +798,9 @@ fn run(o: &Opts) -> Result<()> {
         o.pool,
         o.mem_scale
     );
+    if o.http {
+        return run_http(o, &fs, &invs);
+    }
     let modes = [("openlambda", Mode::OpenLambda), ("emars", Mode::Emars)];
     let mut rows = Vec::new();
     for (label, m) in modes {
@@ -776,4 +815,557 @@ fn run(o: &Opts) -> Result<()> {
         report::write_plots(dir, &rows)?;
     }
     Ok(())
+}
+
+// ---- `--http`: invocations as real HTTP requests into warm sandboxes ----
+
+/// A sandbox of the HTTP mode: an instance cgroup of its function (`<root>/<function>/sb-N`, as
+/// runc makes it), its function server, and the keep-alive connection the platform holds to it
+/// (None while an invocation has it).
+struct HttpBox {
+    id: u64,
+    function: usize,
+    sandbox: http::Sandbox,
+    server: Child,
+    conn: Option<Conn>,
+    /// Real ms (from the start) when it went idle.
+    idle_since: u64,
+}
+
+/// The platform's keep-alive connection to a sandbox's server.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+/// How long an answer may take beyond the invocation's own hold.
+const ANSWER_SLACK: Duration = Duration::from_secs(60);
+
+impl Conn {
+    fn open(port: u16) -> Result<Conn> {
+        let writer =
+            TcpStream::connect(("127.0.0.1", port)).context("connecting to the sandbox")?;
+        writer.set_nodelay(true)?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Conn { writer, reader })
+    }
+
+    /// Sends one invocation's request (its head in one write, as HTTP clients send it: one
+    /// segment whose first bytes are the request line) and reads its answer whole. `sent` is
+    /// set once the request is written: the server has it, whatever comes back.
+    fn invoke(&mut self, inv: &Invocation, sent: &mut bool) -> Result<()> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(inv.hold_ms) + ANSWER_SLACK))?;
+        let request = format!(
+            "POST /invoke?mib={}&ms={} HTTP/1.1\r\nHost: sandbox\r\nContent-Length: 0\r\n\r\n",
+            inv.mib, inv.hold_ms
+        );
+        self.writer.write_all(request.as_bytes())?;
+        *sent = true;
+        let mut status = String::new();
+        if self.reader.read_line(&mut status)? == 0 {
+            bail!("the server closed the connection");
+        }
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("answer: {status:?}");
+        }
+        let mut length = None;
+        loop {
+            let mut h = String::new();
+            if self.reader.read_line(&mut h)? == 0 {
+                bail!("the server closed the connection in the answer's head");
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let mut body = vec![0u8; length.context("an answer without Content-Length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(())
+    }
+}
+
+/// What one function's invocations were, as the platform made them.
+#[derive(Default)]
+struct HttpFunction {
+    /// Requests written to its sandboxes.
+    sent: u64,
+    /// Of which the answer did not come ...
+    failed: u64,
+    /// ... because the server was killed (the OOM killer, at its memory.max).
+    oom_killed: u64,
+    /// Invocations dropped: every sandbox slot busy.
+    dropped: u64,
+    /// Sandboxes started (cold starts), each with one connection.
+    sandboxes: u64,
+    /// Requests sent per trace hour (the arrival's hour in the trace).
+    per_trace_hour: BTreeMap<u64, u64>,
+    /// Requests sent per wall-clock hour (unix ms of the hour's start, the agent's buckets).
+    per_wall_hour: BTreeMap<u64, u64>,
+}
+
+/// A finished invocation: its sandbox, the connection back (None when it broke), whether its
+/// request was sent and when (unix ms).
+struct HttpDone {
+    box_id: u64,
+    conn: Option<Conn>,
+    sent_at_unix_ms: Option<u64>,
+    error: Option<String>,
+}
+
+struct HttpPlatform<'a> {
+    o: &'a Opts,
+    root: &'a TestRoot,
+    fs: &'a [Function],
+    boxes: Vec<HttpBox>,
+    next_id: u64,
+    tally: Vec<HttpFunction>,
+    keepalive_ms: u64,
+    start: Instant,
+}
+
+impl HttpPlatform<'_> {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// A cold start: the function's instance cgroup (memory.max at the fixed limit, as
+    /// OpenLambda writes it), its server started inside and listening, one connection to it.
+    fn cold_start(&mut self, function: usize) -> Result<usize> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let name = name(&self.fs[function]);
+        let sandbox = http::Sandbox::new(self.root, &name, &format!("sb-{id}"))?;
+        self.root
+            .hierarchy
+            .set_limit(&sandbox.memory, self.o.fixed_mib * MIB)?;
+        let mut cmd = Command::new(http_server_bin());
+        cmd.stdout(Stdio::piped());
+        let mut server = sandbox.spawn(cmd)?;
+        let port = match read_port(&mut server) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = server.kill();
+                let _ = server.wait();
+                sandbox.remove();
+                return Err(e.context(format!("starting the server of {name}/sb-{id}")));
+            }
+        };
+        let conn = Conn::open(port)?;
+        self.tally[function].sandboxes += 1;
+        self.boxes.push(HttpBox {
+            id,
+            function,
+            sandbox,
+            server,
+            conn: Some(conn),
+            idle_since: self.now(),
+        });
+        Ok(self.boxes.len() - 1)
+    }
+
+    /// Recycles sandbox `i`: the connection closed, the server killed, the cgroups removed
+    /// (the agent reads the instance's last counts at rmdir).
+    fn recycle(&mut self, i: usize) {
+        let mut b = self.boxes.swap_remove(i);
+        drop(b.conn.take());
+        let _ = b.server.kill();
+        let _ = b.server.wait();
+        b.sandbox.remove();
+    }
+
+    /// Idle sandboxes whose keep-alive ended by `now` are recycled.
+    fn expire(&mut self, now: u64) {
+        while let Some(i) = self
+            .boxes
+            .iter()
+            .position(|b| b.conn.is_some() && now >= b.idle_since + self.keepalive_ms)
+        {
+            self.recycle(i);
+        }
+    }
+
+    /// A warm sandbox of `function` (its connection taken for the invocation), else a cold
+    /// start, evicting the longest-idle warm sandbox when `--pool` sandboxes are up. None: all
+    /// are busy.
+    fn sandbox(&mut self, function: usize) -> Result<Option<(u64, Conn)>> {
+        let warm = self
+            .boxes
+            .iter()
+            .position(|b| b.function == function && b.conn.is_some());
+        let i = match warm {
+            Some(i) => i,
+            None => {
+                if self.boxes.len() >= self.o.pool {
+                    let oldest = self
+                        .boxes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.conn.is_some())
+                        .min_by_key(|(_, b)| b.idle_since)
+                        .map(|(i, _)| i);
+                    match oldest {
+                        Some(i) => self.recycle(i),
+                        None => return Ok(None),
+                    }
+                }
+                self.cold_start(function)?
+            }
+        };
+        let b = &mut self.boxes[i];
+        Ok(b.conn.take().map(|c| (b.id, c)))
+    }
+
+    /// An invocation ended: its sandbox is warm again from now, or recycled when its
+    /// connection broke.
+    fn finish(&mut self, done: HttpDone, trace_hour: u64) {
+        let Some(i) = self.boxes.iter().position(|b| b.id == done.box_id) else {
+            return;
+        };
+        let f = &mut self.tally[self.boxes[i].function];
+        if let Some(at) = done.sent_at_unix_ms {
+            f.sent += 1;
+            *f.per_trace_hour.entry(trace_hour).or_default() += 1;
+            *f.per_wall_hour.entry(at - at % HOUR_MS).or_default() += 1;
+        }
+        if let Some(e) = &done.error {
+            f.failed += 1;
+            // A server that died closed the connection as it went: its status is there, or
+            // nearly.
+            let b = &mut self.boxes[i];
+            let exited = wait_for(Duration::from_secs(1), || {
+                b.server.try_wait().ok().flatten()
+            });
+            if exited.is_some_and(|s| s.signal() == Some(libc::SIGKILL)) {
+                f.oom_killed += 1;
+            }
+            let how = exited.map_or("still running".to_owned(), |s| s.to_string());
+            eprintln!(
+                "{}/sb-{}: {e} (server: {how})",
+                name(&self.fs[b.function]),
+                b.id
+            );
+        }
+        match done.conn {
+            Some(c) if done.error.is_none() => {
+                let now = self.now();
+                let b = &mut self.boxes[i];
+                b.conn = Some(c);
+                b.idle_since = now;
+            }
+            _ => self.recycle(i),
+        }
+    }
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// The port the server says once it listens.
+fn read_port(server: &mut Child) -> Result<u16> {
+    let out = server.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    line.trim()
+        .parse()
+        .with_context(|| format!("the server's port: {line:?}"))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One function's requests as the platform sent them and as the agent counted them.
+struct Compared {
+    name: String,
+    sent: u64,
+    counted: u64,
+    connections: u64,
+    sandboxes: u64,
+    source: String,
+    /// Platform reports the agent holds for it (none are made: must be 0).
+    reported: u64,
+    agent_hours: Vec<(u64, u64)>,
+}
+
+impl Compared {
+    /// Exact: every request sent counted, as kernel requests, one connection per sandbox, no
+    /// platform report. A function none of whose invocations ran is matched by no record.
+    fn matched(&self) -> bool {
+        let source_ok = self.source == "kernel_requests" || (self.sent == 0 && self.counted == 0);
+        self.counted == self.sent
+            && self.connections == self.sandboxes
+            && self.reported == 0
+            && source_ok
+    }
+}
+
+/// The agent's counts for `function` once every sandbox of it has ended.
+fn compare(agent: &Agent, function: &str, t: &HttpFunction) -> Result<Compared> {
+    if t.sandboxes > 0 {
+        agent.wait_ended(function, t.sandboxes as usize)?;
+    }
+    let (status, f) = agent.get(&format!("/v1/functions/{function}"))?;
+    let (hours, source) = match status {
+        200 => (
+            f["hours"].as_array().cloned().unwrap_or_default(),
+            f["requests_source"].as_str().unwrap_or("").to_owned(),
+        ),
+        404 => (Vec::new(), "none".to_owned()),
+        s => bail!("GET /v1/functions/{function}: {s} {f}"),
+    };
+    let field = |h: &Value, k: &str| h[k].as_u64().unwrap_or(0);
+    let sum = |k: &str| hours.iter().map(|h| field(h, k)).sum::<u64>();
+    Ok(Compared {
+        name: function.to_owned(),
+        sent: t.sent,
+        counted: sum("requests"),
+        connections: sum("connections"),
+        sandboxes: t.sandboxes,
+        source,
+        reported: sum("invocations"),
+        agent_hours: hours
+            .iter()
+            .map(|h| (field(h, "hour_start_ms"), field(h, "requests")))
+            .collect(),
+    })
+}
+
+/// `--http`: each sandbox an instance cgroup of its function with a function server inside,
+/// each invocation one HTTP request over the platform's keep-alive connection to a warm
+/// sandbox; no bind, no release, no platform report. The agent only watches. At the end, the
+/// requests sent per function against those the agent counted in the kernel; an error on any
+/// mismatch.
+fn run_http(o: &Opts, fs: &[Function], invs: &[Invocation]) -> Result<()> {
+    let root = TestRoot::new()?;
+    let agent = Agent::start_configured(&root, "\n[policy]\nmode = \"observe\"\n")?;
+    let info = agent.get_ok("/v1/info")?;
+    if !program_attached(&info, "net_ingress") {
+        bail!(
+            "the agent counts no requests (net_ingress not attached): {}",
+            info["fallbacks"]
+        );
+    }
+    let keepalive_ms = (FIXED_KEEPALIVE_MIN * o.minute_ms as f64) as u64;
+    let mut p = HttpPlatform {
+        o,
+        root: &root,
+        fs,
+        boxes: Vec::new(),
+        next_id: 0,
+        tally: fs.iter().map(|_| HttpFunction::default()).collect(),
+        keepalive_ms,
+        start: Instant::now(),
+    };
+    let trace_hour = |inv: &Invocation| inv.at_ms / (60 * o.minute_ms);
+    let (done_tx, done_rx) = mpsc::channel::<(HttpDone, u64)>();
+    let mut running = 0usize;
+    for inv in invs {
+        loop {
+            while let Ok((done, hour)) = done_rx.try_recv() {
+                running -= 1;
+                p.finish(done, hour);
+            }
+            p.expire(inv.at_ms.min(p.now()));
+            let wait = inv.at_ms.saturating_sub(p.now());
+            if wait == 0 {
+                break;
+            }
+            match done_rx.recv_timeout(Duration::from_millis(wait.min(20))) {
+                Ok((done, hour)) => {
+                    running -= 1;
+                    p.finish(done, hour);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => bail!("workers: {e}"),
+            }
+        }
+        let Some((box_id, mut conn)) = p.sandbox(inv.function)? else {
+            p.tally[inv.function].dropped += 1;
+            continue;
+        };
+        let (tx, inv, hour) = (done_tx.clone(), inv.clone(), trace_hour(inv));
+        running += 1;
+        thread::spawn(move || {
+            let mut sent = false;
+            let result = conn.invoke(&inv, &mut sent);
+            let sent_at_unix_ms = sent.then(unix_ms);
+            let error = result.err().map(|e| format!("{e:#}"));
+            let conn = error.is_none().then_some(conn);
+            let _ = tx.send((
+                HttpDone {
+                    box_id,
+                    conn,
+                    sent_at_unix_ms,
+                    error,
+                },
+                hour,
+            ));
+        });
+    }
+    while running > 0 {
+        let (done, hour) = done_rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("an invocation did not finish")?;
+        running -= 1;
+        p.finish(done, hour);
+    }
+    while !p.boxes.is_empty() {
+        p.recycle(0);
+    }
+    let tally = std::mem::take(&mut p.tally);
+    let mut rows = Vec::new();
+    for (f, t) in fs.iter().zip(&tally) {
+        rows.push(compare(&agent, &name(f), t)?);
+    }
+    let matched = rows.iter().filter(|r| r.matched()).count();
+    let sent: u64 = rows.iter().map(|r| r.sent).sum();
+    let counted: u64 = rows.iter().map(|r| r.counted).sum();
+    print_http(o, &rows, &tally, matched, sent, counted);
+    if let Some(path) = &o.json {
+        write_http_json(path, &rows, &tally, matched, sent, counted)?;
+    }
+    agent.stop()?;
+    if matched != rows.len() {
+        bail!(
+            "{} of {} functions' requests not counted exactly by the agent",
+            rows.len() - matched,
+            rows.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_http(
+    o: &Opts,
+    rows: &[Compared],
+    tally: &[HttpFunction],
+    matched: usize,
+    sent: u64,
+    counted: u64,
+) {
+    println!(
+        "{:<12} {:>6} {:>8} {:>6} {:>4} {:>10} {:>11} {:>6} {:>7}  source",
+        "function",
+        "sent",
+        "counted",
+        "failed",
+        "oom",
+        "sandboxes",
+        "connections",
+        "drops",
+        "match"
+    );
+    for (r, t) in rows.iter().zip(tally) {
+        println!(
+            "{:<12} {:>6} {:>8} {:>6} {:>4} {:>10} {:>11} {:>6} {:>7}  {}",
+            r.name,
+            r.sent,
+            r.counted,
+            t.failed,
+            t.oom_killed,
+            r.sandboxes,
+            r.connections,
+            t.dropped,
+            if r.matched() { "yes" } else { "NO" },
+            r.source
+        );
+    }
+    println!(
+        "http: {matched}/{} functions counted exactly; requests sent {sent}, counted by the agent {counted}; failed {}, dropped {}",
+        rows.len(),
+        tally.iter().map(|t| t.failed).sum::<u64>(),
+        tally.iter().map(|t| t.dropped).sum::<u64>(),
+    );
+    // Per hour: trace hours are compressed into real seconds, so they do not line up with the
+    // agent's wall-clock hour buckets; and the agent files counts under the hour it reads them
+    // in (exec, exit, reconcile, rmdir), not the packet's. The per-function totals are the
+    // exact check; the hours are shown for reading.
+    let trace_hours: BTreeMap<u64, u64> = tally.iter().flat_map(|t| t.per_trace_hour.iter()).fold(
+        BTreeMap::new(),
+        |mut m, (h, n)| {
+            *m.entry(*h).or_default() += n;
+            m
+        },
+    );
+    let mut wall: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for t in tally {
+        for (h, n) in &t.per_wall_hour {
+            wall.entry(*h).or_default().0 += n;
+        }
+    }
+    for r in rows {
+        for (h, n) in &r.agent_hours {
+            wall.entry(*h).or_default().1 += n;
+        }
+    }
+    if trace_hours.len() > 1 || wall.len() > 1 || o.minutes > 60 {
+        println!("per trace hour (sent): {trace_hours:?}");
+        for (h, (s, c)) in &wall {
+            println!("agent hour starting {h} (unix ms): sent {s}, counted {c}");
+        }
+        println!(
+            "(trace hours are compressed to {} ms each and do not line up with the agent's \
+             wall-clock hours, which take counts when the agent reads them: the per-function \
+             totals are the exact check)",
+            60 * o.minute_ms
+        );
+    }
+}
+
+fn write_http_json(
+    path: &std::path::Path,
+    rows: &[Compared],
+    tally: &[HttpFunction],
+    matched: usize,
+    sent: u64,
+    counted: u64,
+) -> Result<()> {
+    let hours = |m: &BTreeMap<u64, u64>| -> Value {
+        m.iter()
+            .map(|(h, n)| json!({"hour": h, "sent": n}))
+            .collect()
+    };
+    let functions: Vec<Value> = rows
+        .iter()
+        .zip(tally)
+        .map(|(r, t)| {
+            json!({
+                "function": r.name,
+                "sent": r.sent,
+                "counted": r.counted,
+                "failed": t.failed,
+                "oom_killed": t.oom_killed,
+                "dropped": t.dropped,
+                "sandboxes": r.sandboxes,
+                "connections": r.connections,
+                "platform_reports": r.reported,
+                "requests_source": r.source,
+                "matched": r.matched(),
+                "sent_per_trace_hour": hours(&t.per_trace_hour),
+                "sent_per_wall_hour": hours(&t.per_wall_hour),
+                "counted_per_wall_hour": r.agent_hours.iter()
+                    .map(|(h, n)| json!({"hour": h, "counted": n}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let v = json!({
+        "mode": "http",
+        "functions_total": rows.len(),
+        "functions_matched": matched,
+        "sent": sent,
+        "counted": counted,
+        "functions": functions,
+    });
+    fs::write(path, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
