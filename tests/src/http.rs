@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -94,14 +94,14 @@ impl HttpServer {
             Some(s) => s.spawn(cmd)?,
             None => cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
         };
-        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .parse()
-            .with_context(|| format!("the server's port: {line:?}"))?;
-        Ok(HttpServer { child, port })
+        match read_port(&mut child) {
+            Ok(port) => Ok(HttpServer { child, port }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -154,27 +154,48 @@ fn exchange(s: &mut TcpStream, n: u64, close: bool) -> Result<u64> {
         let request =
             format!("GET /{i} HTTP/1.1\r\nHost: sandbox\r\nConnection: {connection}\r\n\r\n");
         s.write_all(request.as_bytes())?;
-        let mut length = None;
-        let mut status = String::new();
-        reader.read_line(&mut status)?;
-        if !status.starts_with("HTTP/1.1 200") {
-            bail!("answer {i}: {status:?}");
-        }
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse::<usize>().ok();
-                }
-            }
-        }
-        let mut body = vec![0u8; length.ok_or_else(|| anyhow!("no Content-Length"))?];
-        reader.read_exact(&mut body)?;
+        read_answer(&mut reader).with_context(|| format!("answer {i}"))?;
     }
     Ok(n)
+}
+
+/// Reads one answer whole (its head, then Content-Length bytes of body); an error unless it
+/// is a 200.
+pub fn read_answer(reader: &mut impl BufRead) -> Result<()> {
+    let mut status = String::new();
+    if reader.read_line(&mut status)? == 0 {
+        bail!("the server closed the connection");
+    }
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("answer: {status:?}");
+    }
+    let mut length = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            bail!("the server closed the connection in the answer's head");
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = vec![0u8; length.ok_or_else(|| anyhow!("an answer without Content-Length"))?];
+    reader.read_exact(&mut body)?;
+    Ok(())
+}
+
+/// The port a server started with its stdout piped says it listens on (its first line).
+pub fn read_port(server: &mut Child) -> Result<u16> {
+    let out = server.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    line.trim()
+        .parse()
+        .with_context(|| format!("the server's port: {line:?}"))
 }

@@ -5,6 +5,7 @@
 //! when `EMARS_TEST_ROOT_REQUIRED=1` (as `cargo xtask test` sets it under root/CI) they fail.
 
 pub mod azure;
+pub mod bench;
 pub mod hosts;
 pub mod http;
 pub mod names;

@@ -24,7 +24,6 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -35,6 +34,7 @@ use aya::{
     programs::{CgroupSkb, CgroupSkbAttachType, ProgramInfo},
 };
 use emars_common::{names, NetCounts};
+use emars_tests::bench::{check_interrupted, install_signal_handlers, BpfStatsGuard};
 use emars_tests::{
     agent_bin, flag_number as number,
     http::{HttpServer, Sandbox},
@@ -52,7 +52,6 @@ Runs as root. The agent binary is $EMARS_BIN (else target/<profile>/emars), the 
 $EMARS_HTTP_SERVER_BIN (else emars-http-server beside this binary).";
 
 const FUNCTION: &str = "web";
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Load before each round's measured window (connections warm, caches warm): sent and
 /// counted, not timed.
 const WARMUP: Duration = Duration::from_millis(500);
@@ -131,57 +130,6 @@ impl Opts {
             bail!("--seconds and --rate must be positive");
         }
         Ok(o)
-    }
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM/SIGHUP only set a flag: the load stops with an error, so every guard
-/// (bpf_stats, agents, cgroups, pins) is dropped as on any other error.
-fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler) };
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
-}
-
-/// Enables kernel.bpf_stats_enabled and puts the previous value back when dropped, on success,
-/// error and panic alike.
-struct BpfStatsGuard {
-    previous: String,
-}
-
-impl BpfStatsGuard {
-    fn enable() -> Result<Self> {
-        let previous = fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("reading {BPF_STATS}"))?
-            .trim()
-            .to_owned();
-        fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for BpfStatsGuard {
-    fn drop(&mut self) {
-        if let Err(e) = fs::write(BPF_STATS, &self.previous) {
-            eprintln!(
-                "emars-bench-net: WARNING: could not restore {BPF_STATS} to {}: {e}",
-                self.previous
-            );
-        }
     }
 }
 
@@ -733,7 +681,7 @@ fn round(opts: &Opts, with_program: bool, stats: bool) -> Result<Round> {
             Ok((i.run_time().as_nanos() as u64, i.run_count()))
         };
         let guard = if stats {
-            Some(BpfStatsGuard::enable()?)
+            Some(BpfStatsGuard::enable("emars-bench-net")?)
         } else {
             None
         };

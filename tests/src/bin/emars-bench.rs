@@ -27,12 +27,12 @@ use std::{
     collections::BTreeMap,
     fs,
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use emars_tests::bench::{check_interrupted, install_signal_handlers, BpfStatsGuard};
 use emars_tests::flag_number as number;
 use emars_tests::{
     agent_bin, alloc_bin, close_to_watermark, run_alloc, spawn_alloc, Agent, Hierarchy, TestRoot,
@@ -50,7 +50,6 @@ const FUNCTION: &str = "bench";
 const STORM_FUNCTION: &str = "storm";
 const STORM_MIB: u64 = 512;
 const WARMUP_CONTAINERS: usize = 10;
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// The agent refreshes GET /v1/info on a 1 s tick: after this long without churn, a snapshot
 /// holds every event of the round.
 const INFO_SETTLE: Duration = Duration::from_millis(1200);
@@ -121,58 +120,6 @@ impl Opts {
             bail!("--containers and --rounds must be at least 1");
         }
         Ok(o)
-    }
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM/SIGHUP only set a flag: the churn loops then fail with an error, so every
-/// guard (bpf_stats, agents, cgroups) is dropped as on any other error.
-fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler) };
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
-}
-
-/// Enables kernel.bpf_stats_enabled and puts the previous value back when dropped, on success,
-/// error and panic alike (as bpftop does).
-struct BpfStatsGuard {
-    previous: String,
-}
-
-impl BpfStatsGuard {
-    fn enable() -> Result<Self> {
-        let previous = fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("reading {BPF_STATS}"))?
-            .trim()
-            .to_owned();
-        fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for BpfStatsGuard {
-    fn drop(&mut self) {
-        match fs::write(BPF_STATS, &self.previous) {
-            Ok(()) => eprintln!("emars-bench: {BPF_STATS} restored to {}", self.previous),
-            Err(e) => eprintln!(
-                "emars-bench: WARNING: could not restore {BPF_STATS} to {}: {e}",
-                self.previous
-            ),
-        }
     }
 }
 
@@ -1148,8 +1095,8 @@ fn run(opts: &Opts) -> Result<()> {
         }
     }
     let hierarchy = Hierarchy::detect()?;
-    let stats = BpfStatsGuard::enable()?;
-    print_header(opts, &hierarchy, &stats.previous);
+    let stats = BpfStatsGuard::enable("emars-bench")?;
+    print_header(opts, &hierarchy, stats.previous());
     let mut w = Warnings::default();
 
     let idle = {

@@ -71,7 +71,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufReader, Write},
     net::TcpStream,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
@@ -863,32 +863,7 @@ impl Conn {
         );
         self.writer.write_all(request.as_bytes())?;
         *sent = true;
-        let mut status = String::new();
-        if self.reader.read_line(&mut status)? == 0 {
-            bail!("the server closed the connection");
-        }
-        if !status.starts_with("HTTP/1.1 200") {
-            bail!("answer: {status:?}");
-        }
-        let mut length = None;
-        loop {
-            let mut h = String::new();
-            if self.reader.read_line(&mut h)? == 0 {
-                bail!("the server closed the connection in the answer's head");
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse::<usize>().ok();
-                }
-            }
-        }
-        let mut body = vec![0u8; length.context("an answer without Content-Length")?];
-        self.reader.read_exact(&mut body)?;
-        Ok(())
+        http::read_answer(&mut self.reader)
     }
 }
 
@@ -949,7 +924,7 @@ impl HttpPlatform<'_> {
         let mut cmd = Command::new(http_server_bin());
         cmd.stdout(Stdio::piped());
         let mut server = sandbox.spawn(cmd)?;
-        let port = match read_port(&mut server) {
+        let port = match http::read_port(&mut server) {
             Ok(p) => p,
             Err(e) => {
                 let _ = server.kill();
@@ -1068,15 +1043,6 @@ impl HttpPlatform<'_> {
 const HOUR_MS: u64 = 3_600_000;
 
 /// The port the server says once it listens.
-fn read_port(server: &mut Child) -> Result<u16> {
-    let out = server.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line)?;
-    line.trim()
-        .parse()
-        .with_context(|| format!("the server's port: {line:?}"))
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
