@@ -386,15 +386,7 @@ impl<C: Cgroups> Tracker<C> {
             }
             _ => {}
         }
-        // The last requests: the kernel keeps the cgroup's counts until they are read here.
-        if let Some(mut rec) = self.live.remove(&id) {
-            self.count_requests(&mut rec, at_ms, out);
-            self.live.insert(id, rec);
-        }
         self.close(id, at_ms, out);
-        if let Some(counts) = self.requests.as_mut() {
-            counts.forget(id);
-        }
     }
 
     /// Closes a live instance (its cgroup removed, or its use released); returns the record
@@ -406,8 +398,18 @@ impl<C: Cgroups> Tracker<C> {
         out: &mut Vec<Effect>,
     ) -> Option<InstanceRecord> {
         self.awaiting.remove(&id);
-        self.bound.remove(&id);
-        let mut rec = self.live.remove(&id)?;
+        let Some(mut rec) = self.live.remove(&id) else {
+            self.bound.remove(&id);
+            return None;
+        };
+        // The last requests: the kernel keeps an instance's counts until they are read here
+        // (a bound use's are the platform's: not read, and the pooled cgroup's entry stays).
+        self.count_requests(&mut rec, at_ms, out);
+        if self.bound.remove(&id).is_none() {
+            if let Some(counts) = self.requests.as_mut() {
+                counts.forget(id);
+            }
+        }
         rec.ended_at_ms = Some(at_ms.max(rec.started_at_ms));
         out.push(Effect::AddHour {
             function: rec.function.clone(),
