@@ -195,20 +195,32 @@ fn test_run(prog_fd: i32, frame: &[u8], repeat: u32) -> Result<(u32, u32)> {
         repeat,
         ..TestRunAttr::default()
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size given; data_in points at
-    // data_size_in readable bytes that outlive the call; no output buffers are given.
+    // SAFETY: data_in points at data_size_in readable bytes that outlive the call; no output
+    // buffers are given.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("bpf(BPF_PROG_TEST_RUN)")?;
+    Ok((attr.retval, attr.duration))
+}
+
+/// bpf(2) with `attr`, a `union bpf_attr` member of the command's (its prefix, sized as `T`);
+/// the call's result (a file descriptor for the commands that make one).
+///
+/// # Safety
+/// The pointers in `attr` must be valid for what the command reads and writes through them.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, exclusively borrowed value of the size given; what it points
+    // to is the caller's to vouch for.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr as *mut c_void,
-            std::mem::size_of::<TestRunAttr>() as libc::c_uint,
+            cmd,
+            attr as *mut T as *mut c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
         )
     };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("bpf(BPF_PROG_TEST_RUN)");
+        return Err(std::io::Error::last_os_error());
     }
-    Ok((attr.retval, attr.duration))
+    Ok(rc)
 }
 
 /// `BPF_PROG_LOAD`, bpf(2)'s command 5; `BPF_PROG_TYPE_CGROUP_SKB`; `BPF_CGROUP_INET_INGRESS`.
@@ -250,20 +262,10 @@ fn load_empty_program() -> Result<OwnedFd> {
         expected_attach_type: BPF_CGROUP_INET_INGRESS,
         ..ProgLoadAttr::default()
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size given; insns and license point
-    // at live buffers of the lengths given (the license NUL-terminated).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &mut attr as *mut ProgLoadAttr as *mut c_void,
-            std::mem::size_of::<ProgLoadAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("bpf(BPF_PROG_LOAD) of an empty program");
-    }
+    // SAFETY: insns and license point at live buffers of the lengths given (the license
+    // NUL-terminated); no log buffer is given.
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) }
+        .context("bpf(BPF_PROG_LOAD) of an empty program")?;
     // SAFETY: a new file descriptor of our own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
