@@ -537,7 +537,12 @@ fn full_store_refuses_limit_writes() -> anyhow::Result<()> {
             refused = Some(b);
             break;
         }
-        assert_eq!(now.0.trim(), max.to_string());
+        assert_eq!(
+            now.0.trim(),
+            max.to_string(),
+            "answered 200 but memory.max holds the previous limit: {b}\nagent log:\n{}",
+            agent.log()
+        );
         written.push(max);
         last = now;
     }

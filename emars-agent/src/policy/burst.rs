@@ -331,10 +331,13 @@ impl BurstGuard {
             return Vec::new();
         };
         let dir = std::path::PathBuf::from(&rec.cgroup_path);
-        let (Ok(usage), Ok(limits)) = (self.hierarchy.usage(&dir), self.hierarchy.limits(&dir))
+        // The limits and the runtime's limit read in one go, never halfway through a write
+        // (the API's, on another thread).
+        let (Ok(usage), Ok(in_force)) = (self.hierarchy.usage(&dir), self.actuator.in_force(&rec))
         else {
             return Vec::new(); // gone meanwhile
         };
+        let limits = in_force.limits;
         let Some(trigger) = self.config.trigger_bytes(limits) else {
             return Vec::new();
         };
@@ -347,7 +350,7 @@ impl BurstGuard {
         };
         let mut current = rec.clone();
         current.limits = limits;
-        let runtime = self.actuator.runtime_limit(&current, limits.max_bytes);
+        let runtime = in_force.runtime_limit;
         let raise = match (runtime, limits.max_bytes) {
             (Some(limit), Some(max)) if limit <= ceiling && max >= limit => {
                 Err(NoRaise::AtRuntimeLimit { max, limit })

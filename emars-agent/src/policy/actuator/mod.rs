@@ -11,7 +11,9 @@
 //! - memory.max is never above the limit the container's runtime gave it (unless
 //!   `policy.override_runtime_limits`): a request above it is clamped, and the audit says so;
 //! - the intent is in the audit log, on disk, before the first byte is written (no durable
-//!   audit, no write), and the outcome (ok, partial, failed) replaces it afterwards.
+//!   audit, no write), and the outcome (ok, partial, failed) replaces it afterwards;
+//! - writes into one instance go one at a time (the API's, the burst guard's, the squeeze's run
+//!   on different threads), so that each plans from what the one before wrote and noted.
 //!
 //! A failed write (cgroup gone, EBUSY, EINVAL) is an error value, never a crash.
 //!
@@ -153,9 +155,34 @@ pub struct Actuator {
     set_by_hand: Mutex<HashSet<InstanceKey>>,
     audit: Store,
     pub stats: ActuatorStats,
+    /// Writes into one instance go one at a time (striped by cgroup id): a write's plan, its
+    /// files and its note in `last_max` go together. Otherwise a write planned while another
+    /// has written memory.max but not yet noted it (the API's and the burst guard's, on two
+    /// threads) takes the agent's own value for one written by the runtime, and keeps it as a
+    /// ceiling that clamps every later write.
+    writing: [Mutex<()>; WRITE_STRIPES],
     /// Test seam: writes to this file fail with EINVAL, as the kernel's may.
     #[cfg(test)]
     fail_writes_to: Option<&'static str>,
+    /// Test seam: called with the file's name right after each limit file is written.
+    #[cfg(test)]
+    after_file_write: std::sync::OnceLock<FileWritten>,
+}
+
+/// The test seam [`Actuator::after_file_write`].
+#[cfg(test)]
+type FileWritten = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Locks for [`Actuator::writing`]: instances whose ids share a stripe wait for each other,
+/// which costs nothing but a short wait.
+const WRITE_STRIPES: usize = 64;
+
+/// What is in force in a live instance, read in one go: its limits, and the container
+/// runtime's limit that no write goes above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InForce {
+    pub limits: Limits,
+    pub runtime_limit: Option<u64>,
 }
 
 /// The result of one write attempt and its audit record (already stored).
@@ -195,8 +222,11 @@ impl Actuator {
             set_by_hand: Mutex::default(),
             audit,
             stats: ActuatorStats::default(),
+            writing: std::array::from_fn(|_| Mutex::new(())),
             #[cfg(test)]
             fail_writes_to: None,
+            #[cfg(test)]
+            after_file_write: std::sync::OnceLock::new(),
         }
     }
 
@@ -236,6 +266,13 @@ impl Actuator {
 
     fn last_max(&self) -> MutexGuard<'_, HashMap<InstanceKey, u64>> {
         self.last_max.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Held for the whole of one write into the instance with this cgroup id.
+    fn writing(&self, cgroup_id: u64) -> MutexGuard<'_, ()> {
+        self.writing[(cgroup_id % WRITE_STRIPES as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn writes_allowed(&self) -> bool {
@@ -511,7 +548,7 @@ mod tests {
             .result
             .unwrap();
         // Nobody else wrote: no runtime limit.
-        assert_eq!(f.act.runtime_limit(&inst, Some(256 << 20)), None);
+        assert_eq!(f.act.runtime_limit_of(&inst, Some(256 << 20)), None);
         fs::write(f.inst.join("memory.max"), "67108864\n").unwrap();
         let w = f.act.write(
             &inst,
@@ -545,10 +582,75 @@ mod tests {
             )
             .result
             .unwrap();
-        assert_eq!(f.act.runtime_limit(&inst, Some(32 << 20)), Some(64 << 20));
+        assert_eq!(
+            f.act.runtime_limit_of(&inst, Some(32 << 20)),
+            Some(64 << 20)
+        );
         // The instance ended: what was noted of it goes.
         f.act.forget(&inst);
-        assert_eq!(f.act.runtime_limit(&inst, Some(1 << 20)), Some(64 << 20));
+        assert_eq!(f.act.runtime_limit_of(&inst, Some(1 << 20)), Some(64 << 20));
+    }
+
+    /// A write into an instance waits while another write into it is under way (the API's on
+    /// one thread, the burst guard's on another): the other's memory.max, written but not yet
+    /// noted as the agent's own, is never taken for one the runtime wrote, which would clamp
+    /// every later write to it. Deterministic: the API's write holds right after writing
+    /// memory.max until the guard's write is done (or 300 ms, when the guard waits for it).
+    #[test]
+    fn a_concurrent_write_never_takes_the_agents_own_limit_for_the_runtimes() {
+        use crate::model::kept::RuntimeLimit;
+        use std::{sync::mpsc, time::Duration};
+        let f = fake(CgroupVersion::V2, 10 << 20);
+        let inst = &record(&f.inst);
+        let key = (inst.started_at_ms, inst.cgroup_id);
+        let act = &f.act;
+        let by_hand = |max: u64| {
+            let req = LimitRequest {
+                max_bytes: Some(max),
+                high_bytes: None,
+            };
+            act.write(inst, req, BelowUsage::Refuse, Reason::Api, None)
+        };
+        by_hand(128 << 20).result.unwrap();
+        let (written_tx, written_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let (written_tx, done_rx) = (Mutex::new(written_tx), Mutex::new(done_rx));
+        let hook = move |file: &str| {
+            if file == "memory.max" {
+                let _ = written_tx.lock().unwrap().send(());
+                let _ = done_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_millis(300));
+            }
+        };
+        assert!(f.act.after_file_write.set(Box::new(hook)).is_ok());
+        let (api, guard) = std::thread::scope(|s| {
+            let guard = s.spawn(move || {
+                written_rx.recv().unwrap();
+                let arm = LimitRequest {
+                    max_bytes: None,
+                    high_bytes: Some(100 << 20),
+                };
+                let w = act.write(inst, arm, BelowUsage::Refuse, Reason::BurstArm, None);
+                done_tx.send(()).unwrap();
+                w
+            });
+            (by_hand(129 << 20), guard.join().unwrap())
+        });
+        assert_eq!(api.audit.outcome, Outcome::Ok, "{api:?}");
+        assert_eq!(guard.audit.outcome, Outcome::Ok, "{guard:?}");
+        assert_eq!(guard.audit.clamped_by, None, "{guard:?}");
+        assert_eq!(
+            f.store.kept_state::<RuntimeLimit>(key).unwrap(),
+            None,
+            "the agent's own write kept as the runtime's limit"
+        );
+        assert_eq!(read(&f.inst.join("memory.high")), "104857600");
+        // The next write by hand goes above it.
+        let w = by_hand(130 << 20);
+        assert_eq!((w.audit.outcome, w.audit.clamped_by), (Outcome::Ok, None));
+        assert_eq!(read(&f.inst.join("memory.max")), "136314880");
     }
 
     /// A write its caller decided against is recorded as refused, with why.

@@ -12,7 +12,8 @@ use crate::{
 };
 
 impl Actuator {
-    /// Every check that needs no write: mode, place, identity, bounds.
+    /// Every check that needs no write: mode, place, identity, bounds. Called with the
+    /// instance's write lock held ([`Actuator::writing`]).
     pub(super) fn plan(
         &self,
         inst: &InstanceRecord,
@@ -36,7 +37,7 @@ impl Actuator {
         }
         let old = dir.limits()?;
         let usage = dir.usage()?;
-        let cap = self.runtime_limit(inst, old.max_bytes);
+        let cap = self.runtime_limit_of(inst, old.max_bytes);
         let (req, mut clamped) = clamp_to(req, cap);
         let mut raised = false;
         let mut new = LimitRequest {

@@ -2,7 +2,7 @@
 //! goes above (unless `policy.override_runtime_limits`), kept per instance in the store, and
 //! a later write by another than the agent taken as the runtime's new limit.
 
-use super::{Actuator, ActuatorError};
+use super::{Actuator, ActuatorError, InForce};
 use crate::{
     kernel::cgroupfs::CgroupDir,
     model::kept::{same_limit, RuntimeLimit, RuntimeLimitSource},
@@ -11,12 +11,28 @@ use crate::{
 };
 
 impl Actuator {
+    /// The limits in force in a live instance and the runtime's limit over them, read while
+    /// no write into it is under way (one half done would look like another's).
+    pub fn in_force(&self, inst: &InstanceRecord) -> Result<InForce, ActuatorError> {
+        let _one_at_a_time = self.writing(inst.cgroup_id);
+        let limits = self.open_instance(inst)?.limits()?;
+        Ok(InForce {
+            limits,
+            runtime_limit: self.runtime_limit_of(inst, limits.max_bytes),
+        })
+    }
+
     /// The memory limit the container's runtime gave `inst`, which no write goes above; None
     /// when there is none or `policy.override_runtime_limits` lifts it. `current_max` is the
     /// memory.max in force now: one that differs from the agent's own last write was written
     /// by another since (a runtime that writes its limit after the mkdir, as runc does, or
-    /// `docker update`), and is the runtime's limit from then on.
-    pub fn runtime_limit(&self, inst: &InstanceRecord, current_max: Option<u64>) -> Option<u64> {
+    /// `docker update`), and is the runtime's limit from then on. Called with the instance's
+    /// write lock held ([`Actuator::writing`]).
+    pub(super) fn runtime_limit_of(
+        &self,
+        inst: &InstanceRecord,
+        current_max: Option<u64>,
+    ) -> Option<u64> {
         if self.override_runtime_limits {
             return None;
         }

@@ -36,6 +36,7 @@ impl Actuator {
         delay_start_ns: Option<u64>,
         signal: Option<&str>,
     ) -> Written {
+        let _one_at_a_time = self.writing(inst.cgroup_id);
         let mut audit = AuditRecord {
             new: Limits {
                 max_bytes: req.max_bytes,
@@ -254,6 +255,10 @@ impl Actuator {
             }
             dir.write(file, v)
                 .map_err(|source| write_error(&dir, file, v, source))?;
+            #[cfg(test)]
+            if let Some(hook) = self.after_file_write.get() {
+                hook(file);
+            }
             if is_max {
                 audit.written.max_bytes = Some(v);
                 max_now = Some(v);
