@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 
 use crate::kernel::cgroupfs::{CgroupVersion, MemoryHierarchy};
+use crate::kernel::netcount::NetHierarchy;
 
 /// Raises the soft limit on open descriptors to the hard one: the API's connection cap is far
 /// below either, and cgroup writes must never run short.
@@ -65,6 +66,29 @@ pub(super) fn ensure_root(h: &MemoryHierarchy, root: &str, create: bool) -> anyh
             .with_context(|| format!("enabling the memory controller in {}", ctl.display()))?;
     }
     Ok(())
+}
+
+/// On a hybrid host, makes a missing watched root that is EMARS's own (`create`) in the cgroup
+/// v2 hierarchy too: the socket program that counts requests is attached there, and a
+/// platform such as runc puts each instance in every hierarchy under the same path. On pure
+/// v2 it is the memory root's own directory, made by [`ensure_root`]. Not fatal: without it
+/// requests are not counted in the kernel, as `/v1/info` says.
+pub(super) fn ensure_net_root(net: &NetHierarchy, root: &str, create: bool) {
+    let dir = net.dir(root);
+    if net.same_ids || !create || dir.is_dir() {
+        return;
+    }
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => tracing::info!(
+            "created watched root {} in the cgroup v2 hierarchy, where requests are counted",
+            dir.display()
+        ),
+        Err(e) => tracing::warn!(
+            "creating watched root {} in the cgroup v2 hierarchy: {e}; its requests are not \
+             counted in the kernel",
+            dir.display()
+        ),
+    }
 }
 
 /// Refuses to start without the privilege the agent needs, with what it needs, rather than a

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use crate::{
     clock::now_ms,
     config::Config,
-    kernel::cgroupfs::MemoryHierarchy,
+    kernel::cgroupfs::{mount_table, CgroupfsError, MemoryHierarchy},
     kernel::netcount::{NetCounter, NetHierarchy},
     kernel::notify::{PressureSignal, Signal},
     kernel::probes::{replaced::CarriedRing, Probes},
@@ -54,7 +54,7 @@ pub async fn run(
     start_api: impl FnOnce(ApiParts) -> anyhow::Result<ApiThread>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (hierarchy, registry) = open_hierarchy(&config)?;
+    let (hierarchy, net, registry) = open_hierarchy(&config)?;
     let roots = registry.roots();
     let (store, store_moved_aside) = open_store(&config)?;
     // Two agents on one root would both write its limits (each with its own store and pins,
@@ -63,7 +63,8 @@ pub async fn run(
     // Cgroups created from here on are new instances, whether their mkdir event or the scan
     // reports them first.
     let agent_start_ms = now_ms();
-    let (mut probes, mut ring, carried, net_counter) = load_probes(&config, &hierarchy, &roots)?;
+    let (mut probes, mut ring, carried, net_counter) =
+        load_probes(&config, &hierarchy, net, &roots)?;
     let info = Arc::new(RwLock::new(info::at_start(
         &hierarchy,
         &roots,
@@ -119,17 +120,28 @@ pub async fn run(
     shut_down(&store, result, api).await
 }
 
-/// The memory hierarchy, the rules that name instances, and the watched roots made where
-/// they are EMARS's own.
-fn open_hierarchy(config: &Config) -> anyhow::Result<(MemoryHierarchy, Registry)> {
-    let hierarchy = MemoryHierarchy::detect(config.cgroup.mode, config.cgroup.mount.as_deref())
+/// The memory hierarchy, the cgroup v2 hierarchy the socket program counts requests in (or
+/// why none), the rules that name instances, and the watched roots made where they are EMARS's
+/// own, in both hierarchies.
+fn open_hierarchy(
+    config: &Config,
+) -> anyhow::Result<(MemoryHierarchy, Result<NetHierarchy, String>, Registry)> {
+    let mounts = mount_table()
+        .map_err(CgroupfsError::NoMemoryController)
         .context("finding the memory cgroup hierarchy")?;
+    let hierarchy =
+        MemoryHierarchy::detect_in(&mounts, config.cgroup.mode, config.cgroup.mount.as_deref())
+            .context("finding the memory cgroup hierarchy")?;
+    let net = NetHierarchy::detect(&hierarchy, &mounts);
     let registry = Registry::new(&config.cgroup.roots).context("compiling cgroup rules")?;
     // The registry keeps the configured roots' order.
     for (root, configured) in registry.roots().iter().zip(&config.cgroup.roots) {
         host::ensure_root(&hierarchy, root, configured.create)?;
+        if let Ok(net) = &net {
+            host::ensure_net_root(net, root, configured.create);
+        }
     }
-    Ok((hierarchy, registry))
+    Ok((hierarchy, net, registry))
 }
 
 /// The store (moved aside when it cannot be opened), with its cap on functions.
@@ -154,19 +166,13 @@ fn open_store(config: &Config) -> anyhow::Result<(Store, Option<StoreMovedAside>
 fn load_probes(
     config: &Config,
     hierarchy: &MemoryHierarchy,
+    net: Result<NetHierarchy, String>,
     roots: &[String],
 ) -> anyhow::Result<(Probes, EventRing, Vec<CarriedRing>, Option<NetCounter>)> {
     let enforce = config.policy.mode == EnforceMode::Enforce;
-    // The registry keeps the configured roots' order.
-    let created: Vec<(String, bool)> = roots
-        .iter()
-        .zip(&config.cgroup.roots)
-        .map(|(root, configured)| (root.clone(), configured.create))
-        .collect();
-    let net = NetHierarchy::detect(hierarchy);
     let net_roots = net
         .as_ref()
-        .map(|n| n.root_dirs(&created))
+        .map(|n| n.root_dirs(roots))
         .map_err(Clone::clone);
     let mut probes = Probes::load(hierarchy, &config.probes, roots, &net_roots, enforce)
         .context("loading eBPF programs")?;

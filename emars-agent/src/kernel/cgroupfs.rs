@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use procfs::process::MountInfo;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,14 @@ pub struct MemoryHierarchy {
     pub hierarchy_id: i32,
 }
 
+/// This process's mount table (/proc/self/mountinfo), where the cgroup hierarchies are found.
+pub fn mount_table() -> std::result::Result<Vec<MountInfo>, String> {
+    procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map(|m| m.0)
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))
+}
+
 /// Values of v1 limits at or above this mean "unlimited" (PAGE_COUNTER_MAX rounded to pages).
 const V1_UNLIMITED: u64 = 1 << 62;
 
@@ -101,12 +110,19 @@ impl MemoryHierarchy {
     /// Finds the memory controller: v2 if the unified hierarchy has it, else the v1 memory
     /// hierarchy, unless `mode` forces one.
     pub fn detect(mode: CgroupMode, mount_override: Option<&Path>) -> Result<Self> {
-        let mounts = procfs::process::Process::myself()
-            .and_then(|p| p.mountinfo())
-            .map_err(|e| CgroupfsError::NoMemoryController(format!("/proc/self/mountinfo: {e}")))?;
+        let mounts = mount_table().map_err(CgroupfsError::NoMemoryController)?;
+        Self::detect_in(&mounts, mode, mount_override)
+    }
+
+    /// [`MemoryHierarchy::detect`] in a mount table read already ([`mount_table`]).
+    pub fn detect_in(
+        mounts: &[MountInfo],
+        mode: CgroupMode,
+        mount_override: Option<&Path>,
+    ) -> Result<Self> {
         let mut v1 = None;
         let mut v2 = None;
-        for m in mounts.0 {
+        for m in mounts.iter().cloned() {
             match m.fs_type.as_str() {
                 "cgroup2" => {
                     let ctl = m.mount_point.join("cgroup.controllers");

@@ -11,6 +11,7 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use emars_common::NetCounts;
+use procfs::process::MountInfo;
 
 use super::cgroupfs::{CgroupVersion, MemoryHierarchy};
 
@@ -25,23 +26,20 @@ pub struct NetHierarchy {
 }
 
 impl NetHierarchy {
-    /// The cgroup v2 hierarchy beside `memory`; why none, when none is mounted.
-    pub fn detect(memory: &MemoryHierarchy) -> Result<NetHierarchy, String> {
+    /// The cgroup v2 hierarchy beside `memory`, found in the mount table `memory` was found
+    /// in ([`super::cgroupfs::mount_table`]); why none, when none is mounted.
+    pub fn detect(memory: &MemoryHierarchy, mounts: &[MountInfo]) -> Result<NetHierarchy, String> {
         if memory.version == CgroupVersion::V2 {
             return Ok(NetHierarchy {
                 mount: memory.mount.clone(),
                 same_ids: true,
             });
         }
-        let mounts = procfs::process::Process::myself()
-            .and_then(|p| p.mountinfo())
-            .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
         mounts
-            .0
-            .into_iter()
+            .iter()
             .find(|m| m.fs_type == "cgroup2")
             .map(|m| NetHierarchy {
-                mount: m.mount_point,
+                mount: m.mount_point.clone(),
                 same_ids: false,
             })
             .ok_or_else(|| {
@@ -55,15 +53,14 @@ impl NetHierarchy {
         self.mount.join(rel_path.trim_start_matches('/'))
     }
 
-    /// The cgroup v2 directories of the watched roots, where the program is attached; `create`
-    /// (per root): the root is EMARS's own, made here too when missing (on a hybrid host the
-    /// platform makes instances below it in every hierarchy, as runc does). A root below
-    /// another watched root is left out: the program attached above already runs for it, and
-    /// twice would count every segment twice.
-    pub fn root_dirs(&self, roots: &[(String, bool)]) -> Vec<NetRoot> {
+    /// The cgroup v2 directories of the watched roots, where the program is attached (on a
+    /// hybrid host the daemon has made those that are EMARS's own: `daemon::host`). A root
+    /// below another watched root is left out: the program attached above already runs for
+    /// it, and twice would count every segment twice.
+    pub fn root_dirs(&self, roots: &[String]) -> Vec<NetRoot> {
         let mut out = Vec::new();
-        for (root, create) in roots {
-            let nested = roots.iter().any(|(other, _)| {
+        for root in roots {
+            let nested = roots.iter().any(|other| {
                 other != root && root.starts_with(other.as_str()) && {
                     let rest = &root[other.len()..];
                     rest.starts_with('/') || other.ends_with('/')
@@ -74,10 +71,6 @@ impl NetHierarchy {
                 Err("below another watched root, whose program counts it".to_owned())
             } else if dir.is_dir() {
                 Ok(dir)
-            } else if *create && !self.same_ids {
-                std::fs::create_dir_all(&dir)
-                    .map(|()| dir.clone())
-                    .map_err(|e| format!("creating {}: {e}", dir.display()))
             } else {
                 Err(format!(
                     "{} does not exist: the platform does not put its instances in the cgroup \
@@ -171,15 +164,17 @@ mod tests {
     }
 
     #[test]
-    fn roots_are_made_where_emars_owns_them_and_nested_ones_are_left_out() {
+    fn roots_are_found_and_nested_ones_are_left_out() {
         let tmp = tempfile::tempdir().unwrap();
         let net = hybrid(tmp.path());
-        std::fs::create_dir(tmp.path().join("kubepods")).unwrap();
+        for d in ["kubepods", "emars", "emars/pool"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+        }
         let roots = [
-            ("/emars".to_owned(), true),
-            ("/emars/pool".to_owned(), true),
-            ("/emarsx".to_owned(), false),
-            ("/kubepods".to_owned(), false),
+            "/emars".to_owned(),
+            "/emars/pool".to_owned(),
+            "/emarsx".to_owned(),
+            "/kubepods".to_owned(),
         ];
         let dirs = net.root_dirs(&roots);
         let shown: Vec<(&str, Result<PathBuf, &str>)> = dirs
@@ -195,24 +190,23 @@ mod tests {
                 ("/kubepods", Ok(tmp.path().join("kubepods"))),
             ]
         );
-        // Made because EMARS owns it; the nested root's program is its parent's.
-        assert!(tmp.path().join("emars").is_dir());
-        assert!(!tmp.path().join("emars/pool").exists());
+        // The nested root's program is its parent's; a missing one is not made here.
+        assert!(!tmp.path().join("emarsx").exists());
         let why = |i: usize| dirs[i].dir.clone().unwrap_err();
         assert!(why(1).contains("below another watched root"), "{}", why(1));
         assert!(why(2).contains("only in the v1 hierarchies"), "{}", why(2));
     }
 
     #[test]
-    fn on_pure_v2_a_missing_root_is_not_made_here() {
+    fn on_pure_v2_a_missing_root_is_said() {
         let tmp = tempfile::tempdir().unwrap();
         let net = NetHierarchy {
             mount: tmp.path().to_owned(),
             same_ids: true,
         };
-        // The memory side makes EMARS's roots on v2 (the same directory).
-        let dirs = net.root_dirs(&[("/emars".to_owned(), true)]);
-        assert!(dirs[0].dir.is_err());
-        assert!(!tmp.path().join("emars").exists());
+        let dirs = net.root_dirs(&["/emars".to_owned()]);
+        let why = dirs[0].dir.clone().unwrap_err();
+        assert!(why.contains("does not exist"), "{why}");
+        assert!(!why.contains("v1"), "{why}");
     }
 }
