@@ -9,9 +9,12 @@ use std::{
     process::Command,
 };
 
+use emars_tests::http::{HttpServer, Sandbox};
 use emars_tests::*;
 
 const FUNCTION: &str = "webfn";
+/// A function that serves HTTP in its instance (requests counted in the kernel).
+const HTTP_FUNCTION: &str = "webhttp";
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -182,6 +185,59 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
     );
     let writes = dom.matches("data-reason=\"new_instance\"").count();
     assert_eq!(writes, 4, "four instances got limits at mkdir:\n{dom}");
+
+    // A function that serves HTTP, its requests counted in the kernel: the list names the
+    // source, and the function's cards show the counts the agent recorded.
+    let info = agent.get_ok("/v1/info")?;
+    assert!(
+        program_attached(&info, "net_ingress"),
+        "net_ingress not attached: {}",
+        info["programs"]
+    );
+    let web = Sandbox::new(&root, HTTP_FUNCTION, "h1")?;
+    let server = HttpServer::start(Some(&web))?;
+    agent.wait_live(HTTP_FUNCTION, "h1")?;
+    server.requests_on_new_connections(3)?;
+    server.requests_kept_alive(4)?;
+    drop(server);
+    web.remove();
+    agent.wait_ended(HTTP_FUNCTION, 1)?;
+    let f = agent.get_ok(&format!("/v1/functions/{HTTP_FUNCTION}"))?;
+    assert_eq!(
+        (u64_of(&f, "requests"), u64_of(&f, "connections")),
+        (7, 4),
+        "{f}"
+    );
+    let dom = rendered(&bin, profile.path(), &base)?;
+    let row = format!("data-function=\"{HTTP_FUNCTION}\"");
+    let row_dom = &dom[dom.find(&row).unwrap_or(0)..];
+    assert!(
+        row_dom.contains("data-source=\"kernel_requests\""),
+        "{row_dom}"
+    );
+    assert_eq!(
+        text_after(row_dom, "data-col=\"source\""),
+        Some("kernel: HTTP requests"),
+        "{row_dom}"
+    );
+    let page = format!("{base}#/f/{HTTP_FUNCTION}");
+    let dom = rendered(&bin, profile.path(), &page)?;
+    assert!(
+        dom.contains(&format!("data-ready=\"#/f/{HTTP_FUNCTION}\"")),
+        "{dom}"
+    );
+    let card = |key: &str| {
+        let at = dom.find(&format!("data-card=\"{key}\""))?;
+        text_after(&dom[at..], "<b")
+    };
+    assert_eq!(card("kernel"), Some("7 / 4"), "{dom}");
+    // The busiest hour's requests (all 7, unless the test straddled an hour).
+    let per_hour = u64_of(&f, "requests_per_hour").to_string();
+    assert_eq!(card("requests"), Some(per_hour.as_str()), "{dom}");
+    assert!(
+        dom.contains("requests/h (kernel: HTTP requests)"),
+        "the source is not named:\n{dom}"
+    );
 
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emars-web");
     fs::create_dir_all(&shots)?;
