@@ -122,7 +122,7 @@ impl MemoryHierarchy {
     ) -> Result<Self> {
         let mut v1 = None;
         let mut v2 = None;
-        for m in mounts.iter().cloned() {
+        for m in mounts {
             match m.fs_type.as_str() {
                 "cgroup2" => {
                     let ctl = m.mount_point.join("cgroup.controllers");
@@ -130,11 +130,11 @@ impl MemoryHierarchy {
                         .map(|s| s.split_whitespace().any(|c| c == "memory"))
                         .unwrap_or(false);
                     if has_memory && v2.is_none() {
-                        v2 = Some(m.mount_point);
+                        v2 = Some(m.mount_point.clone());
                     }
                 }
                 "cgroup" if m.super_options.contains_key("memory") && v1.is_none() => {
-                    v1 = Some(m.mount_point);
+                    v1 = Some(m.mount_point.clone());
                 }
                 _ => {}
             }
