@@ -80,6 +80,25 @@ fn text_after<'a>(dom: &'a str, marker: &str) -> Option<&'a str> {
     Some(&rest[start..end])
 }
 
+/// The functions list's row of `function` and what follows it in the DOM; an error when the
+/// list has no row for it.
+fn function_row<'a>(dom: &'a str, function: &str) -> anyhow::Result<&'a str> {
+    let at = dom
+        .find(&format!("data-function=\"{function}\""))
+        .ok_or_else(|| anyhow::anyhow!("no row for {function}:\n{dom}"))?;
+    Ok(&dom[at..])
+}
+
+/// The page of `function` (`#/f/<function>`) rendered, once its script said it is ready.
+fn function_page(bin: &Path, profile: &Path, base: &str, function: &str) -> anyhow::Result<String> {
+    let dom = rendered(bin, profile, &format!("{base}#/f/{function}"))?;
+    anyhow::ensure!(
+        dom.contains(&format!("data-ready=\"#/f/{function}\"")),
+        "the page of {function} did not render:\n{dom}"
+    );
+    Ok(dom)
+}
+
 #[test]
 fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> {
     let test = "web_page_shows_functions_and_a_function_in_a_browser";
@@ -132,9 +151,7 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
         dom.contains("data-ready=\"#/\""),
         "the page did not render:\n{dom}"
     );
-    let row = format!("data-function=\"{FUNCTION}\"");
-    assert!(dom.contains(&row), "no row for {FUNCTION}:\n{dom}");
-    let row_dom = &dom[dom.find(&row).unwrap_or(0)..];
+    let row_dom = function_row(&dom, FUNCTION)?;
     assert_eq!(
         text_after(row_dom, "data-col=\"instances\""),
         Some("4"),
@@ -151,12 +168,7 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
         "{row_dom}"
     );
 
-    let page = format!("{base}#/f/{FUNCTION}");
-    let dom = rendered(&bin, profile.path(), &page)?;
-    assert!(
-        dom.contains(&format!("data-ready=\"#/f/{FUNCTION}\"")),
-        "{dom}"
-    );
+    let dom = function_page(&bin, profile.path(), &base, FUNCTION)?;
     // The peak histogram of the 3 ended instances, with memory.max and memory.high on it.
     assert!(dom.contains("id=\"peak-histogram\""), "{dom}");
     assert!(dom.contains("data-instances=\"3\""), "{dom}");
@@ -209,8 +221,7 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
         "{f}"
     );
     let dom = rendered(&bin, profile.path(), &base)?;
-    let row = format!("data-function=\"{HTTP_FUNCTION}\"");
-    let row_dom = &dom[dom.find(&row).unwrap_or(0)..];
+    let row_dom = function_row(&dom, HTTP_FUNCTION)?;
     assert!(
         row_dom.contains("data-source=\"kernel_requests\""),
         "{row_dom}"
@@ -220,12 +231,7 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
         Some("kernel: HTTP requests"),
         "{row_dom}"
     );
-    let page = format!("{base}#/f/{HTTP_FUNCTION}");
-    let dom = rendered(&bin, profile.path(), &page)?;
-    assert!(
-        dom.contains(&format!("data-ready=\"#/f/{HTTP_FUNCTION}\"")),
-        "{dom}"
-    );
+    let dom = function_page(&bin, profile.path(), &base, HTTP_FUNCTION)?;
     let card = |key: &str| {
         let at = dom.find(&format!("data-card=\"{key}\""))?;
         text_after(&dom[at..], "<b")
@@ -242,6 +248,7 @@ fn web_page_shows_functions_and_a_function_in_a_browser() -> anyhow::Result<()> 
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emars-web");
     fs::create_dir_all(&shots)?;
     screenshot(&bin, profile.path(), &base, &shots.join("functions.png"))?;
+    let page = format!("{base}#/f/{FUNCTION}");
     screenshot(&bin, profile.path(), &page, &shots.join("function.png"))?;
     println!("screenshots in {}", shots.display());
     let _ = child.kill();
